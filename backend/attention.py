@@ -1,0 +1,116 @@
+"""Paged attention in plain PyTorch: the KV layout every runner shares.
+
+Per layer a K pool and a V pool `(num_blocks, block_size, Hkv, D)`. A
+sequence's context lives in the blocks its block table lists; token i of a
+sequence sits at slot `table[i // bs] * bs + i % bs`. Each step writes the
+new tokens' K/V at their slots first, then attends over the gathered context,
+so prefill chunks, prefix-cache hits and decodes are one code path.
+
+Batch order invariant: the `num_decodes` one-token sequences come first in the
+packed batch; they are attended together in one batched call (the hot path, and
+the shape CUDA graphs capture). Longer chunks (prefills) follow, one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (N,) int64: flat pool slot of each new token
+    block_tables: torch.Tensor  # (B, MB) int64: block ids per sequence, padded
+    context_lens: torch.Tensor  # (B,) int64: tokens in context after this step, new ones included
+    num_decodes: int  # the first num_decodes sequences have exactly one new token
+    query_lens: list[int]  # host copy: new tokens per sequence (B,)
+    context_lens_host: list[int]  # host copy of context_lens
+    decode_context_blocks: int  # block-table columns the decode group gathers (>= its longest context)
+
+
+@dataclass
+class KVCache:
+    """The pools of all layers. Allocated once; the block manager owns the ids."""
+
+    k: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D)
+    v: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device) -> "KVCache":
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+        )
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class PagedAttention:
+    """AttentionContext over a KVCache for one step (see models.llama.AttentionContext)."""
+
+    def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float):
+        self.cache, self.meta, self.scale = cache, meta, scale
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = self.meta
+        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (NB, BS, Hkv, D)
+        nb, bs, hkv, d = k_pool.shape
+        k_pool.view(nb * bs, hkv, d).index_copy_(0, meta.slot_mapping, k)
+        v_pool.view(nb * bs, hkv, d).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)  # (N, H, D)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_pool, v_pool)
+        start = nd
+        for i in range(nd, len(meta.query_lens)):
+            qlen, ctx = meta.query_lens[i], meta.context_lens_host[i]
+            out[start : start + qlen] = self._prefill(q[start : start + qlen], k_pool, v_pool, i, ctx)
+            start += qlen
+        return out
+
+    def _decode(self, q, k_pool, v_pool):
+        """q (Bd, H, D), one new token per sequence, attends to its whole context."""
+        meta = self.meta
+        bd = q.shape[0]
+        tables = meta.block_tables[:bd, : meta.decode_context_blocks]  # (Bd, MBd)
+        keys = _gather(k_pool, tables)  # (Bd, Hkv, L, D)
+        values = _gather(v_pool, tables)  # (Bd, Hkv, L, D)
+        pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
+        mask = pos[None, :] < meta.context_lens[:bd, None]  # (Bd, L)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
+        )  # (Bd, H, 1, D)
+        return o.squeeze(2)
+
+    def _prefill(self, q, k_pool, v_pool, seq: int, ctx: int):
+        """q (T, H, D): the last T tokens of a context of ctx tokens (earlier ones cached)."""
+        t = q.shape[0]
+        nblocks = -(-ctx // k_pool.shape[1])
+        tables = self.meta.block_tables[seq : seq + 1, :nblocks]  # (1, nblocks)
+        keys = _gather(k_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
+        values = _gather(v_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
+        qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+        if t == ctx:
+            o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(ctx - t, ctx, device=q.device)  # (T,)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (T, ctx)
+            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1)  # (T, H, D)
+
+
+def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """pool (NB, BS, Hkv, D), tables (B, MB) -> (B, Hkv, MB*BS, D)."""
+    b, mb = tables.shape
+    _, bs, hkv, d = pool.shape
+    return pool[tables].view(b, mb * bs, hkv, d).transpose(1, 2)

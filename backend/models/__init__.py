@@ -1,0 +1,1 @@
+"""Model definitions (PyTorch). One Llama-family core shared by every runner and the ONNX exporter."""

@@ -1,0 +1,64 @@
+"""The Llama core against HF transformers: tiny random configs (fast) for every feature."""
+
+import json
+
+import pytest
+import torch
+
+from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.models.loader import load_model
+from tests.llama_reference import prefill_logits
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+)
+VARIANTS = {
+    "llama-tied": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True),
+    "llama3-rope": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "linear-rope": dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                        rope_scaling=dict(type="linear", factor=2.0)),
+    "qwen2-bias": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+}
+
+
+def _save_hf(tmp_path, extra):
+    cfg = transformers.AutoConfig.for_model(**{**TINY, **extra})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers(tmp_path, variant):
+    hf = _save_hf(tmp_path, VARIANTS[variant])
+    ours = load_model(tmp_path)
+    prompts = [[5, 9, 3, 77, 12, 1, 8], [40, 2], [7] * 13 + [99, 100]]
+    got = prefill_logits(ours, prompts)
+    for p, g in zip(prompts, got):
+        with torch.no_grad():
+            want = hf(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dummy_weights_from_bare_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, **VARIANTS["llama-tied"]}))
+    model = load_model(tmp_path, dummy=True)
+    (logits,) = prefill_logits(model, [[1, 2, 3]])
+    assert logits.shape == (3, TINY["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_unsupported_architecture_names_supported_ones():
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen2ForCausalLM"):
+        ModelConfig.from_dict({**TINY, "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_sliding_window_is_refused():
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelConfig.from_dict({**TINY, "architectures": ["MistralForCausalLM"], "sliding_window": 64})
