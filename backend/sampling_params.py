@@ -1,0 +1,209 @@
+"""Per-request sampling parameters, validated once at the edge.
+
+`SamplingParams` follows vLLM / OpenAI semantics. Everything inside the engine
+trusts an instance: construction either normalises the values or raises a
+`ValueError` whose message starts with the offending field's name.
+`SamplingParams.from_dict` is the JSON entry point (Triton's
+`sampling_parameters` input), where numbers often arrive as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MAX_LOGPROBS = 20
+# Below this temperature softmax(logits / T) is one-hot in float32 and the
+# division can overflow, so such rows are sampled greedily (the T -> 0 limit),
+# as vLLM v1 does.
+GREEDY_TEMPERATURE = 1e-5
+
+# Client spellings accepted by `from_dict` (TensorRT-LLM / vLLM-backend clients).
+_ALIASES = {
+    "max_new_tokens": "max_tokens",
+    "stop_words": "stop",
+    "random_seed": "seed",
+}
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+_FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty",
+)
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens")
+_NULLABLE_FIELDS = ("seed", "logprobs")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1 on input) means off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt + output tokens; 1 = off
+    presence_penalty: float = 0.0  # over output tokens; 0 = off
+    frequency_penalty: float = 0.0  # over output tokens; 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: sampled token only; N: also top N
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _NULLABLE_FIELDS:
+                continue
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        self._normalise_sequences()
+        self._check_ranges()
+
+    def _normalise_sequences(self) -> None:
+        # Lists are accepted for convenience; tuples keep the instance hashable.
+        if not isinstance(self.stop, (tuple, list)):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop entries must be non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, (tuple, list)):
+            raise ValueError(
+                f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(
+                    f"stop_token_ids entries must be integers >= 0, got {t!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    def _check_ranges(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 or -1 (off) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"logprobs must be null or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Parse JSON-decoded parameters: aliases, string numbers, null = default."""
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"sampling parameters must be a JSON object, got {type(d).__name__}")
+        accepted = sorted({f.name for f in dataclasses.fields(cls)} | set(_ALIASES))
+        kwargs: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
+        for key, value in d.items():
+            name = _ALIASES.get(key, key)
+            if name not in accepted:
+                raise ValueError(
+                    f"unknown sampling parameter {key!r}; accepted: {', '.join(accepted)}")
+            if name in given_as:
+                raise ValueError(
+                    f"{key} and {given_as[name]} both set {name}; give only one")
+            given_as[name] = key
+            if value is None and name not in _NULLABLE_FIELDS:
+                continue  # JSON null: keep the default
+            kwargs[name] = _coerce(name, value)
+        return cls(**kwargs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _INT_FIELDS:
+        return _coerce_int(name, value)
+    if name in _FLOAT_FIELDS:
+        return _coerce_float(name, value)
+    if name in _BOOL_FIELDS:
+        return _coerce_bool(name, value)
+    if name == "stop":
+        return (value,) if isinstance(value, str) else _as_list(name, value)
+    if name == "stop_token_ids":
+        return tuple(_coerce_int(name, v) for v in _as_list(name, value))
+    raise AssertionError(f"no coercion for field {name}")
+
+
+def _coerce_int(name: str, value: Any) -> int:
+    if _is_int(value):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _coerce_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if _is_int(value) or isinstance(value, float):
+        return float(value)
+    raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _as_list(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
