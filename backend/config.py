@@ -1,0 +1,84 @@
+"""EngineConfig: every knob of the engine, typed and validated at the edge.
+
+Unknown keys are errors (a misspelt `config.pbtxt` parameter must not be
+silently ignored). Each optimisation has an off switch so that its effect
+can be measured: prefix caching, chunked prefill, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+RUNNERS = ("torch", "onnxruntime", "tensorrt")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"  # HF folder, or "default" for SmolLM2-135M-Instruct in the cache
+    runner: str = "torch"
+    device: str = "auto"  # "auto": cuda when available, else cpu (said in one log line)
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    dummy_weights: bool = False  # random weights from config.json, for benchmarks at real sizes
+    block_size: int = 16
+    kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
+    gpu_memory_utilization: float = 0.85  # CUDA: fraction of total memory the process may use (weights + KV)
+    num_kv_blocks: int = 0  # > 0 overrides both budgets (tests use tiny pools)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # token budget per step
+    max_model_len: int = 0  # 0: the checkpoint's context length
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enable_cuda_graphs: bool = True
+    engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks < 0 or self.max_model_len < 0:
+            raise ValueError("num_kv_blocks and max_model_len must be >= 0")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
+            raise ValueError("max_num_batched_tokens too small to prefill without chunking")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        """From string-valued parameters (config.pbtxt, CLI): converts by field type; unknown keys are errors."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in fields:
+                raise ValueError(f"unknown engine parameter {key!r}; known: {', '.join(sorted(fields))}")
+            kwargs[key] = _convert(key, fields[key].type, raw)
+        return cls(**kwargs)
+
+
+def _convert(key: str, type_name: Any, raw: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if type_name == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text in ("true", "1", "yes")
+        if type_name == "int":
+            return int(str(raw).strip())
+        if type_name == "float":
+            return float(str(raw).strip())
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"parameter {key} must be a {type_name}, got {raw!r}") from None

@@ -1,0 +1,97 @@
+"""What the engine hands back per request per step, and the streams that carry it.
+
+The engine thread produces RequestOutput objects and `put`s them into each
+request's sink. A sink must never block the engine loop: RequestStream (for
+threads) and AsyncRequestStream (for asyncio) only enqueue. The Triton
+adapter has its own sink that sends through the response sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # new since the previous output
+    text: str  # text delta since the previous output
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+    # Timing (time.monotonic()): for TTFT / inter-token / end-to-end latency.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    time: float = 0.0  # when this output was produced
+
+
+class OutputSink(Protocol):
+    def put(self, output: RequestOutput) -> None: ...
+
+
+class RequestStream:
+    """Blocking iterator over one request's outputs; ends after the finished one."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+
+    def put(self, output: RequestOutput) -> None:
+        self._queue.put(output)
+
+    def __iter__(self):
+        while True:
+            out = self._queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> RequestOutput:
+        """Wait for the end; one output holding all tokens and text."""
+        return merge_outputs(list(self))
+
+
+class AsyncRequestStream:
+    """`async for` over one request's outputs; safe to feed from the engine thread."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+        self.request_id = request_id
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def put(self, output: RequestOutput) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while True:
+            out = await self._queue.get()
+            yield out
+            if out.finished:
+                return
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    last = outputs[-1]
+    merged = RequestOutput(**{**last.__dict__})
+    merged.token_ids = [t for o in outputs for t in o.token_ids]
+    merged.text = "".join(o.text for o in outputs)
+    if any(o.logprobs for o in outputs):
+        merged.logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    return merged

@@ -1,0 +1,60 @@
+"""Pick the model folder, device, dtype and runner an EngineConfig asks for, saying what was chosen.
+
+No silent fallbacks: where the user named a component (a CUDA device, a
+runner) and it is missing, this stops with a one-line message; where "auto"
+let us choose, the choice is logged in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.model_config import ModelConfig
+
+log = logging.getLogger("kvtriton")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_folder(model: str) -> Path:
+    if model == "default":
+        from kvtriton.build.default_model import ensure_default_model
+
+        return ensure_default_model(progress=log.info)
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model {model!r}: no config.json there; give an HF model folder or 'default'")
+    return folder
+
+
+def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda")
+        else:
+            device = torch.device("cpu")
+            log.info("no CUDA GPU found: running on the CPU")
+    elif config.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {config.device!r} was asked for but this torch sees no CUDA GPU")
+        device = torch.device(config.device)
+    else:
+        device = torch.device("cpu")
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[config.dtype]
+    return device, dtype
+
+
+def create_runner(config: EngineConfig, model_config: ModelConfig, folder: Path, device: torch.device,
+                  dtype: torch.dtype, max_model_len: int):
+    if config.runner == "torch":
+        from kvtriton.backend.runners.torch_runner import TorchRunner
+
+        return TorchRunner(config, model_config, str(folder), device, dtype, max_model_len)
+    raise NotImplementedError(f"runner {config.runner!r} is not available yet; use runner=torch")

@@ -1,0 +1,167 @@
+"""TorchRunner: runs the Llama core in PyTorch over the paged KV cache (CPU reference, CUDA fast path).
+
+On CUDA, decode-only steps replay CUDA graphs captured per (batch bucket,
+context bucket): one launch per step instead of hundreds, which is what
+batch-1 decode needs to approach the HBM roofline. Padded rows of a bucket
+write into a scratch block that the block manager never hands out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvtriton.backend.attention import AttentionMetadata, KVCache, PagedAttention
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.step_input import StepInput
+
+log = logging.getLogger("kvtriton")
+
+_GIB = 1 << 30
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # (bucket, V) output buffer
+
+
+class TorchRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, folder: str | None,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+        self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights)
+        self.scale = model_config.head_dim**-0.5
+        self.num_blocks = self._num_kv_blocks()
+        # One extra block at the end: the scratch target of padded CUDA-graph rows.
+        self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
+                                   model_config.num_kv_heads, model_config.head_dim, dtype, device)
+        self.scratch_block = self.num_blocks
+        self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
+        self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
+        if self.graph_batch_sizes[-1] < config.max_num_seqs:
+            self.graph_batch_sizes.append(config.max_num_seqs)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graph_pool = None
+        if self.use_cuda_graphs:
+            self._init_graph_buffers()
+
+    # ---- KV pool sizing -------------------------------------------------------------------------
+    def _num_kv_blocks(self) -> int:
+        cfg, mc = self.config, self.model_config
+        per_block = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        if self.device.type == "cuda":
+            peak = self._profile_peak_memory()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = total * cfg.gpu_memory_utilization - peak
+            if budget < per_block * self.max_blocks_per_seq:
+                raise RuntimeError(
+                    f"not enough GPU memory for one full-length sequence's KV cache: "
+                    f"{budget / _GIB:.2f} GiB left after weights and activations; "
+                    f"raise gpu_memory_utilization or lower max_model_len"
+                )
+            return int(budget // per_block)
+        return max(1, int(cfg.kv_cache_memory_gb * _GIB // per_block))
+
+    def _profile_peak_memory(self) -> int:
+        """Peak memory of a full-budget forward pass (weights + activations), measured, not guessed."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_blocks_per_seq * self.block_size)
+        mc = self.model_config
+        probe = KVCache.allocate(mc.num_layers, -(-n // self.block_size), self.block_size, mc.num_kv_heads,
+                                 mc.head_dim, self.dtype, self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(-(-n // self.block_size), device=self.device)[None, :],
+            context_lens=torch.tensor([n], device=self.device),
+            num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0,
+        )
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(n, device=self.device), PagedAttention(probe, meta, self.scale))
+            self.model.compute_logits(hidden[-self.config.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del probe, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- execution -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """-> logits (B, V) fp32 of each sequence's last new token."""
+        b = step.num_seqs
+        if self.use_cuda_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
+            return self._replay(step)
+        hidden = self.model(step.input_ids, step.positions, PagedAttention(self.kv, step.attn, self.scale))
+        return self.model.compute_logits(hidden[step.last_token_indices])  # (B, V)
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+    def _init_graph_buffers(self) -> None:
+        m = self.graph_batch_sizes[-1]
+        dev = self.device
+        self._ids = torch.zeros(m, dtype=torch.int64, device=dev)
+        self._pos = torch.zeros(m, dtype=torch.int64, device=dev)
+        self._slots = torch.zeros(m, dtype=torch.int64, device=dev)
+        self._tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int64, device=dev)
+        self._ctx = torch.ones(m, dtype=torch.int64, device=dev)
+
+    def _context_bucket(self, blocks: int) -> int:
+        bucket = 8
+        while bucket < blocks:
+            bucket *= 2
+        return min(bucket, self.max_blocks_per_seq)
+
+    def _replay(self, step: StepInput) -> torch.Tensor:
+        b = step.num_seqs
+        bucket = next(x for x in self.graph_batch_sizes if x >= b)
+        ctx_blocks = self._context_bucket(step.attn.decode_context_blocks)
+        # Padded rows: token 0 at position 0, written into the scratch block, attending to itself.
+        self._ids[b:bucket].zero_()
+        self._pos[b:bucket].zero_()
+        self._slots[b:bucket].fill_(self.scratch_block * self.block_size)
+        self._tables[b:bucket].fill_(self.scratch_block)
+        self._ctx[b:bucket].fill_(1)
+        self._ids[:b].copy_(step.input_ids)
+        self._pos[:b].copy_(step.positions)
+        self._slots[:b].copy_(step.attn.slot_mapping)
+        width = step.attn.block_tables.shape[1]
+        self._tables[:b, :width].copy_(step.attn.block_tables)
+        self._ctx[:b].copy_(step.attn.context_lens)
+        graph = self._graphs.get((bucket, ctx_blocks)) or self._capture(bucket, ctx_blocks)
+        graph.graph.replay()
+        return graph.logits[:b]
+
+    def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
+        meta = AttentionMetadata(
+            slot_mapping=self._slots[:bucket], block_tables=self._tables[:bucket], context_lens=self._ctx[:bucket],
+            num_decodes=bucket, query_lens=[1] * bucket, context_lens_host=[1] * bucket,
+            decode_context_blocks=ctx_blocks,
+        )
+        ctx = PagedAttention(self.kv, meta, self.scale)
+
+        def run():
+            return self.model.compute_logits(self.model(self._ids[:bucket], self._pos[:bucket], ctx))
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            run()  # warm-up outside the graph (lazy inits, allocator)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = run()
+        self._graph_pool = graph.pool()
+        captured = _Graph(graph, logits)
+        self._graphs[(bucket, ctx_blocks)] = captured
+        log.debug("captured CUDA graph for batch %d, %d context blocks", bucket, ctx_blocks)
+        return captured

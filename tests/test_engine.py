@@ -1,0 +1,147 @@
+"""The engine in-process on a tiny random Llama (CPU, fp32): batching, preemption, prefix cache, stops."""
+
+import threading
+
+import pytest
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine import LLMEngine
+from kvtriton.backend.sampling_params import SamplingParams
+from tests.tiny_model import make_tiny_model
+
+pytest.importorskip("transformers")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_engine(folder, **overrides):
+    cfg = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
+               max_num_batched_tokens=64)
+    return LLMEngine(EngineConfig(**{**cfg, **overrides}))
+
+
+def prompts_of_varied_length(n=12):
+    words = "the quick brown fox jumps over the lazy dog paris capital france blocks".split()
+    return [" ".join(words[: 1 + (i * 5) % len(words)]) * (1 + i % 3) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def solo_outputs(tiny_folder):
+    engine = make_engine(tiny_folder, enable_prefix_caching=False).start()
+    try:
+        return {p: engine.generate([p], GREEDY)[0].token_ids for p in prompts_of_varied_length()}
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # prefix caching + chunked prefill, roomy pool
+    dict(num_kv_blocks=24, max_num_batched_tokens=16),  # pool too small for the load: preemption by recompute
+    dict(enable_chunked_prefill=False, enable_prefix_caching=False),
+])
+def test_batched_greedy_equals_solo(tiny_folder, solo_outputs, overrides):
+    engine = make_engine(tiny_folder, **overrides).start()
+    try:
+        prompts = list(solo_outputs)
+        outs = engine.generate(prompts, GREEDY)
+        for p, out in zip(prompts, outs):
+            assert out.finish_reason == "length"
+            assert out.token_ids == solo_outputs[p], p
+        if "num_kv_blocks" in overrides:
+            assert engine.stats().num_preemptions > 0
+        assert engine.stats().kv_usage == 0.0  # every block back
+    finally:
+        engine.shutdown()
+
+
+def test_prefix_cache_schedules_only_new_tokens(tiny_folder):
+    engine = make_engine(tiny_folder).start()
+    try:
+        shared = list(range(3, 3 + 40))  # 40 tokens = 10 full blocks of 4
+        first = engine.generate([shared + [50, 51]], GREEDY)[0]
+        second = engine.generate([shared + [60, 61, 62]], GREEDY)[0]
+        assert first.num_cached_tokens == 0
+        assert second.num_cached_tokens == 40
+    finally:
+        engine.shutdown()
+
+
+def test_request_that_can_never_fit_fails_at_once(tiny_folder):
+    engine = make_engine(tiny_folder, num_kv_blocks=8)  # 32 token slots
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request("big", list(range(3, 23)), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("long", [5] * 600)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", "")
+
+
+def test_abort_frees_blocks_and_ends_stream(tiny_folder):
+    engine = make_engine(tiny_folder).start()
+    try:
+        stream = engine.add_request("r1", "the quick brown fox", SamplingParams(max_tokens=400, ignore_eos=True))
+        outs = iter(stream)
+        next(outs)  # at least one token produced: the request holds blocks
+        engine.abort("r1")
+        last = list(outs)[-1]
+        assert last.finished and last.finish_reason == "abort"
+        assert engine.stats().kv_usage == 0.0 and engine.stats().num_running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_seed_gives_same_output_whatever_the_batch(tiny_folder):
+    engine = make_engine(tiny_folder).start()
+    try:
+        seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+        alone = engine.generate(["the lazy dog"], seeded)[0].token_ids
+        noise = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+        streams = [engine.add_request(f"n{i}", f"fox {i} jumps", noise) for i in range(5)]
+        in_batch = engine.add_request("s", "the lazy dog", seeded)
+        assert in_batch.result().token_ids == alone
+        for s in streams:
+            s.result()
+    finally:
+        engine.shutdown()
+
+
+def test_stop_string_and_stop_token_and_max_tokens(tiny_folder):
+    engine = make_engine(tiny_folder).start()
+    try:
+        free = engine.generate(["the quick"], GREEDY)[0]
+        assert len(free.token_ids) == GREEDY.max_tokens and free.finish_reason == "length"
+        # A stop string taken from the free-running text: output ends before it, finish_reason "stop".
+        stop = free.text[len(free.text) // 3 : len(free.text) // 3 + 3]
+        if stop.strip():
+            out = engine.generate(["the quick"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                                stop=(stop,)))[0]
+            assert out.finish_reason == "stop" and stop not in out.text
+            assert free.text.startswith(out.text)
+        tok = free.token_ids[3]
+        out = engine.generate(["the quick"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                            stop_token_ids=(tok,)))[0]
+        assert out.finish_reason == "stop" and out.token_ids[-1] == tok
+        assert len(out.token_ids) == free.token_ids.index(tok) + 1
+    finally:
+        engine.shutdown()
+
+
+def test_add_from_many_threads(tiny_folder):
+    engine = make_engine(tiny_folder).start()
+    results = {}
+    try:
+        def client(i):
+            results[i] = engine.add_request(f"t{i}", f"dog {i}", GREEDY).result()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(results[i].finish_reason == "length" for i in range(8))
+    finally:
+        engine.shutdown()
