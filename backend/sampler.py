@@ -44,8 +44,8 @@ class SamplingMetadata:
     presence_penalty: torch.Tensor | None  # (B,) f32
     prompt_token_mask: torch.Tensor | None  # (B, V) bool; set with repetition_penalty
     output_token_counts: torch.Tensor | None  # (B, V) f32; set with any penalty
-    min_tokens_rows: torch.Tensor | None  # (M,) i64 row of each (row, token) to ban
-    min_tokens_token_ids: torch.Tensor | None  # (M,) i64
+    # (M,) i64 flat indices row * V + token of stop ids banned by min_tokens
+    min_tokens_banned: torch.Tensor | None
     generators: dict[int, torch.Generator]  # random rows with a per-request seed
     max_num_logprobs: int | None  # None: no row asked for logprobs
 
@@ -60,7 +60,12 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
     ) -> SamplingMetadata:
-        """`generators[i]` must live on `device`; it is advanced only when row i samples."""
+        """Gather the step's sampling inputs onto `device`.
+
+        `generators[i]` must live on `device`; it is advanced only when row i
+        samples randomly. Token id rows may be lists or numpy int64 arrays;
+        pass arrays for long prompts (a list costs ~40 ns a token per step).
+        """
         device = torch.device(device)
         batch = len(params)
         for name, seq in (("prompt_token_ids", prompt_token_ids),
@@ -91,7 +96,7 @@ class SamplingMetadata:
             prompt_mask, output_counts = _token_occurrences(
                 prompt_token_ids if use_rep else None, output_token_ids, vocab_size, device)
 
-        ban: list[tuple[int, int]] = []  # (row, token id) pairs to set to -inf
+        ban: list[int] = []  # flat (row, token) indices into the (B, V) logits
         for row, (p, out, stops) in enumerate(
                 zip(params, output_token_ids, stop_ids_for_min_tokens)):
             if len(out) < p.min_tokens:
@@ -100,8 +105,7 @@ class SamplingMetadata:
                         raise ValueError(
                             f"stop_ids_for_min_tokens[{row}] holds {t}, outside the "
                             f"vocabulary [0, {vocab_size})")
-                    ban.append((row, t))
-        ban_d = _to_device(np.array(ban, dtype=np.int64).T, device) if ban else None  # (2, M)
+                    ban.append(row * vocab_size + t)
 
         seeded: dict[int, torch.Generator] = {}
         for row, (gen, g) in enumerate(zip(generators, greedy)):
@@ -130,8 +134,8 @@ class SamplingMetadata:
             presence_penalty=pres if use_pres else None,
             prompt_token_mask=prompt_mask,
             output_token_counts=output_counts,
-            min_tokens_rows=ban_d[0] if ban_d is not None else None,
-            min_tokens_token_ids=ban_d[1] if ban_d is not None else None,
+            min_tokens_banned=(_to_device(np.array(ban, dtype=np.int64), device)
+                               if ban else None),
             generators=seeded,
             max_num_logprobs=max(asked) if asked else None,
         )
@@ -192,8 +196,10 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
 
-        if meta.min_tokens_rows is not None:
-            logits[meta.min_tokens_rows, meta.min_tokens_token_ids] = float("-inf")
+        if meta.min_tokens_banned is not None:
+            # index_fill_ with a Python scalar: advanced-index assignment would copy
+            # the value host->device and synchronise.
+            logits.view(-1).index_fill_(0, meta.min_tokens_banned, float("-inf"))
         if meta.output_token_counts is not None:
             logits = apply_penalties(
                 logits, meta.prompt_token_mask, meta.output_token_counts,

@@ -207,7 +207,7 @@ def test_unused_features_are_not_built():
     assert meta.all_random and not meta.all_greedy and meta.greedy_mask is None
     for field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                   "frequency_penalty", "presence_penalty", "prompt_token_mask",
-                  "output_token_counts", "min_tokens_rows"):
+                  "output_token_counts", "min_tokens_banned"):
         assert getattr(meta, field) is None, field
     assert meta.generators == {} and meta.max_num_logprobs is None
 
@@ -301,3 +301,31 @@ def test_build_rejects_mismatched_row_counts():
     with pytest.raises(ValueError, match="output_token_ids has 1 rows but params has 2"):
         SamplingMetadata.build([SamplingParams()] * 2, [[], []], [[]], [None, None],
                                [frozenset()] * 2, V, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_has_no_host_sync_and_seeds_hold():
+    dev = torch.device("cuda")
+    params = [SamplingParams(temperature=0), SamplingParams(top_p=0.9, seed=3, logprobs=2),
+              SamplingParams(top_k=5, repetition_penalty=1.2, min_tokens=3),
+              SamplingParams(min_p=0.1, presence_penalty=0.5, frequency_penalty=0.5)]
+    logits = torch.randn(4, 1000, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        generators = [torch.Generator(device=dev).manual_seed(p.seed)
+                      if p.seed is not None else None
+                      for p in params]
+        meta = SamplingMetadata.build(params, [[1, 2, 3]] * 4, [[4], [5], [6], [7]],
+                                      generators, [frozenset({0})] * 4, 1000, dev)
+        return sampler(logits, meta)
+
+    expected = step().sampled_token_ids.cpu()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.sampled_token_ids[1].item() == expected[1].item()  # same seed, same token
+    assert out.sampled_token_ids[0].item() == int(logits[0].float().argmax())
