@@ -48,6 +48,7 @@ class SamplingMetadata:
     min_tokens_banned: torch.Tensor | None
     generators: dict[int, torch.Generator]  # random rows with a per-request seed
     max_num_logprobs: int | None  # None: no row asked for logprobs
+    vocab_size: int  # V that the ids and flat indices above were built for
 
     @classmethod
     def build(
@@ -138,6 +139,7 @@ class SamplingMetadata:
                                if ban else None),
             generators=seeded,
             max_num_logprobs=max(asked) if asked else None,
+            vocab_size=vocab_size,
         )
 
 
@@ -190,6 +192,10 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[1] != meta.vocab_size:
+            raise ValueError(
+                f"logits have shape {tuple(logits.shape)} but the sampling metadata was "
+                f"built for vocab_size={meta.vocab_size}; build it with logits.shape[-1]")
         # Work on a float32 copy: the caller's logits stay untouched.
         logits = logits.to(torch.float32, copy=True)  # (B, V)
         raw_logprobs = None

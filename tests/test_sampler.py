@@ -329,3 +329,9 @@ def test_cuda_step_has_no_host_sync_and_seeds_hold():
         torch.cuda.set_sync_debug_mode(0)
     assert out.sampled_token_ids[1].item() == expected[1].item()  # same seed, same token
     assert out.sampled_token_ids[0].item() == int(logits[0].float().argmax())
+
+
+def test_logits_width_must_match_the_metadata_vocab():
+    meta = build([SamplingParams()], torch.zeros(1, V))
+    with pytest.raises(ValueError, match=r"shape \(1, 40\).*vocab_size=32"):
+        sampler(torch.zeros(1, 40), meta)
