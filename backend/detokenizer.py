@@ -1,0 +1,120 @@
+"""Turns a sequence's growing token ids into UTF-8-safe text deltas for streaming.
+
+Byte-level tokens may end inside a multi-byte character, and decoders such as SentencePiece's
+strip the leading space of the first token they see, so a token cannot be decoded on its own.
+As in vLLM, each step decodes a short window of recent tokens; the text before the window has
+already been streamed. Unlike vLLM's prefix_offset/read_offset, progress inside the window is
+counted in characters, so a run of tokens that each end mid-character still streams every
+completed character at once, and the window is re-anchored with a check instead of at token
+boundaries that happen to be clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtriton.backend.tokenizer import Tokenizer
+
+# What decoders print for bytes that are not (yet) valid UTF-8.
+REPLACEMENT_CHAR = "\ufffd"
+# Tokens of context kept in front of new ones: enough for a decoder's start-of-text effects
+# (SentencePiece's stripped leading space, orphaned UTF-8 continuation bytes) to stay clear of
+# the characters still being streamed; vLLM keeps 5 prompt tokens for the same reason.
+CONTEXT_TOKENS = 5
+# The window is re-anchored once it holds this many tokens, which bounds the work per step.
+MAX_WINDOW_TOKENS = 16
+
+
+class IncrementalDetokenizer:
+    """Per-sequence streaming decoder; one instance per sequence, used by one thread.
+
+    Invariant: `_window` holds the last tokens of prompt+output, `_text` is their decoded
+    text and `_text[:_emitted]` has been streamed (or belongs to the prompt). Everything up to
+    the trailing run of U+FFFD is final, because appending tokens only completes a character
+    at the end. Concatenated deltas therefore equal `tokenizer.decode(output_ids)` when
+    `prompt_ids` is None or the decoder is byte-level (GPT-2 style); otherwise they are the
+    text the output adds after the prompt (a SentencePiece first token keeps its space).
+    One known gap, shared with vLLM: SentencePiece byte fallback turns a whole run of byte
+    tokens into U+FFFD when the run ends invalid, so a character streamed from the start of
+    such a run differs from the full decode.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        # The prompt's tail gives the first output token its context (e.g. its leading space)
+        # and counts as already emitted.
+        self._window: list[int] = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
+        self._text = self._decode(self._window)
+        self._emitted = len(self._text)
+        self._finished = False
+
+    def step(self, new_ids: Sequence[int]) -> str:
+        """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.step() called after flush(); the sequence has ended")
+        if not new_ids:
+            return ""
+        self._window.extend(new_ids)
+        try:
+            self._text = self._decode(self._window)
+        except ValueError:  # an id outside the vocabulary: leave the state as it was
+            del self._window[-len(new_ids) :]
+            raise
+        # Trailing U+FFFD may be a character whose bytes are still arriving: hold it back.
+        final = len(self._text.rstrip(REPLACEMENT_CHAR))
+        delta = ""
+        if final > self._emitted:
+            delta = self._text[self._emitted : final]
+            self._emitted = final
+        if len(self._window) > MAX_WINDOW_TOKENS:
+            self._reanchor()
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the sequence: the held-back tail (invalid bytes show as U+FFFD)."""
+        if self._finished:
+            return ""
+        self._finished = True
+        delta = self._text[self._emitted :]
+        self._emitted = len(self._text)
+        return delta
+
+    def _reanchor(self) -> None:
+        """Shrink the window to its last few tokens when that is provably safe.
+
+        The short window's text may start with artefacts (U+FFFD for continuation bytes of a
+        character begun earlier, a stripped space); after them it must coincide with the end of
+        the long window's text. Safe when that common tail reaches back past the held-back
+        characters to the last emitted one, which is a real character: then the held bytes lie
+        wholly inside the short window and will decode the same there. Cuts at CONTEXT_TOKENS
+        and the next 3 lengths are tried, so with byte tokens one of them falls on a character
+        boundary (SentencePiece byte fallback turns a whole run of bytes cut mid-character into
+        U+FFFD). If none is safe, keep the long window and try again next step (degenerate
+        output: long runs of invalid bytes or of skipped special tokens).
+        """
+        held = len(self._text) - self._emitted
+        if self._emitted == 0 or self._text[self._emitted - 1] == REPLACEMENT_CHAR:
+            return
+        for keep in range(CONTEXT_TOKENS, CONTEXT_TOKENS + 4):
+            short_window = self._window[-keep:]
+            short_text = self._decode(short_window)
+            if _common_suffix_len(short_text, self._text) > held:
+                self._window = short_window
+                self._text = short_text
+                self._emitted = len(short_text) - held
+                return
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def _common_suffix_len(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
