@@ -1,0 +1,111 @@
+"""StopStringMatcher: stop strings split across deltas are caught and never streamed."""
+
+import random
+
+import pytest
+
+from kvtriton.backend.stop_strings import StopStringMatcher
+
+
+def run(stop, deltas):
+    """(everything streamed, stopped) for one sequence, flushing if no stop string matched."""
+    matcher = StopStringMatcher(stop)
+    out = []
+    for delta in deltas:
+        text, stopped = matcher.feed(delta)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+def test_stop_split_across_three_deltas():
+    matcher = StopStringMatcher(["<|end|>"])
+    assert matcher.feed("Paris.<|") == ("Paris.", False)
+    assert matcher.feed("en") == ("", False)
+    assert matcher.feed("d|> ignored") == ("", True)
+    assert matcher.matched == "<|end|>"
+    assert matcher.flush() == ""
+
+
+def test_false_prefix_is_released_once_disproved():
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("a ST") == ("a ", False)
+    assert matcher.feed("O") == ("", False)
+    assert matcher.feed("RM") == ("STORM", False)
+
+
+def test_held_text_is_released_by_flush():
+    matcher = StopStringMatcher(["\n\n"])
+    assert matcher.feed("last line\n") == ("last line", False)
+    assert matcher.flush() == "\n"
+    assert matcher.flush() == ""
+
+
+def test_stop_at_the_very_start():
+    assert StopStringMatcher(["###"]).feed("### and more") == ("", True)
+    assert run(["###"], ["#", "#", "#"]) == ("", True)
+
+
+def test_overlapping_candidates():
+    # "aab" inside "aaab": the first 'a' is released, the rest is the stop string.
+    assert run(["aab"], ["a", "a", "a", "b", "tail"]) == ("a", True)
+    # The held suffix restarts inside a failed candidate: "abab" after "ab" + "abab".
+    assert run(["abab"], ["ab", "a", "c", "ab", "ab"]) == ("abac", True)
+    assert run(["abc"], ["xab", "ab", "c"]) == ("xab", True)
+
+
+def test_multiple_stop_strings_earliest_wins():
+    matcher = StopStringMatcher(["world", "lo w", "\n"])
+    assert matcher.feed("hello wor") == ("hel", True)
+    assert matcher.matched == "lo w"
+    # The longest possible prefix of any stop string is held back.
+    matcher = StopStringMatcher(["xyz", "yz!"])
+    assert matcher.feed("axy") == ("a", False)
+    assert matcher.feed("z") == ("", True)
+    assert matcher.matched == "xyz"
+
+
+def test_no_stop_strings_pass_through():
+    matcher = StopStringMatcher([])
+    assert matcher.feed("anything <|end|>") == ("anything <|end|>", False)
+    assert matcher.feed("") == ("", False)
+    assert matcher.flush() == ""
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_splits_match_a_whole_text_search(seed):
+    rng = random.Random(seed)
+    alphabet = "ab <|>\n中😀"
+    stops = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+    ]
+    text = "".join(rng.choice(alphabet) for _ in range(300))
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = (text[: min(hits)], True) if hits else (text, False)
+    cuts = sorted(rng.sample(range(1, len(text)), 60))
+    deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert run(stops, deltas) == expected
+
+
+def test_held_text_stays_short():
+    matcher = StopStringMatcher(["</answer>"])
+    streamed = 0
+    for _ in range(1000):
+        text, _ = matcher.feed("<</answe")  # every delta is a near miss
+        streamed += len(text)
+    assert streamed + len(matcher.flush()) == 8000
+    assert streamed >= 8000 - len("</answer>")
+
+
+def test_invalid_stop_lists_are_rejected():
+    with pytest.raises(TypeError, match="list of strings"):
+        StopStringMatcher("stop")
+    with pytest.raises(ValueError, match=r"stop\[1\] must be a non-empty string"):
+        StopStringMatcher(["ok", ""])
+    with pytest.raises(ValueError, match=r"stop\[0\]"):
+        StopStringMatcher([3])
+    matcher = StopStringMatcher(["x"])
+    matcher.feed("x")
+    with pytest.raises(RuntimeError, match="after a stop string"):
+        matcher.feed("more")
