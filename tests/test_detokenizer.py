@@ -220,8 +220,9 @@ def test_misuse_is_reported(per_byte):
 
 
 def default_model_tokenizer() -> Tokenizer:
-    cache = pytest.importorskip("kvtriton.build.cache")
-    folder = cache.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    from kvtriton.build.default_model import default_model_dir
+
+    folder = default_model_dir()
     if not (folder / "tokenizer.json").is_file():
         pytest.skip(f"default model not converted yet at {folder}")
     return Tokenizer.from_pretrained(folder)

@@ -1,7 +1,6 @@
 """Tokenizer: loading an HF-style folder, BOS/EOS rules, decode, and chat templates as HF renders them."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -301,8 +300,9 @@ def test_template_cannot_escape_the_sandbox(tmp_path):
 
 
 def default_model_folder() -> Path:
-    cache = pytest.importorskip("kvtriton.build.cache")
-    folder = cache.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    from kvtriton.build.default_model import default_model_dir
+
+    folder = default_model_dir()
     if not (folder / "tokenizer.json").is_file():
         pytest.skip(f"default model not converted yet at {folder}")
     return folder
@@ -321,4 +321,6 @@ def test_default_model_matches_transformers():
         assert prompt == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert prompt.endswith("<|im_start|>assistant\n")
     assert ours.token_to_id("<|im_end|>") in ours.eos_token_ids
-    assert os.fspath(folder)
+    assert ours.encode("Hi there") == reference.encode("Hi there")  # same BOS decision
+    ids = ours.encode(CORPUS[2])
+    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
