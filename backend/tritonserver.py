@@ -1,0 +1,551 @@
+"""Run a real ``tritonserver`` process: find it, start it, wait until it is ready, stop it.
+
+Two installs are supported, found in this order:
+
+- a ``tritonserver`` on PATH (NVIDIA's image: /opt/tritonserver/bin, backends in
+  /opt/tritonserver/backends);
+- the binaries inside the ``nvidia-pytriton`` wheel (Triton 2.51), which makes a
+  GPU-less dev box or CI runner able to run the same server.
+
+``TritonServer`` owns one server process and everything it leaves behind: the
+process group (the server plus its Python-backend stubs) and the shared-memory
+files under a prefix unique to the instance. ``main``/``serve`` are ``kvtriton serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import filecmp
+import glob
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+# The server binds 0.0.0.0; we talk to it over IPv4 loopback ("localhost" may try ::1 first).
+HOST = "127.0.0.1"
+# Triton gives in-flight requests this long after SIGTERM; it must stay below STOP_GRACE_S
+# so a clean shutdown (models finalized, stubs gone, shm released) beats our SIGKILL.
+_TRITON_EXIT_TIMEOUT_S = 10
+STOP_GRACE_S = 15.0
+_OWNED_FLAGS = ("--model-repository", "--backend-directory", "--http-port", "--grpc-port", "--metrics-port")
+
+
+class TritonServerError(RuntimeError):
+    """A server that cannot be found, started or made ready; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+    source: str  # "PATH" or "nvidia-pytriton"
+
+    def __post_init__(self) -> None:
+        if self.source not in ("PATH", "nvidia-pytriton"):
+            raise ValueError(f"TritonInstall.source must be 'PATH' or 'nvidia-pytriton', got {self.source!r}")
+
+
+def find_tritonserver() -> TritonInstall:
+    """The tritonserver on PATH if any, else the one in the nvidia-pytriton wheel."""
+    install = _install_on_path() or _install_in_wheel()
+    if install is None:
+        raise TritonServerError(
+            "no tritonserver found: none on PATH (NVIDIA's image has /opt/tritonserver/bin/tritonserver) "
+            "and the nvidia-pytriton wheel is not installed; run `pip install nvidia-pytriton==0.7.0` "
+            "(or `pip install kvtriton[server]`), or use the nvcr.io/nvidia/tritonserver image"
+        )
+    return install
+
+
+def _install_on_path() -> TritonInstall | None:
+    found = shutil.which("tritonserver")
+    if found is None:
+        return None
+    binary = Path(found).resolve()
+    backend_dir = binary.parent.parent / "backends"  # <prefix>/bin/tritonserver -> <prefix>/backends
+    if not backend_dir.is_dir():
+        raise TritonServerError(
+            f"tritonserver on PATH ({binary}) has no backends folder at {backend_dir}; "
+            "use a full Triton install such as NVIDIA's tritonserver image"
+        )
+    return TritonInstall(binary=binary, backend_dir=backend_dir, source="PATH")
+
+
+def _install_in_wheel() -> TritonInstall | None:
+    # find_spec locates the package without importing pytriton's Python API.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonServerError(f"the nvidia-pytriton wheel has no server binary at {binary}; reinstall nvidia-pytriton==0.7.0")
+    return TritonInstall(binary=binary, backend_dir=root / "backends", source="nvidia-pytriton")
+
+
+def prepare_python_stub(install: TritonInstall) -> Path:
+    """Put the Python-backend stub matching this interpreter where the wheel's server looks for it.
+
+    The wheel ships one stub per Python version; the stub embeds that version's
+    libpython, so it must match the ``python3`` that ``server_env`` puts first on PATH.
+    NVIDIA's image already has its stub in place. Returns the stub's path.
+    """
+    dest = install.backend_dir / "python" / "triton_python_backend_stub"
+    if install.source == "PATH":
+        return dest
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = install.backend_dir.parent / "python_backend_stubs"
+    src = stubs / version / "triton_python_backend_stub"
+    if not src.is_file():
+        have = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
+        raise TritonServerError(
+            f"nvidia-pytriton has no Python backend stub for Python {version} (it has: {', '.join(have) or 'none'}); "
+            "run kvtriton from a Python of one of those versions, or use NVIDIA's tritonserver image"
+        )
+    if dest.is_file() and filecmp.cmp(src, dest, shallow=False):
+        return dest
+    # Copy then rename: a concurrent server start never sees a half-written stub.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free right now (all held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def server_command(
+    install: TritonInstall,
+    model_repository: str | os.PathLike,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    shm_prefix: str,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The tritonserver command line; ``extra_args`` may add flags, not replace the ones we own."""
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in _OWNED_FLAGS:
+            raise TritonServerError(
+                f"extra tritonserver argument {arg!r} would override {flag}, which kvtriton sets itself "
+                "(readiness is polled on the ports it chose); use kvtriton serve's own option instead"
+            )
+    return [
+        str(install.binary),
+        f"--model-repository={Path(model_repository).resolve()}",
+        f"--backend-directory={install.backend_dir}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        # Per-instance prefix: servers side by side never share regions, and stop() can
+        # remove exactly this server's files if it had to be killed.
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        f"--exit-timeout-secs={_TRITON_EXIT_TIMEOUT_S}",
+        *extra_args,
+    ]
+
+
+def server_env() -> dict[str, str]:
+    """The environment for tritonserver, so its Python stub runs in this environment.
+
+    The stub ignores PYTHONPATH: it takes site-packages from the ``python3`` first on
+    PATH, so this interpreter's bin folder goes first. LD_LIBRARY_PATH gains this
+    interpreter's LIBDIR, so the stub loads the matching libpython rather than the
+    system one. LIBDIR goes last: entries already there (CUDA compat libraries in
+    NVIDIA's image) keep priority, and LD_LIBRARY_PATH as a whole still beats the
+    system default folders.
+    """
+    env = dict(os.environ)
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")]) if env.get("PATH") else bin_dir
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        existing = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*existing, libdir] if libdir not in existing else existing)
+    return env
+
+
+class TritonServer:
+    """One tritonserver process on a model repository.
+
+    Invariant: after ``stop()`` (or leaving the ``with`` block, or interpreter exit),
+    no process of this server's group is alive and no ``/dev/shm/<shm_prefix>*``
+    file remains. Ports left as None are picked free.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        *,
+        install: TritonInstall | None = None,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        extra_args: Sequence[str] = (),
+        ready_timeout_s: float = 300.0,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.install = install if install is not None else find_tritonserver()
+        picked = iter(free_ports([http_port, grpc_port, metrics_port].count(None)))
+        self.http_port = http_port if http_port is not None else next(picked)
+        self.grpc_port = grpc_port if grpc_port is not None else next(picked)
+        self.metrics_port = metrics_port if metrics_port is not None else next(picked)
+        self.shm_prefix = f"kvtriton{os.getpid()}_{secrets.token_hex(4)}_"
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self.extra_args = tuple(extra_args)
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """A gRPC target (host:port, no scheme), as tritonclient.grpc expects."""
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        return server_command(
+            self.install, self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
+            self.shm_prefix, self.extra_args,
+        )
+
+    def start(self) -> None:
+        if self.process is not None:
+            raise TritonServerError("this TritonServer was already started; make a new one")
+        if not self.model_repository.is_dir():
+            raise TritonServerError(f"model repository {self.model_repository} is not a folder; pass the folder holding <model>/config.pbtxt")
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            _check_port_free(name, port)
+        command = self.command()
+        prepare_python_stub(self.install)
+        self._log_file = open(self.log_path, "ab")
+        # Own session: a terminal's Ctrl-C reaches only us, so stop() alone decides how the
+        # server shuts down, and killpg(pid) reaches the stubs as well.
+        self.process = subprocess.Popen(
+            command, env=server_env(), stdin=subprocess.DEVNULL,
+            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        atexit.register(self.stop)
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until ``/v2/health/ready`` answers 200 from *our* live process.
+
+        Raises at once if the process exits (e.g. a model failed to load), and after
+        ``timeout_s`` if it is alive but not ready (e.g. a stub that cannot start).
+        """
+        if self.process is None:
+            raise TritonServerError("wait_ready() before start()")
+        timeout_s = self.ready_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Alive check both before and after the poll: another server on the same
+            # port can answer ready while ours has died.
+            self._raise_if_exited("before it was ready")
+            if _http_status(f"{self.http_url}/v2/health/ready") == 200:
+                self._raise_if_exited("before it was ready")
+                return
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver not ready after {timeout_s:.0f} s (model states: {self._model_states()}); "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def ready_models(self) -> list[tuple[str, str]]:
+        """(name, version) of every READY model, from the repository index."""
+        index = _request_json(f"{self.http_url}/v2/repository/index", post=True)
+        return [(m["name"], m.get("version", "")) for m in index if m.get("state") == "READY"]
+
+    def server_version(self) -> str:
+        return _request_json(f"{self.http_url}/v2").get("version", "unknown")
+
+    def exit_code(self) -> int | None:
+        """None while the server runs; its exit status once it has exited."""
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM, up to ``grace_s`` for a clean exit, then SIGKILL; always removes shm files. Idempotent."""
+        atexit.unregister(self.stop)
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            # Stubs outlive a killed server, holding its shm (and GPU memory). Linux reuses no
+            # pid while a process group of that id has members, so this reaches only our group.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            process.wait()
+            # SIGKILL is asynchronous: return only once the stubs are gone, so a server started
+            # next finds their memory free.
+            deadline = time.monotonic() + 5.0
+            while live_group_members(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for path in glob.glob(f"/dev/shm/{glob.escape(self.shm_prefix)}*"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Error lines of the log first (Triton's table dumps bury them), then its last ``lines`` lines."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no log written)"
+        errors = [l for l in text if (l.startswith("E") and l[1:5].isdigit()) or l.startswith("error:")]
+        parts = []
+        if errors:
+            parts.append("errors:\n" + "\n".join(errors[-10:]))
+        parts.append("last lines:\n" + "\n".join(l for l in text[-lines:] if not l.startswith(("|", "+"))))
+        return "\n".join(parts)
+
+    def _raise_if_exited(self, when: str) -> None:
+        code = self.exit_code()
+        if code is not None:
+            raise TritonServerError(f"tritonserver exited with code {code} {when}; log {self.log_path}:\n{self.log_tail()}")
+
+    def _model_states(self) -> str:
+        try:
+            index = _request_json(f"{self.http_url}/v2/repository/index", post=True)
+        except (OSError, ValueError):
+            return "unknown, HTTP is not open yet: Triton opens it once every model has loaded"
+        return ", ".join(f"{m['name']}={m.get('state', '?')} {m.get('reason', '')}".strip() for m in index) or "no models"
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group ``pgid``: a server and its stubs."""
+    members = []
+    for stat_file in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses; the fields after the last ")" do not.
+            state, _ppid, pgrp = Path(stat_file).read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # the process exited while we looked
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(Path(stat_file).parent.name))
+    return members
+
+
+def _check_port_free(name: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR as the server uses it: sockets in TIME_WAIT do not count as busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise TritonServerError(
+                f"{name} port {port} is already in use ({e.strerror}); stop whatever holds it or choose another port "
+                f"(kvtriton serve --{name.lower()}-port)"
+            ) from None
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def _request_json(url: str, post: bool = False):
+    data = b"{}" if post else None  # the repository index is a POST with an empty JSON body
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5.0) as response:
+        return json.loads(response.read())
+
+
+# --- kvtriton serve -------------------------------------------------------------------------
+
+
+class ServeError(ValueError):
+    """A ``kvtriton serve`` option that cannot work; the message names the option."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    timeout_s: float = 300.0
+    log_file: Path | None = None
+    extra_args: tuple[str, ...] = ()  # passed to tritonserver as they are
+
+    def __post_init__(self) -> None:
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        for flag, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ServeError(f"{flag} {port} is not a TCP port; use 1-65535")
+        if len(set(ports.values())) != 3:
+            raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {list(ports.values())}")
+        if not self.timeout_s > 0:
+            raise ServeError(f"--timeout {self.timeout_s} must be a positive number of seconds")
+        repo = Path(self.model_repository)
+        if not repo.is_dir():
+            what = "is not a folder" if repo.exists() else "does not exist"
+            raise ServeError(
+                f"--model-repository {repo.resolve()} {what}; pass the folder that holds <model>/config.pbtxt "
+                "(kvtriton build writes one)"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtriton serve",
+        description="Start tritonserver on a model repository, wait until its models are ready, serve until Ctrl-C.",
+        epilog="Arguments after -- go to tritonserver unchanged, e.g. -- --log-verbose=1",
+    )
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
+                        help="folder of <model>/config.pbtxt (default: ./model_repository)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    parser.add_argument("--log-file", type=Path, default=None, help="tritonserver's output (default: a temp file)")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> ServeOptions:
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ns = build_parser().parse_args(argv[:cut])
+    return ServeOptions(
+        model_repository=ns.model_repository, http_port=ns.http_port, grpc_port=ns.grpc_port,
+        metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
+    )
+
+
+class _ShutdownRequested(BaseException):
+    """Raised from the SIGINT/SIGTERM handler; BaseException so no ``except Exception`` swallows it."""
+
+
+def _request_shutdown(signum, frame) -> None:
+    raise _ShutdownRequested(signal.Signals(signum).name)
+
+
+def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None = None) -> int:
+    """Run tritonserver until SIGINT/SIGTERM (exit 0) or until it dies (TritonServerError).
+
+    ``on_ready(server)`` runs once the models are ready, e.g. for a demo request.
+    Signal handlers are installed only when called from the main thread.
+    """
+    install = find_tritonserver()
+    server = TritonServer(
+        options.model_repository, install=install, http_port=options.http_port, grpc_port=options.grpc_port,
+        metrics_port=options.metrics_port, log_path=options.log_file, extra_args=options.extra_args,
+        ready_timeout_s=options.timeout_s,
+    )
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _request_shutdown) for s in handled} if in_main else {}
+    try:
+        started = time.monotonic()
+        server.start()
+        server.wait_ready()
+        _print_endpoints(server, time.monotonic() - started)
+        if on_ready is not None:
+            on_ready(server)
+        while True:
+            try:
+                code = server.process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                continue
+            raise TritonServerError(f"tritonserver exited with code {code} while serving; log {server.log_path}:\n{server.log_tail()}")
+    except _ShutdownRequested as e:
+        print(f"kvtriton serve: {e}: stopping tritonserver", flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C must not interrupt the shutdown that guarantees cleanup.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _print_endpoints(server: TritonServer, ready_after_s: float) -> None:
+    models = ", ".join(f"{name} (v{version})" for name, version in server.ready_models()) or "none"
+    print(
+        f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) ready in {ready_after_s:.1f} s\n"
+        f"  HTTP     {server.http_url}\n"
+        f"  gRPC     {server.grpc_url}\n"
+        f"  metrics  {server.metrics_url}\n"
+        f"  models   {models}\n"
+        f"  log      {server.log_path}\n"
+        "Ctrl-C stops the server.",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``kvtriton serve``: returns the process exit status."""
+    try:
+        return serve(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ServeError, TritonServerError) as e:
+        print(f"kvtriton serve: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
