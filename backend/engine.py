@@ -140,6 +140,8 @@ class LLMEngine:
     def _run(self) -> None:
         while not self._stopping:
             if not self.has_work():
+                if self.metrics is not None:  # let gauges settle at idle values
+                    self.metrics.observe_step(self.stats())
                 self._wakeup.wait(timeout=0.1)
                 self._wakeup.clear()
                 continue

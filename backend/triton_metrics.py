@@ -1,0 +1,71 @@
+"""Engine metrics on Triton's metrics port, through pb_utils.MetricFamily.
+
+Cost model: each metric operation is an IPC round trip from the Python stub
+to the server, so per-token work is avoided: latency histograms are observed
+once per request (first token, finish), and gauges/counters are flushed at
+most every `flush_interval_s` from the step loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvtriton.backend.engine import EngineStats
+from kvtriton.backend.outputs import RequestOutput
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
+
+
+class TritonMetrics:
+    def __init__(self, pb_utils, labels: dict[str, str], flush_interval_s: float = 0.25):
+        mf = pb_utils.MetricFamily
+        # Families must outlive their metrics: keep references on self.
+        self._families = {
+            "ttft": mf("kvtriton_time_to_first_token_seconds", "Time to first token", mf.HISTOGRAM),
+            "tpot": mf("kvtriton_time_per_output_token_seconds", "Mean time per output token after the first",
+                       mf.HISTOGRAM),
+            "e2e": mf("kvtriton_e2e_request_latency_seconds", "End-to-end request latency", mf.HISTOGRAM),
+            "prompt": mf("kvtriton_prompt_tokens_total", "Prompt tokens computed (prefix-cache hits excluded)",
+                         mf.COUNTER),
+            "generation": mf("kvtriton_generation_tokens_total", "Generated tokens", mf.COUNTER),
+            "preemption": mf("kvtriton_preemptions_total", "Sequences preempted for KV space", mf.COUNTER),
+            "running": mf("kvtriton_num_requests_running", "Requests in the running batch", mf.GAUGE),
+            "waiting": mf("kvtriton_num_requests_waiting", "Requests waiting to be scheduled", mf.GAUGE),
+            "kv_usage": mf("kvtriton_kv_cache_usage_ratio", "Fraction of KV blocks in use", mf.GAUGE),
+        }
+        f = self._families
+        self.ttft = f["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.tpot = f["tpot"].Metric(labels=labels, buckets=TPOT_BUCKETS)
+        self.e2e = f["e2e"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.prompt = f["prompt"].Metric(labels=labels)
+        self.generation = f["generation"].Metric(labels=labels)
+        self.preemption = f["preemption"].Metric(labels=labels)
+        self.running = f["running"].Metric(labels=labels)
+        self.waiting = f["waiting"].Metric(labels=labels)
+        self.kv_usage = f["kv_usage"].Metric(labels=labels)
+        self.flush_interval_s = flush_interval_s
+        self._last_flush = 0.0
+        self._flushed = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+
+    def observe_output(self, out: RequestOutput) -> None:
+        if out.first_token_time is not None and out.num_output_tokens == 1 and out.token_ids:
+            self.ttft.observe(out.first_token_time - out.arrival_time)
+        if out.finished:
+            self.e2e.observe(out.time - out.arrival_time)
+            if out.first_token_time is not None and out.num_output_tokens > 1:
+                self.tpot.observe((out.time - out.first_token_time) / (out.num_output_tokens - 1))
+
+    def observe_step(self, stats: EngineStats, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.flush_interval_s:
+            return
+        self._last_flush = now
+        old = self._flushed
+        self.prompt.increment(stats.num_prompt_tokens - old.num_prompt_tokens)
+        self.generation.increment(stats.num_generation_tokens - old.num_generation_tokens)
+        self.preemption.increment(stats.num_preemptions - old.num_preemptions)
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self._flushed = stats

@@ -1,0 +1,47 @@
+"""Shared fixtures: the default model and one real tritonserver per test session."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.triton_fixture import start_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def default_model_folder() -> Path:
+    from kvtriton.build.default_model import ensure_default_model
+
+    return ensure_default_model(progress=lambda *_: None)
+
+
+def _variant(src: Path, dst: Path, **parameters: str) -> None:
+    """Copy a model directory, overriding config.pbtxt parameters."""
+    shutil.copytree(src, dst)
+    config = (dst / "config.pbtxt").read_text()
+    for key, value in parameters.items():
+        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        pattern = rf'parameters \{{ key: "{key}" value: \{{ string_value: "[^"]*" \}} \}}'
+        config, n = re.subn(pattern, line, config)
+        if not n:
+            config += line + "\n"
+    (dst / "config.pbtxt").write_text(config)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory, default_model_folder):
+    """tritonserver on the shipped `llm` model, plus `llm_small_kv`: the same model with a KV pool of
+    24 blocks (384 tokens), to show that requests queue when the pool is exhausted."""
+    repo = tmp_path_factory.mktemp("model_repository")
+    _variant(MODEL_REPOSITORY / "llm", repo / "llm")
+    _variant(MODEL_REPOSITORY / "llm", repo / "llm_small_kv", num_kv_blocks="24", max_model_len="384",
+             max_num_seqs="8")
+    server = start_server(repo, timeout_s=300)
+    yield server
+    server.stop()
