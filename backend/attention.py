@@ -113,4 +113,5 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """pool (NB, BS, Hkv, D), tables (B, MB) -> (B, Hkv, MB*BS, D)."""
     b, mb = tables.shape
     _, bs, hkv, d = pool.shape
-    return pool[tables].view(b, mb * bs, hkv, d).transpose(1, 2)
+    # index_select, not pool[tables]: same result, several times faster for small gathers on CPU.
+    return pool.index_select(0, tables.reshape(-1)).view(b, mb * bs, hkv, d).transpose(1, 2)

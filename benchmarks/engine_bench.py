@@ -1,0 +1,239 @@
+"""Engine benchmark (in-process, no Triton): throughput, TTFT, inter-token latency, against HF transformers.
+
+Workload: 32 chat prompts, 128 output tokens each, EOS ignored.
+  1. kvtriton, all 32 requests in flight      vs  HF `generate`, static batch 32
+  2. kvtriton, one request (single stream)     vs  HF `generate`, batch 1
+  3. on CUDA: the batch-1 decode step (CUDA graph replay) vs the HBM roofline (weight bytes / bandwidth,
+     bandwidth measured with a device-to-device copy in this run)
+
+  python benchmarks/engine_bench.py                                  # default model, CPU fp32
+  python benchmarks/engine_bench.py --config llama-1b --device cuda  # 1B-class Llama, dummy weights, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine import LLMEngine
+from kvtriton.backend.sampling_params import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?", "Explain photosynthesis simply.", "Write a haiku about the sea.",
+    "How do vaccines work?", "Give three tips for learning to code.", "What causes the seasons on Earth?",
+    "Describe a cat to someone who has never seen one.", "Why is the sky blue?", "What is a prime number?",
+    "Summarise the plot of Romeo and Juliet.", "How does a refrigerator keep food cold?",
+    "What is the difference between weather and climate?", "Suggest a name for a bakery.",
+    "How many legs does a spider have?", "What is machine learning?", "Explain gravity to a child.",
+    "What are the benefits of exercise?", "Write a short poem about autumn.", "What is the speed of light?",
+    "How do bees make honey?", "What is democracy?", "Give a recipe for pancakes.",
+    "Why do we dream?", "What is the tallest mountain in the world?", "How do airplanes fly?",
+    "What is an atom?", "List the planets of the solar system.", "What is inflation in economics?",
+    "How can I sleep better?", "What is the Pythagorean theorem?", "Describe the water cycle.",
+    "What does a CPU do?",
+]
+# Llama 3.2 1B shape (tied embeddings, 2.47 GB in bf16).
+LLAMA_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
+                intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0,
+                tie_word_embeddings=True, eos_token_id=128001, bos_token_id=128000)
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def run_engine(engine, prompts, max_tokens):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    streams = [engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
+    ttft, itl, tokens = [], [], 0
+    for s in streams:
+        last = None
+        for out in s:
+            if not out.token_ids:
+                continue
+            tokens += len(out.token_ids)
+            if last is None:
+                ttft.append(out.time - out.arrival_time)
+            else:
+                itl.append(out.time - last)
+            last = out.time
+    wall = time.perf_counter() - t0
+    return dict(tok_s=tokens / wall, wall_s=wall, tokens=tokens, ttft=ttft, itl=itl)
+
+
+def run_hf(folder, prompts_ids, max_tokens, device, dtype, batch):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    pad = 0
+    total, t0 = 0, time.perf_counter()
+    for i in range(0, len(prompts_ids), batch):
+        chunk = prompts_ids[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+        total += (out.shape[1] - width) * len(chunk)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    del model
+    return dict(tok_s=total / wall, wall_s=wall, tokens=total)
+
+
+def decode_step_vs_roofline(engine):
+    """Time the batch-1 decode step alone (graph replay + logits) against weight bytes / bandwidth."""
+    runner = engine.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bandwidth = 2 * src.numel() * 20 / (time.perf_counter() - t0)  # read + write
+    del src, dst
+    from kvtriton.backend.sequence import Sequence
+    from kvtriton.backend.step_input import prepare_step
+
+    seq = Sequence("probe", list(range(1, 65)), SamplingParams())
+    seq.num_computed_tokens = 63
+    bm = engine.block_manager
+    bm.allocate_slots("probe", seq.token_ids, 0, 64)
+    step = prepare_step([(seq, 1)], [bm.block_table("probe")], engine.config.block_size, engine.device)
+    for _ in range(5):
+        runner.execute(step)
+    torch.cuda.synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        runner.execute(step)
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / n
+    bm.free("probe")
+    roofline_s = weight_bytes / bandwidth
+    return dict(step_ms=step_s * 1e3, roofline_ms=roofline_s * 1e3, fraction=roofline_s / step_s,
+                weight_gb=weight_bytes / 1e9, bandwidth_tb_s=bandwidth / 1e12)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--cuda-graphs", default="on", choices=["on", "off"])
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.config == "llama-1b":
+        folder = Path(tempfile.mkdtemp()) / "llama-1b"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(LLAMA_1B))
+        model, dummy = str(folder), True
+    else:
+        from kvtriton.build.default_model import ensure_default_model
+
+        folder, model, dummy = ensure_default_model(progress=lambda *_: None), "default", False
+    cfg = EngineConfig(model=model, device=args.device, dummy_weights=dummy, max_num_seqs=64,
+                       max_num_batched_tokens=2048, enable_cuda_graphs=args.cuda_graphs == "on",
+                       max_model_len=2048, kv_cache_memory_gb=1.0)
+    if dummy:  # a 1B config has no tokenizer of its own: borrow the default model's
+        from kvtriton.build.default_model import ensure_default_model
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(ensure_default_model(progress=lambda *_: None) / name, folder / name)
+    engine = LLMEngine(cfg).start()
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompt_ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    if dummy:
+        prompt_ids = [[t % LLAMA_1B["vocab_size"] for t in p] for p in prompt_ids]
+
+    print(f"# kvtriton engine benchmark: {args.config} on {engine.device} ({engine.dtype}), "
+          f"{len(prompts)} prompts x {args.max_tokens} tokens, EOS ignored")
+    print(f"# torch {torch.__version__}, python {platform.python_version()}, "
+          f"{torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()}, cuda graphs {args.cuda_graphs}")
+    run_engine(engine, prompt_ids[:4], 8)  # warm-up (graph capture, allocator)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    batch = run_engine(engine, prompt_ids, args.max_tokens)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else _rss_gib()
+    single = run_engine(engine, prompt_ids[:1], args.max_tokens)
+    single_decode = (len(single["itl"])) / sum(single["itl"])
+    results = dict(batch32=_summary(batch), single=_summary(single), single_decode_tok_s=single_decode,
+                   peak_memory_gib=peak)
+    print(f"kvtriton  batch 32 in flight: {batch['tok_s']:8.1f} output tok/s   TTFT p50/p90/p99 "
+          f"{pct(batch['ttft'], 50)*1e3:.0f}/{pct(batch['ttft'], 90)*1e3:.0f}/{pct(batch['ttft'], 99)*1e3:.0f} ms"
+          f"   ITL p50/p90/p99 {pct(batch['itl'], 50)*1e3:.1f}/{pct(batch['itl'], 90)*1e3:.1f}/"
+          f"{pct(batch['itl'], 99)*1e3:.1f} ms   peak memory {peak:.2f} GiB")
+    print(f"kvtriton  single stream:      {single['tok_s']:8.1f} output tok/s   decode {single_decode:.1f} tok/s"
+          f"   TTFT {single['ttft'][0]*1e3:.0f} ms")
+    if cuda:
+        roof = decode_step_vs_roofline(engine)
+        results["decode_step"] = roof
+        print(f"batch-1 decode step: {roof['step_ms']:.3f} ms   roofline {roof['roofline_ms']:.3f} ms "
+              f"({roof['weight_gb']:.2f} GB weights / {roof['bandwidth_tb_s']:.2f} TB/s measured)   "
+              f"= {roof['fraction']*100:.0f}% of roofline")
+    engine.shutdown()
+    if not args.no_hf:
+        import transformers
+
+        dtype = engine.dtype
+        hf_folder = str(folder)
+        if dummy:  # HF needs weights: save ours (same dummy init) in HF layout
+            hf_folder = _save_dummy_for_hf(folder, dtype)
+        hf_batch = run_hf(hf_folder, prompt_ids, args.max_tokens, "cuda" if cuda else "cpu", dtype, 32)
+        hf_single = run_hf(hf_folder, prompt_ids[:1], args.max_tokens, "cuda" if cuda else "cpu", dtype, 1)
+        results.update(hf_batch32_tok_s=hf_batch["tok_s"], hf_single_tok_s=hf_single["tok_s"],
+                       transformers=transformers.__version__)
+        print(f"HF transformers {transformers.__version__}  generate batch 32: {hf_batch['tok_s']:8.1f} tok/s   "
+              f"batch 1: {hf_single['tok_s']:8.1f} tok/s")
+        print(f"ratio kvtriton / HF:  batch 32 {batch['tok_s'] / hf_batch['tok_s']:.2f}x   "
+              f"single stream {single['tok_s'] / hf_single['tok_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _summary(run):
+    return dict(tok_s=run["tok_s"], tokens=run["tokens"], wall_s=run["wall_s"],
+                ttft_ms={q: pct(run["ttft"], q) * 1e3 for q in (50, 90, 99)},
+                itl_ms={q: pct(run["itl"], q) * 1e3 for q in (50, 90, 99)})
+
+
+def _rss_gib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _save_dummy_for_hf(folder, dtype):
+    import transformers
+
+    out = Path(tempfile.mkdtemp()) / "hf"
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out)
+    return str(out)
+
+
+if __name__ == "__main__":
+    main()
