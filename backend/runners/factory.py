@@ -57,4 +57,12 @@ def create_runner(config: EngineConfig, model_config: ModelConfig, folder: Path,
         from kvtriton.backend.runners.torch_runner import TorchRunner
 
         return TorchRunner(config, model_config, str(folder), device, dtype, max_model_len)
+    if config.runner == "onnxruntime":
+        from kvtriton.backend.runners.onnx_runner import OnnxRunner
+
+        return OnnxRunner(config, model_config, folder, device, dtype, max_model_len)
+    if config.runner == "tensorrt":
+        from kvtriton.backend.runners.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(config, model_config, folder, device, dtype, max_model_len)
     raise NotImplementedError(f"runner {config.runner!r} is not available yet; use runner=torch")

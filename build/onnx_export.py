@@ -1,0 +1,98 @@
+"""Export the step graph (build/step_graph.py) of a loaded model to ONNX, self-described by metadata.
+
+Plain ONNX ops only (Gather, MatMul, Softmax, Where, ...; no contrib ops),
+so onnxruntime on any execution provider and TensorRT's parser both take it.
+The graph's metadata carries what a runner must agree with (block size, KV
+shape and dtype, vocabulary): a runner refuses a graph that disagrees with its
+engine config instead of producing garbage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvtriton.backend.models.llama import LlamaForCausalLM
+from kvtriton.build.step_graph import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, StepGraph, example_inputs
+
+OPSET = 17  # per-axis DequantizeLinear needs >= 13; TensorRT's parser takes 17
+_ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_TWO_GIB = 2**31  # protobuf's limit: larger models keep their weights in an external data file
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What every consumer of the graph must agree with; stored as the ONNX file's metadata_props."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    block_size: int
+    kv_dtype: str  # float32 | float16 | bfloat16: the pools' element type
+    precision: str  # fp32 | fp16 | bf16 | int8: how the weights are stored
+
+    def to_metadata(self) -> dict[str, str]:
+        return {f"kvtriton.{k}": str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], source: str) -> "GraphSpec":
+        values = {k.removeprefix("kvtriton."): v for k, v in props.items() if k.startswith("kvtriton.")}
+        fields = cls.__dataclass_fields__
+        missing = sorted(set(fields) - set(values))
+        if missing:
+            raise ValueError(f"{source}: not a kvtriton step graph (metadata lacks {', '.join(missing)}); "
+                             f"build it with `kvtriton build`")
+        return cls(**{k: (int(values[k]) if fields[k].type == "int" else values[k]) for k in fields})
+
+
+def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int, precision: str) -> GraphSpec:
+    """Trace `model` (already in the graph's dtype) into an ONNX file at `path`; returns its spec."""
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    spec = GraphSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, block_size,
+                     _ONNX_DTYPES[dtype], precision)
+    path = Path(path)
+    inputs = example_inputs(model, block_size=block_size, dtype=dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values are expected
+        torch.onnx.export(StepGraph(model).eval(), inputs, str(path), input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES, dynamic_axes=DYNAMIC_AXES, opset_version=OPSET, dynamo=False)
+    import onnx
+
+    proto = onnx.load(str(path))
+    set_metadata(proto, spec)
+    save_onnx(proto, path)
+    return spec
+
+
+def set_metadata(proto, spec: GraphSpec) -> None:
+    import onnx
+
+    keep = [p for p in proto.metadata_props if not p.key.startswith("kvtriton.")]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in spec.to_metadata().items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def read_spec(path: str | Path) -> GraphSpec:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def save_onnx(proto, path: str | Path) -> None:
+    """Save, checked; weights go to `<name>.data` beside it when they exceed protobuf's 2 GiB limit."""
+    import onnx
+
+    path = Path(path)
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    large = weight_bytes >= _TWO_GIB - (64 << 20)  # headroom for the graph itself
+    onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if large else None)
+    onnx.checker.check_model(str(path))
