@@ -1,2 +1,84 @@
-def main():
-    print("hi")
+"""`kvtriton`: one command, subcommands for every way of using the bundle.
+
+  serve        start tritonserver on a model repository (kvtriton.backend.serve)
+  generate     one prompt: in-process engine, or a running server with --url
+  chat         interactive chat against a running server
+  bench        load generator against a running server
+  build        checkpoint -> ONNX / TensorRT model in a repository (kvtriton.build)
+  fetch-model  download and convert the default model into the cache
+
+Imports are lazy so that `kvtriton --help` and each command start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _serve(argv: list[str]) -> int:
+    from kvtriton.backend.serve import main
+
+    return main(argv)
+
+
+def _fetch_model(argv: list[str]) -> int:
+    from kvtriton.build.default_model import main
+
+    return main(argv)
+
+
+def _generate(argv: list[str]) -> int:
+    from kvtriton.backend import offline
+    from kvtriton.client import generate_cmd
+    from kvtriton.client.cli_args import sampling_from_args
+
+    parser = argparse.ArgumentParser(
+        prog="kvtriton generate",
+        description="Generate text and stream it: against a server with --url, else with the engine in-process.")
+    generate_cmd.add_arguments(parser, url_required=False)
+    offline.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.url:
+        return generate_cmd.run(args)
+    return offline.run(args, sampling_from_args(args))
+
+
+def _command(module: str, prog: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        mod = importlib.import_module(module)
+        parser = argparse.ArgumentParser(prog=prog, description=(mod.__doc__ or "").split("\n")[0])
+        mod.add_arguments(parser)
+        return mod.run(parser.parse_args(argv))
+    return run
+
+
+COMMANDS = {
+    "serve": (_serve, "start tritonserver on a model repository and serve until Ctrl-C"),
+    "generate": (_generate, "generate text (in-process, or against a server with --url)"),
+    "chat": (_command("kvtriton.client.chat_cmd", "kvtriton chat"), "interactive chat against a server"),
+    "bench": (_command("kvtriton.client.bench_cmd", "kvtriton bench"), "load generator against a server"),
+    "build": (_command("kvtriton.build.cli", "kvtriton build"), "build an ONNX / TensorRT model into a repository"),
+    "fetch-model": (_fetch_model, "download and convert the default model into the cache"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: kvtriton <command> [options]\n\ncommands:\n{lines}\n\n`kvtriton <command> --help` for each.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nkvtriton: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command, _ = COMMANDS[argv[0]]
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,12 +15,12 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kvtriton.backend import serve as serve_cmd
 from kvtriton.backend import tritonserver as ts
 from tests.triton_fixture import ECHO_REPOSITORY, start_server
 
@@ -149,7 +149,7 @@ def test_start_refuses_a_busy_port_before_launching(tmp_path):
 
 
 def test_parse_args_defaults_and_passthrough(tmp_path):
-    options = ts.parse_args(["--model-repository", str(tmp_path), "--", "--log-verbose=1", "--timeout", "5"])
+    options = serve_cmd.parse_args(["--model-repository", str(tmp_path), "--", "--log-verbose=1", "--timeout", "5"])
     assert (options.http_port, options.grpc_port, options.metrics_port, options.timeout_s) == (8000, 8001, 8002, 300.0)
     assert options.extra_args == ("--log-verbose=1", "--timeout", "5")  # after --: tritonserver's, untouched
 
@@ -160,13 +160,13 @@ def test_parse_args_defaults_and_passthrough(tmp_path):
     (["--timeout", "0"], "--timeout 0.0 must be a positive"),
 ])
 def test_parse_args_rejects_bad_options(tmp_path, argv, message):
-    with pytest.raises(ts.ServeError, match=message):
-        ts.parse_args(["--model-repository", str(tmp_path), *argv])
+    with pytest.raises(serve_cmd.ServeError, match=message):
+        serve_cmd.parse_args(["--model-repository", str(tmp_path), *argv])
 
 
 def test_main_with_missing_repository_exits_nonzero_and_says_why(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert ts.main(["--model-repository", str(missing)]) == 1
+    assert serve_cmd.main(["--model-repository", str(missing)]) == 1
     err = capsys.readouterr().err
     assert f"--model-repository {missing} does not exist" in err and "config.pbtxt" in err
 
@@ -297,10 +297,10 @@ def test_serve_calls_on_ready_with_the_live_server_and_returns_zero_on_ctrl_c(tm
         time.sleep(5)  # the handler interrupts this
 
     http, grpc, metrics = ts.free_ports(3)
-    options = ts.parse_args(["--model-repository", str(ECHO_REPOSITORY), "--log-file", str(tmp_path / "log"),
+    options = serve_cmd.parse_args(["--model-repository", str(ECHO_REPOSITORY), "--log-file", str(tmp_path / "log"),
                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)])
     previous = signal.getsignal(signal.SIGINT)
-    assert ts.serve(options, on_ready=on_ready) == 0
+    assert serve_cmd.serve(options, on_ready=on_ready) == 0
     assert signal.getsignal(signal.SIGINT) is previous  # handlers restored
     assert seen["models"] == [("echo", "1")]
     assert seen["server"].exit_code() is not None and _shm_files(seen["server"]) == []
@@ -312,7 +312,7 @@ def test_serve_as_a_process_stops_cleanly_on_sigterm(tmp_path):
     """What `docker stop` does to the container's `kvtriton serve`."""
     http, grpc, metrics = ts.free_ports(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtriton.backend.tritonserver", "--model-repository", str(ECHO_REPOSITORY),
+        [sys.executable, "-m", "kvtriton.backend.serve", "--model-repository", str(ECHO_REPOSITORY),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
          "--log-file", str(tmp_path / "server.log"), "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
