@@ -1,0 +1,246 @@
+"""LLMClient / AsyncLLMClient: generate and stream text from kvtriton's `llm` model.
+
+    client = LLMClient("localhost:8001")                    # gRPC; "http://localhost:8000" for HTTP
+    print(client.generate("Hi", max_tokens=16, temperature=0).text)
+    for chunk in client.stream("Tell me a story", max_tokens=64):
+        print(chunk.text, end="", flush=True)               # break (or .close()) cancels on the server
+
+    async with AsyncLLMClient("localhost:8001") as client:
+        completion = await client.generate("Hi")             # cancelling the task cancels the request
+        async for chunk in client.stream("Hi"): ...
+
+Sampling keyword arguments are the contract's names (max_tokens, temperature,
+top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens,
+repetition_penalty, presence_penalty, frequency_penalty, logprobs,
+skip_special_tokens); None leaves the server default. The first request waits
+for readiness: `connect_retries` more probes with exponential backoff, then
+ServerUnavailableError naming the URL. `timeout_s` is the longest silence
+allowed between two responses of one request (RequestTimeoutError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+
+from kvtriton.client.endpoint import Endpoint
+from kvtriton.client.errors import ServerError
+from kvtriton.client.grpc_client import AsyncGrpcTransport, GrpcTransport
+from kvtriton.client.http_client import AsyncHttpTransport, HttpTransport
+from kvtriton.client.probe import async_wait_ready, wait_ready
+from kvtriton.client.types import Chunk, Completion, CompletionBuilder, GenerateRequest
+
+DEFAULT_MODEL = "llm"
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CONNECT_RETRIES = 5  # about 6 s of backoff in all
+
+
+def _request(prompt: str | None, messages: Sequence[Mapping[str, str]] | None, stream: bool,
+             sampling: dict[str, Any]) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,
+                           stream=stream, sampling=sampling)
+
+
+def _check_options(timeout_s: float, connect_retries: int) -> None:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if not (isinstance(connect_retries, int) and connect_retries >= 0):
+        raise ValueError(f"connect_retries must be an integer >= 0, got {connect_retries!r}")
+
+
+def _unfinished(endpoint: Endpoint) -> ServerError:
+    return ServerError(f"{endpoint.url} ended the response stream without a finish_reason")
+
+
+class TokenStream:
+    """The chunks of one streamed request; `.completion` once it is exhausted.
+
+    The request is sent on the first `next()`. Closing the stream before its end
+    (`close()`, leaving a `with` block, or dropping it after `break`) cancels it.
+    """
+
+    def __init__(self, endpoint: Endpoint, responses: Iterator[Chunk]):
+        self._endpoint, self._responses = endpoint, responses
+        self._builder: CompletionBuilder | None = None
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._builder is None:
+            self._builder = CompletionBuilder()
+        try:
+            chunk = next(self._responses)
+        except StopIteration:
+            if not self._builder.finish_reason:
+                raise _unfinished(self._endpoint) from None
+            raise
+        self._builder.add(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._responses.close()
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def completion(self) -> Completion:
+        """The whole request (text, token counts, TTFT, latency); only after the last chunk."""
+        if self._builder is None:
+            raise ValueError("the stream has not been read yet")
+        return self._builder.build()
+
+
+class AsyncTokenStream:
+    """`async for` counterpart of TokenStream; `aclose()` or leaving `async with` cancels."""
+
+    def __init__(self, endpoint: Endpoint, responses: AsyncIterator[Chunk]):
+        self._endpoint, self._responses = endpoint, responses
+        self._builder: CompletionBuilder | None = None
+
+    def __aiter__(self) -> "AsyncTokenStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._builder is None:
+            self._builder = CompletionBuilder()
+        try:
+            chunk = await self._responses.__anext__()
+        except StopAsyncIteration:
+            if not self._builder.finish_reason:
+                raise _unfinished(self._endpoint) from None
+            raise
+        self._builder.add(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._responses.aclose()
+
+    async def __aenter__(self) -> "AsyncTokenStream":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    @property
+    def completion(self) -> Completion:
+        if self._builder is None:
+            raise ValueError("the stream has not been read yet")
+        return self._builder.build()
+
+    @property
+    def builder(self) -> CompletionBuilder | None:
+        """Per-chunk arrival times and token counts (for load generators)."""
+        return self._builder
+
+
+class LLMClient:
+    """Blocking client; one request at a time per instance."""
+
+    def __init__(self, url: str, protocol: str | None = None, model: str = DEFAULT_MODEL,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES):
+        """`protocol`: "grpc" or "http"; None takes it from the URL's scheme (http://...), else gRPC."""
+        _check_options(timeout_s, connect_retries)
+        self.endpoint = Endpoint.parse(url, protocol)
+        self.model, self.connect_retries = model, connect_retries
+        cls = GrpcTransport if self.endpoint.protocol == "grpc" else HttpTransport
+        self._transport = cls(self.endpoint, model, timeout_s)
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Return once the server and the model are ready; ServerUnavailableError after the retries."""
+        if not self._ready:
+            wait_ready(self.endpoint.url, self._transport.probe, self.connect_retries)
+            self._ready = True
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+               **sampling: Any) -> TokenStream:
+        request = _request(prompt, messages, True, sampling)
+        self.wait_ready()
+        return TokenStream(self.endpoint, self._transport.responses(request))
+
+    def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+                 **sampling: Any) -> Completion:
+        """One non-streamed request: its TTFT is the arrival of the single response."""
+        request = _request(prompt, messages, False, sampling)
+        self.wait_ready()
+        stream = TokenStream(self.endpoint, self._transport.responses(request))
+        for _ in stream:
+            pass
+        return stream.completion
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "LLMClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncLLMClient:
+    """asyncio client; any number of concurrent requests."""
+
+    def __init__(self, url: str, protocol: str | None = None, model: str = DEFAULT_MODEL,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES):
+        _check_options(timeout_s, connect_retries)
+        self.endpoint = Endpoint.parse(url, protocol)
+        self.model, self.connect_retries = model, connect_retries
+        cls = AsyncGrpcTransport if self.endpoint.protocol == "grpc" else AsyncHttpTransport
+        self._transport = cls(self.endpoint, model, timeout_s)
+        self._ready = False
+        self._ready_lock: asyncio.Lock | None = None
+
+    async def wait_ready(self) -> None:
+        if self._ready:
+            return
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:  # concurrent first requests share one probe loop
+            if not self._ready:
+                await async_wait_ready(self.endpoint.url, self._transport.probe, self.connect_retries)
+                self._ready = True
+
+    async def server_metadata(self) -> dict[str, Any]:
+        """Triton's server metadata: name, version, extensions."""
+        await self.wait_ready()
+        return await self._transport.server_metadata()
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+               **sampling: Any) -> AsyncTokenStream:
+        request = _request(prompt, messages, True, sampling)
+        return AsyncTokenStream(self.endpoint, self._ready_then(request))
+
+    async def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+                       **sampling: Any) -> Completion:
+        request = _request(prompt, messages, False, sampling)
+        await self.wait_ready()
+        stream = AsyncTokenStream(self.endpoint, self._transport.responses(request))
+        async with stream:
+            async for _ in stream:
+                pass
+        return stream.completion
+
+    async def _ready_then(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        await self.wait_ready()
+        responses = self._transport.responses(request)
+        try:
+            async for chunk in responses:
+                yield chunk
+        finally:
+            await responses.aclose()
+
+    async def aclose(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> "AsyncLLMClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()

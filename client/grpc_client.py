@@ -1,0 +1,218 @@
+"""gRPC transport (tritonclient.grpc): the bidirectional stream API, sync and asyncio.
+
+The `llm` model is decoupled, so even a non-streamed request goes over the
+stream API (it then gets one response). Every request asks for Triton's empty
+final response, so the end of a request is the FINAL flag, whatever the model
+put in its last response. Closing a response iterator before that flag cancels
+the request on the server (`stop_stream(cancel_requests=True)` / `call.cancel()`),
+which the model sees as `is_cancelled()` and frees the sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import AsyncIterator, Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
+
+from kvtriton.client.endpoint import Endpoint
+from kvtriton.client.errors import RequestTimeoutError, ServerError, ServerUnavailableError, server_error
+from kvtriton.client.probe import PROBE_TIMEOUT_S, READY, Probe
+from kvtriton.client.types import Chunk, GenerateRequest
+
+_FINAL = "triton_final_response"
+
+
+def infer_inputs(request: GenerateRequest) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in request.inputs().items():
+        if isinstance(value, bool):
+            array, dtype = np.array([value], dtype=np.bool_), "BOOL"
+        else:
+            array, dtype = np.array([value.encode("utf-8")], dtype=np.object_), "BYTES"
+        tensor = grpcclient.InferInput(name, [1], dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _chunk(result) -> tuple[Chunk | None, bool]:
+    """(chunk or None for an empty final response, is_final)."""
+    response = result.get_response()
+    final = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
+    if not response.outputs:
+        return None, final
+
+    def text(name: str) -> str:
+        array = result.as_numpy(name)
+        return "" if array is None else b"".join(array.reshape(-1)).decode("utf-8")
+
+    def count(name: str) -> int:
+        array = result.as_numpy(name)
+        return 0 if array is None else int(array.reshape(-1)[0])
+
+    chunk = Chunk.from_outputs(text("text_output"), count("num_input_tokens"), count("num_output_tokens"),
+                               text("finish_reason"), text("logprobs"))
+    return chunk, final
+
+
+def _error(endpoint: Endpoint, error: InferenceServerException) -> Exception:
+    status = error.status() or ""
+    if "UNAVAILABLE" in status:
+        return ServerUnavailableError(endpoint.url, f"connection lost ({error.message()})")
+    if status and "UNKNOWN" not in status:
+        return ServerError(f"{status}: {error.message()}")
+    return server_error(error.message())  # an error response from the model or Triton's checks
+
+
+def _probe_client(client, model: str) -> Probe:
+    try:
+        if not client.is_server_ready(client_timeout=PROBE_TIMEOUT_S):
+            return Probe(False, True, "server is up but not ready (models still loading?)")
+        if client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
+            return READY
+        index = client.get_model_repository_index(as_json=True, client_timeout=PROBE_TIMEOUT_S)
+    except InferenceServerException as e:
+        return Probe(False, True, f"no gRPC server answers ({e.message()})")
+    return _model_missing(model, index)
+
+
+def _model_missing(model: str, index: dict) -> Probe:
+    ready = [m["name"] for m in index.get("models", []) if m.get("state") == "READY"]
+    return Probe(False, False, f"the server has no ready model {model!r} (ready: {', '.join(ready) or 'none'}); "
+                               "pass the right model name")
+
+
+class GrpcTransport:
+    """Blocking; one request at a time per instance (tritonclient allows one stream per client)."""
+
+    def __init__(self, endpoint: Endpoint, model: str, timeout_s: float):
+        self.endpoint, self.model, self.timeout_s = endpoint, model, timeout_s
+        self._client = grpcclient.InferenceServerClient(endpoint.address)
+        self._busy = threading.Lock()
+
+    def probe(self) -> Probe:
+        return _probe_client(self._client, self.model)
+
+    def responses(self, request: GenerateRequest) -> Iterator[Chunk]:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this LLMClient is already running a request; use one client per thread, "
+                               "or AsyncLLMClient for concurrent requests")
+        received: queue.SimpleQueue = queue.SimpleQueue()
+        done = False
+        try:
+            self._client.start_stream(callback=lambda result, error: received.put((result, error)))
+            self._client.async_stream_infer(self.model, infer_inputs(request), request_id=request.request_id,
+                                            enable_empty_final_response=True)
+            while not done:
+                try:
+                    result, error = received.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise RequestTimeoutError(
+                        f"no response from {self.endpoint.url} for {self.timeout_s:g} s; the request was cancelled"
+                    ) from None
+                if error is not None:
+                    done = True  # an error response ends the request
+                    raise _error(self.endpoint, error)
+                chunk, done = _chunk(result)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            # Not done: the caller stopped early, timed out or we failed; cancel on the server.
+            self._client.stop_stream(cancel_requests=not done)
+            self._busy.release()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncGrpcTransport:
+    """asyncio; any number of concurrent requests, one gRPC stream each over a shared channel."""
+
+    def __init__(self, endpoint: Endpoint, model: str, timeout_s: float):
+        self.endpoint, self.model, self.timeout_s = endpoint, model, timeout_s
+        self._client: grpcclient_aio.InferenceServerClient | None = None
+
+    def _get_client(self) -> grpcclient_aio.InferenceServerClient:
+        # Created on first use, inside the running loop that will own the channel.
+        if self._client is None:
+            self._client = grpcclient_aio.InferenceServerClient(self.endpoint.address)
+        return self._client
+
+    async def probe(self) -> Probe:
+        client = self._get_client()
+        try:
+            if not await client.is_server_ready(client_timeout=PROBE_TIMEOUT_S):
+                return Probe(False, True, "server is up but not ready (models still loading?)")
+            if await client.is_model_ready(self.model, client_timeout=PROBE_TIMEOUT_S):
+                return READY
+            index = await client.get_model_repository_index(as_json=True, client_timeout=PROBE_TIMEOUT_S)
+        except InferenceServerException as e:
+            return Probe(False, True, f"no gRPC server answers ({e.message()})")
+        return _model_missing(self.model, index)
+
+    async def server_metadata(self) -> dict:
+        return await self._get_client().get_server_metadata(as_json=True, client_timeout=PROBE_TIMEOUT_S)
+
+    async def responses(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        async def one_request():
+            yield {"model_name": self.model, "inputs": infer_inputs(request), "request_id": request.request_id,
+                   "parameters": {"triton_enable_empty_final_response": True}}
+
+        call = self._get_client().stream_infer(one_request())
+        loop = asyncio.get_running_loop()
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            call.cancel()
+
+        done = False
+        # One timer per request, re-armed per response: an inactivity timeout without a task per read.
+        timer = loop.call_later(self.timeout_s, expire)
+        try:
+            while not done:
+                try:
+                    result, error = await call.__anext__()
+                except StopAsyncIteration:
+                    raise ServerError("the server closed the stream before the request's final response") from None
+                except asyncio.CancelledError:
+                    if timed_out:
+                        raise RequestTimeoutError(
+                            f"no response from {self.endpoint.url} for {self.timeout_s:g} s; the request was cancelled"
+                        ) from None
+                    raise
+                except Exception as e:  # grpc.aio.AioRpcError: the call itself failed
+                    raise _rpc_error(self.endpoint, e) from None
+                timer.cancel()
+                timer = loop.call_later(self.timeout_s, expire)
+                if error is not None:
+                    done = True
+                    raise _error(self.endpoint, error)
+                chunk, done = _chunk(result)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            timer.cancel()
+            if not done:
+                call.cancel()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _rpc_error(endpoint: Endpoint, e: Exception) -> Exception:
+    code = getattr(e, "code", None)
+    name = code().name if callable(code) else type(e).__name__
+    details = e.details() if hasattr(e, "details") else str(e)
+    if name == "UNAVAILABLE":
+        return ServerUnavailableError(endpoint.url, f"connection failed ({details})")
+    return ServerError(f"{name}: {details}")

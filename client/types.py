@@ -1,0 +1,146 @@
+"""What a client sends (GenerateRequest) and gets back (Chunk, Completion).
+
+The wire format is the `llm` model's contract (vLLM backend inputs): the prompt
+as `text_input` or a chat as `messages` (JSON), a `stream` flag, and sampling
+parameters as one JSON object. Only key names are checked here; values are the
+server's to validate, so there is one set of rules and one set of messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+# The contract's sampling parameter names (kvtriton.backend.sampling_params, without aliases).
+SAMPLING_KEYS = frozenset({
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+    "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens",
+})
+FINISH_REASONS = ("stop", "length", "abort")
+
+_request_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: exactly one of `prompt` and `messages`."""
+
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    stream: bool = True
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = field(default_factory=lambda: f"kvtriton-{os.getpid()}-{next(_request_ids)}")
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.messages is not None:
+            for m in self.messages:
+                if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
+                    raise ValueError(f'messages must be {{"role": ..., "content": ...}} objects, got {m!r}')
+            object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        unknown = sorted(set(self.sampling) - SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(SAMPLING_KEYS))}")
+        # None means "server default": such keys are not sent at all.
+        object.__setattr__(self, "sampling", {k: v for k, v in self.sampling.items() if v is not None})
+
+    def inputs(self) -> dict[str, Any]:
+        """Input name -> Python value, as both protocols send them."""
+        # exclude_input_in_output: a completion is the generated text only, whatever the mode
+        # (non-streamed, the server would otherwise prepend the prompt or the templated chat).
+        inputs: dict[str, Any] = {"stream": self.stream, "sampling_parameters": json.dumps(self.sampling),
+                                  "exclude_input_in_output": True}
+        if self.prompt is not None:
+            inputs["text_input"] = self.prompt
+        else:
+            inputs["messages"] = json.dumps(list(self.messages))
+        return inputs
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One response: a text delta and the tokens it holds (a streamed request gets many)."""
+
+    text: str
+    num_output_tokens: int
+    finish_reason: str  # "" until the last response
+    num_input_tokens: int = 0
+    logprobs: tuple[dict, ...] | None = None  # one entry per token when asked for
+
+    @classmethod
+    def from_outputs(cls, text: str, num_input_tokens: int, num_output_tokens: int, finish_reason: str,
+                     logprobs: str = "") -> "Chunk":
+        if finish_reason not in ("", *FINISH_REASONS):
+            raise ValueError(f"server sent finish_reason {finish_reason!r}; expected one of {FINISH_REASONS}")
+        return cls(text, int(num_output_tokens), finish_reason, int(num_input_tokens),
+                   tuple(json.loads(logprobs)) if logprobs else None)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str
+    ttft_s: float  # request sent -> first response with a token (non-streamed: the one response)
+    latency_s: float  # request sent -> last response
+    logprobs: tuple[dict, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("text", "num_input_tokens", "num_output_tokens", "finish_reason",
+                                           "ttft_s", "latency_s")}
+        if self.logprobs is not None:
+            d["logprobs"] = list(self.logprobs)
+        return d
+
+
+class CompletionBuilder:
+    """Accumulates one request's chunks, with their arrival times, into a Completion."""
+
+    def __init__(self, sent_at: float | None = None):
+        self.sent_at = time.perf_counter() if sent_at is None else sent_at
+        self.first_token_at: float | None = None
+        self.last_at: float | None = None
+        self.chunk_times: list[float] = []  # arrival of every chunk holding tokens
+        self.chunk_tokens: list[int] = []
+        self._text: list[str] = []
+        self._logprobs: list[dict] | None = None
+        self.num_input_tokens = 0
+        self.num_output_tokens = 0
+        self.finish_reason = ""
+
+    def add(self, chunk: Chunk, at: float | None = None) -> None:
+        at = time.perf_counter() if at is None else at
+        self.last_at = at
+        self._text.append(chunk.text)
+        self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
+        if chunk.num_output_tokens:
+            self.num_output_tokens += chunk.num_output_tokens
+            self.chunk_times.append(at)
+            self.chunk_tokens.append(chunk.num_output_tokens)
+            if self.first_token_at is None:
+                self.first_token_at = at
+        if chunk.logprobs is not None:
+            self._logprobs = (self._logprobs or []) + list(chunk.logprobs)
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def build(self) -> Completion:
+        if not self.finish_reason:
+            raise ValueError("the request has not finished: no response carried a finish_reason")
+        end = self.last_at if self.last_at is not None else self.sent_at
+        first = self.first_token_at if self.first_token_at is not None else end
+        return Completion(self.text, self.num_input_tokens, self.num_output_tokens, self.finish_reason,
+                          ttft_s=first - self.sent_at, latency_s=end - self.sent_at,
+                          logprobs=tuple(self._logprobs) if self._logprobs is not None else None)
