@@ -1,0 +1,74 @@
+"""`kvtriton generate "prompt" --url ...`: one request to a running server, streamed to stdout.
+
+The integrator's CLI calls `run(args)` only when --url is given (without it, the
+engine runs in-process); both variants share `add_sampling_arguments` and
+`sampling_from_args`. Exit status: 0 done, 1 server unreachable or request
+rejected (one line on stderr), 2 bad options, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from kvtriton.client.cli_args import (add_connection_arguments, add_sampling_arguments, client_from_args,
+                                      sampling_from_args)
+from kvtriton.client.errors import LLMClientError
+
+__all__ = ["add_arguments", "run", "add_sampling_arguments", "sampling_from_args", "main"]
+PROG = "kvtriton generate"
+
+
+def add_arguments(parser: argparse.ArgumentParser, url_required: bool = True) -> None:
+    parser.add_argument("prompt", help='the prompt; "-" reads it from stdin')
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as one user message: the server applies the model's chat template")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (text, token counts, finish_reason, timings) instead of streaming")
+    add_connection_arguments(parser, url_required)
+    add_sampling_arguments(parser)
+
+
+def fail(prog: str, message: str, code: int = 1) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        client = client_from_args(args)
+    except ValueError as e:
+        return fail(PROG, str(e), 2)
+    text_or_chat = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+    try:
+        with client, client.stream(**text_or_chat, **sampling_from_args(args)) as stream:
+            for chunk in stream:
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+            completion = stream.completion
+    except ValueError as e:  # an unknown sampling key or malformed prompt, before anything was sent
+        return fail(PROG, str(e), 2)
+    except LLMClientError as e:
+        return fail(PROG, f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # the stream's close cancelled the request on the server
+        print(file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({**completion.to_dict(), "url": client.endpoint.url, "model": args.model}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description="Generate text with a running kvtriton server.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
