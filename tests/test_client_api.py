@@ -1,0 +1,157 @@
+"""LLMClient / AsyncLLMClient against a real tritonserver serving the `llm` model (SmolLM2-135M, CPU):
+both protocols, sync and asyncio, streamed and not; cancellation reaches the server; typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+
+import pytest
+
+from kvtriton.backend.tritonserver import free_ports
+from kvtriton.client.api import AsyncLLMClient, LLMClient
+from kvtriton.client.errors import InvalidRequestError, ServerUnavailableError
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+PROMPT = "The capital of France is"
+GREEDY = {"max_tokens": 8, "temperature": 0}
+LONG = {"max_tokens": 512, "ignore_eos": True, "temperature": 0}
+
+
+def url(server, protocol: str) -> str:
+    return server.http_url if protocol == "http" else server.grpc_url
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(rf'^{name}{{[^}}]*model="llm"[^}}]*}} ([0-9.e+-]+)$', text, re.M)
+    assert m, f"{name} not exported"
+    return float(m.group(1))
+
+
+def assert_nothing_running(server, tokens_before: float, limit: int = 64) -> None:
+    """The cancelled request stopped on the server: nothing runs and it generated far less than asked."""
+    deadline = time.monotonic() + 5
+    while metric(server, "kvtriton_num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the cancelled request is still running on the server"
+        time.sleep(0.05)
+    generated = metric(server, "kvtriton_generation_tokens_total") - tokens_before
+    assert generated < limit, f"{generated} tokens generated: the request ran on after cancellation"
+
+
+def sync_completions(server, protocol):
+    with LLMClient(url(server, protocol), protocol=protocol) as client:
+        whole = client.generate(PROMPT, **GREEDY)
+        stream = client.stream(PROMPT, **GREEDY)
+        chunks = list(stream)
+    assert "".join(c.text for c in chunks) == stream.completion.text
+    assert chunks[-1].finish_reason == stream.completion.finish_reason != ""
+    assert all(c.finish_reason == "" for c in chunks[:-1])
+    return whole, stream.completion
+
+
+async def async_completions(server, protocol):
+    async with AsyncLLMClient(url(server, protocol), protocol=protocol) as client:
+        whole = await client.generate(PROMPT, **GREEDY)
+        stream = client.stream(PROMPT, **GREEDY)
+        chunks = [c async for c in stream]
+    assert "".join(c.text for c in chunks) == stream.completion.text
+    return whole, stream.completion
+
+
+def test_greedy_text_is_the_same_over_every_protocol_and_mode(llm_server):
+    completions = {}
+    for protocol in ("http", "grpc"):
+        completions[f"{protocol} sync"] = sync_completions(llm_server, protocol)
+        completions[f"{protocol} async"] = asyncio.run(async_completions(llm_server, protocol))
+    all_of_them = [c for pair in completions.values() for c in pair]
+    reference = all_of_them[0]
+    assert "Paris" in reference.text, reference
+    for c in all_of_them:
+        assert (c.text, c.num_input_tokens, c.num_output_tokens, c.finish_reason) == (
+            reference.text, reference.num_input_tokens, reference.num_output_tokens, reference.finish_reason), completions
+        assert 0 < c.ttft_s <= c.latency_s
+    streamed = completions["grpc sync"][1]
+    assert streamed.ttft_s < streamed.latency_s  # streamed: the first token comes before the last
+
+
+def test_chat_messages_use_the_server_chat_template(llm_server):
+    with LLMClient(llm_server.grpc_url) as client:
+        c = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}], **GREEDY)
+    assert "Paris" in c.text and c.num_input_tokens > 10  # the template added its role markers
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_breaking_out_of_a_sync_stream_cancels_the_request(llm_server, protocol):
+    with LLMClient(url(llm_server, protocol)) as client:
+        client.wait_ready()
+        before = metric(llm_server, "kvtriton_generation_tokens_total")
+        for i, _ in enumerate(client.stream("Count to one thousand:", **LONG)):
+            if i == 2:
+                break
+        assert_nothing_running(llm_server, before)
+        assert "Paris" in client.generate(PROMPT, **GREEDY).text  # and the server keeps serving
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_cancelling_an_async_task_cancels_the_request(llm_server, protocol):
+    async def main():
+        async with AsyncLLMClient(url(llm_server, protocol)) as client:
+            await client.wait_ready()
+            before = metric(llm_server, "kvtriton_generation_tokens_total")
+            first = asyncio.Event()
+
+            async def consume():
+                async for _ in client.stream("Count to one thousand:", **LONG):
+                    first.set()
+
+            task = asyncio.create_task(consume())
+            await asyncio.wait_for(first.wait(), 30)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(assert_nothing_running, llm_server, before)
+            return await client.generate(PROMPT, **GREEDY)
+
+    assert "Paris" in asyncio.run(main()).text
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("sampling,field", [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+                                            ({"max_tokens": 100000}, "context")])
+def test_invalid_request_raises_invalid_request_error_with_the_server_message(llm_server, protocol, sampling, field):
+    with LLMClient(url(llm_server, protocol)) as client:
+        with pytest.raises(InvalidRequestError, match=field) as info:
+            client.generate(PROMPT, **sampling)
+        assert field in info.value.server_message
+        with pytest.raises(InvalidRequestError, match=field):
+            list(client.stream(PROMPT, **sampling))
+        assert client.generate(PROMPT, **GREEDY).text  # the same client and server go on
+
+
+def test_async_invalid_request(llm_server):
+    async def main():
+        async with AsyncLLMClient(llm_server.grpc_url) as client:
+            with pytest.raises(InvalidRequestError, match="temperature"):
+                await client.generate(PROMPT, temperature=-1)
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unknown_model_fails_at_once_naming_it(llm_server, protocol):
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match="no ready model 'nope'.*ready: .*llm"):
+        LLMClient(url(llm_server, protocol), model="nope", connect_retries=5).generate("Hi")
+    assert time.monotonic() - started < 2  # waiting cannot help, so no retries
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_no_server_raises_server_unavailable_naming_the_url_quickly(protocol):
+    port = free_ports(1)[0]
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port}.*gave up after 3 attempt"):
+        LLMClient(f"127.0.0.1:{port}", protocol=protocol, connect_retries=2).generate("Hi")
+    assert time.monotonic() - started < 3

@@ -1,0 +1,118 @@
+"""`kvtriton generate` and `kvtriton chat` (the --url variants) against a real tritonserver."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvtriton.backend.tritonserver import free_ports
+from kvtriton.client import chat_cmd, generate_cmd
+from kvtriton.client.api import LLMClient
+from tests.test_client_api import assert_nothing_running, metric
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def cli(module: str, *args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"kvtriton.client.{module}", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_generate_streams_text_and_json_agrees(llm_server, protocol, capsys):
+    url = llm_server.http_url if protocol == "http" else llm_server.grpc_url
+    common = ["The capital of France is", "--url", url, "--protocol", protocol, "--max-tokens", "8", "--temperature", "0"]
+    assert generate_cmd.main(common) == 0
+    streamed = capsys.readouterr().out
+    assert generate_cmd.main([*common, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert streamed == result["text"] + "\n" and "Paris" in result["text"]
+    assert result["num_output_tokens"] >= 1 and result["finish_reason"] in ("stop", "length")
+    assert result["num_input_tokens"] == 5 and 0 < result["ttft_s"] <= result["latency_s"]
+
+
+def test_generate_chat_flag_sends_messages(llm_server, capsys):
+    args = ["What is the capital of France?", "--chat", "--url", llm_server.grpc_url, "--max-tokens", "12",
+            "--temperature", "0", "--json"]
+    assert generate_cmd.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "Paris" in result["text"] and result["num_input_tokens"] > 7  # chat template around the question
+
+
+def test_generate_without_a_server_fails_fast_with_one_clear_line():
+    port = free_ports(1)[0]
+    started = time.monotonic()
+    done = cli("generate_cmd", "Hi", "--url", f"127.0.0.1:{port}", "--connect-retries", "1")
+    assert time.monotonic() - started < 10  # interpreter start + 2 probes
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvtriton generate: error: ServerUnavailableError"), done.stderr
+    assert f"127.0.0.1:{port}" in lines[0]
+
+
+def test_generate_rejected_request_exits_nonzero_with_the_server_message(llm_server):
+    done = cli("generate_cmd", "Hi", "--url", llm_server.http_url, "--temperature", "-1")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "kvtriton generate: error: InvalidRequestError: temperature must be >= 0, got -1.0"
+
+
+def test_generate_bad_url_is_a_usage_error():
+    done = cli("generate_cmd", "Hi", "--url", "http://127.0.0.1:1", "--protocol", "grpc")
+    assert done.returncode == 2 and "protocol is grpc" in done.stderr
+
+
+def test_chat_keeps_history_across_turns(llm_server, monkeypatch, capsys):
+    sent = []
+    original = LLMClient.stream
+
+    def spy(self, prompt=None, *, messages=None, **sampling):  # records what goes to the real server
+        sent.append([dict(m) for m in messages])
+        return original(self, prompt, messages=messages, **sampling)
+
+    monkeypatch.setattr(LLMClient, "stream", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n\nAnd of Germany?\n/reset\nHi\n"))
+    assert chat_cmd.main(["--url", llm_server.grpc_url, "--max-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(sent) == 3  # the empty line sent nothing
+    first_answer = out[0]
+    assert "Paris" in first_answer
+    assert sent[0] == [{"role": "user", "content": "What is the capital of France?"}]
+    assert sent[1] == [*sent[0], {"role": "assistant", "content": first_answer},
+                       {"role": "user", "content": "And of Germany?"}]
+    assert "(conversation cleared)" in out
+    assert sent[2] == [{"role": "user", "content": "Hi"}]
+
+
+def test_chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(llm_server):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtriton.client.chat_cmd", "--url", llm_server.grpc_url, "--max-tokens", "512",
+         "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        before = metric(llm_server, "kvtriton_generation_tokens_total")
+        proc.stdin.write("Count to one thousand.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while metric(llm_server, "kvtriton_generation_tokens_total") - before < 2:  # the answer is streaming
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert_nothing_running(llm_server, before)
+        out, err = proc.communicate("/reset\n", timeout=30)  # still at the prompt; EOF then exits
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "(answer cancelled)" in out and out.index("(answer cancelled)") < out.index("(conversation cleared)")
+
+
+def test_chat_without_a_server_exits_nonzero():
+    port = free_ports(1)[0]
+    done = cli("chat_cmd", "--url", f"127.0.0.1:{port}", "--connect-retries", "0", stdin="Hi\n")
+    assert done.returncode == 1 and f"127.0.0.1:{port}" in done.stderr

@@ -1,0 +1,168 @@
+"""kvtriton.client pieces that need no server: URL parsing, request building, error typing,
+completion timing, prompt lengths, benchmark statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from kvtriton.client.bench_cmd import _int_list, _rate_list
+from kvtriton.client.bench_report import distribution, summarize
+from kvtriton.client.cli_args import add_sampling_arguments, sampling_from_args
+from kvtriton.client.endpoint import Endpoint
+from kvtriton.client.errors import InvalidRequestError, ServerError, server_error
+from kvtriton.client.loadgen import LoadPoint, PointRun, RequestRecord
+from kvtriton.client.prompts import WORDS, make_prompts
+from kvtriton.client.types import Chunk, CompletionBuilder, GenerateRequest
+
+
+@pytest.mark.parametrize("url,protocol,expected", [
+    ("localhost:8001", None, ("grpc", "localhost", 8001)),
+    ("127.0.0.1", None, ("grpc", "127.0.0.1", 8001)),
+    ("http://127.0.0.1:9000", None, ("http", "127.0.0.1", 9000)),
+    ("127.0.0.1", "http", ("http", "127.0.0.1", 8000)),
+    ("grpc://h:5", "grpc", ("grpc", "h", 5)),
+])
+def test_endpoint_parse(url, protocol, expected):
+    e = Endpoint.parse(url, protocol)
+    assert (e.protocol, e.host, e.port) == expected
+
+
+@pytest.mark.parametrize("url,protocol,words", [
+    ("http://h:1", "grpc", "protocol is grpc"),
+    ("https://h", None, "https is not supported"),
+    ("h:1/v2/models", None, "no path"),
+    ("h:70000", None, "port"),
+    ("h", "tcp", "protocol must be"),
+])
+def test_endpoint_parse_errors_say_what_is_wrong(url, protocol, words):
+    with pytest.raises(ValueError, match=words):
+        Endpoint.parse(url, protocol)
+
+
+def test_request_inputs_follow_the_contract():
+    r = GenerateRequest(prompt="Hi", stream=False, sampling={"max_tokens": 4, "temperature": 0, "seed": None})
+    inputs = r.inputs()
+    assert inputs["text_input"] == "Hi" and inputs["stream"] is False and inputs["exclude_input_in_output"] is True
+    assert json.loads(inputs["sampling_parameters"]) == {"max_tokens": 4, "temperature": 0}  # None: not sent
+    chat = GenerateRequest(messages=[{"role": "user", "content": "Hi"}]).inputs()
+    assert "text_input" not in chat and json.loads(chat["messages"]) == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"prompt": "a", "sampling": {"tempreature": 1}}, "unknown sampling parameter.*tempreature"),
+    ({}, "exactly one of prompt and messages"),
+    ({"prompt": "a", "messages": []}, "exactly one"),
+    ({"messages": [{"role": "user"}]}, "role.*content"),
+])
+def test_request_rejects_mistakes_before_sending(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        GenerateRequest(**kwargs)
+
+
+@pytest.mark.parametrize("message,cls", [
+    ("temperature must be >= 0, got -1.0", InvalidRequestError),
+    ("unknown sampling parameter 'max_tokenz'; accepted: ...", InvalidRequestError),
+    ("prompt (5001 tokens) + max_tokens (4) = 5005 exceeds the model's context of 4096 tokens", InvalidRequestError),
+    ("text_input is required (or messages)", InvalidRequestError),
+    ("sampling_parameters is not valid JSON: Expecting value at line 1 column 2", InvalidRequestError),
+    ("Request for unknown model: 'nope' is not found", InvalidRequestError),
+    ("CUDA out of memory while running the step", ServerError),
+])
+def test_server_errors_are_typed_by_message(message, cls):
+    error = server_error(message)
+    assert type(error) is cls and error.server_message == message
+
+
+def test_completion_builder_times_and_counts():
+    b = CompletionBuilder(sent_at=10.0)
+    b.add(Chunk("", 0, "", 5), at=10.5)  # a response with no token does not count as the first token
+    b.add(Chunk("Hel", 1, "", 5), at=11.0)
+    b.add(Chunk("lo", 2, "", 5), at=11.4)
+    b.add(Chunk("", 1, "stop", 5), at=12.0)
+    c = b.build()
+    assert (c.text, c.num_input_tokens, c.num_output_tokens, c.finish_reason) == ("Hello", 5, 4, "stop")
+    assert c.ttft_s == pytest.approx(1.0) and c.latency_s == pytest.approx(2.0)
+    assert b.chunk_tokens == [1, 2, 1]
+
+
+def test_completion_builder_refuses_unfinished_stream():
+    b = CompletionBuilder(sent_at=0.0)
+    b.add(Chunk("a", 1, ""), at=1.0)
+    with pytest.raises(ValueError, match="finish_reason"):
+        b.build()
+
+
+def test_chunk_rejects_unknown_finish_reason():
+    with pytest.raises(ValueError, match="finish_reason"):
+        Chunk.from_outputs("x", 1, 1, "eos")
+
+
+def test_sampling_options_map_to_contract_names():
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    args = parser.parse_args(["--max-tokens", "8", "--temperature", "0", "--stop", "a", "--stop", "b",
+                              "--ignore-eos", "--repetition-penalty", "1.1"])
+    assert sampling_from_args(args) == {"max_tokens": 8, "temperature": 0.0, "stop": ["a", "b"], "ignore_eos": True,
+                                        "repetition_penalty": 1.1}
+    assert sampling_from_args(parser.parse_args([])) == {}  # unset options leave the server's defaults
+    GenerateRequest(prompt="x", sampling=sampling_from_args(args))  # every option is a contract key
+
+
+def test_prompts_have_the_asked_lengths_and_are_reproducible():
+    fixed = make_prompts(5, 32, 8)
+    assert all(p.num_words == 32 and len(p.text.split()) == 32 and p.max_tokens == 8 for p in fixed)
+    assert all(set(p.text.split()) <= set(WORDS) for p in fixed)
+    assert make_prompts(5, 32, 8, seed=3) == make_prompts(5, 32, 8, seed=3) != make_prompts(5, 32, 8, seed=4)
+    ranged = make_prompts(200, 100, 50, random_range=0.2)
+    assert min(p.num_words for p in ranged) >= 80 and max(p.num_words for p in ranged) <= 120
+    assert min(p.max_tokens for p in ranged) >= 40 and max(p.max_tokens for p in ranged) <= 60
+    assert len({p.num_words for p in ranged}) > 10  # lengths really vary
+    with pytest.raises(ValueError, match="random_range"):
+        make_prompts(1, 10, 10, random_range=1.5)
+
+
+def test_itl_spreads_a_coalesced_response_over_its_tokens():
+    r = RequestRecord.from_chunks(start=0.0, end=1.0, chunk_times=[0.2, 0.4, 1.0], chunk_tokens=[1, 1, 3],
+                                  num_input_tokens=7)
+    assert r.first_token == 0.2 and r.num_output_tokens == 5
+    assert r.itl_s == pytest.approx([0.2, 0.2, 0.2, 0.2])
+
+
+def test_summarize_computes_the_defined_metrics():
+    # Two requests of 3 tokens, 1 s apart, plus one failure.
+    ok1 = RequestRecord.from_chunks(0.0, 2.0, [1.0, 1.5, 2.0], [1, 1, 1], 10)
+    ok2 = RequestRecord.from_chunks(1.0, 4.0, [1.5, 2.5, 4.0], [1, 1, 1], 12)
+    failed = RequestRecord(start=0.5, end=0.6, error="InvalidRequestError: temperature must be >= 0")
+    s = summarize(PointRun(LoadPoint(concurrency=2), [ok1, ok2, failed]))
+    assert (s["concurrency"], s["request_rate"], s["completed"], s["errors"]) == (2, None, 2, 1)
+    assert s["error_messages"] == ["InvalidRequestError: temperature must be >= 0"]
+    assert s["duration_s"] == pytest.approx(4.0)
+    assert s["request_throughput"] == pytest.approx(0.5) and s["output_token_throughput"] == pytest.approx(1.5)
+    assert s["ttft_s"]["mean"] == pytest.approx((1.0 + 0.5) / 2)
+    assert s["tpot_s"]["mean"] == pytest.approx((0.5 + 1.25) / 2)
+    assert s["itl_s"]["mean"] == pytest.approx((0.5 + 0.5 + 1.0 + 1.5) / 4)
+    assert s["e2e_latency_s"]["p50"] == pytest.approx(2.5)
+    assert s["input_tokens"] == {"mean": 11.0, "min": 10, "max": 12}
+    for metric in ("ttft_s", "itl_s", "tpot_s", "e2e_latency_s"):
+        assert set(s[metric]) == {"mean", "p50", "p90", "p99"}
+
+
+def test_distribution_percentiles_and_empty():
+    d = distribution(list(range(1, 101)))
+    assert d["p50"] == pytest.approx(50.5) and d["p90"] == pytest.approx(90.1) and d["p99"] == pytest.approx(99.01)
+    assert distribution([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_load_points_and_sweep_lists():
+    assert _int_list("1,4,16") == [1, 4, 16]
+    assert _rate_list("0.5,inf") == [0.5, math.inf]
+    assert LoadPoint(request_rate=math.inf).to_dict() == {"concurrency": None, "request_rate": "inf"}
+    for bad in ("0,2", "a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _int_list(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadPoint(concurrency=1, request_rate=1.0)
