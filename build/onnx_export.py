@@ -49,9 +49,20 @@ class GraphSpec:
         return cls(**{k: (int(values[k]) if fields[k].type == "int" else values[k]) for k in fields})
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
 def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int, precision: str) -> GraphSpec:
-    """Trace `model` (already in the graph's dtype) into an ONNX file at `path`; returns its spec."""
+    """Trace `model` into an ONNX file at `path`; returns its spec.
+
+    The model must already be in the precision's dtype (PRECISIONS); int8 is traced
+    in fp32, then its MatMul weights become int8 + DequantizeLinear (build/onnx_int8.py).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = next(model.parameters()).dtype
+    if dtype != PRECISIONS[precision]:
+        raise ValueError(f"precision {precision} needs the model in {PRECISIONS[precision]}, it is in {dtype}")
     cfg = model.config
     spec = GraphSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, block_size,
                      _ONNX_DTYPES[dtype], precision)
@@ -64,6 +75,10 @@ def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int
     import onnx
 
     proto = onnx.load(str(path))
+    if precision == "int8":
+        from kvtriton.build.onnx_int8 import quantize_matmul_weights
+
+        quantize_matmul_weights(proto)
     set_metadata(proto, spec)
     save_onnx(proto, path)
     return spec

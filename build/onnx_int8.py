@@ -1,0 +1,54 @@
+"""INT8 weight-only quantization of an exported step graph: int8 initializers + per-channel DequantizeLinear.
+
+Every MatMul whose right operand is a 2-D float initializer `(in, out)` (the
+exporter's layout of an nn.Linear weight) gets `MatMul(x, DequantizeLinear(Wq,
+scale, 0, axis=1))`: one scale per output channel, symmetric, the same numbers
+as backend/models/int8.py. Explicit Q/DQ is how precision is expressed for
+TensorRT 10+ (implicit INT8 calibration is gone), and onnxruntime runs it
+as is. The embedding table stays float: its Gather reads only the step's rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvtriton.backend.models.int8 import quantize_per_channel
+
+
+def quantize_matmul_weights(proto) -> int:
+    """Rewrite `proto` (onnx.ModelProto) in place; returns how many weights were quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    new_nodes = []
+    done = 0
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+            new_nodes.append(node)
+            continue
+        if users[weight.name] != 1:
+            raise ValueError(f"initializer {weight.name} feeds {users[weight.name]} nodes; cannot quantize in place")
+        w = torch.from_numpy(numpy_helper.to_array(weight).copy())  # (in, out)
+        q, scale = quantize_per_channel(w.T)  # (out, in), (out,)
+        base = weight.name
+        graph.initializer.remove(weight)
+        graph.initializer.extend([
+            numpy_helper.from_array(q.T.contiguous().numpy(), base + "_int8"),  # (in, out) int8
+            numpy_helper.from_array(scale.numpy().astype(np.float32), base + "_scale"),  # (out,)
+            numpy_helper.from_array(np.zeros(scale.shape[0], dtype=np.int8), base + "_zero_point"),
+        ])
+        new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"],
+                                          [base + "_dequantized"], name=base + "_dq", axis=1))
+        node.input[1] = base + "_dequantized"
+        new_nodes.append(node)
+        done += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return done
