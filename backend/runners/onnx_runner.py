@@ -44,10 +44,11 @@ class OnnxRunner:
         if spec.kv_dtype == "bfloat16":
             raise ValueError(f"{config.engine_path}: onnxruntime does not run bfloat16 graphs; "
                              f"rebuild with --precision fp16 or fp32, or use runner=tensorrt")
+        providers, device = self._providers(ort, device, config.device)
         self.device = device
         self.kv_dtype = _TORCH_DTYPES[spec.kv_dtype]
         self.block_size = spec.block_size
-        self.session = ort.InferenceSession(config.engine_path, providers=self._providers(ort, device))
+        self.session = ort.InferenceSession(config.engine_path, providers=providers)
         per_block = KVCache.bytes_per_block(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
                                             self.kv_dtype)
         self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * _GIB // per_block))
@@ -58,20 +59,24 @@ class OnnxRunner:
                  self.session.get_providers()[0])
 
     @staticmethod
-    def _providers(ort, device: torch.device) -> list:
+    def _providers(ort, device: torch.device, asked: str) -> tuple[list, torch.device]:
         available = ort.get_available_providers()
         if device.type == "cuda":
+            if "CUDAExecutionProvider" not in available and asked == "auto":
+                log.info("onnxruntime has no CUDA execution provider: the onnxruntime runner runs on the CPU")
+                return ["CPUExecutionProvider"], torch.device("cpu")
             if "CUDAExecutionProvider" not in available:
                 raise RuntimeError(f"device {device} was asked for, but this onnxruntime has no CUDA execution "
                                    f"provider ({', '.join(available)}); install onnxruntime-gpu or use device=cpu")
-            return [("CUDAExecutionProvider", {"device_id": device.index or 0})]
-        return ["CPUExecutionProvider"]
+            return [("CUDAExecutionProvider", {"device_id": device.index or 0})], device
+        return ["CPUExecutionProvider"], device
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """-> logits (B, V) fp32 of each sequence's last new token, in the step's sequence order."""
-        logits = [self._run(group) for group in split_step(step, self.block_size)]
-        return torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
+        logits = [self._run(group) for group in split_step(step, self.block_size, self.device)]
+        out = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
+        return out.to(step.input_ids.device)  # the engine samples where it prepared the step
 
     def _run(self, group: StepGroup) -> torch.Tensor:
         spec = self.spec

@@ -1,0 +1,181 @@
+"""`kvtriton build`: checkpoint -> step graph (-> TensorRT engine) -> a ready-to-serve Triton model directory.
+
+Steps, each printed with its time:
+  1. resolve the checkpoint (an HF folder, 'default', or a .gguf converted once into the cache)
+  2. load it in the precision's dtype and export the ONNX step graph (int8: quantize its weights)
+  3. tensorrt only: build the engine
+  4. write config.pbtxt, the model.py shim, the tokenizer files and manifest.json
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kvtriton.build.manifest import Manifest, checkpoint_sha256, library_versions
+from kvtriton.build.onnx_export import PRECISIONS, export_step_graph
+
+RUNTIMES = ("onnxruntime", "tensorrt")
+GRAPH_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    checkpoint: str  # HF folder, .gguf file, or "default"
+    out: str  # model repository folder
+    name: str = "llm"
+    precision: str = "fp32"
+    runtime: str = "onnxruntime"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 4096  # capped at the checkpoint's context length
+    num_kv_blocks: int = 2048  # tensorrt: the KV pool is fixed in the engine's shapes
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("--precision bf16 needs --runtime tensorrt: onnxruntime has no bfloat16 kernels "
+                             "for this graph; use fp16 or fp32 with onnxruntime")
+        for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+
+
+class _Progress:
+    def __init__(self, say: Callable[[str], None], total: int):
+        self.say, self.total, self.n = say, total, 0
+
+    def step(self, what: str):
+        self.n += 1
+        self.say(f"[{self.n}/{self.total}] {what} ...")
+        return _Timer(self.say)
+
+
+class _Timer:
+    def __init__(self, say):
+        self.say = say
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.say(f"      done in {time.perf_counter() - self.start:.1f}s")
+
+
+def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
+    """Run the build; returns the written model directory (<out>/<name>)."""
+    from kvtriton.backend.model_config import ModelConfig
+    from kvtriton.backend.models.loader import load_model
+    from kvtriton.build import repository
+
+    progress = _Progress(say, 4 if cfg.runtime == "tensorrt" else 3)
+    model_dir = repository.prepare_model_dir(cfg.out, cfg.name, cfg.overwrite)
+    version_dir = model_dir / "1"
+    with progress.step(f"checkpoint {cfg.checkpoint}"):
+        folder = resolve_checkpoint(cfg.checkpoint, say)
+        source = Path(folder if cfg.checkpoint in ("default", "") else cfg.checkpoint).resolve()
+        sha = checkpoint_sha256(source)
+        hf_dir = repository.copy_hf_files(folder, model_dir)
+        model_config = ModelConfig.from_pretrained(folder)
+    max_model_len = min(cfg.max_model_len, model_config.max_position_embeddings)
+    graph = version_dir / GRAPH_FILE
+    with progress.step(f"export {cfg.precision} step graph to {graph.name}"):
+        model = load_model(folder, dtype=PRECISIONS[cfg.precision], config=model_config)
+        spec = export_step_graph(model, graph, cfg.block_size, cfg.precision)
+        del model
+    io = graph_io(graph)
+    limits = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+              "max_blocks_per_seq": -(-max_model_len // cfg.block_size)}
+    parameters = {"model": str(hf_dir), "runner": cfg.runtime, "block_size": str(cfg.block_size),
+                  "max_num_seqs": str(cfg.max_num_seqs), "max_num_batched_tokens": str(cfg.max_num_batched_tokens),
+                  "max_model_len": str(max_model_len), "engine_path": str(graph)}
+    builder, target, profiles, engine_name = "onnx", ["cpu", "cuda"], [], ""
+    versions = library_versions()
+    if cfg.runtime == "tensorrt":
+        from kvtriton.build.tensorrt_engine import EngineLimits, build_engine
+
+        limits["num_blocks"] = cfg.num_kv_blocks
+        engine = version_dir / ENGINE_FILE
+        with progress.step(f"TensorRT engine {engine.name}"):
+            built = build_engine(graph, engine, EngineLimits(**limits), spec, progress=lambda m: say("      " + m))
+        check_engine_io(built.io, io)
+        builder, target, engine_name = built.builder, list(built.targets), engine.name
+        profiles = [{k: [list(s) for s in v] for k, v in p.items()} for p in built.profiles]
+        versions[built.builder] = built.version
+        parameters.update(engine_path=str(engine), num_kv_blocks=str(cfg.num_kv_blocks))
+    with progress.step(f"Triton model directory {model_dir}"):
+        repository.write_triton_files(model_dir, parameters)
+        Manifest(source=str(source), source_sha256=sha, precision=cfg.precision, runner=cfg.runtime,
+                 graph=GRAPH_FILE, engine=engine_name, block_size=cfg.block_size, inputs=io["inputs"],
+                 outputs=io["outputs"], profiles=profiles, limits=limits, versions=versions, builder=builder,
+                 target=target, notes=[f"built with {asdict(cfg)}"]).write(version_dir)
+    say(f"ready: tritonserver --model-repository={Path(cfg.out).resolve()}  (model {cfg.name!r})")
+    return model_dir
+
+
+def resolve_checkpoint(checkpoint: str, say: Callable[[str], None]) -> Path:
+    """An HF folder for `checkpoint`: 'default', an HF folder, or a .gguf converted once into the cache."""
+    if checkpoint == "default":
+        from kvtriton.build.default_model import ensure_default_model
+
+        return ensure_default_model(progress=say)
+    path = Path(checkpoint).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from kvtriton.build.cache import cache_dir
+        from kvtriton.build.gguf_checkpoint import convert_gguf
+
+        target = cache_dir() / "checkpoints" / f"{path.stem}-{checkpoint_sha256(path)[:16]}"
+        if not (target / "config.json").is_file():
+            say(f"      converting {path.name} to an HF folder in {target}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(path, target)
+        return target
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"checkpoint {checkpoint!r}: give an HF folder (with config.json), a .gguf file, "
+                            f"or 'default'")
+
+
+def graph_io(path: Path) -> dict:
+    """{"inputs"|"outputs": {name: {"dtype", "shape"}}} of an ONNX graph; dynamic dims by name."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out[v.name] = {"dtype": onnx.TensorProto.DataType.Name(t.elem_type), "shape": shape}
+        return out
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+
+
+_TRT_DTYPES = {"FLOAT": "FLOAT", "HALF": "FLOAT16", "BF16": "BFLOAT16", "INT64": "INT64", "INT32": "INT32"}
+
+
+def check_engine_io(engine: dict, graph: dict) -> None:
+    """The engine's I/O (name -> (mode, TensorRT dtype, shape)) must be the graph's, tensor for tensor."""
+    expected = {**{k: ("INPUT", v) for k, v in graph["inputs"].items()},
+                **{k: ("OUTPUT", v) for k, v in graph["outputs"].items()}}
+    if set(engine) != set(expected):
+        raise RuntimeError(f"engine I/O {sorted(engine)} differs from the graph's {sorted(expected)}")
+    for name, (mode, dtype, shape) in engine.items():
+        want_mode, want = expected[name]
+        want_shape = tuple(d if isinstance(d, int) else -1 for d in want["shape"])
+        if (mode, _TRT_DTYPES.get(dtype, dtype), tuple(shape)) != (want_mode, want["dtype"], want_shape):
+            raise RuntimeError(f"engine tensor {name}: {mode} {dtype} {tuple(shape)}, graph says "
+                               f"{want_mode} {want['dtype']} {want_shape}")
