@@ -79,9 +79,23 @@ def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int
         from kvtriton.build.onnx_int8 import quantize_matmul_weights
 
         quantize_matmul_weights(proto)
+    _declare_output_shapes(proto, spec)
     set_metadata(proto, spec)
     save_onnx(proto, path)
     return spec
+
+
+def _declare_output_shapes(proto, spec: GraphSpec) -> None:
+    """The tracer leaves some static output dims symbolic; declare the contract exactly."""
+    kv = [spec.num_layers, "batch", "tokens", spec.num_kv_heads, spec.head_dim]
+    shapes = {"logits": ["batch", spec.vocab_size], "new_k": kv, "new_v": kv}
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims, shapes[output.name], strict=True):
+            if isinstance(value, int):
+                dim.dim_value = value
+            else:
+                dim.dim_param = value
 
 
 def set_metadata(proto, spec: GraphSpec) -> None:

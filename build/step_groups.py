@@ -50,3 +50,11 @@ def _group(step: StepInput, lo: int, hi: int, seqs: slice, t: int, block_size: i
         block_tables=step.attn.block_tables[seqs, :width].to(device).contiguous(),
         slot_mapping=meta.slot_mapping[lo:hi].to(device).contiguous(),
     )
+
+
+def write_new_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, new_k: torch.Tensor,
+                 new_v: torch.Tensor) -> None:
+    """Scatter a call's new K/V (L, B, T, Hkv, D) into the pools (L, NB, BS, Hkv, D) at `slots` (B*T,)."""
+    layers, nb, bs, hkv, d = k_cache.shape
+    k_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_k.reshape(layers, -1, hkv, d))
+    v_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_v.reshape(layers, -1, hkv, d))

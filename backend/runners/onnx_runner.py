@@ -22,7 +22,7 @@ from kvtriton.backend.attention import KVCache
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.model_config import ModelConfig
 from kvtriton.backend.step_input import StepInput
-from kvtriton.build.step_groups import StepGroup, split_step
+from kvtriton.build.step_groups import StepGroup, split_step, write_new_kv
 
 log = logging.getLogger("kvtriton")
 
@@ -93,14 +93,8 @@ class OnnxRunner:
         for name, tensor in (("logits", logits), ("new_k", new_k), ("new_v", new_v)):
             _bind(binding.bind_output, name, tensor)
         self.session.run_with_iobinding(binding)
-        self.write_kv(group.slot_mapping, new_k, new_v)
+        write_new_kv(self.k_cache, self.v_cache, group.slot_mapping, new_k, new_v)
         return logits
-
-    def write_kv(self, slots: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-        """new_k/v (L, B, T, Hkv, D) -> pool slots (B*T,), the slot of each new token in packed order."""
-        layers, nb, bs, hkv, d = self.k_cache.shape
-        self.k_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_k.reshape(layers, -1, hkv, d))
-        self.v_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_v.reshape(layers, -1, hkv, d))
 
 
 def _bind(bind, name: str, tensor: torch.Tensor) -> None:
