@@ -51,6 +51,9 @@ def test_quantize_linears_replaces_every_projection_and_keeps_the_embedding(tiny
     model = load_model(tiny_folder)
     names = quantize_linears(model)
     assert len(names) == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
+    loaded = load_model(tiny_folder, quantization="int8")
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == len(names)
+    assert torch.equal(loaded.lm_head.qweight, model.lm_head.qweight)
     assert isinstance(model.lm_head, Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
     ids = torch.tensor([1, 2, 3])
     assert model.compute_logits(model.embed_tokens(ids)).shape == (3, model.config.vocab_size)

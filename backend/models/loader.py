@@ -38,9 +38,13 @@ def load_model(
     device: str | torch.device = "cpu",
     config: ModelConfig | None = None,
     dummy: bool = False,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Load weights from `folder` (*.safetensors), or random weights when dummy=True
-    (for benchmarks at real sizes from a bare config.json)."""
+    (for benchmarks at real sizes from a bare config.json). quantization="int8": every Linear
+    becomes an Int8Linear (weight-only, per output channel; models/int8.py) after loading."""
+    if quantization not in (None, "int8"):
+        raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -53,6 +57,10 @@ def load_model(
         _init_dummy(model)
     else:
         _load_safetensors(model, cfg, Path(folder))
+    if quantization == "int8":
+        from kvtriton.backend.models.int8 import quantize_linears
+
+        quantize_linears(model)
     return model.eval()
 
 
