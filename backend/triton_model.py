@@ -22,7 +22,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine import LLMEngine
 from kvtriton.backend.triton_metrics import TritonMetrics
 from kvtriton.backend.triton_request import RequestError, parse_generate_request
-from kvtriton.backend.triton_sink import TritonResponseSink
+from kvtriton.backend.triton_sink import ResponseOutbox, TritonResponseSink
 
 # config.pbtxt parameters that belong to the adapter, not the engine.
 ADAPTER_PARAMETERS = {"stream_interval": 1, "shutdown_timeout_s": 30.0}
@@ -53,6 +53,7 @@ class TritonPythonModel:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         config = EngineConfig.from_mapping(values)
         labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.outbox = ResponseOutbox()
         self.engine = LLMEngine(config, metrics=TritonMetrics(pb_utils, labels)).start()
         self._ids = itertools.count()
 
@@ -63,7 +64,7 @@ class TritonPythonModel:
                 parsed = parse_generate_request(
                     lambda name: _input(request, name), request.parameters(),
                     self.engine.tokenizer.apply_chat_template)
-                sink = TritonResponseSink(pb_utils, sender, parsed.stream,
+                sink = TritonResponseSink(pb_utils, sender, self.outbox, parsed.stream,
                                           "" if parsed.exclude_input_in_output else parsed.prompt,
                                           self.stream_interval, parsed.params.logprobs is not None)
                 request_id = f"{next(self._ids)}-{request.request_id()}"
@@ -75,6 +76,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.engine.shutdown(timeout_s=self.shutdown_timeout_s)
+        self.outbox.close()  # after the engine: its last outputs are in the outbox
 
 
 def _input(request, name: str):

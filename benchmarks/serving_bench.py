@@ -1,0 +1,186 @@
+"""Serving benchmark: streamed output tok/s through tritonserver vs the same engine in-process.
+
+Closed loop: C clients, each sending requests one after another (prompt ~100
+tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
+(`generate_stream`), one connection per client. Also measures the cost of one
+streamed response: the same saturated load with stream_interval 1 and 16;
+the time saved divided by the responses saved.
+
+  python benchmarks/serving_bench.py --config llama-1b --concurrency 1,16,64     # GPU host
+  python benchmarks/serving_bench.py --concurrency 1,4 --output-len 32          # CPU, default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import json
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_bench import LLAMA_1B  # noqa: E402
+
+from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine import LLMEngine  # noqa: E402
+from kvtriton.backend.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.tritonserver import TritonServer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the engine schedules tokens not phases and every step hands out one budget".split()
+
+
+def prompt(i: int) -> str:
+    return f"Request {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(90))
+
+
+def closed_loop(concurrency: int, requests_per_client: int, one_request) -> dict:
+    tokens, responses, lock = [0], [0], threading.Lock()
+
+    def client(c):
+        for r in range(requests_per_client):
+            n, k = one_request(c * 1000 + r)
+            with lock:
+                tokens[0] += n
+                responses[0] += k
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return dict(tok_s=tokens[0] / wall, wall_s=wall, tokens=tokens[0], responses=responses[0])
+
+
+def engine_request(engine, output_len):
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+    def one(i):
+        n = k = 0
+        for out in engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt(i), params):
+            n += len(out.token_ids)
+            k += 1
+        return n, k
+    return one
+
+
+def sse_request(port, output_len):
+    body = json.dumps({"text_input": prompt(0), "stream": True, "max_tokens": output_len, "ignore_eos": True,
+                       "temperature": 0.0})
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v2/models/llm/generate_stream", body.replace("Request 0", f"Request {i}"),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        n = k = 0
+        for line in resp:
+            if line.startswith(b"data:"):
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                n += event["num_output_tokens"]
+                k += 1
+        conn.close()
+        return n, k
+    return one
+
+
+def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int) -> Path:
+    repo = Path(tempfile.mkdtemp()) / "repo"
+    shutil.copytree(ROOT / "model_repository", repo)
+    config = repo / "llm" / "config.pbtxt"
+    text = config.read_text()
+    values = {"model": str(model_folder), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
+              "max_num_batched_tokens": "2048", "max_model_len": "2048"}
+    for key, value in values.items():
+        text = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+    if dummy:
+        text += 'parameters { key: "dummy_weights" value: { string_value: "true" } }\n'
+    config.write_text(text)
+    return repo
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if args.tokenizer and args.config == "llama-1b":
+        default = Path(args.tokenizer)
+    else:
+        from kvtriton.build.default_model import ensure_default_model
+
+        default = ensure_default_model(progress=lambda *_: None)
+    if args.config == "llama-1b":
+        folder = Path(tempfile.mkdtemp()) / "llama-1b"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(LLAMA_1B))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(default / name, folder / name)
+        dummy = True
+    else:
+        folder, dummy = default, False
+    max_seqs = max(64, max(levels))
+    cuda = torch.cuda.is_available()
+    print(f"# serving benchmark: {args.config}, {'dummy' if dummy else 'real'} weights, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}, python "
+          f"{platform.python_version()}; prompt ~100 tokens, {args.output_len} output tokens, EOS ignored, "
+          f"{args.requests_per_client} requests per client")
+    results = {"in_process": {}, "server": {}}
+
+    engine = LLMEngine(EngineConfig(model=str(folder), dummy_weights=dummy, max_num_seqs=max_seqs,
+                                    max_num_batched_tokens=2048, max_model_len=2048)).start()
+    one = engine_request(engine, args.output_len)
+    closed_loop(2, 1, one)  # warm-up
+    for c in levels:
+        results["in_process"][c] = closed_loop(c, args.requests_per_client, one)
+    engine.shutdown()
+    del engine, one
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    def serve(interval, level_list):
+        out = {}
+        with TritonServer(repository(folder, dummy, interval, max_seqs), ready_timeout_s=600) as server:
+            one = sse_request(server.http_port, args.output_len)
+            closed_loop(2, 1, one)
+            for c in level_list:
+                out[c] = closed_loop(c, args.requests_per_client, one)
+        return out
+    results["server"] = serve(1, levels)
+    top = max(levels)
+    coalesced = serve(16, [top])[top]
+
+    print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6}")
+    for c in levels:
+        a, b = results["in_process"][c], results["server"][c]
+        print(f"{c:>8} {a['tok_s']:>17.1f} {b['tok_s']:>19.1f} {b['tok_s'] / a['tok_s']:>6.2f}")
+    s1 = results["server"][top]
+    per_response = (s1["wall_s"] - coalesced["wall_s"]) / max(1, s1["responses"] - coalesced["responses"])
+    print(f"stream_interval 16 at {top} clients: {coalesced['tok_s']:.1f} tok/s ({coalesced['responses']} responses "
+          f"vs {s1['responses']}); cost of one streamed response ~ {per_response * 1e6:.0f} us of wall time")
+    results["stream_interval_16"] = coalesced
+    results["per_response_cost_us"] = per_response * 1e6
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
