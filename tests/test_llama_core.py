@@ -62,3 +62,30 @@ def test_unsupported_architecture_names_supported_ones():
 def test_sliding_window_is_refused():
     with pytest.raises(ValueError, match="sliding_window"):
         ModelConfig.from_dict({**TINY, "architectures": ["MistralForCausalLM"], "sliding_window": 64})
+
+
+@pytest.mark.slow
+def test_default_model_logits_match_transformers(default_model_folder):
+    """SmolLM2-135M-Instruct, fp32: a packed batch of prompts of different lengths, within fp32 tolerance."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_folder, dtype=torch.float32).eval()
+    ours = load_model(default_model_folder)
+    prompts = [[1, 504, 3458, 282, 4649, 314, 15632, 47], [28, 7343], list(range(100, 160))]
+    for p, got in zip(prompts, prefill_logits(ours, prompts, block_size=16)):
+        with torch.no_grad():
+            want = hf(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris(default_model_folder):
+    from kvtriton.backend.config import EngineConfig
+    from kvtriton.backend.engine import LLMEngine
+    from kvtriton.backend.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(default_model_folder), device="cpu")).start()
+    try:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+        out = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32))[0]
+        assert "Paris" in out.text and out.finish_reason == "stop"
+    finally:
+        engine.shutdown()
