@@ -113,7 +113,7 @@ async def benchmark(args: argparse.Namespace, client: AsyncLLMClient) -> tuple[d
     results = []
     for point in points:
         with tqdm.tqdm(total=len(prompts), desc=point.label, unit="req", file=sys.stderr,
-                       disable=args.no_progress, leave=False) as bar:
+                       disable=True if args.no_progress else None, leave=False) as bar:  # None: off when not a TTY
             run = await run_point(client, prompts, point, sampling, args.seed, on_done=lambda _: bar.update(1))
         results.append(summarize(run))
     return setup, results

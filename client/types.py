@@ -13,7 +13,9 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
+
+from kvtriton.client.errors import ServerError
 
 # The contract's sampling parameter names (kvtriton.backend.sampling_params, without aliases).
 SAMPLING_KEYS = frozenset({
@@ -78,7 +80,8 @@ class Chunk:
     def from_outputs(cls, text: str, num_input_tokens: int, num_output_tokens: int, finish_reason: str,
                      logprobs: str = "") -> "Chunk":
         if finish_reason not in ("", *FINISH_REASONS):
-            raise ValueError(f"server sent finish_reason {finish_reason!r}; expected one of {FINISH_REASONS}")
+            raise ServerError(f"the server sent finish_reason {finish_reason!r}, not one of {', '.join(FINISH_REASONS)}: "
+                              "is the model kvtriton's llm?")
         return cls(text, int(num_output_tokens), finish_reason, int(num_input_tokens),
                    tuple(json.loads(logprobs)) if logprobs else None)
 

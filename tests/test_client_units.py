@@ -97,7 +97,7 @@ def test_completion_builder_refuses_unfinished_stream():
 
 
 def test_chunk_rejects_unknown_finish_reason():
-    with pytest.raises(ValueError, match="finish_reason"):
+    with pytest.raises(ServerError, match="finish_reason 'eos'"):
         Chunk.from_outputs("x", 1, 1, "eos")
 
 
