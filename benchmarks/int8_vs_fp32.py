@@ -11,7 +11,8 @@ Variants: torch fp32 (reference), torch int8 (Int8Linear, torch._weight_int8pack
 onnxruntime fp32 and int8 graphs (built here, in a temporary folder). onnxruntime's default CPU
 optimisations fuse DequantizeLinear+MatMul into MatMulNBits, which quantizes activations on the fly
 (accuracy level 4); forcing fp32 compute (level 1) measured ~16x slower, so the default is kept.
-Printed: mean |logit - fp32 logit|, perplexity of the text, top-1 agreement with fp32, tok/s, ratio.
+Printed: mean |logit - fp32 logit|, perplexity of the text, top-1 agreement with fp32, tok/s (1 / median
+step time), ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,15 +59,15 @@ def decode_step(token: int, position: int, blocks: int) -> StepInput:
 
 
 def teacher_forced(runner, ids: list[int]) -> tuple[torch.Tensor, float]:
-    """-> logits (T, V) of every position, decode tok/s (first 8 steps are warm-up, not timed)."""
+    """-> logits (T, V) of every position, decode tok/s from the median step time (robust to other load on a
+    shared machine; the first 8 steps are warm-up)."""
     blocks = -(-len(ids) // BLOCK)
-    rows = []
-    warm = 8
+    rows, times = [], []
     for i, tok in enumerate(ids):
-        if i == warm:
-            start = time.perf_counter()
+        start = time.perf_counter()
         rows.append(runner.execute(decode_step(tok, i, blocks))[0].clone())
-    return torch.stack(rows), (len(ids) - warm) / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return torch.stack(rows), 1.0 / statistics.median(times[8:])
 
 
 def main() -> None:
