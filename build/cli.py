@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest context, capped at the checkpoint's (default: %(default)s)")
     parser.add_argument("--num-kv-blocks", type=int, default=defaults.num_kv_blocks,
                         help="tensorrt: KV pool size in blocks, fixed in the engine (default: %(default)s)")
+    parser.add_argument("--int8-activations", choices=["auto", "fp32", "fp16", "bf16"],
+                        default=defaults.int8_activations,
+                        help="int8: activation and KV dtype; auto = fp16 for tensorrt, fp32 for onnxruntime")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>")
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = BuildConfig(checkpoint=args.checkpoint, out=args.out, name=args.name, precision=args.precision,
                           runtime=args.runtime, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                          num_kv_blocks=args.num_kv_blocks, overwrite=args.overwrite)
+                          num_kv_blocks=args.num_kv_blocks, int8_activations=args.int8_activations,
+                          overwrite=args.overwrite)
         build_model(cfg, say=lambda line: print(line, flush=True))
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as exc:
         print(f"kvtriton build: error: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ class BuildConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 4096  # capped at the checkpoint's context length
     num_kv_blocks: int = 2048  # tensorrt: the KV pool is fixed in the engine's shapes
+    int8_activations: str = "auto"  # int8: dtype of activations/KV; auto = fp16 for tensorrt, fp32 for onnxruntime
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -43,12 +44,26 @@ class BuildConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.runtime == "onnxruntime" and self.precision == "bf16":
-            raise ValueError("--precision bf16 needs --runtime tensorrt: onnxruntime has no bfloat16 kernels "
-                             "for this graph; use fp16 or fp32 with onnxruntime")
+        if self.int8_activations not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"--int8-activations must be auto, fp32, fp16 or bf16, got {self.int8_activations!r}")
+        if self.int8_activations != "auto" and self.precision != "int8":
+            raise ValueError("--int8-activations applies to --precision int8 only")
+        if self.runtime == "onnxruntime" and "bf16" in (self.precision, self.int8_activations):
+            raise ValueError("bf16 needs --runtime tensorrt: onnxruntime has no bfloat16 kernels for this graph; "
+                             "use fp16 or fp32 with onnxruntime")
         for key in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the model is traced in: the precision's, or for int8 the activations'."""
+        if self.precision != "int8":
+            return PRECISIONS[self.precision]
+        activations = self.int8_activations
+        if activations == "auto":
+            activations = "fp16" if self.runtime == "tensorrt" else "fp32"
+        return PRECISIONS[activations]
 
 
 class _Progress:
@@ -90,8 +105,9 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
         model_config = ModelConfig.from_pretrained(folder)
     max_model_len = min(cfg.max_model_len, model_config.max_position_embeddings)
     graph = version_dir / GRAPH_FILE
-    with progress.step(f"export {cfg.precision} step graph to {graph.name}"):
-        model = load_model(folder, dtype=PRECISIONS[cfg.precision], config=model_config)
+    activations = str(cfg.model_dtype).removeprefix("torch.")
+    with progress.step(f"export {cfg.precision} step graph ({activations} activations) to {graph.name}"):
+        model = load_model(folder, dtype=cfg.model_dtype, config=model_config)
         spec = export_step_graph(model, graph, cfg.block_size, cfg.precision)
         del model
     io = graph_io(graph)

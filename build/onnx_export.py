@@ -18,7 +18,7 @@ import torch
 from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.build.step_graph import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, StepGraph, example_inputs
 
-OPSET = 17  # per-axis DequantizeLinear needs >= 13; TensorRT's parser takes 17
+OPSET = 19  # DequantizeLinear with fp16/bf16 scales needs >= 19 (fp32 scales: 13)
 _ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _TWO_GIB = 2**31  # protobuf's limit: larger models keep their weights in an external data file
 
@@ -49,19 +49,21 @@ class GraphSpec:
         return cls(**{k: (int(values[k]) if fields[k].type == "int" else values[k]) for k in fields})
 
 
+# precision -> the dtype the model is loaded (and traced) in; int8's is its default activation dtype.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int, precision: str) -> GraphSpec:
     """Trace `model` into an ONNX file at `path`; returns its spec.
 
-    The model must already be in the precision's dtype (PRECISIONS); int8 is traced
-    in fp32, then its MatMul weights become int8 + DequantizeLinear (build/onnx_int8.py).
+    The model must already be in the precision's dtype (PRECISIONS). int8 is traced in
+    the activations' dtype (the model's: fp32, fp16 or bf16), then its MatMul weights
+    become int8 + DequantizeLinear to that dtype (build/onnx_int8.py).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = next(model.parameters()).dtype
-    if dtype != PRECISIONS[precision]:
+    if dtype != PRECISIONS[precision] and precision != "int8":
         raise ValueError(f"precision {precision} needs the model in {PRECISIONS[precision]}, it is in {dtype}")
     cfg = model.config
     spec = GraphSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, block_size,

@@ -15,10 +15,14 @@ import torch
 
 from kvtriton.backend.models.int8 import quantize_per_channel
 
+# ONNX element type -> torch dtype of the float weights this pass quantizes (scales keep that dtype;
+# non-fp32 scales need opset >= 19, see onnx_export.OPSET).
+_FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}
+
 
 def quantize_matmul_weights(proto) -> int:
     """Rewrite `proto` (onnx.ModelProto) in place; returns how many weights were quantized."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
@@ -30,18 +34,19 @@ def quantize_matmul_weights(proto) -> int:
     done = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+        if weight is None or len(weight.dims) != 2 or weight.data_type not in _FLOAT_TYPES:
             new_nodes.append(node)
             continue
         if users[weight.name] != 1:
             raise ValueError(f"initializer {weight.name} feeds {users[weight.name]} nodes; cannot quantize in place")
-        w = torch.from_numpy(numpy_helper.to_array(weight).copy())  # (in, out)
-        q, scale = quantize_per_channel(w.T)  # (out, in), (out,)
+        dtype = _FLOAT_TYPES[weight.data_type]
+        w = torch.frombuffer(bytearray(weight.raw_data), dtype=dtype).view(*weight.dims)  # (in, out)
+        q, scale = quantize_per_channel(w.T)  # (out, in), (out,) fp32
         base = weight.name
         graph.initializer.remove(weight)
         graph.initializer.extend([
             numpy_helper.from_array(q.T.contiguous().numpy(), base + "_int8"),  # (in, out) int8
-            numpy_helper.from_array(scale.numpy().astype(np.float32), base + "_scale"),  # (out,)
+            _raw_tensor(base + "_scale", scale.to(dtype), weight.data_type),  # (out,) in the weights' dtype
             numpy_helper.from_array(np.zeros(scale.shape[0], dtype=np.int8), base + "_zero_point"),
         ])
         new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"],
@@ -52,3 +57,11 @@ def quantize_matmul_weights(proto) -> int:
     del graph.node[:]
     graph.node.extend(new_nodes)
     return done
+
+
+def _raw_tensor(name: str, tensor: torch.Tensor, data_type: int):
+    """An initializer from raw bytes (numpy has no bfloat16)."""
+    from onnx import helper
+
+    raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    return helper.make_tensor(name, data_type, list(tensor.shape), raw, raw=True)

@@ -90,3 +90,26 @@ def test_onnx_int8_graph_computes_with_the_dequantized_weights(tiny_folder, tmp_
     # 16x faster than fp32 compute on the 135M model) stays within a fraction of a percent of the logits.
     fused = ort.InferenceSession(str(path)).run(None, feed)[0]
     assert abs(fused - expected[0].numpy()).max() < 5e-3 * abs(expected[0].numpy()).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_graph_with_half_activations_dequantizes_to_half(tiny_folder, tmp_path, dtype):
+    """For GPUs: int8 weights, fp16/bf16 activations and KV; the scales are in the activation dtype."""
+    path = tmp_path / "int8_half.onnx"
+    export_step_graph(load_model(tiny_folder, dtype=dtype), path, block_size=4, precision="int8")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    elem = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}[dtype]
+    scales = [t for t in proto.graph.initializer if t.name.endswith("_scale")]
+    assert len(scales) == 9 and {t.data_type for t in scales} == {elem}
+    spec = read_spec(path)
+    assert spec.precision == "int8" and spec.kv_dtype == str(dtype).removeprefix("torch.")
+    if dtype == torch.float16:  # onnxruntime on the CPU has the fp16 kernels, not bf16 ones
+        model = load_model(tiny_folder)
+        inputs = example_inputs(model, batch=2, tokens=3, block_size=4)
+        with torch.no_grad():
+            expected = StepGraph(model)(*inputs)[0].numpy()
+        feed = {n: (t.half() if t.is_floating_point() else t).numpy() for n, t in zip(INPUT_NAMES, inputs)}
+        got = ort.InferenceSession(str(path)).run(None, feed)[0]
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+        assert abs(got - expected).max() < 0.02 * abs(expected).max()

@@ -61,9 +61,16 @@ def tiny_engine(tmp_path_factory):
 
 def test_tiny_int8_engine_io_matches_the_graph(tiny_engine):
     _, model_dir = tiny_engine
-    manifest = assert_engine_matches_graph(model_dir, "FLOAT")
+    manifest = assert_engine_matches_graph(model_dir, "FLOAT16")  # auto: fp16 activations for tensorrt
     assert manifest.limits == {"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_blocks_per_seq": 64,
                                "num_blocks": 128}
+
+
+def test_tiny_int8_engine_with_fp32_activations_builds_too(tiny_engine, tmp_path):
+    folder, _ = tiny_engine
+    model_dir = build(folder, tmp_path, "int8", int8_activations="fp32", block_size=4, max_num_seqs=4,
+                      max_num_batched_tokens=32, max_model_len=128, num_kv_blocks=64)
+    assert_engine_matches_graph(model_dir, "FLOAT")
 
 
 def test_runner_without_a_gpu_points_to_onnxruntime(tiny_engine):
@@ -92,7 +99,7 @@ def test_refusals_name_the_cause_and_the_rebuild(tiny_engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, kv_dtype", [("fp16", "FLOAT16"), ("int8", "FLOAT")])
+@pytest.mark.parametrize("precision, kv_dtype", [("fp16", "FLOAT16"), ("int8", "FLOAT16")])  # int8: fp16 activations
 def test_default_model_engine_builds_on_the_cpu(default_model_folder, tmp_path, precision, kv_dtype):
     model_dir = build(default_model_folder, tmp_path, precision, max_model_len=2048, num_kv_blocks=1024)
     manifest = assert_engine_matches_graph(model_dir, kv_dtype)
