@@ -32,7 +32,7 @@ def import_tensorrt() -> ModuleType:
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise ImportError("no TensorRT Python module found (tried tensorrt, tensorrt_rtx); install TensorRT, or "
+    raise ImportError(f"no TensorRT Python module found (tried {', '.join(_MODULES)}); install TensorRT, or "
                       "TensorRT for RTX: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
 
