@@ -28,6 +28,9 @@ class AttentionMetadata:
     query_lens: list[int]  # host copy: new tokens per sequence (B,)
     context_lens_host: list[int]  # host copy of context_lens
     decode_context_blocks: int  # block-table columns the decode group gathers (>= its longest context)
+    # Every sequence has one new token and block_tables is already cut to the decode width: the
+    # CUDA-graph path, free of host lists so that torch.compile traces it with symbolic shapes.
+    decode_only: bool = False
 
 
 @dataclass
@@ -63,14 +66,14 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (NB, BS, Hkv, D)
-        nb, bs, hkv, d = k_pool.shape
-        k_pool.view(nb * bs, hkv, d).index_copy_(0, meta.slot_mapping, k)
-        v_pool.view(nb * bs, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        write_kv(k_pool, v_pool, meta.slot_mapping, k, v)
 
+        if meta.decode_only:
+            return self._decode(q, k_pool, v_pool, meta.block_tables)
         out = torch.empty_like(q)  # (N, H, D)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], k_pool, v_pool)
+            out[:nd] = self._decode(q[:nd], k_pool, v_pool, meta.block_tables[:nd, : meta.decode_context_blocks])
         start = nd
         for i in range(nd, len(meta.query_lens)):
             qlen, ctx = meta.query_lens[i], meta.context_lens_host[i]
@@ -78,15 +81,13 @@ class PagedAttention:
             start += qlen
         return out
 
-    def _decode(self, q, k_pool, v_pool):
-        """q (Bd, H, D), one new token per sequence, attends to its whole context."""
-        meta = self.meta
+    def _decode(self, q, k_pool, v_pool, tables):
+        """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""
         bd = q.shape[0]
-        tables = meta.block_tables[:bd, : meta.decode_context_blocks]  # (Bd, MBd)
         keys = _gather(k_pool, tables)  # (Bd, Hkv, L, D)
         values = _gather(v_pool, tables)  # (Bd, Hkv, L, D)
         pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
-        mask = pos[None, :] < meta.context_lens[:bd, None]  # (Bd, L)
+        mask = pos[None, :] < self.meta.context_lens[:bd, None]  # (Bd, L)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
         )  # (Bd, H, 1, D)
@@ -107,6 +108,24 @@ class PagedAttention:
             mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (T, ctx)
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (T, H, D)
+
+
+@torch.library.custom_op("kvtriton::write_kv", mutates_args=("k_pool", "v_pool"))
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store the new tokens' K/V (N, Hkv, D) at their slots, in place.
+
+    An opaque custom op so that torch.compile keeps the write in place: traced as a
+    plain index_copy_, functionalisation copied every (multi-GB) pool each step.
+    """
+    nb, bs, hkv, d = k_pool.shape
+    k_pool.view(nb * bs, hkv, d).index_copy_(0, slots, k)
+    v_pool.view(nb * bs, hkv, d).index_copy_(0, slots, v)
+
+
+@write_kv.register_fake
+def _(k_pool, v_pool, slots, k, v) -> None:
+    return None
 
 
 def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
+    enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
 
     def __post_init__(self) -> None:

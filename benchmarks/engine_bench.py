@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import tempfile
@@ -166,7 +167,10 @@ def main():
             source = ensure_default_model(progress=lambda *_: None)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(source / name, folder / name)
+    logging.basicConfig(level=logging.INFO, format="# %(message)s")
+    started = time.perf_counter()
     engine = LLMEngine(cfg).start()
+    print(f"# engine start-up (weights, KV pool, CUDA graphs): {time.perf_counter() - started:.1f} s")
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     prompt_ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 

@@ -2,13 +2,17 @@
 
 On CUDA, decode-only steps replay CUDA graphs captured per (batch bucket,
 context bucket): one launch per step instead of hundreds, which is what
-batch-1 decode needs to approach the HBM roofline. Padded rows of a bucket
-write into a scratch block that the block manager never hands out.
+batch-1 decode needs to approach the HBM roofline. Before capture, the decode
+forward is compiled once with torch.compile (symbolic batch and context
+shapes), which fuses RMSNorm, RoPE, residual adds and SwiGLU into a few
+kernels per layer. Padded rows of a bucket write into a scratch block that the
+block manager never hands out.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +53,12 @@ class TorchRunner:
             self.graph_batch_sizes.append(config.max_num_seqs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
+        self._decode_forward = self._decode_logits
         if self.use_cuda_graphs:
             self._init_graph_buffers()
+            if config.enable_torch_compile:
+                self._decode_forward = torch.compile(self._decode_logits, dynamic=True, fullgraph=True)
+            self._capture_all()
 
     # ---- KV pool sizing -------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
@@ -115,11 +123,29 @@ class TorchRunner:
         self._tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int64, device=dev)
         self._ctx = torch.ones(m, dtype=torch.int64, device=dev)
 
+    def _context_buckets(self) -> list[int]:
+        buckets = [8]
+        while buckets[-1] < self.max_blocks_per_seq:
+            buckets.append(buckets[-1] * 2)
+        return [min(b, self.max_blocks_per_seq) for b in buckets]
+
     def _context_bucket(self, blocks: int) -> int:
-        bucket = 8
-        while bucket < blocks:
-            bucket *= 2
-        return min(bucket, self.max_blocks_per_seq)
+        return next(b for b in self._context_buckets() if b >= blocks)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """Capture every (batch, context) bucket at start-up, largest first (they share one memory pool),
+        so that serving never stalls on a capture or a compile. Sizes stay symbolic in the compiled
+        decode forward (no duck sizing: batch and width may coincide), so it compiles about twice."""
+        import torch.fx.experimental._config as fx_config
+
+        started = time.monotonic()
+        with fx_config.patch(use_duck_shape=False):
+            for bucket in reversed(self.graph_batch_sizes):
+                for ctx_blocks in reversed(self._context_buckets()):
+                    self._capture(bucket, ctx_blocks)
+        log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs),
+                 "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
 
     def _replay(self, step: StepInput) -> torch.Tensor:
         b = step.num_seqs
@@ -137,20 +163,22 @@ class TorchRunner:
         width = step.attn.block_tables.shape[1]
         self._tables[:b, :width].copy_(step.attn.block_tables)
         self._ctx[:b].copy_(step.attn.context_lens)
-        graph = self._graphs.get((bucket, ctx_blocks)) or self._capture(bucket, ctx_blocks)
+        graph = self._graphs[(bucket, ctx_blocks)]
         graph.graph.replay()
         return graph.logits[:b]
 
-    def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
+    def _decode_logits(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
+        """The captured decode step: (B,) ids/positions/slots, tables (B, W), context_lens (B,) -> (B, V)."""
         meta = AttentionMetadata(
-            slot_mapping=self._slots[:bucket], block_tables=self._tables[:bucket], context_lens=self._ctx[:bucket],
-            num_decodes=bucket, query_lens=[1] * bucket, context_lens_host=[1] * bucket,
-            decode_context_blocks=ctx_blocks,
+            slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
+            context_lens_host=[], decode_context_blocks=0, decode_only=True,
         )
-        ctx = PagedAttention(self.kv, meta, self.scale)
+        return self.model.compute_logits(self.model(ids, positions, PagedAttention(self.kv, meta, self.scale)))
 
+    def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
         def run():
-            return self.model.compute_logits(self.model(self._ids[:bucket], self._pos[:bucket], ctx))
+            return self._decode_forward(self._ids[:bucket], self._pos[:bucket], self._slots[:bucket],
+                                        self._tables[:bucket, :ctx_blocks], self._ctx[:bucket])
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
