@@ -22,6 +22,7 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu (said in one log line)
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     dummy_weights: bool = False  # random weights from config.json, for benchmarks at real sizes
+    quantization: str = "none"  # torch runner: "int8" = weight-only int8, per-channel scales
     block_size: int = 16
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of total memory the process may use (weights + KV)
@@ -40,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -40,7 +40,8 @@ class TorchRunner:
         self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights)
+        self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights,
+                                quantization=None if config.quantization == "none" else config.quantization)
         self.scale = model_config.head_dim**-0.5
         self.num_blocks = self._num_kv_blocks()
         # One extra block at the end: the scratch target of padded CUDA-graph rows.
