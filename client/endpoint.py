@@ -29,6 +29,8 @@ class Endpoint:
         The protocol comes from `protocol`, else from the URL's scheme, else gRPC;
         a scheme that contradicts `protocol` is an error rather than a guess.
         """
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         if not url or not isinstance(url, str):
             raise ValueError(f"url must be host:port or http://host:port, got {url!r}")
         scheme = url.split("://", 1)[0].lower() if "://" in url else None
