@@ -12,6 +12,7 @@ from kvtriton.backend.models.int8 import Int8Linear, quantize_linears, quantize_
 from kvtriton.backend.models.loader import load_model
 from kvtriton.build.onnx_export import export_step_graph, read_spec
 from kvtriton.build.step_graph import INPUT_NAMES, StepGraph, example_inputs
+from tests.onnx_reference import half_graph_vs_fp32
 from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")
@@ -105,11 +106,6 @@ def test_int8_graph_with_half_activations_dequantizes_to_half(tiny_folder, tmp_p
     spec = read_spec(path)
     assert spec.precision == "int8" and spec.kv_dtype == str(dtype).removeprefix("torch.")
     if dtype == torch.float16:  # onnxruntime on the CPU has the fp16 kernels, not bf16 ones
-        model = load_model(tiny_folder)
-        inputs = example_inputs(model, batch=2, tokens=3, block_size=4)
-        with torch.no_grad():
-            expected = StepGraph(model)(*inputs)[0].numpy()
-        feed = {n: (t.half() if t.is_floating_point() else t).numpy() for n, t in zip(INPUT_NAMES, inputs)}
-        got = ort.InferenceSession(str(path)).run(None, feed)[0]
+        got, expected = half_graph_vs_fp32(path, tiny_folder)
         assert (got.argmax(-1) == expected.argmax(-1)).all()
         assert abs(got - expected).max() < 0.02 * abs(expected).max()

@@ -7,7 +7,7 @@ import torch
 
 from kvtriton.backend.models.loader import load_model
 from kvtriton.build.onnx_export import export_step_graph, read_spec
-from kvtriton.build.step_graph import INPUT_NAMES, StepGraph, example_inputs
+from tests.onnx_reference import half_graph_vs_fp32
 from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")
@@ -56,11 +56,6 @@ def test_half_graph_accumulates_norms_and_softmax_in_fp32(tiny_folder, tmp_path,
 def test_fp16_graph_in_onnxruntime_stays_close_to_fp32(tiny_folder, tmp_path):
     path = tmp_path / "fp16.onnx"
     export_step_graph(load_model(tiny_folder, dtype=torch.float16), path, block_size=4, precision="fp16")
-    model = load_model(tiny_folder)
-    inputs = example_inputs(model, batch=2, tokens=3, block_size=4)
-    with torch.no_grad():
-        expected = StepGraph(model)(*inputs)[0].numpy()
-    feed = {n: (t.half() if t.is_floating_point() else t).numpy() for n, t in zip(INPUT_NAMES, inputs)}
-    got = ort.InferenceSession(str(path)).run(None, feed)[0]
+    got, expected = half_graph_vs_fp32(path, tiny_folder)
     assert abs(got - expected).max() < 2e-3 * abs(expected).max() + 1e-2
     assert (got.argmax(-1) == expected.argmax(-1)).all()
