@@ -21,7 +21,6 @@ allowed between two responses of one request (RequestTimeoutError).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from kvtriton.client.endpoint import Endpoint

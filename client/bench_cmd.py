@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import datetime
 import importlib.metadata
-import math
 import os
 import platform
 import sys

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from kvtriton.client import crosscheck
-from kvtriton.client.bench_report import summarize
 from kvtriton.client.loadgen import LoadPoint, PointRun
 from kvtriton.client.prompts import make_prompts
 
