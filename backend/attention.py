@@ -62,11 +62,14 @@ class PagedAttention:
 
     def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float):
         self.cache, self.meta, self.scale = cache, meta, scale
+        self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (NB, BS, Hkv, D)
-        write_kv(k_pool, v_pool, meta.slot_mapping, k, v)
+        # The custom op keeps the write in place under torch.compile; eager calls skip its dispatch cost.
+        write = write_kv if torch.compiler.is_compiling() else _write_kv
+        write(k_pool, v_pool, meta.slot_mapping, k, v)
 
         if meta.decode_only:
             return self._decode(q, k_pool, v_pool, meta.block_tables)
@@ -86,10 +89,11 @@ class PagedAttention:
         bd = q.shape[0]
         keys = _gather(k_pool, tables)  # (Bd, Hkv, L, D)
         values = _gather(v_pool, tables)  # (Bd, Hkv, L, D)
-        pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
-        mask = pos[None, :] < self.meta.context_lens[:bd, None]  # (Bd, L)
+        if self._decode_mask is None:
+            pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
+            self._decode_mask = (pos[None, :] < self.meta.context_lens[:bd, None])[:, None, None, :]  # (Bd,1,1,L)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True
+            q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, scale=self.scale, enable_gqa=True
         )  # (Bd, H, 1, D)
         return o.squeeze(2)
 
@@ -110,17 +114,20 @@ class PagedAttention:
         return o[0].transpose(0, 1)  # (T, H, D)
 
 
-@torch.library.custom_op("kvtriton::write_kv", mutates_args=("k_pool", "v_pool"))
-def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """Store the new tokens' K/V (N, Hkv, D) at their slots, in place.
-
-    An opaque custom op so that torch.compile keeps the write in place: traced as a
-    plain index_copy_, functionalisation copied every (multi-GB) pool each step.
-    """
+def _write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+    """Store the new tokens' K/V (N, Hkv, D) at their slots, in place."""
     nb, bs, hkv, d = k_pool.shape
     k_pool.view(nb * bs, hkv, d).index_copy_(0, slots, k)
     v_pool.view(nb * bs, hkv, d).index_copy_(0, slots, v)
+
+
+@torch.library.custom_op("kvtriton::write_kv", mutates_args=("k_pool", "v_pool"))
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """_write_kv as an opaque op for torch.compile: traced as a plain index_copy_,
+    functionalisation copied every (multi-GB) pool each step."""
+    _write_kv(k_pool, v_pool, slots, k, v)
 
 
 @write_kv.register_fake

@@ -70,7 +70,8 @@ class TritonPythonModel:
                 request_id = f"{next(self._ids)}-{request.request_id()}"
                 self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
             except (RequestError, ValueError) as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                sender.send(pb_utils.InferenceResponse(error=error),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 

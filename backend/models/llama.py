@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvtriton.backend.model_config import ModelConfig
-from kvtriton.backend.models.rotary import RotaryEmbedding
+from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 
 
 class AttentionContext(Protocol):
@@ -32,14 +32,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Accumulate in fp32 whatever the activation dtype (fp16 overflows the sum of squares).
+        # Normalise in fp32 whatever the activation dtype (fp16 overflows the sum of squares), round to
+        # the activation dtype, then scale: HF's order. (Not F.rms_norm: ONNX export below opset 23 lacks it.)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -48,15 +49,14 @@ class LlamaAttention(nn.Module):
         # q, k and v fused into one matmul (one weight read per step on decode).
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)  # (N, H, D)
         k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         v = v.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         out = ctx.attend(self.layer_idx, q, k, v)  # (N, H, D)
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -74,15 +74,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions, x, ctx):
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+    def forward(self, rope, x, ctx):
+        x = x + self.self_attn(rope, self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,11 +90,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        # One table shared by all layers.
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_dict)
-        rotary = self.rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -103,8 +101,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""
         x = self.embed_tokens(input_ids)  # (N, hidden)
+        rope = self.rotary(positions)  # one cos/sin lookup for all layers
         for layer in self.layers:
-            x = layer(positions, x, ctx)
+            x = layer(rope, x, ctx)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,15 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos().float().to(device)  # (P, D/2)
         self.sin = freqs.sin().float().to(device)  # (P, D/2)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions (N,); q (N, H, D); k (N, Hkv, D). HF's rotate-half convention."""
-        cos = self.cos[positions].unsqueeze(1)  # (N, 1, D/2)
-        sin = self.sin[positions].unsqueeze(1)  # (N, 1, D/2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) -> (cos, sin), each (N, 1, D/2): looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """q (N, H, D), k (N, Hkv, D), rope from RotaryEmbedding. HF's rotate-half convention."""
+    cos, sin = rope
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
