@@ -1,4 +1,4 @@
-"""`kvtriton build` command line: add_arguments(parser) and run(args) for the kvtriton CLI to wire up.
+"""Build a checkpoint into a ready-to-serve Triton model: ONNX step graph, optional INT8, TensorRT engine.
 
     kvtriton build <checkpoint> --precision fp32|fp16|bf16|int8 --runtime onnxruntime|tensorrt
                    --out <repository> [--name NAME]
