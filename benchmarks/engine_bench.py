@@ -141,6 +141,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--cuda-graphs", default="on", choices=["on", "off"])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="CPU: alternate kvtriton and HF this many times and report medians (a shared CPU is noisy)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
     args = ap.parse_args()
@@ -216,8 +218,29 @@ def main():
               f"batch 1: {hf_single['tok_s']:8.1f} tok/s")
         print(f"ratio kvtriton / HF:  batch 32 {batch['tok_s'] / hf_batch['tok_s']:.2f}x   "
               f"single stream {single['tok_s'] / hf_single['tok_s']:.2f}x")
+    if args.rounds > 1 and not cuda and not args.no_hf:
+        _more_rounds(args, engine_cfg=cfg, folder=str(folder), prompt_ids=prompt_ids, dtype=engine.dtype,
+                     first=(batch["tok_s"], single["tok_s"], hf_batch["tok_s"], hf_single["tok_s"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _more_rounds(args, engine_cfg, folder, prompt_ids, dtype, first):
+    """Alternate both sides args.rounds times in all; print each round and the medians."""
+    rows = [first]
+    engine = LLMEngine(engine_cfg).start()
+    for _ in range(args.rounds - 1):
+        b, s1 = run_engine(engine, prompt_ids, args.max_tokens), run_engine(engine, prompt_ids[:1], args.max_tokens)
+        hb = run_hf(folder, prompt_ids, args.max_tokens, "cpu", dtype, 32)
+        hs = run_hf(folder, prompt_ids[:1], args.max_tokens, "cpu", dtype, 1)
+        rows.append((b["tok_s"], s1["tok_s"], hb["tok_s"], hs["tok_s"]))
+    engine.shutdown()
+    for i, (b, s1, hb, hs) in enumerate(rows):
+        print(f"round {i + 1}: kvtriton batch 32 {b:7.1f}  single {s1:5.1f}   HF batch 32 {hb:7.1f}  batch 1 {hs:5.1f}"
+              f"   ratios {b / hb:.2f}x / {s1 / hs:.2f}x")
+    med = [statistics.median(col) for col in zip(*rows)]
+    print(f"median of {len(rows)} rounds: kvtriton batch 32 {med[0]:.1f} tok/s vs HF {med[2]:.1f} "
+          f"({med[0] / med[2]:.2f}x); single stream {med[1]:.1f} vs HF {med[3]:.1f} ({med[1] / med[3]:.2f}x)")
 
 
 def _summary(run):
