@@ -34,6 +34,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
+    # How often each request's sink is asked whether its client cancelled. Through Triton every ask is
+    # an IPC round trip per request; 0 asks every step.
+    cancel_poll_interval_s: float = 0.0
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cancel_poll_interval_s < 0:
+            raise ValueError(f"cancel_poll_interval_s must be >= 0, got {self.cancel_poll_interval_s}")
         if self.num_kv_blocks < 0 or self.max_model_len < 0:
             raise ValueError("num_kv_blocks and max_model_len must be >= 0")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:

@@ -71,6 +71,7 @@ class LLMEngine:
         self._stopping = False
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._last_cancel_poll = 0.0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  folder, self.device, str(self.dtype).removeprefix("torch."), self.runner.num_blocks,
                  config.block_size, self.max_model_len)
@@ -214,6 +215,10 @@ class LLMEngine:
                 self._finish(item, "abort")
 
     def _poll_cancellations(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_poll < self.config.cancel_poll_interval_s:
+            return
+        self._last_cancel_poll = now
         for request_id, state in list(self._states.items()):
             is_cancelled = getattr(state.sink, "is_cancelled", None)
             if is_cancelled is not None and is_cancelled():

@@ -96,7 +96,8 @@ def sse_request(port, output_len):
     return one
 
 
-def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int) -> Path:
+def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
+               cancel_poll_s: float = 0.0) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     config = repo / "llm" / "config.pbtxt"
@@ -107,6 +108,8 @@ def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_se
         text = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
     if dummy:
         text += 'parameters { key: "dummy_weights" value: { string_value: "true" } }\n'
+    text += f'parameters {{ key: "enable_torch_compile" value: {{ string_value: "{str(compile_).lower()}" }} }}\n'
+    text += f'parameters {{ key: "cancel_poll_interval_s" value: {{ string_value: "{cancel_poll_s}" }} }}\n'
     config.write_text(text)
     return repo
 
@@ -118,6 +121,12 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--stream-intervals", default="4,16",
+                    help="coalescing intervals also measured at the top concurrency (1 is always measured)")
+    ap.add_argument("--cancel-poll-intervals", default="",
+                    help="cancel_poll_interval_s values also measured at the top concurrency (stream_interval 1)")
+    ap.add_argument("--torch-compile", default="off", choices=["on", "off"],
+                    help="CUDA decode graphs compiled (slow start-up) or eager; the same on both sides")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -144,8 +153,10 @@ def main():
           f"{args.requests_per_client} requests per client")
     results = {"in_process": {}, "server": {}}
 
+    compile_ = args.torch_compile == "on"
     engine = LLMEngine(EngineConfig(model=str(folder), dummy_weights=dummy, max_num_seqs=max_seqs,
-                                    max_num_batched_tokens=2048, max_model_len=2048)).start()
+                                    max_num_batched_tokens=2048, max_model_len=2048,
+                                    enable_torch_compile=compile_)).start()
     one = engine_request(engine, args.output_len)
     closed_loop(2, 1, one)  # warm-up
     for c in levels:
@@ -156,9 +167,10 @@ def main():
     if cuda:
         torch.cuda.empty_cache()
 
-    def serve(interval, level_list):
+    def serve(interval, level_list, cancel_poll_s=0.0):
         out = {}
-        with TritonServer(repository(folder, dummy, interval, max_seqs), ready_timeout_s=600) as server:
+        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s)
+        with TritonServer(repo, ready_timeout_s=600) as server:
             one = sse_request(server.http_port, args.output_len)
             closed_loop(2, 1, one)
             for c in level_list:
@@ -166,18 +178,24 @@ def main():
         return out
     results["server"] = serve(1, levels)
     top = max(levels)
-    coalesced = serve(16, [top])[top]
+    coalesced = {k: serve(k, [top])[top] for k in map(int, args.stream_intervals.split(","))}
+    for poll in filter(None, args.cancel_poll_intervals.split(",")):
+        run = serve(1, [top], float(poll))[top]
+        results[f"cancel_poll_{poll}"] = run
+        print(f"cancel_poll_interval_s {poll} at {top} clients, stream_interval 1: {run['tok_s']:.1f} tok/s = "
+              f"{run['tok_s'] / results['in_process'][top]['tok_s']:.2f} of in-process", flush=True)
 
     print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6}")
     for c in levels:
         a, b = results["in_process"][c], results["server"][c]
         print(f"{c:>8} {a['tok_s']:>17.1f} {b['tok_s']:>19.1f} {b['tok_s'] / a['tok_s']:>6.2f}")
-    s1 = results["server"][top]
-    per_response = (s1["wall_s"] - coalesced["wall_s"]) / max(1, s1["responses"] - coalesced["responses"])
-    print(f"stream_interval 16 at {top} clients: {coalesced['tok_s']:.1f} tok/s ({coalesced['responses']} responses "
-          f"vs {s1['responses']}); cost of one streamed response ~ {per_response * 1e6:.0f} us of wall time")
-    results["stream_interval_16"] = coalesced
-    results["per_response_cost_us"] = per_response * 1e6
+    s1, base = results["server"][top], results["in_process"][top]
+    for k, run in coalesced.items():
+        per_response = (s1["wall_s"] - run["wall_s"]) / max(1, s1["responses"] - run["responses"])
+        print(f"stream_interval {k} at {top} clients: {run['tok_s']:.1f} tok/s = {run['tok_s'] / base['tok_s']:.2f} of "
+              f"in-process ({run['responses']} responses vs {s1['responses']}); one streamed response costs "
+              f"~{per_response * 1e6:.0f} us of wall time")
+        results[f"stream_interval_{k}"] = dict(run, per_response_cost_us=per_response * 1e6)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -32,6 +32,15 @@ def metric(server, name: str) -> float:
     return float(m.group(1))
 
 
+def wait_idle(server, timeout_s: float = 60) -> None:
+    """Until no request runs or waits (an earlier test's request may still be finishing)."""
+    deadline = time.monotonic() + timeout_s
+    while metric(server, "kvtriton_num_requests_running") or metric(server, "kvtriton_num_requests_waiting"):
+        assert time.monotonic() < deadline, "the server never became idle"
+        time.sleep(0.05)
+    time.sleep(0.3)  # one more metrics flush: counters settled
+
+
 def assert_nothing_running(server, tokens_before: float, limit: int = 64) -> None:
     """The cancelled request stopped on the server: nothing runs and it generated far less than asked."""
     deadline = time.monotonic() + 5

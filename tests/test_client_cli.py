@@ -14,7 +14,7 @@ import pytest
 from kvtriton.backend.tritonserver import free_ports
 from kvtriton.client import chat_cmd, generate_cmd
 from kvtriton.client.api import LLMClient
-from tests.test_client_api import assert_nothing_running, metric
+from tests.test_client_api import assert_nothing_running, metric, wait_idle
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -94,6 +94,7 @@ def test_chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(llm_server):
         [sys.executable, "-m", "kvtriton.client.chat_cmd", "--url", llm_server.grpc_url, "--max-tokens", "512",
          "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        wait_idle(llm_server)  # so that only this chat's answer moves the token counter
         before = metric(llm_server, "kvtriton_generation_tokens_total")
         proc.stdin.write("Count to one thousand.\n")
         proc.stdin.flush()
