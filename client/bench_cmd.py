@@ -22,7 +22,7 @@ import tqdm
 
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.bench_report import format_table, plot, summarize, write_json
-from kvtriton.client.cli_args import add_connection_arguments, async_client_from_args
+from kvtriton.client.cli_args import add_connection_arguments, async_client_from_args, run_command
 from kvtriton.client.errors import LLMClientError
 from kvtriton.client.generate_cmd import fail
 from kvtriton.client.loadgen import LoadPoint, run_point
@@ -150,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Benchmark a running kvtriton server.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(PROG, "Benchmark a running kvtriton server.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any, Sequence, TextIO
 
 from kvtriton.client.api import LLMClient
 from kvtriton.client.cli_args import (add_connection_arguments, add_sampling_arguments, client_from_args,
-                                      sampling_from_args)
+                                      run_command, sampling_from_args)
 from kvtriton.client.errors import LLMClientError, ServerError, ServerUnavailableError
 from kvtriton.client.generate_cmd import fail
 
@@ -113,9 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Chat with a running kvtriton server.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(PROG, "Chat with a running kvtriton server.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

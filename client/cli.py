@@ -49,10 +49,10 @@ def _command(module: str, prog: str):
     def run(argv: list[str]) -> int:
         import importlib
 
+        from kvtriton.client.cli_args import run_command
+
         mod = importlib.import_module(module)
-        parser = argparse.ArgumentParser(prog=prog, description=(mod.__doc__ or "").split("\n")[0])
-        mod.add_arguments(parser)
-        return mod.run(parser.parse_args(argv))
+        return run_command(prog, (mod.__doc__ or "").split("\n")[0], mod.add_arguments, mod.run, argv)
     return run
 
 

@@ -57,6 +57,13 @@ def add_connection_arguments(parser: argparse.ArgumentParser, url_required: bool
                         "about 6 s; 0 = fail at once)")
 
 
+def run_command(prog: str, description: str, add_arguments, run, argv=None) -> int:
+    """Parse argv for one command (its add_arguments) and run it: each command's `main`, and `kvtriton <cmd>`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 def client_from_args(args: argparse.Namespace) -> LLMClient:
     return LLMClient(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout,
                      connect_retries=args.connect_retries)

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from kvtriton.client.cli_args import (add_connection_arguments, add_sampling_arguments, client_from_args,
-                                      sampling_from_args)
+                                      run_command, sampling_from_args)
 from kvtriton.client.errors import LLMClientError
 
 __all__ = ["add_arguments", "run", "add_sampling_arguments", "sampling_from_args", "main"]
@@ -65,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Generate text with a running kvtriton server.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command(PROG, "Generate text with a running kvtriton server.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":
