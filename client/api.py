@@ -138,8 +138,10 @@ class AsyncTokenStream:
         return self._builder
 
 
-class LLMClient:
-    """Blocking client; one request at a time per instance."""
+class _Client:
+    """What both clients share: the endpoint, the model, the transport for the protocol."""
+
+    _TRANSPORTS: dict[str, type] = {}  # protocol -> transport class
 
     def __init__(self, url: str, protocol: str | None = None, model: str = DEFAULT_MODEL,
                  timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES):
@@ -147,9 +149,14 @@ class LLMClient:
         _check_options(timeout_s, connect_retries)
         self.endpoint = Endpoint.parse(url, protocol)
         self.model, self.connect_retries = model, connect_retries
-        cls = GrpcTransport if self.endpoint.protocol == "grpc" else HttpTransport
-        self._transport = cls(self.endpoint, model, timeout_s)
+        self._transport = self._TRANSPORTS[self.endpoint.protocol](self.endpoint, model, timeout_s)
         self._ready = False
+
+
+class LLMClient(_Client):
+    """Blocking client; one request at a time per instance."""
+
+    _TRANSPORTS = {"grpc": GrpcTransport, "http": HttpTransport}
 
     def wait_ready(self) -> None:
         """Return once the server and the model are ready; ServerUnavailableError after the retries."""
@@ -183,18 +190,11 @@ class LLMClient:
         self.close()
 
 
-class AsyncLLMClient:
+class AsyncLLMClient(_Client):
     """asyncio client; any number of concurrent requests."""
 
-    def __init__(self, url: str, protocol: str | None = None, model: str = DEFAULT_MODEL,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES):
-        _check_options(timeout_s, connect_retries)
-        self.endpoint = Endpoint.parse(url, protocol)
-        self.model, self.connect_retries = model, connect_retries
-        cls = AsyncGrpcTransport if self.endpoint.protocol == "grpc" else AsyncHttpTransport
-        self._transport = cls(self.endpoint, model, timeout_s)
-        self._ready = False
-        self._ready_lock: asyncio.Lock | None = None
+    _TRANSPORTS = {"grpc": AsyncGrpcTransport, "http": AsyncHttpTransport}
+    _ready_lock: asyncio.Lock | None = None
 
     async def wait_ready(self) -> None:
         if self._ready:
