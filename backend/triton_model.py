@@ -70,14 +70,19 @@ class TritonPythonModel:
                 request_id = f"{next(self._ids)}-{request.request_id()}"
                 self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
             except (RequestError, ValueError) as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                sender.send(pb_utils.InferenceResponse(error=error),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _fail(sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+            except Exception as exc:  # never let one request take down execute() for the others
+                logging.getLogger("kvtriton").exception("request rejected")
+                _fail(sender, pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL))
         return None
 
     def finalize(self) -> None:
         self.engine.shutdown(timeout_s=self.shutdown_timeout_s)
         self.outbox.close()  # after the engine: its last outputs are in the outbox
+
+
+def _fail(sender, error) -> None:
+    sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _input(request, name: str):

@@ -79,6 +79,8 @@ def test_request_that_can_never_fit_fails_at_once(tiny_folder):
         engine.add_request("long", [5] * 600)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty", "")
+    with pytest.raises(ValueError, match="stop_token_ids"):  # would otherwise fail the whole batch's step
+        engine.add_request("stop", "the dog", SamplingParams(min_tokens=2, stop_token_ids=(10**6,)))
 
 
 def test_abort_frees_blocks_and_ends_stream(tiny_folder):

@@ -190,6 +190,10 @@ BAD_INPUTS = [
     ({"text_input": "hi", "sampling_parameters": "{max_tokens: 4"}, "sampling_parameters"),
     ({"text_input": "word " * 5000, "max_tokens": 4}, "context"),
     ({"text_input": b"caf\xc3(", "max_tokens": 4}, "UTF-8"),
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"stop_token_ids": [10**7], "min_tokens": 2})},
+     "stop_token_ids"),
+    ({"messages": json.dumps([{"role": "user"}])}, "messages"),
+    ({"text_input": "hi", "logprobs": 50}, "logprobs"),
 ]
 
 
