@@ -62,6 +62,9 @@ class LLMEngine:
             self.block_manager,
         )
         self.sampler = Sampler()
+        # Checkpoints may pad the embedding past the tokenizer's vocabulary (Qwen2 does): those ids
+        # have no text, so sampling sees only the ids the tokenizer knows.
+        self._sample_vocab = min(self.model_config.vocab_size, self.tokenizer.vocab_size)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         self._states: dict[str, RequestState] = {}
@@ -100,7 +103,7 @@ class LLMEngine:
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
+        vocab = self._sample_vocab
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
@@ -185,15 +188,21 @@ class LLMEngine:
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], [self._states[s.seq_id].stop_token_ids for s in seqs],
-            self.model_config.vocab_size, self.device,
+            self._sample_vocab, self.device,
         )
-        out = self.sampler(logits[rows] if len(rows) < len(scheduled) else logits, meta)
+        logits = logits[rows] if len(rows) < len(scheduled) else logits  # (B, V)
+        out = self.sampler(logits[:, : self._sample_vocab], meta)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
         logprobs = _logprobs_to_host(out, seqs, token_ids)
         self._num_generation_tokens += len(seqs)
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
             state = self._states[seq.seq_id]
-            output = state.append_token(token_id, lp)
+            try:
+                output = state.append_token(token_id, lp)
+            except Exception as exc:  # one request's failure (detokenizing, say) ends that request only
+                log.exception("request %s failed", seq.seq_id)
+                self._finish(seq.seq_id, "error", f"internal error during generation: {exc}")
+                continue
             if output.finished:
                 self.scheduler.finish(seq)
                 del self._states[seq.seq_id]

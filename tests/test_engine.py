@@ -147,3 +147,14 @@ def test_add_from_many_threads(tiny_folder):
         assert all(results[i].finish_reason == "length" for i in range(8))
     finally:
         engine.shutdown()
+
+
+def test_padded_vocabulary_ids_are_never_sampled(tmp_path):
+    folder = make_tiny_model(tmp_path / "padded", padded_vocab=200)
+    engine = make_engine(folder).start()
+    try:
+        vocab = engine.tokenizer.vocab_size
+        outs = engine.generate(["the dog"] * 4, SamplingParams(temperature=50.0, max_tokens=64, ignore_eos=True))
+        assert all(o.finish_reason == "length" and max(o.token_ids) < vocab for o in outs)
+    finally:
+        engine.shutdown()

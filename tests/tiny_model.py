@@ -19,7 +19,9 @@ CORPUS = [
 ] * 20
 
 
-def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len: int = 512, seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len: int = 512, seed: int = 0,
+                    padded_vocab: int = 0) -> Path:
+    """padded_vocab: extra embedding rows past the tokenizer's vocabulary, as some checkpoints have."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -37,7 +39,7 @@ def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
+        vocab_size=vocab + padded_vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len, tie_word_embeddings=True,
         eos_token_id=tok.token_to_id("<|im_end|>"), bos_token_id=tok.token_to_id("<|im_start|>"),
     )
