@@ -28,8 +28,8 @@ class AttentionMetadata:
     query_lens: list[int]  # host copy: new tokens per sequence (B,)
     context_lens_host: list[int]  # host copy of context_lens
     decode_context_blocks: int  # block-table columns the decode group gathers (>= its longest context)
-    # Every sequence has one new token and block_tables is already cut to the decode width: the
-    # CUDA-graph path, free of host lists so that torch.compile traces it with symbolic shapes.
+    # Every sequence has one new token and block_tables is already cut to the decode width:
+    # the CUDA-graph path, which carries no host lists.
     decode_only: bool = False
 
 
@@ -67,9 +67,7 @@ class PagedAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]  # (NB, BS, Hkv, D)
-        # The custom op keeps the write in place under torch.compile; eager calls skip its dispatch cost.
-        write = write_kv if torch.compiler.is_compiling() else _write_kv
-        write(k_pool, v_pool, meta.slot_mapping, k, v)
+        write_kv(k_pool, v_pool, meta.slot_mapping, k, v)
 
         if meta.decode_only:
             return self._decode(q, k_pool, v_pool, meta.block_tables)
@@ -114,25 +112,12 @@ class PagedAttention:
         return o[0].transpose(0, 1)  # (T, H, D)
 
 
-def _write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
     """Store the new tokens' K/V (N, Hkv, D) at their slots, in place."""
     nb, bs, hkv, d = k_pool.shape
     k_pool.view(nb * bs, hkv, d).index_copy_(0, slots, k)
     v_pool.view(nb * bs, hkv, d).index_copy_(0, slots, v)
-
-
-@torch.library.custom_op("kvtriton::write_kv", mutates_args=("k_pool", "v_pool"))
-def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """_write_kv as an opaque op for torch.compile: traced as a plain index_copy_,
-    functionalisation copied every (multi-GB) pool each step."""
-    _write_kv(k_pool, v_pool, slots, k, v)
-
-
-@write_kv.register_fake
-def _(k_pool, v_pool, slots, k, v) -> None:
-    return None
 
 
 def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,15 @@ def test_default_model_answers_paris(default_model_folder):
         assert "Paris" in out.text and out.finish_reason == "stop"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager(tmp_path):
+    """compile_layers (the CUDA-graph path's regional torch.compile) changes no result."""
+    _save_hf(tmp_path, VARIANTS["qwen2-bias"])
+    model = load_model(tmp_path)
+    prompts = [[5, 9, 3, 77, 12, 1, 8], [40, 2], [7]]
+    eager = prefill_logits(model, prompts)
+    model.compile_layers()
+    for want, got in zip(eager, prefill_logits(model, prompts)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -40,25 +40,16 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """The attention block's weights; the attention itself is the AttentionContext's."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v fused into one matmul (one weight read per step on decode).
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-
-    def forward(self, rope, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # (N, H, D)
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
-        v = v.view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
-        q, k = apply_rotary(q, k, rope)
-        out = ctx.attend(self.layer_idx, q, k, v)  # (N, H, D)
-        return self.o_proj(out.reshape(n, self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -76,14 +67,32 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, rope, x, ctx):
-        x = x + self.self_attn(rope, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+
+# A decoder layer is attention_inputs -> AttentionContext.attend -> attention_output. The two
+# functions around the attention hold all the per-layer work except the KV cache, and take the layer
+# as an argument, so torch.compile can compile each once and reuse it for every layer.
+
+def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
+    """x (N, hidden) -> q (N, H, D), k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE."""
+    attn = layer.self_attn
+    n = x.shape[0]
+    q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
+    k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
+    q, k = apply_rotary(q, k, rope)
+    return q, k, v.view(n, attn.num_kv_heads, attn.head_dim)
+
+
+def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """x (N, hidden), attended (N, H, D) -> the layer's output (N, hidden): o_proj, residuals, SwiGLU MLP."""
+    x = x + layer.self_attn.o_proj(attended.reshape(x.shape[0], -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -97,13 +106,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.attention_inputs, self.attention_output = attention_inputs, attention_output
+
+    def compile_layers(self) -> None:
+        """torch.compile the per-layer work around attention (regional compilation): one compiled graph
+        serves all layers, with symbolic token counts, so it compiles in seconds, not minutes."""
+        self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True)
+        self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""
         x = self.embed_tokens(input_ids)  # (N, hidden)
         rope = self.rotary(positions)  # one cos/sin lookup for all layers
         for layer in self.layers:
-            x = layer(rope, x, ctx)
+            q, k, v = self.attention_inputs(layer, rope, x)
+            x = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

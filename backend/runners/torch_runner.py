@@ -2,10 +2,10 @@
 
 On CUDA, decode-only steps replay CUDA graphs captured per (batch bucket,
 context bucket): one launch per step instead of hundreds, which is what
-batch-1 decode needs to approach the HBM roofline. Before capture, the decode
-forward is compiled once with torch.compile (symbolic batch and context
-shapes), which fuses RMSNorm, RoPE, residual adds and SwiGLU into a few
-kernels per layer. Padded rows of a bucket write into a scratch block that the
+batch-1 decode needs to approach the HBM roofline. With torch.compile on, the
+per-layer work around attention is compiled once for all layers (RMSNorm,
+RoPE, residual adds and SwiGLU fuse into a few kernels per layer); attention
+over the paged cache stays eager inside the graphs. Padded rows of a bucket write into a scratch block that the
 block manager never hands out.
 """
 
@@ -54,11 +54,10 @@ class TorchRunner:
             self.graph_batch_sizes.append(config.max_num_seqs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
-        self._decode_forward = self._decode_logits
         if self.use_cuda_graphs:
             self._init_graph_buffers()
             if config.enable_torch_compile:
-                self._decode_forward = torch.compile(self._decode_logits, dynamic=True, fullgraph=True)
+                self.model.compile_layers()
             self._capture_all()
 
     # ---- KV pool sizing -------------------------------------------------------------------------
@@ -136,15 +135,11 @@ class TorchRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         """Capture every (batch, context) bucket at start-up, largest first (they share one memory pool),
-        so that serving never stalls on a capture or a compile. Sizes stay symbolic in the compiled
-        decode forward (no duck sizing: batch and width may coincide), so it compiles about twice."""
-        import torch.fx.experimental._config as fx_config
-
+        so that serving never stalls on a capture or a compile."""
         started = time.monotonic()
-        with fx_config.patch(use_duck_shape=False):
-            for bucket in reversed(self.graph_batch_sizes):
-                for ctx_blocks in reversed(self._context_buckets()):
-                    self._capture(bucket, ctx_blocks)
+        for bucket in reversed(self.graph_batch_sizes):
+            for ctx_blocks in reversed(self._context_buckets()):
+                self._capture(bucket, ctx_blocks)
         log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
 
@@ -178,8 +173,8 @@ class TorchRunner:
 
     def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
         def run():
-            return self._decode_forward(self._ids[:bucket], self._pos[:bucket], self._slots[:bucket],
-                                        self._tables[:bucket, :ctx_blocks], self._ctx[:bucket])
+            return self._decode_logits(self._ids[:bucket], self._pos[:bucket], self._slots[:bucket],
+                                       self._tables[:bucket, :ctx_blocks], self._ctx[:bucket])
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
