@@ -22,7 +22,7 @@ from kvtriton.backend.attention import KVCache
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.model_config import ModelConfig
 from kvtriton.backend.step_input import StepInput
-from kvtriton.build.step_groups import StepGroup, split_step, write_new_kv
+from kvtriton.backend.runners.step_groups import StepGroup, split_step, write_new_kv
 
 log = logging.getLogger("kvtriton")
 

@@ -21,7 +21,7 @@ from kvtriton.backend.model_config import ModelConfig
 from kvtriton.backend.runners.onnx_runner import check_graph_matches
 from kvtriton.backend.step_input import StepInput
 from kvtriton.build.manifest import Manifest
-from kvtriton.build.step_groups import StepGroup, split_step, write_new_kv
+from kvtriton.backend.runners.step_groups import StepGroup, split_step, write_new_kv
 
 log = logging.getLogger("kvtriton")
 
