@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Prefill chunks come in every length. cuDNN's SDPA builds an execution plan per new shape (tens of
+# ms on an H200: one new prompt length stalled its whole step), so prefill uses the kernels that
+# need no plan. Decode keeps every backend: its shapes are the captured buckets, planned once.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -103,11 +109,15 @@ class PagedAttention:
         keys = _gather(k_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
         values = _gather(v_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+        with sdpa_kernel(PREFILL_BACKENDS):
+            return self._prefill_attention(qh, keys, values, t, ctx)
+
+    def _prefill_attention(self, qh, keys, values, t: int, ctx: int):
         if t == ctx:
             o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            qpos = torch.arange(ctx - t, ctx, device=q.device)  # (T,)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (T, ctx)
+            qpos = torch.arange(ctx - t, ctx, device=qh.device)  # (T,)
+            mask = torch.arange(ctx, device=qh.device)[None, :] <= qpos[:, None]  # (T, ctx)
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (T, H, D)
 
