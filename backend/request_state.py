@@ -35,7 +35,6 @@ class RequestState:
         seq.token_ids.append(token_id)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        seq.last_token_time = now
         text, reason = "", None
         if token_id in self.stop_token_ids:
             reason = "stop"

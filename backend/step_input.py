@@ -47,7 +47,7 @@ def prepare_step(
         last.append(len(ids) - 1)
     width = max(len(t) for t in block_tables)
     padded = [t + [0] * (width - len(t)) for t in block_tables]
-    num_decodes = sum(1 for n in query_lens if n == 1) if query_lens and query_lens[0] == 1 else 0
+    num_decodes = sum(1 for n in query_lens if n == 1)  # the scheduler puts them first
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
     def tensor(values):

@@ -21,7 +21,7 @@ allowed between two responses of one request (RequestTimeoutError).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.errors import ServerError
@@ -52,31 +52,56 @@ def _unfinished(endpoint: Endpoint) -> ServerError:
     return ServerError(f"{endpoint.url} ended the response stream without a finish_reason")
 
 
-class TokenStream:
+class _RecordedStream:
+    """What the sync and asyncio streams share: one request's chunks, recorded into a Completion."""
+
+    def __init__(self, endpoint: Endpoint, responses):
+        self._endpoint, self._responses = endpoint, responses
+        self._builder: CompletionBuilder | None = None
+
+    def _start(self) -> None:
+        if self._builder is None:
+            self._builder = CompletionBuilder()
+
+    def _record(self, chunk: Chunk) -> Chunk:
+        self._builder.add(chunk)
+        return chunk
+
+    def _check_finished(self) -> None:
+        """At the end of the responses: a stream without a finish_reason was cut off."""
+        if not self._builder.finish_reason:
+            raise _unfinished(self._endpoint) from None
+
+    @property
+    def completion(self) -> Completion:
+        """The whole request (text, token counts, TTFT, latency); only after the last chunk."""
+        if self._builder is None:
+            raise ValueError("the stream has not been read yet")
+        return self._builder.build()
+
+    @property
+    def builder(self) -> CompletionBuilder | None:
+        """Per-chunk arrival times and token counts (for load generators)."""
+        return self._builder
+
+
+class TokenStream(_RecordedStream):
     """The chunks of one streamed request; `.completion` once it is exhausted.
 
     The request is sent on the first `next()`. Closing the stream before its end
     (`close()`, leaving a `with` block, or dropping it after `break`) cancels it.
     """
 
-    def __init__(self, endpoint: Endpoint, responses: Iterator[Chunk]):
-        self._endpoint, self._responses = endpoint, responses
-        self._builder: CompletionBuilder | None = None
-
     def __iter__(self) -> "TokenStream":
         return self
 
     def __next__(self) -> Chunk:
-        if self._builder is None:
-            self._builder = CompletionBuilder()
+        self._start()
         try:
-            chunk = next(self._responses)
+            return self._record(next(self._responses))
         except StopIteration:
-            if not self._builder.finish_reason:
-                raise _unfinished(self._endpoint) from None
+            self._check_finished()
             raise
-        self._builder.add(chunk)
-        return chunk
 
     def close(self) -> None:
         self._responses.close()
@@ -87,35 +112,20 @@ class TokenStream:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    @property
-    def completion(self) -> Completion:
-        """The whole request (text, token counts, TTFT, latency); only after the last chunk."""
-        if self._builder is None:
-            raise ValueError("the stream has not been read yet")
-        return self._builder.build()
 
-
-class AsyncTokenStream:
+class AsyncTokenStream(_RecordedStream):
     """`async for` counterpart of TokenStream; `aclose()` or leaving `async with` cancels."""
-
-    def __init__(self, endpoint: Endpoint, responses: AsyncIterator[Chunk]):
-        self._endpoint, self._responses = endpoint, responses
-        self._builder: CompletionBuilder | None = None
 
     def __aiter__(self) -> "AsyncTokenStream":
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._builder is None:
-            self._builder = CompletionBuilder()
+        self._start()
         try:
-            chunk = await self._responses.__anext__()
+            return self._record(await self._responses.__anext__())
         except StopAsyncIteration:
-            if not self._builder.finish_reason:
-                raise _unfinished(self._endpoint) from None
+            self._check_finished()
             raise
-        self._builder.add(chunk)
-        return chunk
 
     async def aclose(self) -> None:
         await self._responses.aclose()
@@ -125,17 +135,6 @@ class AsyncTokenStream:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
-
-    @property
-    def completion(self) -> Completion:
-        if self._builder is None:
-            raise ValueError("the stream has not been read yet")
-        return self._builder.build()
-
-    @property
-    def builder(self) -> CompletionBuilder | None:
-        """Per-chunk arrival times and token counts (for load generators)."""
-        return self._builder
 
 
 class _Client:
