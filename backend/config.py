@@ -34,6 +34,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
+    # CUDA decode: the Triton paged-attention kernel, and at batch <= 4 the fused norm/matmul/SwiGLU kernels
+    enable_triton_kernels: bool = True
     # How often each request's sink is asked whether its client cancelled. Through Triton every ask is
     # an IPC round trip per request; 0 asks every step.
     cancel_poll_interval_s: float = 0.0

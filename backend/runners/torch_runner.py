@@ -1,12 +1,14 @@
 """TorchRunner: runs the Llama core in PyTorch over the paged KV cache (CPU reference, CUDA fast path).
 
-On CUDA, decode-only steps replay CUDA graphs captured per (batch bucket,
-context bucket): one launch per step instead of hundreds, which is what
-batch-1 decode needs to approach the HBM roofline. With torch.compile on, the
-per-layer work around attention is compiled once for all layers (RMSNorm,
-RoPE, residual adds and SwiGLU fuse into a few kernels per layer); attention
-over the paged cache stays eager inside the graphs. Padded rows of a bucket write into a scratch block that the
-block manager never hands out.
+On CUDA, decode-only steps replay CUDA graphs captured per batch bucket: one
+launch per step instead of hundreds, which is what batch-1 decode needs to
+approach the HBM roofline. Inside them, the Triton kernels (models/llama_decode.py)
+do paged attention straight from the block tables and, at batch <= 4, fuse each
+matmul with its neighbouring elementwise work; with torch.compile on, larger
+batches get the per-layer work around attention compiled once for all layers.
+Without the Triton kernels, attention gathers the context in PyTorch, so graphs
+are captured per (batch, context) bucket. Padded rows of a bucket write into a
+scratch block that the block manager never hands out.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class TorchRunner:
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
                                    model_config.num_kv_heads, model_config.head_dim, dtype, device)
         self.scratch_block = self.num_blocks
+        self.attention_kernel, self.fuse_matmuls = self._decode_kernels()
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
         if self.graph_batch_sizes[-1] < config.max_num_seqs:
@@ -59,6 +62,28 @@ class TorchRunner:
             if config.enable_torch_compile:
                 self.model.compile_layers()
             self._capture_all()
+
+    def _decode_kernels(self) -> tuple[bool, bool]:
+        """(Triton paged attention on, fused skinny matmuls on) for CUDA decode steps; says why not in one line."""
+        if self.device.type != "cuda" or not self.config.enable_triton_kernels:
+            return False, False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            log.warning("triton is not installed: CUDA decode uses PyTorch attention and cuBLAS matmuls instead")
+            return False, False
+        from kvtriton.backend.kernels.paged_decode_attention import supported
+        from kvtriton.backend.models.llama_decode import fusable
+
+        mc = self.model_config
+        why = supported(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if why:
+            log.warning("%s: CUDA decode uses PyTorch attention and cuBLAS matmuls instead", why)
+            return False, False
+        why = fusable(self.model)
+        if why:
+            log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
+        return True, why is None
 
     # ---- KV pool sizing -------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
@@ -108,8 +133,12 @@ class TorchRunner:
     def execute(self, step: StepInput) -> torch.Tensor:
         """-> logits (B, V) fp32 of each sequence's last new token."""
         b = step.num_seqs
-        if self.use_cuda_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
-            return self._replay(step)
+        if self.device.type == "cuda" and step.attn.num_decodes == b:
+            if self.use_cuda_graphs and b <= self.graph_batch_sizes[-1]:
+                return self._replay(step)
+            attn = step.attn
+            return self._decode_logits(step.input_ids, step.positions, attn.slot_mapping, attn.block_tables,
+                                       attn.context_lens)
         hidden = self.model(step.input_ids, step.positions, PagedAttention(self.kv, step.attn, self.scale))
         return self.model.compute_logits(hidden[step.last_token_indices])  # (B, V)
 
@@ -124,6 +153,8 @@ class TorchRunner:
         self._ctx = torch.ones(m, dtype=torch.int64, device=dev)
 
     def _context_buckets(self) -> list[int]:
+        if self.attention_kernel:  # the kernel reads only each context's blocks, whatever the table width
+            return [self.max_blocks_per_seq]
         buckets = [8]
         while buckets[-1] < self.max_blocks_per_seq:
             buckets.append(buckets[-1] * 2)
@@ -164,7 +195,13 @@ class TorchRunner:
         return graph.logits[:b]
 
     def _decode_logits(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
-        """The captured decode step: (B,) ids/positions/slots, tables (B, W), context_lens (B,) -> (B, V)."""
+        """The decode step (captured or eager): (B,) ids/positions/slots, tables (B, W), context_lens (B,)
+        -> (B, V)."""
+        if self.attention_kernel:
+            from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
+
+            ctx = KernelPagedDecode(self.kv, slots, tables, context_lens, self.scale)
+            return decode_logits(self.model, ids, positions, ctx, self.fuse_matmuls)
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
             context_lens_host=[], decode_context_blocks=0, decode_only=True,

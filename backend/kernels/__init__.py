@@ -1,0 +1,1 @@
+"""Triton-language kernels for the CUDA decode step (imported only when triton is installed)."""

@@ -1,0 +1,69 @@
+"""The Llama core's decode step on CUDA with the Triton kernels (kvtriton.backend.kernels).
+
+A decode step has one new token per sequence. At up to MAX_ROWS sequences it
+runs five kernels per layer, each streaming one weight matrix once with the
+elementwise work around it fused in:
+
+    qkv      = rms_norm_linear(x, input_layernorm, qkv_proj)
+    attended = paged_decode_attention(q, k, v, rope, pools)     RoPE + KV store + attention
+    x        = linear(attended, o_proj, residual=x)
+    h        = rms_norm_swiglu(x, post_attention_layernorm, gate_up_proj)
+    x        = linear(h, down_proj, residual=x)
+  logits     = rms_norm_linear(x, norm, lm_head) in fp32
+
+Larger batches read each weight once for many rows, so cuBLAS and the
+torch.compile'd per-layer functions serve them; only attention takes the kernel.
+Both compute what LlamaForCausalLM.forward + compute_logits do (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtriton.backend.attention import KVCache
+from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention
+from kvtriton.backend.kernels.skinny_matmul import MAX_ROWS, linear, rms_norm_linear, rms_norm_swiglu
+from kvtriton.backend.models.llama import LlamaForCausalLM
+
+
+class KernelPagedDecode:
+    """AttentionContext for decode-only steps: the paged decode attention kernel (q, k arrive rotated)."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float):
+        self.cache, self.slots, self.tables, self.context_lens, self.scale = cache, slots, tables, context_lens, scale
+
+    def attend(self, layer_idx: int, q, k, v, rope=None) -> torch.Tensor:
+        return paged_decode_attention(q, k, v, self.cache.k[layer_idx], self.cache.v[layer_idx], self.slots,
+                                      self.tables, self.context_lens, self.scale, rope=rope)
+
+
+def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedDecode,
+                  fuse_matmuls: bool) -> torch.Tensor:
+    """ids, positions (B,) of one new token per sequence -> logits (B, V) fp32."""
+    if not fuse_matmuls or ids.shape[0] > MAX_ROWS:
+        return model.compute_logits(model(ids, positions, ctx))
+    x = model.embed_tokens(ids)  # (B, hidden)
+    rope = model.rotary(positions)
+    b = ids.shape[0]
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = rms_norm_linear(x, layer.input_layernorm.weight, layer.input_layernorm.eps, attn.qkv_proj.weight,
+                              attn.qkv_proj.bias)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
+                              k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
+                              rope=rope)
+        x = linear(attended.view(b, -1), attn.o_proj.weight, residual=x)
+        norm = layer.post_attention_layernorm
+        x = linear(rms_norm_swiglu(x, norm.weight, norm.eps, mlp.gate_up_proj.weight), mlp.down_proj.weight, residual=x)
+    return rms_norm_linear(x, model.norm.weight, model.norm.eps, model.lm_head.weight, out_dtype=torch.float32)
+
+
+def fusable(model: LlamaForCausalLM) -> str | None:
+    """None if every projection is a plain nn.Linear the skinny matmul can read (int8 ones are not),
+    else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it."""
+    for name, module in model.named_modules():
+        if (name.endswith("_proj") or name == "lm_head") and type(module) is not torch.nn.Linear:
+            return f"{name} is {type(module).__name__}, not nn.Linear"
+    return None

@@ -1,0 +1,139 @@
+"""The Triton decode kernels equal the PyTorch modules they replace.
+
+Runs on CUDA; on a CPU-only machine only under Triton's interpreter
+(TRITON_INTERPRET=1 with triton installed), otherwise skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
+
+from kvtriton.backend.attention import AttentionMetadata, KVCache, PagedAttention  # noqa: E402
+from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
+from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
+from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 is what the GPU runs; Triton's CPU interpreter gets tl.dot wrong in bf16, so it checks fp16.
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def close(a, b, atol=2e-2, rtol=2e-2):
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n,k", [(96, 64), (200, 320)])
+def test_linear_with_bias_and_residual(m, n, k):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    bias, res = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    x, w, bias, res = (t.to(DEVICE, DTYPE) for t in (x, w, bias, res))
+    close(skinny_matmul.linear(x, w), torch.nn.functional.linear(x, w))
+    close(skinny_matmul.linear(x, w, bias=bias, residual=res), res + torch.nn.functional.linear(x, w, bias))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_rms_norm_linear_and_swiglu(m):
+    k, n = 128, 160
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.data = 1 + 0.1 * torch.randn(k, generator=g)
+    norm = norm.to(DEVICE, DTYPE)
+    x = (3 * torch.randn(m, k, generator=g)).to(DEVICE, DTYPE)
+    w = (torch.randn(2 * n, k, generator=g) / k**0.5).to(DEVICE, DTYPE)
+    close(skinny_matmul.rms_norm_linear(x, norm.weight, 1e-5, w), torch.nn.functional.linear(norm(x), w))
+    logits = skinny_matmul.rms_norm_linear(x, norm.weight, 1e-5, w, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32
+    close(logits, torch.nn.functional.linear(norm(x), w).float())
+    gate, up = torch.nn.functional.linear(norm(x), w).split(n, dim=-1)
+    # A product of two rounded matmul outputs: a few bf16 ulps apart when the summation order differs.
+    close(skinny_matmul.rms_norm_swiglu(x, norm.weight, 1e-5, w), torch.nn.functional.silu(gate) * up, rtol=5e-2)
+
+
+def test_too_many_rows_is_refused():
+    x = torch.zeros(skinny_matmul.MAX_ROWS + 1, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_matmul.linear(x, torch.zeros(64, 64, device=DEVICE, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_paged_decode_attention_matches_torch_path(rope):
+    heads, kv_heads, dim, bs, blocks = 8, 2, 64, 16, 40
+    context_lens = [1, 17, 70, 130]  # one token, a partial block, several BLOCK_T tiles
+    g = torch.Generator().manual_seed(2)
+    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, DTYPE, DEVICE)
+    for p in (pools.k[0], pools.v[0]):
+        p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
+    b = len(context_lens)
+    perm = torch.randperm(blocks, generator=g)
+    width = max(-(-c // bs) for c in context_lens)
+    tables = perm[: b * width].view(b, width).to(DEVICE)  # scattered, disjoint blocks
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    slots = torch.stack([tables[i, (c - 1) // bs] * bs + (c - 1) % bs for i, c in enumerate(context_lens)])
+    q = torch.randn(b, heads, dim, generator=g).to(DEVICE, DTYPE)
+    k = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    v = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    rotary = RotaryEmbedding(dim, 256, 10000.0, None).to(DEVICE)
+    cos, sin = rotary(ctx - 1)
+
+    reference = KVCache([pools.k[0].clone()], [pools.v[0].clone()])
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx, num_decodes=b,
+                             query_lens=[1] * b, context_lens_host=context_lens, decode_context_blocks=width,
+                             decode_only=True)
+    q_ref, k_ref = apply_rotary(q, k, (cos, sin)) if rope else (q, k)
+    expected = PagedAttention(reference, meta, dim**-0.5).attend(0, q_ref, k_ref, v)
+
+    got = paged_decode_attention(q, k, v, pools.k[0], pools.v[0], slots, tables, ctx, dim**-0.5,
+                                 rope=(cos, sin) if rope else None)
+    close(got, expected)
+    assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 6])  # 6 > MAX_ROWS: cuBLAS matmuls, kernel attention
+@pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
+def test_decode_logits_match_the_model_forward(batch, bias):
+    from kvtriton.backend.model_config import ModelConfig
+    from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits
+    from kvtriton.backend.models.loader import load_model
+
+    cfg = ModelConfig.from_dict(dict(
+        architectures=["Qwen2ForCausalLM" if bias else "LlamaForCausalLM"], model_type="qwen2" if bias else "llama",
+        vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(3)
+    model = load_model(None, dtype=DTYPE, device=DEVICE, config=cfg, dummy=True)
+    bs, per_seq = 16, 4
+    cache = KVCache.allocate(2, batch * per_seq + 1, bs, 2, 64, DTYPE, DEVICE)
+    lens = [5 + 9 * i for i in range(batch)]  # prompt lengths; each sequence then decodes one token
+    tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
+    prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
+    with torch.inference_mode():
+        for i, n in enumerate(lens):  # prefill each prompt with the PyTorch path
+            meta = AttentionMetadata(slot_mapping=tables[i, 0] * bs + torch.arange(n, device=DEVICE),
+                                     block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=DEVICE),
+                                     num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
+            model(prompts[i][:n], torch.arange(n, device=DEVICE), PagedAttention(cache, meta, 64**-0.5))
+        ids = torch.stack([p[-1] for p in prompts])
+        pos = torch.tensor(lens, device=DEVICE)
+        slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])
+        ctx_lens = pos + 1
+        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx_lens, num_decodes=batch,
+                                 query_lens=[1] * batch, context_lens_host=ctx_lens.tolist(),
+                                 decode_context_blocks=per_seq, decode_only=True)
+        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
+        got = decode_logits(model, ids, pos, KernelPagedDecode(cache, slots, tables, ctx_lens, 64**-0.5),
+                            fuse_matmuls=True)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    close(got, expected, atol=5e-2, rtol=5e-2)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    close(cache.k[1], reference.k[1])
