@@ -130,7 +130,8 @@ class LLMEngine:
         return self
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Let in-flight requests finish (up to timeout_s), then abort the rest and stop the thread."""
+        """Let in-flight requests finish (up to timeout_s), abort the rest, stop the thread, and free the
+        runner's device memory (so that the process can start another engine)."""
         deadline = time.monotonic() + timeout_s
         while self._thread and self.has_work() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -138,7 +139,12 @@ class LLMEngine:
         self._wakeup.set()
         if self._thread:
             self._thread.join(timeout=10)
+            if self._thread.is_alive():  # a step is stuck: its runner must stay
+                return
             self._thread = None
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or not self._inbox.empty()

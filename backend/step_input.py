@@ -21,6 +21,9 @@ class StepInput:
     positions: torch.Tensor  # (N,) int64
     attn: AttentionMetadata
     last_token_indices: torch.Tensor  # (B,) int64: each sequence's last new token in the packed batch
+    # One int64 buffer behind input_ids, positions, slot_mapping, context_lens and last_token_indices, in
+    # that order (one host-to-device copy per step). In a decode-only step (N == B) it is a (5, B) matrix.
+    packed: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -50,20 +53,24 @@ def prepare_step(
     num_decodes = sum(1 for n in query_lens if n == 1)  # the scheduler puts them first
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
-    def tensor(values):
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
+    n, b = len(ids), len(query_lens)
+    packed = torch.tensor(ids + positions + slots + context_lens + last, dtype=torch.int64)
+    packed = packed.pin_memory() if str(device).startswith("cuda") else packed
+    packed = packed.to(device, non_blocking=True)
+    input_ids, positions_t, slots_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
+    context_lens_t, last_t = packed[3 * n : 3 * n + b], packed[3 * n + b :]
     return StepInput(
-        input_ids=tensor(ids),
-        positions=tensor(positions),
+        input_ids=input_ids,
+        positions=positions_t,
         attn=AttentionMetadata(
-            slot_mapping=tensor(slots),
-            block_tables=tensor(padded),
-            context_lens=tensor(context_lens),
+            slot_mapping=slots_t,
+            block_tables=torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True),
+            context_lens=context_lens_t,
             num_decodes=num_decodes,
             query_lens=query_lens,
             context_lens_host=context_lens,
             decode_context_blocks=decode_blocks,
         ),
-        last_token_indices=tensor(last),
+        last_token_indices=last_t,
+        packed=packed,
     )

@@ -95,7 +95,7 @@ def sweep(op, x, w, gb):
     tiles = 2 if op == "rms_norm_swiglu" else 1
     results = []
     for block_n, block_k, warps in itertools.product(
-            (1, 2, 4, 8), (triton.next_power_of_2(k),) if norm else (1024, 2048, 4096), (2, 4, 8)):
+            (1, 2, 4, 8), (triton.next_power_of_2(k),) if norm else (1024, 2048, 4096), (1, 2, 4, 8)):
         if block_n * block_k * tiles > 32768:
             continue
         blocks = (block_n, block_k, warps)

@@ -84,6 +84,7 @@ def test_paged_decode_attention_matches_torch_path(rope):
     v = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
     rotary = RotaryEmbedding(dim, 256, 10000.0, None).to(DEVICE)
     cos, sin = rotary(ctx - 1)
+    positions = ctx - 1
 
     reference = KVCache([pools.k[0].clone()], [pools.v[0].clone()])
     meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx, num_decodes=b,
@@ -93,7 +94,7 @@ def test_paged_decode_attention_matches_torch_path(rope):
     expected = PagedAttention(reference, meta, dim**-0.5).attend(0, q_ref, k_ref, v)
 
     got = paged_decode_attention(q, k, v, pools.k[0], pools.v[0], slots, tables, ctx, dim**-0.5,
-                                 rope=(cos, sin) if rope else None)
+                                 rotary=(rotary.cos, rotary.sin, positions) if rope else None)
     close(got, expected)
     assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
 
@@ -131,7 +132,7 @@ def test_decode_logits_match_the_model_forward(batch, bias):
                                  query_lens=[1] * batch, context_lens_host=ctx_lens.tolist(),
                                  decode_context_blocks=per_seq, decode_only=True)
         expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
-        got = decode_logits(model, ids, pos, KernelPagedDecode(cache, slots, tables, ctx_lens, 64**-0.5),
+        got = decode_logits(model, ids, pos, KernelPagedDecode(cache, pos, slots, tables, ctx_lens, 64**-0.5),
                             fuse_matmuls=True)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=5e-2, rtol=5e-2)

@@ -60,8 +60,8 @@ def _softmax_update(q1, q2, k1, k2, v, t_ok, scale, m_i, l_i, acc):
 
 
 @triton.jit
-def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_pool, v_pool, slots_ptr, tables_ptr,
-                            context_lens_ptr, out_ptr, scale, stride_q, stride_k, stride_v, stride_table,
+def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_pool, v_pool, slots_ptr,
+                            tables_ptr, context_lens_ptr, out_ptr, scale, stride_q, stride_k, stride_v, stride_table,
                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                             ROPE: tl.constexpr, PDL: tl.constexpr):
@@ -75,11 +75,15 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_pool, v_poo
     past = tl.load(context_lens_ptr + b) - 1
     pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, 0, past, stride_table, row_stride,
                                     HEAD_DIM, BLOCK_SIZE, BLOCK_T)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
+    if ROPE:  # the step's positions and the model's tables: inputs, not the previous kernel's output
+        position = tl.load(positions_ptr + b)
+        cos = tl.load(cos_ptr + position * HALF + d)
+        sin = tl.load(sin_ptr + position * HALF + d)
     if PDL:  # see kernels/pdl.py: q, k, v are the previous kernel's output
         gdc_wait()
 
-    HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
     dv = tl.arange(0, HEAD_DIM)
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
@@ -92,8 +96,6 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_pool, v_poo
     k2 = tl.load(k_row + HALF + d)
     v_new = tl.load(v_ptr + b * stride_v + h * HEAD_DIM + dv)  # (HEAD_DIM,)
     if ROPE:
-        cos = tl.load(cos_ptr + b * HALF + d)
-        sin = tl.load(sin_ptr + b * HALF + d)
         q1, q2 = _rotate(q1, q2, cos[None, :], sin[None, :], act)
         k1, k2 = _rotate(k1, k2, cos, sin, act)
 
@@ -139,10 +141,11 @@ def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dty
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                            v_pool: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float,
-                           rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (B, H, D), k/v (B, Hkv, D) of each sequence's one new token (views of the qkv output are fine);
     pools (blocks, block_size, Hkv, D); slots (B,), tables (B, W), context_lens (B,) with the new token
-    counted; rope: (cos, sin) each (B, D/2) fp32 to rotate q and k here, or None if already rotated.
+    counted; rotary: (cos table, sin table, positions) with tables (P, D/2) fp32 as in RotaryEmbedding and
+    positions (B,), to rotate q and k here; None if they arrive rotated.
     Stores k/v at the slots and returns the attention output (B, H, D)."""
     b, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -150,13 +153,13 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads must be contiguous rows of head_dim"
     group = num_heads // num_kv_heads
     out = torch.empty(b, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    cos, sin = (rope[0].reshape(b, -1).contiguous(), rope[1].reshape(b, -1).contiguous()) if rope else (q, q)
+    cos, sin, positions = rotary if rotary is not None else (q, q, slots)
     pdl = pdl_supported(q.device)
     _paged_decode_attention[(b, num_kv_heads)](
-        q, k, v, cos, sin, k_pool, v_pool, slots, tables, context_lens, out, scale,
+        q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, scale,
         q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1], BLOCK_T=64, ROPE=rope is not None, PDL=pdl, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}),
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1], BLOCK_T=64, ROPE=rotary is not None, PDL=pdl,
+        num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )
     return out

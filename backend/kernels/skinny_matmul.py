@@ -98,15 +98,17 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
 
 def _blocks(n: int, k: int, block_m: int, norm: bool, tiles: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from a sweep on an H200 (benchmarks/skinny_matmul_bench.py --sweep):
-    long, narrow tiles (2048-4096 along K, 2-8 rows, 16K fp32 products for 4 warps) and at least ~512
-    programs, so that every SM keeps several loads in flight. With the RMSNorm prologue, BLOCK_K covers K."""
+    long, narrow tiles (2048-4096 along K, 2-4 rows) and enough programs (~768, or ~512 for long rows) that
+    every SM keeps several loads in flight. Small programs of one warp fit the most per SM (in a decode
+    step, a whole small matmul can be resident and streaming its weights before its input is ready: see
+    kernels/pdl.py). With the RMSNorm prologue, BLOCK_K covers K."""
     block_k = triton.next_power_of_2(k) if norm else min(4096, triton.next_power_of_2(k))
-    budget = 16384  # fp32 products held in registers per program (128 per thread at 4 warps)
-    block_n = max(1, min(budget // (block_m * block_k * tiles), n // 512))
+    budget = 8192 if norm else 16384  # fp32 products per program
+    block_n = max(1, min(budget // (block_m * block_k * tiles), n // (768 if k <= 2048 else 512)))
     block_n = 1 << (block_n.bit_length() - 1)  # a power of two
     while block_m * block_n * block_k * tiles > budget and block_k > 256 and not norm:
         block_k //= 2
-    return block_n, block_k, 4
+    return block_n, block_k, 1 if block_m * block_n * block_k * tiles <= 8192 else 4
 
 
 # blocks: (BLOCK_N, BLOCK_K, num_warps) to override the tuned choice (the benchmark's sweep).

@@ -24,27 +24,30 @@ from kvtriton.backend.attention import KVCache
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention
 from kvtriton.backend.kernels.skinny_matmul import MAX_ROWS, linear, rms_norm_linear, rms_norm_swiglu
 from kvtriton.backend.models.llama import LlamaForCausalLM
+from kvtriton.backend.models.rotary import RotaryEmbedding
 
 
 class KernelPagedDecode:
     """AttentionContext for decode-only steps: the paged decode attention kernel (q, k arrive rotated)."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float):
-        self.cache, self.slots, self.tables, self.context_lens, self.scale = cache, slots, tables, context_lens, scale
+    def __init__(self, cache: KVCache, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float):
+        self.cache, self.positions, self.slots = cache, positions, slots
+        self.tables, self.context_lens, self.scale = tables, context_lens, scale
 
-    def attend(self, layer_idx: int, q, k, v, rope=None) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
+        """rotary: rotate q and k in the kernel (by the step's positions), or None if they arrive rotated."""
+        tables = (rotary.cos, rotary.sin, self.positions) if rotary is not None else None
         return paged_decode_attention(q, k, v, self.cache.k[layer_idx], self.cache.v[layer_idx], self.slots,
-                                      self.tables, self.context_lens, self.scale, rope=rope)
+                                      self.tables, self.context_lens, self.scale, rotary=tables)
 
 
 def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedDecode,
                   fuse_matmuls: bool) -> torch.Tensor:
-    """ids, positions (B,) of one new token per sequence -> logits (B, V) fp32."""
+    """ids, positions (B,) of one new token per sequence (ctx holds the same positions) -> logits (B, V) fp32."""
     if not fuse_matmuls or ids.shape[0] > MAX_ROWS:
         return model.compute_logits(model(ids, positions, ctx))
     x = model.embed_tokens(ids)  # (B, hidden)
-    rope = model.rotary(positions)
     b = ids.shape[0]
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -53,7 +56,7 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.T
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
                               k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
-                              rope=rope)
+                              rotary=model.rotary)
         x = linear(attended.view(b, -1), attn.o_proj.weight, residual=x)
         norm = layer.post_attention_layernorm
         x = linear(rms_norm_swiglu(x, norm.weight, norm.eps, mlp.gate_up_proj.weight), mlp.down_proj.weight, residual=x)

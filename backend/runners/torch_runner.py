@@ -85,6 +85,14 @@ class TorchRunner:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
         return True, why is None
 
+    def close(self) -> None:
+        """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
+        self._graphs.clear()
+        self._graph_pool = None
+        self.kv = self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ---- KV pool sizing -------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -146,11 +154,13 @@ class TorchRunner:
     def _init_graph_buffers(self) -> None:
         m = self.graph_batch_sizes[-1]
         dev = self.device
-        self._ids = torch.zeros(m, dtype=torch.int64, device=dev)
-        self._pos = torch.zeros(m, dtype=torch.int64, device=dev)
-        self._slots = torch.zeros(m, dtype=torch.int64, device=dev)
+        # The graphs' static inputs, one row each: ids, positions, slots, context lens (StepInput.packed's
+        # first four rows in a decode-only step, so one copy fills them).
+        self._inputs = torch.zeros(4, m, dtype=torch.int64, device=dev)
+        self._ids, self._pos, self._slots, self._ctx = self._inputs
         self._tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int64, device=dev)
-        self._ctx = torch.ones(m, dtype=torch.int64, device=dev)
+        # Padded rows of a bucket: token 0 at position 0, written into the scratch block, attending to itself.
+        self._padding = torch.tensor([0, 0, self.scratch_block * self.block_size, 1], device=dev)[:, None].expand(4, m)
 
     def _context_buckets(self) -> list[int]:
         if self.attention_kernel:  # the kernel reads only each context's blocks, whatever the table width
@@ -178,18 +188,12 @@ class TorchRunner:
         b = step.num_seqs
         bucket = next(x for x in self.graph_batch_sizes if x >= b)
         ctx_blocks = self._context_bucket(step.attn.decode_context_blocks)
-        # Padded rows: token 0 at position 0, written into the scratch block, attending to itself.
-        self._ids[b:bucket].zero_()
-        self._pos[b:bucket].zero_()
-        self._slots[b:bucket].fill_(self.scratch_block * self.block_size)
-        self._tables[b:bucket].fill_(self.scratch_block)
-        self._ctx[b:bucket].fill_(1)
-        self._ids[:b].copy_(step.input_ids)
-        self._pos[:b].copy_(step.positions)
-        self._slots[:b].copy_(step.attn.slot_mapping)
+        if b < bucket:
+            self._inputs[:, b:bucket].copy_(self._padding[:, b:bucket])
+            self._tables[b:bucket].fill_(self.scratch_block)
+        self._inputs[:, :b].copy_(step.packed.view(5, b)[:4])
         width = step.attn.block_tables.shape[1]
         self._tables[:b, :width].copy_(step.attn.block_tables)
-        self._ctx[:b].copy_(step.attn.context_lens)
         graph = self._graphs[(bucket, ctx_blocks)]
         graph.graph.replay()
         return graph.logits[:b]
@@ -200,7 +204,7 @@ class TorchRunner:
         if self.attention_kernel:
             from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
 
-            ctx = KernelPagedDecode(self.kv, slots, tables, context_lens, self.scale)
+            ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale)
             return decode_logits(self.model, ids, positions, ctx, self.fuse_matmuls)
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
