@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
-MAX_ROWS = 4  # rows of x the kernel serves; larger decode batches amortise W across rows and go to cuBLAS
+MAX_ROWS = 4  # rows of x the kernel serves (its register tile grows with the rows)
 
 
 @triton.jit

@@ -1,14 +1,15 @@
 """TorchRunner: runs the Llama core in PyTorch over the paged KV cache (CPU reference, CUDA fast path).
 
-On CUDA, decode-only steps replay CUDA graphs captured per batch bucket: one
-launch per step instead of hundreds, which is what batch-1 decode needs to
-approach the HBM roofline. Inside them, the Triton kernels (models/llama_decode.py)
-do paged attention straight from the block tables and, at batch <= 4, fuse each
-matmul with its neighbouring elementwise work; with torch.compile on, larger
-batches get the per-layer work around attention compiled once for all layers.
-Without the Triton kernels, attention gathers the context in PyTorch, so graphs
-are captured per (batch, context) bucket. Padded rows of a bucket write into a
-scratch block that the block manager never hands out.
+On CUDA, decode-only steps replay CUDA graphs captured per (batch, context)
+bucket: one launch per step instead of hundreds, which is what batch-1 decode
+needs to approach the HBM roofline. Inside them, for contexts up to
+llama_decode.KERNEL_MAX_CONTEXT, the Triton kernels (models/llama_decode.py) do
+paged attention straight from the block tables and, at batch 1, fuse each
+matmul with its neighbouring elementwise work; so one context bucket covers all
+those contexts. Elsewhere attention gathers the context in PyTorch, per doubling
+context bucket. With torch.compile on, the per-layer work around attention is
+compiled once for all layers. Padded rows of a bucket write into a scratch
+block that the block manager never hands out.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class TorchRunner:
                                    model_config.num_kv_heads, model_config.head_dim, dtype, device)
         self.scratch_block = self.num_blocks
         self.attention_kernel, self.fuse_matmuls = self._decode_kernels()
+        self._kernel_context_blocks = 0  # widest block table the attention kernel takes
+        if self.attention_kernel:
+            from kvtriton.backend.models.llama_decode import KERNEL_MAX_CONTEXT
+
+            self._kernel_context_blocks = KERNEL_MAX_CONTEXT // self.block_size
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
         if self.graph_batch_sizes[-1] < config.max_num_seqs:
@@ -163,12 +169,12 @@ class TorchRunner:
         self._padding = torch.tensor([0, 0, self.scratch_block * self.block_size, 1], device=dev)[:, None].expand(4, m)
 
     def _context_buckets(self) -> list[int]:
-        if self.attention_kernel:  # the kernel reads only each context's blocks, whatever the table width
-            return [self.max_blocks_per_seq]
-        buckets = [8]
+        """Block-table widths a graph is captured for. The attention kernel reads only each context's own
+        blocks, so one bucket serves every context it takes; wider ones gather, so they double."""
+        buckets = [self._kernel_context_blocks] if self.attention_kernel else [8]
         while buckets[-1] < self.max_blocks_per_seq:
             buckets.append(buckets[-1] * 2)
-        return [min(b, self.max_blocks_per_seq) for b in buckets]
+        return sorted({min(b, self.max_blocks_per_seq) for b in buckets})
 
     def _context_bucket(self, blocks: int) -> int:
         return next(b for b in self._context_buckets() if b >= blocks)
@@ -201,7 +207,7 @@ class TorchRunner:
     def _decode_logits(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """The decode step (captured or eager): (B,) ids/positions/slots, tables (B, W), context_lens (B,)
         -> (B, V)."""
-        if self.attention_kernel:
+        if tables.shape[1] <= self._kernel_context_blocks:
             from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
 
             ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale)
