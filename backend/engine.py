@@ -142,9 +142,7 @@ class LLMEngine:
             if self._thread.is_alive():  # a step is stuck: its runner must stay
                 return
             self._thread = None
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
+        self.runner.close()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or not self._inbox.empty()

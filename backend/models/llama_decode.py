@@ -53,11 +53,11 @@ class KernelPagedDecode:
                                       self.tables, self.context_lens, self.scale, rotary=tables)
 
 
-def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedDecode,
+def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDecode,
                   fuse_matmuls: bool) -> torch.Tensor:
-    """ids, positions (B,) of one new token per sequence (ctx holds the same positions) -> logits (B, V) fp32."""
+    """ids (B,) of one new token per sequence, at ctx.positions -> logits (B, V) fp32."""
     if not fuse_matmuls or ids.shape[0] > FUSED_MAX_BATCH:
-        return model.compute_logits(model(ids, positions, ctx))
+        return model.compute_logits(model(ids, ctx.positions, ctx))
     x = model.embed_tokens(ids)  # (B, hidden)
     b = ids.shape[0]
     for layer in model.layers:

@@ -58,6 +58,12 @@ class OnnxRunner:
         log.info("onnxruntime runner: %s (%s) on %s", config.engine_path, spec.precision,
                  self.session.get_providers()[0])
 
+    def close(self) -> None:
+        """Free the session and KV pools now rather than when the engine is collected."""
+        self.session = self.k_cache = self.v_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @staticmethod
     def _providers(ort, device: torch.device, asked: str) -> tuple[list, torch.device]:
         available = ort.get_available_providers()

@@ -108,6 +108,12 @@ class TensorRTRunner:
         log.info("tensorrt runner: %s (%s, %s %s)", engine_path, spec.precision, manifest.builder,
                  manifest.versions.get(manifest.builder))
 
+    def close(self) -> None:
+        """Free the execution contexts (before their engine), the engine and the KV pools now."""
+        self.contexts = []
+        self.engine = self.k_cache = self.v_cache = None
+        torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """-> logits (B, V) fp32 of each sequence's last new token."""

@@ -51,12 +51,10 @@ class TorchRunner:
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
                                    model_config.num_kv_heads, model_config.head_dim, dtype, device)
         self.scratch_block = self.num_blocks
-        self.attention_kernel, self.fuse_matmuls = self._decode_kernels()
-        self._kernel_context_blocks = 0  # widest block table the attention kernel takes
-        if self.attention_kernel:
-            from kvtriton.backend.models.llama_decode import KERNEL_MAX_CONTEXT
-
-            self._kernel_context_blocks = KERNEL_MAX_CONTEXT // self.block_size
+        # Widest block table the Triton attention kernel takes (0: kernel off), and whether batch-1 decode
+        # fuses its matmuls.
+        self.kernel_context_blocks, self.fuse_matmuls = self._decode_kernels()
+        self.context_buckets = self._context_buckets()
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
         if self.graph_batch_sizes[-1] < config.max_num_seqs:
@@ -69,27 +67,28 @@ class TorchRunner:
                 self.model.compile_layers()
             self._capture_all()
 
-    def _decode_kernels(self) -> tuple[bool, bool]:
-        """(Triton paged attention on, fused skinny matmuls on) for CUDA decode steps; says why not in one line."""
+    def _decode_kernels(self) -> tuple[int, bool]:
+        """(widest block table for the Triton paged attention or 0, fused skinny matmuls on) for CUDA decode
+        steps; says why not in one line."""
         if self.device.type != "cuda" or not self.config.enable_triton_kernels:
-            return False, False
+            return 0, False
         try:
             import triton  # noqa: F401
         except ImportError:
             log.warning("triton is not installed: CUDA decode uses PyTorch attention and cuBLAS matmuls instead")
-            return False, False
+            return 0, False
         from kvtriton.backend.kernels.paged_decode_attention import supported
-        from kvtriton.backend.models.llama_decode import fusable
+        from kvtriton.backend.models.llama_decode import KERNEL_MAX_CONTEXT, fusable
 
         mc = self.model_config
         why = supported(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype)
         if why:
             log.warning("%s: CUDA decode uses PyTorch attention and cuBLAS matmuls instead", why)
-            return False, False
+            return 0, False
         why = fusable(self.model)
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
-        return True, why is None
+        return KERNEL_MAX_CONTEXT // self.block_size, why is None
 
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
@@ -171,13 +170,13 @@ class TorchRunner:
     def _context_buckets(self) -> list[int]:
         """Block-table widths a graph is captured for. The attention kernel reads only each context's own
         blocks, so one bucket serves every context it takes; wider ones gather, so they double."""
-        buckets = [self._kernel_context_blocks] if self.attention_kernel else [8]
+        buckets = [self.kernel_context_blocks or 8]
         while buckets[-1] < self.max_blocks_per_seq:
             buckets.append(buckets[-1] * 2)
         return sorted({min(b, self.max_blocks_per_seq) for b in buckets})
 
     def _context_bucket(self, blocks: int) -> int:
-        return next(b for b in self._context_buckets() if b >= blocks)
+        return next(b for b in self.context_buckets if b >= blocks)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -185,7 +184,7 @@ class TorchRunner:
         so that serving never stalls on a capture or a compile."""
         started = time.monotonic()
         for bucket in reversed(self.graph_batch_sizes):
-            for ctx_blocks in reversed(self._context_buckets()):
+            for ctx_blocks in reversed(self.context_buckets):
                 self._capture(bucket, ctx_blocks)
         log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
@@ -207,11 +206,11 @@ class TorchRunner:
     def _decode_logits(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """The decode step (captured or eager): (B,) ids/positions/slots, tables (B, W), context_lens (B,)
         -> (B, V)."""
-        if tables.shape[1] <= self._kernel_context_blocks:
+        if tables.shape[1] <= self.kernel_context_blocks:
             from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
 
             ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale)
-            return decode_logits(self.model, ids, positions, ctx, self.fuse_matmuls)
+            return decode_logits(self.model, ids, ctx, self.fuse_matmuls)
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
             context_lens_host=[], decode_context_blocks=0, decode_only=True,
