@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis simply.", "Write a haiku about the sea.",
@@ -112,8 +112,8 @@ def decode_step_vs_roofline(engine):
     torch.cuda.synchronize()
     bandwidth = 2 * src.numel() * 20 / (time.perf_counter() - t0)  # read + write
     del src, dst
-    from kvtriton.backend.sequence import Sequence
-    from kvtriton.backend.step_input import prepare_step
+    from kvtriton.backend.engine.sequence import Sequence
+    from kvtriton.backend.runners.step_input import prepare_step
 
     seq = Sequence("probe", list(range(1, 65)), SamplingParams())
     seq.num_computed_tokens = 63
@@ -162,7 +162,7 @@ def main():
         (folder / "config.json").write_text(json.dumps(LLAMA_1B))
         model, dummy = str(folder), True
     else:
-        from kvtriton.build.default_model import ensure_default_model
+        from kvtriton.backend.models.default_model import ensure_default_model
 
         folder, model, dummy = ensure_default_model(progress=lambda *_: None), "default", False
     cfg = EngineConfig(model=model, device=args.device, dummy_weights=dummy, max_num_seqs=64,
@@ -173,7 +173,7 @@ def main():
 
         source = Path(args.tokenizer) if args.tokenizer else None
         if source is None:
-            from kvtriton.build.default_model import ensure_default_model
+            from kvtriton.backend.models.default_model import ensure_default_model
 
             source = ensure_default_model(progress=lambda *_: None)
         for name in ("tokenizer.json", "tokenizer_config.json"):

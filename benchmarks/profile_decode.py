@@ -17,11 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
 
-from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.engine import LLMEngine  # noqa: E402
-from kvtriton.backend.sampling_params import SamplingParams  # noqa: E402
-from kvtriton.backend.sequence import Sequence  # noqa: E402
-from kvtriton.backend.step_input import prepare_step  # noqa: E402
+from kvtriton.backend.engine.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
+from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
 
 
 def main():

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
 
-from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.engine import LLMEngine  # noqa: E402
-from kvtriton.backend.sampling_params import SamplingParams  # noqa: E402
-from kvtriton.backend.tritonserver import TritonServer  # noqa: E402
+from kvtriton.backend.engine.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.entrypoints.tritonserver import TritonServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the engine schedules tokens not phases and every step hands out one budget".split()
@@ -133,7 +133,7 @@ def main():
     if args.tokenizer and args.config == "llama-1b":
         default = Path(args.tokenizer)
     else:
-        from kvtriton.build.default_model import ensure_default_model
+        from kvtriton.backend.models.default_model import ensure_default_model
 
         default = ensure_default_model(progress=lambda *_: None)
     if args.config == "llama-1b":

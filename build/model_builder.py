@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from kvtriton.build.manifest import Manifest, checkpoint_sha256, library_versions
+from kvtriton.backend.runners.manifest import Manifest, checkpoint_sha256, library_versions
 from kvtriton.build.onnx_export import PRECISIONS, export_step_graph
 
 RUNTIMES = ("onnxruntime", "tensorrt")
@@ -90,7 +90,7 @@ class _Timer:
 
 def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
     """Run the build; returns the written model directory (<out>/<name>)."""
-    from kvtriton.backend.model_config import ModelConfig
+    from kvtriton.backend.models.model_config import ModelConfig
     from kvtriton.backend.models.loader import load_model
     from kvtriton.build import repository
 
@@ -143,13 +143,13 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
 def resolve_checkpoint(checkpoint: str, say: Callable[[str], None]) -> Path:
     """An HF folder for `checkpoint`: 'default', an HF folder, or a .gguf converted once into the cache."""
     if checkpoint == "default":
-        from kvtriton.build.default_model import ensure_default_model
+        from kvtriton.backend.models.default_model import ensure_default_model
 
         return ensure_default_model(progress=say)
     path = Path(checkpoint).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from kvtriton.build.cache import cache_dir
-        from kvtriton.build.gguf_checkpoint import convert_gguf
+        from kvtriton.backend.models.cache import cache_dir
+        from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 
         target = cache_dir() / "checkpoints" / f"{path.stem}-{checkpoint_sha256(path)[:16]}"
         if not (target / "config.json").is_file():

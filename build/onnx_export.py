@@ -1,4 +1,4 @@
-"""Export the step graph (build/step_graph.py) of a loaded model to ONNX, self-described by metadata.
+"""Export the step graph (backend/runners/step_graph.py) of a loaded model to ONNX, self-described by metadata.
 
 Plain ONNX ops only (Gather, MatMul, Softmax, Where, ...; no contrib ops),
 so onnxruntime on any execution provider and TensorRT's parser both take it.
@@ -10,43 +10,17 @@ engine config instead of producing garbage.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from kvtriton.backend.models.dtypes import DTYPE_NAMES
 from kvtriton.backend.models.llama import LlamaForCausalLM
-from kvtriton.build.step_graph import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, StepGraph, example_inputs
+from kvtriton.backend.runners.graph_spec import GraphSpec, set_metadata
+from kvtriton.backend.runners.step_graph import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAMES, StepGraph, example_inputs
 
 OPSET = 19  # DequantizeLinear with fp16/bf16 scales needs >= 19 (fp32 scales: 13)
-_ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _TWO_GIB = 2**31  # protobuf's limit: larger models keep their weights in an external data file
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """What every consumer of the graph must agree with; stored as the ONNX file's metadata_props."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    block_size: int
-    kv_dtype: str  # float32 | float16 | bfloat16: the pools' element type
-    precision: str  # fp32 | fp16 | bf16 | int8: how the weights are stored
-
-    def to_metadata(self) -> dict[str, str]:
-        return {f"kvtriton.{k}": str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_metadata(cls, props: dict[str, str], source: str) -> "GraphSpec":
-        values = {k.removeprefix("kvtriton."): v for k, v in props.items() if k.startswith("kvtriton.")}
-        fields = cls.__dataclass_fields__
-        missing = sorted(set(fields) - set(values))
-        if missing:
-            raise ValueError(f"{source}: not a kvtriton step graph (metadata lacks {', '.join(missing)}); "
-                             f"build it with `kvtriton build`")
-        return cls(**{k: (int(values[k]) if fields[k].type == "int" else values[k]) for k in fields})
 
 
 # precision -> the dtype the model is loaded (and traced) in; int8's is its default activation dtype.
@@ -67,7 +41,7 @@ def export_step_graph(model: LlamaForCausalLM, path: str | Path, block_size: int
         raise ValueError(f"precision {precision} needs the model in {PRECISIONS[precision]}, it is in {dtype}")
     cfg = model.config
     spec = GraphSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, block_size,
-                     _ONNX_DTYPES[dtype], precision)
+                     DTYPE_NAMES[dtype], precision)
     path = Path(path)
     inputs = example_inputs(model, block_size=block_size, dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings():
@@ -98,23 +72,6 @@ def _declare_output_shapes(proto, spec: GraphSpec) -> None:
                 dim.dim_value = value
             else:
                 dim.dim_param = value
-
-
-def set_metadata(proto, spec: GraphSpec) -> None:
-    import onnx
-
-    keep = [p for p in proto.metadata_props if not p.key.startswith("kvtriton.")]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in spec.to_metadata().items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-
-
-def read_spec(path: str | Path) -> GraphSpec:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return GraphSpec.from_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
 def save_onnx(proto, path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""Build a TensorRT engine from the step graph (build/step_graph.py), strongly typed, with dynamic shapes.
+"""Build a TensorRT engine from the step graph (backend/runners/step_graph.py), strongly typed, with dynamic shapes.
 
 Precision lives in the ONNX graph (fp16/bf16 casts, int8 DequantizeLinear): TensorRT 10+ builds it
 strongly typed, with no precision flags or calibrators. The builder is `tensorrt` where importable,
@@ -14,31 +14,16 @@ Both: block-table width in [1, max_blocks_per_seq], KV pool of exactly num_block
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
+from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
+
 # TensorRT for RTX targets named architectures when no GPU is present (Ampere .. Blackwell consumer parts).
 RTX_TARGETS = ("SM80", "SM86", "SM89", "SM120")
-
-
-def import_tensorrt() -> ModuleType:
-    for name in _MODULES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise ImportError(f"no TensorRT Python module found (tried {', '.join(_MODULES)}); install TensorRT, or "
-                      "TensorRT for RTX: pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-
-
-def flavour(trt: ModuleType) -> str:
-    """'tensorrt' or 'tensorrt_rtx': engines of one do not load in the other."""
-    return "tensorrt_rtx" if trt.__name__.startswith("tensorrt_rtx") else "tensorrt"
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """`kvtriton`: one command, subcommands for every way of using the bundle.
 
-  serve        start tritonserver on a model repository (kvtriton.backend.serve)
+  serve        start tritonserver on a model repository (kvtriton.backend.entrypoints.serve)
   generate     one prompt: in-process engine, or a running server with --url
   chat         interactive chat against a running server
   bench        load generator against a running server
   build        checkpoint -> ONNX / TensorRT model in a repository (kvtriton.build)
   fetch-model  download and convert the default model into the cache
 
-Imports are lazy so that `kvtriton --help` and each command start fast.
+This dispatcher sits on top of all three parts and is the one module of
+kvtriton.client allowed to import kvtriton.backend and kvtriton.build
+(tests/test_layers.py checks it). Imports are lazy so that `kvtriton --help`
+and each command start fast.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ from typing import Sequence
 
 
 def _serve(argv: list[str]) -> int:
-    from kvtriton.backend.serve import main
+    from kvtriton.backend.entrypoints.serve import main
+    from kvtriton.client.generate_cmd import stream_demo
 
-    return main(argv)
+    return main(argv, demo=stream_demo)
 
 
 def _fetch_model(argv: list[str]) -> int:
-    from kvtriton.build.default_model import main
+    from kvtriton.backend.models.default_model import main
 
     return main(argv)
 
 
 def _generate(argv: list[str]) -> int:
-    from kvtriton.backend import offline
+    from kvtriton.backend.entrypoints import offline
     from kvtriton.client import generate_cmd
     from kvtriton.client.cli_args import sampling_from_args
 

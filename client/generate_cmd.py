@@ -64,6 +64,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stream_demo(grpc_url: str, prompt: str) -> None:
+    """`kvtriton serve --demo`: one real streamed chat answer through the server, as a user's client gets it."""
+    from kvtriton.client.api import LLMClient
+
+    print(f"\n> {prompt}", flush=True)
+    with LLMClient(grpc_url, protocol="grpc") as client:
+        with client.stream(messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=128) as stream:
+            for chunk in stream:
+                print(chunk.text, end="", flush=True)
+    print("\n", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_command(PROG, "Generate text with a running kvtriton server.", add_arguments, run, argv)
 

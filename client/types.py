@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from kvtriton.client.errors import ServerError
 
-# The contract's sampling parameter names (kvtriton.backend.sampling_params, without aliases).
+# The contract's sampling parameter names (kvtriton.backend.engine.sampling_params, without aliases).
 SAMPLING_KEYS = frozenset({
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
     "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens",

@@ -16,6 +16,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # tritonserver: copy the Python-backend stub that matches this venv's Python (idempotent).
-.venv/bin/python -c "from kvtriton.backend.tritonserver import find_tritonserver, prepare_python_stub; prepare_python_stub(find_tritonserver())"
+.venv/bin/python -c "from kvtriton.backend.entrypoints.tritonserver import find_tritonserver, prepare_python_stub; prepare_python_stub(find_tritonserver())"
 # The default model, converted once into the cache (KVTRITON_CACHE, else XDG_CACHE_HOME/kvtriton).
 .venv/bin/kvtriton fetch-model >/dev/null

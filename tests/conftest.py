@@ -16,7 +16,7 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 @pytest.fixture(scope="session")
 def default_model_folder() -> Path:
-    from kvtriton.build.default_model import ensure_default_model
+    from kvtriton.backend.models.default_model import ensure_default_model
 
     return ensure_default_model(progress=lambda *_: None)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvtriton.backend.attention import AttentionMetadata, KVCache, PagedAttention
+from kvtriton.backend.attention.kv_cache import KVCache
+from kvtriton.backend.attention.metadata import AttentionMetadata
+from kvtriton.backend.attention.paged import PagedAttention
 
 
 def prefill_logits(model, prompts: list[list[int]], block_size: int = 4) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvtriton.backend.models.loader import load_model
-from kvtriton.build.step_graph import INPUT_NAMES, StepGraph, example_inputs
+from kvtriton.backend.runners.step_graph import INPUT_NAMES, StepGraph, example_inputs
 
 
 def half_graph_vs_fp32(path, folder):

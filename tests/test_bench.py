@@ -8,7 +8,7 @@ import pytest
 
 from kvtriton.client import bench_cmd
 from kvtriton.client.bench_report import LATENCY_METRICS
-from kvtriton.backend.tritonserver import free_ports
+from kvtriton.backend.entrypoints.tritonserver import free_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

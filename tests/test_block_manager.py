@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvtriton.backend.block_manager import BlockManager, KVCacheBlock, hash_block_tokens
+from kvtriton.backend.engine.block_manager import BlockManager, KVCacheBlock, hash_block_tokens
 
 BS = 4  # block size used throughout: small enough to reason about ids by hand
 
@@ -35,12 +35,12 @@ def check_invariants(bm: BlockManager) -> None:
         assert not bm._cached_blocks
 
 
-def admit(bm: BlockManager, seq_id: str, tokens: list[int], num_new: int | None = None):
+def admit(bm: BlockManager, request_id: str, tokens: list[int], num_new: int | None = None):
     """Scheduler-style admission: look up the prefix, then allocate the rest."""
     hits, num_hit = bm.get_computed_blocks(tokens)
     if num_new is None:
         num_new = len(tokens) - num_hit
-    return bm.allocate_slots(seq_id, tokens, num_hit, num_new, hits), num_hit
+    return bm.allocate_slots(request_id, tokens, num_hit, num_new, hits), num_hit
 
 
 # ------------------------------------------------------------ allocation order
@@ -288,52 +288,52 @@ def test_random_schedule_keeps_invariants_and_kv_contents_and_leaks_nothing(seed
     bm = BlockManager(num_blocks=24, block_size=BS, enable_prefix_caching=enable_prefix_caching)
     pool: dict[int, int] = {}  # slot -> token id written there
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(1, 14))] for _ in range(4)]
-    live: dict[str, tuple[list[int], int]] = {}  # seq_id -> (token_ids, num_computed)
+    live: dict[str, tuple[list[int], int]] = {}  # request_id -> (token_ids, num_computed)
 
-    def write(seq_id: str, tokens: list[int], start: int, stop: int) -> None:
-        table = bm.block_table(seq_id)
+    def write(request_id: str, tokens: list[int], start: int, stop: int) -> None:
+        table = bm.block_table(request_id)
         for i in range(start, stop):
             pool[table[i // BS] * BS + i % BS] = tokens[i]
 
     for step in range(600):
         op = rng.random()
         if op < 0.3 or not live:
-            seq_id = f"s{step}"
+            request_id = f"s{step}"
             tokens = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 10))]
             hits, num_hit = bm.get_computed_blocks(tokens)
             assert num_hit < len(tokens)
             num_new = rng.randint(1, len(tokens) - num_hit)  # chunked prefill
-            if bm.allocate_slots(seq_id, tokens, num_hit, num_new, hits) is not None:
-                write(seq_id, tokens, num_hit, num_hit + num_new)
-                live[seq_id] = (tokens, num_hit + num_new)
+            if bm.allocate_slots(request_id, tokens, num_hit, num_new, hits) is not None:
+                write(request_id, tokens, num_hit, num_hit + num_new)
+                live[request_id] = (tokens, num_hit + num_new)
         elif op < 0.85:
-            seq_id = rng.choice(sorted(live))
-            tokens, num_computed = live[seq_id]
+            request_id = rng.choice(sorted(live))
+            tokens, num_computed = live[request_id]
             if num_computed == len(tokens):
                 tokens.append(rng.randrange(50))  # decode: the sampled token is known
             num_new = rng.randint(1, len(tokens) - num_computed)
-            if bm.allocate_slots(seq_id, tokens, num_computed, num_new) is None:
-                bm.free(seq_id)  # preempt by recompute
-                del live[seq_id]
+            if bm.allocate_slots(request_id, tokens, num_computed, num_new) is None:
+                bm.free(request_id)  # preempt by recompute
+                del live[request_id]
             else:
-                write(seq_id, tokens, num_computed, num_computed + num_new)
-                live[seq_id] = (tokens, num_computed + num_new)
+                write(request_id, tokens, num_computed, num_computed + num_new)
+                live[request_id] = (tokens, num_computed + num_new)
         else:
-            seq_id = rng.choice(sorted(live))
-            bm.free(seq_id)
-            del live[seq_id]
+            request_id = rng.choice(sorted(live))
+            bm.free(request_id)
+            del live[request_id]
 
         check_invariants(bm)
-        for seq_id, (tokens, num_computed) in live.items():
-            table = bm.block_table(seq_id)
+        for request_id, (tokens, num_computed) in live.items():
+            table = bm.block_table(request_id)
             assert len(table) == bm.num_blocks_needed(num_computed)
             assert [pool[table[i // BS] * BS + i % BS] for i in range(num_computed)] \
                 == tokens[:num_computed]
 
     if enable_prefix_caching:
         assert 0 < bm.prefix_hits < bm.prefix_queries
-    for seq_id in list(live):
-        bm.free(seq_id)
+    for request_id in list(live):
+        bm.free(request_id)
     check_invariants(bm)
     assert bm.num_free_blocks == bm.num_blocks and bm.usage == 0.0
     assert bm.reset_prefix_cache() is True

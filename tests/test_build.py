@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.build import cli
-from kvtriton.build.manifest import Manifest, checkpoint_sha256
+from kvtriton.backend.runners.manifest import Manifest, checkpoint_sha256
 from kvtriton.build.repository import read_parameters
 from tests.tiny_model import make_tiny_model
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from kvtriton.backend.tritonserver import free_ports
+from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.api import AsyncLLMClient, LLMClient
 from kvtriton.client.errors import InvalidRequestError, ServerUnavailableError
 

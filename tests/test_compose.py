@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvtriton.backend.serve import build_parser
+from kvtriton.backend.entrypoints.serve import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

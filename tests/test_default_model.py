@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtriton.build import default_model
-from kvtriton.build.cache import cache_dir
-from kvtriton.build.default_model import DEFAULT_MODEL_NAME, ensure_default_model, main
+from kvtriton.backend.models import default_model
+from kvtriton.backend.models.cache import cache_dir
+from kvtriton.backend.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model, main
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from kvtriton.backend.detokenizer import MAX_WINDOW_TOKENS, REPLACEMENT_CHAR, IncrementalDetokenizer
-from kvtriton.backend.tokenizer import Tokenizer
+from kvtriton.backend.engine.detokenizer import MAX_WINDOW_TOKENS, REPLACEMENT_CHAR, IncrementalDetokenizer
+from kvtriton.backend.engine.tokenizer import Tokenizer
 
 MIXED = [
     "The quick brown fox jumps over the lazy dog. ",
@@ -220,7 +220,7 @@ def test_misuse_is_reported(per_byte):
 
 
 def default_model_tokenizer() -> Tokenizer:
-    from kvtriton.build.default_model import default_model_dir
+    from kvtriton.backend.models.default_model import default_model_dir
 
     folder = default_model_dir()
     if not (folder / "tokenizer.json").is_file():

@@ -13,9 +13,9 @@ PyTorch path 8/16, every divergence at such a near-tie.
 import pytest
 import torch
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GAP_TOLERANCE = 0.5

@@ -15,8 +15,8 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from kvtriton.build import gguf_checkpoint
-from kvtriton.build.gguf_checkpoint import convert_gguf
+from kvtriton.backend.models import gguf_checkpoint
+from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 2, 8, 64, 2
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -245,7 +245,7 @@ SAMPLE_TEXTS = [
 
 @pytest.fixture(scope="module")
 def default_model():
-    from kvtriton.build.default_model import ensure_default_gguf, ensure_default_model
+    from kvtriton.backend.models.default_model import ensure_default_gguf, ensure_default_model
 
     return ensure_default_model(), ensure_default_gguf()
 

@@ -15,7 +15,9 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
 
-from kvtriton.backend.attention import AttentionMetadata, KVCache, PagedAttention  # noqa: E402
+from kvtriton.backend.attention.kv_cache import KVCache  # noqa: E402
+from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
+from kvtriton.backend.attention.paged import PagedAttention  # noqa: E402
 from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
@@ -102,7 +104,7 @@ def test_paged_decode_attention_matches_torch_path(rope):
 @pytest.mark.parametrize("batch", [1, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
 def test_decode_logits_match_the_model_forward(batch, bias):
-    from kvtriton.backend.model_config import ModelConfig
+    from kvtriton.backend.models.model_config import ModelConfig
     from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits
     from kvtriton.backend.models.loader import load_model
 

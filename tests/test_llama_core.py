@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.loader import load_model
 from tests.llama_reference import prefill_logits
 
@@ -78,9 +78,9 @@ def test_default_model_logits_match_transformers(default_model_folder):
 
 @pytest.mark.slow
 def test_default_model_answers_paris(default_model_folder):
-    from kvtriton.backend.config import EngineConfig
-    from kvtriton.backend.engine import LLMEngine
-    from kvtriton.backend.sampling_params import SamplingParams
+    from kvtriton.backend.engine.config import EngineConfig
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+    from kvtriton.backend.engine.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(default_model_folder), device="cpu")).start()
     try:

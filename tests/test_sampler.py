@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kvtriton.backend.sampler import (
+from kvtriton.backend.engine.sampler import (
     Sampler, SamplingMetadata, apply_penalties, apply_top_k_top_p)
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 V = 32
 sampler = Sampler()

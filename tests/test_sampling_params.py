@@ -1,6 +1,6 @@
 import pytest
 
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 
 def test_defaults_follow_openai_semantics():

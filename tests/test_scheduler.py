@@ -1,9 +1,9 @@
 """Scheduler decisions on tiny pools: token budget, chunked prefill, FCFS, preemption order, exact blocks."""
 
-from kvtriton.backend.block_manager import BlockManager
-from kvtriton.backend.sampling_params import SamplingParams
-from kvtriton.backend.scheduler import Scheduler, SchedulerConfig
-from kvtriton.backend.sequence import Sequence, SequenceStatus
+from kvtriton.backend.engine.block_manager import BlockManager
+from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig
+from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=16, block_size=4, max_seqs=8, budget=8, chunked=True, prefix=True):
@@ -28,13 +28,13 @@ def test_long_prompt_is_chunked_and_never_stalls_running_decodes():
     short = seq("short", 3)
     sched.add(short)
     out = sched.schedule()
-    assert [(s.seq_id, n) for s, n in out.scheduled] == [("short", 3)]
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("short", 3)]
     complete(out.scheduled)
     sched.add(seq("long", 20, first=500))
     steps = []
     for _ in range(3):
         out = sched.schedule()
-        steps.append([(s.seq_id, n) for s, n in out.scheduled])
+        steps.append([(s.request_id, n) for s, n in out.scheduled])
         complete(out.scheduled)
     # Every step: the decode first (1 token), the long prompt takes the rest of the budget (7, 7, then 6).
     assert steps == [[("short", 1), ("long", 7)], [("short", 1), ("long", 7)], [("short", 1), ("long", 6)]]
@@ -45,7 +45,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
     sched.add(seq("a", 6))
     sched.add(seq("b", 6, first=300))
     out = sched.schedule()
-    assert [(s.seq_id, n) for s, n in out.scheduled] == [("a", 6)]  # b does not fit the 2 tokens left
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 6)]  # b does not fit the 2 tokens left
 
 
 def test_fcfs_admission_does_not_skip_ahead():
@@ -54,8 +54,8 @@ def test_fcfs_admission_does_not_skip_ahead():
     sched.add(seq("bigger", 8, first=300))  # 2 blocks: does not fit the 1 left
     sched.add(seq("small", 2, first=600))  # would fit, but must not overtake
     out = sched.schedule()
-    assert [s.seq_id for s, _ in out.scheduled] == ["big"]
-    assert [s.seq_id for s in sched.waiting] == ["bigger", "small"]
+    assert [s.request_id for s, _ in out.scheduled] == ["big"]
+    assert [s.request_id for s in sched.waiting] == ["bigger", "small"]
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first_with_exact_blocks():
@@ -67,8 +67,8 @@ def test_preemption_takes_the_newest_and_requeues_it_first_with_exact_blocks():
     complete(out.scheduled)
     assert bm.block_table("a") == [0, 1] and bm.block_table("b") == [2, 3]
     out = sched.schedule()  # a needs a 3rd block for its 9th token: none free, b (newest) is preempted
-    assert [s.seq_id for s in out.preempted] == ["b"]
-    assert [(s.seq_id, n) for s, n in out.scheduled] == [("a", 1)]
+    assert [s.request_id for s in out.preempted] == ["b"]
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1)]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.num_preemptions == 1
     assert sched.waiting[0] is b and b.token_ids[-1] == 7  # its generated token is kept (recompute)
     assert bm.block_table("a") == [0, 1, 3]  # b's blocks were freed tail-first: 3 is reused first

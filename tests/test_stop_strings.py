@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvtriton.backend.stop_strings import StopStringMatcher
+from kvtriton.backend.engine.stop_strings import StopStringMatcher
 
 
 def run(stop, deltas):

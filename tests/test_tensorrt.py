@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.runners.tensorrt_runner import check_runnable
-from kvtriton.build.manifest import Manifest
+from kvtriton.backend.runners.manifest import Manifest
+from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
 from kvtriton.build.model_builder import BuildConfig, build_model, graph_io
 from tests.tiny_model import make_tiny_model
 
@@ -18,7 +19,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("transformers")
 tensorrt_engine = pytest.importorskip("kvtriton.build.tensorrt_engine")
 try:
-    trt = tensorrt_engine.import_tensorrt()
+    trt = import_tensorrt()
 except ImportError:
     pytest.skip("no TensorRT / TensorRT for RTX installed", allow_module_level=True)
 
@@ -43,7 +44,7 @@ def assert_engine_matches_graph(model_dir, kv_dtype):
         assert graph["inputs"][name]["dtype"] == "INT64"  # TensorRT's parser wants int64 index bindings
     assert graph["inputs"]["k_cache"]["dtype"] == kv_dtype and graph["outputs"]["new_k"]["dtype"] == kv_dtype
     assert graph["outputs"]["logits"]["dtype"] == "FLOAT"
-    assert manifest.builder == tensorrt_engine.flavour(trt) and manifest.versions[manifest.builder] == trt.__version__
+    assert manifest.builder == flavour(trt) and manifest.versions[manifest.builder] == trt.__version__
     decode, prefill = manifest.profiles
     assert decode["input_ids"][2] == [manifest.limits["max_num_seqs"], 1]
     assert prefill["input_ids"][2] == [1, manifest.limits["max_num_batched_tokens"]]

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from kvtriton.backend.tokenizer import Tokenizer
+from kvtriton.backend.engine.tokenizer import Tokenizer
 
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",
@@ -300,7 +300,7 @@ def test_template_cannot_escape_the_sandbox(tmp_path):
 
 
 def default_model_folder() -> Path:
-    from kvtriton.build.default_model import default_model_dir
+    from kvtriton.backend.models.default_model import default_model_dir
 
     folder = default_model_dir()
     if not (folder / "tokenizer.json").is_file():

@@ -1,4 +1,4 @@
-"""kvtriton.backend.tritonserver: finding, starting, streaming through and stopping a real tritonserver."""
+"""kvtriton.backend.entrypoints.tritonserver: finding, starting, streaming through and stopping a real tritonserver."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvtriton.backend import serve as serve_cmd
-from kvtriton.backend import tritonserver as ts
+from kvtriton.backend.entrypoints import serve as serve_cmd
+from kvtriton.backend.entrypoints import tritonserver as ts
 from tests.triton_fixture import ECHO_REPOSITORY, start_server
 
 TEXT = "hello streaming  world, from echo"
@@ -312,7 +312,7 @@ def test_serve_as_a_process_stops_cleanly_on_sigterm(tmp_path):
     """What `docker stop` does to the container's `kvtriton serve`."""
     http, grpc, metrics = ts.free_ports(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtriton.backend.serve", "--model-repository", str(ECHO_REPOSITORY),
+        [sys.executable, "-m", "kvtriton.backend.entrypoints.serve", "--model-repository", str(ECHO_REPOSITORY),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
          "--log-file", str(tmp_path / "server.log"), "--timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvtriton.backend.tritonserver import TritonServer
+from kvtriton.backend.entrypoints.tritonserver import TritonServer
 
 ECHO_REPOSITORY = Path(__file__).parent / "assets" / "echo_repository"
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtriton.backend.attention import KVCache
+from kvtriton.backend.attention.kv_cache import KVCache
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention
 from kvtriton.backend.kernels.skinny_matmul import linear, rms_norm_linear, rms_norm_swiglu
 from kvtriton.backend.models.llama import LlamaForCausalLM

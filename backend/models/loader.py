@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.llama import LlamaForCausalLM
 
 # HF suffix -> (fused parameter suffix, shard index)

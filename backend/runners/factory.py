@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.models.dtypes import TORCH_DTYPES
+from kvtriton.backend.models.model_config import ModelConfig
 
 log = logging.getLogger("kvtriton")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_folder(model: str) -> Path:
     if model == "default":
-        from kvtriton.build.default_model import ensure_default_model
+        from kvtriton.backend.models.default_model import ensure_default_model
 
         return ensure_default_model(progress=log.info)
     folder = Path(model).expanduser()
@@ -47,7 +47,7 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
     if config.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
-        dtype = _DTYPES[config.dtype]
+        dtype = TORCH_DTYPES[config.dtype]
     return device, dtype
 
 

@@ -1,4 +1,4 @@
-"""OnnxRunner: runs the exported step graph (build/step_graph.py) in onnxruntime over the paged KV pools.
+"""OnnxRunner: runs the exported step graph (backend/runners/step_graph.py) in onnxruntime over the paged KV pools.
 
 The runner owns the pools as torch tensors `(L, NB, BS, Hkv, D)` and binds
 them, and preallocated outputs, to the session by pointer (io_binding): no
@@ -18,24 +18,23 @@ import logging
 
 import torch
 
-from kvtriton.backend.attention import KVCache
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.model_config import ModelConfig
-from kvtriton.backend.step_input import StepInput
-from kvtriton.backend.runners.step_groups import StepGroup, split_step, write_new_kv
+from kvtriton.backend.attention.kv_cache import KVCache, write_kv
+from kvtriton.backend.models.dtypes import TORCH_DTYPES
+from kvtriton.backend.runners.graph_spec import read_spec
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.runners.step_input import StepInput
+from kvtriton.backend.runners.step_groups import StepGroup, split_step
 
 log = logging.getLogger("kvtriton")
 
 _GIB = 1 << 30
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class OnnxRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, folder, device: torch.device,
                  dtype: torch.dtype, max_model_len: int):
         import onnxruntime as ort
-
-        from kvtriton.build.onnx_export import read_spec
 
         if not config.engine_path:
             raise ValueError("runner=onnxruntime needs engine_path: the .onnx file that `kvtriton build` wrote")
@@ -46,7 +45,7 @@ class OnnxRunner:
                              f"rebuild with --precision fp16 or fp32, or use runner=tensorrt")
         providers, device = self._providers(ort, device, config.device)
         self.device = device
-        self.kv_dtype = _TORCH_DTYPES[spec.kv_dtype]
+        self.kv_dtype = TORCH_DTYPES[spec.kv_dtype]
         self.block_size = spec.block_size
         self.session = ort.InferenceSession(config.engine_path, providers=providers)
         per_block = KVCache.bytes_per_block(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
@@ -99,7 +98,7 @@ class OnnxRunner:
         for name, tensor in (("logits", logits), ("new_k", new_k), ("new_v", new_v)):
             _bind(binding.bind_output, name, tensor)
         self.session.run_with_iobinding(binding)
-        write_new_kv(self.k_cache, self.v_cache, group.slot_mapping, new_k, new_v)
+        write_kv(self.k_cache, self.v_cache, group.slot_mapping, new_k, new_v)
         return logits
 
 

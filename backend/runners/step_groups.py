@@ -1,6 +1,6 @@
-"""Split an engine step (packed tokens, backend/step_input.py) into the step graph's dense (B, T) calls.
+"""Split an engine step (packed tokens, backend/runners/step_input.py) into the step graph's dense (B, T) calls.
 
-The graph (build/step_graph.py) takes B sequences with T new tokens each.
+The graph (backend/runners/step_graph.py) takes B sequences with T new tokens each.
 The decode group (one new token per sequence, first in the packed batch) is
 one call; every longer chunk (a prefill) is a call of its own. Shared by
 the onnxruntime and tensorrt runners, so both feed the graph the same way.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtriton.backend.step_input import StepInput
+from kvtriton.backend.runners.step_input import StepInput
 
 
 @dataclass
@@ -50,11 +50,3 @@ def _group(step: StepInput, lo: int, hi: int, seqs: slice, t: int, block_size: i
         block_tables=step.attn.block_tables[seqs, :width].to(device).contiguous(),
         slot_mapping=meta.slot_mapping[lo:hi].to(device).contiguous(),
     )
-
-
-def write_new_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, new_k: torch.Tensor,
-                 new_v: torch.Tensor) -> None:
-    """Scatter a call's new K/V (L, B, T, Hkv, D) into the pools (L, NB, BS, Hkv, D) at `slots` (B*T,)."""
-    layers, nb, bs, hkv, d = k_cache.shape
-    k_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_k.reshape(layers, -1, hkv, d))
-    v_cache.view(layers, nb * bs, hkv, d).index_copy_(1, slots, new_v.reshape(layers, -1, hkv, d))

@@ -16,16 +16,19 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.attention.kv_cache import write_kv
+from kvtriton.backend.models.dtypes import TORCH_DTYPES
+from kvtriton.backend.runners.graph_spec import read_spec
 from kvtriton.backend.runners.onnx_runner import check_graph_matches
-from kvtriton.backend.step_input import StepInput
-from kvtriton.build.manifest import Manifest
-from kvtriton.backend.runners.step_groups import StepGroup, split_step, write_new_kv
+from kvtriton.backend.runners.step_input import StepInput
+from kvtriton.backend.runners.manifest import Manifest
+from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
+from kvtriton.backend.runners.step_groups import StepGroup, split_step
 
 log = logging.getLogger("kvtriton")
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What TensorRT for RTX's runtime accepts (its error on Hopper lists these).
 RTX_RUNTIME_CAPABILITIES = ("SM80", "SM86", "SM89", "SM120", "SM121")
 
@@ -37,8 +40,6 @@ def rebuild_hint(manifest: Manifest) -> str:
 
 def check_runnable(manifest: Manifest, engine_path: str, trt_module, capability: tuple[int, int] | None) -> None:
     """Refuse, in one line, an engine this process cannot run: no GPU, other TensorRT, other GPU."""
-    from kvtriton.build.tensorrt_engine import flavour
-
     if manifest.runner != "tensorrt" or not manifest.engine:
         raise ValueError(f"{engine_path}: its manifest says runner {manifest.runner}; use runner={manifest.runner}")
     if capability is None:
@@ -66,16 +67,12 @@ def check_runnable(manifest: Manifest, engine_path: str, trt_module, capability:
 class TensorRTRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, folder, device: torch.device,
                  dtype: torch.dtype, max_model_len: int):
-        from kvtriton.build.onnx_export import read_spec
-
         if not config.engine_path:
             raise ValueError("runner=tensorrt needs engine_path: the .engine file that `kvtriton build "
                              "--runtime tensorrt` wrote")
         engine_path = Path(config.engine_path)
         manifest = Manifest.read(engine_path.parent)
         try:
-            from kvtriton.build.tensorrt_engine import import_tensorrt
-
             trt = import_tensorrt()
         except ImportError:
             trt = None
@@ -89,7 +86,7 @@ class TensorRTRunner:
                              f"{manifest.limits['num_blocks']} blocks; remove the parameter or rebuild with "
                              f"--num-kv-blocks {config.num_kv_blocks}")
         self.device, self.block_size = device, spec.block_size
-        self.kv_dtype = _TORCH_DTYPES[spec.kv_dtype]
+        self.kv_dtype = TORCH_DTYPES[spec.kv_dtype]
         self.num_blocks = manifest.limits["num_blocks"]
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
@@ -142,5 +139,5 @@ class TensorRTRunner:
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed; see the TensorRT log lines above")
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        write_new_kv(self.k_cache, self.v_cache, group.slot_mapping, new_k, new_v)
+        write_kv(self.k_cache, self.v_cache, group.slot_mapping, new_k, new_v)
         return logits

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtriton.backend.attention import AttentionMetadata, KVCache, PagedAttention
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.model_config import ModelConfig
+from kvtriton.backend.attention.kv_cache import KVCache
+from kvtriton.backend.attention.metadata import AttentionMetadata
+from kvtriton.backend.attention.paged import PagedAttention
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.loader import load_model
-from kvtriton.backend.step_input import StepInput
+from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
 

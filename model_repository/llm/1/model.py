@@ -1,2 +1,2 @@
-# Triton loads this file; the model itself lives in the kvtriton package (kvtriton.backend.triton_model).
-from kvtriton.backend.triton_model import TritonPythonModel  # noqa: F401
+# Triton loads this file; the model itself lives in the kvtriton package (kvtriton.backend.triton.model).
+from kvtriton.backend.triton.model import TritonPythonModel  # noqa: F401

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -18,11 +18,11 @@ import logging
 
 import triton_python_backend_utils as pb_utils
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
-from kvtriton.backend.triton_metrics import TritonMetrics
-from kvtriton.backend.triton_request import RequestError, parse_generate_request
-from kvtriton.backend.triton_sink import ResponseOutbox, TritonResponseSink
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.triton.metrics import TritonMetrics
+from kvtriton.backend.triton.request import RequestError, parse_generate_request
+from kvtriton.backend.triton.sink import ResponseOutbox, TritonResponseSink
 
 # config.pbtxt parameters that belong to the adapter, not the engine.
 ADAPTER_PARAMETERS = {"stream_interval": 1, "shutdown_timeout_s": 30.0}

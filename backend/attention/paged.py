@@ -1,8 +1,6 @@
-"""Paged attention in plain PyTorch: the KV layout every runner shares.
+"""Paged attention in plain PyTorch: the attention every runner on torch uses.
 
-Per layer a K pool and a V pool `(num_blocks, block_size, Hkv, D)`. A
-sequence's context lives in the blocks its block table lists; token i of a
-sequence sits at slot `table[i // bs] * bs + i % bs`. Each step writes the
+Each step writes the
 new tokens' K/V at their slots first, then attends over the gathered context,
 so prefill chunks, prefix-cache hits and decodes are one code path.
 
@@ -13,54 +11,17 @@ the shape CUDA graphs capture). Longer chunks (prefills) follow, one call each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kvtriton.backend.attention.kv_cache import KVCache, gather_kv, write_kv
+from kvtriton.backend.attention.metadata import AttentionMetadata
 
 # Prefill chunks come in every length. cuDNN's SDPA builds an execution plan per new shape (tens of
 # ms on an H200: one new prompt length stalled its whole step), so prefill uses the kernels that
 # need no plan. Decode keeps every backend: its shapes are the captured buckets, planned once.
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # (N,) int64: flat pool slot of each new token
-    block_tables: torch.Tensor  # (B, MB) int64: block ids per sequence, padded
-    context_lens: torch.Tensor  # (B,) int64: tokens in context after this step, new ones included
-    num_decodes: int  # the first num_decodes sequences have exactly one new token
-    query_lens: list[int]  # host copy: new tokens per sequence (B,)
-    context_lens_host: list[int]  # host copy of context_lens
-    decode_context_blocks: int  # block-table columns the decode group gathers (>= its longest context)
-    # Every sequence has one new token and block_tables is already cut to the decode width:
-    # the CUDA-graph path, which carries no host lists.
-    decode_only: bool = False
-
-
-@dataclass
-class KVCache:
-    """The pools of all layers. Allocated once; the block manager owns the ids."""
-
-    k: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D)
-    v: list[torch.Tensor]
-
-    @classmethod
-    def allocate(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device) -> "KVCache":
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(
-            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-        )
-
-    @property
-    def block_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @staticmethod
-    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class PagedAttention:
@@ -91,8 +52,8 @@ class PagedAttention:
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""
         bd = q.shape[0]
-        keys = _gather(k_pool, tables)  # (Bd, Hkv, L, D)
-        values = _gather(v_pool, tables)  # (Bd, Hkv, L, D)
+        keys = gather_kv(k_pool, tables).transpose(1, 2)  # (Bd, Hkv, L, D)
+        values = gather_kv(v_pool, tables).transpose(1, 2)  # (Bd, Hkv, L, D)
         if self._decode_mask is None:
             pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
             self._decode_mask = (pos[None, :] < self.meta.context_lens[:bd, None])[:, None, None, :]  # (Bd,1,1,L)
@@ -106,8 +67,8 @@ class PagedAttention:
         t = q.shape[0]
         nblocks = -(-ctx // k_pool.shape[1])
         tables = self.meta.block_tables[seq : seq + 1, :nblocks]  # (1, nblocks)
-        keys = _gather(k_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
-        values = _gather(v_pool, tables)[:, :, :ctx]  # (1, Hkv, ctx, D)
+        keys = gather_kv(k_pool, tables)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
+        values = gather_kv(v_pool, tables)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         with sdpa_kernel(PREFILL_BACKENDS):
             return self._prefill_attention(qh, keys, values, t, ctx)
@@ -120,19 +81,3 @@ class PagedAttention:
             mask = torch.arange(ctx, device=qh.device)[None, :] <= qpos[:, None]  # (T, ctx)
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (T, H, D)
-
-
-def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """Store the new tokens' K/V (N, Hkv, D) at their slots, in place."""
-    nb, bs, hkv, d = k_pool.shape
-    k_pool.view(nb * bs, hkv, d).index_copy_(0, slots, k)
-    v_pool.view(nb * bs, hkv, d).index_copy_(0, slots, v)
-
-
-def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """pool (NB, BS, Hkv, D), tables (B, MB) -> (B, Hkv, MB*BS, D)."""
-    b, mb = tables.shape
-    _, bs, hkv, d = pool.shape
-    # index_select, not pool[tables]: same result, several times faster for small gathers on CPU.
-    return pool.index_select(0, tables.reshape(-1)).view(b, mb * bs, hkv, d).transpose(1, 2)

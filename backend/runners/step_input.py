@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtriton.backend.attention import AttentionMetadata
-from kvtriton.backend.sequence import Sequence
+from kvtriton.backend.attention.metadata import AttentionMetadata
+from kvtriton.backend.engine.sequence import Sequence
 
 
 @dataclass

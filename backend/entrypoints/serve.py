@@ -1,7 +1,7 @@
 """`kvtriton serve`: start tritonserver on a model repository, wait for readiness, serve until Ctrl-C.
 
 Locally the binary comes from the nvidia-pytriton wheel; in NVIDIA's image it
-is the `tritonserver` on PATH (see kvtriton.backend.tritonserver). With
+is the `tritonserver` on PATH (see kvtriton.backend.entrypoints.tritonserver). With
 `--demo PROMPT`, once the models are ready one streamed answer from the `llm`
 model is printed through the server itself, as the README's first command shows.
 """
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kvtriton.backend.tritonserver import TritonServer, TritonServerError, find_tritonserver
-
+from kvtriton.backend.entrypoints.tritonserver import TritonServer, TritonServerError, find_tritonserver
 
 
 class ServeError(ValueError):
@@ -112,8 +111,6 @@ def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None
         server.start()
         server.wait_ready()
         _print_endpoints(server, time.monotonic() - started)
-        if options.demo is not None:
-            _demo(server, options.demo)
         if on_ready is not None:
             on_ready(server)
         while True:
@@ -134,18 +131,6 @@ def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None
             signal.signal(s, handler)
 
 
-def _demo(server: TritonServer, prompt: str) -> None:
-    """One real streamed answer through the server (gRPC), as a user's client would get it."""
-    from kvtriton.client.api import LLMClient
-
-    print(f"\n> {prompt}", flush=True)
-    with LLMClient(server.grpc_url, protocol="grpc") as client:
-        with client.stream(messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=128) as stream:
-            for chunk in stream:
-                print(chunk.text, end="", flush=True)
-    print("\n", flush=True)
-
-
 def _print_endpoints(server: TritonServer, ready_after_s: float) -> None:
     models = ", ".join(f"{name} (v{version})" for name, version in server.ready_models()) or "none"
     print(
@@ -160,10 +145,20 @@ def _print_endpoints(server: TritonServer, ready_after_s: float) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``kvtriton serve``: returns the process exit status."""
+def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | None = None) -> int:
+    """``kvtriton serve``: returns the process exit status.
+
+    ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready; the ``kvtriton`` command
+    passes the client's (this layer imports no client code).
+    """
     try:
-        return serve(parse_args(sys.argv[1:] if argv is None else argv))
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+        on_ready = None
+        if options.demo is not None:
+            if demo is None:
+                raise ServeError("--demo needs a client: run it as `kvtriton serve --demo PROMPT`")
+            on_ready = lambda server: demo(server.grpc_url, options.demo)  # noqa: E731
+        return serve(options, on_ready)
     except (ServeError, TritonServerError) as e:
         print(f"kvtriton serve: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtriton.backend.block_manager import BlockManager
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.model_config import ModelConfig
-from kvtriton.backend.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob
-from kvtriton.backend.request_state import RequestState
+from kvtriton.backend.engine.block_manager import BlockManager
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob
+from kvtriton.backend.engine.request_state import RequestState
 from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype, resolve_model_folder
-from kvtriton.backend.sampler import Sampler, SamplingMetadata
-from kvtriton.backend.sampling_params import SamplingParams
-from kvtriton.backend.scheduler import Scheduler, SchedulerConfig
-from kvtriton.backend.sequence import Sequence
-from kvtriton.backend.step_input import prepare_step
-from kvtriton.backend.tokenizer import Tokenizer
+from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
+from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig
+from kvtriton.backend.engine.sequence import Sequence
+from kvtriton.backend.runners.step_input import prepare_step
+from kvtriton.backend.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("kvtriton")
 
@@ -172,12 +172,12 @@ class LLMEngine:
         except Exception as exc:  # a runner fault must not take the other requests or the thread down
             log.exception("engine step failed")
             for seq, _ in sched.scheduled:
-                self._finish(seq.seq_id, "error", f"internal error during generation: {exc}")
+                self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
         if self.metrics is not None:
             self.metrics.observe_step(self.stats())
 
     def _execute(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        tables = [self.block_manager.block_table(seq.seq_id) for seq, _ in scheduled]
+        tables = [self.block_manager.block_table(seq.request_id) for seq, _ in scheduled]
         step = prepare_step(scheduled, tables, self.config.block_size, self.device)
         logits = self.runner.execute(step)  # (B, V)
         rows = []
@@ -191,7 +191,7 @@ class LLMEngine:
         seqs = [scheduled[i][0] for i in rows]
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            [s.generator for s in seqs], [self._states[s.seq_id].stop_token_ids for s in seqs],
+            [s.generator for s in seqs], [self._states[s.request_id].stop_token_ids for s in seqs],
             self._sample_vocab, self.device,
         )
         logits = logits[rows] if len(rows) < len(scheduled) else logits  # (B, V)
@@ -200,16 +200,16 @@ class LLMEngine:
         logprobs = _logprobs_to_host(out, seqs, token_ids)
         self._num_generation_tokens += len(seqs)
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
-            state = self._states[seq.seq_id]
+            state = self._states[seq.request_id]
             try:
                 output = state.append_token(token_id, lp)
             except Exception as exc:  # one request's failure (detokenizing, say) ends that request only
-                log.exception("request %s failed", seq.seq_id)
-                self._finish(seq.seq_id, "error", f"internal error during generation: {exc}")
+                log.exception("request %s failed", seq.request_id)
+                self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
                 continue
             if output.finished:
                 self.scheduler.finish(seq)
-                del self._states[seq.seq_id]
+                del self._states[seq.request_id]
             self._emit(state, output)
 
     def _drain_inbox(self) -> None:
@@ -219,11 +219,11 @@ class LLMEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                if item.seq_id in self._states:
-                    sink.put(RequestOutput(item.seq_id, [], "", finished=True, finish_reason="error",
-                                           error=f"request id {item.seq_id!r} is already in flight"))
+                if item.request_id in self._states:
+                    sink.put(RequestOutput(item.request_id, [], "", finished=True, finish_reason="error",
+                                           error=f"request id {item.request_id!r} is already in flight"))
                     continue
-                self._states[item.seq_id] = RequestState(item, sink, self.tokenizer, self.eos_token_ids,
+                self._states[item.request_id] = RequestState(item, sink, self.tokenizer, self.eos_token_ids,
                                                          self.max_model_len)
                 self.scheduler.add(item)
             elif item in self._states:
@@ -248,7 +248,7 @@ class LLMEngine:
         try:
             state.sink.put(output)
         except Exception:  # a broken client connection must not stop the loop
-            log.exception("could not deliver output of request %s", state.seq.seq_id)
+            log.exception("could not deliver output of request %s", state.seq.request_id)
         if self.metrics is not None:
             self.metrics.observe_output(output)
 

@@ -110,9 +110,9 @@ class BlockManager:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return -(-num_tokens // self.block_size)
 
-    def block_table(self, seq_id: str) -> list[int]:
+    def block_table(self, request_id: str) -> list[int]:
         """Block ids of the sequence in token order; [] for an unknown sequence."""
-        return [b.block_id for b in self._tables.get(seq_id, ())]
+        return [b.block_id for b in self._tables.get(request_id, ())]
 
     def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[KVCacheBlock], int]:
         """Longest run of full prompt blocks already cached, and the tokens they cover.
@@ -136,7 +136,7 @@ class BlockManager:
 
     # -------------------------------------------------------------- mutations
 
-    def allocate_slots(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+    def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                        num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] | None = None) -> list[int] | None:
         """Grow the sequence's block table to cover num_computed + num_new tokens.
@@ -149,8 +149,8 @@ class BlockManager:
         is registered for prefix reuse at once.
         """
         hits = new_computed_blocks or []
-        table = self._tables.get(seq_id)
-        self._validate_request(seq_id, table, token_ids, num_computed_tokens, num_new_tokens, hits)
+        table = self._tables.get(request_id)
+        self._validate_request(request_id, table, token_ids, num_computed_tokens, num_new_tokens, hits)
         num_held = (len(table) if table is not None else 0) + len(hits)
         num_total = num_computed_tokens + num_new_tokens
         num_new_blocks = max(self.num_blocks_needed(num_total) - num_held, 0)
@@ -161,9 +161,9 @@ class BlockManager:
             return None
 
         if table is None:
-            table = self._tables[seq_id] = []
+            table = self._tables[request_id] = []
             if self.enable_prefix_caching:
-                self._seq_hashes[seq_id] = [b.block_hash for b in hits]
+                self._seq_hashes[request_id] = [b.block_hash for b in hits]
                 self.prefix_queries += len(token_ids)
                 self.prefix_hits += len(hits) * self.block_size
         # Take the hits before popping new blocks: popping could otherwise
@@ -177,18 +177,18 @@ class BlockManager:
         table.extend(new_blocks)
 
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq_id, table, token_ids, num_total)
+            self._register_full_blocks(request_id, table, token_ids, num_total)
         return [b.block_id for b in new_blocks]
 
-    def free(self, seq_id: str) -> None:
-        """Release the sequence's blocks. Unknown seq_id: no-op.
+    def free(self, request_id: str) -> None:
+        """Release the sequence's blocks. Unknown request_id: no-op.
 
         Blocks reaching ref_cnt 0 join the back of the free queue in reverse
         table order, so the sequence's head (the part other prompts are most
         likely to share) is evicted last. Hashed blocks stay findable.
         """
-        table = self._tables.pop(seq_id, None)
-        self._seq_hashes.pop(seq_id, None)
+        table = self._tables.pop(request_id, None)
+        self._seq_hashes.pop(request_id, None)
         if table is None:
             return
         for block in reversed(table):
@@ -209,32 +209,32 @@ class BlockManager:
 
     # ---------------------------------------------------------------- helpers
 
-    def _validate_request(self, seq_id: str, table: list[KVCacheBlock] | None,
+    def _validate_request(self, request_id: str, table: list[KVCacheBlock] | None,
                           token_ids: Sequence[int], num_computed_tokens: int,
                           num_new_tokens: int, hits: list[KVCacheBlock]) -> None:
         """Reject caller bugs loudly; a silent mistake here corrupts KV of other sequences."""
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(
-                f"sequence {seq_id!r}: num_computed_tokens ({num_computed_tokens}) and "
+                f"sequence {request_id!r}: num_computed_tokens ({num_computed_tokens}) and "
                 f"num_new_tokens ({num_new_tokens}) must be >= 0")
         if num_computed_tokens + num_new_tokens > len(token_ids):
             raise ValueError(
-                f"sequence {seq_id!r}: token_ids has {len(token_ids)} tokens but "
+                f"sequence {request_id!r}: token_ids has {len(token_ids)} tokens but "
                 f"{num_computed_tokens} computed + {num_new_tokens} new were asked for; "
                 "append the tokens being computed to token_ids before scheduling them")
         if hits and table is not None:
             raise ValueError(
-                f"sequence {seq_id!r} already holds blocks; new_computed_blocks may be "
+                f"sequence {request_id!r} already holds blocks; new_computed_blocks may be "
                 "passed only on its first allocation")
         if table is None and num_computed_tokens != len(hits) * self.block_size:
             # More would claim K/V that was never written; fewer would rewrite shared blocks.
             raise ValueError(
-                f"sequence {seq_id!r}: on a first allocation num_computed_tokens must equal the "
+                f"sequence {request_id!r}: on a first allocation num_computed_tokens must equal the "
                 f"tokens covered by new_computed_blocks ({len(hits) * self.block_size}), "
                 f"got {num_computed_tokens}")
         if table is not None and len(table) * self.block_size < num_computed_tokens:
             raise ValueError(
-                f"sequence {seq_id!r}: {num_computed_tokens} tokens counted as computed but its "
+                f"sequence {request_id!r}: {num_computed_tokens} tokens counted as computed but its "
                 f"{len(table)} blocks hold only {len(table) * self.block_size}")
         # A hit is only valid while the block still holds this prompt's
         # prefix: it may have been evicted and refilled since the lookup.
@@ -244,7 +244,7 @@ class BlockManager:
             parent = hash_block_tokens(parent, token_ids[i * bs:(i + 1) * bs])
             if block.block_hash != parent or self._cached_blocks.get(parent) is not block:
                 raise ValueError(
-                    f"sequence {seq_id!r}: prefix-hit block {block.block_id} no longer holds "
+                    f"sequence {request_id!r}: prefix-hit block {block.block_id} no longer holds "
                     "this prompt's prefix (evicted since get_computed_blocks?); call "
                     "get_computed_blocks right before allocate_slots")
 
@@ -257,10 +257,10 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def _register_full_blocks(self, seq_id: str, table: list[KVCacheBlock],
+    def _register_full_blocks(self, request_id: str, table: list[KVCacheBlock],
                               token_ids: Sequence[int], num_tokens: int) -> None:
         """Hash blocks that are full once ``num_tokens`` tokens are computed."""
-        hashes = self._seq_hashes[seq_id]
+        hashes = self._seq_hashes[request_id]
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvtriton.backend.block_manager import BlockManager
-from kvtriton.backend.sequence import Sequence, SequenceStatus
+from kvtriton.backend.engine.block_manager import BlockManager
+from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq.seq_id)
+        self.block_manager.free(seq.request_id)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -78,7 +78,7 @@ class Scheduler:
             n = self._share(seq.num_tokens - seq.num_computed_tokens, budget)
             if n == 0:
                 break
-            while bm.allocate_slots(seq.seq_id, seq.token_ids, seq.num_computed_tokens, n) is None:
+            while bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -99,7 +99,7 @@ class Scheduler:
             n = self._share(seq.num_tokens - num_cached, budget)
             if n == 0:
                 break
-            if bm.allocate_slots(seq.seq_id, seq.token_ids, num_cached, n, hits or None) is None:
+            if bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None) is None:
                 break  # FCFS: wait for blocks rather than let a later, smaller request overtake
             self.waiting.popleft()
             seq.num_computed_tokens = num_cached
@@ -119,7 +119,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        self.block_manager.free(seq.request_id)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-from kvtriton.backend.detokenizer import IncrementalDetokenizer
-from kvtriton.backend.outputs import OutputSink, RequestOutput, TokenLogprob
-from kvtriton.backend.sequence import Sequence
-from kvtriton.backend.stop_strings import StopStringMatcher
-from kvtriton.backend.tokenizer import Tokenizer
+from kvtriton.backend.engine.detokenizer import IncrementalDetokenizer
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, TokenLogprob
+from kvtriton.backend.engine.sequence import Sequence
+from kvtriton.backend.engine.stop_strings import StopStringMatcher
+from kvtriton.backend.engine.tokenizer import Tokenizer
 
 
 class RequestState:
@@ -61,7 +61,7 @@ class RequestState:
     def _output(self, token_ids: list[int], text: str, now: float) -> RequestOutput:
         seq = self.seq
         return RequestOutput(
-            request_id=seq.seq_id, token_ids=token_ids, text=text,
+            request_id=seq.request_id, token_ids=token_ids, text=text,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time, time=now,

@@ -11,9 +11,9 @@ import json
 import logging
 import sys
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine import LLMEngine
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -26,7 +26,7 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    seq_id: str
+    request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)

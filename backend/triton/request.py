@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvtriton.backend.sampling_params import SamplingParams
+from kvtriton.backend.engine.sampling_params import SamplingParams
 
 # typed input -> sampling key (TensorRT-LLM names map onto vLLM's)
 TYPED_INPUTS = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvtriton.backend.tokenizer import Tokenizer
+from kvtriton.backend.engine.tokenizer import Tokenizer
 
 # What decoders print for bytes that are not (yet) valid UTF-8.
 REPLACEMENT_CHAR = "\ufffd"

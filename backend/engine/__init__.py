@@ -1,0 +1,1 @@
+"""The engine: request lifecycle, scheduling, KV block bookkeeping, sampling and output processing."""

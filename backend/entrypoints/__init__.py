@@ -1,0 +1,1 @@
+"""How kvtriton starts: offline generation, `kvtriton serve`, the tritonserver launcher."""

@@ -1,0 +1,1 @@
+"""The Triton Python-backend adapter: request parsing, response sink, metrics, cancellation."""
