@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
@@ -118,8 +118,8 @@ def decode_step_vs_roofline(engine):
     seq = Sequence("probe", list(range(1, 65)), SamplingParams())
     seq.num_computed_tokens = 63
     bm = engine.block_manager
-    bm.allocate_slots("probe", seq.token_ids, 0, 64)
-    step = prepare_step([(seq, 1)], [bm.block_table("probe")], engine.config.block_size, engine.device)
+    seq.block_ids = bm.allocate_slots("probe", seq.token_ids, 0, 64)
+    step = prepare_step([(seq, 1)], engine.config.block_size, engine.device)
     for _ in range(5):
         runner.execute(step)
     torch.cuda.synchronize()

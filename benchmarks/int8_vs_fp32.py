@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from kvtriton.backend.attention.metadata import AttentionMetadata
-from kvtriton.backend.engine.config import EngineConfig
-from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.int8 import quantize_linears
 from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.step_input import StepInput
-from kvtriton.backend.engine.tokenizer import Tokenizer
 
 TEXT = (
     "Paged attention keeps the keys and values of every sequence in fixed-size blocks, so that memory is "

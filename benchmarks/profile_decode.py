@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
 
-from kvtriton.backend.engine.config import EngineConfig  # noqa: E402
+from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
@@ -38,8 +38,8 @@ def main():
                                     max_model_len=512, enable_torch_compile=args.compile == "on"))
     seq = Sequence("probe", list(range(1, 65)), SamplingParams())
     seq.num_computed_tokens = 63
-    engine.block_manager.allocate_slots("probe", seq.token_ids, 0, 64)
-    step = prepare_step([(seq, 1)], [engine.block_manager.block_table("probe")], 16, engine.device)
+    seq.block_ids = engine.block_manager.allocate_slots("probe", seq.token_ids, 0, 64)
+    step = prepare_step([(seq, 1)], 16, engine.device)
     for _ in range(10):
         engine.runner.execute(step)
     torch.cuda.synchronize()

@@ -17,7 +17,6 @@ import gc
 import http.client
 import json
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -30,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
 
-from kvtriton.backend.engine.config import EngineConfig  # noqa: E402
+from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.entrypoints.tritonserver import TritonServer  # noqa: E402
+from kvtriton.build.repository import set_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the engine schedules tokens not phases and every step hands out one budget".split()
@@ -100,17 +100,12 @@ def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_se
                cancel_poll_s: float = 0.0) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
-    config = repo / "llm" / "config.pbtxt"
-    text = config.read_text()
     values = {"model": str(model_folder), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
-              "max_num_batched_tokens": "2048", "max_model_len": "2048"}
-    for key, value in values.items():
-        text = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+              "max_num_batched_tokens": "2048", "max_model_len": "2048",
+              "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s)}
     if dummy:
-        text += 'parameters { key: "dummy_weights" value: { string_value: "true" } }\n'
-    text += f'parameters {{ key: "enable_torch_compile" value: {{ string_value: "{str(compile_).lower()}" }} }}\n'
-    text += f'parameters {{ key: "cancel_poll_interval_s" value: {{ string_value: "{cancel_poll_s}" }} }}\n'
-    config.write_text(text)
+        values["dummy_weights"] = "true"
+    set_parameters(repo / "llm" / "config.pbtxt", values)
     return repo
 
 

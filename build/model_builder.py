@@ -90,8 +90,8 @@ class _Timer:
 
 def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
     """Run the build; returns the written model directory (<out>/<name>)."""
-    from kvtriton.backend.models.model_config import ModelConfig
     from kvtriton.backend.models.loader import load_model
+    from kvtriton.backend.models.model_config import ModelConfig
     from kvtriton.build import repository
 
     progress = _Progress(say, 4 if cfg.runtime == "tensorrt" else 3)

@@ -14,8 +14,13 @@ import sys
 from typing import Any, Sequence, TextIO
 
 from kvtriton.client.api import LLMClient
-from kvtriton.client.cli_args import (add_connection_arguments, add_sampling_arguments, client_from_args,
-                                      run_command, sampling_from_args)
+from kvtriton.client.cli_args import (
+    add_connection_arguments,
+    add_sampling_arguments,
+    client_from_args,
+    run_command,
+    sampling_from_args,
+)
 from kvtriton.client.errors import LLMClientError, ServerError, ServerUnavailableError
 from kvtriton.client.generate_cmd import fail
 

@@ -13,8 +13,13 @@ import json
 import sys
 from typing import Sequence
 
-from kvtriton.client.cli_args import (add_connection_arguments, add_sampling_arguments, client_from_args,
-                                      run_command, sampling_from_args)
+from kvtriton.client.cli_args import (
+    add_connection_arguments,
+    add_sampling_arguments,
+    client_from_args,
+    run_command,
+    sampling_from_args,
+)
 from kvtriton.client.errors import LLMClientError
 
 __all__ = ["add_arguments", "run", "add_sampling_arguments", "sampling_from_args", "main"]
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
             completion = stream.completion
-    except ValueError as e:  # an unknown sampling key or malformed prompt, before anything was sent
+    except ValueError as e:  # a malformed prompt, before anything was sent
         return fail(PROG, str(e), 2)
     except LLMClientError as e:
         return fail(PROG, f"{type(e).__name__}: {e}")

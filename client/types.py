@@ -2,8 +2,9 @@
 
 The wire format is the `llm` model's contract (vLLM backend inputs): the prompt
 as `text_input` or a chat as `messages` (JSON), a `stream` flag, and sampling
-parameters as one JSON object. Only key names are checked here; values are the
-server's to validate, so there is one set of rules and one set of messages.
+parameters as one JSON object. Sampling keys and values are the server's to
+validate (an unknown key comes back as an InvalidRequestError naming it), so
+there is one set of rules and one set of messages.
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from typing import Any, Mapping
 
 from kvtriton.client.errors import ServerError
 
-# The contract's sampling parameter names (kvtriton.backend.engine.sampling_params, without aliases).
-SAMPLING_KEYS = frozenset({
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens",
-})
 FINISH_REASONS = ("stop", "length", "abort")
 
 _request_ids = itertools.count()
@@ -47,9 +43,6 @@ class GenerateRequest:
                 if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
                     raise ValueError(f'messages must be {{"role": ..., "content": ...}} objects, got {m!r}')
             object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
-        unknown = sorted(set(self.sampling) - SAMPLING_KEYS)
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(SAMPLING_KEYS))}")
         # None means "server default": such keys are not sent at all.
         object.__setattr__(self, "sampling", {k: v for k, v in self.sampling.items() if v is not None})
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
+
+from kvtriton.build.repository import set_parameters
 
 from tests.triton_fixture import start_server
 
@@ -24,14 +25,7 @@ def default_model_folder() -> Path:
 def _variant(src: Path, dst: Path, **parameters: str) -> None:
     """Copy a model directory, overriding config.pbtxt parameters."""
     shutil.copytree(src, dst)
-    config = (dst / "config.pbtxt").read_text()
-    for key, value in parameters.items():
-        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-        pattern = rf'parameters \{{ key: "{key}" value: \{{ string_value: "[^"]*" \}} \}}'
-        config, n = re.subn(pattern, line, config)
-        if not n:
-            config += line + "\n"
-    (dst / "config.pbtxt").write_text(config)
+    set_parameters(dst / "config.pbtxt", parameters)
 
 
 @pytest.fixture(scope="session")

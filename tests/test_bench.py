@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client import bench_cmd
 from kvtriton.client.bench_report import LATENCY_METRICS
-from kvtriton.backend.entrypoints.tritonserver import free_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

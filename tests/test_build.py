@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
-from kvtriton.build import cli
 from kvtriton.backend.runners.manifest import Manifest, checkpoint_sha256
+from kvtriton.backend.triton.config import AdapterConfig
+from kvtriton.build import cli
 from kvtriton.build.repository import read_parameters
+
 from tests.tiny_model import make_tiny_model
 
 pytest.importorskip("onnx")
@@ -35,9 +36,7 @@ def build(*argv) -> int:
 
 def engine_parameters(model_dir) -> dict:
     """What Triton would hand the engine: config.pbtxt's parameters, less the adapter's own."""
-    params = read_parameters(model_dir / "config.pbtxt")
-    params.pop("stream_interval", None)
-    return params
+    return AdapterConfig.from_parameters(read_parameters(model_dir / "config.pbtxt"))[1]
 
 
 def test_build_writes_a_ready_to_serve_model_that_decodes_like_torch(tiny, tmp_path, capsys):

@@ -14,6 +14,7 @@ import pytest
 from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client import chat_cmd, generate_cmd
 from kvtriton.client.api import LLMClient
+
 from tests.test_client_api import assert_nothing_running, metric, wait_idle
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
+
 from tests.tiny_model import make_tiny_model
 
 pytest.importorskip("transformers")

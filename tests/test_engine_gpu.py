@@ -13,7 +13,7 @@ PyTorch path 8/16, every divergence at such a near-tie.
 import pytest
 import torch
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 

@@ -11,8 +11,9 @@ from torch import nn
 from kvtriton.backend.models.int8 import Int8Linear, quantize_linears, quantize_per_channel
 from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.runners.graph_spec import read_spec
-from kvtriton.build.onnx_export import export_step_graph
 from kvtriton.backend.runners.step_graph import INPUT_NAMES, StepGraph, example_inputs
+from kvtriton.build.onnx_export import export_step_graph
+
 from tests.onnx_reference import half_graph_vs_fp32
 from tests.tiny_model import make_tiny_model
 

@@ -104,9 +104,9 @@ def test_paged_decode_attention_matches_torch_path(rope):
 @pytest.mark.parametrize("batch", [1, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
 def test_decode_logits_match_the_model_forward(batch, bias):
-    from kvtriton.backend.models.model_config import ModelConfig
     from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits
     from kvtriton.backend.models.loader import load_model
+    from kvtriton.backend.models.model_config import ModelConfig
 
     cfg = ModelConfig.from_dict(dict(
         architectures=["Qwen2ForCausalLM" if bias else "LlamaForCausalLM"], model_type="qwen2" if bias else "llama",

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.models.model_config import ModelConfig
+
 from tests.llama_reference import prefill_logits
 
 transformers = pytest.importorskip("transformers")
@@ -78,7 +79,7 @@ def test_default_model_logits_match_transformers(default_model_folder):
 
 @pytest.mark.slow
 def test_default_model_answers_paris(default_model_folder):
-    from kvtriton.backend.engine.config import EngineConfig
+    from kvtriton.backend.config import EngineConfig
     from kvtriton.backend.engine.llm_engine import LLMEngine
     from kvtriton.backend.engine.sampling_params import SamplingParams
 

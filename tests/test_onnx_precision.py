@@ -8,6 +8,7 @@ import torch
 from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.runners.graph_spec import read_spec
 from kvtriton.build.onnx_export import export_step_graph
+
 from tests.onnx_reference import half_graph_vs_fp32
 from tests.tiny_model import make_tiny_model
 

@@ -7,13 +7,14 @@ import collections
 import pytest
 import torch
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
-from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.runners.graph_spec import read_spec
-from kvtriton.build.onnx_export import export_step_graph
 from kvtriton.backend.runners.step_graph import INPUT_NAMES, StepGraph, example_inputs
+from kvtriton.build.onnx_export import export_step_graph
+
 from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")

@@ -15,12 +15,9 @@ def seq(name, n, first=100):
     return Sequence(name, list(range(first, first + n)), SamplingParams(max_tokens=8))
 
 
-def complete(scheduled):
-    """What the engine does after a step: advance, and append a token where the sequence caught up."""
-    for s, n in scheduled:
-        s.num_computed_tokens += n
-        if s.num_computed_tokens == s.num_tokens:
-            s.token_ids.append(7)
+def complete(sched, out):
+    """The step ran: every sequence that caught up samples token 7."""
+    return sched.update_from_output(out, [7] * len(out.sample_indices))
 
 
 def test_long_prompt_is_chunked_and_never_stalls_running_decodes():
@@ -29,13 +26,13 @@ def test_long_prompt_is_chunked_and_never_stalls_running_decodes():
     sched.add(short)
     out = sched.schedule()
     assert [(s.request_id, n) for s, n in out.scheduled] == [("short", 3)]
-    complete(out.scheduled)
+    complete(sched, out)
     sched.add(seq("long", 20, first=500))
     steps = []
     for _ in range(3):
         out = sched.schedule()
         steps.append([(s.request_id, n) for s, n in out.scheduled])
-        complete(out.scheduled)
+        complete(sched, out)
     # Every step: the decode first (1 token), the long prompt takes the rest of the budget (7, 7, then 6).
     assert steps == [[("short", 1), ("long", 7)], [("short", 1), ("long", 7)], [("short", 1), ("long", 6)]]
 
@@ -64,12 +61,12 @@ def test_preemption_takes_the_newest_and_requeues_it_first_with_exact_blocks():
     sched.add(a)
     sched.add(b)
     out = sched.schedule()
-    complete(out.scheduled)
+    complete(sched, out)
     assert bm.block_table("a") == [0, 1] and bm.block_table("b") == [2, 3]
     out = sched.schedule()  # a needs a 3rd block for its 9th token: none free, b (newest) is preempted
     assert [s.request_id for s in out.preempted] == ["b"]
     assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1)]
-    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and sched.num_preemptions == 1
     assert sched.waiting[0] is b and b.token_ids[-1] == 7  # its generated token is kept (recompute)
     assert bm.block_table("a") == [0, 1, 3]  # b's blocks were freed tail-first: 3 is reused first
 

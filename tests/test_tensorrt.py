@@ -7,12 +7,13 @@ import dataclasses
 
 import pytest
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
-from kvtriton.backend.runners.tensorrt_runner import check_runnable
 from kvtriton.backend.runners.manifest import Manifest
 from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
+from kvtriton.backend.runners.tensorrt_runner import check_runnable
 from kvtriton.build.model_builder import BuildConfig, build_model, graph_io
+
 from tests.tiny_model import make_tiny_model
 
 pytest.importorskip("onnx")

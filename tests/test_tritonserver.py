@@ -22,6 +22,7 @@ import pytest
 
 from kvtriton.backend.entrypoints import serve as serve_cmd
 from kvtriton.backend.entrypoints import tritonserver as ts
+
 from tests.triton_fixture import ECHO_REPOSITORY, start_server
 
 TEXT = "hello streaming  world, from echo"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+GIB = 1 << 30
+
 
 @dataclass
 class KVCache:
@@ -35,6 +37,18 @@ class KVCache:
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def num_blocks_for_budget(bytes_per_block: int, memory_gb: float, num_kv_blocks: int = 0) -> int:
+    """How many KV blocks a pool of `memory_gb` GiB holds: the size of every runner's pool that is not
+    sized from measured free GPU memory (CPU pools, onnxruntime's).
+
+    num_kv_blocks > 0 is a size the user set, and wins over the budget. At least one block: a budget
+    below one block still starts (and serves one block at a time) rather than failing at start-up.
+    """
+    if num_kv_blocks:
+        return num_kv_blocks
+    return max(1, int(memory_gb * GIB // bytes_per_block))
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,

@@ -1,11 +1,20 @@
-"""LLMEngine: the decoding loop. Scheduler -> runner -> sampler -> request states -> sinks.
+"""LLMEngine: the decoding loop. Each step: schedule -> prepare -> execute -> sample -> update -> emit.
+
+- schedule: the Scheduler picks {sequence: num_tokens} under one token budget and allocates blocks;
+- prepare: the step's packed inputs (backend/runners/step_input.py);
+- execute: the runner's forward pass, logits of each sequence's last new token;
+- sample: the Sampler, for the sequences that caught up with their tokens;
+- update: Scheduler.update_from_output advances, appends, stops by token, frees;
+- emit: each request's RequestState turns its token into text (stop strings) for its sink.
 
 Threading contract: one engine thread owns every Sequence, the scheduler, the
 block manager and the runner. Other threads (Triton's execute(), asyncio
 code, the CLI) only call `add_request` and `abort`, which validate on the
 caller's thread and then post to the engine's inbox; the loop drains the
 inbox at the start of each step. No locks guard engine state because no other
-thread touches it.
+thread touches it. The engine knows nothing of Triton: whoever owns a
+client's connection (the Triton adapter) watches for cancellation and calls
+`abort`.
 """
 
 from __future__ import annotations
@@ -18,18 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.block_manager import BlockManager
-from kvtriton.backend.engine.config import EngineConfig
-from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob
 from kvtriton.backend.engine.request_state import RequestState
-from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype, resolve_model_folder
 from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
-from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig
+from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
-from kvtriton.backend.runners.step_input import prepare_step
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype, resolve_model_folder
+from kvtriton.backend.runners.step_input import prepare_step
 
 log = logging.getLogger("kvtriton")
 
@@ -58,7 +67,8 @@ class LLMEngine:
         self.runner = create_runner(config, self.model_config, folder, self.device, self.dtype, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                            self.max_model_len),
             self.block_manager,
         )
         self.sampler = Sampler()
@@ -72,9 +82,6 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._num_prompt_tokens = 0
-        self._num_generation_tokens = 0
-        self._last_cancel_poll = 0.0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  folder, self.device, str(self.dtype).removeprefix("torch."), self.runner.num_blocks,
                  config.block_size, self.max_model_len)
@@ -89,7 +96,8 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, ids, params, generator=generator)
+        stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator)
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()
@@ -161,54 +169,54 @@ class LLMEngine:
             self._finish(request_id, "abort", "engine shut down")
 
     def step(self) -> None:
-        """One scheduling + forward + sampling round. Never raises: a failed step fails its requests only."""
+        """One schedule -> prepare -> execute -> sample -> update -> emit round. A failed step fails its
+        requests only: the loop and the other requests go on."""
         self._drain_inbox()
-        self._poll_cancellations()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return
         try:
-            self._execute(sched.scheduled)
+            step = prepare_step(sched.scheduled, self.config.block_size, self.device)
+            logits = self.runner.execute(step)  # (B, V)
+            token_ids, logprobs = self._sample(sched, logits)
+            seqs = self.scheduler.update_from_output(sched, token_ids)
         except Exception as exc:  # a runner fault must not take the other requests or the thread down
             log.exception("engine step failed")
             for seq, _ in sched.scheduled:
-                self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
+                if seq.request_id in self._states:
+                    self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
+            return
+        self._emit_tokens(seqs, token_ids, logprobs)
         if self.metrics is not None:
             self.metrics.observe_step(self.stats())
 
-    def _execute(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        tables = [self.block_manager.block_table(seq.request_id) for seq, _ in scheduled]
-        step = prepare_step(scheduled, tables, self.config.block_size, self.device)
-        logits = self.runner.execute(step)  # (B, V)
-        rows = []
-        for i, (seq, n) in enumerate(scheduled):
-            self._num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:  # caught up: this row's logits predict a new token
-                rows.append(i)
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token for each sequence in sched.sample_indices, and its logprobs where asked for."""
+        rows = sched.sample_indices
         if not rows:
-            return
-        seqs = [scheduled[i][0] for i in rows]
+            return [], []
+        seqs = [sched.scheduled[i][0] for i in rows]
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            [s.generator for s in seqs], [self._states[s.request_id].stop_token_ids for s in seqs],
-            self._sample_vocab, self.device,
+            [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
         )
-        logits = logits[rows] if len(rows) < len(scheduled) else logits  # (B, V)
+        logits = logits[rows] if len(rows) < len(sched.scheduled) else logits  # (B, V)
         out = self.sampler(logits[:, : self._sample_vocab], meta)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
-        logprobs = _logprobs_to_host(out, seqs, token_ids)
-        self._num_generation_tokens += len(seqs)
+        return token_ids, _logprobs_to_host(out, seqs, token_ids)
+
+    def _emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
             state = self._states[seq.request_id]
             try:
-                output = state.append_token(token_id, lp)
+                output = state.process_token(token_id, lp)
             except Exception as exc:  # one request's failure (detokenizing, say) ends that request only
                 log.exception("request %s failed", seq.request_id)
                 self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
                 continue
             if output.finished:
-                self.scheduler.finish(seq)
+                if seq.finish_reason is None:  # a stop string: the scheduler has not ended it
+                    self.scheduler.finish(seq)
                 del self._states[seq.request_id]
             self._emit(state, output)
 
@@ -223,21 +231,10 @@ class LLMEngine:
                     sink.put(RequestOutput(item.request_id, [], "", finished=True, finish_reason="error",
                                            error=f"request id {item.request_id!r} is already in flight"))
                     continue
-                self._states[item.request_id] = RequestState(item, sink, self.tokenizer, self.eos_token_ids,
-                                                         self.max_model_len)
+                self._states[item.request_id] = RequestState(item, sink, self.tokenizer)
                 self.scheduler.add(item)
             elif item in self._states:
                 self._finish(item, "abort")
-
-    def _poll_cancellations(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_poll < self.config.cancel_poll_interval_s:
-            return
-        self._last_cancel_poll = now
-        for request_id, state in list(self._states.items()):
-            is_cancelled = getattr(state.sink, "is_cancelled", None)
-            if is_cancelled is not None and is_cancelled():
-                self._finish(request_id, "abort")
 
     def _finish(self, request_id: str, reason: str, error: str | None = None) -> None:
         state = self._states.pop(request_id)
@@ -258,8 +255,8 @@ class LLMEngine:
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=bm.usage, num_kv_blocks=bm.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
-            num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
-            num_generation_tokens=self._num_generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.scheduler.num_prompt_tokens,
+            num_generation_tokens=self.scheduler.num_generation_tokens,
         )
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -1,10 +1,11 @@
-"""RequestState: turns one sequence's sampled tokens into RequestOutputs (text, stop rules).
+"""RequestState: turns one sequence's sampled tokens into RequestOutputs (text, stop strings).
 
-Stop rules, in order, for each new token:
-  1. EOS (unless ignore_eos) or a stop_token_id -> finish "stop"; its text is not emitted;
-  2. its text goes through the stop-string matcher: a stop string, even one
-     spread over several tokens, ends the request and is never emitted;
-  3. max_tokens or the model's context length -> finish "length".
+The scheduler has already applied the token-level stop rules when a token
+arrives here (`seq.finish_reason`): a stop token or EOS ends the request with
+"stop" and its text is never emitted; max_tokens or the model's context ends
+it with "length" after the token's text. What needs text happens here: the
+incremental detokenizer, and the stop-string matcher, which ends a request
+even when the stop string spans several tokens, never emitting it.
 """
 
 from __future__ import annotations
@@ -19,43 +20,38 @@ from kvtriton.backend.engine.tokenizer import Tokenizer
 
 
 class RequestState:
-    def __init__(self, seq: Sequence, sink: OutputSink, tokenizer: Tokenizer, eos_token_ids: frozenset[int],
-                 max_model_len: int):
+    def __init__(self, seq: Sequence, sink: OutputSink, tokenizer: Tokenizer):
         self.seq, self.sink = seq, sink
-        p = seq.params
-        self.stop_token_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else eos_token_ids)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens)
-        self.stop_matcher = StopStringMatcher(list(p.stop))
-        self.max_model_len = max_model_len
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
+        self.stop_matcher = StopStringMatcher(list(seq.params.stop))
 
-    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
-        """Record one sampled token; returns the output to send (possibly with empty text)."""
-        seq, p = self.seq, self.seq.params
+    def process_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """The output for the token the scheduler just appended (possibly with empty text).
+
+        A finished output whose `seq.finish_reason` is None ended on a stop string: the caller must end
+        the sequence in the scheduler.
+        """
+        seq = self.seq
         now = time.monotonic()
-        seq.token_ids.append(token_id)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        text, reason = "", None
-        if token_id in self.stop_token_ids:
-            reason = "stop"
-        else:
+        reason, text = seq.finish_reason, ""
+        if reason != "stop":
             text, stopped = self.stop_matcher.feed(self.detokenizer.step([token_id]))
-            reason = "stop" if stopped else None
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-            text += self.stop_matcher.feed(self.detokenizer.flush())[0] + self.stop_matcher.flush()
+            if stopped:
+                reason = "stop"
+            elif reason == "length":
+                text += self.stop_matcher.feed(self.detokenizer.flush())[0] + self.stop_matcher.flush()
         out = self._output([token_id], text, now)
         out.logprobs = [logprob] if logprob else None
         if reason:
             out.finished, out.finish_reason = True, reason
-            seq.finish_reason = reason
         return out
 
     def final(self, reason: str, error: str | None = None) -> RequestOutput:
         """The last output of a request ended from outside the token stream (abort, error)."""
         out = self._output([], "", time.monotonic())
         out.finished, out.finish_reason, out.error = True, reason, error
-        self.seq.finish_reason = reason
         return out
 
     def _output(self, token_ids: list[int], text: str, now: float) -> RequestOutput:

@@ -4,7 +4,9 @@
 trusts an instance: construction either normalises the values or raises a
 `ValueError` whose message starts with the offending field's name.
 `SamplingParams.from_dict` is the JSON entry point (Triton's
-`sampling_parameters` input), where numbers often arrive as strings.
+`sampling_parameters` input), where numbers often arrive as strings. Its
+keys are the field names; other clients' spellings (TensorRT-LLM's) are
+their adapter's to translate.
 """
 
 from __future__ import annotations
@@ -20,12 +22,6 @@ MAX_LOGPROBS = 20
 # as vLLM v1 does.
 GREEDY_TEMPERATURE = 1e-5
 
-# Client spellings accepted by `from_dict` (TensorRT-LLM / vLLM-backend clients).
-_ALIASES = {
-    "max_new_tokens": "max_tokens",
-    "stop_words": "stop",
-    "random_seed": "seed",
-}
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
@@ -125,26 +121,25 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
-        """Parse JSON-decoded parameters: aliases, string numbers, null = default."""
+        """Parse JSON-decoded parameters: string numbers, null = default; an unknown key is an error."""
         if not isinstance(d, Mapping):
             raise ValueError(
                 f"sampling parameters must be a JSON object, got {type(d).__name__}")
-        accepted = sorted({f.name for f in dataclasses.fields(cls)} | set(_ALIASES))
+        accepted = cls.accepted_keys()
         kwargs: dict[str, Any] = {}
-        given_as: dict[str, str] = {}
         for key, value in d.items():
-            name = _ALIASES.get(key, key)
-            if name not in accepted:
+            if key not in accepted:
                 raise ValueError(
-                    f"unknown sampling parameter {key!r}; accepted: {', '.join(accepted)}")
-            if name in given_as:
-                raise ValueError(
-                    f"{key} and {given_as[name]} both set {name}; give only one")
-            given_as[name] = key
-            if value is None and name not in _NULLABLE_FIELDS:
+                    f"unknown sampling parameter {key!r}; accepted: {', '.join(sorted(accepted))}")
+            if value is None and key not in _NULLABLE_FIELDS:
                 continue  # JSON null: keep the default
-            kwargs[name] = _coerce(name, value)
+            kwargs[key] = _coerce(key, value)
         return cls(**kwargs)
+
+    @classmethod
+    def accepted_keys(cls) -> frozenset[str]:
+        """The keys `from_dict` accepts: the field names."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def _is_int(value: Any) -> bool:

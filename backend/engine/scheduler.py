@@ -10,6 +10,14 @@ the budget left, so a long prompt never stalls the running decodes.
 When the KV pool runs dry, the most recently arrived running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of
 the waiting queue with its generated tokens kept.
+
+The scheduler owns the bookkeeping of what it schedules (vLLM's split):
+`schedule()` decides and allocates, and its output carries the block ids it
+allocated (each sequence's `block_ids` is its block table, kept in step with
+the block manager); `update_from_output()` is the one place that advances
+`num_computed_tokens`, appends sampled tokens, applies the token-level stop
+rules and frees finished sequences. Stop strings need text, so output
+processing finds them and ends the sequence through `finish()`.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
+    max_model_len: int = 1 << 30  # a sequence that reaches it finishes with "length"
 
 
 @dataclass
@@ -33,6 +42,11 @@ class SchedulerOutput:
     # (sequence, new tokens) in batch order: one-token sequences first (the decode group).
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Block ids allocated this step, per request id (prefix-cache hits included at admission).
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Positions in `scheduled` whose sequence catches up this step: its last row's logits yield a token.
+    # Filled by schedule(), in batch order; update_from_output() takes one sampled token for each.
+    sample_indices: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +64,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # computed prompt tokens since start (prefix-cache hits excluded)
+        self.num_generation_tokens = 0  # sampled tokens since start
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -64,7 +80,36 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.block_ids = []
         self.block_manager.free(seq.request_id)
+
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Account for an executed step: `sampled_token_ids[j]` is the token of `out.sample_indices[j]`.
+
+        Advances every scheduled sequence by its tokens, appends the sampled tokens, and finishes (frees) a
+        sequence whose token is a stop token ("stop") or that reached max_tokens or max_model_len
+        ("length"). Returns the sequences that got a token, in batch order; finished ones have status
+        FINISHED and `finish_reason` set.
+        """
+        for seq, n in out.scheduled:
+            self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
+            seq.num_computed_tokens += n
+        sampled = [out.scheduled[i][0] for i in out.sample_indices]
+        for seq, token_id in zip(sampled, sampled_token_ids, strict=True):
+            seq.token_ids.append(token_id)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.finish(seq)
+        self.num_generation_tokens += len(sampled)
+        return sampled
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if token_id in seq.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -78,12 +123,14 @@ class Scheduler:
             n = self._share(seq.num_tokens - seq.num_computed_tokens, budget)
             if n == 0:
                 break
-            while bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n) is None:
+            while (new_ids := bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n)) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
                     break
             else:
+                seq.block_ids += new_ids
+                out.new_block_ids[seq.request_id] = new_ids
                 out.scheduled.append((seq, n))
                 budget -= n
                 i += 1
@@ -99,9 +146,12 @@ class Scheduler:
             n = self._share(seq.num_tokens - num_cached, budget)
             if n == 0:
                 break
-            if bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None) is None:
+            new_ids = bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None)
+            if new_ids is None:
                 break  # FCFS: wait for blocks rather than let a later, smaller request overtake
             self.waiting.popleft()
+            seq.block_ids = [b.block_id for b in hits] + new_ids
+            out.new_block_ids[seq.request_id] = seq.block_ids
             seq.num_computed_tokens = num_cached
             seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
@@ -110,6 +160,8 @@ class Scheduler:
             budget -= n
 
         out.scheduled.sort(key=lambda item: item[1] != 1)  # stable: decode group first
+        out.sample_indices = [i for i, (seq, n) in enumerate(out.scheduled)
+                              if seq.num_computed_tokens + n == seq.num_tokens]
         return out
 
     def _share(self, wanted: int, budget: int) -> int:
@@ -122,7 +174,7 @@ class Scheduler:
         self.block_manager.free(seq.request_id)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
+        seq.block_ids = []
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)  # victims come from the unscheduled tail of `running`

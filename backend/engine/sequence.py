@@ -2,8 +2,9 @@
 
 Owned by the engine thread alone (no locks): other threads only talk to the
 engine through its inbox. `token_ids` is prompt + generated tokens;
-`num_computed_tokens` says how many of them have K/V in the cache. The
-scheduler advances it; preemption resets it to 0 (recompute), keeping the
+`num_computed_tokens` says how many of them have K/V in the cache, and
+`block_ids` is its block table. The scheduler is their only writer: it
+advances them each step, and preemption resets them (recompute), keeping the
 generated tokens, so nothing is lost or produced twice.
 """
 
@@ -29,14 +30,15 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    stop_token_ids: frozenset[int] = frozenset()  # ends the request ("stop"): stop_token_ids, EOS unless ignore_eos
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None  # per-request seed: its own RNG stream
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)  # the block table, in token order
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
-    num_preemptions: int = 0
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # set when the scheduler ends it by token ("stop", "length")
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

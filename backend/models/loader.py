@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.llama import LlamaForCausalLM
+from kvtriton.backend.models.model_config import ModelConfig
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.engine.config import EngineConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.dtypes import TORCH_DTYPES
 from kvtriton.backend.models.model_config import ModelConfig
 

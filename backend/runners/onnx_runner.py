@@ -18,17 +18,15 @@ import logging
 
 import torch
 
-from kvtriton.backend.attention.kv_cache import KVCache, write_kv
+from kvtriton.backend.attention.kv_cache import KVCache, num_blocks_for_budget, write_kv
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.dtypes import TORCH_DTYPES
-from kvtriton.backend.runners.graph_spec import read_spec
-from kvtriton.backend.engine.config import EngineConfig
 from kvtriton.backend.models.model_config import ModelConfig
-from kvtriton.backend.runners.step_input import StepInput
+from kvtriton.backend.runners.graph_spec import read_spec
 from kvtriton.backend.runners.step_groups import StepGroup, split_step
+from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
-
-_GIB = 1 << 30
 
 
 class OnnxRunner:
@@ -50,7 +48,7 @@ class OnnxRunner:
         self.session = ort.InferenceSession(config.engine_path, providers=providers)
         per_block = KVCache.bytes_per_block(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
                                             self.kv_dtype)
-        self.num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * _GIB // per_block))
+        self.num_blocks = num_blocks_for_budget(per_block, config.kv_cache_memory_gb, config.num_kv_blocks)
         shape = (spec.num_layers, self.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)  # (L, NB, BS, Hkv, D)
         self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=device)

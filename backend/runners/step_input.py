@@ -8,11 +8,19 @@ decode group first (see attention.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
 from kvtriton.backend.attention.metadata import AttentionMetadata
-from kvtriton.backend.engine.sequence import Sequence
+
+
+class ScheduledSequence(Protocol):
+    """What a step needs of a scheduled sequence (the engine's Sequence has it; runners never import it)."""
+
+    token_ids: list[int]  # prompt + generated
+    num_computed_tokens: int  # tokens whose K/V are already in the pools
+    block_ids: list[int]  # the block table, covering num_computed_tokens + this step's tokens
 
 
 @dataclass
@@ -30,10 +38,9 @@ class StepInput:
         return len(self.attn.query_lens)
 
 
-def prepare_step(
-    scheduled: list[tuple[Sequence, int]], block_tables: list[list[int]], block_size: int, device
-) -> StepInput:
-    """scheduled: (sequence, new tokens) with one-token sequences first; block_tables: each one's table."""
+def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device) -> StepInput:
+    """scheduled: (sequence, new tokens) with one-token sequences first."""
+    block_tables = [seq.block_ids for seq, _ in scheduled]
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from kvtriton.backend.engine.config import EngineConfig
-from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.attention.kv_cache import write_kv
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.dtypes import TORCH_DTYPES
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.graph_spec import read_spec
-from kvtriton.backend.runners.onnx_runner import check_graph_matches
-from kvtriton.backend.runners.step_input import StepInput
 from kvtriton.backend.runners.manifest import Manifest
-from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
+from kvtriton.backend.runners.onnx_runner import check_graph_matches
 from kvtriton.backend.runners.step_groups import StepGroup, split_step
+from kvtriton.backend.runners.step_input import StepInput
+from kvtriton.backend.runners.tensorrt_module import flavour, import_tensorrt
 
 log = logging.getLogger("kvtriton")
 

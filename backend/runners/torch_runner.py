@@ -20,17 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtriton.backend.attention.kv_cache import KVCache
+from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_budget
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
-from kvtriton.backend.engine.config import EngineConfig
-from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
-
-_GIB = 1 << 30
 
 
 @dataclass
@@ -104,20 +102,18 @@ class TorchRunner:
     def _num_kv_blocks(self) -> int:
         cfg, mc = self.config, self.model_config
         per_block = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
-        if cfg.num_kv_blocks:
-            return cfg.num_kv_blocks
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not cfg.num_kv_blocks:  # a set num_kv_blocks wins on any device
             peak = self._profile_peak_memory()
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = total * cfg.gpu_memory_utilization - peak
             if budget < per_block * self.max_blocks_per_seq:
                 raise RuntimeError(
                     f"not enough GPU memory for one full-length sequence's KV cache: "
-                    f"{budget / _GIB:.2f} GiB left after weights and activations; "
+                    f"{budget / GIB:.2f} GiB left after weights and activations; "
                     f"raise gpu_memory_utilization or lower max_model_len"
                 )
             return int(budget // per_block)
-        return max(1, int(cfg.kv_cache_memory_gb * _GIB // per_block))
+        return num_blocks_for_budget(per_block, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)
 
     def _profile_peak_memory(self) -> int:
         """Peak memory of a full-budget forward pass (weights + activations), measured, not guessed."""

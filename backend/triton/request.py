@@ -1,10 +1,12 @@
-"""Parse one Triton inference request into a prompt + SamplingParams, or a RequestError naming the field.
+"""The `llm` model's request contract (INPUTS, OUTPUTS) and the parsing of one request into a prompt +
+SamplingParams, or a RequestError naming the field.
 
 Accepts the vLLM backend's format (text_input, stream, sampling_parameters JSON,
-exclude_input_in_output) and the TensorRT-LLM tensor names (max_tokens,
-temperature, top_k, random_seed, stop_words, min_length, return_log_probs, ...).
-Precedence, lowest first: sampling_parameters JSON, the request's parameters
-(Triton's generate endpoint puts `"parameters": {...}` there), typed inputs.
+exclude_input_in_output) and the TensorRT-LLM tensor names (random_seed,
+stop_words, min_length, return_log_probs). Those aliases live here only: the
+engine's SamplingParams knows vLLM's names alone. Precedence, lowest first:
+sampling_parameters JSON, the request's parameters (Triton's generate endpoint
+puts `"parameters": {...}` there), typed inputs.
 Independent of pb_utils so it is unit-testable: inputs arrive through a getter.
 """
 
@@ -18,15 +20,65 @@ import numpy as np
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
-# typed input -> sampling key (TensorRT-LLM names map onto vLLM's)
-TYPED_INPUTS = {
-    "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-    "min_p": "min_p", "seed": "seed", "random_seed": "seed", "ignore_eos": "ignore_eos",
-    "min_tokens": "min_tokens", "min_length": "min_tokens", "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "logprobs": "logprobs",
-}
-STOP_INPUTS = ("stop", "stop_words")
-FLAG_KEYS = ("stream", "exclude_input_in_output")
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the contract: what Triton declares, and what the adapter does with it."""
+
+    name: str
+    data_type: str  # Triton's TYPE_* name
+    dims: tuple[int, ...]  # (-1,): a list
+    role: str  # prompt | chat | flag | sampling_json | sampling | return_log_probs | output
+    sampling_key: str | None = None  # role "sampling": the SamplingParams field the input sets
+
+    def as_config(self) -> dict[str, Any]:
+        """The entry auto_complete_config adds (dims as a list: Triton compares it with the config's)."""
+        entry = {"name": self.name, "data_type": self.data_type, "dims": list(self.dims)}
+        return entry if self.role == "output" else {**entry, "optional": True}
+
+
+def _sampling(name: str, data_type: str, key: str | None = None, dims: tuple[int, ...] = (1,)) -> TensorSpec:
+    return TensorSpec(name, data_type, dims, "sampling", key or name)
+
+
+# Every input is optional to Triton; parse_generate_request asks for text_input or messages. Of two typed
+# inputs that set one key, the later row wins (random_seed over seed).
+INPUTS = (
+    TensorSpec("text_input", "TYPE_STRING", (1,), "prompt"),
+    TensorSpec("messages", "TYPE_STRING", (1,), "chat"),
+    TensorSpec("stream", "TYPE_BOOL", (1,), "flag"),
+    TensorSpec("sampling_parameters", "TYPE_STRING", (1,), "sampling_json"),
+    TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), "flag"),
+    _sampling("max_tokens", "TYPE_INT32"),
+    _sampling("temperature", "TYPE_FP32"),
+    _sampling("top_p", "TYPE_FP32"),
+    _sampling("top_k", "TYPE_INT32"),
+    _sampling("min_p", "TYPE_FP32"),
+    _sampling("seed", "TYPE_UINT64"),
+    _sampling("random_seed", "TYPE_UINT64", "seed"),  # TensorRT-LLM
+    _sampling("stop", "TYPE_STRING", dims=(-1,)),
+    _sampling("stop_words", "TYPE_STRING", "stop", dims=(-1,)),  # TensorRT-LLM
+    _sampling("ignore_eos", "TYPE_BOOL"),
+    _sampling("min_tokens", "TYPE_INT32"),
+    _sampling("min_length", "TYPE_INT32", "min_tokens"),  # TensorRT-LLM
+    _sampling("repetition_penalty", "TYPE_FP32"),
+    _sampling("presence_penalty", "TYPE_FP32"),
+    _sampling("frequency_penalty", "TYPE_FP32"),
+    _sampling("logprobs", "TYPE_INT32"),
+    TensorSpec("return_log_probs", "TYPE_BOOL", (1,), "return_log_probs"),  # TensorRT-LLM: true = logprobs 0
+)
+OUTPUTS = (
+    TensorSpec("text_output", "TYPE_STRING", (-1,), "output"),
+    TensorSpec("num_input_tokens", "TYPE_UINT32", (1,), "output"),
+    TensorSpec("num_output_tokens", "TYPE_UINT32", (1,), "output"),
+    TensorSpec("finish_reason", "TYPE_STRING", (1,), "output"),
+    TensorSpec("logprobs", "TYPE_STRING", (1,), "output"),
+)
+FLAG_KEYS = tuple(spec.name for spec in INPUTS if spec.role == "flag")
+# Other names for sampling keys in the JSON objects: the typed inputs' TensorRT-LLM names, and
+# max_new_tokens (Hugging Face generate()'s name, JSON only).
+KEY_ALIASES = {spec.name: spec.sampling_key for spec in INPUTS
+               if spec.role == "sampling" and spec.name != spec.sampling_key} | {"max_new_tokens": "max_tokens"}
 
 
 class RequestError(ValueError):
@@ -44,33 +96,25 @@ class GenerateRequest:
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
                            apply_chat_template: Callable[[list], str]) -> GenerateRequest:
     sampling: dict[str, Any] = {}
-    flags = {"stream": False, "exclude_input_in_output": False}
+    flags: dict[str, Any] = {"stream": False, "exclude_input_in_output": False}
 
     raw = get_input("sampling_parameters")
     if raw is not None:
-        sampling.update(_json_object("sampling_parameters", _text("sampling_parameters", raw)))
+        _merge_json("sampling_parameters", _text("sampling_parameters", raw), sampling, flags)
     if parameters_json:
-        for key, value in _json_object("parameters", parameters_json).items():
-            if key.startswith("triton_"):  # set by Triton / tritonclient themselves
-                continue
-            (flags if key in FLAG_KEYS else sampling)[key] = value
-    for key in FLAG_KEYS:
-        sampling_value = sampling.pop(key, None)  # vLLM clients sometimes put "stream" in the JSON
-        if sampling_value is not None:
-            flags[key] = sampling_value
-        tensor = get_input(key)
-        if tensor is not None:
-            flags[key] = bool(_scalar(key, tensor))
-    for name, key in TYPED_INPUTS.items():
-        tensor = get_input(name)
-        if tensor is not None:
-            sampling[key] = _scalar(name, tensor)
-    if (tensor := get_input("return_log_probs")) is not None and bool(_scalar("return_log_probs", tensor)):
-        sampling.setdefault("logprobs", 0)
-    for name in STOP_INPUTS:
-        tensor = get_input(name)
-        if tensor is not None:
-            sampling["stop"] = [_decode(name, b) for b in tensor.reshape(-1)]
+        _merge_json("parameters", parameters_json, sampling, flags)
+    for spec in INPUTS:
+        tensor = get_input(spec.name)
+        if tensor is None:
+            continue
+        if spec.role == "flag":
+            flags[spec.name] = bool(_scalar(spec.name, tensor))
+        elif spec.role == "sampling" and spec.dims == (-1,):
+            sampling[spec.sampling_key] = [_decode(spec.name, b) for b in tensor.reshape(-1)]
+        elif spec.role == "sampling":
+            sampling[spec.sampling_key] = _scalar(spec.name, tensor)
+        elif spec.role == "return_log_probs" and bool(_scalar(spec.name, tensor)):
+            sampling.setdefault("logprobs", 0)
 
     try:
         params = SamplingParams.from_dict(sampling)
@@ -78,6 +122,24 @@ def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parame
         raise RequestError(str(exc)) from None
     return GenerateRequest(_prompt(get_input, apply_chat_template), _bool("stream", flags["stream"]),
                            _bool("exclude_input_in_output", flags["exclude_input_in_output"]), params)
+
+
+def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str, Any]) -> None:
+    """One JSON object's keys over `sampling` and `flags` (vLLM clients sometimes put "stream" in the
+    sampling JSON). Aliases become vLLM's names; an alias beside its vLLM name in one object is an error."""
+    given_as: dict[str, str] = {}
+    for key, value in _json_object(name, text).items():
+        if key.startswith("triton_"):  # set by Triton / tritonclient themselves
+            continue
+        if key in FLAG_KEYS:
+            if value is not None:  # JSON null: keep the default, as for sampling keys
+                flags[key] = value
+            continue
+        canonical = KEY_ALIASES.get(key, key)
+        if canonical in given_as:
+            raise RequestError(f"{name}: {given_as[canonical]} and {key} both set {canonical}; give only one")
+        given_as[canonical] = key
+        sampling[canonical] = value
 
 
 def _prompt(get_input, apply_chat_template) -> str:

@@ -6,7 +6,9 @@ Two measures keep the per-response cost (an IPC round trip to the server,
   (or the request ends);
 - a ResponseOutbox thread builds and sends the responses, so the engine
   thread only enqueues and goes on with the next step. One FIFO thread keeps
-  each request's responses in order.
+  each request's responses in order. Between sends the same thread polls
+  cancellation (CancellationWatcher), so a sender is never asked and sent to
+  at once.
 Non-streaming requests get exactly one response, with the whole text.
 `put` is called only from the engine thread.
 """
@@ -17,18 +19,23 @@ import json
 import logging
 import queue
 import threading
+from typing import Callable
 
 import numpy as np
 
 from kvtriton.backend.engine.outputs import RequestOutput
 
 log = logging.getLogger("kvtriton")
+_NOTHING = object()
 
 
 class ResponseOutbox:
-    """A thread that sends what the engine thread enqueues; close() drains it."""
+    """A thread that sends what the engine thread enqueues, and runs `between_sends` after each send and
+    at least every `idle_wakeup_s` when there is nothing to send; close() drains it and stops the thread."""
 
-    def __init__(self):
+    def __init__(self, between_sends: Callable[[], None] = lambda: None, idle_wakeup_s: float = 0.1):
+        self._between_sends = between_sends
+        self._idle_wakeup_s = idle_wakeup_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kvtriton-responses", daemon=True)
         self._thread.start()
@@ -41,18 +48,30 @@ class ResponseOutbox:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            send, args = item
+        while True:
             try:
-                send(*args)
-            except Exception:  # a client that went away must not stop the others' responses
-                log.exception("could not send a response")
+                item = self._queue.get(timeout=self._idle_wakeup_s)
+            except queue.Empty:  # nothing to send: between_sends still runs on time
+                item = _NOTHING
+            if item is None:
+                return
+            if item is not _NOTHING:
+                send, args = item
+                try:
+                    send(*args)
+                except Exception:  # a client that went away must not stop the others' responses
+                    log.exception("could not send a response")
+            try:
+                self._between_sends()
+            except Exception:
+                log.exception("response thread: between-sends work failed")
 
 
 class TritonResponseSink:
     def __init__(self, pb_utils, sender, outbox: ResponseOutbox, stream: bool, prefix: str, stream_interval: int,
-                 want_logprobs: bool):
+                 want_logprobs: bool, on_finished: Callable[[str], None] = lambda request_id: None):
         self.pb_utils, self.sender, self.outbox = pb_utils, sender, outbox
+        self.on_finished = on_finished  # called with the request id before its final response is enqueued
         self.stream, self.prefix = stream, prefix  # prefix: the prompt, when it is echoed (non-streaming)
         self.stream_interval = stream_interval
         self.want_logprobs = want_logprobs
@@ -60,10 +79,9 @@ class TritonResponseSink:
         self._num_tokens = 0
         self._logprobs: list[dict] = []
 
-    def is_cancelled(self) -> bool:
-        return self.sender.is_cancelled()
-
     def put(self, out: RequestOutput) -> None:
+        if out.finished:
+            self.on_finished(out.request_id)
         if out.error is not None:
             self.outbox.put(self._send_error, out.error)
             return

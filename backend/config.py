@@ -36,9 +36,6 @@ class EngineConfig:
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
     # CUDA decode: the Triton paged-attention kernel, and at batch <= 4 the fused norm/matmul/SwiGLU kernels
     enable_triton_kernels: bool = True
-    # How often each request's sink is asked whether its client cancelled. Through Triton every ask is
-    # an IPC round trip per request; 0 asks every step.
-    cancel_poll_interval_s: float = 0.0
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
 
     def __post_init__(self) -> None:
@@ -57,8 +54,6 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.cancel_poll_interval_s < 0:
-            raise ValueError(f"cancel_poll_interval_s must be >= 0, got {self.cancel_poll_interval_s}")
         if self.num_kv_blocks < 0 or self.max_model_len < 0:
             raise ValueError("num_kv_blocks and max_model_len must be >= 0")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
@@ -72,11 +67,12 @@ class EngineConfig:
         for key, raw in values.items():
             if key not in fields:
                 raise ValueError(f"unknown engine parameter {key!r}; known: {', '.join(sorted(fields))}")
-            kwargs[key] = _convert(key, fields[key].type, raw)
+            kwargs[key] = convert_parameter(key, fields[key].type, raw)
         return cls(**kwargs)
 
 
-def _convert(key: str, type_name: Any, raw: Any) -> Any:
+def convert_parameter(key: str, type_name: Any, raw: Any) -> Any:
+    """A string-valued parameter as its field's type (bool, int, float, str); the error names the key."""
     type_name = type_name if isinstance(type_name, str) else type_name.__name__
     try:
         if type_name == "bool":

@@ -1,0 +1,248 @@
+"""The Triton adapter without a server: its config, the response sink's coalescing, the response thread,
+and cancellation (a cancelled client's request is aborted in the engine; a finished one is forgotten)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvtriton.backend.engine.outputs import RequestOutput
+from kvtriton.backend.triton.cancellation import CancellationWatcher
+from kvtriton.backend.triton.config import AdapterConfig
+from kvtriton.backend.triton.request import OUTPUTS
+from kvtriton.backend.triton.sink import ResponseOutbox, TritonResponseSink
+
+from tests import fake_pb_utils
+from tests.fake_pb_utils import FINAL, Engine, Request, Sender
+
+
+# ---- AdapterConfig ---------------------------------------------------------------------------------------
+def test_from_parameters_takes_the_adapters_keys_and_leaves_the_engines():
+    config, rest = AdapterConfig.from_parameters(
+        {"stream_interval": "4", "cancel_poll_interval_s": "0.02", "model": "default", "max_num_seqs": "8"})
+    assert config == AdapterConfig(stream_interval=4, cancel_poll_interval_s=0.02)
+    assert rest == {"model": "default", "max_num_seqs": "8"}
+
+
+def test_defaults():
+    config, rest = AdapterConfig.from_parameters({})
+    assert (config.stream_interval, config.cancel_poll_interval_s, config.shutdown_timeout_s) == (1, 0.0, 30.0)
+    assert rest == {}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"stream_interval": "0"}, "stream_interval must be >= 1"),
+    ({"stream_interval": "two"}, "stream_interval must be a int, got 'two'"),
+    ({"cancel_poll_interval_s": "-1"}, "cancel_poll_interval_s must be >= 0"),
+    ({"shutdown_timeout_s": "-5"}, "shutdown_timeout_s must be >= 0"),
+])
+def test_bad_values_fail_naming_the_parameter(values, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig.from_parameters(values)
+
+
+# ---- TritonResponseSink ----------------------------------------------------------------------------------
+class SyncOutbox:
+    """Sends at once, on the caller's thread: the sink's output is then deterministic."""
+
+    def put(self, send, *args) -> None:
+        send(*args)
+
+
+def output(text: str, finished: bool = False, error: str | None = None, request_id: str = "r") -> RequestOutput:
+    return RequestOutput(request_id, [1] if text else [], text, finished=finished,
+                         finish_reason=("stop" if error is None else "error") if finished else None,
+                         num_prompt_tokens=5, error=error)
+
+
+def sink(sender, stream=True, prefix="", stream_interval=1, want_logprobs=False, on_finished=lambda _: None):
+    return TritonResponseSink(fake_pb_utils.pb_utils_module(), sender, SyncOutbox(), stream, prefix,
+                              stream_interval, want_logprobs, on_finished)
+
+
+def sent(sender) -> list[tuple[str, int, str, int]]:
+    """(text, num_output_tokens, finish_reason, flags) of each response sent."""
+    return [(r.tensors["text_output"][0].decode(), int(r.tensors["num_output_tokens"][0]),
+             r.tensors["finish_reason"][0].decode(), flags) for r, flags in sender.sent]
+
+
+def test_streaming_coalesces_stream_interval_tokens_per_response():
+    sender = Sender()
+    s = sink(sender, stream_interval=3)
+    for word in ["a", "b", "c", "d", "e", "f"]:
+        s.put(output(word))
+    s.put(output("g", finished=True))
+    assert sent(sender) == [("abc", 3, "", 0), ("def", 3, "", 0), ("g", 1, "stop", FINAL)]
+
+
+def test_streaming_one_token_per_response_by_default():
+    sender = Sender()
+    s = sink(sender)
+    s.put(output("a"))
+    s.put(output("", finished=True))  # a final output without a token still ends the stream
+    assert sent(sender) == [("a", 1, "", 0), ("", 0, "stop", FINAL)]
+
+
+def test_non_streaming_sends_one_final_response_with_the_prompt_echoed():
+    sender = Sender()
+    s = sink(sender, stream=False, prefix="Q: ", stream_interval=1)
+    for word in ["a", "b"]:
+        s.put(output(word))
+    s.put(output("c", finished=True))
+    assert sent(sender) == [("Q: abc", 3, "stop", FINAL)]
+    assert int(sender.sent[0][0].tensors["num_input_tokens"][0]) == 5
+
+
+def test_responses_carry_exactly_the_contract_outputs():
+    sender = Sender()
+    sink(sender).put(output("a", finished=True))
+    assert set(sender.sent[0][0].tensors) == {spec.name for spec in OUTPUTS}
+    assert sender.sent[0][0].tensors["num_output_tokens"].dtype == np.uint32  # TYPE_UINT32
+
+
+def test_an_error_output_is_one_final_error_response():
+    sender = Sender()
+    sink(sender).put(output("", finished=True, error="boom"))
+    [(response, flags)] = sender.sent
+    assert response.error.message == "boom" and flags == FINAL
+
+
+def test_logprobs_are_sent_only_when_asked():
+    from kvtriton.backend.engine.outputs import TokenLogprob
+
+    out = output("a", finished=True)
+    out.logprobs = [TokenLogprob(1, -0.5, [(1, -0.5)])]
+    for want, expected in [(True, [{"token_id": 1, "logprob": -0.5, "top": [[1, -0.5]]}]), (False, None)]:
+        sender = Sender()
+        sink(sender, want_logprobs=want).put(out)
+        raw = sender.sent[0][0].tensors["logprobs"][0].decode()
+        assert (json.loads(raw) if raw else None) == expected
+
+
+def test_the_final_output_calls_on_finished_once_with_the_request_id():
+    finished = []
+    s = sink(Sender(), on_finished=finished.append)
+    s.put(output("a", request_id="r7"))
+    s.put(output("b", finished=True, request_id="r7"))
+    assert finished == ["r7"]
+
+
+# ---- ResponseOutbox --------------------------------------------------------------------------------------
+def test_outbox_sends_in_order_and_runs_between_sends_even_when_idle():
+    calls = []
+    ticked = threading.Event()
+    outbox = ResponseOutbox(lambda: ticked.set(), idle_wakeup_s=0.01)
+    for i in range(5):
+        outbox.put(calls.append, i)
+    assert ticked.wait(2)
+    ticked.clear()
+    assert ticked.wait(2)  # nothing left to send: the thread still wakes up
+    outbox.close()
+    assert calls == [0, 1, 2, 3, 4]
+
+
+def test_outbox_survives_a_failing_send():
+    calls = []
+    outbox = ResponseOutbox()
+    outbox.put(lambda: 1 / 0)
+    outbox.put(calls.append, "after")
+    outbox.close()
+    assert calls == ["after"]
+
+
+# ---- CancellationWatcher ---------------------------------------------------------------------------------
+def test_a_cancelled_request_is_aborted_once_and_forgotten():
+    engine = Engine()
+    watcher = CancellationWatcher(engine.abort, interval_s=0.0)
+    a, b = Sender(), Sender()
+    watcher.watch("a", a)
+    watcher.watch("b", b)
+    watcher.poll()
+    assert engine.aborted == []
+    a.cancelled = True
+    watcher.poll()
+    watcher.poll()
+    assert engine.aborted == ["a"] and "a" not in watcher and "b" in watcher
+
+
+def test_zero_interval_polls_at_the_floor_not_in_a_spin():
+    sender = Sender()
+    watcher = CancellationWatcher(lambda request_id: None, interval_s=0.0)
+    assert watcher.interval_s == CancellationWatcher.MIN_INTERVAL_S
+    watcher.watch("a", sender)
+    for _ in range(100):
+        watcher.poll_if_due()
+    assert sender.asked == 1
+
+
+def test_a_sender_that_fails_to_answer_does_not_stop_the_others():
+    engine = Engine()
+    watcher = CancellationWatcher(engine.abort, interval_s=0.0)
+    broken, cancelled = Sender(), Sender()
+    broken.is_cancelled = lambda: 1 / 0
+    cancelled.cancelled = True
+    watcher.watch("broken", broken)
+    watcher.watch("cancelled", cancelled)
+    watcher.poll()
+    assert engine.aborted == ["cancelled"] and "broken" in watcher
+
+
+# ---- the adapter: execute() -> engine, cancellation through the response thread --------------------------
+@pytest.fixture
+def adapter(monkeypatch):
+    """A TritonPythonModel as initialize() leaves it, on a fake engine and fake pb_utils."""
+    model = fake_pb_utils.import_model(monkeypatch).TritonPythonModel()
+    model.config = AdapterConfig(cancel_poll_interval_s=0.01)
+    model.engine = Engine()
+    model.cancellation = CancellationWatcher(model.engine.abort, model.config.cancel_poll_interval_s)
+    model.outbox = ResponseOutbox(model.cancellation.poll_if_due, model.cancellation.interval_s)
+    model._ids = iter(range(100))
+    yield model
+    model.finalize()
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([value.encode()], dtype=np.object_)
+
+
+def test_a_client_that_cancels_gets_its_request_aborted_in_the_engine(adapter):
+    request = Request("client-1", text_input=text("Hi"), stream=np.array([True]))
+    adapter.execute([request])
+    [request_id] = adapter.engine.added
+    assert request_id.endswith("client-1") and request_id in adapter.cancellation
+    request.sender.cancelled = True
+    assert adapter.engine.abort_seen.wait(2), "the response thread did not abort the cancelled request"
+    assert adapter.engine.aborted == [request_id] and request_id not in adapter.cancellation
+
+
+def test_a_finished_request_leaves_the_registry(adapter):
+    request = Request(text_input=text("Hi"))
+    adapter.execute([request])
+    [(request_id, (_, _, sink))] = adapter.engine.added.items()
+    sink.put(output("Hello", finished=True, request_id=request_id))  # as the engine thread would
+    assert request_id not in adapter.cancellation and len(adapter.cancellation) == 0
+    request.sender.cancelled = True  # too late: nothing is asked or aborted any more
+    time.sleep(0.1)
+    assert adapter.engine.aborted == []
+
+
+def test_a_bad_request_gets_an_invalid_arg_error_and_is_not_watched(adapter):
+    request = Request(text_input=text("Hi"), parameters=json.dumps({"temperature": -1}))
+    adapter.execute([request])
+    [(response, flags)] = request.sender.sent
+    assert response.error.code == "INVALID_ARG" and "temperature" in response.error.message and flags == FINAL
+    assert adapter.engine.added == {} and len(adapter.cancellation) == 0
+
+
+def test_a_request_the_engine_refuses_is_forgotten(adapter):
+    def refuse(*args):
+        raise ValueError("prompt is empty")
+
+    adapter.engine.add_request = refuse
+    request = Request(text_input=text("Hi"))
+    adapter.execute([request])
+    assert request.sender.sent[0][0].error.message == "prompt is empty" and len(adapter.cancellation) == 0
