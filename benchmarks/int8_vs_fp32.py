@@ -76,12 +76,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96, help="text tokens to decode (teacher-forced)")
     args = parser.parse_args()
 
-    from kvtriton.backend.runners.factory import resolve_model_folder
+    from kvtriton.backend.models.checkpoint import resolve_checkpoint
     from kvtriton.backend.runners.onnx_runner import OnnxRunner
     from kvtriton.backend.runners.torch_runner import TorchRunner
     from kvtriton.build.onnx_export import export_step_graph
 
-    folder = resolve_model_folder(args.model)
+    folder = resolve_checkpoint(args.model)
     mc = ModelConfig.from_pretrained(folder)
     ids = Tokenizer.from_pretrained(folder).encode(TEXT)[: args.tokens]
     cpu = torch.device("cpu")

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from kvtriton.backend.runners.manifest import Manifest, checkpoint_sha256, library_versions
+from kvtriton.backend.models.checkpoint import checkpoint_sha256, resolve_checkpoint
+from kvtriton.backend.runners.manifest import Manifest, library_versions
 from kvtriton.build.onnx_export import PRECISIONS, export_step_graph
 
 RUNTIMES = ("onnxruntime", "tensorrt")
@@ -138,29 +139,6 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
                  target=target, notes=[f"built with {asdict(cfg)}"]).write(version_dir)
     say(f"ready: tritonserver --model-repository={Path(cfg.out).resolve()}  (model {cfg.name!r})")
     return model_dir
-
-
-def resolve_checkpoint(checkpoint: str, say: Callable[[str], None]) -> Path:
-    """An HF folder for `checkpoint`: 'default', an HF folder, or a .gguf converted once into the cache."""
-    if checkpoint == "default":
-        from kvtriton.backend.models.default_model import ensure_default_model
-
-        return ensure_default_model(progress=say)
-    path = Path(checkpoint).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        from kvtriton.backend.models.cache import cache_dir
-        from kvtriton.backend.models.gguf_checkpoint import convert_gguf
-
-        target = cache_dir() / "checkpoints" / f"{path.stem}-{checkpoint_sha256(path)[:16]}"
-        if not (target / "config.json").is_file():
-            say(f"      converting {path.name} to an HF folder in {target}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(path, target)
-        return target
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"checkpoint {checkpoint!r}: give an HF folder (with config.json), a .gguf file, "
-                            f"or 'default'")
 
 
 def graph_io(path: Path) -> dict:

@@ -42,7 +42,7 @@ class RequestTimeoutError(LLMClientError):
 # Neither Triton's HTTP frontend (400 for every model error) nor its gRPC stream
 # (message only) carries an error code for a model's error response, so the class
 # comes from the message. These are the phrasings of kvtriton's request validation
-# (SamplingParams, triton_request, engine limits) and of Triton's own input checks.
+# (SamplingParams, the adapter's request parsing, engine limits) and of Triton's own input checks.
 _INVALID_REQUEST = re.compile(
     r"must be|must hold|is required|is not valid|not valid JSON|unknown sampling parameter|both set|"
     r"exceeds the model's context|lower max_tokens|prompt is empty|prompt token ids|"

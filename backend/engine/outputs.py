@@ -1,27 +1,26 @@
 """What the engine hands back per request per step, and the streams that carry it.
 
 The engine thread produces RequestOutput objects and `put`s them into each
-request's sink. A sink must never block the engine loop: RequestStream (for
-threads) and AsyncRequestStream (for asyncio) only enqueue. The Triton
-adapter has its own sink that sends through the response sender.
+request's sink. A sink must never block the engine loop: RequestStream only
+enqueues, and the Triton adapter's sink hands sending to its own thread.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import queue
 from dataclasses import dataclass, field
 from typing import Protocol
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
-@dataclass
+@dataclass(slots=True)  # one per token per request: slots make it cheap to build
 class RequestOutput:
     request_id: str
     token_ids: list[int]  # new since the previous output
@@ -65,31 +64,9 @@ class RequestStream:
         return merge_outputs(list(self))
 
 
-class AsyncRequestStream:
-    """`async for` over one request's outputs; safe to feed from the engine thread."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
-        self.request_id = request_id
-        self._loop = loop or asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-    def put(self, output: RequestOutput) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
-
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        while True:
-            out = await self._queue.get()
-            yield out
-            if out.finished:
-                return
-
-
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     last = outputs[-1]
-    merged = RequestOutput(**{**last.__dict__})
+    merged = dataclasses.replace(last)
     merged.token_ids = [t for o in outputs for t in o.token_ids]
     merged.text = "".join(o.text for o in outputs)
     if any(o.logprobs for o in outputs):

@@ -1,4 +1,4 @@
-"""Pick the model folder, device, dtype and runner an EngineConfig asks for, saying what was chosen.
+"""Pick the device, dtype and runner an EngineConfig asks for, saying what was chosen.
 
 No silent fallbacks: where the user named a component (a CUDA device, a
 runner) and it is missing, this stops with a one-line message; where "auto"
@@ -18,17 +18,6 @@ from kvtriton.backend.models.model_config import ModelConfig
 
 log = logging.getLogger("kvtriton")
 
-
-
-def resolve_model_folder(model: str) -> Path:
-    if model == "default":
-        from kvtriton.backend.models.default_model import ensure_default_model
-
-        return ensure_default_model(progress=log.info)
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model {model!r}: no config.json there; give an HF model folder or 'default'")
-    return folder
 
 
 def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:

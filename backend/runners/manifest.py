@@ -7,7 +7,6 @@ that says how to rebuild, instead of failing deep inside deserialisation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,23 +53,6 @@ class Manifest:
         if unknown:
             raise ValueError(f"{path}: unknown manifest keys {sorted(unknown)}")
         return cls(**data)
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """A .gguf file's sha256, or one over an HF folder's config.json and weight files (name + bytes, sorted)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted([path / "config.json", *path.glob("*.safetensors")])
-    for file in files:
-        if path.is_dir():
-            digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -5,7 +5,7 @@ a serialised engine only loads in the TensorRT that built it and only runs on
 the GPU architectures it was built for, and TensorRT's own failure there is an
 opaque deserialisation error. Each refusal is one line that says how to rebuild.
 
-The step is split like the onnxruntime runner's (build/step_groups.py); the
+The step is split like the onnxruntime runner's (step_groups.py); the
 decode group runs in profile 0's context, prefill chunks in profile 1's.
 """
 

@@ -1,0 +1,57 @@
+"""Checkpoints: what a model name resolves to, and a checkpoint's identity.
+
+`default` is the default model (downloaded and converted once into the cache),
+a .gguf file is converted once into an HF folder in the cache, and an HF
+folder is used as it is. The engine and `kvtriton build` both resolve names here,
+so a name means the same checkpoint to both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("kvtriton")
+
+
+def resolve_checkpoint(checkpoint: str, say: Callable[[str], None] = log.info) -> Path:
+    """An HF folder for `checkpoint`: 'default', an HF folder, or a .gguf converted once into the cache."""
+    # Imported here: reading GGUF needs the gguf package, which a host serving an HF folder may lack.
+    if checkpoint == "default":
+        from kvtriton.backend.models.default_model import ensure_default_model
+
+        return ensure_default_model(progress=say)
+    path = Path(checkpoint).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from kvtriton.backend.models.cache import cache_dir
+        from kvtriton.backend.models.gguf_checkpoint import convert_gguf
+
+        target = cache_dir() / "checkpoints" / f"{path.stem}-{checkpoint_sha256(path)[:16]}"
+        if not (target / "config.json").is_file():
+            say(f"      converting {path.name} to an HF folder in {target}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(path, target)
+        return target
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"checkpoint {checkpoint!r}: give an HF folder (with config.json), a .gguf file, "
+                            f"or 'default'")
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """A .gguf file's sha256, or one over an HF folder's config.json and weight files (name + bytes, sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted([path / "config.json", *path.glob("*.safetensors")])
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
