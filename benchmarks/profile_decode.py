@@ -1,15 +1,23 @@
-"""Where the batch-1 decode step's time goes on CUDA: kernels per step and the top kernels by GPU time.
+"""The CUDA decode step alone (the torch runner: input copies + CUDA graph replay) against its memory bound.
 
-  python benchmarks/profile_decode.py --tokenizer DIR [--compile on|off]
+1B-class Llama (benchmarks/engine_bench.py's LLAMA_1B), random bf16 weights. For each batch and context
+it prints the runner's step time and the bound it chases: (weight bytes + the KV bytes the step reads) /
+the device-to-device copy bandwidth measured in this run. --profile adds the top kernels by GPU time.
+No engine and no tokenizer: the runner is built and fed directly.
+
+  python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
+      [--kernels on|off] [--fused-max-batch N] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import statistics
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,41 +26,116 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
-from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
-from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention  # noqa: E402
+from kvtriton.backend.models import llama_decode  # noqa: E402
+from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
+from kvtriton.backend.runners.torch_runner import TorchRunner  # noqa: E402
+
+
+@dataclass
+class ProbeSequence:  # what prepare_step reads of a scheduled sequence
+    token_ids: list[int]
+    num_computed_tokens: int  # this step's token included, as the scheduler leaves it
+    block_ids: list[int]
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 20 / (time.perf_counter() - t0)  # read + write
+
+
+def decode_step(runner: TorchRunner, batch: int, context: int):
+    """One decode-only step: `batch` sequences of `context` tokens (the last one new), disjoint blocks."""
+    bs = runner.block_size
+    width = -(-context // bs)
+    seqs = [ProbeSequence(list(range(1, context + 1)), context, list(range(i * width, (i + 1) * width)))
+            for i in range(batch)]
+    return prepare_step([(s, 1) for s in seqs], bs, runner.device)
+
+
+def time_steps(runner, step, rounds=7, steps=50) -> float:
+    """Median over rounds of the mean step time: one round can catch a clock or neighbour hiccup."""
+    for _ in range(5):
+        runner.execute(step)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.execute(step)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", required=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--context", default="192,2048")
     ap.add_argument("--compile", default="on", choices=["on", "off"])
+    ap.add_argument("--kernels", default="on", choices=["on", "off"], help="enable_triton_kernels")
+    ap.add_argument("--fused-max-batch", type=int, help="override llama_decode.FUSED_MAX_BATCH (measuring it)")
+    ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    contexts = [int(c) for c in args.context.split(",")]
+    if args.fused_max_batch is not None:
+        llama_decode.FUSED_MAX_BATCH = args.fused_max_batch
+    if args.max_splits is not None:
+        paged_decode_attention.MAX_SPLITS = args.max_splits
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(args.tokenizer) / name, folder / name)
-    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=1,
-                                    max_model_len=512, enable_torch_compile=args.compile == "on"))
-    seq = Sequence("probe", list(range(1, 65)), SamplingParams())
-    seq.num_computed_tokens = 63
-    seq.block_ids = engine.block_manager.allocate_slots("probe", seq.token_ids, 0, 64)
-    step = prepare_step([(seq, 1)], 16, engine.device)
-    for _ in range(10):
-        engine.runner.execute(step)
-    torch.cuda.synchronize()
-    steps = 20
+    max_blocks = -(-args.max_model_len // 16)
+    config = EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=max(batches),
+                          max_model_len=args.max_model_len, num_kv_blocks=max(batches) * max_blocks,
+                          enable_torch_compile=args.compile == "on", enable_triton_kernels=args.kernels == "on")
+    started = time.perf_counter()
+    runner = TorchRunner(config, ModelConfig.from_dict(LLAMA_1B), str(folder), torch.device("cuda"),
+                         torch.bfloat16, args.max_model_len)
+    bandwidth = copy_bandwidth()
+    mc = runner.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2  # K and V, every layer, bf16
+    startup = time.perf_counter() - started
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
+          f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
+          f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
+          f"{paged_decode_attention.MAX_SPLITS} splits; "
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    for context in contexts:
+        for batch in batches:
+            step = decode_step(runner, batch, context)
+            step_s = time_steps(runner, step)
+            kv_bytes = batch * context * kv_per_token
+            bound_s = (weight_bytes + kv_bytes) / bandwidth
+            print(f"batch {batch:3d} context {context:5d}: runner step {step_s * 1e3:6.3f} ms   bound "
+                  f"{bound_s * 1e3:6.3f} ms ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.3f} GB KV) "
+                  f"= {bound_s / step_s * 100:3.0f}% of bound   {batch / step_s:8.0f} tok/s")
+            if args.profile:
+                profile(runner, step)
+
+
+def profile(runner, step, steps=20):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            engine.runner.execute(step)
+            runner.execute(step)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in events)
-    print(f"compile {args.compile}: {len(events) / steps:.0f} kernels per step, {total_us / steps:.0f} us of kernel time "
-          f"per step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(f"  {len(events) / steps:.0f} kernels per step, {total_us / steps:.0f} us of kernel time per step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

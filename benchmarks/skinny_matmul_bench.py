@@ -1,11 +1,12 @@
-"""Skinny matmul (Triton) vs PyTorch on the 1B-class decode shapes, batch 1: time and achieved bandwidth.
+"""Skinny matmul (Triton) vs PyTorch on the 1B-class decode shapes: time and achieved bandwidth.
 
 Each row times the fused kernel the decode step runs (e.g. RMSNorm + qkv matmul), the same work as
-PyTorch ops (eager, cuBLAS), and the cuBLAS matmul alone. Each call reads its weight once, so
-bytes / time is the bandwidth the kernel reaches.
+PyTorch ops (eager, cuBLAS), and the cuBLAS matmul alone, for each decode batch (rows of x). Each call
+reads its weight once, so bytes / time is the bandwidth the kernel reaches. The per-step totals decide
+llama_decode.FUSED_MAX_BATCH: the largest batch at which the fused kernels beat PyTorch ops.
 --sweep also times every (BLOCK_N, BLOCK_K, warps) candidate, to tune skinny_matmul._blocks.
 
-  python benchmarks/skinny_matmul_bench.py [--sweep]
+  python benchmarks/skinny_matmul_bench.py [--rows 1,2,4] [--sweep]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def fused_and_unfused(op, x, w, blocks=None):
             gate, up = torch.nn.functional.linear(norm(x), w).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate) * up
         return lambda: skinny_matmul.rms_norm_swiglu(x, norm.weight, 1e-5, w, blocks=blocks), unfused
-    residual = torch.randn(1, w.shape[0], device=x.device, dtype=x.dtype)
+    residual = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     return (lambda: skinny_matmul.linear(x, w, residual=residual, blocks=blocks),
             lambda: residual + torch.nn.functional.linear(x, w))
 
@@ -64,13 +65,19 @@ def timed(fn, reps=200) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--rows", default="1", help="decode batch sizes, comma-separated (at most MAX_ROWS)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"batch 1")
+    for rows in (int(r) for r in args.rows.split(",")):
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
+              f"batch {rows}")
+        one_batch(rows, args.sweep)
+
+
+def one_batch(rows, sweep_blocks):
     total = {"fused": 0.0, "unfused": 0.0, "cublas": 0.0}
     for name, n, k, op in SHAPES:
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         gb = w.numel() * 2
         fused, unfused = fused_and_unfused(op, x, w)
@@ -82,7 +89,7 @@ def main():
               f"{gb / times['fused'] / 1e12:4.2f} TB/s | PyTorch ops {times['unfused'] * 1e6:5.1f} us "
               f"({times['unfused'] / times['fused']:.2f}x) | cuBLAS matmul alone {times['cublas'] * 1e6:5.1f} us "
               f"{gb / times['cublas'] / 1e12:4.2f} TB/s")
-        if args.sweep:
+        if sweep_blocks:
             sweep(op, x, w, gb)
     print(f"one decode step's matmuls (16 layers + lm_head): triton fused {total['fused'] * 1e3:.3f} ms, "
           f"PyTorch ops {total['unfused'] * 1e3:.3f} ms, cuBLAS matmuls alone {total['cublas'] * 1e3:.3f} ms")

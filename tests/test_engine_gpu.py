@@ -30,6 +30,12 @@ def prompts(engine):
             for i, q in enumerate(QUESTIONS)]
 
 
+def long_prompts(engine, n=4, repeats=12):
+    """Prompts of over 1,000 tokens: prefilled in several chunks, beside other sequences' decodes."""
+    return [engine.tokenizer.apply_chat_template([{"role": "user", "content": " ".join(QUESTIONS[i:] + QUESTIONS[:i])
+                                                   * repeats}]) for i in range(n)]
+
+
 def assert_greedy_agrees(reference, candidate) -> int:
     """Every divergence of candidate from reference is at a near-tie of the reference; returns the exact count."""
     exact = 0
@@ -58,12 +64,19 @@ def test_batched_greedy_equals_solo_bf16(default_model_folder):
 
 
 def test_triton_kernels_agree_with_pytorch_path(default_model_folder):
+    """Solo: the decode graphs (kernel attention; fused matmuls at batch 1) and the varlen prefill kernel.
+    Batched with long prompts: steps that mix prefill chunks with decodes (the varlen kernel over both), and
+    decode contexts past 1,000 tokens, split across programs."""
     outputs = {}
     for kernels in (False, True):
         engine = LLMEngine(EngineConfig(model=str(default_model_folder), device="cuda", dtype="bfloat16",
                                         enable_triton_kernels=kernels)).start()
         try:
-            outputs[kernels] = [engine.generate([p], PARAMS)[0] for p in prompts(engine)]
+            solo = [engine.generate([p], PARAMS)[0] for p in prompts(engine)]
+            batch = prompts(engine) + long_prompts(engine)
+            assert min(len(engine.tokenizer.encode(p)) for p in long_prompts(engine)) > 1000
+            outputs[kernels] = solo, engine.generate(batch, PARAMS)
         finally:
             engine.shutdown()
-    assert_greedy_agrees(outputs[False], outputs[True])
+    assert_greedy_agrees(outputs[False][0], outputs[True][0])
+    assert_greedy_agrees(outputs[False][1], outputs[True][1])

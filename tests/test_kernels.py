@@ -20,6 +20,7 @@ from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.attention.paged import PagedAttention  # noqa: E402
 from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_attention  # noqa: E402
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
@@ -67,10 +68,13 @@ def test_too_many_rows_is_refused():
         skinny_matmul.linear(x, torch.zeros(64, 64, device=DEVICE, dtype=DTYPE))
 
 
-@pytest.mark.parametrize("rope", [True, False])
-def test_paged_decode_attention_matches_torch_path(rope):
-    heads, kv_heads, dim, bs, blocks = 8, 2, 64, 16, 40
-    context_lens = [1, 17, 70, 130]  # one token, a partial block, several BLOCK_T tiles
+@pytest.mark.parametrize("rope,num_splits", [(True, None), (False, 1), (True, 3)])
+def test_paged_decode_attention_matches_torch_path(rope, num_splits):
+    """num_splits: the context split across programs (flash-decoding) and merged, or whole in one program;
+    None: the launch's default for this batch and width. 3 splits of 300 tokens: the last chunk short; of
+    70 tokens: later splits idle; of 1 token: only the new token, in split 0."""
+    heads, kv_heads, dim, bs, blocks = 8, 2, 64, 16, 80
+    context_lens = [1, 17, 70, 300]  # one token, a partial block, several BLOCK_T tiles
     g = torch.Generator().manual_seed(2)
     pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, DTYPE, DEVICE)
     for p in (pools.k[0], pools.v[0]):
@@ -84,7 +88,7 @@ def test_paged_decode_attention_matches_torch_path(rope):
     q = torch.randn(b, heads, dim, generator=g).to(DEVICE, DTYPE)
     k = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
     v = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
-    rotary = RotaryEmbedding(dim, 256, 10000.0, None).to(DEVICE)
+    rotary = RotaryEmbedding(dim, 512, 10000.0, None).to(DEVICE)
     cos, sin = rotary(ctx - 1)
     positions = ctx - 1
 
@@ -96,12 +100,51 @@ def test_paged_decode_attention_matches_torch_path(rope):
     expected = PagedAttention(reference, meta, dim**-0.5).attend(0, q_ref, k_ref, v)
 
     got = paged_decode_attention(q, k, v, pools.k[0], pools.v[0], slots, tables, ctx, dim**-0.5,
-                                 rotary=(rotary.cos, rotary.sin, positions) if rope else None)
+                                 rotary=(rotary.cos, rotary.sin, positions) if rope else None,
+                                 num_splits=num_splits)
     close(got, expected)
     assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2)])  # GQA groups of 4 and of 3 (padded to 4)
+def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads):
+    """A mixed step: two decodes, a fresh prompt, two chunked-prefill continuations (one over several whole
+    key tiles of cached prefix). The varlen kernel's output equals the PyTorch path's on the same step."""
+    dim, bs, blocks = 64, 16, 48
+    query_lens, context_lens = [1, 1, 37, 30, 20], [1, 40, 37, 80, 150]
+    g = torch.Generator().manual_seed(4)
+    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, DTYPE, DEVICE)
+    for p in (pools.k[0], pools.v[0]):
+        p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
+    width = max(-(-c // bs) for c in context_lens)
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int64)
+    free = torch.randperm(blocks, generator=g).tolist()
+    for i, c in enumerate(context_lens):
+        tables[i, : -(-c // bs)] = torch.tensor([free.pop() for _ in range(-(-c // bs))])
+    tables = tables.to(DEVICE)
+    slots = torch.cat([tables[i, torch.arange(c - n, c) // bs] * bs + torch.arange(c - n, c).to(DEVICE) % bs
+                       for i, (n, c) in enumerate(zip(query_lens, context_lens))])
+    n = sum(query_lens)
+    q = torch.randn(n, heads, dim, generator=g).to(DEVICE, DTYPE)
+    k = torch.randn(n, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    v = torch.randn(n, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=torch.tensor(context_lens,
+                             device=DEVICE), num_decodes=2, query_lens=query_lens, context_lens_host=context_lens,
+                             decode_context_blocks=-(-40 // bs))
+    reference = KVCache([pools.k[0].clone()], [pools.v[0].clone()])
+    expected = PagedAttention(reference, meta, dim**-0.5).attend(0, q, k, v)
+
+    got = PagedAttention(pools, meta, dim**-0.5, varlen_kernel=True).attend(0, q, k, v)
+    close(got, expected)
+    assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
+    # Small tiles: many query tiles per sequence, and unmasked key tiles before the diagonal ones.
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device=DEVICE)
+    small = paged_prefill_attention(q, pools.k[0], pools.v[0], tables, starts, meta.context_lens, max(query_lens),
+                                    dim**-0.5, rows=16, block_n=16)
+    close(small, expected)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
 def test_decode_logits_match_the_model_forward(batch, bias):
     from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits

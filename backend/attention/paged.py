@@ -7,9 +7,16 @@ so prefill chunks, prefix-cache hits and decodes are one code path.
 Batch order invariant: the `num_decodes` one-token sequences come first in the
 packed batch; they are attended together in one batched call (the hot path, and
 the shape CUDA graphs capture). Longer chunks (prefills) follow, one call each.
+
+On CUDA with the Triton kernels on, a step with any prefill in it instead runs
+one varlen kernel over all its packed tokens, decodes included, reading the
+context straight from the pools (kernels/paged_prefill_attention.py); the
+PyTorch path stays the reference and the CPU's.
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +34,11 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 class PagedAttention:
     """AttentionContext over a KVCache for one step (see models.llama.AttentionContext)."""
 
-    def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float):
-        self.cache, self.meta, self.scale = cache, meta, scale
+    def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float, varlen_kernel: bool = False):
+        """varlen_kernel: prefill steps take the Triton varlen kernel (needs triton and a CUDA cache)."""
+        self.cache, self.meta, self.scale, self.varlen_kernel = cache, meta, scale, varlen_kernel
         self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step
+        self._query_start: torch.Tensor | None = None  # (B + 1,) the varlen kernel's; built once per step
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
@@ -38,6 +47,8 @@ class PagedAttention:
 
         if meta.decode_only:
             return self._decode(q, k_pool, v_pool, meta.block_tables)
+        if self.varlen_kernel:
+            return self._varlen(q, k_pool, v_pool)
         out = torch.empty_like(q)  # (N, H, D)
         nd = meta.num_decodes
         if nd:
@@ -48,6 +59,17 @@ class PagedAttention:
             out[start : start + qlen] = self._prefill(q[start : start + qlen], k_pool, v_pool, i, ctx)
             start += qlen
         return out
+
+    def _varlen(self, q, k_pool, v_pool):
+        """q (N, H, D): every new token of the step, decodes and prefill chunks alike, in one launch."""
+        from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_attention  # needs triton
+
+        meta = self.meta
+        if self._query_start is None:
+            starts = [0, *accumulate(meta.query_lens)]
+            self._query_start = torch.tensor(starts, dtype=torch.int64).to(q.device, non_blocking=True)
+        return paged_prefill_attention(q, k_pool, v_pool, meta.block_tables, self._query_start, meta.context_lens,
+                                       max(meta.query_lens), self.scale)
 
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""

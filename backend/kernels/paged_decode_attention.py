@@ -7,21 +7,49 @@ in one launch per layer, and also does the two jobs around it: RoPE on the new
 token's q and k (optional: the caller may pass them rotated) and storing its k
 and v at its slot.
 
-One program per (sequence, KV head) serves the GROUP query heads that share
-that KV head (GQA), so each K/V tile is read once for all of them. The past
-(context - 1 tokens) streams from the pool with an online softmax; the new
-token is folded in last from registers, so the kernel never reads back what it
-has just written. The past's first tile is loaded before waiting for the
-previous kernel (kernels/pdl.py): at short contexts that is all of it.
+Programs: (sequence, KV head, split). Each serves the GROUP query heads that
+share its KV head (GQA), so each K/V tile is read once for all of them. The
+past (context - 1 tokens) is cut into NUM_SPLITS chunks of whole BLOCK_T tiles,
+one per split (flash-decoding): a small batch or a long context still puts
+enough programs on the GPU to stream the KV cache at full bandwidth. Each split
+streams its chunk with an online softmax; split 0 also stores the new token's
+k/v and folds it in last from registers, so no program reads back what has
+just been written. With more than one split, each writes its partial (running
+max, sum, unnormalised output) and _combine_splits merges them; with one,
+the kernel writes the output itself. A split's first tile is loaded before
+waiting for the previous kernel (kernels/pdl.py): at short contexts that is
+all of it.
+
+The split count is fixed per launch (a CUDA graph fixes its grid), the chunk
+length per sequence: a short context in a launch sized for long ones leaves
+its later splits idle (they return at once), it does not spread thin.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+
+# The tile: (past tokens per tile, which is also the granule of a split's chunk; warps; pipeline stages).
+# Launches of many (sequence, KV head) pairs stream long tiles with few warps: on an H200
+# (benchmarks/paged_attention_bench.py --sweep, 32/8 heads of 64, KV read from HBM) batch 64 x 2048
+# tokens took 69 us a layer (93% of the copy bandwidth) against 82 us with SMALL_TILE, and the 1B-class
+# runner step (benchmarks/profile_decode.py) 2.23 against 2.43 ms; batch 16 x 2048, 1.43 against 1.51 ms.
+# Small ones are latency-bound, split thin: batch 1 (32 splits of a 2048-token graph), 0.74 ms a step
+# with SMALL_TILE against 0.79 ms with LARGE_TILE (16 splits). Batches 2-8 were measured with LARGE_TILE
+# only (batch 2 and 4: 1.11 and 1.12 ms at 192 tokens); they take SMALL_TILE, like batch 1.
+LARGE_TILE = (128, 2, 2)
+SMALL_TILE = (64, 4, 3)
+# A launch aims for up to this many (sequence, KV head, split) programs per SM, in a power of two of
+# splits. Same sweep: batch 16 x 2048 tokens took 25 us with 4 splits, 31 with 3, 72 with 1; batch 64 x
+# 192 tokens, 11 us unsplit, 15 with 2 splits.
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 64  # measuring (benchmarks/profile_decode.py --max-splits) may lower it; 1 turns splitting off
 
 
 @triton.jit
@@ -32,13 +60,19 @@ def _rotate(x1, x2, cos, sin, act: tl.constexpr):
 
 
 @triton.jit
-def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, past, stride_table, row_stride: tl.constexpr,
+def _chunk(past, NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Past tokens per split: whole tiles, so that a split never reads a partial tile it could have shared.
+    return tl.cdiv(tl.cdiv(past, NUM_SPLITS), BLOCK_T) * BLOCK_T
+
+
+@triton.jit
+def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Tokens t0 .. t0 + BLOCK_T of the past, read through the block table: k as two halves, v whole.
+    # Tokens t0 .. t0 + BLOCK_T (those below end) read through the block table: k as two halves, v whole.
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)
     t = t0 + tl.arange(0, BLOCK_T)
-    t_ok = t < past
+    t_ok = t < end
     block = tl.load(tables_ptr + b * stride_table + t // BLOCK_SIZE, mask=t_ok, other=0)
     rows = (block * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * row_stride + h * HEAD_DIM  # (BLOCK_T, 1)
     k1 = tl.load(k_pool + rows + d[None, :], mask=t_ok[:, None], other=0.0)  # (BLOCK_T, HALF)
@@ -61,19 +95,26 @@ def _softmax_update(q1, q2, k1, k2, v, t_ok, scale, m_i, l_i, acc):
 
 @triton.jit
 def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_pool, v_pool, slots_ptr,
-                            tables_ptr, context_lens_ptr, out_ptr, scale, stride_q, stride_k, stride_v, stride_table,
+                            tables_ptr, context_lens_ptr, out_ptr, part_ptr, stats_ptr, scale, stride_q, stride_k,
+                            stride_v, stride_table,
                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                            ROPE: tl.constexpr, PDL: tl.constexpr):
+                            NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     act = k_pool.dtype.element_ty
     row_stride: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     # The past was written by earlier steps, not by the previous kernel: its first tile loads before the wait.
     past = tl.load(context_lens_ptr + b) - 1
-    pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, 0, past, stride_table, row_stride,
+    chunk = _chunk(past, NUM_SPLITS, BLOCK_T)
+    start = split * chunk
+    end = tl.minimum(past, start + chunk)
+    if (split > 0) & (start >= past):  # nothing of this context is left for this split
+        return
+    pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, start, end, stride_table, row_stride,
                                     HEAD_DIM, BLOCK_SIZE, BLOCK_T)
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
@@ -99,32 +140,88 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
         q1, q2 = _rotate(q1, q2, cos[None, :], sin[None, :], act)
         k1, k2 = _rotate(k1, k2, cos, sin, act)
 
-    # Store the new token's k and v at its slot (pool layout (blocks, BLOCK_SIZE, KV heads, HEAD_DIM)).
-    new_row = tl.load(slots_ptr + b) * row_stride + h * HEAD_DIM
-    tl.store(k_pool + new_row + d, k1)
-    tl.store(k_pool + new_row + HALF + d, k2)
-    tl.store(v_pool + new_row + dv, v_new)
+    if split == 0:  # one program stores the new token's k and v (pool layout (blocks, BLOCK_SIZE, Hkv, D))
+        new_row = tl.load(slots_ptr + b) * row_stride + h * HEAD_DIM
+        tl.store(k_pool + new_row + d, k1)
+        tl.store(k_pool + new_row + HALF + d, k2)
+        tl.store(v_pool + new_row + dv, v_new)
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max of the scores
     l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp(score - m_i)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
     m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
-    for t0 in range(BLOCK_T, past, BLOCK_T):
-        pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, past, stride_table, row_stride,
+    for t0 in range(start + BLOCK_T, end, BLOCK_T):
+        pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride,
                                         HEAD_DIM, BLOCK_SIZE, BLOCK_T)
         m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
 
-    # The new token, from registers (never read back from the pool it was just stored in).
+    # The new token, from registers (never read back from the pool it was just stored in); split 0's alone.
     s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1)
              + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)) * scale  # (BLOCK_G,)
+    s_new = tl.where(split == 0, s_new, float("-inf"))
     m_new = tl.maximum(m_i, s_new)
-    alpha = tl.exp(m_i - m_new)
-    p_new = tl.exp(s_new - m_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p_new = tl.exp(s_new - m_safe)
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-    out = acc / l_i[:, None]
-    out_rows = out_ptr + (b * NUM_KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM
-    tl.store(out_rows + dv[None, :], out.to(act), mask=g_ok[:, None])
+    rows = b * NUM_KV_HEADS * GROUP + heads  # (BLOCK_G,) rows of the (B, H) output
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + dv[None, :], out.to(act), mask=g_ok[:, None])
+    else:  # partials (B, H, NUM_SPLITS, D) and their (max, sum) (B, H, NUM_SPLITS, 2), all fp32
+        part = rows * NUM_SPLITS + split
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + dv[None, :], acc, mask=g_ok[:, None])
+        tl.store(stats_ptr + part * 2, m_new, mask=g_ok)
+        tl.store(stats_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _combine_splits(part_ptr, stats_ptr, context_lens_ptr, out_ptr, NUM_HEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+    # One program per (sequence, query head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the
+    # splits that had work (the idle ones wrote nothing; split 0 always has the new token, so M is finite).
+    if PDL:
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    row = b * NUM_HEADS + tl.program_id(1)
+    past = tl.load(context_lens_ptr + b) - 1
+    chunk = _chunk(past, NUM_SPLITS, BLOCK_T)
+    active = tl.where(chunk > 0, tl.cdiv(past, tl.maximum(chunk, 1)), 1)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < active
+    d = tl.arange(0, HEAD_DIM)
+    if PDL:
+        gdc_wait()
+    part = row * NUM_SPLITS + s
+    m = tl.load(stats_ptr + part * 2, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+    l = tl.load(stats_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(part_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+    w = tl.exp(m - tl.max(m, axis=0))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def default_tile(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_T, num_warps, num_stages): LARGE_TILE once the unsplit launch fills half the SMs."""
+    return LARGE_TILE if 2 * batch * num_kv_heads >= _multiprocessors(device) else SMALL_TILE
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
+                       block_t: int) -> int:
+    """Splits per (sequence, KV head) for a launch of `batch` sequences whose contexts reach max_context
+    tokens: the largest power of two that keeps within PROGRAMS_PER_SM programs on every SM, and no more
+    than the longest context has tiles (a CUDA graph captured for a block-table width serves every context
+    up to it)."""
+    want = PROGRAMS_PER_SM * _multiprocessors(device) // (batch * num_kv_heads)
+    want = 1 << (max(1, want).bit_length() - 1)
+    return max(1, min(want, -(-max_context // block_t), MAX_SPLITS))
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -141,25 +238,42 @@ def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dty
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                            v_pool: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float,
-                           rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                           num_splits: int | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q (B, H, D), k/v (B, Hkv, D) of each sequence's one new token (views of the qkv output are fine);
     pools (blocks, block_size, Hkv, D); slots (B,), tables (B, W), context_lens (B,) with the new token
-    counted; rotary: (cos table, sin table, positions) with tables (P, D/2) fp32 as in RotaryEmbedding and
-    positions (B,), to rotate q and k here; None if they arrive rotated.
+    counted, each at most W * block_size; rotary: (cos table, sin table, positions) with tables (P, D/2)
+    fp32 as in RotaryEmbedding and positions (B,), to rotate q and k here; None if they arrive rotated.
+    num_splits: programs per (sequence, KV head), default_num_splits if None. tile: (BLOCK_T, num_warps,
+    num_stages), default_tile if None (benchmarks sweep it).
     Stores k/v at the slots and returns the attention output (B, H, D)."""
     b, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     for t in (q, k, v):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads must be contiguous rows of head_dim"
     group = num_heads // num_kv_heads
+    block_size = k_pool.shape[1]
+    block_t, num_warps, num_stages = tile or default_tile(b, num_kv_heads, q.device)
+    splits = num_splits or default_num_splits(b, num_kv_heads, tables.shape[1] * block_size, q.device, block_t)
     out = torch.empty(b, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if splits > 1:
+        part = torch.empty(b, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        stats = torch.empty(b, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part = stats = out  # unused
     cos, sin, positions = rotary if rotary is not None else (q, q, slots)
     pdl = pdl_supported(q.device)
-    _paged_decode_attention[(b, num_kv_heads)](
-        q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, scale,
+    launch = {"launch_pdl": True} if pdl else {}
+    _paged_decode_attention[(b, num_kv_heads, splits)](
+        q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, part, stats, scale,
         q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_pool.shape[1], BLOCK_T=64, ROPE=rotary is not None, PDL=pdl,
-        num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_T=block_t, NUM_SPLITS=splits, ROPE=rotary is not None,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
     )
+    if splits > 1:
+        _combine_splits[(b, num_heads)](
+            part, stats, context_lens, out, NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_T=block_t, PDL=pdl, num_warps=1, **launch,
+        )
     return out

@@ -11,17 +11,18 @@ around it fused in:
     x        = linear(h, down_proj, residual=x)
   logits     = rms_norm_linear(x, norm, lm_head) in fp32
 
-Larger batches read each weight once for many rows, where cuBLAS and the
-torch.compile'd per-layer functions are faster (measured on an H200: at batch 4
-the fused kernels took 1.89 ms a step, cuBLAS 1.37 ms); only attention takes
-the kernel. Both compute what LlamaForCausalLM.forward + compute_logits do
-(tests/test_kernels.py).
+Batch 2 takes them too. Larger batches read each weight once for many rows,
+where cuBLAS and the torch.compile'd per-layer functions are faster. Measured
+on an H200, 1B-class, 192-token contexts (benchmarks/profile_decode.py
+--fused-max-batch): batch 2, 1.045 ms a step fused against 1.113 ms with
+cuBLAS; at batch 4 the fused matmuls alone take 1.77 ms, cuBLAS's 0.67 ms
+(benchmarks/skinny_matmul_bench.py --rows 1,2,4). Attention takes the kernel at
+every batch size. Both compute what LlamaForCausalLM.forward +
+compute_logits do (tests/test_kernels.py).
 
-The attention kernel runs one program per (sequence, KV head) and does not
-split the context, so it wins only at short contexts (H200, batch 1, 1B-class:
-0.71 vs 1.37 ms a step at 64 tokens, 0.92 vs 1.33 at 512, 1.60 vs 1.36 at
-2048). Steps whose block tables are wider than KERNEL_MAX_CONTEXT tokens take
-the PyTorch path (gather + SDPA, cuBLAS) whole.
+The attention kernel splits each context across programs (flash-decoding,
+kernels/paged_decode_attention.py), so it serves every context up to
+max_model_len: the runner captures one context bucket.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from kvtriton.backend.kernels.skinny_matmul import linear, rms_norm_linear, rms_
 from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.backend.models.rotary import RotaryEmbedding
 
-FUSED_MAX_BATCH = 1  # decode batches the fused matmul kernels serve (see above)
-KERNEL_MAX_CONTEXT = 1024  # tokens: wider block tables take the PyTorch attention path (see above)
+FUSED_MAX_BATCH = 2  # decode batches the fused matmul kernels serve (see above)
 
 
 class KernelPagedDecode:

@@ -2,14 +2,17 @@
 
 On CUDA, decode-only steps replay CUDA graphs captured per (batch, context)
 bucket: one launch per step instead of hundreds, which is what batch-1 decode
-needs to approach the HBM roofline. Inside them, for contexts up to
-llama_decode.KERNEL_MAX_CONTEXT, the Triton kernels (models/llama_decode.py) do
-paged attention straight from the block tables and, at batch 1, fuse each
-matmul with its neighbouring elementwise work; so one context bucket covers all
-those contexts. Elsewhere attention gathers the context in PyTorch, per doubling
-context bucket. With torch.compile on, the per-layer work around attention is
-compiled once for all layers. Padded rows of a bucket write into a scratch
-block that the block manager never hands out.
+needs to approach the HBM roofline. Inside them the Triton kernels
+(models/llama_decode.py) do paged attention straight from the block tables,
+splitting long contexts across programs, and at batch <= FUSED_MAX_BATCH fuse
+each matmul with its neighbouring elementwise work; the kernel reads only each
+context's own blocks, so one context bucket (max_model_len) serves every
+context. Without triton, attention gathers the context in PyTorch, per doubling
+context bucket. Prefill and mixed steps run eagerly; with the kernels on, their
+attention is one varlen Triton kernel over the packed tokens. With
+torch.compile on, the per-layer work around attention is compiled once for all
+layers. Padded rows of a bucket write into a scratch block that the block
+manager never hands out.
 """
 
 from __future__ import annotations
@@ -46,14 +49,14 @@ class TorchRunner:
         self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights,
                                 quantization=None if config.quantization == "none" else config.quantization)
         self.scale = model_config.head_dim**-0.5
+        # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
+        # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
+        self.kernel_context_blocks, self.fuse_matmuls, self.prefill_kernel = self._triton_kernels()
         self.num_blocks = self._num_kv_blocks()
         # One extra block at the end: the scratch target of padded CUDA-graph rows.
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
                                    model_config.num_kv_heads, model_config.head_dim, dtype, device)
         self.scratch_block = self.num_blocks
-        # Widest block table the Triton attention kernel takes (0: kernel off), and whether batch-1 decode
-        # fuses its matmuls.
-        self.kernel_context_blocks, self.fuse_matmuls = self._decode_kernels()
         self.context_buckets = self._context_buckets()
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
         self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
@@ -67,28 +70,33 @@ class TorchRunner:
                 self.model.compile_layers()
             self._capture_all()
 
-    def _decode_kernels(self) -> tuple[int, bool]:
-        """(widest block table for the Triton paged attention or 0, fused skinny matmuls on) for CUDA decode
-        steps; says why not in one line."""
+    def _triton_kernels(self) -> tuple[int, bool, bool]:
+        """(widest block table for the Triton decode attention or 0, fused skinny matmuls on, varlen prefill
+        attention on) on CUDA; says why not in one line."""
         if self.device.type != "cuda" or not self.config.enable_triton_kernels:
-            return 0, False
+            return 0, False, False
         try:
             import triton  # noqa: F401
         except ImportError:
-            log.warning("triton is not installed: CUDA decode uses PyTorch attention and cuBLAS matmuls instead")
-            return 0, False
-        from kvtriton.backend.kernels.paged_decode_attention import supported
-        from kvtriton.backend.models.llama_decode import KERNEL_MAX_CONTEXT, fusable
+            log.warning("triton is not installed: CUDA steps use PyTorch attention and cuBLAS matmuls instead")
+            return 0, False, False
+        from kvtriton.backend.kernels import paged_decode_attention, paged_prefill_attention
+        from kvtriton.backend.models.llama_decode import fusable
 
         mc = self.model_config
-        why = supported(mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype)
+        shape = (mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype)
+        why = paged_prefill_attention.supported(*shape)
+        if why:
+            log.warning("%s: CUDA prefill uses PyTorch attention instead", why)
+        prefill = why is None
+        why = paged_decode_attention.supported(*shape)
         if why:
             log.warning("%s: CUDA decode uses PyTorch attention and cuBLAS matmuls instead", why)
-            return 0, False
+            return 0, False, prefill
         why = fusable(self.model)
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
-        return KERNEL_MAX_CONTEXT // self.block_size, why is None
+        return self.max_blocks_per_seq, why is None, prefill
 
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
@@ -131,7 +139,8 @@ class TorchRunner:
         )
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(n, device=self.device), PagedAttention(probe, meta, self.scale))
+            hidden = self.model(ids, torch.arange(n, device=self.device),
+                                PagedAttention(probe, meta, self.scale, varlen_kernel=self.prefill_kernel))
             self.model.compute_logits(hidden[-self.config.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -150,7 +159,8 @@ class TorchRunner:
             attn = step.attn
             return self._decode_logits(step.input_ids, step.positions, attn.slot_mapping, attn.block_tables,
                                        attn.context_lens)
-        hidden = self.model(step.input_ids, step.positions, PagedAttention(self.kv, step.attn, self.scale))
+        attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel)
+        hidden = self.model(step.input_ids, step.positions, attn)
         return self.model.compute_logits(hidden[step.last_token_indices])  # (B, V)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
@@ -167,7 +177,7 @@ class TorchRunner:
 
     def _context_buckets(self) -> list[int]:
         """Block-table widths a graph is captured for. The attention kernel reads only each context's own
-        blocks, so one bucket serves every context it takes; wider ones gather, so they double."""
+        blocks, so one bucket serves every context; the PyTorch path gathers, so its buckets double."""
         buckets = [self.kernel_context_blocks or 8]
         while buckets[-1] < self.max_blocks_per_seq:
             buckets.append(buckets[-1] * 2)

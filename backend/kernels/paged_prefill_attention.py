@@ -1,0 +1,148 @@
+"""Varlen paged attention (Triton): every new token of a step attends to its sequence's context in place.
+
+A step's new tokens arrive packed and unpadded: sequence s owns rows
+query_start[s] .. query_start[s + 1] of q (N, H, D), and they are the last
+q_len of its context_lens[s] tokens, whose K/V (these new ones included) are
+already in the paged pools. A token sees the whole cached prefix and, among
+the new tokens, itself and those before it. So one launch per layer serves a
+whole prefill step: fresh prompts, chunked-prefill continuations, prefix-cache
+hits, and the one-token decodes of a mixed step. GQA: a program takes
+BLOCK_M tokens x the GROUP query heads of one KV head as the rows of its tile,
+so each K/V tile it reads serves all of them.
+
+Programs: (query tile, sequence, KV head); tiles past a sequence's q_len
+return at once. Key tiles wholly before the tile's first query position need
+no mask, the rest (the diagonal) are masked causally.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# The tile, from a sweep on an H200 (benchmarks/paged_attention_bench.py --sweep), 64 prompts of 128
+# tokens, 32/8 heads of 64: 60 us a layer (torch's varlen_attn on contiguous K/V: 74 us); 64 rows and 64
+# keys with 4 warps took 132 us.
+ROWS = 128  # query rows (tokens x group heads) per program
+BLOCK_N = 32  # keys per tile
+NUM_WARPS, NUM_STAGES = 8, 2
+
+
+@triton.jit
+def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    # Keys t0 .. t0 + BLOCK_N of the sequence, through its block table: k (BLOCK_N, D), v (BLOCK_N, D).
+    t = t0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        t_ok = t < end
+        block = tl.load(tables_ptr + seq * stride_table + t // BLOCK_SIZE, mask=t_ok, other=0)
+        rows = (block * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * row_stride + h * HEAD_DIM + d[None, :]
+        k = tl.load(k_pool + rows, mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_pool + rows, mask=t_ok[:, None], other=0.0)
+    else:
+        block = tl.load(tables_ptr + seq * stride_table + t // BLOCK_SIZE)
+        rows = (block * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * row_stride + h * HEAD_DIM + d[None, :]
+        k = tl.load(k_pool + rows)
+        v = tl.load(v_pool + rows)
+    return k, v, t
+
+
+@triton.jit
+def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_start_ptr, context_lens_ptr,
+                             qk_scale, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
+                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    prefix = ctx - q_len  # cached tokens before the first new one
+    row_stride: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    ROWS: tl.constexpr = BLOCK_M * BLOCK_G
+    r = tl.arange(0, ROWS)
+    tok = tile * BLOCK_M + r // BLOCK_G  # (ROWS,) index among the sequence's new tokens
+    g = r % BLOCK_G
+    row_ok = (tok < q_len) & (g < GROUP)
+    head = h * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # (ROWS, D)
+    q_pos = prefix + tok  # (ROWS,) position of each row's token in its context
+
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+    first = prefix + tile * BLOCK_M  # the tile's first query position: every row sees the keys before it
+    end = tl.minimum(first + BLOCK_M, ctx)  # one past its last query position
+    unmasked_end = (first // BLOCK_N) * BLOCK_N
+    # Every tile processed first holds key 0, which every row sees: m_i is finite from then on.
+    for t0 in range(0, unmasked_end, BLOCK_N):
+        k, v, t = _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride, HEAD_DIM,
+                           BLOCK_SIZE, BLOCK_N, False)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (ROWS, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    for t0 in range(unmasked_end, end, BLOCK_N):
+        k, v, t = _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride, HEAD_DIM,
+                           BLOCK_SIZE, BLOCK_N, True)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(t[None, :] <= q_pos[:, None], s, float("-inf"))  # causal; t < end follows for real rows
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows may see no key at all
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (q_start + tok)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """None if the kernel serves this shape, else why not (one line, for the log)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"paged prefill attention kernel needs bf16/fp16, not {dtype}"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"paged prefill attention kernel needs a power-of-two head_dim >= 16, not {head_dim}"
+    if num_heads % num_kv_heads:
+        return "paged prefill attention kernel needs num_heads divisible by num_kv_heads"
+    return None
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                            query_start: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
+                            scale: float, rows: int = ROWS, block_n: int = BLOCK_N,
+                            num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """q (N, H, D): the step's new tokens, packed; pools (blocks, block_size, Hkv, D) already holding their
+    K/V; tables (B, W); query_start (B + 1,) with sequence s's tokens at rows query_start[s] ..
+    query_start[s + 1]; context_lens (B,) with the new tokens counted; max_query_len: the longest
+    query_start gap (sizes the grid). Returns the attention output (N, H, D).
+    rows, block_n, num_warps, num_stages: the tile shape (benchmarks sweep them)."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[2]
+    assert q.stride(2) == 1, "q's head_dim must be contiguous"
+    group = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(group)
+    block_m = max(1, rows // block_g)  # tokens per program
+    out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(max_query_len, block_m), context_lens.shape[0], num_kv_heads)
+    _paged_prefill_attention[grid](
+        q, k_pool, v_pool, out, tables, query_start, context_lens, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
