@@ -17,7 +17,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "default"  # HF folder, or "default" for SmolLM2-135M-Instruct in the cache
+    model: str = "default"  # HF folder, .gguf file, or "default" (SmolLM2-135M-Instruct in the cache)
     runner: str = "torch"
     device: str = "auto"  # "auto": cuda when available, else cpu (said in one log line)
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
@@ -33,10 +33,22 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
+    # Overlap the host's work for step N+1 with the device's step N (vLLM async scheduling, SGLang overlap
+    # scheduler). On a CPU the forward pass runs on a thread of its own to overlap at all.
+    enable_async_scheduling: bool = True
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
     # CUDA decode: the Triton paged-attention kernel, and at batch <= 4 the fused norm/matmul/SwiGLU kernels
     enable_triton_kernels: bool = True
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
+    # Bounded work (0 = no bound). Past max_num_waiting queued requests a new one is refused at once
+    # ("server busy"); a request not started within max_queue_time_s, or not finished within
+    # max_request_time_s (a client that went away without cancelling), ends with an error.
+    max_num_waiting: int = 256
+    max_queue_time_s: float = 60.0
+    max_request_time_s: float = 600.0
+    # A longer prompt is refused before it is tokenized. 0: 64 bytes per token of max_model_len, more than
+    # any real text takes (English averages about 4).
+    max_prompt_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -56,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks < 0 or self.max_model_len < 0:
             raise ValueError("num_kv_blocks and max_model_len must be >= 0")
+        for name in ("max_num_waiting", "max_queue_time_s", "max_request_time_s", "max_prompt_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens too small to prefill without chunking")
 

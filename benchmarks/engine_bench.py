@@ -116,7 +116,7 @@ def decode_step_vs_roofline(engine):
     from kvtriton.backend.runners.step_input import prepare_step
 
     seq = Sequence("probe", list(range(1, 65)), SamplingParams())
-    seq.num_computed_tokens = 63
+    seq.num_computed_tokens = 64  # this step's token included, as the scheduler leaves it
     bm = engine.block_manager
     seq.block_ids = bm.allocate_slots("probe", seq.token_ids, 0, 64)
     step = prepare_step([(seq, 1)], engine.config.block_size, engine.device)

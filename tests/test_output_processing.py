@@ -37,7 +37,7 @@ def run(tokenizer, text_tokens: list[int], params: SamplingParams, max_model_len
     for token in text_tokens:
         out = sched.schedule()
         assert out.sample_indices == [0]
-        (got,) = sched.update_from_output(out, [token])
+        sched.update_from_output(out, [token])
         output = state.process_token(token, None)
         if output.finished and seq.finish_reason is None:  # a stop string: the engine ends it
             sched.finish(seq)

@@ -80,3 +80,51 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
     sched.finish(a)
     sched.finish(b)
     assert bm.usage == 0.0 and not sched.has_work()
+
+
+def test_async_scheduling_schedules_the_next_decode_before_the_token_is_known():
+    sched, bm = make(budget=16)
+    a = seq("a", 3)
+    sched.add(a)
+    first = sched.schedule()  # the prompt; it catches up, so its token is a placeholder
+    assert first.sample_indices == [0] and a.num_placeholders == 1 and a.num_computed_tokens == 3
+    second = sched.schedule()  # the decode of that unknown token, before the host has it
+    assert [(s.request_id, n) for s, n in second.scheduled] == [("a", 1)] and a.num_placeholders == 2
+    sched.update_from_output(first, [41])
+    assert a.token_ids[-1] == 41 and a.num_placeholders == 1 and a.num_computed_tokens == 4
+    sched.update_from_output(second, [42])
+    assert a.output_token_ids == [41, 42] and a.num_placeholders == 0
+
+
+def test_a_token_that_stops_in_flight_costs_one_discarded_token_and_no_leak():
+    sched, bm = make(budget=16)
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=8), stop_token_ids=frozenset({0}))
+    sched.add(a)
+    first = sched.schedule()
+    second = sched.schedule()  # scheduled on the placeholder
+    seqs, kept = sched.update_from_output(first, [0])  # the stop token
+    assert seqs == [a] and a.finish_reason == "stop" and bm.usage == 0.0 and not sched.has_work()
+    seqs, kept = sched.update_from_output(second, [5])  # the step in flight: its token is dropped
+    assert seqs == [] and kept == [] and a.output_token_ids == [0]
+
+
+def test_a_sequence_whose_pending_token_is_its_last_is_not_scheduled_again():
+    sched, _ = make(budget=16)
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=1))
+    sched.add(a)
+    first = sched.schedule()
+    assert sched.schedule().is_empty  # max_tokens is reached by the pending token: no wasted step
+    sched.update_from_output(first, [9])
+    assert a.finish_reason == "length" and not sched.has_work()
+
+
+def test_preempted_with_a_token_in_flight_waits_for_it_then_recomputes():
+    sched, bm = make(num_blocks=2, block_size=4, budget=64, prefix=False)
+    a, b = seq("a", 4), seq("b", 3, first=300)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()  # a: blocks [0]; b: blocks [1]; both sample
+    second = sched.schedule()  # a's 5th token needs a new block: b (newest) is preempted, its token in flight
+    assert [s.request_id for s in second.preempted] == ["b"] and b.num_placeholders == 1
+    sched.update_from_output(first, [7, 8])
+    assert b.token_ids[-1] == 8 and b.num_placeholders == 0 and sched.waiting[0] is b

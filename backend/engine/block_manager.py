@@ -137,20 +137,24 @@ class BlockManager:
     # -------------------------------------------------------------- mutations
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
-                       num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[int] | None:
+                       num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None,
+                       num_placeholders: int = 0) -> list[int] | None:
         """Grow the sequence's block table to cover num_computed + num_new tokens.
 
         ``new_computed_blocks`` (prefix hits from :meth:`get_computed_blocks`)
         may be passed only on the sequence's first allocation, and
         ``num_computed_tokens`` then already counts the tokens they cover.
+        ``num_placeholders``: the last tokens being computed are sampled but not
+        yet known on the host (async scheduling); they get slots, and a block
+        is hashed only once all its tokens are known (a later call).
         Returns the newly allocated block ids, or None when the pool is short;
-        then nothing has changed. Every block that becomes full by this step
-        is registered for prefix reuse at once.
+        then nothing has changed. Every block that becomes full of known tokens
+        by this step is registered for prefix reuse at once.
         """
         hits = new_computed_blocks or []
         table = self._tables.get(request_id)
-        self._validate_request(request_id, table, token_ids, num_computed_tokens, num_new_tokens, hits)
+        self._validate_request(request_id, table, token_ids, num_computed_tokens, num_new_tokens, hits,
+                               num_placeholders)
         num_held = (len(table) if table is not None else 0) + len(hits)
         num_total = num_computed_tokens + num_new_tokens
         num_new_blocks = max(self.num_blocks_needed(num_total) - num_held, 0)
@@ -177,7 +181,7 @@ class BlockManager:
         table.extend(new_blocks)
 
         if self.enable_prefix_caching:
-            self._register_full_blocks(request_id, table, token_ids, num_total)
+            self._register_full_blocks(request_id, table, token_ids, min(num_total, len(token_ids)))
         return [b.block_id for b in new_blocks]
 
     def free(self, request_id: str) -> None:
@@ -211,15 +215,16 @@ class BlockManager:
 
     def _validate_request(self, request_id: str, table: list[KVCacheBlock] | None,
                           token_ids: Sequence[int], num_computed_tokens: int,
-                          num_new_tokens: int, hits: list[KVCacheBlock]) -> None:
+                          num_new_tokens: int, hits: list[KVCacheBlock], num_placeholders: int = 0) -> None:
         """Reject caller bugs loudly; a silent mistake here corrupts KV of other sequences."""
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(
                 f"sequence {request_id!r}: num_computed_tokens ({num_computed_tokens}) and "
                 f"num_new_tokens ({num_new_tokens}) must be >= 0")
-        if num_computed_tokens + num_new_tokens > len(token_ids):
+        if num_computed_tokens + num_new_tokens > len(token_ids) + num_placeholders:
             raise ValueError(
-                f"sequence {request_id!r}: token_ids has {len(token_ids)} tokens but "
+                f"sequence {request_id!r}: token_ids has {len(token_ids)} tokens (+{num_placeholders} "
+                f"placeholders) but "
                 f"{num_computed_tokens} computed + {num_new_tokens} new were asked for; "
                 "append the tokens being computed to token_ids before scheduling them")
         if hits and table is not None:

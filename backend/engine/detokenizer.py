@@ -53,16 +53,29 @@ class IncrementalDetokenizer:
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
-        if self._finished:
-            raise RuntimeError("IncrementalDetokenizer.step() called after flush(); the sequence has ended")
-        if not new_ids:
-            return ""
-        self._window.extend(new_ids)
+        window = self.extend(new_ids)
         try:
-            self._text = self._decode(self._window)
+            text = self._decode(window)
         except ValueError:  # an id outside the vocabulary: leave the state as it was
             del self._window[-len(new_ids) :]
             raise
+        return self.accept(text)
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        return self._skip_special_tokens
+
+    def extend(self, new_ids: Sequence[int]) -> list[int]:
+        """`step` in two halves, so that a batch of sequences decodes in one call (Tokenizer.decode_batch):
+        extend() returns the window to decode, accept() takes its text and returns the delta."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.step() called after flush(); the sequence has ended")
+        self._window.extend(new_ids)
+        return self._window
+
+    def accept(self, text: str) -> str:
+        """The delta, given the text of the window that extend() returned."""
+        self._text = text
         # Trailing U+FFFD may be a character whose bytes are still arriving: hold it back.
         final = len(self._text.rstrip(REPLACEMENT_CHAR))
         delta = ""

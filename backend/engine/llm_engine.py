@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,28 @@ from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
+from kvtriton.backend.engine.stop_strings import check_stop_strings
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
-from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype, resolve_model_folder
-from kvtriton.backend.runners.step_input import prepare_step
+from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype
+from kvtriton.backend.runners.step_input import StepInput, prepare_step
 
 log = logging.getLogger("kvtriton")
+
+
+class EngineBusyError(RuntimeError):
+    """The waiting queue is full (max_num_waiting): the request is refused at once; retrying later may succeed."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed beyond one step and answers no more requests; whoever owns it must restart it."""
+
+
+# Bytes of prompt text per token of context beyond which a prompt cannot fit (max_prompt_bytes = 0).
+PROMPT_BYTES_PER_TOKEN = 64
+# How often the loop looks for requests past max_queue_time_s / max_request_time_s.
+EXPIRY_CHECK_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,7 +75,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, metrics=None):
         self.config = config = config or EngineConfig()
-        folder = resolve_model_folder(config.model)
+        folder = resolve_checkpoint(config.model)
         self.model_config = ModelConfig.from_pretrained(folder)
         self.tokenizer = Tokenizer.from_pretrained(folder)
         self.device, self.dtype = resolve_device_and_dtype(config)
@@ -82,6 +99,11 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._pending: PendingStep | None = None  # the step whose tokens the host has not seen yet
+        # CUDA queues work and returns at once; a CPU computes as it is called, so overlapping host work
+        # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
+        self._forward_thread = (ThreadPoolExecutor(1, "kvtriton-forward")
+                                if config.enable_async_scheduling and self.device.type == "cpu" else None)
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  folder, self.device, str(self.dtype).removeprefix("torch."), self.runner.num_blocks,
                  config.block_size, self.max_model_len)
@@ -89,8 +111,21 @@ class LLMEngine:
     # ---- requests (any thread) ---------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     sink: OutputSink | None = None) -> OutputSink:
-        """Validate and enqueue. Raises ValueError with a user-facing message for a request that can never run."""
+        """Validate and enqueue. Raises ValueError with a user-facing message for a request that can never run,
+        EngineBusyError when the waiting queue is full, EngineDeadError once the engine has failed."""
+        if self._fatal is not None:
+            raise EngineDeadError("the engine has failed and is being restarted; retry shortly")
         params = params or SamplingParams()
+        check_stop_strings(params.stop)
+        if isinstance(prompt, str) and len(prompt) > self.max_prompt_bytes() // 4:  # no UTF-8 char is > 4 bytes
+            size = len(prompt.encode("utf-8", errors="surrogatepass"))
+            if size > self.max_prompt_bytes():
+                raise ValueError(f"prompt must be at most {self.max_prompt_bytes()} bytes (max_prompt_bytes; the "
+                                 f"model's context is {self.max_model_len} tokens), got {size}")
+        limit = self.config.max_num_waiting
+        if limit and len(self.scheduler.waiting) + self._inbox.qsize() >= limit:
+            raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "
+                                  "retry later")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(ids, params)
         generator = None
@@ -107,6 +142,15 @@ class LLMEngine:
         """Stop a request at the next step; its blocks are freed and its stream ends with finish_reason 'abort'."""
         self._inbox.put(("abort", request_id, None))
         self._wakeup.set()
+
+    def max_prompt_bytes(self) -> int:
+        """The longest prompt text accepted, in UTF-8 bytes (checked before tokenizing)."""
+        return self.config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len
+
+    def is_healthy(self) -> bool:
+        """False once the engine has failed beyond one step (or its thread has died): it then answers every
+        request with an error, and whoever owns it should restart it."""
+        return self._fatal is None and (self._thread is None or self._thread.is_alive() or self._stopping)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -141,7 +185,7 @@ class LLMEngine:
         """Let in-flight requests finish (up to timeout_s), abort the rest, stop the thread, and free the
         runner's device memory (so that the process can start another engine)."""
         deadline = time.monotonic() + timeout_s
-        while self._thread and self.has_work() and time.monotonic() < deadline:
+        while self._thread and self._fatal is None and self.has_work() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stopping = True
         self._wakeup.set()
@@ -151,74 +195,235 @@ class LLMEngine:
                 return
             self._thread = None
         self.runner.close()
+        if self._forward_thread is not None:
+            self._forward_thread.shutdown(wait=False)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or not self._inbox.empty()
+        return self.scheduler.has_work() or not self._inbox.empty() or self._pending is not None
+
+    # Set on the engine thread only: a description of the failure that stopped the engine (None: healthy).
+    _fatal: str | None = None
+    _next_expiry_check = 0.0
 
     def _run(self) -> None:
-        while not self._stopping:
-            if not self.has_work():
-                if self.metrics is not None:  # let gauges settle at idle values
-                    self.metrics.observe_step(self.stats())
-                self._wakeup.wait(timeout=0.1)
-                self._wakeup.clear()
-                continue
-            self.step()
-        self._drain_inbox()
-        for request_id in list(self._states):
-            self._finish(request_id, "abort", "engine shut down")
+        """The loop. A failed step fails its own requests (step()); anything that escapes step() leaves the
+        engine's state unknown, so the engine stops serving: `_fail_engine` answers every request."""
+        try:
+            while not self._stopping:
+                if not self.has_work():
+                    if self.metrics is not None:  # let gauges settle at idle values
+                        self.metrics.observe_step(self.stats())
+                    self._wakeup.wait(timeout=0.1)
+                    self._wakeup.clear()
+                    continue
+                self.step()
+                self._expire_requests()
+            self._drain_inbox()
+            for request_id in list(self._states):
+                self._finish(request_id, "abort", "engine shut down")
+        except BaseException as exc:  # noqa: BLE001 - the thread must never end silently
+            self._fail_engine(exc)
+
+    def _expire_requests(self) -> None:
+        """End requests past max_queue_time_s (not started yet) or max_request_time_s, with an error."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + EXPIRY_CHECK_INTERVAL_S
+        queue_limit, request_limit = self.config.max_queue_time_s, self.config.max_request_time_s
+        if queue_limit:
+            for seq in [s for s in self.scheduler.waiting
+                        if s.num_output_tokens == 0 and now - s.arrival_time > queue_limit]:
+                if seq.request_id in self._states:
+                    self._finish(seq.request_id, "error", f"server busy: the request waited {queue_limit:g} s "
+                                 "without starting (max_queue_time_s); retry later")
+        if request_limit:
+            for request_id in [r for r, state in self._states.items()
+                               if now - state.seq.arrival_time > request_limit]:
+                self._finish(request_id, "error", f"the request ran longer than {request_limit:g} s "
+                             "(max_request_time_s) and was stopped")
+
+    def _fail_engine(self, exc: BaseException) -> None:
+        """Answer every in-flight, queued and later request with an error, until shutdown().
+
+        Engine state (scheduler, blocks) is not trusted any more, so outputs go straight to the sinks."""
+        log.critical("engine failed; every request gets an error until the model is restarted", exc_info=exc)
+        for request_id, state in list(self._states.items()):
+            self._fail_request(request_id, state.sink)
+        self._states.clear()
+        # Only now, so that whoever sees is_healthy() false knows that every request held has been answered.
+        self._fatal = f"{type(exc).__name__}: {exc}"
+        while True:  # requests that raced with the failure still reach the inbox
+            while True:
+                try:
+                    kind, item, sink = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    self._fail_request(item.request_id, sink)
+            if self._stopping:
+                return
+            self._wakeup.wait(timeout=0.1)
+            self._wakeup.clear()
+
+    @staticmethod
+    def _fail_request(request_id: str, sink: OutputSink) -> None:
+        error = f"internal error (request {request_id}): the engine failed; the server restarts the model, retry"
+        try:
+            sink.put(RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=error))
+        except Exception:
+            log.exception("could not deliver the error of request %s", request_id)
 
     def step(self) -> None:
-        """One schedule -> prepare -> execute -> sample -> update -> emit round. A failed step fails its
-        requests only: the loop and the other requests go on."""
+        """One round of the overlapped loop, after vLLM's async scheduling and SGLang's overlap scheduler:
+
+            schedule N+1 -> prepare N+1 -> execute N+1 (queued on the device)
+            -> update N (the host waits for step N's tokens only; the device is busy with N+1)
+            -> sample N+1 (queued; its tokens reach the host next round) -> emit N (text, stop strings)
+
+        Step N+1's sequences that sampled in step N read that token straight from the device, and
+        sampling N+1 comes after update N, so penalties and stop-token masks see every token. On a CPU,
+        which computes as it is called, execute + sample N+1 run on the forward thread while the engine
+        thread emits N. A failed step fails its requests only: the loop and the other requests go on."""
         self._drain_inbox()
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return
-        try:
-            step = prepare_step(sched.scheduled, self.config.block_size, self.device)
-            logits = self.runner.execute(step)  # (B, V)
-            token_ids, logprobs = self._sample(sched, logits)
-            seqs = self.scheduler.update_from_output(sched, token_ids)
-        except Exception as exc:  # a runner fault must not take the other requests or the thread down
-            log.exception("engine step failed")
-            for seq, _ in sched.scheduled:
-                if seq.request_id in self._states:
-                    self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
-            return
-        self._emit_tokens(seqs, token_ids, logprobs)
+        step = logits = job = None
+        if not sched.is_empty:
+            try:
+                step = self._prepare(sched)
+                if self._forward_thread is None:
+                    logits = self.runner.execute(step)  # (B, V), queued on the device
+            except Exception as exc:  # a runner fault must not take the other requests or the thread down
+                self._fail(sched, exc)
+                step = None
+        finished, self._pending = self._pending, None
+        tokens = None
+        if finished is not None:
+            try:
+                tokens = self._update(finished)
+            except Exception as exc:
+                self._fail(finished.sched, exc)
+        if step is not None:
+            try:
+                meta = self._sampling_metadata(sched)
+                if self._forward_thread is None:
+                    self._pending = self._sample(sched, logits, meta)
+                else:
+                    job = self._forward_thread.submit(self._execute_and_sample, sched, step, meta)
+            except Exception as exc:
+                self._fail(sched, exc)
+        if tokens is not None:
+            self._emit_tokens(*tokens)
+        if job is not None:
+            try:
+                self._pending = job.result()
+            except Exception as exc:
+                self._fail(sched, exc)
+        if not self.config.enable_async_scheduling and self._pending is not None:
+            # The synchronous loop (to measure what the overlap brings): this step's tokens now.
+            finished, self._pending = self._pending, None
+            self._emit_tokens(*self._update(finished))
         if self.metrics is not None:
             self.metrics.observe_step(self.stats())
 
-    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token for each sequence in sched.sample_indices, and its logprobs where asked for."""
-        rows = sched.sample_indices
-        if not rows:
-            return [], []
-        seqs = [sched.scheduled[i][0] for i in rows]
-        meta = SamplingMetadata.build(
+    def _prepare(self, sched: SchedulerOutput) -> StepInput:
+        """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
+        step = prepare_step(sched.scheduled, self.config.block_size, self.device)
+        if step.placeholders:
+            pending = self._pending  # placeholders exist only while the step that samples them is pending
+            source = {pending.sched.scheduled[i][0].request_id: j for j, i in enumerate(pending.sched.sample_indices)}
+            positions = [position for position, _ in step.placeholders]
+            rows = [source[sched.scheduled[row][0].request_id] for _, row in step.placeholders]
+            index = torch.tensor([positions, rows], dtype=torch.int64).to(self.device, non_blocking=True)
+            step.input_ids.index_copy_(0, index[0], pending.token_ids.index_select(0, index[1]))
+        return step
+
+    def _execute_and_sample(self, sched: SchedulerOutput, step: StepInput,
+                            meta: SamplingMetadata | None) -> PendingStep | None:
+        """The forward thread's job on a CPU: every heavy op of a step on one thread (and one OpenMP team)."""
+        return self._sample(sched, self.runner.execute(step), meta)
+
+    def _sampling_metadata(self, sched: SchedulerOutput) -> SamplingMetadata | None:
+        seqs = [sched.scheduled[i][0] for i in sched.sample_indices]
+        if not seqs:
+            return None
+        return SamplingMetadata.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
         )
+
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor,
+                meta: SamplingMetadata | None) -> PendingStep | None:
+        """Queue sampling of one token for each sequence in sched.sample_indices; the tokens (and logprobs
+        where asked for) start their way to the host without waiting."""
+        rows = sched.sample_indices
+        if meta is None:
+            return None
         logits = logits[rows] if len(rows) < len(sched.scheduled) else logits  # (B, V)
         out = self.sampler(logits[:, : self._sample_vocab], meta)
-        token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
-        return token_ids, _logprobs_to_host(out, seqs, token_ids)
+        return PendingStep(sched, out.sampled_token_ids, HostCopy.start(
+            out.sampled_token_ids, out.logprobs, out.top_token_ids, out.top_logprobs))
+
+    def _update(self, pending: PendingStep) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Step N's tokens on the host (the loop's one wait), into the scheduler: placeholders resolved."""
+        token_ids, chosen, top_ids, top_lps = pending.host.wait()
+        seqs, kept = self.scheduler.update_from_output(pending.sched, token_ids)
+        token_ids = [token_ids[j] for j in kept]
+        if chosen is None:
+            return seqs, token_ids, [None] * len(seqs)
+        logprobs: list[TokenLogprob | None] = []
+        for seq, j, token_id in zip(seqs, kept, token_ids):
+            n = seq.params.logprobs
+            top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids else []
+            logprobs.append(None if n is None else TokenLogprob(token_id=token_id, logprob=chosen[j], top=top))
+        return seqs, token_ids, logprobs
+
+    def _fail(self, sched: SchedulerOutput, exc: Exception) -> None:
+        """A step failed: its requests end with an error that names the request, the detail goes to the log."""
+        log.error("engine step failed", exc_info=exc)
+        for seq, _ in sched.scheduled:
+            if seq.request_id in self._states and self._states[seq.request_id].seq is seq:
+                self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
 
     def _emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
-        for seq, token_id, lp in zip(seqs, token_ids, logprobs):
-            state = self._states[seq.request_id]
+        """Output processing for a step's tokens: their text decoded in one batch, stop strings, sinks."""
+        states = [self._states[seq.request_id] for seq in seqs]
+        texts = self._decode_windows(states, token_ids)
+        for state, token_id, lp, text in zip(states, token_ids, logprobs, texts):
+            seq = state.seq
             try:
-                output = state.process_token(token_id, lp)
-            except Exception as exc:  # one request's failure (detokenizing, say) ends that request only
+                if isinstance(text, Exception):
+                    raise text
+                output = state.process_token(token_id, lp, text)
+            except Exception:  # one request's failure (detokenizing, say) ends that request only
                 log.exception("request %s failed", seq.request_id)
-                self._finish(seq.request_id, "error", f"internal error during generation: {exc}")
+                self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
                 continue
             if output.finished:
                 if seq.finish_reason is None:  # a stop string: the scheduler has not ended it
                     self.scheduler.finish(seq)
                 del self._states[seq.request_id]
             self._emit(state, output)
+
+    def _decode_windows(self, states: list[RequestState], token_ids: list[int]) -> list[str | Exception | None]:
+        """Each state's detokenizer window with its new token, decoded in one call per skip_special_tokens
+        value (one call, not one per request: the per-call overhead dominates at large batches). None
+        where no text is needed; if the batch fails, each window is decoded alone and a failing one
+        gets its exception (it ends that request only)."""
+        windows = [state.window_to_decode(token_id) for state, token_id in zip(states, token_ids)]
+        texts: list[str | Exception | None] = [None] * len(states)
+        for skip in (True, False):
+            rows = [i for i, w in enumerate(windows)
+                    if w is not None and states[i].detokenizer.skip_special_tokens is skip]
+            if not rows:
+                continue
+            try:
+                decoded = self.tokenizer.decode_batch([windows[i] for i in rows], skip_special_tokens=skip)
+            except Exception:
+                decoded = [_decode_or_error(self.tokenizer, windows[i], skip) for i in rows]
+            for i, text in zip(rows, decoded):
+                texts[i] = text
+        return texts
 
     def _drain_inbox(self) -> None:
         while True:
@@ -266,18 +471,41 @@ class LLMEngine:
         return [s.result() for s in streams]
 
 
-def _logprobs_to_host(out, seqs: list[Sequence], token_ids: list[int]) -> list[TokenLogprob | None]:
-    if out.logprobs is None:
-        return [None] * len(seqs)
-    chosen = out.logprobs.tolist()
-    top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-    top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-    result: list[TokenLogprob | None] = []
-    for i, seq in enumerate(seqs):
-        n = seq.params.logprobs
-        if n is None:
-            result.append(None)
-            continue
-        top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n and top_ids else []
-        result.append(TokenLogprob(token_id=token_ids[i], logprob=chosen[i], top=top))
-    return result
+def _decode_or_error(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool) -> str | Exception:
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    except Exception as exc:
+        return exc
+
+
+@dataclass
+class HostCopy:
+    """Device tensors on their way into pinned host memory; `wait()` blocks on this copy only, not on
+    work queued after it."""
+
+    tensors: list[torch.Tensor | None]
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, *tensors: torch.Tensor | None) -> "HostCopy":
+        if not any(t is not None and t.is_cuda for t in tensors):
+            return cls(list(tensors), None)
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in tensors]
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def wait(self) -> list:
+        if self.done is not None:
+            self.done.synchronize()
+        return [None if t is None else t.tolist() for t in self.tensors]
+
+
+@dataclass
+class PendingStep:
+    """A step whose sampling is queued: `token_ids` (B,) stay on the device to feed the next step."""
+
+    sched: SchedulerOutput
+    token_ids: torch.Tensor
+    host: HostCopy

@@ -77,21 +77,24 @@ class SamplingMetadata:
                 raise ValueError(f"{name} has {len(seq)} rows but params has {batch}")
         greedy = [p.is_greedy for p in params]
         random_rows = [p for p, g in zip(params, greedy) if not g]
-
-        # One host->device copy for all per-row scalars; columns are sliced on device.
-        columns = np.array([[
-            1.0 if g else p.temperature,
-            min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size,
-            p.top_p, p.min_p,
-            p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
-            float(g),
-        ] for p, g in zip(params, greedy)], dtype=np.float32).reshape(batch, 8)
-        table = _to_device(columns, device)  # (B, 8)
-        (temperature, top_k, top_p, min_p, rep, freq, pres, greedy_f) = table.unbind(1)
-
         use_rep = any(p.repetition_penalty != 1.0 for p in params)
         use_freq = any(p.frequency_penalty != 0.0 for p in params)
         use_pres = any(p.presence_penalty != 0.0 for p in params)
+
+        if all(greedy) and not (use_rep or use_freq or use_pres):
+            # The common serving batch (greedy, no penalty) needs no per-row scalar on the device.
+            temperature = top_k = top_p = min_p = rep = freq = pres = greedy_f = None
+        else:
+            # One host->device copy for all per-row scalars; columns are sliced on device.
+            columns = np.array([[
+                1.0 if g else p.temperature,
+                min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size,
+                p.top_p, p.min_p,
+                p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
+                float(g),
+            ] for p, g in zip(params, greedy)], dtype=np.float32).reshape(batch, 8)
+            table = _to_device(columns, device)  # (B, 8)
+            (temperature, top_k, top_p, min_p, rep, freq, pres, greedy_f) = table.unbind(1)
         prompt_mask = output_counts = None
         if use_rep or use_freq or use_pres:
             prompt_mask, output_counts = _token_occurrences(
@@ -100,7 +103,7 @@ class SamplingMetadata:
         ban: list[int] = []  # flat (row, token) indices into the (B, V) logits
         for row, (p, out, stops) in enumerate(
                 zip(params, output_token_ids, stop_ids_for_min_tokens)):
-            if len(out) < p.min_tokens:
+            if p.min_tokens and len(out) < p.min_tokens:
                 for t in stops:
                     if not 0 <= t < vocab_size:
                         raise ValueError(

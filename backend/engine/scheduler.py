@@ -11,13 +11,21 @@ When the KV pool runs dry, the most recently arrived running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of
 the waiting queue with its generated tokens kept.
 
-The scheduler owns the bookkeeping of what it schedules (vLLM's split):
-`schedule()` decides and allocates, and its output carries the block ids it
-allocated (each sequence's `block_ids` is its block table, kept in step with
-the block manager); `update_from_output()` is the one place that advances
-`num_computed_tokens`, appends sampled tokens, applies the token-level stop
-rules and frees finished sequences. Stop strings need text, so output
-processing finds them and ends the sequence through `finish()`.
+The scheduler owns the bookkeeping of what it schedules, split as in vLLM's
+async scheduling:
+- `schedule()` decides, allocates and advances `num_computed_tokens` at once,
+  as if the step had run; its output carries the block ids it allocated (each
+  sequence's `block_ids` is its block table, kept in step with the block
+  manager). A sequence that catches up this step will get a token whose id
+  only the device knows for now: it holds a placeholder for it, so the next
+  step can be scheduled (and its input fed from the device) before the host
+  has seen that token.
+- `update_from_output()` runs one step later: it replaces the placeholders by
+  the sampled tokens, applies the token-level stop rules and frees finished
+  sequences. A sequence that stops this way may already sit in the step
+  after: that one token is computed and discarded.
+Stop strings need text, so output processing finds them and ends the
+sequence through `finish()`.
 """
 
 from __future__ import annotations
@@ -83,26 +91,36 @@ class Scheduler:
         seq.block_ids = []
         self.block_manager.free(seq.request_id)
 
-    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> tuple[list[Sequence],
+                                                                                             list[int]]:
         """Account for an executed step: `sampled_token_ids[j]` is the token of `out.sample_indices[j]`.
 
-        Advances every scheduled sequence by its tokens, appends the sampled tokens, and finishes (frees) a
-        sequence whose token is a stop token ("stop") or that reached max_tokens or max_model_len
-        ("length"). Returns the sequences that got a token, in batch order; finished ones have status
-        FINISHED and `finish_reason` set.
+        Each sampled token replaces its sequence's placeholder; a sequence whose token is a stop token
+        ("stop") or that reached max_tokens or max_model_len ("length") is finished and freed. Sequences
+        finished meanwhile (aborted, or stopped by the step before) drop their token. Returns the
+        sequences that got a token and the indices of their tokens in `sampled_token_ids`, in batch
+        order; finished ones have status FINISHED and `finish_reason` set.
         """
-        for seq, n in out.scheduled:
-            self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
-            seq.num_computed_tokens += n
-        sampled = [out.scheduled[i][0] for i in out.sample_indices]
-        for seq, token_id in zip(sampled, sampled_token_ids, strict=True):
+        seqs, kept = [], []
+        for j, (i, token_id) in enumerate(zip(out.sample_indices, sampled_token_ids, strict=True)):
+            seq = out.scheduled[i][0]
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            seq.num_placeholders -= 1
             seq.token_ids.append(token_id)
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 seq.finish_reason = reason
                 self.finish(seq)
-        self.num_generation_tokens += len(sampled)
-        return sampled
+            seqs.append(seq)
+            kept.append(j)
+        self.num_generation_tokens += len(seqs)
+        return seqs, kept
+
+    def _will_finish(self, seq: Sequence) -> bool:
+        """Its pending token reaches max_tokens or max_model_len: scheduling it again would be wasted."""
+        return seq.num_placeholders > 0 and (seq.num_output_tokens + seq.num_placeholders >= seq.params.max_tokens
+                                             or seq.num_total_tokens >= self.config.max_model_len)
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         if token_id in seq.stop_token_ids:
@@ -120,10 +138,21 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._share(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._will_finish(seq):
+                i += 1
+                continue
+            n = self._share(seq.num_total_tokens - seq.num_computed_tokens, budget)
             if n == 0:
                 break
-            while (new_ids := bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n)) is None:
+            if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * bm.block_size:
+                # A decode whose slot is in a block it holds: nothing to allocate (the hot path). Blocks
+                # that filled meanwhile are hashed for prefix reuse at its next allocation.
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            while (new_ids := bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n,
+                                                num_placeholders=seq.num_placeholders)) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -140,6 +169,8 @@ class Scheduler:
         # 2. Waiting sequences in arrival order, unless this step already had to preempt.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_placeholders:
+                break  # preempted with a token in flight: admitted once the host has it (next step)
             hits, num_cached = ([], 0)
             if seq.num_computed_tokens == 0:
                 hits, num_cached = bm.get_computed_blocks(seq.token_ids)
@@ -160,9 +191,17 @@ class Scheduler:
             budget -= n
 
         out.scheduled.sort(key=lambda item: item[1] != 1)  # stable: decode group first
-        out.sample_indices = [i for i, (seq, n) in enumerate(out.scheduled)
-                              if seq.num_computed_tokens + n == seq.num_tokens]
+        self._update_after_schedule(out)
         return out
+
+    def _update_after_schedule(self, out: SchedulerOutput) -> None:
+        """Advance each scheduled sequence as if the step had run; one that catches up gets a placeholder."""
+        for i, (seq, n) in enumerate(out.scheduled):
+            self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_total_tokens:
+                seq.num_placeholders += 1
+                out.sample_indices.append(i)
 
     def _share(self, wanted: int, budget: int) -> int:
         if wanted <= budget:

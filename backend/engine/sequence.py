@@ -2,7 +2,8 @@
 
 Owned by the engine thread alone (no locks): other threads only talk to the
 engine through its inbox. `token_ids` is prompt + generated tokens;
-`num_computed_tokens` says how many of them have K/V in the cache, and
+`num_computed_tokens` says how many of them have K/V in the cache (counting
+the step in flight), and
 `block_ids` is its block table. The scheduler is their only writer: it
 advances them each step, and preemption resets them (recompute), keeping the
 generated tokens, so nothing is lost or produced twice.
@@ -36,6 +37,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    # Sampled tokens the host has not seen yet (0 or 1): scheduled on, fed to the next step from the device.
+    num_placeholders: int = 0
     block_ids: list[int] = field(default_factory=list)  # the block table, in token order
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     finish_reason: str | None = None  # set when the scheduler ends it by token ("stop", "length")
@@ -51,6 +54,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Tokens including the placeholders: what the K/V cache will hold once every token is computed."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

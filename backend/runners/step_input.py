@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from kvtriton.backend.attention.metadata import AttentionMetadata
@@ -18,9 +19,9 @@ from kvtriton.backend.attention.metadata import AttentionMetadata
 class ScheduledSequence(Protocol):
     """What a step needs of a scheduled sequence (the engine's Sequence has it; runners never import it)."""
 
-    token_ids: list[int]  # prompt + generated
-    num_computed_tokens: int  # tokens whose K/V are already in the pools
-    block_ids: list[int]  # the block table, covering num_computed_tokens + this step's tokens
+    token_ids: list[int]  # prompt + the generated tokens the host knows
+    num_computed_tokens: int  # tokens with K/V in the pools once this step ran (this step's included)
+    block_ids: list[int]  # the block table, covering num_computed_tokens
 
 
 @dataclass
@@ -32,6 +33,9 @@ class StepInput:
     # One int64 buffer behind input_ids, positions, slot_mapping, context_lens and last_token_indices, in
     # that order (one host-to-device copy per step). In a decode-only step (N == B) it is a (5, B) matrix.
     packed: torch.Tensor | None = None
+    # (packed position, row in `scheduled`) of each token the host does not know yet (sampled by the step
+    # in flight, async scheduling): its input_ids entry holds 0 until the engine fills it from the device.
+    placeholders: list[tuple[int, int]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -39,7 +43,10 @@ class StepInput:
 
 
 def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device) -> StepInput:
-    """scheduled: (sequence, new tokens) with one-token sequences first."""
+    """scheduled: (sequence, new tokens) with one-token sequences first.
+
+    A sequence whose newest token is still on the device (a placeholder: at most one, the last of its
+    new tokens) gets input id 0 there, listed in `placeholders`."""
     block_tables = [seq.block_ids for seq, _ in scheduled]
     ids: list[int] = []
     positions: list[int] = []
@@ -47,21 +54,40 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
     query_lens: list[int] = []
     context_lens: list[int] = []
     last: list[int] = []
-    for (seq, n), table in zip(scheduled, block_tables):
-        start = seq.num_computed_tokens
-        ids += seq.token_ids[start : start + n]
+    placeholders: list[tuple[int, int]] = []
+    for row, ((seq, n), table) in enumerate(zip(scheduled, block_tables)):
+        start = seq.num_computed_tokens - n
+        if n == 1:  # a decode: the hot path, one token
+            if start < len(seq.token_ids):
+                ids.append(seq.token_ids[start])
+            else:
+                placeholders.append((len(ids), row))
+                ids.append(0)
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+            query_lens.append(1)
+            context_lens.append(start + 1)
+            last.append(len(ids) - 1)
+            continue
+        known = seq.token_ids[start : start + n]
+        ids += known
+        if len(known) < n:
+            placeholders.append((len(ids), row))
+            ids.append(0)
         positions += range(start, start + n)
         slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
         query_lens.append(n)
         context_lens.append(start + n)
         last.append(len(ids) - 1)
     width = max(len(t) for t in block_tables)
-    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    padded = np.zeros((len(block_tables), width), dtype=np.int64)  # numpy: rows copy at C speed
+    for row, table in enumerate(block_tables):
+        padded[row, : len(table)] = table
     num_decodes = sum(1 for n in query_lens if n == 1)  # the scheduler puts them first
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
     n, b = len(ids), len(query_lens)
-    packed = torch.tensor(ids + positions + slots + context_lens + last, dtype=torch.int64)
+    packed = torch.from_numpy(np.array(ids + positions + slots + context_lens + last, dtype=np.int64))
     packed = packed.pin_memory() if str(device).startswith("cuda") else packed
     packed = packed.to(device, non_blocking=True)
     input_ids, positions_t, slots_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
@@ -71,7 +97,7 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
         positions=positions_t,
         attn=AttentionMetadata(
             slot_mapping=slots_t,
-            block_tables=torch.tensor(padded, dtype=torch.int64).to(device, non_blocking=True),
+            block_tables=torch.from_numpy(padded).to(device, non_blocking=True),
             context_lens=context_lens_t,
             num_decodes=num_decodes,
             query_lens=query_lens,
@@ -80,4 +106,5 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
         ),
         last_token_indices=last_t,
         packed=packed,
+        placeholders=placeholders,
     )

@@ -1,0 +1,262 @@
+"""Engine-loop benchmark: what users see (tok/s, TTFT, ITL) against the runner step alone and the bound.
+
+Workload: N requests of 128 random prompt tokens submitted at once, 128 output tokens each, EOS ignored,
+greedy; N = 1, 16, 64 by default. For each N it prints:
+  - output tok/s, TTFT p50 and inter-token latency (ITL) p50 of the engine, with the overlapped loop
+    (async scheduling) and, for comparison, the synchronous one (enable_async_scheduling=false);
+  - the runner's decode step alone at batch N (a CUDA-graph replay timed by itself), and the engine's
+    ITL over it: what the host costs beyond the device;
+  - the bound: (weight bytes + KV bytes read) / copy bandwidth measured in this run;
+  - HF transformers `generate` with the static cache (compiled), same config, prompts and N.
+
+  python benchmarks/loop_bench.py --config llama-1b --device cuda       # the GPU host
+  python benchmarks/loop_bench.py --batches 1,8 --no-hf                 # CPU, default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_bench import LLAMA_1B, pct  # noqa: E402
+
+from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
+from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
+
+
+def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
+    if tokenizer:
+        default = Path(tokenizer)
+    else:
+        from kvtriton.backend.models.default_model import ensure_default_model  # needs the gguf package
+
+        default = ensure_default_model(progress=lambda *_: None)
+    if config == "default":
+        return str(default), False
+    folder = Path(tempfile.mkdtemp()) / config
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_1B))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
+        shutil.copy(default / name, folder / name)
+    return str(folder), True
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    streams = [engine.add_request(f"r{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
+    ttft, itl, tokens = [], [], 0
+    for s in streams:
+        last = None
+        for out in s:
+            if not out.token_ids:
+                continue
+            tokens += len(out.token_ids)
+            if last is None:
+                ttft.append(out.time - out.arrival_time)
+            else:
+                itl.append(out.time - last)
+            last = out.time
+    wall = time.perf_counter() - t0
+    return dict(tok_s=tokens / wall, ttft_ms=pct(ttft, 50) * 1e3, itl_ms=pct(itl, 50) * 1e3)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the bound's denominator."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * 10 / (time.perf_counter() - t0)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def runner_step(engine: LLMEngine, batch: int, context: int) -> float:
+    """Seconds of the runner's decode step alone, `batch` sequences of `context` tokens (median of 5 x 50)."""
+    bm = engine.block_manager
+    seqs = []
+    for i in range(batch):
+        seq = Sequence(f"probe{i}", [1 + (i + j) % 1000 for j in range(context)], SamplingParams())
+        seq.num_computed_tokens = context
+        seq.block_ids = bm.allocate_slots(seq.request_id, seq.token_ids, 0, context)
+        seqs.append(seq)
+    step = prepare_step([(s, 1) for s in seqs], engine.config.block_size, engine.device)
+    for _ in range(5):
+        engine.runner.execute(step)
+    sync(engine.device)
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            engine.runner.execute(step)
+        sync(engine.device)
+        rounds.append((time.perf_counter() - t0) / 50)
+    for s in seqs:
+        bm.free(s.request_id)
+    return statistics.median(rounds)
+
+
+def bound_s(engine: LLMEngine, batch: int, context: int, bandwidth: float) -> float:
+    """(weights + the KV the step reads) / bandwidth."""
+    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    mc = engine.model_config
+    kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize * batch * context
+    return (weights + kv) / bandwidth
+
+
+def run_hf(folder: str, prompts: list[list[int]], max_tokens: int, device: str, dtype) -> float:
+    """HF generate at its best: static cache (generate compiles the forward for it on CUDA); one warm-up."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    ids = torch.tensor(prompts, device=device)  # all prompts have the same length: no padding
+    kwargs = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with torch.inference_mode():
+        model.generate(input_ids=ids, **kwargs)  # warm-up: compile and capture for this shape
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, **kwargs)
+        sync(device)
+    wall = time.perf_counter() - t0
+    del model
+    return (out.shape[1] - ids.shape[1]) * len(prompts) / wall
+
+
+def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int) -> None:
+    """Drive engine.step() from this thread (no engine thread, no consumer) with a timer on each phase,
+    once the prompts are in: where the host's time per step goes."""
+    import collections
+
+    engine = LLMEngine(config)
+    spent: collections.Counter = collections.Counter()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.execute = timed("runner.execute (launch)", engine.runner.execute)
+    for name in ("_prepare", "_update", "_sampling_metadata", "_sample", "_emit_tokens"):
+        setattr(engine, name, timed(name, getattr(engine, name)))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, params)
+    for _ in range(4):  # prefill and the first decodes
+        engine.step()
+    sync(engine.device)
+    spent.clear()
+    steps = 50
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(engine.device)
+    per_step = (time.perf_counter() - t0) / steps * 1e3
+    print(f"# {len(prompts)} sequences, host-driven: {per_step:.3f} ms per step; per phase (ms): "
+          + ", ".join(f"{k} {v / steps * 1e3:.3f}" for k, v in spent.most_common()))
+    engine.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=192, help="context of the runner-step probe (default 192)")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-sync-loop", action="store_true", help="skip the synchronous-loop comparison")
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
+                                        "model's; a GPU host without network needs it)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only time the engine's host work per phase over decode steps at batch N")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    folder, dummy = model_folder(args.config, args.tokenizer)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 40000) for _ in range(args.prompt_len)] for _ in range(max(batches))]
+    cuda = args.device.startswith("cuda")
+    base = dict(model=folder, device=args.device, dummy_weights=dummy, max_num_seqs=max(batches),
+                max_num_batched_tokens=8192, max_model_len=2048, kv_cache_memory_gb=2.0)
+    bandwidth = copy_bandwidth(args.device)
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"# loop benchmark: {args.config}, {args.prompt_len}-token random prompts, {args.max_tokens} output "
+          f"tokens, EOS ignored, greedy; torch {torch.__version__}, python {platform.python_version()}, "
+          f"{device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results = {"bandwidth_tb_s": bandwidth / 1e12, "rows": []}
+    if args.profile:
+        return profile_host(EngineConfig(**base), prompts[: args.profile], args.max_tokens)
+    loops = [("async", True)] + ([] if args.no_sync_loop else [("sync", False)])
+    measured: dict[str, dict[int, dict]] = {}
+    engine = None
+    for name, overlap in loops:
+        engine = LLMEngine(EngineConfig(**base, enable_async_scheduling=overlap)).start()
+        run_engine(engine, prompts[:4], 8)  # warm-up
+        measured[name] = {n: run_engine(engine, prompts[:n], args.max_tokens) for n in batches}
+        if name == "async":
+            for n in batches:
+                measured[name][n]["step_ms"] = runner_step(engine, n, args.context) * 1e3
+                measured[name][n]["bound_ms"] = bound_s(engine, n, args.context, bandwidth) * 1e3
+            dtype = engine.dtype
+        engine.shutdown()
+        del engine
+    hf = {}
+    if not args.no_hf:
+        import transformers
+
+        hf_folder = folder
+        if dummy:
+            out = Path(tempfile.mkdtemp()) / "hf"
+            cfg = transformers.AutoConfig.from_pretrained(folder)
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(out)
+            hf_folder = str(out)
+        hf = {n: run_hf(hf_folder, prompts[:n], args.max_tokens, "cuda" if cuda else "cpu", dtype) for n in batches}
+        print(f"# HF transformers {transformers.__version__}, static cache, generate")
+    print(f"{'N':>3} | {'tok/s':>8} | {'TTFT p50':>9} | {'ITL p50':>8} | {'step':>8} | {'ITL/step':>8} | "
+          f"{'bound':>8} | {'step/bound':>10} | {'sync tok/s':>10} | {'HF tok/s':>9} | {'vs HF':>6}")
+    for n in batches:
+        a = measured["async"][n]
+        s = measured.get("sync", {}).get(n)
+        row = dict(n=n, **a, sync_tok_s=s["tok_s"] if s else None, hf_tok_s=hf.get(n))
+        results["rows"].append(row)
+        print(f"{n:>3} | {a['tok_s']:8.1f} | {a['ttft_ms']:7.1f}ms | {a['itl_ms']:6.3f}ms | {a['step_ms']:6.3f}ms | "
+              f"{a['itl_ms'] / a['step_ms']:8.2f} | {a['bound_ms']:6.3f}ms | {a['bound_ms'] / a['step_ms']:9.0%} | "
+              f"{s['tok_s'] if s else float('nan'):10.1f} | {hf.get(n, float('nan')):9.1f} | "
+              f"{a['tok_s'] / hf[n] if n in hf else float('nan'):5.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
