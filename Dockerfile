@@ -13,10 +13,6 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     KVTRITON_CACHE=/cache
 
-# The compose healthcheck runs curl; install it only if this tag lacks it.
-RUN command -v curl >/dev/null || (apt-get update && apt-get install -y --no-install-recommends curl \
-    && rm -rf /var/lib/apt/lists/*)
-
 # Only what the wheel is built from (keeps .venv and caches out of the layer).
 COPY pyproject.toml README.md /src/
 COPY build /src/build
@@ -29,5 +25,6 @@ RUN python3 -m pip install "/src[onnx]" "numpy<2" && rm -rf /src
 COPY model_repository /models
 
 EXPOSE 8000 8001 8002
-# kvtriton serve finds /opt/tritonserver/bin/tritonserver on PATH.
-CMD ["kvtriton", "serve", "--model-repository", "/models"]
+# kvtriton serve finds /opt/tritonserver/bin/tritonserver on PATH. It listens on 127.0.0.1 unless told
+# otherwise; in a container the published ports must reach it. `kvtriton health` is the health check.
+CMD ["kvtriton", "serve", "--model-repository", "/models", "--host", "0.0.0.0"]

@@ -4,6 +4,7 @@
   generate     one prompt: in-process engine, or a running server with --url
   chat         interactive chat against a running server
   bench        load generator against a running server
+  health       is a served model answering? one 1-token request (exit 0 / 1)
   build        checkpoint -> ONNX / TensorRT model in a repository (kvtriton.build)
   fetch-model  download and convert the default model into the cache
 
@@ -65,6 +66,8 @@ COMMANDS = {
     "generate": (_generate, "generate text (in-process, or against a server with --url)"),
     "chat": (_command("kvtriton.client.chat_cmd", "kvtriton chat"), "interactive chat against a server"),
     "bench": (_command("kvtriton.client.bench_cmd", "kvtriton bench"), "load generator against a server"),
+    "health": (_command("kvtriton.client.health_cmd", "kvtriton health"),
+               "is a served model answering? one 1-token request (exit 0 healthy, 1 not)"),
     "build": (_command("kvtriton.build.cli", "kvtriton build"), "build an ONNX / TensorRT model into a repository"),
     "fetch-model": (_fetch_model, "download and convert the default model into the cache"),
 }

@@ -32,7 +32,7 @@ class InferenceResponse:
 
 
 class TritonError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+    INVALID_ARG, INTERNAL, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
 
     def __init__(self, message: str, code: str = "INTERNAL"):
         self.message, self.code = message, code
@@ -101,6 +101,14 @@ class Engine:
         self.added: dict[str, tuple] = {}  # request_id -> (prompt, params, sink)
         self.aborted: list[str] = []
         self.abort_seen = threading.Event()
+
+    healthy = True
+
+    def is_healthy(self) -> bool:
+        return self.healthy
+
+    def max_prompt_bytes(self) -> int:
+        return 1000
 
     def add_request(self, request_id, prompt, params, sink):
         self.added[request_id] = (prompt, params, sink)

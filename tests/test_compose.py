@@ -60,11 +60,25 @@ def test_triton_has_room_in_dev_shm_for_the_python_backend(triton):
     assert megabytes >= 1024  # Docker's 64 MB default is too small for streamed tensors
 
 
-def test_triton_healthcheck_polls_readiness_on_the_http_port(triton):
+def test_triton_healthcheck_runs_a_request_through_the_model_on_the_grpc_port(triton):
+    """Triton's readiness stays 200 when a model's stub or engine has died: the check generates a token."""
+    import argparse
+
+    from kvtriton.client import health_cmd
+
     args = _serve_args(triton)
     test = triton["healthcheck"]["test"]
-    assert test[0] == "CMD" and test[1] == "curl" and "-f" in test
-    assert test[-1] == f"http://localhost:{args.http_port}/v2/health/ready"
+    assert test[0] == "CMD" and test[1:3] == ["kvtriton", "health"]
+    parser = argparse.ArgumentParser()
+    health_cmd.add_arguments(parser)
+    health = parser.parse_args(test[3:])  # a command `kvtriton health` accepts
+    assert health.url == f"127.0.0.1:{args.grpc_port}"
+    assert health.timeout < int(str(triton["healthcheck"]["timeout"]).rstrip("s"))
+
+
+def test_triton_listens_on_every_interface_inside_the_container_and_keeps_admin_apis_keyed(triton):
+    assert _serve_args(triton).host == "0.0.0.0"  # kvtriton serve alone listens on loopback only
+    assert "KVTRITON_ADMIN_KEY" in triton["environment"]
 
 
 def test_model_cache_volume_and_env(compose, triton):
@@ -101,4 +115,4 @@ def test_dockerfile_uses_a_triton_image_at_least_2_51_and_installs_kvtriton_with
     assert "COPY model_repository /models" in text
     cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
     assert cmd and yaml.safe_load(cmd[1])[:2] == ["kvtriton", "serve"]
-    build_parser().parse_args(yaml.safe_load(cmd[1])[2:])
+    assert build_parser().parse_args(yaml.safe_load(cmd[1])[2:]).host == "0.0.0.0"

@@ -4,7 +4,12 @@ import random
 
 import pytest
 
-from kvtriton.backend.engine.stop_strings import StopStringMatcher
+from kvtriton.backend.engine.stop_strings import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    StopStringMatcher,
+    check_stop_strings,
+)
 
 
 def run(stop, deltas):
@@ -55,10 +60,14 @@ def test_overlapping_candidates():
     assert run(["abc"], ["xab", "ab", "c"]) == ("xab", True)
 
 
-def test_multiple_stop_strings_earliest_wins():
+def test_multiple_stop_strings_the_first_complete_wins():
     matcher = StopStringMatcher(["world", "lo w", "\n"])
     assert matcher.feed("hello wor") == ("hel", True)
     assert matcher.matched == "lo w"
+    # A stop string inside a longer one ends first; of two ending together, the longer wins.
+    assert run(["abcd", "bc"], ["abcd"]) == ("a", True)
+    matcher = StopStringMatcher(["c", "abc"])
+    assert matcher.feed("xabc") == ("x", True) and matcher.matched == "abc"
     # The longest possible prefix of any stop string is held back.
     matcher = StopStringMatcher(["xyz", "yz!"])
     assert matcher.feed("axy") == ("a", False)
@@ -81,8 +90,10 @@ def test_random_splits_match_a_whole_text_search(seed):
         "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
     ]
     text = "".join(rng.choice(alphabet) for _ in range(300))
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = (text[: min(hits)], True) if hits else (text, False)
+    # The first stop string complete in the text (earliest end; the longer of two ending together).
+    hits = [(i + len(s), -len(s)) for s in stops if (i := text.find(s)) >= 0]
+    end, minus_len = min(hits, default=(None, None))
+    expected = (text[: end + minus_len], True) if hits else (text, False)
     cuts = sorted(rng.sample(range(1, len(text)), 60))
     deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert run(stops, deltas) == expected
@@ -109,3 +120,34 @@ def test_invalid_stop_lists_are_rejected():
     matcher.feed("x")
     with pytest.raises(RuntimeError, match="after a stop string"):
         matcher.feed("more")
+
+
+def test_limits_are_checked_with_messages_naming_them():
+    check_stop_strings(["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # at the limits: fine
+    with pytest.raises(ValueError, match=rf"stop must hold at most {MAX_STOP_STRINGS} strings, got 17"):
+        check_stop_strings(["x"] * (MAX_STOP_STRINGS + 1))
+    with pytest.raises(ValueError, match=rf"stop\[1\] must be at most {MAX_STOP_STRING_CHARS} characters long, got 257"):
+        check_stop_strings(["ok", "x" * (MAX_STOP_STRING_CHARS + 1)])
+
+
+def test_work_per_character_does_not_grow_with_the_output():
+    """The worst case for a naive matcher: long stop strings whose every prefix keeps matching."""
+    import time
+
+    near = "a" * (MAX_STOP_STRING_CHARS - 2)
+    matcher = StopStringMatcher([near + "ab", near + "c"])
+
+    def seconds_for(n):  # best of three: one slow run on a busy machine must not decide
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(n):
+                assert not matcher.feed("a")[1]
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    seconds_for(1000)  # the held window is full from here on
+    small, large = seconds_for(2000), seconds_for(8000)
+    assert large < 4 * small * 2  # 4x the characters, about 4x the time (2x slack)
+    assert len(matcher._held) == MAX_STOP_STRING_CHARS - 1  # the window stays bounded
+    assert matcher.feed("b") == ("", True) and matcher.matched == near + "ab"

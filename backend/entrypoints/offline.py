@@ -28,7 +28,9 @@ def run(args: argparse.Namespace, sampling: dict) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         params = SamplingParams.from_dict(sampling)
-        engine = LLMEngine(EngineConfig(model=args.model_path, device=args.device, dtype=args.dtype))
+        # One request of the user's own: the server's time bound does not apply.
+        engine = LLMEngine(EngineConfig(model=args.model_path, device=args.device, dtype=args.dtype,
+                                        max_request_time_s=0.0))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"kvtriton generate: error: {exc}", file=sys.stderr)
         return 2

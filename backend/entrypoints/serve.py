@@ -4,21 +4,46 @@ Locally the binary comes from the nvidia-pytriton wheel; in NVIDIA's image it
 is the `tritonserver` on PATH (see kvtriton.backend.entrypoints.tritonserver). With
 `--demo PROMPT`, once the models are ready one streamed answer from the `llm`
 model is printed through the server itself, as the README's first command shows.
+
+Secure and self-healing by default:
+- every port listens on 127.0.0.1 unless `--host` says otherwise (compose passes 0.0.0.0);
+- Triton's admin APIs (tritonserver.ADMIN_APIS: shared memory, logging, trace, statistics, model
+  repository) answer only requests carrying the admin key (KVTRITON_ADMIN_KEY or --admin-key-file;
+  without one, a random key that nobody knows closes them);
+- the HTTP port is an HttpGuard in front of Triton's HTTP endpoint on loopback (one request body can
+  crash Triton 2.51's HTTP server: see http_guard);
+- a Supervisor restarts tritonserver when it dies or a Python model's stub dies (`--no-restart`: exit).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import secrets
 import signal
-import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kvtriton.backend.entrypoints.tritonserver import TritonServer, TritonServerError, find_tritonserver
+from kvtriton.backend.entrypoints.http_guard import HttpGuard
+from kvtriton.backend.entrypoints.supervisor import Supervisor
+from kvtriton.backend.entrypoints.tritonserver import (
+    ADMIN_APIS,
+    ADMIN_KEY_HEADER,
+    HOST,
+    TritonServer,
+    TritonServerError,
+    connect_host,
+    find_tritonserver,
+    free_ports,
+)
+
+ADMIN_KEY_ENV = "KVTRITON_ADMIN_KEY"
 
 
 class ServeError(ValueError):
@@ -35,6 +60,11 @@ class ServeOptions:
     log_file: Path | None = None
     extra_args: tuple[str, ...] = ()  # passed to tritonserver as they are
     demo: str | None = None  # a prompt to answer through the server once it is ready
+    host: str = HOST  # the address every port listens on
+    admin_key: str | None = field(default=None, repr=False)  # None: a random one, which closes the admin APIs
+    http_guard: bool = True
+    http_max_body_mb: float = 64.0
+    restart: bool = True
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -45,6 +75,15 @@ class ServeOptions:
             raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {list(ports.values())}")
         if not self.timeout_s > 0:
             raise ServeError(f"--timeout {self.timeout_s} must be a positive number of seconds")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ServeError(f"--host {self.host!r} is not an IP address; use 127.0.0.1 (this machine only) or "
+                             "0.0.0.0 (every interface)") from None
+        if not self.http_max_body_mb > 0:
+            raise ServeError(f"--http-max-body-mb {self.http_max_body_mb} must be a positive number of megabytes")
+        if self.admin_key is not None and (len(self.admin_key) < 16 or any(c in self.admin_key for c in ",:= \t\n")):
+            raise ServeError("the admin key must be at least 16 characters, without spaces, ',', ':' or '='")
         repo = Path(self.model_repository)
         if not repo.is_dir():
             what = "is not a folder" if repo.exists() else "does not exist"
@@ -69,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", type=Path, default=None, help="tritonserver's output (default: a temp file)")
     parser.add_argument("--demo", metavar="PROMPT", default=None,
                         help="once ready, stream the llm model's answer to PROMPT (chat template) through the server")
+    parser.add_argument("--host", default=HOST,
+                        help=f"address every port listens on (default {HOST}: this machine only; 0.0.0.0: all)")
+    parser.add_argument("--admin-key-file", type=Path, default=None,
+                        help=f"file holding the key that opens Triton's admin APIs ({', '.join(ADMIN_APIS)}) "
+                             f"through header {ADMIN_KEY_HEADER} (default: ${ADMIN_KEY_ENV}; without either "
+                             "they are closed)")
+    parser.add_argument("--http-max-body-mb", type=float, default=64.0,
+                        help="largest HTTP request body accepted (default 64)")
+    parser.add_argument("--no-http-guard", dest="http_guard", action="store_false",
+                        help="let clients reach Triton's HTTP endpoint directly (a 4 MB form-encoded body then "
+                             "crashes Triton 2.51)")
+    parser.add_argument("--no-restart", dest="restart", action="store_false",
+                        help="exit when tritonserver or a model's stub dies instead of restarting it")
     return parser
 
 
@@ -79,8 +131,18 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
     return ServeOptions(
         model_repository=ns.model_repository, http_port=ns.http_port, grpc_port=ns.grpc_port,
         metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
-        demo=ns.demo,
+        demo=ns.demo, host=ns.host, admin_key=_admin_key(ns.admin_key_file), http_guard=ns.http_guard,
+        http_max_body_mb=ns.http_max_body_mb, restart=ns.restart,
     )
+
+
+def _admin_key(path: Path | None) -> str | None:
+    if path is not None:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ServeError(f"--admin-key-file {path}: {exc.strerror}") from None
+    return os.environ.get(ADMIN_KEY_ENV) or None
 
 
 class _ShutdownRequested(BaseException):
@@ -92,33 +154,54 @@ def _request_shutdown(signum, frame) -> None:
 
 
 def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None = None) -> int:
-    """Run tritonserver until SIGINT/SIGTERM (exit 0) or until it dies (TritonServerError).
+    """Run tritonserver until SIGINT/SIGTERM (exit 0); restart it when it dies (unless options.restart is off:
+    then TritonServerError). A first start that fails raises TritonServerError.
 
-    ``on_ready(server)`` runs once the models are ready, e.g. for a demo request.
+    ``on_ready(server)`` runs once the models are first ready, e.g. for a demo request.
     Signal handlers are installed only when called from the main thread.
     """
     install = find_tritonserver()
-    server = TritonServer(
-        options.model_repository, install=install, http_port=options.http_port, grpc_port=options.grpc_port,
-        metrics_port=options.metrics_port, log_path=options.log_file, extra_args=options.extra_args,
-        ready_timeout_s=options.timeout_s,
-    )
+    log_path = options.log_file
+    if log_path is None:  # one log for every server this run starts
+        fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    guard = None
+    triton_http_port = options.http_port
+    if options.http_guard:
+        triton_http_port = free_ports(1)[0]  # Triton's own HTTP endpoint: loopback only, behind the guard
+        guard = HttpGuard(options.host, options.http_port, triton_http_port,
+                          int(options.http_max_body_mb * 1024 * 1024))
+    admin_key = options.admin_key or secrets.token_urlsafe(32)
+
+    def make_server() -> TritonServer:
+        return TritonServer(
+            options.model_repository, install=install, http_port=triton_http_port, grpc_port=options.grpc_port,
+            metrics_port=options.metrics_port, log_path=log_path, extra_args=options.extra_args,
+            ready_timeout_s=options.timeout_s, host=options.host, http_host=HOST if guard else None,
+            admin_key=admin_key,
+        )
+
+    supervisor = Supervisor(make_server, say=lambda message: print(message, file=sys.stderr, flush=True),
+                            restart=options.restart)
     handled = (signal.SIGINT, signal.SIGTERM)
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _request_shutdown) for s in handled} if in_main else {}
     try:
+        if guard is not None:
+            try:
+                guard.start()
+            except OSError as exc:
+                raise TritonServerError(f"HTTP port {options.http_port} cannot be bound on {options.host} "
+                                        f"({exc.strerror}); choose another with --http-port") from None
         started = time.monotonic()
-        server.start()
-        server.wait_ready()
-        _print_endpoints(server, time.monotonic() - started)
+        server = supervisor.start()
+        http_url = f"http://{connect_host(options.host)}:{options.http_port}"
+        _print_endpoints(server, http_url, time.monotonic() - started, options)
         if on_ready is not None:
             on_ready(server)
-        while True:
-            try:
-                code = server.process.wait(1.0)
-            except subprocess.TimeoutExpired:
-                continue
-            raise TritonServerError(f"tritonserver exited with code {code} while serving; log {server.log_path}:\n{server.log_tail()}")
+        supervisor.run()
+        return 0  # not reached: run() returns only by an exception
     except _ShutdownRequested as e:
         print(f"kvtriton serve: {e}: stopping tritonserver", flush=True)
         return 0
@@ -126,19 +209,28 @@ def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None
         # A second Ctrl-C must not interrupt the shutdown that guarantees cleanup.
         for s in previous:
             signal.signal(s, signal.SIG_IGN)
-        server.stop()
+        supervisor.stop()
+        if guard is not None:
+            guard.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _print_endpoints(server: TritonServer, ready_after_s: float) -> None:
-    models = ", ".join(f"{name} (v{version})" for name, version in server.ready_models()) or "none"
+def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, options: ServeOptions) -> None:
+    try:
+        models = ", ".join(f"{name} (v{version})" for name, version in server.ready_models()) or "none"
+    except (OSError, ValueError) as exc:  # the banner must not take the server down
+        models = f"unknown ({exc})"
+    admin = (f"open with header {ADMIN_KEY_HEADER} (the key you gave)" if options.admin_key else
+             f"closed (give a key in ${ADMIN_KEY_ENV} or --admin-key-file to open them)")
+    guard = f" (bodies up to {options.http_max_body_mb:g} MB)" if options.http_guard else " (unguarded)"
     print(
         f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) ready in {ready_after_s:.1f} s\n"
-        f"  HTTP     {server.http_url}\n"
+        f"  HTTP     {http_url}{guard}\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"
         f"  models   {models}\n"
+        f"  admin    {', '.join(ADMIN_APIS)}: {admin}\n"
         f"  log      {server.log_path}\n"
         "Ctrl-C stops the server.",
         flush=True,

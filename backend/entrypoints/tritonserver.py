@@ -35,13 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-# The server binds 0.0.0.0; we talk to it over IPv4 loopback ("localhost" may try ::1 first).
+# Where the server listens unless told otherwise, and how we reach it when it listens on every address:
+# IPv4 loopback ("localhost" may try ::1 first).
 HOST = "127.0.0.1"
+_ANY_ADDRESS = ("0.0.0.0", "::")
+# The APIs behind the admin key (Triton's names): they change or reveal server state. Health, metadata,
+# model-config and inference stay open: clients (tritonclient, perf_analyzer, genai-perf) need them.
+ADMIN_APIS = ("shared-memory", "logging", "trace", "statistics", "model-repository")
+# The header that carries the admin key. Over gRPC Triton expects it as metadata
+# "triton-grpc-protocol-<ADMIN_KEY_HEADER>".
+ADMIN_KEY_HEADER = "kvtriton-admin-key"
 # Triton gives in-flight requests this long after SIGTERM; it must stay below STOP_GRACE_S
 # so a clean shutdown (models finalized, stubs gone, shm released) beats our SIGKILL.
 _TRITON_EXIT_TIMEOUT_S = 10
 STOP_GRACE_S = 15.0
-_OWNED_FLAGS = ("--model-repository", "--backend-directory", "--http-port", "--grpc-port", "--metrics-port")
+_OWNED_FLAGS = ("--model-repository", "--backend-directory", "--http-port", "--grpc-port", "--metrics-port",
+                "--http-address", "--grpc-address", "--metrics-address")
+_RESTRICTION_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
 
 
 class TritonServerError(RuntimeError):
@@ -147,15 +157,30 @@ def server_command(
     metrics_port: int,
     shm_prefix: str,
     extra_args: Sequence[str] = (),
+    host: str = HOST,
+    http_host: str | None = None,
+    admin_key: str | None = None,
 ) -> list[str]:
-    """The tritonserver command line; ``extra_args`` may add flags, not replace the ones we own."""
+    """The tritonserver command line; ``extra_args`` may add flags, not replace the ones we own.
+
+    gRPC and metrics listen on ``host``, HTTP on ``http_host`` (default ``host``). With ``admin_key``, the
+    ADMIN_APIS answer only requests that carry it (ADMIN_KEY_HEADER).
+    """
+    owned = _OWNED_FLAGS + (_RESTRICTION_FLAGS if admin_key is not None else ())
     for arg in extra_args:
         flag = arg.split("=", 1)[0]
-        if flag in _OWNED_FLAGS:
+        if flag in owned:
             raise TritonServerError(
                 f"extra tritonserver argument {arg!r} would override {flag}, which kvtriton sets itself "
-                "(readiness is polled on the ports it chose); use kvtriton serve's own option instead"
+                "(readiness is polled on the ports it chose, the admin APIs are restricted by its key); "
+                "use kvtriton serve's own option instead"
             )
+    restrictions = []
+    if admin_key is not None:
+        if not admin_key or any(c in admin_key for c in ",:= \t\n"):
+            raise TritonServerError("the admin key must be non-empty, without spaces, ',', ':' or '='")
+        rule = f"{','.join(ADMIN_APIS)}:{ADMIN_KEY_HEADER}={admin_key}"
+        restrictions = [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
     return [
         str(install.binary),
         f"--model-repository={Path(model_repository).resolve()}",
@@ -163,6 +188,10 @@ def server_command(
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}",
+        f"--http-address={http_host or host}",
+        f"--grpc-address={host}",
+        f"--metrics-address={host}",
+        *restrictions,
         # Per-instance prefix: servers side by side never share regions, and stop() can
         # remove exactly this server's files if it had to be killed.
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
@@ -196,7 +225,9 @@ class TritonServer:
 
     Invariant: after ``stop()`` (or leaving the ``with`` block, or interpreter exit),
     no process of this server's group is alive and no ``/dev/shm/<shm_prefix>*``
-    file remains. Ports left as None are picked free.
+    file remains. Ports left as None are picked free. It listens on ``host`` (loopback unless told
+    otherwise; HTTP on ``http_host`` if given); with ``admin_key`` the ADMIN_APIS are restricted, and
+    this object's own calls to them carry the key.
     """
 
     def __init__(
@@ -210,8 +241,12 @@ class TritonServer:
         log_path: str | os.PathLike | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout_s: float = 300.0,
+        host: str = HOST,
+        http_host: str | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        self.host, self.http_host, self.admin_key = host, http_host or host, admin_key
         self.install = install if install is not None else find_tritonserver()
         picked = iter(free_ports([http_port, grpc_port, metrics_port].count(None)))
         self.http_port = http_port if http_port is not None else next(picked)
@@ -226,24 +261,30 @@ class TritonServer:
         self.ready_timeout_s = ready_timeout_s
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        self._log_offset = 0  # where this server's part of the log starts (a log file may be reused)
 
     @property
     def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return f"http://{connect_host(self.http_host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
         """A gRPC target (host:port, no scheme), as tritonclient.grpc expects."""
-        return f"{HOST}:{self.grpc_port}"
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.metrics_port}/metrics"
+        return f"http://{connect_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the restricted ADMIN_APIS (none when they are not restricted)."""
+        return {ADMIN_KEY_HEADER: self.admin_key} if self.admin_key is not None else {}
 
     def command(self) -> list[str]:
         return server_command(
             self.install, self.model_repository, self.http_port, self.grpc_port, self.metrics_port,
-            self.shm_prefix, self.extra_args,
+            self.shm_prefix, self.extra_args, self.host, self.http_host, self.admin_key,
         )
 
     def start(self) -> None:
@@ -256,6 +297,7 @@ class TritonServer:
         command = self.command()
         prepare_python_stub(self.install)
         self._log_file = open(self.log_path, "ab")
+        self._log_offset = self._log_file.tell()
         # Own session: a terminal's Ctrl-C reaches only us, so stop() alone decides how the
         # server shuts down, and killpg(pid) reaches the stubs as well.
         self.process = subprocess.Popen(
@@ -290,8 +332,11 @@ class TritonServer:
 
     def ready_models(self) -> list[tuple[str, str]]:
         """(name, version) of every READY model, from the repository index."""
-        index = _request_json(f"{self.http_url}/v2/repository/index", post=True)
+        index = _request_json(f"{self.http_url}/v2/repository/index", post=True, headers=self.admin_headers)
         return [(m["name"], m.get("version", "")) for m in index if m.get("state") == "READY"]
+
+    def model_ready(self, name: str) -> bool:
+        return _http_status(f"{self.http_url}/v2/models/{name}/ready") == 200
 
     def server_version(self) -> str:
         return _request_json(f"{self.http_url}/v2").get("version", "unknown")
@@ -333,9 +378,11 @@ class TritonServer:
             self._log_file = None
 
     def log_tail(self, lines: int = 30) -> str:
-        """Error lines of the log first (Triton's table dumps bury them), then its last ``lines`` lines."""
+        """Error lines of this server's log first (Triton's table dumps bury them), then its last ``lines`` lines."""
         try:
-            text = self.log_path.read_text(errors="replace").splitlines()
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
             return "(no log written)"
         errors = [l for l in text if (l.startswith("E") and l[1:5].isdigit()) or l.startswith("error:")]
@@ -352,7 +399,7 @@ class TritonServer:
 
     def _model_states(self) -> str:
         try:
-            index = _request_json(f"{self.http_url}/v2/repository/index", post=True)
+            index = _request_json(f"{self.http_url}/v2/repository/index", post=True, headers=self.admin_headers)
         except (OSError, ValueError):
             return "unknown, HTTP is not open yet: Triton opens it once every model has loaded"
         return ", ".join(f"{m['name']}={m.get('state', '?')} {m.get('reason', '')}".strip() for m in index) or "no models"
@@ -368,6 +415,11 @@ class TritonServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def connect_host(host: str) -> str:
+    """The address to reach a server listening on ``host``: loopback for the any-address."""
+    return HOST if host in _ANY_ADDRESS else host
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -407,7 +459,26 @@ def _http_status(url: str) -> int | None:
         return None
 
 
-def _request_json(url: str, post: bool = False):
+def python_stubs(pgid: int) -> dict[int, tuple[str, str]]:
+    """pid -> (model, instance name such as llm_0_0) of every live Python-backend stub of a server's group.
+
+    From the stub's command line as Triton 2.51 writes it: the stub, <repository>/<model>/<version>/model.py,
+    shm region, shm sizes, parent pid, backend folder, IPC handle, instance name, ...
+    """
+    stubs = {}
+    for pid in live_group_members(pgid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
+            model = Path(argv[1]).parent.parent.name
+            stubs[pid] = (model, argv[8] if len(argv) > 8 else model)
+    return stubs
+
+
+def _request_json(url: str, post: bool = False, headers: dict[str, str] | None = None):
     data = b"{}" if post else None  # the repository index is a POST with an empty JSON body
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=5.0) as response:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=5.0) as response:
         return json.loads(response.read())

@@ -24,6 +24,9 @@ class AdapterConfig:
     cancel_poll_interval_s: float = 0.0
     # finalize(): how long in-flight requests may run on before they are aborted.
     shutdown_timeout_s: float = 30.0
+    # A failed engine (one broken beyond one step) has answered every request with an error; then the stub
+    # process exits so that the failure is visible to a supervisor (kvtriton serve restarts the server).
+    exit_on_engine_failure: bool = True
 
     def __post_init__(self) -> None:
         if self.stream_interval < 1:

@@ -7,10 +7,16 @@
   fails the load with a message naming it); the engine thread starts.
 - execute(): parses each request and hands it to the engine; returns at once
   (decoupled mode). Bad input gets an error response naming the field, with
-  the FINAL flag, and touches no engine state.
+  the FINAL flag, and touches no engine state; a full queue or a failed engine
+  gets UNAVAILABLE; anything unexpected gets "internal error" and the request
+  id, with the detail in the server log (never exception text to the client).
 - The engine thread puts outputs into each request's sink; the response thread
   sends them and, between sends, polls cancellation, aborting cancelled
   requests in the engine, which frees their KV blocks at its next step.
+- A failed engine (LLMEngine.is_healthy() false) has answered every request with
+  an error; once those responses are sent the stub process exits
+  (exit_on_engine_failure), which Triton 2.51 cannot undo for a decoupled model
+  but `kvtriton serve`'s supervisor sees and heals by restarting the server.
 - finalize(): lets in-flight requests finish, then stops both threads.
 """
 
@@ -19,16 +25,23 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import time
 
 import triton_python_backend_utils as pb_utils
 
 from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.llm_engine import LLMEngine
+from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
 from kvtriton.backend.triton.cancellation import CancellationWatcher
 from kvtriton.backend.triton.config import AdapterConfig
 from kvtriton.backend.triton.metrics import TritonMetrics
 from kvtriton.backend.triton.request import INPUTS, OUTPUTS, RequestError, parse_generate_request
 from kvtriton.backend.triton.sink import ResponseOutbox, TritonResponseSink
+
+log = logging.getLogger("kvtriton")
+# After the engine fails: how long requests that raced with the failure get to be answered before the exit.
+ENGINE_FAILURE_EXIT_GRACE_S = 0.2
+ENGINE_FAILURE_EXIT_CODE = 70  # EX_SOFTWARE
 
 
 class _TritonLogHandler(logging.Handler):
@@ -61,7 +74,6 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args: dict) -> None:
-        log = logging.getLogger("kvtriton")
         log.setLevel(logging.INFO)
         log.addHandler(_TritonLogHandler())
         model_config = json.loads(args["model_config"])
@@ -72,7 +84,7 @@ class TritonPythonModel:
         self.engine = LLMEngine(EngineConfig.from_mapping(engine_values),
                                 metrics=TritonMetrics(pb_utils, labels)).start()
         self.cancellation = CancellationWatcher(self.engine.abort, self.config.cancel_poll_interval_s)
-        self.outbox = ResponseOutbox(self.cancellation.poll_if_due, self.cancellation.interval_s)
+        self.outbox = ResponseOutbox(self._between_sends, self.cancellation.interval_s)
         self._ids = itertools.count()
 
     def execute(self, requests):
@@ -81,24 +93,49 @@ class TritonPythonModel:
             request_id = f"{next(self._ids)}-{request.request_id()}"
             try:
                 self._submit(request, request_id, sender)
-            except (RequestError, ValueError) as exc:
+            except (RequestError, ValueError) as exc:  # the request's own fault: the message names the field
                 self.cancellation.forget(request_id)
                 _fail(sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-            except Exception as exc:  # never let one request take down execute() for the others
+            except (EngineBusyError, EngineDeadError) as exc:
                 self.cancellation.forget(request_id)
-                logging.getLogger("kvtriton").exception("request rejected")
-                _fail(sender, pb_utils.TritonError(f"internal error: {exc}", pb_utils.TritonError.INTERNAL))
+                _fail(sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
+            except Exception:  # never let one request take down execute() for the others
+                self.cancellation.forget(request_id)
+                log.exception("request %s failed", request_id)
+                _fail(sender, pb_utils.TritonError(f"internal error (request {request_id}); the server log has "
+                                                   "the details", pb_utils.TritonError.INTERNAL))
         return None
 
     def _submit(self, request, request_id: str, sender) -> None:
         parsed = parse_generate_request(lambda name: _input(request, name), request.parameters(),
-                                        self.engine.tokenizer.apply_chat_template)
+                                        self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
         sink = TritonResponseSink(pb_utils, sender, self.outbox, parsed.stream,
                                   "" if parsed.exclude_input_in_output else parsed.prompt,
                                   self.config.stream_interval, parsed.params.logprobs is not None,
                                   on_finished=self.cancellation.forget)
         self.cancellation.watch(request_id, sender)  # before the engine can finish it: see CancellationWatcher
         self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
+
+    def _between_sends(self) -> None:
+        """On the response thread, after each send and when idle."""
+        self.cancellation.poll_if_due()
+        if self.config.exit_on_engine_failure and not self.engine.is_healthy():
+            self._exit_once_answered()
+
+    _engine_failed_at: float | None = None
+
+    def _exit_once_answered(self) -> None:
+        """The engine has put an error for every request it held into the outbox before it reported itself
+        unhealthy; exit once the outbox has sent them (this runs on its thread, between sends)."""
+        now = time.monotonic()
+        if self._engine_failed_at is None:
+            self._engine_failed_at = now
+            log.critical("the engine failed: exiting the model's stub process once its requests are answered, so "
+                         "that the server is restarted (kvtriton serve does; with tritonserver alone, restart it)")
+        if now - self._engine_failed_at >= ENGINE_FAILURE_EXIT_GRACE_S and self.outbox.is_empty():
+            self._exit(ENGINE_FAILURE_EXIT_CODE)
+
+    _exit = staticmethod(os._exit)  # no cleanup: the engine's threads and state are not to be trusted
 
     def finalize(self) -> None:
         # The response thread keeps polling cancellation while the engine drains, and sends its last outputs.

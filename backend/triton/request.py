@@ -81,6 +81,11 @@ KEY_ALIASES = {spec.name: spec.sampling_key for spec in INPUTS
                if spec.role == "sampling" and spec.name != spec.sampling_key} | {"max_new_tokens": "max_tokens"}
 
 
+# The JSON objects of a request (sampling_parameters, parameters) are a few hundred bytes; this bounds the
+# work of parsing one before any of it is checked.
+MAX_JSON_BYTES = 65536
+
+
 class RequestError(ValueError):
     """A client mistake; its message is sent back as the error response."""
 
@@ -94,14 +99,17 @@ class GenerateRequest:
 
 
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
-                           apply_chat_template: Callable[[list], str]) -> GenerateRequest:
+                           apply_chat_template: Callable[[list], str], max_prompt_bytes: int = 0) -> GenerateRequest:
+    """`max_prompt_bytes` (0: no bound) bounds text_input and messages before they are decoded or rendered."""
     sampling: dict[str, Any] = {}
     flags: dict[str, Any] = {"stream": False, "exclude_input_in_output": False}
 
     raw = get_input("sampling_parameters")
     if raw is not None:
+        _check_size("sampling_parameters", _nbytes(raw), MAX_JSON_BYTES)
         _merge_json("sampling_parameters", _text("sampling_parameters", raw), sampling, flags)
     if parameters_json:
+        _check_size("parameters", len(parameters_json), MAX_JSON_BYTES)
         _merge_json("parameters", parameters_json, sampling, flags)
     for spec in INPUTS:
         tensor = get_input(spec.name)
@@ -120,7 +128,7 @@ def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parame
         params = SamplingParams.from_dict(sampling)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    return GenerateRequest(_prompt(get_input, apply_chat_template), _bool("stream", flags["stream"]),
+    return GenerateRequest(_prompt(get_input, apply_chat_template, max_prompt_bytes), _bool("stream", flags["stream"]),
                            _bool("exclude_input_in_output", flags["exclude_input_in_output"]), params)
 
 
@@ -142,18 +150,37 @@ def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str,
         sampling[canonical] = value
 
 
-def _prompt(get_input, apply_chat_template) -> str:
+def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str:
     messages = get_input("messages")
     if messages is not None:
+        _check_size("messages", _nbytes(messages), max_prompt_bytes, "max_prompt_bytes")
         value = _json("messages", _text("messages", messages))
         if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                   for m in value):
             raise RequestError('messages must be a JSON list of {"role": ..., "content": ...} objects')
+        for i, m in enumerate(value):
+            for key in ("role", "content"):
+                if not isinstance(m[key], str):
+                    raise RequestError(f"messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
         return apply_chat_template(value)
     text = get_input("text_input")
     if text is None:
         raise RequestError("text_input is required (or messages)")
+    _check_size("text_input", _nbytes(text), max_prompt_bytes, "max_prompt_bytes")
     return _text("text_input", text)
+
+
+def _nbytes(tensor: np.ndarray) -> int:
+    """The payload size of a BYTES tensor (Python bytes objects) or a fixed-size one."""
+    if tensor.dtype == np.object_:
+        return sum(len(v) if isinstance(v, (bytes, str)) else 0 for v in tensor.reshape(-1))
+    return tensor.nbytes
+
+
+def _check_size(name: str, size: int, limit: int, setting: str = "") -> None:
+    if limit and size > limit:
+        raise RequestError(f"{name} must be at most {limit} bytes" + (f" ({setting})" if setting else "") +
+                           f", got {size}")
 
 
 def _text(name: str, tensor: np.ndarray) -> str:
@@ -187,6 +214,8 @@ def _json(name: str, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError(f"{name} is not valid JSON: nested too deeply") from None
 
 
 def _json_object(name: str, text: str) -> dict[str, Any]:

@@ -43,6 +43,10 @@ class ResponseOutbox:
     def put(self, send, *args) -> None:
         self._queue.put((send, args))
 
+    def is_empty(self) -> bool:
+        """Nothing left to send; asked from `between_sends`, it also means no send is in progress."""
+        return self._queue.empty()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)

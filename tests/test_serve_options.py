@@ -1,0 +1,70 @@
+"""`kvtriton serve`'s secure defaults and its supervisor's policy, without starting a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtriton.backend.entrypoints import serve as serve_cmd
+from kvtriton.backend.entrypoints import tritonserver as ts
+from kvtriton.backend.entrypoints.supervisor import RestartPolicy
+
+
+def test_defaults_are_loopback_guarded_and_supervised(tmp_path, monkeypatch):
+    monkeypatch.delenv("KVTRITON_ADMIN_KEY", raising=False)
+    options = serve_cmd.parse_args(["--model-repository", str(tmp_path)])
+    assert (options.host, options.http_guard, options.restart, options.admin_key) == ("127.0.0.1", True, True, None)
+    assert options.http_max_body_mb == 64.0
+
+
+def test_the_admin_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file-0123456789\n")
+    monkeypatch.setenv("KVTRITON_ADMIN_KEY", "from-the-environment-0123")
+    assert serve_cmd.parse_args(["--model-repository", str(tmp_path)]).admin_key == "from-the-environment-0123"
+    options = serve_cmd.parse_args(["--model-repository", str(tmp_path), "--admin-key-file", str(key_file)])
+    assert options.admin_key == "from-a-file-0123456789"
+    with pytest.raises(serve_cmd.ServeError, match="--admin-key-file .*nowhere"):
+        serve_cmd.parse_args(["--model-repository", str(tmp_path), "--admin-key-file", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--host", "localhost"], "--host 'localhost' is not an IP address"),
+    (["--http-max-body-mb", "0"], "--http-max-body-mb 0.0 must be a positive"),
+])
+def test_bad_options_are_named(tmp_path, argv, message):
+    with pytest.raises(serve_cmd.ServeError, match=message):
+        serve_cmd.parse_args(["--model-repository", str(tmp_path), *argv])
+
+
+def test_a_short_admin_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTRITON_ADMIN_KEY", "short")
+    with pytest.raises(serve_cmd.ServeError, match="at least 16 characters"):
+        serve_cmd.parse_args(["--model-repository", str(tmp_path)])
+
+
+def test_the_command_binds_the_host_and_restricts_the_admin_apis():
+    install = ts.TritonInstall(binary=Path("/x/bin/tritonserver"), backend_dir=Path("/x/backends"), source="PATH")
+    command = ts.server_command(install, "/repo", 1, 2, 3, "p_", host="0.0.0.0", http_host="127.0.0.1",
+                                admin_key="k" * 20)
+    assert {"--http-address=127.0.0.1", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(command)
+    rule = "shared-memory,logging,trace,statistics,model-repository:kvtriton-admin-key=" + "k" * 20
+    assert f"--http-restricted-api={rule}" in command and f"--grpc-restricted-protocol={rule}" in command
+    plain = ts.server_command(install, "/repo", 1, 2, 3, "p_")
+    assert "--http-address=127.0.0.1" in plain and not any("restricted" in arg for arg in plain)
+    for flag in ("--http-address=0.0.0.0", "--grpc-restricted-protocol=health:a=b"):
+        with pytest.raises(ts.TritonServerError, match="would override"):
+            ts.server_command(install, "/repo", 1, 2, 3, "p_", extra_args=(flag,), admin_key="k" * 20)
+
+
+def test_a_server_reached_on_any_address_is_asked_on_loopback(tmp_path):
+    server = ts.TritonServer("/", install=ts.TritonInstall(Path("/x"), Path("/y"), "PATH"), http_port=1, grpc_port=2,
+                             metrics_port=3, host="0.0.0.0", admin_key="k" * 20, log_path=tmp_path / "log")
+    assert (server.http_url, server.grpc_url) == ("http://127.0.0.1:1", "127.0.0.1:2")
+    assert server.admin_headers == {"kvtriton-admin-key": "k" * 20}
+
+
+def test_restart_backoff_is_immediate_then_doubles_up_to_the_cap():
+    policy = RestartPolicy(max_delay_s=30.0)
+    assert [policy.delay_s(i) for i in range(8)] == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
