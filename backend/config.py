@@ -37,7 +37,8 @@ class EngineConfig:
     # scheduler). On a CPU the forward pass runs on a thread of its own to overlap at all.
     enable_async_scheduling: bool = True
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
-    # CUDA decode: the Triton paged-attention kernel, and at batch <= 4 the fused norm/matmul/SwiGLU kernels
+    # CUDA: Triton paged attention (decode at every batch and context, varlen prefill), and at batch <= 2 the
+    # fused norm/matmul/SwiGLU kernels
     enable_triton_kernels: bool = True
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
     # Bounded work (0 = no bound). Past max_num_waiting queued requests a new one is refused at once

@@ -2,7 +2,9 @@
 
 Closed loop: C clients, each sending requests one after another (prompt ~100
 tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
-(`generate_stream`), one connection per client. Also measures the cost of one
+(`generate_stream`) or gRPC streaming (--protocol grpc), one connection per
+client; the CPU cores the server's processes used while generating are
+printed beside it. Also measures the cost of one
 streamed response: the same saturated load with stream_interval 1 and 16;
 the time saved divided by the responses saved.
 
@@ -16,6 +18,7 @@ import argparse
 import gc
 import http.client
 import json
+import os
 import platform
 import shutil
 import sys
@@ -96,13 +99,52 @@ def sse_request(port, output_len):
     return one
 
 
+def grpc_request(url, output_len):
+    """The kvtriton client over gRPC streaming, one connection per client thread."""
+    from kvtriton.client.api import LLMClient
+
+    clients = threading.local()
+
+    def one(i):
+        if not hasattr(clients, "client"):
+            clients.client = LLMClient(url, protocol="grpc")
+        n = k = 0
+        with clients.client.stream(prompt(i), max_tokens=output_len, ignore_eos=True, temperature=0.0) as stream:
+            for chunk in stream:
+                n += chunk.num_output_tokens
+                k += 1
+        return n, k
+    return one
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and every process below it (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier and p not in tree]
+        tree.update(frontier)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
 def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
-               cancel_poll_s: float = 0.0) -> Path:
+               cancel_poll_s: float = 0.0, engine_process: bool = True) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     values = {"model": str(model_folder), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
               "max_num_batched_tokens": "2048", "max_model_len": "2048",
-              "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s)}
+              "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s),
+              "engine_process": str(engine_process).lower()}
     if dummy:
         values["dummy_weights"] = "true"
     set_parameters(repo / "llm" / "config.pbtxt", values)
@@ -123,6 +165,9 @@ def main():
     ap.add_argument("--torch-compile", default="off", choices=["on", "off"],
                     help="CUDA decode graphs compiled (slow start-up) or eager; the same on both sides")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
+    ap.add_argument("--protocol", default="sse", choices=["sse", "grpc"], help="the clients' streaming protocol")
+    ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
+                    help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.tokenizer and args.config == "llama-1b":
@@ -162,16 +207,21 @@ def main():
     if cuda:
         torch.cuda.empty_cache()
 
-    def serve(interval, level_list, cancel_poll_s=0.0):
+    def serve(interval, level_list, cancel_poll_s=0.0, engine_process=True):
         out = {}
-        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s)
+        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process)
         with TritonServer(repo, ready_timeout_s=600) as server:
-            one = sse_request(server.http_port, args.output_len)
+            one = (grpc_request(server.grpc_url, args.output_len) if args.protocol == "grpc"
+                   else sse_request(server.http_port, args.output_len))
             closed_loop(2, 1, one)
             for c in level_list:
+                cpu0 = process_tree_cpu_s(server.process.pid)
                 out[c] = closed_loop(c, args.requests_per_client, one)
+                out[c]["server_cores"] = (process_tree_cpu_s(server.process.pid) - cpu0) / out[c]["wall_s"]
         return out
-    results["server"] = serve(1, levels)
+    if args.engine_process == "both":
+        results["server_in_stub"] = serve(1, levels, engine_process=False)
+    results["server"] = serve(1, levels, engine_process=args.engine_process != "off")
     top = max(levels)
     coalesced = {k: serve(k, [top])[top] for k in map(int, args.stream_intervals.split(","))}
     for poll in filter(None, args.cancel_poll_intervals.split(",")):
@@ -180,10 +230,16 @@ def main():
         print(f"cancel_poll_interval_s {poll} at {top} clients, stream_interval 1: {run['tok_s']:.1f} tok/s = "
               f"{run['tok_s'] / results['in_process'][top]['tok_s']:.2f} of in-process", flush=True)
 
-    print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6}")
+    print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6} {'server cores':>12}"
+          + ("   engine in the stub: tok/s, ratio" if "server_in_stub" in results else ""))
     for c in levels:
         a, b = results["in_process"][c], results["server"][c]
-        print(f"{c:>8} {a['tok_s']:>17.1f} {b['tok_s']:>19.1f} {b['tok_s'] / a['tok_s']:>6.2f}")
+        line = (f"{c:>8} {a['tok_s']:>17.1f} {b['tok_s']:>19.1f} {b['tok_s'] / a['tok_s']:>6.2f} "
+                f"{b['server_cores']:>12.2f}")
+        if "server_in_stub" in results:
+            s = results["server_in_stub"][c]
+            line += f"   {s['tok_s']:.1f}, {s['tok_s'] / a['tok_s']:.2f}"
+        print(line)
     s1, base = results["server"][top], results["in_process"][top]
     for k, run in coalesced.items():
         per_response = (s1["wall_s"] - run["wall_s"]) / max(1, s1["responses"] - run["responses"])

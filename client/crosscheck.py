@@ -43,6 +43,10 @@ COMPARED = (("request_throughput", "req/s"), ("output_token_throughput", "out to
 CHECKED = ("request_throughput", "output_token_throughput", "ttft_mean")
 _PA_SUMMARY = re.compile(r"Concurrency: (\d+), throughput: ([0-9.]+) infer/sec, latency (\d+) usec")
 
+# The names `kvtriton serve` uses (kvtriton.backend.entrypoints); repeated here because the client
+# library imports nothing of the backend.
+ADMIN_KEY_ENV = "KVTRITON_ADMIN_KEY"
+ADMIN_KEY_HEADER = "kvtriton-admin-key"
 
 def find_perf_analyzer() -> Path:
     found = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
@@ -92,6 +96,9 @@ def run_perf_analyzer(binary: Path, libs: Path, args: argparse.Namespace, concur
     command = [str(binary), "-m", args.model, "-u", args.url, "-i", "grpc", "--streaming",
                "--input-data", str(data), "--concurrency-range", str(concurrency),
                "--request-count", str(args.num_prompts), "--profile-export-file", str(export)]
+    if admin_key := os.environ.get(ADMIN_KEY_ENV):
+        # `kvtriton serve` keeps the statistics API (which perf_analyzer reads) behind its admin key.
+        command += ["-H", f"triton-grpc-protocol-{ADMIN_KEY_HEADER}:{admin_key}"]
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.pa_timeout)
     if done.returncode != 0:

@@ -181,3 +181,12 @@ def test_load_points_and_sweep_lists():
             _int_list(bad)
     with pytest.raises(ValueError, match="exactly one"):
         LoadPoint(concurrency=1, request_rate=1.0)
+
+
+def test_crosscheck_uses_the_admin_key_names_of_kvtriton_serve():
+    # The client may not import the backend, so it repeats two names: they must not drift.
+    from kvtriton.backend.entrypoints import serve, tritonserver
+    from kvtriton.client import crosscheck
+
+    assert crosscheck.ADMIN_KEY_ENV == serve.ADMIN_KEY_ENV
+    assert crosscheck.ADMIN_KEY_HEADER == tritonserver.ADMIN_KEY_HEADER

@@ -246,3 +246,30 @@ def test_a_request_the_engine_refuses_is_forgotten(adapter):
     request = Request(text_input=text("Hi"))
     adapter.execute([request])
     assert request.sender.sent[0][0].error.message == "prompt is empty" and len(adapter.cancellation) == 0
+
+
+
+def test_tokens_join_a_response_still_waiting_in_the_outbox():
+    """Adaptive coalescing: while one response waits to be sent, later tokens ride with it, in order."""
+
+    class HeldOutbox:  # sends only when drained: its thread is busy with other requests meanwhile
+        def __init__(self):
+            self.items = []
+
+        def put(self, send, *args):
+            self.items.append((send, args))
+
+        def drain(self):
+            items, self.items = self.items, []
+            for send, args in items:
+                send(*args)
+
+    outbox, sender = HeldOutbox(), Sender()
+    s = TritonResponseSink(fake_pb_utils.pb_utils_module(), sender, outbox, True, "", 1, False)
+    for word in ["a", "b", "c"]:
+        s.put(output(word))
+    assert len(outbox.items) == 1  # one send queued, carrying all three tokens
+    outbox.drain()
+    s.put(output("d", finished=True))
+    outbox.drain()
+    assert sent(sender) == [("abc", 3, "", 0), ("d", 1, "stop", FINAL)]

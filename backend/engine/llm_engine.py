@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob
 from kvtriton.backend.engine.request_state import RequestState
@@ -36,7 +37,6 @@ from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
-from kvtriton.backend.engine.stop_strings import check_stop_strings
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
@@ -54,8 +54,6 @@ class EngineDeadError(RuntimeError):
     """The engine failed beyond one step and answers no more requests; whoever owns it must restart it."""
 
 
-# Bytes of prompt text per token of context beyond which a prompt cannot fit (max_prompt_bytes = 0).
-PROMPT_BYTES_PER_TOKEN = 64
 # How often the loop looks for requests past max_queue_time_s / max_request_time_s.
 EXPIRY_CHECK_INTERVAL_S = 0.1
 
@@ -75,7 +73,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, metrics=None):
         self.config = config = config or EngineConfig()
-        folder = resolve_checkpoint(config.model)
+        self.folder = folder = resolve_checkpoint(config.model)
         self.model_config = ModelConfig.from_pretrained(folder)
         self.tokenizer = Tokenizer.from_pretrained(folder)
         self.device, self.dtype = resolve_device_and_dtype(config)
@@ -93,6 +91,10 @@ class LLMEngine:
         # have no text, so sampling sees only the ids the tokenizer knows.
         self._sample_vocab = min(self.model_config.vocab_size, self.tokenizer.vocab_size)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.admission = Admission(self.tokenizer, AdmissionLimits(
+            max_model_len=self.max_model_len, vocab_size=self._sample_vocab, num_kv_blocks=self.runner.num_blocks,
+            block_size=config.block_size,
+            max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len))
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         self._states: dict[str, RequestState] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -116,18 +118,11 @@ class LLMEngine:
         if self._fatal is not None:
             raise EngineDeadError("the engine has failed and is being restarted; retry shortly")
         params = params or SamplingParams()
-        check_stop_strings(params.stop)
-        if isinstance(prompt, str) and len(prompt) > self.max_prompt_bytes() // 4:  # no UTF-8 char is > 4 bytes
-            size = len(prompt.encode("utf-8", errors="surrogatepass"))
-            if size > self.max_prompt_bytes():
-                raise ValueError(f"prompt must be at most {self.max_prompt_bytes()} bytes (max_prompt_bytes; the "
-                                 f"model's context is {self.max_model_len} tokens), got {size}")
         limit = self.config.max_num_waiting
         if limit and len(self.scheduler.waiting) + self._inbox.qsize() >= limit:
             raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "
                                   "retry later")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(ids, params)
+        ids = self.admission.admit(prompt, params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -145,34 +140,12 @@ class LLMEngine:
 
     def max_prompt_bytes(self) -> int:
         """The longest prompt text accepted, in UTF-8 bytes (checked before tokenizing)."""
-        return self.config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len
+        return self.admission.limits.max_prompt_bytes
 
     def is_healthy(self) -> bool:
         """False once the engine has failed beyond one step (or its thread has died): it then answers every
         request with an error, and whoever owns it should restart it."""
         return self._fatal is None and (self._thread is None or self._thread.is_alive() or self._stopping)
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self._sample_vocab
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
-                f"context of {self.max_model_len} tokens; lower max_tokens"
-            )
-        if self.block_manager.num_blocks_needed(total) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool holds "
-                f"({self.block_manager.num_blocks} blocks of {self.config.block_size}); lower max_tokens"
-            )
 
     # ---- the loop (engine thread) ------------------------------------------------------------
     def start(self) -> "LLMEngine":

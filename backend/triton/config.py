@@ -27,6 +27,9 @@ class AdapterConfig:
     # A failed engine (one broken beyond one step) has answered every request with an error; then the stub
     # process exits so that the failure is visible to a supervisor (kvtriton serve restarts the server).
     exit_on_engine_failure: bool = True
+    # Run the engine in a process of its own (EngineProcess): every response send holds the stub's GIL for
+    # an IPC round trip, which would otherwise stall the engine loop once per streamed token.
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         if self.stream_interval < 1:

@@ -31,6 +31,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.engine_process import EngineProcess
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
 from kvtriton.backend.triton.cancellation import CancellationWatcher
 from kvtriton.backend.triton.config import AdapterConfig
@@ -81,8 +82,9 @@ class TritonPythonModel:
                   if not k.isupper()}  # upper-case keys (EXECUTION_ENV_PATH, ...) are Triton's own
         self.config, engine_values = AdapterConfig.from_parameters(values)
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.engine = LLMEngine(EngineConfig.from_mapping(engine_values),
-                                metrics=TritonMetrics(pb_utils, labels)).start()
+        engine_class = EngineProcess if self.config.engine_process else LLMEngine
+        self.engine = engine_class(EngineConfig.from_mapping(engine_values),
+                                   metrics=TritonMetrics(pb_utils, labels)).start()
         self.cancellation = CancellationWatcher(self.engine.abort, self.config.cancel_poll_interval_s)
         self.outbox = ResponseOutbox(self._between_sends, self.cancellation.interval_s)
         self._ids = itertools.count()

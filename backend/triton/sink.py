@@ -1,16 +1,19 @@
 """TritonResponseSink: delivers one request's RequestOutputs through Triton's decoupled response sender.
 
-Two measures keep the per-response cost (an IPC round trip to the server,
-~0.17 ms measured on the GPU host) from capping throughput at large batches:
-- coalescing: tokens accumulate until `stream_interval` tokens are pending
-  (or the request ends);
-- a ResponseOutbox thread builds and sends the responses, so the engine
-  thread only enqueues and goes on with the next step. One FIFO thread keeps
-  each request's responses in order. Between sends the same thread polls
-  cancellation (CancellationWatcher), so a sender is never asked and sent to
-  at once.
+Each response is an IPC round trip to the server made while holding the GIL
+(~0.15 ms), so sends, not tokens, set the cost:
+- a ResponseOutbox thread builds and sends the responses; whoever delivers
+  outputs (the engine thread, or EngineProcess's receiver) only enqueues. One
+  FIFO thread keeps each request's responses in order. Between sends the same
+  thread polls cancellation (CancellationWatcher), so a sender is never asked
+  and sent to at once;
+- adaptive coalescing: while a request's previous response still waits in the
+  outbox, new tokens join it rather than queueing another send. An idle server
+  sends every token at once; a loaded one sends each request one response per
+  outbox round;
+- `stream_interval` (default 1) sets a minimum of tokens per response.
 Non-streaming requests get exactly one response, with the whole text.
-`put` is called only from the engine thread.
+`put` is called from one thread at a time (the one delivering outputs).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -71,6 +75,16 @@ class ResponseOutbox:
                 log.exception("response thread: between-sends work failed")
 
 
+@dataclass
+class _Response:
+    text: list[str]
+    num_input: int
+    num_tokens: int
+    finish_reason: str
+    logprobs: list[dict]
+    final: bool
+
+
 class TritonResponseSink:
     def __init__(self, pb_utils, sender, outbox: ResponseOutbox, stream: bool, prefix: str, stream_interval: int,
                  want_logprobs: bool, on_finished: Callable[[str], None] = lambda request_id: None):
@@ -82,6 +96,11 @@ class TritonResponseSink:
         self._text: list[str] = []
         self._num_tokens = 0
         self._logprobs: list[dict] = []
+        # The response enqueued but not yet taken by the outbox thread. While there is one, new tokens join
+        # it instead of queueing another send: under load each request gets one send per outbox round
+        # (the sends, not the tokens, set the cost), and no token waits for more than the sends ahead of it.
+        self._queued: _Response | None = None
+        self._lock = threading.Lock()  # _queued: put() runs on the engine's output thread, sends on the outbox's
 
     def put(self, out: RequestOutput) -> None:
         if out.finished:
@@ -95,13 +114,29 @@ class TritonResponseSink:
             self._logprobs += [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in out.logprobs]
         if not out.finished and (not self.stream or self._num_tokens < self.stream_interval):
             return
-        text = "".join(self._text)
+        text, num_tokens, logprobs = self._text, self._num_tokens, self._logprobs
+        self._text, self._num_tokens, self._logprobs = [], 0, []
+        with self._lock:
+            queued = self._queued
+            if queued is not None:  # the previous response is still waiting: this one rides with it
+                queued.text += text
+                queued.num_tokens += num_tokens
+                queued.logprobs += logprobs
+                queued.finish_reason, queued.final = out.finish_reason or "", out.finished
+                return
+            self._queued = _Response(text, out.num_prompt_tokens, num_tokens, out.finish_reason or "", logprobs,
+                                     out.finished)
+        self.outbox.put(self._send_queued)
+
+    def _send_queued(self) -> None:
+        """On the outbox thread: the queued response, with whatever joined it meanwhile."""
+        with self._lock:
+            r, self._queued = self._queued, None
+        text = "".join(r.text)
         if not self.stream:
             text = self.prefix + text
-        logprobs = json.dumps(self._logprobs) if self.want_logprobs else ""
-        self.outbox.put(self._send, text, out.num_prompt_tokens, self._num_tokens, out.finish_reason or "",
-                        logprobs, out.finished)
-        self._text, self._num_tokens, self._logprobs = [], 0, []
+        self._send(text, r.num_input, r.num_tokens, r.finish_reason,
+                   json.dumps(r.logprobs) if self.want_logprobs else "", r.final)
 
     def _send(self, text: str, num_input: int, num_output: int, finish_reason: str, logprobs: str,
               final: bool) -> None:

@@ -1,0 +1,68 @@
+"""Admission: what makes a request impossible to run, found before it reaches the engine loop.
+
+Everything here is checked on the caller's thread (Triton's execute()), so a
+bad request gets its error at once and never touches engine state. The
+limits come from the loaded model and KV pool; an engine in a child process
+sends them to its handle (EngineProcess), which admits requests the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.stop_strings import check_stop_strings
+from kvtriton.backend.engine.tokenizer import Tokenizer
+
+# Bytes of prompt text per token of context beyond which a prompt cannot fit (max_prompt_bytes = 0).
+PROMPT_BYTES_PER_TOKEN = 64
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_model_len: int
+    vocab_size: int  # ids the sampler may produce and prompts may hold: [0, vocab_size)
+    num_kv_blocks: int
+    block_size: int
+    max_prompt_bytes: int  # UTF-8 bytes of prompt text, checked before tokenizing
+
+
+class Admission:
+    def __init__(self, tokenizer: Tokenizer, limits: AdmissionLimits):
+        self.tokenizer, self.limits = tokenizer, limits
+
+    def admit(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids; ValueError with a user-facing message for a request that can never run."""
+        check_stop_strings(params.stop)
+        limit = self.limits.max_prompt_bytes
+        if isinstance(prompt, str) and len(prompt) > limit // 4:  # no UTF-8 character is over 4 bytes
+            size = len(prompt.encode("utf-8", errors="surrogatepass"))
+            if size > limit:
+                raise ValueError(f"prompt must be at most {limit} bytes (max_prompt_bytes; the model's context is "
+                                 f"{self.limits.max_model_len} tokens), got {size}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_ids(ids, params)
+        return ids
+
+    def check_ids(self, ids: list[int], params: SamplingParams) -> None:
+        lim = self.limits
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = lim.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
+        if len(ids) >= lim.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {lim.max_model_len} tokens")
+        total = len(ids) + params.max_tokens
+        if total > lim.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                f"context of {lim.max_model_len} tokens; lower max_tokens"
+            )
+        if -(-total // lim.block_size) > lim.num_kv_blocks:
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool holds "
+                f"({lim.num_kv_blocks} blocks of {lim.block_size}); lower max_tokens"
+            )

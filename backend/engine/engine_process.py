@@ -1,0 +1,233 @@
+"""EngineProcess: LLMEngine in a process of its own, behind the LLMEngine interface (vLLM V1's EngineCore split).
+
+Why: in Triton's Python backend every response `send()` and `is_cancelled()`
+is an IPC round trip made while holding the GIL (~0.1-0.2 ms each). In one
+process, the engine loop waits for the GIL behind every response the adapter
+sends; at 64 streams that stalls it for most of each step. In a child process
+the loop never waits for the adapter, and the adapter's threads have the
+stub's GIL to themselves.
+
+Protocol (one duplex multiprocessing Pipe, pickled tuples, never a hand-made
+socket protocol):
+  parent -> child: ("add", request_id, prompt_ids, params) | ("abort", request_id) | ("shutdown", timeout_s)
+  child -> parent: ("ready", AdmissionLimits, model folder) | ("failed", message) once at start, then
+                   ("outputs", [RequestOutput, ...], EngineStats, healthy) once per engine step, and
+                   ("closed",) after shutdown.
+Requests are admitted (tokenized, checked against the limits the child sent)
+here, on the caller's thread, so a bad request fails at once as in-process.
+If the child dies, every request in flight ends with an error and
+is_healthy() turns false, as for an engine that failed in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+from pathlib import Path
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.admission import Admission
+from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, EngineStats, LLMEngine
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
+from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.tokenizer import Tokenizer
+
+log = logging.getLogger("kvtriton")
+
+
+class EngineProcess:
+    def __init__(self, config: EngineConfig | None = None, metrics=None):
+        self.config = config = config or EngineConfig()
+        self.metrics = metrics  # observe_output(RequestOutput), observe_step(EngineStats), in this process
+        context = multiprocessing.get_context("spawn")  # never fork a process with threads (and CUDA)
+        # Embedded interpreters (Triton's Python stub) may not know the python they run: spawn needs it.
+        if not sys.executable or not os.path.basename(sys.executable).startswith("python"):
+            context.set_executable(str(Path(sys.prefix) / "bin" / "python3"))
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_engine, args=(config, child), name="kvtriton-engine",
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode}); "
+                               "its log has the reason") from None
+        if message[0] == "failed":
+            self._process.join(10)
+            raise RuntimeError(f"the engine process could not start: {message[1]}")
+        _, limits, folder = message
+        self.tokenizer = Tokenizer.from_pretrained(folder)
+        self.admission = Admission(self.tokenizer, limits)
+        self._sinks: dict[str, OutputSink] = {}
+        self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
+        self._send_lock = threading.Lock()
+        self._num_waiting = 0  # the child's last count plus the requests sent since
+        self._healthy = True
+        self._closing = False
+        self._receiver = threading.Thread(target=self._receive, name="kvtriton-engine-outputs", daemon=True)
+        self._receiver.start()
+
+    # ---- the LLMEngine interface the adapter uses ------------------------------------------------
+    def start(self) -> "EngineProcess":
+        return self  # the child's loop started with it
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    sink: OutputSink | None = None) -> OutputSink:
+        if not self.is_healthy():
+            raise EngineDeadError("the engine has failed and is being restarted; retry shortly")
+        params = params or SamplingParams()
+        limit = self.config.max_num_waiting
+        if limit and self._num_waiting >= limit:
+            raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "
+                                  "retry later")
+        ids = self.admission.admit(prompt, params)
+        sink = sink if sink is not None else RequestStream(request_id)
+        with self._lock:
+            if request_id in self._sinks:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._sinks[request_id] = sink
+            self._num_waiting += 1
+        self._send(("add", request_id, ids, params))
+        return sink
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    @property
+    def pid(self) -> int:
+        """The engine process's id (for supervision and fault tests)."""
+        return self._process.pid
+
+    def max_prompt_bytes(self) -> int:
+        return self.admission.limits.max_prompt_bytes
+
+    def is_healthy(self) -> bool:
+        return self._healthy and (self._closing or self._process.is_alive())
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Let the child finish its requests (up to timeout_s), deliver their last outputs, and stop it."""
+        self._closing = True
+        self._send(("shutdown", timeout_s))
+        self._receiver.join(timeout_s + 20)
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._conn.close()
+
+    # ---- outputs (receiver thread) -----------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the child is gone: the receiver fails its requests
+                pass
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == "closed":
+                    return
+                _, outputs, stats, healthy = message
+                self._deliver(outputs, stats)
+                self._healthy = healthy
+        except (EOFError, OSError):
+            if not self._closing:
+                log.error("the engine process exited (code %s): failing its requests", self._process.exitcode)
+        finally:
+            self._healthy = self._healthy and self._closing
+            self._fail_all()
+
+    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        with self._lock:
+            self._num_waiting = stats.num_waiting
+        for out in outputs:
+            with self._lock:
+                sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            try:
+                sink.put(out)
+            except Exception:  # a broken client connection must not stop the others' outputs
+                log.exception("could not deliver output of request %s", out.request_id)
+            if self.metrics is not None:
+                self.metrics.observe_output(out)
+        if self.metrics is not None:
+            self.metrics.observe_step(stats)
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            error = f"internal error (request {request_id}): the engine stopped; retry"
+            try:
+                sink.put(RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=error))
+            except Exception:
+                log.exception("could not deliver the error of request %s", request_id)
+
+
+class _StepOutputs:
+    """The child's one sink and metrics: outputs gathered over a step, sent to the parent in one message."""
+
+    def __init__(self, conn, engine_ref: list):
+        self._conn, self._engine_ref = conn, engine_ref
+        self._outputs: list[RequestOutput] = []
+        self._lock = threading.Lock()  # the engine thread puts; the main thread puts admission errors
+
+    def put(self, out: RequestOutput) -> None:
+        with self._lock:
+            self._outputs.append(out)
+
+    def observe_output(self, out: RequestOutput) -> None:
+        pass  # the parent observes what it delivers
+
+    def observe_step(self, stats: EngineStats, force: bool = False) -> None:
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+        # Sent even when idle (the engine calls this every 0.1 s then): the parent's gauges flush on a timer
+        # and must see the idle values.
+        engine = self._engine_ref[0] if self._engine_ref else None
+        self._conn.send(("outputs", outputs, stats, engine is None or engine.is_healthy()))
+
+
+def _serve_engine(config: EngineConfig, conn) -> None:
+    """The child process: build the engine, then obey the parent until told to shut down or orphaned."""
+    logging.basicConfig(level=logging.INFO, format="kvtriton-engine: %(message)s", stream=sys.stderr)
+    engine_ref: list[LLMEngine] = []
+    step_outputs = _StepOutputs(conn, engine_ref)
+    try:
+        engine = LLMEngine(config, metrics=step_outputs)
+    except Exception as exc:
+        log.exception("the engine could not start")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    engine_ref.append(engine)
+    conn.send(("ready", engine.admission.limits, str(engine.folder)))
+    engine.start()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone: nobody is left to answer
+            engine.shutdown(timeout_s=0)
+            return
+        if message[0] == "add":
+            _, request_id, ids, params = message
+            try:
+                engine.add_request(request_id, ids, params, step_outputs)
+            except Exception as exc:  # raced with a failure, or the queue filled: the parent's request ends
+                step_outputs.put(RequestOutput(request_id, [], "", finished=True, finish_reason="error",
+                                               error=str(exc) if isinstance(exc, (ValueError, EngineBusyError,
+                                                                                  EngineDeadError))
+                                               else f"internal error (request {request_id})"))
+        elif message[0] == "abort":
+            engine.abort(message[1])
+        elif message[0] == "shutdown":
+            engine.shutdown(timeout_s=message[1])
+            step_outputs.observe_step(engine.stats(), force=True)  # the outputs of the last aborts
+            conn.send(("closed",))
+            return

@@ -1,0 +1,95 @@
+"""EngineProcess: the engine in a child process behaves as the engine in-process, and its death is seen."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.engine_process import EngineProcess
+from kvtriton.backend.engine.llm_engine import EngineDeadError, LLMEngine
+from kvtriton.backend.engine.sampling_params import SamplingParams
+
+from tests.tiny_model import make_tiny_model
+
+pytest.importorskip("transformers")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["the quick brown fox", "paris is the capital of", "blocks of keys and values", "one two three"]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return EngineConfig(model=str(folder), device="cpu", block_size=4, num_kv_blocks=128, max_num_seqs=8,
+                        max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def engine(config):
+    engine = EngineProcess(config)
+    yield engine
+    engine.shutdown(timeout_s=5)
+
+
+class Metrics:
+    def __init__(self):
+        self.outputs, self.steps = [], []
+
+    def observe_output(self, out):
+        self.outputs.append(out)
+
+    def observe_step(self, stats, force=False):
+        self.steps.append(stats)
+
+
+def test_greedy_output_equals_the_engine_in_process(config, engine):
+    local = LLMEngine(config)
+    expected = local.generate(PROMPTS, GREEDY)
+    local.shutdown()
+    streams = [engine.add_request(f"eq{i}", p, GREEDY) for i, p in enumerate(PROMPTS)]
+    got = [s.result() for s in streams]
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.text for g in got] == [e.text for e in expected] and all(g.finish_reason == "length" for g in got)
+
+
+def test_a_request_that_can_never_run_is_refused_on_the_callers_thread(engine):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.add_request("too-long", "hello", SamplingParams(max_tokens=10**6))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("empty", [], GREEDY)
+
+
+def test_abort_ends_the_stream_and_frees_the_blocks(engine):
+    stream = engine.add_request("ab", "hello there", SamplingParams(max_tokens=400, ignore_eos=True))
+    engine.abort("ab")
+    assert stream.result().finish_reason == "abort"
+    metrics = Metrics()
+    engine.metrics = metrics  # the child reports its stats every step, and every 0.1 s when idle
+    deadline = time.monotonic() + 10
+    while not (metrics.steps and metrics.steps[-1].kv_usage == 0.0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.metrics = None
+    assert metrics.steps[-1].kv_usage == 0.0 and metrics.steps[-1].num_running == 0
+
+
+def test_a_dead_engine_process_fails_its_requests_and_reports_unhealthy(config):
+    engine = EngineProcess(config)
+    stream = engine.add_request("long", "hello", SamplingParams(max_tokens=400, ignore_eos=True))
+    os.kill(engine.pid, signal.SIGKILL)
+    last = stream.result()
+    assert last.finish_reason == "error" and "internal error (request long)" in last.error
+    assert not engine.is_healthy()
+    with pytest.raises(EngineDeadError):
+        engine.add_request("after", "hello", GREEDY)
+    engine.shutdown(timeout_s=1)
+
+
+def test_shutdown_leaves_no_process_behind(config):
+    engine = EngineProcess(config)
+    pid = engine.pid
+    engine.add_request("s", "hello", GREEDY).result()
+    engine.shutdown(timeout_s=5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
