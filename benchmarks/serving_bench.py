@@ -151,6 +151,20 @@ def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_se
     return repo
 
 
+def hf_baseline(folder: Path, dummy: bool, levels: list[int], output_len: int) -> dict[int, float]:
+    """HF `generate` (greedy, EOS ignored) on the same prompts, each concurrency as one static batch."""
+    from engine_bench import _save_dummy_for_hf, run_hf
+
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(folder)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    hf_folder = _save_dummy_for_hf(folder, dtype) if dummy else str(folder)
+    ids = [tokenizer.encode(prompt(i)) for i in range(max(levels))]
+    return {c: run_hf(hf_folder, ids[:c], output_len, "cuda" if cuda else "cpu", dtype, c)["tok_s"] for c in levels}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
@@ -166,6 +180,8 @@ def main():
                     help="CUDA decode graphs compiled (slow start-up) or eager; the same on both sides")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
     ap.add_argument("--protocol", default="sse", choices=["sse", "grpc"], help="the clients' streaming protocol")
+    ap.add_argument("--hf", action="store_true",
+                    help="also HF transformers generate on the same prompts, as static batches of each concurrency")
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
@@ -223,7 +239,7 @@ def main():
         results["server_in_stub"] = serve(1, levels, engine_process=False)
     results["server"] = serve(1, levels, engine_process=args.engine_process != "off")
     top = max(levels)
-    coalesced = {k: serve(k, [top])[top] for k in map(int, args.stream_intervals.split(","))}
+    coalesced = {k: serve(k, [top])[top] for k in map(int, filter(None, args.stream_intervals.split(",")))}
     for poll in filter(None, args.cancel_poll_intervals.split(",")):
         run = serve(1, [top], float(poll))[top]
         results[f"cancel_poll_{poll}"] = run
@@ -247,6 +263,12 @@ def main():
               f"in-process ({run['responses']} responses vs {s1['responses']}); one streamed response costs "
               f"~{per_response * 1e6:.0f} us of wall time")
         results[f"stream_interval_{k}"] = dict(run, per_response_cost_us=per_response * 1e6)
+    if args.hf:
+        results["hf"] = hf_baseline(folder, dummy, levels, args.output_len)
+        for c in levels:
+            b = results["server"][c]["tok_s"]
+            print(f"HF transformers generate, static batch {c}: {results['hf'][c]:.1f} tok/s; "
+                  f"through tritonserver / HF = {b / results['hf'][c]:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
