@@ -2,7 +2,8 @@
 
 Steps, each printed with its time:
   1. resolve the checkpoint (an HF folder, 'default', or a .gguf converted once into the cache)
-  2. load it in the precision's dtype and export the ONNX step graph (int8: quantize its weights)
+  2. load it in the precision's dtype and export the ONNX step graph (int8: quantize its weights; int4: load
+     it quantized, a GGUF's Q4/Q8 blocks as stored, and write them in the runtime's format)
   3. tensorrt only: build the engine
   4. write config.pbtxt, the model.py shim, the tokenizer files and manifest.json
 """
@@ -17,8 +18,10 @@ from typing import Callable
 import torch
 
 from kvtriton.backend.models.checkpoint import checkpoint_sha256, resolve_checkpoint
+from kvtriton.backend.models.gguf_quantized import gguf_source
+from kvtriton.backend.models.quantization import GROUP_SIZES
 from kvtriton.backend.runners.manifest import Manifest, library_versions
-from kvtriton.build.onnx_export import PRECISIONS, export_step_graph
+from kvtriton.build.onnx_export import PRECISIONS, WEIGHT_ONLY, export_step_graph
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 GRAPH_FILE = "model.onnx"
@@ -37,7 +40,9 @@ class BuildConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 4096  # capped at the checkpoint's context length
     num_kv_blocks: int = 2048  # tensorrt: the KV pool is fixed in the engine's shapes
-    int8_activations: str = "auto"  # int8: dtype of activations/KV; auto = fp16 for tensorrt, fp32 for onnxruntime
+    # int8/int4: dtype of activations/KV; auto = fp16 for tensorrt, fp32 for onnxruntime
+    int8_activations: str = "auto"
+    group_size: int = 32  # int4: inputs per scale and zero point (a GGUF's own blocks keep theirs, 32)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -47,8 +52,12 @@ class BuildConfig:
             raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.int8_activations not in ("auto", "fp32", "fp16", "bf16"):
             raise ValueError(f"--int8-activations must be auto, fp32, fp16 or bf16, got {self.int8_activations!r}")
-        if self.int8_activations != "auto" and self.precision != "int8":
-            raise ValueError("--int8-activations applies to --precision int8 only")
+        if self.int8_activations != "auto" and self.precision not in WEIGHT_ONLY:
+            raise ValueError("--int8-activations applies to --precision int8 and int4 only")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
+        if self.group_size != 32 and self.precision != "int4":
+            raise ValueError("--group-size applies to --precision int4 only")
         if self.runtime == "onnxruntime" and "bf16" in (self.precision, self.int8_activations):
             raise ValueError("bf16 needs --runtime tensorrt: onnxruntime has no bfloat16 kernels for this graph; "
                              "use fp16 or fp32 with onnxruntime")
@@ -58,8 +67,8 @@ class BuildConfig:
 
     @property
     def model_dtype(self) -> torch.dtype:
-        """The dtype the model is traced in: the precision's, or for int8 the activations'."""
-        if self.precision != "int8":
+        """The dtype the model is traced in: the precision's, or for int8/int4 the activations'."""
+        if self.precision not in WEIGHT_ONLY:
             return PRECISIONS[self.precision]
         activations = self.int8_activations
         if activations == "auto":
@@ -108,15 +117,18 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
     graph = version_dir / GRAPH_FILE
     activations = str(cfg.model_dtype).removeprefix("torch.")
     with progress.step(f"export {cfg.precision} step graph ({activations} activations) to {graph.name}"):
-        model = load_model(folder, dtype=cfg.model_dtype, config=model_config)
-        spec = export_step_graph(model, graph, cfg.block_size, cfg.precision)
+        int4 = cfg.precision == "int4"
+        model = load_model(folder, dtype=cfg.model_dtype, config=model_config, quantization="int4" if int4 else None,
+                           group_size=cfg.group_size, gguf=gguf_source(cfg.checkpoint) if int4 else None)
+        spec = export_step_graph(model, graph, cfg.block_size, cfg.precision, runtime=cfg.runtime)
         del model
     io = graph_io(graph)
     limits = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
               "max_blocks_per_seq": -(-max_model_len // cfg.block_size)}
     parameters = {"model": str(hf_dir), "runner": cfg.runtime, "block_size": str(cfg.block_size),
                   "max_num_seqs": str(cfg.max_num_seqs), "max_num_batched_tokens": str(cfg.max_num_batched_tokens),
-                  "max_model_len": str(max_model_len), "engine_path": str(graph)}
+                  "max_model_len": str(max_model_len), "engine_path": str(graph),
+                  "quantization": "none"}  # the graph carries its precision; the template's auto is the torch runner's
     builder, target, profiles, engine_name = "onnx", ["cpu", "cuda"], [], ""
     versions = library_versions()
     if cfg.runtime == "tensorrt":

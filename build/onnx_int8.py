@@ -17,7 +17,7 @@ from kvtriton.backend.models.int8 import quantize_per_channel
 
 # ONNX element type -> torch dtype of the float weights this pass quantizes (scales keep that dtype;
 # non-fp32 scales need opset >= 19, see onnx_export.OPSET).
-_FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}
+FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}
 
 
 def quantize_matmul_weights(proto) -> int:
@@ -34,19 +34,19 @@ def quantize_matmul_weights(proto) -> int:
     done = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type not in _FLOAT_TYPES:
+        if weight is None or len(weight.dims) != 2 or weight.data_type not in FLOAT_TYPES:
             new_nodes.append(node)
             continue
         if users[weight.name] != 1:
             raise ValueError(f"initializer {weight.name} feeds {users[weight.name]} nodes; cannot quantize in place")
-        dtype = _FLOAT_TYPES[weight.data_type]
+        dtype = FLOAT_TYPES[weight.data_type]
         w = torch.frombuffer(bytearray(weight.raw_data), dtype=dtype).view(*weight.dims)  # (in, out)
         q, scale = quantize_per_channel(w.T)  # (out, in), (out,) fp32
         base = weight.name
         graph.initializer.remove(weight)
         graph.initializer.extend([
             numpy_helper.from_array(q.T.contiguous().numpy(), base + "_int8"),  # (in, out) int8
-            _raw_tensor(base + "_scale", scale.to(dtype), weight.data_type),  # (out,) in the weights' dtype
+            raw_tensor(base + "_scale", scale.to(dtype), weight.data_type),  # (out,) in the weights' dtype
             numpy_helper.from_array(np.zeros(scale.shape[0], dtype=np.int8), base + "_zero_point"),
         ])
         new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"],
@@ -59,7 +59,7 @@ def quantize_matmul_weights(proto) -> int:
     return done
 
 
-def _raw_tensor(name: str, tensor: torch.Tensor, data_type: int):
+def raw_tensor(name: str, tensor: torch.Tensor, data_type: int):
     """An initializer from raw bytes (numpy has no bfloat16)."""
     from onnx import helper
 

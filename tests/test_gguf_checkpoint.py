@@ -47,8 +47,12 @@ def llama_cpp_rope_order(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=False, quantize_q8=True,
-                    extra_tensors=()) -> dict[str, np.ndarray]:
-    """Write a 2-layer Llama GGUF; return the HF-layout float32 weights it was made from."""
+                    extra_tensors=(), quant_types=None) -> dict[str, np.ndarray]:
+    """Write a 2-layer Llama GGUF; return the HF-layout float32 weights it was made from.
+
+    quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0"}; default (quantize_q8): two Q8_0 tensors."""
+    if quant_types is None:
+        quant_types = dict.fromkeys(("blk.1.attn_q.weight", "blk.1.ffn_down.weight"), "Q8_0") if quantize_q8 else {}
     rng = np.random.default_rng(0)
     vocab = tiny_vocab()
     hf = {"model.embed_tokens.weight": rng.standard_normal((len(vocab), HIDDEN), dtype=np.float32),
@@ -100,9 +104,10 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, weight in gguf_tensors.items():
-        if quantize_q8 and name in ("blk.1.attn_q.weight", "blk.1.ffn_down.weight"):
-            packed = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if name in quant_types:
+            kind = gguf.GGMLQuantizationType[quant_types[name]]
+            packed = gguf.quants.quantize(weight, kind)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
         else:
             writer.add_tensor(name, weight)
     for name, weight in extra_tensors:

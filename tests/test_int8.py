@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kvtriton.backend.models.int8 import Int8Linear, quantize_linears, quantize_per_channel
+from kvtriton.backend.models.int8 import Int8Linear, quantize_per_channel
 from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.models.quantization import quantize_linears
 from kvtriton.backend.runners.graph_spec import read_spec
 from kvtriton.backend.runners.step_graph import INPUT_NAMES, StepGraph, example_inputs
 from kvtriton.build.onnx_export import export_step_graph
@@ -52,8 +53,9 @@ def tiny_folder(tmp_path_factory):
 
 def test_quantize_linears_replaces_every_projection_and_keeps_the_embedding(tiny_folder):
     model = load_model(tiny_folder)
-    names = quantize_linears(model)
+    names = quantize_linears(model, "int8")
     assert len(names) == 2 * 4 + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert set(names.values()) == {"int8 per channel"}
     loaded = load_model(tiny_folder, quantization="int8")
     assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == len(names)
     assert torch.equal(loaded.lm_head.qweight, model.lm_head.qweight)

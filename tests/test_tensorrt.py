@@ -75,6 +75,24 @@ def test_tiny_int8_engine_with_fp32_activations_builds_too(tiny_engine, tmp_path
     assert_engine_matches_graph(model_dir, "FLOAT")
 
 
+@pytest.mark.parametrize("gguf", [False, True], ids=["float checkpoint", "gguf blocks"])
+def test_tiny_int4_engine_builds_from_blocked_int4_dequantize(tiny_engine, tmp_path, monkeypatch, gguf):
+    """TensorRT parses the int4 graph (symmetric INT4 blocks, opset 21; a GGUF's Q8_0 lm_head as INT8 blocks)
+    and builds it, weights and all, on the CPU."""
+    folder, _ = tiny_engine
+    if gguf:
+        from tests.test_gguf_checkpoint import write_tiny_gguf
+        from tests.test_int4 import QUANT_TYPES
+
+        write_tiny_gguf(tmp_path / "tiny.gguf", quant_types=QUANT_TYPES)
+        folder = tmp_path / "tiny.gguf"
+        monkeypatch.setenv("KVTRITON_CACHE", str(tmp_path / "cache"))  # where the .gguf is converted
+    model_dir = build(folder, tmp_path / "repo", "int4", block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
+                      max_model_len=128, num_kv_blocks=64)
+    manifest = assert_engine_matches_graph(model_dir, "FLOAT16")
+    assert manifest.precision == "int4"
+
+
 def test_runner_without_a_gpu_points_to_onnxruntime(tiny_engine):
     folder, model_dir = tiny_engine
     config = EngineConfig(model=str(folder), device="cpu", block_size=4, runner="tensorrt",
@@ -101,7 +119,7 @@ def test_refusals_name_the_cause_and_the_rebuild(tiny_engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, kv_dtype", [("fp16", "FLOAT16"), ("int8", "FLOAT16")])  # int8: fp16 activations
+@pytest.mark.parametrize("precision, kv_dtype", [("fp16", "FLOAT16"), ("int8", "FLOAT16"), ("int4", "FLOAT16")])
 def test_default_model_engine_builds_on_the_cpu(default_model_folder, tmp_path, precision, kv_dtype):
     model_dir = build(default_model_folder, tmp_path, precision, max_model_len=2048, num_kv_blocks=1024)
     manifest = assert_engine_matches_graph(model_dir, kv_dtype)

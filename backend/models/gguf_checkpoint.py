@@ -182,7 +182,7 @@ def llama_state_dict(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndar
     """float32 tensors under transformers' Llama names, with Q and K back in HF's rope layout."""
     state = {}
     for tensor in reader.tensors:
-        name = _hf_tensor_name(tensor.name, config["num_hidden_layers"])
+        name = hf_tensor_name(tensor.name, config["num_hidden_layers"])
         shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         weight = weight.reshape(shape)
@@ -196,7 +196,7 @@ def llama_state_dict(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndar
     return state
 
 
-def _hf_tensor_name(gguf_name: str, num_layers: int) -> str:
+def hf_tensor_name(gguf_name: str, num_layers: int) -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     match = _BLOCK_TENSOR_NAME.fullmatch(gguf_name)

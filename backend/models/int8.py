@@ -1,20 +1,25 @@
-"""INT8 weight-only linear layers: int8 weights with one fp scale per output channel (symmetric).
+"""INT8 weight-only linear layers: int8 weights, symmetric, one fp scale per output channel or per group.
 
-Decode is bandwidth-bound: each step reads every weight once, so int8
-weights halve (vs bf16) or quarter (vs fp32) the bytes per step while the
-activations stay in floating point. The same quantization (`quantize_per_channel`)
-feeds the ONNX graph's DequantizeLinear initializers (build/onnx_int8.py), so
-every runner computes with identical int8 weights.
+Per channel (`quantize_per_channel`, from float weights): the same numbers feed the ONNX graph's
+DequantizeLinear initializers (build/onnx_int8.py), so every runner computes with identical int8
+weights. On the CPU torch's `_weight_int8pack_mm` is the fast path (measured in
+benchmarks/int8_vs_fp32.py); it wants bf16 activations there, so the layer computes in bf16 and
+returns the caller's dtype.
 
-On the CPU, torch's weight-only kernel `_weight_int8pack_mm` is the fast path
-(measured in benchmarks/int8_vs_fp32.py); it wants bf16 activations there, so
-the layer computes in bf16 and returns the caller's dtype.
+Per group (GGUF Q8_0: w = d * q per block of 32, taken as stored): no PyTorch CPU kernel takes
+group-wise int8 scales, so the codes are split in two 4-bit planes, q + 128 = 16 h + l, and run
+through the INT4 kernel (models/int4.py) as one matmul over [x, x]:
+    d q = (h - 8) * 16d + 8d  +  (l - 8) * d
+exactly (16d and 8d are exact in bf16), at the same bytes per weight as int8.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kvtriton.backend.models.int4 import _CPU_KERNEL, int4_mm_cpu, pack_for_cpu_kernel
+from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,17 +34,24 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """Drop-in for nn.Linear (no bias: the Llama core's projections have none, except optional qkv bias)."""
+class Int8Linear(QuantizedLinear):
+    """qweight (out, in) int8; scale (out,) fp32 per channel, or (out, in / group_size) fp16 per group."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,) fp32
-        self.register_buffer("bias", bias)
-        self._use_pack_mm = qweight.device.type == "cpu"
-        self.register_buffer("_scale_bf16", scale.to(torch.bfloat16), persistent=False)
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, source: str = ""):
+        super().__init__(qweight.shape[0], qweight.shape[1], bias)
+        self.group_size = 0 if scale.dim() == 1 else qweight.shape[1] // scale.shape[1]  # 0: per channel
+        self.source = source or "int8 per channel"
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        on_cpu = qweight.device.type == "cpu"
+        scale_bf16 = packed = scale_zeros = None
+        if on_cpu and not self.group_size:
+            scale_bf16 = scale.to(torch.bfloat16)
+        elif on_cpu and _CPU_KERNEL:
+            packed, scale_zeros = _two_plane_pack(qweight, scale)
+        self.register_buffer("_scale_bf16", scale_bf16, persistent=False)
+        self.register_buffer("_packed", packed, persistent=False)
+        self.register_buffer("_scale_zeros", scale_zeros, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -47,36 +59,45 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q.to(linear.weight.device), scale.to(linear.weight.device), bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self._use_pack_mm:
-            out = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scale_bf16)  # (M, out)
-        else:
-            # GPU: correct but not yet faster (the dequantized copy is materialised each call); a fused
-            # int8-weight GEMM kernel is future work.
-            out = x2 @ (self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]).T
-        out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+    @classmethod
+    def from_group_quantized(cls, q: GroupQuantized, bias: torch.Tensor | None = None,
+                             device: torch.device | str = "cpu") -> "Int8Linear":
+        if q.bits != 8 or q.zero_point is not None or q.offset is not None:
+            raise ValueError(f"Int8Linear takes symmetric 8-bit codes, got {q.bits}-bit ({q.source})")
+        return cls(q.codes.to(device), q.scale.to(device), None if bias is None else bias.to(device), q.source)
+
+    def group_quantized(self) -> GroupQuantized:
+        """Per-group weights as a GroupQuantized, for exporters (per channel: one group of all inputs)."""
+        scale = self.scale if self.group_size else self.scale[:, None]
+        return GroupQuantized(8, self.qweight, scale, None, None, self.group_size or self.in_features, self.source)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scale_bf16 is not None and x.device.type == "cpu":
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._scale_bf16)  # (M, out)
+        if self._packed is not None and x.device.type == "cpu":
+            xb = x.to(torch.bfloat16)
+            return int4_mm_cpu(torch.cat([xb, xb], dim=1), self._packed, self.group_size, self._scale_zeros,
+                               self.out_features)
+        # GPU: correct but not yet faster (the dequantized copy is materialised each call); a fused
+        # int8-weight GEMM kernel is future work.
+        return self.dense_matmul(x)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """(out, in) fp32: what the layer multiplies by, for tests and for error reports."""
-        return self.qweight.float() * self.scale[:, None]
+        scale = self.scale.float()
+        if self.group_size:
+            scale = scale.repeat_interleave(self.group_size, dim=1)  # (out, in)
+            return self.qweight.float() * scale
+        return self.qweight.float() * scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, source={self.source!r}"
 
 
-def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Replace every nn.Linear in `model` by an Int8Linear, in place; returns the replaced names.
-
-    A Linear sharing its weight with an embedding (tied lm_head) is quantized as
-    its own copy: the embedding keeps its float table (a Gather reads only N rows).
-    """
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name not in skip:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, Int8Linear.from_linear(module))
-            replaced.append(name)
-    return replaced
+def _two_plane_pack(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (N, K), group scales (N, G) -> the INT4 CPU kernel's operands for [x, x] (N, 2K)."""
+    u = qweight.to(torch.int32) + 128  # (N, K) in [0, 255]
+    codes = torch.cat([u >> 4, u & 0x0F], dim=1)  # (N, 2K): high plane, then low plane
+    s = scale.to(torch.bfloat16).float()  # the kernel's scale; 16s and 8s stay exact in bf16
+    scales = torch.cat([16 * s, s], dim=1)  # (N, 2G)
+    zeros = torch.cat([8 * s, torch.zeros_like(s)], dim=1)
+    return pack_for_cpu_kernel(codes, scales, zeros)

@@ -3,10 +3,16 @@
 HF checkpoints keep q/k/v and gate/up as separate tensors; the model fuses
 them. `_FUSED` says which HF name lands in which slice of which fused
 parameter, so loading never materialises an unfused copy of the model.
+
+Quantized (models/quantization.py): every Linear becomes an INT8 or INT4
+layer after loading. When the checkpoint is a GGUF, its Q4_0 / Q4_1 / Q8_0
+tensors are taken as stored (fused the same way), never re-quantized.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -14,6 +20,9 @@ from safetensors import safe_open
 
 from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.models.quantization import DEFAULT_GROUP_SIZE, SCHEMES, GroupQuantized, quantize_linears
+
+log = logging.getLogger("kvtriton")
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -39,12 +48,18 @@ def load_model(
     config: ModelConfig | None = None,
     dummy: bool = False,
     quantization: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    gguf: str | Path | None = None,
 ) -> LlamaForCausalLM:
     """Load weights from `folder` (*.safetensors), or random weights when dummy=True
-    (for benchmarks at real sizes from a bare config.json). quantization="int8": every Linear
-    becomes an Int8Linear (weight-only, per output channel; models/int8.py) after loading."""
-    if quantization not in (None, "int8"):
-        raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+    (for benchmarks at real sizes from a bare config.json).
+
+    quantization "int8" (per output channel) or "int4" (groups of `group_size` inputs): every Linear
+    becomes a quantized layer after loading. `gguf`: the GGUF file `folder` was converted from; its
+    Q4_0 / Q4_1 / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
+    which applies to its float tensors only."""
+    if quantization not in (None, *SCHEMES):
+        raise ValueError(f"quantization must be None or one of {', '.join(SCHEMES)}, got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -57,11 +72,60 @@ def load_model(
         _init_dummy(model)
     else:
         _load_safetensors(model, cfg, Path(folder))
-    if quantization == "int8":
-        from kvtriton.backend.models.int8 import quantize_linears
-
-        quantize_linears(model)
+    if quantization:
+        stored = _gguf_linears(cfg, Path(gguf)) if gguf is not None and not dummy else {}
+        replaced = quantize_linears(model, quantization, group_size, prequantized=stored)
+        log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
     return model.eval()
+
+
+def resolve_quantization(quantization: str, checkpoint: str, device: torch.device) -> tuple[str | None, Path | None]:
+    """EngineConfig.quantization for `checkpoint` on `device` -> (load_model's scheme or None, the GGUF to take
+    stored blocks from or None).
+
+    "auto" never loses precision against the checkpoint: it is int4 on the CPU when the checkpoint is a GGUF
+    (its Q4_0/Q4_1/Q8_0 blocks as stored: fewer bytes per step, and measured faster), else none. On CUDA it
+    is none until a fused int4 GPU kernel exists (the layers would dequantize every call there)."""
+    from kvtriton.backend.models.gguf_quantized import gguf_source
+
+    if quantization == "none":
+        return None, None
+    gguf = gguf_source(checkpoint)
+    if quantization == "auto":
+        chosen = "int4" if device.type == "cpu" and gguf is not None else None
+        log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else
+                 "none (" + ("not a GGUF checkpoint" if gguf is None else f"no int4 kernel on {device.type}") + ")")
+        return chosen, gguf if chosen else None
+    return quantization, gguf
+
+
+def _gguf_linears(cfg: ModelConfig, gguf_path: Path) -> dict[str, GroupQuantized]:
+    """{Linear module name: its GGUF blocks, fused as the model fuses them}. A module whose parts are
+    not all stored in one family (4-bit or 8-bit) is left out, so it is quantized from its float
+    weight like any checkpoint's, and said in a log line."""
+    from kvtriton.backend.models.gguf_quantized import read_quantized_tensors
+
+    tensors = read_quantized_tensors(gguf_path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+    parts: dict[str, dict[int, GroupQuantized]] = {}
+    for hf_name, q in tensors.items():
+        name = hf_name.removeprefix("model.")
+        if name == "embed_tokens.weight":
+            if not cfg.tie_word_embeddings:
+                continue  # the embedding itself stays float: a Gather reads only the step's rows
+            name = "lm_head.weight"
+        target, rows = _locate(cfg, name)
+        shard = 0 if rows is None else _shard_offsets(cfg, target.rpartition(".")[0]).index(rows[0])
+        parts.setdefault(target.removesuffix(".weight"), {})[shard] = q
+    fused = {}
+    for module, shards in parts.items():
+        expected = len(_shard_offsets(cfg, module)) - 1 if any(f in module for f, _ in _FUSED.values()) else 1
+        ordered = [shards.get(i) for i in range(expected)]
+        if None in ordered or len({q.bits for q in ordered}) > 1:
+            stored = "+".join(q.source if q else "float" for q in ordered)
+            log.info("%s: its GGUF parts (%s) do not fuse into one format; quantizing it from float", module, stored)
+            continue
+        fused[module] = GroupQuantized.cat_rows(ordered)
+    return fused
 
 
 def _init_dummy(model: LlamaForCausalLM) -> None:

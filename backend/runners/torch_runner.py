@@ -27,7 +27,7 @@ from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_bud
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
 from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.models.loader import load_model
+from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.step_input import StepInput
 
@@ -46,8 +46,9 @@ class TorchRunner:
         self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        quantization, gguf = resolve_quantization(config.quantization, config.model, device)
         self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights,
-                                quantization=None if config.quantization == "none" else config.quantization)
+                                quantization=quantization, group_size=config.quantization_group_size, gguf=gguf)
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.

@@ -1,0 +1,155 @@
+"""Weight-only quantization: what INT8 and INT4 layers share, and the one way to quantize a model's Linears.
+
+Decode is bandwidth-bound: each step reads every weight once, so fewer bits per
+weight is fewer bytes per step, while the activations stay in floating point.
+
+Two schemes (`quantize_linears`):
+  int8  per output channel, symmetric (models/int8.py)
+  int4  groups of 32, 64 or 128 inputs, asymmetric: a scale and an integer zero point per group
+        (models/int4.py)
+and one data carrier, `GroupQuantized`, for group-wise weights that arrive already
+quantized (GGUF Q4_0, Q4_1 and Q8_0 blocks, models/gguf_quantized.py): those are
+taken as they are, never re-quantized. Scales are kept in fp16 (GGUF's own type,
+so its blocks are held exactly); each kernel takes them in the dtype it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32  # GGUF's block; divides every hidden size that is a multiple of 32
+
+
+@dataclass
+class GroupQuantized:
+    """A (N, K) weight quantized in groups of `group_size` along K (the input dimension):
+
+        w[n, k] = (codes[n, k] - zero_point[n, g]) * scale[n, g] + offset[n, g],   g = k // group_size
+
+    bits 4: codes uint8 in [0, 15], zero_point uint8 (N, G) in [0, 15]; offset (N, G) only where the
+    format has one (GGUF Q4_1: w = d*q + m), else None. bits 8: codes int8, symmetric (zero_point and
+    offset None). scale (N, G) fp16. `source` says where the numbers came from, for logs.
+    """
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    offset: torch.Tensor | None
+    group_size: int
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) fp32: the weight these numbers stand for."""
+        g = self.group_size
+        w = self.codes.float()  # (N, K)
+        if self.zero_point is not None:
+            w = w - self.zero_point.float().repeat_interleave(g, dim=1)
+        w = w * self.scale.float().repeat_interleave(g, dim=1)
+        if self.offset is not None:
+            w = w + self.offset.float().repeat_interleave(g, dim=1)
+        return w
+
+    @staticmethod
+    def cat_rows(parts: list["GroupQuantized"]) -> "GroupQuantized":
+        """Stack weights along N (q, k, v -> qkv); all must share bits and group size."""
+        first = parts[0]
+        if any((p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]) for p in parts):
+            raise ValueError("cannot fuse weights of different bits, group sizes or widths: "
+                             + ", ".join(f"{p.source} {p.shape}" for p in parts))
+
+        def cat(name: str, fill: float) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            if all(t is None for t in tensors):
+                return None
+            like = next(t for t in tensors if t is not None)
+            return torch.cat([t if t is not None else torch.full(p.scale.shape, fill, dtype=like.dtype)
+                              for p, t in zip(parts, tensors)])
+
+        sources = sorted({p.source for p in parts})
+        return GroupQuantized(first.bits, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                              cat("zero_point", 8), cat("offset", 0.0), first.group_size, "+".join(sources))
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear with quantized weights: subclasses give the matmul and the dequantized weight.
+
+    Activations keep the caller's dtype outside; inside, each kernel takes what it needs (the CPU
+    kernels run in bf16) and the result is returned in the caller's dtype.
+    """
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("bias", bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) -> (M, out), in any float dtype."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out, in) fp32: what the layer multiplies by, for tests, references and error reports."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (M, out)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path (and, for now, the GPU's): the dequantized weight materialised each call."""
+        return x @ self.dequantized_weight().to(x.dtype).T
+
+
+def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, skip: tuple[str, ...] = (),
+                     prequantized: dict[str, GroupQuantized] | None = None) -> dict[str, str]:
+    """Replace every nn.Linear in `model` by its quantized layer, in place; returns {name: what it became}.
+
+    A Linear named in `prequantized` takes those numbers as they are (4-bit codes become an Int4Linear,
+    8-bit an Int8Linear with their group scales); every other one is quantized from its float weight by
+    `scheme`. A Linear sharing its weight with an embedding (tied lm_head) is quantized as its own copy:
+    the embedding keeps its float table (a Gather reads only N rows).
+    """
+    # Imported here: both layers subclass QuantizedLinear above.
+    from kvtriton.backend.models.int4 import Int4Linear
+    from kvtriton.backend.models.int8 import Int8Linear
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    prequantized = dict(prequantized or {})
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in skip:
+            continue
+        bias = None if module.bias is None else module.bias.detach().clone()
+        given = prequantized.pop(name, None)
+        if given is not None:
+            if given.shape != tuple(module.weight.shape):
+                raise ValueError(f"{name}: quantized weight {given.shape} != {tuple(module.weight.shape)}")
+            layer_type = Int4Linear if given.bits == 4 else Int8Linear
+            new = layer_type.from_group_quantized(given, bias, module.weight.device)
+            what = f"{given.source} (int{given.bits} g{given.group_size}, as stored)"
+        elif scheme == "int4":
+            new = Int4Linear.from_linear(module, group_size, name=name)
+            what = f"int4 g{group_size}"
+        else:
+            new = Int8Linear.from_linear(module)
+            what = "int8 per channel"
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        replaced[name] = what
+    if prequantized:
+        raise ValueError(f"quantized weights for modules the model does not have: {sorted(prequantized)[:3]}")
+    return replaced

@@ -1,0 +1,223 @@
+"""Precisions side by side on the CPU: quality and decode speed per runner, and throughput through the engine.
+
+  python benchmarks/precision_bench.py                     # both parts, default model (SmolLM2-135M-Instruct)
+  python benchmarks/precision_bench.py --part quality --tokens 128
+  python benchmarks/precision_bench.py --part engine --rounds 5
+
+quality: every variant runs the same teacher-forced decode, the text's tokens one step at a time
+through the runner (the engine's decode path, batch 1), so one pass gives each position's logits and
+the decode tok/s (1 / median step time). Printed: mean and max |logit - reference logit|, perplexity
+of the text, top-1 agreement, tok/s and the ratio to the same runtime's fp32. The reference is the fp32
+model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own dequantized weights.
+Variants: torch fp32; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its blocks) and
+int4 g32 / g128 quantized from the fp32 weights; onnxruntime fp32, int8 and int4 graphs (built here, the
+int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
+
+engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
+output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
+machine (a shared CPU is noisy: medians are printed): output tok/s with all 32 requests in flight,
+and the decode tok/s of one request alone (1 / mean inter-token latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_bench import QUESTIONS, run_engine  # noqa: E402
+
+from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
+from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.tokenizer import Tokenizer  # noqa: E402
+from kvtriton.backend.models.loader import load_model  # noqa: E402
+from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
+from kvtriton.backend.runners.step_input import StepInput  # noqa: E402
+
+TEXT = (
+    "Paged attention keeps the keys and values of every sequence in fixed-size blocks, so that memory is "
+    "allocated on demand and shared between requests with a common prefix. The scheduler decides each step "
+    "how many tokens every running request may compute under one token budget, which lets long prompts be "
+    "split into chunks and interleaved with the decoding of other requests. When the cache is full, the "
+    "youngest request is preempted and recomputed later. Weight-only quantization stores each matrix in "
+    "eight-bit integers with one scale per output channel, halving or quartering the bytes read per step."
+)
+BLOCK = 16
+
+
+def decode_step(token: int, position: int, blocks: int) -> StepInput:
+    def t(values):
+        return torch.tensor(values, dtype=torch.int64)
+
+    return StepInput(
+        input_ids=t([token]), positions=t([position]), last_token_indices=t([0]),
+        attn=AttentionMetadata(slot_mapping=t([position]), block_tables=t([list(range(blocks))]),
+                               context_lens=t([position + 1]), num_decodes=1, query_lens=[1],
+                               context_lens_host=[position + 1], decode_context_blocks=position // BLOCK + 1),
+    )
+
+
+def teacher_forced(runner, ids: list[int], passes: int = 2) -> tuple[torch.Tensor, float]:
+    """-> logits (T, V) of every position, decode tok/s from the median step time (robust to other load on a
+    shared machine; the first 8 steps are warm-up) of the fastest of `passes` passes over the text."""
+    blocks = -(-len(ids) // BLOCK)
+    speeds = []
+    for _ in range(passes):
+        rows, times = [], []
+        for i, tok in enumerate(ids):
+            start = time.perf_counter()
+            rows.append(runner.execute(decode_step(tok, i, blocks))[0].clone())
+            times.append(time.perf_counter() - start)
+        speeds.append(1.0 / statistics.median(times[8:]))
+    return torch.stack(rows), max(speeds)
+
+
+def quality(args, folder: Path, gguf: Path | None) -> None:
+    from kvtriton.backend.runners.onnx_runner import OnnxRunner
+    from kvtriton.backend.runners.torch_runner import TorchRunner
+    from kvtriton.build.onnx_export import export_step_graph
+
+    mc = ModelConfig.from_pretrained(folder)
+    ids = Tokenizer.from_pretrained(folder).encode(TEXT)[: args.tokens]
+    cpu = torch.device("cpu")
+    base = dict(model=args.model, device="cpu", block_size=BLOCK, num_kv_blocks=len(ids) // BLOCK + 2)
+    import onnx
+    import onnxruntime
+
+    print(f"model {folder.name}: {mc.num_params / 1e6:.0f}M parameters, {len(ids)} tokens, batch 1, CPU "
+          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}")
+
+    results = {}
+    runner = TorchRunner(EngineConfig(**base), mc, str(folder), cpu, torch.float32, len(ids))
+    # torch variants: the runner's model swapped, so each is loaded exactly as named.
+    variants = {"torch fp32": lambda: load_model(folder),
+                "torch int8": lambda: load_model(folder, quantization="int8")}  # per channel, from fp32
+    if gguf:
+        variants["torch int4 (GGUF blocks)"] = lambda: load_model(folder, quantization="int4", gguf=gguf)
+    for group_size in (32, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
+        label = f"torch int4 g{group_size}" + (" re-quantized" if gguf else "")
+        variants[label] = lambda g=group_size: load_model(folder, quantization="int4", group_size=g)
+    for name, load in variants.items():
+        try:
+            runner.model = load()
+        except ValueError as exc:  # e.g. a group size that does not divide the hidden size
+            print(f"({name} skipped: {exc})")
+            continue
+        results[name] = teacher_forced(runner, ids)
+    del runner
+    with tempfile.TemporaryDirectory() as tmp:
+        graphs = {}
+        for precision in ("fp32", "int8", "int4"):
+            graphs[precision] = path = Path(tmp) / f"{precision}.onnx"
+            model = load_model(folder, quantization="int4" if precision == "int4" else None, gguf=gguf)
+            export_step_graph(model, path, BLOCK, precision)
+        graphs["int4 level 4"] = _with_int8_activations(graphs["int4"], Path(tmp) / "int4_level4.onnx")
+        for name, path in graphs.items():
+            config = EngineConfig(**{**base, "model": str(folder)}, runner="onnxruntime", engine_path=str(path))
+            onnx_runner = OnnxRunner(config, mc, folder, cpu, torch.float32, len(ids))
+            results[f"onnxruntime {name}"] = teacher_forced(onnx_runner, ids)
+            del onnx_runner
+
+    reference, ref_speed = results["torch fp32"]
+    targets = torch.tensor(ids[1:])
+    print(f"{'variant':28} {'mean|dlogit|':>12} {'max|dlogit|':>11} {'ppl':>8} {'top1 agree':>10} {'tok/s':>7} "
+          f"{'vs fp32':>8}")
+    for name, (logits, speed) in results.items():
+        runtime = name.split()[0]
+        fp32_speed = results[f"{runtime} fp32"][1]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], targets).item()
+        diff = (logits - reference).abs()
+        agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        print(f"{name:28} {diff.mean().item():12.4f} {diff.max().item():11.3f} {math.exp(nll):8.2f} {agree:10.1%} "
+              f"{speed:7.1f} {speed / fp32_speed:7.2f}x")
+    what = "the GGUF's own dequantized weights" if gguf else "the checkpoint's weights"
+    print(f"(reference: torch fp32 = {what}; ratio: speed / fp32 speed of the same runtime; "
+          f"torch fp32 {ref_speed:.1f} tok/s)")
+
+
+def _with_int8_activations(path: Path, out: Path) -> Path:
+    """The int4 graph with every 4-bit MatMulNBits at accuracy level 4 (activations quantized to int8 per
+    block on the fly) instead of the exported 0 (fp32): the speed and the accuracy that choice costs."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "MatMulNBits" and attrs["bits"].i == 4:
+            attrs["accuracy_level"].i = 4
+    onnx.save(proto, str(out))
+    return out
+
+
+def engine(args) -> None:
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+
+    base = dict(model=args.model, device="cpu", max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048,
+                kv_cache_memory_gb=1.0)
+    variants = {"fp32": "none", **{q: q for q in args.quantization}}
+    engines = {}
+    for name, quantization in variants.items():
+        started = time.perf_counter()
+        engines[name] = LLMEngine(EngineConfig(**base, quantization=quantization)).start()
+        print(f"# {name} engine start-up: {time.perf_counter() - started:.1f} s")
+    tokenizer = engines["fp32"].tokenizer
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    print(f"# engine: {args.model} on the CPU ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}; {len(prompts)} prompts x "
+          f"{args.max_tokens} tokens, EOS ignored; {args.rounds} rounds, variants alternated")
+    for e in engines.values():
+        run_engine(e, prompt_ids[:4], 8)  # warm-up
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    try:
+        for r in range(args.rounds):
+            for name, e in engines.items():
+                batch = run_engine(e, prompt_ids, args.max_tokens)
+                single = run_engine(e, prompt_ids[:1], args.max_tokens)
+                rows[name].append((batch["tok_s"], len(single["itl"]) / sum(single["itl"])))
+                print(f"round {r + 1} {name:5}: batch 32 {rows[name][-1][0]:7.1f} output tok/s   "
+                      f"single stream decode {rows[name][-1][1]:6.1f} tok/s", flush=True)
+    finally:
+        for e in engines.values():
+            e.shutdown()
+    med = {name: [statistics.median(col) for col in zip(*values)] for name, values in rows.items()}
+    print(f"median of {args.rounds} rounds (ratio: the median of each round's ratio to fp32, measured minutes apart "
+          f"rather than across the whole run):")
+    for name, (batch, single) in med.items():
+        ratios = [(b / fb, s / fs) for (b, s), (fb, fs) in zip(rows[name], rows["fp32"])]
+        batch_ratio, single_ratio = (statistics.median(col) for col in zip(*ratios))
+        print(f"  {name:5} batch 32 {batch:7.1f} output tok/s ({batch_ratio:.2f}x fp32)   "
+              f"single stream {single:6.1f} tok/s ({single_ratio:.2f}x fp32)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
+    parser.add_argument("--part", choices=["quality", "engine", "all"], default="all")
+    parser.add_argument("--tokens", type=int, default=96, help="quality: text tokens to decode (teacher-forced)")
+    parser.add_argument("--quantization", nargs="+", default=["int4"], choices=["int8", "int4"],
+                        help="engine: the quantized variants run beside fp32")
+    parser.add_argument("--max-tokens", type=int, default=128, help="engine: output tokens per request")
+    parser.add_argument("--rounds", type=int, default=3, help="engine: rounds, variants alternated")
+    args = parser.parse_args()
+
+    from kvtriton.backend.models.checkpoint import resolve_checkpoint
+    from kvtriton.backend.models.gguf_quantized import gguf_source
+
+    if args.part in ("quality", "all"):
+        quality(args, resolve_checkpoint(args.model), gguf_source(args.model))
+    if args.part in ("engine", "all"):
+        engine(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""INT4 weight-only (group-wise, asymmetric) and GGUF blocks loaded without loss, in the torch runner's model."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.models.gguf_checkpoint import convert_gguf
+from kvtriton.backend.models.gguf_quantized import decode_blocks, gguf_source
+from kvtriton.backend.models.int4 import Int4Linear, pack_nibbles, quantize_groupwise, unpack_nibbles
+from kvtriton.backend.models.int8 import Int8Linear
+from kvtriton.backend.models.loader import load_model, resolve_quantization
+from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear, quantize_linears
+from kvtriton.backend.runners.step_graph import StepGraph, example_inputs
+
+from tests.test_gguf_checkpoint import LAYERS, write_tiny_gguf
+from tests.tiny_model import make_tiny_model
+
+# The CPU kernels compute in bf16 (8 significant bits): the logits of a few-layer model stay within a
+# few percent of their range of the fp32 reference, and the top token agrees.
+BF16_LOGITS = 0.05
+
+
+def linear_error(layer: QuantizedLinear, bias=None) -> float:
+    """max |layer(x) - x @ W_dequantized^T| / max |x @ W_dequantized^T| over a random batch."""
+    x = torch.randn(5, layer.in_features)
+    expected = nn.functional.linear(x, layer.dequantized_weight(), bias)
+    return ((layer(x) - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_groupwise_codes_zero_points_and_error(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.logspace(-3, 0, 48)[:, None]  # rows of very different range
+    w[7, :group_size] = 0.0  # one all-zero group
+    w[9] = w[9].abs() + 0.5  # a row with no negative weights: the range is widened to include 0
+    q = quantize_groupwise(w, group_size)
+    groups = 256 // group_size
+    assert (q.bits, q.group_size, q.offset) == (4, group_size, None)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
+    assert q.scale.dtype == torch.float16 and q.scale.shape == (48, groups)
+    assert q.zero_point.dtype == torch.uint8 and int(q.zero_point.max()) <= 15
+    assert q.scale[7, 0] == 1 and (q.codes[7, :group_size] == q.zero_point[7, 0]).all()
+    assert (q.zero_point[9] == 0).all()
+    step = q.scale.float().repeat_interleave(group_size, dim=1)
+    assert ((q.dequantize() - w).abs() <= step + 1e-7).all()  # half a step, plus half at the grid's ends
+
+
+def test_nibbles_are_onnx_order_and_round_trip():
+    codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (3, 32) and (packed[:, 0] == codes[:, 0] + 16 * codes[:, 1]).all()
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+@pytest.mark.parametrize("out_features", [48, 50])  # 50: not a multiple of the kernel's 16 rows
+def test_int4_linear_matches_its_dequantized_weight(out_features):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, out_features, bias=True)
+    layer = Int4Linear.from_linear(lin, 32)
+    assert layer.qweight.shape == (out_features, 64) and layer._packed is not None  # the CPU kernel's path
+    assert linear_error(layer, lin.bias) < 1e-2  # bf16 activations
+    x = torch.randn(2, 3, 128)
+    assert layer(x).shape == (2, 3, out_features) and layer(x).dtype == torch.float32
+    # Off the kernel (the GPU's path today) it is the dequantized weight's matmul exactly.
+    layer._packed = None
+    assert torch.allclose(layer(x), nn.functional.linear(x, layer.dequantized_weight(), lin.bias), atol=1e-5)
+
+
+def test_group_size_that_does_not_divide_the_inputs_is_refused_with_the_sizes_that_do():
+    with pytest.raises(ValueError, match="group_size 128 does not divide the 96 inputs of proj; use 32"):
+        Int4Linear.from_linear(nn.Linear(96, 32), 128, name="proj")
+
+
+def test_int8_groups_run_as_two_int4_planes_exactly():
+    """Q8_0-style weights: int8 codes over their full range, one fp16 scale per 32."""
+    torch.manual_seed(0)
+    codes = torch.randint(-128, 128, (40, 96), dtype=torch.int8)
+    codes[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)
+    q = GroupQuantized(8, codes, (torch.rand(40, 3) * 0.01).half(), None, None, 32, "Q8_0")
+    layer = Int8Linear.from_group_quantized(q)
+    assert layer.group_size == 32 and layer._packed is not None
+    assert torch.equal(layer.dequantized_weight(), q.dequantize())
+    assert linear_error(layer) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_decode_to_ggufs_own_dequantization_exactly(kind):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 96), dtype=np.float32) + rng.standard_normal((16, 1), dtype=np.float32)
+    packed = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
+    q = decode_blocks(packed, kind)
+    assert (q.bits, q.group_size, q.source) == (8 if kind == "Q8_0" else 4, 32, kind)
+    np.testing.assert_array_equal(q.dequantize().numpy(), gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[kind]))
+
+
+QUANT_TYPES = {  # a mix, as llama.cpp files have: Q4_1 mostly, one layer Q4_0, the embedding (= tied lm_head) Q8_0
+    **{f"blk.{i}.{t}.weight": "Q4_1" for i in range(LAYERS)
+       for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")},
+    **{f"blk.1.{t}.weight": "Q4_0" for t in ("attn_q", "attn_k", "attn_v")},
+    "token_embd.weight": "Q8_0",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    write_tiny_gguf(root / "tiny.gguf", quant_types=QUANT_TYPES)
+    return root / "tiny.gguf", convert_gguf(root / "tiny.gguf", root / "hf")
+
+
+def assert_stored_without_loss(quantized, reference):
+    """Every quantized layer multiplies by exactly the weight of the fp32 (dequantized) checkpoint."""
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, QuantizedLinear)}
+    floats = dict(reference.named_modules())
+    assert layers and all(isinstance(floats[n], nn.Linear) for n in layers)
+    for name, layer in layers.items():
+        assert torch.equal(layer.dequantized_weight(), floats[name].weight), name
+    return layers
+
+
+def assert_logits_close(quantized, reference, input_ids=None, top1=True):
+    """Prefill logits of `input_ids` (B, T) (default: the tracing example) against the reference's.
+    top1=False for random-weight models, whose logits are too flat for bf16 to keep their order."""
+    inputs = example_inputs(reference, batch=2, tokens=5, block_size=4)
+    if input_ids is not None:  # a prefill from position 0: no old context
+        b, t = input_ids.shape
+        inputs = (input_ids, torch.arange(t).repeat(b, 1), *inputs[2:4], torch.zeros(b, 1, dtype=torch.int64))
+    with torch.no_grad():
+        got, expected = StepGraph(quantized)(*inputs)[0], StepGraph(reference)(*inputs)[0]  # (B, V)
+    assert (got - expected).abs().max() < BF16_LOGITS * expected.abs().max()
+    assert not top1 or torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
+    path, folder = tiny_gguf
+    reference = load_model(folder)  # the fp32 conversion: gguf's own dequantization
+    model = load_model(folder, quantization="int4", gguf=path)
+    layers = assert_stored_without_loss(model, reference)
+    sources = {name: (type(layer).__name__, layer.source) for name, layer in layers.items()}
+    assert sources["layers.0.self_attn.qkv_proj"] == ("Int4Linear", "Q4_1")
+    assert sources["layers.1.self_attn.qkv_proj"] == ("Int4Linear", "Q4_0")
+    assert sources["layers.1.mlp.down_proj"] == ("Int4Linear", "Q4_1")
+    assert sources["lm_head"] == ("Int8Linear", "Q8_0") and model.lm_head.group_size == 32
+    assert model.embed_tokens.weight.dtype == torch.float32  # the embedding stays a float table
+    assert_logits_close(model, reference, top1=False)
+    # int8 takes the same blocks: the file chose the precision, the scheme applies to float tensors.
+    assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
+
+
+def test_a_fused_module_with_parts_in_different_families_is_quantized_from_float(tmp_path):
+    types = {**QUANT_TYPES, "blk.0.attn_v.weight": "Q8_0"}
+    write_tiny_gguf(tmp_path / "mixed.gguf", quant_types=types)
+    folder = convert_gguf(tmp_path / "mixed.gguf", tmp_path / "hf")
+    model = load_model(folder, quantization="int4", gguf=tmp_path / "mixed.gguf")
+    assert model.layers[0].self_attn.qkv_proj.source == "int4 g32"  # Q4_1 + Q4_1 + Q8_0: not one format
+    assert model.layers[1].self_attn.qkv_proj.source == "Q4_0"
+
+
+def test_float_checkpoint_quantizes_every_linear(tmp_path):
+    folder = make_tiny_model(tmp_path / "tiny")
+    reference = load_model(folder)
+    model = load_model(folder, quantization="int4", group_size=64)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 2 * 4 + 1 and all(isinstance(m, Int4Linear) and m.group_size == 64 for m in layers.values())
+    assert_logits_close(model, reference)
+    with pytest.raises(ValueError, match="quantization scheme must be one of int8, int4"):
+        quantize_linears(reference, "int3")
+
+
+def test_engine_config_validates_the_quantization_knobs():
+    assert EngineConfig(quantization="int4", quantization_group_size=128).quantization_group_size == 128
+    with pytest.raises(ValueError, match="quantization_group_size must be 32, 64 or 128"):
+        EngineConfig(quantization="int4", quantization_group_size=16)
+    with pytest.raises(ValueError, match="quantization must be none, auto, int8 or int4"):
+        EngineConfig(quantization="fp4")
+    with pytest.raises(ValueError, match="kvtriton build --precision int4"):
+        EngineConfig(quantization="int4", runner="onnxruntime")
+    assert EngineConfig.from_mapping({"quantization": "int4", "quantization_group_size": "64"}).quantization == "int4"
+
+
+def test_default_model_int4_from_its_q4_1_blocks_equals_the_fp32_conversion(default_model_folder):
+    """SmolLM2's GGUF: Q4_1 projections and a Q8_0 embedding/lm_head, loaded as stored."""
+    reference = load_model(default_model_folder)
+    model = load_model(default_model_folder, quantization="int4", gguf=gguf_source("default"))
+    layers = assert_stored_without_loss(model, reference)
+    assert {layer.source for layer in layers.values()} == {"Q4_1", "Q8_0"}
+    tokenizer = Tokenizer.from_pretrained(default_model_folder)
+    # Prompts whose next token leads by a margin (1.8 to 4 logits) well above the kernels' rounding.
+    for prompt in ["The capital of France is", "def fibonacci(n):\n    return", "1 2 3 4 5 6 7 8"]:
+        assert_logits_close(model, reference, input_ids=torch.tensor([tokenizer.encode(prompt)]))
+
+
+def test_engine_serves_a_gguf_from_its_blocks(tiny_gguf, tmp_path, monkeypatch):
+    """model=<file>.gguf, quantization=int4: the engine converts the file once (tokenizer, config) and the
+    torch runner multiplies by the file's own Q4 blocks."""
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+    from kvtriton.backend.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv("KVTRITON_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", block_size=4, num_kv_blocks=64,
+                                    quantization="int4")).start()
+    try:
+        model = engine.runner.model
+        assert model.layers[0].mlp.gate_up_proj.source == "Q4_1" and model.lm_head.source == "Q8_0"
+        out = engine.generate(["hello 12"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 6
+    finally:
+        engine.shutdown()
+
+
+def test_auto_is_int4_only_for_a_gguf_on_the_cpu(tiny_gguf):
+    """auto never loses precision against the checkpoint: the GGUF's own blocks, or the float weights."""
+    path, folder = tiny_gguf
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_quantization("auto", str(path), cpu) == ("int4", path)
+    assert resolve_quantization("auto", str(folder), cpu) == (None, None)  # an HF folder: stays float
+    assert resolve_quantization("auto", str(path), cuda) == (None, None)  # no int4 GPU kernel yet
+    assert resolve_quantization("int8", str(folder), cpu) == ("int8", None)
+    assert resolve_quantization("none", str(path), cpu) == (None, None)
