@@ -190,8 +190,8 @@ def engine(args) -> None:
         for e in engines.values():
             e.shutdown()
     med = {name: [statistics.median(col) for col in zip(*values)] for name, values in rows.items()}
-    print(f"median of {args.rounds} rounds (ratio: the median of each round's ratio to fp32, measured minutes apart "
-          f"rather than across the whole run):")
+    print(f"median of {args.rounds} rounds (ratio: the median over rounds of the ratio within a round, where the "
+          f"variants ran back to back):")
     for name, (batch, single) in med.items():
         ratios = [(b / fb, s / fs) for (b, s), (fb, fs) in zip(rows[name], rows["fp32"])]
         batch_ratio, single_ratio = (statistics.median(col) for col in zip(*ratios))
