@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_bench  # noqa: E402
 from engine_bench import LLAMA_1B, pct  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
@@ -56,23 +57,8 @@ def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    streams = [engine.add_request(f"r{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
-    ttft, itl, tokens = [], [], 0
-    for s in streams:
-        last = None
-        for out in s:
-            if not out.token_ids:
-                continue
-            tokens += len(out.token_ids)
-            if last is None:
-                ttft.append(out.time - out.arrival_time)
-            else:
-                itl.append(out.time - last)
-            last = out.time
-    wall = time.perf_counter() - t0
-    return dict(tok_s=tokens / wall, ttft_ms=pct(ttft, 50) * 1e3, itl_ms=pct(itl, 50) * 1e3)
+    run = engine_bench.run_engine(engine, prompts, max_tokens)
+    return dict(tok_s=run["tok_s"], ttft_ms=pct(run["ttft"], 50) * 1e3, itl_ms=pct(run["itl"], 50) * 1e3)
 
 
 def copy_bandwidth(device) -> float:

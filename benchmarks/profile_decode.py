@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B  # noqa: E402
+from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.kernels import paged_decode_attention  # noqa: E402
@@ -38,19 +39,6 @@ class ProbeSequence:  # what prepare_step reads of a scheduled sequence
     token_ids: list[int]
     num_computed_tokens: int  # this step's token included, as the scheduler leaves it
     block_ids: list[int]
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 20 / (time.perf_counter() - t0)  # read + write
 
 
 def decode_step(runner: TorchRunner, batch: int, context: int):
@@ -104,7 +92,7 @@ def main():
     started = time.perf_counter()
     runner = TorchRunner(config, ModelConfig.from_dict(LLAMA_1B), str(folder), torch.device("cuda"),
                          torch.bfloat16, args.max_model_len)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth("cuda")
     mc = runner.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2  # K and V, every layer, bf16
