@@ -1,4 +1,5 @@
-"""IncrementalDetokenizer: UTF-8-safe deltas whose concatenation is the full decode, in bounded work."""
+"""Both streaming decoders (DecodeStream-based and window-based): UTF-8-safe deltas whose concatenation is
+the full decode, in bounded work."""
 
 import json
 import random
@@ -8,7 +9,13 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from kvtriton.backend.engine.detokenizer import MAX_WINDOW_TOKENS, REPLACEMENT_CHAR, IncrementalDetokenizer
+from kvtriton.backend.engine.detokenizer import (
+    MAX_HELD_TOKENS,
+    MAX_WINDOW_TOKENS,
+    REPLACEMENT_CHAR,
+    IncrementalDetokenizer,
+    WindowDetokenizer,
+)
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
 MIXED = [
@@ -88,10 +95,20 @@ def spm(tmp_path_factory) -> Tokenizer:
     return load("spm", tmp_path_factory.mktemp("spm"))
 
 
+@pytest.fixture(autouse=True, params=[IncrementalDetokenizer, WindowDetokenizer], ids=["stream", "window"])
+def Detok(request, monkeypatch):
+    """Every test runs on both decoders; `stream()` and the tests build the one this run is for."""
+    monkeypatch.setitem(globals(), "Detokenizer", request.param)
+    return request.param
+
+
+Detokenizer = IncrementalDetokenizer  # set per test by the Detok fixture
+
+
 def stream(tok, ids, rng=None, prompt_ids=None, skip_special_tokens=True, max_chunk=3):
     """All deltas of one sequence, fed in random-size chunks like an engine with multi-token steps."""
     rng = rng or random.Random(0)
-    detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip_special_tokens)
+    detok = Detokenizer(tok, prompt_ids, skip_special_tokens=skip_special_tokens)
     deltas, i = [], 0
     while i < len(ids):
         n = rng.randint(1, max_chunk)
@@ -109,7 +126,7 @@ def long_text(seed: int, pieces: int = 120) -> str:
 def test_four_byte_emoji_is_held_until_complete(per_byte):
     ids = per_byte.encode("a😀b", add_special_tokens=False)
     assert len(ids) == 6
-    detok = IncrementalDetokenizer(per_byte)
+    detok = Detokenizer(per_byte)
     assert [detok.step([i]) for i in ids] == ["a", "", "", "", "😀", "b"]
     assert detok.flush() == ""
 
@@ -119,7 +136,7 @@ def test_cjk_split_inside_trained_tokens(bpe):
     text = "你好，世界！今天天气很好。"
     ids = bpe.encode(text, add_special_tokens=False)
     assert any(REPLACEMENT_CHAR in bpe.decode([i]) for i in ids), "the fixture must cut characters"
-    detok = IncrementalDetokenizer(bpe)
+    detok = Detokenizer(bpe)
     deltas = [detok.step([i]) for i in ids]
     assert "".join(deltas) == text
     assert all(REPLACEMENT_CHAR not in d for d in deltas)
@@ -158,11 +175,11 @@ def test_sentencepiece_prompt_keeps_the_first_space(spm):
 
 def test_invalid_bytes_surface_as_replacement(per_byte):
     cut = per_byte.encode("中", add_special_tokens=False)[:2]  # two of three bytes
-    detok = IncrementalDetokenizer(per_byte)
+    detok = Detokenizer(per_byte)
     assert detok.step(cut) == ""
     assert detok.flush() == REPLACEMENT_CHAR == per_byte.decode(cut)
     # Followed by a real character, the broken one is final and streams at once.
-    detok = IncrementalDetokenizer(per_byte)
+    detok = Detokenizer(per_byte)
     assert detok.step(cut) == ""
     assert detok.step(per_byte.encode("x", add_special_tokens=False)) == REPLACEMENT_CHAR + "x"
 
@@ -201,22 +218,36 @@ def test_work_per_step_is_bounded(tmp_path, name, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) > 600
     assert "".join(stream(tok, ids, max_chunk=1)) == text
+    if Detokenizer is IncrementalDetokenizer:
+        # DecodeStream drains its ids whenever it returns text; it holds at most a window's worth.
+        detok = Detokenizer(tok)
+        for i in ids:
+            detok.step([i])
+            assert len(detok._held) <= MAX_HELD_TOKENS and detok._window is None
+        return
     # Never the whole output: a short window, about one decode per step.
     assert max(tok.decoded_lengths) <= MAX_WINDOW_TOKENS + 4
     assert len(tok.decoded_lengths) < 1.3 * len(ids)
 
 
+def test_a_long_run_without_text_moves_to_a_window(per_byte):
+    # Skipped special tokens decode to nothing: the stream would re-decode a growing run every step.
+    end = per_byte.token_to_id("<|im_end|>")
+    ids = per_byte.encode("ok", add_special_tokens=False) + [end] * (2 * MAX_HELD_TOKENS) + per_byte.encode("!", add_special_tokens=False)
+    assert "".join(stream(per_byte, ids, max_chunk=1)) == "ok!"
+
+
 def test_misuse_is_reported(per_byte):
-    detok = IncrementalDetokenizer(per_byte)
+    detok = Detokenizer(per_byte)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         detok.step([per_byte.token_to_id("a"), per_byte.vocab_size + 5])
     assert detok.step([per_byte.token_to_id("b")]) == "b"  # the rejected step left no trace
-    detok = IncrementalDetokenizer(per_byte)
+    detok = Detokenizer(per_byte)
     detok.flush()
     with pytest.raises(RuntimeError, match="after flush"):
         detok.step([1])
     assert detok.flush() == ""
-    assert IncrementalDetokenizer(per_byte).step([]) == ""
+    assert Detokenizer(per_byte).step([]) == ""
 
 
 def default_model_tokenizer() -> Tokenizer:

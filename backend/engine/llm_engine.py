@@ -359,15 +359,11 @@ class LLMEngine:
                 self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
 
     def _emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
-        """Output processing for a step's tokens: their text decoded in one batch, stop strings, sinks."""
-        states = [self._states[seq.request_id] for seq in seqs]
-        texts = self._decode_windows(states, token_ids)
-        for state, token_id, lp, text in zip(states, token_ids, logprobs, texts):
-            seq = state.seq
+        """Output processing for a step's tokens: text (each request's DecodeStream), stop strings, sinks."""
+        for seq, token_id, lp in zip(seqs, token_ids, logprobs):
+            state = self._states[seq.request_id]
             try:
-                if isinstance(text, Exception):
-                    raise text
-                output = state.process_token(token_id, lp, text)
+                output = state.process_token(token_id, lp)
             except Exception:  # one request's failure (detokenizing, say) ends that request only
                 log.exception("request %s failed", seq.request_id)
                 self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
@@ -377,26 +373,6 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                 del self._states[seq.request_id]
             self._emit(state, output)
-
-    def _decode_windows(self, states: list[RequestState], token_ids: list[int]) -> list[str | Exception | None]:
-        """Each state's detokenizer window with its new token, decoded in one call per skip_special_tokens
-        value (one call, not one per request: the per-call overhead dominates at large batches). None
-        where no text is needed; if the batch fails, each window is decoded alone and a failing one
-        gets its exception (it ends that request only)."""
-        windows = [state.window_to_decode(token_id) for state, token_id in zip(states, token_ids)]
-        texts: list[str | Exception | None] = [None] * len(states)
-        for skip in (True, False):
-            rows = [i for i, w in enumerate(windows)
-                    if w is not None and states[i].detokenizer.skip_special_tokens is skip]
-            if not rows:
-                continue
-            try:
-                decoded = self.tokenizer.decode_batch([windows[i] for i in rows], skip_special_tokens=skip)
-            except Exception:
-                decoded = [_decode_or_error(self.tokenizer, windows[i], skip) for i in rows]
-            for i, text in zip(rows, decoded):
-                texts[i] = text
-        return texts
 
     def _drain_inbox(self) -> None:
         while True:
@@ -442,13 +418,6 @@ class LLMEngine:
         self.start()
         streams = [self.add_request(f"gen-{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
         return [s.result() for s in streams]
-
-
-def _decode_or_error(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool) -> str | Exception:
-    try:
-        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    except Exception as exc:
-        return exc
 
 
 @dataclass

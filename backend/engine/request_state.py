@@ -25,16 +25,9 @@ class RequestState:
         self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(list(seq.params.stop))
 
-    def window_to_decode(self, token_id: int) -> list[int] | None:
-        """The detokenizer's window with `token_id`, when its text is needed (not for a stop token): the
-        engine decodes the step's windows in one batch and hands each text to process_token."""
-        return None if self.seq.finish_reason == "stop" else self.detokenizer.extend([token_id])
-
-    def process_token(self, token_id: int, logprob: TokenLogprob | None, window_text: str | None = None
-                      ) -> RequestOutput:
+    def process_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         """The output for the token the scheduler just appended (possibly with empty text).
 
-        `window_text`: the decoded window_to_decode(token_id), when the caller batched the decoding.
         A finished output whose `seq.finish_reason` is None ended on a stop string: the caller must end
         the sequence in the scheduler.
         """
@@ -44,7 +37,7 @@ class RequestState:
             seq.first_token_time = now
         reason, text = seq.finish_reason, ""
         if reason != "stop":
-            delta = self.detokenizer.step([token_id]) if window_text is None else self.detokenizer.accept(window_text)
+            delta = self.detokenizer.step([token_id])
             text, stopped = self.stop_matcher.feed(delta)
             if stopped:
                 reason = "stop"

@@ -20,14 +20,18 @@ import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
 
-# The engine decodes a step's sequences in one decode_batch call (~1 us each). tokenizers would spread
-# that over its own thread pool, whose spinning threads then compete with the forward pass for the
-# cores (seen: 0.06 ms became 4 ms on a 2-core CPU). A user's explicit setting wins.
+# tokenizers would spread batch calls over its own thread pool, whose spinning threads then compete with
+# the forward pass for the cores (seen: 0.06 ms became 4 ms on a 2-core CPU). A user's explicit setting wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The special-token fields of tokenizer_config.json exposed to chat templates, as HF does.
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class InvalidPrefixError(RuntimeError):
+    """tokenizers' DecodeStream met a decoder whose text is not monotonic in its ids (vLLM issue 17448)."""
 
 
 class Tokenizer:
@@ -162,10 +166,20 @@ class Tokenizer:
             self._checked_ids(ids, "token id"), skip_special_tokens=skip_special_tokens
         )
 
-    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
-        """`decode` of each id list, in one call (the engine decodes a step's sequences together)."""
-        return self._backend.decode_batch([self._checked_ids(ids, "token id") for ids in batch],
-                                          skip_special_tokens=skip_special_tokens)
+    def decode_stream(self, context_ids: Sequence[int], skip_special_tokens: bool = True) -> DecodeStream:
+        """A streaming decoder whose text starts after `context_ids` (the prompt's tail): see stream_step."""
+        return DecodeStream(self._checked_ids(context_ids, "token id"), skip_special_tokens=skip_special_tokens)
+
+    def stream_step(self, stream: DecodeStream, ids: list[int]) -> str | None:
+        """The text `ids` complete on `stream`, or None while a character is incomplete. Raises ValueError for
+        an id outside the vocabulary (the stream is left as it was), InvalidPrefixError when the decoder's
+        output stopped being monotonic (the stream is then unusable)."""
+        try:
+            return stream.step(self._backend, self._checked_ids(ids, "token id"))
+        except Exception as exc:
+            if str(exc).startswith("Invalid prefix"):
+                raise InvalidPrefixError(str(exc)) from exc
+            raise
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry (not the text) of one id, e.g. 'Ġworld' for ' world'."""
