@@ -8,6 +8,7 @@ enqueues, and the Triton adapter's sink hands sending to its own thread.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import queue
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +37,14 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     time: float = 0.0  # when this output was produced
+
+    def __reduce__(self):
+        # The engine process pickles every output of every step: a plain tuple of the fields is about 3x
+        # cheaper both ways than pickle's default for a slots dataclass (measured: 64 outputs 470 -> 180 us).
+        return RequestOutput, _request_output_fields(self)
+
+
+_request_output_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(RequestOutput)))
 
 
 class OutputSink(Protocol):
