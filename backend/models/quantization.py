@@ -153,3 +153,20 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     if prequantized:
         raise ValueError(f"quantized weights for modules the model does not have: {sorted(prequantized)[:3]}")
     return replaced
+
+
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what models/gguf_quantized.py takes as stored
+
+
+def layer_sources(model: nn.Module) -> dict[str, int]:
+    """{where a quantized layer's numbers came from: how many layers}, for the manifest and logs:
+    "gguf Q4_1 blocks as stored (lossless, g32)" or "int4 g128 quantized from float weights"."""
+    sources: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            source = getattr(module, "source", "")
+            stored = source and all(part in GGUF_BLOCK_TYPES for part in source.split("+"))
+            what = f"gguf {source} blocks as stored (lossless, g{module.group_size})" if stored \
+                else f"{source} quantized from float weights"
+            sources[what] = sources.get(what, 0) + 1
+    return dict(sorted(sources.items()))
