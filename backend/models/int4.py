@@ -8,6 +8,10 @@ Layout (`Int4Linear`'s persistent buffers, and what the ONNX exporter reads):
   offset      (N, K/g) fp16, or None: a float term per group, for formats that have one (GGUF Q4_1)
 so that w = (q - zero_point) * scale + offset.
 
+On CUDA, decode batches (up to 64 rows) run the Triton kernel kernels/int4_matmul.py (dequantize in
+registers + matmul, one launch, capturable in the CUDA graphs); longer inputs (prefill) dequantize the
+weight once per call and use cuBLAS.
+
 On the CPU the matmul is PyTorch's `_weight_int4pack_mm_for_cpu` (tinygemm's convention: w = (q - 8)
 * s + z with a float z per group), in bf16 (x, scales and zeros rounded to bf16, fp32 accumulation).
 benchmarks/quant_kernels_bench.py measures it against the alternatives: at batch 1 it is the fastest
@@ -18,6 +22,8 @@ are padded here), K a multiple of the group size, and groups of 32, 64, 128 or 2
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -88,6 +94,17 @@ def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_ze
     return out[:, :n] if out.shape[1] != n else out
 
 
+@functools.cache
+def _cuda_kernel_rows() -> int:
+    """The most rows the Triton int4 kernel takes (decode batches), 0 without triton (then every CUDA call
+    dequantizes; loader.resolve_quantization says so at load)."""
+    try:
+        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS
+    except ImportError:
+        return 0
+    return MAX_ROWS
+
+
 class Int4Linear(QuantizedLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  offset: torch.Tensor | None, group_size: int, bias: torch.Tensor | None, source: str = ""):
@@ -132,7 +149,11 @@ class Int4Linear(QuantizedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)
-        return self.dense_matmul(x)  # GPU: a fused dequant + matmul kernel is future work
+        if x.device.type == "cuda" and x.shape[0] <= _cuda_kernel_rows():
+            from kvtriton.backend.kernels.int4_matmul import int4_matmul
+
+            return int4_matmul(x, self.qweight, self.scale, self.zero_point, self.offset, self.group_size)
+        return self.dense_matmul(x)  # prefill: dequantized once per call, then cuBLAS (compute-bound there)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.group_quantized().dequantize()

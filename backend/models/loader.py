@@ -11,6 +11,7 @@ tensors are taken as stored (fused the same way), never re-quantized.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import Counter
 from pathlib import Path
@@ -91,6 +92,9 @@ def resolve_quantization(quantization: str, checkpoint: str, device: torch.devic
     if quantization == "none":
         return None, None
     gguf = gguf_source(checkpoint)
+    if quantization == "int4" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        log.warning("triton is not installed: int4 layers on CUDA dequantize their weights on every call "
+                    "(slower than bf16) instead of the fused Triton int4 kernel")
     if quantization == "auto":
         chosen = "int4" if device.type == "cpu" and gguf is not None else None
         log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else
