@@ -116,3 +116,22 @@ def test_fp8_on_cuda_triton_quantizer_and_cuda_graph():
     static_x.copy_(torch.randn_like(static_x))
     graph.replay()
     torch.testing.assert_close(static_out.float(), emulated_w8a8(static_x, linear), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+@pytest.mark.parametrize("quantization", ["fp8", "int4"])
+def test_quantized_engine_on_cuda_decodes_like_bf16(tiny, quantization):
+    """The whole CUDA path: torch.compile'd layers and CUDA-graph decode with the fp8 / int4 layers inside."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = ["the quick brown fox", "paris is the capital of", "one two three four"]
+    outputs = {}
+    for q in ("none", quantization):
+        engine = LLMEngine(EngineConfig(model=str(tiny), device="cuda", block_size=4, num_kv_blocks=64,
+                                        quantization=q))
+        try:
+            outputs[q] = [o.token_ids for o in engine.generate(prompts, params)]
+        finally:
+            engine.shutdown()
+    same = sum(a == b for e, g in zip(outputs["none"], outputs[quantization]) for a, b in zip(e, g))
+    assert same >= 0.8 * sum(map(len, outputs["none"])), outputs

@@ -25,6 +25,8 @@ def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE:
     tl.store(scale_ptr + row, scale)
 
 
+# A custom op: torch.compile (fullgraph, over the layer's work) sees one opaque call, not the launch code.
+@torch.library.custom_op("kvtriton::per_token_fp8", mutates_args=())
 def per_token_fp8(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float -> (xq (M, K) float8_e4m3fn, scale (M, 1) fp32) with x ~= xq * scale; scale = max|x| /
     fp8_max per row, at least min_scale (models/fp8.py owns both numbers)."""
@@ -36,3 +38,8 @@ def per_token_fp8(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[to
     _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k,
                          num_warps=4 if block_k <= 4096 else 8)
     return q, scale
+
+
+@per_token_fp8.register_fake
+def _(x, fp8_max, min_scale):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)

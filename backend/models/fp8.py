@@ -13,8 +13,6 @@ ops and the CPU `_scaled_mm` (for tests; no speed is claimed there).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -39,7 +37,6 @@ def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-@functools.cache
 def _triton_quant():
     try:
         from kvtriton.backend.kernels.fp8_quant import per_token_fp8
@@ -71,6 +68,8 @@ class Fp8Linear(QuantizedLinear):
             weight_scale = torch.cat([weight_scale.reshape(-1), weight_scale.new_ones(pad)])
         self.register_buffer("weight", weight)  # (N16, K) e4m3, row-major: weight.T is the column-major mat2
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N16)
+        # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
+        self._quantize = _triton_quant() if weight.device.type == "cuda" else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "Fp8Linear":
@@ -83,8 +82,8 @@ class Fp8Linear(QuantizedLinear):
         return cls(wq, scale, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        quantize = _triton_quant() if x.device.type == "cuda" else None
-        xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize else per_token_fp8_reference(x)
+        quantize = self._quantize if x.device.type == "cuda" else None
+        xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize is not None else per_token_fp8_reference(x)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         out = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale,
                                out_dtype=out_dtype)  # (M, N16)

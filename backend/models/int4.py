@@ -23,8 +23,6 @@ are padded here), K a multiple of the group size, and groups of 32, 64, 128 or 2
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -94,15 +92,14 @@ def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_ze
     return out[:, :n] if out.shape[1] != n else out
 
 
-@functools.cache
-def _cuda_kernel_rows() -> int:
-    """The most rows the Triton int4 kernel takes (decode batches), 0 without triton (then every CUDA call
-    dequantizes; loader.resolve_quantization says so at load)."""
+def _cuda_kernel():
+    """(the Triton int4 decode matmul, the most rows it takes) from kernels/int4_matmul.py, or (None, 0) without
+    triton (then every CUDA call dequantizes; loader.resolve_quantization says so at load)."""
     try:
-        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS
+        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS, int4_matmul
     except ImportError:
-        return 0
-    return MAX_ROWS
+        return None, 0
+    return int4_matmul, MAX_ROWS
 
 
 class Int4Linear(QuantizedLinear):
@@ -120,6 +117,8 @@ class Int4Linear(QuantizedLinear):
                                                       tinygemm_zero(scale, zero_point, offset))
         self.register_buffer("_packed", packed, persistent=False)
         self.register_buffer("_scale_zeros", scale_zeros, persistent=False)
+        # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
+        self._cuda_matmul, self._cuda_rows = _cuda_kernel() if qweight.device.type == "cuda" else (None, 0)
 
     @classmethod
     def from_group_quantized(cls, q: GroupQuantized, bias: torch.Tensor | None = None,
@@ -149,10 +148,8 @@ class Int4Linear(QuantizedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)
-        if x.device.type == "cuda" and x.shape[0] <= _cuda_kernel_rows():
-            from kvtriton.backend.kernels.int4_matmul import int4_matmul
-
-            return int4_matmul(x, self.qweight, self.scale, self.zero_point, self.offset, self.group_size)
+        if self._cuda_matmul is not None and x.shape[0] <= self._cuda_rows:
+            return self._cuda_matmul(x, self.qweight, self.scale, self.zero_point, self.offset, self.group_size)
         return self.dense_matmul(x)  # prefill: dequantized once per call, then cuBLAS (compute-bound there)
 
     def dequantized_weight(self) -> torch.Tensor:
