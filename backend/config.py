@@ -24,7 +24,8 @@ class EngineConfig:
     dummy_weights: bool = False  # random weights from config.json, for benchmarks at real sizes
     # torch runner, weight-only: "int8" (per output channel) or "int4" (groups of quantization_group_size inputs,
     # asymmetric). A GGUF checkpoint's Q4_0/Q4_1/Q8_0 tensors load as stored under either (groups of 32).
-    # "auto": int4 on the CPU for a GGUF checkpoint (its blocks, no loss), else none.
+    # "auto": int4 on the CPU for a GGUF checkpoint (its blocks, no loss), else none. "fp8": W8A8 e4m3 (CUDA
+    # compute capability 8.9+), weights quantized per channel at load, activations per token.
     quantization: str = "none"
     quantization_group_size: int = 32  # int4: 32, 64 or 128
     block_size: int = 16
@@ -60,11 +61,11 @@ class EngineConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in ("none", "auto", "int8", "int4"):
-            raise ValueError(f"quantization must be none, auto, int8 or int4, got {self.quantization!r}")
+        if self.quantization not in ("none", "auto", "int8", "int4", "fp8"):
+            raise ValueError(f"quantization must be none, auto, int8, int4 or fp8, got {self.quantization!r}")
         if self.quantization_group_size not in (32, 64, 128):
             raise ValueError(f"quantization_group_size must be 32, 64 or 128, got {self.quantization_group_size}")
-        if self.quantization in ("int8", "int4") and self.runner != "torch":
+        if self.quantization in ("int8", "int4", "fp8") and self.runner != "torch":
             raise ValueError(f"quantization applies to the torch runner; a {self.runner} graph keeps the precision it "
                              f"was built with (kvtriton build --precision {self.quantization})")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -1,29 +1,42 @@
-"""Precisions side by side on the CPU: quality and decode speed per runner, and throughput through the engine.
+"""Precisions side by side: quality and decode speed per runner, throughput through the engine, and the GPU.
 
-  python benchmarks/precision_bench.py                     # both parts, default model (SmolLM2-135M-Instruct)
+  python benchmarks/precision_bench.py                     # quality + engine, default model (SmolLM2-135M-Instruct)
   python benchmarks/precision_bench.py --part quality --tokens 128
-  python benchmarks/precision_bench.py --part engine --rounds 5
+  python benchmarks/precision_bench.py --part engine --rounds 5 --triton
+  python benchmarks/precision_bench.py --part gpu --tokenizer DIR   # the GPU host: 1B-class, bf16 vs fp8 vs int4
 
 quality: every variant runs the same teacher-forced decode, the text's tokens one step at a time
 through the runner (the engine's decode path, batch 1), so one pass gives each position's logits and
 the decode tok/s (1 / median step time). Printed: mean and max |logit - reference logit|, perplexity
 of the text, top-1 agreement, tok/s and the ratio to the same runtime's fp32. The reference is the fp32
 model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own dequantized weights.
-Variants: torch fp32; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its blocks) and
-int4 g32 / g128 quantized from the fp32 weights; onnxruntime fp32, int8 and int4 graphs (built here, the
-int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
+Variants: torch fp32 and bf16; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its
+blocks) and int4 g32 / g128 quantized from the fp32 weights; torch fp8 (W8A8 e4m3, through this torch's CPU
+`_scaled_mm`: the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built
+here, the int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations
+to int8).
 
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
-machine (a shared CPU is noisy: medians are printed): output tok/s with all 32 requests in flight,
-and the decode tok/s of one request alone (1 / mean inter-token latency).
+machine (a shared CPU is noisy: medians and the load average are printed): output tok/s with all 32
+requests in flight, and the decode tok/s of one request alone (1 / mean inter-token latency). --triton:
+also one stream through tritonserver (the shipped model repository, streamed over HTTP), fp32 vs each.
+
+gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
+(g32, the Triton decode kernel): the runner's batch-1 decode step alone (CUDA-graph replay) and output
+tok/s through the engine with 1 and 64 requests (128-token prompts, --max-tokens each), each beside bf16
+measured in the same process. Targets (issue #15): step fp8 <= 0.6x and int4 <= 0.4x bf16; batch 64
+fp8 >= 1.4x bf16 tok/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import os
 import platform
+import json
 import statistics
 import sys
 import tempfile
@@ -97,10 +110,14 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}")
 
     results = {}
+    bf16_runner = TorchRunner(EngineConfig(**base), mc, str(folder), cpu, torch.bfloat16, len(ids))
+    results["torch bf16"] = teacher_forced(bf16_runner, ids)
+    del bf16_runner
     runner = TorchRunner(EngineConfig(**base), mc, str(folder), cpu, torch.float32, len(ids))
     # torch variants: the runner's model swapped, so each is loaded exactly as named.
     variants = {"torch fp32": lambda: load_model(folder),
-                "torch int8": lambda: load_model(folder, quantization="int8")}  # per channel, from fp32
+                "torch int8": lambda: load_model(folder, quantization="int8"),  # per channel, from fp32
+                "torch fp8 (CPU _scaled_mm)": lambda: load_model(folder, quantization="fp8")}
     if gguf:
         variants["torch int4 (GGUF blocks)"] = lambda: load_model(folder, quantization="int4", gguf=gguf)
     for group_size in (32, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
@@ -129,6 +146,7 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
 
     reference, ref_speed = results["torch fp32"]
     targets = torch.tensor(ids[1:])
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (speeds on a shared machine are noisy)")
     print(f"{'variant':28} {'mean|dlogit|':>12} {'max|dlogit|':>11} {'ppl':>8} {'top1 agree':>10} {'tok/s':>7} "
           f"{'vs fp32':>8}")
     for name, (logits, speed) in results.items():
@@ -142,6 +160,7 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
     what = "the GGUF's own dequantized weights" if gguf else "the checkpoint's weights"
     print(f"(reference: torch fp32 = {what}; ratio: speed / fp32 speed of the same runtime; "
           f"torch fp32 {ref_speed:.1f} tok/s)")
+    print(f"results {json.dumps({k: round(v[1], 2) for k, v in results.items()})}")
 
 
 def _with_int8_activations(path: Path, out: Path) -> Path:
@@ -191,28 +210,102 @@ def engine(args) -> None:
             e.shutdown()
     med = {name: [statistics.median(col) for col in zip(*values)] for name, values in rows.items()}
     print(f"median of {args.rounds} rounds (ratio: the median over rounds of the ratio within a round, where the "
-          f"variants ran back to back):")
+          f"variants ran back to back); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
     for name, (batch, single) in med.items():
         ratios = [(b / fb, s / fs) for (b, s), (fb, fs) in zip(rows[name], rows["fp32"])]
         batch_ratio, single_ratio = (statistics.median(col) for col in zip(*ratios))
         print(f"  {name:5} batch 32 {batch:7.1f} output tok/s ({batch_ratio:.2f}x fp32)   "
               f"single stream {single:6.1f} tok/s ({single_ratio:.2f}x fp32)")
+    if args.triton:
+        through_triton(args, variants)
+
+
+def through_triton(args, variants: dict[str, str]) -> None:
+    """One stream through tritonserver (the shipped repository, HTTP streaming): fp32 vs each quantization."""
+    from serving_bench import closed_loop, repository, sse_request
+
+    from kvtriton.backend.entrypoints.tritonserver import TritonServer
+    from kvtriton.backend.models.checkpoint import resolve_checkpoint
+    from kvtriton.build.repository import set_parameters
+
+    speeds = {}
+    for name, quantization in variants.items():
+        repo = repository(Path(resolve_checkpoint(args.model)), False, 1, 64, False)
+        set_parameters(repo / "llm" / "config.pbtxt", {"quantization": quantization})
+        with TritonServer(repo, ready_timeout_s=600) as server:
+            one = sse_request(server.http_port, args.max_tokens)
+            closed_loop(1, 1, one)  # warm-up
+            speeds[name] = [closed_loop(1, 1, one)["tok_s"] for _ in range(args.rounds)]
+    print(f"through tritonserver, one stream (HTTP generate_stream, ~100-token prompt, {args.max_tokens} tokens; "
+          f"output tok/s incl. prefill, median of {args.rounds}); load average {os.getloadavg()[0]:.1f}:")
+    base = statistics.median(speeds["fp32"])
+    for name, values in speeds.items():
+        print(f"  {name:5} {statistics.median(values):6.1f} tok/s ({statistics.median(values) / base:.2f}x fp32)")
+
+
+def gpu(args) -> None:
+    """bf16 vs fp8 vs int4 on CUDA, 1B-class random weights: runner step at batch 1, engine tok/s at 1 and 64."""
+    import random
+
+    from loop_bench import model_folder, runner_step
+
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+
+    folder, dummy = model_folder("llama-1b", args.tokenizer)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 40000) for _ in range(128)] for _ in range(64)]
+    import triton
+
+    print(f"# gpu: llama-1b random weights on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+          f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored")
+    rows = {}
+    for name in ("bf16", "fp8", "int4"):
+        config = EngineConfig(model=folder, device="cuda", dummy_weights=dummy, max_num_seqs=64,
+                              max_num_batched_tokens=8192, max_model_len=2048,
+                              quantization="none" if name == "bf16" else name)
+        engine = LLMEngine(config).start()
+        weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
+                                                            *engine.runner.model.buffers()))
+        run_engine(engine, prompts[:4], 8)  # warm-up
+        step = runner_step(engine, 1, 192)
+        one = run_engine(engine, prompts[:1], args.max_tokens)["tok_s"]
+        batch = statistics.median(run_engine(engine, prompts, args.max_tokens)["tok_s"] for _ in range(3))
+        rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9)
+        print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
+              f"{one:.0f} tok/s, 64 requests {batch:.0f} tok/s", flush=True)
+        engine.shutdown()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    bf16 = rows["bf16"]
+    print(f"{'precision':9} | {'weights':>8} | {'step b1':>9} | {'vs bf16':>7} | {'1 req tok/s':>11} | "
+          f"{'64 req tok/s':>12} | {'vs bf16':>7}")
+    for name, r in rows.items():
+        print(f"{name:9} | {r['weights_gb']:6.2f}GB | {r['step_ms']:7.3f}ms | {r['step_ms'] / bf16['step_ms']:6.2f}x | "
+              f"{r['one']:11.0f} | {r['batch64']:12.0f} | {r['batch64'] / bf16['batch64']:6.2f}x")
+    print("targets: batch-1 step fp8 <= 0.60x, int4 <= 0.40x bf16; 64 requests fp8 >= 1.40x bf16")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
-    parser.add_argument("--part", choices=["quality", "engine", "all"], default="all")
+    parser.add_argument("--part", choices=["quality", "engine", "gpu", "all"], default="all",
+                        help="all: quality and engine (the CPU parts)")
     parser.add_argument("--tokens", type=int, default=96, help="quality: text tokens to decode (teacher-forced)")
     parser.add_argument("--quantization", nargs="+", default=["int4"], choices=["int8", "int4"],
                         help="engine: the quantized variants run beside fp32")
     parser.add_argument("--max-tokens", type=int, default=128, help="engine: output tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="engine: rounds, variants alternated")
+    parser.add_argument("--triton", action="store_true", help="engine: also one stream through tritonserver")
+    parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
+                                            "host without the gguf package or network needs it)")
     args = parser.parse_args()
 
     from kvtriton.backend.models.checkpoint import resolve_checkpoint
     from kvtriton.backend.models.gguf_quantized import gguf_source
 
+    if args.part == "gpu":
+        return gpu(args)
     if args.part in ("quality", "all"):
         quality(args, resolve_checkpoint(args.model), gguf_source(args.model))
     if args.part in ("engine", "all"):

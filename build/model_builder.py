@@ -19,8 +19,9 @@ import torch
 
 from kvtriton.backend.models.checkpoint import checkpoint_sha256, resolve_checkpoint
 from kvtriton.backend.models.gguf_quantized import gguf_source
-from kvtriton.backend.models.quantization import GROUP_SIZES
-from kvtriton.backend.runners.manifest import Manifest, library_versions
+from kvtriton.backend.models.int4 import Int4Linear
+from kvtriton.backend.models.quantization import GROUP_SIZES, layer_sources
+from kvtriton.backend.runners.manifest import Manifest, library_versions, quantization_record
 from kvtriton.build.onnx_export import PRECISIONS, WEIGHT_ONLY, export_step_graph
 
 RUNTIMES = ("onnxruntime", "tensorrt")
@@ -121,6 +122,11 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
         model = load_model(folder, dtype=cfg.model_dtype, config=model_config, quantization="int4" if int4 else None,
                            group_size=cfg.group_size, gguf=gguf_source(cfg.checkpoint) if int4 else None)
         spec = export_step_graph(model, graph, cfg.block_size, cfg.precision, runtime=cfg.runtime)
+        sources = layer_sources(model) if int4 else {
+            "int8 per channel quantized from float weights": sum(isinstance(m, torch.nn.Linear) for m in model.modules())}
+        group_sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}  # a GGUF's blocks: 32
+        quantization = quantization_record(cfg.precision, cfg.runtime, group_sizes.pop() if len(group_sizes) == 1
+                                           else cfg.group_size, sources)
         del model
     io = graph_io(graph)
     limits = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
@@ -148,7 +154,7 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
         Manifest(source=str(source), source_sha256=sha, precision=cfg.precision, runner=cfg.runtime,
                  graph=GRAPH_FILE, engine=engine_name, block_size=cfg.block_size, inputs=io["inputs"],
                  outputs=io["outputs"], profiles=profiles, limits=limits, versions=versions, builder=builder,
-                 target=target, notes=[f"built with {asdict(cfg)}"]).write(version_dir)
+                 target=target, quantization=quantization, notes=[f"built with {asdict(cfg)}"]).write(version_dir)
     say(f"ready: tritonserver --model-repository={Path(cfg.out).resolve()}  (model {cfg.name!r})")
     return model_dir
 

@@ -177,7 +177,7 @@ def test_engine_config_validates_the_quantization_knobs():
     assert EngineConfig(quantization="int4", quantization_group_size=128).quantization_group_size == 128
     with pytest.raises(ValueError, match="quantization_group_size must be 32, 64 or 128"):
         EngineConfig(quantization="int4", quantization_group_size=16)
-    with pytest.raises(ValueError, match="quantization must be none, auto, int8 or int4"):
+    with pytest.raises(ValueError, match="quantization must be none, auto, int8, int4 or fp8"):
         EngineConfig(quantization="fp4")
     with pytest.raises(ValueError, match="kvtriton build --precision int4"):
         EngineConfig(quantization="int4", runner="onnxruntime")

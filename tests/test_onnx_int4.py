@@ -159,3 +159,44 @@ def test_precision_and_model_must_agree(tiny_folder, tmp_path):
     with pytest.raises(ValueError, match="--group-size must be one of 32, 64, 128"):
         BuildConfig(checkpoint="x", out="y", precision="int4", group_size=16)
     assert BuildConfig(checkpoint="x", out="y", precision="int4", runtime="tensorrt").model_dtype == torch.float16
+
+
+def test_manifest_records_the_quantization_and_a_mismatched_runner_refuses_it(tiny_gguf, tiny_folder, tmp_path,
+                                                                               monkeypatch):
+    """The manifest says format, group size, where the numbers came from and the layout; onnxruntime refuses
+    weights laid out for TensorRT (and the reverse) in one line naming the rebuild."""
+    import dataclasses
+
+    from kvtriton.backend.config import EngineConfig
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+    from kvtriton.backend.runners.manifest import Manifest, check_quantization
+    from kvtriton.build.model_builder import build_model
+
+    monkeypatch.setenv("KVTRITON_CACHE", str(tmp_path / "cache"))
+    gguf_path, gguf_folder = tiny_gguf
+    model_dir = build_model(BuildConfig(checkpoint=str(gguf_path), out=str(tmp_path / "a"), precision="int4",
+                                        block_size=BLOCK), say=lambda _: None)
+    manifest = Manifest.read(model_dir / "1")
+    assert manifest.quantization == {
+        "format": "int4", "group_size": 32, "layout": "MatMulNBits", "runtime": "onnxruntime",
+        "source": {"gguf Q4_0 blocks as stored (lossless, g32)": 1, "gguf Q4_1 blocks as stored (lossless, g32)": 7,
+                   "gguf Q8_0 blocks as stored (lossless, g32)": 1}}
+    floats = build_model(BuildConfig(checkpoint=str(tiny_folder), out=str(tmp_path / "b"), precision="int4",
+                                     group_size=64, block_size=BLOCK), say=lambda _: None)
+    assert Manifest.read(floats / "1").quantization["source"] == {"int4 g64 quantized from float weights": 9}
+    assert Manifest.read(floats / "1").quantization["group_size"] == 64
+
+    graph = str(model_dir / "1" / "model.onnx")
+    for_tensorrt = dataclasses.replace(manifest, runner="tensorrt", quantization={
+        **manifest.quantization, "layout": "DequantizeLinear blocked int4 (opset 21)", "runtime": "tensorrt"})
+    for_tensorrt.write(model_dir / "1")
+    with pytest.raises(ValueError, match=r"int4 weights are laid out as DequantizeLinear blocked int4 \(opset 21\) "
+                                         r"for runner=tensorrt, not onnxruntime; .*--runtime onnxruntime$"):
+        LLMEngine(EngineConfig(model=str(gguf_folder), device="cpu", block_size=BLOCK, runner="onnxruntime",
+                               engine_path=graph))
+    with pytest.raises(ValueError, match="laid out as MatMulNBits for runner=onnxruntime, not tensorrt"):
+        check_quantization(manifest, "tensorrt", graph)
+    with pytest.raises(ValueError, match="no quantization record; rebuild"):
+        check_quantization(dataclasses.replace(manifest, quantization={}), "onnxruntime", graph)
+    with pytest.raises(ValueError, match="precision int4 but quantization format none"):
+        check_quantization(dataclasses.replace(manifest, quantization={"format": "none"}), "onnxruntime", graph)

@@ -90,7 +90,13 @@ def test_tiny_int4_engine_builds_from_blocked_int4_dequantize(tiny_engine, tmp_p
     model_dir = build(folder, tmp_path / "repo", "int4", block_size=4, max_num_seqs=4, max_num_batched_tokens=32,
                       max_model_len=128, num_kv_blocks=64)
     manifest = assert_engine_matches_graph(model_dir, "FLOAT16")
-    assert manifest.precision == "int4"
+    assert manifest.precision == "int4" and manifest.quantization["format"] == "int4"
+    assert manifest.quantization["layout"] == "DequantizeLinear blocked int4 (opset 21)"
+    assert all(("as stored" in source) == gguf for source in manifest.quantization["source"])
+    config = EngineConfig(model=str(folder), device="cpu", block_size=4, runner="tensorrt",
+                          engine_path=str(model_dir / "1" / "model.engine"))
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*--precision int4 --runtime onnxruntime"):
+        LLMEngine(config)  # its graph's int4 layout is TensorRT's: not a fallback for onnxruntime
 
 
 def test_runner_without_a_gpu_points_to_onnxruntime(tiny_engine):

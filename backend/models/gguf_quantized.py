@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvtriton.backend.models.quantization import GroupQuantized
+from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES, GroupQuantized
 
 log = logging.getLogger("kvtriton")
 
 BLOCK = 32
-LOSSLESS_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 def gguf_source(checkpoint: str) -> Path | None:
@@ -76,7 +75,7 @@ def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: in
     out = {}
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
-        if type_name not in LOSSLESS_TYPES:
+        if type_name not in GGUF_BLOCK_TYPES:
             continue
         name = hf_tensor_name(tensor.name, num_layers)
         q = decode_blocks(tensor.data, type_name)

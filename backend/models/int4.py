@@ -8,6 +8,10 @@ Layout (`Int4Linear`'s persistent buffers, and what the ONNX exporter reads):
   offset      (N, K/g) fp16, or None: a float term per group, for formats that have one (GGUF Q4_1)
 so that w = (q - zero_point) * scale + offset.
 
+On CUDA, decode batches (up to 64 rows) run the Triton kernel kernels/int4_matmul.py (dequantize in
+registers + matmul, one launch, capturable in the CUDA graphs); longer inputs (prefill) dequantize the
+weight once per call and use cuBLAS.
+
 On the CPU the matmul is PyTorch's `_weight_int4pack_mm_for_cpu` (tinygemm's convention: w = (q - 8)
 * s + z with a float z per group), in bf16 (x, scales and zeros rounded to bf16, fp32 accumulation).
 benchmarks/quant_kernels_bench.py measures it against the alternatives: at batch 1 it is the fastest
@@ -88,6 +92,16 @@ def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_ze
     return out[:, :n] if out.shape[1] != n else out
 
 
+def _cuda_kernel():
+    """(the Triton int4 decode matmul, the most rows it takes) from kernels/int4_matmul.py, or (None, 0) without
+    triton (then every CUDA call dequantizes; loader.resolve_quantization says so at load)."""
+    try:
+        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS, int4_matmul
+    except ImportError:
+        return None, 0
+    return int4_matmul, MAX_ROWS
+
+
 class Int4Linear(QuantizedLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  offset: torch.Tensor | None, group_size: int, bias: torch.Tensor | None, source: str = ""):
@@ -103,6 +117,8 @@ class Int4Linear(QuantizedLinear):
                                                       tinygemm_zero(scale, zero_point, offset))
         self.register_buffer("_packed", packed, persistent=False)
         self.register_buffer("_scale_zeros", scale_zeros, persistent=False)
+        # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
+        self._cuda_matmul, self._cuda_rows = _cuda_kernel() if qweight.device.type == "cuda" else (None, 0)
 
     @classmethod
     def from_group_quantized(cls, q: GroupQuantized, bias: torch.Tensor | None = None,
@@ -132,7 +148,9 @@ class Int4Linear(QuantizedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)
-        return self.dense_matmul(x)  # GPU: a fused dequant + matmul kernel is future work
+        if self._cuda_matmul is not None and x.shape[0] <= self._cuda_rows:
+            return self._cuda_matmul(x, self.qweight, self.scale, self.zero_point, self.offset, self.group_size)
+        return self.dense_matmul(x)  # prefill: dequantized once per call, then cuBLAS (compute-bound there)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.group_quantized().dequantize()

@@ -11,6 +11,7 @@ tensors are taken as stored (fused the same way), never re-quantized.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import Counter
 from pathlib import Path
@@ -85,16 +86,29 @@ def resolve_quantization(quantization: str, checkpoint: str, device: torch.devic
 
     "auto" never loses precision against the checkpoint: it is int4 on the CPU when the checkpoint is a GGUF
     (its Q4_0/Q4_1/Q8_0 blocks as stored: fewer bytes per step, and measured faster), else none. On CUDA it
-    is none until a fused int4 GPU kernel exists (the layers would dequantize every call there)."""
+    stays none: the Triton int4 kernel (kernels/int4_matmul.py) has not been measured against bf16 on a
+    GGUF there yet. "fp8" quantizes from the float weights (a GGUF's blocks are dequantized first)."""
     from kvtriton.backend.models.gguf_quantized import gguf_source
 
     if quantization == "none":
         return None, None
     gguf = gguf_source(checkpoint)
+    if quantization in ("int4", "fp8") and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        log.warning("triton is not installed: %s", "int4 layers on CUDA dequantize their weights on every call "
+                    "(slower than bf16) instead of the fused Triton int4 kernel" if quantization == "int4" else
+                    "fp8 layers quantize their activations in five PyTorch ops instead of one Triton kernel")
+    if quantization == "fp8":
+        from kvtriton.backend.models.fp8 import fp8_supported
+
+        if why := fp8_supported(device):
+            raise ValueError(why)
+        if gguf is not None:
+            log.info("quantization fp8: the GGUF's Q4/Q8 blocks are dequantized and quantized again to fp8")
+        return "fp8", None
     if quantization == "auto":
         chosen = "int4" if device.type == "cpu" and gguf is not None else None
         log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else
-                 "none (" + ("not a GGUF checkpoint" if gguf is None else f"no int4 kernel on {device.type}") + ")")
+                 "none (" + ("not a GGUF checkpoint" if gguf is None else f"auto picks int4 on the CPU only, not {device.type}") + ")")
         return chosen, gguf if chosen else None
     return quantization, gguf
 

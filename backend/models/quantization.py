@@ -1,12 +1,13 @@
-"""Weight-only quantization: what INT8 and INT4 layers share, and the one way to quantize a model's Linears.
+"""Quantized linear layers: what INT8, INT4 and FP8 layers share, and the one way to quantize a model's Linears.
 
 Decode is bandwidth-bound: each step reads every weight once, so fewer bits per
 weight is fewer bytes per step, while the activations stay in floating point.
 
-Two schemes (`quantize_linears`):
-  int8  per output channel, symmetric (models/int8.py)
-  int4  groups of 32, 64 or 128 inputs, asymmetric: a scale and an integer zero point per group
-        (models/int4.py)
+Schemes (`quantize_linears`):
+  int8  weight-only, per output channel, symmetric (models/int8.py)
+  int4  weight-only, groups of 32, 64 or 128 inputs, asymmetric: a scale and an integer zero point per
+        group (models/int4.py)
+  fp8   W8A8 e4m3: per-channel weight scales, dynamic per-token activation scales (models/fp8.py)
 and one data carrier, `GroupQuantized`, for group-wise weights that arrive already
 quantized (GGUF Q4_0, Q4_1 and Q8_0 blocks, models/gguf_quantized.py): those are
 taken as they are, never re-quantized. Scales are kept in fp16 (GGUF's own type,
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp8")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # GGUF's block; divides every hidden size that is a multiple of 32
 
@@ -122,6 +123,7 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     the embedding keeps its float table (a Gather reads only N rows).
     """
     # Imported here: both layers subclass QuantizedLinear above.
+    from kvtriton.backend.models.fp8 import Fp8Linear
     from kvtriton.backend.models.int4 import Int4Linear
     from kvtriton.backend.models.int8 import Int8Linear
 
@@ -140,6 +142,9 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
             layer_type = Int4Linear if given.bits == 4 else Int8Linear
             new = layer_type.from_group_quantized(given, bias, module.weight.device)
             what = f"{given.source} (int{given.bits} g{given.group_size}, as stored)"
+        elif scheme == "fp8":
+            new = Fp8Linear.from_linear(module, name=name)
+            what = "fp8 e4m3 per channel, per-token activations"
         elif scheme == "int4":
             new = Int4Linear.from_linear(module, group_size, name=name)
             what = f"int4 g{group_size}"
@@ -153,3 +158,20 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     if prequantized:
         raise ValueError(f"quantized weights for modules the model does not have: {sorted(prequantized)[:3]}")
     return replaced
+
+
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what models/gguf_quantized.py takes as stored
+
+
+def layer_sources(model: nn.Module) -> dict[str, int]:
+    """{where a quantized layer's numbers came from: how many layers}, for the manifest and logs:
+    "gguf Q4_1 blocks as stored (lossless, g32)" or "int4 g128 quantized from float weights"."""
+    sources: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            source = getattr(module, "source", "")
+            stored = source and all(part in GGUF_BLOCK_TYPES for part in source.split("+"))
+            what = f"gguf {source} blocks as stored (lossless, g{module.group_size})" if stored \
+                else f"{source} quantized from float weights"
+            sources[what] = sources.get(what, 0) + 1
+    return dict(sorted(sources.items()))

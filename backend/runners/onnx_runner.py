@@ -15,6 +15,7 @@ within a step does not matter.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.dtypes import TORCH_DTYPES
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.graph_spec import read_spec
+from kvtriton.backend.runners.manifest import MANIFEST_NAME, Manifest, check_quantization
 from kvtriton.backend.runners.step_groups import StepGroup, split_step
 from kvtriton.backend.runners.step_input import StepInput
 
@@ -38,6 +40,8 @@ class OnnxRunner:
             raise ValueError("runner=onnxruntime needs engine_path: the .onnx file that `kvtriton build` wrote")
         self.spec = spec = read_spec(config.engine_path)
         check_graph_matches(spec, config, model_config, config.engine_path)
+        if (Path(config.engine_path).parent / MANIFEST_NAME).is_file():  # a bare exported graph has none
+            check_quantization(Manifest.read(Path(config.engine_path).parent), "onnxruntime", config.engine_path)
         if spec.kv_dtype == "bfloat16":
             raise ValueError(f"{config.engine_path}: onnxruntime does not run bfloat16 graphs; "
                              f"rebuild with --precision fp16 or fp32, or use runner=tensorrt")

@@ -21,7 +21,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.models.dtypes import TORCH_DTYPES
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.graph_spec import read_spec
-from kvtriton.backend.runners.manifest import Manifest
+from kvtriton.backend.runners.manifest import Manifest, check_quantization
 from kvtriton.backend.runners.onnx_runner import check_graph_matches
 from kvtriton.backend.runners.step_groups import StepGroup, split_step
 from kvtriton.backend.runners.step_input import StepInput
@@ -42,6 +42,10 @@ def check_runnable(manifest: Manifest, engine_path: str, trt_module, capability:
     """Refuse, in one line, an engine this process cannot run: no GPU, other TensorRT, other GPU."""
     if manifest.runner != "tensorrt" or not manifest.engine:
         raise ValueError(f"{engine_path}: its manifest says runner {manifest.runner}; use runner={manifest.runner}")
+    check_quantization(manifest, "tensorrt", engine_path)
+    if capability is None and manifest.precision == "int4":  # its graph's int4 layout is TensorRT's, not onnxruntime's
+        raise RuntimeError(f"runner=tensorrt needs a CUDA GPU and this process sees none; on a CPU build for "
+                           f"onnxruntime: kvtriton build {manifest.source} --precision int4 --runtime onnxruntime")
     if capability is None:
         raise RuntimeError(f"runner=tensorrt needs a CUDA GPU and this process sees none; on a CPU use "
                            f"runner=onnxruntime with engine_path={Path(engine_path).with_name(manifest.graph)}")

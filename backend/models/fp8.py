@@ -1,0 +1,96 @@
+"""FP8 (e4m3) W8A8 linear layers: fp8 weights with one scale per output channel, activations quantized
+per token at run time, the matmul through `torch._scaled_mm` (Hopper/Ada tensor cores on CUDA).
+
+    y[m, n] = sum_k xq[m, k] wq[n, k] * x_scale[m] * w_scale[n]
+
+Weights are quantized once at load from the checkpoint's bf16/fp32 values (`quantize_fp8_per_channel`).
+Activation scales are dynamic: max |x| of each row / 448, so no calibration set is needed and one
+outlier token does not cost the others their precision. On CUDA the activation quantization is one
+Triton kernel (kernels/fp8_quant.py) and the whole layer is two launches with no host sync: it is
+captured in the decode CUDA graphs like any other op. On the CPU the same math runs through PyTorch
+ops and the CPU `_scaled_mm` (for tests; no speed is claimed there).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvtriton.backend.models.quantization import QuantizedLinear
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros under any scale; this one avoids 0/0
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (wq (N, K) e4m3, scale (N,) fp32), weight ~= wq * scale[:, None]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=MIN_SCALE)  # (N,)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (xq (M, K) e4m3, scale (M, 1) fp32): the PyTorch form of kernels/fp8_quant.py."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)  # (M, 1)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _triton_quant():
+    try:
+        from kvtriton.backend.kernels.fp8_quant import per_token_fp8
+    except ImportError:
+        return None
+    return per_token_fp8
+
+
+def fp8_supported(device: torch.device) -> str | None:
+    """None if `device` runs fp8 matmuls, else why not (one line)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"quantization fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+                f"this GPU is {major}.{minor}: use int8 or int4")
+    if not hasattr(torch, "_scaled_mm"):
+        return f"this torch ({torch.__version__}) has no torch._scaled_mm: quantization fp8 needs torch >= 2.4"
+    return None
+
+
+class Fp8Linear(QuantizedLinear):
+    """weight (N, K) float8_e4m3fn, weight_scale (1, N) fp32; activations quantized per token each call."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        self.source = "fp8 e4m3 per channel"
+        pad = -weight.shape[0] % 16  # _scaled_mm wants N % 16 == 0: padded rows are zeros, sliced off
+        if pad:
+            weight = torch.cat([weight, torch.zeros(pad, weight.shape[1], dtype=weight.dtype, device=weight.device)])
+            weight_scale = torch.cat([weight_scale.reshape(-1), weight_scale.new_ones(pad)])
+        self.register_buffer("weight", weight)  # (N16, K) e4m3, row-major: weight.T is the column-major mat2
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N16)
+        # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
+        self._quantize = _triton_quant() if weight.device.type == "cuda" else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "") -> "Fp8Linear":
+        n, k = linear.weight.shape
+        if k % 16:
+            raise ValueError(f"quantization fp8: {name or 'a Linear'} has {k} inputs; torch._scaled_mm needs a "
+                             f"multiple of 16")
+        wq, scale = quantize_fp8_per_channel(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(wq, scale, bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        quantize = self._quantize if x.device.type == "cuda" else None
+        xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize is not None else per_token_fp8_reference(x)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale,
+                               out_dtype=out_dtype)  # (M, N16)
+        return out[:, :self.out_features] if out.shape[1] != self.out_features else out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale.reshape(-1, 1))[:self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per channel"
