@@ -36,7 +36,7 @@ class Seq:  # what prepare_step reads of a scheduled sequence
     block_ids: list[int] = field(default_factory=list)
 
 
-def run_steps(runner, block_size: int) -> list[torch.Tensor]:
+def run_steps(runner, block_size: int, device: str = "cpu") -> list[torch.Tensor]:
     """Two prefills of different lengths, then three decode steps of both: the logits of each step."""
     seqs = [Seq([5, 17, 33, 2, 9, 101, 7], block_ids=[0, 1, 2]), Seq([44, 3, 250, 12], block_ids=[3, 4, 5])]
     logits = []
@@ -44,12 +44,12 @@ def run_steps(runner, block_size: int) -> list[torch.Tensor]:
     for seq in seqs:
         seq.num_computed_tokens = len(seq.token_ids)
         scheduled.append((seq, len(seq.token_ids)))
-    logits.append(runner.execute(prepare_step(scheduled, block_size, "cpu")))
+    logits.append(runner.execute(prepare_step(scheduled, block_size, device)))
     for _ in range(3):
         for seq, row in zip(seqs, logits[-1]):
             seq.token_ids.append(int(row.argmax()))
             seq.num_computed_tokens += 1
-        logits.append(runner.execute(prepare_step([(s, 1) for s in seqs], block_size, "cpu")))
+        logits.append(runner.execute(prepare_step([(s, 1) for s in seqs], block_size, device)))
     return logits
 
 
@@ -68,10 +68,10 @@ def reference(tiny):
     return single_process_reference(tiny_config(tiny, 1))
 
 
-def single_process_reference(config: EngineConfig):
+def single_process_reference(config: EngineConfig, device: str = "cpu"):
     """One process: the logits of run_steps, the greedy outputs of PROMPTS and the model's parameter bytes."""
     engine = LLMEngine(config)
-    logits = run_steps(engine.runner, engine.config.block_size)
+    logits = run_steps(engine.runner, engine.config.block_size, device)
     whole = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
     outputs = engine.generate(PROMPTS, GREEDY)
     engine.shutdown()
@@ -206,3 +206,26 @@ def test_default_model_fp32_at_tp3_equals_one_process(default_model_folder):
                     max_num_seqs=4, max_num_batched_tokens=128, max_model_len=512)
     reference = single_process_reference(EngineConfig(**settings))
     check_tp_engine(EngineConfig(**settings, tensor_parallel_size=3), reference, replicated_share=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp, compile_layers", [(2, False), (2, True), (4, False)])
+def test_gpu_tp_with_cuda_graphs_and_triton_kernels_equals_one_gpu(tmp_path, tp, compile_layers):
+    """NCCL, each rank on cuda:rank, decode replaying CUDA graphs with the all-reduces captured, Triton attention
+    kernels on each rank's heads (head_dim 32: the kernels' smallest). bf16: the logits round differently on
+    the split sums, so they are compared loosely; greedy output exactly (the tiny model's logits are sharp)."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA GPUs")
+    folder = make_tiny_model(tmp_path / "tiny", hidden=128)
+    settings = dict(model=str(folder), device="cuda", dtype="bfloat16", block_size=16, num_kv_blocks=64,
+                    max_num_seqs=8, max_num_batched_tokens=64, enable_torch_compile=compile_layers)
+    expected_logits, expected_outputs, _ = single_process_reference(EngineConfig(**settings), "cuda")
+    engine = LLMEngine(EngineConfig(**settings, tensor_parallel_size=tp))
+    try:
+        assert engine.runner.runner._graphs, "rank 0 captured no CUDA graph"
+        for got, want in zip(run_steps(engine.runner, 16, "cuda"), expected_logits):
+            torch.testing.assert_close(got, want, atol=0.25, rtol=0.02)
+        outputs = engine.generate(PROMPTS, GREEDY)
+        assert [o.token_ids for o in outputs] == [e.token_ids for e in expected_outputs]
+    finally:
+        engine.shutdown()
