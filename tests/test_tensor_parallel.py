@@ -127,6 +127,12 @@ def test_head_counts_decide_the_world_sizes():
         check_tensor_parallel(cfg(4, 2, inter=1537), 2)
 
 
+def test_an_engine_whose_model_does_not_split_fails_at_load_in_one_line(tiny):
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size 3 must divide the model's 4 attention heads; "
+                                         r"use one of 1, 2, 4$"):
+        LLMEngine(tiny_config(tiny, 3))
+
+
 def test_tp2_logits_and_greedy_output_equal_one_process(tiny, reference):
     check_tp_engine(tiny_config(tiny, 2), reference)
 
