@@ -119,7 +119,7 @@ def test_head_counts_decide_the_world_sizes():
     check_tensor_parallel(cfg(4, 2), 4)  # KV heads replicated: 2 ranks share each
     assert rank_model_config(cfg(4, 2), 4).num_kv_heads == 1
     assert rank_model_config(cfg(9, 3), 3).num_heads == 3
-    with pytest.raises(ValueError, match="must divide the model's 9 attention heads; use one of 1, 3, 9"):
+    with pytest.raises(ValueError, match="must divide the model's 9 attention heads; this model splits over 1, 3$"):
         check_tensor_parallel(cfg(9, 3), 2)
     with pytest.raises(ValueError, match="one must divide the other"):
         check_tensor_parallel(cfg(12, 3), 4)
@@ -129,7 +129,7 @@ def test_head_counts_decide_the_world_sizes():
 
 def test_an_engine_whose_model_does_not_split_fails_at_load_in_one_line(tiny):
     with pytest.raises(ValueError, match=r"^tensor_parallel_size 3 must divide the model's 4 attention heads; "
-                                         r"use one of 1, 2, 4$"):
+                                         r"this model splits over 1, 2, 4$"):
         LLMEngine(tiny_config(tiny, 3))
 
 

@@ -14,21 +14,23 @@ from kvtriton.backend.models.model_config import ModelConfig
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Raise ValueError (one line) when `cfg` does not split over `tp` ranks."""
-    if cfg.num_heads % tp:
-        raise ValueError(f"tensor_parallel_size {tp} must divide the model's {cfg.num_heads} attention heads; "
-                         f"use one of {', '.join(str(d) for d in divisors(cfg.num_heads))}")
+    """Raise ValueError (one line, naming the sizes that work) when `cfg` does not split over `tp` ranks."""
+    why = _why_not(cfg, tp)
+    if why:
+        sizes = ", ".join(str(t) for t in range(1, cfg.num_heads + 1) if _why_not(cfg, t) is None)
+        raise ValueError(f"tensor_parallel_size {tp} {why}; this model splits over {sizes}")
+
+
+def _why_not(cfg: ModelConfig, tp: int) -> str | None:
     kv = cfg.num_kv_heads
+    if cfg.num_heads % tp:
+        return f"must divide the model's {cfg.num_heads} attention heads"
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        raise ValueError(f"tensor_parallel_size {tp} and the model's {kv} KV heads: one must divide the other "
-                         "(KV heads are split, or replicated when fewer than the ranks)")
+        return (f"and the model's {kv} KV heads: one must divide the other (KV heads are split, or replicated "
+                "when fewer than the ranks)")
     if cfg.intermediate_size % tp:
-        raise ValueError(f"tensor_parallel_size {tp} must divide the model's intermediate_size "
-                         f"{cfg.intermediate_size}")
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+        return f"must divide the model's intermediate_size {cfg.intermediate_size}"
+    return None
 
 
 def num_kv_heads_per_rank(total_kv_heads: int, tp: int) -> int:
