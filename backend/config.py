@@ -45,6 +45,9 @@ class EngineConfig:
     # CUDA: Triton paged attention (decode at every batch and context, varlen prefill), and at batch <= 2 the
     # fused norm/matmul/SwiGLU kernels
     enable_triton_kernels: bool = True
+    # Ranks the model is split over (Megatron: heads and MLP columns, vocabulary), one process each: NCCL
+    # across cuda:0..N-1 on a GPU host, gloo on the CPU. Must divide the model's heads (checked at load).
+    tensor_parallel_size: int = 1
     engine_path: str = ""  # onnxruntime / tensorrt runners: the built model file
     # Bounded work (0 = no bound). Past max_num_waiting queued requests a new one is refused at once
     # ("server busy"); a request not started within max_queue_time_s, or not finished within
@@ -82,6 +85,17 @@ class EngineConfig:
         for name in ("max_num_waiting", "max_queue_time_s", "max_request_time_s", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1:
+            if self.runner != "torch":
+                raise ValueError(f"tensor_parallel_size > 1 runs on the torch runner, not {self.runner}")
+            if self.quantization in ("int8", "int4"):
+                raise ValueError(f"quantization {self.quantization} with tensor_parallel_size > 1 is not supported "
+                                 "yet; use quantization none (or auto: none under tensor parallelism)")
+            if self.device.startswith("cuda:"):
+                raise ValueError(f"device {self.device!r} with tensor_parallel_size > 1: use cuda (rank r runs on "
+                                 "cuda:r; CUDA_VISIBLE_DEVICES picks the GPUs)")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens too small to prefill without chunking")
 

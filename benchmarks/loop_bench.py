@@ -80,8 +80,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def runner_step(engine: LLMEngine, batch: int, context: int) -> float:
-    """Seconds of the runner's decode step alone, `batch` sequences of `context` tokens (median of 5 x 50)."""
+def runner_step(engine: LLMEngine, batch: int, context: int, rounds: int = 5, iterations: int = 50) -> float:
+    """Seconds of the runner's decode step alone, `batch` sequences of `context` tokens (median of rounds x
+    iterations)."""
     bm = engine.block_manager
     seqs = []
     for i in range(batch):
@@ -90,19 +91,19 @@ def runner_step(engine: LLMEngine, batch: int, context: int) -> float:
         seq.block_ids = bm.allocate_slots(seq.request_id, seq.token_ids, 0, context)
         seqs.append(seq)
     step = prepare_step([(s, 1) for s in seqs], engine.config.block_size, engine.device)
-    for _ in range(5):
+    for _ in range(min(5, iterations)):
         engine.runner.execute(step)
     sync(engine.device)
-    rounds = []
-    for _ in range(5):
+    times = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        for _ in range(50):
+        for _ in range(iterations):
             engine.runner.execute(step)
         sync(engine.device)
-        rounds.append((time.perf_counter() - t0) / 50)
+        times.append((time.perf_counter() - t0) / iterations)
     for s in seqs:
         bm.free(s.request_id)
-    return statistics.median(rounds)
+    return statistics.median(times)
 
 
 def bound_s(engine: LLMEngine, batch: int, context: int, bandwidth: float) -> float:

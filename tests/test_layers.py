@@ -23,7 +23,9 @@ PARTS = ("backend", "build", "client")  # folder X is the package kvtriton.X
 # Backend layers, top first. A layer imports its own modules and those of the layers below it. The
 # layers of one tier do not import each other: the Triton adapter and the entrypoints both sit on the
 # engine, and launching tritonserver needs nothing of the adapter that runs inside it.
-BACKEND_LAYERS = (("entrypoints", "triton"), ("engine",), ("runners",), ("models",), ("attention",), ("kernels",))
+# distributed: the tensor-parallel process group and its collectives, which the models' parallel layers call.
+BACKEND_LAYERS = (("entrypoints", "triton"), ("engine",), ("runners",), ("models",), ("attention",), ("kernels",),
+                  ("distributed",))
 # Backend-wide modules every layer may import; they import no layer. config: the engine's config, which
 # the runners (and the Triton adapter and entrypoints) receive, as vllm/config.py is vLLM's.
 BACKEND_SHARED = ("kvtriton.backend", "kvtriton.backend.config")

@@ -22,13 +22,11 @@ is_healthy() turns false, as for an engine that failed in-process.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import sys
 import threading
-from pathlib import Path
 
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.distributed.parallel_state import spawn_context
 from kvtriton.backend.engine.admission import Admission
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, EngineStats, LLMEngine
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
@@ -42,10 +40,7 @@ class EngineProcess:
     def __init__(self, config: EngineConfig | None = None, metrics=None):
         self.config = config = config or EngineConfig()
         self.metrics = metrics  # observe_output(RequestOutput), observe_step(EngineStats), in this process
-        context = multiprocessing.get_context("spawn")  # never fork a process with threads (and CUDA)
-        # Embedded interpreters (Triton's Python stub) may not know the python they run: spawn needs it.
-        if not sys.executable or not os.path.basename(sys.executable).startswith("python"):
-            context.set_executable(str(Path(sys.prefix) / "bin" / "python3"))
+        context = spawn_context()  # never fork a process with threads (and CUDA)
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve_engine, args=(config, child), name="kvtriton-engine",
                                         daemon=True)

@@ -42,6 +42,7 @@ from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype
 from kvtriton.backend.runners.step_input import StepInput, prepare_step
+from kvtriton.backend.runners.tensor_parallel_runner import RunnerFailedError
 
 log = logging.getLogger("kvtriton")
 
@@ -184,6 +185,7 @@ class LLMEngine:
         try:
             while not self._stopping:
                 if not self.has_work():
+                    self._check_runner()
                     if self.metrics is not None:  # let gauges settle at idle values
                         self.metrics.observe_step(self.stats())
                     self._wakeup.wait(timeout=0.1)
@@ -351,8 +353,17 @@ class LLMEngine:
             logprobs.append(None if n is None else TokenLogprob(token_id=token_id, logprob=chosen[j], top=top))
         return seqs, token_ids, logprobs
 
+    def _check_runner(self) -> None:
+        """A runner that can run no further step (a tensor-parallel rank died) fails the engine, even when idle."""
+        check_health = getattr(self.runner, "check_health", None)
+        if check_health is not None:
+            check_health()
+
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> None:
-        """A step failed: its requests end with an error that names the request, the detail goes to the log."""
+        """A step failed: its requests end with an error that names the request, the detail goes to the log.
+        A runner that cannot go on (RunnerFailedError) fails the engine instead: every request gets an error."""
+        if isinstance(exc, RunnerFailedError):
+            raise exc
         log.error("engine step failed", exc_info=exc)
         for seq, _ in sched.scheduled:
             if seq.request_id in self._states and self._states[seq.request_id].seq is seq:

@@ -42,6 +42,10 @@ def resolve_device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.
 
 def create_runner(config: EngineConfig, model_config: ModelConfig, folder: Path, device: torch.device,
                   dtype: torch.dtype, max_model_len: int):
+    if config.runner == "torch" and config.tensor_parallel_size > 1:
+        from kvtriton.backend.runners.tensor_parallel_runner import TensorParallelRunner
+
+        return TensorParallelRunner(config, model_config, str(folder), device, dtype, max_model_len)
     if config.runner == "torch":
         from kvtriton.backend.runners.torch_runner import TorchRunner
 

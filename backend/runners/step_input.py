@@ -86,25 +86,31 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
     num_decodes = sum(1 for n in query_lens if n == 1)  # the scheduler puts them first
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
-    n, b = len(ids), len(query_lens)
     packed = torch.from_numpy(np.array(ids + positions + slots + context_lens + last, dtype=np.int64))
     packed = packed.pin_memory() if str(device).startswith("cuda") else packed
-    packed = packed.to(device, non_blocking=True)
-    input_ids, positions_t, slots_t = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
-    context_lens_t, last_t = packed[3 * n : 3 * n + b], packed[3 * n + b :]
+    step = unpack_step(packed.to(device, non_blocking=True), torch.from_numpy(padded).to(device, non_blocking=True),
+                       len(ids), num_decodes, query_lens, context_lens, decode_blocks)
+    step.placeholders = placeholders
+    return step
+
+
+def unpack_step(packed: torch.Tensor, block_tables: torch.Tensor, num_tokens: int, num_decodes: int,
+                query_lens: list[int], context_lens: list[int], decode_context_blocks: int) -> StepInput:
+    """The StepInput over one packed buffer (see StepInput.packed) and its block tables (B, MB); the host
+    lists as prepare_step made them. Tensor-parallel ranks rebuild rank 0's step with it."""
+    n, b = num_tokens, len(query_lens)
     return StepInput(
-        input_ids=input_ids,
-        positions=positions_t,
+        input_ids=packed[:n],
+        positions=packed[n : 2 * n],
         attn=AttentionMetadata(
-            slot_mapping=slots_t,
-            block_tables=torch.from_numpy(padded).to(device, non_blocking=True),
-            context_lens=context_lens_t,
+            slot_mapping=packed[2 * n : 3 * n],
+            block_tables=block_tables,
+            context_lens=packed[3 * n : 3 * n + b],
             num_decodes=num_decodes,
             query_lens=query_lens,
             context_lens_host=context_lens,
-            decode_context_blocks=decode_blocks,
+            decode_context_blocks=decode_context_blocks,
         ),
-        last_token_indices=last_t,
+        last_token_indices=packed[3 * n + b :],
         packed=packed,
-        placeholders=placeholders,
     )

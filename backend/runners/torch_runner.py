@@ -27,8 +27,11 @@ from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_bud
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
 from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
+from kvtriton.backend.models.parallel.sharding import rank_model_config
 from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
@@ -46,9 +49,17 @@ class TorchRunner:
         self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        quantization, gguf = resolve_quantization(config.quantization, config.model, device)
-        self.model = load_model(folder, dtype=dtype, device=device, config=model_config, dummy=config.dummy_weights,
-                                quantization=quantization, group_size=config.quantization_group_size, gguf=gguf)
+        self.shard_report = None  # tensor parallelism: what this rank loaded (models/parallel/sharded_loader.py)
+        if config.tensor_parallel_size > 1:  # this process is one rank of a group (runners/tensor_parallel_runner.py)
+            self.model, self.shard_report = load_sharded_model(folder, model_config, dtype, device,
+                                                               config.dummy_weights)
+            # The rank's heads and MLP columns: its KV pool and the kernels' shape checks see only those.
+            self.model_config = model_config = rank_model_config(model_config, config.tensor_parallel_size)
+        else:
+            quantization, gguf = resolve_quantization(config.quantization, config.model, device)
+            self.model = load_model(folder, dtype=dtype, device=device, config=model_config,
+                                    dummy=config.dummy_weights, quantization=quantization,
+                                    group_size=config.quantization_group_size, gguf=gguf)
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
@@ -121,7 +132,7 @@ class TorchRunner:
                     f"{budget / GIB:.2f} GiB left after weights and activations; "
                     f"raise gpu_memory_utilization or lower max_model_len"
                 )
-            return int(budget // per_block)
+            return tensor_model_parallel_min(int(budget // per_block))  # rank 0's block ids index every rank's pool
         return num_blocks_for_budget(per_block, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)
 
     def _profile_peak_memory(self) -> int:
