@@ -215,7 +215,7 @@ def test_kvtriton_serve_starts_the_frontend_beside_the_server(tmp_path):
     serve = ServeProcess(MODEL_REPOSITORY, tmp_path, extra=["--openai-port", str(port)])
     serve.command[:3] = [sys.executable, "-m", "kvtriton.client.cli", "serve"]  # the command, with the client
     with serve:
-        serve.wait_for_output(f"OpenAI   http://127.0.0.1:{port}/v1")
+        assert f"OpenAI   http://127.0.0.1:{port}/v1\n" in serve.output  # in the banner
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
             r = c.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=8)
         assert "Paris" in r.choices[0].message.content

@@ -232,11 +232,15 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     admin = (f"open with header {ADMIN_KEY_HEADER} (the key you gave)" if options.admin_key else
              f"closed (give a key in ${ADMIN_KEY_ENV} or --admin-key-file to open them)")
     guard = f" (bodies up to {options.http_max_body_mb:g} MB)" if options.http_guard else " (unguarded)"
+    # The frontend starts right after this banner (on_ready); a port it cannot bind then ends serve with an error.
+    openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1\n"
+              if options.openai_port is not None else "")
     print(
         f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) ready in {ready_after_s:.1f} s\n"
         f"  HTTP     {http_url}{guard}\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"
+        f"{openai}"
         f"  models   {models}\n"
         f"  admin    {', '.join(ADMIN_APIS)}: {admin}\n"
         f"  log      {server.log_path}\n"
@@ -267,7 +271,6 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
                     stops.append(openai(server.grpc_url, options.host, options.openai_port))
                 except OSError as exc:  # the port: the frontend's message names it
                     raise ServeError(str(exc)) from None
-                print(f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1", flush=True)
             if options.demo is not None:
                 demo(server.grpc_url, options.demo)
 
