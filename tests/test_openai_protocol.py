@@ -4,6 +4,7 @@ that answer 400 / 404 before anything reaches Triton, and the mapping of client 
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from fastapi.testclient import TestClient
@@ -164,3 +165,16 @@ def test_serve_checks_the_openai_port(tmp_path):
     with pytest.raises(ServeError, match="--openai-port 0"):
         ServeOptions(tmp_path, openai_port=0)
     assert ServeOptions(tmp_path, openai_port=9000).openai_port == 9000
+
+
+def test_serve_fails_at_once_when_the_openai_port_is_taken(tmp_path, capsys):
+    from kvtriton.backend.entrypoints.serve import main as serve_main
+    from kvtriton.client.cli import _start_openai
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # before any tritonserver starts: no model repository content is needed to get this far
+        assert serve_main(["--model-repository", str(tmp_path), "--openai-port", str(port)], openai=_start_openai) == 1
+    assert f"the OpenAI port {port} cannot be bound" in capsys.readouterr().err

@@ -232,7 +232,6 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     admin = (f"open with header {ADMIN_KEY_HEADER} (the key you gave)" if options.admin_key else
              f"closed (give a key in ${ADMIN_KEY_ENV} or --admin-key-file to open them)")
     guard = f" (bodies up to {options.http_max_body_mb:g} MB)" if options.http_guard else " (unguarded)"
-    # The frontend starts right after this banner (on_ready); a port it cannot bind then ends serve with an error.
     openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1\n"
               if options.openai_port is not None else "")
     print(
@@ -262,18 +261,19 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
         options = parse_args(sys.argv[1:] if argv is None else argv)
         if options.demo is not None and demo is None:
             raise ServeError("--demo needs a client: run it as `kvtriton serve --demo PROMPT`")
-        if options.openai_port is not None and openai is None:
-            raise ServeError("--openai-port needs the client: run it as `kvtriton serve --openai-port PORT`")
-
-        def on_ready(server: TritonServer) -> None:
-            if options.openai_port is not None:
-                try:
-                    stops.append(openai(server.grpc_url, options.host, options.openai_port))
-                except OSError as exc:  # the port: the frontend's message names it
-                    raise ServeError(str(exc)) from None
-            if options.demo is not None:
-                demo(server.grpc_url, options.demo)
-
+        if options.openai_port is not None:
+            if openai is None:
+                raise ServeError("--openai-port needs the client: run it as `kvtriton serve --openai-port PORT`")
+            # Before tritonserver: a port in use fails at once, and the frontend listens by the time the banner
+            # shows it (it answers 503 until the model is ready, and reaches every restarted server alike).
+            try:
+                stops.append(openai(f"{connect_host(options.host)}:{options.grpc_port}", options.host,
+                                    options.openai_port))
+            except OSError as exc:  # the port: the frontend's message names it
+                raise ServeError(str(exc)) from None
+        on_ready = None
+        if options.demo is not None:
+            on_ready = lambda server: demo(server.grpc_url, options.demo)  # noqa: E731
         return serve(options, on_ready)
     except (ServeError, TritonServerError) as e:
         print(f"kvtriton serve: error: {e}", file=sys.stderr, flush=True)

@@ -1,8 +1,9 @@
 """uvicorn serving the OpenAI app: in the foreground (`kvtriton openai`) or in a thread beside
 tritonserver (`kvtriton serve --openai-port`).
 
-The listening socket is bound here, before uvicorn starts, so that a port in use is an error naming the
-port (uvicorn alone logs it and exits the thread, which `kvtriton serve` could not report).
+The listening socket is bound (and listens) here, before uvicorn starts, so that a port in use is an error
+naming the port (uvicorn alone logs it and exits the thread, which `kvtriton serve` could not report), and
+a client that connects while uvicorn starts waits in the backlog instead of being refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise FrontendError(f"the OpenAI port {port} cannot be bound on {host} ({exc.strerror}); "
                             "choose another port") from None
+    sock.listen(2048)  # from here on connections queue until uvicorn accepts them: no window of refusals
     sock.set_inheritable(True)
     return sock
 
