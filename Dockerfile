@@ -20,11 +20,12 @@ COPY backend /src/backend
 COPY client /src/client
 # The image's python3 is the one Triton's Python-backend stub runs, so kvtriton and
 # its dependencies go into it. numpy must stay < 2: the stub returns wrong tensors with numpy 2.
-RUN python3 -m pip install "/src[onnx]" "numpy<2" && rm -rf /src
+# openai: FastAPI + uvicorn for the OpenAI-compatible frontend (compose serves it on 9000).
+RUN python3 -m pip install "/src[onnx,openai]" "numpy<2" && rm -rf /src
 
 COPY model_repository /models
 
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 # kvtriton serve finds /opt/tritonserver/bin/tritonserver on PATH. It listens on 127.0.0.1 unless told
 # otherwise; in a container the published ports must reach it. `kvtriton health` is the health check.
 CMD ["kvtriton", "serve", "--model-repository", "/models", "--host", "0.0.0.0"]

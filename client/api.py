@@ -27,7 +27,7 @@ from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.errors import ServerError
 from kvtriton.client.grpc_client import AsyncGrpcTransport, GrpcTransport
 from kvtriton.client.http_client import AsyncHttpTransport, HttpTransport
-from kvtriton.client.probe import async_wait_ready, wait_ready
+from kvtriton.client.probe import Probe, async_wait_ready, wait_ready
 from kvtriton.client.types import Chunk, Completion, CompletionBuilder, GenerateRequest
 
 DEFAULT_MODEL = "llm"
@@ -204,6 +204,10 @@ class AsyncLLMClient(_Client):
             if not self._ready:
                 await async_wait_ready(self.endpoint.url, self._transport.probe, self.connect_retries)
                 self._ready = True
+
+    async def probe(self) -> Probe:
+        """One readiness look at the server and the model, without retries (a health endpoint's answer)."""
+        return await self._transport.probe()
 
     async def server_metadata(self) -> dict[str, Any]:
         """Triton's server metadata: name, version, extensions."""

@@ -3,6 +3,7 @@
   serve        start tritonserver on a model repository (kvtriton.backend.entrypoints.serve)
   generate     one prompt: in-process engine, or a running server with --url
   chat         interactive chat against a running server
+  openai       the OpenAI-compatible API in front of a running server
   bench        load generator against a running server
   health       is a served model answering? one 1-token request (exit 0 / 1)
   build        checkpoint -> ONNX / TensorRT model in a repository (kvtriton.build)
@@ -21,11 +22,18 @@ import sys
 from typing import Sequence
 
 
+def _start_openai(grpc_url: str, host: str, port: int):
+    """`kvtriton serve --openai-port`: the OpenAI frontend beside the server; returns its stop()."""
+    from kvtriton.client.openai.server import FrontendThread
+
+    return FrontendThread(grpc_url, host, port).start().stop
+
+
 def _serve(argv: list[str]) -> int:
     from kvtriton.backend.entrypoints.serve import main
     from kvtriton.client.generate_cmd import stream_demo
 
-    return main(argv, demo=stream_demo)
+    return main(argv, demo=stream_demo, openai=_start_openai)
 
 
 def _fetch_model(argv: list[str]) -> int:
@@ -65,6 +73,8 @@ COMMANDS = {
     "serve": (_serve, "start tritonserver on a model repository and serve until Ctrl-C"),
     "generate": (_generate, "generate text (in-process, or against a server with --url)"),
     "chat": (_command("kvtriton.client.chat_cmd", "kvtriton chat"), "interactive chat against a server"),
+    "openai": (_command("kvtriton.client.openai_cmd", "kvtriton openai"),
+               "the OpenAI-compatible API (/v1/chat/completions, ...) in front of a running server"),
     "bench": (_command("kvtriton.client.bench_cmd", "kvtriton bench"), "load generator against a server"),
     "health": (_command("kvtriton.client.health_cmd", "kvtriton health"),
                "is a served model answering? one 1-token request (exit 0 healthy, 1 not)"),

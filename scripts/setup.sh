@@ -11,7 +11,7 @@ stamp=".venv/.setup-$(cat pyproject.toml scripts/constraints.txt | sha256sum | c
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run: about 2 minutes)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints.txt \
-    -e ".[server,onnx,tensorrt,bench,test]"
+    -e ".[server,onnx,tensorrt,bench,openai,test]"
   rm -f .venv/.setup-*
   touch "$stamp"
 fi

@@ -43,8 +43,8 @@ def test_triton_command_is_a_valid_serve_invocation_matching_published_ports(tri
         host, container = str(mapping).split(":")
         assert host == container, f"{mapping}: keep the standard Triton ports on the host too"
         published[int(container)] = mapping
-    assert {args.http_port, args.grpc_port, args.metrics_port} == set(published)
-    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert {args.http_port, args.grpc_port, args.metrics_port, args.openai_port} == set(published)
+    assert (args.http_port, args.grpc_port, args.metrics_port, args.openai_port) == (8000, 8001, 8002, 9000)
     assert str(args.model_repository) == _volume_target(triton, "models")
 
 
@@ -111,7 +111,7 @@ def test_dockerfile_uses_a_triton_image_at_least_2_51_and_installs_kvtriton_with
     assert tag, "Dockerfile must pin ARG TRITON_TAG=<yy.mm>-py3"
     assert (int(tag[1]), int(tag[2])) >= (24, 10)  # 24.10 ships Triton 2.51.0
     assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in text
-    assert re.search(r'pip install "/src\[onnx\]" "numpy<2"', text)
+    assert re.search(r'pip install "/src\[onnx,openai\]" "numpy<2"', text)  # openai: the frontend on 9000
     assert "COPY model_repository /models" in text
     cmd = re.search(r"^CMD (\[.*\])$", text, re.M)
     assert cmd and yaml.safe_load(cmd[1])[:2] == ["kvtriton", "serve"]

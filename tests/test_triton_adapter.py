@@ -123,6 +123,20 @@ def test_logprobs_are_sent_only_when_asked():
         assert (json.loads(raw) if raw else None) == expected
 
 
+def test_logprobs_carry_token_text_when_the_sink_can_decode():
+    """The OpenAI frontend has no tokenizer: the server names each token (and each top token) by its text."""
+    from kvtriton.backend.engine.outputs import TokenLogprob
+
+    out = output("a", finished=True)
+    out.logprobs = [TokenLogprob(1, -0.5, [(1, -0.5), (2, -1.5)])]
+    sender = Sender()
+    TritonResponseSink(fake_pb_utils.pb_utils_module(), sender, SyncOutbox(), True, "", 1, True,
+                       token_text={1: "a", 2: " b"}.__getitem__).put(out)
+    [entry] = json.loads(sender.sent[0][0].tensors["logprobs"][0].decode())
+    assert entry == {"token_id": 1, "logprob": -0.5, "top": [[1, -0.5], [2, -1.5]], "token": "a",
+                     "top_tokens": ["a", " b"]}
+
+
 def test_the_final_output_calls_on_finished_once_with_the_request_id():
     finished = []
     s = sink(Sender(), on_finished=finished.append)

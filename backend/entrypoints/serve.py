@@ -4,6 +4,8 @@ Locally the binary comes from the nvidia-pytriton wheel; in NVIDIA's image it
 is the `tritonserver` on PATH (see kvtriton.backend.entrypoints.tritonserver). With
 `--demo PROMPT`, once the models are ready one streamed answer from the `llm`
 model is printed through the server itself, as the README's first command shows.
+With `--openai-port PORT` the OpenAI-compatible frontend (kvtriton.client.openai, passed in by the
+`kvtriton` command) serves on that port too, forwarding to the server's gRPC port.
 
 Secure and self-healing by default:
 - every port listens on 127.0.0.1 unless `--host` says otherwise (compose passes 0.0.0.0);
@@ -65,14 +67,17 @@ class ServeOptions:
     http_guard: bool = True
     http_max_body_mb: float = 64.0
     restart: bool = True
+    openai_port: int | None = None  # None: no OpenAI-compatible frontend
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        if self.openai_port is not None:
+            ports["--openai-port"] = self.openai_port
         for flag, port in ports.items():
             if not 1 <= port <= 65535:
                 raise ServeError(f"{flag} {port} is not a TCP port; use 1-65535")
-        if len(set(ports.values())) != 3:
-            raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {list(ports.values())}")
+        if len(set(ports.values())) != len(ports):
+            raise ServeError(f"{', '.join(ports)} must differ, got {list(ports.values())}")
         if not self.timeout_s > 0:
             raise ServeError(f"--timeout {self.timeout_s} must be a positive number of seconds")
         try:
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", type=Path, default=None, help="tritonserver's output (default: a temp file)")
     parser.add_argument("--demo", metavar="PROMPT", default=None,
                         help="once ready, stream the llm model's answer to PROMPT (chat template) through the server")
+    parser.add_argument("--openai-port", type=int, default=None, metavar="PORT",
+                        help="also serve the OpenAI-compatible API (/v1/chat/completions, ...) on PORT, "
+                             "as `kvtriton openai` does")
     parser.add_argument("--host", default=HOST,
                         help=f"address every port listens on (default {HOST}: this machine only; 0.0.0.0: all)")
     parser.add_argument("--admin-key-file", type=Path, default=None,
@@ -132,7 +140,7 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
         model_repository=ns.model_repository, http_port=ns.http_port, grpc_port=ns.grpc_port,
         metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
         demo=ns.demo, host=ns.host, admin_key=_admin_key(ns.admin_key_file), http_guard=ns.http_guard,
-        http_max_body_mb=ns.http_max_body_mb, restart=ns.restart,
+        http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
     )
 
 
@@ -224,11 +232,14 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     admin = (f"open with header {ADMIN_KEY_HEADER} (the key you gave)" if options.admin_key else
              f"closed (give a key in ${ADMIN_KEY_ENV} or --admin-key-file to open them)")
     guard = f" (bodies up to {options.http_max_body_mb:g} MB)" if options.http_guard else " (unguarded)"
+    openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1\n"
+              if options.openai_port is not None else "")
     print(
         f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) ready in {ready_after_s:.1f} s\n"
         f"  HTTP     {http_url}{guard}\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"
+        f"{openai}"
         f"  models   {models}\n"
         f"  admin    {', '.join(ADMIN_APIS)}: {admin}\n"
         f"  log      {server.log_path}\n"
@@ -237,23 +248,39 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     )
 
 
-def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | None = None,
+         openai: Callable[[str, str, int], Callable[[], None]] | None = None) -> int:
     """``kvtriton serve``: returns the process exit status.
 
-    ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready; the ``kvtriton`` command
-    passes the client's (this layer imports no client code).
+    ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready, and
+    ``openai(grpc_url, host, port)`` starts the OpenAI-compatible frontend for ``--openai-port`` and returns
+    its stop function; the ``kvtriton`` command passes the client's (this layer imports no client code).
     """
+    stops: list[Callable[[], None]] = []
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
+        if options.demo is not None and demo is None:
+            raise ServeError("--demo needs a client: run it as `kvtriton serve --demo PROMPT`")
+        if options.openai_port is not None:
+            if openai is None:
+                raise ServeError("--openai-port needs the client: run it as `kvtriton serve --openai-port PORT`")
+            # Before tritonserver: a port in use fails at once, and the frontend listens by the time the banner
+            # shows it (it answers 503 until the model is ready, and reaches every restarted server alike).
+            try:
+                stops.append(openai(f"{connect_host(options.host)}:{options.grpc_port}", options.host,
+                                    options.openai_port))
+            except OSError as exc:  # the port: the frontend's message names it
+                raise ServeError(str(exc)) from None
         on_ready = None
         if options.demo is not None:
-            if demo is None:
-                raise ServeError("--demo needs a client: run it as `kvtriton serve --demo PROMPT`")
             on_ready = lambda server: demo(server.grpc_url, options.demo)  # noqa: E731
         return serve(options, on_ready)
     except (ServeError, TritonServerError) as e:
         print(f"kvtriton serve: error: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        for stop in stops:
+            stop()
 
 
 if __name__ == "__main__":

@@ -114,9 +114,13 @@ class TritonPythonModel:
         sink = TritonResponseSink(pb_utils, sender, self.outbox, parsed.stream,
                                   "" if parsed.exclude_input_in_output else parsed.prompt,
                                   self.config.stream_interval, parsed.params.logprobs is not None,
-                                  on_finished=self.cancellation.forget)
+                                  on_finished=self.cancellation.forget, token_text=self._token_text)
         self.cancellation.watch(request_id, sender)  # before the engine can finish it: see CancellationWatcher
         self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
+
+    def _token_text(self, token_id: int) -> str:
+        """One token's text in logprobs (special tokens too: a logprob of <|im_end|> names it)."""
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _between_sends(self) -> None:
         """On the response thread, after each send and when idle."""

@@ -12,6 +12,9 @@ Each response is an IPC round trip to the server made while holding the GIL
   sends every token at once; a loaded one sends each request one response per
   outbox round;
 - `stream_interval` (default 1) sets a minimum of tokens per response.
+Logprobs (when asked) go out as JSON, one entry per token: {"token_id", "logprob", "top": [[id, logprob],
+best first]}, plus "token" and "top_tokens" (each id's text) when the sink has `token_text`: clients without
+the tokenizer (the OpenAI frontend) need the text. The ids are decoded on the outbox thread, not the engine's.
 Non-streaming requests get exactly one response, with the whole text.
 `put` is called from one thread at a time (the one delivering outputs).
 """
@@ -87,12 +90,14 @@ class _Response:
 
 class TritonResponseSink:
     def __init__(self, pb_utils, sender, outbox: ResponseOutbox, stream: bool, prefix: str, stream_interval: int,
-                 want_logprobs: bool, on_finished: Callable[[str], None] = lambda request_id: None):
+                 want_logprobs: bool, on_finished: Callable[[str], None] = lambda request_id: None,
+                 token_text: Callable[[int], str] | None = None):
         self.pb_utils, self.sender, self.outbox = pb_utils, sender, outbox
         self.on_finished = on_finished  # called with the request id before its final response is enqueued
         self.stream, self.prefix = stream, prefix  # prefix: the prompt, when it is echoed (non-streaming)
         self.stream_interval = stream_interval
         self.want_logprobs = want_logprobs
+        self.token_text = token_text  # token id -> its text, for the logprobs' "token" / "top_tokens"
         self._text: list[str] = []
         self._num_tokens = 0
         self._logprobs: list[dict] = []
@@ -136,7 +141,13 @@ class TritonResponseSink:
         if not self.stream:
             text = self.prefix + text
         self._send(text, r.num_input, r.num_tokens, r.finish_reason,
-                   json.dumps(r.logprobs) if self.want_logprobs else "", r.final)
+                   json.dumps(self._with_token_text(r.logprobs)) if self.want_logprobs else "", r.final)
+
+    def _with_token_text(self, logprobs: list[dict]) -> list[dict]:
+        if self.token_text is None:
+            return logprobs
+        return [{**e, "token": self.token_text(e["token_id"]), "top_tokens": [self.token_text(i) for i, _ in e["top"]]}
+                for e in logprobs]
 
     def _send(self, text: str, num_input: int, num_output: int, finish_reason: str, logprobs: str,
               final: bool) -> None:

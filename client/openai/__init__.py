@@ -1,0 +1,9 @@
+"""The OpenAI-compatible frontend: an ASGI app (FastAPI on uvicorn) in front of the `llm` model on Triton.
+
+protocol.py   the request and response bodies (pydantic), and a request's sampling parameters
+errors.py     OpenAIError and the mapping from kvtriton.client's errors to OpenAI's error shape
+serving.py    one request's choices as Triton requests (AsyncLLMClient over gRPC streaming), as
+              a response body or as server-sent events
+app.py        the routes: /v1/models, /v1/completions, /v1/chat/completions, /health
+server.py     uvicorn, in the foreground (`kvtriton openai`) or in a thread (`kvtriton serve --openai-port`)
+"""

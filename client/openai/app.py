@@ -1,0 +1,127 @@
+"""The FastAPI app: OpenAI's routes over one AsyncLLMClient (gRPC streaming to the `llm` model).
+
+A client that disconnects cancels its Triton requests: a streamed response's generator is cancelled by
+Starlette (its merged_chunks then cancels the gRPC calls); a non-streamed one races the work against
+the disconnect (`_cancel_on_disconnect`, as vLLM's `with_cancellation`). Every error is OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.openai import protocol as p
+from kvtriton.client.openai import serving
+from kvtriton.client.openai.errors import OpenAIError
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
+
+
+def create_app(client: AsyncLLMClient, served_model_name: str) -> FastAPI:
+    """`served_model_name`: the id clients pass as `model` (default: the Triton model's name)."""
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="kvtriton OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        # pydantic's first complaint, with the field's path ("messages.0.content") as OpenAI's `param`.
+        first = error.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
+
+    def check_model(model: str) -> None:
+        if model != served_model_name:
+            raise OpenAIError(f"the model {model!r} does not exist; this server serves {served_model_name!r}",
+                              status=404, param="model", code="model_not_found")
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=served_model_name)])
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> p.ModelCard:
+        check_model(model)
+        return p.ModelCard(id=served_model_name)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 once the Triton model answers readiness, else 503 with the reason (for load balancers, probes)."""
+        probe = await client.probe()
+        if not probe.ready:
+            raise OpenAIError(probe.reason, status=503)
+        return Response(status_code=200)
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+        body.check()
+        check_model(body.model)
+        if body.stream:
+            return await _cancel_on_disconnect(request, _event_stream(serving.complete_events(client, body,
+                                                                                              served_model_name)))
+        return await _cancel_on_disconnect(request, serving.complete(client, body, served_model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
+        body.check()
+        check_model(body.model)
+        if body.stream:
+            return await _cancel_on_disconnect(request, _event_stream(serving.chat_events(client, body,
+                                                                                          served_model_name)))
+        return await _cancel_on_disconnect(request, serving.chat(client, body, served_model_name))
+
+    return app
+
+
+async def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """The SSE response, started once the first event is ready: an error before any output (bad input, no
+    server) raises here and gets its own status; an error after it comes as an error event, then [DONE]."""
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[str]:
+        yield first
+        try:
+            async for event in events:
+                yield event
+        except OpenAIError as e:
+            yield serving.sse(e.body())
+            yield serving.SSE_DONE
+        finally:
+            await events.aclose()  # on a disconnect Starlette cancels this generator: cancel the Triton requests
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """`work`'s result, or, when the client disconnects first, `work` cancelled (and its Triton requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return task.result()

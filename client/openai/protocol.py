@@ -1,0 +1,303 @@
+"""OpenAI's request and response bodies, and how a request becomes the `llm` model's sampling parameters.
+
+Requests are parsed strictly: a field OpenAI defines but this server cannot honour (logit_bias, tools,
+suffix, token-id prompts) is a 400 naming it, and so is a field nobody defines (extra="forbid"), never a
+silent drop. vLLM's extra sampling fields (top_k, min_p, ignore_eos, ...) are accepted, as vLLM's own
+OpenAI server does, so benchmark clients written for vLLM work. Value ranges (temperature >= 0,
+top_p in (0, 1], ...) are the server's to check: one set of rules, one set of messages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvtriton.client.openai.errors import OpenAIError
+
+MAX_N = 16  # choices per request: each is one Triton request, all in flight together
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions: OpenAI's bound
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions: OpenAI's bound, and the server's (SamplingParams.MAX_LOGPROBS)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchema(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class _GenerationRequest(_Strict):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored: the frontend keeps no per-user state
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions, the `llm` model's own sampling keys
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+    _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                       "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+
+    def check(self) -> None:
+        """What pydantic's types cannot say; OpenAIError (400) naming the field."""
+        if not 1 <= self.n <= MAX_N:
+            raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported by this server", param="logit_bias")
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            if self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None:
+                raise OpenAIError('response_format {"type": "json_schema"} needs json_schema.schema',
+                                  param="response_format")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return None
+
+    def sampling(self, choice: int) -> dict[str, Any]:
+        """The `llm` model's sampling parameters for choice `choice` (0 .. n-1).
+
+        With a seed, choice i samples with seed + i: n choices of one seeded request differ from each other,
+        and the same request gives the same n choices again.
+        """
+        params: dict[str, Any] = {key: getattr(self, key) for key in self._PASSED_THROUGH}
+        params["max_tokens"] = self._max_tokens()
+        params["logprobs"] = self._logprobs()
+        if self.seed is not None:
+            params["seed"] = self.seed + choice
+        if self.stop is not None:
+            params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            params["guided_json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            params["guided_json"] = json.dumps(fmt.json_schema.schema_)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise OpenAIError("suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError("best_of is not supported by this server (only best_of == n)", param="best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise OpenAIError(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}",
+                              param="logprobs")
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError("echo with logprobs is not supported: the server returns no prompt logprobs",
+                              param="echo")
+        self.prompts()
+
+    def prompts(self) -> list[str]:
+        """The prompt texts: the `llm` model takes text, so token-id prompts are a 400."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise OpenAIError("prompt must be a string or a non-empty list of strings (token-id prompts are not "
+                              "supported: the llm model takes text)", param="prompt")
+        return prompts
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_call_id, ...) are allowed here: the chat template sees role and content only.
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        """{"role", "content"} as the `llm` model's `messages` input takes them: text parts joined;
+        "developer" (OpenAI's newer name for the system role) is "system", the role chat templates know."""
+        content = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.tools:
+            raise OpenAIError("tools are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise OpenAIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                                  param="top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise OpenAIError("give max_completion_tokens or max_tokens (deprecated), not both",
+                              param="max_completion_tokens")
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_message() for m in self.messages]
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# Responses. `object` and the id prefix are OpenAI's; ids are random, `created` is Unix seconds.
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvtriton"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

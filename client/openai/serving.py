@@ -1,0 +1,239 @@
+"""One OpenAI request as Triton requests to the `llm` model, answered whole or as server-sent events.
+
+Every choice is one Triton request over gRPC streaming (AsyncLLMClient, the client's own transport):
+a request with n choices and p prompts sends n * p requests, all in flight together, and choice
+index = prompt * n + j, as OpenAI numbers them. Leaving `merged_chunks` early (a disconnect, an error in
+another choice) cancels every unfinished request on the server, which frees its KV blocks.
+
+Chat messages go to the model's `messages` input: the server renders them with the checkpoint's own
+chat template (its tokenizer lives with the model, not with this frontend, which may run anywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.errors import LLMClientError
+from kvtriton.client.openai import protocol as p
+from kvtriton.client.openai.errors import OpenAIError, from_client_error
+from kvtriton.client.types import Chunk, CompletionBuilder
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ChoiceRequest:
+    """The AsyncLLMClient.stream arguments of one choice."""
+
+    sampling: dict[str, Any]
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
+    return [ChoiceRequest(request.sampling(j), prompt=prompt) for prompt in request.prompts() for j in range(request.n)]
+
+
+def chat_choices(request: p.ChatCompletionRequest) -> list[ChoiceRequest]:
+    messages = request.template_messages()
+    return [ChoiceRequest(request.sampling(j), messages=messages) for j in range(request.n)]
+
+
+async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Chunk]]:
+    """(choice index, chunk) as they arrive from all choices; OpenAIError for the first that fails."""
+    arrived: asyncio.Queue = asyncio.Queue()
+    ENDED = object()
+
+    async def pump(index: int, choice: ChoiceRequest) -> None:
+        try:
+            async with client.stream(choice.prompt, messages=choice.messages, **choice.sampling) as stream:
+                async for chunk in stream:
+                    arrived.put_nowait((index, chunk))
+            arrived.put_nowait((index, ENDED))
+        except LLMClientError as e:
+            arrived.put_nowait((index, from_client_error(e)))
+        except ValueError as e:  # the client's own request checks (kvtriton.client.types.GenerateRequest)
+            arrived.put_nowait((index, OpenAIError(str(e))))
+
+    tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await arrived.get()
+            if item is ENDED:
+                running -= 1
+            elif isinstance(item, OpenAIError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        # Cancelling a pump closes its stream, which cancels its Triton request (grpc call.cancel()).
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
+    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+@dataclass
+class _Counts:
+    """Token counts per choice; a prompt's tokens count once however many choices share it (OpenAI's usage)."""
+
+    n: int
+    prompt: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens
+    completion: int = 0
+
+    def add(self, index: int, chunk: Chunk) -> None:
+        if chunk.num_input_tokens:
+            self.prompt[index // self.n] = chunk.num_input_tokens
+        self.completion += chunk.num_output_tokens
+
+    def usage(self) -> p.Usage:
+        return _usage(sum(self.prompt.values()), self.completion)
+
+
+def _token_text(entry: dict, key: str) -> Any:
+    try:
+        return entry[key]
+    except KeyError:
+        raise OpenAIError("the server's logprobs carry no token text (a kvtriton llm model older than the OpenAI "
+                          "frontend); update the server or leave logprobs unset", 500) from None
+
+
+def chat_logprobs(entries: tuple[dict, ...] | list[dict] | None) -> p.ChatLogprobs | None:
+    """The server's logprobs ({"token_id", "token", "logprob", "top": [[id, logprob]], "top_tokens"}) in
+    OpenAI's chat shape."""
+    if entries is None:
+        return None
+    content = []
+    for e in entries:
+        token = _token_text(e, "token")
+        top = [p.TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))
+               for t, (_, lp) in zip(_token_text(e, "top_tokens"), e["top"])]
+        content.append(p.TokenLogprob(token=token, logprob=e["logprob"], bytes=list(token.encode()),
+                                      top_logprobs=top))
+    return p.ChatLogprobs(content=content)
+
+
+def completion_logprobs(entries: tuple[dict, ...] | list[dict] | None, offset: int) -> p.CompletionLogprobs | None:
+    """OpenAI's legacy completions shape; `offset` is where the first token starts in the choice's text."""
+    if entries is None:
+        return None
+    out = p.CompletionLogprobs()
+    for e in entries:
+        token = _token_text(e, "token")
+        out.tokens.append(token)
+        out.token_logprobs.append(e["logprob"])
+        out.top_logprobs.append({t: lp for t, (_, lp) in zip(_token_text(e, "top_tokens"), e["top"])})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+async def _collect(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> dict[int, CompletionBuilder]:
+    builders = {i: CompletionBuilder() for i in range(len(choices))}
+    async with aclosing(merged_chunks(client, choices)) as merged:
+        async for index, chunk in merged:
+            builders[index].add(chunk)
+    return builders
+
+
+async def _started(merged: AsyncIterator[tuple[int, Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """`merged`, once its first chunk has arrived. The events generators await this before their first event,
+    so that an error before any output (a bad sampling parameter) raises before the response starts and
+    gets its own status code instead of an error event in a 200 stream."""
+    first = await anext(merged)
+
+    async def rest():
+        yield first
+        async for item in merged:
+            yield item
+    return rest()
+
+
+async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> p.CompletionResponse:
+    choices = completion_choices(request)
+    builders = await _collect(client, choices)
+    counts, out = _Counts(request.n), []
+    for i, b in builders.items():
+        counts.prompt[i // request.n] = b.num_input_tokens
+        counts.completion += b.num_output_tokens
+        echo = choices[i].prompt if request.echo else ""
+        out.append(p.CompletionChoice(index=i, text=echo + b.text, finish_reason=b.finish_reason,
+                                      logprobs=completion_logprobs(b.build().logprobs, 0)))
+    return p.CompletionResponse(model=model, choices=out, usage=counts.usage())
+
+
+async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str) -> p.ChatCompletionResponse:
+    builders = await _collect(client, chat_choices(request))
+    counts, out = _Counts(request.n), []
+    for i, b in builders.items():
+        counts.prompt[0] = b.num_input_tokens
+        counts.completion += b.num_output_tokens
+        out.append(p.ChatChoice(index=i, message=p.ChatMessageOut(content=b.text), finish_reason=b.finish_reason,
+                                logprobs=chat_logprobs(b.build().logprobs)))
+    return p.ChatCompletionResponse(model=model, choices=out, usage=counts.usage())
+
+
+def sse(body: p.BaseModel | dict) -> str:
+    data = body.model_dump_json() if isinstance(body, p.BaseModel) else json.dumps(body)
+    return f"data: {data}\n\n"
+
+
+async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> AsyncIterator[str]:
+    """Server-sent events of a streamed completion: text deltas per choice, [DONE] last."""
+    choices = completion_choices(request)
+    counts = _Counts(request.n)
+    offsets = {i: 0 for i in range(len(choices))}
+    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+    async with aclosing(merged_chunks(client, choices)) as merged:
+        chunks = await _started(merged)
+        if request.echo:
+            for i, choice in enumerate(choices):
+                offsets[i] = len(choice.prompt)
+                yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(index=i, text=choice.prompt)]))
+        async for index, chunk in chunks:
+            counts.add(index, chunk)
+            logprobs = completion_logprobs(chunk.logprobs, offsets[index])
+            offsets[index] += len(chunk.text)
+            if chunk.text or logprobs or chunk.finish_reason:
+                yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(
+                    index=index, text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason or None)]))
+    if request.include_usage:
+        yield sse(p.CompletionResponse(**head, choices=[], usage=counts.usage()))
+    yield SSE_DONE
+
+
+async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str) -> AsyncIterator[str]:
+    """Server-sent events of a streamed chat: the role first, then content deltas, an empty delta with the
+    finish_reason, and with stream_options.include_usage a last chunk with no choices and the usage."""
+    counts = _Counts(request.n)
+    head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+
+    def event(index: int, delta: p.DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
+        return sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
+
+    async with aclosing(merged_chunks(client, chat_choices(request))) as merged:
+        chunks = await _started(merged)
+        for i in range(request.n):
+            yield event(i, p.DeltaMessage(role="assistant", content=""))
+        async for index, chunk in chunks:
+            counts.add(index, chunk)
+            if chunk.text or chunk.logprobs:
+                yield event(index, p.DeltaMessage(content=chunk.text), logprobs=chat_logprobs(chunk.logprobs))
+            if chunk.finish_reason:
+                yield event(index, p.DeltaMessage(), chunk.finish_reason)
+    if request.include_usage:
+        yield sse(p.ChatCompletionChunk(**head, choices=[], usage=counts.usage()))
+    yield SSE_DONE

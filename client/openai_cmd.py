@@ -1,0 +1,69 @@
+"""Serve the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in front of a running Triton server.
+
+    kvtriton openai --url localhost:8001 --port 9000
+
+It forwards every request to the `llm` model over Triton's gRPC streaming; `kvtriton serve --openai-port
+9000` starts the same frontend beside the server it launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Sequence
+
+from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.cli_args import add_connection_arguments, run_command
+from kvtriton.client.endpoint import Endpoint
+from kvtriton.client.generate_cmd import fail
+from kvtriton.client.openai.server import DEFAULT_HOST, DEFAULT_PORT, FrontendError, make_server
+
+PROG = "kvtriton openai"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "example: kvtriton openai --url localhost:8001 --port 9000"
+    add_connection_arguments(parser)
+    g = parser.add_argument_group("OpenAI API")
+    g.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: all)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients pass as `model` (default: the Triton model's name, --model)")
+
+
+async def _probe(url: str, model: str) -> str:
+    async with AsyncLLMClient(url, protocol="grpc", model=model, connect_retries=0) as client:
+        probe = await client.probe()
+    return "ready" if probe.ready else f"not ready yet ({probe.reason}); requests get 503 until it is"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        endpoint = Endpoint.parse(args.url, args.protocol)
+        if endpoint.protocol != "grpc":
+            raise ValueError(f"--url {args.url}: the frontend forwards over Triton's gRPC streaming; pass the gRPC "
+                             "address (host:port, Triton's default port 8001)")
+        if not 1 <= args.port <= 65535:
+            raise ValueError(f"--port {args.port} is not a TCP port; use 1-65535")
+        server, sock = make_server(endpoint.address, args.host, args.port, model=args.model,
+                                   served_model_name=args.served_model_name, timeout_s=args.timeout,
+                                   connect_retries=args.connect_retries)
+    except ValueError as e:
+        return fail(PROG, str(e), 2)
+    except FrontendError as e:
+        return fail(PROG, str(e))
+    name = args.served_model_name or args.model
+    print(f"kvtriton openai: http://{args.host}:{args.port}/v1 (model {name!r}) -> Triton model {args.model!r} at "
+          f"{endpoint.url}: {asyncio.run(_probe(endpoint.address, args.model))}\nCtrl-C stops it.", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(PROG, (__doc__ or "").split("\n")[0], add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

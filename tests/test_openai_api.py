@@ -1,0 +1,221 @@
+"""The OpenAI-compatible frontend against a real tritonserver, driven by the official `openai` package:
+chat and completions, streamed and not, usage in the stream, stop, seed, logprobs, n, OpenAI's errors,
+and a client that disconnects mid-request frees the KV blocks on the server. Default model, CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from kvtriton.backend.entrypoints.tritonserver import free_ports
+from kvtriton.client.openai.server import FrontendThread
+
+from tests.conftest import MODEL_REPOSITORY
+from tests.serve_process import ServeProcess
+from tests.test_triton_llm import _settled_usage, _wait_usage_positive, metric
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+LONG = dict(max_tokens=2000, extra_body={"ignore_eos": True})  # generates until cancelled
+
+
+@pytest.fixture(scope="module")
+def frontend(llm_server):
+    thread = FrontendThread(llm_server.grpc_url, "127.0.0.1", free_ports(1)[0]).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def client(frontend):
+    with openai.OpenAI(base_url=frontend.url, api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["llm"]
+
+
+def test_chat_applies_the_template_and_reports_usage(client):
+    r = client.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=16)
+    [choice] = r.choices
+    assert "Paris" in choice.message.content and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    # the templated prompt (role markers, the default system prompt) is longer than the question's 7 tokens
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_the_whole_answer_and_ends_with_usage(client):
+    whole = client.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_completion_tokens=16)
+    chunks = list(client.chat.completions.create(model="llm", messages=QUESTION, temperature=0,
+                                                 max_completion_tokens=16, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_streamed_and_not(client):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model="llm", prompt=prompt, temperature=0, max_tokens=8)
+    assert whole.choices[0].text and whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="llm", prompt=prompt, temperature=0, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage == whole.usage
+    echoed = client.completions.create(model="llm", prompt=prompt, temperature=0, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == prompt + whole.choices[0].text
+
+
+def test_stop_string_ends_the_answer_before_it(client):
+    whole = client.completions.create(model="llm", prompt="Count: 1, 2, 3,", temperature=0, max_tokens=24)
+    text = whole.choices[0].text
+    stop = text.strip().split()[2]  # a word the greedy answer reaches
+    cut = client.completions.create(model="llm", prompt="Count: 1, 2, 3,", temperature=0, max_tokens=24, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text and text.startswith(cut.choices[0].text)
+
+
+def test_seed_reproduces_a_sample_and_n_gives_that_many_choices(client):
+    kwargs = dict(model="llm", messages=[{"role": "user", "content": "Write a word."}], temperature=1.0,
+                  max_tokens=12, seed=1234, n=3)
+    first = client.chat.completions.create(**kwargs)
+    second = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens  # counted once, not per choice
+
+
+def test_streamed_n_choices_are_interleaved_by_index(client):
+    chunks = list(client.completions.create(model="llm", prompt="Hello", temperature=0, max_tokens=6, n=2,
+                                            stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts[0] == texts[1] and texts[0]  # greedy: both choices are the same text
+
+
+def test_logprobs_name_the_tokens(client):
+    r = client.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=6, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token  # greedy: the best is the chosen
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+    legacy = client.completions.create(model="llm", prompt="Paris is", temperature=0, max_tokens=4, logprobs=1)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-1), None),  # the server's own check; its message names the field
+    (dict(n=0), "n"),
+    (dict(top_logprobs=3), "top_logprobs"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(logit_bias={"1": 5}), "logit_bias"),
+    (dict(extra_body={"frobnicate": 1}), "frobnicate"),
+    (dict(stream=True, temperature=-1), None),  # streamed: still a 400, not an error inside a 200 stream
+])
+def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):
+    stream = kwargs.pop("stream", False)
+    with pytest.raises(openai.BadRequestError) as info:
+        r = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=4, stream=stream, **kwargs)
+        list(r) if stream else r
+    error = info.value.body
+    assert info.value.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert error["param"] == param
+    else:
+        assert "temperature" in error["message"]
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=4)
+    assert info.value.body["code"] == "model_not_found" and "'llm'" in info.value.body["message"]
+
+
+def test_response_format_asks_the_server_for_structured_output(client):
+    """json_schema becomes sampling key guided_json (json_object: guided_json_object). A server without
+    structured output rejects the key; the frontend says so in a 400 on response_format."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    try:
+        r = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=32, temperature=0,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "city", "schema": schema}})
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format" and "guided_json" in e.body["message"]
+    else:
+        assert "city" in json.loads(r.choices[0].message.content)
+
+
+def test_server_not_ready_is_a_503():
+    port = free_ports(1)[0]
+    dead = FrontendThread(f"127.0.0.1:{free_ports(1)[0]}", "127.0.0.1", port, connect_retries=0).start()
+    try:
+        with openai.OpenAI(base_url=dead.url, api_key="unused", max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as info:
+                c.chat.completions.create(model="llm", messages=QUESTION, max_tokens=4)
+        assert info.value.status_code == 503
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert health.value.code == 503
+    finally:
+        dead.stop()
+
+
+def _generated(server) -> float:
+    return metric(server, "kvtriton_generation_tokens_total")
+
+
+def test_a_disconnect_mid_stream_frees_the_kv_blocks(client, llm_server):
+    assert _settled_usage(llm_server) == 0.0
+    before = _generated(llm_server)
+    stream = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "Tell a story."}],
+                                            stream=True, **LONG)
+    for _, _chunk in zip(range(5), stream):
+        pass  # tokens are flowing: the request holds KV blocks
+    assert _wait_usage_positive(llm_server)
+    stream.close()  # closes the HTTP connection
+    assert _settled_usage(llm_server) == 0.0
+    assert metric(llm_server, "kvtriton_num_requests_running") == 0
+    assert _generated(llm_server) - before < 1000  # cancelled: far from the 2000 tokens asked for
+
+
+def test_a_disconnect_before_a_whole_answer_frees_the_kv_blocks(frontend, llm_server):
+    assert _settled_usage(llm_server) == 0.0
+    before = _generated(llm_server)
+    started = time.monotonic()
+    with openai.OpenAI(base_url=frontend.url, api_key="unused", max_retries=0, timeout=3) as impatient:
+        with pytest.raises(openai.APITimeoutError):  # the client gives up and closes the connection
+            impatient.completions.create(model="llm", prompt="Tell a story.", **LONG)
+    assert time.monotonic() - started < 30
+    assert _settled_usage(llm_server) == 0.0
+    assert _generated(llm_server) - before < 1000  # cancelled: far from the 2000 tokens asked for
+
+
+def test_kvtriton_serve_starts_the_frontend_beside_the_server(tmp_path):
+    port = free_ports(1)[0]
+    serve = ServeProcess(MODEL_REPOSITORY, tmp_path, extra=["--openai-port", str(port)])
+    serve.command[:3] = [sys.executable, "-m", "kvtriton.client.cli", "serve"]  # the command, with the client
+    with serve:
+        assert f"OpenAI   http://127.0.0.1:{port}/v1\n" in serve.output  # in the banner
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+            r = c.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=8)
+        assert "Paris" in r.choices[0].message.content

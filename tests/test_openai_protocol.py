@@ -1,0 +1,180 @@
+"""The OpenAI frontend without a server: request bodies -> the `llm` model's sampling parameters, the checks
+that answer 400 / 404 before anything reaches Triton, and the mapping of client errors to OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from fastapi.testclient import TestClient
+
+from kvtriton.backend.entrypoints.serve import ServeError, ServeOptions
+from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.errors import InvalidRequestError, RequestTimeoutError, ServerError, ServerUnavailableError
+from kvtriton.client.openai.app import create_app
+from kvtriton.client.openai.errors import OpenAIError, from_client_error
+from kvtriton.client.openai.protocol import ChatCompletionRequest, CompletionRequest
+from kvtriton.client.openai.serving import chat_choices, completion_choices, completion_logprobs
+
+CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    request = ChatCompletionRequest(**CHAT, **fields)
+    request.check()
+    return request
+
+
+def test_chat_fields_become_the_servers_sampling_keys():
+    request = chat(max_completion_tokens=9, temperature=0.5, top_p=0.9, seed=7, stop="\n", presence_penalty=0.1,
+                   frequency_penalty=0.2, logprobs=True, top_logprobs=3, user="ignored", top_k=5, ignore_eos=True)
+    assert request.sampling(0) == {"max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": ["\n"],
+                                   "presence_penalty": 0.1, "frequency_penalty": 0.2, "logprobs": 3, "top_k": 5,
+                                   "ignore_eos": True}
+    assert chat().sampling(0) == {}  # nothing set: the server's defaults
+    assert chat(logprobs=True).sampling(0) == {"logprobs": 0}  # the chosen token's logprob only
+    assert chat(max_tokens=4).sampling(0) == {"max_tokens": 4}
+
+
+def test_each_choice_of_a_seeded_request_has_its_own_seed():
+    request = chat(seed=100, n=3)
+    assert [c.sampling["seed"] for c in chat_choices(request)] == [100, 101, 102]
+    assert all("seed" not in c.sampling for c in chat_choices(chat(n=2)))
+
+
+def test_completion_choices_number_prompt_major():
+    request = CompletionRequest(model="llm", prompt=["a", "b"], n=2, logprobs=2)
+    request.check()
+    assert [(c.prompt, c.sampling) for c in completion_choices(request)] == [("a", {"logprobs": 2})] * 2 + \
+        [("b", {"logprobs": 2})] * 2
+
+
+def test_response_format_maps_onto_guided_keys():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    request = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert json.loads(request.sampling(0)["guided_json"]) == schema
+    assert chat(response_format={"type": "json_object"}).sampling(0) == {"guided_json_object": True}
+    assert chat(response_format={"type": "text"}).sampling(0) == {}
+
+
+def test_messages_reach_the_template_as_role_and_text():
+    request = chat()
+    request = ChatCompletionRequest(model="llm", messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+         "name": "ann"},
+        {"role": "assistant", "content": None}])
+    assert request.template_messages() == [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hi there"},
+                                           {"role": "assistant", "content": ""}]
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(n=0), "n"), (dict(n=17), "n"),
+    (dict(stream_options={"include_usage": True}), "stream_options"),
+    (dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"),
+    (dict(tools=[{"type": "function"}]), "tools"), (dict(tool_choice="auto"), "tool_choice"),
+    (dict(max_tokens=3, max_completion_tokens=4), "max_completion_tokens"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
+])
+def test_chat_fields_this_server_cannot_honour_are_400s(fields, param):
+    with pytest.raises(OpenAIError) as info:
+        chat(**fields)
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(prompt=[1, 2, 3]), "prompt"), (dict(prompt=[]), "prompt"), (dict(prompt="a", suffix="b"), "suffix"),
+    (dict(prompt="a", best_of=3), "best_of"), (dict(prompt="a", logprobs=6), "logprobs"),
+    (dict(prompt="a", echo=True, logprobs=1), "echo"),
+])
+def test_completion_fields_this_server_cannot_honour_are_400s(fields, param):
+    with pytest.raises(OpenAIError) as info:
+        CompletionRequest(model="llm", **fields).check()
+    assert info.value.param == param
+
+
+def test_completion_logprobs_offsets_follow_the_token_texts():
+    entries = [{"token_id": 1, "token": "Par", "logprob": -0.1, "top": [[1, -0.1]], "top_tokens": ["Par"]},
+               {"token_id": 2, "token": "is", "logprob": -0.2, "top": [[2, -0.2]], "top_tokens": ["is"]}]
+    lp = completion_logprobs(entries, 5)
+    assert (lp.tokens, lp.token_logprobs, lp.text_offset, lp.top_logprobs) == \
+        (["Par", "is"], [-0.1, -0.2], [5, 8], [{"Par": -0.1}, {"is": -0.2}])
+    with pytest.raises(OpenAIError) as info:  # an older server: no token text, no silent token ids
+        completion_logprobs([{"token_id": 1, "logprob": -0.1, "top": []}], 0)
+    assert info.value.status == 500
+
+
+@pytest.mark.parametrize("error, status, param", [
+    (InvalidRequestError("temperature must be >= 0, got -1.0"), 400, None),
+    (InvalidRequestError("unknown sampling parameter 'guided_json'; accepted: ..."), 400, "response_format"),
+    (ServerUnavailableError("grpc://x:1", "connection failed"), 503, None),
+    (RequestTimeoutError("no response for 300 s"), 504, None),
+    (ServerError("INTERNAL: boom"), 500, None),
+])
+def test_client_errors_map_onto_openai_statuses(error, status, param):
+    mapped = from_client_error(error)
+    assert (mapped.status, mapped.param) == (status, param)
+    assert set(mapped.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture
+def app_client():
+    # Nothing listens on port 9: every check here answers before a request would reach Triton.
+    with TestClient(create_app(AsyncLLMClient("127.0.0.1:9", connect_retries=0), "llm")) as c:
+        yield c
+
+
+def test_models_route(app_client):
+    body = app_client.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["llm"]
+    assert app_client.get("/v1/models/other").status_code == 404
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({**CHAT, "model": "gpt-4o"}, 404, "model"),
+    ({"model": "llm"}, 400, "messages"),
+    ({**CHAT, "messages": []}, 400, "messages"),
+    ({**CHAT, "temperature": "hot"}, 400, "temperature"),
+    ({**CHAT, "frobnicate": True}, 400, "frobnicate"),
+    ({**CHAT, "n": 0}, 400, "n"),
+])
+def test_bad_requests_get_openai_errors_before_reaching_triton(app_client, body, status, param):
+    r = app_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_body_that_is_not_json_is_a_400(app_client):
+    r = app_client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_no_server_is_a_503(app_client):
+    r = app_client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+    assert r.status_code == 503 and "127.0.0.1:9" in r.json()["error"]["message"]
+    assert app_client.get("/health").status_code == 503
+
+
+def test_serve_checks_the_openai_port(tmp_path):
+    with pytest.raises(ServeError, match="--openai-port"):
+        ServeOptions(tmp_path, openai_port=8001)  # the gRPC port's default
+    with pytest.raises(ServeError, match="--openai-port 0"):
+        ServeOptions(tmp_path, openai_port=0)
+    assert ServeOptions(tmp_path, openai_port=9000).openai_port == 9000
+
+
+def test_serve_fails_at_once_when_the_openai_port_is_taken(tmp_path, capsys):
+    from kvtriton.backend.entrypoints.serve import main as serve_main
+    from kvtriton.client.cli import _start_openai
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # before any tritonserver starts: no model repository content is needed to get this far
+        assert serve_main(["--model-repository", str(tmp_path), "--openai-port", str(port)], openai=_start_openai) == 1
+    assert f"the OpenAI port {port} cannot be bound" in capsys.readouterr().err
