@@ -329,4 +329,6 @@ def test_default_model_greedy_is_identical(default_model_folder, default_plain, 
         assert (ids, text, reason) == (want_ids, want_text, want_reason)
     reasons = {r for _, _, r in got}
     assert reasons == {"stop", "length"}  # EOS / stop strings and max_tokens both ended requests
-    assert stats.num_spec_accepted_tokens > 0.3 * stats.num_spec_proposed_tokens > 0
+    assert stats.num_spec_accepted_tokens > 0
+    if method == "draft":  # the served model's own weights (or itself) guess well
+        assert stats.num_spec_accepted_tokens > 0.5 * stats.num_spec_proposed_tokens

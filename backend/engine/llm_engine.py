@@ -74,6 +74,12 @@ class EngineStats:
     # Speculative decoding, since start: proposals verified, and how many of them were accepted.
     num_spec_proposed_tokens: int = 0
     num_spec_accepted_tokens: int = 0
+    num_spec_drafts: int = 0  # sequence-steps that verified at least one proposal (vLLM's num_drafts)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verifying sequence gains per verify step: 1 + accepted / drafts (vLLM's definition)."""
+        return 1 + self.num_spec_accepted_tokens / self.num_spec_drafts if self.num_spec_drafts else 0.0
 
 
 class LLMEngine:
@@ -105,7 +111,7 @@ class LLMEngine:
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = create_proposer(config, self.tokenizer, self.runner.num_blocks, self.device, self.dtype,
                                         self.max_model_len, self._sample_vocab)
-        self.num_spec_proposed_tokens = self.num_spec_accepted_tokens = 0
+        self.num_spec_proposed_tokens = self.num_spec_accepted_tokens = self.num_spec_drafts = 0
         self._states: dict[str, RequestState] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -391,6 +397,7 @@ class LLMEngine:
             seq = sched.scheduled[i][0]
             self.num_spec_proposed_tokens += len(props)
             self.num_spec_accepted_tokens += n - 1
+            self.num_spec_drafts += bool(props)
             seq.num_spec_proposed_tokens += len(props)
             seq.num_spec_accepted_tokens += n - 1
             lps = [self._logprob(seq, sampled[r], r, chosen, top_ids, top_lps) for r in range(first, first + n)]
@@ -538,7 +545,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.scheduler.num_prompt_tokens,
             num_generation_tokens=self.scheduler.num_generation_tokens,
             num_spec_proposed_tokens=self.num_spec_proposed_tokens,
-            num_spec_accepted_tokens=self.num_spec_accepted_tokens,
+            num_spec_accepted_tokens=self.num_spec_accepted_tokens, num_spec_drafts=self.num_spec_drafts,
         )
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
