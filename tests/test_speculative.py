@@ -15,7 +15,6 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.block_manager import BlockManager, hash_block_tokens
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
-from kvtriton.backend.engine.sequence import SequenceStatus
 from kvtriton.backend.engine.speculative.ngram import lookup
 from kvtriton.backend.engine.speculative.verification import accepted_runs
 
@@ -332,3 +331,32 @@ def test_default_model_greedy_is_identical(default_model_folder, default_plain, 
     assert stats.num_spec_accepted_tokens > 0
     if method == "draft":  # the served model's own weights (or itself) guess well
         assert stats.num_spec_accepted_tokens > 0.5 * stats.num_spec_proposed_tokens
+
+
+# ---- the GPU path (the lead runs these on the H200) ---------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, model", [("ngram", ""), ("draft", "folder")])
+def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
+    """On CUDA, bf16: verify steps (eager, the varlen prefill kernel over k + 1 tokens per sequence, beside
+    graph-less decodes) agree with plain decoding within test_engine_gpu.py's near-tie tolerance; the draft
+    (the default model itself) runs its one-token rounds through its own CUDA graphs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from tests.test_engine_gpu import PARAMS, assert_greedy_agrees, prompts
+
+    model = str(default_model_folder) if model == "folder" else model
+    base = dict(model=str(default_model_folder), device="cuda", dtype="bfloat16", max_model_len=2048)
+    plain = LLMEngine(EngineConfig(**base)).start()
+    try:
+        reference = plain.generate(prompts(plain), PARAMS)
+    finally:
+        plain.shutdown()
+    engine = LLMEngine(EngineConfig(**base, speculative_method=method, speculative_model=model,
+                                    num_speculative_tokens=4, speculative_disable_by_batch_size=0)).start()
+    try:
+        assert_greedy_agrees(reference, engine.generate(prompts(engine), PARAMS))
+        assert engine.stats().num_spec_accepted_tokens > 0 and engine.stats().kv_usage == 0.0
+    finally:
+        engine.shutdown()

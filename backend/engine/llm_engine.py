@@ -106,7 +106,8 @@ class LLMEngine:
         self.admission = Admission(self.tokenizer, AdmissionLimits(
             max_model_len=self.max_model_len, vocab_size=self._sample_vocab, num_kv_blocks=self.runner.num_blocks,
             block_size=config.block_size,
-            max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len))
+            max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
+            num_speculative_tokens=config.num_speculative_tokens))
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = create_proposer(config, self.tokenizer, self.runner.num_blocks, self.device, self.dtype,
@@ -151,14 +152,9 @@ class LLMEngine:
         return sink
 
     def _speculative_tokens(self, params: SamplingParams) -> int:
-        """The request's k: the server's unless it asks for fewer (0: none); more is an error."""
-        k, limit = params.num_speculative_tokens, self.config.num_speculative_tokens
-        if k is None:
-            return limit
-        if k > limit:
-            raise ValueError(f"num_speculative_tokens {k} is more than this model allows ({limit}; "
-                             f"speculative_method {self.config.speculative_method})")
-        return k
+        """The request's k: the server's unless it asks for fewer (0: none; more was refused by admission)."""
+        k = params.num_speculative_tokens
+        return self.config.num_speculative_tokens if k is None else k
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step; its blocks are freed and its stream ends with finish_reason 'abort'."""
@@ -356,7 +352,7 @@ class LLMEngine:
                 self._fail(finished.sched, exc)
         seqs, ks = proposal_lengths(self.scheduler.running, self.max_model_len)
         try:
-            for seq, proposal in zip(seqs, self.proposer.propose(seqs, ks)):
+            for seq, proposal in zip(seqs, self._heavy(self.proposer.propose, seqs, ks)):
                 seq.spec_token_ids = proposal
         except Exception:  # a failed proposer costs the speed-up of this step, not the requests
             log.exception("speculative proposer failed: this step decodes without proposals")
@@ -364,7 +360,7 @@ class LLMEngine:
         if sched.is_empty:
             return
         try:
-            runs = self._verify(sched, self.runner.execute(self._prepare(sched)))
+            runs = self._verify(sched, self._heavy(self.runner.execute, self._prepare(sched)))
         except Exception as exc:
             self._fail(sched, exc)
             return
@@ -377,6 +373,11 @@ class LLMEngine:
                 self.scheduler.append_token(seq, token_id)
             if live:
                 self._emit_tokens(*map(list, zip(*live)))
+
+    def _heavy(self, fn, *args):
+        """fn(*args) on the forward thread when there is one (a CPU): every forward pass on one thread keeps
+        one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting (slower)."""
+        return fn(*args) if self._forward_thread is None else self._forward_thread.submit(fn, *args).result()
 
     def _verify(self, sched: SchedulerOutput, logits: torch.Tensor
                 ) -> list[tuple[Sequence, list[int], list[TokenLogprob | None]]]:

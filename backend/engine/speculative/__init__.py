@@ -34,7 +34,8 @@ def create_proposer(config: EngineConfig, tokenizer: Tokenizer, num_blocks: int,
 
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.speculative_method == "draft":
-        from kvtriton.backend.engine.speculative.draft import DraftProposer
+        from kvtriton.backend.engine.speculative.draft import DraftProposer, draft_pool_blocks
 
-        return DraftProposer.create(config, tokenizer, num_blocks, device, dtype, max_model_len, vocab_size)
+        return DraftProposer.create(config, tokenizer, draft_pool_blocks(config, num_blocks, max_model_len), device,
+                                    dtype, max_model_len, vocab_size)
     return None

@@ -63,7 +63,8 @@ class DraftProposer:
     def create(cls, config: EngineConfig, target_tokenizer: Tokenizer, num_blocks: int, device: torch.device,
                dtype: torch.dtype, max_model_len: int, vocab_size: int) -> "DraftProposer":
         """The draft of config.speculative_model: the served model quantized (self-int8 / self-int4), or a
-        checkpoint that must share the served model's tokenizer. Its pool holds as many blocks as the target's."""
+        checkpoint that must share the served model's tokenizer. Its pool holds `num_blocks`: enough for the
+        sequences that may speculate at once (draft_pool_blocks)."""
         name = config.speculative_model
         if name in SELF_DRAFTS:
             model, quantization = config.model, SELF_DRAFTS[name]
@@ -153,3 +154,11 @@ class DraftProposer:
     def _release(self, rid: str) -> None:
         del self._states[rid]
         self.block_manager.free(rid)
+
+
+def draft_pool_blocks(config: EngineConfig, target_blocks: int, max_model_len: int) -> int:
+    """The draft's KV pool: a full-length context for every sequence that may speculate in one step (below
+    speculative_disable_by_batch_size, at most max_num_seqs), never more than the target's pool. It is
+    allocated beside the target's, which on a GPU took its share of memory first, so it stays small."""
+    seqs = min(config.speculative_disable_by_batch_size or config.max_num_seqs, config.max_num_seqs)
+    return min(target_blocks, seqs * -(-max_model_len // config.block_size))
