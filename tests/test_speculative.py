@@ -162,9 +162,14 @@ class NoisyProposer:
     dict(speculative_method="draft", speculative_model="self-int8", num_speculative_tokens=4, num_kv_blocks=24,
          max_num_batched_tokens=16),
     dict(speculative_method="ngram", num_speculative_tokens=4, enable_prefix_caching=False),
+    # The served checkpoint as its own draft: every proposal is the target's own greedy token.
+    dict(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=3),
 ])
 @pytest.mark.parametrize("noisy", [False, True])
 def test_greedy_equals_plain_and_blocks_stay_exact(tiny_folder, plain_greedy, overrides, noisy):
+    same_model = overrides.get("speculative_model") == "tiny"
+    if same_model:
+        overrides = {**overrides, "speculative_model": str(tiny_folder)}
     engine = make_engine(tiny_folder, speculative_disable_by_batch_size=0, **overrides)
     if noisy:
         engine.proposer = NoisyProposer(engine.proposer, engine._sample_vocab)
@@ -174,8 +179,49 @@ def test_greedy_equals_plain_and_blocks_stay_exact(tiny_folder, plain_greedy, ov
         assert stats.num_spec_proposed_tokens > 0 and stats.num_spec_accepted_tokens > 0
         if noisy:
             assert stats.num_spec_accepted_tokens < 0.9 * stats.num_spec_proposed_tokens  # rollbacks happened
+        elif same_model:
+            assert stats.num_spec_accepted_tokens == stats.num_spec_proposed_tokens
         if "num_kv_blocks" in overrides:
             assert stats.num_preemptions > 0
+    finally:
+        engine.shutdown()
+
+
+class CorruptLast:
+    """Wraps a proposer whose proposals are the target's own greedy tokens and, every other time, makes the
+    last one wrong: only that one is rejected, so the draft's next round mixes sequences with one unseen token
+    and sequences with two."""
+
+    def __init__(self, inner, vocab_size: int):
+        self.inner, self.vocab_size, self.corrupted, self.calls = inner, vocab_size, 0, 0
+        self.block_manager = inner.block_manager
+
+    def propose(self, seqs, ks):
+        out = self.inner.propose(seqs, ks)
+        for tokens in out:
+            self.calls += 1
+            if tokens and self.calls % 2:
+                tokens[-1] = (tokens[-1] + 1) % self.vocab_size
+                self.corrupted += 1
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
+def test_same_model_draft_proposes_the_target_tokens(tiny_folder, plain_greedy):
+    """The served checkpoint as its own draft proposes exactly the target's greedy tokens, whatever mix of
+    catch-up lengths a round holds: every proposal that was not corrupted on purpose is accepted."""
+    engine = make_engine(tiny_folder, speculative_disable_by_batch_size=0, speculative_method="draft",
+                         speculative_model=str(tiny_folder), num_speculative_tokens=3)
+    engine.proposer = proposer = CorruptLast(engine.proposer, engine._sample_vocab)
+    try:
+        lengths = [24 - i for i in range(12)]  # staggered ends
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+        assert run_stepwise(engine, prompts(), params) == [want[:n] for want, n in zip(plain_greedy, lengths)]
+        stats = engine.stats()
+        assert proposer.corrupted > 10
+        assert stats.num_spec_accepted_tokens == stats.num_spec_proposed_tokens - proposer.corrupted
     finally:
         engine.shutdown()
 

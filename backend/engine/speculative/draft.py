@@ -91,14 +91,16 @@ class DraftProposer:
         self._release_stopped()
         rows = [self._catch_up(seq) for seq in seqs]
         proposals: list[list[int]] = [[] for _ in seqs]
-        active = [i for i, row in enumerate(rows) if row is not None]
+        # Round 1: every token the draft has not seen, logits at the last one. One-token rows go first, as
+        # prepare_step and the runners expect of a step (the decode group).
+        unseen = {i: len(row.seq.token_ids) - len(row.token_ids) for i, row in enumerate(rows) if row is not None}
+        active = sorted(unseen, key=lambda i: unseen[i] != 1)
         scheduled = []
-        for i in active:  # round 1: every token the draft has not seen, logits at the last one
+        for i in active:
             row = rows[i]
-            n = len(row.seq.token_ids) - len(row.token_ids)
             row.token_ids += row.seq.token_ids[len(row.token_ids):]
             row.num_verified = len(row.token_ids)
-            scheduled.append((row, n))
+            scheduled.append((row, unseen[i]))
         while scheduled:
             logits = self.runner.execute(prepare_step(scheduled, self.block_size, self.runner.device))
             for i, token in zip(active, logits[:, : self.vocab_size].argmax(dim=-1).tolist()):
