@@ -164,13 +164,17 @@ class NoisyProposer:
     dict(speculative_method="ngram", num_speculative_tokens=4, enable_prefix_caching=False),
     # The served checkpoint as its own draft: every proposal is the target's own greedy token.
     dict(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=3),
+    # A token budget smaller than the proposals: some sequences wait a step, and with the back-off at 6
+    # running, verify steps and overlapped steps alternate.
+    dict(speculative_method="ngram", num_speculative_tokens=4, max_num_batched_tokens=10,
+         speculative_disable_by_batch_size=6),
 ])
 @pytest.mark.parametrize("noisy", [False, True])
 def test_greedy_equals_plain_and_blocks_stay_exact(tiny_folder, plain_greedy, overrides, noisy):
     same_model = overrides.get("speculative_model") == "tiny"
     if same_model:
         overrides = {**overrides, "speculative_model": str(tiny_folder)}
-    engine = make_engine(tiny_folder, speculative_disable_by_batch_size=0, **overrides)
+    engine = make_engine(tiny_folder, **{"speculative_disable_by_batch_size": 0, **overrides})
     if noisy:
         engine.proposer = NoisyProposer(engine.proposer, engine._sample_vocab)
     try:
@@ -222,6 +226,26 @@ def test_same_model_draft_proposes_the_target_tokens(tiny_folder, plain_greedy):
         stats = engine.stats()
         assert proposer.corrupted > 10
         assert stats.num_spec_accepted_tokens == stats.num_spec_proposed_tokens - proposer.corrupted
+    finally:
+        engine.shutdown()
+
+
+def test_arrivals_switch_verify_steps_to_overlapped_ones(tiny_folder, plain_greedy):
+    """Three requests speculate under a budget that fits two verifies a step; then three more arrive, the
+    back-off turns speculation off and the next step is an overlapped one: no proposal left over from the
+    verify step may reach it."""
+    engine = make_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=4,
+                         max_num_batched_tokens=10, speculative_disable_by_batch_size=4)
+    try:
+        streams = [engine.add_request(f"a{i}", p, GREEDY) for i, p in enumerate(prompts(6)[:3])]
+        for _ in range(12):
+            engine.step()
+        assert engine.stats().num_spec_proposed_tokens > 0
+        streams += [engine.add_request(f"b{i}", p, GREEDY) for i, p in enumerate(prompts(6)[3:])]
+        while engine.has_work():
+            engine.step()
+            check_invariants(engine.block_manager)
+        assert [s.result().token_ids for s in streams] == plain_greedy[:6]
     finally:
         engine.shutdown()
 

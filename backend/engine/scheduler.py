@@ -189,6 +189,8 @@ class Scheduler:
                 i += 1
                 continue
             break  # seq itself was preempted: nothing after it is running any more
+        for seq in self.running[i:]:  # not scheduled (the budget ran out): their proposals are stale next step
+            seq.spec_token_ids = []
 
         # 2. Waiting sequences in arrival order, unless this step already had to preempt.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
@@ -223,7 +225,7 @@ class Scheduler:
         for i, (seq, n) in enumerate(out.scheduled):
             self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens >= seq.num_total_tokens:  # more with proposals: verified one step later
+            if seq.num_computed_tokens >= seq.num_total_tokens:  # past it by the proposals being verified
                 seq.num_placeholders += 1
                 out.sample_indices.append(i)
 
