@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 RUNNERS = ("torch", "onnxruntime", "tensorrt")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+SELF_DRAFTS = {"self-int8": "int8", "self-int4": "int4"}  # speculative_model: the served model, quantized
+MAX_SPECULATIVE_TOKENS = 16
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -58,6 +61,18 @@ class EngineConfig:
     # A longer prompt is refused before it is tokenized. 0: 64 bytes per token of max_model_len, more than
     # any real text takes (English averages about 4).
     max_prompt_bytes: int = 0
+    # Speculative decoding (README "Speculative decoding"). "ngram": prompt lookup, proposals copied from the
+    # prompt and output so far; "draft": a draft model proposes, speculative_model is a checkpoint folder that
+    # shares the served model's tokenizer, or self-int8 / self-int4 (the served model's own weights, quantized).
+    # The served model verifies the k proposals + 1 bonus token in one forward pass.
+    speculative_method: str = "none"
+    speculative_model: str = ""
+    num_speculative_tokens: int = 0  # k per step; also the most a request may ask for (0 = off)
+    prompt_lookup_min: int = 1  # ngram: the shortest suffix of the text that is looked up
+    prompt_lookup_max: int = 4  # ngram: the longest (tried first)
+    # Back-off: a step with at least this many running sequences does not speculate (the batch already keeps
+    # the device busy, and verifying k extra tokens per sequence costs more than it saves). 0: never.
+    speculative_disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -96,8 +111,44 @@ class EngineConfig:
             if self.device.startswith("cuda:"):
                 raise ValueError(f"device {self.device!r} with tensor_parallel_size > 1: use cuda (rank r runs on "
                                  "cuda:r; CUDA_VISIBLE_DEVICES picks the GPUs)")
+
+        self._validate_speculative()
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens too small to prefill without chunking")
+
+    def _validate_speculative(self) -> None:
+        method, k = self.speculative_method, self.num_speculative_tokens
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+        if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {k}")
+        if self.speculative_disable_by_batch_size < 0:
+            raise ValueError("speculative_disable_by_batch_size must be >= 0 (0: never back off)")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                             f"{self.prompt_lookup_max}")
+        if method == "none":
+            if self.speculative_model or k:
+                raise ValueError("speculative_model and num_speculative_tokens need speculative_method ngram or "
+                                 "draft")
+            return
+        if k < 1:
+            raise ValueError(f"speculative_method {method} needs num_speculative_tokens >= 1")
+        if self.runner != "torch":
+            raise ValueError(f"speculative decoding runs on the torch runner; the {self.runner} step graph returns "
+                             "one row of logits per sequence and cannot verify proposals")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method draft needs speculative_model: a checkpoint folder, self-int8 or "
+                             "self-int4")
+        if method == "ngram" and self.speculative_model:
+            raise ValueError("speculative_method ngram uses no speculative_model")
+        if method == "draft" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_method draft with tensor_parallel_size > 1 is not supported yet (the draft "
+                             "runner is not split); use ngram, or tensor_parallel_size 1")
+
+    @property
+    def speculative_enabled(self) -> bool:
+        return self.speculative_method != "none"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "EngineConfig":

@@ -25,6 +25,7 @@ class AdmissionLimits:
     num_kv_blocks: int
     block_size: int
     max_prompt_bytes: int  # UTF-8 bytes of prompt text, checked before tokenizing
+    num_speculative_tokens: int = 0  # the most a request may ask for (the server's k; 0: speculation off)
 
 
 class Admission:
@@ -61,6 +62,10 @@ class Admission:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
                 f"context of {lim.max_model_len} tokens; lower max_tokens"
             )
+        k = params.num_speculative_tokens
+        if k is not None and k > lim.num_speculative_tokens:
+            raise ValueError(f"num_speculative_tokens {k} is more than this model allows "
+                             f"({lim.num_speculative_tokens}: its num_speculative_tokens setting)")
         if -(-total // lim.block_size) > lim.num_kv_blocks:
             raise ValueError(
                 f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool holds "

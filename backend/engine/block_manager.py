@@ -200,6 +200,30 @@ class BlockManager:
             if block.ref_cnt == 0:
                 self._free_queue[block.block_id] = block
 
+    def trim(self, request_id: str, num_tokens: int) -> list[int]:
+        """Keep only the blocks that hold the sequence's first ``num_tokens`` tokens; return its table.
+
+        Speculative decoding: a verify step allocates slots for every proposed token, and the rejected
+        ones' K/V is dead. Their blocks past the kept tokens go back to the free queue (unhashed: a block
+        is hashed only once all its tokens are known, and proposals never are), so the counts stay as if
+        the rejected tokens had never been scheduled. K/V of rejected tokens inside a kept block is
+        overwritten when the sequence computes those positions again.
+        """
+        table = self._tables.get(request_id)
+        if table is None:
+            return []
+        keep = self.num_blocks_needed(num_tokens)
+        hashes = self._seq_hashes.get(request_id, ())
+        if len(hashes) * self.block_size > num_tokens:
+            raise ValueError(f"sequence {request_id!r}: cannot trim to {num_tokens} tokens, its first "
+                             f"{len(hashes) * self.block_size} are hashed for prefix reuse")
+        for block in reversed(table[keep:]):
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free_queue[block.block_id] = block
+        del table[keep:]
+        return [b.block_id for b in table]
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash. Only allowed with no block in use, since a
         running sequence's chain would otherwise point at forgotten blocks;

@@ -36,7 +36,10 @@ from kvtriton.backend.engine.request_state import RequestState
 from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from kvtriton.backend.engine.sequence import Sequence
+from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
+from kvtriton.backend.engine.speculative import create_proposer
+from kvtriton.backend.engine.speculative.policy import proposal_lengths, speculation_allowed
+from kvtriton.backend.engine.speculative.verification import VerifyRows, accepted_runs
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
@@ -69,6 +72,15 @@ class EngineStats:
     num_preemptions: int  # since start
     num_prompt_tokens: int  # computed prompt tokens since start (prefix hits excluded)
     num_generation_tokens: int  # since start
+    # Speculative decoding, since start: proposals verified, and how many of them were accepted.
+    num_spec_proposed_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    num_spec_drafts: int = 0  # sequence-steps that verified at least one proposal (vLLM's num_drafts)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verifying sequence gains per verify step: 1 + accepted / drafts (vLLM's definition)."""
+        return 1 + self.num_spec_accepted_tokens / self.num_spec_drafts if self.num_spec_drafts else 0.0
 
 
 class LLMEngine:
@@ -95,8 +107,13 @@ class LLMEngine:
         self.admission = Admission(self.tokenizer, AdmissionLimits(
             max_model_len=self.max_model_len, vocab_size=self._sample_vocab, num_kv_blocks=self.runner.num_blocks,
             block_size=config.block_size,
-            max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len))
+            max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
+            num_speculative_tokens=config.num_speculative_tokens))
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
+        # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
+        self.proposer = create_proposer(config, self.tokenizer, self.runner.num_blocks, self.device, self.dtype,
+                                        self.max_model_len, self._sample_vocab)
+        self.num_spec_proposed_tokens = self.num_spec_accepted_tokens = self.num_spec_drafts = 0
         self._states: dict[str, RequestState] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -128,11 +145,17 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator)
+        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator,
+                       num_speculative_tokens=self._speculative_tokens(params))
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()
         return sink
+
+    def _speculative_tokens(self, params: SamplingParams) -> int:
+        """The request's k: the server's unless it asks for fewer (0: none; more was refused by admission)."""
+        k = params.num_speculative_tokens
+        return self.config.num_speculative_tokens if k is None else k
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step; its blocks are freed and its stream ends with finish_reason 'abort'."""
@@ -169,6 +192,8 @@ class LLMEngine:
                 return
             self._thread = None
         self.runner.close()
+        if self.proposer is not None:
+            self.proposer.close()
         if self._forward_thread is not None:
             self._forward_thread.shutdown(wait=False)
 
@@ -259,8 +284,20 @@ class LLMEngine:
         Step N+1's sequences that sampled in step N read that token straight from the device, and
         sampling N+1 comes after update N, so penalties and stop-token masks see every token. On a CPU,
         which computes as it is called, execute + sample N+1 run on the forward thread while the engine
-        thread emits N. A failed step fails its requests only: the loop and the other requests go on."""
+        thread emits N. A failed step fails its requests only: the loop and the other requests go on.
+
+        A step in which sequences speculate is a verify step, run without overlap (_speculative_step)."""
         self._drain_inbox()
+        running = self.scheduler.running
+        if (self.proposer is not None and speculation_allowed(self.config, len(running))
+                and any(seq.num_speculative_tokens for seq in running)):
+            self._speculative_step()
+        else:
+            self._overlapped_step()
+        if self.metrics is not None:
+            self.metrics.observe_step(self.stats())
+
+    def _overlapped_step(self) -> None:
         sched = self.scheduler.schedule()
         step = logits = job = None
         if not sched.is_empty:
@@ -298,8 +335,85 @@ class LLMEngine:
             # The synchronous loop (to measure what the overlap brings): this step's tokens now.
             finished, self._pending = self._pending, None
             self._emit_tokens(*self._update(finished))
-        if self.metrics is not None:
-            self.metrics.observe_step(self.stats())
+
+    def _speculative_step(self) -> None:
+        """A verify step: proposals for the sequences that speculate, then one forward pass of the target over
+        every scheduled token (plain decodes and prefills share it), then each sequence's accepted run.
+
+        It runs synchronously: the host must know how many proposals each sequence kept before it can
+        propose and schedule that sequence again, so the step in flight is finished first and this one
+        is not overlapped with the next. vLLM made the same choice: its async scheduling first shipped
+        without speculative decoding, and its overlapped spec path still waits for the accepted counts
+        to build the next step's inputs. Steps without speculation (the back-off, requests with k = 0
+        only) keep the overlap."""
+        finished, self._pending = self._pending, None
+        if finished is not None:
+            try:
+                self._emit_tokens(*self._update(finished))
+            except Exception as exc:
+                self._fail(finished.sched, exc)
+        seqs, ks = proposal_lengths(self.scheduler.running, self.max_model_len)
+        try:
+            for seq, proposal in zip(seqs, self._heavy(self.proposer.propose, seqs, ks)):
+                seq.spec_token_ids = proposal
+        except Exception:  # a failed proposer costs the speed-up of this step, not the requests
+            log.exception("speculative proposer failed: this step decodes without proposals")
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return
+        try:
+            runs = self._verify(sched, self._heavy(self.runner.execute, self._prepare(sched)))
+        except Exception as exc:
+            self._fail(sched, exc)
+            return
+        # The runs' tokens reach the scheduler and the outputs one position at a time, as plain decode
+        # steps would bring them: a stop token, max_tokens or a stop string inside a run ends it there.
+        for r in range(max((len(tokens) for _, tokens, _ in runs), default=0)):
+            live = [(seq, tokens[r], lps[r]) for seq, tokens, lps in runs
+                    if r < len(tokens) and seq.status is not SequenceStatus.FINISHED]
+            for seq, token_id, _ in live:
+                self.scheduler.append_token(seq, token_id)
+            if live:
+                self._emit_tokens(*map(list, zip(*live)))
+
+    def _heavy(self, fn, *args):
+        """fn(*args) on the forward thread when there is one (a CPU): every forward pass on one thread keeps
+        one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting (slower)."""
+        return fn(*args) if self._forward_thread is None else self._forward_thread.submit(fn, *args).result()
+
+    def _verify(self, sched: SchedulerOutput, logits: torch.Tensor
+                ) -> list[tuple[Sequence, list[int], list[TokenLogprob | None]]]:
+        """Sample every verified position, keep each sequence's accepted run, roll back the rest."""
+        rows = VerifyRows.build(sched.scheduled, sched.sample_indices)
+        if not rows.proposals:
+            return []
+        meta = SamplingMetadata.build(rows.params, rows.prompt_token_ids, rows.output_token_ids, rows.generators,
+                                      rows.stop_token_ids, self._sample_vocab, self.device)
+        index = torch.tensor(rows.logits_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        out = self.sampler(logits.index_select(0, index)[:, : self._sample_vocab], meta)
+        sampled, chosen, top_ids, top_lps = HostCopy.start(
+            out.sampled_token_ids, out.logprobs, out.top_token_ids, out.top_logprobs).wait()
+        spans = accepted_runs(sampled, rows.proposals)
+        self.scheduler.rollback_proposals(sched, [n - 1 for _, n in spans])
+        runs = []
+        for i, props, (first, n) in zip(sched.sample_indices, rows.proposals, spans):
+            seq = sched.scheduled[i][0]
+            self.num_spec_proposed_tokens += len(props)
+            self.num_spec_accepted_tokens += n - 1
+            self.num_spec_drafts += bool(props)
+            seq.num_spec_proposed_tokens += len(props)
+            seq.num_spec_accepted_tokens += n - 1
+            lps = [self._logprob(seq, sampled[r], r, chosen, top_ids, top_lps) for r in range(first, first + n)]
+            runs.append((seq, sampled[first : first + n], lps))
+        return runs
+
+    @staticmethod
+    def _logprob(seq: Sequence, token_id: int, row: int, chosen, top_ids, top_lps) -> TokenLogprob | None:
+        n = seq.params.logprobs
+        if n is None or chosen is None:
+            return None
+        top = list(zip(top_ids[row][:n], top_lps[row][:n])) if n and top_ids else []
+        return TokenLogprob(token_id=token_id, logprob=chosen[row], top=top)
 
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
         """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
@@ -346,12 +460,8 @@ class LLMEngine:
         token_ids = [token_ids[j] for j in kept]
         if chosen is None:
             return seqs, token_ids, [None] * len(seqs)
-        logprobs: list[TokenLogprob | None] = []
-        for seq, j, token_id in zip(seqs, kept, token_ids):
-            n = seq.params.logprobs
-            top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids else []
-            logprobs.append(None if n is None else TokenLogprob(token_id=token_id, logprob=chosen[j], top=top))
-        return seqs, token_ids, logprobs
+        return seqs, token_ids, [self._logprob(seq, t, j, chosen, top_ids, top_lps)
+                                 for seq, j, t in zip(seqs, kept, token_ids)]
 
     def _check_runner(self) -> None:
         """A runner that can run no further step (a tensor-parallel rank died) fails the engine, even when idle."""
@@ -422,6 +532,8 @@ class LLMEngine:
             kv_usage=bm.usage, num_kv_blocks=bm.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.scheduler.num_prompt_tokens,
             num_generation_tokens=self.scheduler.num_generation_tokens,
+            num_spec_proposed_tokens=self.num_spec_proposed_tokens,
+            num_spec_accepted_tokens=self.num_spec_accepted_tokens, num_spec_drafts=self.num_spec_drafts,
         )
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:

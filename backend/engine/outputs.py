@@ -33,6 +33,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    # Speculative decoding, so far: proposals verified for this request, and how many were accepted.
+    num_spec_proposed_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
     # Timing (time.monotonic()): for TTFT / inter-token / end-to-end latency.
     arrival_time: float = 0.0
     first_token_time: float | None = None

@@ -60,6 +60,7 @@ class RequestState:
         return RequestOutput(
             request_id=seq.request_id, token_ids=token_ids, text=text,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, arrival_time=seq.arrival_time,
+            num_cached_tokens=seq.num_cached_tokens, num_spec_proposed_tokens=seq.num_spec_proposed_tokens,
+            num_spec_accepted_tokens=seq.num_spec_accepted_tokens, arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time, time=now,
         )

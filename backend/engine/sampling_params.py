@@ -22,13 +22,13 @@ MAX_LOGPROBS = 20
 # as vLLM v1 does.
 GREEDY_TEMPERATURE = 1e-5
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "num_speculative_tokens")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty",
 )
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens")
-_NULLABLE_FIELDS = ("seed", "logprobs")
+_NULLABLE_FIELDS = ("seed", "logprobs", "num_speculative_tokens")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: sampled token only; N: also top N
     skip_special_tokens: bool = True
+    # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
+    # proposals per step (no more than the server's k).
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -111,6 +114,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0 (0: off), got {self.num_speculative_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(
                 f"logprobs must be null or in [0, {MAX_LOGPROBS}], got {self.logprobs}")

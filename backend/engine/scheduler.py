@@ -107,15 +107,35 @@ class Scheduler:
             if seq.status is SequenceStatus.FINISHED:
                 continue
             seq.num_placeholders -= 1
-            seq.token_ids.append(token_id)
-            reason = self._stop_reason(seq, token_id)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.finish(seq)
+            self.append_token(seq, token_id)
             seqs.append(seq)
             kept.append(j)
-        self.num_generation_tokens += len(seqs)
         return seqs, kept
+
+    def rollback_proposals(self, out: SchedulerOutput, num_accepted: list[int]) -> None:
+        """Account for a verify step (speculative decoding): `num_accepted[j]` of the proposals of
+        `out.sample_indices[j]` were accepted. The rejected ones are rolled back: `num_computed_tokens` drops
+        by their number and the blocks past the kept tokens are freed, as if only the accepted proposals
+        had been scheduled. The tokens themselves follow through append_token, one at a time."""
+        for i, accepted in zip(out.sample_indices, num_accepted, strict=True):
+            seq = out.scheduled[i][0]
+            rejected, seq.spec_token_ids = len(seq.spec_token_ids) - accepted, []
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            seq.num_placeholders -= 1  # the step's token: now the host's, appended by append_token
+            if rejected:
+                seq.num_computed_tokens -= rejected
+                seq.block_ids = self.block_manager.trim(seq.request_id, seq.num_computed_tokens)
+
+    def append_token(self, seq: Sequence, token_id: int) -> None:
+        """A token the host now knows: appended, then the token-level stop rules ("stop": a stop token;
+        "length": max_tokens or max_model_len) finish and free the sequence."""
+        seq.token_ids.append(token_id)
+        self.num_generation_tokens += 1
+        reason = self._stop_reason(seq, token_id)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.finish(seq)
 
     def _will_finish(self, seq: Sequence) -> bool:
         """Its pending token reaches max_tokens or max_model_len: scheduling it again would be wasted."""
@@ -141,7 +161,9 @@ class Scheduler:
             if self._will_finish(seq):
                 i += 1
                 continue
-            n = self._share(seq.num_total_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:  # proposals to verify: as many as the budget leaves room for
+                del seq.spec_token_ids[max(budget - 1, 0):]
+            n = self._share(seq.num_total_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget)
             if n == 0:
                 break
             if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * bm.block_size:
@@ -151,8 +173,10 @@ class Scheduler:
                 budget -= n
                 i += 1
                 continue
+            # Proposals count as placeholders: they get slots, and no block holding one is hashed.
             while (new_ids := bm.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, n,
-                                                num_placeholders=seq.num_placeholders)) is None:
+                                                num_placeholders=seq.num_placeholders + len(seq.spec_token_ids))
+                   ) is None:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is seq:
@@ -165,6 +189,8 @@ class Scheduler:
                 i += 1
                 continue
             break  # seq itself was preempted: nothing after it is running any more
+        for seq in self.running[i:]:  # not scheduled (the budget ran out): their proposals are stale next step
+            seq.spec_token_ids = []
 
         # 2. Waiting sequences in arrival order, unless this step already had to preempt.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
@@ -199,7 +225,7 @@ class Scheduler:
         for i, (seq, n) in enumerate(out.scheduled):
             self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_total_tokens:
+            if seq.num_computed_tokens >= seq.num_total_tokens:  # past it by the proposals being verified
                 seq.num_placeholders += 1
                 out.sample_indices.append(i)
 
@@ -214,6 +240,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.block_ids = []
+        seq.spec_token_ids = []
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)  # victims come from the unscheduled tail of `running`

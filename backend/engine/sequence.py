@@ -4,7 +4,8 @@ Owned by the engine thread alone (no locks): other threads only talk to the
 engine through its inbox. `token_ids` is prompt + generated tokens;
 `num_computed_tokens` says how many of them have K/V in the cache (counting
 the step in flight), and
-`block_ids` is its block table. The scheduler is their only writer: it
+`block_ids` is its block table. In a speculative step `num_computed_tokens` also counts the
+proposals being verified; the verification rolls the rejected ones back. The scheduler is their only writer: it
 advances them each step, and preemption resets them (recompute), keeping the
 generated tokens, so nothing is lost or produced twice.
 """
@@ -43,6 +44,12 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     finish_reason: str | None = None  # set when the scheduler ends it by token ("stop", "length")
     first_token_time: float | None = None
+    # Speculative decoding: proposals per step this request may use (0: off), and this step's proposals,
+    # scheduled after token_ids and verified by the step (never part of token_ids until accepted).
+    num_speculative_tokens: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_spec_proposed_tokens: int = 0  # since arrival
+    num_spec_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

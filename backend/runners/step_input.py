@@ -22,6 +22,7 @@ class ScheduledSequence(Protocol):
     token_ids: list[int]  # prompt + the generated tokens the host knows
     num_computed_tokens: int  # tokens with K/V in the pools once this step ran (this step's included)
     block_ids: list[int]  # the block table, covering num_computed_tokens
+    spec_token_ids: list[int]  # speculative proposals scheduled after token_ids (verified by this step)
 
 
 @dataclass
@@ -29,7 +30,9 @@ class StepInput:
     input_ids: torch.Tensor  # (N,) int64
     positions: torch.Tensor  # (N,) int64
     attn: AttentionMetadata
-    last_token_indices: torch.Tensor  # (B,) int64: each sequence's last new token in the packed batch
+    # (M,) int64: the packed tokens whose logits are computed: each sequence's last new token, and for a
+    # sequence that verifies proposals every one of its new tokens (M = B + the proposals).
+    last_token_indices: torch.Tensor
     # One int64 buffer behind input_ids, positions, slot_mapping, context_lens and last_token_indices, in
     # that order (one host-to-device copy per step). In a decode-only step (N == B) it is a (5, B) matrix.
     packed: torch.Tensor | None = None
@@ -71,7 +74,10 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
             continue
         known = seq.token_ids[start : start + n]
         ids += known
-        if len(known) < n:
+        if seq.spec_token_ids:  # verify: the proposals follow the last known token; logits at every one
+            ids += seq.spec_token_ids
+            last += range(len(ids) - n, len(ids) - 1)
+        elif len(known) < n:
             placeholders.append((len(ids), row))
             ids.append(0)
         positions += range(start, start + n)

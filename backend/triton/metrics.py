@@ -15,10 +15,12 @@ from kvtriton.backend.engine.outputs import RequestOutput
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
+ACCEPTANCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 
 
 class TritonMetrics:
-    def __init__(self, pb_utils, labels: dict[str, str], flush_interval_s: float = 0.25):
+    def __init__(self, pb_utils, labels: dict[str, str], flush_interval_s: float = 0.25,
+                 speculative_method: str = "none"):
         mf = pb_utils.MetricFamily
         # Families must outlive their metrics: keep references on self.
         self._families = {
@@ -44,6 +46,19 @@ class TritonMetrics:
         self.running = f["running"].Metric(labels=labels)
         self.waiting = f["waiting"].Metric(labels=labels)
         self.kv_usage = f["kv_usage"].Metric(labels=labels)
+        # Speculative decoding, labelled with the method (ngram | draft); absent when speculation is off.
+        self.spec_proposed = self.spec_accepted = self.spec_acceptance = None
+        if speculative_method != "none":
+            spec_labels = {**labels, "method": speculative_method}
+            f["spec_proposed"] = mf("kvtriton_spec_decode_proposed_tokens_total",
+                                    "Speculative tokens proposed and verified", mf.COUNTER)
+            f["spec_accepted"] = mf("kvtriton_spec_decode_accepted_tokens_total",
+                                    "Speculative tokens accepted by the served model", mf.COUNTER)
+            f["spec_acceptance"] = mf("kvtriton_spec_decode_acceptance_rate",
+                                      "Per finished request: accepted / proposed speculative tokens", mf.HISTOGRAM)
+            self.spec_proposed = f["spec_proposed"].Metric(labels=spec_labels)
+            self.spec_accepted = f["spec_accepted"].Metric(labels=spec_labels)
+            self.spec_acceptance = f["spec_acceptance"].Metric(labels=spec_labels, buckets=ACCEPTANCE_BUCKETS)
         self.flush_interval_s = flush_interval_s
         self._last_flush = 0.0
         self._flushed = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
@@ -55,6 +70,8 @@ class TritonMetrics:
             self.e2e.observe(out.time - out.arrival_time)
             if out.first_token_time is not None and out.num_output_tokens > 1:
                 self.tpot.observe((out.time - out.first_token_time) / (out.num_output_tokens - 1))
+            if self.spec_acceptance is not None and out.num_spec_proposed_tokens:
+                self.spec_acceptance.observe(out.num_spec_accepted_tokens / out.num_spec_proposed_tokens)
 
     def observe_step(self, stats: EngineStats, force: bool = False) -> None:
         now = time.monotonic()
@@ -65,6 +82,9 @@ class TritonMetrics:
         self.prompt.increment(stats.num_prompt_tokens - old.num_prompt_tokens)
         self.generation.increment(stats.num_generation_tokens - old.num_generation_tokens)
         self.preemption.increment(stats.num_preemptions - old.num_preemptions)
+        if self.spec_proposed is not None:
+            self.spec_proposed.increment(stats.num_spec_proposed_tokens - old.num_spec_proposed_tokens)
+            self.spec_accepted.increment(stats.num_spec_accepted_tokens - old.num_spec_accepted_tokens)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)

@@ -83,8 +83,9 @@ class TritonPythonModel:
         self.config, engine_values = AdapterConfig.from_parameters(values)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         engine_class = EngineProcess if self.config.engine_process else LLMEngine
-        self.engine = engine_class(EngineConfig.from_mapping(engine_values),
-                                   metrics=TritonMetrics(pb_utils, labels)).start()
+        engine_config = EngineConfig.from_mapping(engine_values)
+        self.engine = engine_class(engine_config, metrics=TritonMetrics(
+            pb_utils, labels, speculative_method=engine_config.speculative_method)).start()
         self.cancellation = CancellationWatcher(self.engine.abort, self.config.cancel_poll_interval_s)
         self.outbox = ResponseOutbox(self._between_sends, self.cancellation.interval_s)
         self._ids = itertools.count()

@@ -1,0 +1,178 @@
+"""Speculative decoding benchmark (in-process): output tok/s with speculation against the same engine
+without it, in the same run, with the mean acceptance length (1 + accepted / drafts, vLLM's definition).
+
+CPU, default model (SmolLM2-135M-Instruct, fp32, no quantization), greedy:
+  1. single stream, a chat question, 128 tokens, EOS ignored: draft self-int8 and self-int4 vs plain;
+  2. single stream, a quoting request ("repeat this paragraph with one word changed"): ngram vs plain;
+  3. 32 chat requests in flight, up to 128 tokens each (EOS ends them, so the batch thins out and its tail
+     speculates), back-off on (speculative_disable_by_batch_size as set): ngram and self-int8 vs plain.
+GPU (--device cuda --config llama-1b: the Llama-3.2-1B shape, random bf16 weights):
+  1. single stream, the quoting request: ngram vs plain (random weights loop, so prompt lookup is accepted
+     more than on real text; the acceptance is printed);
+  2. a 2-layer draft of the same shape, random weights: its acceptance means nothing, so the draft path's
+     cost is measured with the acceptance forced: the proposals are replaced after the draft ran by the
+     plain run's own tokens (100%) or by wrong ones (0%);
+  3. 32 in flight with back-off, ngram vs plain.
+
+  python benchmarks/spec_bench.py                                   # CPU; the machine's load is printed
+  python benchmarks/spec_bench.py --device cuda --config llama-1b   # the GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_bench import LLAMA_1B, QUESTIONS  # noqa: E402
+
+from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+PARAGRAPH = ("The river runs past the old mill, under the stone bridge, and on to the sea, where the fishing "
+             "boats wait for the morning tide. In winter the water rises over the meadows, and the children of "
+             "the village skate on the frozen fields until the thaw comes in March.")
+QUOTE = CHAT.format(f"Repeat this paragraph with one word changed:\n\n{PARAGRAPH}")
+
+
+def run(engine: LLMEngine, prompts: list[str], max_tokens: int, ignore_eos: bool) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    before = engine.stats()
+    t0 = time.perf_counter()
+    streams = [engine.add_request(f"s{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
+    outs = [s.result() for s in streams]
+    wall = time.perf_counter() - t0
+    after = engine.stats()
+    drafts = after.num_spec_drafts - before.num_spec_drafts
+    accepted = after.num_spec_accepted_tokens - before.num_spec_accepted_tokens
+    proposed = after.num_spec_proposed_tokens - before.num_spec_proposed_tokens
+    tokens = sum(len(o.token_ids) for o in outs)
+    return dict(tok_s=tokens / wall, tokens=tokens, wall_s=wall, ids=[o.token_ids for o in outs],
+                mean_acceptance_length=1 + accepted / drafts if drafts else 0.0,
+                acceptance=accepted / proposed if proposed else 0.0)
+
+
+class ForcedAcceptance:
+    """Wraps a proposer: it runs (its cost is paid), then its proposals are replaced by the plain run's own
+    next tokens (every one accepted) or by tokens that differ from them (every one rejected)."""
+
+    def __init__(self, inner, reference: dict[tuple[int, ...], list[int]], accept: bool, vocab_size: int):
+        self.inner, self.reference, self.accept, self.vocab_size = inner, reference, accept, vocab_size
+
+    def propose(self, seqs, ks):
+        proposals = self.inner.propose(seqs, ks)
+        forced = []
+        for seq, got in zip(seqs, proposals):
+            ref = self.reference[tuple(seq.prompt_token_ids)][seq.num_output_tokens:][: len(got)]
+            forced.append(ref if self.accept else [(t + 1) % self.vocab_size for t in ref])
+        return forced
+
+    def close(self):
+        self.inner.close()
+
+
+def model_folders(config: str) -> tuple[str, str | None, bool]:
+    """(target folder, draft folder or None, dummy weights)."""
+    from kvtriton.backend.models.default_model import ensure_default_model
+
+    default = ensure_default_model(progress=lambda *_: None)
+    if config == "default":
+        return str(default), None, False
+    root = Path(tempfile.mkdtemp())
+    folders = []
+    for name, layers in ((config, LLAMA_1B["num_hidden_layers"]), (f"{config}-draft", 2)):
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**LLAMA_1B, "num_hidden_layers": layers}))
+        for file in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
+            shutil.copy(default / file, folder / file)
+        folders.append(str(folder))
+    return folders[0], folders[1], True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--tokens", type=int, default=128, help="output tokens, single stream")
+    ap.add_argument("--batch-tokens", type=int, default=128, help="max output tokens per request, 32 in flight")
+    ap.add_argument("--only", default="", help="comma-separated subset: draft,ngram,batch")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    folder, draft_folder, dummy = model_folders(args.config)
+    base = dict(model=folder, device=args.device, dummy_weights=dummy, quantization="none",
+                dtype="bfloat16" if cuda else "float32", max_num_seqs=32, max_model_len=2048)
+    if not cuda:
+        base["kv_cache_memory_gb"] = 1.0
+    only = set(filter(None, args.only.split(","))) or {"draft", "ngram", "batch"}
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"# speculative decoding: {args.config} ({'random weights' if dummy else 'real weights'}), "
+          f"{base['dtype']}, k={args.k}, greedy; torch {torch.__version__}, python {platform.python_version()}, "
+          f"{device_name}, {os.cpu_count()} CPUs")
+
+    def engine(**spec) -> LLMEngine:
+        return LLMEngine(EngineConfig(**base, **spec)).start()
+
+    def report(name, plain, spec):
+        same = "identical" if spec["ids"] == plain["ids"] else "DIFFERENT"
+        print(f"{name:<44} {spec['tok_s']:8.1f} tok/s  plain {plain['tok_s']:8.1f}  speedup "
+              f"{spec['tok_s'] / plain['tok_s']:5.2f}x  mean acceptance length {spec['mean_acceptance_length']:.2f}"
+              f"  acceptance {spec['acceptance']:.0%}  output {same}  load {os.getloadavg()[0]:.1f}")
+
+    single = [CHAT.format(QUESTIONS[3])]
+    batch = [CHAT.format(q) for q in QUESTIONS[:32]]
+    plain = engine()
+    run(plain, single, 8, True)  # warm-up
+    ref = {"chat": run(plain, single, args.tokens, True), "quote": run(plain, [QUOTE], args.tokens, False)}
+    if "batch" in only:
+        ref["batch"] = run(plain, batch, args.batch_tokens, False)
+    print(f"plain: single stream {ref['chat']['tok_s']:.1f} tok/s, quoting {ref['quote']['tok_s']:.1f} tok/s "
+          f"({ref['quote']['tokens']} tokens)" + (f", 32 in flight {ref['batch']['tok_s']:.1f} tok/s"
+                                                  if "batch" in ref else "") + f"; load {os.getloadavg()}")
+    vocab = plain._sample_vocab
+    reference = {tuple(plain.admission.admit(single[0], SamplingParams())): ref["chat"]["ids"][0]}
+    plain.shutdown()
+
+    k = dict(num_speculative_tokens=args.k)
+    cases = []
+    if "ngram" in only:
+        cases.append(("ngram, single stream, quoting", dict(speculative_method="ngram", **k), [QUOTE], "quote"))
+    if "draft" in only and not cuda:
+        for model in ("self-int8", "self-int4"):
+            cases.append((f"draft {model}, single stream", dict(speculative_method="draft", speculative_model=model,
+                                                                  **k), single, "chat"))
+    if "batch" in only:
+        cases.append(("ngram, 32 in flight, back-off", dict(speculative_method="ngram", **k), batch, "batch"))
+        if not cuda:
+            cases.append(("draft self-int8, 32 in flight, back-off",
+                          dict(speculative_method="draft", speculative_model="self-int8", **k), batch, "batch"))
+    for name, spec, prompts, key in cases:
+        eng = engine(**spec)
+        run(eng, prompts[:1], 8, True)  # warm-up
+        tokens = args.batch_tokens if key == "batch" else args.tokens
+        report(name, ref[key], run(eng, prompts, tokens, ignore_eos=key == "chat"))
+        eng.shutdown()
+    if "draft" in only and cuda:
+        eng = engine(speculative_method="draft", speculative_model=draft_folder, **k)
+        inner = eng.proposer
+        for accept in (False, True):
+            eng.proposer = ForcedAcceptance(inner, reference, accept, vocab)
+            report(f"draft (2 layers), forced {100 if accept else 0}% acceptance", ref["chat"],
+                   run(eng, single, args.tokens, True))
+        eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()
