@@ -41,7 +41,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Iterable
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy
 import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
@@ -117,14 +117,15 @@ class StructuredOutputManager:
                 if seq.grammar is not None and seq.finish_reason is None]
         if not rows:
             return None
-        words = llguidance.torch.get_bitmask_shape(len(seqs), self.ll_tokenizer.vocab_size)
-        bitmask = torch.full(words, -1, dtype=torch.int32)  # (B, W)
+        # llguidance.numpy, not llguidance.torch: the latter runs torch.compile at import (it loads inductor,
+        # seconds, and fails inside Triton's Python stub).
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(seqs), self.ll_tokenizer.vocab_size)  # (B, W) all -1
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
         # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
-        # A pageable source is staged before .to() returns, so the next step may reuse nothing of it.
-        return bitmask.to(device, non_blocking=True)
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        # A pageable source is staged before .to() returns: nothing of it is read after this step.
+        return torch.from_numpy(bitmask).to(device, non_blocking=True)
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
