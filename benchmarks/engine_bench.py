@@ -54,24 +54,32 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] if values else float("nan")
 
 
-def run_engine(engine, prompts, max_tokens):
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def run_engine(engine, prompts, max_tokens, params=None):
+    """All prompts in flight at once: greedy, max_tokens, EOS ignored, unless `params` gives one SamplingParams
+    per prompt. Returns the throughput, TTFT and ITL samples, and each request's text and token count."""
+    if params is None:
+        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)] * len(prompts)
     t0 = time.perf_counter()
-    streams = [engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
-    ttft, itl, tokens = [], [], 0
+    streams = [engine.add_request(f"b{time.monotonic_ns()}-{i}", p, sp)
+               for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    ttft, itl, tokens, texts, counts = [], [], 0, [], []
     for s in streams:
-        last = None
+        last, text, count = None, "", 0
         for out in s:
+            text += out.text
             if not out.token_ids:
                 continue
-            tokens += len(out.token_ids)
+            count += len(out.token_ids)
             if last is None:
                 ttft.append(out.time - out.arrival_time)
             else:
                 itl.append(out.time - last)
             last = out.time
+        tokens += count
+        texts.append(text)
+        counts.append(count)
     wall = time.perf_counter() - t0
-    return dict(tok_s=tokens / wall, wall_s=wall, tokens=tokens, ttft=ttft, itl=itl)
+    return dict(tok_s=tokens / wall, wall_s=wall, tokens=tokens, ttft=ttft, itl=itl, texts=texts, counts=counts)
 
 
 def run_hf(folder, prompts_ids, max_tokens, device, dtype, batch):

@@ -31,6 +31,7 @@ from kvtriton.backend.engine.admission import Admission
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, EngineStats, LLMEngine
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("kvtriton")
@@ -57,6 +58,8 @@ class EngineProcess:
         _, limits, folder = message
         self.tokenizer = Tokenizer.from_pretrained(folder)
         self.admission = Admission(self.tokenizer, limits)
+        # Compiles guided_* constraints here too, only to answer an invalid one at once (the child compiles its own).
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.tokenizer.eos_token_ids)
         self._sinks: dict[str, OutputSink] = {}
         self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
         self._send_lock = threading.Lock()
@@ -80,6 +83,7 @@ class EngineProcess:
             raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "
                                   "retry later")
         ids = self.admission.admit(prompt, params)
+        self.structured_output.matcher_for(params)
         sink = sink if sink is not None else RequestStream(request_id)
         with self._lock:
             if request_id in self._sinks:

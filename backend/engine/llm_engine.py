@@ -40,6 +40,7 @@ from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 from kvtriton.backend.engine.speculative import create_proposer
 from kvtriton.backend.engine.speculative.policy import proposal_lengths, speculation_allowed
 from kvtriton.backend.engine.speculative.verification import VerifyRows, accepted_runs
+from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
@@ -109,6 +110,7 @@ class LLMEngine:
             block_size=config.block_size,
             max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
             num_speculative_tokens=config.num_speculative_tokens))
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = create_proposer(config, self.tokenizer, self.runner.num_blocks, self.device, self.dtype,
@@ -141,12 +143,14 @@ class LLMEngine:
             raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "
                                   "retry later")
         ids = self.admission.admit(prompt, params)
+        grammar = self.structured_output.matcher_for(params)  # compiled here, on the caller's thread
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator,
-                       num_speculative_tokens=self._speculative_tokens(params))
+        # A guided request does not speculate: its grammar must see each token before the next is proposed.
+        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
+                       num_speculative_tokens=0 if grammar is not None else self._speculative_tokens(params))
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()
@@ -289,8 +293,11 @@ class LLMEngine:
         A step in which sequences speculate is a verify step, run without overlap (_speculative_step)."""
         self._drain_inbox()
         running = self.scheduler.running
+        # Guided rows take their grammar's mask and advance it one token at a time: a step with one does not
+        # speculate (the verify path samples without masks).
         if (self.proposer is not None and speculation_allowed(self.config, len(running))
-                and any(seq.num_speculative_tokens for seq in running)):
+                and any(seq.num_speculative_tokens for seq in running)
+                and not any(seq.grammar is not None for seq in running)):
             self._speculative_step()
         else:
             self._overlapped_step()
@@ -436,10 +443,13 @@ class LLMEngine:
         seqs = [sched.scheduled[i][0] for i in sched.sample_indices]
         if not seqs:
             return None
-        return SamplingMetadata.build(
+        meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
         )
+        # After the previous step's update, so guided rows' grammars have taken every token before this one.
+        meta.allowed_token_bitmask = self.structured_output.bitmask(seqs, self.device)
+        return meta
 
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor,
                 meta: SamplingMetadata | None) -> PendingStep | None:
@@ -458,16 +468,38 @@ class LLMEngine:
         token_ids, chosen, top_ids, top_lps = pending.host.wait()
         seqs, kept = self.scheduler.update_from_output(pending.sched, token_ids)
         token_ids = [token_ids[j] for j in kept]
-        if chosen is None:
-            return seqs, token_ids, [None] * len(seqs)
-        return seqs, token_ids, [self._logprob(seq, t, j, chosen, top_ids, top_lps)
-                                 for seq, j, t in zip(seqs, kept, token_ids)]
+        logprobs = [None] * len(seqs) if chosen is None else [
+            self._logprob(seq, t, j, chosen, top_ids, top_lps) for seq, j, t in zip(seqs, kept, token_ids)]
+        return self._advance_grammars(seqs, token_ids, logprobs)
 
     def _check_runner(self) -> None:
         """A runner that can run no further step (a tensor-parallel rank died) fails the engine, even when idle."""
         check_health = getattr(self.runner, "check_health", None)
         if check_health is not None:
             check_health()
+
+    def _advance_grammars(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]
+                          ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Guided sequences' grammars take the step's tokens. A complete grammar ends its request ("stop", after
+        the token's text); a rejected token (only possible when nothing was allowed, e.g. min_tokens banned
+        the EOS that the grammar required) ends it with an error and drops the token."""
+        rejected: list[int] = []
+        for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
+            if seq.grammar is None or seq.finish_reason is not None:  # unguided, or ended by a stop token / length
+                continue
+            if not seq.grammar.accept(token_id):
+                rejected.append(i)
+            elif seq.grammar.is_terminated:
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+        if not rejected:
+            return seqs, token_ids, logprobs
+        for i in rejected:
+            seq = seqs[i]
+            self._finish(seq.request_id, "error", f"request {seq.request_id}: token {token_ids[i]} does not fit "
+                         f"the guided_* constraint ({seq.grammar.error})")
+        keep = [i for i in range(len(seqs)) if i not in set(rejected)]
+        return [seqs[i] for i in keep], [token_ids[i] for i in keep], [logprobs[i] for i in keep]
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> None:
         """A step failed: its requests end with an error that names the request, the detail goes to the log.

@@ -3,7 +3,8 @@
 The scheduler has already applied the token-level stop rules when a token
 arrives here (`seq.finish_reason`): a stop token or EOS ends the request with
 "stop" and its text is never emitted; max_tokens or the model's context ends
-it with "length" after the token's text. What needs text happens here: the
+it with "length", and a completed grammar (structured output) with "stop",
+both after the token's text. What needs text happens here: the
 incremental detokenizer, and the stop-string matcher, which ends a request
 even when the stop string spans several tokens, never emitting it.
 """
@@ -36,18 +37,22 @@ class RequestState:
         if seq.first_token_time is None:
             seq.first_token_time = now
         reason, text = seq.finish_reason, ""
-        if reason != "stop":
+        if self._has_text(token_id):
             delta = self.detokenizer.step([token_id])
             text, stopped = self.stop_matcher.feed(delta)
             if stopped:
                 reason = "stop"
-            elif reason == "length":
+            elif reason is not None:  # the last token: what the detokenizer and the stop matcher held back
                 text += self.stop_matcher.feed(self.detokenizer.flush())[0] + self.stop_matcher.flush()
         out = self._output([token_id], text, now)
         out.logprobs = [logprob] if logprob else None
         if reason:
             out.finished, out.finish_reason = True, reason
         return out
+
+    def _has_text(self, token_id: int) -> bool:
+        """False for the stop token (or EOS) that ended the request: its text is never emitted."""
+        return not (self.seq.finish_reason == "stop" and token_id in self.seq.stop_token_ids)
 
     def final(self, reason: str, error: str | None = None) -> RequestOutput:
         """The last output of a request ended from outside the token stream (abort, error)."""

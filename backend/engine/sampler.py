@@ -7,9 +7,10 @@ features run is decided on the host from the requests' `SamplingParams`
 (flags in `SamplingMetadata`), so a batch that uses no penalty, no top-k and
 no logprobs pays for none of them.
 
-Order of operations (as vLLM v1): raw logprobs -> min_tokens mask ->
-repetition / presence / frequency penalties -> greedy argmax | temperature ->
-min_p -> top_k -> top_p -> exponential-race sample.
+Order of operations (as vLLM v1): grammar bitmask (structured output) ->
+raw logprobs -> min_tokens mask -> repetition / presence / frequency
+penalties -> greedy argmax | temperature -> min_p -> top_k -> top_p ->
+exponential-race sample.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.token_bitmask import apply_token_bitmask_
 
 
 @dataclass
@@ -49,6 +51,9 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # random rows with a per-request seed
     max_num_logprobs: int | None  # None: no row asked for logprobs
     vocab_size: int  # V that the ids and flat indices above were built for
+    # (B, ceil(V / 32)) int32: the tokens each row's grammar allows (token_bitmask.py); None: no guided row.
+    # Set by the engine after build(), once the previous step's tokens have advanced the grammars.
+    allowed_token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -201,6 +206,9 @@ class Sampler:
                 f"built for vocab_size={meta.vocab_size}; build it with logits.shape[-1]")
         # Work on a float32 copy: the caller's logits stay untouched.
         logits = logits.to(torch.float32, copy=True)  # (B, V)
+        if meta.allowed_token_bitmask is not None:
+            # First, as vLLM: every later step (logprobs included) sees the constrained distribution.
+            apply_token_bitmask_(logits, meta.allowed_token_bitmask)
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)

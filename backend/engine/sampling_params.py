@@ -7,11 +7,18 @@ trusts an instance: construction either normalises the values or raises a
 `sampling_parameters` input), where numbers often arrive as strings. Its
 keys are the field names; other clients' spellings (TensorRT-LLM's) are
 their adapter's to translate.
+
+Structured output (vLLM's names): at most one of `guided_json` (a JSON schema,
+as a JSON string or an object), `guided_regex`, `guided_grammar` (Lark or
+GBNF/EBNF) and `guided_json_object` (any JSON object). Here they are checked
+for shape only; whether the schema, regex or grammar compiles is found by the
+grammar engine (structured_output.py) when the request is admitted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -27,8 +34,9 @@ _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty",
 )
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "guided_json_object")
 _NULLABLE_FIELDS = ("seed", "logprobs", "num_speculative_tokens")
+_GUIDED_TEXT_FIELDS = ("guided_json", "guided_regex", "guided_grammar")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,10 @@ class SamplingParams:
     # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
     # proposals per step (no more than the server's k).
     num_speculative_tokens: int | None = None
+    guided_json: str | None = None  # a JSON schema (an object is serialised)
+    guided_regex: str | None = None
+    guided_grammar: str | None = None  # Lark, or GBNF / EBNF (llama.cpp's)
+    guided_json_object: bool = False  # any JSON object
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -70,6 +82,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         self._normalise_sequences()
         self._check_ranges()
+        self._check_guided()
 
     def _normalise_sequences(self) -> None:
         # Lists are accepted for convenience; tuples keep the instance hashable.
@@ -120,6 +133,30 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs must be null or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
+    def _check_guided(self) -> None:
+        if isinstance(self.guided_json, Mapping):
+            # A string keeps the instance hashable and is the grammar cache's key. Key order is kept: it is the
+            # order in which the properties are generated.
+            object.__setattr__(self, "guided_json", json.dumps(self.guided_json))
+        for name in _GUIDED_TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                what = "a JSON schema (a string or an object)" if name == "guided_json" else "a non-empty string"
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        given = [name for name in (*_GUIDED_TEXT_FIELDS, "guided_json_object") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} are both set; give at most one guided_* constraint")
+
+    @property
+    def guided_decoding(self) -> tuple[str, str] | None:
+        """The structured-output constraint as (kind, spec), kind one of json, regex, grammar, json_object;
+        None when the request is unconstrained."""
+        for name in _GUIDED_TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name.removeprefix("guided_"), value
+        return ("json_object", "") if self.guided_json_object else None
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
@@ -164,6 +201,8 @@ def _coerce(name: str, value: Any) -> Any:
         return (value,) if isinstance(value, str) else _as_list(name, value)
     if name == "stop_token_ids":
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
+    if name in _GUIDED_TEXT_FIELDS:
+        return value  # checked by __post_init__ (guided_json may be an object)
     raise AssertionError(f"no coercion for field {name}")
 
 

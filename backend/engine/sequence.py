@@ -15,10 +15,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvtriton.backend.engine.structured_output import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +39,7 @@ class Sequence:
     stop_token_ids: frozenset[int] = frozenset()  # ends the request ("stop"): stop_token_ids, EOS unless ignore_eos
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None  # per-request seed: its own RNG stream
+    grammar: GrammarMatcher | None = None  # a guided request's position in its grammar (structured_output.py)
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

@@ -181,6 +181,11 @@ class Tokenizer:
                 raise InvalidPrefixError(str(exc)) from exc
             raise
 
+    def to_json(self) -> str:
+        """The tokenizers library's serialisation (tokenizer.json): what a grammar engine builds its vocabulary
+        from."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry (not the text) of one id, e.g. 'Ġworld' for ' world'."""
         self._checked_ids((token_id,), "token id")
