@@ -12,6 +12,11 @@ import sys
 from kvtriton.build.model_builder import RUNTIMES, BuildConfig, build_model
 from kvtriton.build.onnx_export import PRECISIONS
 
+EXAMPLES = """examples:
+  kvtriton build default --out my_repository --name llm_int4 --precision int4 --runtime onnxruntime
+  kvtriton build ./Llama-3.2-1B-Instruct --out my_repository --precision fp16 --runtime tensorrt
+  kvtriton serve --model-repository my_repository"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BuildConfig(checkpoint="", out="")
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvtriton build", description=__doc__,
+    parser = argparse.ArgumentParser(prog="kvtriton build", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -35,6 +35,12 @@ DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_RETRIES = 5  # about 6 s of backoff in all
 
 
+def user_turn(text: str, raw: bool = False) -> dict[str, Any]:
+    """stream()/generate() keyword arguments for one user text: one user message, which the server renders with
+    the model's chat template (what an instruct model answers), or with `raw` the text as the prompt itself."""
+    return {"prompt": text} if raw else {"messages": [{"role": "user", "content": text}]}
+
+
 def _request(prompt: str | None, messages: Sequence[Mapping[str, str]] | None, stream: bool,
              sampling: dict[str, Any]) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,

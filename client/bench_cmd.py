@@ -2,9 +2,11 @@
 
 Per sweep point: TTFT, ITL, TPOT and end-to-end latency (mean, p50, p90, p99),
 request and output-token throughput, errors (definitions in bench_report).
-Prompts are random common words of a known length (prompts.py); the lengths
-reported are the server's token counts. Greedy by default; --ignore-eos makes
-every request produce exactly its max_tokens.
+Prompts are random common words of a known length (prompts.py), each sent as
+one user message that the server wraps in the model's chat template, as a chat
+application's requests are (--raw: the words alone); the lengths reported are
+the server's token counts, template included. Greedy by default; --ignore-eos
+makes every request produce exactly its max_tokens.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ import tqdm
 
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.bench_report import format_table, plot, summarize, write_json
-from kvtriton.client.cli_args import add_connection_arguments, async_client_from_args, run_command
+from kvtriton.client.cli_args import (
+    add_connection_arguments,
+    add_template_arguments,
+    async_client_from_args,
+    run_command,
+    template_hint,
+)
 from kvtriton.client.errors import LLMClientError
 from kvtriton.client.generate_cmd import fail
 from kvtriton.client.loadgen import LoadPoint, run_point
 from kvtriton.client.prompts import make_prompts
 
 PROG = "kvtriton bench"
+EXAMPLES = """examples:
+  kvtriton bench --url localhost:8001 --concurrency 1,4,16 --out bench.json --plot bench.png
+  kvtriton bench --url localhost:8001 --request-rate 1,2,inf --input-len 256 --output-len 64 --random-range 0.5
+  kvtriton bench --url http://localhost:8000 --raw --ignore-eos --num-prompts 32   # prompts without the template"""
 
 
 def _int_list(text: str) -> list[int]:
@@ -65,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--request-rate", type=_rate_list, default=None, metavar="R[,R...]",
                       help="open loop: Poisson arrivals at R requests/s (inf: all at once); a list sweeps")
     g.add_argument("--warmup", type=int, default=2, metavar="K", help="unmeasured requests before the sweep (2)")
+    add_template_arguments(g, "each prompt")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0, help="prompts and arrival times")
@@ -92,6 +105,7 @@ def _setup(args: argparse.Namespace, client: AsyncLLMClient, server: dict[str, A
         "url": client.endpoint.url, "protocol": client.endpoint.protocol, "model": args.model,
         "input_len": args.input_len, "output_len": args.output_len, "random_range": args.random_range,
         "num_prompts": args.num_prompts, "warmup": args.warmup, "ignore_eos": args.ignore_eos,
+        "chat_template": not args.raw,
         "temperature": args.temperature, "seed": args.seed,
         "server": {"name": server.get("name"), "version": server.get("version")},
         "client": {"kvtriton": _version("kvtriton"), "tritonclient": _version("tritonclient"),
@@ -108,12 +122,14 @@ async def benchmark(args: argparse.Namespace, client: AsyncLLMClient) -> tuple[d
     setup = _setup(args, client, await client.server_metadata())
     if args.warmup:
         warm = make_prompts(args.warmup, args.input_len, args.output_len, args.random_range, args.seed + 1)
-        await run_point(client, warm, LoadPoint(concurrency=min(args.warmup, points[0].concurrency or 1)), sampling)
+        await run_point(client, warm, LoadPoint(concurrency=min(args.warmup, points[0].concurrency or 1)), sampling,
+                        raw=args.raw)
     results = []
     for point in points:
         with tqdm.tqdm(total=len(prompts), desc=point.label, unit="req", file=sys.stderr,
                        disable=True if args.no_progress else None, leave=False) as bar:  # None: off when not a TTY
-            run = await run_point(client, prompts, point, sampling, args.seed, on_done=lambda _: bar.update(1))
+            run = await run_point(client, prompts, point, sampling, args.seed, on_done=lambda _: bar.update(1),
+                                  raw=args.raw)
         results.append(summarize(run))
     return setup, results
 
@@ -138,19 +154,21 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(f"{setup['model']} at {setup['url']} (Triton {setup['server']['version']}): input {args.input_len} "
-          f"output {args.output_len} words/tokens, {args.num_prompts} requests per point")
+          f"output {args.output_len} words/tokens{'' if args.raw else ' (chat template around the input)'}, "
+          f"{args.num_prompts} requests per point")
     print(format_table(results))
     if args.out:
         write_json(args.out, setup, results)
     if args.plot:
         plot(args.plot, results, f"{setup['model']} via {setup['protocol']}, in {args.input_len} / out {args.output_len}")
     if all(p["completed"] == 0 for p in results):
-        return fail(PROG, f"every request failed, e.g. {results[0]['error_messages'][:1]}")
+        first = results[0]["error_messages"][:1]
+        return fail(PROG, f"every request failed, e.g. {first}{template_hint(str(first), args.raw)}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, "Benchmark a running kvtriton server.", add_arguments, run, argv)
+    return run_command(PROG, "Benchmark a running kvtriton server.", add_arguments, run, argv, EXAMPLES)
 
 
 if __name__ == "__main__":

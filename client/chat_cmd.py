@@ -25,6 +25,10 @@ from kvtriton.client.errors import LLMClientError, ServerError, ServerUnavailabl
 from kvtriton.client.generate_cmd import fail
 
 PROG = "kvtriton chat"
+EXAMPLES = """examples:
+  kvtriton chat --url localhost:8001
+  kvtriton chat --url http://localhost:8000 --system "Answer in one sentence." --temperature 0.7
+  printf 'Hi!\nWhat did I just say?\n' | kvtriton chat --url localhost:8001 --max-tokens 64"""
 PROMPT = ">>> "
 COMMANDS = {"/reset": "forget the conversation", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, "Chat with a running kvtriton server.", add_arguments, run, argv)
+    return run_command(PROG, "Chat with a running kvtriton server.", add_arguments, run, argv, EXAMPLES)
 
 
 if __name__ == "__main__":

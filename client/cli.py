@@ -49,7 +49,8 @@ def _generate(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="kvtriton generate",
-        description="Generate text and stream it: against a server with --url, else with the engine in-process.")
+        description="Generate text and stream it: against a server with --url, else with the engine in-process.",
+        epilog=generate_cmd.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     generate_cmd.add_arguments(parser, url_required=False)
     offline.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -65,7 +66,7 @@ def _command(module: str, prog: str):
         from kvtriton.client.cli_args import run_command
 
         mod = importlib.import_module(module)
-        return run_command(prog, (mod.__doc__ or "").split("\n")[0], mod.add_arguments, mod.run, argv)
+        return run_command(prog, (mod.__doc__ or "").split("\n")[0], mod.add_arguments, mod.run, argv, mod.EXAMPLES)
     return run
 
 
@@ -83,12 +84,20 @@ COMMANDS = {
 }
 
 
+EXAMPLES = """examples:
+  kvtriton serve                                              # the llm model on :8000 (HTTP), :8001 (gRPC)
+  kvtriton generate "What is the capital of France?" --url localhost:8001
+  kvtriton chat --url localhost:8001
+  kvtriton bench --url localhost:8001 --concurrency 1,4,16"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-        print(f"usage: kvtriton <command> [options]\n\ncommands:\n{lines}\n\n`kvtriton <command> --help` for each.")
+        print(f"usage: kvtriton <command> [options]\n\ncommands:\n{lines}\n\n{EXAMPLES}\n\n"
+              "`kvtriton <command> --help` for each, with examples.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nkvtriton: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -43,6 +43,23 @@ def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, dest) for dest, key in _SAMPLING_OPTIONS.items() if getattr(args, dest, None) is not None}
 
 
+def add_template_arguments(parser, what: str) -> None:
+    """--chat (the default) / --raw: whether `what` goes as one user message through the model's chat template.
+    `parser`: an ArgumentParser or one of its argument groups."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--chat", dest="raw", action="store_false", default=False,
+                   help=f"send {what} as one user message: the model's chat template wraps it, as an instruct "
+                        "model expects (the default)")
+    g.add_argument("--raw", dest="raw", action="store_true", default=False,
+                   help=f"send {what} as is, without the chat template (a base model, or text already in the "
+                        "template's format)")
+
+
+def template_hint(error: str, raw: bool) -> str:
+    """What to add to an error about a model without a chat template, when the template was asked for."""
+    return "; --raw sends the text as is" if not raw and "chat template" in error else ""
+
+
 def add_connection_arguments(parser: argparse.ArgumentParser, url_required: bool = True) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--url", required=url_required,
@@ -57,9 +74,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser, url_required: bool
                         "about 6 s; 0 = fail at once)")
 
 
-def run_command(prog: str, description: str, add_arguments, run, argv=None) -> int:
-    """Parse argv for one command (its add_arguments) and run it: each command's `main`, and `kvtriton <cmd>`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def run_command(prog: str, description: str, add_arguments, run, argv=None, examples: str | None = None) -> int:
+    """Parse argv for one command (its add_arguments) and run it: each command's `main`, and `kvtriton <cmd>`.
+    `examples` ends its --help."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=examples,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

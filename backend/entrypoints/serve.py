@@ -102,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvtriton serve",
         description="Start tritonserver on a model repository, wait until its models are ready, serve until Ctrl-C.",
-        epilog="Arguments after -- go to tritonserver unchanged, e.g. -- --log-verbose=1",
+        epilog="Arguments after -- go to tritonserver unchanged, e.g. -- --log-verbose=1\n\n"
+               "examples:\n"
+               "  kvtriton serve                                   # ./model_repository, this machine only\n"
+               "  kvtriton serve --model-repository my_repository --host 0.0.0.0 --admin-key-file key.txt\n"
+               "  kvtriton serve --demo \"What is the capital of France?\" -- --log-verbose=1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"),
                         help="folder of <model>/config.pbtxt (default: ./model_repository)")

