@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ class ProbeSequence:  # what prepare_step reads of a scheduled sequence
     token_ids: list[int]
     num_computed_tokens: int  # this step's token included, as the scheduler leaves it
     block_ids: list[int]
+    spec_token_ids: list[int] = field(default_factory=list)  # no speculative proposals
 
 
 def decode_step(runner: TorchRunner, batch: int, context: int):

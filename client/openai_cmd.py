@@ -20,10 +20,14 @@ from kvtriton.client.generate_cmd import fail
 from kvtriton.client.openai.server import DEFAULT_HOST, DEFAULT_PORT, FrontendError, make_server
 
 PROG = "kvtriton openai"
+EXAMPLES = """examples:
+  kvtriton openai --url localhost:8001 --port 9000                  # in front of a running tritonserver
+  kvtriton openai --url localhost:8001 --host 0.0.0.0 --served-model-name smollm2
+  curl localhost:9000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "example: kvtriton openai --url localhost:8001 --port 9000"
     add_connection_arguments(parser)
     g = parser.add_argument_group("OpenAI API")
     g.add_argument("--host", default=DEFAULT_HOST,
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, (__doc__ or "").split("\n")[0], add_arguments, run, argv)
+    return run_command(PROG, (__doc__ or "").split("\n")[0], add_arguments, run, argv, EXAMPLES)
 
 
 if __name__ == "__main__":
