@@ -13,20 +13,17 @@ differ. perf_analyzer's own summary (throughput, average first-response latency)
 is printed beside them. Exit status 1 if request throughput, output-token
 throughput or mean TTFT differ by more than --tolerance.
 
-perf_analyzer is the one bundled with tritonclient 2.51 (newer wheels ship an
-empty placeholder); it needs libb64.so.0d and libcudart.so.12, which this script
-links from the nvidia-pytriton wheel into a temporary folder on LD_LIBRARY_PATH.
+perf_analyzer is the one bundled with tritonclient 2.51, with the libraries it
+needs linked from the nvidia-pytriton wheel (kvtriton.client.perf_analyzer).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +33,7 @@ from typing import Any, Sequence
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.bench_report import distribution, summarize
 from kvtriton.client.loadgen import LoadPoint, PointRun, RequestRecord, run_point
+from kvtriton.client.perf_analyzer import find_perf_analyzer, perf_analyzer_env, perf_analyzer_libs
 from kvtriton.client.prompts import BenchPrompt, make_prompts
 
 COMPARED = (("request_throughput", "req/s"), ("output_token_throughput", "out tok/s"), ("ttft_mean", "TTFT mean s"),
@@ -47,27 +45,6 @@ _PA_SUMMARY = re.compile(r"Concurrency: (\d+), throughput: ([0-9.]+) infer/sec, 
 # library imports nothing of the backend.
 ADMIN_KEY_ENV = "KVTRITON_ADMIN_KEY"
 ADMIN_KEY_HEADER = "kvtriton-admin-key"
-
-def find_perf_analyzer() -> Path:
-    found = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
-    if not Path(found).is_file():
-        raise SystemExit("perf_analyzer not found: install tritonclient[all]==2.51.0 (it bundles a working binary)")
-    return Path(found)
-
-
-def perf_analyzer_libs(folder: Path) -> Path:
-    """Links the two shared libraries perf_analyzer lacks, from nvidia-pytriton's bundled ones."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("perf_analyzer needs libb64/libcudart; install nvidia-pytriton==0.7.0, which carries them")
-    libs = Path(list(spec.submodule_search_locations)[0]).parent / "nvidia_pytriton.libs"
-    for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
-        matches = sorted(libs.glob(pattern))
-        if not matches:
-            raise SystemExit(f"no {pattern} in {libs}; reinstall nvidia-pytriton==0.7.0")
-        (folder / name).symlink_to(matches[0])
-    return folder
-
 
 def input_data(prompts: Sequence[BenchPrompt], sampling: dict[str, Any]) -> dict[str, Any]:
     """perf_analyzer's --input-data: one entry per prompt, the inputs our client sends."""
@@ -99,8 +76,7 @@ def run_perf_analyzer(binary: Path, libs: Path, args: argparse.Namespace, concur
     if admin_key := os.environ.get(ADMIN_KEY_ENV):
         # `kvtriton serve` keeps the statistics API (which perf_analyzer reads) behind its admin key.
         command += ["-H", f"triton-grpc-protocol-{ADMIN_KEY_HEADER}:{admin_key}"]
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")]))}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.pa_timeout)
+    done = subprocess.run(command, capture_output=True, text=True, env=perf_analyzer_env(libs), timeout=args.pa_timeout)
     if done.returncode != 0:
         raise SystemExit(f"perf_analyzer failed ({done.returncode}): {' '.join(command)}\n{done.stdout[:2000]}"
                          f"\n{done.stderr[-2000:]}")

@@ -58,11 +58,16 @@ def test_in_process_generate_applies_the_chat_template_unless_raw(tiny, capsys):
     assert code == 0 and raw["num_input_tokens"] == len(tokenizer.encode(question)) < templated["num_input_tokens"]
 
 
-def test_in_process_generate_on_a_model_without_a_chat_template_says_to_use_raw(tmp_path, capsys):
-    model = make_tiny_model(tmp_path / "base")
+def _without_chat_template(folder):
+    model = make_tiny_model(folder)
     config = json.loads((model / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_in_process_generate_on_a_model_without_a_chat_template_says_to_use_raw(tmp_path, capsys):
+    model = _without_chat_template(tmp_path / "base")
     capsys.readouterr()  # the tiny model's save progress
 
     code, _, err = _generate(capsys, model)
@@ -70,3 +75,15 @@ def test_in_process_generate_on_a_model_without_a_chat_template_says_to_use_raw(
     assert err.strip() == f"kvtriton generate: error: {model} has no chat template; --raw sends the prompt as is"
     code, raw, _ = _generate(capsys, model, "--raw")
     assert code == 0 and raw["num_output_tokens"] >= 1
+
+
+def test_the_servers_no_template_error_gets_the_raw_hint(tmp_path):
+    """Over --url the server's error comes back as text; the client adds the hint when it names the template."""
+    from kvtriton.client.cli_args import template_hint
+
+    model = _without_chat_template(tmp_path / "base")
+    with pytest.raises(ValueError) as rejected:  # what the server answers a `messages` request with
+        Tokenizer.from_pretrained(model).apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert template_hint(str(rejected.value), raw=False) == "; --raw sends the text as is"
+    assert template_hint(str(rejected.value), raw=True) == ""
+    assert template_hint("temperature must be >= 0, got -1.0", raw=False) == ""
