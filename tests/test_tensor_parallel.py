@@ -2,6 +2,7 @@
 a dead worker fails the engine without hanging, and shutdown leaves no process behind."""
 
 import os
+import queue
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharding import check_tensor_parallel, rank_model_config
 from kvtriton.backend.runners.step_input import prepare_step
 
+from tests.process_tree import alive, cmdline, descendants
 from tests.tiny_model import make_tiny_model
 
 pytest.importorskip("transformers")
@@ -52,6 +54,24 @@ def run_steps(runner, block_size: int, device: str = "cpu") -> list[torch.Tensor
             seq.num_computed_tokens += 1
         logits.append(runner.execute(prepare_step([(s, 1) for s in seqs], block_size, device)))
     return logits
+
+
+class Outputs:
+    """A request's sink whose end is awaited with a deadline: a regression fails the test instead of hanging it."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+
+    def put(self, output) -> None:
+        self.queue.put(output)
+
+    def first(self, timeout_s: float = 60):
+        return self.queue.get(timeout=timeout_s)
+
+    def last(self, timeout_s: float = 60):
+        while not (out := self.queue.get(timeout=timeout_s)).finished:
+            pass
+        return out
 
 
 def tiny_config(folder, tp: int, **overrides) -> EngineConfig:
@@ -147,11 +167,11 @@ def test_a_dead_worker_fails_every_request_and_the_engine(tiny):
     engine = LLMEngine(tiny_config(tiny, 2)).start()
     workers = engine.runner.worker_pids
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-    streams = [engine.add_request(f"r{i}", p, long) for i, p in enumerate(PROMPTS)]
-    next(iter(streams[0]))  # generating
+    sinks = [engine.add_request(f"r{i}", p, long, Outputs()) for i, p in enumerate(PROMPTS)]
+    sinks[0].first()  # generating
     os.kill(workers[0], signal.SIGKILL)
-    for stream in streams:
-        last = stream.result()
+    for sink in sinks:
+        last = sink.last()
         assert last.finish_reason == "error" and "engine failed" in last.error
     assert not engine.is_healthy()
     with pytest.raises(EngineDeadError):
@@ -167,30 +187,6 @@ def test_an_idle_engine_sees_its_worker_die(tiny):
         time.sleep(0.05)
     assert not engine.is_healthy()
     engine.shutdown(timeout_s=1)
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for task in os.listdir(f"/proc/{parent}/task") if os.path.isdir(f"/proc/{parent}/task") else []:
-            try:
-                children = open(f"/proc/{parent}/task/{task}/children").read().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"  # a zombie has exited
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
@@ -236,3 +232,23 @@ def test_gpu_tp_with_cuda_graphs_and_triton_kernels_equals_one_gpu(tmp_path, tp,
         assert [o.token_ids for o in outputs] == [e.token_ids for e in expected_outputs]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_a_dead_worker_under_engine_process_fails_its_requests_and_leaves_nothing_behind(tiny):
+    """As Triton runs it: the engine (rank 0) in EngineProcess's child, its worker a grandchild."""
+    engine = EngineProcess(tiny_config(tiny, 2))
+    tree = {engine.pid} | descendants(engine.pid)
+    [worker] = [pid for pid in descendants(engine.pid) if "spawn_main" in cmdline(pid)]
+    sink = engine.add_request("long", "hello", SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True),
+                              Outputs())
+    sink.first()  # generating
+    os.kill(worker, signal.SIGKILL)
+    last = sink.last()
+    assert last.finish_reason == "error" and "engine failed" in last.error
+    assert not engine.is_healthy()
+    engine.shutdown(timeout_s=1)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in tree if alive(p)]

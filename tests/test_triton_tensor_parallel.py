@@ -1,20 +1,28 @@
 """A real tritonserver serving a tiny model at tensor_parallel_size 2 (gloo on the CPU, the engine and its
-worker in processes of their own): greedy output identical to the engine in one process."""
+worker in processes of their own): greedy output identical to the engine in one process; a killed worker
+ends the in-flight request with an error and the model turns unhealthy (the module's last test)."""
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
+import signal
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.build.repository import set_parameters
+from kvtriton.client import health_cmd
 
+from tests.process_tree import cmdline, descendants
 from tests.tiny_model import make_tiny_model
 from tests.triton_fixture import start_server
 
@@ -59,3 +67,44 @@ def test_greedy_text_through_tritonserver_at_tp2_equals_one_process(tiny, tp_ser
     assert "tensor parallel: 2 ranks (gloo)" in tp_server.log_path.read_text()  # the engine's rank 0 said so
     assert [g["text_output"] for g in got] == [e.text for e in expected]
     assert all(g["num_output_tokens"] == MAX_TOKENS and g["finish_reason"] == "length" for g in got)
+
+
+def tp_workers(server_pid: int) -> list[int]:
+    """The tensor-parallel workers: spawned processes whose parent (the engine process) was spawned too."""
+    spawned = {pid for pid in descendants(server_pid) if "spawn_main" in cmdline(pid)}
+    return [pid for pid in spawned if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) in spawned]
+
+
+def stream_inputs(**values) -> list:
+    out = []
+    for name, value in values.items():
+        if isinstance(value, str):
+            arr, dtype = np.array([value.encode()], dtype=np.object_), "BYTES"
+        elif isinstance(value, bool):
+            arr, dtype = np.array([value]), "BOOL"
+        else:
+            arr, dtype = np.array([value], dtype=np.int32), "INT32"
+        tensor = grpcclient.InferInput(name, [1], dtype)
+        tensor.set_data_from_numpy(arr)
+        out.append(tensor)
+    return out
+
+
+def test_a_killed_worker_ends_the_request_in_flight_with_an_error_and_the_model_turns_unhealthy(tp_server):
+    [worker] = tp_workers(tp_server.process.pid)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(tp_server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("llm", stream_inputs(text_input="the quick", max_tokens=240, ignore_eos=True,
+                                                   stream=True))
+    assert results.get(timeout=60)[1] is None  # generating
+    os.kill(worker, signal.SIGKILL)
+    while True:
+        result, error = results.get(timeout=60)
+        if error is not None:
+            break
+        assert not result.get_response().parameters["triton_final_response"].bool_param, "finished unharmed"
+    client.stop_stream()
+    client.close()
+    assert "the engine failed" in str(error)
+    assert health_cmd.main(["--url", tp_server.grpc_url]) == 1  # a real 1-token request fails: unhealthy

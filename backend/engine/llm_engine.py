@@ -257,6 +257,7 @@ class LLMEngine:
         self._states.clear()
         # Only now, so that whoever sees is_healthy() false knows that every request held has been answered.
         self._fatal = f"{type(exc).__name__}: {exc}"
+        self._flush_failed()
         while True:  # requests that raced with the failure still reach the inbox
             while True:
                 try:
@@ -265,10 +266,20 @@ class LLMEngine:
                     break
                 if kind == "add":
                     self._fail_request(item.request_id, sink)
+                    self._flush_failed()
             if self._stopping:
                 return
             self._wakeup.wait(timeout=0.1)
             self._wakeup.clear()
+
+    def _flush_failed(self) -> None:
+        """The metrics hook sees a step after the failure: an engine in a process of its own (EngineProcess) sends
+        the errors just put into its sinks, with is_healthy() false, only then."""
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_step(self.stats())
+            except Exception:
+                log.exception("could not flush the failed engine's errors")
 
     @staticmethod
     def _fail_request(request_id: str, sink: OutputSink) -> None:
