@@ -142,9 +142,10 @@ class EngineConfig:
                              "self-int4")
         if method == "ngram" and self.speculative_model:
             raise ValueError("speculative_method ngram uses no speculative_model")
-        if method == "draft" and self.tensor_parallel_size > 1:
-            raise ValueError("speculative_method draft with tensor_parallel_size > 1 is not supported yet (the draft "
-                             "runner is not split); use ngram, or tensor_parallel_size 1")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(f"speculative_method {method} with tensor_parallel_size > 1 is not supported yet (the "
+                             "ranks' step header carries one logits row per sequence, and the draft runner is not "
+                             "split); use tensor_parallel_size 1")
 
     @property
     def speculative_enabled(self) -> bool:
