@@ -4,7 +4,8 @@ Workload: engine_bench's 32 chat prompts, all in flight, greedy.
   guided:    each request constrained by a JSON schema (ANSWER_SCHEMA), max_tokens 128; it ends when its
              object is complete.
   unguided:  the same prompts, each request asked for exactly as many tokens as its guided run produced
-             (EOS ignored), so that both runs decode the same number of tokens with the same batch shape.
+             (min_tokens = max_tokens), so that both runs decode the same number of tokens with the same
+             batch shape.
 The two alternate --rounds times in one process (which goes first alternates too, against drift in a shared
 machine's load); the medians and their ratio are the figure. Also printed:
 the host time spent filling the grammar bitmasks per step (llguidance) and the sampler's mask op, against the
@@ -147,7 +148,9 @@ def main():
     run_engine(engine, prompts[:4], 8, guided[:4])  # warm-up: the llguidance tokenizer, the schema's compilation
     # Greedy: every guided round produces these lengths, so the unguided run may go first.
     counts = run_engine(engine, prompts, args.max_tokens, guided)["counts"]
-    same_length = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in counts]
+    # min_tokens = max_tokens: EOS is masked out rather than ignored, so the baseline never decodes the
+    # special tokens an instruct model emits after its answer when EOS is ignored.
+    same_length = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n) for n in counts]
     rows = []
     for r in range(args.rounds):
         u = run_engine(engine, prompts, args.max_tokens, same_length) if r % 2 else None
