@@ -492,8 +492,8 @@ class LLMEngine:
     def _advance_grammars(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]
                           ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
         """Guided sequences' grammars take the step's tokens. A complete grammar ends its request ("stop", after
-        the token's text); a rejected token (only possible when nothing was allowed, e.g. min_tokens banned
-        the EOS that the grammar required) ends it with an error and drops the token."""
+        the token's text). A rejected token ends its request with an error and is dropped: the mask lets only
+        the grammar's tokens through, so that takes a row whose logits were all -inf or NaN."""
         rejected: list[int] = []
         for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
             if seq.grammar is None or seq.finish_reason is not None:  # unguided, or ended by a stop token / length
@@ -509,7 +509,8 @@ class LLMEngine:
             seq = seqs[i]
             self._finish(seq.request_id, "error", f"request {seq.request_id}: token {token_ids[i]} does not fit "
                          f"the guided_* constraint ({seq.grammar.error})")
-        keep = [i for i in range(len(seqs)) if i not in set(rejected)]
+        dropped = set(rejected)
+        keep = [i for i in range(len(seqs)) if i not in dropped]
         return [seqs[i] for i in keep], [token_ids[i] for i in keep], [logprobs[i] for i in keep]
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> None:
