@@ -340,10 +340,11 @@ class LLMEngine:
 
         It runs synchronously: the host must know how many proposals each sequence kept before it can
         propose and schedule that sequence again, so the step in flight is finished first and this one
-        is not overlapped with the next. vLLM made the same choice: its async scheduling first shipped
-        without speculative decoding, and its overlapped spec path still waits for the accepted counts
-        to build the next step's inputs. Steps without speculation (the back-off, requests with k = 0
-        only) keep the overlap."""
+        is not overlapped with the next. vLLM made the same choice: its async scheduling (PR 19970)
+        refused speculative decoding; the later support (PR 24799) overlaps only the GPU drafters
+        (EAGLE, MTP) and still waits for the target's forward pass before preparing the next step, and
+        async scheduling stays off for the other methods (PR 31998), its CPU n-gram proposer included.
+        Steps without speculation (the back-off, requests with k = 0 only) keep the overlap."""
         finished, self._pending = self._pending, None
         if finished is not None:
             try:
