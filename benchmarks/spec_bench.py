@@ -109,10 +109,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--tokens", type=int, default=128, help="output tokens, single stream")
+    ap.add_argument("--tokens", type=int, default=96, help="output tokens, single stream")
     ap.add_argument("--batch-tokens", type=int, default=128, help="max output tokens per request, 32 in flight")
     ap.add_argument("--only", default="", help="comma-separated subset: draft,ngram,batch")
-    ap.add_argument("--rounds", type=int, default=1, help="plain and speculating runs alternated; medians")
+    ap.add_argument("--rounds", type=int, default=5, help="plain and speculating runs alternated; medians")
+    ap.add_argument("--batch-rounds", type=int, default=1, help="the same, 32 in flight")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     folder, draft_folder, dummy = model_folders(args.config)
@@ -152,7 +153,7 @@ def main() -> None:
         prompts, tokens, ignore_eos = workloads[key]
         run(eng, prompts[:1], 8, True)  # warm-up
         rounds = [(run(plain, prompts, tokens, ignore_eos), run(eng, prompts, tokens, ignore_eos))
-                  for _ in range(args.rounds)]
+                  for _ in range(args.batch_rounds if key == "batch" else args.rounds)]
         median = lambda xs: sorted(xs, key=lambda r: r["tok_s"])[len(xs) // 2]  # noqa: E731
         report(name, median([p for p, _ in rounds]), median([s for _, s in rounds]))
 

@@ -361,7 +361,8 @@ class LLMEngine:
         if sched.is_empty:
             return
         try:
-            runs = self._verify(sched, self._heavy(self.runner.execute, self._prepare(sched)))
+            step = self._prepare(sched)
+            runs = self._heavy(lambda: self._verify(sched, self.runner.execute(step)))
         except Exception as exc:
             self._fail(sched, exc)
             return
@@ -376,8 +377,10 @@ class LLMEngine:
                 self._emit_tokens(*map(list, zip(*live)))
 
     def _heavy(self, fn, *args):
-        """fn(*args) on the forward thread when there is one (a CPU): every forward pass on one thread keeps
-        one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting (slower)."""
+        """fn(*args) on the forward thread when there is one (a CPU): every forward pass and sampling op on one
+        thread keeps one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting
+        (measured: the verify step's sampling on the engine thread made the self-int8 draft a net loss). The
+        engine thread waits meanwhile, so the scheduler is still touched by one thread at a time."""
         return fn(*args) if self._forward_thread is None else self._forward_thread.submit(fn, *args).result()
 
     def _verify(self, sched: SchedulerOutput, logits: torch.Tensor
