@@ -90,8 +90,8 @@ def model_folders(config: str) -> tuple[str, str | None, bool]:
     from kvtriton.backend.models.default_model import ensure_default_model
 
     default = ensure_default_model(progress=lambda *_: None)
-    if config == "default":
-        return str(default), None, False
+    if config == "default":  # by name: self-int4 then takes the GGUF's own 4-bit blocks (no second rounding)
+        return "default", None, False
     root = Path(tempfile.mkdtemp())
     folders = []
     for name, layers in ((config, LLAMA_1B["num_hidden_layers"]), (f"{config}-draft", 2)):
@@ -119,8 +119,8 @@ def main() -> None:
     folder, draft_folder, dummy = model_folders(args.config)
     base = dict(model=folder, device=args.device, dummy_weights=dummy, quantization="none",
                 dtype="bfloat16" if cuda else "float32", max_num_seqs=32, max_model_len=2048)
-    if cuda:
-        base["gpu_memory_utilization"] = 0.4  # two engines at once: the baseline and the speculating one
+    if cuda:  # two engines at once (the baseline and the speculating one): fixed pools, not memory fractions
+        base["num_kv_blocks"] = 4096
     else:
         base["kv_cache_memory_gb"] = 1.0
     only = set(filter(None, args.only.split(","))) or {"draft", "ngram", "batch"}
