@@ -130,7 +130,8 @@ class LlamaForCausalLM(nn.Module):
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""
         head = self.lm_head
         if (hidden.device.type == "cpu" and 1 < hidden.shape[0] <= SKINNY_LOGITS_ROWS and type(head) is nn.Linear
-                and head.bias is None and hidden.dtype == head.weight.dtype == torch.float32):
+                and head.bias is None and hidden.dtype == head.weight.dtype == torch.float32
+                and not torch.jit.is_tracing()):  # an exported graph keeps the Linear (dynamic rows, quantizable)
             # A few rows on the CPU (a speculative verify step, a small batch): x @ W.T through the BLAS GEMM
             # ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
             # 13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).
