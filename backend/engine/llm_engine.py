@@ -360,10 +360,11 @@ class LLMEngine:
 
         It runs synchronously: the host must know how many proposals each sequence kept before it can
         propose and schedule that sequence again, so the step in flight is finished first and this one
-        is not overlapped with the next. vLLM made the same choice: its async scheduling first shipped
-        without speculative decoding, and its overlapped spec path still waits for the accepted counts
-        to build the next step's inputs. Steps without speculation (the back-off, requests with k = 0
-        only) keep the overlap."""
+        is not overlapped with the next. vLLM made the same choice: its async scheduling (PR 19970)
+        refused speculative decoding; the later support (PR 24799) overlaps only the GPU drafters
+        (EAGLE, MTP) and still waits for the target's forward pass before preparing the next step, and
+        async scheduling stays off for the other methods (PR 31998), its CPU n-gram proposer included.
+        Steps without speculation (the back-off, requests with k = 0 only) keep the overlap."""
         finished, self._pending = self._pending, None
         if finished is not None:
             try:
@@ -380,7 +381,8 @@ class LLMEngine:
         if sched.is_empty:
             return
         try:
-            runs = self._verify(sched, self._heavy(self.runner.execute, self._prepare(sched)))
+            step = self._prepare(sched)
+            runs = self._heavy(lambda: self._verify(sched, self.runner.execute(step)))
         except Exception as exc:
             self._fail(sched, exc)
             return
@@ -395,8 +397,10 @@ class LLMEngine:
                 self._emit_tokens(*map(list, zip(*live)))
 
     def _heavy(self, fn, *args):
-        """fn(*args) on the forward thread when there is one (a CPU): every forward pass on one thread keeps
-        one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting (slower)."""
+        """fn(*args) on the forward thread when there is one (a CPU): every forward pass and sampling op on one
+        thread keeps one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting
+        (measured: the verify step's sampling on the engine thread made the self-int8 draft a net loss). The
+        engine thread waits meanwhile, so the scheduler is still touched by one thread at a time."""
         return fn(*args) if self._forward_thread is None else self._forward_thread.submit(fn, *args).result()
 
     def _verify(self, sched: SchedulerOutput, logits: torch.Tensor

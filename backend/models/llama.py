@@ -18,6 +18,9 @@ from torch import nn
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 
+# compute_logits: up to this many rows take the weight-streaming product on the CPU.
+SKINNY_LOGITS_ROWS = 16
+
 
 class AttentionContext(Protocol):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -125,4 +128,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        if (hidden.device.type == "cpu" and 1 < hidden.shape[0] <= SKINNY_LOGITS_ROWS and type(head) is nn.Linear
+                and head.bias is None and hidden.dtype == head.weight.dtype == torch.float32
+                and not torch.jit.is_tracing()):  # an exported graph keeps the Linear (dynamic rows, quantizable)
+            # A few rows on the CPU (a speculative verify step, a small batch): x @ W.T through the BLAS GEMM
+            # ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
+            # 13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).
+            return torch.mm(head.weight, hidden.T).T.contiguous()
+        return head(hidden).float()
