@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
-import json
 import statistics
 import sys
 import tempfile
