@@ -11,9 +11,9 @@ the decode tok/s (1 / median step time). Printed: mean and max |logit - referenc
 of the text, top-1 agreement, tok/s and the ratio to the same runtime's fp32. The reference is the fp32
 model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own dequantized weights.
 Variants: torch fp32 and bf16; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its
-blocks) and int4 g32 / g128 quantized from the fp32 weights; torch fp8 (W8A8 e4m3, through this torch's CPU
-`_scaled_mm`: the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built
-here, the int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations
+blocks) and int4 g32 / g64 / g128 quantized from the fp32 weights (g128 does not divide the default
+model's 576 inputs: skipped, said in a line); torch fp8 (W8A8 e4m3, through this torch's CPU `_scaled_mm`:
+the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built here, the int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations
 to int8).
 
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
@@ -130,7 +130,7 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
                 "torch fp8 (CPU _scaled_mm)": lambda: load_model(folder, quantization="fp8")}
     if gguf:
         variants["torch int4 (GGUF blocks)"] = lambda: load_model(folder, quantization="int4", gguf=gguf)
-    for group_size in (32, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
+    for group_size in (32, 64, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
         label = f"torch int4 g{group_size}" + (" re-quantized" if gguf else "")
         variants[label] = lambda g=group_size: load_model(folder, quantization="int4", group_size=g)
     for name, load in variants.items():
