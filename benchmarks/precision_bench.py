@@ -13,8 +13,8 @@ model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own 
 Variants: torch fp32 and bf16; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its
 blocks) and int4 g32 / g64 / g128 quantized from the fp32 weights (g128 does not divide the default
 model's 576 inputs: skipped, said in a line); torch fp8 (W8A8 e4m3, through this torch's CPU `_scaled_mm`:
-the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built here, the int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations
-to int8).
+the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built here, the
+int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
 
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
