@@ -105,7 +105,7 @@ class EngineConfig:
         if self.tensor_parallel_size > 1:
             if self.runner != "torch":
                 raise ValueError(f"tensor_parallel_size > 1 runs on the torch runner, not {self.runner}")
-            if self.quantization in ("int8", "int4"):
+            if self.quantization in ("int8", "int4", "fp8"):
                 raise ValueError(f"quantization {self.quantization} with tensor_parallel_size > 1 is not supported "
                                  "yet; use quantization none (or auto: none under tensor parallelism)")
             if self.device.startswith("cuda:"):

@@ -11,10 +11,10 @@ the decode tok/s (1 / median step time). Printed: mean and max |logit - referenc
 of the text, top-1 agreement, tok/s and the ratio to the same runtime's fp32. The reference is the fp32
 model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own dequantized weights.
 Variants: torch fp32 and bf16; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its
-blocks) and int4 g32 / g128 quantized from the fp32 weights; torch fp8 (W8A8 e4m3, through this torch's CPU
-`_scaled_mm`: the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built
-here, the int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations
-to int8).
+blocks) and int4 g32 / g64 / g128 quantized from the fp32 weights (g128 does not divide the default
+model's 576 inputs: skipped, said in a line); torch fp8 (W8A8 e4m3, through this torch's CPU `_scaled_mm`:
+the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built here, the
+int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
 
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
-import json
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,9 +79,18 @@ def decode_step(token: int, position: int, blocks: int) -> StepInput:
     )
 
 
+# The steps run on a thread of their own while models load on the main thread: as in the engine (its
+# kvtriton-forward thread), which on a CPU decides how OpenMP waits (see the README's INT4 paragraph).
+_FORWARD = ThreadPoolExecutor(1, "bench-forward")
+
+
 def teacher_forced(runner, ids: list[int], passes: int = 2) -> tuple[torch.Tensor, float]:
     """-> logits (T, V) of every position, decode tok/s from the median step time (robust to other load on a
     shared machine; the first 8 steps are warm-up) of the fastest of `passes` passes over the text."""
+    return _FORWARD.submit(_teacher_forced, runner, ids, passes).result()
+
+
+def _teacher_forced(runner, ids: list[int], passes: int) -> tuple[torch.Tensor, float]:
     blocks = -(-len(ids) // BLOCK)
     speeds = []
     for _ in range(passes):
@@ -120,7 +130,7 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
                 "torch fp8 (CPU _scaled_mm)": lambda: load_model(folder, quantization="fp8")}
     if gguf:
         variants["torch int4 (GGUF blocks)"] = lambda: load_model(folder, quantization="int4", gguf=gguf)
-    for group_size in (32, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
+    for group_size in (32, 64, 128):  # from the fp32 weights (for a GGUF: its dequantized blocks, quantized again)
         label = f"torch int4 g{group_size}" + (" re-quantized" if gguf else "")
         variants[label] = lambda g=group_size: load_model(folder, quantization="int4", group_size=g)
     for name, load in variants.items():

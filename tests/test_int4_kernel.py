@@ -68,3 +68,14 @@ def test_int4_linear_on_cuda_decodes_through_the_kernel_in_a_cuda_graph_and_pref
     torch.testing.assert_close(static_out.float(), reference(x, lin), atol=3e-2, rtol=2e-2)
     prefill = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(lin(prefill).float(), reference(prefill, lin), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("n, k, group, offset", [(96, 256, 32, False), (40, 384, 128, True)])
+def test_int4_dequantize_writes_the_stored_weight(n, k, group, offset):
+    from kvtriton.backend.kernels.int4_matmul import int4_dequantize
+
+    lin = layer(n, k, group, offset)
+    got = int4_dequantize(lin.qweight, lin.scale, lin.zero_point, lin.offset, group, DTYPE)
+    assert got.dtype == DTYPE
+    torch.testing.assert_close(got.float(), lin.dequantized_weight().to(DTYPE).float().to(got.device),
+                               atol=1e-3, rtol=1e-2)  # on GPU an fma may round the last bit differently

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
-from kvtriton.backend.models.int4 import pack_nibbles
 from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.models.quantization import QuantizedLinear
 from kvtriton.backend.runners.graph_spec import read_spec

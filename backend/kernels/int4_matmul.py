@@ -9,8 +9,8 @@ A decode step is bound by weight bytes, so each program streams a (BLOCK_N, BLOC
 the dense reference `x @ W.to(x.dtype).T` multiplies by) and accumulates in fp32:
   rows <= SKINNY_ROWS  broadcast-multiply-sum, long narrow tiles, as kernels/skinny_matmul.py
   more rows (<= 64)    tl.dot on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) tiles (tensor cores)
-Prefill (more than MAX_ROWS rows) does not come here: models/int4.py dequantizes once per call and
-uses cuBLAS, which is compute-bound there anyway.
+Prefill (more than MAX_ROWS rows) does not come here: `int4_dequantize` writes the weight once in the
+activation dtype (the same tile code) and models/int4.py hands it to cuBLAS, compute-bound there anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +24,26 @@ SKINNY_ROWS = 8  # up to here the broadcast-sum form; above, tl.dot (which wants
 
 
 @triton.jit
+def _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """W[n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) in fp32 from the packed codes and the group numbers."""
+    groups = K // GROUP
+    pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(q_ptr + n[:, None] * (K // 2) + pair[None, :], mask=n_ok[:, None], other=0)
+    low = (packed & 0xF).to(tl.float32)  # (BLOCK_N, BLOCK_K/2): inputs 2j
+    high = ((packed >> 4) & 0xF).to(tl.float32)  # inputs 2j + 1
+    codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # inputs in order
+    g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+    meta = n[:, None] * groups + g[None, :]  # (BLOCK_N, BLOCK_K/GROUP)
+    scale = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
+    w = (codes - zero[:, :, None]) * scale[:, :, None]
+    if HAS_OFFSET:
+        w += tl.load(offset_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_OFFSET: tl.constexpr, USE_DOT: tl.constexpr):
@@ -34,22 +54,10 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
     m_ok = m < M
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    groups = K // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(q_ptr + n[:, None] * (K // 2) + pair[None, :], mask=n_ok[:, None], other=0)
-        low = (packed & 0xF).to(tl.float32)  # (BLOCK_N, BLOCK_K/2): inputs 2j
-        high = ((packed >> 4) & 0xF).to(tl.float32)  # inputs 2j + 1
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # inputs in order
-        g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-        meta = n[:, None] * groups + g[None, :]  # (BLOCK_N, BLOCK_K/GROUP)
-        scale = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
-        w = (codes - zero[:, :, None]) * scale[:, :, None]
-        if HAS_OFFSET:
-            w += tl.load(offset_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(act)  # the weight the dense reference multiplies by
+        w = _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
+                             HAS_OFFSET).to(act)  # the weight the dense reference multiplies by
         k = k0 + tl.arange(0, BLOCK_K)
         xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
         if USE_DOT:
@@ -58,6 +66,18 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
             acc += tl.sum(xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _int4_dequantize(q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    # out (N, K) in the activation dtype; BLOCK_K divides K.
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K, HAS_OFFSET)
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 def _blocks(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, bool]:
@@ -103,3 +123,23 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
 @int4_matmul.register_fake
 def _(x, qweight, scale, zero_point, offset, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("kvtriton::int4_dequantize", mutates_args=())
+def int4_dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    offset: torch.Tensor | None, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight (N, K) in `dtype`, written once: prefill's operand for cuBLAS (no fp32 temporaries)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    block_n, block_k = 16, group_size
+    while block_k < 256 and k % (block_k * 2) == 0:
+        block_k *= 2
+    _int4_dequantize[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, scale, zero_point, offset if offset is not None else scale, out, n, k, GROUP=group_size,
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=offset is not None, num_warps=4)
+    return out
+
+
+@int4_dequantize.register_fake
+def _(qweight, scale, zero_point, offset, group_size, dtype):
+    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2, dtype=dtype)

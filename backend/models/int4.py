@@ -93,13 +93,14 @@ def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_ze
 
 
 def _cuda_kernel():
-    """(the Triton int4 decode matmul, the most rows it takes) from kernels/int4_matmul.py, or (None, 0) without
-    triton (then every CUDA call dequantizes; loader.resolve_quantization says so at load)."""
+    """(the Triton int4 decode matmul, its dequantize for prefill, the most rows the matmul takes) from
+    kernels/int4_matmul.py, or (None, None, 0) without triton (then every CUDA call dequantizes in PyTorch
+    ops; loader.resolve_quantization says so at load)."""
     try:
-        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS, int4_matmul
+        from kvtriton.backend.kernels.int4_matmul import MAX_ROWS, int4_dequantize, int4_matmul
     except ImportError:
-        return None, 0
-    return int4_matmul, MAX_ROWS
+        return None, None, 0
+    return int4_matmul, int4_dequantize, MAX_ROWS
 
 
 class Int4Linear(QuantizedLinear):
@@ -118,7 +119,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("_packed", packed, persistent=False)
         self.register_buffer("_scale_zeros", scale_zeros, persistent=False)
         # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
-        self._cuda_matmul, self._cuda_rows = _cuda_kernel() if qweight.device.type == "cuda" else (None, 0)
+        self._cuda_matmul, self._cuda_dequantize, self._cuda_rows = (
+            _cuda_kernel() if qweight.device.type == "cuda" else (None, None, 0))
 
     @classmethod
     def from_group_quantized(cls, q: GroupQuantized, bias: torch.Tensor | None = None,
@@ -150,7 +152,10 @@ class Int4Linear(QuantizedLinear):
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)
         if self._cuda_matmul is not None and x.shape[0] <= self._cuda_rows:
             return self._cuda_matmul(x, self.qweight, self.scale, self.zero_point, self.offset, self.group_size)
-        return self.dense_matmul(x)  # prefill: dequantized once per call, then cuBLAS (compute-bound there)
+        if self._cuda_dequantize is not None:  # prefill: the weight dequantized once per call, then cuBLAS
+            return x @ self._cuda_dequantize(self.qweight, self.scale, self.zero_point, self.offset, self.group_size,
+                                             x.dtype).T
+        return self.dense_matmul(x)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.group_quantized().dequantize()
