@@ -85,11 +85,11 @@ class ForcedAcceptance:
         self.inner.close()
 
 
-def model_folders(config: str) -> tuple[str, str | None, bool]:
-    """(target folder, draft folder or None, dummy weights)."""
+def model_folders(config: str, tokenizer: str | None = None) -> tuple[str, str | None, bool]:
+    """(target folder, draft folder or None, dummy weights). `tokenizer`: a folder with tokenizer.json for a
+    random-weights config (default: the default model's, which a GPU host without network may not have)."""
     from kvtriton.backend.models.default_model import ensure_default_model
 
-    default = ensure_default_model(progress=lambda *_: None)
     if config == "default":  # by name: self-int4 then takes the GGUF's own 4-bit blocks (no second rounding)
         return "default", None, False
     root = Path(tempfile.mkdtemp())
@@ -98,8 +98,9 @@ def model_folders(config: str) -> tuple[str, str | None, bool]:
         folder = root / name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**LLAMA_1B, "num_hidden_layers": layers}))
+        source = Path(tokenizer) if tokenizer else ensure_default_model(progress=lambda *_: None)
         for file in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
-            shutil.copy(default / file, folder / file)
+            shutil.copy(source / file, folder / file)
         folders.append(str(folder))
     return folders[0], folders[1], True
 
@@ -111,12 +112,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--tokens", type=int, default=96, help="output tokens, single stream")
     ap.add_argument("--batch-tokens", type=int, default=128, help="max output tokens per request, 32 in flight")
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
+                    "model's)")
     ap.add_argument("--only", default="", help="comma-separated subset: draft,ngram,batch")
     ap.add_argument("--rounds", type=int, default=5, help="plain and speculating runs alternated; medians")
     ap.add_argument("--batch-rounds", type=int, default=1, help="the same, 32 in flight")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    folder, draft_folder, dummy = model_folders(args.config)
+    folder, draft_folder, dummy = model_folders(args.config, args.tokenizer)
     base = dict(model=folder, device=args.device, dummy_weights=dummy, quantization="none",
                 dtype="bfloat16" if cuda else "float32", max_num_seqs=32, max_model_len=2048)
     if cuda:  # two engines at once (the baseline and the speculating one): fixed pools, not memory fractions
