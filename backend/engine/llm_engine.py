@@ -126,8 +126,10 @@ class LLMEngine:
         # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
         self._forward_thread = (ThreadPoolExecutor(1, "kvtriton-forward")
                                 if config.enable_async_scheduling and self.device.type == "cpu" else None)
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
-                 folder, self.device, str(self.dtype).removeprefix("torch."), self.runner.num_blocks,
+        # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
+        threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
+                 folder, self.device, str(self.dtype).removeprefix("torch."), threads, self.runner.num_blocks,
                  config.block_size, self.max_model_len)
 
     # ---- requests (any thread) ---------------------------------------------------------------
