@@ -9,10 +9,17 @@ import pytest
 
 from kvtriton.build.repository import set_parameters
 
+from tests.tiny_model import make_tiny_model
 from tests.triton_fixture import start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama (tests/tiny_model.py), one per test module."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

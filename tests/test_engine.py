@@ -4,26 +4,13 @@ import threading
 
 import pytest
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_engine, make_tiny_model
 
 pytest.importorskip("transformers")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def make_engine(folder, **overrides):
-    cfg = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
-               max_num_batched_tokens=64)
-    return LLMEngine(EngineConfig(**{**cfg, **overrides}))
 
 
 def prompts_of_varied_length(n=12):
@@ -33,7 +20,7 @@ def prompts_of_varied_length(n=12):
 
 @pytest.fixture(scope="module")
 def solo_outputs(tiny_folder):
-    engine = make_engine(tiny_folder, enable_prefix_caching=False).start()
+    engine = make_tiny_engine(tiny_folder, enable_prefix_caching=False).start()
     try:
         return {p: engine.generate([p], GREEDY)[0].token_ids for p in prompts_of_varied_length()}
     finally:
@@ -46,7 +33,7 @@ def solo_outputs(tiny_folder):
     dict(enable_chunked_prefill=False, enable_prefix_caching=False),
 ])
 def test_batched_greedy_equals_solo(tiny_folder, solo_outputs, overrides):
-    engine = make_engine(tiny_folder, **overrides).start()
+    engine = make_tiny_engine(tiny_folder, **overrides).start()
     try:
         prompts = list(solo_outputs)
         outs = engine.generate(prompts, GREEDY)
@@ -61,7 +48,7 @@ def test_batched_greedy_equals_solo(tiny_folder, solo_outputs, overrides):
 
 
 def test_prefix_cache_schedules_only_new_tokens(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     try:
         shared = list(range(3, 3 + 40))  # 40 tokens = 10 full blocks of 4
         first = engine.generate([shared + [50, 51]], GREEDY)[0]
@@ -73,7 +60,7 @@ def test_prefix_cache_schedules_only_new_tokens(tiny_folder):
 
 
 def test_request_that_can_never_fit_fails_at_once(tiny_folder):
-    engine = make_engine(tiny_folder, num_kv_blocks=8)  # 32 token slots
+    engine = make_tiny_engine(tiny_folder, num_kv_blocks=8)  # 32 token slots
     with pytest.raises(ValueError, match="KV blocks"):
         engine.add_request("big", list(range(3, 23)), SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="context"):
@@ -85,7 +72,7 @@ def test_request_that_can_never_fit_fails_at_once(tiny_folder):
 
 
 def test_abort_frees_blocks_and_ends_stream(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     try:
         stream = engine.add_request("r1", "the quick brown fox", SamplingParams(max_tokens=400, ignore_eos=True))
         outs = iter(stream)
@@ -99,7 +86,7 @@ def test_abort_frees_blocks_and_ends_stream(tiny_folder):
 
 
 def test_seed_gives_same_output_whatever_the_batch(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     try:
         seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
         alone = engine.generate(["the lazy dog"], seeded)[0].token_ids
@@ -114,7 +101,7 @@ def test_seed_gives_same_output_whatever_the_batch(tiny_folder):
 
 
 def test_stop_string_and_stop_token_and_max_tokens(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     try:
         free = engine.generate(["the quick"], GREEDY)[0]
         assert len(free.token_ids) == GREEDY.max_tokens and free.finish_reason == "length"
@@ -135,7 +122,7 @@ def test_stop_string_and_stop_token_and_max_tokens(tiny_folder):
 
 
 def test_add_from_many_threads(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     results = {}
     try:
         def client(i):
@@ -152,7 +139,7 @@ def test_add_from_many_threads(tiny_folder):
 
 def test_padded_vocabulary_ids_are_never_sampled(tmp_path):
     folder = make_tiny_model(tmp_path / "padded", padded_vocab=200)
-    engine = make_engine(folder).start()
+    engine = make_tiny_engine(folder).start()
     try:
         vocab = engine.tokenizer.vocab_size
         outs = engine.generate(["the dog"] * 4, SamplingParams(temperature=50.0, max_tokens=64, ignore_eos=True))

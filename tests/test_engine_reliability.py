@@ -6,28 +6,20 @@ import time
 
 import pytest
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
+from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError
 from kvtriton.backend.engine.outputs import RequestStream
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.stop_strings import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_engine
 
 pytest.importorskip("transformers")
 
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 def make_engine(folder, **overrides):
-    cfg = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=4,
-               max_num_batched_tokens=64)
-    return LLMEngine(EngineConfig(**{**cfg, **overrides}))
+    return make_tiny_engine(folder, **{"max_num_seqs": 4, **overrides})
 
 
 def last(stream: RequestStream, timeout: float = 30.0):

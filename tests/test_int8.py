@@ -16,7 +16,6 @@ from kvtriton.backend.runners.step_graph import INPUT_NAMES, StepGraph, example_
 from kvtriton.build.onnx_export import export_step_graph
 
 from tests.onnx_reference import half_graph_vs_fp32
-from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -44,11 +43,6 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert got.shape == (3, 7, 40) and got.dtype == torch.float32
     # bf16 activations in the CPU kernel: relative error of a few bf16 ulps.
     assert (got - expected).abs().max() < 2e-2 * expected.abs().max()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def test_quantize_linears_replaces_every_projection_and_keeps_the_embedding(tiny_folder):

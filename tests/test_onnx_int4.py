@@ -19,18 +19,12 @@ from kvtriton.build.onnx_export import export_step_graph
 from tests.test_gguf_checkpoint import write_tiny_gguf
 from tests.test_int4 import BF16_LOGITS, QUANT_TYPES
 from tests.test_onnx_runner import greedy, prompts
-from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
 
 BLOCK = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

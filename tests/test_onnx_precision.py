@@ -10,16 +10,10 @@ from kvtriton.backend.runners.graph_spec import read_spec
 from kvtriton.build.onnx_export import export_step_graph
 
 from tests.onnx_reference import half_graph_vs_fp32
-from tests.tiny_model import make_tiny_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def input_types(proto) -> dict[str, dict[str, int]]:

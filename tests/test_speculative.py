@@ -19,20 +19,9 @@ from kvtriton.backend.engine.speculative.ngram import lookup
 from kvtriton.backend.engine.speculative.verification import accepted_runs
 
 from tests.test_block_manager import check_invariants
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_engine
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def make_engine(folder, **overrides):
-    cfg = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
-               max_num_batched_tokens=64)
-    return LLMEngine(EngineConfig(**{**cfg, **overrides}))
 
 
 # ---- units ---------------------------------------------------------------------------------------
@@ -130,7 +119,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def plain_greedy(tiny_folder):
-    engine = make_engine(tiny_folder)
+    engine = make_tiny_engine(tiny_folder)
     try:
         return run_stepwise(engine, prompts(), GREEDY)
     finally:
@@ -174,7 +163,7 @@ def test_greedy_equals_plain_and_blocks_stay_exact(tiny_folder, plain_greedy, ov
     same_model = overrides.get("speculative_model") == "tiny"
     if same_model:
         overrides = {**overrides, "speculative_model": str(tiny_folder)}
-    engine = make_engine(tiny_folder, **{"speculative_disable_by_batch_size": 0, **overrides})
+    engine = make_tiny_engine(tiny_folder, **{"speculative_disable_by_batch_size": 0, **overrides})
     if noisy:
         engine.proposer = NoisyProposer(engine.proposer, engine._sample_vocab)
     try:
@@ -216,7 +205,7 @@ class CorruptLast:
 def test_same_model_draft_proposes_the_target_tokens(tiny_folder, plain_greedy):
     """The served checkpoint as its own draft proposes exactly the target's greedy tokens, whatever mix of
     catch-up lengths a round holds: every proposal that was not corrupted on purpose is accepted."""
-    engine = make_engine(tiny_folder, speculative_disable_by_batch_size=0, speculative_method="draft",
+    engine = make_tiny_engine(tiny_folder, speculative_disable_by_batch_size=0, speculative_method="draft",
                          speculative_model=str(tiny_folder), num_speculative_tokens=3)
     engine.proposer = proposer = CorruptLast(engine.proposer, engine._sample_vocab)
     try:
@@ -234,7 +223,7 @@ def test_arrivals_switch_verify_steps_to_overlapped_ones(tiny_folder, plain_gree
     """Three requests speculate under a budget that fits two verifies a step; then three more arrive, the
     back-off turns speculation off and the next step is an overlapped one: no proposal left over from the
     verify step may reach it."""
-    engine = make_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=4,
+    engine = make_tiny_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=4,
                          max_num_batched_tokens=10, speculative_disable_by_batch_size=4)
     try:
         streams = [engine.add_request(f"a{i}", p, GREEDY) for i, p in enumerate(prompts(6)[:3])]
@@ -253,7 +242,7 @@ def test_arrivals_switch_verify_steps_to_overlapped_ones(tiny_folder, plain_gree
 def test_back_off_and_per_request_switch(tiny_folder, plain_greedy):
     # 12 requests that end one after the other, back-off at 4 running: the crowded steps run without proposals
     # (overlapped, with tokens in flight), the last ones with.
-    engine = make_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=3,
+    engine = make_tiny_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=3,
                          speculative_disable_by_batch_size=4)
     lengths = [2 + 2 * i for i in range(12)]
     try:
@@ -264,7 +253,7 @@ def test_back_off_and_per_request_switch(tiny_folder, plain_greedy):
         assert 0 < proposed <= 3 * (24 - 18)  # only the last 3 requests speculated, in their last 6 tokens
     finally:
         engine.shutdown()
-    engine = make_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=3,
+    engine = make_tiny_engine(tiny_folder, speculative_method="ngram", num_speculative_tokens=3,
                          speculative_disable_by_batch_size=0)
     try:
         off = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, num_speculative_tokens=0)
@@ -280,7 +269,7 @@ def test_seeded_sampling_is_reproducible(tiny_folder):
     params = [SamplingParams(temperature=0.8, top_k=20, max_tokens=20, ignore_eos=True, seed=i) for i in range(6)]
     runs = []
     for _ in range(2):
-        engine = make_engine(tiny_folder, speculative_method="draft", speculative_model="self-int8",
+        engine = make_tiny_engine(tiny_folder, speculative_method="draft", speculative_model="self-int8",
                              num_speculative_tokens=3, speculative_disable_by_batch_size=0)
         try:
             streams = [engine.add_request(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts(6), params))]
@@ -319,7 +308,7 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny_folder):
     counts = []
     for overrides in (dict(), dict(speculative_method="draft", speculative_model="self-int8",
                                    num_speculative_tokens=2, speculative_disable_by_batch_size=0)):
-        engine = make_engine(tiny_folder, max_num_seqs=64, max_num_waiting=0, **overrides)
+        engine = make_tiny_engine(tiny_folder, max_num_seqs=64, max_num_waiting=0, **overrides)
         try:
             counts.append(sample_pairs(engine, n, params))
             stats = engine.stats()

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.token_bitmask import apply_token_bitmask_
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.triton.request import RequestError, parse_generate_request
 
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_engine
 
 pytest.importorskip("transformers")
 
@@ -36,25 +34,14 @@ PROMPTS = ["The quick brown fox", "What is the capital of France?", "Paged atten
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
 def manager(tiny_folder):
     tokenizer = Tokenizer.from_pretrained(tiny_folder)
     return StructuredOutputManager(tokenizer, tokenizer.eos_token_ids), tokenizer
 
 
-def make_engine(folder, **overrides):
-    cfg = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
-               max_num_batched_tokens=64)
-    return LLMEngine(EngineConfig(**{**cfg, **overrides}))
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_folder):
-    engine = make_engine(tiny_folder).start()
+    engine = make_tiny_engine(tiny_folder).start()
     yield engine
     engine.shutdown()
 
@@ -230,7 +217,7 @@ def test_guided_rows_do_not_change_unguided_neighbours(tiny_folder, engine):
 def test_same_guided_output_in_every_loop_mode(tiny_folder, engine, overrides):
     params = [guided(guided_json=SCHEMA), guided(guided_regex="[a-z ]{5,30}", max_tokens=40)]
     reference = [[o.token_ids for o in engine.generate(PROMPTS * 3, p)] for p in params]
-    other = make_engine(tiny_folder, **overrides).start()
+    other = make_tiny_engine(tiny_folder, **overrides).start()
     try:
         for p, expected in zip(params, reference):
             assert [o.token_ids for o in other.generate(PROMPTS * 3, p)] == expected
@@ -249,7 +236,7 @@ def test_invalid_schema_is_refused_at_once_and_the_engine_serves_on(engine):
 
 
 def test_a_token_outside_the_grammar_ends_that_request_with_an_error(tiny_folder):
-    engine = make_engine(tiny_folder)
+    engine = make_tiny_engine(tiny_folder)
     real_bitmask = engine.structured_output.bitmask
     broken = threading.Event()
 

@@ -50,3 +50,13 @@ def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len
         model.model.embed_tokens.weight.mul_(25)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_engine(folder: Path, **overrides):
+    """An LLMEngine on a tiny model with small, exact-to-reason-about pools (4-token blocks, 64-token budget)."""
+    from kvtriton.backend.config import EngineConfig
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+
+    config = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
+                  max_num_batched_tokens=64)
+    return LLMEngine(EngineConfig(**{**config, **overrides}))
