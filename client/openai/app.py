@@ -67,23 +67,21 @@ def create_app(client: AsyncLLMClient, served_model_name: str) -> FastAPI:
             raise OpenAIError(probe.reason, status=503)
         return Response(status_code=200)
 
-    @app.post("/v1/completions")
-    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+    async def answer(request: Request, body, whole, events) -> Any:
+        """Check the request, then the whole response or its SSE stream; a disconnect cancels either."""
         body.check()
         check_model(body.model)
-        if body.stream:
-            return await _cancel_on_disconnect(request, _event_stream(serving.complete_events(client, body,
-                                                                                              served_model_name)))
-        return await _cancel_on_disconnect(request, serving.complete(client, body, served_model_name))
+        work = (_event_stream(events(client, body, served_model_name)) if body.stream
+                else whole(client, body, served_model_name))
+        return await _cancel_on_disconnect(request, work)
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
+        return await answer(request, body, serving.complete, serving.complete_events)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
-        body.check()
-        check_model(body.model)
-        if body.stream:
-            return await _cancel_on_disconnect(request, _event_stream(serving.chat_events(client, body,
-                                                                                          served_model_name)))
-        return await _cancel_on_disconnect(request, serving.chat(client, body, served_model_name))
+        return await answer(request, body, serving.chat, serving.chat_events)
 
     return app
 
