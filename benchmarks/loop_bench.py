@@ -133,10 +133,13 @@ def run_hf(folder: str, prompts: list[list[int]], max_tokens: int, device: str, 
     return (out.shape[1] - ids.shape[1]) * len(prompts) / wall
 
 
-def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int) -> None:
+def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int, functions: bool = False) -> None:
     """Drive engine.step() from this thread (no engine thread, no consumer) with a timer on each phase,
-    once the prompts are in: where the host's time per step goes."""
+    once the prompts are in: where the host's time per step goes. functions: then the same steps again under
+    cProfile, the top functions by their own time (the device wait shows as the host copy's wait)."""
     import collections
+    import cProfile
+    import pstats
 
     engine = LLMEngine(config)
     spent: collections.Counter = collections.Counter()
@@ -169,6 +172,11 @@ def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int
     per_step = (time.perf_counter() - t0) / steps * 1e3
     print(f"# {len(prompts)} sequences, host-driven: {per_step:.3f} ms per step; per phase (ms): "
           + ", ".join(f"{k} {v / steps * 1e3:.3f}" for k, v in spent.most_common()))
+    if functions:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [engine.step() for _ in range(steps)])
+        print(f"# the same {steps} steps under cProfile (its own overhead inflates Python-heavy functions):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     engine.shutdown()
 
 
@@ -186,6 +194,7 @@ def main() -> None:
                                         "model's; a GPU host without network needs it)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time the engine's host work per phase over decode steps at batch N")
+    ap.add_argument("--cprofile", action="store_true", help="with --profile: also the top functions (cProfile)")
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -202,7 +211,7 @@ def main() -> None:
           f"{device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     results = {"bandwidth_tb_s": bandwidth / 1e12, "rows": []}
     if args.profile:
-        return profile_host(EngineConfig(**base), prompts[: args.profile], args.max_tokens)
+        return profile_host(EngineConfig(**base), prompts[: args.profile], args.max_tokens, args.cprofile)
     loops = [("async", True)] + ([] if args.no_sync_loop else [("sync", False)])
     measured: dict[str, dict[int, dict]] = {}
     engine = None
