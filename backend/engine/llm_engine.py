@@ -26,7 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvtriton.backend.config import EngineConfig
@@ -46,7 +45,7 @@ from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype
-from kvtriton.backend.runners.step_input import StepInput, StepStaging, prepare_step
+from kvtriton.backend.runners.step_input import StepInput, prepare_step
 from kvtriton.backend.runners.tensor_parallel_runner import RunnerFailedError
 
 log = logging.getLogger("kvtriton")
@@ -127,8 +126,6 @@ class LLMEngine:
         # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
         self._forward_thread = (ThreadPoolExecutor(1, "kvtriton-forward")
                                 if config.enable_async_scheduling and self.device.type == "cpu" else None)
-        # CUDA: the steps' inputs reach the device through reused pinned buffers, one copy per step.
-        self._staging = StepStaging(self.device) if self.device.type == "cuda" else None
         # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -444,15 +441,13 @@ class LLMEngine:
 
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
         """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
-        step = prepare_step(sched.scheduled, self.config.block_size, self.device, self._staging)
+        step = prepare_step(sched.scheduled, self.config.block_size, self.device)
         if step.placeholders:
             pending = self._pending  # placeholders exist only while the step that samples them is pending
             source = {pending.sched.scheduled[i][0].request_id: j for j, i in enumerate(pending.sched.sample_indices)}
             positions = [position for position, _ in step.placeholders]
             rows = [source[sched.scheduled[row][0].request_id] for _, row in step.placeholders]
-            pairs = np.array([positions, rows], dtype=np.int64)
-            index = (self._staging.to_device(pairs.ravel()).view(2, -1) if self._staging is not None
-                     else torch.from_numpy(pairs))
+            index = torch.tensor([positions, rows], dtype=torch.int64).to(self.device, non_blocking=True)
             step.input_ids.index_copy_(0, index[0], pending.token_ids.index_select(0, index[1]))
         return step
 

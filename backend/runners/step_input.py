@@ -45,43 +45,11 @@ class StepInput:
         return len(self.attn.query_lens)
 
 
-class StepStaging:
-    """Pinned host buffers that carry a step's int64 inputs to the GPU, reused round-robin (vLLM keeps
-    such pinned twins of its input tensors too): one host-to-device copy per call, no pinned allocation.
-
-    Invariant: a buffer is rewritten only after the copy that last read it has finished (its event); with
-    `depth` buffers and at most two steps in flight that wait almost never happens."""
-
-    def __init__(self, device, depth: int = 4):
-        self.device = torch.device(device)
-        self._buffers: list[torch.Tensor | None] = [None] * depth
-        self._copied = [torch.cuda.Event() for _ in range(depth)]
-        self._used = [False] * depth
-        self._next = 0
-
-    def to_device(self, values: np.ndarray) -> torch.Tensor:
-        """values (n,) int64 -> the same numbers on the device (the copy is queued, not waited for)."""
-        i, self._next = self._next, (self._next + 1) % len(self._buffers)
-        if self._used[i]:
-            self._copied[i].synchronize()
-        buffer = self._buffers[i]
-        if buffer is None or buffer.numel() < values.size:
-            buffer = self._buffers[i] = torch.empty(max(values.size, 4096), dtype=torch.int64, pin_memory=True)
-        host = buffer[: values.size]
-        host.numpy()[:] = values
-        on_device = host.to(self.device, non_blocking=True)
-        self._copied[i].record()
-        self._used[i] = True
-        return on_device
-
-
-def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device,
-                 staging: StepStaging | None = None) -> StepInput:
+def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device) -> StepInput:
     """scheduled: (sequence, new tokens) with one-token sequences first.
 
     A sequence whose newest token is still on the device (a placeholder: at most one, the last of its
-    new tokens) gets input id 0 there, listed in `placeholders`. staging (CUDA): the step's numbers and
-    block tables travel in one copy through its pinned buffers."""
+    new tokens) gets input id 0 there, listed in `placeholders`."""
     block_tables = [seq.block_ids for seq, _ in scheduled]
     ids: list[int] = []
     positions: list[int] = []
@@ -124,15 +92,10 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
     num_decodes = sum(1 for n in query_lens if n == 1)  # the scheduler puts them first
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
-    numbers = np.array(ids + positions + slots + context_lens + last, dtype=np.int64)
-    if staging is not None:
-        both = staging.to_device(np.concatenate([numbers, padded.ravel()]))
-        packed, tables = both[: numbers.size], both[numbers.size :].view(padded.shape)
-    else:
-        packed = torch.from_numpy(numbers)
-        packed = packed.pin_memory() if str(device).startswith("cuda") else packed
-        packed, tables = packed.to(device, non_blocking=True), torch.from_numpy(padded).to(device, non_blocking=True)
-    step = unpack_step(packed, tables, len(ids), num_decodes, query_lens, context_lens, decode_blocks)
+    packed = torch.from_numpy(np.array(ids + positions + slots + context_lens + last, dtype=np.int64))
+    packed = packed.pin_memory() if str(device).startswith("cuda") else packed
+    step = unpack_step(packed.to(device, non_blocking=True), torch.from_numpy(padded).to(device, non_blocking=True),
+                       len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
     return step
 
