@@ -138,13 +138,13 @@ def process_tree_cpu_s(pid: int) -> float:
 
 
 def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
-               cancel_poll_s: float = 0.0, engine_process: bool = True) -> Path:
+               cancel_poll_s: float = 0.0, engine_process: bool = True, quantization: str = "auto") -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     values = {"model": str(model_folder), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
               "max_num_batched_tokens": "2048", "max_model_len": "2048",
               "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s),
-              "engine_process": str(engine_process).lower()}
+              "engine_process": str(engine_process).lower(), "quantization": quantization}
     if dummy:
         values["dummy_weights"] = "true"
     set_parameters(repo / "llm" / "config.pbtxt", values)
@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--protocol", default="sse", choices=["sse", "grpc"], help="the clients' streaming protocol")
     ap.add_argument("--hf", action="store_true",
                     help="also HF transformers generate on the same prompts, as static batches of each concurrency")
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "fp8"],
+                    help="the same on both sides (auto, as the shipped config.pbtxt: int4 for a GGUF on the CPU)")
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
@@ -206,13 +208,14 @@ def main():
     print(f"# serving benchmark: {args.config}, {'dummy' if dummy else 'real'} weights, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}, python "
           f"{platform.python_version()}; prompt ~100 tokens, {args.output_len} output tokens, EOS ignored, "
-          f"{args.requests_per_client} requests per client")
+          f"{args.requests_per_client} requests per client; quantization {args.quantization}; load average "
+          f"{os.getloadavg()[0]:.1f}")
     results = {"in_process": {}, "server": {}}
 
     compile_ = args.torch_compile == "on"
     engine = LLMEngine(EngineConfig(model=str(folder), dummy_weights=dummy, max_num_seqs=max_seqs,
                                     max_num_batched_tokens=2048, max_model_len=2048,
-                                    enable_torch_compile=compile_)).start()
+                                    enable_torch_compile=compile_, quantization=args.quantization)).start()
     one = engine_request(engine, args.output_len)
     closed_loop(2, 1, one)  # warm-up
     for c in levels:
@@ -225,7 +228,8 @@ def main():
 
     def serve(interval, level_list, cancel_poll_s=0.0, engine_process=True):
         out = {}
-        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process)
+        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
+                          args.quantization)
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = (grpc_request(server.grpc_url, args.output_len) if args.protocol == "grpc"
                    else sse_request(server.http_port, args.output_len))
