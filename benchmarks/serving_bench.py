@@ -137,11 +137,17 @@ def process_tree_cpu_s(pid: int) -> float:
     return sum(cpu.get(p, 0.0) for p in tree)
 
 
-def repository(model_folder: Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
+def _own_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used: the benchmark's clients."""
+    t = os.times()
+    return t.user + t.system
+
+
+def repository(model: str | Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
                cancel_poll_s: float = 0.0, engine_process: bool = True, quantization: str = "auto") -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
-    values = {"model": str(model_folder), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
+    values = {"model": str(model), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
               "max_num_batched_tokens": "2048", "max_model_len": "2048",
               "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s),
               "engine_process": str(engine_process).lower(), "quantization": quantization}
@@ -203,6 +209,9 @@ def main():
         dummy = True
     else:
         folder, dummy = default, False
+    # The engine's `model`: for the default config "default" itself (its GGUF), so that quantization auto picks
+    # what the shipped repository serves (int4 on the CPU); the converted folder serves HF and the tokenizer.
+    served = "default" if args.config == "default" else str(folder)
     max_seqs = max(64, max(levels))
     cuda = torch.cuda.is_available()
     print(f"# serving benchmark: {args.config}, {'dummy' if dummy else 'real'} weights, "
@@ -213,7 +222,7 @@ def main():
     results = {"in_process": {}, "server": {}}
 
     compile_ = args.torch_compile == "on"
-    engine = LLMEngine(EngineConfig(model=str(folder), dummy_weights=dummy, max_num_seqs=max_seqs,
+    engine = LLMEngine(EngineConfig(model=served, dummy_weights=dummy, max_num_seqs=max_seqs,
                                     max_num_batched_tokens=2048, max_model_len=2048,
                                     enable_torch_compile=compile_, quantization=args.quantization)).start()
     one = engine_request(engine, args.output_len)
@@ -228,16 +237,18 @@ def main():
 
     def serve(interval, level_list, cancel_poll_s=0.0, engine_process=True):
         out = {}
-        repo = repository(folder, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
+        repo = repository(served, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
                           args.quantization)
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = (grpc_request(server.grpc_url, args.output_len) if args.protocol == "grpc"
                    else sse_request(server.http_port, args.output_len))
             closed_loop(2, 1, one)
             for c in level_list:
-                cpu0 = process_tree_cpu_s(server.process.pid)
+                cpu0, own0 = process_tree_cpu_s(server.process.pid), _own_cpu_s()
                 out[c] = closed_loop(c, args.requests_per_client, one)
                 out[c]["server_cores"] = (process_tree_cpu_s(server.process.pid) - cpu0) / out[c]["wall_s"]
+                # The clients share the machine with the server: on a small CPU what they use is not the server's.
+                out[c]["client_cores"] = (_own_cpu_s() - own0) / out[c]["wall_s"]
         return out
     if args.engine_process == "both":
         results["server_in_stub"] = serve(1, levels, engine_process=False)
@@ -250,12 +261,13 @@ def main():
         print(f"cancel_poll_interval_s {poll} at {top} clients, stream_interval 1: {run['tok_s']:.1f} tok/s = "
               f"{run['tok_s'] / results['in_process'][top]['tok_s']:.2f} of in-process", flush=True)
 
-    print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6} {'server cores':>12}"
+    print(f"{'clients':>8} {'in-process tok/s':>17} {'tritonserver tok/s':>19} {'ratio':>6} {'server cores':>12} "
+          f"{'client cores':>12}"
           + ("   engine in the stub: tok/s, ratio" if "server_in_stub" in results else ""))
     for c in levels:
         a, b = results["in_process"][c], results["server"][c]
         line = (f"{c:>8} {a['tok_s']:>17.1f} {b['tok_s']:>19.1f} {b['tok_s'] / a['tok_s']:>6.2f} "
-                f"{b['server_cores']:>12.2f}")
+                f"{b['server_cores']:>12.2f} {b['client_cores']:>12.2f}")
         if "server_in_stub" in results:
             s = results["server_in_stub"][c]
             line += f"   {s['tok_s']:.1f}, {s['tok_s'] / a['tok_s']:.2f}"

@@ -93,7 +93,20 @@ class LLMEngine:
         self.device, self.dtype = resolve_device_and_dtype(config)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
-        self.runner = create_runner(config, self.model_config, folder, self.device, self.dtype, self.max_model_len)
+        # CUDA queues work and returns at once; a CPU computes as it is called, so overlapping host work
+        # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
+        # Every heavy op runs there, loading included: libgomp gives each thread that opens a parallel region
+        # a team of its own, and once the teams' threads outnumber the cores it stops spin-waiting between
+        # regions. With one team (2-core VM, int4, quiet): one stream 28 -> 57 tok/s, 32 in flight 159 -> 190
+        # (README "CPU threads", which also says what a busy shared CPU costs).
+        self._forward_thread = ThreadPoolExecutor(1, "kvtriton-forward") if self.device.type == "cpu" else None
+        try:
+            self.runner = self._heavy(create_runner, config, self.model_config, folder, self.device, self.dtype,
+                                      self.max_model_len)
+        except BaseException:
+            if self._forward_thread is not None:
+                self._forward_thread.shutdown(wait=False)
+            raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
@@ -113,8 +126,8 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
-        self.proposer = create_proposer(config, self.tokenizer, self.runner.num_blocks, self.device, self.dtype,
-                                        self.max_model_len, self._sample_vocab)
+        self.proposer = self._heavy(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
+                                    self.dtype, self.max_model_len, self._sample_vocab)
         self.num_spec_proposed_tokens = self.num_spec_accepted_tokens = self.num_spec_drafts = 0
         self._states: dict[str, RequestState] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -122,10 +135,6 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending: PendingStep | None = None  # the step whose tokens the host has not seen yet
-        # CUDA queues work and returns at once; a CPU computes as it is called, so overlapping host work
-        # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
-        self._forward_thread = (ThreadPoolExecutor(1, "kvtriton-forward")
-                                if config.enable_async_scheduling and self.device.type == "cpu" else None)
         # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
