@@ -88,7 +88,12 @@ class Fp8Linear(QuantizedLinear):
         return cls(wq, scale, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        quantize = self._quantize if x.device.type == "cuda" else None
+        # Eagerly, the Triton quantizer is one launch where PyTorch ops are five. Inside torch.compile (the
+        # runner's per-layer functions, captured in the decode graphs) the PyTorch form is the better one:
+        # inductor fuses it into the kernel that makes x (RMSNorm, SwiGLU), as vLLM's fused
+        # rms_norm_dynamic_per_token_quant does by hand, where the opaque Triton op would be a launch of its own.
+        compiling = torch.compiler.is_compiling()
+        quantize = self._quantize if x.device.type == "cuda" and not compiling else None
         xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize is not None else per_token_fp8_reference(x)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         if self._matmul is not None and x.device.type == "cuda":  # decode rows: a Triton GEMV (kernels/fp8_matmul.py)

@@ -42,6 +42,9 @@ from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.backend.models.rotary import RotaryEmbedding
 
 FUSED_MAX_BATCH = 2  # decode batches the fused matmul kernels serve (see above; <= skinny_matmul.MAX_ROWS)
+# The same for quantized weights, where the unfused path's kernels differ (kernels/fp8_matmul.py, int4_matmul.py).
+# Not yet measured: benchmarks/quant_kernels_bench.py --device cuda prints the batch up to which fused wins.
+FUSED_MAX_BATCH_QUANTIZED = {"fp8": 2, "int4": 2}
 
 
 class KernelPagedDecode:
@@ -73,7 +76,9 @@ def decode_weight(module: torch.nn.Module) -> torch.Tensor | QuantizedWeight:
 def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDecode,
                   fuse_matmuls: bool) -> torch.Tensor:
     """ids (B,) of one new token per sequence, at ctx.positions -> logits (B, V) fp32."""
-    if not fuse_matmuls or ids.shape[0] > FUSED_MAX_BATCH:
+    head = decode_weight(model.lm_head)
+    limit = FUSED_MAX_BATCH_QUANTIZED[head.kind] if isinstance(head, QuantizedWeight) else FUSED_MAX_BATCH
+    if not fuse_matmuls or ids.shape[0] > limit:
         return model.compute_logits(model(ids, ctx.positions, ctx))
     x = model.embed_tokens(ids)  # (B, hidden)
     b = ids.shape[0]
@@ -89,7 +94,7 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
         norm = layer.post_attention_layernorm
         h = rms_norm_swiglu(x, norm.weight, norm.eps, decode_weight(mlp.gate_up_proj))
         x = linear(h, decode_weight(mlp.down_proj), residual=x)
-    return rms_norm_linear(x, model.norm.weight, model.norm.eps, decode_weight(model.lm_head), out_dtype=torch.float32)
+    return rms_norm_linear(x, model.norm.weight, model.norm.eps, head, out_dtype=torch.float32)
 
 
 def fusable(model: LlamaForCausalLM) -> str | None:
