@@ -34,7 +34,7 @@ from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
 SKINNY_ROWS = 8  # up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows)
-MAGIC = 8388608.0  # 2^23: the float whose mantissa's low bits are the OR-ed code
+MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are the OR-ed code
 
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
 # --device cuda (it prints this table). Empty: every shape takes `heuristic_tile`. "int4" is this file's
@@ -62,9 +62,8 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
         meta_ok = meta_ok & (g < groups)[None, :]
     scale = tl.load(scale_ptr + meta, mask=meta_ok, other=0.0).to(tl.float32)[:, :, None]
     zero = (tl.load(zero_ptr + meta, mask=meta_ok, other=0).to(tl.float32) + MAGIC)[:, :, None]
-    shape3 = (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)
-    low = tl.reshape(low, shape3) - zero  # q - z, exact
-    high = tl.reshape(high, shape3) - zero
+    low = tl.reshape(low, (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)) - zero  # q - z, exact
+    high = tl.reshape(high, (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)) - zero
     if HAS_OFFSET:
         offset = tl.load(offset_ptr + meta, mask=meta_ok, other=0.0).to(tl.float32)[:, :, None]
         low, high = low * scale + offset, high * scale + offset

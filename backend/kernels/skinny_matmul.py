@@ -43,9 +43,10 @@ from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_su
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 4  # rows of x the kernel serves (its register tile grows with the rows)
-DENSE, FP8, INT4 = 0, 1, 2  # the weight formats (WEIGHT constexpr)
-FP8_MAX = 448.0  # e4m3's largest finite value; models/fp8.py's FP8_MAX and MIN_SCALE, which a kernel cannot import
-FP8_MIN_SCALE = 1e-12
+# The weight formats (the WEIGHT constexpr), and e4m3's numbers: models/fp8.py's FP8_MAX and MIN_SCALE, which a
+# kernel cannot import (a jitted function reads only tl.constexpr globals).
+DENSE, FP8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FP8_MAX, FP8_MIN_SCALE = tl.constexpr(448.0), tl.constexpr(1e-12)
 
 # ("skinny-bf16" | "skinny-fp8" | "skinny-int4", rows bucket, N, K) -> Tile fields (block_m, block_n, block_k,
 # split_k = 1, warps), measured on an H200 by benchmarks/quant_kernels_bench.py --device cuda, which prints
@@ -79,10 +80,11 @@ class QuantizedWeight:
 def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, zero_ptr, offset_ptr, M, N, K, eps,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                   WEIGHT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr):
+                   WEIGHT: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     # One program: BLOCK_N output features for all M rows. x (M, K), W (N, K) or (2N, K) with SWIGLU (int4:
     # (N, K/2) bytes), out (M, N); all contiguous. With NORM, BLOCK_K >= K: each x row is normalised whole,
     # in registers. ws/zero/offset: the quantized weight's numbers (QuantizedWeight), unused for DENSE.
+    # WHOLE_ROWS: BLOCK_K >= K, one tile holds each row whole.
     if PDL:  # let the next kernel launch now; it waits for this one before reading what we write
         gdc_launch_dependents()
     act = x_ptr.dtype.element_ty
@@ -93,7 +95,7 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     x_scale = tl.full((BLOCK_M,), 1.0, tl.float32)  # fp8: each row's activation scale
-    if WEIGHT == FP8 and BLOCK_K < K:  # a tile sees part of each row: one pass over x (from L2) for max|x|
+    if WEIGHT == FP8 and not WHOLE_ROWS:  # a tile sees part of each row: one pass over x (from L2) for max|x|
         if PDL:
             gdc_wait()
         amax = tl.zeros((BLOCK_M,), tl.float32)
@@ -126,7 +128,7 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
             xk = (g[None, :] * (xf * rstd[:, None]).to(act).to(tl.float32)).to(act)
         xk = xk.to(tl.float32)  # (BLOCK_M, BLOCK_K)
         if WEIGHT == FP8:  # per-token e4m3, as kernels/fp8_quant.py: x ~= xq * x_scale
-            if BLOCK_K >= K:  # the whole row is here (always so with NORM)
+            if WHOLE_ROWS:  # the whole row is here (always so with NORM)
                 x_scale = tl.maximum(tl.max(tl.abs(xk), axis=1) / FP8_MAX, FP8_MIN_SCALE)
             xk = tl.clamp(xk / x_scale[:, None], -FP8_MAX, FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
         if WEIGHT == INT4:
@@ -166,7 +168,7 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
         raise ValueError(f"skinny matmul serves at most {MAX_ROWS} rows, got {m}")
     quantized = weight if isinstance(weight, QuantizedWeight) else None
     kind = quantized.kind if quantized is not None else "bf16"
-    fmt = {"bf16": DENSE, "fp8": FP8, "int4": INT4}[kind]
+    fmt = {"bf16": DENSE, "fp8": FP8, "int4": INT4}[kind].value
     if quantized is not None and quantized.in_features != k:
         raise ValueError(f"x has {k} inputs, the {kind} weight {quantized.in_features}")
     x = x.contiguous()
@@ -177,7 +179,7 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
     if blocks is None and tile is not None:
         blocks = tile.block_n, tile.block_k, tile.warps
     block_n, block_k, warps = blocks or _blocks(out_features, k, block_m, norm is not None, 2 if swiglu else 1)
-    if fmt == INT4:  # a tile holds whole groups
+    if kind == "int4":  # a tile holds whole groups
         block_k = max(block_k, quantized.group_size)
     pdl = pdl_supported(x.device)
     spare = x  # any pointer, for the operands a variant does not read
@@ -185,13 +187,13 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
         x, data, out, norm if norm is not None else spare, bias if bias is not None else spare,
         residual.contiguous() if residual is not None else spare,
         quantized.scale if quantized is not None else spare,
-        quantized.zero_point if fmt == INT4 else spare,
-        quantized.offset if fmt == INT4 and quantized.offset is not None else spare,
+        quantized.zero_point if kind == "int4" else spare,
+        quantized.offset if kind == "int4" and quantized.offset is not None else spare,
         m, out_features, k, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, PDL=pdl, WEIGHT=fmt,
-        GROUP=quantized.group_size if fmt == INT4 else 1,
-        HAS_OFFSET=fmt == INT4 and quantized.offset is not None, num_warps=warps,
+        GROUP=quantized.group_size if kind == "int4" else 1,
+        HAS_OFFSET=kind == "int4" and quantized.offset is not None, WHOLE_ROWS=block_k >= k, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
