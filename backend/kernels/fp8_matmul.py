@@ -44,17 +44,20 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
         if EVEN_K:
             w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_K)
-            xq = tl.load(xq_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
         else:
-            k_ok = k < K
             w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xq = tl.load(xq_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
-            acc = tl.dot(xq, tl.trans(w), acc)
-        else:
-            acc += tl.sum(xq.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            xq = tl.load(xq_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(xq, tl.trans(w), acc)  # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), fp8 tensor cores
+        else:  # one row at a time against the 2-D tile (a row axis would move the tile through shared memory)
+            wf = w.to(tl.float32)
+            for r in tl.static_range(BLOCK_M):
+                row = tl.program_id(1) * BLOCK_M + r
+                x_row = tl.load(xq_ptr + row * K + k, mask=k_ok & (row < M), other=0.0).to(tl.float32)
+                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, tl.sum(x_row[None, :] * wf, axis=1)[None, :], 0.0)
     x_scale = tl.load(xs_ptr + m, mask=m_ok, other=0.0)
     w_scale = tl.load(ws_ptr + n, mask=n_ok, other=0.0)
     acc = acc * x_scale[:, None] * w_scale[None, :]

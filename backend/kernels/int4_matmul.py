@@ -11,11 +11,12 @@ is the cheap form FasterTransformer and Marlin use, written in Triton:
   - the code becomes a float without an int->float conversion (a quarter-rate instruction): OR-ing it into
     the mantissa of 2^23 gives the float 2^23 + q, and one subtraction of (2^23 + zero_point), exact in
     fp32, gives q - zero_point;
-  - scale and offset then cost one fma, (q - z) * s + o, in fp32 (no rounding of the weight to bf16);
+  - then (q - z) * s + o in fp32: no rounding of the weight on CUDA cores; for tl.dot it is rounded to the
+    activation dtype for the tensor cores;
   - the low and high nibbles are never interleaved in registers: they multiply the even and the odd
     inputs of x, read with stride 2 (x is tiny and comes from L2).
 Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kernels_bench.py --device cuda):
-  broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles: the GEMV form for a few rows
+  broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles, one row of x at a time: the GEMV form
   dot        tl.dot on (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) tiles, the weight rounded to the
              activation dtype for the tensor cores (GemLite's and Marlin's form for 16-64 rows)
 and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
@@ -48,11 +49,15 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
     """W[n, k0:k0 + BLOCK_K] in fp32 as (even inputs, odd inputs), each (BLOCK_N, BLOCK_K/2). GROUP divides
     BLOCK_K and K; MASK_K: inputs past K (a tile wider than K) read as zeros."""
     groups = K // GROUP
-    pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low) and 2j + 1 (high)
+    # Byte j holds inputs 2j (low nibble) and 2j + 1 (high). GROUP (>= 32) divides K and BLOCK_K divides k0,
+    # so rows and tiles start 16-byte aligned: said explicitly, or the compiler, losing it through the
+    # division, loads one byte per instruction instead of 16.
+    row_bytes = tl.multiple_of(K // 2, 16)
+    pair = tl.multiple_of(k0 // 2, 16) + tl.arange(0, BLOCK_K // 2)
     ok = n_ok[:, None]
     if MASK_K:
-        ok = ok & (pair < K // 2)[None, :]
-    packed = tl.load(q_ptr + n[:, None] * (K // 2) + pair[None, :], mask=ok, other=0).to(tl.int32)
+        ok = ok & (pair < row_bytes)[None, :]
+    packed = tl.load(q_ptr + n[:, None] * row_bytes + pair[None, :], mask=ok, other=0).to(tl.int32)
     low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, (BLOCK_N, BLOCK_K/2)
     high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
     g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
@@ -89,16 +94,23 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K):
         w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
-                                  HAS_OFFSET, False)
-        x_rows = x_ptr + m[:, None] * K + k0 + 2 * half[None, :]
-        x_even = tl.load(x_rows, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K/2)
-        x_odd = tl.load(x_rows + 1, mask=m_ok[:, None], other=0.0)
+                                  HAS_OFFSET, False)  # (BLOCK_N, BLOCK_K/2) each
+        pair = k0 // 2 + half
         if USE_DOT:
+            x_rows = x_ptr + m[:, None] * K + 2 * pair[None, :]
+            x_even = tl.load(x_rows, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K/2)
+            x_odd = tl.load(x_rows + 1, mask=m_ok[:, None], other=0.0)
             acc = tl.dot(x_even, tl.trans(w_even.to(act)), acc)
             acc = tl.dot(x_odd, tl.trans(w_odd.to(act)), acc)
         else:
-            acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :]
-                          + x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
+            # One row of x at a time against the 2-D tile: a broadcast over a third (row) axis makes the
+            # compiler move the whole weight tile through shared memory into that axis' layout each step.
+            for r in tl.static_range(BLOCK_M):
+                row = tl.program_id(1) * BLOCK_M + r
+                x_even = tl.load(x_ptr + row * K + 2 * pair, mask=row < M, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
+                part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
+                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
