@@ -128,12 +128,13 @@ def fp8_tiles(m: int, k: int) -> list[Tile]:
 
 
 def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]:
-    """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: twice the outputs (the quantized tile holds
-    fewer bytes, so a program may take more rows), the other warp count, and a tile as long as K."""
+    """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: two and four times the outputs (a quantized
+    tile holds a half or a quarter of the bytes, so a program may need more rows to keep as many loads in
+    flight), the other warp count, and a tile as long as K."""
     norm, swiglu = op.startswith("rms_norm"), op == "rms_norm_swiglu"
     base = skinny_matmul.tile_of(m, n // 2 if swiglu else n, k, norm, swiglu)
     out = {(base.block_n, base.block_k, base.warps), (base.block_n * 2, base.block_k, 4),
-           (base.block_n, base.block_k, 4 if base.warps == 1 else 1)}
+           (base.block_n * 4, base.block_k, 4), (base.block_n, base.block_k, 4 if base.warps == 1 else 1)}
     if not norm and base.block_k < k:  # one tile along all of K: fp8 then needs no first pass for max|x|
         out.add((max(1, base.block_n // 2), triton.next_power_of_2(k), 4))
     return sorted(out)
