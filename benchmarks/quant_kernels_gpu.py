@@ -37,7 +37,7 @@ from kvtriton.backend.kernels.fp8_quant import per_token_fp8
 from kvtriton.backend.kernels.int4_matmul import heuristic_tile as int4_heuristic
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with
 from kvtriton.backend.kernels.tile_config import Tile
-from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear
+from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, quantize_fp8_per_channel
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise
 from kvtriton.backend.models.llama import RMSNorm
 from kvtriton.backend.models.llama_decode import decode_weight
@@ -78,9 +78,7 @@ def copies(weight_bytes: int) -> int:
 def make_layers(n: int, k: int) -> dict:
     """The shape's weight in each format, each as a list of distinct copies (distinct addresses for the L2)."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-    linear.weight.data = w
-    fp8 = Fp8Linear.from_linear(linear)
+    fp8 = Fp8Linear(*quantize_fp8_per_channel(w), None)
     int4 = Int4Linear.from_group_quantized(quantize_groupwise(w, GROUP), device="cuda")
     clones = {"bf16": w.clone, "fp8": lambda: Fp8Linear(fp8.weight.clone(), fp8.weight_scale.clone(), None),
               "int4": lambda: Int4Linear(int4.qweight.clone(), int4.scale.clone(), int4.zero_point.clone(), None,
@@ -262,6 +260,7 @@ def summarize(results: list, rows: list[int], log) -> dict:
     return tables
 
 
+@torch.inference_mode()
 def main(args) -> None:
     started = time.monotonic()
     rows = [int(r) for r in args.rows.split(",")]
