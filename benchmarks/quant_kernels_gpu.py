@@ -49,6 +49,7 @@ SHAPES = [("qkv", 3072, 2048, "rms_norm_linear", 16), ("o", 2048, 2048, "linear+
 GROUP = 32
 HBM_BYTES = 150e6  # each timed op rotates over at least this many weight bytes: 3x an H200's 50 MB L2
 REPS = 3
+DEVICE = "cuda"  # (a CPU dry run under TRITON_INTERPRET=1 sets "cpu" to check the program, not to time)
 
 
 def graph_seconds(calls: list) -> float:
@@ -77,9 +78,9 @@ def copies(weight_bytes: int) -> int:
 
 def make_layers(n: int, k: int) -> dict:
     """The shape's weight in each format, each as a list of distinct copies (distinct addresses for the L2)."""
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
     fp8 = Fp8Linear(*quantize_fp8_per_channel(w), None)
-    int4 = Int4Linear.from_group_quantized(quantize_groupwise(w, GROUP), device="cuda")
+    int4 = Int4Linear.from_group_quantized(quantize_groupwise(w, GROUP), device=DEVICE)
     clones = {"bf16": w.clone, "fp8": lambda: Fp8Linear(fp8.weight.clone(), fp8.weight_scale.clone(), None),
               "int4": lambda: Int4Linear(int4.qweight.clone(), int4.scale.clone(), int4.zero_point.clone(), None,
                                          GROUP, None)}
@@ -141,10 +142,10 @@ def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]
 def time_shape(name, n, k, op, rows, results, log):
     layers = make_layers(n, k)
     out_n = n // 2 if op == "rms_norm_swiglu" else n
-    norm = RMSNorm(k, 1e-5).to("cuda", torch.bfloat16).weight
+    norm = RMSNorm(k, 1e-5).to(DEVICE, torch.bfloat16).weight
     for m in rows:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        residual = torch.randn(m, out_n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        residual = torch.randn(m, out_n, device=DEVICE, dtype=torch.bfloat16)
         row = {}
 
         def best(family, options):
