@@ -253,6 +253,13 @@ def through_triton(args, variants: dict[str, str]) -> None:
         print(f"  {name:5} {statistics.median(values):6.1f} tok/s ({statistics.median(values) / base:.2f}x fp32)")
 
 
+def fused_max_batch(precision: str) -> int:
+    """The decode batch up to which the runner fuses its matmuls (models/llama_decode.py), for the printout."""
+    from kvtriton.backend.models import llama_decode
+
+    return llama_decode.FUSED_MAX_BATCH_QUANTIZED.get(precision, llama_decode.FUSED_MAX_BATCH)
+
+
 def gpu(args) -> None:
     """bf16 vs fp8 vs int4 on CUDA, 1B-class random weights: runner step at batch 1, engine tok/s at 1 and 64."""
     import random
@@ -282,7 +289,8 @@ def gpu(args) -> None:
         batch = statistics.median(run_engine(engine, prompts, args.max_tokens)["tok_s"] for _ in range(3))
         rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9)
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
-              f"{one:.0f} tok/s, 64 requests {batch:.0f} tok/s", flush=True)
+              f"{one:.0f} tok/s, 64 requests {batch:.0f} tok/s; fused decode kernels "
+              f"{'up to batch ' + str(fused_max_batch(name)) if engine.runner.fuse_matmuls else 'off'}", flush=True)
         engine.shutdown()
         del engine
         gc.collect()

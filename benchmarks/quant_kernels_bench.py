@@ -13,6 +13,11 @@ memory as in a real step rather than from cache. Candidates:
                                   8-bit g32 (the Q8_0 lm_head) at level 4
 
   python benchmarks/quant_kernels_bench.py [--batch 1,32] [--rounds 7]
+
+--device cuda: the GPU decode kernels at the 1B-class Llama's shapes instead (benchmarks/quant_kernels_gpu.py:
+bf16 / fp8 / int4, every candidate tile, the tables to paste into the kernel modules):
+
+  python benchmarks/quant_kernels_bench.py --device cuda [--rows 1,2,4,8,16,32,64] [--out tiles.json]
 """
 
 from __future__ import annotations
@@ -143,7 +148,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes M")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="cuda: decode batch sizes M")
+    parser.add_argument("--out", help="cuda: write the measurements and the tiles as JSON here")
     args = parser.parse_args()
+    if args.device == "cuda":
+        from quant_kernels_gpu import main as gpu_main  # benchmarks/ is on sys.path when run as a script
+
+        return gpu_main(args)
     import onnxruntime
 
     print(f"# CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "

@@ -5,10 +5,22 @@ input in the low nibble), and per group of GROUP inputs an fp16 scale, a uint8 z
 optionally an fp16 offset:  w[n, k] = (q - zero_point) * scale + offset.
 
 A decode step is bound by weight bytes, so each program streams a (BLOCK_N, BLOCK_K) tile of codes
-(a quarter of the bf16 bytes), dequantizes it in registers, rounds it to the activation dtype (what
-the dense reference `x @ W.to(x.dtype).T` multiplies by) and accumulates in fp32:
-  rows <= SKINNY_ROWS  broadcast-multiply-sum, long narrow tiles, as kernels/skinny_matmul.py
-  more rows (<= 64)    tl.dot on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) tiles (tensor cores)
+(a quarter of the bf16 bytes). At 4 bits the CUDA cores become the second limit: an H200 must
+dequantize ~7e12 weights/s to keep up with its HBM, about 5 instructions a weight. So the dequantization
+is the cheap form FasterTransformer and Marlin use, written in Triton:
+  - the code becomes a float without an int->float conversion (a quarter-rate instruction): OR-ing it into
+    the mantissa of 2^23 gives the float 2^23 + q, and one subtraction of (2^23 + zero_point), exact in
+    fp32, gives q - zero_point;
+  - then (q - z) * s + o in fp32: no rounding of the weight on CUDA cores; for tl.dot it is rounded to the
+    activation dtype for the tensor cores;
+  - the low and high nibbles are never interleaved in registers: they multiply the even and the odd
+    inputs of x, read with stride 2 (x is tiny and comes from L2).
+Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kernels_bench.py --device cuda):
+  broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles, one row of x at a time: the GEMV form
+  dot        tl.dot on (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) tiles, the weight rounded to the
+             activation dtype for the tensor cores (GemLite's and Marlin's form for 16-64 rows)
+and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
+share one output tile along K and a second op adds their fp32 partial sums (deterministic, unlike atomics).
 Prefill (more than MAX_ROWS rows) does not come here: `int4_dequantize` writes the weight once in the
 activation dtype (the same tile code) and models/int4.py hands it to cuBLAS, compute-bound there anyway.
 """
@@ -19,53 +31,91 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.tile_config import Tile, lookup
+
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
-SKINNY_ROWS = 8  # up to here the broadcast-sum form; above, tl.dot (which wants tiles of >= 16 rows)
+SKINNY_ROWS = 8  # up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows)
+MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are the OR-ed code
+
+# (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
+# --device cuda (it prints this table). Empty: every shape takes `heuristic_tile`. "int4" is this file's
+# matmul; "skinny-int4" is kernels/skinny_matmul.py's fused decode kernel reading int4 weights.
+TILES: dict[tuple[str, int, int, int], tuple] = {}
 
 
 @triton.jit
-def _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
-    """W[n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) in fp32 from the packed codes and the group numbers."""
+def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr, MASK_K: tl.constexpr):
+    """W[n, k0:k0 + BLOCK_K] in fp32 as (even inputs, odd inputs), each (BLOCK_N, BLOCK_K/2). GROUP divides
+    BLOCK_K and K; MASK_K: inputs past K (a tile wider than K) read as zeros."""
     groups = K // GROUP
-    pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(q_ptr + n[:, None] * (K // 2) + pair[None, :], mask=n_ok[:, None], other=0)
-    low = (packed & 0xF).to(tl.float32)  # (BLOCK_N, BLOCK_K/2): inputs 2j
-    high = ((packed >> 4) & 0xF).to(tl.float32)  # inputs 2j + 1
-    codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # inputs in order
+    # Byte j holds inputs 2j (low nibble) and 2j + 1 (high). GROUP (>= 32) divides K and BLOCK_K divides k0,
+    # so rows and tiles start 16-byte aligned: said explicitly, or the compiler, losing it through the
+    # division, loads one byte per instruction instead of 16.
+    row_bytes = tl.multiple_of(K // 2, 16)
+    pair = tl.multiple_of(k0 // 2, 16) + tl.arange(0, BLOCK_K // 2)
+    ok = n_ok[:, None]
+    if MASK_K:
+        ok = ok & (pair < row_bytes)[None, :]
+    packed = tl.load(q_ptr + n[:, None] * row_bytes + pair[None, :], mask=ok, other=0).to(tl.int32)
+    low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, (BLOCK_N, BLOCK_K/2)
+    high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
     g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
     meta = n[:, None] * groups + g[None, :]  # (BLOCK_N, BLOCK_K/GROUP)
-    scale = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
-    w = (codes - zero[:, :, None]) * scale[:, :, None]
+    meta_ok = n_ok[:, None]
+    if MASK_K:
+        meta_ok = meta_ok & (g < groups)[None, :]
+    scale = tl.load(scale_ptr + meta, mask=meta_ok, other=0.0).to(tl.float32)[:, :, None]
+    zero = (tl.load(zero_ptr + meta, mask=meta_ok, other=0).to(tl.float32) + MAGIC)[:, :, None]
+    low = tl.reshape(low, (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)) - zero  # q - z, exact
+    high = tl.reshape(high, (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)) - zero
     if HAS_OFFSET:
-        w += tl.load(offset_ptr + meta, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+        offset = tl.load(offset_ptr + meta, mask=meta_ok, other=0.0).to(tl.float32)[:, :, None]
+        low, high = low * scale + offset, high * scale + offset
+    else:
+        low, high = low * scale, high * scale
+    return tl.reshape(low, (BLOCK_N, BLOCK_K // 2)), tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
 
 
 @triton.jit
 def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_OFFSET: tl.constexpr, USE_DOT: tl.constexpr):
-    # x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP), out (M, N); all contiguous.
-    # BLOCK_K is a multiple of GROUP and divides K (the caller checks), so no K mask is needed.
+                 SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, USE_DOT: tl.constexpr):
+    # x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP); out (M, N) in x's dtype, or with SPLIT_K > 1
+    # (SPLIT_K, M, N) fp32 partial sums. BLOCK_K * SPLIT_K divides K (the caller checks): no K mask.
     act = x_ptr.dtype.element_ty
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    split = tl.program_id(2)
+    k_per_split = K // SPLIT_K
+    half = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
-                             HAS_OFFSET).to(act)  # the weight the dense reference multiplies by
-        k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
+    for k0 in range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K):
+        w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
+                                  HAS_OFFSET, False)  # (BLOCK_N, BLOCK_K/2) each
+        pair = k0 // 2 + half
         if USE_DOT:
-            acc = tl.dot(xk, tl.trans(w), acc)
+            x_rows = x_ptr + m[:, None] * K + 2 * pair[None, :]
+            x_even = tl.load(x_rows, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K/2)
+            x_odd = tl.load(x_rows + 1, mask=m_ok[:, None], other=0.0)
+            acc = tl.dot(x_even, tl.trans(w_even.to(act)), acc)
+            acc = tl.dot(x_odd, tl.trans(w_odd.to(act)), acc)
         else:
-            acc += tl.sum(xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+            # One row of x at a time against the 2-D tile: a broadcast over a third (row) axis makes the
+            # compiler move the whole weight tile through shared memory into that axis' layout each step.
+            for r in tl.static_range(BLOCK_M):
+                row = tl.program_id(1) * BLOCK_M + r
+                x_even = tl.load(x_ptr + row * K + 2 * pair, mask=row < M, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
+                part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
+                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -75,27 +125,57 @@ def _int4_dequantize(q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, N, K, GROU
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k0 = tl.program_id(1) * BLOCK_K
-    w = _dequantize_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K, HAS_OFFSET)
-    k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+    w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
+                              HAS_OFFSET, False)
+    out = out_ptr + n[:, None] * K + k0 + 2 * tl.arange(0, BLOCK_K // 2)[None, :]
+    tl.store(out, w_even.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(out + 1, w_odd.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-def _blocks(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, tl.dot). Skinny: as skinny_matmul's sweep found on an H200, long
-    tiles along K and enough programs (~512+) to keep every SM streaming; BLOCK_K a power of two dividing K.
-    Dot: 16-64 rows x 32 outputs x 128+ inputs, the usual W4A16 decode tile. Untuned beyond that:
-    benchmarks/precision_bench.py --part gpu measures the result against bf16 cuBLAS."""
+def _widest_block_k(k: int, group: int, limit: int) -> int:
+    """The largest power-of-two multiple of `group` up to `limit` that divides k."""
     block_k = group
-    limit = 1024 if m <= SKINNY_ROWS else 256
     while block_k * 2 <= limit and k % (block_k * 2) == 0:
         block_k *= 2
+    return block_k
+
+
+def heuristic_tile(m: int, n: int, k: int, group: int) -> Tile:
+    """The tile for a shape the sweep has not measured. Broadcast (<= SKINNY_ROWS rows): as
+    kernels/skinny_matmul.py's H200 sweep found, long tiles along K and ~512+ programs to keep every SM
+    streaming. Dot: 16-64 rows x 32 outputs x 128+ inputs (the usual W4A16 decode tile), split along K
+    until there are ~2 programs per SM of an H200 (132 SMs)."""
     if m <= SKINNY_ROWS:
         block_m = triton.next_power_of_2(m)
+        block_k = _widest_block_k(k, group, 1024)
         block_n = max(1, min(8192 // (block_m * block_k), n // 512))
         block_n = 1 << (block_n.bit_length() - 1)
-        return block_m, block_n, block_k, 1 if block_m * block_n * block_k <= 4096 else 4, False
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    return block_m, 32, block_k, 4, True
+        return Tile(block_m, block_n, block_k, 1, 1 if block_m * block_n * block_k <= 4096 else 4, False)
+    block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 32
+    block_k = _widest_block_k(k, group, 256)
+    split, programs = 1, triton.cdiv(n, block_n)
+    while programs * split < 264 and k % (block_k * split * 2) == 0:
+        split *= 2
+    return Tile(block_m, block_n, block_k, split, 4, True)
+
+
+def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     offset: torch.Tensor | None, group_size: int, tile: Tile) -> torch.Tensor:
+    """int4_matmul under a given tile (the benchmark's sweep; the op picks its own)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if k % (tile.block_k * tile.split_k) or tile.block_k % group_size:
+        raise ValueError(f"tile {tile} does not fit K = {k} in groups of {group_size}")
+    x = x.contiguous()
+    if tile.split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
+    _int4_matmul[grid](x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k,
+                       GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                       SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, USE_DOT=tile.dot, num_warps=tile.warps)
+    return out if tile.split_k == 1 else out.sum(0).to(x.dtype)
 
 
 # A custom op: torch.compile (the runner compiles each layer's work around attention, fullgraph) sees one
@@ -110,14 +190,8 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
         raise ValueError(f"int4_matmul serves at most {MAX_ROWS} rows (decode batches), got {m}")
     if k % group_size or qweight.shape[1] * 2 != k:
         raise ValueError(f"x has {k} inputs, the weight {qweight.shape[1] * 2} in groups of {group_size}")
-    x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, dot = _blocks(m, n, k, group_size)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _int4_matmul[grid](x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k,
-                       GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       HAS_OFFSET=offset is not None, USE_DOT=dot, num_warps=warps)
-    return out
+    tile = lookup(TILES, "int4", m, n, k) or heuristic_tile(m, n, k, group_size)
+    return int4_matmul_with(x, qweight, scale, zero_point, offset, group_size, tile)
 
 
 @int4_matmul.register_fake
@@ -131,9 +205,7 @@ def int4_dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torc
     """The weight (N, K) in `dtype`, written once: prefill's operand for cuBLAS (no fp32 temporaries)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    block_n, block_k = 16, group_size
-    while block_k < 256 and k % (block_k * 2) == 0:
-        block_k *= 2
+    block_n, block_k = 16, _widest_block_k(k, group_size, 256)
     _int4_dequantize[(triton.cdiv(n, block_n), k // block_k)](
         qweight, scale, zero_point, offset if offset is not None else scale, out, n, k, GROUP=group_size,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=offset is not None, num_warps=4)

@@ -7,7 +7,10 @@ Weights are quantized once at load from the checkpoint's bf16/fp32 values (`quan
 Activation scales are dynamic: max |x| of each row / 448, so no calibration set is needed and one
 outlier token does not cost the others their precision. On CUDA the activation quantization is one
 Triton kernel (kernels/fp8_quant.py) and the whole layer is two launches with no host sync: it is
-captured in the decode CUDA graphs like any other op. On the CPU the same math runs through PyTorch
+captured in the decode CUDA graphs like any other op. Decode batches multiply in a Triton W8A8 kernel
+(kernels/fp8_matmul.py) where its measured table says it beats cuBLASLt's `_scaled_mm`, which pads a few
+rows to a 64-row tile; and at batch 1-2 the runner's fused decode kernels (kernels/skinny_matmul.py) read
+these weights directly, quantizing x per token inside the matmul. On the CPU the same math runs through PyTorch
 ops and the CPU `_scaled_mm` (for tests; no speed is claimed there).
 """
 
@@ -37,12 +40,15 @@ def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def _triton_quant():
+def _triton_kernels():
+    """(the per-token activation quantizer, the matmul that picks the Triton GEMV or _scaled_mm by rows), or
+    (None, None) without triton (then five PyTorch ops quantize and _scaled_mm multiplies at every size)."""
     try:
+        from kvtriton.backend.kernels.fp8_matmul import fp8_matmul
         from kvtriton.backend.kernels.fp8_quant import per_token_fp8
     except ImportError:
-        return None
-    return per_token_fp8
+        return None, None
+    return per_token_fp8, fp8_matmul
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -69,7 +75,7 @@ class Fp8Linear(QuantizedLinear):
         self.register_buffer("weight", weight)  # (N16, K) e4m3, row-major: weight.T is the column-major mat2
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N16)
         # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
-        self._quantize = _triton_quant() if weight.device.type == "cuda" else None
+        self._quantize, self._matmul = _triton_kernels() if weight.device.type == "cuda" else (None, None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "Fp8Linear":
@@ -82,11 +88,19 @@ class Fp8Linear(QuantizedLinear):
         return cls(wq, scale, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        quantize = self._quantize if x.device.type == "cuda" else None
+        # Eagerly, the Triton quantizer is one launch where PyTorch ops are five. Inside torch.compile (the
+        # runner's per-layer functions, captured in the decode graphs) the PyTorch form is the better one:
+        # inductor fuses it into the kernel that makes x (RMSNorm, SwiGLU), as vLLM's fused
+        # rms_norm_dynamic_per_token_quant does by hand, where the opaque Triton op would be a launch of its own.
+        compiling = torch.compiler.is_compiling()
+        quantize = self._quantize if x.device.type == "cuda" and not compiling else None
         xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize is not None else per_token_fp8_reference(x)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        out = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale,
-                               out_dtype=out_dtype)  # (M, N16)
+        if self._matmul is not None and x.device.type == "cuda":  # decode rows: a Triton GEMV (kernels/fp8_matmul.py)
+            out = self._matmul(xq, x_scale, self.weight, self.weight_scale, out_dtype)  # (M, N16)
+        else:
+            out = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale,
+                                   out_dtype=out_dtype)  # (M, N16)
         return out[:, :self.out_features] if out.shape[1] != self.out_features else out
 
     def dequantized_weight(self) -> torch.Tensor:

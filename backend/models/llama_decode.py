@@ -11,6 +11,10 @@ around it fused in:
     x        = linear(h, down_proj, residual=x)
   logits     = rms_norm_linear(x, norm, lm_head) in fp32
 
+fp8 (W8A8) and int4 projections take the same kernels, reading their quantized
+weights (kernels/skinny_matmul.py's QuantizedWeight), so a quantized step has
+the same launches as a bf16 one and only fewer bytes.
+
 Batch 2 takes them too. Larger batches read each weight once for many rows,
 where cuBLAS and the torch.compile'd per-layer functions are faster. Measured
 on an H200, 1B-class, 192-token contexts (benchmarks/profile_decode.py
@@ -31,11 +35,16 @@ import torch
 
 from kvtriton.backend.attention.kv_cache import KVCache
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention
-from kvtriton.backend.kernels.skinny_matmul import linear, rms_norm_linear, rms_norm_swiglu
+from kvtriton.backend.kernels.skinny_matmul import QuantizedWeight, linear, rms_norm_linear, rms_norm_swiglu
+from kvtriton.backend.models.fp8 import Fp8Linear
+from kvtriton.backend.models.int4 import Int4Linear
 from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.backend.models.rotary import RotaryEmbedding
 
-FUSED_MAX_BATCH = 2  # decode batches the fused matmul kernels serve (see above)
+FUSED_MAX_BATCH = 2  # decode batches the fused matmul kernels serve (see above; <= skinny_matmul.MAX_ROWS)
+# The same for quantized weights, where the unfused path's kernels differ (kernels/fp8_matmul.py, int4_matmul.py).
+# Not yet measured: benchmarks/quant_kernels_bench.py --device cuda prints the batch up to which fused wins.
+FUSED_MAX_BATCH_QUANTIZED = {"fp8": 2, "int4": 2}
 
 
 class KernelPagedDecode:
@@ -53,31 +62,46 @@ class KernelPagedDecode:
                                       self.tables, self.context_lens, self.scale, rotary=tables)
 
 
+def decode_weight(module: torch.nn.Module) -> torch.Tensor | QuantizedWeight:
+    """What the fused kernels read for one projection: a plain Linear's weight, or the quantized layer's numbers
+    (their layouts are models/fp8.py's and models/int4.py's)."""
+    if isinstance(module, Fp8Linear):
+        return QuantizedWeight("fp8", module.out_features, module.weight, module.weight_scale)
+    if isinstance(module, Int4Linear):
+        return QuantizedWeight("int4", module.out_features, module.qweight, module.scale, module.zero_point,
+                               module.offset, module.group_size)
+    return module.weight
+
+
 def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDecode,
                   fuse_matmuls: bool) -> torch.Tensor:
     """ids (B,) of one new token per sequence, at ctx.positions -> logits (B, V) fp32."""
-    if not fuse_matmuls or ids.shape[0] > FUSED_MAX_BATCH:
+    head = decode_weight(model.lm_head)
+    limit = FUSED_MAX_BATCH_QUANTIZED[head.kind] if isinstance(head, QuantizedWeight) else FUSED_MAX_BATCH
+    if not fuse_matmuls or ids.shape[0] > limit:
         return model.compute_logits(model(ids, ctx.positions, ctx))
     x = model.embed_tokens(ids)  # (B, hidden)
     b = ids.shape[0]
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = rms_norm_linear(x, layer.input_layernorm.weight, layer.input_layernorm.eps, attn.qkv_proj.weight,
+        qkv = rms_norm_linear(x, layer.input_layernorm.weight, layer.input_layernorm.eps, decode_weight(attn.qkv_proj),
                               attn.qkv_proj.bias)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
                               k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
                               rotary=model.rotary)
-        x = linear(attended.view(b, -1), attn.o_proj.weight, residual=x)
+        x = linear(attended.view(b, -1), decode_weight(attn.o_proj), residual=x)
         norm = layer.post_attention_layernorm
-        x = linear(rms_norm_swiglu(x, norm.weight, norm.eps, mlp.gate_up_proj.weight), mlp.down_proj.weight, residual=x)
-    return rms_norm_linear(x, model.norm.weight, model.norm.eps, model.lm_head.weight, out_dtype=torch.float32)
+        h = rms_norm_swiglu(x, norm.weight, norm.eps, decode_weight(mlp.gate_up_proj))
+        x = linear(h, decode_weight(mlp.down_proj), residual=x)
+    return rms_norm_linear(x, model.norm.weight, model.norm.eps, head, out_dtype=torch.float32)
 
 
 def fusable(model: LlamaForCausalLM) -> str | None:
-    """None if every projection is a plain nn.Linear the skinny matmul can read (int8 ones are not),
-    else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it."""
+    """None if every projection is one the skinny matmul can read (a plain nn.Linear, fp8 or int4; int8 ones are
+    not), else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it."""
     for name, module in model.named_modules():
-        if (name.endswith("_proj") or name == "lm_head") and type(module) is not torch.nn.Linear:
+        if (name.endswith("_proj") or name == "lm_head") and type(module) not in (torch.nn.Linear, Fp8Linear,
+                                                                                  Int4Linear):
             return f"{name} is {type(module).__name__}, not nn.Linear"
     return None

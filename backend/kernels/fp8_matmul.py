@@ -1,0 +1,127 @@
+"""FP8 (e4m3) W8A8 matmul for decode batches in Triton: y = (xq wq^T) * x_scale * w_scale.
+
+models/fp8.py's layers run `torch._scaled_mm` (cuBLASLt). At a few rows that is the wrong tool: its
+fp8 GEMM tiles are 64+ rows tall and, at N = K = 2048, launch far fewer CTAs than an H200 has SMs, so a
+batch-1 step spent more time in it than bf16 spent in its GEMV (issue #15: 1.76x bf16). This kernel is
+the decode form vLLM and TensorRT-LLM switch to at small M: weight-streaming tiles sized for the GPU,
+with the same numerics (e4m3 x e4m3 products, exact in fp32; fp32 sums; the scales in the epilogue):
+  broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles (1-8 rows)
+  dot        tl.dot on fp8 tensor cores (Hopper/Ada), 16-64 rows
+and split-K (SPLIT_K programs share an output tile along K; a second op adds their fp32 partial sums) so
+that a narrow N still fills the SMs. x arrives quantized per token by kernels/fp8_quant.py. Which form
+and tile, and from how many rows cuBLASLt wins, is read from TILES (benchmarks/quant_kernels_bench.py
+--device cuda measures it); never autotuned, so the choice is fixed before CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
+
+MAX_ROWS = 64  # the decode batch sizes this kernel may serve
+TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
+CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
+
+# ("fp8", rows bucket, N, K) -> Tile fields, or CUBLAS; printed by benchmarks/quant_kernels_bench.py --device
+# cuda from an H200 sweep. N is the weight's padded row count (a multiple of 16). Empty: `heuristic_tile`.
+TILES: dict[tuple[str, int, int, int], tuple] = {}
+
+
+@triton.jit
+def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+    # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
+    # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    split = tl.program_id(2)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        if EVEN_K:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_K)
+        else:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:
+            xq = tl.load(xq_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(xq, tl.trans(w), acc)  # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), fp8 tensor cores
+        else:  # one row at a time against the 2-D tile (a row axis would move the tile through shared memory)
+            wf = w.to(tl.float32)
+            for r in tl.static_range(BLOCK_M):
+                row = tl.program_id(1) * BLOCK_M + r
+                x_row = tl.load(xq_ptr + row * K + k, mask=k_ok & (row < M), other=0.0).to(tl.float32)
+                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, tl.sum(x_row[None, :] * wf, axis=1)[None, :], 0.0)
+    x_scale = tl.load(xs_ptr + m, mask=m_ok, other=0.0)
+    w_scale = tl.load(ws_ptr + n, mask=n_ok, other=0.0)
+    acc = acc * x_scale[:, None] * w_scale[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+
+
+def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
+    """Unmeasured shapes: this kernel up to TRITON_ROWS rows, as a GEMV with kernels/skinny_matmul.py's H200
+    shape (long tiles along K, ~512+ programs); above, None: cuBLASLt."""
+    if m > TRITON_ROWS:
+        return None
+    block_m = triton.next_power_of_2(m)
+    block_k = min(1024, triton.next_power_of_2(k))
+    block_n = max(1, min(8192 // (block_m * block_k), n // 512))
+    block_n = 1 << (block_n.bit_length() - 1)
+    return Tile(block_m, block_n, block_k, 1, 1 if block_m * block_n * block_k <= 4096 else 4, False)
+
+
+def fp8_tile(m: int, n: int, k: int) -> Tile | None:
+    """This kernel's tile for an (m, n, k) call, or None where _scaled_mm serves it."""
+    if m > MAX_ROWS:
+        return None
+    found = TILES.get(("fp8", rows_bucket(m), n, k))
+    if found is not None:
+        return None if tuple(found) == CUBLAS else Tile(*found)
+    return heuristic_tile(m, n, k)
+
+
+def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    out_dtype: torch.dtype, tile: Tile) -> torch.Tensor:
+    """xq (M, K) e4m3, x_scale (M, 1) fp32, weight (N, K) e4m3, weight_scale (1, N) fp32 -> (M, N) out_dtype."""
+    m, k = xq.shape
+    n = weight.shape[0]
+    if tile.dot and (tile.block_m < 16 or tile.block_k < 32):
+        raise ValueError(f"tile {tile}: fp8 tl.dot needs tiles of >= 16 rows and >= 32 inputs")
+    if tile.split_k == 1:
+        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
+    _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                      BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
+                      EVEN_K=k % (tile.block_k * tile.split_k) == 0, num_warps=tile.warps)
+    return out if tile.split_k == 1 else out.sum(0).to(out_dtype)
+
+
+# A custom op, like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work, with symbolic row
+# counts) sees one opaque call, and the choice between this kernel and cuBLASLt by row count happens in here,
+# at run time, instead of as shape guards (one recompilation per rows bucket) in the compiled graph.
+@torch.library.custom_op("kvtriton::fp8_matmul", mutates_args=())
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """xq (M, K) e4m3, x_scale (M, 1) fp32, weight (N, K) e4m3 (N % 16 == 0), weight_scale (1, N) fp32 -> (M, N):
+    this kernel at its table's tile, or torch._scaled_mm where the table says cuBLASLt is faster."""
+    tile = fp8_tile(xq.shape[0], weight.shape[0], xq.shape[1])
+    if tile is None:
+        return torch._scaled_mm(xq, weight.T, scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+    return fp8_matmul_with(xq.contiguous(), x_scale, weight, weight_scale, out_dtype, tile)
+
+
+@fp8_matmul.register_fake
+def _(xq, x_scale, weight, weight_scale, out_dtype):
+    return xq.new_empty(xq.shape[0], weight.shape[0], dtype=out_dtype)

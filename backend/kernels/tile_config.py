@@ -1,0 +1,39 @@
+"""Tile choices for the decode matmul kernels, looked up per (kernel, rows bucket, N, K), never autotuned.
+
+A decode step runs inside a CUDA graph, so a kernel's launch configuration must be fixed before capture
+and must not time anything (triton.autotune would run its sweep at the first call, i.e. at capture, and
+pick from noisy single timings). Instead, as vLLM's fused_moe does with its per-device JSON configs,
+benchmarks/quant_kernels_bench.py --device cuda sweeps the candidates once on the GPU and prints a
+`TILES` entry per (kernel, rows bucket, N, K); pasted into the kernel module's table, it is used from
+then on. A shape missing from the table takes the kernel's own heuristic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the decode batch sizes the runner captures graphs for
+
+
+class Tile(NamedTuple):
+    """One launch configuration. block_m/block_n/block_k: the program's tile; split_k: programs sharing one
+    output tile along K (their fp32 partial sums are added by a second op); warps: num_warps; dot: tensor-core
+    tl.dot (>= 16 rows) rather than the broadcast-multiply-sum of CUDA cores."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    warps: int = 4
+    dot: bool = False
+
+
+def rows_bucket(m: int) -> int:
+    """The smallest captured batch size >= m (the graph's padded row count)."""
+    return next((b for b in ROW_BUCKETS if b >= m), ROW_BUCKETS[-1])
+
+
+def lookup(table: dict, kernel: str, m: int, n: int, k: int) -> Tile | None:
+    """The measured tile for this call, or None (then the kernel's heuristic)."""
+    found = table.get((kernel, rows_bucket(m), n, k))
+    return Tile(*found) if found is not None else None

@@ -1,0 +1,283 @@
+"""Decode matmul kernels on CUDA at the 1B-class Llama's shapes: bf16 vs fp8 vs int4, and the tile tables.
+
+  python benchmarks/quant_kernels_bench.py --device cuda [--rows 1,2,4,8,16,32,64] [--out tiles.json]
+
+For each projection of benchmarks/engine_bench.py's LLAMA_1B (qkv 3072x2048, o 2048x2048, gate_up
+16384x2048, down 2048x8192, lm_head 49152x2048) and each decode batch M, it times every candidate with
+the work the decode step does around it:
+  bf16 cuBLAS        F.linear (what batches above FUSED_MAX_BATCH run in bf16)
+  bf16 skinny        kernels/skinny_matmul.py's fused kernel (RMSNorm / SwiGLU / residual fused), M <= 4
+  fp8 _scaled_mm     per-token quantization kernel + torch._scaled_mm (cuBLASLt)
+  fp8 triton         per-token quantization kernel + kernels/fp8_matmul.py, under each candidate tile
+  fp8 skinny         the fused kernel reading e4m3 weights, quantizing x per token inside, M <= 4
+  int4 triton        kernels/int4_matmul.py (g32), under each candidate tile
+  int4 skinny        the fused kernel reading int4 weights, M <= 4
+Each time is a CUDA graph replay over enough distinct copies of the weight that they never fit the L2
+(as in a decode step, where each layer's weight comes from HBM), divided by the calls; GB/s is the
+weight bytes over that time. Printed: the table (best tile per candidate family), a decode step's
+matmuls (16 layers + lm_head) per format and M with its ratio to bf16, and the Python tables to paste
+into the kernel modules (int4_matmul.TILES, fp8_matmul.TILES with CUBLAS where cuBLASLt wins,
+skinny_matmul.TILES) and llama_decode.FUSED_MAX_BATCH_QUANTIZED. --out writes all of it as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvtriton.backend.kernels import skinny_matmul
+from kvtriton.backend.kernels.fp8_matmul import CUBLAS, fp8_matmul_with
+from kvtriton.backend.kernels.fp8_matmul import heuristic_tile as fp8_heuristic
+from kvtriton.backend.kernels.fp8_quant import per_token_fp8
+from kvtriton.backend.kernels.int4_matmul import heuristic_tile as int4_heuristic
+from kvtriton.backend.kernels.int4_matmul import int4_matmul_with
+from kvtriton.backend.kernels.tile_config import Tile
+from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, quantize_fp8_per_channel
+from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise
+from kvtriton.backend.models.llama import RMSNorm
+from kvtriton.backend.models.llama_decode import decode_weight
+
+# (name, weight rows N, K, the fused op the decode step runs, layers a step reads it in)
+SHAPES = [("qkv", 3072, 2048, "rms_norm_linear", 16), ("o", 2048, 2048, "linear+residual", 16),
+          ("gate_up", 16384, 2048, "rms_norm_swiglu", 16), ("down", 2048, 8192, "linear+residual", 16),
+          ("lm_head", 49152, 2048, "rms_norm_linear", 1)]
+GROUP = 32
+HBM_BYTES = 150e6  # each timed op rotates over at least this many weight bytes: 3x an H200's 50 MB L2
+REPS = 3
+DEVICE = "cuda"  # (a CPU dry run under TRITON_INTERPRET=1 sets "cpu" to check the program, not to time)
+
+
+def graph_seconds(calls: list) -> float:
+    """Seconds per call: one CUDA graph runs every call in turn, REPS rounds, replayed after a warm-up."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            for call in calls:
+                call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (3 * REPS * len(calls))
+
+
+def copies(weight_bytes: int) -> int:
+    return max(2, math.ceil(HBM_BYTES / weight_bytes))
+
+
+def make_layers(n: int, k: int) -> dict:
+    """The shape's weight in each format, each as a list of distinct copies (distinct addresses for the L2)."""
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    fp8 = Fp8Linear(*quantize_fp8_per_channel(w), None)
+    int4 = Int4Linear.from_group_quantized(quantize_groupwise(w, GROUP), device=DEVICE)
+    clones = {"bf16": w.clone, "fp8": lambda: Fp8Linear(fp8.weight.clone(), fp8.weight_scale.clone(), None),
+              "int4": lambda: Int4Linear(int4.qweight.clone(), int4.scale.clone(), int4.zero_point.clone(), None,
+                                         GROUP, None)}
+    sizes = {"bf16": n * k * 2, "fp8": n * k, "int4": n * k // 2 + 3 * n * (k // GROUP)}  # + fp16 scale, u8 zero
+    return {name: ([clone() for _ in range(copies(sizes[name]))], sizes[name]) for name, clone in clones.items()}
+
+
+def fused_call(op: str, x: torch.Tensor, weight, norm: torch.Tensor, residual: torch.Tensor, blocks=None):
+    """The decode step's fused kernel for this shape (weight: a bf16 tensor or a QuantizedWeight)."""
+    if op == "rms_norm_linear":
+        return lambda: skinny_matmul.rms_norm_linear(x, norm, 1e-5, weight, blocks=blocks)
+    if op == "rms_norm_swiglu":
+        return lambda: skinny_matmul.rms_norm_swiglu(x, norm, 1e-5, weight, blocks=blocks)
+    return lambda: skinny_matmul.linear(x, weight, residual=residual, blocks=blocks)
+
+
+def int4_tiles(m: int, k: int) -> list[Tile]:
+    """Candidates: the heuristic's, broadcast GEMV tiles (<= 8 rows), and tl.dot tiles (Marlin/GemLite-like)
+    with split-K so that N = 2048 still makes 256+ programs."""
+    tiles = {int4_heuristic(m, 2048, k, GROUP)}
+    if m <= 8:
+        bm = triton.next_power_of_2(m)
+        for bn, bk, split, warps in ((2, 1024, 1, 1), (4, 1024, 1, 4), (8, 512, 1, 4), (8, 256, 2, 4)):
+            if bm * bn * bk <= 16384:
+                tiles.add(Tile(bm, bn, bk, split, warps, False))
+    bm = max(16, triton.next_power_of_2(m))
+    for bn, bk, split, warps in ((16, 256, 2, 4), (32, 256, 1, 4), (32, 128, 4, 4), (64, 128, 2, 4)):
+        tiles.add(Tile(bm, bn, bk, split, warps, True))
+    return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
+
+
+def fp8_tiles(m: int, k: int) -> list[Tile]:
+    tiles = set()
+    if m <= 8:
+        tiles.add(fp8_heuristic(m, 2048, k))
+        bm = triton.next_power_of_2(m)
+        for bn, bk, split, warps in ((2, 2048, 1, 1), (4, 1024, 1, 1), (8, 1024, 1, 4), (8, 512, 2, 4)):
+            if bm * bn * bk <= 16384:
+                tiles.add(Tile(bm, bn, bk, split, warps, False))
+    bm = max(16, triton.next_power_of_2(m))
+    for bn, bk, split, warps in ((32, 128, 2, 4), (64, 128, 1, 4), (32, 256, 4, 4), (64, 256, 2, 8)):
+        tiles.add(Tile(bm, bn, bk, split, warps, True))
+    return [t for t in tiles if t is not None]
+
+
+def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]:
+    """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: two and four times the outputs (a quantized
+    tile holds a half or a quarter of the bytes, so a program may need more rows to keep as many loads in
+    flight), the other warp count, and a tile as long as K."""
+    norm, swiglu = op.startswith("rms_norm"), op == "rms_norm_swiglu"
+    base = skinny_matmul.tile_of(m, n // 2 if swiglu else n, k, norm, swiglu)
+    out = {(base.block_n, base.block_k, base.warps), (base.block_n * 2, base.block_k, 4),
+           (base.block_n * 4, base.block_k, 4), (base.block_n, base.block_k, 4 if base.warps == 1 else 1)}
+    if not norm and base.block_k < k:  # one tile along all of K: fp8 then needs no first pass for max|x|
+        out.add((max(1, base.block_n // 2), triton.next_power_of_2(k), 4))
+    return sorted(out)
+
+
+def time_shape(name, n, k, op, rows, results, log):
+    layers = make_layers(n, k)
+    out_n = n // 2 if op == "rms_norm_swiglu" else n
+    norm = RMSNorm(k, 1e-5).to(DEVICE, torch.bfloat16).weight
+    for m in rows:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        residual = torch.randn(m, out_n, device=DEVICE, dtype=torch.bfloat16)
+        row = {}
+
+        def best(family, options):
+            """options: {label: [calls]} -> the fastest (label, seconds) under `family`. A candidate that fails
+            (a tile too big for shared memory, say) is named in one line and left out."""
+            timed = {}
+            for label, calls in options.items():
+                try:
+                    timed[label] = graph_seconds(calls)
+                except Exception as e:  # noqa: BLE001 - one bad tile must not end a one-shot GPU run
+                    log(f"  {name} M={m} {family} {label}: failed, left out ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})")
+                    torch.cuda.synchronize()
+            if timed:
+                label = min(timed, key=timed.get)
+                row[family] = (label, timed[label], {str(key): value for key, value in timed.items()})
+
+        bf16, bf16_bytes = layers["bf16"]
+        fp8, fp8_bytes = layers["fp8"]
+        int4, int4_bytes = layers["int4"]
+        best("bf16 cuBLAS", {"F.linear": [lambda w=w: F.linear(x, w) for w in bf16]})
+        if m <= skinny_matmul.MAX_ROWS:
+            best("bf16 skinny", {"heuristic": [fused_call(op, x, w, norm, residual) for w in bf16]})
+
+        def fp8_call(layer, tile):
+            def call():
+                xq, x_scale = per_token_fp8(x, FP8_MAX, MIN_SCALE)
+                if tile is None:
+                    return torch._scaled_mm(xq, layer.weight.T, scale_a=x_scale, scale_b=layer.weight_scale,
+                                            out_dtype=torch.bfloat16)
+                return fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, torch.bfloat16, tile)
+            return call
+
+        best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
+        best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, k)})
+        best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
+            x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
+            for tile in int4_tiles(m, k)})
+        if m <= skinny_matmul.MAX_ROWS:
+            for kind, layers_of_kind in (("fp8", fp8), ("int4", int4)):
+                best(f"{kind} skinny", {blocks: [fused_call(op, x, decode_weight(layer), norm, residual, blocks)
+                                                 for layer in layers_of_kind]
+                                        for blocks in skinny_blocks(m, n, k, op)})
+        best_of = {family: dict(choice=str(v[0]), seconds=v[1], tried=v[2]) for family, v in row.items()}
+        results.append(dict(shape=name, n=n, k=k, op=op, m=m, bytes=dict(bf16=bf16_bytes, fp8=fp8_bytes,
+                                                                          int4=int4_bytes),
+                            best=best_of, choice={family: v[0] for family, v in row.items()}))
+        cells = []
+        for family, (label, seconds, _) in row.items():
+            nbytes = {"bf16": bf16_bytes, "fp8": fp8_bytes, "int4": int4_bytes}[family.split()[0]]
+            cells.append(f"{family} {seconds * 1e6:6.1f}us {nbytes / seconds / 1e12:4.2f}TB/s")
+        log(f"{name:8} M={m:<3d} " + " | ".join(cells))
+    del layers
+    torch.cuda.empty_cache()
+
+
+def summarize(results: list, rows: list[int], log) -> dict:
+    """Per M and format: a step's matmuls on each path (16 layers + lm_head); and the tables to paste."""
+    from kvtriton.backend.kernels.tile_config import rows_bucket
+
+    layers_of = {name: count for name, _, _, _, count in SHAPES}
+    tables = {"int4_matmul.TILES": {}, "fp8_matmul.TILES": {}, "skinny_matmul.TILES": {}}
+    fused_max = {"fp8": 0, "int4": 0}
+    log("\n# a decode step's matmuls (16 layers + lm_head), ms: fused = the skinny kernels, unfused = the best "
+        "other path; vs bf16 = the format's better path over bf16's")
+    log(f"{'M':>3} | {'bf16 fused':>10} {'bf16 cuBLAS':>11} | {'fp8 fused':>9} {'fp8 unfused':>11} {'vs bf16':>7} | "
+        f"{'int4 fused':>10} {'int4 unfused':>12} {'vs bf16':>7}")
+    for m in rows:
+        step: dict[str, float] = {}
+        for r in (r for r in results if r["m"] == m):
+            for family, b in r["best"].items():
+                step[family] = step.get(family, 0.0) + b["seconds"] * layers_of[r["shape"]]
+            bucket, choice, best = rows_bucket(m), r["choice"], r["best"]
+            if "int4 triton" in choice:
+                tables["int4_matmul.TILES"][("int4", bucket, r["n"], r["k"])] = tuple(choice["int4 triton"])
+            if "fp8 triton" in choice or "fp8 _scaled_mm" in best:
+                triton_s = best.get("fp8 triton", {}).get("seconds", math.inf)
+                cublas_s = best.get("fp8 _scaled_mm", {}).get("seconds", math.inf)
+                tables["fp8_matmul.TILES"][("fp8", bucket, r["n"], r["k"])] = (
+                    tuple(choice["fp8 triton"]) if triton_s < cublas_s else CUBLAS)
+            n_out = r["n"] // 2 if r["op"] == "rms_norm_swiglu" else r["n"]
+            for kind in ("fp8", "int4"):
+                if f"{kind} skinny" in choice:
+                    bn, bk, warps = choice[f"{kind} skinny"]
+                    tables["skinny_matmul.TILES"][(f"skinny-{kind}", bucket, n_out, r["k"])] = (
+                        triton.next_power_of_2(m), bn, bk, 1, warps)
+        shapes_at_m = sum(1 for r in results if r["m"] == m)
+
+        def total(*families):  # a path's step time, if every shape measured it
+            complete = [step[f] for f in families
+                        if f in step and all(f in r["best"] for r in results if r["m"] == m)]
+            return min(complete) if complete and shapes_at_m else math.inf
+
+        bf16 = total("bf16 skinny", "bf16 cuBLAS")
+        paths = {"fp8": (total("fp8 skinny"), total("fp8 _scaled_mm", "fp8 triton")),
+                 "int4": (total("int4 skinny"), total("int4 triton"))}
+        for kind, (fused, unfused) in paths.items():
+            if fused < unfused:
+                fused_max[kind] = m
+        cells = " | ".join(f"{fused * 1e3:9.3f} {unfused * 1e3:11.3f} {min(fused, unfused) / bf16:6.2f}x"
+                           for fused, unfused in paths.values())
+        log(f"{m:3d} | {total('bf16 skinny') * 1e3:10.3f} {total('bf16 cuBLAS') * 1e3:11.3f} | {cells}")
+    tables["llama_decode.FUSED_MAX_BATCH_QUANTIZED"] = fused_max
+    log("\n# paste into the kernel modules (measured on this GPU):")
+    for name, table in tables.items():
+        module, variable = name.split(".")
+        log(f"{variable} = {{  # backend/{'models' if module == 'llama_decode' else 'kernels'}/{module}.py")
+        for key, value in table.items():
+            log(f"    {key!r}: {value!r},")
+        log("}")
+    log("(FUSED_MAX_BATCH_QUANTIZED 0: the fused kernels lost at every batch size; check the batch-1 step with "
+        "benchmarks/precision_bench.py --part gpu before setting it below 1)")
+    return tables
+
+
+@torch.inference_mode()
+def main(args) -> None:
+    started = time.monotonic()
+    rows = [int(r) for r in args.rows.split(",")]
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; LLAMA_1B "
+          f"shapes, bf16 activations, int4 g{GROUP}; CUDA-graph replay over >= {HBM_BYTES / 1e6:.0f} MB of weight "
+          f"copies per op (L2 {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB)", flush=True)
+    results = []
+    for name, n, k, op, _ in SHAPES:
+        time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True))
+    tables = summarize(results, rows, print)
+    print(f"# {time.monotonic() - started:.0f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           results=results, tables={name: [[list(k), list(v)] for k, v in table.items()]
+                                                    if name != "llama_decode.FUSED_MAX_BATCH_QUANTIZED" else table
+                                                    for name, table in tables.items()}), f, indent=1, default=str)
+        print(f"wrote {args.out}")

@@ -1,0 +1,70 @@
+"""The decode kernels compile for Hopper (sm_90) without a GPU: Triton's front end, its GPU passes and the
+ptxas it ships, with the specializations its launcher makes (16-byte aligned pointers, N and K multiples of 16).
+
+The CPU interpreter (tests/test_kernels.py, tests/test_quant_decode_kernels.py) checks what the kernels
+compute but not that they compile: it accepts what the GPU compiler refuses (a plain Python global read in
+a kernel, a shape held in a tuple variable). This catches those before a GPU run. Skips without triton, and
+on a machine with a GPU, where the other kernel tests compile and run the kernels for real (and the Triton
+there may be another version, with another ahead-of-time compile API).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if torch.cuda.is_available():
+    pytest.skip("a GPU is here: tests/test_kernels.py and test_quant_decode_kernels.py compile and run the kernels",
+                allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kvtriton.backend.kernels import fp8_matmul, int4_matmul, skinny_matmul  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SKINNY = dict(x_ptr="*bf16", out_ptr="*bf16", norm_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16", zero_ptr="*u8",
+              offset_ptr="*fp16", M="i32", N="i32", K="i32", eps="fp32")
+WEIGHT_TYPES = {0: ("*bf16", "*bf16"), 1: ("*fp8e4nv", "*fp32"), 2: ("*u8", "*fp16")}  # (w_ptr, ws_ptr)
+
+
+def compile_for_hopper(fn, types: dict, constants: dict, warps: int = 4):
+    signature = {name: "constexpr" if name in constants else types[name] for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name in ("N", "K")}
+    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=HOPPER,
+                          options=dict(num_warps=warps))
+
+
+@pytest.mark.parametrize("weight", [0, 1, 2], ids=["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("op", ["rms_norm_linear", "rms_norm_swiglu", "linear+residual", "linear+residual, K > tile"])
+def test_skinny_matmul_compiles_for_every_weight_format(weight, op):
+    w_ptr, ws_ptr = WEIGHT_TYPES[weight]
+    norm, whole = op.startswith("rms_norm"), not op.endswith("K > tile")
+    constants = dict(BLOCK_M=2, BLOCK_N=2, BLOCK_K=2048, NORM=norm, SWIGLU=op == "rms_norm_swiglu", HAS_BIAS=False,
+                     HAS_RESIDUAL=not norm, PDL=True, WEIGHT=weight, GROUP=32 if weight == 2 else 1,
+                     HAS_OFFSET=weight == 2, WHOLE_ROWS=whole)
+    kernel = compile_for_hopper(skinny_matmul._skinny_matmul, dict(SKINNY, w_ptr=w_ptr, ws_ptr=ws_ptr), constants)
+    assert "griddepcontrol" in kernel.asm["ptx"]  # PDL survives
+
+
+@pytest.mark.parametrize("block_m, block_n, block_k, split_k, dot", [(1, 4, 1024, 1, False), (4, 8, 256, 2, False),
+                                                                    (16, 16, 256, 2, True), (64, 64, 128, 1, True)])
+def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, block_k, split_k, dot):
+    out = "*fp32" if split_k > 1 else "*bf16"
+    compile_for_hopper(int4_matmul._int4_matmul, dict(
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", out_ptr=out, M="i32",
+        N="i32", K="i32"), dict(GROUP=32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                                HAS_OFFSET=True, USE_DOT=dot))
+    kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
+        xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
+        K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True))
+    if dot:  # the fp8 product runs on the tensor cores (wgmma on Hopper)
+        assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
+
+
+def test_int4_dequantize_compiles():
+    compile_for_hopper(int4_matmul._int4_dequantize, dict(
+        q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", out_ptr="*bf16", N="i32", K="i32"),
+        dict(GROUP=32, BLOCK_N=16, BLOCK_K=256, HAS_OFFSET=True))

@@ -1,0 +1,215 @@
+"""The quantized decode kernels compute what the fp8 and int4 layers they replace compute.
+
+  - kernels/skinny_matmul.py's fused kernels (RMSNorm prologue, residual and SwiGLU epilogues) reading fp8
+    (W8A8, x quantized per token inside the kernel) and int4 weights, against the layers' own forward;
+  - kernels/fp8_matmul.py and kernels/int4_matmul.py under every tile form the benchmark sweeps
+    (broadcast, tl.dot, split-K), against the dequantized reference;
+  - a quantized model's fused decode step (models/llama_decode.py) against its forward + compute_logits.
+
+Runs on CUDA (the gpu-marked test also in a CUDA graph); on a CPU-only machine only under Triton's
+interpreter (TRITON_INTERPRET=1 with triton installed), otherwise skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
+
+from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
+from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
+from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
+from kvtriton.backend.kernels.tile_config import Tile  # noqa: E402
+from kvtriton.backend.models.fp8 import Fp8Linear, per_token_fp8_reference  # noqa: E402
+from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa: E402
+from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
+from kvtriton.backend.models.llama_decode import decode_weight  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+# bf16 is what the GPU runs; the interpreter's tl.dot is wrong in bf16, so on the CPU the kernels run in fp16.
+DTYPE = torch.bfloat16 if CUDA else torch.float16
+FP8_OK = not CUDA or torch.cuda.get_device_capability() >= (8, 9)
+
+
+# Triton's interpreter rounds fp32 -> e4m3 differently from the GPU's and torch's round-to-nearest-even, but
+# converts values that e4m3 holds exactly. So on the CPU the fp8 tests feed activations that quantize exactly:
+# e4m3 values times 2^-7 with one at 448 in every row (so the per-token scale is the power of two 2^-7).
+INTERPRETED = not CUDA
+
+
+def close(a, b, atol=3e-2, rtol=3e-2):
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def e4m3_exact(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """(m, k) values x with x / (max|x| / 448) exact in e4m3, and x exact in fp16/bf16."""
+    v = (torch.randn(m, k, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    v[:, 0] = 448.0
+    return v * 2.0**-7
+
+
+def quantized_layer(kind: str, n: int, k: int, seed: int = 0, offset: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    if kind == "fp8":
+        linear = torch.nn.Linear(k, n, bias=False)
+        linear.weight.data = w
+        return Fp8Linear.from_linear(linear).to(DEVICE)
+    q = quantize_groupwise(w, 32)
+    if offset:  # GGUF Q4_1's form: zero point 0 and a float offset per group
+        q.zero_point = torch.zeros_like(q.zero_point)
+        q.offset = (torch.randn(q.scale.shape, generator=g) * 0.01).to(torch.float16)
+    return Int4Linear.from_group_quantized(q, device=DEVICE)
+
+
+def layer_forward(layer, x):
+    """What the layer stands for, in fp32, rounded to x's dtype: int4, x times the dequantized weight; fp8, the
+    per-token quantized x (PyTorch's form of kernels/fp8_quant.py) times the e4m3 weight, both scaled."""
+    if isinstance(layer, Int4Linear):
+        return (x.float() @ layer.dequantized_weight().to(x.device).T).to(x.dtype)
+    xq, x_scale = per_token_fp8_reference(x)
+    w = layer.weight.float() * layer.weight_scale.reshape(-1, 1)  # (N16, K)
+    return ((xq.float() * x_scale) @ w.T)[:, :layer.out_features].to(x.dtype)
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n, k, blocks", [(96, 256, None), (40, 576, None), (64, 512, (4, 256, 1))])
+def test_skinny_linear_with_residual_reads_quantized_weights(kind, m, n, k, blocks):
+    """(64, 512, BLOCK_K 256): a tile sees half of each row, so fp8 takes its activation scale in a first pass."""
+    layer = quantized_layer(kind, n, k, offset=kind == "int4" and n == 40)
+    g = torch.Generator().manual_seed(1)
+    x = e4m3_exact(m, k, g) if kind == "fp8" and INTERPRETED else torch.randn(m, k, generator=g) * 2
+    x, res = x.to(DEVICE, DTYPE), torch.randn(m, n, generator=g).to(DEVICE, DTYPE)
+    got = skinny_matmul.linear(x, decode_weight(layer), residual=res, blocks=blocks)
+    assert got.shape == (m, n) and got.dtype == DTYPE
+    close(got, res.float() + layer_forward(layer, x).float())
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
+    k, n = 192, 80  # K not a power of two: the int4 tile masks the groups past K
+    g = torch.Generator().manual_seed(2)
+    eps = 1e-5
+    norm = RMSNorm(k, eps)
+    norm.weight.data = 1 + 0.1 * torch.randn(k, generator=g)
+    x = 3 * torch.randn(m, k, generator=g)
+    if kind == "fp8" and INTERPRETED:  # rows of +-1/4 normalise to +-1 exactly; the norm weight quantizes exactly
+        eps, norm.eps = 0.0, 0.0
+        x = torch.where(x > 0, 0.25, -0.25)
+        norm.weight.data = e4m3_exact(1, k, g)[0]
+    norm, x = norm.to(DEVICE, DTYPE), x.to(DEVICE, DTYPE)
+    layer = quantized_layer(kind, 2 * n, k, seed=3)
+    xn = norm(x)
+    logits = skinny_matmul.rms_norm_linear(x, norm.weight, eps, decode_weight(layer), out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and logits.shape == (m, 2 * n)
+    close(logits, layer_forward(layer, xn))
+    gate, up = layer_forward(layer, xn).split(n, dim=-1)
+    close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, decode_weight(layer)), F.silu(gate) * up)
+
+
+TILES = [Tile(1, 4, 128), Tile(4, 8, 64, split_k=2, warps=1), Tile(16, 16, 64, split_k=4, dot=True),
+         Tile(32, 32, 128, dot=True)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=str)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_int4_matmul_every_tile_form(tile, m):
+    layer = quantized_layer("int4", 72, 512, offset=True)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(4)).to(DEVICE, DTYPE)
+    got = int4_matmul_with(x, layer.qweight, layer.scale, layer.zero_point, layer.offset, 32, tile)
+    assert got.shape == (m, 72) and got.dtype == DTYPE
+    close(got, layer_forward(layer, x))
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("tile", TILES, ids=str)
+@pytest.mark.parametrize("m, k", [(1, 512), (5, 480), (33, 512)])  # 480: a K tail inside the last tile
+def test_fp8_matmul_every_tile_form(tile, m, k):
+    if tile.dot and not CUDA:
+        pytest.skip("the interpreter has no fp8 tl.dot")
+    layer = quantized_layer("fp8", 72, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(DEVICE, DTYPE)
+    xq, x_scale = per_token_fp8_reference(x)
+    got = fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, DTYPE, tile)[:, :72]
+    assert got.dtype == DTYPE
+    close(got, layer_forward(layer, x))
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("quantization", [
+    pytest.param("fp8", marks=pytest.mark.skipif(
+        INTERPRETED, reason="the interpreter's e4m3 rounding is not round-to-nearest-even (the kernel tests above "
+                            "cover fp8 on the CPU)")),
+    "int4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_quantized_decode_step_equals_the_model_forward(quantization, batch):
+    from kvtriton.backend.attention.kv_cache import KVCache
+    from kvtriton.backend.attention.metadata import AttentionMetadata
+    from kvtriton.backend.attention.paged import PagedAttention
+    from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits, fusable
+    from kvtriton.backend.models.loader import load_model
+    from kvtriton.backend.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=256,
+        intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(3)
+    model = load_model(None, dtype=DTYPE, device=DEVICE, config=cfg, dummy=True, quantization=quantization)
+    assert fusable(model) is None
+    bs, per_seq = 16, 2
+    cache = KVCache.allocate(2, batch * per_seq + 1, bs, 2, 64, DTYPE, DEVICE)
+    lens = [7 + 9 * i for i in range(batch)]
+    tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
+    prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
+    with torch.inference_mode():
+        for i, n in enumerate(lens):  # prefill each prompt with the PyTorch path
+            meta = AttentionMetadata(slot_mapping=tables[i, 0] * bs + torch.arange(n, device=DEVICE),
+                                     block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=DEVICE),
+                                     num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
+            model(prompts[i][:n], torch.arange(n, device=DEVICE), PagedAttention(cache, meta, 64**-0.5))
+        ids = torch.stack([p[-1] for p in prompts])
+        pos = torch.tensor(lens, device=DEVICE)
+        slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])
+        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=pos + 1, num_decodes=batch,
+                                 query_lens=[1] * batch, context_lens_host=(pos + 1).tolist(),
+                                 decode_context_blocks=per_seq, decode_only=True)
+        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
+        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, pos + 1, 64**-0.5),
+                            fuse_matmuls=True)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    close(got, expected, atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or not FP8_OK, reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_quantized_skinny_and_decode_matmuls_replay_in_a_cuda_graph(kind):
+    """No host sync and no autotuning: the kernels capture, and the replay follows new inputs."""
+    layer = quantized_layer(kind, 2048, 2048)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    skinny_matmul.linear(x, decode_weight(layer), residual=res)  # compile outside the capture
+    layer(torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16))
+    x16 = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused = skinny_matmul.linear(x, decode_weight(layer), residual=res)
+        unfused = layer(x16)
+    x.copy_(torch.randn_like(x))
+    x16.copy_(torch.randn_like(x16))
+    graph.replay()
+    close(fused, res.float() + layer_forward(layer, x).float())
+    close(unfused, layer_forward(layer, x16), atol=5e-2)
