@@ -396,9 +396,9 @@ def test_default_model_greedy_is_identical(default_model_folder, default_plain, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method, model", [("ngram", ""), ("draft", "folder")])
 def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
-    """On CUDA, bf16: verify steps (eager, the varlen prefill kernel over k + 1 tokens per sequence, beside
-    graph-less decodes) agree with plain decoding within test_engine_gpu.py's near-tie tolerance; the draft
-    (the default model itself) runs its one-token rounds through its own CUDA graphs."""
+    """On CUDA, bf16: verify steps (their CUDA graphs: k + 1 rows per sequence, plain decodes padded beside
+    them) agree with plain decoding within test_engine_gpu.py's near-tie tolerance; the draft (the default
+    model itself) runs its one-token rounds through its own CUDA graphs."""
     import torch
 
     if not torch.cuda.is_available():
@@ -414,8 +414,65 @@ def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
         plain.shutdown()
     engine = LLMEngine(EngineConfig(**base, speculative_method=method, speculative_model=model,
                                     num_speculative_tokens=4, speculative_disable_by_batch_size=0)).start()
+    runner = engine.runner
+    assert runner.verify_width == 5 and runner.verify_batch_sizes, "verify steps have CUDA graphs"
+    replays = []
+    replay = runner._replay_verify
+    runner._replay_verify = lambda step: replays.append(step.num_seqs) or replay(step)
     try:
         assert_greedy_agrees(reference, engine.generate(prompts(engine), PARAMS))
         assert engine.stats().num_spec_accepted_tokens > 0 and engine.stats().kv_usage == 0.0
+        assert replays, "no verify step replayed a CUDA graph"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_cuda_verify_graph_equals_the_eager_step(tmp_path):
+    """A verify step through its CUDA graph (a decode, verifies of 4 and 2 proposals, a padding sequence in
+    the bucket of 4; then a lone verify in the bucket of 1) gives the eager step's logits, and writes the same
+    K/V into the sequences' blocks."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from types import SimpleNamespace
+
+    from kvtriton.backend.runners.step_input import prepare_step
+
+    from tests.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny", hidden=128)  # head_dim 32: the decode kernel's too
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cuda", dtype="bfloat16", block_size=16,
+                                    num_kv_blocks=64, max_num_seqs=8, speculative_method="ngram",
+                                    num_speculative_tokens=4))
+    runner, bs = engine.runner, 16
+    assert runner.verify_width == 5 and runner.verify_batch_sizes == [1, 2, 4, 8]
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i, n in enumerate([20, 33, 9]):  # prompts, prefilled eagerly but for their last token (sampled, say)
+        seq = SimpleNamespace(token_ids=torch.randint(3, 300, (n + 1,), generator=g).tolist(), num_computed_tokens=n,
+                              block_ids=list(range(4 * i, 4 * i + 4)), spec_token_ids=[])
+        runner.execute(prepare_step([(seq, n)], bs, runner.device))
+        seqs.append(seq)
+
+    def verify(scheduled):
+        for seq, n in scheduled:
+            seq.spec_token_ids = torch.randint(3, 300, (n - 1,), generator=g).tolist()
+            seq.num_computed_tokens += n
+        step = prepare_step(scheduled, bs, runner.device)
+        replays = runner.execute(step).clone()
+        k = [t.clone() for t in runner.kv.k]
+        eager = runner.execute_eager(step)
+        torch.testing.assert_close(replays, eager, atol=5e-2, rtol=5e-2)
+        assert torch.equal(replays.argmax(-1), eager.argmax(-1))
+        assert replays.shape[0] == sum(n for _, n in scheduled)
+        for a, b in zip(k, runner.kv.k):  # the eager step rewrote the same K/V (the scratch block aside)
+            torch.testing.assert_close(a[: runner.scratch_block], b[: runner.scratch_block], atol=2e-2, rtol=2e-2)
+        for seq, n in scheduled:  # as if every proposal was accepted, and a bonus token sampled
+            seq.token_ids += seq.spec_token_ids + [7]
+            seq.spec_token_ids = []
+
+    verify([(seqs[0], 1), (seqs[1], 5), (seqs[2], 3)])
+    verify([(seqs[1], 5)])
+    engine.runner.close()
