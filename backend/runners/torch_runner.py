@@ -57,7 +57,9 @@ class _Graph:
 
 class TorchRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, folder: str | None,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+                 device: torch.device, dtype: torch.dtype, max_model_len: int, verify_width: int = 0):
+        """verify_width: Q of the verify-step CUDA graphs; 0 takes 1 + num_speculative_tokens when the config
+        speculates (a draft model's runner, whose config does not, passes the target's to catch up in graphs)."""
         self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -89,7 +91,7 @@ class TorchRunner:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
         # Verify-step graphs: Q query rows per sequence (0: none) and their batch buckets.
-        self.verify_width, self.verify_batch_sizes = self._verify_graph_shape()
+        self.verify_width, self.verify_batch_sizes = self._verify_graph_shape(verify_width)
         self._verify_graphs: dict[int, _Graph] = {}
         if self.use_cuda_graphs:
             self._init_graph_buffers()
@@ -125,16 +127,16 @@ class TorchRunner:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
         return self.max_blocks_per_seq, why is None, prefill
 
-    def _verify_graph_shape(self) -> tuple[int, list[int]]:
-        """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = 1 + num_speculative_tokens, the
-        buckets up to the largest batch that speculates (below speculative_disable_by_batch_size)."""
+    def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
+        """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
+        the buckets up to the largest batch that speculates (below speculative_disable_by_batch_size)."""
         cfg = self.config
-        if not (self.use_cuda_graphs and cfg.speculative_enabled and cfg.num_speculative_tokens):
+        q = width or (cfg.num_speculative_tokens + 1 if cfg.speculative_enabled else 0)
+        if not (self.use_cuda_graphs and q > 1):
             return 0, []
         if not self.prefill_kernel:
             log.warning("verify steps run eagerly: their CUDA graphs need the Triton paged attention kernel")
             return 0, []
-        q = cfg.num_speculative_tokens + 1
         limit = cfg.speculative_disable_by_batch_size
         most = min(limit - 1 if limit else cfg.max_num_seqs, cfg.max_num_seqs)
         sizes = [b for b in self.graph_batch_sizes if b < most] + [next(b for b in self.graph_batch_sizes if b >= most)]
