@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -31,8 +30,8 @@ from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
-from kvtriton.backend.runners.torch_runner import TorchRunner
 from kvtriton.backend.runners.step_input import prepare_step
+from kvtriton.backend.runners.torch_runner import TorchRunner
 
 log = logging.getLogger("kvtriton")
 
