@@ -56,6 +56,18 @@ def test_config_refuses_bad_speculation_settings(kwargs, message):
         EngineConfig(**kwargs)
 
 
+def test_proposal_cap_tapers_k_with_the_batch():
+    from kvtriton.backend.engine.speculative.policy import proposal_cap
+
+    config = EngineConfig(model="x", speculative_method="ngram", num_speculative_tokens=4,
+                          speculative_disable_by_batch_size=8)
+    assert [proposal_cap(config, n) for n in range(1, 10)] == [4, 4, 3, 3, 2, 2, 1, 0, 0]
+    never = EngineConfig(model="x", speculative_method="ngram", num_speculative_tokens=4,
+                         speculative_disable_by_batch_size=0)
+    assert proposal_cap(never, 200) == 4
+    assert proposal_cap(EngineConfig(model="x"), 1) == 0
+
+
 def test_config_pbtxt_style_parameters():
     cfg = EngineConfig.from_mapping({"speculative_method": "draft", "speculative_model": "self-int8",
                                      "num_speculative_tokens": "4", "speculative_disable_by_batch_size": "0"})
