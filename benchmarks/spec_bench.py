@@ -13,9 +13,13 @@ GPU (--device cuda --config llama-1b: the Llama-3.2-1B shape, random bf16 weight
      cost is measured with the acceptance forced: the proposals are replaced after the draft ran by the
      plain run's own tokens (100%) or by wrong ones (0%);
   3. 32 in flight with back-off, ngram vs plain.
+GPU with real weights (--device cuda --model DIR, a checkpoint folder, bf16): the quoting request and 32 in
+flight with ngram, whose acceptance now means something; with --draft-model (a checkpoint folder sharing the
+tokenizer, or self-int8 / self-int4) the chat stream with that draft too.
 
   python benchmarks/spec_bench.py                                   # CPU; the machine's load is printed
-  python benchmarks/spec_bench.py --device cuda --config llama-1b   # the GPU host
+  python benchmarks/spec_bench.py --device cuda --config llama-1b   # the GPU host, random weights
+  python benchmarks/spec_bench.py --device cuda --model DIR         # the GPU host, a real checkpoint
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from engine_bench import LLAMA_1B, QUESTIONS  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.runners import torch_runner  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PARAGRAPH = ("The river runs past the old mill, under the stone bridge, and on to the sea, where the fishing "
@@ -85,11 +90,16 @@ class ForcedAcceptance:
         self.inner.close()
 
 
-def model_folders(config: str, tokenizer: str | None = None) -> tuple[str, str | None, bool]:
+def model_folders(config: str, tokenizer: str | None = None, model: str | None = None) -> tuple[str, str | None, bool]:
     """(target folder, draft folder or None, dummy weights). `tokenizer`: a folder with tokenizer.json for a
-    random-weights config (default: the default model's, which a GPU host without network may not have)."""
+    random-weights config (default: the default model's, which a GPU host without network may not have).
+    `model`: a real checkpoint folder, which wins over `config`."""
     from kvtriton.backend.models.default_model import ensure_default_model
 
+    if model:
+        if not (Path(model) / "config.json").is_file():
+            raise SystemExit(f"--model {model}: not a checkpoint folder (no config.json)")
+        return model, None, False
     if config == "default":  # by name: self-int4 then takes the GGUF's own 4-bit blocks (no second rounding)
         return "default", None, False
     root = Path(tempfile.mkdtemp())
@@ -114,12 +124,20 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=128, help="max output tokens per request, 32 in flight")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
                     "model's)")
+    ap.add_argument("--model", help="a real checkpoint folder (wins over --config): on a GPU host without the "
+                    "default model, e.g. SmolLM2-135M-Instruct carried there")
+    ap.add_argument("--draft-model", help="with --model on a GPU: the draft for the chat stream (a checkpoint "
+                    "folder sharing the tokenizer, self-int8 or self-int4); without it the draft case is skipped")
+    ap.add_argument("--eager-verify", action="store_true", help="GPU: verify steps without their CUDA graphs "
+                    "(to measure what the graphs bring)")
     ap.add_argument("--only", default="", help="comma-separated subset: draft,ngram,batch")
     ap.add_argument("--rounds", type=int, default=5, help="plain and speculating runs alternated; medians")
     ap.add_argument("--batch-rounds", type=int, default=1, help="the same, 32 in flight")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    folder, draft_folder, dummy = model_folders(args.config, args.tokenizer)
+    if args.eager_verify:
+        torch_runner.MAX_VERIFY_GRAPH_ROWS = 0  # no verify bucket fits: every verify step runs eagerly
+    folder, draft_folder, dummy = model_folders(args.config, args.tokenizer, args.model)
     base = dict(model=folder, device=args.device, dummy_weights=dummy, quantization="none",
                 dtype="bfloat16" if cuda else "float32", max_num_seqs=32, max_model_len=2048)
     if cuda:  # two engines at once (the baseline and the speculating one): fixed pools, not memory fractions
@@ -128,12 +146,17 @@ def main() -> None:
         base["kv_cache_memory_gb"] = 1.0
     only = set(filter(None, args.only.split(","))) or {"draft", "ngram", "batch"}
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
-    print(f"# speculative decoding: {args.config} ({'random weights' if dummy else 'real weights'}), "
+    print(f"# speculative decoding: {args.model or args.config} ({'random weights' if dummy else 'real weights'}), "
           f"{base['dtype']}, k={args.k}, greedy; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{device_name}, {os.cpu_count()} CPUs")
+          f"{device_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
     def engine(**spec) -> LLMEngine:
-        return LLMEngine(EngineConfig(**base, **spec)).start()
+        eng = LLMEngine(EngineConfig(**base, **spec)).start()
+        if cuda and spec:
+            runner = eng.runner
+            print(f"# verify steps: CUDA graphs of {runner.verify_width} rows per sequence for batches "
+                  f"{runner.verify_batch_sizes}" if runner.verify_batch_sizes else "# verify steps: eager")
+        return eng
 
     def report(name, plain, spec):
         same = "identical" if spec["ids"] == plain["ids"] else "DIFFERENT"
@@ -168,6 +191,12 @@ def main() -> None:
         for model in ("self-int8", "self-int4"):
             cases.append((f"draft {model}, single stream", dict(speculative_method="draft", speculative_model=model,
                                                                   **k), "chat"))
+    if "draft" in only and cuda and not dummy:
+        if args.draft_model:
+            cases.append((f"draft {Path(args.draft_model).name}, single stream",
+                          dict(speculative_method="draft", speculative_model=args.draft_model, **k), "chat"))
+        else:
+            print("# draft: skipped (real weights on a GPU: pass --draft-model to measure a draft)")
     if "batch" in only:
         cases.append(("ngram, 32 in flight, back-off", dict(speculative_method="ngram", **k), "batch"))
         if not cuda:
@@ -177,7 +206,7 @@ def main() -> None:
         eng = engine(**spec)
         compare(name, eng, key)
         eng.shutdown()
-    if "draft" in only and cuda:
+    if "draft" in only and cuda and dummy:
         eng = engine(speculative_method="draft", speculative_model=draft_folder, **k)
         inner = eng.proposer
         for accept in (False, True):

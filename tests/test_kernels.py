@@ -183,3 +183,117 @@ def test_decode_logits_match_the_model_forward(batch, bias):
     close(got, expected, atol=5e-2, rtol=5e-2)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     close(cache.k[1], reference.k[1])
+
+
+def uniform_step(query_lens, context_lens, width, bs, tables, scratch_slot):
+    """The packed step's slots, and its (B, Q) layout: each packed token's row, and every row's slot (padding
+    rows in the scratch slot)."""
+    from kvtriton.backend.attention.uniform import uniform_rows
+
+    slots = torch.cat([tables[i, torch.arange(c - n, c) // bs] * bs + torch.arange(c - n, c) % bs
+                       for i, (n, c) in enumerate(zip(query_lens, context_lens))])
+    rows = torch.from_numpy(uniform_rows(query_lens, width))
+    padded_slots = torch.full((len(query_lens) * width,), scratch_slot, dtype=torch.int64)
+    padded_slots[rows] = slots
+    return slots.to(DEVICE), rows.to(DEVICE), padded_slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2)])
+@pytest.mark.parametrize("width", [5, 17])  # 17 = 1 + MAX_SPECULATIVE_TOKENS: two query tiles per sequence
+def test_uniform_attention_matches_torch_path(heads, kv_heads, width):
+    """A verify step in the CUDA-graph layout: Q rows per sequence, its new tokens first, padding after; a
+    plain decode (1 row), verifies of several lengths, a padding sequence (1 token in the scratch block).
+    Real rows equal the PyTorch path on the packed step, padding rows are zeros."""
+    from kvtriton.backend.attention.uniform import UniformQueryAttention
+
+    dim, bs, blocks = 64, 16, 40
+    query_lens, context_lens = [1, width, 3, 1], [40, 70, 150, 1]
+    g = torch.Generator().manual_seed(5)
+    pools = KVCache.allocate(1, blocks + 1, bs, kv_heads, dim, DTYPE, DEVICE)
+    for p in (pools.k[0], pools.v[0]):
+        p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
+    width_blocks = max(-(-c // bs) for c in context_lens)
+    tables = torch.full((len(context_lens), width_blocks), blocks, dtype=torch.int64)  # the scratch block
+    free = torch.randperm(blocks, generator=g).tolist()
+    for i, c in enumerate(context_lens[:-1]):
+        tables[i, : -(-c // bs)] = torch.tensor([free.pop() for _ in range(-(-c // bs))])
+    slots, rows, padded_slots = uniform_step(query_lens, context_lens, width, bs, tables, blocks * bs)
+    tables = tables.to(DEVICE)
+    n = sum(query_lens)
+    q = torch.randn(n, heads, dim, generator=g).to(DEVICE, DTYPE)
+    k = torch.randn(n, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    v = torch.randn(n, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx, num_decodes=1,
+                             query_lens=query_lens, context_lens_host=context_lens, decode_context_blocks=3)
+    reference = KVCache([pools.k[0].clone()], [pools.v[0].clone()])
+    expected = PagedAttention(reference, meta, dim**-0.5).attend(0, q, k, v)
+
+    def padded(x):  # (N, ...) -> (B * Q, ...), garbage in the padding rows (as a graph's buffers hold)
+        out = torch.randn(len(query_lens) * width, *x.shape[1:], generator=g).to(DEVICE, DTYPE)
+        out[rows] = x
+        return out
+
+    attn = UniformQueryAttention(pools, padded_slots, tables, torch.tensor(query_lens, device=DEVICE), ctx, dim**-0.5)
+    got = attn.attend(0, padded(q), padded(k), padded(v))
+    real_rows = n - 1  # the last sequence is padding: its token shares the scratch slot with the padding rows
+    close(got[rows[:real_rows]], expected[:real_rows])
+    pad = torch.ones(len(got), dtype=torch.bool, device=DEVICE)
+    pad[rows] = False
+    assert torch.count_nonzero(got[pad]) == 0
+    real = torch.ones(pools.k[0].shape[0], dtype=torch.bool)
+    real[blocks] = False  # everything but the scratch block holds what the packed step wrote
+    assert torch.equal(pools.k[0][real], reference.k[0][real]) and torch.equal(pools.v[0][real], reference.v[0][real])
+
+
+def test_uniform_step_logits_match_the_model_forward():
+    """The verify graph's computation (runners/torch_runner.py captures it): the model over the (B, Q) layout
+    with UniformQueryAttention gives, at the packed step's rows, the logits of the eager packed step."""
+    from kvtriton.backend.attention.uniform import UniformQueryAttention
+    from kvtriton.backend.models.loader import load_model
+    from kvtriton.backend.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=256,
+        intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(6)
+    model = load_model(None, dtype=DTYPE, device=DEVICE, config=cfg, dummy=True)
+    bs, per_seq, width = 16, 4, 5
+    lens = [9, 30, 21]  # prompt lengths; then a decode (1 token), a verify of 5 and one of 3
+    query_lens = [1, 5, 3]
+    batch = len(lens) + 1  # and a padding sequence, as a bucket of 4 has
+    cache = KVCache.allocate(2, batch * per_seq + 1, bs, 2, 64, DTYPE, DEVICE)
+    scratch = batch * per_seq
+    tables = torch.arange(batch * per_seq).view(batch, per_seq)
+    tables[-1] = scratch
+    tokens = [torch.randint(0, 300, (n + q,), device=DEVICE) for n, q in zip(lens, query_lens)]
+    with torch.inference_mode():
+        for i, n in enumerate(lens):  # prefill each prompt with the PyTorch path
+            meta = AttentionMetadata(slot_mapping=(tables[i, 0] * bs + torch.arange(n)).to(DEVICE),
+                                     block_tables=tables[i : i + 1].to(DEVICE),
+                                     context_lens=torch.tensor([n], device=DEVICE), num_decodes=0, query_lens=[n],
+                                     context_lens_host=[n], decode_context_blocks=0)
+            model(tokens[i][:n], torch.arange(n, device=DEVICE), PagedAttention(cache, meta, 64**-0.5))
+        context_lens = [n + q for n, q in zip(lens, query_lens)]
+        slots, rows, padded_slots = uniform_step(query_lens + [1], context_lens + [1], width, bs, tables, scratch * bs)
+        rows = rows[: sum(query_lens)]
+        slots = slots[: sum(query_lens)]
+        tables = tables.to(DEVICE)
+        ids = torch.cat([t[n:] for t, n in zip(tokens, lens)])
+        pos = torch.cat([torch.arange(n, n + q) for n, q in zip(lens, query_lens)]).to(DEVICE)
+        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables[:-1],
+                                 context_lens=torch.tensor(context_lens, device=DEVICE), num_decodes=1,
+                                 query_lens=query_lens, context_lens_host=context_lens, decode_context_blocks=per_seq)
+        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
+
+        padded_ids = torch.zeros(batch * width, dtype=torch.int64, device=DEVICE)
+        padded_pos = torch.zeros(batch * width, dtype=torch.int64, device=DEVICE)
+        padded_ids[rows], padded_pos[rows] = ids, pos
+        attn = UniformQueryAttention(cache, padded_slots, tables, torch.tensor(query_lens + [1], device=DEVICE),
+                                     torch.tensor(context_lens + [1], device=DEVICE), 64**-0.5)
+        got = model.compute_logits(model(padded_ids, padded_pos, attn))[rows]
+    close(got, expected, atol=5e-2, rtol=5e-2)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    close(cache.k[1][:scratch], reference.k[1][:scratch])

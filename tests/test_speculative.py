@@ -56,6 +56,18 @@ def test_config_refuses_bad_speculation_settings(kwargs, message):
         EngineConfig(**kwargs)
 
 
+def test_proposal_cap_tapers_k_with_the_batch():
+    from kvtriton.backend.engine.speculative.policy import proposal_cap
+
+    config = EngineConfig(model="x", speculative_method="ngram", num_speculative_tokens=4,
+                          speculative_disable_by_batch_size=8)
+    assert [proposal_cap(config, n) for n in range(1, 10)] == [4, 4, 3, 3, 2, 2, 1, 0, 0]
+    never = EngineConfig(model="x", speculative_method="ngram", num_speculative_tokens=4,
+                         speculative_disable_by_batch_size=0)
+    assert proposal_cap(never, 200) == 4
+    assert proposal_cap(EngineConfig(model="x"), 1) == 0
+
+
 def test_config_pbtxt_style_parameters():
     cfg = EngineConfig.from_mapping({"speculative_method": "draft", "speculative_model": "self-int8",
                                      "num_speculative_tokens": "4", "speculative_disable_by_batch_size": "0"})
@@ -396,9 +408,9 @@ def test_default_model_greedy_is_identical(default_model_folder, default_plain, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method, model", [("ngram", ""), ("draft", "folder")])
 def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
-    """On CUDA, bf16: verify steps (eager, the varlen prefill kernel over k + 1 tokens per sequence, beside
-    graph-less decodes) agree with plain decoding within test_engine_gpu.py's near-tie tolerance; the draft
-    (the default model itself) runs its one-token rounds through its own CUDA graphs."""
+    """On CUDA, bf16: verify steps (their CUDA graphs: k + 1 rows per sequence, plain decodes padded beside
+    them) agree with plain decoding within test_engine_gpu.py's near-tie tolerance; the draft (the default
+    model itself) runs its one-token rounds through its own CUDA graphs."""
     import torch
 
     if not torch.cuda.is_available():
@@ -414,8 +426,14 @@ def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
         plain.shutdown()
     engine = LLMEngine(EngineConfig(**base, speculative_method=method, speculative_model=model,
                                     num_speculative_tokens=4, speculative_disable_by_batch_size=0)).start()
+    runner = engine.runner
+    assert runner.verify_width == 5 and runner.verify_batch_sizes, "verify steps have CUDA graphs"
+    replays = []
+    replay = runner._replay_verify
+    runner._replay_verify = lambda step: replays.append(step.num_seqs) or replay(step)
     try:
         assert_greedy_agrees(reference, engine.generate(prompts(engine), PARAMS))
         assert engine.stats().num_spec_accepted_tokens > 0 and engine.stats().kv_usage == 0.0
+        assert replays, "no verify step replayed a CUDA graph"
     finally:
         engine.shutdown()

@@ -38,7 +38,7 @@ from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 from kvtriton.backend.engine.speculative import create_proposer
-from kvtriton.backend.engine.speculative.policy import proposal_lengths, speculation_allowed
+from kvtriton.backend.engine.speculative.policy import proposal_cap, proposal_lengths
 from kvtriton.backend.engine.speculative.verification import VerifyRows, accepted_runs
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
@@ -317,7 +317,7 @@ class LLMEngine:
         running = self.scheduler.running
         # Guided rows take their grammar's mask and advance it one token at a time: a step with one does not
         # speculate (the verify path samples without masks).
-        if (self.proposer is not None and speculation_allowed(self.config, len(running))
+        if (self.proposer is not None and proposal_cap(self.config, len(running))
                 and any(seq.num_speculative_tokens for seq in running)
                 and not any(seq.grammar is not None for seq in running)):
             self._speculative_step()
@@ -382,7 +382,8 @@ class LLMEngine:
                 self._emit_tokens(*self._update(finished))
             except Exception as exc:
                 self._fail(finished.sched, exc)
-        seqs, ks = proposal_lengths(self.scheduler.running, self.max_model_len)
+        running = self.scheduler.running
+        seqs, ks = proposal_lengths(running, self.max_model_len, proposal_cap(self.config, len(running)))
         try:
             for seq, proposal in zip(seqs, self._heavy(self.proposer.propose, seqs, ks)):
                 seq.spec_token_ids = proposal

@@ -13,6 +13,13 @@ so each K/V tile it reads serves all of them.
 Programs: (query tile, sequence, KV head); tiles past a sequence's q_len
 return at once. Key tiles wholly before the tile's first query position need
 no mask, the rest (the diagonal) are masked causally.
+
+The same kernel serves the fixed-stride layout of a CUDA-graph verify step
+(paged_uniform_attention): sequence s owns rows s * Q .. s * Q + Q, of which
+the first query_lens[s] are real (a plain decode has 1, a verify 1 + its
+proposals) and the rest padding. A graph fixes every tensor's shape, so the
+step's shape is (batch bucket, Q) whatever each sequence holds; padding rows
+get zeros and are never read back.
 """
 
 from __future__ import annotations
@@ -55,13 +62,21 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
                              qk_scale, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
                              NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, QUERY_STRIDE: tl.constexpr):
+    # QUERY_STRIDE 0: varlen, query_start_ptr holds the (B + 1,) row offsets. Else: fixed stride, query_start_ptr
+    # holds the (B,) query_lens, and the rows past a sequence's q_len (up to the stride) are padding.
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     h = tl.program_id(2)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if tile * BLOCK_M >= q_len:
+    if QUERY_STRIDE == 0:
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        stored = q_len  # rows of this sequence the program writes
+    else:
+        q_start = seq * QUERY_STRIDE
+        q_len = tl.load(query_start_ptr + seq)
+        stored = QUERY_STRIDE  # padding rows too, as zeros: a graph's output buffer holds stale values
+    if tile * BLOCK_M >= stored:
         return
     ctx = tl.load(context_lens_ptr + seq)
     prefix = ctx - q_len  # cached tokens before the first new one
@@ -80,7 +95,9 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-    first = prefix + tile * BLOCK_M  # the tile's first query position: every row sees the keys before it
+    # The tile's first query position: every row sees the keys before it. A tile of padding rows only (fixed
+    # stride) stops at the last real one: no key past the context is read.
+    first = prefix + tl.minimum(tile * BLOCK_M, q_len - 1)
     end = tl.minimum(first + BLOCK_M, ctx)  # one past its last query position
     unmasked_end = (first // BLOCK_N) * BLOCK_N
     # Every tile processed first holds key 0, which every row sees: m_i is finite from then on.
@@ -106,9 +123,10 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
+    store_ok = (tok < stored) & (g < GROUP)
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=store_ok[:, None])
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -143,6 +161,34 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         q, k_pool, v_pool, out, tables, query_start, context_lens, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, QUERY_STRIDE=0, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def paged_uniform_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                            query_lens: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """The fixed-stride layout (a CUDA-graph verify step): q (B * Q, H, D), sequence s's rows at s * Q ..
+    s * Q + Q, the first query_lens[s] of them its new tokens (the last query_lens[s] of its context_lens[s]
+    tokens, K/V already in the pools), the rest padding (output zeros); tables (B, W). Every shape is fixed by
+    B and Q, and nothing is read back to the host, so a CUDA graph captures it. One query tile per sequence
+    and KV head: Q is small (1 + the proposals), so a tile holds at most 16 tokens x the GQA group."""
+    b = query_lens.shape[0]
+    n, num_heads, head_dim = q.shape
+    stride = n // b
+    assert stride * b == n and q.stride(2) == 1, "q: (B * Q, H, D) with head_dim contiguous"
+    num_kv_heads = k_pool.shape[2]
+    group = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(group)
+    block_m = max(triton.next_power_of_2(min(stride, 16)), triton.cdiv(16, block_g))  # tl.dot takes >= 16 rows
+    out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    _paged_prefill_attention[(triton.cdiv(stride, block_m), b, num_kv_heads)](
+        q, k_pool, v_pool, out, tables, query_lens, context_lens, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N, QUERY_STRIDE=stride, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

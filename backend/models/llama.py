@@ -18,8 +18,29 @@ from torch import nn
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 
-# compute_logits: up to this many rows take the weight-streaming product on the CPU.
+# On the CPU, fp32 products of a few rows take W @ x^T, which streams the weight once, instead of the BLAS
+# GEMM x @ W^T, which ran 2-5x slower than one row for 2-5 rows (measured on the default model's shapes, 30
+# matrices each, a 2-core EPYC: gate_up 3072 x 576 at 3 rows 120 ms against 24 ms; both equal near 9 rows,
+# the GEMM ahead at 17). A speculative verify step has 2 to k + 1 rows per sequence; so have small batches.
+SKINNY_ROWS = 8
+# compute_logits: up to this many rows take the weight-streaming product (the vocabulary-wide head gains
+# further: 100 ms against 39 ms at 5 rows).
 SKINNY_LOGITS_ROWS = 16
+
+
+def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
+    """Whether x @ layer.weight^T takes W @ x^T (see SKINNY_ROWS): a plain fp32 nn.Linear on the CPU, 2 to
+    max_rows rows, not while tracing an export (the exported graph keeps the Linear: dynamic rows, quantizable)."""
+    return (x.device.type == "cpu" and 1 < x.shape[0] <= max_rows and type(layer) is nn.Linear
+            and x.dtype == layer.weight.dtype == torch.float32 and not torch.jit.is_tracing())
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for x (M, in), through W @ x^T where skinny_product says so."""
+    if not skinny_product(layer, x, SKINNY_ROWS):
+        return layer(x)
+    out = torch.mm(layer.weight, x.T).T.contiguous()
+    return out if layer.bias is None else out + layer.bias
 
 
 class AttentionContext(Protocol):
@@ -63,8 +84,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        gate, up = linear(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)
+        return linear(self.down_proj, F.silu(gate) * up)  # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -85,7 +106,7 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
     """x (N, hidden) -> q (N, H, D), k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE."""
     attn = layer.self_attn
     n = x.shape[0]
-    q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q, k, v = linear(attn.qkv_proj, layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
     q, k = apply_rotary(q, k, rope)
@@ -94,7 +115,7 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
 
 def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """x (N, hidden), attended (N, H, D) -> the layer's output (N, hidden): o_proj, residuals, SwiGLU MLP."""
-    x = x + layer.self_attn.o_proj(attended.reshape(x.shape[0], -1))
+    x = x + linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
@@ -129,9 +150,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""
         head = self.lm_head
-        if (hidden.device.type == "cpu" and 1 < hidden.shape[0] <= SKINNY_LOGITS_ROWS and type(head) is nn.Linear
-                and head.bias is None and hidden.dtype == head.weight.dtype == torch.float32
-                and not torch.jit.is_tracing()):  # an exported graph keeps the Linear (dynamic rows, quantizable)
+        if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
             # A few rows on the CPU (a speculative verify step, a small batch): x @ W.T through the BLAS GEMM
             # ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
             # 13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).

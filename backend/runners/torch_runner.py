@@ -13,6 +13,12 @@ attention is one varlen Triton kernel over the packed tokens. With
 torch.compile on, the per-layer work around attention is compiled once for all
 layers. Padded rows of a bucket write into a scratch block that the block
 manager never hands out.
+
+With speculative decoding on, verify steps (and any step whose sequences each
+bring at most Q = 1 + num_speculative_tokens new tokens) replay graphs of
+their own, captured per batch bucket: every sequence gets Q rows, its new
+tokens first and padding after them (attention/uniform.py). Steps with a
+longer chunk (a prompt) stay eager.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_budget
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
+from kvtriton.backend.attention.uniform import UniformQueryAttention, uniform_rows
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
 from kvtriton.backend.models.loader import load_model, resolve_quantization
@@ -36,6 +44,10 @@ from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
 
+# Verify-step CUDA graphs cover batches up to this many rows (batch x Q): their logits buffers stay allocated,
+# and a larger verify step is compute-bound, where one launch per kernel costs little.
+MAX_VERIFY_GRAPH_ROWS = 256
+
 
 @dataclass
 class _Graph:
@@ -45,7 +57,9 @@ class _Graph:
 
 class TorchRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, folder: str | None,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int):
+                 device: torch.device, dtype: torch.dtype, max_model_len: int, verify_width: int = 0):
+        """verify_width: Q of the verify-step CUDA graphs; 0 takes 1 + num_speculative_tokens when the config
+        speculates (a draft model's runner, whose config does not, passes the target's to catch up in graphs)."""
         self.config, self.model_config, self.device, self.dtype = config, model_config, device, dtype
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -76,6 +90,9 @@ class TorchRunner:
             self.graph_batch_sizes.append(config.max_num_seqs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
+        # Verify-step graphs: Q query rows per sequence (0: none) and their batch buckets.
+        self.verify_width, self.verify_batch_sizes = self._verify_graph_shape(verify_width)
+        self._verify_graphs: dict[int, _Graph] = {}
         if self.use_cuda_graphs:
             self._init_graph_buffers()
             if config.enable_torch_compile:
@@ -110,9 +127,29 @@ class TorchRunner:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
         return self.max_blocks_per_seq, why is None, prefill
 
+    def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
+        """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
+        the buckets up to the largest batch that speculates (below speculative_disable_by_batch_size)."""
+        cfg = self.config
+        q = width or (cfg.num_speculative_tokens + 1 if cfg.speculative_enabled else 0)
+        if not (self.use_cuda_graphs and q > 1):
+            return 0, []
+        if not self.prefill_kernel:
+            log.warning("verify steps run eagerly: their CUDA graphs need the Triton paged attention kernel")
+            return 0, []
+        limit = cfg.speculative_disable_by_batch_size
+        most = min(limit - 1 if limit else cfg.max_num_seqs, cfg.max_num_seqs)
+        sizes = [b for b in self.graph_batch_sizes if b < most] + [next(b for b in self.graph_batch_sizes if b >= most)]
+        sizes = [b for b in sizes if b * q <= MAX_VERIFY_GRAPH_ROWS]
+        if most > 0 and (not sizes or sizes[-1] < most):
+            log.info("verify steps of more than %d sequences run eagerly (%d query rows each; graphs cover up to "
+                     "%d rows)", sizes[-1] if sizes else 0, q, MAX_VERIFY_GRAPH_ROWS)
+        return (q, sizes) if sizes and most > 0 else (0, [])
+
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
         self._graphs.clear()
+        self._verify_graphs.clear()
         self._graph_pool = None
         self.kv = self.model = None
         if self.device.type == "cuda":
@@ -163,7 +200,8 @@ class TorchRunner:
     # ---- execution -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
-        """-> logits (B, V) fp32 of each sequence's last new token."""
+        """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
+        sequence that verifies proposals)."""
         b = step.num_seqs
         if self.device.type == "cuda" and step.attn.num_decodes == b:
             if self.use_cuda_graphs and b <= self.graph_batch_sizes[-1]:
@@ -171,9 +209,17 @@ class TorchRunner:
             attn = step.attn
             return self._decode_logits(step.input_ids, step.positions, attn.slot_mapping, attn.block_tables,
                                        attn.context_lens)
+        if self._verify_graphs and b <= self.verify_batch_sizes[-1] and max(step.attn.query_lens) <= self.verify_width:
+            return self._replay_verify(step)
+        return self.execute_eager(step)
+
+    @torch.inference_mode()
+    def execute_eager(self, step: StepInput) -> torch.Tensor:
+        """The step without CUDA graphs: every prefill and mixed step, and the reference the graphs are tested
+        against. -> logits (M, V) fp32 of step.last_token_indices."""
         attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel)
         hidden = self.model(step.input_ids, step.positions, attn)
-        return self.model.compute_logits(hidden[step.last_token_indices])  # (B, V)
+        return self.model.compute_logits(hidden[step.last_token_indices])  # (M, V)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def _init_graph_buffers(self) -> None:
@@ -185,7 +231,15 @@ class TorchRunner:
         self._ids, self._pos, self._slots, self._ctx = self._inputs
         self._tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int64, device=dev)
         # Padded rows of a bucket: token 0 at position 0, written into the scratch block, attending to itself.
-        self._padding = torch.tensor([0, 0, self.scratch_block * self.block_size, 1], device=dev)[:, None].expand(4, m)
+        scratch_slot = self.scratch_block * self.block_size
+        self._padding = torch.tensor([0, 0, scratch_slot, 1], device=dev)[:, None].expand(4, m)
+        if self.verify_width:
+            # The verify graphs' static inputs, one flat buffer: ids, positions, slots (R = rows of the largest
+            # bucket each), then context lens and query lens (its batch each). Padding as above, query length 1.
+            rows, seqs = self.verify_batch_sizes[-1] * self.verify_width, self.verify_batch_sizes[-1]
+            self._verify_inputs = torch.tensor([0] * rows + [0] * rows + [scratch_slot] * rows + [1] * (2 * seqs),
+                                               dtype=torch.int64, device=dev)
+            self._verify_padding = self._verify_inputs.clone()
 
     def _context_buckets(self) -> list[int]:
         """Block-table widths a graph is captured for. The attention kernel reads only each context's own
@@ -206,7 +260,9 @@ class TorchRunner:
         for bucket in reversed(self.graph_batch_sizes):
             for ctx_blocks in reversed(self.context_buckets):
                 self._capture(bucket, ctx_blocks)
-        log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs),
+        for bucket in reversed(self.verify_batch_sizes):
+            self._capture_verify(bucket)
+        log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs) + len(self._verify_graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
 
     def _replay(self, step: StepInput) -> torch.Tensor:
@@ -242,6 +298,55 @@ class TorchRunner:
             return self._decode_logits(self._ids[:bucket], self._pos[:bucket], self._slots[:bucket],
                                        self._tables[:bucket, :ctx_blocks], self._ctx[:bucket])
 
+        captured = self._capture_graph(run)
+        self._graphs[(bucket, ctx_blocks)] = captured
+        log.debug("captured CUDA graph for batch %d, %d context blocks", bucket, ctx_blocks)
+        return captured
+
+    def _verify_views(self, bucket: int) -> tuple[torch.Tensor, ...]:
+        """The verify inputs of a bucket: ids, positions, slots (bucket * Q,), context lens, query lens (bucket,)."""
+        rows, seqs = self.verify_batch_sizes[-1] * self.verify_width, self.verify_batch_sizes[-1]
+        buf, n = self._verify_inputs, bucket * self.verify_width
+        return (buf[:n], buf[rows : rows + n], buf[2 * rows : 2 * rows + n], buf[3 * rows : 3 * rows + bucket],
+                buf[3 * rows + seqs : 3 * rows + seqs + bucket])
+
+    def _capture_verify(self, bucket: int) -> _Graph:
+        ids, positions, slots, context_lens, query_lens = self._verify_views(bucket)
+
+        def run():
+            attn = UniformQueryAttention(self.kv, slots, self._tables[:bucket], query_lens, context_lens, self.scale)
+            return self.model.compute_logits(self.model(ids, positions, attn))  # (bucket * Q, V)
+
+        captured = self._verify_graphs[bucket] = self._capture_graph(run)
+        log.debug("captured CUDA graph for verify steps of batch %d, %d rows each", bucket, self.verify_width)
+        return captured
+
+    def _replay_verify(self, step: StepInput) -> torch.Tensor:
+        """A step whose sequences bring 1 .. Q new tokens each, through the verify graph of its batch bucket."""
+        attn, q = step.attn, self.verify_width
+        b, n = step.num_seqs, step.input_ids.shape[0]
+        bucket = next(x for x in self.verify_batch_sizes if x >= b)
+        rows, seqs = self.verify_batch_sizes[-1] * q, self.verify_batch_sizes[-1]
+        # Where each of the packed buffer's first 3N + B entries (ids, positions, slots, context lens) goes in
+        # the graph's inputs, then the query lens: one host-to-device copy.
+        qlens = np.asarray(attn.query_lens, dtype=np.int64)
+        row = uniform_rows(attn.query_lens, q)
+        host = torch.from_numpy(np.concatenate([row, rows + row, 2 * rows + row, 3 * rows + np.arange(b), qlens]))
+        dev = host.pin_memory().to(self.device, non_blocking=True)
+        buf = self._verify_inputs
+        buf.copy_(self._verify_padding)
+        buf.index_copy_(0, dev[: 3 * n + b], step.packed[: 3 * n + b])
+        buf[3 * rows + seqs : 3 * rows + seqs + b].copy_(dev[3 * n + b :])
+        width = attn.block_tables.shape[1]
+        self._tables[:b, :width].copy_(attn.block_tables)
+        if b < bucket:
+            self._tables[b:bucket].fill_(self.scratch_block)
+        graph = self._verify_graphs[bucket]
+        graph.graph.replay()
+        # The packed rows whose logits the step wants, at their places in the graph's (bucket * Q, V).
+        return graph.logits.index_select(0, dev[:n].index_select(0, step.last_token_indices))
+
+    def _capture_graph(self, run) -> _Graph:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -251,7 +356,4 @@ class TorchRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = run()
         self._graph_pool = graph.pool()
-        captured = _Graph(graph, logits)
-        self._graphs[(bucket, ctx_blocks)] = captured
-        log.debug("captured CUDA graph for batch %d, %d context blocks", bucket, ctx_blocks)
-        return captured
+        return _Graph(graph, logits)

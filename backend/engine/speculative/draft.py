@@ -8,8 +8,8 @@ finishes, is aborted or is preempted by the target loses its draft blocks at the
 Per round (one verify step): each sequence first feeds the draft the tokens it has not seen (its whole
 prompt at first; after a verify step the accepted proposals are already there, so only the tokens from the
 first rejected one on), and the logits at its last token give proposal 1; then k - 1 one-token steps give
-the rest. Each step is one batched forward pass of the draft runner over every proposing sequence (the
-one-token steps are decode steps, so they replay CUDA graphs on a GPU). K/V of proposals that the target
+the rest. Each step is one batched forward pass of the draft runner over every proposing sequence (on a
+GPU the one-token steps replay decode CUDA graphs, and the catch-up of 1 or 2 tokens the verify graphs). K/V of proposals that the target
 rejects is dropped the same way as the target's: counts trimmed, never hashed.
 
 The draft proposes its argmax, so the verification's rejection rule sees a point-mass proposal
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -31,8 +30,8 @@ from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
-from kvtriton.backend.runners.factory import create_runner
 from kvtriton.backend.runners.step_input import prepare_step
+from kvtriton.backend.runners.torch_runner import TorchRunner
 
 log = logging.getLogger("kvtriton")
 
@@ -80,7 +79,11 @@ class DraftProposer:
             config, model=model, quantization=quantization, num_kv_blocks=num_blocks, speculative_method="none",
             speculative_model="", num_speculative_tokens=0)
         model_config = ModelConfig.from_pretrained(folder)
-        runner = create_runner(draft_config, model_config, Path(folder), device, dtype, max_model_len)
+        # The torch runner (speculation needs it, EngineConfig checks): after a verify step the draft catches up
+        # on 1 or 2 tokens per sequence (the correction, or the last proposal and the bonus), which replays its
+        # verify graphs of the target's width.
+        runner = TorchRunner(draft_config, model_config, str(folder), device, dtype, max_model_len,
+                             verify_width=config.num_speculative_tokens + 1)
         log.info("speculative draft: %s (%s), %d KV blocks", name, quantization, runner.num_blocks)
         return cls(runner, config.block_size, min(vocab_size, model_config.vocab_size), config.enable_prefix_caching)
 
