@@ -40,7 +40,34 @@ MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
 # --device cuda (it prints this table). Empty: every shape takes `heuristic_tile`. "int4" is this file's
 # matmul; "skinny-int4" is kernels/skinny_matmul.py's fused decode kernel reading int4 weights.
-TILES: dict[tuple[str, int, int, int], tuple] = {}
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+TILES: dict[tuple[str, int, int, int], tuple] = {
+    ('int4', 1, 3072, 2048): (1, 2, 1024, 1, 1, False),
+    ('int4', 1, 2048, 2048): (1, 4, 1024, 1, 4, False),
+    ('int4', 1, 16384, 2048): (1, 4, 1024, 1, 1, False),
+    ('int4', 1, 2048, 8192): (1, 4, 1024, 1, 4, False),
+    ('int4', 1, 49152, 2048): (1, 4, 1024, 1, 1, False),
+    ('int4', 2, 3072, 2048): (2, 2, 1024, 1, 1, False),
+    ('int4', 2, 2048, 2048): (2, 4, 1024, 1, 4, False),
+    ('int4', 2, 16384, 2048): (2, 8, 512, 1, 4, False),
+    ('int4', 2, 2048, 8192): (2, 4, 1024, 1, 4, False),
+    ('int4', 2, 49152, 2048): (16, 64, 128, 2, 4, True),
+    ('int4', 4, 3072, 2048): (4, 2, 1024, 1, 1, False),
+    ('int4', 4, 2048, 2048): (4, 4, 1024, 1, 4, False),
+    ('int4', 4, 16384, 2048): (16, 64, 128, 2, 4, True),
+    ('int4', 4, 2048, 8192): (16, 32, 128, 4, 4, True),
+    ('int4', 4, 49152, 2048): (16, 64, 128, 2, 4, True),
+    ('int4', 16, 3072, 2048): (16, 32, 128, 4, 4, True),
+    ('int4', 16, 2048, 2048): (16, 32, 256, 8, 4, True),
+    ('int4', 16, 16384, 2048): (16, 64, 128, 2, 4, True),
+    ('int4', 16, 2048, 8192): (16, 32, 256, 8, 4, True),
+    ('int4', 16, 49152, 2048): (16, 64, 128, 2, 4, True),
+    ('int4', 64, 3072, 2048): (64, 64, 128, 2, 4, True),
+    ('int4', 64, 2048, 2048): (64, 32, 256, 8, 4, True),
+    ('int4', 64, 16384, 2048): (64, 64, 128, 2, 4, True),
+    ('int4', 64, 2048, 8192): (64, 32, 256, 8, 4, True),
+    ('int4', 64, 49152, 2048): (64, 64, 128, 2, 4, True),
+}
 
 
 @triton.jit

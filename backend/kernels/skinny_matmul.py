@@ -51,7 +51,39 @@ FP8_MAX, FP8_MIN_SCALE = tl.constexpr(448.0), tl.constexpr(1e-12)
 # ("skinny-bf16" | "skinny-fp8" | "skinny-int4", rows bucket, N, K) -> Tile fields (block_m, block_n, block_k,
 # split_k = 1, warps), measured on an H200 by benchmarks/quant_kernels_bench.py --device cuda, which prints
 # this table; N is the output width (for rms_norm_swiglu, the intermediate size). Empty: `_blocks` decides.
-TILES: dict[tuple[str, int, int, int], tuple] = {}
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+TILES: dict[tuple[str, int, int, int], tuple] = {
+    ('skinny-fp8', 1, 3072, 2048): (1, 4, 2048, 1, 4),
+    ('skinny-int4', 1, 3072, 2048): (1, 16, 2048, 1, 4),
+    ('skinny-fp8', 1, 2048, 2048): (1, 2, 2048, 1, 1),
+    ('skinny-int4', 1, 2048, 2048): (1, 8, 2048, 1, 4),
+    ('skinny-fp8', 1, 8192, 2048): (1, 8, 2048, 1, 4),
+    ('skinny-int4', 1, 8192, 2048): (1, 4, 2048, 1, 4),
+    ('skinny-fp8', 1, 2048, 8192): (1, 2, 8192, 1, 4),
+    ('skinny-int4', 1, 2048, 8192): (1, 8, 4096, 1, 4),
+    ('skinny-fp8', 1, 49152, 2048): (1, 16, 2048, 1, 4),
+    ('skinny-int4', 1, 49152, 2048): (1, 8, 2048, 1, 4),
+    ('skinny-fp8', 2, 3072, 2048): (2, 4, 2048, 1, 4),
+    ('skinny-int4', 2, 3072, 2048): (2, 8, 2048, 1, 4),
+    ('skinny-fp8', 2, 2048, 2048): (2, 4, 2048, 1, 4),
+    ('skinny-int4', 2, 2048, 2048): (2, 8, 2048, 1, 4),
+    ('skinny-fp8', 2, 8192, 2048): (2, 2, 2048, 1, 4),
+    ('skinny-int4', 2, 8192, 2048): (2, 4, 2048, 1, 4),
+    ('skinny-fp8', 2, 2048, 8192): (2, 8, 4096, 1, 4),
+    ('skinny-int4', 2, 2048, 8192): (2, 4, 4096, 1, 4),
+    ('skinny-fp8', 2, 49152, 2048): (2, 4, 2048, 1, 4),
+    ('skinny-int4', 2, 49152, 2048): (2, 8, 2048, 1, 4),
+    ('skinny-fp8', 4, 3072, 2048): (4, 4, 2048, 1, 4),
+    ('skinny-int4', 4, 3072, 2048): (4, 4, 2048, 1, 4),
+    ('skinny-fp8', 4, 2048, 2048): (4, 8, 2048, 1, 4),
+    ('skinny-int4', 4, 2048, 2048): (4, 8, 2048, 1, 4),
+    ('skinny-fp8', 4, 8192, 2048): (4, 4, 2048, 1, 4),
+    ('skinny-int4', 4, 8192, 2048): (4, 4, 2048, 1, 4),
+    ('skinny-fp8', 4, 2048, 8192): (4, 4, 4096, 1, 4),
+    ('skinny-int4', 4, 2048, 8192): (4, 4, 4096, 1, 4),
+    ('skinny-fp8', 4, 49152, 2048): (4, 4, 2048, 1, 4),
+    ('skinny-int4', 4, 49152, 2048): (4, 4, 2048, 1, 4),
+}
 
 
 @dataclass(frozen=True)
