@@ -21,8 +21,7 @@ import triton
 from kvtriton.backend.attention.kv_cache import KVCache
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
-from kvtriton.backend.kernels.paged_decode_attention import (default_num_splits, default_tile,
-                                                             paged_decode_attention)
+from kvtriton.backend.kernels.paged_decode_attention import default_num_splits, default_tile, paged_decode_attention
 from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_attention
 
 HEADS, KV_HEADS, DIM, BS = 32, 8, 64, 16

@@ -59,7 +59,21 @@ def fp8_supported(device: torch.device) -> str | None:
                 f"this GPU is {major}.{minor}: use int8 or int4")
     if not hasattr(torch, "_scaled_mm"):
         return f"this torch ({torch.__version__}) has no torch._scaled_mm: quantization fp8 needs torch >= 2.4"
+    if device.type == "cpu" and not _cpu_scaled_mm_takes_row_scales():
+        return (f"quantization fp8 on the CPU needs torch._scaled_mm with per-row scales, which this torch "
+                f"({torch.__version__}) lacks (per-tensor only; torch 2.13 has them): use int8 or int4 here")
     return None
+
+
+def _cpu_scaled_mm_takes_row_scales() -> bool:
+    """Some CPU builds (torch 2.11, seen on the GPU host) assert on per-row scales inside _scaled_mm; ask once
+    with a 16 x 16 product rather than fail every step."""
+    a = torch.zeros(16, 16, dtype=FP8)
+    try:
+        torch._scaled_mm(a, a.T, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Fp8Linear(QuantizedLinear):
