@@ -44,6 +44,10 @@ class EngineConfig:
     # Overlap the host's work for step N+1 with the device's step N (vLLM async scheduling, SGLang overlap
     # scheduler). On a CPU the forward pass runs on a thread of its own to overlap at all.
     enable_async_scheduling: bool = True
+    # CPU: load the model on the thread that runs the forward passes, so the process has one OpenMP team,
+    # which spin-waits between parallel regions. Faster on cores the server has to itself (one stream 2x);
+    # fragile when other busy processes share them (README "CPU threads"), hence off by default.
+    cpu_single_openmp_team: bool = False
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
     # CUDA: Triton paged attention (decode at every batch and context, varlen prefill), and at batch <= 2 the
     # fused norm/matmul/SwiGLU kernels

@@ -144,13 +144,15 @@ def _own_cpu_s() -> float:
 
 
 def repository(model: str | Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
-               cancel_poll_s: float = 0.0, engine_process: bool = True, quantization: str = "auto") -> Path:
+               cancel_poll_s: float = 0.0, engine_process: bool = True, quantization: str = "auto",
+               single_team: bool = False) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     values = {"model": str(model), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
               "max_num_batched_tokens": "2048", "max_model_len": "2048",
               "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s),
-              "engine_process": str(engine_process).lower(), "quantization": quantization}
+              "engine_process": str(engine_process).lower(), "quantization": quantization,
+              "cpu_single_openmp_team": str(single_team).lower()}
     if dummy:
         values["dummy_weights"] = "true"
     set_parameters(repo / "llm" / "config.pbtxt", values)
@@ -190,6 +192,8 @@ def main():
                     help="also HF transformers generate on the same prompts, as static batches of each concurrency")
     ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "fp8"],
                     help="the same on both sides (auto, as the shipped config.pbtxt: int4 for a GGUF on the CPU)")
+    ap.add_argument("--cpu-single-openmp-team", action="store_true",
+                    help="cpu_single_openmp_team on both sides (README: CPU threads)")
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
@@ -224,7 +228,8 @@ def main():
     compile_ = args.torch_compile == "on"
     engine = LLMEngine(EngineConfig(model=served, dummy_weights=dummy, max_num_seqs=max_seqs,
                                     max_num_batched_tokens=2048, max_model_len=2048,
-                                    enable_torch_compile=compile_, quantization=args.quantization)).start()
+                                    enable_torch_compile=compile_, quantization=args.quantization,
+                                    cpu_single_openmp_team=args.cpu_single_openmp_team)).start()
     one = engine_request(engine, args.output_len)
     closed_loop(2, 1, one)  # warm-up
     for c in levels:
@@ -238,7 +243,7 @@ def main():
     def serve(interval, level_list, cancel_poll_s=0.0, engine_process=True):
         out = {}
         repo = repository(served, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
-                          args.quantization)
+                          args.quantization, args.cpu_single_openmp_team)
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = (grpc_request(server.grpc_url, args.output_len) if args.protocol == "grpc"
                    else sse_request(server.http_port, args.output_len))

@@ -31,6 +31,8 @@ def solo_outputs(tiny_folder):
     dict(),  # prefix caching + chunked prefill, roomy pool
     dict(num_kv_blocks=24, max_num_batched_tokens=16),  # pool too small for the load: preemption by recompute
     dict(enable_chunked_prefill=False, enable_prefix_caching=False),
+    dict(cpu_single_openmp_team=True),  # the model loads on the forward thread
+    dict(cpu_single_openmp_team=True, enable_async_scheduling=False),  # ... which then runs the synchronous loop
 ])
 def test_batched_greedy_equals_solo(tiny_folder, solo_outputs, overrides):
     engine = make_tiny_engine(tiny_folder, **overrides).start()

@@ -95,14 +95,16 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         # CUDA queues work and returns at once; a CPU computes as it is called, so overlapping host work
         # with its forward pass needs a thread that does nothing else (torch releases the GIL in its ops).
-        # Every heavy op runs there, loading included: libgomp gives each thread that opens a parallel region
-        # a team of its own, and once the teams' threads outnumber the cores it stops spin-waiting between
-        # regions. With one team (2-core VM, int4, quiet): one stream 28 -> 57 tok/s, 32 in flight 159 -> 190
-        # (README "CPU threads", which also says what a busy shared CPU costs).
-        self._forward_thread = ThreadPoolExecutor(1, "kvtriton-forward") if self.device.type == "cpu" else None
+        self._forward_thread = (ThreadPoolExecutor(1, "kvtriton-forward") if self.device.type == "cpu" and (
+            config.enable_async_scheduling or config.cpu_single_openmp_team) else None)
+        # libgomp gives each thread that opens a parallel region a team of its own, and once the teams' threads
+        # outnumber the cores it stops spin-waiting between regions. Loading on the forward thread leaves one
+        # team, which spins: 2-core VM, int4, quiet, one stream 28 -> 57 tok/s, 32 in flight 159 -> 190; on a
+        # shared CPU a spinning team can be 10x slower (README "CPU threads").
+        load = self._heavy if config.cpu_single_openmp_team else (lambda fn, *args: fn(*args))
         try:
-            self.runner = self._heavy(create_runner, config, self.model_config, folder, self.device, self.dtype,
-                                      self.max_model_len)
+            self.runner = load(create_runner, config, self.model_config, folder, self.device, self.dtype,
+                               self.max_model_len)
         except BaseException:
             if self._forward_thread is not None:
                 self._forward_thread.shutdown(wait=False)
@@ -126,8 +128,8 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
-        self.proposer = self._heavy(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
-                                    self.dtype, self.max_model_len, self._sample_vocab)
+        self.proposer = load(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
+                             self.dtype, self.max_model_len, self._sample_vocab)
         self.num_spec_proposed_tokens = self.num_spec_accepted_tokens = self.num_spec_drafts = 0
         self._states: dict[str, RequestState] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
