@@ -116,7 +116,10 @@ def test_chat_keeps_history_across_turns(llm_server, monkeypatch, capsys):
 def test_chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(llm_server):
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvtriton.client.chat_cmd", "--url", llm_server.grpc_url, "--max-tokens", "512",
-         "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background (`make test &`) runs with SIGINT ignored, which the chat would
+        # inherit (Python then installs no KeyboardInterrupt handler): give it the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_idle(llm_server)  # so that only this chat's answer moves the token counter
         before = metric(llm_server, "kvtriton_generation_tokens_total")
