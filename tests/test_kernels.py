@@ -24,6 +24,8 @@ from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_atten
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
+from tests.tiny_model import prefill_each  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is what the GPU runs; Triton's CPU interpreter gets tl.dot wrong in bf16, so it checks fp16.
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -163,11 +165,7 @@ def test_decode_logits_match_the_model_forward(batch, bias):
     tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
     prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
     with torch.inference_mode():
-        for i, n in enumerate(lens):  # prefill each prompt with the PyTorch path
-            meta = AttentionMetadata(slot_mapping=tables[i, 0] * bs + torch.arange(n, device=DEVICE),
-                                     block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=DEVICE),
-                                     num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
-            model(prompts[i][:n], torch.arange(n, device=DEVICE), PagedAttention(cache, meta, 64**-0.5))
+        prefill_each(model, cache, tables, prompts, lens, bs)  # the PyTorch path
         ids = torch.stack([p[-1] for p in prompts])
         pos = torch.tensor(lens, device=DEVICE)
         slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])

@@ -32,6 +32,8 @@ from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa:
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
 from kvtriton.backend.models.llama_decode import decode_weight  # noqa: E402
 
+from tests.tiny_model import prefill_each  # noqa: E402
+
 DEVICE = "cuda" if CUDA else "cpu"
 # bf16 is what the GPU runs; the interpreter's tl.dot is wrong in bf16, so on the CPU the kernels run in fp16.
 DTYPE = torch.bfloat16 if CUDA else torch.float16
@@ -174,11 +176,7 @@ def test_quantized_decode_step_equals_the_model_forward(quantization, batch):
     tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
     prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
     with torch.inference_mode():
-        for i, n in enumerate(lens):  # prefill each prompt with the PyTorch path
-            meta = AttentionMetadata(slot_mapping=tables[i, 0] * bs + torch.arange(n, device=DEVICE),
-                                     block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=DEVICE),
-                                     num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
-            model(prompts[i][:n], torch.arange(n, device=DEVICE), PagedAttention(cache, meta, 64**-0.5))
+        prefill_each(model, cache, tables, prompts, lens, bs)  # the PyTorch path
         ids = torch.stack([p[-1] for p in prompts])
         pos = torch.tensor(lens, device=DEVICE)
         slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])

@@ -60,3 +60,17 @@ def make_tiny_engine(folder: Path, **overrides):
     config = dict(model=str(folder), device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=16,
                   max_num_batched_tokens=64)
     return LLMEngine(EngineConfig(**{**config, **overrides}))
+
+
+def prefill_each(model, cache, tables, prompts, lens, block_size: int) -> None:
+    """Prefill prompt i's first lens[i] tokens into blocks tables[i] (from slot 0 of its first block), one
+    sequence at a time through the PyTorch paged attention: the reference state the decode kernels start from."""
+    from kvtriton.backend.attention.metadata import AttentionMetadata
+    from kvtriton.backend.attention.paged import PagedAttention
+
+    device = tables.device
+    for i, n in enumerate(lens):
+        meta = AttentionMetadata(slot_mapping=tables[i, 0] * block_size + torch.arange(n, device=device),
+                                 block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=device),
+                                 num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
+        model(prompts[i][:n], torch.arange(n, device=device), PagedAttention(cache, meta, 64**-0.5))
