@@ -55,19 +55,29 @@ def import_model(monkeypatch) -> types.ModuleType:
 
 
 class Sender:
-    """A response sender: records (response, flags); `cancelled` is what is_cancelled() answers."""
+    """A response sender: records (response, flags); `cancelled` is what is_cancelled() answers.
+    `asked_after_final` counts is_cancelled() calls after the final response: Triton 2.51 segfaults there."""
 
     def __init__(self):
         self.sent: list[tuple[InferenceResponse, int]] = []
         self.cancelled = False
         self.asked = 0
+        self.asked_after_final = 0
 
     def send(self, response, flags=0) -> None:
         self.sent.append((response, flags))
 
     def is_cancelled(self) -> bool:
         self.asked += 1
+        self.asked_after_final += any(flags & FINAL for _, flags in self.sent)
         return self.cancelled
+
+
+def flush(outbox) -> None:
+    """Waits until the outbox has sent everything enqueued so far (it sends in order)."""
+    done = threading.Event()
+    outbox.put(done.set)
+    assert done.wait(5), "the outbox did not drain"
 
 
 class Request:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from kvtriton.backend.engine.llm_engine import EngineBusyError
 from kvtriton.backend.engine.outputs import RequestOutput
 from kvtriton.backend.triton.cancellation import CancellationWatcher
 from kvtriton.backend.triton.config import AdapterConfig
@@ -17,7 +18,7 @@ from kvtriton.backend.triton.request import OUTPUTS
 from kvtriton.backend.triton.sink import ResponseOutbox, TritonResponseSink
 
 from tests import fake_pb_utils
-from tests.fake_pb_utils import FINAL, Engine, Request, Sender
+from tests.fake_pb_utils import FINAL, Engine, Request, Sender, flush
 
 
 # ---- AdapterConfig ---------------------------------------------------------------------------------------
@@ -247,6 +248,7 @@ def test_a_finished_request_leaves_the_registry(adapter):
 def test_a_bad_request_gets_an_invalid_arg_error_and_is_not_watched(adapter):
     request = Request(text_input=text("Hi"), parameters=json.dumps({"temperature": -1}))
     adapter.execute([request])
+    flush(adapter.outbox)
     [(response, flags)] = request.sender.sent
     assert response.error.code == "INVALID_ARG" and "temperature" in response.error.message and flags == FINAL
     assert adapter.engine.added == {} and len(adapter.cancellation) == 0
@@ -259,6 +261,7 @@ def test_a_request_the_engine_refuses_is_forgotten(adapter):
     adapter.engine.add_request = refuse
     request = Request(text_input=text("Hi"))
     adapter.execute([request])
+    flush(adapter.outbox)
     assert request.sender.sent[0][0].error.message == "prompt is empty" and len(adapter.cancellation) == 0
 
 
@@ -287,3 +290,27 @@ def test_tokens_join_a_response_still_waiting_in_the_outbox():
     s.put(output("d", finished=True))
     outbox.drain()
     assert sent(sender) == [("abc", 3, "", 0), ("d", 1, "stop", FINAL)]
+
+
+def test_a_refused_request_is_never_asked_about_cancellation_after_its_final_error(adapter):
+    """The race that crashed tritonserver: a poll on the response thread holds the senders it read before
+    execute() refused a request; the refusal's final error must not go out before that poll ends. Slow
+    refusals and slow asks make the poll overlap each refusal."""
+    class SlowSender(Sender):
+        def is_cancelled(self) -> bool:
+            time.sleep(0.03)
+            return super().is_cancelled()
+
+    def refuse(*args):
+        time.sleep(0.02)  # longer than the poll interval: a poll reads this request's sender meanwhile
+        raise EngineBusyError("server busy")
+
+    adapter.engine.add_request = refuse
+    requests = [Request(f"c{i}", text_input=text("Hi")) for i in range(5)]
+    for request in requests:
+        request.sender = SlowSender()
+        adapter.execute([request])
+    flush(adapter.outbox)
+    assert all(len(r.sender.sent) == 1 for r in requests)
+    assert sum(r.sender.asked for r in requests) > 0, "no poll overlapped a refusal: the test shows nothing"
+    assert sum(r.sender.asked_after_final for r in requests) == 0

@@ -17,7 +17,7 @@ from kvtriton.backend.triton.config import AdapterConfig
 from kvtriton.backend.triton.sink import ResponseOutbox
 
 from tests import fake_pb_utils
-from tests.fake_pb_utils import FINAL, Engine, Request
+from tests.fake_pb_utils import FINAL, Engine, Request, flush
 
 
 def make_adapter(monkeypatch, **config):
@@ -42,7 +42,8 @@ def text(value: str) -> np.ndarray:
     return np.array([value.encode()], dtype=np.object_)
 
 
-def only_error(request):
+def only_error(adapter, request):
+    flush(adapter.outbox)
     [(response, flags)] = request.sender.sent
     assert flags == FINAL
     return response.error
@@ -56,7 +57,7 @@ def test_a_busy_or_failed_engine_is_unavailable(adapter, exc):
     adapter.engine.add_request = refuse
     request = Request(text_input=text("Hi"))
     adapter.execute([request])
-    error = only_error(request)
+    error = only_error(adapter, request)
     assert error.code == "UNAVAILABLE" and error.message == str(exc) and len(adapter.cancellation) == 0
 
 
@@ -66,7 +67,7 @@ def test_an_unexpected_failure_says_internal_error_and_the_request_id_only(adapt
     adapter.engine.add_request = crash
     request = Request("client-7", text_input=text("Hi"))
     adapter.execute([request])
-    error = only_error(request)
+    error = only_error(adapter, request)
     assert error.code == "INTERNAL"
     assert error.message == "internal error (request 0-client-7); the server log has the details"
 
@@ -86,7 +87,7 @@ def test_an_unexpected_failure_says_internal_error_and_the_request_id_only(adapt
 def test_bad_content_is_refused_naming_the_field(adapter, inputs, message):
     request = Request(**inputs)
     adapter.execute([request])
-    error = only_error(request)
+    error = only_error(adapter, request)
     assert error.code == "INVALID_ARG" and error.message.startswith(message), error.message
     assert adapter.engine.added == {}
 

@@ -10,6 +10,7 @@
   the FINAL flag, and touches no engine state; a full queue or a failed engine
   gets UNAVAILABLE; anything unexpected gets "internal error" and the request
   id, with the detail in the server log (never exception text to the client).
+  Every response, these errors too, is sent by the response thread.
 - The engine thread puts outputs into each request's sink; the response thread
   sends them and, between sends, polls cancellation, aborting cancelled
   requests in the engine, which frees their KV blocks at its next step.
@@ -97,16 +98,14 @@ class TritonPythonModel:
             try:
                 self._submit(request, request_id, sender)
             except (RequestError, ValueError) as exc:  # the request's own fault: the message names the field
-                self.cancellation.forget(request_id)
-                _fail(sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+                self._refuse(request_id, sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
             except (EngineBusyError, EngineDeadError) as exc:
-                self.cancellation.forget(request_id)
-                _fail(sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
+                self._refuse(request_id, sender, pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
             except Exception:  # never let one request take down execute() for the others
-                self.cancellation.forget(request_id)
                 log.exception("request %s failed", request_id)
-                _fail(sender, pb_utils.TritonError(f"internal error (request {request_id}); the server log has "
-                                                   "the details", pb_utils.TritonError.INTERNAL))
+                self._refuse(request_id, sender, pb_utils.TritonError(
+                    f"internal error (request {request_id}); the server log has the details",
+                    pb_utils.TritonError.INTERNAL))
         return None
 
     def _submit(self, request, request_id: str, sender) -> None:
@@ -118,6 +117,14 @@ class TritonPythonModel:
                                   on_finished=self.cancellation.forget, token_text=self._token_text)
         self.cancellation.watch(request_id, sender)  # before the engine can finish it: see CancellationWatcher
         self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
+
+    def _refuse(self, request_id: str, sender, error) -> None:
+        """Forget, then send the final error on the outbox thread, never here: a cancellation poll running
+        there may hold this sender from before the forget, and asking a sender whose final response went
+        out segfaults tritonserver 2.51 (TRITONBACKEND_ResponseFactoryIsCancelled on a released factory).
+        Polls and sends share that thread, so the poll ends before this send starts."""
+        self.cancellation.forget(request_id)
+        self.outbox.put(_fail, sender, error)
 
     def _token_text(self, token_id: int) -> str:
         """One token's text in logprobs (special tokens too: a logprob of <|im_end|> names it)."""
