@@ -283,13 +283,19 @@ def gpu(args) -> None:
         engine = LLMEngine(config).start()
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
                                                             *engine.runner.model.buffers()))
-        run_engine(engine, prompts[:4], 8)  # warm-up
+        run_engine(engine, prompts[:4], 8)  # warm-up: batch 4, a 512-token prefill
+        run_engine(engine, prompts[:1], 8)  # and the single request's shapes (a first 128-token prefill)
         step = runner_step(engine, 1, 192)
-        one = run_engine(engine, prompts[:1], args.max_tokens)["tok_s"]
+        singles = [run_engine(engine, [prompts[i]], args.max_tokens) for i in range(3)]
+        one = statistics.median(r["tok_s"] for r in singles)
+        ttft = statistics.median(r["ttft"][0] for r in singles)
+        itl = statistics.median(x for r in singles for x in r["itl"])
+        each = ", ".join(f"{r['tok_s']:.0f}" for r in singles)
         batch = statistics.median(run_engine(engine, prompts, args.max_tokens)["tok_s"] for _ in range(3))
         rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9)
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
-              f"{one:.0f} tok/s, 64 requests {batch:.0f} tok/s; fused decode kernels "
+              f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
+              f"{each} tok/s), 64 requests {batch:.0f} tok/s; fused decode kernels "
               f"{'up to batch ' + str(fused_max_batch(name)) if engine.runner.fuse_matmuls else 'off'}", flush=True)
         engine.shutdown()
         del engine

@@ -97,18 +97,23 @@ def fused_call(op: str, x: torch.Tensor, weight, norm: torch.Tensor, residual: t
     return lambda: skinny_matmul.linear(x, weight, residual=residual, blocks=blocks)
 
 
-def int4_tiles(m: int, k: int) -> list[Tile]:
+def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
     """Candidates: the heuristic's, broadcast GEMV tiles (<= 8 rows), and tl.dot tiles (Marlin/GemLite-like)
-    with split-K so that N = 2048 still makes 256+ programs."""
-    tiles = {int4_heuristic(m, 2048, k, GROUP)}
+    of 32-128 outputs by 64-256 inputs per pipeline stage (4 stages deep, 3 for 256), split along K until there are
+    132+ programs (one per H200 SM)."""
+    tiles = {int4_heuristic(m, n, k, GROUP)}
     if m <= 8:
         bm = triton.next_power_of_2(m)
         for bn, bk, split, warps in ((2, 1024, 1, 1), (4, 1024, 1, 4), (8, 512, 1, 4), (8, 256, 2, 4)):
             if bm * bn * bk <= 16384:
                 tiles.add(Tile(bm, bn, bk, split, warps, False))
     bm = max(16, triton.next_power_of_2(m))
-    for bn, bk, split, warps in ((16, 256, 2, 4), (32, 256, 1, 4), (32, 128, 4, 4), (64, 128, 2, 4)):
-        tiles.add(Tile(bm, bn, bk, split, warps, True))
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
+            split = 1
+            while triton.cdiv(n, bn) * split < 132 and k % (bk * split * 2) == 0:
+                split *= 2
+            tiles.add(Tile(bm, bn, bk, split, 4, True, 4 if bk <= 128 else 3))
     return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
 
 
@@ -183,7 +188,7 @@ def time_shape(name, n, k, op, rows, results, log):
         best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, k)})
         best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
             x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
-            for tile in int4_tiles(m, k)})
+            for tile in int4_tiles(m, n, k)})
         if m <= skinny_matmul.MAX_ROWS:
             for kind, layers_of_kind in (("fp8", fp8), ("int4", int4)):
                 best(f"{kind} skinny", {blocks: [fused_call(op, x, decode_weight(layer), norm, residual, blocks)

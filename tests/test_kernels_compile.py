@@ -53,10 +53,12 @@ def test_skinny_matmul_compiles_for_every_weight_format(weight, op):
                                                                     (16, 16, 256, 2, True), (64, 64, 128, 1, True)])
 def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, block_k, split_k, dot):
     out = "*fp32" if split_k > 1 else "*bf16"
-    compile_for_hopper(int4_matmul._int4_matmul, dict(
+    int4 = compile_for_hopper(int4_matmul._int4_dot_matmul if dot else int4_matmul._int4_matmul, dict(
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", out_ptr=out, M="i32",
         N="i32", K="i32"), dict(GROUP=32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                                HAS_OFFSET=True, USE_DOT=dot))
+                                HAS_OFFSET=True, **(dict(STAGES=4) if dot else {})))
+    if dot:
+        assert "mma" in int4.asm["ptx"]
     kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
         xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
         K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True))

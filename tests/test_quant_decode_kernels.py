@@ -121,7 +121,7 @@ def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
 
 
 TILES = [Tile(1, 4, 128), Tile(4, 8, 64, split_k=2, warps=1), Tile(16, 16, 64, split_k=4, dot=True),
-         Tile(32, 32, 128, dot=True)]
+         Tile(32, 32, 128, dot=True), Tile(64, 64, 256, split_k=2, dot=True, stages=4)]
 
 
 @pytest.mark.parametrize("tile", TILES, ids=str)

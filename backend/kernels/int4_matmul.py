@@ -17,8 +17,9 @@ is the cheap form FasterTransformer and Marlin use, written in Triton:
     inputs of x, read with stride 2 (x is tiny and comes from L2).
 Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kernels_bench.py --device cuda):
   broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles, one row of x at a time: the GEMV form
-  dot        tl.dot on (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) tiles, the weight rounded to the
-             activation dtype for the tensor cores (GemLite's and Marlin's form for 16-64 rows)
+  dot        tl.dot on (BLOCK_M, GROUP/2) x (GROUP/2, BLOCK_N) tiles, a group at a time, the weight read
+             transposed and rounded to the activation dtype for the tensor cores (GemLite's and Marlin's
+             form for 16-64 rows), the K loop software-pipelined (Tile.stages)
 and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
 share one output tile along K and a second op adds their fp32 partial sums (deterministic, unlike atomics).
 Prefill (more than MAX_ROWS rows) does not come here: `int4_dequantize` writes the weight once in the
@@ -40,7 +41,8 @@ MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
 # --device cuda (it prints this table). Empty: every shape takes `heuristic_tile`. "int4" is this file's
 # matmul; "skinny-int4" is kernels/skinny_matmul.py's fused decode kernel reading int4 weights.
-# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda: rows 1-4
+# --rows 1,2,4,16,64, the dot rows (16-64) again with --rows 16,32,64 after the dot form was rewritten.
 TILES: dict[tuple[str, int, int, int], tuple] = {
     ('int4', 1, 3072, 2048): (1, 2, 1024, 1, 1, False),
     ('int4', 1, 2048, 2048): (1, 4, 1024, 1, 4, False),
@@ -57,16 +59,21 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
     ('int4', 4, 16384, 2048): (16, 64, 128, 2, 4, True),
     ('int4', 4, 2048, 8192): (16, 32, 128, 4, 4, True),
     ('int4', 4, 49152, 2048): (16, 64, 128, 2, 4, True),
-    ('int4', 16, 3072, 2048): (16, 32, 128, 4, 4, True),
-    ('int4', 16, 2048, 2048): (16, 32, 256, 8, 4, True),
-    ('int4', 16, 16384, 2048): (16, 64, 128, 2, 4, True),
-    ('int4', 16, 2048, 8192): (16, 32, 256, 8, 4, True),
-    ('int4', 16, 49152, 2048): (16, 64, 128, 2, 4, True),
-    ('int4', 64, 3072, 2048): (64, 64, 128, 2, 4, True),
-    ('int4', 64, 2048, 2048): (64, 32, 256, 8, 4, True),
-    ('int4', 64, 16384, 2048): (64, 64, 128, 2, 4, True),
-    ('int4', 64, 2048, 8192): (64, 32, 256, 8, 4, True),
-    ('int4', 64, 49152, 2048): (64, 64, 128, 2, 4, True),
+    ('int4', 16, 3072, 2048): (16, 64, 64, 4, 4, True, 4),
+    ('int4', 16, 2048, 2048): (16, 64, 64, 8, 4, True, 4),
+    ('int4', 16, 16384, 2048): (16, 64, 64, 1, 4, True, 4),
+    ('int4', 16, 2048, 8192): (16, 64, 128, 8, 4, True, 3),
+    ('int4', 16, 49152, 2048): (16, 64, 64, 1, 4, True, 4),
+    ('int4', 32, 3072, 2048): (32, 64, 64, 4, 4, True, 4),
+    ('int4', 32, 2048, 2048): (32, 64, 64, 8, 4, True, 4),
+    ('int4', 32, 16384, 2048): (32, 64, 64, 1, 4, True, 4),
+    ('int4', 32, 2048, 8192): (32, 64, 64, 8, 4, True, 4),
+    ('int4', 32, 49152, 2048): (32, 64, 64, 1, 4, True, 4),
+    ('int4', 64, 3072, 2048): (64, 128, 64, 8, 4, True, 4),
+    ('int4', 64, 2048, 2048): (64, 64, 64, 8, 4, True, 4),
+    ('int4', 64, 16384, 2048): (64, 128, 64, 2, 4, True, 4),
+    ('int4', 64, 2048, 8192): (64, 128, 256, 16, 4, True, 3),
+    ('int4', 64, 49152, 2048): (64, 128, 64, 1, 4, True, 4),
 }
 
 
@@ -107,10 +114,9 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
 @triton.jit
 def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, USE_DOT: tl.constexpr):
-    # x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP); out (M, N) in x's dtype, or with SPLIT_K > 1
-    # (SPLIT_K, M, N) fp32 partial sums. BLOCK_K * SPLIT_K divides K (the caller checks): no K mask.
-    act = x_ptr.dtype.element_ty
+                 SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """The broadcast (GEMV) form. x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP); out (M, N) in
+    x's dtype, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums. BLOCK_K * SPLIT_K divides K."""
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < M
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,21 +129,59 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
         w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
                                   HAS_OFFSET, False)  # (BLOCK_N, BLOCK_K/2) each
         pair = k0 // 2 + half
-        if USE_DOT:
-            x_rows = x_ptr + m[:, None] * K + 2 * pair[None, :]
-            x_even = tl.load(x_rows, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K/2)
-            x_odd = tl.load(x_rows + 1, mask=m_ok[:, None], other=0.0)
-            acc = tl.dot(x_even, tl.trans(w_even.to(act)), acc)
-            acc = tl.dot(x_odd, tl.trans(w_odd.to(act)), acc)
-        else:
-            # One row of x at a time against the 2-D tile: a broadcast over a third (row) axis makes the
-            # compiler move the whole weight tile through shared memory into that axis' layout each step.
-            for r in tl.static_range(BLOCK_M):
-                row = tl.program_id(1) * BLOCK_M + r
-                x_even = tl.load(x_ptr + row * K + 2 * pair, mask=row < M, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
-                part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
-                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
+        # One row of x at a time against the 2-D tile: a broadcast over a third (row) axis makes the
+        # compiler move the whole weight tile through shared memory into that axis' layout each step.
+        for r in tl.static_range(BLOCK_M):
+            row = tl.program_id(1) * BLOCK_M + r
+            x_even = tl.load(x_ptr + row * K + 2 * pair, mask=row < M, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
+            part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
+            acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr):
+    """The tensor-core form (16-64 rows), same arguments as _int4_matmul. The weight is read already
+    transposed, as the (K, N) operand tl.dot wants, one group at a time: a group's codes are a (GROUP/2,
+    BLOCK_N) tile of bytes and its scale and zero point two BLOCK_N vectors, so the dequantization is
+    elementwise, with no reshape, transpose or gather between the load and the tensor cores. (Swapping the
+    operands, out^T = W x^T with the weight as wgmma's register operand, measured 10-35% slower on an H200.)"""
+    act = x_ptr.dtype.element_ty
+    HALF: tl.constexpr = GROUP // 2
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    split = tl.program_id(2)
+    groups = K // GROUP
+    row_bytes = tl.multiple_of(K // 2, 16)
+    byte = tl.arange(0, HALF)
+    k_per_split = K // SPLIT_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in tl.range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K, num_stages=STAGES):
+        for j in tl.static_range(BLOCK_K // GROUP):
+            kg = k0 + j * GROUP
+            g = kg // GROUP
+            codes = tl.load(q_ptr + n[None, :] * row_bytes + (tl.multiple_of(kg // 2, 16) + byte)[:, None],
+                            mask=n_ok[None, :], other=0).to(tl.int32)  # (HALF, BLOCK_N)
+            scale = tl.load(scale_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            zero = (tl.load(zero_ptr + n * groups + g, mask=n_ok, other=0).to(tl.float32) + MAGIC)[None, :]
+            w_even = (((codes & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale  # inputs kg + 2i
+            w_odd = (((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale  # kg + 2i + 1
+            if HAS_OFFSET:
+                offset = tl.load(offset_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                w_even, w_odd = w_even + offset, w_odd + offset
+            x = tl.load(x_ptr + m[:, None] * K + kg + tl.arange(0, GROUP)[None, :], mask=m_ok[:, None], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
+            acc = tl.dot(x_even, w_even.to(act), acc)
+            acc = tl.dot(x_odd, w_odd.to(act), acc)
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -170,20 +214,20 @@ def _widest_block_k(k: int, group: int, limit: int) -> int:
 def heuristic_tile(m: int, n: int, k: int, group: int) -> Tile:
     """The tile for a shape the sweep has not measured. Broadcast (<= SKINNY_ROWS rows): as
     kernels/skinny_matmul.py's H200 sweep found, long tiles along K and ~512+ programs to keep every SM
-    streaming. Dot: 16-64 rows x 32 outputs x 128+ inputs (the usual W4A16 decode tile), split along K
-    until there are ~2 programs per SM of an H200 (132 SMs)."""
+    streaming. Dot: 16-64 rows x 64 outputs x 128 inputs a stage (the usual W4A16 decode tile), split along
+    K until there is a program per SM of an H200 (132 SMs)."""
     if m <= SKINNY_ROWS:
         block_m = triton.next_power_of_2(m)
         block_k = _widest_block_k(k, group, 1024)
         block_n = max(1, min(8192 // (block_m * block_k), n // 512))
         block_n = 1 << (block_n.bit_length() - 1)
         return Tile(block_m, block_n, block_k, 1, 1 if block_m * block_n * block_k <= 4096 else 4, False)
-    block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 32
-    block_k = _widest_block_k(k, group, 256)
-    split, programs = 1, triton.cdiv(n, block_n)
-    while programs * split < 264 and k % (block_k * split * 2) == 0:
+    block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 64
+    block_k = _widest_block_k(k, group, 128)
+    split = 1
+    while triton.cdiv(n, block_n) * split < 132 and k % (block_k * split * 2) == 0:
         split *= 2
-    return Tile(block_m, block_n, block_k, split, 4, True)
+    return Tile(block_m, block_n, block_k, split, 4, True, 3)
 
 
 def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -193,15 +237,21 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     n = qweight.shape[0]
     if k % (tile.block_k * tile.split_k) or tile.block_k % group_size:
         raise ValueError(f"tile {tile} does not fit K = {k} in groups of {group_size}")
+    if tile.dot and tile.block_m < 16:
+        raise ValueError(f"tile {tile}: tl.dot needs tiles of >= 16 rows")
     x = x.contiguous()
     if tile.split_k == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    _int4_matmul[grid](x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k,
-                       GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                       SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, USE_DOT=tile.dot, num_warps=tile.warps)
+    args = (x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k)
+    shape = dict(GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                 SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, num_warps=tile.warps)
+    if tile.dot:
+        _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
+    else:
+        _int4_matmul[grid](*args, **shape)
     return out if tile.split_k == 1 else out.sum(0).to(x.dtype)
 
 
