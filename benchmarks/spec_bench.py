@@ -10,8 +10,8 @@ GPU (--device cuda --config llama-1b: the Llama-3.2-1B shape, random bf16 weight
   1. single stream, the quoting request: ngram vs plain (random weights loop, so prompt lookup is accepted
      more than on real text; the acceptance is printed);
   2. a 2-layer draft of the same shape, random weights: its acceptance means nothing, so the draft path's
-     cost is measured with the acceptance forced: the proposals are replaced after the draft ran by the
-     plain run's own tokens (100%) or by wrong ones (0%);
+     cost is measured with the acceptance forced: the verification accepts every proposal (100%) or none
+     (0%), the draft and the verify step running as ever;
   3. 32 in flight with back-off, ngram vs plain.
 GPU with real weights (--device cuda --model DIR, a checkpoint folder, bf16): the quoting request and 32 in
 flight with ngram, whose acceptance now means something; with --draft-model (a checkpoint folder sharing the
@@ -25,6 +25,7 @@ tokenizer, or self-int8 / self-int4) the chat stream with that draft too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B, QUESTIONS  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine import llm_engine  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.runners import torch_runner  # noqa: E402
@@ -71,23 +73,28 @@ def run(engine: LLMEngine, prompts: list[str], max_tokens: int, ignore_eos: bool
                 acceptance=accepted / proposed if proposed else 0.0)
 
 
-class ForcedAcceptance:
-    """Wraps a proposer: it runs (its cost is paid), then its proposals are replaced by the plain run's own
-    next tokens (every one accepted) or by tokens that differ from them (every one rejected)."""
+@contextlib.contextmanager
+def forced_acceptance(accept: bool):
+    """The engine's verification rule replaced: every proposal accepted (the proposals become the output,
+    then the target's bonus token) or none (the target's own token, as without speculation). The draft and
+    the verify step run as ever, so their cost is measured at a fixed acceptance. (Replacing the proposals
+    by a plain run's tokens instead forces nothing when random weights make near-tied logits: bf16 rounding
+    in the verify step flips the argmax, the output leaves the plain run's, and every proposal misses.)"""
+    def forced(sampled: list[int], proposals: list[list[int]]) -> list[tuple[int, int]]:
+        runs, row = [], 0
+        for props in proposals:
+            if accept:
+                sampled[row : row + len(props)] = props
+            runs.append((row, len(props) + 1 if accept else 1))
+            row += len(props) + 1
+        return runs
 
-    def __init__(self, inner, reference: dict[tuple[int, ...], list[int]], accept: bool, vocab_size: int):
-        self.inner, self.reference, self.accept, self.vocab_size = inner, reference, accept, vocab_size
-
-    def propose(self, seqs, ks):
-        proposals = self.inner.propose(seqs, ks)
-        forced = []
-        for seq, got in zip(seqs, proposals):
-            ref = self.reference[tuple(seq.prompt_token_ids)][seq.num_output_tokens:][: len(got)]
-            forced.append(ref if self.accept else [(t + 1) % self.vocab_size for t in ref])
-        return forced
-
-    def close(self):
-        self.inner.close()
+    real = llm_engine.accepted_runs
+    llm_engine.accepted_runs = forced
+    try:
+        yield
+    finally:
+        llm_engine.accepted_runs = real
 
 
 def model_folders(config: str, tokenizer: str | None = None, model: str | None = None) -> tuple[str, str | None, bool]:
@@ -172,8 +179,6 @@ def main() -> None:
                  "batch": (batch, args.batch_tokens, False)}
     plain = engine()  # the baseline stays up: each case alternates it with the speculating engine
     run(plain, single, 8, True)  # warm-up
-    ref = run(plain, single, args.tokens, True)
-    reference = {tuple(plain.admission.admit(single[0], SamplingParams())): ref["ids"][0]}
 
     def compare(name, eng, key):
         prompts, tokens, ignore_eos = workloads[key]
@@ -208,10 +213,9 @@ def main() -> None:
         eng.shutdown()
     if "draft" in only and cuda and dummy:
         eng = engine(speculative_method="draft", speculative_model=draft_folder, **k)
-        inner = eng.proposer
         for accept in (False, True):
-            eng.proposer = ForcedAcceptance(inner, reference, accept, plain._sample_vocab)
-            compare(f"draft (2 layers), forced {100 if accept else 0}% acceptance", eng, "chat")
+            with forced_acceptance(accept):
+                compare(f"draft (2 layers), forced {100 if accept else 0}% acceptance", eng, "chat")
         eng.shutdown()
     plain.shutdown()
 

@@ -8,7 +8,8 @@ finishes, is aborted or is preempted by the target loses its draft blocks at the
 Per round (one verify step): each sequence first feeds the draft the tokens it has not seen (its whole
 prompt at first; after a verify step the accepted proposals are already there, so only the tokens from the
 first rejected one on), and the logits at its last token give proposal 1; then k - 1 one-token steps give
-the rest. Each step is one batched forward pass of the draft runner over every proposing sequence (on a
+the rest, each fed the previous step's argmax on the device: the host reads the k proposals once, at the end
+of the round, rather than waiting for every step (what made a GPU round several times its kernels' time). Each step is one batched forward pass of the draft runner over every proposing sequence (on a
 GPU the one-token steps replay decode CUDA graphs, and the catch-up of 1 or 2 tokens the verify graphs). K/V of proposals that the target
 rejects is dropped the same way as the target's: counts trimmed, never hashed.
 
@@ -93,7 +94,6 @@ class DraftProposer:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         self._release_stopped()
         rows = [self._catch_up(seq) for seq in seqs]
-        proposals: list[list[int]] = [[] for _ in seqs]
         # Round 1: every token the draft has not seen, logits at the last one. One-token rows go first, as
         # prepare_step and the runners expect of a step (the decode group).
         unseen = {i: len(row.seq.token_ids) - len(row.token_ids) for i, row in enumerate(rows) if row is not None}
@@ -104,17 +104,44 @@ class DraftProposer:
             row.token_ids += row.seq.token_ids[len(row.token_ids):]
             row.num_verified = len(row.token_ids)
             scheduled.append((row, unseen[i]))
+        # Rounds 2..k feed each the proposal just made, which stays on the device: the host prepares the
+        # next step while the device runs this one, and reads every proposal once, at the end.
+        rounds: list[tuple[list[int], torch.Tensor]] = []  # (sequences, their proposal) per round
+        made = [0] * len(seqs)
         while scheduled:
-            logits = self.runner.execute(prepare_step(scheduled, self.block_size, self.runner.device))
-            for i, token in zip(active, logits[:, : self.vocab_size].argmax(dim=-1).tolist()):
-                proposals[i].append(token)
-            # Rounds 2..k: one token each, the proposal just made.
-            active = [i for i in active if len(proposals[i]) < ks[i] and self._grow(rows[i], proposals[i])]
+            step = prepare_step(scheduled, self.block_size, self.runner.device)
+            if rounds:
+                step.input_ids.copy_(self._previous_proposals(rounds[-1], active))
+            logits = self.runner.execute(step)
+            rounds.append((active, logits[:, : self.vocab_size].argmax(dim=-1)))
+            for i in active:
+                made[i] += 1
+            active = [i for i in active if made[i] < ks[i] and self._grow(rows[i], made[i])]
             scheduled = []
             for i in active:
-                rows[i].token_ids.append(proposals[i][-1])
+                rows[i].token_ids.append(0)  # the proposal just made; its value is set once it is read
                 scheduled.append((rows[i], 1))
+        proposals: list[list[int]] = [[] for _ in seqs]
+        if rounds:
+            tokens = iter(torch.cat([t for _, t in rounds]).tolist())
+            for members, _ in rounds:
+                for i in members:
+                    proposals[i].append(next(tokens))
+        for row, props in zip(rows, proposals):
+            if len(props) > 1:  # every proposal but the last was fed to the draft
+                row.token_ids[-(len(props) - 1):] = props[:-1]
         return proposals
+
+    def _previous_proposals(self, previous: tuple[list[int], torch.Tensor], active: list[int]) -> torch.Tensor:
+        """The last round's proposals (on the device) of the sequences in `active`, in its order."""
+        members, tokens = previous
+        if members == active:
+            return tokens
+        where = {i: j for j, i in enumerate(members)}
+        index = torch.tensor([where[i] for i in active], dtype=torch.int64)
+        if self.runner.device.type == "cuda":
+            index = index.pin_memory()  # a pageable copy would wait for the device's queue
+        return tokens.index_select(0, index.to(self.runner.device, non_blocking=True))
 
     def _catch_up(self, seq: Sequence) -> _DraftSequence | None:
         """The sequence's draft state with slots for the tokens it has not fed yet; None when the pool is
@@ -142,10 +169,10 @@ class DraftProposer:
         row.block_ids += ids
         return row
 
-    def _grow(self, row: _DraftSequence, proposals: list[int]) -> bool:
+    def _grow(self, row: _DraftSequence, num_proposals: int) -> bool:
         """A slot for feeding the newest proposal; False when the pool is full (the proposals stop there)."""
         ids = self.block_manager.allocate_slots(row.seq.request_id, row.seq.token_ids, len(row.token_ids), 1,
-                                                num_placeholders=len(proposals))
+                                                num_placeholders=num_proposals)
         if ids is None:
             return False
         row.block_ids += ids
