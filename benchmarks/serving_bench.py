@@ -192,11 +192,12 @@ def main():
                     help="also HF transformers generate on the same prompts, as static batches of each concurrency")
     ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "fp8"],
                     help="the same on both sides (auto, as the shipped config.pbtxt: int4 for a GGUF on the CPU)")
-    ap.add_argument("--cpu-single-openmp-team", action="store_true",
-                    help="cpu_single_openmp_team on both sides (README: CPU threads)")
+    ap.add_argument("--cpu-single-openmp-team", default="on", choices=["on", "off"],
+                    help="cpu_single_openmp_team on both sides (on, as the shipped config.pbtxt; README: CPU threads)")
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
+    args.cpu_single_openmp_team = args.cpu_single_openmp_team == "on"
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.tokenizer and args.config == "llama-1b":
         default = Path(args.tokenizer)
