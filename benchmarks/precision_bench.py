@@ -19,8 +19,10 @@ int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quant
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
 machine (a shared CPU is noisy: medians and the load average are printed): output tok/s with all 32
-requests in flight, and the decode tok/s of one request alone (1 / mean inter-token latency). --triton:
-also one stream through tritonserver (the shipped model repository, streamed over HTTP), fp32 vs each.
+requests in flight, and the decode tok/s of one request alone (1 / mean inter-token latency). --isolate:
+each round and variant in a fresh process with one OpenMP team, as the shipped server runs (in one
+process every engine's team counts against the cores, and libgomp stops spin-waiting). --triton: also
+one stream through tritonserver (the shipped model repository, streamed over HTTP), fp32 vs each.
 
 gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
 (g32, the Triton decode kernel): the runner's batch-1 decode step alone (CUDA-graph replay) and output
@@ -38,6 +40,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,37 +190,76 @@ def _with_int8_activations(path: Path, out: Path) -> Path:
     return out
 
 
+def engine_config(args, quantization: str, single_team: bool) -> EngineConfig:
+    return EngineConfig(model=args.model, device="cpu", max_num_seqs=64, max_num_batched_tokens=2048,
+                        max_model_len=2048, kv_cache_memory_gb=1.0, quantization=quantization,
+                        cpu_single_openmp_team=single_team)
+
+
+def measure(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(output tok/s with every prompt in flight, decode tok/s of the first prompt alone)."""
+    batch = run_engine(engine, prompt_ids, max_tokens)
+    single = run_engine(engine, prompt_ids[:1], max_tokens)
+    return batch["tok_s"], len(single["itl"]) / sum(single["itl"])
+
+
+def chat_prompt_ids(tokenizer) -> list[list[int]]:
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
+def engine_child(args) -> None:
+    """--isolate's child: one variant, one round, in a process of its own; prints its figures as JSON."""
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+
+    e = LLMEngine(engine_config(args, args.variant, single_team=True)).start()
+    try:
+        prompt_ids = chat_prompt_ids(e.tokenizer)
+        run_engine(e, prompt_ids[:4], 8)  # warm-up
+        print(json.dumps(measure(e, prompt_ids, args.max_tokens)))
+    finally:
+        e.shutdown()
+
+
 def engine(args) -> None:
     from kvtriton.backend.engine.llm_engine import LLMEngine
 
-    base = dict(model=args.model, device="cpu", max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048,
-                kv_cache_memory_gb=1.0)
     variants = {"fp32": "none", **{q: q for q in args.quantization}}
-    engines = {}
-    for name, quantization in variants.items():
-        started = time.perf_counter()
-        engines[name] = LLMEngine(EngineConfig(**base, quantization=quantization)).start()
-        print(f"# {name} engine start-up: {time.perf_counter() - started:.1f} s")
-    tokenizer = engines["fp32"].tokenizer
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    how = ("each round and variant in a process of its own, one OpenMP team (as the shipped config.pbtxt)"
+           if args.isolate else "all variants in this process (EngineConfig's default: two OpenMP teams each)")
     print(f"# engine: {args.model} on the CPU ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}; {len(prompts)} prompts x "
-          f"{args.max_tokens} tokens, EOS ignored; {args.rounds} rounds, variants alternated")
-    for e in engines.values():
-        run_engine(e, prompt_ids[:4], 8)  # warm-up
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
-    try:
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}; {len(QUESTIONS)} prompts x "
+          f"{args.max_tokens} tokens, EOS ignored; {args.rounds} rounds, variants alternated; {how}")
+
+    def report(r: int, name: str, figures) -> None:
+        rows[name].append(tuple(figures))
+        print(f"round {r + 1} {name:5}: batch 32 {figures[0]:7.1f} output tok/s   "
+              f"single stream decode {figures[1]:6.1f} tok/s", flush=True)
+
+    if args.isolate:
         for r in range(args.rounds):
-            for name, e in engines.items():
-                batch = run_engine(e, prompt_ids, args.max_tokens)
-                single = run_engine(e, prompt_ids[:1], args.max_tokens)
-                rows[name].append((batch["tok_s"], len(single["itl"]) / sum(single["itl"])))
-                print(f"round {r + 1} {name:5}: batch 32 {rows[name][-1][0]:7.1f} output tok/s   "
-                      f"single stream decode {rows[name][-1][1]:6.1f} tok/s", flush=True)
-    finally:
+            for name, quantization in variants.items():
+                child = subprocess.run(
+                    [sys.executable, __file__, "--part", "engine-child", "--variant", quantization, "--model",
+                     args.model, "--max-tokens", str(args.max_tokens)], capture_output=True, text=True, check=True)
+                report(r, name, json.loads(child.stdout.strip().splitlines()[-1]))
+    else:
+        engines = {}
+        for name, quantization in variants.items():
+            started = time.perf_counter()
+            engines[name] = LLMEngine(engine_config(args, quantization, single_team=False)).start()
+            print(f"# {name} engine start-up: {time.perf_counter() - started:.1f} s")
+        prompt_ids = chat_prompt_ids(engines["fp32"].tokenizer)
         for e in engines.values():
-            e.shutdown()
+            run_engine(e, prompt_ids[:4], 8)  # warm-up
+        try:
+            for r in range(args.rounds):
+                for name, e in engines.items():
+                    report(r, name, measure(e, prompt_ids, args.max_tokens))
+        finally:
+            for e in engines.values():
+                e.shutdown()
     med = {name: [statistics.median(col) for col in zip(*values)] for name, values in rows.items()}
     print(f"median of {args.rounds} rounds (ratio: the median over rounds of the ratio within a round, where the "
           f"variants ran back to back); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores:")
@@ -313,14 +355,18 @@ def gpu(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="HF folder, .gguf file, or 'default'")
-    parser.add_argument("--part", choices=["quality", "engine", "gpu", "all"], default="all",
-                        help="all: quality and engine (the CPU parts)")
+    parser.add_argument("--part", choices=["quality", "engine", "gpu", "all", "engine-child"], default="all",
+                        help="all: quality and engine (the CPU parts); engine-child: --isolate's, internal")
     parser.add_argument("--tokens", type=int, default=96, help="quality: text tokens to decode (teacher-forced)")
     parser.add_argument("--quantization", nargs="+", default=["int4"], choices=["int8", "int4"],
                         help="engine: the quantized variants run beside fp32")
     parser.add_argument("--max-tokens", type=int, default=128, help="engine: output tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="engine: rounds, variants alternated")
     parser.add_argument("--triton", action="store_true", help="engine: also one stream through tritonserver")
+    parser.add_argument("--isolate", action="store_true",
+                        help="engine: each round and variant in a process of its own with one OpenMP team, as the "
+                             "shipped server runs (in one process the variants' teams share the cores)")
+    parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
                                             "host without the gguf package or network needs it)")
     args = parser.parse_args()
@@ -330,6 +376,8 @@ def main() -> None:
 
     if args.part == "gpu":
         return gpu(args)
+    if args.part == "engine-child":
+        return engine_child(args)
     if args.part in ("quality", "all"):
         quality(args, resolve_checkpoint(args.model), gguf_source(args.model))
     if args.part in ("engine", "all"):
