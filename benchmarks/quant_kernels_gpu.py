@@ -35,7 +35,7 @@ from kvtriton.backend.kernels.fp8_matmul import CUBLAS, fp8_matmul_with
 from kvtriton.backend.kernels.fp8_matmul import heuristic_tile as fp8_heuristic
 from kvtriton.backend.kernels.fp8_quant import per_token_fp8
 from kvtriton.backend.kernels.int4_matmul import heuristic_tile as int4_heuristic
-from kvtriton.backend.kernels.int4_matmul import int4_matmul_with
+from kvtriton.backend.kernels.int4_matmul import int4_matmul_with, split_k_for
 from kvtriton.backend.kernels.tile_config import Tile
 from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, quantize_fp8_per_channel
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise
@@ -110,10 +110,7 @@ def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
     bm = max(16, triton.next_power_of_2(m))
     for bn in (32, 64, 128):
         for bk in (64, 128, 256):
-            split = 1
-            while triton.cdiv(n, bn) * split < 132 and k % (bk * split * 2) == 0:
-                split *= 2
-            tiles.add(Tile(bm, bn, bk, split, 4, True, 4 if bk <= 128 else 3))
+            tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
     return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.split_k import store_tile
 from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -88,11 +89,7 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
     x_scale = tl.load(xs_ptr + m, mask=m_ok, other=0.0)
     w_scale = tl.load(ws_ptr + n, mask=n_ok, other=0.0)
     acc = acc * x_scale[:, None] * w_scale[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.split_k import store_tile
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
@@ -78,6 +79,14 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 
 
 @triton.jit
+def nibbles(codes):
+    """Bytes of two 4-bit codes (int32) -> (low, high) as the floats 2^23 + q: OR-ing the code into the
+    mantissa of 2^23 (no int->float conversion); subtracting 2^23 + zero point then gives q - zero, exact."""
+    return (((codes & 0xF) | 0x4B000000).to(tl.float32, bitcast=True),
+            ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr, MASK_K: tl.constexpr):
     """W[n, k0:k0 + BLOCK_K] in fp32 as (even inputs, odd inputs), each (BLOCK_N, BLOCK_K/2). GROUP divides
@@ -92,8 +101,7 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
     if MASK_K:
         ok = ok & (pair < row_bytes)[None, :]
     packed = tl.load(q_ptr + n[:, None] * row_bytes + pair[None, :], mask=ok, other=0).to(tl.int32)
-    low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + q, (BLOCK_N, BLOCK_K/2)
-    high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
+    low, high = nibbles(packed)  # 2^23 + q, (BLOCK_N, BLOCK_K/2) each
     g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
     meta = n[:, None] * groups + g[None, :]  # (BLOCK_N, BLOCK_K/GROUP)
     meta_ok = n_ok[:, None]
@@ -137,11 +145,7 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
             x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
             part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
             acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -173,8 +177,8 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
                             mask=n_ok[None, :], other=0).to(tl.int32)  # (HALF, BLOCK_N)
             scale = tl.load(scale_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             zero = (tl.load(zero_ptr + n * groups + g, mask=n_ok, other=0).to(tl.float32) + MAGIC)[None, :]
-            w_even = (((codes & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale  # inputs kg + 2i
-            w_odd = (((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale  # kg + 2i + 1
+            low, high = nibbles(codes)
+            w_even, w_odd = (low - zero) * scale, (high - zero) * scale  # inputs kg + 2i and kg + 2i + 1
             if HAS_OFFSET:
                 offset = tl.load(offset_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
                 w_even, w_odd = w_even + offset, w_odd + offset
@@ -182,11 +186,7 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
             acc = tl.dot(x_even, w_even.to(act), acc)
             acc = tl.dot(x_odd, w_odd.to(act), acc)
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + (split * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -224,10 +224,15 @@ def heuristic_tile(m: int, n: int, k: int, group: int) -> Tile:
         return Tile(block_m, block_n, block_k, 1, 1 if block_m * block_n * block_k <= 4096 else 4, False)
     block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 64
     block_k = _widest_block_k(k, group, 128)
+    return Tile(block_m, block_n, block_k, split_k_for(n, k, block_n, block_k), 4, True, 3)
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, programs: int = 132) -> int:
+    """The least power-of-two split of K that gives `programs` programs (an H200's SMs), as far as K divides."""
     split = 1
-    while triton.cdiv(n, block_n) * split < 132 and k % (block_k * split * 2) == 0:
+    while triton.cdiv(n, block_n) * split < programs and k % (block_k * split * 2) == 0:
         split *= 2
-    return Tile(block_m, block_n, block_k, split, 4, True, 3)
+    return split
 
 
 def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
