@@ -20,8 +20,10 @@ engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat pr
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
 machine (a shared CPU is noisy: medians and the load average are printed): output tok/s with all 32
 requests in flight, and the decode tok/s of one request alone (1 / mean inter-token latency). --isolate:
-each round and variant in a fresh process with one OpenMP team, as the shipped server runs (in one
-process every engine's team counts against the cores, and libgomp stops spin-waiting). --triton: also
+each round and variant in fresh processes, as tritonserver runs the shipped config.pbtxt: its engine
+settings (token budget, KV pool, one OpenMP team) in a process of its own (EngineProcess), the client in
+another (in one process every engine's team counts against the cores, libgomp stops spin-waiting, and the
+client's thread competes with the team). --triton: also
 one stream through tritonserver (the shipped model repository, streamed over HTTP), fp32 vs each.
 
 gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
@@ -34,11 +36,13 @@ fp8 >= 1.4x bf16 tok/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -208,11 +212,24 @@ def chat_prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
-def engine_child(args) -> None:
-    """--isolate's child: one variant, one round, in a process of its own; prints its figures as JSON."""
-    from kvtriton.backend.engine.llm_engine import LLMEngine
+def shipped_engine_config(args, quantization: str) -> EngineConfig:
+    """The engine settings of the shipped model_repository/llm/config.pbtxt (token budget, KV pool, one OpenMP
+    team...), with this run's model and quantization: what `make serve` runs."""
+    from kvtriton.backend.triton.config import AdapterConfig
+    from kvtriton.build.repository import read_parameters
 
-    e = LLMEngine(engine_config(args, args.variant, single_team=True)).start()
+    shipped = Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt"
+    _, values = AdapterConfig.from_parameters(read_parameters(shipped))
+    return dataclasses.replace(EngineConfig.from_mapping(values), model=args.model, device="cpu",
+                               quantization=quantization)
+
+
+def engine_child(args) -> None:
+    """--isolate's child: one variant, one round, run as tritonserver runs it: the shipped config's engine in
+    a process of its own (EngineProcess), this process its client; prints its figures as JSON."""
+    from kvtriton.backend.engine.engine_process import EngineProcess
+
+    e = EngineProcess(shipped_engine_config(args, args.variant)).start()
     try:
         prompt_ids = chat_prompt_ids(e.tokenizer)
         run_engine(e, prompt_ids[:4], 8)  # warm-up
@@ -226,8 +243,9 @@ def engine(args) -> None:
 
     variants = {"fp32": "none", **{q: q for q in args.quantization}}
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    how = ("each round and variant in a process of its own, one OpenMP team (as the shipped config.pbtxt)"
-           if args.isolate else "all variants in this process (EngineConfig's default: two OpenMP teams each)")
+    how = ("each round and variant: the shipped config.pbtxt's engine in a process of its own (EngineProcess, as "
+           "tritonserver runs it), the client in another" if args.isolate else
+           "all variants in this process (EngineConfig's default: two OpenMP teams each)")
     print(f"# engine: {args.model} on the CPU ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}; {len(QUESTIONS)} prompts x "
           f"{args.max_tokens} tokens, EOS ignored; {args.rounds} rounds, variants alternated; {how}")
@@ -274,7 +292,7 @@ def engine(args) -> None:
 
 def through_triton(args, variants: dict[str, str]) -> None:
     """One stream through tritonserver (the shipped repository, HTTP streaming): fp32 vs each quantization."""
-    from serving_bench import closed_loop, repository, sse_request
+    from serving_bench import closed_loop, sse_request
 
     from kvtriton.backend.entrypoints.tritonserver import TritonServer
     from kvtriton.backend.models.checkpoint import resolve_checkpoint
@@ -282,8 +300,10 @@ def through_triton(args, variants: dict[str, str]) -> None:
 
     speeds = {}
     for name, quantization in variants.items():
-        repo = repository(Path(resolve_checkpoint(args.model)), False, 1, 64, False)
-        set_parameters(repo / "llm" / "config.pbtxt", {"quantization": quantization})
+        repo = Path(tempfile.mkdtemp()) / "repo"  # the shipped repository, this run's model and quantization
+        shutil.copytree(Path(__file__).resolve().parents[1] / "model_repository", repo)
+        set_parameters(repo / "llm" / "config.pbtxt",
+                       {"model": str(resolve_checkpoint(args.model)), "quantization": quantization})
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = sse_request(server.http_port, args.max_tokens)
             closed_loop(1, 1, one)  # warm-up
@@ -364,8 +384,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="engine: rounds, variants alternated")
     parser.add_argument("--triton", action="store_true", help="engine: also one stream through tritonserver")
     parser.add_argument("--isolate", action="store_true",
-                        help="engine: each round and variant in a process of its own with one OpenMP team, as the "
-                             "shipped server runs (in one process the variants' teams share the cores)")
+                        help="engine: each round and variant in processes of their own, the shipped config's engine "
+                             "in an EngineProcess as tritonserver runs it (in one process the variants' teams share "
+                             "the cores)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
                                             "host without the gguf package or network needs it)")

@@ -5,6 +5,7 @@ Fast tests run a tiny random Llama on the CPU (tests/tiny_model.py); the `slow` 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -31,6 +32,23 @@ def test_ngram_lookup_takes_the_longest_most_recent_match():
     assert lookup(tokens, 1, 1, 2) == [7, 8]  # "3": most recent earlier occurrence
     assert lookup(np.array([4, 5, 6]), 1, 3, 2) == []  # nothing repeats
     assert lookup(np.array([1, 2, 1]), 1, 2, 5) == [2, 1]  # the continuation runs to the end
+
+
+def test_ngram_lookup_agrees_with_its_definition_on_random_texts():
+    def by_definition(tokens, min_n, max_n, k):  # every window, longest n first, the latest start
+        t = tokens.tolist()
+        for n in range(min(max_n, len(t) - 1), min_n - 1, -1):
+            starts = [s for s in range(len(t) - n) if t[s : s + n] == t[len(t) - n :]]
+            if starts:
+                return t[starts[-1] + n : starts[-1] + n + k]
+        return []
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        tokens = rng.integers(0, int(rng.integers(1, 6)), int(rng.integers(0, 40)))
+        min_n = int(rng.integers(1, 4))
+        max_n, k = int(rng.integers(min_n, 7)), int(rng.integers(0, 6))
+        assert lookup(tokens, min_n, max_n, k) == by_definition(tokens, min_n, max_n, k), (tokens, min_n, max_n, k)
 
 
 def test_accepted_runs_stop_at_the_first_mismatch():
@@ -227,6 +245,25 @@ def test_same_model_draft_proposes_the_target_tokens(tiny_folder, plain_greedy):
         stats = engine.stats()
         assert proposer.corrupted > 10
         assert stats.num_spec_accepted_tokens == stats.num_spec_proposed_tokens - proposer.corrupted
+    finally:
+        engine.shutdown()
+
+
+def test_an_accepted_run_reaches_the_client_as_one_output(tiny_folder, plain_greedy):
+    """A verify step's accepted run is one output (one streamed response through Triton, not one per token),
+    carrying the run's tokens and text; the counts stay cumulative."""
+    engine = make_tiny_engine(tiny_folder, speculative_disable_by_batch_size=0, speculative_method="draft",
+                              speculative_model=str(tiny_folder), num_speculative_tokens=3)
+    try:
+        stream = engine.add_request("run", prompts()[0], GREEDY)
+        while engine.has_work():
+            engine.step()
+        outputs = list(stream)
+        assert [t for o in outputs for t in o.token_ids] == plain_greedy[0]
+        assert max(len(o.token_ids) for o in outputs) == 4  # three proposals accepted, then the bonus token
+        assert len(outputs) < len(plain_greedy[0])
+        assert [o.num_output_tokens for o in outputs] == list(itertools.accumulate(len(o.token_ids) for o in outputs))
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
     finally:
         engine.shutdown()
 

@@ -31,7 +31,7 @@ import torch
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
 from kvtriton.backend.engine.block_manager import BlockManager
-from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, TokenLogprob, merge_outputs
 from kvtriton.backend.engine.request_state import RequestState
 from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
@@ -400,15 +400,8 @@ class LLMEngine:
         except Exception as exc:
             self._fail(sched, exc)
             return
-        # The runs' tokens reach the scheduler and the outputs one position at a time, as plain decode
-        # steps would bring them: a stop token, max_tokens or a stop string inside a run ends it there.
-        for r in range(max((len(tokens) for _, tokens, _ in runs), default=0)):
-            live = [(seq, tokens[r], lps[r]) for seq, tokens, lps in runs
-                    if r < len(tokens) and seq.status is not SequenceStatus.FINISHED]
-            for seq, token_id, _ in live:
-                self.scheduler.append_token(seq, token_id)
-            if live:
-                self._emit_tokens(*map(list, zip(*live)))
+        for seq, tokens, lps in runs:
+            self._emit_run(seq, tokens, lps, appended=False)
 
     def _heavy(self, fn, *args):
         """fn(*args) on the forward thread when there is one (a CPU): every forward pass and sampling op on one
@@ -544,18 +537,37 @@ class LLMEngine:
     def _emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Output processing for a step's tokens: text (each request's DecodeStream), stop strings, sinks."""
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
-            state = self._states[seq.request_id]
+            self._emit_run(seq, [token_id], [lp], appended=True)
+
+    def _emit_run(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob | None],
+                  appended: bool) -> None:
+        """Output processing for one sequence's new tokens, one position at a time: text, stop strings, then
+        one output to its sink for all of them (a verify step's accepted run is one streamed response, not one
+        per token). `appended`: the scheduler has them already (a plain step's _update); else each is appended
+        here first, as plain decode steps would bring them, so that a stop token, max_tokens or a stop string
+        inside a run ends it there."""
+        state, outputs = self._states.get(seq.request_id), []
+        for token_id, lp in zip(token_ids, logprobs):
+            if not appended:
+                if seq.status is SequenceStatus.FINISHED:
+                    break
+                self.scheduler.append_token(seq, token_id)
             try:
                 output = state.process_token(token_id, lp)
             except Exception:  # one request's failure (detokenizing, say) ends that request only
                 log.exception("request %s failed", seq.request_id)
+                if outputs:
+                    self._emit(state, merge_outputs(outputs))
                 self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
-                continue
+                return
+            outputs.append(output)
             if output.finished:
                 if seq.finish_reason is None:  # a stop string: the scheduler has not ended it
                     self.scheduler.finish(seq)
                 del self._states[seq.request_id]
-            self._emit(state, output)
+                break
+        if outputs:
+            self._emit(state, outputs[0] if len(outputs) == 1 else merge_outputs(outputs))
 
     def _drain_inbox(self) -> None:
         while True:

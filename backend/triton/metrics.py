@@ -64,7 +64,8 @@ class TritonMetrics:
         self._flushed = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
 
     def observe_output(self, out: RequestOutput) -> None:
-        if out.first_token_time is not None and out.num_output_tokens == 1 and out.token_ids:
+        # The output that carries the first token (it may carry more: a speculative run is one output).
+        if out.first_token_time is not None and out.token_ids and out.num_output_tokens == len(out.token_ids):
             self.ttft.observe(out.first_token_time - out.arrival_time)
         if out.finished:
             self.e2e.observe(out.time - out.arrival_time)

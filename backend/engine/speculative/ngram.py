@@ -9,7 +9,6 @@ its input: summaries, edits, code.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from kvtriton.backend.engine.sequence import Sequence
 
@@ -28,13 +27,28 @@ class NgramProposer:
 
 def lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
     """The up to k tokens that followed the most recent earlier occurrence of the longest suffix of
-    `tokens` with min_n <= n <= max_n tokens; [] when no such suffix occurs earlier."""
+    `tokens` with min_n <= n <= max_n tokens; [] when no such suffix occurs earlier.
+
+    One pass over the text finds where its last token occurred before (each such place is followed by a
+    token); the suffix is then extended backwards from those few places only, up to max_n tokens, so a
+    round costs O(length + matches * max_n), not a comparison of every window for every n."""
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows start at 0 .. length - n - 1: each is followed by a token, and none is the suffix itself.
-        windows = sliding_window_view(tokens[: length - 1], n)  # (length - n, n)
-        starts = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
-        if len(starts):
-            start = int(starts[-1]) + n
-            return tokens[start : start + k].tolist()
-    return []
+    longest = min(max_n, length - 1)
+    if longest < min_n:
+        return []
+    ends = np.flatnonzero(tokens[: length - 1] == tokens[length - 1])  # where an occurrence would end
+    if not len(ends):
+        return []
+    matched = np.ones(len(ends), dtype=np.int64)  # tokens matched backwards from each end, up to `longest`
+    alive = np.ones(len(ends), dtype=bool)
+    for j in range(1, longest):
+        before = ends - j
+        alive &= (before >= 0) & (tokens[np.maximum(before, 0)] == tokens[length - 1 - j])
+        if not alive.any():
+            break
+        matched += alive
+    best = int(matched.max())
+    if best < min_n:
+        return []
+    end = int(ends[np.flatnonzero(matched >= best)[-1]])  # the most recent of the longest
+    return tokens[end + 1 : end + 1 + k].tolist()
