@@ -7,8 +7,9 @@ CPU, default model (SmolLM2-135M-Instruct, fp32, no quantization), greedy:
   3. 32 chat requests in flight, up to 128 tokens each (EOS ends them, so the batch thins out and its tail
      speculates), back-off on (speculative_disable_by_batch_size as set): ngram and self-int8 vs plain.
 GPU (--device cuda --config llama-1b: the Llama-3.2-1B shape, random bf16 weights):
-  1. single stream, the quoting request: ngram vs plain (random weights loop, so prompt lookup is accepted
-     more than on real text; the acceptance is printed);
+  1. single stream, the quoting request: ngram vs plain (random weights do not quote their prompt, so the
+     acceptance printed means little), then with k proposals every round (forced_proposals) at forced 0% and
+     100% acceptance: the n-gram path's cost per round;
   2. a 2-layer draft of the same shape, random weights: its acceptance means nothing, so the draft path's
      cost is measured with the acceptance forced: the verification accepts every proposal (100%) or none
      (0%), the draft and the verify step running as ever;
@@ -44,6 +45,7 @@ from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine import llm_engine  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.engine.speculative.ngram import NgramProposer  # noqa: E402
 from kvtriton.backend.runners import torch_runner  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -95,6 +97,23 @@ def forced_acceptance(accept: bool):
         yield
     finally:
         llm_engine.accepted_runs = real
+
+
+@contextlib.contextmanager
+def forced_proposals():
+    """Prompt lookup always proposes k tokens: the lookup runs as ever, and its proposal is filled up with the
+    text's last tokens. Random weights never quote their prompt, so with forced_acceptance this measures the
+    n-gram path's cost per round at a fixed acceptance, as the draft's is measured."""
+    real = NgramProposer.propose
+
+    def propose(self, seqs, ks):
+        return [(found + seq.token_ids[-k:])[:k] for found, seq, k in zip(real(self, seqs, ks), seqs, ks)]
+
+    NgramProposer.propose = propose
+    try:
+        yield
+    finally:
+        NgramProposer.propose = real
 
 
 def model_folders(config: str, tokenizer: str | None = None, model: str | None = None) -> tuple[str, str | None, bool]:
@@ -210,6 +229,13 @@ def main() -> None:
     for name, spec, key in cases:
         eng = engine(**spec)
         compare(name, eng, key)
+        eng.shutdown()
+    if "ngram" in only and cuda and dummy:
+        eng = engine(speculative_method="ngram", **k)
+        with forced_proposals():
+            for accept in (False, True):
+                with forced_acceptance(accept):
+                    compare(f"ngram, k proposals, forced {100 if accept else 0}% acceptance", eng, "quote")
         eng.shutdown()
     if "draft" in only and cuda and dummy:
         eng = engine(speculative_method="draft", speculative_model=draft_folder, **k)

@@ -401,7 +401,7 @@ class LLMEngine:
             self._fail(sched, exc)
             return
         for seq, tokens, lps in runs:
-            self._emit_run(seq, tokens, lps, appended=False)
+            self._emit_run(seq, tokens, lps)
 
     def _heavy(self, fn, *args):
         """fn(*args) on the forward thread when there is one (a CPU): every forward pass and sampling op on one
@@ -537,37 +537,46 @@ class LLMEngine:
     def _emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Output processing for a step's tokens: text (each request's DecodeStream), stop strings, sinks."""
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
-            self._emit_run(seq, [token_id], [lp], appended=True)
+            state = self._states[seq.request_id]
+            output = self._process_token(state, token_id, lp)
+            if output is not None:
+                self._emit(state, output)
 
-    def _emit_run(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob | None],
-                  appended: bool) -> None:
-        """Output processing for one sequence's new tokens, one position at a time: text, stop strings, then
-        one output to its sink for all of them (a verify step's accepted run is one streamed response, not one
-        per token). `appended`: the scheduler has them already (a plain step's _update); else each is appended
-        here first, as plain decode steps would bring them, so that a stop token, max_tokens or a stop string
-        inside a run ends it there."""
+    def _emit_run(self, seq: Sequence, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """A verify step's accepted run of one sequence: each token reaches the scheduler and the text one
+        position at a time, as plain decode steps would bring them (a stop token, max_tokens or a stop string
+        inside the run ends it there); then the run goes out as one output, one streamed response rather than
+        one per token."""
         state, outputs = self._states.get(seq.request_id), []
         for token_id, lp in zip(token_ids, logprobs):
-            if not appended:
-                if seq.status is SequenceStatus.FINISHED:
-                    break
-                self.scheduler.append_token(seq, token_id)
-            try:
-                output = state.process_token(token_id, lp)
-            except Exception:  # one request's failure (detokenizing, say) ends that request only
-                log.exception("request %s failed", seq.request_id)
-                if outputs:
-                    self._emit(state, merge_outputs(outputs))
-                self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
+            if seq.status is SequenceStatus.FINISHED:
+                break
+            self.scheduler.append_token(seq, token_id)
+            output = self._process_token(state, token_id, lp, outputs)
+            if output is None:
                 return
             outputs.append(output)
-            if output.finished:
-                if seq.finish_reason is None:  # a stop string: the scheduler has not ended it
-                    self.scheduler.finish(seq)
-                del self._states[seq.request_id]
-                break
         if outputs:
             self._emit(state, outputs[0] if len(outputs) == 1 else merge_outputs(outputs))
+
+    def _process_token(self, state: RequestState, token_id: int, logprob: TokenLogprob | None,
+                       unsent: list[RequestOutput] = ()) -> RequestOutput | None:
+        """The request's output for a token the scheduler has appended; a finished one ends the request here.
+        None when processing failed: the request has ended with an error (after its `unsent` outputs)."""
+        seq = state.seq
+        try:
+            output = state.process_token(token_id, logprob)
+        except Exception:  # one request's failure (detokenizing, say) ends that request only
+            log.exception("request %s failed", seq.request_id)
+            if unsent:
+                self._emit(state, merge_outputs(unsent))
+            self._finish(seq.request_id, "error", f"internal error (request {seq.request_id})")
+            return None
+        if output.finished:
+            if seq.finish_reason is None:  # a stop string: the scheduler has not ended it
+                self.scheduler.finish(seq)
+            del self._states[seq.request_id]
+        return output
 
     def _drain_inbox(self) -> None:
         while True:
