@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import store_tile
+from kvtriton.backend.kernels.split_k import output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -63,11 +63,7 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    split = tl.program_id(2)
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import store_tile
+from kvtriton.backend.kernels.split_k import output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
@@ -125,11 +125,7 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
                  SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """The broadcast (GEMV) form. x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP); out (M, N) in
     x's dtype, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums. BLOCK_K * SPLIT_K divides K."""
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    split = tl.program_id(2)
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     k_per_split = K // SPLIT_K
     half = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -159,11 +155,7 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
     operands, out^T = W x^T with the weight as wgmma's register operand, measured 10-35% slower on an H200.)"""
     act = x_ptr.dtype.element_ty
     HALF: tl.constexpr = GROUP // 2
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    split = tl.program_id(2)
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     groups = K // GROUP
     row_bytes = tl.multiple_of(K // 2, 16)
     byte = tl.arange(0, HALF)

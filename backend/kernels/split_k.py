@@ -1,4 +1,5 @@
-"""The epilogue the decode matmul kernels share: one output tile stored whole, or as a split-K partial.
+"""The grid and epilogue the decode matmul kernels share: which output tile a program owns, and that tile
+stored whole or as a split-K partial.
 
 With SPLIT_K > 1 several programs own the same (BLOCK_M, BLOCK_N) output tile, each over its share of K;
 each stores its fp32 partial sum at plane `split` of a (SPLIT_K, M, N) buffer and the caller adds the
@@ -9,6 +10,15 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(m, m_ok, n, n_ok, split): this program's rows and outputs, with their bounds, and its share of K.
+    The grid is (N tiles, M tiles, SPLIT_K)."""
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return m, m < M, n, n < N, tl.program_id(2)
 
 
 @triton.jit
