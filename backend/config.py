@@ -41,6 +41,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
+    # CUDA graphs for prefill and mixed steps too, per (token, sequence) bucket up to this many tokens (0: such
+    # steps run eagerly): an eager step costs the host about 1 ms a layer of PyTorch dispatch (README Benchmarks)
+    max_prefill_graph_tokens: int = 512
     # Overlap the host's work for step N+1 with the device's step N (vLLM async scheduling, SGLang overlap
     # scheduler). On a CPU the forward pass runs on a thread of its own to overlap at all.
     enable_async_scheduling: bool = True
@@ -99,8 +102,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks < 0 or self.max_model_len < 0:
-            raise ValueError("num_kv_blocks and max_model_len must be >= 0")
+        if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.max_prefill_graph_tokens < 0:
+            raise ValueError("num_kv_blocks, max_model_len and max_prefill_graph_tokens must be >= 0")
         for name in ("max_num_waiting", "max_queue_time_s", "max_request_time_s", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")

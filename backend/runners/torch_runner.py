@@ -19,6 +19,17 @@ bring at most Q = 1 + num_speculative_tokens new tokens) replay graphs of
 their own, captured per batch bucket: every sequence gets Q rows, its new
 tokens first and padding after them (attention/uniform.py). Steps with a
 longer chunk (a prompt) stay eager.
+
+Prefill and mixed steps of up to max_prefill_graph_tokens tokens replay
+graphs too, per (token bucket, sequence bucket): the step's tokens packed
+first and padding after them (token 0 at the scratch block), padding
+sequences with no tokens; attention is the varlen kernel over static
+query-start and context-length buffers, its grid captured for a query as
+long as the bucket. Eagerly such a step costs the host about 1 ms a layer
+in PyTorch dispatch, whatever its size (an H200 host: an 80-token prompt on a
+1B-class model took 15 ms, its device work about 1 ms); vLLM captures full
+graphs of mixed batches for the same reason. Longer steps are bound by the
+device and stay eager.
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ log = logging.getLogger("kvtriton")
 # Verify-step CUDA graphs cover batches up to this many rows (batch x Q): their logits buffers stay allocated,
 # and a larger verify step is compute-bound, where one launch per kernel costs little.
 MAX_VERIFY_GRAPH_ROWS = 256
+# The smallest token bucket of the prefill graphs; they double from here up to max_prefill_graph_tokens.
+MIN_PREFILL_GRAPH_TOKENS = 16
 
 
 @dataclass
@@ -93,6 +106,9 @@ class TorchRunner:
         # Verify-step graphs: Q query rows per sequence (0: none) and their batch buckets.
         self.verify_width, self.verify_batch_sizes = self._verify_graph_shape(verify_width)
         self._verify_graphs: dict[int, _Graph] = {}
+        # Prefill-step graphs: their (tokens, sequences) buckets.
+        self.prefill_graph_sizes = self._prefill_graph_shape()
+        self._prefill_graphs: dict[tuple[int, int], _Graph] = {}
         if self.use_cuda_graphs:
             self._init_graph_buffers()
             if config.enable_torch_compile:
@@ -146,10 +162,24 @@ class TorchRunner:
                      "%d rows)", sizes[-1] if sizes else 0, q, MAX_VERIFY_GRAPH_ROWS)
         return (q, sizes) if sizes and most > 0 else (0, [])
 
+    def _prefill_graph_shape(self) -> list[tuple[int, int]]:
+        """The (tokens, sequences) buckets of the prefill-step graphs: tokens doubling from
+        MIN_PREFILL_GRAPH_TOKENS up to max_prefill_graph_tokens (and the step's token budget), sequences the
+        decode graphs' batch buckets, at most one per token. None without graphs or the varlen kernel."""
+        cfg = self.config
+        limit = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
+        if not (self.use_cuda_graphs and self.prefill_kernel and limit):
+            return []
+        tokens = [MIN_PREFILL_GRAPH_TOKENS]
+        while tokens[-1] < limit:
+            tokens.append(min(tokens[-1] * 2, limit))
+        return [(t, b) for t in tokens for b in self.graph_batch_sizes if b <= t]
+
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
         self._graphs.clear()
         self._verify_graphs.clear()
+        self._prefill_graphs.clear()
         self._graph_pool = None
         self.kv = self.model = None
         if self.device.type == "cuda":
@@ -211,6 +241,9 @@ class TorchRunner:
                                        attn.context_lens)
         if self._verify_graphs and b <= self.verify_batch_sizes[-1] and max(step.attn.query_lens) <= self.verify_width:
             return self._replay_verify(step)
+        bucket = self._prefill_bucket(step)
+        if bucket is not None:
+            return self._replay_prefill(step, bucket)
         return self.execute_eager(step)
 
     @torch.inference_mode()
@@ -240,6 +273,14 @@ class TorchRunner:
             self._verify_inputs = torch.tensor([0] * rows + [0] * rows + [scratch_slot] * rows + [1] * (2 * seqs),
                                                dtype=torch.int64, device=dev)
             self._verify_padding = self._verify_inputs.clone()
+        if self.prefill_graph_sizes:
+            # The prefill graphs' static inputs: ids, positions, slots of the largest token bucket (padding: token
+            # 0 at position 0 in the scratch block), then per sequence of the largest bucket its query start (one
+            # more), context length and the row of the token whose logits it wants (padding: no tokens).
+            tokens = max(t for t, _ in self.prefill_graph_sizes)
+            self._prefill_tokens = torch.tensor([[0], [0], [scratch_slot]], device=dev).repeat(1, tokens)
+            self._prefill_token_padding = self._prefill_tokens.clone()
+            self._prefill_seqs = torch.zeros(3 * m + 1, dtype=torch.int64, device=dev)
 
     def _context_buckets(self) -> list[int]:
         """Block-table widths a graph is captured for. The attention kernel reads only each context's own
@@ -262,7 +303,10 @@ class TorchRunner:
                 self._capture(bucket, ctx_blocks)
         for bucket in reversed(self.verify_batch_sizes):
             self._capture_verify(bucket)
-        log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s", len(self._graphs) + len(self._verify_graphs),
+        for tokens, seqs in reversed(self.prefill_graph_sizes):
+            self._capture_prefill(tokens, seqs)
+        log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s",
+                 len(self._graphs) + len(self._verify_graphs) + len(self._prefill_graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
 
     def _replay(self, step: StepInput) -> torch.Tensor:
@@ -345,6 +389,55 @@ class TorchRunner:
         graph.graph.replay()
         # The packed rows whose logits the step wants, at their places in the graph's (bucket * Q, V).
         return graph.logits.index_select(0, dev[:n].index_select(0, step.last_token_indices))
+
+    def _prefill_views(self, tokens: int, seqs: int) -> tuple[torch.Tensor, ...]:
+        """The prefill inputs of a bucket: ids, positions, slots (tokens,), query starts (seqs + 1,), context lens
+        and logits rows (seqs,)."""
+        m = self.graph_batch_sizes[-1]
+        ids, positions, slots = self._prefill_tokens[:, :tokens]
+        buf = self._prefill_seqs
+        return ids, positions, slots, buf[: seqs + 1], buf[m + 1 : m + 1 + seqs], buf[2 * m + 1 : 2 * m + 1 + seqs]
+
+    def _capture_prefill(self, tokens: int, seqs: int) -> _Graph:
+        ids, positions, slots, query_start, context_lens, rows = self._prefill_views(tokens, seqs)
+
+        def run():
+            meta = AttentionMetadata(slot_mapping=slots, block_tables=self._tables[:seqs], context_lens=context_lens,
+                                     num_decodes=0, query_lens=[], context_lens_host=[], decode_context_blocks=0)
+            attn = PagedAttention(self.kv, meta, self.scale, varlen_kernel=True, query_start=query_start,
+                                  max_query_len=tokens)
+            return self.model.compute_logits(self.model(ids, positions, attn)[rows])  # (seqs, V)
+
+        captured = self._prefill_graphs[(tokens, seqs)] = self._capture_graph(run)
+        log.debug("captured CUDA graph for prefill steps of %d tokens, %d sequences", tokens, seqs)
+        return captured
+
+    def _prefill_bucket(self, step: StepInput) -> tuple[int, int] | None:
+        """The (tokens, sequences) bucket of the smallest prefill graph that holds the step, or None."""
+        if not self._prefill_graphs:
+            return None
+        n, rows = step.input_ids.shape[0], max(step.num_seqs, step.last_token_indices.shape[0])
+        return next(((t, b) for t, b in self.prefill_graph_sizes if t >= n and b >= rows), None)
+
+    def _replay_prefill(self, step: StepInput, bucket: tuple[int, int]) -> torch.Tensor:
+        """A prefill or mixed step through the graph of its bucket: its tokens first, padding after them."""
+        tokens, seqs = bucket
+        attn, m = step.attn, self.graph_batch_sizes[-1]
+        n, b, rows = step.input_ids.shape[0], step.num_seqs, step.last_token_indices.shape[0]
+        self._prefill_tokens[:, n:tokens].copy_(self._prefill_token_padding[:, n:tokens])
+        self._prefill_tokens[:, :n].copy_(step.packed[: 3 * n].view(3, n))
+        # Per sequence, one host-to-device copy: query starts (padding sequences start and end at n), context
+        # lengths (padding: 0); then the logits rows from the step's own (padding: row 0, never read back).
+        host = np.zeros(3 * m + 1, dtype=np.int64)
+        np.cumsum(attn.query_lens, out=host[1 : b + 1])
+        host[b + 1 : seqs + 1] = n
+        host[m + 1 : m + 1 + b] = attn.context_lens_host
+        self._prefill_seqs.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        self._prefill_seqs[2 * m + 1 : 2 * m + 1 + rows].copy_(step.last_token_indices)
+        self._tables[:b, : attn.block_tables.shape[1]].copy_(attn.block_tables)
+        graph = self._prefill_graphs[bucket]
+        graph.graph.replay()
+        return graph.logits[:rows]
 
     def _capture_graph(self, run) -> _Graph:
         stream = torch.cuda.Stream(self.device)
