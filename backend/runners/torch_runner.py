@@ -8,8 +8,9 @@ splitting long contexts across programs, and at batch <= FUSED_MAX_BATCH fuse
 each matmul with its neighbouring elementwise work; the kernel reads only each
 context's own blocks, so one context bucket (max_model_len) serves every
 context. Without triton, attention gathers the context in PyTorch, per doubling
-context bucket. Prefill and mixed steps run eagerly; with the kernels on, their
-attention is one varlen Triton kernel over the packed tokens. With
+context bucket. Prefill and mixed steps past the prefill graphs (below) run
+eagerly; with the kernels on, their attention is one varlen Triton kernel over
+the packed tokens. With
 torch.compile on, the per-layer work around attention is compiled once for all
 layers. Padded rows of a bucket write into a scratch block that the block
 manager never hands out.
@@ -18,7 +19,7 @@ With speculative decoding on, verify steps (and any step whose sequences each
 bring at most Q = 1 + num_speculative_tokens new tokens) replay graphs of
 their own, captured per batch bucket: every sequence gets Q rows, its new
 tokens first and padding after them (attention/uniform.py). Steps with a
-longer chunk (a prompt) stay eager.
+longer chunk (a prompt) take the prefill graphs.
 
 Prefill and mixed steps of up to max_prefill_graph_tokens tokens replay
 graphs too, per (token bucket, sequence bucket): the step's tokens packed
