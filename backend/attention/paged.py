@@ -41,7 +41,7 @@ class PagedAttention:
         (a CUDA graph's static buffer, and the bound its grid is captured for)."""
         self.cache, self.meta, self.scale, self.varlen_kernel = cache, meta, scale, varlen_kernel
         self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step
-        self._query_start = query_start  # (B + 1,) the varlen kernel's; built once per step
+        self._query_start = query_start  # (B + 1,) the varlen kernel's: given, or built once per step
         self._max_query_len = max_query_len
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
