@@ -54,6 +54,12 @@ def test_greedy_output_equals_the_engine_in_process(config, engine):
     assert [g.text for g in got] == [e.text for e in expected] and all(g.finish_reason == "length" for g in got)
 
 
+def test_stats_count_a_finished_request_once_its_result_is_in(engine):
+    before = engine.stats().num_generation_tokens
+    out = engine.add_request("stats", PROMPTS[0], GREEDY).result()
+    assert engine.stats().num_generation_tokens - before == len(out.token_ids) == GREEDY.max_tokens
+
+
 def test_a_request_that_can_never_run_is_refused_on_the_callers_thread(engine):
     with pytest.raises(ValueError, match="exceeds the model's context"):
         engine.add_request("too-long", "hello", SamplingParams(max_tokens=10**6))

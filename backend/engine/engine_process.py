@@ -64,6 +64,7 @@ class EngineProcess:
         self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
         self._send_lock = threading.Lock()
         self._num_waiting = 0  # the child's last count plus the requests sent since
+        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)  # the child's last, sent with each step's outputs
         self._healthy = True
         self._closing = False
         self._receiver = threading.Thread(target=self._receive, name="kvtriton-engine-outputs", daemon=True)
@@ -103,6 +104,11 @@ class EngineProcess:
 
     def max_prompt_bytes(self) -> int:
         return self.admission.limits.max_prompt_bytes
+
+    def stats(self) -> EngineStats:
+        """The child's counters as of the last step whose outputs arrived (a finished request's last output
+        comes with the step that finished it, so its counts are in)."""
+        return self._stats
 
     def is_healthy(self) -> bool:
         return self._healthy and (self._closing or self._process.is_alive())
@@ -145,6 +151,7 @@ class EngineProcess:
     def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         with self._lock:
             self._num_waiting = stats.num_waiting
+        self._stats = stats  # before the outputs: a caller woken by a finished one reads stats that count it
         for out in outputs:
             with self._lock:
                 sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
