@@ -31,6 +31,9 @@ class EngineConfig:
     # compute capability 8.9+), weights quantized per channel at load, activations per token.
     quantization: str = "none"
     quantization_group_size: int = 32  # int4: 32, 64 or 128
+    # CPU, int4 / int8: inputs of at least this many rows (prefill chunks, larger decode batches) multiply by a bf16
+    # copy of each quantized weight, which costs 2 bytes a weight more (README "Quantization"); 0: never
+    cpu_dense_min_rows: int = 24
     block_size: int = 16
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of total memory the process may use (weights + KV)
@@ -102,8 +105,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.max_prefill_graph_tokens < 0:
-            raise ValueError("num_kv_blocks, max_model_len and max_prefill_graph_tokens must be >= 0")
+        if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.max_prefill_graph_tokens < 0 or \
+                self.cpu_dense_min_rows < 0:
+            raise ValueError("num_kv_blocks, max_model_len, max_prefill_graph_tokens and cpu_dense_min_rows must be "
+                             ">= 0")
         for name in ("max_num_waiting", "max_queue_time_s", "max_request_time_s", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")

@@ -72,6 +72,29 @@ def test_int4_linear_matches_its_dequantized_weight(out_features):
     assert torch.allclose(layer(x), nn.functional.linear(x, layer.dequantized_weight(), lin.bias), atol=1e-5)
 
 
+def test_inputs_of_many_rows_multiply_by_the_dense_bf16_copy():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, bias=True)
+    layer = Int4Linear.from_linear(lin, 32)
+    x = torch.randn(4, 128)
+    kernel = layer(x)
+    assert layer.add_dense_weight(min_rows=4) == 48 * 128 * 2 and layer.dense_weight.dtype == torch.bfloat16
+    assert torch.equal(layer(x[:3]), kernel[:3])  # fewer rows: the kernel, as before
+    dense = nn.functional.linear(x.bfloat16(), layer.dequantized_weight().bfloat16()).float() + lin.bias
+    assert torch.equal(layer(x), dense)  # 4 rows: the copy
+    assert (dense - kernel).abs().max() < 1e-2 * kernel.abs().max()  # both bf16 products of the same weight
+
+
+def test_load_model_gives_the_quantized_layers_dense_copies_on_the_cpu(tmp_path):
+    folder = make_tiny_model(tmp_path / "tiny")
+    plain = load_model(folder, quantization="int4", group_size=64)
+    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.dense_weight is not None and m.dense_min_rows == 24 for m in layers)
+    assert all(m.dense_weight is None for m in plain.modules() if isinstance(m, QuantizedLinear))
+    assert_logits_close(model, plain, input_ids=torch.arange(3, 35)[None], top1=False)  # 32 rows: the copies
+
+
 def test_group_size_that_does_not_divide_the_inputs_is_refused_with_the_sizes_that_do():
     with pytest.raises(ValueError, match="group_size 128 does not divide the 96 inputs of proj; use 32"):
         Int4Linear.from_linear(nn.Linear(96, 32), 128, name="proj")

@@ -147,6 +147,10 @@ class Int4Linear(QuantizedLinear):
         return GroupQuantized(4, unpack_nibbles(self.qweight), self.scale, self.zero_point, self.offset,
                               self.group_size, self.source)
 
+    @property
+    def matmul_on_cpu_kernel(self) -> bool:
+        return self._packed is not None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)

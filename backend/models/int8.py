@@ -71,6 +71,10 @@ class Int8Linear(QuantizedLinear):
         scale = self.scale if self.group_size else self.scale[:, None]
         return GroupQuantized(8, self.qweight, scale, None, None, self.group_size or self.in_features, self.source)
 
+    @property
+    def matmul_on_cpu_kernel(self) -> bool:
+        return self._scale_bf16 is not None or self._packed is not None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._scale_bf16 is not None and x.device.type == "cpu":
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._scale_bf16)  # (M, out)

@@ -21,7 +21,13 @@ from safetensors import safe_open
 
 from kvtriton.backend.models.llama import LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
-from kvtriton.backend.models.quantization import DEFAULT_GROUP_SIZE, SCHEMES, GroupQuantized, quantize_linears
+from kvtriton.backend.models.quantization import (
+    DEFAULT_GROUP_SIZE,
+    SCHEMES,
+    GroupQuantized,
+    QuantizedLinear,
+    quantize_linears,
+)
 
 log = logging.getLogger("kvtriton")
 
@@ -51,6 +57,7 @@ def load_model(
     quantization: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     gguf: str | Path | None = None,
+    dense_min_rows: int = 0,
 ) -> LlamaForCausalLM:
     """Load weights from `folder` (*.safetensors), or random weights when dummy=True
     (for benchmarks at real sizes from a bare config.json).
@@ -58,7 +65,7 @@ def load_model(
     quantization "int8" (per output channel) or "int4" (groups of `group_size` inputs): every Linear
     becomes a quantized layer after loading. `gguf`: the GGUF file `folder` was converted from; its
     Q4_0 / Q4_1 / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
-    which applies to its float tensors only."""
+    which applies to its float tensors only. `dense_min_rows` > 0 on the CPU: add_dense_weights."""
     if quantization not in (None, *SCHEMES):
         raise ValueError(f"quantization must be None or one of {', '.join(SCHEMES)}, got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
@@ -77,7 +84,26 @@ def load_model(
         stored = _gguf_linears(cfg, Path(gguf)) if gguf is not None and not dummy else {}
         replaced = quantize_linears(model, quantization, group_size, prequantized=stored)
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
+        if dense_min_rows and torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
+            add_dense_weights(model, dense_min_rows)
     return model.eval()
+
+
+def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
+    """CPU: each int4 / int8 layer also keeps its dequantized weight in bf16, for inputs of at least `min_rows`
+    rows (prefill chunks, decode batches of that many sequences).
+
+    PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
+    weights (one row: int4 7x fp32), but they do not tile for many rows: on the 2-core VM the default model's
+    matmuls took, at 32 rows, int4 70 ms and int8 109 ms against 59 ms for a dense bf16 matmul, and at 512 rows
+    int4 1,058 ms against 400 (benchmarks/quant_kernels_bench.py; the crossover is near 24 rows). So a batch
+    multiplies by the copy, as vLLM's AWQ layers dequantize for a GEMM from 256 tokens on; the copy is kept
+    rather than made per call, which at 2 bytes a weight costs more time than it saves below a few hundred
+    rows. It is the same weight rounded to bf16, where the kernels also compute in bf16."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel]
+    size = sum(layer.add_dense_weight(min_rows) for layer in layers)
+    log.info("weights: a bf16 copy of %d quantized layers for inputs of >= %d rows (%.0f MB)", len(layers),
+             min_rows, size / 1e6)
 
 
 def resolve_quantization(quantization: str, checkpoint: str, device: torch.device) -> tuple[str | None, Path | None]:

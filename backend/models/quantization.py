@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8", "int4", "fp8")
@@ -92,6 +93,14 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.register_buffer("bias", bias)
+        # A bf16 copy of the dequantized weight, for inputs of at least dense_min_rows rows (add_dense_weight).
+        self.register_buffer("dense_weight", None, persistent=False)
+        self.dense_min_rows = 0
+
+    @property
+    def matmul_on_cpu_kernel(self) -> bool:
+        """Whether matmul runs a weight-only CPU kernel (int4, int8), which a dense copy may beat at many rows."""
+        return False
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> (M, out), in any float dtype."""
@@ -101,9 +110,21 @@ class QuantizedLinear(nn.Module):
         """(out, in) fp32: what the layer multiplies by, for tests, references and error reports."""
         raise NotImplementedError
 
+    def add_dense_weight(self, min_rows: int) -> int:
+        """Keep the dequantized weight in bf16 beside the quantized one, and multiply inputs of at least
+        `min_rows` rows by it (a dense matmul is compute-bound there, where the quantized kernel is not the
+        fastest: see loader.add_dense_weights). Returns the copy's bytes."""
+        self.dense_weight = self.dequantized_weight().to(torch.bfloat16)
+        self.dense_min_rows = min_rows
+        return self.dense_weight.numel() * self.dense_weight.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = self.matmul(x.reshape(-1, self.in_features)).to(x.dtype)  # (M, out)
+        rows = x.reshape(-1, self.in_features)
+        if self.dense_weight is not None and rows.shape[0] >= self.dense_min_rows:
+            out = F.linear(rows.to(torch.bfloat16), self.dense_weight).to(x.dtype)  # (M, out)
+        else:
+            out = self.matmul(rows).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)

@@ -87,7 +87,8 @@ class TorchRunner:
             quantization, gguf = resolve_quantization(config.quantization, config.model, device)
             self.model = load_model(folder, dtype=dtype, device=device, config=model_config,
                                     dummy=config.dummy_weights, quantization=quantization,
-                                    group_size=config.quantization_group_size, gguf=gguf)
+                                    group_size=config.quantization_group_size, gguf=gguf,
+                                    dense_min_rows=config.cpu_dense_min_rows)
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
