@@ -99,7 +99,8 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     int4 1,058 ms against 400 (benchmarks/quant_kernels_bench.py; the crossover is near 24 rows). So a batch
     multiplies by the copy, as vLLM's AWQ layers dequantize for a GEMM from 256 tokens on; the copy is kept
     rather than made per call, which at 2 bytes a weight costs more time than it saves below a few hundred
-    rows. It is the same weight rounded to bf16, where the kernels also compute in bf16."""
+    rows. The copy rounds each dequantized weight to bf16, the kernels only its scales and zero points, so
+    greedy output may move at near-ties: EngineConfig.cpu_dense_min_rows is opt-in (README "Quantization")."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel]
     size = sum(layer.add_dense_weight(min_rows) for layer in layers)
     log.info("weights: a bf16 copy of %d quantized layers for inputs of >= %d rows (%.0f MB)", len(layers),
