@@ -220,8 +220,16 @@ def shipped_engine_config(args, quantization: str) -> EngineConfig:
 
     shipped = Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt"
     _, values = AdapterConfig.from_parameters(read_parameters(shipped))
-    return dataclasses.replace(EngineConfig.from_mapping(values), model=args.model, device="cpu",
-                               quantization=quantization)
+    config = dataclasses.replace(EngineConfig.from_mapping(values), model=args.model, device="cpu",
+                                 quantization=quantization)
+    if args.cpu_dense_min_rows is not None:
+        config = dataclasses.replace(config, cpu_dense_min_rows=args.cpu_dense_min_rows)
+    return config
+
+
+def dense_rows_args(args) -> list[str]:
+    """--cpu-dense-min-rows for an --isolate child, when this run was given one."""
+    return [] if args.cpu_dense_min_rows is None else ["--cpu-dense-min-rows", str(args.cpu_dense_min_rows)]
 
 
 def engine_child(args) -> None:
@@ -260,7 +268,8 @@ def engine(args) -> None:
             for name, quantization in variants.items():
                 child = subprocess.run(
                     [sys.executable, __file__, "--part", "engine-child", "--variant", quantization, "--model",
-                     args.model, "--max-tokens", str(args.max_tokens)], capture_output=True, text=True, check=True)
+                     args.model, "--max-tokens", str(args.max_tokens), *dense_rows_args(args)],
+                    capture_output=True, text=True, check=True)
                 report(r, name, json.loads(child.stdout.strip().splitlines()[-1]))
     else:
         engines = {}
@@ -302,8 +311,9 @@ def through_triton(args, variants: dict[str, str]) -> None:
     for name, quantization in variants.items():
         repo = Path(tempfile.mkdtemp()) / "repo"  # the shipped repository, this run's model and quantization
         shutil.copytree(Path(__file__).resolve().parents[1] / "model_repository", repo)
+        dense = {} if args.cpu_dense_min_rows is None else {"cpu_dense_min_rows": str(args.cpu_dense_min_rows)}
         set_parameters(repo / "llm" / "config.pbtxt",
-                       {"model": str(resolve_checkpoint(args.model)), "quantization": quantization})
+                       {"model": str(resolve_checkpoint(args.model)), "quantization": quantization, **dense})
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = sse_request(server.http_port, args.max_tokens)
             closed_loop(1, 1, one)  # warm-up
@@ -387,6 +397,9 @@ def main() -> None:
                         help="engine: each round and variant in processes of their own, the shipped config's engine "
                              "in an EngineProcess as tritonserver runs it (in one process the variants' teams share "
                              "the cores)")
+    parser.add_argument("--cpu-dense-min-rows", type=int,
+                        help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
+                             "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
                                             "host without the gguf package or network needs it)")
