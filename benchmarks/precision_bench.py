@@ -220,16 +220,14 @@ def shipped_engine_config(args, quantization: str) -> EngineConfig:
 
     shipped = Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt"
     _, values = AdapterConfig.from_parameters(read_parameters(shipped))
-    config = dataclasses.replace(EngineConfig.from_mapping(values), model=args.model, device="cpu",
-                                 quantization=quantization)
-    if args.cpu_dense_min_rows is not None:
-        config = dataclasses.replace(config, cpu_dense_min_rows=args.cpu_dense_min_rows)
-    return config
+    return dataclasses.replace(EngineConfig.from_mapping({**values, **engine_overrides(args)}), model=args.model,
+                               device="cpu", quantization=quantization)
 
 
-def dense_rows_args(args) -> list[str]:
-    """--cpu-dense-min-rows for an --isolate child, when this run was given one."""
-    return [] if args.cpu_dense_min_rows is None else ["--cpu-dense-min-rows", str(args.cpu_dense_min_rows)]
+def engine_overrides(args) -> dict[str, str]:
+    """The engine parameters this run sets over the shipped config's (--cpu-dense-min-rows), as config.pbtxt
+    strings: for the --isolate engines and the --triton repository alike."""
+    return {} if args.cpu_dense_min_rows is None else {"cpu_dense_min_rows": str(args.cpu_dense_min_rows)}
 
 
 def engine_child(args) -> None:
@@ -268,7 +266,8 @@ def engine(args) -> None:
             for name, quantization in variants.items():
                 child = subprocess.run(
                     [sys.executable, __file__, "--part", "engine-child", "--variant", quantization, "--model",
-                     args.model, "--max-tokens", str(args.max_tokens), *dense_rows_args(args)],
+                     args.model, "--max-tokens", str(args.max_tokens),
+                     *(f"--{key.replace('_', '-')}={value}" for key, value in engine_overrides(args).items())],
                     capture_output=True, text=True, check=True)
                 report(r, name, json.loads(child.stdout.strip().splitlines()[-1]))
     else:
@@ -311,9 +310,8 @@ def through_triton(args, variants: dict[str, str]) -> None:
     for name, quantization in variants.items():
         repo = Path(tempfile.mkdtemp()) / "repo"  # the shipped repository, this run's model and quantization
         shutil.copytree(Path(__file__).resolve().parents[1] / "model_repository", repo)
-        dense = {} if args.cpu_dense_min_rows is None else {"cpu_dense_min_rows": str(args.cpu_dense_min_rows)}
-        set_parameters(repo / "llm" / "config.pbtxt",
-                       {"model": str(resolve_checkpoint(args.model)), "quantization": quantization, **dense})
+        set_parameters(repo / "llm" / "config.pbtxt", {"model": str(resolve_checkpoint(args.model)),
+                                                       "quantization": quantization, **engine_overrides(args)})
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = sse_request(server.http_port, args.max_tokens)
             closed_loop(1, 1, one)  # warm-up

@@ -185,7 +185,7 @@ def main() -> None:
             # it (self-int8, one stream: 1.43-1.50x in one process, 2.20x in processes of their own).
             return EngineProcess(EngineConfig(**base, **spec))
         eng = LLMEngine(EngineConfig(**base, **spec)).start()
-        if cuda and spec:
+        if spec:
             runner = eng.runner
             print(f"# verify steps: CUDA graphs of {runner.verify_width} rows per sequence for batches "
                   f"{runner.verify_batch_sizes}" if runner.verify_batch_sizes else "# verify steps: eager")

@@ -64,7 +64,7 @@ class EngineProcess:
         self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
         self._send_lock = threading.Lock()
         self._num_waiting = 0  # the child's last count plus the requests sent since
-        self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)  # the child's last, sent with each step's outputs
+        self._stats = EngineStats()  # the child's last, sent with each step's outputs
         self._healthy = True
         self._closing = False
         self._receiver = threading.Thread(target=self._receive, name="kvtriton-engine-outputs", daemon=True)

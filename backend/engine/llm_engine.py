@@ -65,14 +65,16 @@ EXPIRY_CHECK_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # fraction of KV blocks in use
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    num_preemptions: int  # since start
-    num_prompt_tokens: int  # computed prompt tokens since start (prefix hits excluded)
-    num_generation_tokens: int  # since start
+    """EngineStats(): an engine that has done nothing yet."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    num_preemptions: int = 0  # since start
+    num_prompt_tokens: int = 0  # computed prompt tokens since start (prefix hits excluded)
+    num_generation_tokens: int = 0  # since start
     # Speculative decoding, since start: proposals verified, and how many of them were accepted.
     num_spec_proposed_tokens: int = 0
     num_spec_accepted_tokens: int = 0

@@ -61,7 +61,7 @@ class TritonMetrics:
             self.spec_acceptance = f["spec_acceptance"].Metric(labels=spec_labels, buckets=ACCEPTANCE_BUCKETS)
         self.flush_interval_s = flush_interval_s
         self._last_flush = 0.0
-        self._flushed = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
+        self._flushed = EngineStats()
 
     def observe_output(self, out: RequestOutput) -> None:
         # The output that carries the first token (it may carry more: a speculative run is one output).
