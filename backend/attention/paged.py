@@ -77,16 +77,9 @@ class PagedAttention:
 
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""
-        bd = q.shape[0]
-        keys = gather_kv(k_pool, tables).transpose(1, 2)  # (Bd, Hkv, L, D)
-        values = gather_kv(v_pool, tables).transpose(1, 2)  # (Bd, Hkv, L, D)
         if self._decode_mask is None:
-            pos = torch.arange(keys.shape[2], device=q.device)  # (L,)
-            self._decode_mask = (pos[None, :] < self.meta.context_lens[:bd, None])[:, None, None, :]  # (Bd,1,1,L)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, scale=self.scale, enable_gqa=True
-        )  # (Bd, H, 1, D)
-        return o.squeeze(2)
+            self._decode_mask = decode_mask(self.meta.context_lens[: q.shape[0]], tables.shape[1] * k_pool.shape[1])
+        return decode_attention(q, k_pool, v_pool, tables, self._decode_mask, self.scale)
 
     def _prefill(self, q, k_pool, v_pool, seq: int, ctx: int):
         """q (T, H, D): the last T tokens of a context of ctx tokens (earlier ones cached)."""
@@ -107,3 +100,18 @@ class PagedAttention:
             mask = torch.arange(ctx, device=qh.device)[None, :] <= qpos[:, None]  # (T, ctx)
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (T, H, D)
+
+
+def decode_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """context_lens (B,) -> (B, 1, 1, length) bool: which of the gathered slots each sequence attends to
+    (its context; the rest of its last block and any padded table column are not). The same for every layer."""
+    return (torch.arange(length, device=context_lens.device)[None, :] < context_lens[:, None])[:, None, None, :]
+
+
+def decode_attention(q, k_pool, v_pool, tables, mask, scale: float) -> torch.Tensor:
+    """q (B, H, D), one new token per sequence (its K/V already written), over its context gathered from the
+    pools by tables (B, MB) -> (B, H, D). Plain ops: the eager decode path and the CPU's compiled one."""
+    keys = gather_kv(k_pool, tables).transpose(1, 2)  # (B, Hkv, L, D)
+    values = gather_kv(v_pool, tables).transpose(1, 2)  # (B, Hkv, L, D)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)  # (B, H, D)

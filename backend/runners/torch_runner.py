@@ -52,6 +52,7 @@ from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
 from kvtriton.backend.models.parallel.sharding import rank_model_config
+from kvtriton.backend.runners.cpu_compiled_decode import CompiledDecode
 from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
@@ -116,6 +117,17 @@ class TorchRunner:
             if config.enable_torch_compile:
                 self.model.compile_layers()
             self._capture_all()
+        self.compiled_decode = self._compiled_decode()
+
+    def _compiled_decode(self) -> CompiledDecode | None:
+        """The CPU's one-sequence decode step compiled (cpu_compile_decode), or None."""
+        if self.device.type != "cpu" or not self.config.cpu_compile_decode:
+            return None
+        if self.config.tensor_parallel_size > 1:
+            log.info("cpu_compile_decode: not under tensor parallelism (a step's all-reduce is a gloo call); "
+                     "decode steps run eagerly")
+            return None
+        return CompiledDecode(self.model, self.kv, self.scale, self.scratch_block)
 
     def _triton_kernels(self) -> tuple[int, bool, bool]:
         """(widest block table for the Triton decode attention or 0, fused skinny matmuls on, varlen prefill
@@ -183,7 +195,7 @@ class TorchRunner:
         self._verify_graphs.clear()
         self._prefill_graphs.clear()
         self._graph_pool = None
-        self.kv = self.model = None
+        self.kv = self.model = self.compiled_decode = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -235,6 +247,10 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
+        if self.compiled_decode is not None and b == step.attn.num_decodes == 1:
+            attn = step.attn
+            return self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping, attn.block_tables,
+                                        attn.context_lens)
         if self.device.type == "cuda" and step.attn.num_decodes == b:
             if self.use_cuda_graphs and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
