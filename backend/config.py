@@ -57,9 +57,9 @@ class EngineConfig:
     # fragile when other busy processes share them (README "CPU threads"), hence off by default.
     cpu_single_openmp_team: bool = False
     enable_torch_compile: bool = True  # CUDA decode graphs: torch.compile fuses the per-layer elementwise work
-    # CPU: one sequence's decode step with each decoder layer a torch.compile'd graph, compiled at load (~10 s):
-    # the default model's int4 step ~1.4x faster, logits within fp32 rounding (runners/cpu_compiled_decode.py). Off by
-    # default for the load time; on in the shipped config.pbtxt.
+    # CPU: decode steps through torch.compile'd decoder layers, compiled at load (seconds from inductor's cache,
+    # longer the first time): logits bit-identical, the default model's one-stream int4 step ~1.5x faster
+    # (runners/cpu_compiled_decode.py). Off by default for the load time; on in the shipped config.pbtxt.
     cpu_compile_decode: bool = False
     # CUDA: Triton paged attention (decode at every batch and context, varlen prefill), and at batch <= 2 the
     # fused norm/matmul/SwiGLU kernels

@@ -145,14 +145,15 @@ def _own_cpu_s() -> float:
 
 def repository(model: str | Path, dummy: bool, stream_interval: int, max_num_seqs: int, compile_: bool,
                cancel_poll_s: float = 0.0, engine_process: bool = True, quantization: str = "auto",
-               single_team: bool = False) -> Path:
+               single_team: bool = False, compile_cpu_decode: bool = False) -> Path:
     repo = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(ROOT / "model_repository", repo)
     values = {"model": str(model), "stream_interval": str(stream_interval), "max_num_seqs": str(max_num_seqs),
               "max_num_batched_tokens": "2048", "max_model_len": "2048",
               "enable_torch_compile": str(compile_).lower(), "cancel_poll_interval_s": str(cancel_poll_s),
               "engine_process": str(engine_process).lower(), "quantization": quantization,
-              "cpu_single_openmp_team": str(single_team).lower()}
+              "cpu_single_openmp_team": str(single_team).lower(),
+              "cpu_compile_decode": str(compile_cpu_decode).lower()}
     if dummy:
         values["dummy_weights"] = "true"
     set_parameters(repo / "llm" / "config.pbtxt", values)
@@ -194,10 +195,13 @@ def main():
                     help="the same on both sides (auto, as the shipped config.pbtxt: int4 for a GGUF on the CPU)")
     ap.add_argument("--cpu-single-openmp-team", default="on", choices=["on", "off"],
                     help="cpu_single_openmp_team on both sides (on, as the shipped config.pbtxt; README: CPU threads)")
+    ap.add_argument("--cpu-compile-decode", default="on", choices=["on", "off"],
+                    help="cpu_compile_decode on both sides (on, as the shipped config.pbtxt; README: Compiled decode)")
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
     args.cpu_single_openmp_team = args.cpu_single_openmp_team == "on"
+    args.cpu_compile_decode = args.cpu_compile_decode == "on"
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.tokenizer and args.config == "llama-1b":
         default = Path(args.tokenizer)
@@ -222,7 +226,8 @@ def main():
     print(f"# serving benchmark: {args.config}, {'dummy' if dummy else 'real'} weights, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}, python "
           f"{platform.python_version()}; prompt ~100 tokens, {args.output_len} output tokens, EOS ignored, "
-          f"{args.requests_per_client} requests per client; quantization {args.quantization}; load average "
+          f"{args.requests_per_client} requests per client; quantization {args.quantization}; cpu_compile_decode "
+          f"{args.cpu_compile_decode}; load average "
           f"{os.getloadavg()[0]:.1f}")
     results = {"in_process": {}, "server": {}}
 
@@ -230,7 +235,8 @@ def main():
     engine = LLMEngine(EngineConfig(model=served, dummy_weights=dummy, max_num_seqs=max_seqs,
                                     max_num_batched_tokens=2048, max_model_len=2048,
                                     enable_torch_compile=compile_, quantization=args.quantization,
-                                    cpu_single_openmp_team=args.cpu_single_openmp_team)).start()
+                                    cpu_single_openmp_team=args.cpu_single_openmp_team,
+                                    cpu_compile_decode=args.cpu_compile_decode)).start()
     one = engine_request(engine, args.output_len)
     closed_loop(2, 1, one)  # warm-up
     for c in levels:
@@ -244,7 +250,7 @@ def main():
     def serve(interval, level_list, cancel_poll_s=0.0, engine_process=True):
         out = {}
         repo = repository(served, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
-                          args.quantization, args.cpu_single_openmp_team)
+                          args.quantization, args.cpu_single_openmp_team, args.cpu_compile_decode)
         with TritonServer(repo, ready_timeout_s=600) as server:
             one = (grpc_request(server.grpc_url, args.output_len) if args.protocol == "grpc"
                    else sse_request(server.http_port, args.output_len))

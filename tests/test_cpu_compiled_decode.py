@@ -1,6 +1,5 @@
-"""cpu_compile_decode: the CPU's one-sequence decode step through compiled layers gives the eager step's logits
-within fp32 rounding (inductor's fused RMSNorm reduces in another order), at every context width, for float and
-quantized weights; and the engine's greedy output is unchanged."""
+"""cpu_compile_decode: the CPU's decode step through compiled layers gives the eager step's logits bit for bit, at
+every batch size and context width, for float and quantized weights; and the engine's greedy output is unchanged."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from kvtriton.backend.engine.sampling_params import SamplingParams
 from tests.tiny_model import make_tiny_engine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks"]
+PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks", "one two three four five"]
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4", "int8"])
@@ -29,24 +28,33 @@ def test_compiled_logits_equal_eager(tiny_folder, quantization):
             return torch.tensor(values, dtype=torch.int64)
 
         bs = runner.block_size
-        for context in (1, 3, bs + 1, 5 * bs - 2):  # tables of 1 (padded), 1, 2 and 5 blocks
-            table = list(range(10, 10 + -(-context // bs)))
-            position = context - 1
-            args = (t([7]), t([position]), t([table[-1] * bs + position % bs]), t([table]), t([context]))
+        # One sequence (its own graph), a few (the batch graph), past SKINNY_ROWS (fp32's third graph); contexts
+        # of 1 block (padded to 2), 2 and 5.
+        for batch, contexts in ((1, [1]), (1, [3]), (1, [bs + 1]), (3, [5 * bs - 2, 2, bs + 1]), (10, [bs + 3] * 10)):
+            tables = [list(range(10 * (r + 1), 10 * (r + 1) + -(-c // bs))) for r, c in enumerate(contexts)]
+            width = max(map(len, tables))
+            tables = [table + [0] * (width - len(table)) for table in tables]
+            positions = [c - 1 for c in contexts]
+            slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
+            args = (t(range(7, 7 + batch)), t(positions), t(slots), t(tables), t(contexts))
             compiled = runner.compiled_decode(*args)
             with torch.inference_mode():
                 eager = runner._decode_logits(*args)
-            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5, msg=f"{quantization}, context {context}")
+            assert torch.equal(compiled, eager), (quantization, batch, contexts)
     finally:
         engine.shutdown()
 
 
 def test_engine_greedy_unchanged(tiny_folder):
+    """Each prompt alone (one-sequence steps) and all at once (batches, then their tails): the same tokens
+    with compiled decode steps as eagerly."""
     outputs = {}
     for compiled in (False, True):
         engine = make_tiny_engine(tiny_folder, cpu_compile_decode=compiled, cpu_single_openmp_team=True).start()
         try:
-            outputs[compiled] = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+            solo = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+            batched = [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+            outputs[compiled] = solo, batched
             assert engine.stats().kv_usage == 0.0  # every block back
         finally:
             engine.shutdown()

@@ -31,8 +31,10 @@ SKINNY_LOGITS_ROWS = 16
 def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
     """Whether x @ layer.weight^T takes W @ x^T (see SKINNY_ROWS): a plain fp32 nn.Linear on the CPU, 2 to
     max_rows rows, not while tracing an export (the exported graph keeps the Linear: dynamic rows, quantizable)."""
-    return (x.device.type == "cpu" and 1 < x.shape[0] <= max_rows and type(layer) is nn.Linear
-            and x.dtype == layer.weight.dtype == torch.float32 and not torch.jit.is_tracing())
+    # The row count last: under torch.compile each test here is a guard, and one on the rows would split the
+    # graph of a quantized model's batches for nothing.
+    return (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
+            and not torch.jit.is_tracing() and 1 < x.shape[0] <= max_rows)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +61,27 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 whatever the activation dtype (fp16 overflows the sum of squares), round to
         # the activation dtype, then scale: HF's order. (Not F.rms_norm: ONNX export below opset 23 lacks it.)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(mean_square(xf) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """x.pow(2).mean(-1, keepdim=True). Compiled for the CPU it stays aten's reduction (an opaque op): inductor's
+    own sums in another order, ~1 ulp, which the rounding to bf16 before an int4 matmul can turn into a moved
+    greedy token; the CPU's compiled decode (runners/cpu_compiled_decode.py) keeps the eager step's logits."""
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return _aten_mean_square(x)
+    return x.pow(2).mean(-1, keepdim=True)
+
+
+@torch.library.custom_op("kvtriton::mean_square", mutates_args=())
+def _aten_mean_square(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(-1, keepdim=True)
+
+
+@_aten_mean_square.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], 1)
 
 
 class LlamaAttention(nn.Module):

@@ -1,23 +1,25 @@
-"""CompiledDecode: the CPU's one-sequence decode step with each decoder layer one torch.compile'd graph.
+"""CompiledDecode: the CPU's decode step with each decoder layer one torch.compile'd graph.
 
 On a CPU an eager decode step of a small model is mostly PyTorch dispatch: the default model (30 layers,
-int4) runs ~2,200 small ops a token at several microseconds each, about as long as its matmuls. Inductor
-compiles a whole layer (RMSNorm, qkv, RoPE, the paged-KV write and gather, attention, o_proj, the SwiGLU
-MLP, residuals) into a few fused C++ loops around the same aten matmul and attention kernels; vLLM's CPU
-backend compiles its model with inductor for the same reason. The layer is compiled once and serves all
-layers (their weights are the graph's inputs: regional compilation), so a load compiles in seconds rather
-than the minute a whole-model graph takes on two cores, and runs as fast (README "CPU threads").
+int4) runs ~2,200 small ops a token at several microseconds each, about as long as its matmuls at one
+sequence. Inductor compiles a whole layer (RMSNorm, qkv, RoPE, the paged-KV write and gather, attention,
+o_proj, the SwiGLU MLP, residuals) into a few fused C++ loops around the same aten matmul and attention
+kernels; vLLM's CPU backend compiles its model with inductor for the same reason. One layer graph serves
+all layers (their weights are the graph's inputs: regional compilation), so a load compiles in seconds
+rather than the minute a whole-model graph takes on two cores, and runs as fast.
 
-Scope: one sequence decoding, the single-stream latency case. A batch's step is its matmuls', and for
-batched int4 inductor swaps the aten kernel for a template of its own whose logits differ; the graph here
-keeps the aten matmul kernels, so its logits are the eager step's within fp32 rounding (inductor's fused
-RMSNorm sums in another order: ~1e-7; the default model's int4 logits measured identical), checked by
-tests/test_cpu_compiled_decode.py.
-Compiled at load (a warm-up, so no request pays it). The block-table width is a symbolic size, padded to
->= 2 columns with the scratch block because dynamo specialises sizes 0 and 1; anything else that would
-recompile after the warm-up runs eagerly instead of stalling the stream (`eager_on_recompile`). On the
-2-core VM the first compile takes ~27 s; inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
-/tmp/torchinductor_$USER) brings later loads to ~5 s.
+The logits are the eager step's bit for bit (tests/test_cpu_compiled_decode.py): the graph keeps aten's
+matmul and attention kernels, and RMSNorm's reduction stays aten's (models/llama.py `mean_square`), since
+inductor's own sums in another order and a 1-ulp change, rounded to bf16 before an int4 matmul, can move a
+greedy token. So greedy output does not depend on whether a step ran compiled.
+
+Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
+matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
+graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
+width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason; anything
+else that would recompile after the warm-up runs eagerly instead of stalling the step
+(`eager_on_recompile`). Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
+/tmp/torchinductor_$USER) makes every load after the first much shorter.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from kvtriton.backend.attention.kv_cache import write_kv
 from kvtriton.backend.attention.paged import decode_attention, decode_mask
+from kvtriton.backend.models.llama import SKINNY_ROWS
 
 log = logging.getLogger("kvtriton")
 
@@ -36,12 +39,12 @@ MIN_TABLE_WIDTH = 2  # dynamo specialises sizes 0 and 1: narrower tables are pad
 
 
 class CompiledDecode:
-    """decode(ids, positions, slots, tables, context_lens) of one sequence, each layer a compiled graph.
+    """decode(ids, positions, slots, tables, context_lens) of a decode-only step, each layer a compiled graph.
 
     `model` is the runner's LlamaForCausalLM, `kv` its KVCache; `scratch_block` a KV block no sequence owns:
     the warm-up writes there, and padded table columns point there (masked out by the context length)."""
 
-    def __init__(self, model, kv, scale: float, scratch_block: int):
+    def __init__(self, model, kv, scale: float, scratch_block: int, max_batch: int):
         # Symbolic sizes stay apart: with duck shaping, sizes equal at the first trace would share one symbol.
         torch.fx.experimental._config.use_duck_shape = False
         self.model, self.kv, self.scale, self.scratch_block = model, kv, scale, scratch_block
@@ -54,24 +57,25 @@ class CompiledDecode:
 
         self._layer = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         started = time.monotonic()
-        self._warm_up()
-        log.info("compiled the CPU decode step for one sequence in %.1f s", time.monotonic() - started)
+        for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1) if b <= max_batch}):
+            self._warm_up(batch)
+        log.info("compiled the CPU decode step in %.1f s", time.monotonic() - started)
 
-    def _warm_up(self) -> None:
-        """Compile now, every layer: one position of a sequence that lives in the scratch block."""
-        block_size = self.kv.block_size
-
+    def _warm_up(self, batch: int) -> None:
+        """Compile now, every layer: `batch` sequences at position 0, all in the scratch block. Batches of 1 and
+        of 2 or more are two graphs (dynamo specialises size 1); an fp32 model's batches past SKINNY_ROWS a
+        third (models/llama.py's skinny product); other sizes reuse them."""
         def t(values):
             return torch.tensor(values, dtype=torch.int64)
 
-        self._run(t([0]), t([0]), t([self.scratch_block * block_size]), t([[self.scratch_block] * MIN_TABLE_WIDTH]),
-                  t([1]))
+        self._run(t([0] * batch), t([0] * batch), t([self.scratch_block * self.kv.block_size] * batch),
+                  t([[self.scratch_block] * MIN_TABLE_WIDTH] * batch), t([1] * batch))
 
     def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
-        """ids, positions, slots, context_lens (1,) int64, tables (1, W) -> logits (1, V) fp32."""
-        width = tables.shape[1]
+        """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""
+        b, width = tables.shape
         if width < MIN_TABLE_WIDTH:
-            pad = torch.full((1, MIN_TABLE_WIDTH - width), self.scratch_block, dtype=tables.dtype)
+            pad = torch.full((b, MIN_TABLE_WIDTH - width), self.scratch_block, dtype=tables.dtype)
             tables = torch.cat([tables, pad], dim=1)
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._run(ids, positions, slots, tables, context_lens)
@@ -79,7 +83,7 @@ class CompiledDecode:
     @torch.inference_mode()
     def _run(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         model, kv = self.model, self.kv
-        x = model.embed_tokens(ids)  # (1, hidden)
+        x = model.embed_tokens(ids)  # (B, hidden)
         rope = model.rotary(positions)
         mask = decode_mask(context_lens, tables.shape[1] * kv.block_size)  # one for all layers
         for i, layer in enumerate(model.layers):

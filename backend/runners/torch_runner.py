@@ -120,14 +120,14 @@ class TorchRunner:
         self.compiled_decode = self._compiled_decode()
 
     def _compiled_decode(self) -> CompiledDecode | None:
-        """The CPU's one-sequence decode step compiled (cpu_compile_decode), or None."""
+        """The CPU's decode step compiled (cpu_compile_decode), or None."""
         if self.device.type != "cpu" or not self.config.cpu_compile_decode:
             return None
         if self.config.tensor_parallel_size > 1:
             log.info("cpu_compile_decode: not under tensor parallelism (a step's all-reduce is a gloo call); "
                      "decode steps run eagerly")
             return None
-        return CompiledDecode(self.model, self.kv, self.scale, self.scratch_block)
+        return CompiledDecode(self.model, self.kv, self.scale, self.scratch_block, self.config.max_num_seqs)
 
     def _triton_kernels(self) -> tuple[int, bool, bool]:
         """(widest block table for the Triton decode attention or 0, fused skinny matmuls on, varlen prefill
@@ -247,10 +247,10 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
-        if self.compiled_decode is not None and b == step.attn.num_decodes == 1:
-            attn = step.attn
-            return self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping, attn.block_tables,
-                                        attn.context_lens)
+        if self.compiled_decode is not None and step.attn.num_decodes == b:
+            attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
+            return self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping,
+                                        attn.block_tables[:, : attn.decode_context_blocks], attn.context_lens)
         if self.device.type == "cuda" and step.attn.num_decodes == b:
             if self.use_cuda_graphs and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
