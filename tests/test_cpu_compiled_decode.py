@@ -36,11 +36,14 @@ def test_compiled_logits_equal_eager(tiny_folder, quantization):
             tables = [table + [0] * (width - len(table)) for table in tables]
             positions = [c - 1 for c in contexts]
             slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
-            args = (t(range(7, 7 + batch)), t(positions), t(slots), t(tables), t(contexts))
+            # As the engine passes them: a column slice (the decode width) of a wider, preallocated table.
+            tables = torch.cat([t(tables), t([[0, 0]] * batch)], dim=1)[:, :width]
+            args = (t(range(7, 7 + batch)), t(positions), t(slots), tables, t(contexts))
             compiled = runner.compiled_decode(*args)
             with torch.inference_mode():
                 eager = runner._decode_logits(*args)
             assert torch.equal(compiled, eager), (quantization, batch, contexts)
+        assert runner.compiled_decode.eager_steps == 0  # every step above ran a compiled graph
     finally:
         engine.shutdown()
 
@@ -56,9 +59,29 @@ def test_engine_greedy_unchanged(tiny_folder):
             batched = [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
             outputs[compiled] = solo, batched
             assert engine.stats().kv_usage == 0.0  # every block back
+            if compiled:
+                assert engine.runner.compiled_decode.eager_steps == 0
         finally:
             engine.shutdown()
     assert outputs[True] == outputs[False]
+
+
+def test_step_that_fits_no_graph_runs_eagerly_and_is_counted(tiny_folder):
+    engine = make_tiny_engine(tiny_folder, cpu_compile_decode=True)
+    runner = engine.runner
+    try:
+        def t(values):
+            return torch.tensor(values, dtype=torch.int64)
+
+        norm = runner.model.layers[0].input_layernorm  # a module of a type the graphs were not compiled for
+        norm.__class__ = type("OtherNorm", (type(norm),), {})
+        args = (t([7]), t([0]), t([40]), t([[10, 11]]), t([1]))
+        with torch.inference_mode():
+            eager = runner._decode_logits(*args)
+        assert torch.equal(runner.compiled_decode(*args), eager)
+        assert runner.compiled_decode.eager_steps == 1
+    finally:
+        engine.shutdown()
 
 
 def test_off_by_default_and_not_on_other_paths(tiny_folder):

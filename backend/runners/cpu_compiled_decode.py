@@ -16,9 +16,9 @@ greedy token. So greedy output does not depend on whether a step ran compiled.
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
 matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
 graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
-width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason; anything
-else that would recompile after the warm-up runs eagerly instead of stalling the step
-(`eager_on_recompile`). Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
+width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason. A step that
+would need another graph after the warm-up runs eagerly instead of stalling on a compile, and the first
+such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
 /tmp/torchinductor_$USER) makes every load after the first much shorter.
 """
 
@@ -44,10 +44,16 @@ class CompiledDecode:
     `model` is the runner's LlamaForCausalLM, `kv` its KVCache; `scratch_block` a KV block no sequence owns:
     the warm-up writes there, and padded table columns point there (masked out by the context length)."""
 
-    def __init__(self, model, kv, scale: float, scratch_block: int, max_batch: int):
+    def __init__(self, model, kv, scale: float, scratch_block: int, max_batch: int, max_blocks: int):
         # Symbolic sizes stay apart: with duck shaping, sizes equal at the first trace would share one symbol.
         torch.fx.experimental._config.use_duck_shape = False
         self.model, self.kv, self.scale, self.scratch_block = model, kv, scale, scratch_block
+        self.eager_steps = 0  # steps that fit no graph after the warm-up (logged at the first)
+        # The graphs' inputs live in buffers of their own, as a CUDA graph's do: every call then hands dynamo
+        # tensors of one kind (contiguous, offset 0, not inference tensors), whatever the caller's are, so its
+        # guards hold. Rows: ids, positions, slots, context lengths; the tables are (B, W) views of a flat one.
+        self._inputs = torch.zeros(4, max_batch, dtype=torch.int64)
+        self._tables = torch.full((max_batch * max(max_blocks, MIN_TABLE_WIDTH),), scratch_block, dtype=torch.int64)
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
 
         def decoder_layer(layer, rope, x, k_pool, v_pool, slots, tables, mask, scale: float):
@@ -65,23 +71,39 @@ class CompiledDecode:
         """Compile now, every layer: `batch` sequences at position 0, all in the scratch block. Batches of 1 and
         of 2 or more are two graphs (dynamo specialises size 1); an fp32 model's batches past SKINNY_ROWS a
         third (models/llama.py's skinny product); other sizes reuse them."""
-        def t(values):
-            return torch.tensor(values, dtype=torch.int64)
-
-        self._run(t([0] * batch), t([0] * batch), t([self.scratch_block * self.kv.block_size] * batch),
-                  t([[self.scratch_block] * MIN_TABLE_WIDTH] * batch), t([1] * batch))
+        inputs = self._inputs[:, :batch]
+        inputs.zero_()
+        inputs[2].fill_(self.scratch_block * self.kv.block_size)
+        inputs[3].fill_(1)
+        self._run(*inputs, self._tables[: batch * MIN_TABLE_WIDTH].view(batch, MIN_TABLE_WIDTH))
 
     def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""
         b, width = tables.shape
-        if width < MIN_TABLE_WIDTH:
-            pad = torch.full((b, MIN_TABLE_WIDTH - width), self.scratch_block, dtype=tables.dtype)
-            tables = torch.cat([tables, pad], dim=1)
-        with torch.compiler.set_stance("eager_on_recompile"):
-            return self._run(ids, positions, slots, tables, context_lens)
+        inputs = self._inputs[:, :b]
+        inputs[0].copy_(ids)
+        inputs[1].copy_(positions)
+        inputs[2].copy_(slots)
+        inputs[3].copy_(context_lens)
+        w = max(width, MIN_TABLE_WIDTH)
+        table = self._tables[: b * w].view(b, w)
+        table[:, width:] = self.scratch_block
+        table[:, :width] = tables
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._run(*inputs, table)
+        except RuntimeError as exc:
+            if not str(exc).startswith("Detected recompile"):
+                raise
+            # A step no graph fits: eagerly, said (a layer may already have written its K/V: the same values).
+            if not self.eager_steps:
+                log.warning("cpu_compile_decode: a decode step fits no compiled graph; such steps run eagerly. %s", exc)
+            self.eager_steps += 1
+        with torch.compiler.set_stance("force_eager"):
+            return self._run(*inputs, table)
 
     @torch.inference_mode()
-    def _run(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
+    def _run(self, ids, positions, slots, context_lens, tables) -> torch.Tensor:
         model, kv = self.model, self.kv
         x = model.embed_tokens(ids)  # (B, hidden)
         rope = model.rotary(positions)

@@ -127,7 +127,8 @@ class TorchRunner:
             log.info("cpu_compile_decode: not under tensor parallelism (a step's all-reduce is a gloo call); "
                      "decode steps run eagerly")
             return None
-        return CompiledDecode(self.model, self.kv, self.scale, self.scratch_block, self.config.max_num_seqs)
+        return CompiledDecode(self.model, self.kv, self.scale, self.scratch_block, self.config.max_num_seqs,
+                              self.max_blocks_per_seq)
 
     def _triton_kernels(self) -> tuple[int, bool, bool]:
         """(widest block table for the Triton decode attention or 0, fused skinny matmuls on, varlen prefill
