@@ -225,9 +225,10 @@ def shipped_engine_config(args, quantization: str) -> EngineConfig:
 
 
 def engine_overrides(args) -> dict[str, str]:
-    """The engine parameters this run sets over the shipped config's (--cpu-dense-min-rows), as config.pbtxt
-    strings: for the --isolate engines and the --triton repository alike."""
-    return {} if args.cpu_dense_min_rows is None else {"cpu_dense_min_rows": str(args.cpu_dense_min_rows)}
+    """The engine parameters this run sets over the shipped config's (--cpu-dense-min-rows, --cpu-compile-decode),
+    as config.pbtxt strings: for the --isolate engines and the --triton repository alike."""
+    given = {"cpu_dense_min_rows": args.cpu_dense_min_rows, "cpu_compile_decode": args.cpu_compile_decode}
+    return {key: str(value) for key, value in given.items() if value is not None}
 
 
 def engine_child(args) -> None:
@@ -252,6 +253,8 @@ def engine(args) -> None:
     how = ("each round and variant: the shipped config.pbtxt's engine in a process of its own (EngineProcess, as "
            "tritonserver runs it), the client in another" if args.isolate else
            "all variants in this process (EngineConfig's default: two OpenMP teams each)")
+    if args.isolate and engine_overrides(args):
+        how += f"; over the shipped config: {engine_overrides(args)}"
     print(f"# engine: {args.model} on the CPU ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}; {len(QUESTIONS)} prompts x "
           f"{args.max_tokens} tokens, EOS ignored; {args.rounds} rounds, variants alternated; {how}")
@@ -395,6 +398,9 @@ def main() -> None:
                         help="engine: each round and variant in processes of their own, the shipped config's engine "
                              "in an EngineProcess as tritonserver runs it (in one process the variants' teams share "
                              "the cores)")
+    parser.add_argument("--cpu-compile-decode", choices=["true", "false"],
+                        help="engine --isolate and --triton: the engines' cpu_compile_decode (default: the shipped "
+                             "config.pbtxt's, true)")
     parser.add_argument("--cpu-dense-min-rows", type=int,
                         help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
                              "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")

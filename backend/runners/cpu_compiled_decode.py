@@ -18,8 +18,8 @@ matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 an
 graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
 width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason. A step that
 would need another graph after the warm-up runs eagerly instead of stalling on a compile, and the first
-such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
-/tmp/torchinductor_$USER) makes every load after the first much shorter.
+such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache
+(TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) makes every load after the first shorter.
 """
 
 from __future__ import annotations
