@@ -84,7 +84,7 @@ def test_step_that_fits_no_graph_runs_eagerly_and_is_counted(tiny_folder):
         engine.shutdown()
 
 
-def test_off_by_default_and_not_on_other_paths(tiny_folder):
+def test_off_by_default(tiny_folder):
     engine = make_tiny_engine(tiny_folder)
     try:
         assert engine.runner.compiled_decode is None
