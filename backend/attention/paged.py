@@ -29,6 +29,11 @@ from kvtriton.backend.attention.metadata import AttentionMetadata
 # ms on an H200: one new prompt length stalled its whole step), so prefill uses the kernels that
 # need no plan. Decode keeps every backend: its shapes are the captured buckets, planned once.
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Decode gathers at least this many block-table columns. The CPU's compiled decode pads narrower tables (dynamo
+# specialises sizes 0 and 1: runners/cpu_compiled_decode.py), and the eager path pads the same way, so both
+# reduce over the same slots: SDPA over 4 slots and over 8 with the last 4 masked differed in the last bit on
+# an AVX2 CPU, enough to move a greedy token.
+MIN_DECODE_TABLE_WIDTH = 2
 
 
 class PagedAttention:
@@ -77,6 +82,8 @@ class PagedAttention:
 
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""
+        if tables.shape[1] < MIN_DECODE_TABLE_WIDTH:  # the last column again: finite K/V, masked out
+            tables = torch.cat([tables] + [tables[:, -1:]] * (MIN_DECODE_TABLE_WIDTH - tables.shape[1]), dim=1)
         if self._decode_mask is None:
             self._decode_mask = decode_mask(self.meta.context_lens[: q.shape[0]], tables.shape[1] * k_pool.shape[1])
         return decode_attention(q, k_pool, v_pool, tables, self._decode_mask, self.scale)

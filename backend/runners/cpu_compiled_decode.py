@@ -16,7 +16,8 @@ greedy token. So greedy output does not depend on whether a step ran compiled.
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
 matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
 graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
-width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason. A step that
+width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason (the eager
+path pads alike: attention/paged.py MIN_DECODE_TABLE_WIDTH). A step that
 would need another graph after the warm-up runs eagerly instead of stalling on a compile, and the first
 such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache
 (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) makes every load after the first shorter.
@@ -30,12 +31,10 @@ import time
 import torch
 
 from kvtriton.backend.attention.kv_cache import write_kv
-from kvtriton.backend.attention.paged import decode_attention, decode_mask
+from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask
 from kvtriton.backend.models.llama import SKINNY_ROWS
 
 log = logging.getLogger("kvtriton")
-
-MIN_TABLE_WIDTH = 2  # dynamo specialises sizes 0 and 1: narrower tables are padded to this
 
 
 class CompiledDecode:
@@ -53,7 +52,8 @@ class CompiledDecode:
         # tensors of one kind (contiguous, offset 0, not inference tensors), whatever the caller's are, so its
         # guards hold. Rows: ids, positions, slots, context lengths; the tables are (B, W) views of a flat one.
         self._inputs = torch.zeros(4, max_batch, dtype=torch.int64)
-        self._tables = torch.full((max_batch * max(max_blocks, MIN_TABLE_WIDTH),), scratch_block, dtype=torch.int64)
+        width = max(max_blocks, MIN_DECODE_TABLE_WIDTH)
+        self._tables = torch.full((max_batch * width,), scratch_block, dtype=torch.int64)
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
 
         def decoder_layer(layer, rope, x, k_pool, v_pool, slots, tables, mask, scale: float):
@@ -75,7 +75,7 @@ class CompiledDecode:
         inputs.zero_()
         inputs[2].fill_(self.scratch_block * self.kv.block_size)
         inputs[3].fill_(1)
-        self._run(*inputs, self._tables[: batch * MIN_TABLE_WIDTH].view(batch, MIN_TABLE_WIDTH))
+        self._run(*inputs, self._tables[: batch * MIN_DECODE_TABLE_WIDTH].view(batch, MIN_DECODE_TABLE_WIDTH))
 
     def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""
@@ -85,7 +85,7 @@ class CompiledDecode:
         inputs[1].copy_(positions)
         inputs[2].copy_(slots)
         inputs[3].copy_(context_lens)
-        w = max(width, MIN_TABLE_WIDTH)
+        w = max(width, MIN_DECODE_TABLE_WIDTH)
         table = self._tables[: b * w].view(b, w)
         table[:, width:] = self.scratch_block
         table[:, :width] = tables
