@@ -14,6 +14,7 @@ from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 from kvtriton.backend.models.gguf_quantized import decode_blocks, gguf_source
 from kvtriton.backend.models.int4 import Int4Linear, pack_nibbles, quantize_groupwise, unpack_nibbles
 from kvtriton.backend.models.int8 import Int8Linear
+from kvtriton.backend.models.llama import TIED_TABLE_ROWS
 from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear, quantize_linears
 from kvtriton.backend.runners.step_graph import StepGraph, example_inputs
@@ -174,6 +175,21 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
     assert_logits_close(model, reference, top1=False)
     # int8 takes the same blocks: the file chose the precision, the scheme applies to float tensors.
     assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
+
+
+def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf):
+    """The Q8_0 head tied to the embedding: few rows through its kernel, TIED_TABLE_ROWS or more through the
+    embedding's fp32 table, which holds the same numbers (so those logits are the fp32 model's)."""
+    path, folder = tiny_gguf
+    model = load_model(folder, quantization="int4", gguf=path)
+    assert model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.dequantized_weight(), model.embed_tokens.weight)
+    hidden = torch.randn(TIED_TABLE_ROWS, model.config.hidden_size)
+    with torch.no_grad():
+        few, many = model.compute_logits(hidden[:2]), model.compute_logits(hidden)
+        assert torch.equal(few, model.lm_head(hidden[:2]).float())  # the kernel (bf16 activations)
+        assert torch.allclose(many, hidden @ model.embed_tokens.weight.T, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(many[:2], few)
 
 
 def test_a_fused_module_with_parts_in_different_families_is_quantized_from_float(tmp_path):

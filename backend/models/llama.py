@@ -23,9 +23,14 @@ from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 # matrices each, a 2-core EPYC: gate_up 3072 x 576 at 3 rows 120 ms against 24 ms; both equal near 9 rows,
 # the GEMM ahead at 17). A speculative verify step has 2 to k + 1 rows per sequence; so have small batches.
 SKINNY_ROWS = 8
-# compute_logits: up to this many rows take the weight-streaming product (the vocabulary-wide head gains
-# further: 100 ms against 39 ms at 5 rows).
-SKINNY_LOGITS_ROWS = 16
+# compute_logits: up to this many rows take the weight-streaming product. The vocabulary-wide head gains
+# further, up to about a hundred rows (the default model's 49152 x 576 head, a 2-core EPYC: 5 rows 39 against
+# 100 ms, 32 rows 40 against 70, 64 rows 54 against 78, even from 128).
+SKINNY_LOGITS_ROWS = 64
+# compute_logits, a quantized head tied to the embedding, whose table stays float (a GGUF's Q8_0 token_embd
+# dequantized, or an HF checkpoint's own): from this many rows the table streamed in fp32 beats the CPU
+# kernel, which does not tile for many rows (same head: 16 rows 38 against 39 ms, 32 rows 40 against 76).
+TIED_TABLE_ROWS = 16
 
 
 def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
@@ -179,4 +184,17 @@ class LlamaForCausalLM(nn.Module):
             # ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
             # 13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).
             return torch.mm(head.weight, hidden.T).T.contiguous()
+        if self._tied_table_rows(head, hidden):
+            # Many rows on a quantized head: its float twin, streamed the same way. For a GGUF the same numbers
+            # in fp32 (the kernel rounds the activations to bf16), so a batch's logits are, if anything, closer
+            # to the checkpoint's; at a near-tie greedy output may then differ from the same request alone.
+            return torch.mm(self.embed_tokens.weight, hidden.float().T).T.contiguous()
         return head(hidden).float()
+
+    def _tied_table_rows(self, head: nn.Module, hidden: torch.Tensor) -> bool:
+        """Whether compute_logits multiplies by the embedding's float table instead of the quantized head tied to
+        it: on the CPU, TIED_TABLE_ROWS rows or more, not while tracing an export."""
+        table = self.embed_tokens.weight
+        return (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False)
+                and head.bias is None and table.dtype == torch.float32 and hidden.device.type == "cpu"
+                and not torch.jit.is_tracing() and hidden.shape[0] >= TIED_TABLE_ROWS)
