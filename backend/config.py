@@ -32,9 +32,10 @@ class EngineConfig:
     quantization: str = "none"
     quantization_group_size: int = 32  # int4: 32, 64 or 128
     # CPU, int4 / int8: inputs of at least this many rows (prefill chunks, larger decode batches) multiply by a bf16
-    # copy of each quantized weight, which costs 2 bytes a weight more; 24 is where the copy starts to win
-    # (README "Quantization"). 0, the default: never. Opt-in because it rounds the weights differently from the
-    # kernels: as close to fp32 on average, but greedy output moves at near-ties, and so with the batch size.
+    # copy of each quantized weight, which costs 2 bytes a weight more; 24 is where the copy starts to win on a
+    # CPU with AVX-512 BF16 (README "Quantization"; without it never: "Batches on a CPU without AVX-512").
+    # 0, the default: never. Opt-in because it rounds the weights differently from the kernels: as close to
+    # fp32 on average, but greedy output moves at near-ties, and so with the batch size.
     cpu_dense_min_rows: int = 0
     block_size: int = 16
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
