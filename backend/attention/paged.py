@@ -36,6 +36,13 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 MIN_DECODE_TABLE_WIDTH = 2
 
 
+def pad_decode_tables(tables: torch.Tensor) -> torch.Tensor:
+    """(B, W) -> (B, max(W, MIN_DECODE_TABLE_WIDTH)): a narrower table repeats its last column (finite K/V,
+    masked out by the context lengths). Both decode paths pad through here."""
+    missing = MIN_DECODE_TABLE_WIDTH - tables.shape[1]
+    return torch.cat([tables] + [tables[:, -1:]] * missing, dim=1) if missing > 0 else tables
+
+
 class PagedAttention:
     """AttentionContext over a KVCache for one step (see models.llama.AttentionContext)."""
 
@@ -82,8 +89,7 @@ class PagedAttention:
 
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""
-        if tables.shape[1] < MIN_DECODE_TABLE_WIDTH:  # the last column again: finite K/V, masked out
-            tables = torch.cat([tables] + [tables[:, -1:]] * (MIN_DECODE_TABLE_WIDTH - tables.shape[1]), dim=1)
+        tables = pad_decode_tables(tables)
         if self._decode_mask is None:
             self._decode_mask = decode_mask(self.meta.context_lens[: q.shape[0]], tables.shape[1] * k_pool.shape[1])
         return decode_attention(q, k_pool, v_pool, tables, self._decode_mask, self.scale)

@@ -178,23 +178,26 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""
-        head = self.lm_head
-        if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
-            # A few rows on the CPU (a speculative verify step, a small batch): x @ W.T through the BLAS GEMM
-            # ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
-            # 13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).
-            return torch.mm(head.weight, hidden.T).T.contiguous()
-        if self._tied_table_rows(head, hidden):
-            # Many rows on a quantized head: its float twin, streamed the same way. For a GGUF the same numbers
-            # in fp32 (the kernel rounds the activations to bf16), so a batch's logits are, if anything, closer
-            # to the checkpoint's; at a near-tie greedy output may then differ from the same request alone.
-            return torch.mm(self.embed_tokens.weight, hidden.float().T).T.contiguous()
-        return head(hidden).float()
+        weight = self._streamed_head_weight(hidden)
+        if weight is not None:
+            return torch.mm(weight, hidden.float().T).T.contiguous()
+        return self.lm_head(hidden).float()
 
-    def _tied_table_rows(self, head: nn.Module, hidden: torch.Tensor) -> bool:
-        """Whether compute_logits multiplies by the embedding's float table instead of the quantized head tied to
-        it: on the CPU, TIED_TABLE_ROWS rows or more, not while tracing an export."""
-        table = self.embed_tokens.weight
-        return (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False)
-                and head.bias is None and table.dtype == torch.float32 and hidden.device.type == "cpu"
-                and not torch.jit.is_tracing() and hidden.shape[0] >= TIED_TABLE_ROWS)
+    def _streamed_head_weight(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 weight compute_logits streams (W @ x^T) on the CPU instead of the head's own product, or None.
+
+        A float head, 2 to SKINNY_LOGITS_ROWS rows (a speculative verify step, a batch): x @ W.T through the BLAS
+        GEMM ran 2.5-7x slower than one row on the vocabulary-wide fp32 head (measured 100 ms at 5 rows against
+        13 ms at 1, on the default model's 49152 x 576 head); W @ x.T streams the weight once (39 ms).
+        A quantized head tied to the embedding, TIED_TABLE_ROWS rows or more: the embedding's float table, for a
+        GGUF the same numbers in fp32 (the kernel rounds the activations to bf16), so a batch's logits are, if
+        anything, closer to the checkpoint's; at a near-tie greedy output may then differ from the same request
+        alone. Never while tracing an export (skinny_product's rule)."""
+        head, table = self.lm_head, self.embed_tokens.weight  # head: an nn.Linear, a QuantizedLinear, or TP's own
+        if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
+            return head.weight
+        if (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False) and head.bias is None
+                and table.dtype == torch.float32 and hidden.device.type == "cpu" and not torch.jit.is_tracing()
+                and hidden.shape[0] >= TIED_TABLE_ROWS):
+            return table
+        return None

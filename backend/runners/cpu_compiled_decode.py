@@ -16,8 +16,8 @@ greedy token. So greedy output does not depend on whether a step ran compiled.
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
 matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
 graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
-width is a symbolic size, padded to >= 2 columns with the scratch block for the same reason (the eager
-path pads alike: attention/paged.py MIN_DECODE_TABLE_WIDTH). A step that
+width is a symbolic size, padded to >= 2 columns for the same reason, as the eager path pads
+(attention/paged.py pad_decode_tables). A step that
 would need another graph after the warm-up runs eagerly instead of stalling on a compile, and the first
 such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache
 (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) makes every load after the first shorter.
@@ -31,7 +31,7 @@ import time
 import torch
 
 from kvtriton.backend.attention.kv_cache import write_kv
-from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask
+from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask, pad_decode_tables
 from kvtriton.backend.models.llama import SKINNY_ROWS
 
 log = logging.getLogger("kvtriton")
@@ -41,7 +41,7 @@ class CompiledDecode:
     """decode(ids, positions, slots, tables, context_lens) of a decode-only step, each layer a compiled graph.
 
     `model` is the runner's LlamaForCausalLM, `kv` its KVCache; `scratch_block` a KV block no sequence owns:
-    the warm-up writes there, and padded table columns point there (masked out by the context length)."""
+    the warm-up writes there."""
 
     def __init__(self, model, kv, scale: float, scratch_block: int, max_batch: int, max_blocks: int):
         # Symbolic sizes stay apart: with duck shaping, sizes equal at the first trace would share one symbol.
@@ -87,8 +87,7 @@ class CompiledDecode:
         inputs[3].copy_(context_lens)
         w = max(width, MIN_DECODE_TABLE_WIDTH)
         table = self._tables[: b * w].view(b, w)
-        table[:, width:] = self.scratch_block
-        table[:, :width] = tables
+        table.copy_(pad_decode_tables(tables))
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 return self._run(*inputs, table)
