@@ -11,13 +11,14 @@ the work the decode step does around it:
   fp8 triton         per-token quantization kernel + kernels/fp8_matmul.py, under each candidate tile
   fp8 skinny         the fused kernel reading e4m3 weights, quantizing x per token inside, M <= 4
   int4 triton        kernels/int4_matmul.py (g32), under each candidate tile
-  int4 skinny        the fused kernel reading int4 weights, M <= 4
+  int4 skinny        the fused kernel reading int4 weights, M <= 4; at M = 1 also kernels/int4_gemv.py's
+                     one-row kernel (fp16-pair arithmetic), whichever is faster per shape
 Each time is a CUDA graph replay over enough distinct copies of the weight that they never fit the L2
 (as in a decode step, where each layer's weight comes from HBM), divided by the calls; GB/s is the
 weight bytes over that time. Printed: the table (best tile per candidate family), a decode step's
 matmuls (16 layers + lm_head) per format and M with its ratio to bf16, and the Python tables to paste
 into the kernel modules (int4_matmul.TILES, fp8_matmul.TILES with CUBLAS where cuBLASLt wins,
-skinny_matmul.TILES) and llama_decode.FUSED_MAX_BATCH_QUANTIZED. --out writes all of it as JSON.
+skinny_matmul.TILES, int4_gemv.TILES) and llama_decode.FUSED_MAX_BATCH_QUANTIZED. --out writes all of it as JSON.
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ def fp8_tiles(m: int, k: int) -> list[Tile]:
     return [t for t in tiles if t is not None]
 
 
+# One int4 row through kernels/int4_gemv.py instead: ("gemv", ROWS, GT, num_warps or None = one word a thread).
+GEMV_CHOICES = [("gemv", rows, gt, warps) for rows in (2, 4) for gt in (16, 32, 64) for warps in (None, 4)
+                if not (gt == 32 and warps == 4)]
+
+
 def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]:
     """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: two and four times the outputs (a quantized
     tile holds a half or a quarter of the bytes, so a program may need more rows to keep as many loads in
@@ -188,9 +194,10 @@ def time_shape(name, n, k, op, rows, results, log):
             for tile in int4_tiles(m, n, k)})
         if m <= skinny_matmul.MAX_ROWS:
             for kind, layers_of_kind in (("fp8", fp8), ("int4", int4)):
+                choices = skinny_blocks(m, n, k, op) + (GEMV_CHOICES if kind == "int4" and m == 1 else [])
                 best(f"{kind} skinny", {blocks: [fused_call(op, x, decode_weight(layer), norm, residual, blocks)
                                                  for layer in layers_of_kind]
-                                        for blocks in skinny_blocks(m, n, k, op)})
+                                        for blocks in choices})
         best_of = {family: dict(choice=str(v[0]), seconds=v[1], tried=v[2]) for family, v in row.items()}
         results.append(dict(shape=name, n=n, k=k, op=op, m=m, bytes=dict(bf16=bf16_bytes, fp8=fp8_bytes,
                                                                           int4=int4_bytes),
@@ -209,7 +216,7 @@ def summarize(results: list, rows: list[int], log) -> dict:
     from kvtriton.backend.kernels.tile_config import rows_bucket
 
     layers_of = {name: count for name, _, _, _, count in SHAPES}
-    tables = {"int4_matmul.TILES": {}, "fp8_matmul.TILES": {}, "skinny_matmul.TILES": {}}
+    tables = {"int4_matmul.TILES": {}, "fp8_matmul.TILES": {}, "skinny_matmul.TILES": {}, "int4_gemv.TILES": {}}
     fused_max = {"fp8": 0, "int4": 0}
     log("\n# a decode step's matmuls (16 layers + lm_head), ms: fused = the skinny kernels, unfused = the best "
         "other path; vs bf16 = the format's better path over bf16's")
@@ -230,7 +237,9 @@ def summarize(results: list, rows: list[int], log) -> dict:
                     tuple(choice["fp8 triton"]) if triton_s < cublas_s else CUBLAS)
             n_out = r["n"] // 2 if r["op"] == "rms_norm_swiglu" else r["n"]
             for kind in ("fp8", "int4"):
-                if f"{kind} skinny" in choice:
+                if f"{kind} skinny" in choice and choice[f"{kind} skinny"][0] == "gemv":
+                    tables["int4_gemv.TILES"][(n_out, r["k"])] = tuple(choice[f"{kind} skinny"][1:])
+                elif f"{kind} skinny" in choice:
                     bn, bk, warps = choice[f"{kind} skinny"]
                     tables["skinny_matmul.TILES"][(f"skinny-{kind}", bucket, n_out, r["k"])] = (
                         triton.next_power_of_2(m), bn, bk, 1, warps)

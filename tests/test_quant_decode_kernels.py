@@ -120,6 +120,42 @@ def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
     close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, decode_weight(layer)), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("gemv", [("gemv", 1, 4, None), ("gemv", 2, 16, None), ("gemv", 4, 8, 4)], ids=str)
+@pytest.mark.parametrize("k, offset", [(576, True), (1024, False)])  # 576: 18 groups, the last step masked
+def test_one_row_int4_gemv_computes_every_fused_op(gemv, k, offset):
+    """kernels/int4_gemv.py (the int4 one-row kernel: fp16 pairs on CUDA, fp32 under the interpreter) through
+    skinny_matmul's entry points: linear + residual, RMSNorm + linear in fp32, RMSNorm + SwiGLU; 2n = 86 rows is
+    no multiple of 4, so the last program's rows are masked."""
+    n, eps = 43, 1e-5
+    g = torch.Generator().manual_seed(7)
+    layer = quantized_layer("int4", 2 * n, k, seed=5, offset=offset)
+    norm = RMSNorm(k, eps)
+    norm.weight.data = 1 + 0.1 * torch.randn(k, generator=g)
+    norm = norm.to(DEVICE, DTYPE)
+    x = (torch.randn(1, k, generator=g) * 3).to(DEVICE, DTYPE)
+    res = torch.randn(1, 2 * n, generator=g).to(DEVICE, DTYPE)
+    weight = decode_weight(layer)
+    close(skinny_matmul.linear(x, weight, residual=res, blocks=gemv), res.float() + layer_forward(layer, x).float())
+    xn = norm(x)
+    logits = skinny_matmul.rms_norm_linear(x, norm.weight, eps, weight, out_dtype=torch.float32, blocks=gemv)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 2 * n)
+    close(logits, layer_forward(layer, xn))
+    gate, up = layer_forward(layer, xn).split(n, dim=-1)
+    close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, weight, blocks=gemv), F.silu(gate) * up)
+
+
+def test_one_row_int4_gemv_keeps_large_activations_finite():
+    """The fp16 pairs hold x / 64: activations in the thousands (LLMs' outlier features) stay finite and close."""
+    layer = quantized_layer("int4", 64, 512, seed=6)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(8))
+    x[0, ::37] = 3000.0
+    x = x.to(DEVICE, DTYPE)
+    got = skinny_matmul.linear(x, decode_weight(layer), blocks=("gemv", 2, 16, None))
+    assert torch.isfinite(got).all()
+    expected = layer_forward(layer, x).float()
+    close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
+
+
 TILES = [Tile(1, 4, 128), Tile(4, 8, 64, split_k=2, warps=1), Tile(16, 16, 64, split_k=4, dot=True),
          Tile(32, 32, 128, dot=True), Tile(64, 64, 256, split_k=2, dot=True, stages=4)]
 

@@ -38,8 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.int4_gemv import TILES as GEMV_TILES
+from kvtriton.backend.kernels.int4_gemv import int4_gemv
+from kvtriton.backend.kernels.int4_gemv import serves as int4_gemv_serves
 from kvtriton.backend.kernels.int4_matmul import int4_tile
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.skinny_epilogue import rms_normalized, store_outputs
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 4  # rows of x the kernel serves (its register tile grows with the rows)
@@ -158,7 +162,7 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                 xf = xk.to(tl.float32)
                 rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / K + eps)  # (BLOCK_M,)
                 g = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = (g[None, :] * (xf * rstd[:, None]).to(act).to(tl.float32)).to(act)
+                xk = rms_normalized(xf, g[None, :], rstd[:, None], act)
             xk = xk.to(tl.float32)[:, None, :]  # (BLOCK_M, 1, BLOCK_K)
             acc += tl.sum(xk * w.to(tl.float32)[None, :, :], axis=2)
             if SWIGLU:
@@ -188,8 +192,8 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                     x_odd = tl.load(x_ptr + r * K + 2 * pair + 1, mask=pair_ok & (r < M), other=0.0).to(tl.float32)
                     if NORM:  # RMSNorm's rounding, as above
                         rstd = 1.0 / tl.sqrt((tl.sum(x_even * x_even) + tl.sum(x_odd * x_odd)) / K + eps)
-                        x_even = (g_even * (x_even * rstd).to(act).to(tl.float32)).to(act).to(tl.float32)
-                        x_odd = (g_odd * (x_odd * rstd).to(act).to(tl.float32)).to(act).to(tl.float32)
+                        x_even = rms_normalized(x_even, g_even, rstd, act)
+                        x_odd = rms_normalized(x_odd, g_odd, rstd, act)
                     part = tl.sum(x_even[None, :] * w + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
                     acc += tl.where(on_row, part[None, :], 0.0)
                     if SWIGLU:
@@ -199,7 +203,7 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                     xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
                     if NORM:
                         rstd = 1.0 / tl.sqrt(tl.sum(xr * xr) / K + eps)
-                        xr = (g * (xr * rstd).to(act).to(tl.float32)).to(act).to(tl.float32)
+                        xr = rms_normalized(xr, g, rstd, act)
                     if WHOLE_ROWS:  # the whole row is here (always so with NORM)
                         row_scale = tl.maximum(tl.max(tl.abs(xr)) / FP8_MAX, FP8_MIN_SCALE)
                         x_scale = tl.where(m == r, row_scale, x_scale)
@@ -209,23 +213,11 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                     acc += tl.where(on_row, tl.sum(xq[None, :] * w, axis=1)[None, :], 0.0)
                     if SWIGLU:
                         acc_up += tl.where(on_row, tl.sum(xq[None, :] * w_up, axis=1)[None, :], 0.0)
-    out_mask = m_ok[:, None] & n_ok[None, :]
     if WEIGHT == FP8:  # y = (xq . wq) * x_scale * w_scale, as _scaled_mm's epilogue
         acc *= x_scale[:, None] * tl.load(ws_ptr + n, mask=n_ok, other=0.0)[None, :]
         if SWIGLU:
             acc_up *= x_scale[:, None] * tl.load(ws_ptr + N + n, mask=n_ok, other=0.0)[None, :]
-    y = acc
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:  # silu(gate) * up, each rounded as F.silu and the product are
-        gate = y.to(act).to(tl.float32)
-        up = acc_up.to(act).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(act).to(tl.float32) * up
-    if HAS_RESIDUAL:
-        y = y.to(act).to(tl.float32) + tl.load(res_ptr + m[:, None] * N + n[None, :], mask=out_mask,
-                                               other=0.0).to(tl.float32)
-    # Rounded to the activation dtype even for an fp32 output: the logits then equal lm_head(x).float().
-    tl.store(out_ptr + m[:, None] * N + n[None, :], y.to(act).to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_outputs(acc, acc_up, m, m_ok, n, n_ok, N, out_ptr, bias_ptr, res_ptr, act, SWIGLU, HAS_BIAS, HAS_RESIDUAL)
 
 
 def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=None, swiglu=False,
@@ -239,6 +231,14 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
     if quantized is not None and quantized.in_features != k:
         raise ValueError(f"x has {k} inputs, the {kind} weight {quantized.in_features}")
     x = x.contiguous()
+    # One int4 row: the GEMV kernel, for the shapes where it measured faster (or when the sweep asks for it).
+    if kind == "int4" and int4_gemv_serves(x, quantized.group_size):
+        gemv = blocks[1:] if blocks is not None and blocks[0] == "gemv" else None
+        gemv = gemv or (GEMV_TILES.get((out_features, k)) if blocks is None else None)
+        if gemv is not None:
+            return int4_gemv(x, quantized.data, quantized.scale, quantized.zero_point, quantized.offset,
+                             quantized.group_size, out_features, norm=norm, eps=eps, bias=bias, residual=residual,
+                             swiglu=swiglu, out_dtype=out_dtype, rows=gemv[0], groups_per_step=gemv[1], warps=gemv[2])
     data = (quantized.data if quantized is not None else weight).contiguous()
     out = torch.empty(m, out_features, dtype=out_dtype or x.dtype, device=x.device)
     block_m = triton.next_power_of_2(m)
@@ -289,7 +289,8 @@ def _blocks(n: int, k: int, block_m: int, norm: bool, tiles: int) -> tuple[int, 
 
 
 # weight: a dense (N, K) tensor in x's dtype, or a QuantizedWeight. blocks: (BLOCK_N, BLOCK_K, num_warps) to
-# override the table and the heuristic (the benchmark's sweep).
+# override the table and the heuristic (the benchmark's sweep), or ("gemv", ROWS, GT, num_warps): one int4 row
+# through kernels/int4_gemv.py under that choice.
 
 def _rows(weight) -> int:
     return weight.out_features if isinstance(weight, QuantizedWeight) else weight.shape[0]
