@@ -125,6 +125,38 @@ def _x_words(ptr, k0, GT: tl.constexpr, GW: tl.constexpr, K, act: tl.constexpr):
 
 
 @triton.jit
+def _rows_codes(w_ptr, row0, k0, word, N, K, ROWS: tl.constexpr):
+    """The codes of rows row0 .. row0 + ROWS - 1 (ROWS in 1, 2, 4) at step k0; unused ones repeat row0's."""
+    c0 = _row_codes(w_ptr, row0, k0, word, N, K)
+    c1, c2, c3 = c0, c0, c0
+    if ROWS > 1:
+        c1 = _row_codes(w_ptr, row0 + 1, k0, word, N, K)
+    if ROWS > 2:
+        c2 = _row_codes(w_ptr, row0 + 2, k0, word, N, K)
+        c3 = _row_codes(w_ptr, row0 + 3, k0, word, N, K)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _rows_step(a0, a1, a2, a3, c0, c1, c2, c3, w_ptr, s_ptr, z_ptr, o_ptr, row0, ahead, g, word, N, K, xs, xh,
+               x_sum, ROWS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, HALF2: tl.constexpr):
+    """One step of K for ROWS rows: each row's accumulator plus its codes times this step's x, and the codes of
+    the step ahead, each row's loaded before its current codes are used (the register double buffer)."""
+    n0 = _row_codes(w_ptr, row0, ahead, word, N, K)
+    a0 += _row_dot(c0, s_ptr, z_ptr, o_ptr, row0, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
+    n1, n2, n3 = n0, n0, n0
+    if ROWS > 1:
+        n1 = _row_codes(w_ptr, row0 + 1, ahead, word, N, K)
+        a1 += _row_dot(c1, s_ptr, z_ptr, o_ptr, row0 + 1, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
+    if ROWS > 2:
+        n2 = _row_codes(w_ptr, row0 + 2, ahead, word, N, K)
+        n3 = _row_codes(w_ptr, row0 + 3, ahead, word, N, K)
+        a2 += _row_dot(c2, s_ptr, z_ptr, o_ptr, row0 + 2, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
+        a3 += _row_dot(c3, s_ptr, z_ptr, o_ptr, row0 + 3, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
+    return a0, a1, a2, a3, n0, n1, n2, n3
+
+
+@triton.jit
 def _halves(v, act: tl.constexpr):
     """int32 holding two 16-bit act values -> (low, high) in fp32."""
     return ((v & 0xFFFF).to(tl.int16).to(act, bitcast=True).to(tl.float32),
@@ -148,20 +180,12 @@ def _int4_gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, s_ptr, z_ptr,
     # Row r's accumulators a<r> (u<r>: its up row) and the codes of the step ahead c<r> (d<r>). Weights never
     # depend on the previous kernel: the first step's stream in before gdc_wait.
     a0, a1, a2, a3, u0, u1, u2, u3 = zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros
-    c0 = _row_codes(w_ptr, row0, 0, word, N, K)
-    c1, c2, c3, d0, d1, d2, d3 = c0, c0, c0, c0, c0, c0, c0
-    if ROWS > 1:
-        c1 = _row_codes(w_ptr, row0 + 1, 0, word, N, K)
-    if ROWS > 2:
-        c2 = _row_codes(w_ptr, row0 + 2, 0, word, N, K)
-        c3 = _row_codes(w_ptr, row0 + 3, 0, word, N, K)
-    if SWIGLU:  # the up rows: rows N.. of the (2N, K) gate_up weight
-        d0 = _row_codes(w_ptr + N * (K // 8), row0, 0, word, N, K)
-        if ROWS > 1:
-            d1 = _row_codes(w_ptr + N * (K // 8), row0 + 1, 0, word, N, K)
-        if ROWS > 2:
-            d2 = _row_codes(w_ptr + N * (K // 8), row0 + 2, 0, word, N, K)
-            d3 = _row_codes(w_ptr + N * (K // 8), row0 + 3, 0, word, N, K)
+    c0, c1, c2, c3 = _rows_codes(w_ptr, row0, 0, word, N, K, ROWS)
+    d0, d1, d2, d3 = c0, c1, c2, c3
+    up_w, up_s, up_z, up_o = w_ptr + N * (K // 8), s_ptr + N * (K // GROUP), z_ptr + N * (K // GROUP), \
+        o_ptr + N * (K // GROUP)  # SwiGLU's up rows: rows N.. of the (2N, K) gate_up weight
+    if SWIGLU:
+        d0, d1, d2, d3 = _rows_codes(up_w, row0, 0, word, N, K, ROWS)
     if PDL:
         gdc_wait()
     rstd = 1.0
@@ -190,35 +214,13 @@ def _int4_gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, s_ptr, z_ptr,
             x_sum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
         g = k0 // GROUP + g_in_step
         ahead = k0 + STEP
-        n0 = _row_codes(w_ptr, row0, ahead, word, N, K)
-        a0 += _row_dot(c0, s_ptr, z_ptr, o_ptr, row0, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-        c0 = n0
-        if ROWS > 1:
-            n1 = _row_codes(w_ptr, row0 + 1, ahead, word, N, K)
-            a1 += _row_dot(c1, s_ptr, z_ptr, o_ptr, row0 + 1, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-            c1 = n1
-        if ROWS > 2:
-            n2 = _row_codes(w_ptr, row0 + 2, ahead, word, N, K)
-            n3 = _row_codes(w_ptr, row0 + 3, ahead, word, N, K)
-            a2 += _row_dot(c2, s_ptr, z_ptr, o_ptr, row0 + 2, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-            a3 += _row_dot(c3, s_ptr, z_ptr, o_ptr, row0 + 3, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-            c2, c3 = n2, n3
+        a0, a1, a2, a3, c0, c1, c2, c3 = _rows_step(a0, a1, a2, a3, c0, c1, c2, c3, w_ptr, s_ptr, z_ptr, o_ptr, row0,
+                                                    ahead, g, word, N, K, xs, xh, x_sum, ROWS, GROUP, HAS_OFFSET,
+                                                    HALF2)
         if SWIGLU:
-            up_w, up_s, up_z, up_o = w_ptr + N * (K // 8), s_ptr + N * (K // GROUP), z_ptr + N * (K // GROUP), \
-                o_ptr + N * (K // GROUP)
-            m0 = _row_codes(up_w, row0, ahead, word, N, K)
-            u0 += _row_dot(d0, up_s, up_z, up_o, row0, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-            d0 = m0
-            if ROWS > 1:
-                m1 = _row_codes(up_w, row0 + 1, ahead, word, N, K)
-                u1 += _row_dot(d1, up_s, up_z, up_o, row0 + 1, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-                d1 = m1
-            if ROWS > 2:
-                m2 = _row_codes(up_w, row0 + 2, ahead, word, N, K)
-                m3 = _row_codes(up_w, row0 + 3, ahead, word, N, K)
-                u2 += _row_dot(d2, up_s, up_z, up_o, row0 + 2, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-                u3 += _row_dot(d3, up_s, up_z, up_o, row0 + 3, g, N, K, xs, xh, x_sum, GROUP, HAS_OFFSET, HALF2)
-                d2, d3 = m2, m3
+            u0, u1, u2, u3, d0, d1, d2, d3 = _rows_step(u0, u1, u2, u3, d0, d1, d2, d3, up_w, up_s, up_z, up_o,
+                                                        row0, ahead, g, word, N, K, xs, xh, x_sum, ROWS, GROUP,
+                                                        HAS_OFFSET, HALF2)
     # (1, ROWS) sums for the shared epilogue
     r = tl.arange(0, ROWS)[None, :]
     acc = tl.where(r == 0, tl.sum(a0), tl.where(r == 1, tl.sum(a1), tl.where(r == 2, tl.sum(a2), tl.sum(a3))))
