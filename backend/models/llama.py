@@ -124,32 +124,23 @@ class LlamaDecoderLayer(nn.Module):
 
 # A decoder layer is attention_inputs -> AttentionContext.attend -> attention_output. The two
 # functions around the attention hold all the per-layer work except the KV cache, and take the layer
-# as an argument, so torch.compile can compile each once and reuse it for every layer. A layer's last
-# residual add (its MLP output onto x) happens at the start of the next layer's attention_inputs, so
-# the compiled graph fuses it with that layer's RMSNorm: one kernel and one pass over x fewer a layer.
+# as an argument, so torch.compile can compile each once and reuse it for every layer.
 
-def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: torch.Tensor | None):
-    """x (N, hidden) plus delta (the previous layer's MLP output, or None) -> that sum, and q (N, H, D),
-    k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE (rope None: q and k leave unrotated, for an
-    AttentionContext that rotates them itself)."""
-    if delta is not None:
-        x = x + delta
+def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
+    """x (N, hidden) -> q (N, H, D), k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE."""
     attn = layer.self_attn
     n = x.shape[0]
     q, k, v = linear(attn.qkv_proj, layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
-    if rope is not None:
-        q, k = apply_rotary(q, k, rope)
-    return x, q, k, v.view(n, attn.num_kv_heads, attn.head_dim)
+    q, k = apply_rotary(q, k, rope)
+    return q, k, v.view(n, attn.num_kv_heads, attn.head_dim)
 
 
-def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor,
-                     attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, hidden), attended (N, H, D) -> x + o_proj(attended), and the SwiGLU MLP's output on it: the
-    layer's output is their sum, which the caller forms (see above)."""
+def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """x (N, hidden), attended (N, H, D) -> the layer's output (N, hidden): o_proj, residuals, SwiGLU MLP."""
     x = x + linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1))
-    return x, layer.mlp(layer.post_attention_layernorm(x))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -179,14 +170,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""
         x = self.embed_tokens(input_ids)  # (N, hidden)
-        # One cos/sin lookup for all layers, unless the context's kernel rotates q and k as it stores k (one
-        # launch and one pass over q and k fewer a layer).
-        rope = None if getattr(ctx, "rotates_qk", False) else self.rotary(positions)
-        delta = None
+        rope = self.rotary(positions)  # one cos/sin lookup for all layers
         for layer in self.layers:
-            x, q, k, v = self.attention_inputs(layer, rope, x, delta)
-            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v))
-        return self.norm(x + delta)
+            q, k, v = self.attention_inputs(layer, rope, x)
+            x = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v))
+        return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""

@@ -57,10 +57,9 @@ class CompiledDecode:
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
 
         def decoder_layer(layer, rope, x, k_pool, v_pool, slots, tables, mask, scale: float):
-            x, q, k, v = attention_inputs(layer, rope, x, None)  # one graph holds the whole layer: its add here
+            q, k, v = attention_inputs(layer, rope, x)
             write_kv(k_pool, v_pool, slots, k, v)
-            x, delta = attention_output(layer, x, decode_attention(q, k_pool, v_pool, tables, mask, scale))
-            return x + delta
+            return attention_output(layer, x, decode_attention(q, k_pool, v_pool, tables, mask, scale))
 
         self._layer = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         started = time.monotonic()
