@@ -233,8 +233,10 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
     x = x.contiguous()
     # One int4 row: the GEMV kernel, for the shapes where it measured faster (or when the sweep asks for it).
     if kind == "int4" and int4_gemv_serves(x, quantized.group_size):
-        gemv = blocks[1:] if blocks is not None and blocks[0] == "gemv" else None
-        gemv = gemv or (GEMV_TILES.get((out_features, k)) if blocks is None else None)
+        if blocks is None:
+            gemv = GEMV_TILES.get((out_features, k))
+        else:
+            gemv = blocks[1:] if blocks[0] == "gemv" else None
         if gemv is not None:
             return int4_gemv(x, quantized.data, quantized.scale, quantized.zero_point, quantized.offset,
                              quantized.group_size, out_features, norm=norm, eps=eps, bias=bias, residual=residual,

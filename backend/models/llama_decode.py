@@ -43,8 +43,8 @@ from kvtriton.backend.models.rotary import RotaryEmbedding
 
 FUSED_MAX_BATCH = 2  # decode batches the fused matmul kernels serve (see above; <= skinny_matmul.MAX_ROWS)
 # The same for quantized weights, where the unfused path's kernels differ (kernels/fp8_matmul.py, int4_matmul.py).
-# Not yet measured: benchmarks/quant_kernels_bench.py --device cuda prints the batch up to which fused wins.
-# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+# benchmarks/quant_kernels_bench.py --device cuda prints the batch up to which fused wins. Measured on an NVIDIA
+# H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
 FUSED_MAX_BATCH_QUANTIZED = {
     'fp8': 1,
     'int4': 1,
