@@ -148,3 +148,28 @@ def test_padded_vocabulary_ids_are_never_sampled(tmp_path):
         assert all(o.finish_reason == "length" and max(o.token_ids) < vocab for o in outs)
     finally:
         engine.shutdown()
+
+
+def test_steady_batch_reuses_its_sampling_metadata(tiny_folder):
+    """The same rows step after step share one SamplingMetadata (no per-row host work); penalties and a pending
+    min_tokens ban, which move with the outputs, are rebuilt each step."""
+    def metas(params, steps=6):
+        engine = make_tiny_engine(tiny_folder)  # not started: this thread drives the steps
+        try:
+            for i in range(3):
+                engine.add_request(f"r{i}", f"the quick fox {i}", params)
+            seen = []
+            for _ in range(steps):
+                engine.step()
+                if engine._last_meta is not None:
+                    seen.append(engine._last_meta[1])
+            return seen
+        finally:
+            engine.shutdown()
+
+    steady = metas(SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    assert len(steady) >= 4 and all(m is steady[-1] for m in steady[1:])
+    penalised = metas(SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=0.5))
+    assert len({id(m) for m in penalised}) == len(penalised)
+    banned = metas(SamplingParams(temperature=0.0, max_tokens=10, min_tokens=8))
+    assert len({id(m) for m in banned}) == len(banned)

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvtriton.backend.attention.kv_cache import KVCache, gather_kv, write_kv
 from kvtriton.backend.attention.metadata import AttentionMetadata
+from kvtriton.backend.kernels.device_copy import to_device
 
 # Prefill chunks come in every length. cuDNN's SDPA builds an execution plan per new shape (tens of
 # ms on an H200: one new prompt length stalled its whole step), so prefill uses the kernels that
@@ -83,7 +84,7 @@ class PagedAttention:
         meta = self.meta
         if self._query_start is None:
             starts = [0, *accumulate(meta.query_lens)]
-            self._query_start = torch.tensor(starts, dtype=torch.int64).to(q.device, non_blocking=True)
+            self._query_start = to_device(torch.tensor(starts, dtype=torch.int64), q.device)
         return paged_prefill_attention(q, k_pool, v_pool, meta.block_tables, self._query_start, meta.context_lens,
                                        self._max_query_len or max(meta.query_lens), self.scale)
 

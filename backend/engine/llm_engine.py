@@ -42,6 +42,7 @@ from kvtriton.backend.engine.speculative.policy import proposal_cap, proposal_le
 from kvtriton.backend.engine.speculative.verification import VerifyRows, accepted_runs
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype
@@ -139,6 +140,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending: PendingStep | None = None  # the step whose tokens the host has not seen yet
+        self._last_meta: tuple[list[Sequence], SamplingMetadata] | None = None  # see _sampling_metadata
         # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -420,7 +422,7 @@ class LLMEngine:
             return []
         meta = SamplingMetadata.build(rows.params, rows.prompt_token_ids, rows.output_token_ids, rows.generators,
                                       rows.stop_token_ids, self._sample_vocab, self.device)
-        index = torch.tensor(rows.logits_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = to_device(torch.tensor(rows.logits_rows, dtype=torch.int64), self.device)
         out = self.sampler(logits.index_select(0, index)[:, : self._sample_vocab], meta)
         sampled, chosen, top_ids, top_lps = HostCopy.start(
             out.sampled_token_ids, out.logprobs, out.top_token_ids, out.top_logprobs).wait()
@@ -451,10 +453,16 @@ class LLMEngine:
         step = prepare_step(sched.scheduled, self.config.block_size, self.device)
         if step.placeholders:
             pending = self._pending  # placeholders exist only while the step that samples them is pending
-            source = {pending.sched.scheduled[i][0].request_id: j for j, i in enumerate(pending.sched.sample_indices)}
+            before = [pending.sched.scheduled[i][0] for i in pending.sched.sample_indices]
+            if len(before) == len(step.placeholders) == step.input_ids.shape[0] and all(
+                    a is b for a, b in zip(before, (seq for seq, _ in sched.scheduled))):
+                # A steady decode batch: token j is row j's, sampled in row j of the step before.
+                step.input_ids.copy_(pending.token_ids)
+                return step
+            source = {seq.request_id: j for j, seq in enumerate(before)}
             positions = [position for position, _ in step.placeholders]
             rows = [source[sched.scheduled[row][0].request_id] for _, row in step.placeholders]
-            index = torch.tensor([positions, rows], dtype=torch.int64).to(self.device, non_blocking=True)
+            index = to_device(torch.tensor([positions, rows], dtype=torch.int64), self.device)
             step.input_ids.index_copy_(0, index[0], pending.token_ids.index_select(0, index[1]))
         return step
 
@@ -467,10 +475,19 @@ class LLMEngine:
         seqs = [sched.scheduled[i][0] for i in sched.sample_indices]
         if not seqs:
             return None
-        meta = SamplingMetadata.build(
-            [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
-        )
+        # The same sequences in the same rows as the step before (a steady decode batch), and nothing in its
+        # metadata that moves with their outputs: that step's metadata serves again, with no per-row work
+        # (vLLM keeps its sampling tensors in a persistent batch for the same reason).
+        last = self._last_meta
+        if (last is not None and last[1].outlives_step and len(last[0]) == len(seqs)
+                and all(a is b for a, b in zip(last[0], seqs))):
+            meta = last[1]
+        else:
+            meta = SamplingMetadata.build(
+                [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
+            )
+            self._last_meta = seqs, meta
         # After the previous step's update, so guided rows' grammars have taken every token before this one.
         meta.allowed_token_bitmask = self.structured_output.bitmask(seqs, self.device)
         return meta

@@ -23,6 +23,7 @@ import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.token_bitmask import apply_token_bitmask_
+from kvtriton.backend.kernels.device_copy import to_device
 
 
 @dataclass
@@ -54,6 +55,12 @@ class SamplingMetadata:
     # (B, ceil(V / 32)) int32: the tokens each row's grammar allows (token_bitmask.py); None: no guided row.
     # Set by the engine after build(), once the previous step's tokens have advanced the grammars.
     allowed_token_bitmask: torch.Tensor | None = None
+
+    @property
+    def outlives_step(self) -> bool:
+        """True when nothing here moves with the rows' outputs (penalty counts, a min_tokens ban, which only
+        ever shrinks): the next step over the same rows may reuse it."""
+        return self.output_token_counts is None and self.min_tokens_banned is None
 
     @classmethod
     def build(
@@ -184,9 +191,8 @@ def _token_occurrences(
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # non_blocking: a pageable source is staged by the driver before the call
-    # returns, so this never waits for the GPU work already queued (the forward).
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+    # Through pinned memory: a pageable copy would wait for the GPU work already queued (the forward).
+    return to_device(torch.from_numpy(np.ascontiguousarray(array)), device)
 
 
 @dataclass

@@ -46,6 +46,7 @@ import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.kernels.device_copy import to_device
 
 if TYPE_CHECKING:
     from kvtriton.backend.engine.sequence import Sequence
@@ -125,7 +126,7 @@ class StructuredOutputManager:
         # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
         # A pageable source is staged before .to() returns: nothing of it is read after this step.
-        return torch.from_numpy(bitmask).to(device, non_blocking=True)
+        return to_device(torch.from_numpy(bitmask), device)  # pinned: no wait for the step in flight
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:

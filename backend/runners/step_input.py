@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kvtriton.backend.attention.metadata import AttentionMetadata
+from kvtriton.backend.kernels.device_copy import to_device
 
 
 class ScheduledSequence(Protocol):
@@ -93,8 +94,7 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
     decode_blocks = max((-(-c // block_size) for c in context_lens[:num_decodes]), default=0)
 
     packed = torch.from_numpy(np.array(ids + positions + slots + context_lens + last, dtype=np.int64))
-    packed = packed.pin_memory() if str(device).startswith("cuda") else packed
-    step = unpack_step(packed.to(device, non_blocking=True), torch.from_numpy(padded).to(device, non_blocking=True),
+    step = unpack_step(to_device(packed, device), to_device(torch.from_numpy(padded), device),
                        len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
     return step

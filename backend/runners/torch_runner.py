@@ -48,6 +48,7 @@ from kvtriton.backend.attention.paged import PagedAttention
 from kvtriton.backend.attention.uniform import UniformQueryAttention, uniform_rows
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
+from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
@@ -395,7 +396,7 @@ class TorchRunner:
         qlens = np.asarray(attn.query_lens, dtype=np.int64)
         row = uniform_rows(attn.query_lens, q)
         host = torch.from_numpy(np.concatenate([row, rows + row, 2 * rows + row, 3 * rows + np.arange(b), qlens]))
-        dev = host.pin_memory().to(self.device, non_blocking=True)
+        dev = to_device(host, self.device)
         buf = self._verify_inputs
         buf.copy_(self._verify_padding)
         buf.index_copy_(0, dev[: 3 * n + b], step.packed[: 3 * n + b])

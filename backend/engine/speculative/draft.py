@@ -29,6 +29,7 @@ from kvtriton.backend.config import SELF_DRAFTS, EngineConfig
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.runners.step_input import prepare_step
@@ -139,9 +140,7 @@ class DraftProposer:
             return tokens
         where = {i: j for j, i in enumerate(members)}
         index = torch.tensor([where[i] for i in active], dtype=torch.int64)
-        if self.runner.device.type == "cuda":
-            index = index.pin_memory()  # a pageable copy would wait for the device's queue
-        return tokens.index_select(0, index.to(self.runner.device, non_blocking=True))
+        return tokens.index_select(0, to_device(index, self.runner.device))
 
     def _catch_up(self, seq: Sequence) -> _DraftSequence | None:
         """The sequence's draft state with slots for the tokens it has not fed yet; None when the pool is
