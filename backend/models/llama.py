@@ -140,11 +140,11 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
 def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """x (N, hidden), attended (N, H, D) -> the layer's output (N, hidden): o_proj, residuals, SwiGLU MLP."""
     o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1))
-    # Compiled, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites add(mm, x) into
-    # cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise (here down_proj's own addmm), and on
-    # the GPU that addmm first copies x into its output (a memcpy kernel a layer), where the add alone fuses
-    # into the RMSNorm after it. (Traced for export, the plain add.)
-    x = x - (-o) if torch.compiler.is_compiling() else x + o
+    # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
+    # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise (here down_proj's own
+    # addmm), and that addmm first copies x into its output (a memcpy kernel a layer), where the add alone fuses
+    # into the RMSNorm after it. (Eager, exported or compiled for the CPU: the plain add, as measured there.)
+    x = x - (-o) if x.is_cuda and torch.compiler.is_compiling() else x + o
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
