@@ -454,8 +454,7 @@ class LLMEngine:
         if step.placeholders:
             pending = self._pending  # placeholders exist only while the step that samples them is pending
             before = [pending.sched.scheduled[i][0] for i in pending.sched.sample_indices]
-            if len(before) == len(step.placeholders) == step.input_ids.shape[0] and all(
-                    a is b for a, b in zip(before, (seq for seq, _ in sched.scheduled))):
+            if len(step.placeholders) == step.input_ids.shape[0] and same_rows(before, [s for s, _ in sched.scheduled]):
                 # A steady decode batch: token j is row j's, sampled in row j of the step before.
                 step.input_ids.copy_(pending.token_ids)
                 return step
@@ -479,8 +478,7 @@ class LLMEngine:
         # metadata that moves with their outputs: that step's metadata serves again, with no per-row work
         # (vLLM keeps its sampling tensors in a persistent batch for the same reason).
         last = self._last_meta
-        if (last is not None and last[1].outlives_step and len(last[0]) == len(seqs)
-                and all(a is b for a, b in zip(last[0], seqs))):
+        if last is not None and last[1].outlives_step and same_rows(last[0], seqs):
             meta = last[1]
         else:
             meta = SamplingMetadata.build(
@@ -643,6 +641,11 @@ class LLMEngine:
         self.start()
         streams = [self.add_request(f"gen-{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
         return [s.result() for s in streams]
+
+
+def same_rows(before: list[Sequence], now: list[Sequence]) -> bool:
+    """The same sequence objects in the same rows: a steady batch, whose per-row step state carries over."""
+    return len(before) == len(now) and all(a is b for a, b in zip(before, now))
 
 
 @dataclass

@@ -125,7 +125,6 @@ class StructuredOutputManager:
             self._executor = llguidance.LLExecutor()
         # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
-        # A pageable source is staged before .to() returns: nothing of it is read after this step.
         return to_device(torch.from_numpy(bitmask), device)  # pinned: no wait for the step in flight
 
     @property
