@@ -31,12 +31,12 @@ class EngineConfig:
     # compute capability 8.9+), weights quantized per channel at load, activations per token.
     quantization: str = "none"
     quantization_group_size: int = 32  # int4: 32, 64 or 128
-    # CPU, int4 / int8: inputs of at least this many rows (prefill chunks, larger decode batches) multiply by a bf16
-    # copy of each quantized weight, which costs 2 bytes a weight more; 24 is where the copy starts to win on a
-    # CPU with AVX-512 BF16 (README "Quantization"; without it never: "Batches on a CPU without AVX-512").
-    # 0, the default: never. Opt-in because it rounds the weights differently from the kernels: as close to
-    # fp32 on average, but greedy output moves at near-ties, and so with the batch size.
-    cpu_dense_min_rows: int = 0
+    # CPU, int4 / int8: inputs of at least this many rows (prefill chunks, larger decode batches) multiply by a
+    # dense copy of each quantized weight (the weight-only kernels do not tile for many rows): fp32 on a CPU
+    # without native bf16 (AVX2), the exact dequantized weight at 4 bytes a weight more; bf16 on one with
+    # AVX-512 BF16 or AMX, 2 bytes more but rounded, so greedy output moves at near-ties (README
+    # "Quantization"). 0: never. -1 (auto), the default: 48 where the copy is fp32, never where it is bf16.
+    cpu_dense_min_rows: int = -1
     block_size: int = 16
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of total memory the process may use (weights + KV)
@@ -112,10 +112,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.max_prefill_graph_tokens < 0 or \
-                self.cpu_dense_min_rows < 0:
-            raise ValueError("num_kv_blocks, max_model_len, max_prefill_graph_tokens and cpu_dense_min_rows must be "
-                             ">= 0")
+        if self.num_kv_blocks < 0 or self.max_model_len < 0 or self.max_prefill_graph_tokens < 0:
+            raise ValueError("num_kv_blocks, max_model_len and max_prefill_graph_tokens must be >= 0")
+        if self.cpu_dense_min_rows < -1:
+            raise ValueError(f"cpu_dense_min_rows must be -1 (auto), 0 (never) or a row count, got "
+                             f"{self.cpu_dense_min_rows}")
         for name in ("max_num_waiting", "max_queue_time_s", "max_request_time_s", "max_prompt_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no bound), got {getattr(self, name)}")

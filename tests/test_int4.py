@@ -73,27 +73,55 @@ def test_int4_linear_matches_its_dequantized_weight(out_features):
     assert torch.allclose(layer(x), nn.functional.linear(x, layer.dequantized_weight(), lin.bias), atol=1e-5)
 
 
-def test_inputs_of_many_rows_multiply_by_the_dense_bf16_copy():
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-2)])
+def test_inputs_of_many_rows_multiply_by_the_dense_copy(dtype, atol):
     torch.manual_seed(0)
     lin = nn.Linear(128, 48, bias=True)
     layer = Int4Linear.from_linear(lin, 32)
     x = torch.randn(4, 128)
     kernel = layer(x)
-    assert layer.add_dense_weight(min_rows=4) == 48 * 128 * 2 and layer.dense_weight.dtype == torch.bfloat16
+    size = layer.add_dense_weight(min_rows=4, dtype=dtype)
+    assert size == 48 * 128 * dtype.itemsize and layer.dense_weight.dtype == dtype
     assert torch.equal(layer(x[:3]), kernel[:3])  # fewer rows: the kernel, as before
-    dense = nn.functional.linear(x.bfloat16(), layer.dequantized_weight().bfloat16()).float() + lin.bias
+    dense = nn.functional.linear(x.to(dtype), layer.dequantized_weight().to(dtype)).float() + lin.bias
     assert torch.equal(layer(x), dense)  # 4 rows: the copy
-    assert (dense - kernel).abs().max() < 1e-2 * kernel.abs().max()  # both bf16 products of the same weight
+    assert (dense - kernel).abs().max() < atol * kernel.abs().max()  # the kernel's bf16 product of the same weight
+    if dtype == torch.float32:  # the fp32 copy is the dequantized weight itself: the reference product
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantized_weight(), lin.bias))
 
 
 def test_load_model_gives_the_quantized_layers_dense_copies_on_the_cpu(tmp_path):
     folder = make_tiny_model(tmp_path / "tiny")
     plain = load_model(folder, quantization="int4", group_size=64)
     model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert all(m.dense_weight is not None and m.dense_min_rows == 24 for m in layers)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m is not model.lm_head]
+    assert layers and all(m.dense_weight is not None and m.dense_min_rows == 24 for m in layers)
     assert all(m.dense_weight is None for m in plain.modules() if isinstance(m, QuantizedLinear))
     assert_logits_close(model, plain, input_ids=torch.arange(3, 35)[None], top1=False)  # 32 rows: the copies
+
+
+def test_dense_copies_auto_are_fp32_on_a_cpu_without_native_bf16_and_none_with_it(tmp_path, monkeypatch):
+    import kvtriton.backend.models.loader as loader
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_weight is not None]
+    assert layers and all(m.dense_weight.dtype == torch.float32 and m.dense_min_rows == loader.AUTO_DENSE_MIN_ROWS
+                          for m in layers)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
+    assert all(m.dense_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
+    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)  # asked for: bf16 there
+    assert all(m.dense_weight.dtype == torch.bfloat16 for m in model.layers.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_a_head_that_reads_the_tied_table_in_batches_gets_no_dense_copy(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    model = load_model(folder, quantization="int4", gguf=tmp_path / "tiny.gguf", dense_min_rows=TIED_TABLE_ROWS)
+    assert model.tied_table_serves_head() and model.lm_head.dense_weight is None
+    assert model.layers[0].mlp.down_proj.dense_weight is not None
 
 
 def test_group_size_that_does_not_divide_the_inputs_is_refused_with_the_sizes_that_do():

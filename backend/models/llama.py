@@ -201,8 +201,14 @@ class LlamaForCausalLM(nn.Module):
         head, table = self.lm_head, self.embed_tokens.weight  # head: an nn.Linear, a QuantizedLinear, or TP's own
         if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
             return head.weight
-        if (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False) and head.bias is None
-                and table.dtype == torch.float32 and hidden.device.type == "cpu" and not torch.jit.is_tracing()
-                and hidden.shape[0] >= TIED_TABLE_ROWS):
+        if self.tied_table_serves_head() and hidden.device.type == "cpu" and not torch.jit.is_tracing() \
+                and hidden.shape[0] >= TIED_TABLE_ROWS:
             return table
         return None
+
+    def tied_table_serves_head(self) -> bool:
+        """Whether compute_logits takes the embedding's float table for a quantized head of TIED_TABLE_ROWS rows
+        or more on the CPU (_streamed_head_weight; a dense copy of the head would never be read there)."""
+        head = self.lm_head
+        return (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False)
+                and head.bias is None and self.embed_tokens.weight.dtype == torch.float32)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvtriton.backend.models.llama import LlamaForCausalLM
+from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
     DEFAULT_GROUP_SIZE,
@@ -30,6 +30,9 @@ from kvtriton.backend.models.quantization import (
 )
 
 log = logging.getLogger("kvtriton")
+# cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
+# the engine's steps (add_dense_weights' figures).
+AUTO_DENSE_MIN_ROWS = 48
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -65,7 +68,7 @@ def load_model(
     quantization "int8" (per output channel) or "int4" (groups of `group_size` inputs): every Linear
     becomes a quantized layer after loading. `gguf`: the GGUF file `folder` was converted from; its
     Q4_0 / Q4_1 / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
-    which applies to its float tensors only. `dense_min_rows` > 0 on the CPU: add_dense_weights."""
+    which applies to its float tensors only. `dense_min_rows` on the CPU: add_dense_weights (-1: auto)."""
     if quantization not in (None, *SCHEMES):
         raise ValueError(f"quantization must be None or one of {', '.join(SCHEMES)}, got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
@@ -84,27 +87,53 @@ def load_model(
         stored = _gguf_linears(cfg, Path(gguf)) if gguf is not None and not dummy else {}
         replaced = quantize_linears(model, quantization, group_size, prequantized=stored)
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
-        if dense_min_rows and torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
+        if torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
             add_dense_weights(model, dense_min_rows)
     return model.eval()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16, AMX). Without it a bf16 matmul converts more
+    than it multiplies: on an AVX2 EPYC a dense bf16 GEMM ran at 15 GFLOP/s against fp32's 73."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def dense_min_rows_for(requested: int) -> int:
+    """EngineConfig.cpu_dense_min_rows -> the rows from which add_dense_weights' copies serve (0: no copies).
+    -1 (auto): AUTO_DENSE_MIN_ROWS where the copy is fp32 (a CPU without native bf16), where it is exactly the
+    dequantized weight; never where it would be bf16, which rounds the weights (opt-in there)."""
+    if requested >= 0:
+        return requested
+    return 0 if cpu_has_native_bf16() else AUTO_DENSE_MIN_ROWS
+
+
 def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
-    """CPU: each int4 / int8 layer also keeps its dequantized weight in bf16, for inputs of at least `min_rows`
-    rows (prefill chunks, decode batches of that many sequences).
+    """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
+    `min_rows` rows (prefill chunks, decode batches of that many sequences); min_rows -1: dense_min_rows_for.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
-    weights (one row: int4 7x fp32), but they do not tile for many rows: on the 2-core VM the default model's
-    matmuls took, at 32 rows, int4 70 ms and int8 109 ms against 59 ms for a dense bf16 matmul, and at 512 rows
-    int4 1,058 ms against 400 (benchmarks/quant_kernels_bench.py; the crossover is near 24 rows). So a batch
+    weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a CPU with AVX-512 BF16 the
+    default model's matmuls took, at 32 rows, int4 70 ms and int8 109 ms against 59 ms for a dense bf16 matmul,
+    and at 512 rows int4 1,058 ms against 400 (benchmarks/quant_kernels_bench.py). On a 2-core AVX2 EPYC (no
+    native bf16; dense bf16 5-10x slower than fp32 there) the engine's int4 steps, the copies' and the kernel's
+    alternated in one process, took at 32 / 48 / 64 decode rows 180 / 240 / 282 ms with fp32 copies against
+    162 / 240 / 329 ms with the kernel, and a 512-token prefill chunk 0.9 s against 1.7 s. So a batch
     multiplies by the copy, as vLLM's AWQ layers dequantize for a GEMM from 256 tokens on; the copy is kept
-    rather than made per call, which at 2 bytes a weight costs more time than it saves below a few hundred
-    rows. The copy rounds each dequantized weight to bf16, the kernels only its scales and zero points, so
-    greedy output may move at near-ties: EngineConfig.cpu_dense_min_rows is opt-in (README "Quantization")."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel]
-    size = sum(layer.add_dense_weight(min_rows) for layer in layers)
-    log.info("weights: a bf16 copy of %d quantized layers for inputs of >= %d rows (%.0f MB)", len(layers),
-             min_rows, size / 1e6)
+    rather than made per call, which costs more time than it saves below a few hundred rows. It is bf16 where
+    the CPU multiplies bf16 natively (2 bytes a weight, rounded: greedy output may move at near-ties, so
+    opt-in there), else fp32 (4 bytes a weight, the exact dequantized weight). Either way a batch's numbers differ from one sequence's kernel in the last bits, as the logits'
+    do from 16 rows (models/llama.py SKINNY_LOGITS_ROWS)."""
+    min_rows = dense_min_rows_for(min_rows)
+    if not min_rows:
+        return
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    # A head whose batches read the embedding's float table instead (llama.py TIED_TABLE_ROWS) gets no copy.
+    unread = model.lm_head if model.tied_table_serves_head() and min_rows >= TIED_TABLE_ROWS else None
+    layers = [m for m in model.modules()
+              if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel and m is not unread]
+    size = sum(layer.add_dense_weight(min_rows, dtype) for layer in layers)
+    log.info("weights: a %s copy of %d quantized layers for inputs of >= %d rows (%.0f MB)",
+             str(dtype).removeprefix("torch."), len(layers), min_rows, size / 1e6)
 
 
 def resolve_quantization(quantization: str, checkpoint: str, device: torch.device) -> tuple[str | None, Path | None]:

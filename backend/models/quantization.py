@@ -93,7 +93,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.register_buffer("bias", bias)
-        # A bf16 copy of the dequantized weight, for inputs of at least dense_min_rows rows (add_dense_weight).
+        # A dense copy of the dequantized weight, for inputs of at least dense_min_rows rows (add_dense_weight).
         self.register_buffer("dense_weight", None, persistent=False)
         self.dense_min_rows = 0
 
@@ -110,11 +110,11 @@ class QuantizedLinear(nn.Module):
         """(out, in) fp32: what the layer multiplies by, for tests, references and error reports."""
         raise NotImplementedError
 
-    def add_dense_weight(self, min_rows: int) -> int:
-        """Keep the dequantized weight in bf16 beside the quantized one, and multiply inputs of at least
+    def add_dense_weight(self, min_rows: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Keep the dequantized weight in `dtype` beside the quantized one, and multiply inputs of at least
         `min_rows` rows by it (a dense matmul is compute-bound there, where the quantized kernel is not the
         fastest: see loader.add_dense_weights). Returns the copy's bytes."""
-        self.dense_weight = self.dequantized_weight().to(torch.bfloat16)
+        self.dense_weight = self.dequantized_weight().to(dtype)
         self.dense_min_rows = min_rows
         return self.dense_weight.numel() * self.dense_weight.element_size()
 
@@ -122,7 +122,7 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         if self.dense_weight is not None and rows.shape[0] >= self.dense_min_rows:
-            out = F.linear(rows.to(torch.bfloat16), self.dense_weight).to(x.dtype)  # (M, out)
+            out = F.linear(rows.to(self.dense_weight.dtype), self.dense_weight).to(x.dtype)  # (M, out)
         else:
             out = self.matmul(rows).to(x.dtype)
         if self.bias is not None:

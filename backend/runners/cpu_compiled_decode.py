@@ -15,12 +15,13 @@ greedy token. So greedy output does not depend on whether a step ran compiled.
 
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
 matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
-graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third. The block-table
+graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third, a quantized model's
+batches from its dense copies' row count (models/loader.py add_dense_weights) another. The block-table
 width is a symbolic size, padded to >= 2 columns for the same reason, as the eager path pads
-(attention/paged.py pad_decode_tables). A step that
-would need another graph after the warm-up runs eagerly instead of stalling on a compile, and the first
-such step is logged with the guard that failed (`eager_steps` counts them). Inductor's on-disk cache
-(TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER) makes every load after the first shorter.
+(attention/paged.py pad_decode_tables). A step that would need another graph after the warm-up runs
+eagerly instead of stalling on a compile, and the first such step is logged with the guard that failed
+(`eager_steps` counts them). Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR, by default
+/tmp/torchinductor_$USER) makes every load after the first shorter.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from kvtriton.backend.attention.kv_cache import write_kv
 from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask, pad_decode_tables
 from kvtriton.backend.models.llama import SKINNY_ROWS
+from kvtriton.backend.models.quantization import QuantizedLinear
 
 log = logging.getLogger("kvtriton")
 
@@ -63,14 +65,16 @@ class CompiledDecode:
 
         self._layer = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         started = time.monotonic()
-        for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1) if b <= max_batch}):
+        dense_rows = {m.dense_min_rows for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_min_rows}
+        for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1, *dense_rows) if b <= max_batch}):
             self._warm_up(batch)
         log.info("compiled the CPU decode step in %.1f s", time.monotonic() - started)
 
     def _warm_up(self, batch: int) -> None:
         """Compile now, every layer: `batch` sequences at position 0, all in the scratch block. Batches of 1 and
         of 2 or more are two graphs (dynamo specialises size 1); an fp32 model's batches past SKINNY_ROWS a
-        third (models/llama.py's skinny product); other sizes reuse them."""
+        third (models/llama.py's skinny product), a quantized model's from its dense copies' rows a fourth;
+        other sizes reuse them."""
         inputs = self._inputs[:, :batch]
         inputs.zero_()
         inputs[2].fill_(self.scratch_block * self.kv.block_size)
