@@ -121,8 +121,9 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     multiplies by the copy, as vLLM's AWQ layers dequantize for a GEMM from 256 tokens on; the copy is kept
     rather than made per call, which costs more time than it saves below a few hundred rows. It is bf16 where
     the CPU multiplies bf16 natively (2 bytes a weight, rounded: greedy output may move at near-ties, so
-    opt-in there), else fp32 (4 bytes a weight, the exact dequantized weight). Either way a batch's numbers differ from one sequence's kernel in the last bits, as the logits'
-    do from 16 rows (models/llama.py SKINNY_LOGITS_ROWS)."""
+    opt-in there), else fp32 (4 bytes a weight, the exact dequantized weight). Either way a batch's numbers
+    differ from one sequence's kernel in the last bits, as the logits' do from 16 rows (models/llama.py
+    SKINNY_LOGITS_ROWS)."""
     min_rows = dense_min_rows_for(min_rows)
     if not min_rows:
         return
