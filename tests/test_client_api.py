@@ -105,6 +105,19 @@ def test_breaking_out_of_a_sync_stream_cancels_the_request(llm_server, protocol)
         assert "Paris" in client.generate(PROMPT, **GREEDY).text  # and the server keeps serving
 
 
+def test_grpc_requests_one_after_another_share_one_stream_until_one_is_abandoned(llm_server):
+    with LLMClient(llm_server.grpc_url) as client:
+        first = client.generate(PROMPT, **GREEDY)
+        stream = client._transport._received  # the open stream's response queue
+        assert stream is not None and client.generate(PROMPT, **GREEDY).text == first.text
+        assert client._transport._received is stream  # no new stream for the second request
+        for i, _ in enumerate(client.stream("Count to one thousand:", **LONG)):
+            if i == 2:
+                break
+        assert client._transport._received is None  # abandoned: its stream closed, the request cancelled
+        assert client.generate(PROMPT, **GREEDY).text == first.text  # a new stream, nothing of the old one in it
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_cancelling_an_async_task_cancels_the_request(llm_server, protocol):
     async def main():
