@@ -66,8 +66,14 @@ class CompiledDecode:
         self._layer = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         started = time.monotonic()
         dense_rows = {m.dense_min_rows for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_min_rows}
-        for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1, *dense_rows) if b <= max_batch}):
-            self._warm_up(batch)
+        # The on-disk compile caches (inductor's, AOTAutograd's) replay the shape guards of the compile that wrote
+        # an entry, and these carry the dense copies' row count, which their keys do not: after a load with
+        # another cpu_dense_min_rows the batch graph guarded 2 <= B <= 15 instead of B < 48, and the steps
+        # between ran eagerly. The row counts go into the keys.
+        tag = "kvtriton-dense-rows-" + "-".join(map(str, sorted(dense_rows)))
+        with torch.compiler.config.patch(cache_key_tag=tag):
+            for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1, *dense_rows) if b <= max_batch}):
+                self._warm_up(batch)
         log.info("compiled the CPU decode step in %.1f s", time.monotonic() - started)
 
     def _warm_up(self, batch: int) -> None:
