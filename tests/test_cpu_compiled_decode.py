@@ -70,8 +70,8 @@ LOAD_AND_DECODE_5_ROWS = """
 import sys
 from tests.test_cpu_compiled_decode import decode_step_args
 from tests.tiny_model import make_tiny_engine
-engine = make_tiny_engine(sys.argv[1], quantization="int4", cpu_compile_decode=True, cpu_dense_min_rows=int(sys.argv[2]),
-                          max_num_seqs=8)
+engine = make_tiny_engine(sys.argv[1], quantization="int4", cpu_compile_decode=True,
+                          cpu_dense_min_rows=int(sys.argv[2]), max_num_seqs=8)
 engine.runner.compiled_decode(*decode_step_args(engine.runner.block_size, [5] * 5))
 print("eager steps", engine.runner.compiled_decode.eager_steps)
 engine.shutdown()
