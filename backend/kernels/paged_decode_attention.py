@@ -94,8 +94,9 @@ def _softmax_update(q1, q2, k1, k2, v, t_ok, scale, m_i, l_i, acc):
 
 
 # A step's block-table width is its longest context's, so stride_table takes new values step after step; Triton
-# specializes integer arguments (== 1, divisible by 16) and would compile a new variant mid-serving the first
-# time a step's width crosses those classes. The stride only scales one load's address.
+# specializes integer arguments (== 1, divisible by 16) and compiled a new variant mid-serving the first time a
+# step's width crossed those classes (H200, the prefill kernel: 0.57 s at width 16, 0.89 s at width 1, after
+# width 8). The stride only scales one load's address.
 @triton.jit(do_not_specialize=["stride_table"])
 def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_pool, v_pool, slots_ptr,
                             tables_ptr, context_lens_ptr, out_ptr, part_ptr, stats_ptr, scale, stride_q, stride_k,

@@ -58,8 +58,9 @@ def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stri
 
 
 # A step's block-table width is its longest context's, so stride_table takes new values step after step; Triton
-# specializes integer arguments (== 1, divisible by 16) and would compile a new variant mid-serving the first
-# time a step's width crosses those classes. The stride only scales one load's address.
+# specializes integer arguments (== 1, divisible by 16) and compiled a new variant mid-serving the first time a
+# step's width crossed those classes (H200, the prefill kernel: 0.57 s at width 16, 0.89 s at width 1, after
+# width 8). The stride only scales one load's address.
 @triton.jit(do_not_specialize=["stride_table"])
 def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_start_ptr, context_lens_ptr,
                              qk_scale, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
