@@ -98,18 +98,10 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def dense_min_rows_for(requested: int) -> int:
-    """EngineConfig.cpu_dense_min_rows -> the rows from which add_dense_weights' copies serve (0: no copies).
-    -1 (auto): AUTO_DENSE_MIN_ROWS where the copy is fp32 (a CPU without native bf16), where it is exactly the
-    dequantized weight; never where it would be bf16, which rounds the weights (opt-in there)."""
-    if requested >= 0:
-        return requested
-    return 0 if cpu_has_native_bf16() else AUTO_DENSE_MIN_ROWS
-
-
 def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
-    `min_rows` rows (prefill chunks, decode batches of that many sequences); min_rows -1: dense_min_rows_for.
+    `min_rows` rows (prefill chunks, decode batches of that many sequences). min_rows -1 (auto):
+    AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; none where it would be bf16.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
     weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a CPU with AVX-512 BF16 the
@@ -124,10 +116,12 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     opt-in there), else fp32 (4 bytes a weight, the exact dequantized weight). Either way a batch's numbers
     differ from one sequence's kernel in the last bits, as the logits' do from 16 rows (models/llama.py
     SKINNY_LOGITS_ROWS)."""
-    min_rows = dense_min_rows_for(min_rows)
+    native_bf16 = cpu_has_native_bf16()
+    if min_rows < 0:
+        min_rows = 0 if native_bf16 else AUTO_DENSE_MIN_ROWS
     if not min_rows:
         return
-    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    dtype = torch.bfloat16 if native_bf16 else torch.float32
     # A head whose batches read the embedding's float table instead (llama.py TIED_TABLE_ROWS) gets no copy.
     unread = model.lm_head if model.tied_table_serves_head() and min_rows >= TIED_TABLE_ROWS else None
     layers = [m for m in model.modules()
