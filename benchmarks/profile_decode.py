@@ -124,7 +124,7 @@ def profile(runner, step, steps=20):
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in events)
     print(f"  {len(events) / steps:.0f} kernels per step, {total_us / steps:.0f} us of kernel time per step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_decode_logits_match_the_model_forward(batch, bias):
                                  query_lens=[1] * batch, context_lens_host=ctx_lens.tolist(),
                                  decode_context_blocks=per_seq, decode_only=True)
         expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
-        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, ctx_lens, 64**-0.5),
+        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, ctx_lens, 64**-0.5, model.rotary),
                             fuse_matmuls=True)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=5e-2, rtol=5e-2)

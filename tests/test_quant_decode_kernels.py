@@ -221,7 +221,7 @@ def test_quantized_decode_step_equals_the_model_forward(quantization, batch):
                                  query_lens=[1] * batch, context_lens_host=(pos + 1).tolist(),
                                  decode_context_blocks=per_seq, decode_only=True)
         expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
-        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, pos + 1, 64**-0.5),
+        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, pos + 1, 64**-0.5, model.rotary),
                             fuse_matmuls=True)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=6e-2, rtol=6e-2)

@@ -124,28 +124,37 @@ class LlamaDecoderLayer(nn.Module):
 
 # A decoder layer is attention_inputs -> AttentionContext.attend -> attention_output. The two
 # functions around the attention hold all the per-layer work except the KV cache, and take the layer
-# as an argument, so torch.compile can compile each once and reuse it for every layer.
+# as an argument, so torch.compile can compile each once and reuse it for every layer. A layer's last
+# residual add (its MLP output onto x) happens at the start of the next layer's attention_inputs, so
+# the compiled graph fuses it with that layer's RMSNorm: one kernel and one pass over x fewer a layer.
 
-def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor):
-    """x (N, hidden) -> q (N, H, D), k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE."""
+def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: torch.Tensor | None):
+    """x (N, hidden) plus delta (the previous layer's MLP output, or None) -> that sum, and q (N, H, D),
+    k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE (rope None: q and k leave unrotated, for an
+    AttentionContext that rotates them itself)."""
+    if delta is not None:
+        x = x + delta
     attn = layer.self_attn
     n = x.shape[0]
     q, k, v = linear(attn.qkv_proj, layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
-    q, k = apply_rotary(q, k, rope)
-    return q, k, v.view(n, attn.num_kv_heads, attn.head_dim)
+    if rope is not None:
+        q, k = apply_rotary(q, k, rope)
+    return x, q, k, v.view(n, attn.num_kv_heads, attn.head_dim)
 
 
-def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """x (N, hidden), attended (N, H, D) -> the layer's output (N, hidden): o_proj, residuals, SwiGLU MLP."""
+def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor,
+                     attended: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, hidden), attended (N, H, D) -> x + o_proj(attended), and the SwiGLU MLP's output on it: the
+    layer's output is their sum, which the caller forms (see above)."""
     o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1))
     # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
-    # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise (here down_proj's own
-    # addmm), and that addmm first copies x into its output (a memcpy kernel a layer), where the add alone fuses
-    # into the RMSNorm after it. (Eager, exported or compiled for the CPU: the plain add, as measured there.)
+    # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that addmm
+    # first copies x into its output (a memcpy kernel a layer), where the add alone fuses into the RMSNorm
+    # after it. (Eager, exported or compiled for the CPU: the plain add, as measured there.)
     x = x - (-o) if x.is_cuda and torch.compiler.is_compiling() else x + o
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, layer.mlp(layer.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -160,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_inputs, self.attention_output = attention_inputs, attention_output
+        self.layers_compiled = False
 
     def compile_layers(self) -> None:
         """torch.compile the per-layer work around attention (regional compilation): one compiled graph
@@ -171,15 +181,21 @@ class LlamaForCausalLM(nn.Module):
         torch.fx.experimental._config.use_duck_shape = False
         self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True)
         self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True)
+        self.layers_compiled = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""
         x = self.embed_tokens(input_ids)  # (N, hidden)
-        rope = self.rotary(positions)  # one cos/sin lookup for all layers
+        # One cos/sin lookup for all layers, unless the context's kernel rotates q and k as it stores k (one
+        # launch and one pass over q and k fewer a layer).
+        rope = None if getattr(ctx, "rotates_qk", False) else self.rotary(positions)
+        # Compiled layers get zeros rather than None before the first layer: one compiled variant then serves every
+        # layer (a None is a guard of its own, and each function's variants count toward dynamo's recompile limit).
+        delta = torch.zeros_like(x) if self.layers_compiled else None
         for layer in self.layers:
-            q, k, v = self.attention_inputs(layer, rope, x)
-            x = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v))
-        return self.norm(x)
+            x, q, k, v = self.attention_inputs(layer, rope, x, delta)
+            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v))
+        return self.norm(x + delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""

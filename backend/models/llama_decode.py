@@ -20,8 +20,8 @@ where cuBLAS and the torch.compile'd per-layer functions are faster. Measured
 on an H200, 1B-class, 192-token contexts (benchmarks/profile_decode.py
 --fused-max-batch): batch 2, 1.045 ms a step fused against 1.113 ms with
 cuBLAS; at batch 4 the fused matmuls alone take 1.77 ms, cuBLAS's 0.67 ms
-(benchmarks/skinny_matmul_bench.py --rows 1,2,4). Attention takes the kernel at
-every batch size. Both compute what LlamaForCausalLM.forward +
+(benchmarks/skinny_matmul_bench.py --rows 1,2,4). Attention, with RoPE and the
+KV store, takes the kernel at every batch size. Both compute what LlamaForCausalLM.forward +
 compute_logits do (tests/test_kernels.py).
 
 The attention kernel splits each context across programs (flash-decoding,
@@ -52,18 +52,21 @@ FUSED_MAX_BATCH_QUANTIZED = {
 
 
 class KernelPagedDecode:
-    """AttentionContext for decode-only steps: the paged decode attention kernel (q, k arrive rotated)."""
+    """AttentionContext for decode-only steps: the paged decode attention kernel, which also applies RoPE to q
+    and k (by the step's positions) and stores k and v in the cache. q and k arrive unrotated (rotates_qk: the
+    model skips its own RoPE), at every batch size."""
+
+    rotates_qk = True
 
     def __init__(self, cache: KVCache, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float):
+                 context_lens: torch.Tensor, scale: float, rotary: RotaryEmbedding):
         self.cache, self.positions, self.slots = cache, positions, slots
         self.tables, self.context_lens, self.scale = tables, context_lens, scale
+        self.rope_tables = (rotary.cos, rotary.sin, positions)
 
-    def attend(self, layer_idx: int, q, k, v, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
-        """rotary: rotate q and k in the kernel (by the step's positions), or None if they arrive rotated."""
-        tables = (rotary.cos, rotary.sin, self.positions) if rotary is not None else None
+    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
         return paged_decode_attention(q, k, v, self.cache.k[layer_idx], self.cache.v[layer_idx], self.slots,
-                                      self.tables, self.context_lens, self.scale, rotary=tables)
+                                      self.tables, self.context_lens, self.scale, rotary=self.rope_tables)
 
 
 def decode_weight(module: torch.nn.Module) -> torch.Tensor | QuantizedWeight:
@@ -92,8 +95,7 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
                               attn.qkv_proj.bias)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
-                              k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
-                              rotary=model.rotary)
+                              k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim))
         x = linear(attended.view(b, -1), decode_weight(attn.o_proj), residual=x)
         norm = layer.post_attention_layernorm
         h = rms_norm_swiglu(x, norm.weight, norm.eps, decode_weight(mlp.gate_up_proj))

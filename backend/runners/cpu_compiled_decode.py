@@ -59,9 +59,10 @@ class CompiledDecode:
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
 
         def decoder_layer(layer, rope, x, k_pool, v_pool, slots, tables, mask, scale: float):
-            q, k, v = attention_inputs(layer, rope, x)
+            x, q, k, v = attention_inputs(layer, rope, x, None)  # one graph holds the whole layer: its add here
             write_kv(k_pool, v_pool, slots, k, v)
-            return attention_output(layer, x, decode_attention(q, k_pool, v_pool, tables, mask, scale))
+            x, delta = attention_output(layer, x, decode_attention(q, k_pool, v_pool, tables, mask, scale))
+            return x + delta
 
         self._layer = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         started = time.monotonic()

@@ -349,7 +349,7 @@ class TorchRunner:
         if tables.shape[1] <= self.kernel_context_blocks:
             from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
 
-            ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale)
+            ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale, self.model.rotary)
             return decode_logits(self.model, ids, ctx, self.fuse_matmuls)
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
