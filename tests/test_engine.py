@@ -61,6 +61,18 @@ def test_prefix_cache_schedules_only_new_tokens(tiny_folder):
         engine.shutdown()
 
 
+def test_the_start_up_heap_is_frozen_while_serving_and_thawed_at_shutdown(tiny_folder):
+    import gc
+
+    engine = make_tiny_engine(tiny_folder).start()
+    try:  # a full collection skips the model, graphs and modules: no stall of hundreds of ms mid-stream
+        assert gc.get_freeze_count() > 0
+        assert engine.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
+    assert gc.get_freeze_count() == 0  # a stopped engine can be collected
+
+
 def test_request_that_can_never_fit_fails_at_once(tiny_folder):
     engine = make_tiny_engine(tiny_folder, num_kv_blocks=8)  # 32 token slots
     with pytest.raises(ValueError, match="KV blocks"):
