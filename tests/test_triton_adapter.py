@@ -12,6 +12,7 @@ import pytest
 
 from kvtriton.backend.engine.llm_engine import EngineBusyError
 from kvtriton.backend.engine.outputs import RequestOutput
+from kvtriton.backend.triton import cancellation
 from kvtriton.backend.triton.cancellation import CancellationWatcher
 from kvtriton.backend.triton.config import AdapterConfig
 from kvtriton.backend.triton.request import OUTPUTS
@@ -150,7 +151,7 @@ def test_the_final_output_calls_on_finished_once_with_the_request_id():
 def test_outbox_sends_in_order_and_runs_between_sends_even_when_idle():
     calls = []
     ticked = threading.Event()
-    outbox = ResponseOutbox(lambda: ticked.set(), idle_wakeup_s=0.01)
+    outbox = ResponseOutbox(lambda sent: ticked.set(), idle_wakeup_s=0.01)
     for i in range(5):
         outbox.put(calls.append, i)
     assert ticked.wait(2)
@@ -192,6 +193,26 @@ def test_zero_interval_polls_at_the_floor_not_in_a_spin():
     for _ in range(100):
         watcher.poll_if_due()
     assert sender.asked == 1
+
+
+def test_polls_follow_the_responses_and_idle_ones_come_at_the_idle_interval(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(cancellation.time, "monotonic", lambda: clock[0])
+    sender = Sender()
+    watcher = CancellationWatcher(lambda request_id: None, interval_s=0.0)
+    watcher.watch("a", sender)
+    watcher.poll_if_due(sent=False)  # the first poll is due at once
+    assert sender.asked == 1
+    for _ in range(10):  # idle (no response went out): the outbox wakes every 5 ms, no poll
+        clock[0] += 0.005
+        watcher.poll_if_due(sent=False)
+    assert sender.asked == 1
+    clock[0] += 0.005
+    watcher.poll_if_due(sent=True)  # a response went out: the engine stepped, so poll
+    assert sender.asked == 2
+    clock[0] += CancellationWatcher.IDLE_INTERVAL_S
+    watcher.poll_if_due(sent=False)  # idle for the idle interval: poll anyway
+    assert sender.asked == 3
 
 
 def test_a_sender_that_fails_to_answer_does_not_stop_the_others():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import locale
 import logging
 import os
 import time
@@ -53,6 +54,23 @@ class _TritonLogHandler(logging.Handler):
          logger.log_warn if record.levelno >= logging.WARNING else logger.log_info)(self.format(record))
 
 
+def use_utf8_locale() -> None:
+    """The stub's embedded interpreter starts in the C locale whatever LANG says (and ignores PYTHONUTF8), so
+    open() without an encoding reads ASCII there. torch's inductor opens its kernel templates that way:
+    compiling inside the stub (engine_process false) failed with UnicodeDecodeError. Take the environment's
+    locale for LC_CTYPE, else C.UTF-8; a process of its own (EngineProcess) starts right anyway."""
+    for name in ("", "C.UTF-8"):
+        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+            return
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        log.warning("no UTF-8 locale (tried LANG/LC_ALL and C.UTF-8): files are read as %s in the stub",
+                    locale.getpreferredencoding(False))
+
+
 class TritonPythonModel:
     @staticmethod
     def auto_complete_config(auto_complete_model_config):
@@ -77,6 +95,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         log.setLevel(logging.INFO)
+        use_utf8_locale()
         log.addHandler(_TritonLogHandler())
         model_config = json.loads(args["model_config"])
         values = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()
@@ -130,9 +149,9 @@ class TritonPythonModel:
         """One token's text in logprobs (special tokens too: a logprob of <|im_end|> names it)."""
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _between_sends(self) -> None:
-        """On the response thread, after each send and when idle."""
-        self.cancellation.poll_if_due()
+    def _between_sends(self, sent: bool) -> None:
+        """On the response thread, after each send (sent) and when idle."""
+        self.cancellation.poll_if_due(sent)
         if self.config.exit_on_engine_failure and not self.engine.is_healthy():
             self._exit_once_answered()
 

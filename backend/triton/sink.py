@@ -37,10 +37,11 @@ _NOTHING = object()
 
 
 class ResponseOutbox:
-    """A thread that sends what the engine thread enqueues, and runs `between_sends` after each send and
-    at least every `idle_wakeup_s` when there is nothing to send; close() drains it and stops the thread."""
+    """A thread that sends what the engine thread enqueues, and runs `between_sends(sent)` after each send
+    (sent True) and at least every `idle_wakeup_s` when there is nothing to send (sent False); close() drains
+    it and stops the thread."""
 
-    def __init__(self, between_sends: Callable[[], None] = lambda: None, idle_wakeup_s: float = 0.1):
+    def __init__(self, between_sends: Callable[[bool], None] = lambda sent: None, idle_wakeup_s: float = 0.1):
         self._between_sends = between_sends
         self._idle_wakeup_s = idle_wakeup_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -73,7 +74,7 @@ class ResponseOutbox:
                 except Exception:  # a client that went away must not stop the others' responses
                     log.exception("could not send a response")
             try:
-                self._between_sends()
+                self._between_sends(item is not _NOTHING)
             except Exception:
                 log.exception("response thread: between-sends work failed")
 
