@@ -215,6 +215,29 @@ def test_polls_follow_the_responses_and_idle_ones_come_at_the_idle_interval(monk
     assert sender.asked == 3
 
 
+def test_a_slow_poll_is_followed_by_a_pause_of_four_times_its_length(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(cancellation.time, "monotonic", lambda: clock[0])
+    sender = Sender()
+    slow = sender.is_cancelled
+
+    def ask():  # each round trip takes 10 ms
+        clock[0] += 0.010
+        return slow()
+
+    sender.is_cancelled = ask
+    watcher = CancellationWatcher(lambda request_id: None, interval_s=0.0)
+    watcher.watch("a", sender)
+    watcher.poll_if_due(sent=True)
+    assert sender.asked == 1
+    clock[0] += 0.039
+    watcher.poll_if_due(sent=True)  # responses go out, but the poll took 10 ms: 40 ms of pause first
+    assert sender.asked == 1
+    clock[0] += 0.002
+    watcher.poll_if_due(sent=True)
+    assert sender.asked == 2
+
+
 def test_a_sender_that_fails_to_answer_does_not_stop_the_others():
     engine = Engine()
     watcher = CancellationWatcher(engine.abort, interval_s=0.0)

@@ -28,13 +28,17 @@ class CancellationWatcher:
     # Between polls with no response sent meanwhile (the engine made no visible progress: a long step, a queue
     # that does not move), the watcher still polls this often.
     IDLE_INTERVAL_S = 0.5
+    # The pause after a poll is at least this many times the poll's own duration, so that polling takes at most
+    # a fifth of the response thread whatever the number of requests (each is a round trip).
+    PAUSE_PER_POLL_TIME = 4.0
 
     def __init__(self, abort: Callable[[str], None], interval_s: float):
         self.interval_s = max(interval_s, self.MIN_INTERVAL_S)
         self._abort = abort
         self._senders: dict[str, Any] = {}  # request_id -> response sender
         self._lock = threading.Lock()
-        self._last_poll = float("-inf")
+        self._last_poll = float("-inf")  # when the last poll ended
+        self._poll_duration = 0.0
         self._sent_since_poll = False
 
     def watch(self, request_id: str, sender: Any) -> None:
@@ -55,17 +59,21 @@ class CancellationWatcher:
             return len(self._senders)
 
     def poll_if_due(self, sent: bool = True) -> None:
-        """Poll if the interval has passed and a response went out since the last poll (`sent`: one just did),
-        or if IDLE_INTERVAL_S has passed. An abort takes effect at the engine's next step, so polls faster than
-        the engine steps buy nothing, and each is an IPC round trip per request: on a 2-core CPU, where a
-        32-request step takes ~0.3 s, polling all of them every 5 ms took a third of the cores and cut the
-        server's output from 0.98 to 0.75 of the engine's in-process (benchmarks/serving_bench.py)."""
+        """Poll if the pause since the last poll has passed (the interval, and PAUSE_PER_POLL_TIME times that
+        poll's duration) and a response went out meanwhile (`sent`: one just did), or if IDLE_INTERVAL_S has
+        passed. An abort takes effect at the engine's next step, so polls faster than the engine steps buy
+        nothing, and each asks every request, a round trip each: on a 2-core CPU, where a 32-request step
+        takes ~0.3 s, a poll every 5 ms took a third of the cores (benchmarks/serving_bench.py, 32 gRPC
+        streams: 0.75 of the engine in-process, against 0.93-0.98 polling every 0.25 s)."""
         self._sent_since_poll |= sent
         now = time.monotonic()
         since = now - self._last_poll
-        if since >= self.interval_s and (self._sent_since_poll or since >= self.IDLE_INTERVAL_S):
-            self._last_poll, self._sent_since_poll = now, False
+        if since >= max(self.interval_s, self.PAUSE_PER_POLL_TIME * self._poll_duration) and (
+                self._sent_since_poll or since >= self.IDLE_INTERVAL_S):
+            self._sent_since_poll = False
             self.poll()
+            self._last_poll = time.monotonic()
+            self._poll_duration = self._last_poll - now
 
     def poll(self) -> None:
         """Abort every watched request whose client cancelled; each is aborted once, then forgotten."""
