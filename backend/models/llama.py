@@ -169,7 +169,6 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_inputs, self.attention_output = attention_inputs, attention_output
-        self.layers_compiled = False
 
     def compile_layers(self) -> None:
         """torch.compile the per-layer work around attention (regional compilation): one compiled graph
@@ -181,7 +180,10 @@ class LlamaForCausalLM(nn.Module):
         torch.fx.experimental._config.use_duck_shape = False
         self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True)
         self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True)
-        self.layers_compiled = True
+
+    @property
+    def layers_compiled(self) -> bool:
+        return self.attention_inputs is not attention_inputs
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, hidden)."""

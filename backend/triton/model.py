@@ -60,15 +60,19 @@ def use_utf8_locale() -> None:
     compiling inside the stub (engine_process false) failed with UnicodeDecodeError. Take the environment's
     locale for LC_CTYPE, else C.UTF-8; a process of its own (EngineProcess) starts right anyway."""
     for name in ("", "C.UTF-8"):
-        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        if _reads_utf8():
             return
         try:
             locale.setlocale(locale.LC_CTYPE, name)
         except locale.Error:
-            continue
-    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+            pass
+    if not _reads_utf8():
         log.warning("no UTF-8 locale (tried LANG/LC_ALL and C.UTF-8): files are read as %s in the stub",
                     locale.getpreferredencoding(False))
+
+
+def _reads_utf8() -> bool:
+    return locale.getpreferredencoding(False).lower().replace("-", "") == "utf8"
 
 
 class TritonPythonModel:
@@ -95,8 +99,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         log.setLevel(logging.INFO)
-        use_utf8_locale()
         log.addHandler(_TritonLogHandler())
+        use_utf8_locale()  # after the handler: its warning goes to Triton's log
         model_config = json.loads(args["model_config"])
         values = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()
                   if not k.isupper()}  # upper-case keys (EXECUTION_ENV_PATH, ...) are Triton's own
