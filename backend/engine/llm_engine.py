@@ -46,6 +46,7 @@ from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
+from kvtriton.backend.runners.decode_inputs import DecodeInputs
 from kvtriton.backend.runners.factory import create_runner, resolve_device_and_dtype
 from kvtriton.backend.runners.step_input import StepInput, prepare_step
 from kvtriton.backend.runners.tensor_parallel_runner import RunnerFailedError
@@ -142,6 +143,7 @@ class LLMEngine:
         self._stopping = False
         self._pending: PendingStep | None = None  # the step whose tokens the host has not seen yet
         self._last_meta: tuple[list[Sequence], SamplingMetadata] | None = None  # see _sampling_metadata
+        self._decode_inputs = DecodeInputs(config.block_size, self.device)  # a steady decode batch's inputs
         # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -453,7 +455,9 @@ class LLMEngine:
 
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
         """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
-        step = prepare_step(sched.scheduled, self.config.block_size, self.device)
+        step = self._decode_inputs.step(sched.scheduled)
+        if step is None:
+            step = prepare_step(sched.scheduled, self.config.block_size, self.device)
         if step.placeholders:
             pending = self._pending  # placeholders exist only while the step that samples them is pending
             before = [pending.sched.scheduled[i][0] for i in pending.sched.sample_indices]

@@ -1,0 +1,118 @@
+"""DecodeInputs: a decode batch's step inputs, kept and updated in place from one step to the next.
+
+After vLLM's persistent batch (InputBatch, and its block table kept in numpy): in a steady decode batch,
+the same sequences in the same rows as the step before with one new token each, a row's position, slot
+and context length move on by one token a step, and its block table only grows, by one block every
+block_size steps. prepare_step rebuilds them from Python lists, a few microseconds a row (80 us for 64 rows
+on a 2-core EPYC). Here they live in numpy arrays: positions and context lengths come from one read of the
+sequences' counters, slots from one gather in the table, and only the table rows that grew are rewritten.
+The step's inputs reach the device in one copy from a pinned buffer that is reused: two, alternating, each
+rewritten only once the copy that last read it has run (its event).
+
+It serves decode-only steps whose every input token is still on the device (async scheduling's steady
+state: each row's token comes from the step in flight). Any other step (a prefill, a verify, tokens the
+host knows) returns None: the caller builds it with prepare_step.
+
+Invariant: `_rows` are the sequences of the last step built here, in row order, and `_tables[i, :_lens[i]]`
+is row i's block table as that step saw it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kvtriton.backend.runners.step_input import ScheduledSequence, StepInput, unpack_step
+
+_num_computed_tokens = operator.attrgetter("num_computed_tokens")
+
+
+class DecodeInputs:
+    def __init__(self, block_size: int, device: torch.device | str):
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self._rows: list[ScheduledSequence] = []
+        self._tables = np.zeros((0, 0), dtype=np.int64)
+        self._lens = np.zeros(0, dtype=np.int64)
+        self._starts = np.zeros(0, dtype=np.int64)  # each row's position in the last step
+        # Pinned staging buffers and the event of the copy that last read each (CUDA only).
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._recorded = [False, False]
+        self._turn = 0
+
+    def step(self, scheduled: Sequence[tuple[ScheduledSequence, int]]) -> StepInput | None:
+        """The inputs of a decode step whose tokens all come from the device, else None (the kept rows are then
+        forgotten: the next decode step rewrites every table row)."""
+        b = len(scheduled)
+        seqs = [seq for seq, _ in scheduled]
+        starts = np.fromiter(map(_num_computed_tokens, seqs), dtype=np.int64, count=b) - 1
+        if len(self._rows) == b and all(map(operator.is_, seqs, self._rows)) and (starts == self._starts + 1).all():
+            # The last step's rows, one token on each: still decodes of device tokens. Tables only grow in
+            # a decode, so the rows to rewrite are those whose new slot is past the table kept for them.
+            self._write_tables(seqs, np.flatnonzero(starts // self.block_size >= self._lens[:b]))
+        elif self._decodes_device_tokens(scheduled, starts):
+            self._write_tables(seqs, range(b))
+        else:
+            self._rows = []
+            return None
+        bs = self.block_size
+        if (starts // bs >= self._lens[:b]).any():  # a slot past a row's table: prepare_step names the row
+            self._rows = []
+            return None
+        self._rows, self._starts = seqs, starts
+        rows = np.arange(b)
+        slots = self._tables[rows, starts // bs] * bs + starts % bs
+        context_lens = starts + 1
+        width = int(self._lens[:b].max())
+        host = np.concatenate([np.zeros(b, dtype=np.int64), starts, slots, context_lens, rows,
+                               self._tables[:b, :width].reshape(-1)])
+        device = self._to_device(host)
+        step = unpack_step(device[: 5 * b], device[5 * b :].view(b, width), b, b, [1] * b, context_lens.tolist(),
+                           -(-int(context_lens[-1] if b == 1 else context_lens.max()) // bs))
+        step.placeholders = [(i, i) for i in range(b)]
+        return step
+
+    @staticmethod
+    def _decodes_device_tokens(scheduled: Sequence[tuple[ScheduledSequence, int]], starts: np.ndarray) -> bool:
+        """Every row a one-token decode, without proposals, of a token the host does not know yet."""
+        if not scheduled or any(n != 1 or seq.spec_token_ids for seq, n in scheduled):
+            return False
+        known = np.fromiter((len(seq.token_ids) for seq, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        return bool((starts >= known).all())
+
+    def _write_tables(self, seqs: list[ScheduledSequence], rows) -> None:
+        """Copy the block tables of `rows` (indices into seqs) into the kept ones, growing those as needed."""
+        b = len(seqs)
+        if b > self._tables.shape[0]:
+            self._tables = np.pad(self._tables, ((0, b - self._tables.shape[0]), (0, 0)))
+            self._lens = np.pad(self._lens, (0, b - len(self._lens)))
+        for i in rows:
+            table = seqs[i].block_ids
+            if len(table) > self._tables.shape[1]:
+                self._tables = np.pad(self._tables, ((0, 0), (0, max(len(table), 2 * self._tables.shape[1]))))
+            self._tables[i, : len(table)] = table
+            self._tables[i, len(table):] = 0  # padding as prepare_step's (a row may have held a longer table)
+            self._lens[i] = len(table)
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """One copy to the device. On CUDA through a reused pinned buffer: a copy from pageable memory would make
+        the host wait for the step in flight (see kernels/device_copy.py)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(host).to(self.device)  # a fresh tensor: the forward thread may still read the last
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._recorded[turn]:
+            self._copied[turn].synchronize()  # the copy two steps ago: it has long run, this returns at once
+        staging = self._staging[turn]
+        if staging is None or staging.numel() < host.size:
+            staging = self._staging[turn] = torch.empty(max(host.size, 4096), dtype=torch.int64, pin_memory=True)
+            self._copied[turn] = torch.cuda.Event()
+        staging.numpy()[: host.size] = host
+        device = torch.empty(host.size, dtype=torch.int64, device=self.device)
+        device.copy_(staging[: host.size], non_blocking=True)
+        self._copied[turn].record()
+        self._recorded[turn] = True
+        return device
