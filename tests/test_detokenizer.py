@@ -1,5 +1,5 @@
-"""Both streaming decoders (DecodeStream-based and window-based): UTF-8-safe deltas whose concatenation is
-the full decode, in bounded work."""
+"""The streaming decoders (byte-table, DecodeStream-based and window-based): UTF-8-safe deltas whose
+concatenation is the full decode, in bounded work."""
 
 import json
 import random
@@ -13,8 +13,10 @@ from kvtriton.backend.engine.detokenizer import (
     MAX_HELD_TOKENS,
     MAX_WINDOW_TOKENS,
     REPLACEMENT_CHAR,
+    ByteTableDetokenizer,
     IncrementalDetokenizer,
     WindowDetokenizer,
+    detokenizer_for,
 )
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
@@ -95,7 +97,16 @@ def spm(tmp_path_factory) -> Tokenizer:
     return load("spm", tmp_path_factory.mktemp("spm"))
 
 
-@pytest.fixture(autouse=True, params=[IncrementalDetokenizer, WindowDetokenizer], ids=["stream", "window"])
+def byte_table(tok, prompt_ids=None, skip_special_tokens=True):
+    """ByteTableDetokenizer behind the other decoders' constructor; only byte-level tokenizers have a table."""
+    table = tok.token_bytes(skip_special_tokens)
+    if table is None:
+        pytest.skip("not a byte-level tokenizer: no byte table")
+    return ByteTableDetokenizer(table, skip_special_tokens)
+
+
+@pytest.fixture(autouse=True, params=[byte_table, IncrementalDetokenizer, WindowDetokenizer],
+                ids=["bytes", "stream", "window"])
 def Detok(request, monkeypatch):
     """Every test runs on both decoders; `stream()` and the tests build the one this run is for."""
     monkeypatch.setitem(globals(), "Detokenizer", request.param)
@@ -218,6 +229,9 @@ def test_work_per_step_is_bounded(tmp_path, name, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) > 600
     assert "".join(stream(tok, ids, max_chunk=1)) == text
+    if Detokenizer is byte_table:
+        assert tok.decoded_lengths == []  # no decode at all: a table lookup per id
+        return
     if Detokenizer is IncrementalDetokenizer:
         # DecodeStream drains its ids whenever it returns text; it holds at most a window's worth.
         detok = Detokenizer(tok)
@@ -233,7 +247,8 @@ def test_work_per_step_is_bounded(tmp_path, name, text):
 def test_a_long_run_without_text_moves_to_a_window(per_byte):
     # Skipped special tokens decode to nothing: the stream would re-decode a growing run every step.
     end = per_byte.token_to_id("<|im_end|>")
-    ids = per_byte.encode("ok", add_special_tokens=False) + [end] * (2 * MAX_HELD_TOKENS) + per_byte.encode("!", add_special_tokens=False)
+    ids = (per_byte.encode("ok", add_special_tokens=False) + [end] * (2 * MAX_HELD_TOKENS)
+           + per_byte.encode("!", add_special_tokens=False))
     assert "".join(stream(per_byte, ids, max_chunk=1)) == "ok!"
 
 
@@ -270,3 +285,20 @@ def test_default_model_streams_mixed_text(seed):
     deltas = stream(tok, output, random.Random(seed), prompt_ids=prompt, max_chunk=1 + seed)
     assert "".join(deltas) == tok.decode(output)
     assert all(REPLACEMENT_CHAR not in d for d in deltas)
+
+
+def test_byte_level_tokenizers_get_the_table_and_the_others_the_stream(per_byte, bpe, spm):
+    for tok in (per_byte, bpe):
+        assert isinstance(detokenizer_for(tok), ByteTableDetokenizer)
+        assert isinstance(detokenizer_for(tok, skip_special_tokens=False), ByteTableDetokenizer)
+    assert isinstance(detokenizer_for(spm), IncrementalDetokenizer)
+
+
+@pytest.mark.slow
+def test_the_default_models_byte_table_matches_its_decode_for_every_id():
+    tok = default_model_tokenizer()
+    for skip in (True, False):
+        table = tok.token_bytes(skip)
+        assert table is not None and len(table) == tok.vocab_size
+        assert all(tok.decode([i], skip_special_tokens=skip) == table[i].decode("utf-8", "replace")
+                   for i in range(tok.vocab_size))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from kvtriton.backend.engine.detokenizer import IncrementalDetokenizer
+from kvtriton.backend.engine.detokenizer import detokenizer_for
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, TokenLogprob
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.engine.stop_strings import StopStringMatcher
@@ -23,7 +23,7 @@ from kvtriton.backend.engine.tokenizer import Tokenizer
 class RequestState:
     def __init__(self, seq: Sequence, sink: OutputSink, tokenizer: Tokenizer):
         self.seq, self.sink = seq, sink
-        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
+        self.detokenizer = detokenizer_for(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(list(seq.params.stop))
 
     def process_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:

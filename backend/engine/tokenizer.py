@@ -22,6 +22,8 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers.decoders import DecodeStream
 
+from kvtriton.backend.engine.byte_level import token_bytes_table
+
 # tokenizers would spread batch calls over its own thread pool, whose spinning threads then compete with
 # the forward pass for the cores (seen: 0.06 ms became 4 ms on a 2-core CPU). A user's explicit setting wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,6 +99,7 @@ class Tokenizer:
         if self._add_eos and self._eos_token_id is None:
             raise ValueError(f"{source}: add_eos_token is true but no eos_token is set")
         self._chat_template = _compile_chat_template(chat_template, source) if chat_template else None
+        self._token_bytes: dict[bool, tuple[bytes, ...] | None] = {}  # see token_bytes
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
@@ -180,6 +183,12 @@ class Tokenizer:
             if str(exc).startswith("Invalid prefix"):
                 raise InvalidPrefixError(str(exc)) from exc
             raise
+
+    def token_bytes(self, skip_special_tokens: bool = True) -> tuple[bytes, ...] | None:
+        """Each id's bytes for a byte-level tokenizer (byte_level.py), else None; built on first use, ~0.1 s."""
+        if skip_special_tokens not in self._token_bytes:  # two threads may both build it: the same table
+            self._token_bytes[skip_special_tokens] = token_bytes_table(self._backend, skip_special_tokens)
+        return self._token_bytes[skip_special_tokens]
 
     def to_json(self) -> str:
         """The tokenizers library's serialisation (tokenizer.json): what a grammar engine builds its vocabulary
