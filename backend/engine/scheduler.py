@@ -76,6 +76,7 @@ class Scheduler:
         self.num_generation_tokens = 0  # sampled tokens since start
 
     def add(self, seq: Sequence) -> None:
+        seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -137,15 +138,15 @@ class Scheduler:
             seq.finish_reason = reason
             self.finish(seq)
 
-    def _will_finish(self, seq: Sequence) -> bool:
+    @staticmethod
+    def _will_finish(seq: Sequence, num_total_tokens: int) -> bool:
         """Its pending token reaches max_tokens or max_model_len: scheduling it again would be wasted."""
-        return seq.num_placeholders > 0 and (seq.num_output_tokens + seq.num_placeholders >= seq.params.max_tokens
-                                             or seq.num_total_tokens >= self.config.max_model_len)
+        return seq.num_placeholders > 0 and num_total_tokens >= seq.max_num_tokens
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         if token_id in seq.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens or max_model_len
             return "length"
         return None
 
@@ -158,12 +159,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if self._will_finish(seq):
+            num_total_tokens = len(seq.token_ids) + seq.num_placeholders  # (Sequence.num_total_tokens, inlined)
+            if self._will_finish(seq, num_total_tokens):
                 i += 1
                 continue
             if seq.spec_token_ids:  # proposals to verify: as many as the budget leaves room for
                 del seq.spec_token_ids[max(budget - 1, 0):]
-            n = self._share(seq.num_total_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget)
+            n = self._share(num_total_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget)
             if n == 0:
                 break
             if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * bm.block_size:
@@ -223,9 +225,11 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance each scheduled sequence as if the step had run; one that catches up gets a placeholder."""
         for i, (seq, n) in enumerate(out.scheduled):
-            self.num_prompt_tokens += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens >= seq.num_total_tokens:  # past it by the proposals being verified
+            computed = seq.num_computed_tokens
+            if computed < len(seq.prompt_token_ids):
+                self.num_prompt_tokens += min(n, len(seq.prompt_token_ids) - computed)
+            seq.num_computed_tokens = computed = computed + n
+            if computed >= len(seq.token_ids) + seq.num_placeholders:  # past it by the proposals being verified
                 seq.num_placeholders += 1
                 out.sample_indices.append(i)
 

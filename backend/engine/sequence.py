@@ -47,6 +47,8 @@ class Sequence:
     num_placeholders: int = 0
     block_ids: list[int] = field(default_factory=list)  # the block table, in token order
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
+    # The token count at which it ends with "length": prompt + max_tokens, capped at max_model_len (Scheduler.add).
+    max_num_tokens: int = 1 << 62
     finish_reason: str | None = None  # set when the scheduler ends it by token ("stop", "length")
     first_token_time: float | None = None
     # Speculative decoding: proposals per step this request may use (0: off), and this step's proposals,
