@@ -210,6 +210,11 @@ class Sampler:
             raise ValueError(
                 f"logits have shape {tuple(logits.shape)} but the sampling metadata was "
                 f"built for vocab_size={meta.vocab_size}; build it with logits.shape[-1]")
+        if (meta.all_greedy and meta.allowed_token_bitmask is None and meta.max_num_logprobs is None
+                and meta.min_tokens_banned is None and meta.output_token_counts is None):
+            # Plain greedy, the common serving batch: nothing changes the logits, so argmax reads them as they
+            # are (one kernel a step instead of a copy of the (B, V) logits and then the argmax).
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         # Work on a float32 copy: the caller's logits stay untouched.
         logits = logits.to(torch.float32, copy=True)  # (B, V)
         if meta.allowed_token_bitmask is not None:
