@@ -6,7 +6,7 @@ the device-to-device copy bandwidth measured in this run. --profile adds the top
 No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
-      [--kernels on|off] [--fused-max-batch N] [--profile]
+      [--kernels on|off] [--fused-max-batch N] [--quantization none|fp8|int8|int4] [--profile]
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
+                    help="the weights' precision (EngineConfig.quantization)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
@@ -89,19 +91,21 @@ def main():
     max_blocks = -(-args.max_model_len // 16)
     config = EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=max(batches),
                           max_model_len=args.max_model_len, num_kv_blocks=max(batches) * max_blocks,
-                          enable_torch_compile=args.compile == "on", enable_triton_kernels=args.kernels == "on")
+                          enable_torch_compile=args.compile == "on", enable_triton_kernels=args.kernels == "on",
+                          quantization=args.quantization)
     started = time.perf_counter()
     runner = TorchRunner(config, ModelConfig.from_dict(LLAMA_1B), str(folder), torch.device("cuda"),
                          torch.bfloat16, args.max_model_len)
     bandwidth = copy_bandwidth("cuda")
     mc = runner.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    # Quantized layers keep their codes and scales in buffers.
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2  # K and V, every layer, bf16
     startup = time.perf_counter() - started
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
-          f"{paged_decode_attention.MAX_SPLITS} splits; "
+          f"{paged_decode_attention.MAX_SPLITS} splits; quantization {args.quantization}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
         for batch in batches:
