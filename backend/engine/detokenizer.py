@@ -39,7 +39,24 @@ MAX_WINDOW_TOKENS = 16
 MAX_HELD_TOKENS = 4 * MAX_WINDOW_TOKENS
 
 
-class WindowDetokenizer:
+class _SequenceDecoder:
+    """What every streaming decoder of one sequence shares: its skip_special_tokens setting, and the rule that
+    nothing steps after flush()."""
+
+    def __init__(self, skip_special_tokens: bool) -> None:
+        self._skip_special_tokens = skip_special_tokens
+        self._finished = False
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        return self._skip_special_tokens
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError("step() called after flush(); the sequence has ended")
+
+
+class WindowDetokenizer(_SequenceDecoder):
     """Per-sequence streaming decoder over a window of recent tokens; one instance per sequence,
     used by one thread.
 
@@ -58,18 +75,16 @@ class WindowDetokenizer:
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
     ) -> None:
         self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        super().__init__(skip_special_tokens)
         # The prompt's tail gives the first output token its context (e.g. its leading space)
         # and counts as already emitted.
         self._window: list[int] = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
         self._text = self._decode(self._window)
         self._emitted = len(self._text)
-        self._finished = False
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
-        if self._finished:
-            raise RuntimeError("step() called after flush(); the sequence has ended")
+        self._check_open()
         self._window.extend(new_ids)
         try:
             self._text = self._decode(self._window)
@@ -85,10 +100,6 @@ class WindowDetokenizer:
         if len(self._window) > MAX_WINDOW_TOKENS:
             self._reanchor()
         return delta
-
-    @property
-    def skip_special_tokens(self) -> bool:
-        return self._skip_special_tokens
 
     def flush(self) -> str:
         """At the end of the sequence: the held-back tail (invalid bytes show as U+FFFD)."""
@@ -137,7 +148,7 @@ def _common_suffix_len(a: str, b: str) -> int:
     return n
 
 
-class IncrementalDetokenizer:
+class IncrementalDetokenizer(_SequenceDecoder):
     """Per-sequence streaming decoder on tokenizers' DecodeStream; one instance per sequence, used by
     one thread. Same contract as WindowDetokenizer, whose docstring states it.
 
@@ -150,21 +161,15 @@ class IncrementalDetokenizer:
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
     ) -> None:
         self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        super().__init__(skip_special_tokens)
         self._recent: list[int] = list(prompt_ids[-CONTEXT_TOKENS:]) if prompt_ids else []
         self._held: list[int] = []
         self._stream = tokenizer.decode_stream(self._recent, skip_special_tokens)
         self._window: WindowDetokenizer | None = None  # set once the stream gave up
-        self._finished = False
-
-    @property
-    def skip_special_tokens(self) -> bool:
-        return self._skip_special_tokens
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
-        if self._finished:
-            raise RuntimeError("step() called after flush(); the sequence has ended")
+        self._check_open()
         if self._window is not None:
             return self._window.step(new_ids)
         new_ids = list(new_ids)
@@ -202,7 +207,7 @@ class IncrementalDetokenizer:
         return full[len(context):] if full.startswith(context) else full
 
 
-class ByteTableDetokenizer:
+class ByteTableDetokenizer(_SequenceDecoder):
     """Per-sequence streaming decoder for byte-level tokenizers: each id's bytes (Tokenizer.token_bytes) fed
     to an incremental UTF-8 decoder, which holds a character's bytes until it is complete and replaces invalid
     ones with U+FFFD as the tokenizer's decode does. A token's bytes do not depend on the ones before it, so
@@ -210,18 +215,12 @@ class ByteTableDetokenizer:
 
     def __init__(self, table: tuple[bytes, ...], skip_special_tokens: bool = True) -> None:
         self._table = table
-        self._skip_special_tokens = skip_special_tokens
+        super().__init__(skip_special_tokens)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._finished = False
-
-    @property
-    def skip_special_tokens(self) -> bool:
-        return self._skip_special_tokens
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
-        if self._finished:
-            raise RuntimeError("step() called after flush(); the sequence has ended")
+        self._check_open()
         table = self._table
         for i in new_ids:
             if not 0 <= i < len(table):
