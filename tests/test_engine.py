@@ -151,6 +151,36 @@ def test_add_from_many_threads(tiny_folder):
         engine.shutdown()
 
 
+def test_penalty_counts_kept_on_the_device_equal_a_rebuild_every_step(tiny_folder):
+    """The overlapped loop adds each step's tokens to the penalty counts in place; the synchronous loop rebuilds
+    them from the outputs every step. Same greedy text, and the kept counts equal a rebuild."""
+    from kvtriton.backend.engine.sampler import SamplingMetadata
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
+                            frequency_penalty=0.4, presence_penalty=0.3)
+    prompts = prompts_of_varied_length(5)
+    texts = {}
+    for overlap in (True, False):
+        engine = make_tiny_engine(tiny_folder, enable_async_scheduling=overlap)
+        try:
+            streams = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+            for _ in range(12):  # this thread drives the steps: the kept counts are checked midway
+                engine.step()
+            if overlap:
+                seqs, meta, _ = engine._last_meta
+                rebuilt = SamplingMetadata.build(
+                    [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                    [None] * len(seqs), [s.stop_token_ids for s in seqs], meta.vocab_size, "cpu")
+                assert meta.output_token_counts.sum() > len(seqs)  # it has counted several steps' tokens
+                assert meta.output_token_counts.equal(rebuilt.output_token_counts)
+            while engine.has_work():
+                engine.step()
+            texts[overlap] = [engine_output.token_ids for engine_output in (s.result() for s in streams)]
+        finally:
+            engine.shutdown()
+    assert texts[True] == texts[False]
+
+
 def test_padded_vocabulary_ids_are_never_sampled(tmp_path):
     folder = make_tiny_model(tmp_path / "padded", padded_vocab=200)
     engine = make_tiny_engine(folder).start()
@@ -163,8 +193,9 @@ def test_padded_vocabulary_ids_are_never_sampled(tmp_path):
 
 
 def test_steady_batch_reuses_its_sampling_metadata(tiny_folder):
-    """The same rows step after step share one SamplingMetadata (no per-row host work); penalties and a pending
-    min_tokens ban, which move with the outputs, are rebuilt each step."""
+    """The same rows step after step share one SamplingMetadata (no per-row host work), penalties included
+    (their counts move on the device); a pending min_tokens ban, which moves with the outputs, is rebuilt each
+    step."""
     def metas(params, steps=6):
         engine = make_tiny_engine(tiny_folder)  # not started: this thread drives the steps
         try:
@@ -182,6 +213,6 @@ def test_steady_batch_reuses_its_sampling_metadata(tiny_folder):
     steady = metas(SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     assert len(steady) >= 4 and all(m is steady[-1] for m in steady[1:])
     penalised = metas(SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=0.5))
-    assert len({id(m) for m in penalised}) == len(penalised)
+    assert len(penalised) >= 4 and all(m is penalised[-1] for m in penalised[1:])
     banned = metas(SamplingParams(temperature=0.0, max_tokens=10, min_tokens=8))
     assert len({id(m) for m in banned}) == len(banned)

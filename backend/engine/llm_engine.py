@@ -142,7 +142,8 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending: PendingStep | None = None  # the step whose tokens the host has not seen yet
-        self._last_meta: tuple[list[Sequence], SamplingMetadata] | None = None  # see _sampling_metadata
+        # The last step's sample rows, its sampling metadata and their output tokens then: see _sampling_metadata.
+        self._last_meta: tuple[list[Sequence], SamplingMetadata, int] | None = None
         self._decode_inputs = DecodeInputs(config.block_size, self.device)  # a steady decode batch's inputs
         # The CPU thread count is logged: an embedding process (Triton's stub, a container's CPU quota) may cap it.
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
@@ -357,7 +358,7 @@ class LLMEngine:
                 self._fail(finished.sched, exc)
         if step is not None:
             try:
-                meta = self._sampling_metadata(sched)
+                meta = self._sampling_metadata(sched, finished if tokens is not None else None)
                 if self._forward_thread is None:
                     self._pending = self._sample(sched, logits, meta)
                 else:
@@ -477,22 +478,30 @@ class LLMEngine:
         """The forward thread's job on a CPU: every heavy op of a step on one thread (and one OpenMP team)."""
         return self._sample(sched, self.runner.execute(step), meta)
 
-    def _sampling_metadata(self, sched: SchedulerOutput) -> SamplingMetadata | None:
+    def _sampling_metadata(self, sched: SchedulerOutput, previous: PendingStep | None) -> SamplingMetadata | None:
+        """previous: the step whose tokens the host has just taken (None if none)."""
         seqs = [sched.scheduled[i][0] for i in sched.sample_indices]
         if not seqs:
             return None
         # The same sequences in the same rows as the step before (a steady decode batch), and nothing in its
         # metadata that moves with their outputs: that step's metadata serves again, with no per-row work
-        # (vLLM keeps its sampling tensors in a persistent batch for the same reason).
+        # (vLLM keeps its sampling tensors in a persistent batch for the same reason). Penalty counts move by
+        # the one token each row has sampled since: added on the device from that step's tokens.
         last = self._last_meta
-        if last is not None and last[1].outlives_step and same_rows(last[0], seqs):
+        steady = last is not None and same_rows(last[0], seqs)
+        num_outputs = None if steady and last[1].outlives_step else sum(s.num_output_tokens for s in seqs)
+        if num_outputs is None:
             meta = last[1]
+        elif (steady and last[1].counts_move_alone and num_outputs == last[2] + len(seqs) and previous is not None
+              and same_rows([previous.sched.scheduled[i][0] for i in previous.sched.sample_indices], seqs)):
+            meta = last[1]
+            meta.count_new_tokens(previous.token_ids)
         else:
             meta = SamplingMetadata.build(
                 [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                 [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
             )
-            self._last_meta = seqs, meta
+        self._last_meta = seqs, meta, num_outputs
         # After the previous step's update, so guided rows' grammars have taken every token before this one.
         meta.allowed_token_bitmask = self.structured_output.bitmask(seqs, self.device)
         return meta

@@ -62,6 +62,19 @@ class SamplingMetadata:
         ever shrinks): the next step over the same rows may reuse it."""
         return self.output_token_counts is None and self.min_tokens_banned is None
 
+    @property
+    def counts_move_alone(self) -> bool:
+        """True when the penalty counts are the one thing here that moves with the rows' outputs: the next step
+        over the same rows may reuse it once `count_new_tokens` has added the tokens sampled meanwhile."""
+        return self.output_token_counts is not None and self.min_tokens_banned is None
+
+    def count_new_tokens(self, token_ids: torch.Tensor) -> None:
+        """Row i has sampled token_ids[i] (B,) since: its output counts take it, in place on the device, where
+        a rebuild would copy every row's prompt and output again (vLLM's persistent batch keeps its penalty
+        counts the same way). Stream order puts this after the sampling that read the counts before."""
+        ids = token_ids.view(-1, 1).to(self.output_token_counts.device, torch.int64)
+        self.output_token_counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+
     @classmethod
     def build(
         cls,
