@@ -292,13 +292,3 @@ def test_byte_level_tokenizers_get_the_table_and_the_others_the_stream(per_byte,
         assert isinstance(detokenizer_for(tok), ByteTableDetokenizer)
         assert isinstance(detokenizer_for(tok, skip_special_tokens=False), ByteTableDetokenizer)
     assert isinstance(detokenizer_for(spm), IncrementalDetokenizer)
-
-
-@pytest.mark.slow
-def test_the_default_models_byte_table_matches_its_decode_for_every_id():
-    tok = default_model_tokenizer()
-    for skip in (True, False):
-        table = tok.token_bytes(skip)
-        assert table is not None and len(table) == tok.vocab_size
-        assert all(tok.decode([i], skip_special_tokens=skip) == table[i].decode("utf-8", "replace")
-                   for i in range(tok.vocab_size))

@@ -324,3 +324,27 @@ def test_default_model_matches_transformers():
     assert ours.encode("Hi there") == reference.encode("Hi there")  # same BOS decision
     ids = ours.encode(CORPUS[2])
     assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+
+
+def assert_token_bytes_decode_like_the_tokenizer(tok: Tokenizer) -> None:
+    """Each id's bytes (the table detokenizer.ByteTableDetokenizer streams from) decode to the tokenizer's own
+    decode of that id, special tokens skipped or kept."""
+    for skip in (True, False):
+        table = tok.token_bytes(skip)
+        assert table is not None and len(table) == tok.vocab_size
+        assert all(tok.decode([i], skip_special_tokens=skip) == table[i].decode("utf-8", "replace")
+                   for i in range(tok.vocab_size))
+
+
+def test_byte_level_token_bytes_decode_like_the_tokenizer(tok):
+    assert_token_bytes_decode_like_the_tokenizer(tok)  # tok is byte-level BPE
+
+
+@pytest.mark.slow
+def test_the_default_models_byte_table_matches_its_decode_for_every_id():
+    from kvtriton.backend.models.default_model import default_model_dir
+
+    folder = default_model_dir()
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"default model not converted yet at {folder}")
+    assert_token_bytes_decode_like_the_tokenizer(Tokenizer.from_pretrained(folder))
