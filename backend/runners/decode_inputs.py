@@ -41,7 +41,6 @@ class DecodeInputs:
         # Pinned staging buffers and the event of the copy that last read each (CUDA only).
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._recorded = [False, False]
         self._turn = 0
 
     def step(self, scheduled: Sequence[tuple[ScheduledSequence, int]]) -> StepInput | None:
@@ -72,7 +71,7 @@ class DecodeInputs:
                                self._tables[:b, :width].reshape(-1)])
         device = self._to_device(host)
         step = unpack_step(device[: 5 * b], device[5 * b :].view(b, width), b, b, [1] * b, context_lens.tolist(),
-                           -(-int(context_lens[-1] if b == 1 else context_lens.max()) // bs))
+                           -(-int(context_lens.max()) // bs))
         step.placeholders = [(i, i) for i in range(b)]
         return step
 
@@ -104,15 +103,14 @@ class DecodeInputs:
         if self.device.type != "cuda":
             return torch.from_numpy(host).to(self.device)  # a fresh tensor: the forward thread may still read the last
         turn, self._turn = self._turn, 1 - self._turn
-        if self._recorded[turn]:
-            self._copied[turn].synchronize()  # the copy two steps ago: it has long run, this returns at once
         staging = self._staging[turn]
+        if staging is not None:
+            self._copied[turn].synchronize()  # the copy two steps ago: it has long run, this returns at once
         if staging is None or staging.numel() < host.size:
             staging = self._staging[turn] = torch.empty(max(host.size, 4096), dtype=torch.int64, pin_memory=True)
             self._copied[turn] = torch.cuda.Event()
         staging.numpy()[: host.size] = host
         device = torch.empty(host.size, dtype=torch.int64, device=self.device)
         device.copy_(staging[: host.size], non_blocking=True)
-        self._copied[turn].record()
-        self._recorded[turn] = True
+        self._copied[turn].record()  # right after each copy from this buffer, so the wait above covers it
         return device
