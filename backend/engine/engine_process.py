@@ -11,7 +11,8 @@ Protocol (one duplex multiprocessing Pipe, pickled tuples, never a hand-made
 socket protocol):
   parent -> child: ("add", request_id, prompt_ids, params) | ("abort", request_id) | ("shutdown", timeout_s)
   child -> parent: ("ready", AdmissionLimits, model folder) | ("failed", message) once at start, then
-                   ("outputs", [RequestOutput, ...], EngineStats, healthy) once per engine step, and
+                   ("outputs", [RequestOutput's fields as a tuple, ...], EngineStats, healthy) once per engine
+                   step (outputs.request_output_fields), and
                    ("closed",) after shutdown.
 Requests are admitted (tokenized, checked against the limits the child sent)
 here, on the caller's thread, so a bad request fails at once as in-process.
@@ -29,7 +30,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.parallel_state import spawn_context
 from kvtriton.backend.engine.admission import Admission
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, EngineStats, LLMEngine
-from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, request_output_fields
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
@@ -138,8 +139,8 @@ class EngineProcess:
                 message = self._conn.recv()
                 if message[0] == "closed":
                     return
-                _, outputs, stats, healthy = message
-                self._deliver(outputs, stats)
+                _, rows, stats, healthy = message
+                self._deliver([RequestOutput(*row) for row in rows], stats)
                 self._healthy = healthy
         except (EOFError, OSError):
             if not self._closing:
@@ -198,7 +199,8 @@ class _StepOutputs:
         # Sent even when idle (the engine calls this every 0.1 s then): the parent's gauges flush on a timer
         # and must see the idle values.
         engine = self._engine_ref[0] if self._engine_ref else None
-        self._conn.send(("outputs", outputs, stats, engine is None or engine.is_healthy()))
+        self._conn.send(("outputs", [request_output_fields(out) for out in outputs], stats,
+                         engine is None or engine.is_healthy()))
 
 
 def _serve_engine(config: EngineConfig, conn) -> None:

@@ -41,13 +41,12 @@ class RequestOutput:
     first_token_time: float | None = None
     time: float = 0.0  # when this output was produced
 
-    def __reduce__(self):
-        # The engine process pickles every output of every step: a plain tuple of the fields is about 3x
-        # cheaper both ways than pickle's default for a slots dataclass (measured: 64 outputs 470 -> 180 us).
-        return RequestOutput, _request_output_fields(self)
 
-
-_request_output_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(RequestOutput)))
+# RequestOutput's fields as a plain tuple, in order (RequestOutput(*fields) rebuilds it): what the engine process
+# pickles for every output of every step. Against pickling the objects (even through a __reduce__ that returns
+# the same tuple) it halves the child's work: 64 outputs, 2-core EPYC, 55 -> 29 us a step (470 us with
+# pickle's default for a slots dataclass).
+request_output_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(RequestOutput)))
 
 
 class OutputSink(Protocol):
