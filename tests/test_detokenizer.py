@@ -99,10 +99,9 @@ def spm(tmp_path_factory) -> Tokenizer:
 
 def byte_table(tok, prompt_ids=None, skip_special_tokens=True):
     """ByteTableDetokenizer behind the other decoders' constructor; only byte-level tokenizers have a table."""
-    table = tok.token_bytes(skip_special_tokens)
-    if table is None:
+    if tok.token_bytes(skip_special_tokens) is None:
         pytest.skip("not a byte-level tokenizer: no byte table")
-    return ByteTableDetokenizer(table, skip_special_tokens)
+    return ByteTableDetokenizer(tok, skip_special_tokens)
 
 
 @pytest.fixture(autouse=True, params=[byte_table, IncrementalDetokenizer, WindowDetokenizer],

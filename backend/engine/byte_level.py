@@ -34,7 +34,8 @@ def token_bytes_table(backend: tokenizers.Tokenizer, skip_special_tokens: bool) 
     if not isinstance(backend.decoder, decoders.ByteLevel):
         return None
     byte_of = byte_of_char()
-    special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
+    added = backend.get_added_tokens_decoder()
+    special = {i for i, token in added.items() if token.special}
     table = []
     for i in range(backend.get_vocab_size(with_added_tokens=True)):
         token = backend.id_to_token(i)
@@ -44,7 +45,6 @@ def token_bytes_table(backend: tokenizers.Tokenizer, skip_special_tokens: bool) 
             table.append(bytes(byte_of[c] for c in token))
         else:
             table.append(token.encode())
-    added = backend.get_added_tokens_decoder().keys()
     for i in sorted(set(added) | set(range(0, len(table), SAMPLE_STRIDE))):
         if backend.decode([i], skip_special_tokens=skip_special_tokens) != table[i].decode("utf-8", "replace"):
             return None

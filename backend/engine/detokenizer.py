@@ -55,6 +55,11 @@ class _SequenceDecoder:
         if self._finished:
             raise RuntimeError("step() called after flush(); the sequence has ended")
 
+    def _close(self) -> bool:
+        """Mark the sequence ended; True the first time (flush's work is due), False after."""
+        was_open, self._finished = not self._finished, True
+        return was_open
+
 
 class WindowDetokenizer(_SequenceDecoder):
     """Per-sequence streaming decoder over a window of recent tokens; one instance per sequence,
@@ -103,9 +108,8 @@ class WindowDetokenizer(_SequenceDecoder):
 
     def flush(self) -> str:
         """At the end of the sequence: the held-back tail (invalid bytes show as U+FFFD)."""
-        if self._finished:
+        if not self._close():
             return ""
-        self._finished = True
         delta = self._text[self._emitted :]
         self._emitted = len(self._text)
         return delta
@@ -193,12 +197,10 @@ class IncrementalDetokenizer(_SequenceDecoder):
 
     def flush(self) -> str:
         """At the end of the sequence: the held-back tail (invalid bytes show as U+FFFD)."""
-        if self._window is not None:
-            self._finished = True
-            return self._window.flush()
-        if self._finished:
+        if not self._close():
             return ""
-        self._finished = True
+        if self._window is not None:
+            return self._window.flush()
         if not self._held:
             return ""
         # The tail's text is what it adds to the streamed context (a decoder may strip a first space).
@@ -213,34 +215,29 @@ class ByteTableDetokenizer(_SequenceDecoder):
     ones with U+FFFD as the tokenizer's decode does. A token's bytes do not depend on the ones before it, so
     the prompt gives no context and concatenated deltas equal `tokenizer.decode(output_ids)`."""
 
-    def __init__(self, table: tuple[bytes, ...], skip_special_tokens: bool = True) -> None:
-        self._table = table
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        """tokenizer: one with a byte table (Tokenizer.token_bytes is not None)."""
         super().__init__(skip_special_tokens)
+        self._tokenizer = tokenizer
+        self._table = tokenizer.token_bytes(skip_special_tokens)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
         self._check_open()
-        table = self._table
-        for i in new_ids:
-            if not 0 <= i < len(table):
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {len(table)})")
+        new_ids = self._tokenizer.checked_ids(new_ids)  # before any byte reaches the decoder: no trace if bad
         if len(new_ids) == 1:
-            return self._utf8.decode(table[new_ids[0]])
-        return self._utf8.decode(b"".join(table[i] for i in new_ids))
+            return self._utf8.decode(self._table[new_ids[0]])
+        return self._utf8.decode(b"".join(self._table[i] for i in new_ids))
 
     def flush(self) -> str:
         """At the end of the sequence: the bytes of an unfinished character, as U+FFFD."""
-        if self._finished:
-            return ""
-        self._finished = True
-        return self._utf8.decode(b"", final=True)
+        return self._utf8.decode(b"", final=True) if self._close() else ""
 
 
 def detokenizer_for(tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True
                     ) -> ByteTableDetokenizer | IncrementalDetokenizer:
     """The streaming decoder of one sequence: the byte table where the tokenizer has one, else DecodeStream."""
-    table = tokenizer.token_bytes(skip_special_tokens)
-    if table is not None:
-        return ByteTableDetokenizer(table, skip_special_tokens)
+    if tokenizer.token_bytes(skip_special_tokens) is not None:
+        return ByteTableDetokenizer(tokenizer, skip_special_tokens)
     return IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)

@@ -131,6 +131,7 @@ class LLMEngine:
             max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
             num_speculative_tokens=config.num_speculative_tokens))
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
+        self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = load(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
@@ -461,7 +462,7 @@ class LLMEngine:
             step = prepare_step(sched.scheduled, self.config.block_size, self.device)
         if step.placeholders:
             pending = self._pending  # placeholders exist only while the step that samples them is pending
-            before = [pending.sched.scheduled[i][0] for i in pending.sched.sample_indices]
+            before = pending.sched.sampled_seqs
             if len(step.placeholders) == step.input_ids.shape[0] and same_rows(before, [s for s, _ in sched.scheduled]):
                 # A steady decode batch: token j is row j's, sampled in row j of the step before.
                 step.input_ids.copy_(pending.token_ids)
@@ -480,7 +481,7 @@ class LLMEngine:
 
     def _sampling_metadata(self, sched: SchedulerOutput, previous: PendingStep | None) -> SamplingMetadata | None:
         """previous: the step whose tokens the host has just taken (None if none)."""
-        seqs = [sched.scheduled[i][0] for i in sched.sample_indices]
+        seqs = sched.sampled_seqs
         if not seqs:
             return None
         # The same sequences in the same rows as the step before (a steady decode batch), and nothing in its
@@ -489,18 +490,20 @@ class LLMEngine:
         # the one token each row has sampled since: added on the device from that step's tokens.
         last = self._last_meta
         steady = last is not None and same_rows(last[0], seqs)
-        num_outputs = None if steady and last[1].outlives_step else sum(s.num_output_tokens for s in seqs)
-        if num_outputs is None:
-            meta = last[1]
-        elif (steady and last[1].counts_move_alone and num_outputs == last[2] + len(seqs) and previous is not None
-              and same_rows([previous.sched.scheduled[i][0] for i in previous.sched.sample_indices], seqs)):
-            meta = last[1]
-            meta.count_new_tokens(previous.token_ids)
+        if steady and last[1].outlives_step:
+            meta, num_outputs = last[1], last[2]
         else:
-            meta = SamplingMetadata.build(
-                [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
-            )
+            num_outputs = sum(s.num_output_tokens for s in seqs)
+            # Counts may move on only if each row took exactly the one token `previous` sampled for it.
+            if (steady and last[1].counts_move_alone and num_outputs == last[2] + len(seqs)
+                    and previous is not None and same_rows(previous.sched.sampled_seqs, seqs)):
+                meta = last[1]
+                meta.count_new_tokens(previous.token_ids)
+            else:
+                meta = SamplingMetadata.build(
+                    [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                    [s.generator for s in seqs], [s.stop_token_ids for s in seqs], self._sample_vocab, self.device,
+                )
         self._last_meta = seqs, meta, num_outputs
         # After the previous step's update, so guided rows' grammars have taken every token before this one.
         meta.allowed_token_bitmask = self.structured_output.bitmask(seqs, self.device)

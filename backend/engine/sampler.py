@@ -72,7 +72,7 @@ class SamplingMetadata:
         """Row i has sampled token_ids[i] (B,) since: its output counts take it, in place on the device, where
         a rebuild would copy every row's prompt and output again (vLLM's persistent batch keeps its penalty
         counts the same way). Stream order puts this after the sampling that read the counts before."""
-        ids = token_ids.view(-1, 1).to(self.output_token_counts.device, torch.int64)
+        ids = token_ids.view(-1, 1)  # int64 on the counts' device: the sampler's argmax / sample
         self.output_token_counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
 
     @classmethod

@@ -57,6 +57,11 @@ class SchedulerOutput:
     sample_indices: list[int] = field(default_factory=list)
 
     @property
+    def sampled_seqs(self) -> list[Sequence]:
+        """The sequences of sample_indices, in that order: row j of the step's sampled tokens is the j-th."""
+        return [self.scheduled[i][0] for i in self.sample_indices]
+
+    @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 

@@ -78,7 +78,7 @@ class Tokenizer:
         self._eos_token_id = self._token_id(self.special_tokens.get("eos_token"), "eos_token")
         special_ids = {backend.token_to_id(tok) for tok in self.special_tokens.values()} - {None}
 
-        eos = set(self._checked_ids(extra_eos_token_ids, "eos_token_id"))
+        eos = set(self.checked_ids(extra_eos_token_ids, "eos_token_id"))
         if self._eos_token_id is not None:
             eos.add(self._eos_token_id)
         if not eos:
@@ -166,19 +166,19 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; bytes of an incomplete UTF-8 character show as U+FFFD."""
         return self._backend.decode(
-            self._checked_ids(ids, "token id"), skip_special_tokens=skip_special_tokens
+            self.checked_ids(ids, "token id"), skip_special_tokens=skip_special_tokens
         )
 
     def decode_stream(self, context_ids: Sequence[int], skip_special_tokens: bool = True) -> DecodeStream:
         """A streaming decoder whose text starts after `context_ids` (the prompt's tail): see stream_step."""
-        return DecodeStream(self._checked_ids(context_ids, "token id"), skip_special_tokens=skip_special_tokens)
+        return DecodeStream(self.checked_ids(context_ids, "token id"), skip_special_tokens=skip_special_tokens)
 
     def stream_step(self, stream: DecodeStream, ids: list[int]) -> str | None:
         """The text `ids` complete on `stream`, or None while a character is incomplete. Raises ValueError for
         an id outside the vocabulary (the stream is left as it was), InvalidPrefixError when the decoder's
         output stopped being monotonic (the stream is then unusable)."""
         try:
-            return stream.step(self._backend, self._checked_ids(ids, "token id"))
+            return stream.step(self._backend, self.checked_ids(ids, "token id"))
         except Exception as exc:
             if str(exc).startswith("Invalid prefix"):
                 raise InvalidPrefixError(str(exc)) from exc
@@ -197,7 +197,7 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry (not the text) of one id, e.g. 'Ġworld' for ' world'."""
-        self._checked_ids((token_id,), "token id")
+        self.checked_ids((token_id,), "token id")
         return self._backend.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
@@ -232,7 +232,8 @@ class Tokenizer:
             raise ValueError(f"{self._source}: {field} {token!r} is not in the vocabulary of tokenizer.json")
         return token_id
 
-    def _checked_ids(self, ids: Iterable[int], what: str) -> list[int]:
+    def checked_ids(self, ids: Iterable[int], what: str = "token id") -> list[int]:
+        """ids as a list; ValueError naming the first one outside the vocabulary."""
         # tokenizers silently drops unknown ids when decoding; an out-of-range id is a caller bug.
         # Per-token hot path (the detokenizer): no copy of a list, two C-level scans.
         if not isinstance(ids, list):
