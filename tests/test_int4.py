@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 from kvtriton.backend.models.gguf_quantized import decode_blocks, gguf_source
@@ -16,11 +17,11 @@ from kvtriton.backend.models.int4 import Int4Linear, pack_nibbles, quantize_grou
 from kvtriton.backend.models.int8 import Int8Linear
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS
 from kvtriton.backend.models.loader import load_model, resolve_quantization
-from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear, quantize_linears
+from kvtriton.backend.models.quantization import DenseRows, GroupQuantized, QuantizedLinear, quantize_linears
 from kvtriton.backend.runners.step_graph import StepGraph, example_inputs
 
 from tests.test_gguf_checkpoint import LAYERS, write_tiny_gguf
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_engine, make_tiny_model
 
 # The CPU kernels compute in bf16 (8 significant bits): the logits of a few-layer model stay within a
 # few percent of their range of the fp32 reference, and the top token agrees.
@@ -80,7 +81,7 @@ def test_inputs_of_many_rows_multiply_by_the_dense_copy(dtype, atol):
     layer = Int4Linear.from_linear(lin, 32)
     x = torch.randn(4, 128)
     kernel = layer(x)
-    size = layer.add_dense_weight(min_rows=4, dtype=dtype)
+    size = layer.add_dense_weight(4, dtype)
     assert size == 48 * 128 * dtype.itemsize and layer.dense_weight.dtype == dtype
     assert torch.equal(layer(x[:3]), kernel[:3])  # fewer rows: the kernel, as before
     dense = nn.functional.linear(x.to(dtype), layer.dequantized_weight().to(dtype)).float() + lin.bias
@@ -100,28 +101,77 @@ def test_load_model_gives_the_quantized_layers_dense_copies_on_the_cpu(tmp_path)
     assert_logits_close(model, plain, input_ids=torch.arange(3, 35)[None], top1=False)  # 32 rows: the copies
 
 
-def test_dense_copies_auto_are_fp32_on_a_cpu_without_native_bf16_and_none_with_it(tmp_path, monkeypatch):
+def test_dense_copies_auto_are_fp32_without_native_bf16_and_bf16_for_decode_batches_with_it(tmp_path, monkeypatch):
     import kvtriton.backend.models.loader as loader
 
     folder = make_tiny_model(tmp_path / "tiny")
+
+    def copied(model):
+        return [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_weight is not None]
+
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
     model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_weight is not None]
-    assert layers and all(m.dense_weight.dtype == torch.float32 and m.dense_min_rows == loader.AUTO_DENSE_MIN_ROWS
-                          for m in layers)
+    auto = loader.AUTO_DENSE_MIN_ROWS
+    assert copied(model) and all(m.dense_weight.dtype == torch.float32 for m in copied(model))
+    assert (model.dense_rows.decode, model.dense_rows.prefill) == (auto, auto)
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
     model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
-    assert all(m.dense_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
-    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)  # asked for: bf16 there
-    assert all(m.dense_weight.dtype == torch.bfloat16 for m in model.layers.modules() if isinstance(m, QuantizedLinear))
+    assert copied(model) and all(m.dense_weight.dtype == torch.bfloat16 for m in copied(model))
+    assert (model.dense_rows.decode, model.dense_rows.prefill) == (loader.AUTO_BF16_DECODE_ROWS,
+                                                                   loader.AUTO_BF16_PREFILL_ROWS)
+    assert all(m.dense_rows is model.dense_rows for m in copied(model))  # one rule: the runner marks prefill once
+    model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)  # asked for: every step
+    assert (model.dense_rows.decode, model.dense_rows.prefill) == (24, 24)
+    assert load_model(folder, quantization="int4", group_size=64, dense_min_rows=0).dense_rows is None
 
 
-def test_a_head_that_reads_the_tied_table_in_batches_gets_no_dense_copy(tmp_path):
+def test_dense_rows_give_prefill_steps_their_own_threshold():
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(nn.Linear(128, 48), 32)
+    x = torch.randn(8, 128)
+    kernel = layer(x)
+    rows = DenseRows(decode=4, prefill=64)
+    layer.add_dense_weight(rows, torch.float32)
+    copy = nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    assert torch.equal(layer(x), copy)  # a decode step of 8 sequences: the copy
+    with rows.prefill_step():
+        assert torch.equal(layer(x), kernel)  # 8 prompt tokens: the kernel
+    assert torch.equal(layer(x), copy) and not rows.in_prefill
+
+
+def test_the_runner_takes_the_prefill_threshold_in_steps_that_are_not_decode_only(tiny_folder, monkeypatch):
+    engine = make_tiny_engine(tiny_folder, quantization="int4", cpu_dense_min_rows=2)
+    seen = []
+    rows = engine.runner.model.dense_rows
+    monkeypatch.setattr(DenseRows, "min_rows", lambda self: seen.append(self.in_prefill) or 2)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        engine.generate([[5, 6, 7, 8], [9, 10, 11]], params)
+    finally:
+        engine.shutdown()
+    assert rows is not None and True in seen and False in seen  # the prompts' step, then the decode steps
+    assert not rows.in_prefill
+
+
+def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf16_one(tmp_path, monkeypatch):
+    import kvtriton.backend.models.loader as loader
+
     write_tiny_gguf(tmp_path / "tiny.gguf")
     folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)  # fp32 copies: the table is the same numbers
     model = load_model(folder, quantization="int4", gguf=tmp_path / "tiny.gguf", dense_min_rows=TIED_TABLE_ROWS)
     assert model.tied_table_serves_head() and model.lm_head.dense_weight is None
     assert model.layers[0].mlp.down_proj.dense_weight is not None
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)  # bf16 copies: the head's is the faster one
+    model = load_model(folder, quantization="int4", gguf=tmp_path / "tiny.gguf", dense_min_rows=TIED_TABLE_ROWS)
+    head = model.lm_head
+    assert head.dense_weight.dtype == torch.bfloat16
+    hidden = torch.randn(TIED_TABLE_ROWS, head.in_features)
+    copy = nn.functional.linear(hidden.bfloat16(), head.dense_weight).float()
+    assert torch.equal(model.compute_logits(hidden), copy)
+    model.dense_rows.prefill = TIED_TABLE_ROWS + 1
+    with model.dense_rows.prefill_step():  # as many rows of prompt tokens, below their threshold: the table
+        assert torch.equal(model.compute_logits(hidden), torch.mm(model.embed_tokens.weight, hidden.T).T)
 
 
 def test_group_size_that_does_not_divide_the_inputs_is_refused_with_the_sizes_that_do():

@@ -169,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_inputs, self.attention_output = attention_inputs, attention_output
+        self.dense_rows = None  # CPU, quantized layers with dense copies: their DenseRows (models/loader.py)
 
     def compile_layers(self) -> None:
         """torch.compile the per-layer work around attention (regional compilation): one compiled graph
@@ -220,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
         if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
             return head.weight
         if self.tied_table_serves_head() and hidden.device.type == "cpu" and not torch.jit.is_tracing() \
-                and hidden.shape[0] >= TIED_TABLE_ROWS:
+                and hidden.shape[0] >= TIED_TABLE_ROWS and not head.dense_copy_serves(hidden.shape[0]):
             return table
         return None
 

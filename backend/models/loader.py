@@ -24,6 +24,7 @@ from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
     DEFAULT_GROUP_SIZE,
     SCHEMES,
+    DenseRows,
     GroupQuantized,
     QuantizedLinear,
     quantize_linears,
@@ -33,6 +34,10 @@ log = logging.getLogger("kvtriton")
 # cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
+# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (the default model's
+# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens (a
+# prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which dequantize for a GEMM from 256).
+AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 256
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -101,34 +106,48 @@ def cpu_has_native_bf16() -> bool:
 def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
     `min_rows` rows (prefill chunks, decode batches of that many sequences). min_rows -1 (auto):
-    AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; none where it would be bf16.
+    AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; where it is bf16, decode
+    batches of AUTO_BF16_DECODE_ROWS sequences and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
-    weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a CPU with AVX-512 BF16 the
-    default model's matmuls took, at 32 rows, int4 70 ms and int8 109 ms against 59 ms for a dense bf16 matmul,
-    and at 512 rows int4 1,058 ms against 400 (benchmarks/quant_kernels_bench.py). On a 2-core AVX2 EPYC (no
+    weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a 2-core Sapphire Rapids (AMX)
+    the default model's matmuls took, at 1 / 8 / 12 / 16 / 32 / 64 rows, int4 5.0 / 14.7 / 21.5 / 26.7 / 51.7 /
+    100 ms against 20.8 / 21.4 / 21.5 / 21.9 / 23.7 / 28.7 ms for dense bf16 copies. On a 2-core AVX2 EPYC (no
     native bf16; dense bf16 5-10x slower than fp32 there) the engine's int4 steps, the copies' and the kernel's
     alternated in one process, took at 32 / 48 / 64 decode rows 180 / 240 / 282 ms with fp32 copies against
     162 / 240 / 329 ms with the kernel, and a 512-token prefill chunk 0.9 s against 1.7 s. So a batch
     multiplies by the copy, as vLLM's AWQ layers dequantize for a GEMM from 256 tokens on; the copy is kept
-    rather than made per call, which costs more time than it saves below a few hundred rows. It is bf16 where
-    the CPU multiplies bf16 natively (2 bytes a weight, rounded: greedy output may move at near-ties, so
-    opt-in there), else fp32 (4 bytes a weight, the exact dequantized weight). Either way a batch's numbers
-    differ from one sequence's kernel in the last bits, as the logits' do from 16 rows (models/llama.py
-    SKINNY_LOGITS_ROWS)."""
+    rather than made per call, which costs more time than it saves below a few hundred rows.
+
+    It is bf16 where the CPU multiplies bf16 natively (2 bytes a weight), else fp32 (4 bytes a weight, the exact
+    dequantized weight). The bf16 copy rounds each weight where the kernel rounds its activations, scales and
+    zero points to bf16: as close to the fp32 model on average (the default model's teacher-forced text: mean
+    logit error 0.077 against the kernel's 0.068, top-1 agreement 97.5% against 96.7%), but greedy output
+    moves at near-ties, and the default model's answer to "What is the capital of France?" starts at one. So
+    auto keeps a short prompt on the kernel (prefill from AUTO_BF16_PREFILL_ROWS tokens): one request alone
+    computes what it did without copies, and a batch's numbers differ from it in the last bits, as the
+    logits' do from 16 rows (models/llama.py TIED_TABLE_ROWS) and as vLLM's kernels differ by batch size."""
     native_bf16 = cpu_has_native_bf16()
     if min_rows < 0:
-        min_rows = 0 if native_bf16 else AUTO_DENSE_MIN_ROWS
-    if not min_rows:
+        rows = DenseRows(AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS) if native_bf16 else \
+            DenseRows(AUTO_DENSE_MIN_ROWS, AUTO_DENSE_MIN_ROWS)
+    elif min_rows:
+        rows = DenseRows(min_rows, min_rows)
+    else:
         return
     dtype = torch.bfloat16 if native_bf16 else torch.float32
-    # A head whose batches read the embedding's float table instead (llama.py TIED_TABLE_ROWS) gets no copy.
-    unread = model.lm_head if model.tied_table_serves_head() and min_rows >= TIED_TABLE_ROWS else None
+    # A head whose batches read the embedding's float table (llama.py TIED_TABLE_ROWS) gets no fp32 copy: the table
+    # holds the same numbers. A bf16 copy it does get: at 32 rows of the default model's head it took 2.9 ms
+    # against the fp32 table's 9.5 (Sapphire Rapids), and its logits are rounded to bf16 as the kernel's are.
+    unread = model.lm_head if model.tied_table_serves_head() and dtype == torch.float32 \
+        and min(rows.decode, rows.prefill) >= TIED_TABLE_ROWS else None
     layers = [m for m in model.modules()
               if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel and m is not unread]
-    size = sum(layer.add_dense_weight(min_rows, dtype) for layer in layers)
-    log.info("weights: a %s copy of %d quantized layers for inputs of >= %d rows (%.0f MB)",
-             str(dtype).removeprefix("torch."), len(layers), min_rows, size / 1e6)
+    size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)
+    model.dense_rows = rows
+    log.info("weights: a %s copy of %d quantized layers for decode steps of >= %d sequences and other steps of >= "
+             "%d tokens (%.0f MB)", str(dtype).removeprefix("torch."), len(layers), rows.decode, rows.prefill,
+             size / 1e6)
 
 
 def resolve_quantization(quantization: str, checkpoint: str, device: torch.device) -> tuple[str | None, Path | None]:

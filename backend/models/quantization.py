@@ -16,6 +16,7 @@ so its blocks are held exactly); each kernel takes them in the dtype it needs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,29 @@ class GroupQuantized:
                               cat("zero_point", 8), cat("offset", 0.0), first.group_size, "+".join(sources))
 
 
+class DenseRows:
+    """From how many rows the quantized layers of a model multiply by their dense copies (add_dense_weight):
+    `decode` in a decode-only step, whose rows are sequences, and `prefill` in any other, whose rows are
+    tokens. Two numbers because a copy that rounds (bf16) should serve a batch of many requests, where it
+    pays most, without changing what one request's prompt computes (loader.add_dense_weights). All the
+    layers of a model share one; the runner marks the steps that are not decode-only (`prefill_step`)."""
+
+    def __init__(self, decode: int, prefill: int):
+        self.decode, self.prefill = decode, prefill
+        self.in_prefill = False
+
+    def min_rows(self) -> int:
+        return self.prefill if self.in_prefill else self.decode
+
+    @contextlib.contextmanager
+    def prefill_step(self):
+        self.in_prefill = True
+        try:
+            yield
+        finally:
+            self.in_prefill = False
+
+
 class QuantizedLinear(nn.Module):
     """Drop-in for nn.Linear with quantized weights: subclasses give the matmul and the dequantized weight.
 
@@ -93,9 +117,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.register_buffer("bias", bias)
-        # A dense copy of the dequantized weight, for inputs of at least dense_min_rows rows (add_dense_weight).
+        # A dense copy of the dequantized weight, for inputs of as many rows as dense_rows says (add_dense_weight).
         self.register_buffer("dense_weight", None, persistent=False)
-        self.dense_min_rows = 0
+        self.dense_rows: DenseRows | None = None
 
     @property
     def matmul_on_cpu_kernel(self) -> bool:
@@ -110,18 +134,27 @@ class QuantizedLinear(nn.Module):
         """(out, in) fp32: what the layer multiplies by, for tests, references and error reports."""
         raise NotImplementedError
 
-    def add_dense_weight(self, min_rows: int, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Keep the dequantized weight in `dtype` beside the quantized one, and multiply inputs of at least
-        `min_rows` rows by it (a dense matmul is compute-bound there, where the quantized kernel is not the
-        fastest: see loader.add_dense_weights). Returns the copy's bytes."""
+    @property
+    def dense_min_rows(self) -> int:
+        """From how many rows a decode step multiplies by the dense copy (0: no copy)."""
+        return self.dense_rows.decode if self.dense_rows is not None else 0
+
+    def dense_copy_serves(self, rows: int) -> bool:
+        """Whether an input of `rows` rows multiplies by the dense copy in this step."""
+        return self.dense_weight is not None and rows >= self.dense_rows.min_rows()
+
+    def add_dense_weight(self, rows: "DenseRows | int", dtype: torch.dtype = torch.bfloat16) -> int:
+        """Keep the dequantized weight in `dtype` beside the quantized one, and multiply inputs of as many rows
+        as `rows` says by it (an int: that many, in any step), where a dense matmul beats the quantized kernel
+        (see loader.add_dense_weights). Returns the copy's bytes."""
         self.dense_weight = self.dequantized_weight().to(dtype)
-        self.dense_min_rows = min_rows
+        self.dense_rows = rows if isinstance(rows, DenseRows) else DenseRows(rows, rows)
         return self.dense_weight.numel() * self.dense_weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        if self.dense_weight is not None and rows.shape[0] >= self.dense_min_rows:
+        if self.dense_copy_serves(rows.shape[0]):
             out = F.linear(rows.to(self.dense_weight.dtype), self.dense_weight).to(x.dtype)  # (M, out)
         else:
             out = self.matmul(rows).to(x.dtype)
