@@ -115,7 +115,10 @@ def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
     return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
 
 
-def fp8_tiles(m: int, k: int) -> list[Tile]:
+def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
+    """Candidates: the heuristic's and broadcast GEMV tiles (<= 8 rows); tl.dot tiles of fixed splits, and, as
+    int4_tiles, of 32-128 outputs by 64-256 inputs per stage, split along K until there are 132+ programs (a
+    64-row o_proj of 2,048 outputs in 64-wide tiles is 32 programs on 132 SMs otherwise)."""
     tiles = set()
     if m <= 8:
         tiles.add(fp8_heuristic(m, 2048, k))
@@ -126,7 +129,10 @@ def fp8_tiles(m: int, k: int) -> list[Tile]:
     bm = max(16, triton.next_power_of_2(m))
     for bn, bk, split, warps in ((32, 128, 2, 4), (64, 128, 1, 4), (32, 256, 4, 4), (64, 256, 2, 8)):
         tiles.add(Tile(bm, bn, bk, split, warps, True))
-    return [t for t in tiles if t is not None]
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
+            tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
+    return [t for t in tiles if t is not None and k % (t.block_k * t.split_k) == 0]
 
 
 # One int4 row through kernels/int4_gemv.py instead: ("gemv", ROWS, GT, num_warps or None = one word a thread).
@@ -188,7 +194,7 @@ def time_shape(name, n, k, op, rows, results, log):
             return call
 
         best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
-        best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, k)})
+        best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)})
         best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
             x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
             for tile in int4_tiles(m, n, k)})

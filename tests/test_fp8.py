@@ -141,3 +141,12 @@ def test_quantized_engine_on_cuda_decodes_like_bf16(tiny, quantization):
             engine.shutdown()
     same = sum(a == b for e, g in zip(outputs["none"], outputs[quantization]) for a, b in zip(e, g))
     assert same >= 0.8 * sum(map(len, outputs["none"])), outputs
+
+
+def test_only_attention_output_projections_quantize_their_input_outside_the_compiled_graph(tiny):
+    """o_proj's input is the attention kernel's output, which no compiled kernel makes: its layer quantizes
+    with the one-launch Triton op even under torch.compile; the others leave it to inductor's fusion."""
+    model = load_model(tiny, quantization="fp8")
+    layer = model.layers[0]
+    assert layer.self_attn.o_proj.unfused_input
+    assert not any(m.unfused_input for m in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))

@@ -28,33 +28,40 @@ CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
 
 # ("fp8", rows bucket, N, K) -> Tile fields, or CUBLAS; printed by benchmarks/quant_kernels_bench.py --device
 # cuda from an H200 sweep. N is the weight's padded row count (a multiple of 16). Empty: `heuristic_tile`.
-# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda
+# --rows 1,2,4,16,64; rows 16-64 again (--rows 16,32,64, 2026-12-03) with pipeline depths and split-K among the
+# candidates (7 fields).
 TILES: dict[tuple[str, int, int, int], tuple] = {
-    ('fp8', 1, 3072, 2048): (1, 2, 2048, 1, 1, False),
     ('fp8', 1, 2048, 2048): (1, 2, 2048, 1, 1, False),
-    ('fp8', 1, 16384, 2048): (1, 2, 2048, 1, 1, False),
     ('fp8', 1, 2048, 8192): (1, 2, 2048, 1, 1, False),
+    ('fp8', 1, 3072, 2048): (1, 2, 2048, 1, 1, False),
+    ('fp8', 1, 16384, 2048): (1, 2, 2048, 1, 1, False),
     ('fp8', 1, 49152, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 2, 3072, 2048): (2, 2, 2048, 1, 1, False),
     ('fp8', 2, 2048, 2048): (2, 2, 2048, 1, 1, False),
-    ('fp8', 2, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 2, 2048, 8192): (2, 2, 2048, 1, 1, False),
+    ('fp8', 2, 3072, 2048): (2, 2, 2048, 1, 1, False),
+    ('fp8', 2, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 2, 49152, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 4, 3072, 2048): (4, 4, 1024, 1, 1, False),
     ('fp8', 4, 2048, 2048): (4, 2, 2048, 1, 1, False),
-    ('fp8', 4, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 4, 2048, 8192): (16, 32, 256, 4, 4, True),
+    ('fp8', 4, 3072, 2048): (4, 4, 1024, 1, 1, False),
+    ('fp8', 4, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 4, 49152, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 16, 3072, 2048): (16, 32, 256, 4, 4, True),
-    ('fp8', 16, 2048, 2048): (16, 32, 256, 4, 4, True),
-    ('fp8', 16, 16384, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 16, 2048, 8192): (16, 32, 256, 4, 4, True),
-    ('fp8', 16, 49152, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 64, 3072, 2048): (64, 64, 128, 1, 4, True),
-    ('fp8', 64, 2048, 2048): (64, 64, 128, 1, 4, True),
-    ('fp8', 64, 16384, 2048): (64, 64, 128, 1, 4, True),
-    ('fp8', 64, 2048, 8192): (64, 32, 256, 4, 4, True),
-    ('fp8', 64, 49152, 2048): (64, 64, 128, 1, 4, True),
+    ('fp8', 16, 2048, 2048): (16, 32, 128, 4, 4, True, 4),
+    ('fp8', 16, 2048, 8192): (16, 64, 128, 8, 4, True, 4),
+    ('fp8', 16, 3072, 2048): (16, 64, 256, 2, 8, True, 3),
+    ('fp8', 16, 16384, 2048): (16, 64, 256, 1, 4, True, 3),
+    ('fp8', 16, 49152, 2048): (16, 128, 256, 1, 4, True, 3),
+    ('fp8', 32, 2048, 2048): (32, 32, 128, 4, 4, True, 4),
+    ('fp8', 32, 2048, 8192): (32, 64, 128, 8, 4, True, 4),
+    ('fp8', 32, 3072, 2048): (0, 0, 0),
+    ('fp8', 32, 16384, 2048): (32, 64, 256, 1, 4, True, 3),
+    ('fp8', 32, 49152, 2048): (32, 128, 128, 1, 4, True, 4),
+    ('fp8', 64, 2048, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('fp8', 64, 2048, 8192): (64, 32, 256, 4, 4, True, 3),
+    ('fp8', 64, 3072, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('fp8', 64, 16384, 2048): (64, 64, 256, 1, 4, True, 3),
+    ('fp8', 64, 49152, 2048): (64, 64, 128, 1, 4, True, 4),
 }
 
 
@@ -124,7 +131,8 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
-                      EVEN_K=k % (tile.block_k * tile.split_k) == 0, num_warps=tile.warps)
+                      EVEN_K=k % (tile.block_k * tile.split_k) == 0, num_warps=tile.warps,
+                      num_stages=tile.stages)
     return out if tile.split_k == 1 else out.sum(0).to(out_dtype)
 
 
