@@ -5,7 +5,7 @@ int4) runs ~2,200 small ops a token at several microseconds each, about as long 
 sequence. Inductor compiles a layer (RMSNorm, qkv, RoPE, the paged-KV write and gather, attention,
 o_proj, the SwiGLU MLP, residuals) into a few fused C++ loops around the same aten matmul and attention
 kernels; vLLM's CPU backend compiles its model with inductor for the same reason. One graph serves every
-group of LAYERS_PER_GRAPH layers (their weights are the graph's inputs: regional compilation), so a load
+group of up to MAX_LAYERS_PER_GRAPH layers (their weights are the graph's inputs: regional compilation), so a load
 compiles in seconds rather than the minute a whole-model graph takes on two cores. A group rather than one
 layer because each call of a compiled graph costs ~0.1 ms of dynamo's guards and wrappers: the default model's
 one-sequence step took 14.3 ms with a graph a layer, 12.9 with two, 10.6 with six, 10.2 with ten (2-core
@@ -37,7 +37,6 @@ import torch
 from kvtriton.backend.attention.kv_cache import write_kv
 from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask, pad_decode_tables
 from kvtriton.backend.models.llama import SKINNY_ROWS
-from kvtriton.backend.models.quantization import QuantizedLinear
 
 log = logging.getLogger("kvtriton")
 MAX_LAYERS_PER_GRAPH = 6  # a group is the largest divisor of the layer count up to this: one graph for all groups
@@ -74,10 +73,13 @@ class CompiledDecode:
                 x = x + delta
             return x
 
-        self.group = layers_per_graph(len(model.layers))
+        # Each call's layers and their KV pools, fixed for the runner's life: one graph serves every group.
+        size = layers_per_graph(len(model.layers))
+        self._groups = [(list(model.layers[i:i + size]), kv.k[i:i + size], kv.v[i:i + size])
+                        for i in range(0, len(model.layers), size)]
         self._layers = torch.compile(decoder_layers, dynamic=True, fullgraph=True)
         started = time.monotonic()
-        dense_rows = {m.dense_min_rows for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_min_rows}
+        dense_rows = {model.dense_rows.decode} if model.dense_rows is not None else set()
         # The on-disk compile caches (inductor's, AOTAutograd's) replay the shape guards of the compile that wrote
         # an entry, and these carry the dense copies' row count, which their keys do not: after a load with
         # another cpu_dense_min_rows the batch graph guarded 2 <= B <= 15 instead of B < 48, and the steps
@@ -129,8 +131,6 @@ class CompiledDecode:
         x = model.embed_tokens(ids)  # (B, hidden)
         rope = model.rotary(positions)
         mask = decode_mask(context_lens, tables.shape[1] * kv.block_size)  # one for all layers
-        for i in range(0, len(model.layers), self.group):
-            end = i + self.group
-            x = self._layers(list(model.layers[i:end]), rope, x, kv.k[i:end], kv.v[i:end], slots, tables, mask,
-                             self.scale)
+        for layers, k_pools, v_pools in self._groups:
+            x = self._layers(layers, rope, x, k_pools, v_pools, slots, tables, mask, self.scale)
         return model.compute_logits(model.norm(x))

@@ -272,8 +272,8 @@ class TorchRunner:
         """The step without CUDA graphs: every prefill and mixed step, and the reference the graphs are tested
         against. -> logits (M, V) fp32 of step.last_token_indices."""
         attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel)
-        rows = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
-        with rows.prefill_step() if rows is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
+        dense = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
+        with dense.prefill_step() if dense is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
             hidden = self.model(step.input_ids, step.positions, attn)
             return self.model.compute_logits(hidden[step.last_token_indices])  # (M, V)
 
