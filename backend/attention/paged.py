@@ -48,11 +48,14 @@ class PagedAttention:
     """AttentionContext over a KVCache for one step (see models.llama.AttentionContext)."""
 
     def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float, varlen_kernel: bool = False,
-                 query_start: torch.Tensor | None = None, max_query_len: int = 0):
+                 query_start: torch.Tensor | None = None, max_query_len: int = 0, decode_attention_fn=None):
         """varlen_kernel: prefill steps take the Triton varlen kernel (needs triton and a CUDA cache).
         query_start (B + 1,) and max_query_len: the varlen kernel's, given rather than made from meta's host lists
-        (a CUDA graph's static buffer, and the bound its grid is captured for)."""
+        (a CUDA graph's static buffer, and the bound its grid is captured for). decode_attention_fn: what attends
+        the decode rows, with `decode_attention`'s signature (the CPU's compiled decode passes its own,
+        attention/cpu_decode.py)."""
         self.cache, self.meta, self.scale, self.varlen_kernel = cache, meta, scale, varlen_kernel
+        self._decode_attention = decode_attention_fn or decode_attention
         self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step
         self._query_start = query_start  # (B + 1,) the varlen kernel's: given, or built once per step
         self._max_query_len = max_query_len
@@ -93,7 +96,7 @@ class PagedAttention:
         tables = pad_decode_tables(tables)
         if self._decode_mask is None:
             self._decode_mask = decode_mask(self.meta.context_lens[: q.shape[0]], tables.shape[1] * k_pool.shape[1])
-        return decode_attention(q, k_pool, v_pool, tables, self._decode_mask, self.scale)
+        return self._decode_attention(q, k_pool, v_pool, tables, self._decode_mask, self.scale)
 
     def _prefill(self, q, k_pool, v_pool, seq: int, ctx: int):
         """q (T, H, D): the last T tokens of a context of ctx tokens (earlier ones cached)."""

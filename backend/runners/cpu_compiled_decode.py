@@ -1,18 +1,19 @@
 """CompiledDecode: the CPU's decode step with its decoder layers run a few at a time through torch.compile'd graphs.
 
-On a CPU an eager decode step of a small model is mostly PyTorch dispatch: the default model (30 layers,
-int4) runs ~2,200 small ops a token at several microseconds each, about as long as its matmuls at one
-sequence. Inductor compiles a layer (RMSNorm, qkv, RoPE, the paged-KV write and gather, attention,
-o_proj, the SwiGLU MLP, residuals) into a few fused C++ loops around the same aten matmul and attention
-kernels; vLLM's CPU backend compiles its model with inductor for the same reason. One graph serves every
-group of up to MAX_LAYERS_PER_GRAPH layers (their weights are the graph's inputs: regional compilation), so a load
-compiles in seconds rather than the minute a whole-model graph takes on two cores. A group rather than one
+On a CPU an eager decode step of a small model is mostly PyTorch dispatch: the default model (30 layers, int4)
+runs ~2,200 small ops a token at several microseconds each, about as long as its matmuls at one sequence.
+Inductor compiles a layer (RMSNorm, qkv, RoPE, the paged-KV write, attention read in place from the pools
+(attention/cpu_decode.py), o_proj, the SwiGLU MLP, residuals) into a few fused C++ loops around the same aten
+matmul kernels; vLLM's CPU backend compiles its model with inductor for the same reason. One graph serves every
+group of up to MAX_LAYERS_PER_GRAPH layers (their weights are the graph's inputs: regional compilation), so a
+load compiles in seconds rather than the minute a whole-model graph takes on two cores. A group rather than one
 layer because each call of a compiled graph costs ~0.1 ms of dynamo's guards and wrappers: the default model's
 one-sequence step took 14.3 ms with a graph a layer, 12.9 with two, 10.6 with six, 10.2 with ten (2-core
 Sapphire Rapids), the six-layer graph compiling in ~8 s where one layer took ~2.
 
 The logits are the eager step's bit for bit (tests/test_cpu_compiled_decode.py): the graph keeps aten's
-matmul and attention kernels, and RMSNorm's reduction stays aten's (models/llama.py `mean_square`), since
+matmul kernels, the eager steps attend decode rows through the same attention loops compiled on their own
+(`eager_attention`), and RMSNorm's reduction stays aten's (models/llama.py `mean_square`), since
 inductor's own sums in another order and a 1-ulp change, rounded to bf16 before an int4 matmul, can move a
 greedy token. So greedy output does not depend on whether a step ran compiled.
 
@@ -34,8 +35,10 @@ import time
 
 import torch
 
+from kvtriton.backend.attention.cpu_decode import CompiledDecodeAttention, decode_attention_in_place
 from kvtriton.backend.attention.kv_cache import write_kv
-from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_attention, decode_mask, pad_decode_tables
+from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_mask, pad_decode_tables
+from kvtriton.backend.kernels.no_recompile import without_recompile
 from kvtriton.backend.models.llama import SKINNY_ROWS
 
 log = logging.getLogger("kvtriton")
@@ -69,7 +72,8 @@ class CompiledDecode:
             for layer, k_pool, v_pool in zip(layers, k_pools, v_pools):
                 x, q, k, v = attention_inputs(layer, rope, x, None)  # one graph holds whole layers: their add here
                 write_kv(k_pool, v_pool, slots, k, v)
-                x, delta = attention_output(layer, x, decode_attention(q, k_pool, v_pool, tables, mask, scale))
+                attended = decode_attention_in_place(q, k_pool, v_pool, tables, mask, scale)
+                x, delta = attention_output(layer, x, attended)
                 x = x + delta
             return x
 
@@ -78,6 +82,9 @@ class CompiledDecode:
         self._groups = [(list(model.layers[i:i + size]), kv.k[i:i + size], kv.v[i:i + size])
                         for i in range(0, len(model.layers), size)]
         self._layers = torch.compile(decoder_layers, dynamic=True, fullgraph=True)
+        # The eager steps' decode rows (mixed prefill + decode steps) attend through the same loops: the runner
+        # hands this to their PagedAttention (attention/cpu_decode.py).
+        self.eager_attention = CompiledDecodeAttention()
         started = time.monotonic()
         dense_rows = {model.dense_rows.decode} if model.dense_rows is not None else set()
         # The on-disk compile caches (inductor's, AOTAutograd's) replay the shape guards of the compile that wrote
@@ -100,6 +107,8 @@ class CompiledDecode:
         inputs[2].fill_(self.scratch_block * self.kv.block_size)
         inputs[3].fill_(1)
         self._run(*inputs, self._tables[: batch * MIN_DECODE_TABLE_WIDTH].view(batch, MIN_DECODE_TABLE_WIDTH))
+        if batch <= 2:  # the eager attention's two graphs
+            self.eager_attention.warm_up(batch, self.model.config.num_heads, self.kv.k[0], self.kv.v[0], self.scale)
 
     def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""
@@ -112,16 +121,13 @@ class CompiledDecode:
         w = max(width, MIN_DECODE_TABLE_WIDTH)
         table = self._tables[: b * w].view(b, w)
         table.copy_(pad_decode_tables(tables))
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self._run(*inputs, table)
-        except RuntimeError as exc:
-            if not str(exc).startswith("Detected recompile"):
-                raise
-            # A step no graph fits: eagerly, said (a layer may already have written its K/V: the same values).
-            if not self.eager_steps:
-                log.warning("cpu_compile_decode: a decode step fits no compiled graph; such steps run eagerly. %s", exc)
-            self.eager_steps += 1
+        logits, why = without_recompile(self._run, *inputs, table)
+        if why is None:
+            return logits
+        # A step no graph fits: eagerly, said (a layer may already have written its K/V: the same values).
+        if not self.eager_steps:
+            log.warning("cpu_compile_decode: a decode step fits no compiled graph; such steps run eagerly. %s", why)
+        self.eager_steps += 1
         with torch.compiler.set_stance("force_eager"):
             return self._run(*inputs, table)
 

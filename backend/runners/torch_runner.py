@@ -271,7 +271,8 @@ class TorchRunner:
     def execute_eager(self, step: StepInput) -> torch.Tensor:
         """The step without CUDA graphs: every prefill and mixed step, and the reference the graphs are tested
         against. -> logits (M, V) fp32 of step.last_token_indices."""
-        attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel)
+        attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel,
+                              decode_attention_fn=self._eager_decode_attention())
         dense = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
         with dense.prefill_step() if dense is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
             hidden = self.model(step.input_ids, step.positions, attn)
@@ -358,7 +359,13 @@ class TorchRunner:
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
             context_lens_host=[], decode_context_blocks=0, decode_only=True,
         )
-        return self.model.compute_logits(self.model(ids, positions, PagedAttention(self.kv, meta, self.scale)))
+        attn = PagedAttention(self.kv, meta, self.scale, decode_attention_fn=self._eager_decode_attention())
+        return self.model.compute_logits(self.model(ids, positions, attn))
+
+    def _eager_decode_attention(self):
+        """What eager steps attend decode rows with: the compiled decode's own attention where there is one (the
+        same bits as its steps), else PagedAttention's default."""
+        return self.compiled_decode.eager_attention if self.compiled_decode is not None else None
 
     def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
         def run():
