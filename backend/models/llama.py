@@ -71,20 +71,15 @@ class RMSNorm(nn.Module):
 
 
 def mean_square(x: torch.Tensor) -> torch.Tensor:
-    """x.pow(2).mean(-1, keepdim=True). Compiled for the CPU it stays aten's reduction (an opaque op): inductor's
-    own sums in another order, ~1 ulp, which the rounding to bf16 before an int4 matmul can turn into a moved
-    greedy token; the CPU's compiled decode (runners/cpu_compiled_decode.py) keeps the eager step's logits."""
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
-        return torch.ops.kvtriton.mean_square(x)
+    """x.pow(2).mean(-1, keepdim=True) of fp32 x. On the CPU summed in fp64: each square is exact there and the
+    sum's rounding (~1e-16) sits far below fp32's, so eager aten and a compiled graph's fused loop, which sum
+    in different orders, round to the same fp32 mean (fp32 sums in another order differ by ~1 ulp, which the
+    rounding to bf16 before an int4 matmul can turn into a moved greedy token). The CPU's compiled decode
+    (runners/cpu_compiled_decode.py) thus fuses RMSNorm and still keeps the eager step's logits. Not while
+    tracing an export: ONNX graphs stay fp32 (TensorRT has no fp64)."""
+    if x.device.type == "cpu" and not torch.jit.is_tracing():
+        return x.double().square().mean(-1, keepdim=True).float()
     return x.pow(2).mean(-1, keepdim=True)
-
-
-# Defined through torch.library.Library rather than custom_op: the op runs 60 times a decode step, and the
-# lower-level registration dispatches in ~12 us against ~16 (the eager ops take ~6).
-_LIB = torch.library.Library("kvtriton", "FRAGMENT")
-_LIB.define("mean_square(Tensor x) -> Tensor")
-_LIB.impl("mean_square", lambda x: x.pow(2).mean(-1, keepdim=True), "CPU")
-_LIB.impl("mean_square", lambda x: x.new_empty(*x.shape[:-1], 1), "Meta")
 
 
 class LlamaAttention(nn.Module):
