@@ -11,11 +11,12 @@ layer because each call of a compiled graph costs ~0.1 ms of dynamo's guards and
 one-sequence step took 14.3 ms with a graph a layer, 12.9 with two, 10.6 with six, 10.2 with ten (2-core
 Sapphire Rapids), the six-layer graph compiling in ~8 s where one layer took ~2.
 
-The logits are the eager step's bit for bit (tests/test_cpu_compiled_decode.py): the graph keeps aten's
-matmul kernels, the eager steps attend decode rows through the same attention loops compiled on their own
-(`eager_attention`), and RMSNorm sums its squares in fp64 on the CPU (models/llama.py `mean_square`), so
-that inductor's fused sum, in another order, rounds to the same fp32 mean as aten's (a 1-ulp change, rounded
-to bf16 before an int4 matmul, can move a greedy token). So greedy output does not depend on whether a step ran compiled.
+The logits are the eager step's bit for bit (tests/test_cpu_compiled_decode.py): the graph keeps aten's matmul
+kernels, the eager steps attend decode rows through the same attention loops compiled on their own
+(`eager_attention`), and RMSNorm sums its squares in fp64 on the CPU (models/llama.py `mean_square`), so that
+inductor's fused sum, in another order, rounds to the same fp32 mean as aten's (a 1-ulp change, rounded to bf16
+before an int4 matmul, can move a greedy token). So greedy output does not depend on whether a step ran
+compiled.
 
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
 matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
