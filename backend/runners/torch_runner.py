@@ -114,12 +114,13 @@ class TorchRunner:
         # Prefill-step graphs: their (tokens, sequences) buckets.
         self.prefill_graph_sizes = self._prefill_graph_shape()
         self._prefill_graphs: dict[tuple[int, int], _Graph] = {}
+        # Before any capture: the captured steps' eager attention reads it (_eager_decode_attention).
+        self.compiled_decode = self._compiled_decode()
         if self.use_cuda_graphs:
             self._init_graph_buffers()
             if config.enable_torch_compile:
                 self.model.compile_layers()
             self._capture_all()
-        self.compiled_decode = self._compiled_decode()
 
     def _compiled_decode(self) -> CompiledDecode | None:
         """The CPU's decode step compiled (cpu_compile_decode), or None."""
