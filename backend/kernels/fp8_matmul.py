@@ -7,7 +7,7 @@ the decode form vLLM and TensorRT-LLM switch to at small M: weight-streaming til
 with the same numerics (e4m3 x e4m3 products, exact in fp32; fp32 sums; the scales in the epilogue):
   broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles (1-8 rows)
   dot        tl.dot on fp8 tensor cores (Hopper/Ada), 16-64 rows
-and split-K (SPLIT_K programs share an output tile along K; a second op adds their fp32 partial sums) so
+and split-K (SPLIT_K programs share an output tile along K; split_k.add_planes adds their fp32 partial sums) so
 that a narrow N still fills the SMs. x arrives quantized per token by kernels/fp8_quant.py. Which form
 and tile, and from how many rows cuBLASLt wins, is read from TILES (benchmarks/quant_kernels_bench.py
 --device cuda measures it); never autotuned, so the choice is fixed before CUDA-graph capture.
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import output_tile, store_tile
+from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -133,7 +133,7 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0, num_warps=tile.warps,
                       num_stages=tile.stages)
-    return out if tile.split_k == 1 else out.sum(0).to(out_dtype)
+    return out if tile.split_k == 1 else add_planes(out, out_dtype)
 
 
 # A custom op, like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work, with symbolic row

@@ -21,7 +21,7 @@ Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kerne
              transposed and rounded to the activation dtype for the tensor cores (GemLite's and Marlin's
              form for 16-64 rows), the K loop software-pipelined (Tile.stages)
 and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
-share one output tile along K and a second op adds their fp32 partial sums (deterministic, unlike atomics).
+share one output tile along K and split_k.add_planes adds their fp32 partial sums (deterministic, unlike atomics).
 Prefill (more than MAX_ROWS rows) does not come here: `int4_dequantize` writes the weight once in the
 activation dtype (the same tile code) and models/int4.py hands it to cuBLAS, compute-bound there anyway.
 """
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import output_tile, store_tile
+from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
@@ -249,7 +249,7 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
         _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
     else:
         _int4_matmul[grid](*args, **shape)
-    return out if tile.split_k == 1 else out.sum(0).to(x.dtype)
+    return out if tile.split_k == 1 else add_planes(out, x.dtype)
 
 
 # A custom op: torch.compile (the runner compiles each layer's work around attention, fullgraph) sees one

@@ -17,7 +17,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the decode batch sizes the runner capt
 
 class Tile(NamedTuple):
     """One launch configuration. block_m/block_n/block_k: the program's tile; split_k: programs sharing one
-    output tile along K (their fp32 partial sums are added by a second op); warps: num_warps; dot: tensor-core
+    output tile along K (split_k.add_planes adds their fp32 partial sums); warps: num_warps; dot: tensor-core
     tl.dot (>= 16 rows) rather than the broadcast-multiply-sum of CUDA cores; stages: the software pipeline's
     depth over K, where the kernel pipelines (int4's dot form)."""
 
