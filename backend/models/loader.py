@@ -35,9 +35,12 @@ log = logging.getLogger("kvtriton")
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
 # cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (the default model's
-# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens (a
-# prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which dequantize for a GEMM from 256).
-AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 256
+# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens: a
+# shorter prompt (a chat question) keeps the kernel's exact numbers, a longer one takes the copies (the default
+# model alone, 2-core Sapphire Rapids: TTFT at ~154 / ~206 prompt tokens 247 / 328 ms with the kernel, 91 / 107
+# ms with the copies). At 64, ~103 tokens took 74 ms against 176, but a schema-guided greedy answer of a ~65-token
+# prompt (tests/test_structured_output_server.py) fell into a loop: near-ties move with the weights' rounding.
+AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 128
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -177,8 +180,8 @@ def resolve_quantization(quantization: str, checkpoint: str, device: torch.devic
         return "fp8", None
     if quantization == "auto":
         chosen = "int4" if device.type == "cpu" and gguf is not None else None
-        log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else
-                 "none (" + ("not a GGUF checkpoint" if gguf is None else f"auto picks int4 on the CPU only, not {device.type}") + ")")
+        why_none = "not a GGUF checkpoint" if gguf is None else f"auto picks int4 on the CPU only, not {device.type}"
+        log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else f"none ({why_none})")
         return chosen, gguf if chosen else None
     return quantization, gguf
 
