@@ -36,7 +36,7 @@ class EngineConfig:
     # without native bf16 (AVX2), the exact dequantized weight at 4 bytes a weight more; bf16 on one with
     # AVX-512 BF16 or AMX, 2 bytes more but rounded, so greedy output moves at near-ties (README
     # "Quantization"). 0: never. -1 (auto), the default: 48 where the copy is fp32; where it is bf16, decode
-    # batches of 16 sequences and other steps of 128 tokens (one request's short prompt keeps the kernel).
+    # batches of 16 sequences and other steps of 256 tokens (one request's short prompt keeps the kernel).
     cpu_dense_min_rows: int = -1
     block_size: int = 16
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size

@@ -35,12 +35,12 @@ log = logging.getLogger("kvtriton")
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
 # cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (the default model's
-# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens: a
-# shorter prompt (a chat question) keeps the kernel's exact numbers, a longer one takes the copies (the default
-# model alone, 2-core Sapphire Rapids: TTFT at ~154 / ~206 prompt tokens 247 / 328 ms with the kernel, 91 / 107
-# ms with the copies). At 64, ~103 tokens took 74 ms against 176, but a schema-guided greedy answer of a ~65-token
-# prompt (tests/test_structured_output_server.py) fell into a loop: near-ties move with the weights' rounding.
-AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 128
+# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens (a
+# prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which dequantize for a GEMM from 256).
+# Lower would cut one request's TTFT (default model, 2-core Sapphire Rapids: ~154 / ~206 prompt tokens 247 / 328 ms
+# with the kernel, 91 / 107 ms with the copies), but at 128 and at 64 a schema-guided greedy answer in
+# tests/test_structured_output_server.py fell into a repetition loop: a near-tie moved with the weights' rounding.
+AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 256
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
