@@ -16,6 +16,7 @@ SPECULATIVE_METHODS = ("none", "ngram", "draft")
 SELF_DRAFTS = {"self-int8": "int8", "self-int4": "int4"}  # speculative_model: the served model, quantized
 MAX_SPECULATIVE_TOKENS = 16
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class EngineConfig:
     # batches of 16 sequences and other steps of 256 tokens (one request's short prompt keeps the kernel).
     cpu_dense_min_rows: int = -1
     block_size: int = 16
+    # torch runner: the KV pools' element type. "auto": the model's dtype. "fp8": e4m3 (CUDA compute capability
+    # 8.9+, or the CPU), half a bf16 pool's bytes, so twice the tokens in the same memory and half the bytes each
+    # decode step's attention reads; values are stored unscaled (saturated at +-448) and widened to the model's
+    # dtype when read; README "FP8 KV cache" has the quality cost.
+    kv_cache_dtype: str = "auto"
     kv_cache_memory_gb: float = 0.5  # CPU: the KV pool's size
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of total memory the process may use (weights + KV)
     num_kv_blocks: int = 0  # > 0 overrides both budgets (tests use tiny pools)
@@ -99,6 +105,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in ("none", "auto", "int8", "int4", "fp8"):
             raise ValueError(f"quantization must be none, auto, int8, int4 or fp8, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.runner != "torch":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} applies to the torch runner; a {self.runner} "
+                             "graph keeps its KV cache in the precision it was built with")
         if self.quantization_group_size not in (32, 64, 128):
             raise ValueError(f"quantization_group_size must be 32, 64 or 128, got {self.quantization_group_size}")
         if self.quantization in ("int8", "int4", "fp8") and self.runner != "torch":

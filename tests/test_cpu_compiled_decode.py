@@ -1,5 +1,6 @@
 """cpu_compile_decode: the CPU's decode step through compiled layers gives the eager step's logits bit for bit, at
-every batch size and context width, for float and quantized weights; and the engine's greedy output is unchanged."""
+every batch size and context width, for float and quantized weights and an fp8 KV cache; and the engine's greedy
+output is unchanged."""
 
 from __future__ import annotations
 
@@ -42,15 +43,17 @@ def decode_step_args(block_size: int, contexts: list[int]) -> tuple:
     return t(range(7, 7 + batch)), t(positions), t(slots), tables, t(contexts)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4", "int8"])
-def test_compiled_logits_equal_eager(tiny_folder, quantization):
-    engine = make_tiny_engine(tiny_folder, quantization=quantization, cpu_compile_decode=True)
+@pytest.mark.parametrize("quantization,kv_cache_dtype", [("none", "auto"), ("int4", "auto"), ("int8", "auto"),
+                                                          ("none", "fp8")])
+def test_compiled_logits_equal_eager(tiny_folder, quantization, kv_cache_dtype):
+    engine = make_tiny_engine(tiny_folder, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                              cpu_compile_decode=True)
     runner = engine.runner
     try:
         assert runner.compiled_decode is not None
         torch.manual_seed(0)
         for pool in runner.kv.k + runner.kv.v:
-            pool.normal_()
+            pool.copy_(torch.randn(pool.shape))  # an fp8 pool has no normal_
 
         bs = runner.block_size
         # One sequence (its own graph), a few (the batch graph), past SKINNY_ROWS (fp32's third graph); contexts
@@ -60,7 +63,7 @@ def test_compiled_logits_equal_eager(tiny_folder, quantization):
             compiled = runner.compiled_decode(*args)
             with torch.inference_mode():
                 eager = runner._decode_logits(*args)
-            assert torch.equal(compiled, eager), (quantization, batch, contexts)
+            assert torch.equal(compiled, eager), (quantization, kv_cache_dtype, batch, contexts)
         assert runner.compiled_decode.eager_steps == 0  # every step above ran a compiled graph
     finally:
         engine.shutdown()

@@ -36,7 +36,7 @@ def test_compiled_serves_eager_shapes_after_warm_up():
     k_pool, v_pool = pools()
     attention = CompiledDecodeAttention()
     for batch in (1, 2):  # as the compiled decode's warm-up does
-        attention.warm_up(batch, H, k_pool, v_pool, 0.3)
+        attention.warm_up(batch, H, k_pool.dtype, k_pool, v_pool, 0.3)
     wide = torch.tensor([[3, 7, 1, 0, 0], [0, 2, 6, 8, 0], [9, 4, 5, 10, 11]])
     for batch, width in ((1, 3), (3, 5), (2, 4)):
         tables = wide[:batch, :width]  # a column slice, as a mixed step's decode rows pass it

@@ -31,8 +31,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
+FP8_POOLS = pytest.param(torch.float8_e4m3fn, marks=pytest.mark.skipif(
+    DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9), reason="fp8 pools: CUDA 8.9+"), id="fp8-pools")
+
+
 def close(a, b, atol=2e-2, rtol=2e-2):
     torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def same_pools(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.element_size() == 1 else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -70,15 +78,17 @@ def test_too_many_rows_is_refused():
         skinny_matmul.linear(x, torch.zeros(64, 64, device=DEVICE, dtype=DTYPE))
 
 
+@pytest.mark.parametrize("kv_dtype", [DTYPE, FP8_POOLS])
 @pytest.mark.parametrize("rope,num_splits", [(True, None), (False, 1), (True, 3)])
-def test_paged_decode_attention_matches_torch_path(rope, num_splits):
+def test_paged_decode_attention_matches_torch_path(rope, num_splits, kv_dtype):
     """num_splits: the context split across programs (flash-decoding) and merged, or whole in one program;
     None: the launch's default for this batch and width. 3 splits of 300 tokens: the last chunk short; of
-    70 tokens: later splits idle; of 1 token: only the new token, in split 0."""
+    70 tokens: later splits idle; of 1 token: only the new token, in split 0. fp8 pools: the kernel stores the
+    new token's k/v as the PyTorch path's write does (saturated: one value past e4m3's range) and reads widened."""
     heads, kv_heads, dim, bs, blocks = 8, 2, 64, 16, 80
     context_lens = [1, 17, 70, 300]  # one token, a partial block, several BLOCK_T tiles
     g = torch.Generator().manual_seed(2)
-    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, DTYPE, DEVICE)
+    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, kv_dtype, DEVICE)
     for p in (pools.k[0], pools.v[0]):
         p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
     b = len(context_lens)
@@ -90,6 +100,7 @@ def test_paged_decode_attention_matches_torch_path(rope, num_splits):
     q = torch.randn(b, heads, dim, generator=g).to(DEVICE, DTYPE)
     k = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
     v = torch.randn(b, kv_heads, dim, generator=g).to(DEVICE, DTYPE)
+    v[1, 0, 5] = 1000.0
     rotary = RotaryEmbedding(dim, 512, 10000.0, None).to(DEVICE)
     cos, sin = rotary(ctx - 1)
     positions = ctx - 1
@@ -105,17 +116,18 @@ def test_paged_decode_attention_matches_torch_path(rope, num_splits):
                                  rotary=(rotary.cos, rotary.sin, positions) if rope else None,
                                  num_splits=num_splits)
     close(got, expected)
-    assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
+    assert same_pools(pools.k[0], reference.k[0]) and same_pools(pools.v[0], reference.v[0])
 
 
+@pytest.mark.parametrize("kv_dtype", [DTYPE, FP8_POOLS])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2)])  # GQA groups of 4 and of 3 (padded to 4)
-def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads):
+def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads, kv_dtype):
     """A mixed step: two decodes, a fresh prompt, two chunked-prefill continuations (one over several whole
     key tiles of cached prefix). The varlen kernel's output equals the PyTorch path's on the same step."""
     dim, bs, blocks = 64, 16, 48
     query_lens, context_lens = [1, 1, 37, 30, 20], [1, 40, 37, 80, 150]
     g = torch.Generator().manual_seed(4)
-    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, DTYPE, DEVICE)
+    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, kv_dtype, DEVICE)
     for p in (pools.k[0], pools.v[0]):
         p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
     width = max(-(-c // bs) for c in context_lens)
@@ -138,7 +150,7 @@ def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads):
 
     got = PagedAttention(pools, meta, dim**-0.5, varlen_kernel=True).attend(0, q, k, v)
     close(got, expected)
-    assert torch.equal(pools.k[0], reference.k[0]) and torch.equal(pools.v[0], reference.v[0])
+    assert same_pools(pools.k[0], reference.k[0]) and same_pools(pools.v[0], reference.v[0])
     # Small tiles: many query tiles per sequence, and unmasked key tiles before the diagonal ones.
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device=DEVICE)
     small = paged_prefill_attention(q, pools.k[0], pools.v[0], tables, starts, meta.context_lens, max(query_lens),

@@ -12,7 +12,8 @@ It only pays compiled: eagerly each op would materialise the (B, L, Hkv, G, D) p
 graphs inline it (runners/cpu_compiled_decode.py), and the eager steps of a runner with those graphs call the
 same function compiled on its own (`CompiledDecodeAttention`), so that a decode row's attention is the same
 loops, and the same bits, in a decode-only step and in a mixed prefill + decode step
-(tests/test_cpu_compiled_decode.py). Softmax in fp32, whatever the pools' dtype.
+(tests/test_cpu_compiled_decode.py). Softmax in fp32, whatever the pools' dtype (an fp8 pool's values widen
+in the same loops).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ class CompiledDecodeAttention:
         self.eager_calls = 0  # calls that fit no graph
 
     @torch.inference_mode()
-    def warm_up(self, batch: int, num_heads: int, k_pool, v_pool, scale: float) -> None:
-        """Compile the graph of `batch` sequences (1, or any 2 or more) now. Its inputs are made as the runner's
-        eager steps make theirs, under inference mode (dynamo guards on inference tensors too): q and the mask
-        computed in the step, the tables copied in `__call__`, the pools allocated before."""
+    def warm_up(self, batch: int, num_heads: int, dtype: torch.dtype, k_pool, v_pool, scale: float) -> None:
+        """Compile the graph of `batch` sequences (1, or any 2 or more) of `dtype` queries now. Its inputs are made
+        as the runner's eager steps make theirs, under inference mode (dynamo guards on inference tensors too): q
+        and the mask computed in the step, the tables copied in `__call__`, the pools allocated before."""
         tables = torch.zeros(batch, MIN_DECODE_TABLE_WIDTH, dtype=torch.int64)
         mask = decode_mask(torch.ones(batch, dtype=torch.int64), MIN_DECODE_TABLE_WIDTH * k_pool.shape[1])
-        q = torch.zeros(batch, num_heads, k_pool.shape[-1], dtype=k_pool.dtype)
+        q = torch.zeros(batch, num_heads, k_pool.shape[-1], dtype=dtype)
         self._compiled(q, k_pool, v_pool, tables, mask, scale)
 
     def __call__(self, q, k_pool, v_pool, tables, mask, scale: float) -> torch.Tensor:

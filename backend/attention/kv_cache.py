@@ -4,6 +4,11 @@ Per layer a K pool and a V pool `(num_blocks, block_size, Hkv, D)`. A
 sequence's context lives in the blocks its block table lists; token i of a
 sequence sits at slot `table[i // bs] * bs + i % bs`. The block manager owns
 the block ids; this module owns the tensors.
+
+The pools hold the model's dtype, or fp8 e4m3 (`kv_cache_dtype: fp8`, as
+vLLM's `kv_cache_dtype="fp8"` without calibrated scales): values are stored
+unscaled, saturated at +-448 (e4m3fn has no infinity, and torch's cast of a
+larger value gives NaN), and every reader widens them to the model's dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +18,20 @@ from dataclasses import dataclass
 import torch
 
 GIB = 1 << 30
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def pool_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pools' element type for EngineConfig.kv_cache_dtype ("auto": the model's)."""
+    return FP8 if kv_cache_dtype == "fp8" else model_dtype
+
+
+def to_pool(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a pool of `dtype` stores it: fp8 saturates at +-FP8_MAX, as the Triton kernels' stores do."""
+    if x.dtype == dtype:
+        return x
+    return (x.clamp(-FP8_MAX, FP8_MAX) if dtype == FP8 else x).to(dtype)
 
 
 @dataclass
@@ -60,16 +79,25 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
     """
     *lead, nb, bs, hkv, d = k_pool.shape
     dim = len(lead)
-    k_pool.view(*lead, nb * bs, hkv, d).index_copy_(dim, slots, k.reshape(*lead, -1, hkv, d))
-    v_pool.view(*lead, nb * bs, hkv, d).index_copy_(dim, slots, v.reshape(*lead, -1, hkv, d))
+    for pool, new in ((k_pool, k), (v_pool, v)):
+        new = to_pool(new, pool.dtype)
+        if pool.dtype == FP8:  # index_copy_ has no fp8 kernel on the CPU: the same bytes, copied as uint8
+            pool, new = pool.view(torch.uint8), new.view(torch.uint8)
+        pool.view(*lead, nb * bs, hkv, d).index_copy_(dim, slots, new.reshape(*lead, -1, hkv, d))
 
 
-def gather_kv(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """pool (NB, BS, Hkv, D), tables (B, MB) -> (B, MB*BS, Hkv, D): each sequence's context, in position order.
+def gather_kv(pool: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """pool (NB, BS, Hkv, D), tables (B, MB) -> (B, MB*BS, Hkv, D): each sequence's context, in position order,
+    as `dtype` (the model's, for an fp8 pool; None: the pool's).
 
     index_select, not pool[tables]: the same result, several times faster for small gathers on CPU, and
     exported to ONNX as the same Gather.
     """
     b, mb = tables.shape
     _, bs, hkv, d = pool.shape
-    return pool.index_select(0, tables.reshape(-1)).view(b, mb * bs, hkv, d)
+    if pool.dtype == FP8:  # index_select has no fp8 kernel on the CPU: the same bytes, gathered as uint8
+        gathered = pool.view(torch.uint8).index_select(0, tables.reshape(-1)).view(FP8)
+    else:
+        gathered = pool.index_select(0, tables.reshape(-1))
+    gathered = gathered.view(b, mb * bs, hkv, d)
+    return gathered if dtype is None else gathered.to(dtype)

@@ -103,8 +103,8 @@ class PagedAttention:
         t = q.shape[0]
         nblocks = -(-ctx // k_pool.shape[1])
         tables = self.meta.block_tables[seq : seq + 1, :nblocks]  # (1, nblocks)
-        keys = gather_kv(k_pool, tables)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
-        values = gather_kv(v_pool, tables)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
+        keys = gather_kv(k_pool, tables, q.dtype)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
+        values = gather_kv(v_pool, tables, q.dtype)[:, :ctx].transpose(1, 2)  # (1, Hkv, ctx, D)
         qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         with sdpa_kernel(PREFILL_BACKENDS):
             return self._prefill_attention(qh, keys, values, t, ctx)
@@ -128,7 +128,7 @@ def decode_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
 def decode_attention(q, k_pool, v_pool, tables, mask, scale: float) -> torch.Tensor:
     """q (B, H, D), one new token per sequence (its K/V already written), over its context gathered from the
     pools by tables (B, MB) -> (B, H, D). Plain ops: the eager decode path and the CPU's compiled one."""
-    keys = gather_kv(k_pool, tables).transpose(1, 2)  # (B, Hkv, L, D)
-    values = gather_kv(v_pool, tables).transpose(1, 2)  # (B, Hkv, L, D)
+    keys = gather_kv(k_pool, tables, q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
+    values = gather_kv(v_pool, tables, q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)  # (B, H, D)

@@ -67,8 +67,9 @@ def _chunk(past, NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Tokens t0 .. t0 + BLOCK_T (those below end) read through the block table: k as two halves, v whole.
+               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, ACT: tl.constexpr):
+    # Tokens t0 .. t0 + BLOCK_T (those below end) read through the block table: k as two halves, v whole, as
+    # the dots' operand type ACT (an fp8 pool's values widen here).
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)
     t = t0 + tl.arange(0, BLOCK_T)
@@ -78,7 +79,7 @@ def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stri
     k1 = tl.load(k_pool + rows + d[None, :], mask=t_ok[:, None], other=0.0)  # (BLOCK_T, HALF)
     k2 = tl.load(k_pool + rows + HALF + d[None, :], mask=t_ok[:, None], other=0.0)
     v = tl.load(v_pool + rows + tl.arange(0, HEAD_DIM)[None, :], mask=t_ok[:, None], other=0.0)
-    return k1, k2, v, t_ok
+    return k1.to(ACT), k2.to(ACT), v.to(ACT), t_ok
 
 
 @triton.jit
@@ -109,7 +110,11 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    act = k_pool.dtype.element_ty
+    act = q_ptr.dtype.element_ty
+    kv_ty = k_pool.dtype.element_ty  # act, or fp8 e4m3
+    # The dots' operand type: an fp8 pool widens to fp16, one hardware conversion per pair on sm89+ (to bf16 it
+    # takes several); q and the probabilities in fp16 lose nothing a bf16 operand keeps (more mantissa bits).
+    dot_ty: tl.constexpr = act if kv_ty == act else tl.float16
     row_stride: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     # The past was written by earlier steps, not by the previous kernel: its first tile loads before the wait.
     past = tl.load(context_lens_ptr + b) - 1
@@ -119,7 +124,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     if (split > 0) & (start >= past):  # nothing of this context is left for this split
         return
     pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, start, end, stride_table, row_stride,
-                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T)
+                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty)
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
     if ROPE:  # the step's positions and the model's tables: inputs, not the previous kernel's output
@@ -143,12 +148,16 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     if ROPE:
         q1, q2 = _rotate(q1, q2, cos[None, :], sin[None, :], act)
         k1, k2 = _rotate(k1, k2, cos, sin, act)
+    if kv_ty != act:  # an fp8 pool: the new token attends as later steps will read it back (saturating cast)
+        k1, k2 = k1.to(kv_ty).to(act), k2.to(kv_ty).to(act)
+        v_new = v_new.to(kv_ty).to(act)
+        q1, q2 = q1.to(dot_ty), q2.to(dot_ty)
 
     if split == 0:  # one program stores the new token's k and v (pool layout (blocks, BLOCK_SIZE, Hkv, D))
         new_row = tl.load(slots_ptr + b) * row_stride + h * HEAD_DIM
-        tl.store(k_pool + new_row + d, k1)
-        tl.store(k_pool + new_row + HALF + d, k2)
-        tl.store(v_pool + new_row + dv, v_new)
+        tl.store(k_pool + new_row + d, k1.to(kv_ty))
+        tl.store(k_pool + new_row + HALF + d, k2.to(kv_ty))
+        tl.store(v_pool + new_row + dv, v_new.to(kv_ty))
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)  # running max of the scores
     l_i = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp(score - m_i)
@@ -156,7 +165,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
     for t0 in range(start + BLOCK_T, end, BLOCK_T):
         pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride,
-                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T)
+                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty)
         m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
 
     # The new token, from registers (never read back from the pool it was just stored in); split 0's alone.

@@ -39,8 +39,10 @@ NUM_WARPS, NUM_STAGES = 8, 2
 
 @triton.jit
 def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    # Keys t0 .. t0 + BLOCK_N of the sequence, through its block table: k (BLOCK_N, D), v (BLOCK_N, D).
+             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             ACT: tl.constexpr):
+    # Keys t0 .. t0 + BLOCK_N of the sequence, through its block table: k (BLOCK_N, D), v (BLOCK_N, D), as the
+    # dots' operand type ACT (an fp8 pool's values widen here).
     t = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     if MASKED:
@@ -54,7 +56,7 @@ def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stri
         rows = (block * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * row_stride + h * HEAD_DIM + d[None, :]
         k = tl.load(k_pool + rows)
         v = tl.load(v_pool + rows)
-    return k, v, t
+    return k.to(ACT), v.to(ACT), t
 
 
 # A step's block-table width is its longest context's, so stride_table takes new values step after step; Triton
@@ -94,6 +96,8 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)  # (ROWS, D)
+    if k_pool.dtype.element_ty != q.dtype:  # an fp8 pool: the dots in fp16, its one-instruction widening on sm89+
+        q = q.to(tl.float16)
     q_pos = prefix + tok  # (ROWS,) position of each row's token in its context
 
     m_i = tl.full((ROWS,), float("-inf"), tl.float32)  # running max of the scores (log2 units)
@@ -107,7 +111,7 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
     # Every tile processed first holds key 0, which every row sees: m_i is finite from then on.
     for t0 in range(0, unmasked_end, BLOCK_N):
         k, v, t = _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride, HEAD_DIM,
-                           BLOCK_SIZE, BLOCK_N, False)
+                           BLOCK_SIZE, BLOCK_N, False, q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (ROWS, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -117,7 +121,7 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
         m_i = m_new
     for t0 in range(unmasked_end, end, BLOCK_N):
         k, v, t = _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stride, HEAD_DIM,
-                           BLOCK_SIZE, BLOCK_N, True)
+                           BLOCK_SIZE, BLOCK_N, True, q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(t[None, :] <= q_pos[:, None], s, float("-inf"))  # causal; t < end follows for real rows
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

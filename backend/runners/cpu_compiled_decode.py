@@ -109,7 +109,8 @@ class CompiledDecode:
         inputs[3].fill_(1)
         self._run(*inputs, self._tables[: batch * MIN_DECODE_TABLE_WIDTH].view(batch, MIN_DECODE_TABLE_WIDTH))
         if batch <= 2:  # the eager attention's two graphs
-            self.eager_attention.warm_up(batch, self.model.config.num_heads, self.kv.k[0], self.kv.v[0], self.scale)
+            self.eager_attention.warm_up(batch, self.model.config.num_heads, self.model.embed_tokens.weight.dtype,
+                                         self.kv.k[0], self.kv.v[0], self.scale)
 
     def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
         """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""

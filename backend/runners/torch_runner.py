@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_budget
+from kvtriton.backend.attention.kv_cache import GIB, KVCache, num_blocks_for_budget, pool_dtype
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
 from kvtriton.backend.attention.uniform import UniformQueryAttention, uniform_rows
@@ -96,10 +96,11 @@ class TorchRunner:
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
         self.kernel_context_blocks, self.fuse_matmuls, self.prefill_kernel = self._triton_kernels()
+        self.kv_dtype = self._kv_pool_dtype()
         self.num_blocks = self._num_kv_blocks()
         # One extra block at the end: the scratch target of padded CUDA-graph rows.
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
-                                   model_config.num_kv_heads, model_config.head_dim, dtype, device)
+                                   model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, device)
         self.scratch_block = self.num_blocks
         self.context_buckets = self._context_buckets()
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
@@ -204,9 +205,23 @@ class TorchRunner:
             torch.cuda.empty_cache()
 
     # ---- KV pool sizing -------------------------------------------------------------------------
+    def _kv_pool_dtype(self) -> torch.dtype:
+        """The pools' dtype (config.kv_cache_dtype); fp8 on a GPU without e4m3 conversions is refused in one line."""
+        dtype = pool_dtype(self.config.kv_cache_dtype, self.dtype)
+        if dtype == self.dtype:
+            return dtype
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"kv_cache_dtype fp8 needs compute capability 8.9+ (Ada, Hopper, Blackwell), whose "
+                             f"kernels convert e4m3 in hardware; this GPU is {major}.{minor}: use kv_cache_dtype auto")
+        log.info("KV cache in fp8 e4m3 (kv_cache_dtype fp8): %d bytes a value instead of %d, read as %s",
+                 dtype.itemsize, self.dtype.itemsize, str(self.dtype).removeprefix("torch."))
+        return dtype
+
     def _num_kv_blocks(self) -> int:
         cfg, mc = self.config, self.model_config
-        per_block = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        per_block = KVCache.bytes_per_block(mc.num_layers, self.block_size, mc.num_kv_heads, mc.head_dim,
+                                            self.kv_dtype)
         if self.device.type == "cuda" and not cfg.num_kv_blocks:  # a set num_kv_blocks wins on any device
             peak = self._profile_peak_memory()
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -227,7 +242,7 @@ class TorchRunner:
         n = min(self.config.max_num_batched_tokens, self.max_blocks_per_seq * self.block_size)
         mc = self.model_config
         probe = KVCache.allocate(mc.num_layers, -(-n // self.block_size), self.block_size, mc.num_kv_heads,
-                                 mc.head_dim, self.dtype, self.device)
+                                 mc.head_dim, self.kv_dtype, self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             block_tables=torch.arange(-(-n // self.block_size), device=self.device)[None, :],
