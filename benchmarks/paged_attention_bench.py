@@ -8,7 +8,7 @@ Prefill: one layer's varlen kernel over a packed step (N prompts of T tokens, or
 after a cached prefix) against the PyTorch path (one SDPA call per sequence after gathering its
 context) and, where torch has it, torch.nn.attention.varlen.varlen_attn on contiguous K/V (no pages).
 
-  python benchmarks/paged_attention_bench.py [--sweep]
+  python benchmarks/paged_attention_bench.py [--sweep] [--kv-cache-dtype auto|fp8]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_atten
 
 HEADS, KV_HEADS, DIM, BS = 32, 8, 64, 16
 DTYPE = torch.bfloat16
+KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn}  # the pools' (EngineConfig.kv_cache_dtype)
+kv_dtype = DTYPE
 
 
 def timed(fn, reps=50, graph=True) -> float:
@@ -64,9 +66,9 @@ def paged_step(query_lens, context_lens, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     widths = [-(-c // BS) for c in context_lens]
     blocks = sum(widths) + 1
-    cache = KVCache.allocate(1, blocks, BS, KV_HEADS, DIM, DTYPE, "cuda")
+    cache = KVCache.allocate(1, blocks, BS, KV_HEADS, DIM, kv_dtype, "cuda")
     for p in (cache.k[0], cache.v[0]):
-        p.normal_(generator=g)
+        p.copy_(torch.randn(p.shape, generator=g, device="cuda"))  # an fp8 pool has no normal_
     perm = torch.randperm(blocks - 1, generator=g, device="cuda")
     tables = torch.zeros(len(context_lens), max(widths), dtype=torch.int64, device="cuda")
     used = 0
@@ -87,7 +89,7 @@ def paged_step(query_lens, context_lens, seed=0):
 def decode(batch, context, bandwidth, sweep):
     cache, tables, slots, q, k, v = paged_step([1] * batch, [context] * batch)
     ctx = torch.full((batch,), context, device="cuda")
-    kv_bytes = 2 * batch * context * KV_HEADS * DIM * 2
+    kv_bytes = 2 * batch * context * KV_HEADS * DIM * kv_dtype.itemsize
     copies = -(-200_000_000 // kv_bytes)
     pools = [(cache.k[0].clone(), cache.v[0].clone()) for _ in range(copies)]
     bound = kv_bytes / bandwidth
@@ -108,7 +110,7 @@ def decode(batch, context, bandwidth, sweep):
     cells[0] = f"tile {tile} splits " + cells[0]
     if sweep:  # tile shapes at the default split count
         results = sorted((cycle(num_splits=default, tile=(bt, w, st))(), bt, w, st)
-                         for bt in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3))
+                         for bt in (32, 64, 128, 256) for w in (2, 4, 8) for st in (2, 3))
         cells.append("best tiles " + ", ".join(f"T{bt} w{w} s{st} {t * 1e6:.1f} us" for t, bt, w, st in results[:3]))
     meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx, num_decodes=batch,
                              query_lens=[1] * batch, context_lens_host=[context] * batch,
@@ -164,12 +166,19 @@ def prefill(name, query_lens, context_lens, sweep):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="every split count; prefill tile shapes")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES), help="the pools' element type")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill steps")
     args = ap.parse_args()
+    global kv_dtype
+    kv_dtype = KV_DTYPES[args.kv_cache_dtype]
     bandwidth = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}, KV {str(kv_dtype).removeprefix('torch.')}; "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for batch, context in [(1, 192), (1, 2048), (16, 192), (16, 2048), (64, 192), (64, 2048)]:
         decode(batch, context, bandwidth, args.sweep)
+    if args.decode_only:
+        return
     prefill("64 x 128 fresh", [128] * 64, [128] * 64, args.sweep)  # the tile sweep: this step only
     prefill("4 x 512 fresh", [512] * 4, [512] * 4, False)
     prefill("512 after 1536 cached + 8 decodes", [1] * 8 + [512], [300] * 8 + [2048], False)

@@ -13,8 +13,9 @@ model; for a GGUF checkpoint (the default model is Q4_1) that is the GGUF's own 
 Variants: torch fp32 and bf16; torch int8 (per channel); torch int4 as a GGUF checkpoint stores it (its
 blocks) and int4 g32 / g64 / g128 quantized from the fp32 weights (g128 does not divide the default
 model's 576 inputs: skipped, said in a line); torch fp8 (W8A8 e4m3, through this torch's CPU `_scaled_mm`:
-the numerics of the Hopper path, not its speed); onnxruntime fp32, int8 and int4 graphs (built here, the
-int4 graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
+the numerics of the Hopper path, not its speed); torch fp32 and bf16 (and int4 as the GGUF stores it) over
+an fp8 e4m3 KV cache (kv_cache_dtype fp8); onnxruntime fp32, int8 and int4 graphs (built here, the int4
+graph from the same weights as torch int4; "level 4": its MatMulNBits quantizing activations to int8).
 
 engine: the engine in-process (benchmarks/engine_bench.py's workload: 32 chat prompts, --max-tokens
 output tokens each, EOS ignored), fp32 vs each --quantization, alternated --rounds times on one
@@ -29,8 +30,8 @@ one stream through tritonserver (the shipped model repository, streamed over HTT
 gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
 (g32, the Triton decode kernel): the runner's batch-1 decode step alone (CUDA-graph replay) and output
 tok/s through the engine with 1 and 64 requests (128-token prompts, --max-tokens each), each beside bf16
-measured in the same process. Targets (issue #15): step fp8 <= 0.6x and int4 <= 0.4x bf16; batch 64
-fp8 >= 1.4x bf16 tok/s.
+measured in the same process; --gpu-variants adds the fp8 KV cache (bf16+kv8, fp8+kv8). Targets (issue
+#15): step fp8 <= 0.6x and int4 <= 0.4x bf16; batch 64 fp8 >= 1.4x bf16 tok/s.
 """
 
 from __future__ import annotations
@@ -127,9 +128,11 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
     print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}")
 
     results = {}
-    bf16_runner = TorchRunner(EngineConfig(**base), mc, str(folder), cpu, torch.bfloat16, len(ids))
-    results["torch bf16"] = teacher_forced(bf16_runner, ids)
-    del bf16_runner
+    for kv_cache_dtype, label in (("auto", "torch bf16"), ("fp8", "torch bf16, fp8 KV")):
+        bf16_runner = TorchRunner(EngineConfig(**base, kv_cache_dtype=kv_cache_dtype), mc, str(folder), cpu,
+                                  torch.bfloat16, len(ids))
+        results[label] = teacher_forced(bf16_runner, ids)
+        del bf16_runner
     runner = TorchRunner(EngineConfig(**base), mc, str(folder), cpu, torch.float32, len(ids))
     # torch variants: the runner's model swapped, so each is loaded exactly as named.
     variants = {"torch fp32": lambda: load_model(folder),
@@ -148,6 +151,12 @@ def quality(args, folder: Path, gguf: Path | None) -> None:
             continue
         results[name] = teacher_forced(runner, ids)
     del runner
+    fp8_kv = TorchRunner(EngineConfig(**base, kv_cache_dtype="fp8"), mc, str(folder), cpu, torch.float32, len(ids))
+    for name in ("torch fp32", "torch int4 (GGUF blocks)"):
+        if name in variants:
+            fp8_kv.model = variants[name]()
+            results[f"{name}, fp8 KV"] = teacher_forced(fp8_kv, ids)
+    del fp8_kv
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {}
         for precision in ("fp32", "int8", "int4"):
@@ -349,10 +358,12 @@ def gpu(args) -> None:
     print(f"# gpu: llama-1b random weights on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
           f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored")
     rows = {}
-    for name in ("bf16", "fp8", "int4"):
+    for name in args.gpu_variants.split(","):
+        weights, _, kv = name.partition("+")  # "fp8+kv8": fp8 weights over an fp8 KV cache
         config = EngineConfig(model=folder, device="cuda", dummy_weights=dummy, max_num_seqs=64,
                               max_num_batched_tokens=8192, max_model_len=2048,
-                              quantization="none" if name == "bf16" else name)
+                              quantization="none" if weights == "bf16" else weights,
+                              kv_cache_dtype="fp8" if kv == "kv8" else "auto")
         engine = LLMEngine(config).start()
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
                                                             *engine.runner.model.buffers()))
@@ -373,7 +384,7 @@ def gpu(args) -> None:
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
               f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
               f"{each} tok/s), 64 requests {batch:.0f} tok/s (median of 3: {batch_each}); fused decode kernels "
-              f"{'up to batch ' + str(fused_max_batch(name)) if engine.runner.fuse_matmuls else 'off'}", flush=True)
+              f"{'up to batch ' + str(fused_max_batch(weights)) if engine.runner.fuse_matmuls else 'off'}", flush=True)
         engine.shutdown()
         del engine
         gc.collect()
@@ -409,6 +420,8 @@ def main() -> None:
                         help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
                              "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-variants", default="bf16,fp8,int4",
+                        help="gpu: weights bf16|fp8|int4, each optionally +kv8 (an fp8 KV cache); bf16 first")
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
                                             "host without the gguf package or network needs it)")
     args = parser.parse_args()

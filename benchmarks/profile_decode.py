@@ -6,7 +6,8 @@ the device-to-device copy bandwidth measured in this run. --profile adds the top
 No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
-      [--kernels on|off] [--fused-max-batch N] [--quantization none|fp8|int8|int4] [--profile]
+      [--kernels on|off] [--fused-max-batch N] [--quantization none|fp8|int8|int4] [--kv-cache-dtype auto|fp8]
+      [--profile]
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
                     help="the weights' precision (EngineConfig.quantization)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="the KV pools' element type (EngineConfig.kv_cache_dtype)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
@@ -92,7 +95,7 @@ def main():
     config = EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=max(batches),
                           max_model_len=args.max_model_len, num_kv_blocks=max(batches) * max_blocks,
                           enable_torch_compile=args.compile == "on", enable_triton_kernels=args.kernels == "on",
-                          quantization=args.quantization)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     started = time.perf_counter()
     runner = TorchRunner(config, ModelConfig.from_dict(LLAMA_1B), str(folder), torch.device("cuda"),
                          torch.bfloat16, args.max_model_len)
@@ -100,12 +103,13 @@ def main():
     mc = runner.model_config
     # Quantized layers keep their codes and scales in buffers.
     weight_bytes = sum(t.numel() * t.element_size() for t in (*runner.model.parameters(), *runner.model.buffers()))
-    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2  # K and V, every layer, bf16
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.kv_dtype.itemsize  # K and V, all layers
     startup = time.perf_counter() - started
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
-          f"{paged_decode_attention.MAX_SPLITS} splits; quantization {args.quantization}; "
+          f"{paged_decode_attention.MAX_SPLITS} splits; quantization {args.quantization}, KV cache "
+          f"{str(runner.kv_dtype).removeprefix('torch.')}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
         for batch in batches:
