@@ -27,7 +27,6 @@ from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_atten
 HEADS, KV_HEADS, DIM, BS = 32, 8, 64, 16
 DTYPE = torch.bfloat16
 KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn}  # the pools' (EngineConfig.kv_cache_dtype)
-kv_dtype = DTYPE
 
 
 def timed(fn, reps=50, graph=True) -> float:
@@ -61,7 +60,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / t  # read + write
 
 
-def paged_step(query_lens, context_lens, seed=0):
+def paged_step(query_lens, context_lens, kv_dtype, seed=0):
     """Pools holding every context at scattered blocks, block tables, slots, q/k/v of the new tokens."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     widths = [-(-c // BS) for c in context_lens]
@@ -86,8 +85,8 @@ def paged_step(query_lens, context_lens, seed=0):
     return cache, tables, slots, q, k, v
 
 
-def decode(batch, context, bandwidth, sweep):
-    cache, tables, slots, q, k, v = paged_step([1] * batch, [context] * batch)
+def decode(batch, context, bandwidth, sweep, kv_dtype=DTYPE):
+    cache, tables, slots, q, k, v = paged_step([1] * batch, [context] * batch, kv_dtype)
     ctx = torch.full((batch,), context, device="cuda")
     kv_bytes = 2 * batch * context * KV_HEADS * DIM * kv_dtype.itemsize
     copies = -(-200_000_000 // kv_bytes)
@@ -120,8 +119,8 @@ def decode(batch, context, bandwidth, sweep):
           f"({kv_bytes / 1e6:6.1f} MB) | {' | '.join(cells)} | PyTorch path {torch_t * 1e6:7.1f} us")
 
 
-def prefill(name, query_lens, context_lens, sweep):
-    cache, tables, slots, q, k, v = paged_step(query_lens, context_lens)
+def prefill(name, query_lens, context_lens, sweep, kv_dtype=DTYPE):
+    cache, tables, slots, q, k, v = paged_step(query_lens, context_lens, kv_dtype)
     ctx = torch.tensor(context_lens, device="cuda")
     meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx, num_decodes=0,
                              query_lens=query_lens, context_lens_host=context_lens, decode_context_blocks=0)
@@ -169,19 +168,18 @@ def main():
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES), help="the pools' element type")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill steps")
     args = ap.parse_args()
-    global kv_dtype
     kv_dtype = KV_DTYPES[args.kv_cache_dtype]
     bandwidth = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
           f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}, KV {str(kv_dtype).removeprefix('torch.')}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for batch, context in [(1, 192), (1, 2048), (16, 192), (16, 2048), (64, 192), (64, 2048)]:
-        decode(batch, context, bandwidth, args.sweep)
+        decode(batch, context, bandwidth, args.sweep, kv_dtype)
     if args.decode_only:
         return
-    prefill("64 x 128 fresh", [128] * 64, [128] * 64, args.sweep)  # the tile sweep: this step only
-    prefill("4 x 512 fresh", [512] * 4, [512] * 4, False)
-    prefill("512 after 1536 cached + 8 decodes", [1] * 8 + [512], [300] * 8 + [2048], False)
+    prefill("64 x 128 fresh", [128] * 64, [128] * 64, args.sweep, kv_dtype)  # the tile sweep: this step only
+    prefill("4 x 512 fresh", [512] * 4, [512] * 4, False, kv_dtype)
+    prefill("512 after 1536 cached + 8 decodes", [1] * 8 + [512], [300] * 8 + [2048], False, kv_dtype)
 
 
 if __name__ == "__main__":

@@ -359,10 +359,10 @@ def gpu(args) -> None:
           f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored")
     rows = {}
     for name in args.gpu_variants.split(","):
-        weights, _, kv = name.partition("+")  # "fp8+kv8": fp8 weights over an fp8 KV cache
+        precision, _, kv = name.partition("+")  # "fp8+kv8": fp8 weights over an fp8 KV cache
         config = EngineConfig(model=folder, device="cuda", dummy_weights=dummy, max_num_seqs=64,
                               max_num_batched_tokens=8192, max_model_len=2048,
-                              quantization="none" if weights == "bf16" else weights,
+                              quantization="none" if precision == "bf16" else precision,
                               kv_cache_dtype="fp8" if kv == "kv8" else "auto")
         engine = LLMEngine(config).start()
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
@@ -384,7 +384,8 @@ def gpu(args) -> None:
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
               f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
               f"{each} tok/s), 64 requests {batch:.0f} tok/s (median of 3: {batch_each}); fused decode kernels "
-              f"{'up to batch ' + str(fused_max_batch(weights)) if engine.runner.fuse_matmuls else 'off'}", flush=True)
+              f"{'up to batch ' + str(fused_max_batch(precision)) if engine.runner.fuse_matmuls else 'off'}",
+              flush=True)
         engine.shutdown()
         del engine
         gc.collect()

@@ -34,6 +34,12 @@ def to_pool(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x.clamp(-FP8_MAX, FP8_MAX) if dtype == FP8 else x).to(dtype)
 
 
+def _indexable(t: torch.Tensor) -> torch.Tensor:
+    """t, or an fp8 tensor's bytes as uint8: index_copy_ and index_select have no fp8 kernels on the CPU, and a
+    copy of the bytes is the same copy."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
 @dataclass
 class KVCache:
     """The pools of all layers. Allocated once; the block manager owns the ids."""
@@ -80,10 +86,8 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
     *lead, nb, bs, hkv, d = k_pool.shape
     dim = len(lead)
     for pool, new in ((k_pool, k), (v_pool, v)):
-        new = to_pool(new, pool.dtype)
-        if pool.dtype == FP8:  # index_copy_ has no fp8 kernel on the CPU: the same bytes, copied as uint8
-            pool, new = pool.view(torch.uint8), new.view(torch.uint8)
-        pool.view(*lead, nb * bs, hkv, d).index_copy_(dim, slots, new.reshape(*lead, -1, hkv, d))
+        new = _indexable(to_pool(new, pool.dtype))
+        _indexable(pool).view(*lead, nb * bs, hkv, d).index_copy_(dim, slots, new.reshape(*lead, -1, hkv, d))
 
 
 def gather_kv(pool: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -95,9 +99,8 @@ def gather_kv(pool: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype | Non
     """
     b, mb = tables.shape
     _, bs, hkv, d = pool.shape
-    if pool.dtype == FP8:  # index_select has no fp8 kernel on the CPU: the same bytes, gathered as uint8
-        gathered = pool.view(torch.uint8).index_select(0, tables.reshape(-1)).view(FP8)
-    else:
-        gathered = pool.index_select(0, tables.reshape(-1))
+    gathered = _indexable(pool).index_select(0, tables.reshape(-1))
+    if gathered.dtype != pool.dtype:  # an fp8 pool's bytes
+        gathered = gathered.view(pool.dtype)
     gathered = gathered.view(b, mb * bs, hkv, d)
     return gathered if dtype is None else gathered.to(dtype)
