@@ -12,22 +12,31 @@ On CUDA, decode batches (up to 64 rows) run the Triton kernel kernels/int4_matmu
 registers + matmul, one launch, capturable in the CUDA graphs); longer inputs (prefill) dequantize the
 weight once per call and use cuBLAS.
 
-On the CPU the matmul is PyTorch's `_weight_int4pack_mm_for_cpu` (tinygemm's convention: w = (q - 8)
-* s + z with a float z per group), in bf16 (x, scales and zeros rounded to bf16, fp32 accumulation).
-benchmarks/quant_kernels_bench.py measures it against the alternatives: at batch 1 it is the fastest
-(7x fp32 for the default model's step, onnxruntime's MatMulNBits 6x); its fp32 and fp16 variants are
-about 30x slower than bf16 on a CPU without fp16 arithmetic. Past about 16 rows it stops gaining on
-dense matmuls (batch 32: 1.5-1.8x fp32, a dense bf16 matmul 2.2x). It wants N a multiple of 16 (rows
-are padded here), K a multiple of the group size, and groups of 32, 64, 128 or 256.
+On the CPU the matmul is kvtriton's AVX-512 BF16 GEMV (kernels/cpu_int4_gemv.cpp, built at first use)
+where the CPU has AVX-512 BF16, else PyTorch's `_weight_int4pack_mm_for_cpu`; both multiply tinygemm's
+numbers (w = (q - 8) * s + z with a float z per group; x, s and z rounded to bf16, fp32 sums), PyTorch's
+kernel also rounds its output to bf16. benchmarks/quant_kernels_bench.py measures them against the
+alternatives: at one row PyTorch's was the fastest of PyTorch's and onnxruntime's (7x fp32 for the default
+model's step, MatMulNBits 6x), and the GEMV takes 0.6x its time at one row from cache (0.8x from memory, as in
+a step) and less at every row count measured up to 255 (README, Quantization). PyTorch's fp32 and fp16
+variants are about 30x slower than bf16 on a CPU without fp16 arithmetic. Past about 16 rows neither gains
+much on dense matmuls (batch 32: 1.5-1.8x fp32, a dense bf16 matmul 2.2x; loader.add_dense_weights). Both
+want K a multiple of the group size; rows are padded to 16.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
+from kvtriton.backend.kernels import cpu_int4
+from kvtriton.backend.models.cache import cache_dir
 from kvtriton.backend.models.quantization import GROUP_SIZES, GroupQuantized, QuantizedLinear
 
+log = logging.getLogger("kvtriton")
 _CPU_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _KERNEL_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants N % 16 == 0
 
@@ -71,9 +80,17 @@ def tinygemm_zero(scale: torch.Tensor, zero_point: torch.Tensor | None, offset: 
     return z + offset.float() if offset is not None else z
 
 
-def pack_for_cpu_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes (N, K) in [0, 15], scale and tinygemm zero (N, G) -> the CPU kernel's weight (N16, K/2) uint8 and
-    scales-and-zeros (G, N16, 2) bf16, N16 = N rounded up to 16 (padded rows compute 0)."""
+def pack_for_cpu_kernel(codes: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, K) in [0, 15], scale and tinygemm zero (N, G) -> (packed weight, scales and zeros) for the CPU
+    kernel that serves here: the GEMV's (3-D packed, kernels/cpu_int4.py) or PyTorch's (pack_for_tinygemm)."""
+    return cpu_int4.pack(codes, scale, zero) if gemv_serves() else pack_for_tinygemm(codes, scale, zero)
+
+
+def pack_for_tinygemm(codes: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same numbers for PyTorch's kernel: (N16, K/2) uint8 and (G, N16, 2) bf16, N16 = N rounded up to 16
+    (padded rows compute 0)."""
     n, k = codes.shape
     pad = -n % _KERNEL_ROWS
     if pad:
@@ -85,9 +102,26 @@ def pack_for_cpu_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     return packed, scale_zeros.to(torch.bfloat16).contiguous()
 
 
+@functools.cache
+def gemv_serves() -> bool:
+    """Whether kvtriton's GEMV serves this process's CPU int4 matmuls (built at first use into the kvtriton
+    cache's kernels/ folder); says once why not where it does not."""
+    try:
+        why = cpu_int4.load(cache_dir() / "kernels")
+    except OSError as e:  # no writable cache
+        why = str(e)
+    if why:
+        log.warning("kvtriton: int4 CPU matmuls use PyTorch's _weight_int4pack_mm_for_cpu, not kvtriton's AVX-512 "
+                    "BF16 GEMV: %s", why)
+    return why is None
+
+
 def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zeros: torch.Tensor,
                 n: int) -> torch.Tensor:
-    """x (M, K) -> (M, n) bf16 through the CPU kernel."""
+    """x (M, K) -> (M, n) through the CPU kernel that `packed` was packed for (the GEMV's layout is 3-D): fp32
+    from the GEMV, bf16 from PyTorch's kernel."""
+    if packed.dim() == 3:
+        return cpu_int4.int4_gemv(x, packed, scale_zeros, group_size, n)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scale_zeros)
     return out[:, :n] if out.shape[1] != n else out
 

@@ -48,7 +48,7 @@ class Int8Linear(QuantizedLinear):
         if on_cpu and not self.group_size:
             scale_bf16 = scale.to(torch.bfloat16)
         elif on_cpu and _CPU_KERNEL:
-            packed, scale_zeros = _two_plane_pack(qweight, scale)
+            packed, scale_zeros = two_plane_pack(qweight, scale)
         self.register_buffer("_scale_bf16", scale_bf16, persistent=False)
         self.register_buffer("_packed", packed, persistent=False)
         self.register_buffer("_scale_zeros", scale_zeros, persistent=False)
@@ -97,11 +97,13 @@ class Int8Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, source={self.source!r}"
 
 
-def _two_plane_pack(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes (N, K), group scales (N, G) -> the INT4 CPU kernel's operands for [x, x] (N, 2K)."""
+def two_plane_pack(qweight: torch.Tensor, scale: torch.Tensor,
+                   pack=pack_for_cpu_kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (N, K), group scales (N, G) -> an INT4 CPU kernel's operands for [x, x] (N, 2K), packed by
+    `pack` (models/int4.py: the kernel that serves here, or pack_for_tinygemm)."""
     u = qweight.to(torch.int32) + 128  # (N, K) in [0, 255]
     codes = torch.cat([u >> 4, u & 0x0F], dim=1)  # (N, 2K): high plane, then low plane
     s = scale.to(torch.bfloat16).float()  # the kernel's scale; 16s and 8s stay exact in bf16
     scales = torch.cat([16 * s, s], dim=1)  # (N, 2G)
     zeros = torch.cat([8 * s, torch.zeros_like(s)], dim=1)
-    return pack_for_cpu_kernel(codes, scales, zeros)
+    return pack(codes, scales, zeros)

@@ -1,0 +1,103 @@
+"""The CPU int4 GEMV (cpu_int4_gemv.cpp): built at first use, loaded as torch.ops.kvtriton.int4_gemv, and the
+weight layout it reads.
+
+The C++ file includes only the few PyTorch headers it needs, so g++ ($CXX) builds it in a few seconds (the
+compiler torch.compile's CPU code needs anyway). The library is kept in the folder the caller names (models/
+int4.py: the kvtriton cache's kernels/), named by a hash of the source, the compiler flags and the torch
+version, and written under a temporary name then renamed, so processes that build it at once do not see each
+other's half files. It is built with OpenMP against the libgomp that torch loads, so its parallel loops run on
+torch's own thread team (at::parallel_for), not a second one.
+
+`load()` says in one line why the kernel cannot run here (no AVX-512 BF16, no compiler, a failed build);
+models/int4.py then keeps PyTorch's `_weight_int4pack_mm_for_cpu` and says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_int4_gemv.cpp")
+TILE_ROWS = 16
+# The most rows the GEMV serves; PyTorch's kernel takes larger inputs. Measured on a 2-core Sapphire Rapids
+# (benchmarks/quant_kernels_bench.py, the default model's matmuls): see README, Quantization.
+MAX_ROWS = 4
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
+          "-mf16c", "-fopenmp", "-w"]
+
+
+def _library_path(folder: Path) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
+    return folder / f"cpu_int4_gemv-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    from torch.utils.cpp_extension import include_paths
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [os.environ.get("CXX", "g++"), *_FLAGS, *(f"-I{p}" for p in include_paths()),
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(SOURCE), "-o", partial,
+               f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{command[0]} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+@functools.cache
+def load(folder: Path) -> str | None:
+    """None once the kernel is loaded (built into `folder` first if it is not there), else why not (one line)."""
+    if sys.platform != "linux" or not torch.cpu._is_avx512_bf16_supported():
+        return "this CPU has no AVX-512 BF16"
+    target = _library_path(folder)
+    try:
+        if not target.exists():
+            _build(target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as e:
+        return f"building {SOURCE.name} failed ({e})"
+    torch.library.register_fake("kvtriton::int4_gemv")(_int4_gemv_fake)
+    return None
+
+
+def _int4_gemv_fake(x, packed, scale_zeros, group_size):
+    return x.new_empty(x.shape[0], packed.shape[0] * TILE_ROWS, dtype=torch.float32)
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, K) in [0, 15], scale and tinygemm zero (N, G) -> the kernel's packed (N16/16, K/8, 64) uint8 and
+    scale_zeros (N16/16, G, 2, 16) bf16 (layouts: cpu_int4_gemv.cpp). Padded rows compute 0."""
+    n, k = codes.shape
+    pad = -n % TILE_ROWS
+    codes = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, pad), value=8)
+    scale = torch.nn.functional.pad(scale.float(), (0, 0, 0, pad))
+    zero = torch.nn.functional.pad(zero.float(), (0, 0, 0, pad))
+    tiles, groups = (n + pad) // TILE_ROWS, scale.shape[1]
+    c = codes.reshape(tiles, TILE_ROWS, k // 8, 4, 2)  # tile, row, oct, nibble i, slot s: input 8j + 2i + s
+    words = c[:, :, :, 0] | (c[:, :, :, 1] << 4) | (c[:, :, :, 2] << 8) | (c[:, :, :, 3] << 12)  # (t, row, oct, s)
+    words = words.permute(0, 2, 1, 3).reshape(tiles, k // 8, 2 * TILE_ROWS).to(torch.int16)  # word = 2 row + s
+    packed = words.contiguous().view(torch.uint8)  # little-endian: (tiles, K/8, 64)
+    per_tile = lambda t: t.reshape(tiles, TILE_ROWS, groups).transpose(1, 2)  # noqa: E731  (t, G, 16)
+    scale_zeros = torch.stack([per_tile(scale), per_tile(zero)], dim=2).to(torch.bfloat16).contiguous()
+    return packed, scale_zeros
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
+              n: int) -> torch.Tensor:
+    """x (M <= MAX_ROWS, K) fp32 or bf16 -> (M, n) fp32."""
+    out = torch.ops.kvtriton.int4_gemv(x.contiguous(), packed, scale_zeros, group_size)
+    return out[:, :n] if out.shape[1] != n else out

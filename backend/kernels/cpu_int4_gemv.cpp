@@ -1,0 +1,173 @@
+// INT4 weight-only matmul for a few rows on x86 CPUs with AVX-512 BF16 (Sapphire Rapids, Zen 4 and later):
+// the decode step's matmuls, one to a few sequences. Registered as torch.ops.kvtriton.int4_gemv and built at
+// first use by kernels/cpu_int4.py, which also packs the weights; models/int4.py calls it.
+//
+// Numbers: the weight is tinygemm's, w = (q - 8) * s + z with s and z in bf16 (the same operands as PyTorch's
+// _weight_int4pack_mm_for_cpu), the activations are rounded to bf16, products are exact and sums fp32, and the
+// result stays fp32 (PyTorch's kernel rounds it to bf16).
+//
+// Why it is faster than PyTorch's kernel at one row: that kernel converts each code to fp32 and subtracts and
+// scales it before a multiply. Here a code becomes a bf16 number in one logic op: OR-ed under the exponent of
+// 128.0 (0x4300), whose last mantissa bit is worth 1, it reads 128 + q exactly. vdpbf16ps then multiplies two
+// codes by two inputs in each fp32 lane, and the per-group epilogue removes the 128 and applies the scale:
+//     sum_k x_k w_k = s * sum_k x_k (128 + q_k) + (z - 136 s) * sum_k x_k      (over one group of inputs)
+// so the inner loop is a load, three shifts, four logic ops and four dot instructions per 128 weights.
+//
+// Layouts (kernels/cpu_int4.py packs them):
+//   packed       uint8 (N16/16, K/8, 64): per tile of 16 output rows and "oct" j of 8 inputs, 32 16-bit words;
+//                word w is row 16t + w/2, slot s = w%2, and its nibble i holds the code of input 8j + 2i + s
+//                (the pair that one fp32 lane of vdpbf16ps multiplies).
+//   scale_zeros  bf16 (N16/16, G, 2, 16): per tile and group, the 16 rows' scales, then their zeros.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTileRows = 16;
+constexpr int kBlockTiles = 2;  // tiles a task multiplies together (measured: 2 beats 1 and 4 at one row)
+constexpr int kMaxBlockRows = 4;  // input rows a pass multiplies at once (more spill the accumulators)
+
+inline __m512 bf16_to_fp32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// Rows [m0, m0 + M) of x times tiles [t0, t0 + T), added up over all groups, written to out (fp32, ld N16).
+template <int T, int M>
+void multiply_block(const uint8_t* packed, const uint16_t* scale_zeros, const uint32_t* x_pairs,
+                    const float* x_sums, float* out, int64_t K, int64_t G, int64_t group_size, int64_t t0,
+                    int64_t N16) {
+  const __m512i low_nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+  const int64_t octs = K / 8, octs_per_group = group_size / 8, pairs = K / 2;
+  __m512 y[T][M];
+  for (int t = 0; t < T; t++)
+    for (int m = 0; m < M; m++) y[t][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    // Two accumulators per (tile, row): even and odd nibbles, so consecutive dot instructions do not wait
+    // on each other.
+    __m512 acc[T][M][2];
+    for (int t = 0; t < T; t++)
+      for (int m = 0; m < M; m++) acc[t][m][0] = acc[t][m][1] = _mm512_setzero_ps();
+    for (int64_t j = g * octs_per_group; j < (g + 1) * octs_per_group; j++) {
+      __m512i w[T][4];
+      for (int t = 0; t < T; t++) {
+        const __m512i v = _mm512_loadu_si512(packed + ((t0 + t) * octs + j) * 64);
+        // 0xEA: (a & b) | c
+        w[t][0] = _mm512_ternarylogic_epi32(v, low_nibble, bf16_128, 0xEA);
+        w[t][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low_nibble, bf16_128, 0xEA);
+        w[t][2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low_nibble, bf16_128, 0xEA);
+        w[t][3] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 12), low_nibble, bf16_128, 0xEA);
+      }
+      for (int m = 0; m < M; m++) {
+        const uint32_t* xr = x_pairs + m * pairs + 4 * j;
+        for (int i = 0; i < 4; i++) {
+          const __m512bh xi = (__m512bh)_mm512_set1_epi32(static_cast<int>(xr[i]));
+          for (int t = 0; t < T; t++) acc[t][m][i & 1] = _mm512_dpbf16_ps(acc[t][m][i & 1], (__m512bh)w[t][i], xi);
+        }
+      }
+    }
+    for (int t = 0; t < T; t++) {
+      const uint16_t* sz = scale_zeros + ((t0 + t) * G + g) * 2 * kTileRows;
+      const __m512 scale = bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz)));
+      const __m512 zero = bf16_to_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + kTileRows)));
+      const __m512 bias = _mm512_fnmadd_ps(scale, _mm512_set1_ps(136.0f), zero);  // z - 8 s - 128 s
+      for (int m = 0; m < M; m++) {
+        y[t][m] = _mm512_fmadd_ps(_mm512_add_ps(acc[t][m][0], acc[t][m][1]), scale, y[t][m]);
+        y[t][m] = _mm512_fmadd_ps(bias, _mm512_set1_ps(x_sums[m * G + g]), y[t][m]);
+      }
+    }
+  }
+  for (int t = 0; t < T; t++)
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(out + m * N16 + (t0 + t) * kTileRows, y[t][m]);
+}
+
+// Rows of x times tiles [t0, t0 + T), up to kMaxBlockRows rows at once.
+template <int T>
+void multiply_rows(int64_t M, const uint8_t* packed, const uint16_t* scale_zeros, const uint32_t* x_pairs,
+                   const float* x_sums, float* out, int64_t K, int64_t G, int64_t group_size, int64_t t0,
+                   int64_t N16) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxBlockRows) {
+    const int64_t rows = std::min<int64_t>(kMaxBlockRows, M - m0);
+    const uint32_t* xp = x_pairs + m0 * (K / 2);
+    const float* xs = x_sums + m0 * G;
+    float* o = out + m0 * N16;
+    switch (rows) {
+      case 1: multiply_block<T, 1>(packed, scale_zeros, xp, xs, o, K, G, group_size, t0, N16); break;
+      case 2: multiply_block<T, 2>(packed, scale_zeros, xp, xs, o, K, G, group_size, t0, N16); break;
+      case 3: multiply_block<T, 3>(packed, scale_zeros, xp, xs, o, K, G, group_size, t0, N16); break;
+      default: multiply_block<T, 4>(packed, scale_zeros, xp, xs, o, K, G, group_size, t0, N16); break;
+    }
+  }
+}
+
+// x (M, K) fp32 or bf16 -> (M, N16) fp32.
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zeros,
+                     int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_gemv: x must be a contiguous (rows, inputs) matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_gemv: x must be fp32 or bf16");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous(),
+              "int4_gemv: packed must be contiguous uint8 (tiles, inputs / 8, 64)");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N16 = tiles * kTileRows;
+  TORCH_CHECK(group_size % 8 == 0 && K % group_size == 0 && packed.size(1) == K / 8,
+              "int4_gemv: inputs ", K, " do not match the packed weight or the group size ", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous() &&
+                  scale_zeros.numel() == tiles * G * 2 * kTileRows,
+              "int4_gemv: scale_zeros must be contiguous bf16 (tiles, groups, 2, 16)");
+
+  // The inputs as bf16 pairs (round to nearest even, as Tensor.to(bfloat16)), and each group's sum of them.
+  std::vector<uint16_t> x_bf16(M * K);
+  std::vector<float> x_sums(M * G);
+  if (x.scalar_type() == at::kBFloat16) {
+    std::memcpy(x_bf16.data(), x.data_ptr(), M * K * sizeof(uint16_t));
+  } else {
+    const float* xf = x.data_ptr<float>();
+    int64_t i = 0;
+    for (; i + 16 <= M * K; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_bf16.data() + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + i)));
+    for (; i < M * K; i++) x_bf16[i] = at::BFloat16(xf[i]).x;
+  }
+  for (int64_t r = 0; r < M * G; r++) {
+    float sum = 0.0f;
+    for (int64_t k = r * group_size; k < (r + 1) * group_size; k++) {
+      const uint32_t bits = static_cast<uint32_t>(x_bf16[k]) << 16;
+      float value;
+      std::memcpy(&value, &bits, sizeof(value));
+      sum += value;
+    }
+    x_sums[r] = sum;
+  }
+
+  at::Tensor out = at::empty({M, N16}, x.options().dtype(at::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x_bf16.data());
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = (tiles + kBlockTiles - 1) / kBlockTiles;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) {
+      const int64_t t0 = b * kBlockTiles;
+      if (t0 + kBlockTiles <= tiles) {
+        multiply_rows<kBlockTiles>(M, w, sz, xp, x_sums.data(), o, K, G, group_size, t0, N16);
+      } else {
+        for (int64_t t = t0; t < tiles; t++) multiply_rows<1>(M, w, sz, xp, x_sums.data(), o, K, G, group_size, t, N16);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvtriton, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
