@@ -6,9 +6,13 @@ memory as in a real step rather than from cache. Candidates:
 
   torch fp32 / bf16 dense         x @ W.T
   torch int8 per channel          torch._weight_int8pack_mm, bf16 activations (Int8Linear from float)
-  torch int4 g32 / g64 (tinygemm) torch.ops.aten._weight_int4pack_mm_for_cpu, bf16 (Int4Linear); fp32 and
-                                  fp16 activations are timed on one layer only (they are 10-50x slower)
-  torch int8 g32 as two int4 planes   the GGUF Q8_0 lm_head (Int8Linear from groups)
+  kvtriton int4 g32 / g64 (GEMV)  kernels/cpu_int4_gemv.cpp, bf16 activations, where the CPU has AVX-512 BF16
+                                  (Int4Linear's kernel there)
+  torch int4 g32 / g64 (tinygemm) torch.ops.aten._weight_int4pack_mm_for_cpu, bf16 (Int4Linear's kernel on
+                                  other CPUs); fp32 and fp16 activations are timed on one layer only (they
+                                  are 10-50x slower)
+  ... + Q8_0 lm_head (2 planes)   the GGUF Q8_0 lm_head as two int4 planes through the same kernel (Int8Linear
+                                  from groups)
   onnxruntime MatMulNBits         4-bit g32 at accuracy level 0 (fp32 compute) and 4 (int8 activations);
                                   8-bit g32 (the Q8_0 lm_head) at level 4
 
@@ -30,8 +34,16 @@ import time
 import numpy as np
 import torch
 
-from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise
-from kvtriton.backend.models.int8 import Int8Linear
+from kvtriton.backend.models.int4 import (
+    Int4Linear,
+    gemv_serves,
+    int4_mm_cpu,
+    pack_for_tinygemm,
+    quantize_groupwise,
+    tinygemm_zero,
+    unpack_nibbles,
+)
+from kvtriton.backend.models.int8 import Int8Linear, two_plane_pack
 from kvtriton.backend.models.quantization import GroupQuantized
 
 LAYERS = 30
@@ -75,12 +87,27 @@ def torch_candidates(weights: dict, m: int) -> dict:
         "torch int8 per channel": run({s: [l.matmul for l in ls] for s, ls in int8.items()}, int8_head.matmul, xs),
     }
     for g, layers in weights["int4"].items():
-        head4 = weights["head_int4"][g]
-        out[f"torch int4 g{g} (+ int4 lm_head)"] = run({s: [l.matmul for l in ls] for s, ls in layers.items()},
-                                                       head4.matmul, xs)
-        out[f"torch int4 g{g} + Q8_0 lm_head (2 planes)"] = run(
-            {s: [l.matmul for l in ls] for s, ls in layers.items()}, weights["head_q8"].matmul, xs)
+        for kernel, mm in int4_kernels(g).items():
+            shapes = {s: [mm(layer) for layer in ls] for s, ls in layers.items()}
+            out[f"{kernel} int4 g{g} (+ int4 lm_head)"] = run(shapes, mm(weights["head_int4"][g]), xs)
+            out[f"{kernel} int4 g{g} + Q8_0 lm_head (2 planes)"] = run(shapes, mm(weights["head_q8"], planes=True), xs)
     return out
+
+
+def int4_kernels(group_size: int) -> dict:
+    """kernel name -> a function making, from an Int4Linear (or, planes=True, a group-wise Int8Linear), its matmul
+    through that kernel: kvtriton's GEMV where it runs here, and PyTorch's tinygemm kernel."""
+    def tinygemm(layer, planes=False):
+        if planes:
+            packed, scale_zeros = two_plane_pack(layer.qweight, layer.scale, pack=pack_for_tinygemm)
+            return lambda x: int4_mm_cpu(torch.cat([x, x], dim=1), packed, group_size, scale_zeros, layer.out_features)
+        packed, scale_zeros = pack_for_tinygemm(unpack_nibbles(layer.qweight), layer.scale,
+                                                tinygemm_zero(layer.scale, layer.zero_point, layer.offset))
+        return lambda x: int4_mm_cpu(x, packed, group_size, scale_zeros, layer.out_features)
+
+    gemv_here = gemv_serves()  # then the layers' own matmul is the GEMV
+    return {**({"kvtriton GEMV": lambda layer, planes=False: layer.matmul} if gemv_here else {}),
+            "torch tinygemm": tinygemm}
 
 
 def _per_channel(w):
@@ -171,11 +198,12 @@ def main() -> None:
             print(f"  {name:58} {seconds * 1e3:8.2f} ms  {base / seconds:5.2f}x fp32")
     # The activation dtypes the tinygemm CPU kernel also takes, on one gate_up layer (M = 1).
     layer = weights["int4"][32][(3072, 576)][0]
+    packed, scale_zeros = pack_for_tinygemm(unpack_nibbles(layer.qweight), layer.scale,
+                                            tinygemm_zero(layer.scale, layer.zero_point, layer.offset))
     x = torch.randn(1, 576)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        scale_zeros = layer._scale_zeros.to(dtype)
-        seconds = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), layer._packed, 32,
-                                                                            scale_zeros), args.rounds * 5)
+        seconds = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, 32,
+                                                                            scale_zeros.to(dtype)), args.rounds * 5)
         print(f"tinygemm int4 g32, one 3072x576 layer, M = 1, {str(dtype).removeprefix('torch.'):8} activations: "
               f"{seconds * 1e6:8.0f} us")
 
