@@ -43,7 +43,7 @@ def same_pools(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.element_size() == 1 else torch.equal(a, b)
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("n,k", [(96, 64), (200, 320)])
 def test_linear_with_bias_and_residual(m, n, k):
     g = torch.Generator().manual_seed(0)
@@ -54,7 +54,7 @@ def test_linear_with_bias_and_residual(m, n, k):
     close(skinny_matmul.linear(x, w, bias=bias, residual=res), res + torch.nn.functional.linear(x, w, bias))
 
 
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 2, 4])
 def test_rms_norm_linear_and_swiglu(m):
     k, n = 128, 160
     g = torch.Generator().manual_seed(1)

@@ -26,9 +26,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_int4_gemv.cpp")
 TILE_ROWS = 16
-# The most rows the GEMV serves; PyTorch's kernel takes larger inputs. Measured on a 2-core Sapphire Rapids
-# (benchmarks/quant_kernels_bench.py, the default model's matmuls): see README, Quantization.
-MAX_ROWS = 4
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
           "-mf16c", "-fopenmp", "-w"]
 
@@ -98,6 +95,6 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
               n: int) -> torch.Tensor:
-    """x (M <= MAX_ROWS, K) fp32 or bf16 -> (M, n) fp32."""
+    """x (M, K) fp32 or bf16 -> (M, n) fp32 (any M; a few rows are what it is fast at)."""
     out = torch.ops.kvtriton.int4_gemv(x.contiguous(), packed, scale_zeros, group_size)
     return out[:, :n] if out.shape[1] != n else out

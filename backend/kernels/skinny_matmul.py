@@ -46,7 +46,7 @@ from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_su
 from kvtriton.backend.kernels.skinny_epilogue import rms_normalized, store_outputs
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
-MAX_ROWS = 4  # rows of x the kernel serves (its register tile grows with the rows)
+MAX_ROWS = 4  # rows of x the kernel serves (an unrolled loop over them)
 # The weight formats (the WEIGHT constexpr), and e4m3's numbers: models/fp8.py's FP8_MAX and MIN_SCALE, which a
 # kernel cannot import (a jitted function reads only tl.constexpr globals).
 DENSE, FP8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -156,7 +156,7 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                 w_up = tl.load(w_ptr + (n[:, None] + N) * K + k[None, :], mask=w_mask, other=0.0)
         if PDL:  # weights never depend on the previous kernel: they stream while it finishes; x does
             gdc_wait()
-        if WEIGHT == DENSE:
+        if WEIGHT == DENSE and BLOCK_M == 1:
             xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if NORM:  # RMSNorm's rounding: normalise in fp32, round, scale by the weight, round
                 xf = xk.to(tl.float32)
@@ -168,12 +168,12 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
             if SWIGLU:
                 acc_up += tl.sum(xk * w_up.to(tl.float32)[None, :, :], axis=2)
         else:
-            # Quantized weights: one row of x at a time against the 2-D tile. (A broadcast over a third, row
-            # axis makes the compiler move the weight tile through shared memory into that axis' layout at
-            # every step; the rows are few, the loop is unrolled.) int4 reads x's even and odd inputs with
-            # stride 2, as the codes hold them, so the weight is never interleaved in registers.
-            if WEIGHT == FP8:
-                w = w.to(tl.float32)  # e4m3 values, exact in fp32
+            # Several rows, or quantized weights: one row of x at a time against the 2-D tile. (A broadcast over
+            # a third, row axis makes the compiler move the weight tile through shared memory into that axis'
+            # layout at every step; the rows are few, the loop is unrolled.) int4 reads x's even and odd inputs
+            # with stride 2, as the codes hold them, so the weight is never interleaved in registers.
+            if WEIGHT != INT4:
+                w = w.to(tl.float32)  # bf16 or e4m3 values, exact in fp32
                 if SWIGLU:
                     w_up = w_up.to(tl.float32)
             else:
@@ -199,6 +199,14 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                     if SWIGLU:
                         part = tl.sum(x_even[None, :] * w_up + x_odd[None, :] * w_up_odd, axis=1)
                         acc_up += tl.where(on_row, part[None, :], 0.0)
+                elif WEIGHT == DENSE:
+                    xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
+                    if NORM:  # RMSNorm's rounding: normalise in fp32, round, scale by the weight, round
+                        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr) / K + eps)
+                        xr = rms_normalized(xr, g, rstd, act).to(tl.float32)
+                    acc += tl.where(on_row, tl.sum(xr[None, :] * w, axis=1)[None, :], 0.0)
+                    if SWIGLU:
+                        acc_up += tl.where(on_row, tl.sum(xr[None, :] * w_up, axis=1)[None, :], 0.0)
                 else:  # FP8: per-token e4m3, as kernels/fp8_quant.py: x ~= xq * x_scale
                     xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
                     if NORM:
@@ -280,7 +288,9 @@ def _blocks(n: int, k: int, block_m: int, norm: bool, tiles: int) -> tuple[int, 
     long, narrow tiles (2048-4096 along K, 2-4 rows) and enough programs (~768, or ~512 for long rows) that
     every SM keeps several loads in flight. Small programs of one warp fit the most per SM (in a decode
     step, a whole small matmul can be resident and streaming its weights before its input is ready: see
-    kernels/pdl.py). With the RMSNorm prologue, BLOCK_K covers K."""
+    kernels/pdl.py). With the RMSNorm prologue, BLOCK_K covers K. More rows take narrower tiles: the kernel
+    multiplies them one at a time against the weight tile, and at 2 rows tiles sized for one row's budget
+    were slower (a step's matmuls 0.954 against 0.712 ms, H200)."""
     block_k = triton.next_power_of_2(k) if norm else min(4096, triton.next_power_of_2(k))
     budget = 8192 if norm else 16384  # fp32 products per program
     block_n = max(1, min(budget // (block_m * block_k * tiles), n // (768 if k <= 2048 else 512)))
