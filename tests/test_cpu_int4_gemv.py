@@ -100,3 +100,9 @@ def test_bad_operands_are_refused_in_one_line():
         torch.ops.kvtriton.int4_gemv(torch.zeros(1, 32), packed, scale_zeros, 32)
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
         torch.ops.kvtriton.int4_gemv(torch.zeros(1, 64, dtype=torch.float64), packed, scale_zeros, 32)
+
+
+def test_a_failed_build_is_said_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    why = cpu_int4.load(tmp_path / "kernels")
+    assert why.startswith("building cpu_int4_gemv.cpp failed") and "no-such-compiler" in why and "\n" not in why

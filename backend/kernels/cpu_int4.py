@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger("kvtriton")
 SOURCE = Path(__file__).with_name("cpu_int4_gemv.cpp")
 TILE_ROWS = 16
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
@@ -45,11 +48,14 @@ def _build(target: Path) -> None:
     command = [os.environ.get("CXX", "g++"), *_FLAGS, *(f"-I{p}" for p in include_paths()),
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(SOURCE), "-o", partial,
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
+    started = time.monotonic()
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise RuntimeError(f"{command[0]} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+            last = result.stderr.strip().splitlines()[-1:]
+            raise RuntimeError(f"{command[0]} exited with {result.returncode}{': ' + last[0] if last else ''}")
         os.replace(partial, target)
+        log.info("built %s in %.1f s: %s", SOURCE.name, time.monotonic() - started, target)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
