@@ -101,13 +101,18 @@ def int4_kernels(group_size: int) -> dict:
         if planes:
             packed, scale_zeros = two_plane_pack(layer.qweight, layer.scale, pack=pack_for_tinygemm)
             return lambda x: int4_mm_cpu(torch.cat([x, x], dim=1), packed, group_size, scale_zeros, layer.out_features)
-        packed, scale_zeros = pack_for_tinygemm(unpack_nibbles(layer.qweight), layer.scale,
-                                                tinygemm_zero(layer.scale, layer.zero_point, layer.offset))
+        packed, scale_zeros = tinygemm_operands(layer)
         return lambda x: int4_mm_cpu(x, packed, group_size, scale_zeros, layer.out_features)
 
     gemv_here = gemv_serves()  # then the layers' own matmul is the GEMV
     return {**({"kvtriton GEMV": lambda layer, planes=False: layer.matmul} if gemv_here else {}),
             "torch tinygemm": tinygemm}
+
+
+def tinygemm_operands(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Int4Linear's numbers packed for PyTorch's kernel, whichever kernel the layer itself runs."""
+    return pack_for_tinygemm(unpack_nibbles(layer.qweight), layer.scale,
+                             tinygemm_zero(layer.scale, layer.zero_point, layer.offset))
 
 
 def _per_channel(w):
@@ -198,12 +203,12 @@ def main() -> None:
             print(f"  {name:58} {seconds * 1e3:8.2f} ms  {base / seconds:5.2f}x fp32")
     # The activation dtypes the tinygemm CPU kernel also takes, on one gate_up layer (M = 1).
     layer = weights["int4"][32][(3072, 576)][0]
-    packed, scale_zeros = pack_for_tinygemm(unpack_nibbles(layer.qweight), layer.scale,
-                                            tinygemm_zero(layer.scale, layer.zero_point, layer.offset))
+    packed, scale_zeros = tinygemm_operands(layer)
     x = torch.randn(1, 576)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        seconds = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, 32,
-                                                                            scale_zeros.to(dtype)), args.rounds * 5)
+        scales = scale_zeros.to(dtype)
+        seconds = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, 32, scales),
+                        args.rounds * 5)
         print(f"tinygemm int4 g32, one 3072x576 layer, M = 1, {str(dtype).removeprefix('torch.'):8} activations: "
               f"{seconds * 1e6:8.0f} us")
 
