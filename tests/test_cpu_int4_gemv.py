@@ -106,3 +106,18 @@ def test_a_failed_build_is_said_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     why = cpu_int4.load(tmp_path / "kernels")
     assert why.startswith("building cpu_int4_gemv.cpp failed") and "no-such-compiler" in why and "\n" not in why
+
+
+def test_without_the_gemv_pytorchs_kernel_serves_the_same_layers(monkeypatch):
+    """A CPU without AVX-512 BF16 (or a failed build): the layers pack for PyTorch's kernel and multiply the same
+    numbers, rounded to bf16 at the end."""
+    from kvtriton.backend.models import int4
+
+    monkeypatch.setattr(int4, "gemv_serves", lambda: False)
+    torch.manual_seed(4)
+    layer = Int4Linear.from_linear(torch.nn.Linear(128, 40), 32)
+    assert layer._packed.dim() == 2  # PyTorch's layout
+    x = torch.randn(2, 128)
+    weight = tinygemm_weight(unpack_nibbles(layer.qweight), layer.scale,
+                             tinygemm_zero(layer.scale, layer.zero_point, layer.offset), 32)
+    torch.testing.assert_close(layer(x), x.to(torch.bfloat16).float() @ weight.T + layer.bias, rtol=1e-2, atol=1e-2)
