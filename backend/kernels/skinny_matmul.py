@@ -156,71 +156,52 @@ def _skinny_matmul(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, res_ptr, ws_ptr, z
                 w_up = tl.load(w_ptr + (n[:, None] + N) * K + k[None, :], mask=w_mask, other=0.0)
         if PDL:  # weights never depend on the previous kernel: they stream while it finishes; x does
             gdc_wait()
-        if WEIGHT == DENSE and BLOCK_M == 1:
-            xk = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:  # RMSNorm's rounding: normalise in fp32, round, scale by the weight, round
-                xf = xk.to(tl.float32)
-                rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / K + eps)  # (BLOCK_M,)
-                g = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = rms_normalized(xf, g[None, :], rstd[:, None], act)
-            xk = xk.to(tl.float32)[:, None, :]  # (BLOCK_M, 1, BLOCK_K)
-            acc += tl.sum(xk * w.to(tl.float32)[None, :, :], axis=2)
+        # One row of x at a time against the 2-D tile. (A broadcast over a third, row axis makes the compiler
+        # move the weight tile through shared memory into that axis' layout at every step; the rows are few,
+        # the loop is unrolled.) int4 reads x's even and odd inputs with stride 2, as the codes hold them, so
+        # the weight is never interleaved in registers.
+        if WEIGHT != INT4:
+            w = w.to(tl.float32)  # bf16 or e4m3 values, exact in fp32
             if SWIGLU:
-                acc_up += tl.sum(xk * w_up.to(tl.float32)[None, :, :], axis=2)
+                w_up = w_up.to(tl.float32)
         else:
-            # Several rows, or quantized weights: one row of x at a time against the 2-D tile. (A broadcast over
-            # a third, row axis makes the compiler move the weight tile through shared memory into that axis'
-            # layout at every step; the rows are few, the loop is unrolled.) int4 reads x's even and odd inputs
-            # with stride 2, as the codes hold them, so the weight is never interleaved in registers.
-            if WEIGHT != INT4:
-                w = w.to(tl.float32)  # bf16 or e4m3 values, exact in fp32
-                if SWIGLU:
-                    w_up = w_up.to(tl.float32)
+            pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            pair_ok = pair < K // 2
+        if NORM:
+            if WEIGHT == INT4:
+                g_even = tl.load(norm_ptr + 2 * pair, mask=pair_ok, other=0.0).to(tl.float32)
+                g_odd = tl.load(norm_ptr + 2 * pair + 1, mask=pair_ok, other=0.0).to(tl.float32)
             else:
-                pair = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                pair_ok = pair < K // 2
-            if NORM:
-                if WEIGHT == INT4:
-                    g_even = tl.load(norm_ptr + 2 * pair, mask=pair_ok, other=0.0).to(tl.float32)
-                    g_odd = tl.load(norm_ptr + 2 * pair + 1, mask=pair_ok, other=0.0).to(tl.float32)
-                else:
-                    g = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            for r in tl.static_range(BLOCK_M):
-                on_row = m[:, None] == r  # (BLOCK_M, 1): where this row's sums go
-                if WEIGHT == INT4:
-                    x_even = tl.load(x_ptr + r * K + 2 * pair, mask=pair_ok & (r < M), other=0.0).to(tl.float32)
-                    x_odd = tl.load(x_ptr + r * K + 2 * pair + 1, mask=pair_ok & (r < M), other=0.0).to(tl.float32)
-                    if NORM:  # RMSNorm's rounding, as above
-                        rstd = 1.0 / tl.sqrt((tl.sum(x_even * x_even) + tl.sum(x_odd * x_odd)) / K + eps)
-                        x_even = rms_normalized(x_even, g_even, rstd, act)
-                        x_odd = rms_normalized(x_odd, g_odd, rstd, act)
-                    part = tl.sum(x_even[None, :] * w + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
-                    acc += tl.where(on_row, part[None, :], 0.0)
-                    if SWIGLU:
-                        part = tl.sum(x_even[None, :] * w_up + x_odd[None, :] * w_up_odd, axis=1)
-                        acc_up += tl.where(on_row, part[None, :], 0.0)
-                elif WEIGHT == DENSE:
-                    xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
-                    if NORM:  # RMSNorm's rounding: normalise in fp32, round, scale by the weight, round
-                        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr) / K + eps)
-                        xr = rms_normalized(xr, g, rstd, act).to(tl.float32)
-                    acc += tl.where(on_row, tl.sum(xr[None, :] * w, axis=1)[None, :], 0.0)
-                    if SWIGLU:
-                        acc_up += tl.where(on_row, tl.sum(xr[None, :] * w_up, axis=1)[None, :], 0.0)
-                else:  # FP8: per-token e4m3, as kernels/fp8_quant.py: x ~= xq * x_scale
-                    xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
-                    if NORM:
-                        rstd = 1.0 / tl.sqrt(tl.sum(xr * xr) / K + eps)
-                        xr = rms_normalized(xr, g, rstd, act)
+                g = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        for r in tl.static_range(BLOCK_M):
+            on_row = m[:, None] == r  # (BLOCK_M, 1): where this row's sums go
+            if WEIGHT == INT4:
+                x_even = tl.load(x_ptr + r * K + 2 * pair, mask=pair_ok & (r < M), other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + r * K + 2 * pair + 1, mask=pair_ok & (r < M), other=0.0).to(tl.float32)
+                if NORM:  # RMSNorm's rounding, as above
+                    rstd = 1.0 / tl.sqrt((tl.sum(x_even * x_even) + tl.sum(x_odd * x_odd)) / K + eps)
+                    x_even = rms_normalized(x_even, g_even, rstd, act)
+                    x_odd = rms_normalized(x_odd, g_odd, rstd, act)
+                part = tl.sum(x_even[None, :] * w + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
+                acc += tl.where(on_row, part[None, :], 0.0)
+                if SWIGLU:
+                    part = tl.sum(x_even[None, :] * w_up + x_odd[None, :] * w_up_odd, axis=1)
+                    acc_up += tl.where(on_row, part[None, :], 0.0)
+            else:  # bf16, or fp8: per-token e4m3, as kernels/fp8_quant.py: x ~= xq * x_scale
+                xr = tl.load(x_ptr + r * K + k, mask=k_ok & (r < M), other=0.0).to(tl.float32)  # (BLOCK_K,)
+                if NORM:  # RMSNorm's rounding: normalise in fp32, round, scale by the weight, round
+                    rstd = 1.0 / tl.sqrt(tl.sum(xr * xr) / K + eps)
+                    xr = rms_normalized(xr, g, rstd, act)
+                if WEIGHT == FP8:
                     if WHOLE_ROWS:  # the whole row is here (always so with NORM)
                         row_scale = tl.maximum(tl.max(tl.abs(xr)) / FP8_MAX, FP8_MIN_SCALE)
                         x_scale = tl.where(m == r, row_scale, x_scale)
                     else:  # from the first pass
                         row_scale = tl.sum(tl.where(m == r, x_scale, 0.0))
-                    xq = tl.clamp(xr / row_scale, -FP8_MAX, FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
-                    acc += tl.where(on_row, tl.sum(xq[None, :] * w, axis=1)[None, :], 0.0)
-                    if SWIGLU:
-                        acc_up += tl.where(on_row, tl.sum(xq[None, :] * w_up, axis=1)[None, :], 0.0)
+                    xr = tl.clamp(xr / row_scale, -FP8_MAX, FP8_MAX).to(w_ptr.dtype.element_ty).to(tl.float32)
+                acc += tl.where(on_row, tl.sum(xr[None, :] * w, axis=1)[None, :], 0.0)
+                if SWIGLU:
+                    acc_up += tl.where(on_row, tl.sum(xr[None, :] * w_up, axis=1)[None, :], 0.0)
     if WEIGHT == FP8:  # y = (xq . wq) * x_scale * w_scale, as _scaled_mm's epilogue
         acc *= x_scale[:, None] * tl.load(ws_ptr + n, mask=n_ok, other=0.0)[None, :]
         if SWIGLU:

@@ -20,7 +20,7 @@ where cuBLAS and the torch.compile'd per-layer functions are faster. Measured
 on an H200, 1B-class, 192-token contexts (benchmarks/profile_decode.py
 --fused-max-batch 8, then 1; 2026-12-04): batch 2, 0.916 ms a step fused
 against 1.025 ms with cuBLAS (1.015 fused before the kernels took a bf16
-batch's rows one at a time); batch 4, 1.761 against 1.032 ms: the fused
+batch's rows one at a time; batch 1 went 0.73 -> 0.69 ms with it); batch 4, 1.761 against 1.032 ms: the fused
 matmuls alone take 1.53 ms there, cuBLAS's 0.67 ms
 (benchmarks/skinny_matmul_bench.py --rows 1,2,4,8). Attention, with RoPE and the
 KV store, takes the kernel at every batch size. Both compute what LlamaForCausalLM.forward +
