@@ -49,14 +49,18 @@ class CompiledDecodeAttention:
     the compiled decode's. A call that would need another graph attends through SDPA instead of stalling the step
     on a compile (correct, not the same bits), said once."""
 
-    def __init__(self):
+    def __init__(self, native: bool = False):
         # Symbolic sizes stay apart: with duck shaping, sizes equal at the first trace would share one symbol.
         torch.fx.experimental._config.use_duck_shape = False
         self._compiled = torch.compile(decode_attention_in_place, dynamic=True, fullgraph=True)
+        # native: the runner's decode steps attend through kernels/cpu_decode_layers.cpp; so do these rows.
+        self.native = native
         self.eager_calls = 0  # calls that fit no graph
 
     @torch.inference_mode()
     def warm_up(self, batch: int, num_heads: int, dtype: torch.dtype, k_pool, v_pool, scale: float) -> None:
+        if self.native:  # nothing to compile
+            return
         """Compile the graph of `batch` sequences (1, or any 2 or more) of `dtype` queries now. Its inputs are made
         as the runner's eager steps make theirs, under inference mode (dynamo guards on inference tensors too): q
         and the mask computed in the step, the tables copied in `__call__`, the pools allocated before."""
@@ -69,6 +73,8 @@ class CompiledDecodeAttention:
         # A mixed step's decode rows pass a column slice of the step's tables; dynamo guards on strides (even a
         # one-row table's first), so every call hands it a fresh, row-major copy: one graph per batch class.
         tables = torch.empty(tables.shape, dtype=tables.dtype).copy_(tables)  # under the step's inference mode
+        if self.native:
+            return torch.ops.kvtriton.decode_attention(q.contiguous(), k_pool, v_pool, tables, mask.contiguous(), scale)
         out, why = without_recompile(self._compiled, q, k_pool, v_pool, tables, mask, scale)
         if why is None:
             return out

@@ -1,12 +1,15 @@
-"""The CPU int4 GEMV (cpu_int4_gemv.cpp): built at first use, loaded as torch.ops.kvtriton.int4_gemv, and the
-weight layout it reads.
+"""The CPU int4 kernels: built at first use into one library, loaded as torch.ops.kvtriton.int4_gemv
+(cpu_int4_gemv.cpp), decode_layers and decode_attention (cpu_decode_layers.cpp, which calls the GEMV), and the
+weight layout the GEMV reads.
 
-The C++ file includes only the few PyTorch headers it needs, so g++ ($CXX) builds it in a few seconds (the
-compiler torch.compile's CPU code needs anyway). The library is kept in the folder the caller names (models/
-int4.py: the kvtriton cache's kernels/), named by a hash of the source, the compiler flags and the torch
-version, and written under a temporary name then renamed, so processes that build it at once do not see each
-other's half files. It is built with OpenMP against the libgomp that torch loads, so its parallel loops run on
-torch's own thread team (at::parallel_for), not a second one.
+The C++ files include only the PyTorch headers they need, so g++ ($CXX) builds them in seconds (the compiler
+torch.compile's CPU code needs anyway), with inductor's floating-point flags: ATen's AVX-512 vector code, and no
+product and sum contracted into one rounding (-ffp-contract=off), so that elementwise work rounds as aten's.
+The library is kept in the folder the caller names (models/int4.py: the kvtriton cache's kernels/), named by a
+hash of the sources, the compiler flags and the torch version, and written under a temporary name then renamed,
+so processes that build it at once do not see each other's half files. It is built with OpenMP against the
+libgomp that torch loads, so its parallel loops run on torch's own thread team (at::parallel_for), not a second
+one.
 
 `load()` says in one line why the kernel cannot run here (no AVX-512 BF16, no compiler, a failed build);
 models/int4.py then keeps PyTorch's `_weight_int4pack_mm_for_cpu` and says so once.
@@ -27,15 +30,18 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("kvtriton")
-SOURCE = Path(__file__).with_name("cpu_int4_gemv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.cpp", "cpu_decode_layers.cpp")]
+HEADER = Path(__file__).with_name("cpu_int4_gemv.h")
 TILE_ROWS = 16
-_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
-          "-mf16c", "-fopenmp", "-w"]
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX512",
+          "-DCPU_CAPABILITY_AVX512", "-w"]
 
 
 def _library_path(folder: Path) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode())
-    return folder / f"cpu_int4_gemv-{key.hexdigest()[:16]}.so"
+    text = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
+    key = hashlib.sha256(text + " ".join(_FLAGS).encode() + torch.__version__.encode())
+    return folder / f"cpu_int4-{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
@@ -46,7 +52,7 @@ def _build(target: Path) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     command = [os.environ.get("CXX", "g++"), *_FLAGS, *(f"-I{p}" for p in include_paths()),
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(SOURCE), "-o", partial,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *map(str, SOURCES), "-o", partial,
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
     started = time.monotonic()
     try:
@@ -55,7 +61,7 @@ def _build(target: Path) -> None:
             last = result.stderr.strip().splitlines()[-1:]
             raise RuntimeError(f"{command[0]} exited with {result.returncode}{': ' + last[0] if last else ''}")
         os.replace(partial, target)
-        log.info("built %s in %.1f s: %s", SOURCE.name, time.monotonic() - started, target)
+        log.info("built the CPU int4 kernels in %.1f s: %s", time.monotonic() - started, target)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -72,13 +78,18 @@ def load(folder: Path) -> str | None:
             _build(target)
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError) as e:
-        return f"building {SOURCE.name} failed ({e})"
+        return f"building the CPU int4 kernels ({', '.join(p.name for p in SOURCES)}) failed ({e})"
     torch.library.register_fake("kvtriton::int4_gemv")(_int4_gemv_fake)
+    torch.library.register_fake("kvtriton::decode_attention")(_decode_attention_fake)
     return None
 
 
 def _int4_gemv_fake(x, packed, scale_zeros, group_size):
     return x.new_empty(x.shape[0], packed.shape[0] * TILE_ROWS, dtype=torch.float32)
+
+
+def _decode_attention_fake(q, k_pool, v_pool, tables, mask, scale):
+    return torch.empty_like(q)
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,8 @@
 //                word w is row 16t + w/2, slot s = w%2, and its nibble i holds the code of input 8j + 2i + s
 //                (the pair that one fp32 lane of vdpbf16ps multiplies).
 //   scale_zeros  bf16 (N16/16, G, 2, 16): per tile and group, the 16 rows' scales, then their zeros.
+#include "cpu_int4_gemv.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +36,11 @@ namespace {
 constexpr int kTileRows = 16;
 constexpr int kBlockTiles = 2;  // tiles a task multiplies together (measured: 2 beats 1 and 4 at one row)
 constexpr int kMaxBlockRows = 4;  // input rows a pass multiplies at once (more spill the accumulators)
+// Each load of a block's codes, and each group's scales and zeros, first prefetches the same place kPrefetchBlocks
+// blocks ahead. The hardware prefetchers alone left a step's matmuls at about half the memory bandwidth (each
+// task reads two 4.6 KB tiles and a sparse stream of scales, short streams that keep crossing pages): the default
+// model's one-sequence step went 7.3 -> 4.3 ms (2-core Sapphire Rapids; a block ahead measured the same).
+constexpr int kPrefetchBlocks = 2;
 
 inline __m512 bf16_to_fp32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -46,6 +53,8 @@ void multiply_block(const uint8_t* packed, const uint16_t* scale_zeros, const ui
                     int64_t N16) {
   const __m512i low_nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
   const int64_t octs = K / 8, octs_per_group = group_size / 8, pairs = K / 2;
+  // The tiles kPrefetchBlocks blocks ahead that exist (none past the weight's last).
+  const int ahead = static_cast<int>(std::clamp<int64_t>(N16 / kTileRows - (t0 + T * kPrefetchBlocks), 0, T));
   __m512 y[T][M];
   for (int t = 0; t < T; t++)
     for (int m = 0; m < M; m++) y[t][m] = _mm512_setzero_ps();
@@ -55,9 +64,16 @@ void multiply_block(const uint8_t* packed, const uint16_t* scale_zeros, const ui
     __m512 acc[T][M][2];
     for (int t = 0; t < T; t++)
       for (int m = 0; m < M; m++) acc[t][m][0] = acc[t][m][1] = _mm512_setzero_ps();
+    for (int t = 0; t < ahead; t++)
+      _mm_prefetch(
+          reinterpret_cast<const char*>(scale_zeros + ((t0 + T * kPrefetchBlocks + t) * G + g) * 2 * kTileRows),
+          _MM_HINT_T0);
     for (int64_t j = g * octs_per_group; j < (g + 1) * octs_per_group; j++) {
       __m512i w[T][4];
       for (int t = 0; t < T; t++) {
+        if (t < ahead)
+          _mm_prefetch(reinterpret_cast<const char*>(packed + ((t0 + T * kPrefetchBlocks + t) * octs + j) * 64),
+                       _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(packed + ((t0 + t) * octs + j) * 64);
         // 0xEA: (a & b) | c
         w[t][0] = _mm512_ternarylogic_epi32(v, low_nibble, bf16_128, 0xEA);
@@ -107,7 +123,10 @@ void multiply_rows(int64_t M, const uint8_t* packed, const uint16_t* scale_zeros
   }
 }
 
-// x (M, K) fp32 or bf16 -> (M, N16) fp32.
+}  // namespace
+
+namespace kvtriton {
+
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zeros,
                      int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_gemv: x must be a contiguous (rows, inputs) matrix");
@@ -165,10 +184,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return out;
 }
 
-}  // namespace
+}  // namespace kvtriton
 
 TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_zeros, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kvtriton, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+TORCH_LIBRARY_IMPL(kvtriton, CPU, m) { m.impl("int4_gemv", &kvtriton::int4_gemv); }

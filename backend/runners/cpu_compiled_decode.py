@@ -41,6 +41,7 @@ from kvtriton.backend.attention.kv_cache import write_kv
 from kvtriton.backend.attention.paged import MIN_DECODE_TABLE_WIDTH, decode_mask, pad_decode_tables
 from kvtriton.backend.kernels.no_recompile import without_recompile
 from kvtriton.backend.models.llama import SKINNY_ROWS
+from kvtriton.backend.runners.cpu_native_decode import NativeDecodeLayers, why_not_native
 
 log = logging.getLogger("kvtriton")
 MAX_LAYERS_PER_GRAPH = 6  # a group is the largest divisor of the layer count up to this: one graph for all groups
@@ -68,12 +69,19 @@ class CompiledDecode:
         width = max(max_blocks, MIN_DECODE_TABLE_WIDTH)
         self._tables = torch.full((max_batch * width,), scratch_block, dtype=torch.int64)
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
+        # A model whose projections all run the int4 GEMV takes its small batches through one C++ call
+        # (runners/cpu_native_decode.py); then every decode row, in any step, attends through its C++ attention.
+        why = why_not_native(model, kv)
+        self.native = NativeDecodeLayers(model, kv, scale) if why is None else None
+        log.info("CPU decode: %s", "the layers of batches up to %s in one C++ call" % (self.native.max_batch or "any")
+                 if self.native is not None else f"compiled graphs only ({why})")
+        attend = torch.ops.kvtriton.decode_attention if self.native is not None else decode_attention_in_place
 
         def decoder_layers(layers, rope, x, k_pools, v_pools, slots, tables, mask, scale: float):
             for layer, k_pool, v_pool in zip(layers, k_pools, v_pools):
                 x, q, k, v = attention_inputs(layer, rope, x, None)  # one graph holds whole layers: their add here
                 write_kv(k_pool, v_pool, slots, k, v)
-                attended = decode_attention_in_place(q, k_pool, v_pool, tables, mask, scale)
+                attended = attend(q, k_pool, v_pool, tables, mask, scale)
                 x, delta = attention_output(layer, x, attended)
                 x = x + delta
             return x
@@ -85,7 +93,7 @@ class CompiledDecode:
         self._layers = torch.compile(decoder_layers, dynamic=True, fullgraph=True)
         # The eager steps' decode rows (mixed prefill + decode steps) attend through the same loops: the runner
         # hands this to their PagedAttention (attention/cpu_decode.py).
-        self.eager_attention = CompiledDecodeAttention()
+        self.eager_attention = CompiledDecodeAttention(native=self.native is not None)
         started = time.monotonic()
         dense_rows = {model.dense_rows.decode} if model.dense_rows is not None else set()
         # The on-disk compile caches (inductor's, AOTAutograd's) replay the shape guards of the compile that wrote
@@ -95,7 +103,8 @@ class CompiledDecode:
         tag = "kvtriton-dense-rows-" + "-".join(map(str, sorted(dense_rows)))
         with torch.compiler.config.patch(cache_key_tag=tag):
             for batch in sorted({b for b in (1, 2, SKINNY_ROWS + 1, *dense_rows) if b <= max_batch}):
-                self._warm_up(batch)
+                if self.native is None or not self.native.serves(batch):
+                    self._warm_up(batch)
         log.info("compiled the CPU decode step in %.1f s", time.monotonic() - started)
 
     def _warm_up(self, batch: int) -> None:
@@ -139,6 +148,9 @@ class CompiledDecode:
         x = model.embed_tokens(ids)  # (B, hidden)
         rope = model.rotary(positions)
         mask = decode_mask(context_lens, tables.shape[1] * kv.block_size)  # one for all layers
-        for layers, k_pools, v_pools in self._groups:
-            x = self._layers(layers, rope, x, k_pools, v_pools, slots, tables, mask, self.scale)
+        if self.native is not None and self.native.serves(x.shape[0]):
+            x = self.native(x, rope, slots, tables, mask)
+        else:
+            for layers, k_pools, v_pools in self._groups:
+                x = self._layers(layers, rope, x, k_pools, v_pools, slots, tables, mask, self.scale)
         return model.compute_logits(model.norm(x))

@@ -1,0 +1,285 @@
+// The CPU decode step's decoder layers in one call, for a model whose every projection runs the int4 GEMV
+// (cpu_int4_gemv.cpp), and the decode attention they share with the eager steps. Registered as
+// torch.ops.kvtriton.decode_layers and torch.ops.kvtriton.decode_attention; built into the GEMV's library by
+// kernels/cpu_int4.py; runners/cpu_native_decode.py and attention/cpu_decode.py call them.
+//
+// Why: at one sequence the default model's compiled step spent about half its time in its matmuls, which are
+// bound by memory, and most of the rest in Python between them: dynamo's guards and inductor's wrapper calling
+// ~240 kernels and ops a step at a few microseconds each, while the second core waited (perf, 2-core Sapphire
+// Rapids). Here all layers are one call: the same GEMV for every matmul, the work around them in C++.
+//
+// Numbers: the work around the matmuls computes what models/llama.py's eager ops compute, op for op in fp32,
+// compiled with -ffp-contract=off as inductor compiles (no product and sum fused into one rounding): RMSNorm
+// sums its squares in fp64 in the compiled graph's loop order (models/llama.py mean_square says why that keeps
+// the eager bits), RoPE is rotate-half in fp32, silu is x / (exp(-x) + 1) with ATen's vectorized exp, as aten's
+// and inductor's. Attention is this file's own loops; the eager steps' decode rows and the compiled graphs of
+// larger batches call the same function, so a token does not depend on which kind of step decoded it.
+//
+// Layouts: x (B, hidden) fp32; cos/sin (B, 1, D/2) fp32; the pools (blocks, block_size, kv_heads, D) fp32, a
+// slot s being row s of their (blocks * block_size, kv_heads, D) view; tables (B, W) int64; mask (B, W *
+// block_size) bool, true where a sequence attends (attention/paged.py decode_mask).
+#include "cpu_int4_gemv.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// out = w * (x * (1 / sqrt(mean(x^2) + eps))) over one row of H values (H a multiple of kLanes).
+void rms_norm_row(const float* x, const float* w, float* out, int64_t H, float eps) {
+  at::vec::VectorizedN<double, 2> acc(0);
+  for (int64_t i = 0; i < H; i += kLanes) {
+    const auto d = at::vec::convert<double, 2, float, 1>(Vec::loadu(x + i));
+    acc = acc + d * d;
+  }
+  const double sum = at::vec::vec_reduce_all<double, 2>(
+      [](at::vec::Vectorized<double>& a, at::vec::Vectorized<double>& b) { return a + b; }, acc);
+  const float mean = static_cast<float>(sum / static_cast<double>(H));
+  const Vec rstd(1 / std::sqrt(static_cast<float>(mean + eps)));
+  for (int64_t i = 0; i < H; i += kLanes) (Vec::loadu(w + i) * (Vec::loadu(x + i) * rstd)).store(out + i);
+}
+
+// HF rotate-half of one head: (x1 cos - x2 sin, x2 cos + x1 sin) with x1, x2 its halves (half a multiple of kLanes).
+void rotate(const float* x, const float* cos, const float* sin, float* out, int64_t half) {
+  for (int64_t i = 0; i < half; i += kLanes) {
+    const Vec x1 = Vec::loadu(x + i), x2 = Vec::loadu(x + half + i);
+    const Vec c = Vec::loadu(cos + i), s = Vec::loadu(sin + i);
+    (x1 * c - x2 * s).store(out + i);
+    (x2 * c + x1 * s).store(out + half + i);
+  }
+}
+
+float dot(const float* a, const float* b, int64_t D) {  // D a multiple of kLanes
+  __m512 even = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b)), odd = _mm512_setzero_ps();
+  for (int64_t d = kLanes; d < D; d += 2 * kLanes) {
+    odd = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), odd);
+    if (d + kLanes < D) even = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + kLanes), _mm512_loadu_ps(b + d + kLanes), even);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+}
+
+constexpr int64_t kChunk = 64;  // positions a task attends; fixed, so that a row's sums never depend on its batch
+
+// Each sequence's query heads over the slots its mask row allows (flash-decoding): a task takes one chunk of
+// kChunk positions of one (sequence, KV head), for the GROUP query heads that share it (each K/V row read once
+// for all of them), and leaves its chunk's max, sum of exp and unnormalised output; a second pass merges the
+// chunks in order. Softmax in fp32. A chunk the mask leaves empty (past a short context in a wide table)
+// merges as nothing, so the result does not depend on the table's width either.
+void attend(const float* q, const float* k_pool, const float* v_pool, const int64_t* tables, const bool* mask,
+            float* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size, int64_t W, float scale) {
+  const int64_t group = H / Hkv, L = W * block_size, chunks = (L + kChunk - 1) / kChunk;
+  std::vector<float> part_max(B * H * chunks), part_sum(B * H * chunks), part_out(B * H * chunks * D);
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    int64_t rows[kChunk];
+    float scores[kChunk];
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t b = task / (Hkv * chunks), h = task / chunks % Hkv, c = task % chunks;
+      int64_t n = 0;
+      for (int64_t t = c * kChunk; t < std::min(L, (c + 1) * kChunk); t++)
+        if (mask[b * L + t]) rows[n++] = ((tables[b * W + t / block_size] * block_size + t % block_size) * Hkv + h) * D;
+      for (int64_t g = 0; g < group; g++) {
+        const int64_t head = b * H + h * group + g, part = head * chunks + c;
+        const float* qh = q + head * D;
+        float top = -std::numeric_limits<float>::infinity(), total = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+          scores[i] = dot(qh, k_pool + rows[i], D) * scale;
+          top = std::max(top, scores[i]);
+        }
+        for (int64_t i = 0; i < n; i += kLanes) {
+          const int64_t count = std::min(kLanes, n - i);
+          const Vec p = (Vec::loadu(scores + i, count) - Vec(top)).exp();
+          p.store(scores + i, count);
+          total += at::vec::vec_reduce_all<float>([](Vec& a, Vec& x) { return a + x; }, Vec::set(Vec(0.0f), p, count));
+        }
+        for (int64_t d = 0; d < D; d += kLanes) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < n; i++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[i]), _mm512_loadu_ps(v_pool + rows[i] + d), acc);
+          _mm512_storeu_ps(part_out.data() + part * D + d, acc);
+        }
+        part_max[part] = top;
+        part_sum[part] = total;
+      }
+    }
+  });
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; head++) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; c++) top = std::max(top, part_max[head * chunks + c]);
+      float total = 0.0f;
+      __m512 acc[256 / kLanes];
+      for (int64_t d = 0; d < D; d += kLanes) acc[d / kLanes] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; c++) {
+        const int64_t part = head * chunks + c;
+        if (part_sum[part] == 0.0f) continue;  // an empty chunk
+        const float weight = std::exp(part_max[part] - top);
+        total += part_sum[part] * weight;
+        for (int64_t d = 0; d < D; d += kLanes)
+          acc[d / kLanes] = _mm512_fmadd_ps(_mm512_set1_ps(weight), _mm512_loadu_ps(part_out.data() + part * D + d),
+                                            acc[d / kLanes]);
+      }
+      const __m512 inverse = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+      for (int64_t d = 0; d < D; d += kLanes)
+        _mm512_storeu_ps(out + head * D + d, _mm512_mul_ps(acc[d / kLanes], inverse));
+    }
+  });
+}
+
+void check_attention_operands(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                              const at::Tensor& tables, const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "decode_attention: q must be contiguous fp32 (sequences, heads, head_dim)");
+  TORCH_CHECK(k_pool.dim() == 4 && k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() &&
+                  v_pool.sizes() == k_pool.sizes() && v_pool.scalar_type() == at::kFloat && v_pool.is_contiguous(),
+              "decode_attention: the pools must be contiguous fp32 (blocks, block_size, kv_heads, head_dim)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_pool.size(2);
+  TORCH_CHECK(k_pool.size(3) == D && D % kLanes == 0 && D <= 256 && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: q's heads and head_dim do not match the pools'");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kLong && tables.is_contiguous(),
+              "decode_attention: tables must be contiguous int64 (sequences, width)");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() &&
+                  mask.numel() == B * tables.size(1) * k_pool.size(1),
+              "decode_attention: mask must be contiguous bool with width * block_size entries a sequence");
+}
+
+void run_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                   const at::Tensor& tables, const at::Tensor& mask, float scale, float* out) {
+  attend(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables.data_ptr<int64_t>(),
+         mask.data_ptr<bool>(), out, q.size(0), q.size(1), k_pool.size(2), q.size(2), k_pool.size(1),
+         tables.size(1), scale);
+}
+
+}  // namespace
+
+namespace kvtriton {
+
+// q (B, H, D), its new K/V already in the pools -> (B, H, D).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& tables, const at::Tensor& mask, double scale) {
+  check_attention_operands(q, k_pool, v_pool, tables, mask);
+  at::Tensor out = at::empty_like(q);
+  run_attention(q, k_pool, v_pool, tables, mask, static_cast<float>(scale), out.data_ptr<float>());
+  return out;
+}
+
+// x (B, hidden) through every layer; writes each layer's new K/V at `slots` of its pools; returns the new x.
+// Per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights) and packed / scale_zeros [4l .. 4l + 3] (qkv,
+// o, gate_up, down), as models/llama.py's decoder layer reads them.
+at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
+                         at::TensorList packed, at::TensorList scale_zeros, at::TensorList k_pools,
+                         at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& tables,
+                         const at::Tensor& mask, int64_t group_size, double eps, double scale, int64_t num_heads) {
+  const int64_t layers = static_cast<int64_t>(k_pools.size());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kLanes == 0,
+              "decode_layers: x must be fp32 (sequences, hidden) with hidden a multiple of ", kLanes);
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_pools.size()) == layers &&
+                  static_cast<int64_t>(norms.size()) == 2 * layers &&
+                  static_cast<int64_t>(packed.size()) == 4 * layers &&
+                  static_cast<int64_t>(scale_zeros.size()) == 4 * layers,
+              "decode_layers: per layer 2 norms, 4 packed weights with their scales and a K and V pool");
+  const int64_t B = x_in.size(0), hidden = x_in.size(1), D = k_pools[0].size(3), Hkv = k_pools[0].size(2);
+  const int64_t half = D / 2, q_size = num_heads * D, kv_size = Hkv * D;
+  TORCH_CHECK(half % kLanes == 0, "decode_layers: head_dim must be a multiple of ", 2 * kLanes);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.numel() == B * half &&
+                  sin.scalar_type() == at::kFloat && sin.is_contiguous() && sin.numel() == B * half,
+              "decode_layers: cos and sin must be contiguous fp32 (sequences, 1, head_dim / 2)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+              "decode_layers: slots must be contiguous int64, one a sequence");
+  const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
+
+  at::Tensor x = x_in.contiguous().clone();
+  at::Tensor normed = at::empty({B, hidden}, x.options());
+  at::Tensor q = at::empty({B, num_heads, D}, x.options());
+  at::Tensor attended = at::empty({B, q_size}, x.options());
+  float* xp = x.data_ptr<float>();
+  float* np = normed.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+
+  auto add_rows = [&](const at::Tensor& y) {  // x += y[:, :hidden]
+    const float* yp = y.data_ptr<float>();
+    const int64_t ld = y.size(1);
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t i = 0; i < hidden; i += kLanes)
+        (Vec::loadu(xp + b * hidden + i) + Vec::loadu(yp + b * ld + i)).store(xp + b * hidden + i);
+  };
+  auto norm_rows = [&](const at::Tensor& weight) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden,
+                "decode_layers: each norm weight must be contiguous fp32 (hidden,)");
+    for (int64_t b = 0; b < B; b++)
+      rms_norm_row(xp + b * hidden, weight.data_ptr<float>(), np + b * hidden, hidden, eps_f);
+  };
+
+  for (int64_t l = 0; l < layers; l++) {
+    const at::Tensor& k_pool = k_pools[l];
+    const at::Tensor& v_pool = v_pools[l];
+    check_attention_operands(q, k_pool, v_pool, tables, mask);
+    // Attention: RMSNorm, qkv, RoPE on q and k, the new k and v into the pools, attention, o_proj, residual.
+    norm_rows(norms[2 * l]);
+    const at::Tensor qkv = int4_gemv(normed, packed[4 * l], scale_zeros[4 * l], group_size);
+    TORCH_CHECK(qkv.size(1) >= q_size + 2 * kv_size, "decode_layers: the qkv weight has too few rows");
+    const float* qkv_p = qkv.data_ptr<float>();
+    float* k_base = k_pool.data_ptr<float>();
+    float* v_base = v_pool.data_ptr<float>();
+    for (int64_t b = 0; b < B; b++) {
+      const float* row = qkv_p + b * qkv.size(1);
+      const float *c = cos_p + b * half, *s = sin_p + b * half;
+      for (int64_t h = 0; h < num_heads; h++) rotate(row + h * D, c, s, qp + (b * num_heads + h) * D, half);
+      float* k_row = k_base + slot[b] * kv_size;
+      float* v_row = v_base + slot[b] * kv_size;
+      for (int64_t h = 0; h < Hkv; h++) rotate(row + q_size + h * D, c, s, k_row + h * D, half);
+      std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, v_row);
+    }
+    run_attention(q, k_pool, v_pool, tables, mask, scale_f, attended.data_ptr<float>());
+    add_rows(int4_gemv(attended, packed[4 * l + 1], scale_zeros[4 * l + 1], group_size));
+    // MLP: RMSNorm, gate_up, silu(gate) * up, down, residual.
+    norm_rows(norms[2 * l + 1]);
+    const at::Tensor gate_up = int4_gemv(normed, packed[4 * l + 2], scale_zeros[4 * l + 2], group_size);
+    const int64_t inter = packed[4 * l + 3].size(1) * 8;  // down's inputs
+    TORCH_CHECK(inter % kLanes == 0 && gate_up.size(1) >= 2 * inter,
+                "decode_layers: gate_up must have twice down's inputs as rows, a multiple of ", kLanes);
+    at::Tensor activated = at::empty({B, inter}, x.options());
+    const float* gu = gate_up.data_ptr<float>();
+    float* ap = activated.data_ptr<float>();
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t i = 0; i < inter; i += kLanes) {
+        const Vec gate = Vec::loadu(gu + b * gate_up.size(1) + i);
+        const Vec up = Vec::loadu(gu + b * gate_up.size(1) + inter + i);
+        ((gate / (gate.neg().exp() + Vec(1.0f))) * up).store(ap + b * inter + i);
+      }
+    add_rows(int4_gemv(activated, packed[4 * l + 3], scale_zeros[4 * l + 3], group_size));
+  }
+  return x;
+}
+
+}  // namespace kvtriton
+
+TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
+  m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor mask, float scale) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] packed, Tensor[] scale_zeros, "
+      "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, Tensor tables, Tensor mask, int group_size, "
+      "float eps, float scale, int num_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvtriton, CPU, m) {
+  m.impl("decode_attention", &kvtriton::decode_attention);
+  m.impl("decode_layers", &kvtriton::decode_layers);
+}

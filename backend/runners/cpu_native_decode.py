@@ -1,0 +1,74 @@
+"""NativeDecodeLayers: a CPU decode step's decoder layers in one C++ call, for models whose every projection runs
+kvtriton's int4 GEMV (the default model served from its GGUF).
+
+Inductor's graphs (runners/cpu_compiled_decode.py) leave Python between the kernels they call: at one sequence
+the default model's step was ~10 ms, ~5 of it the GEMV's memory-bound matmuls and ~2 of it Python (dynamo's
+guards, inductor's wrapper, op dispatch), while the second core waited (perf, 2-core Sapphire Rapids).
+kernels/cpu_decode_layers.cpp runs all 30 layers in one call: the same GEMV, and the RMSNorms, RoPE, K/V
+writes, attention and SwiGLU in C++ between the matmuls, computing what the eager ops compute (that file says
+how). The compiled graphs still serve the batches this does not: from the model's dense-copy rows on
+(models/loader.py add_dense_weights), where the matmuls are the dense copies'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtriton.backend.models.int4 import Int4Linear
+
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _gemv_linear(layer, name: str) -> Int4Linear | None:
+    module = layer.get_submodule(name)
+    if type(module) is Int4Linear and module.bias is None and module.matmul_on_cpu_kernel and module._packed.dim() == 3:
+        return module
+    return None
+
+
+def why_not_native(model, kv) -> str | None:
+    """None when NativeDecodeLayers serves this model and KV cache, else why not (one phrase)."""
+    if not hasattr(torch.ops.kvtriton, "decode_layers"):
+        return "the CPU int4 kernels are not loaded"
+    cfg = model.config
+    if model.embed_tokens.weight.dtype != torch.float32 or any(pool.dtype != torch.float32 for pool in kv.k):
+        return "the activations or the KV cache are not fp32"
+    if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
+        return "the hidden size, head_dim or MLP width is not a multiple of the kernel's vector (or head_dim > 256)"
+    linears = [_gemv_linear(layer, name) for layer in model.layers for name in PROJECTIONS]
+    if any(linear is None for linear in linears):
+        return "a projection does not run the int4 GEMV (another precision, a bias, or PyTorch's kernel)"
+    if len({linear.group_size for linear in linears}) != 1:
+        return "the layers' group sizes differ"
+    norms = [norm for layer in model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if len({norm.eps for norm in norms}) != 1:
+        return "the layers' RMSNorm eps differ"
+    return None
+
+
+class NativeDecodeLayers:
+    """layers(x, rope, slots, tables, mask) -> x after every decoder layer, the K/V written; see why_not_native."""
+
+    def __init__(self, model, kv, scale: float):
+        layers = model.layers
+        linears = [_gemv_linear(layer, name) for layer in layers for name in PROJECTIONS]
+        self.norms = [norm.weight.detach() for layer in layers
+                      for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.packed = [linear._packed for linear in linears]
+        self.scale_zeros = [linear._scale_zeros for linear in linears]
+        self.group_size = linears[0].group_size
+        self.eps = layers[0].input_layernorm.eps
+        self.num_heads = model.config.num_heads
+        self.k_pools, self.v_pools = list(kv.k), list(kv.v)
+        self.scale = scale
+        # Batches from the dense copies' rows on multiply by the copies: the compiled graphs serve those.
+        self.max_batch = model.dense_rows.decode - 1 if model.dense_rows is not None else None
+
+    def serves(self, batch: int) -> bool:
+        return self.max_batch is None or batch <= self.max_batch
+
+    def __call__(self, x, rope, slots, tables, mask) -> torch.Tensor:
+        cos, sin = rope
+        return torch.ops.kvtriton.decode_layers(
+            x, cos.contiguous(), sin.contiguous(), self.norms, self.packed, self.scale_zeros, self.k_pools,
+            self.v_pools, slots, tables, mask.contiguous(), self.group_size, self.eps, self.scale, self.num_heads)

@@ -1,0 +1,118 @@
+"""The CPU decode step's layers in one C++ call (runners/cpu_native_decode.py, kernels/cpu_decode_layers.cpp): the
+eager step's logits bit for bit, greedy output unchanged, its attention against gather + SDPA, clear errors for
+bad operands, and the models it leaves to the compiled graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtriton.backend.attention.paged import decode_attention, decode_mask
+from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.models.int4 import gemv_serves
+from kvtriton.backend.runners.cpu_native_decode import why_not_native
+
+from tests.test_cpu_compiled_decode import decode_step_args
+from tests.tiny_model import make_tiny_engine, make_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with AVX-512 BF16")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks", "one two three four five"]
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """A tiny Llama with head_dim 64 (hidden 256, 4 heads over 2 KV heads): the kernels' vector widths."""
+    return make_tiny_model(tmp_path_factory.mktemp("wide"), hidden=256)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each engine compiles the same functions (tests/test_cpu_compiled_decode.py says why)
+
+
+def native_engine(folder, **overrides):
+    return make_tiny_engine(folder, quantization="int4", cpu_compile_decode=True, **overrides)
+
+
+def test_logits_equal_eager(wide_folder):
+    engine = native_engine(wide_folder, cpu_dense_min_rows=12)
+    runner = engine.runner
+    try:
+        assert runner.compiled_decode.native is not None and runner.compiled_decode.native.max_batch == 11
+        torch.manual_seed(0)
+        for pool in runner.kv.k + runner.kv.v:
+            pool.copy_(torch.randn(pool.shape))
+        bs = runner.block_size
+        # One sequence, a few, and 12 (the dense copies' rows: the compiled graph, with the C++ attention); contexts
+        # of 1 block (padded to 2), 2 and 5, and rows whose contexts end inside a block.
+        for contexts in ([1], [3], [bs + 1], [5 * bs - 2, 2, bs + 1], [bs + 3] * 10, [2 * bs + 1] * 12):
+            args = decode_step_args(bs, contexts)
+            native = runner.compiled_decode(*args)
+            with torch.inference_mode():
+                eager = runner._decode_logits(*args)
+            assert torch.equal(native, eager), contexts
+        assert runner.compiled_decode.eager_steps == 0
+    finally:
+        engine.shutdown()
+
+
+def test_engine_greedy_unchanged(wide_folder):
+    """Each prompt alone and all at once (decode-only and mixed steps): the same tokens as the eager engine's."""
+    outputs = {}
+    for compiled in (False, True):
+        engine = make_tiny_engine(wide_folder, quantization="int4", cpu_compile_decode=compiled,
+                                  cpu_single_openmp_team=True).start()
+        try:
+            if compiled:
+                assert engine.runner.compiled_decode.native is not None
+            solo = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+            outputs[compiled] = solo, [out.token_ids for out in engine.generate(PROMPTS, GREEDY)]
+            assert engine.stats().kv_usage == 0.0  # every block back
+        finally:
+            engine.shutdown()
+    assert outputs[True] == outputs[False]
+
+
+def test_attention_equals_gather_and_sdpa():
+    assert gemv_serves()  # loads the kernels' library
+    torch.manual_seed(0)
+    bs, hkv, heads, d = 4, 2, 6, 64
+    k_pool, v_pool = torch.randn(12, bs, hkv, d), torch.randn(12, bs, hkv, d)
+    tables = torch.tensor([[3, 7, 1], [0, 2, 2], [9, 4, 5]])  # row 1's context ends in its 2nd block
+    mask = decode_mask(torch.tensor([11, 6, 12]), tables.shape[1] * bs)
+    q = torch.randn(3, heads, d)
+    out = torch.ops.kvtriton.decode_attention(q, k_pool, v_pool, tables, mask, 0.3)
+    torch.testing.assert_close(out, decode_attention(q, k_pool, v_pool, tables, mask, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_operands_are_refused_in_one_line():
+    assert gemv_serves()
+    q, pool = torch.zeros(1, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 2, 64)
+    tables, mask = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="q must be contiguous fp32"):
+        torch.ops.kvtriton.decode_attention(q, pool, pool, tables, mask, 1.0)
+    with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
+        torch.ops.kvtriton.decode_attention(q.float(), pool, pool, tables, mask[:, :3], 1.0)
+
+
+@pytest.mark.parametrize("overrides,why", [
+    ({"quantization": "int8"}, "does not run the int4 GEMV"),
+    ({"quantization": "int4", "kv_cache_dtype": "fp8"}, "not fp32"),
+])
+def test_models_it_does_not_serve_keep_the_compiled_graphs(wide_folder, overrides, why):
+    engine = make_tiny_engine(wide_folder, cpu_compile_decode=True, **overrides)
+    try:
+        assert engine.runner.compiled_decode.native is None
+        assert why in why_not_native(engine.runner.model, engine.runner.kv)
+    finally:
+        engine.shutdown()
+
+
+def test_head_dim_off_the_vector_width_keeps_the_compiled_graphs(tiny_folder):
+    engine = native_engine(tiny_folder)  # head_dim 16
+    try:
+        assert engine.runner.compiled_decode.native is None
+        assert "multiple of the kernel's vector" in why_not_native(engine.runner.model, engine.runner.kv)
+    finally:
+        engine.shutdown()
