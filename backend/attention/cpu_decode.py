@@ -13,7 +13,8 @@ graphs inline it (runners/cpu_compiled_decode.py), and the eager steps of a runn
 same function compiled on its own (`CompiledDecodeAttention`), so that a decode row's attention is the same
 loops, and the same bits, in a decode-only step and in a mixed prefill + decode step
 (tests/test_cpu_compiled_decode.py). Softmax in fp32, whatever the pools' dtype (an fp8 pool's values widen
-in the same loops).
+in the same loops). Where the runner's decode steps run their layers in C++ (runners/cpu_native_decode.py), its
+decode rows attend through that C++ attention instead (`native`), for the same reason.
 """
 
 from __future__ import annotations

@@ -19,7 +19,12 @@ before an int4 matmul, can move a greedy token). So greedy output does not depen
 compiled.
 
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
-matmuls'). Compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
+matmuls'). A model whose projections all run kvtriton's int4 GEMV takes its batches below the dense copies'
+rows through one C++ call for all layers instead (runners/cpu_native_decode.py), and those batches compile no
+graph; its larger batches' graphs and its eager steps' decode rows then attend through that call's C++
+attention, so the bits still agree.
+
+The graphs are compiled at load by a warm-up, so no request pays it: batches of 1 and of 2 or more are two
 graphs (dynamo specialises size 1), an fp32 model's batches past SKINNY_ROWS a third, a quantized model's
 batches from its dense copies' row count (models/loader.py add_dense_weights) another. The block-table
 width is a symbolic size, padded to >= 2 columns for the same reason, as the eager path pads
