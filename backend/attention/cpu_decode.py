@@ -60,11 +60,11 @@ class CompiledDecodeAttention:
 
     @torch.inference_mode()
     def warm_up(self, batch: int, num_heads: int, dtype: torch.dtype, k_pool, v_pool, scale: float) -> None:
-        if self.native:  # nothing to compile
-            return
         """Compile the graph of `batch` sequences (1, or any 2 or more) of `dtype` queries now. Its inputs are made
         as the runner's eager steps make theirs, under inference mode (dynamo guards on inference tensors too): q
         and the mask computed in the step, the tables copied in `__call__`, the pools allocated before."""
+        if self.native:  # nothing to compile
+            return
         tables = torch.zeros(batch, MIN_DECODE_TABLE_WIDTH, dtype=torch.int64)
         mask = decode_mask(torch.ones(batch, dtype=torch.int64), MIN_DECODE_TABLE_WIDTH * k_pool.shape[1])
         q = torch.zeros(batch, num_heads, k_pool.shape[-1], dtype=dtype)
