@@ -209,6 +209,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
   at::Tensor normed = at::empty({B, hidden}, x.options());
   at::Tensor q = at::empty({B, num_heads, D}, x.options());
   at::Tensor attended = at::empty({B, q_size}, x.options());
+  const int64_t inter = packed[3].size(1) * 8;  // the MLP's width: down's inputs
+  TORCH_CHECK(inter % kLanes == 0, "decode_layers: the MLP width must be a multiple of ", kLanes);
+  at::Tensor activated = at::empty({B, inter}, x.options());
   float* xp = x.data_ptr<float>();
   float* np = normed.data_ptr<float>();
   float* qp = q.data_ptr<float>();
@@ -252,10 +255,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     // MLP: RMSNorm, gate_up, silu(gate) * up, down, residual.
     norm_rows(norms[2 * l + 1]);
     const at::Tensor gate_up = int4_gemv(normed, packed[4 * l + 2], scale_zeros[4 * l + 2], group_size);
-    const int64_t inter = packed[4 * l + 3].size(1) * 8;  // down's inputs
-    TORCH_CHECK(inter % kLanes == 0 && gate_up.size(1) >= 2 * inter,
-                "decode_layers: gate_up must have twice down's inputs as rows, a multiple of ", kLanes);
-    at::Tensor activated = at::empty({B, inter}, x.options());
+    TORCH_CHECK(packed[4 * l + 3].size(1) * 8 == inter && gate_up.size(1) >= 2 * inter,
+                "decode_layers: every layer's gate_up must have twice its down's inputs as rows");
     const float* gu = gate_up.data_ptr<float>();
     float* ap = activated.data_ptr<float>();
     for (int64_t b = 0; b < B; b++)

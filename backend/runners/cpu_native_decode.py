@@ -19,11 +19,10 @@ from kvtriton.backend.models.int4 import Int4Linear
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def _gemv_linear(layer, name: str) -> Int4Linear | None:
-    module = layer.get_submodule(name)
-    if type(module) is Int4Linear and module.bias is None and module.matmul_on_cpu_kernel and module._packed.dim() == 3:
-        return module
-    return None
+def _gemv_linears(model) -> list[Int4Linear | None]:
+    """Every layer's projections in PROJECTIONS order; None for one that is not a bias-free int4 GEMV layer."""
+    modules = [layer.get_submodule(name) for layer in model.layers for name in PROJECTIONS]
+    return [m if type(m) is Int4Linear and m.bias is None and m.gemv_operands is not None else None for m in modules]
 
 
 def why_not_native(model, kv) -> str | None:
@@ -35,7 +34,7 @@ def why_not_native(model, kv) -> str | None:
         return "the activations or the KV cache are not fp32"
     if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
         return "the hidden size, head_dim or MLP width is not a multiple of the kernel's vector (or head_dim > 256)"
-    linears = [_gemv_linear(layer, name) for layer in model.layers for name in PROJECTIONS]
+    linears = _gemv_linears(model)
     if any(linear is None for linear in linears):
         return "a projection does not run the int4 GEMV (another precision, a bias, or PyTorch's kernel)"
     if len({linear.group_size for linear in linears}) != 1:
@@ -51,11 +50,11 @@ class NativeDecodeLayers:
 
     def __init__(self, model, kv, scale: float):
         layers = model.layers
-        linears = [_gemv_linear(layer, name) for layer in layers for name in PROJECTIONS]
+        linears = _gemv_linears(model)
         self.norms = [norm.weight.detach() for layer in layers
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        self.packed = [linear._packed for linear in linears]
-        self.scale_zeros = [linear._scale_zeros for linear in linears]
+        operands = [linear.gemv_operands for linear in linears]
+        self.packed, self.scale_zeros = [p for p, _ in operands], [sz for _, sz in operands]
         self.group_size = linears[0].group_size
         self.eps = layers[0].input_layernorm.eps
         self.num_heads = model.config.num_heads
