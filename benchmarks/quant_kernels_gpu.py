@@ -135,9 +135,9 @@ def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
     return [t for t in tiles if t is not None and k % (t.block_k * t.split_k) == 0]
 
 
-# One int4 row through kernels/int4_gemv.py instead: ("gemv", ROWS, GT, num_warps or None = one word a thread).
-GEMV_CHOICES = [("gemv", rows, gt, warps) for rows in (2, 4) for gt in (16, 32, 64) for warps in (None, 4)
-                if not (gt == 32 and warps == 4)]
+# One int4 row through kernels/int4_gemv.py instead: ("gemv", ROWS, num_warps, programs per SM or None).
+GEMV_CHOICES = [("gemv", rows, warps, per_sm) for rows in (2, 4, 8, 16) for warps in (1, 2, 4, 8)
+                for per_sm in (None, 8, 16)]
 
 
 def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]:

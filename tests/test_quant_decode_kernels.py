@@ -120,7 +120,7 @@ def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
     close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, decode_weight(layer)), F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("gemv", [("gemv", 1, 4, None), ("gemv", 2, 16, None), ("gemv", 4, 8, 4)], ids=str)
+@pytest.mark.parametrize("gemv", [("gemv", 1, None), ("gemv", 8, 1, 2), ("gemv", 4, 2, 1)], ids=str)
 @pytest.mark.parametrize("k, offset", [(576, True), (1024, False)])  # 576: 18 groups, the last step masked
 def test_one_row_int4_gemv_computes_every_fused_op(gemv, k, offset):
     """kernels/int4_gemv.py (the int4 one-row kernel: fp16 pairs on CUDA, fp32 under the interpreter) through
@@ -144,13 +144,24 @@ def test_one_row_int4_gemv_computes_every_fused_op(gemv, k, offset):
     close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, weight, blocks=gemv), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("k", [1024, 2048])  # one step (x converted once a program), two steps a block
+def test_one_row_int4_gemv_persistent_programs_cover_every_block(k):
+    """More row blocks than programs (300 rows in blocks of 2, one program an SM): each program walks several
+    blocks, loading the next block's weights ahead; every output row is computed once, none is lost."""
+    layer = quantized_layer("int4", 300, k, seed=9)
+    norm = RMSNorm(k, 1e-5).to(DEVICE, DTYPE)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(10)).to(DEVICE, DTYPE)
+    got = skinny_matmul.rms_norm_linear(x, norm.weight, 1e-5, decode_weight(layer), blocks=("gemv", 2, 1, 1))
+    close(got, layer_forward(layer, norm(x)))
+
+
 def test_one_row_int4_gemv_keeps_large_activations_finite():
     """The fp16 pairs hold x / 64: activations in the thousands (LLMs' outlier features) stay finite and close."""
     layer = quantized_layer("int4", 64, 512, seed=6)
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(8))
     x[0, ::37] = 3000.0
     x = x.to(DEVICE, DTYPE)
-    got = skinny_matmul.linear(x, decode_weight(layer), blocks=("gemv", 2, 16, None))
+    got = skinny_matmul.linear(x, decode_weight(layer), blocks=("gemv", 2, None))
     assert torch.isfinite(got).all()
     expected = layer_forward(layer, x).float()
     close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)

@@ -27,13 +27,12 @@ its later splits idle (they return at once), it does not spread thin.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.tile_config import multiprocessors
 
 # The tile: (past tokens per tile, which is also the granule of a split's chunk; warps; pipeline stages).
 # Launches of many (sequence, KV head) pairs stream long tiles with few warps: on an H200
@@ -216,14 +215,9 @@ def _combine_splits(part_ptr, stats_ptr, context_lens_ptr, out_ptr, NUM_HEADS: t
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def default_tile(batch: int, num_kv_heads: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_T, num_warps, num_stages): LARGE_TILE once the unsplit launch fills half the SMs."""
-    return LARGE_TILE if 2 * batch * num_kv_heads >= _multiprocessors(device) else SMALL_TILE
+    return LARGE_TILE if 2 * batch * num_kv_heads >= multiprocessors(device) else SMALL_TILE
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
@@ -232,7 +226,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: 
     tokens: the largest power of two that keeps within PROGRAMS_PER_SM programs on every SM, and no more
     than the longest context has tiles (a CUDA graph captured for a block-table width serves every context
     up to it)."""
-    want = PROGRAMS_PER_SM * _multiprocessors(device) // (batch * num_kv_heads)
+    want = PROGRAMS_PER_SM * multiprocessors(device) // (batch * num_kv_heads)
     want = 1 << (max(1, want).bit_length() - 1)
     return max(1, min(want, -(-max_context // block_t), MAX_SPLITS))
 

@@ -55,7 +55,8 @@ FP8_MAX, FP8_MIN_SCALE = tl.constexpr(448.0), tl.constexpr(1e-12)
 # ("skinny-bf16" | "skinny-fp8" | "skinny-int4", rows bucket, N, K) -> Tile fields (block_m, block_n, block_k,
 # split_k = 1, warps), measured on an H200 by benchmarks/quant_kernels_bench.py --device cuda, which prints
 # this table; N is the output width (for rms_norm_swiglu, the intermediate size). Empty: `_blocks` decides.
-# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda --rows 1,2,4,16,64.
+# Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda
+# --rows 1,2,4,16,64.
 TILES: dict[tuple[str, int, int, int], tuple] = {
     ('skinny-fp8', 1, 3072, 2048): (1, 4, 2048, 1, 4),
     ('skinny-int4', 1, 3072, 2048): (1, 16, 2048, 1, 4),
@@ -229,7 +230,8 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
         if gemv is not None:
             return int4_gemv(x, quantized.data, quantized.scale, quantized.zero_point, quantized.offset,
                              quantized.group_size, out_features, norm=norm, eps=eps, bias=bias, residual=residual,
-                             swiglu=swiglu, out_dtype=out_dtype, rows=gemv[0], groups_per_step=gemv[1], warps=gemv[2])
+                             swiglu=swiglu, out_dtype=out_dtype, rows=gemv[0], warps=gemv[1],
+                             per_sm=gemv[2] if len(gemv) > 2 else None)
     data = (quantized.data if quantized is not None else weight).contiguous()
     out = torch.empty(m, out_features, dtype=out_dtype or x.dtype, device=x.device)
     block_m = triton.next_power_of_2(m)
@@ -282,8 +284,8 @@ def _blocks(n: int, k: int, block_m: int, norm: bool, tiles: int) -> tuple[int, 
 
 
 # weight: a dense (N, K) tensor in x's dtype, or a QuantizedWeight. blocks: (BLOCK_N, BLOCK_K, num_warps) to
-# override the table and the heuristic (the benchmark's sweep), or ("gemv", ROWS, GT, num_warps): one int4 row
-# through kernels/int4_gemv.py under that choice.
+# override the table and the heuristic (the benchmark's sweep), or ("gemv", ROWS, num_warps[, programs per SM]):
+# one int4 row through kernels/int4_gemv.py under that choice.
 
 def _rows(weight) -> int:
     return weight.out_features if isinstance(weight, QuantizedWeight) else weight.shape[0]

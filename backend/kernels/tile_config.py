@@ -10,7 +10,10 @@ then on. A shape missing from the table takes the kernel's own heuristic.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
+
+import torch
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the decode batch sizes the runner captures graphs for
 
@@ -39,3 +42,10 @@ def lookup(table: dict, kernel: str, m: int, n: int, k: int) -> Tile | None:
     """The measured tile for this call, or None (then the kernel's heuristic)."""
     found = table.get((kernel, rows_bucket(m), n, k))
     return Tile(*found) if found is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count, which launch shapes are sized by; off CUDA (Triton's interpreter) an H200's 132, so
+    that the interpreter's tests take the launch shapes the H200 takes."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
