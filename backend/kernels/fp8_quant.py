@@ -1,6 +1,7 @@
 """Dynamic per-token FP8 (e4m3) quantization of activations, one launch (Triton).
 
-For each row of x: scale = max|x| / 448 (e4m3's largest finite value; models/fp8.py passes it), xq = x / scale rounded to e4m3.
+For each row of x: scale = max|x| / 448 (e4m3's largest finite value; models/fp8.py passes it), xq = x / scale
+rounded to e4m3.
 Unfused in PyTorch this is abs, amax, divide, clamp and cast (five launches per linear layer, which at
 batch 1 cost more than the matmul saves); here one program reads its row once and writes both.
 """
