@@ -2,7 +2,8 @@
 
 1B-class Llama (benchmarks/engine_bench.py's LLAMA_1B), random bf16 weights. For each batch and context
 it prints the runner's step time and the bound it chases: (weight bytes + the KV bytes the step reads) /
-the device-to-device copy bandwidth measured in this run. --profile adds the top kernels by GPU time.
+the device-to-device copy bandwidth measured in this run. --profile adds the top kernels by GPU time and
+what each adds to the step's chain of kernels (their durations overlap under PDL).
 No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
@@ -124,6 +125,23 @@ def main():
                 profile(runner, step)
 
 
+def critical_path(kernels: list[tuple[str, float, float]]) -> tuple[dict[str, float], float]:
+    """A chain of dependent kernels, (name, start, end) each -> ({name: time it added to the chain}, idle).
+
+    Under programmatic dependent launch a kernel starts before its predecessor ends and waits inside, so its
+    duration overstates what it costs the step; what it adds is its end minus the chain's end before it (or
+    minus its own start, after a gap in which the GPU ran nothing of the chain: idle)."""
+    added: dict[str, float] = {}
+    idle, chain_end = 0.0, None
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        if chain_end is not None and start > chain_end:
+            idle += start - chain_end
+        since = start if chain_end is None else max(start, chain_end)
+        added[name] = added.get(name, 0.0) + max(0.0, end - since)
+        chain_end = end if chain_end is None else max(chain_end, end)
+    return added, idle
+
+
 def profile(runner, step, steps=20):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -131,8 +149,13 @@ def profile(runner, step, steps=20):
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in events)
-    print(f"  {len(events) / steps:.0f} kernels per step, {total_us / steps:.0f} us of kernel time per step")
+    print(f"  {len(events) / steps:.0f} kernels per step, {total_us / steps:.0f} us of kernel time per step "
+          f"(overlapping under PDL: the critical path below is what each adds)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+    added, idle = critical_path([(e.name, e.time_range.start, e.time_range.end) for e in events])
+    print(f"  critical path per step: idle between kernels {idle / steps:.1f} us")
+    for name, us in sorted(added.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {us / steps:8.1f} us  {name[:90]}")
 
 
 if __name__ == "__main__":
