@@ -13,7 +13,7 @@ from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 from kvtriton.backend.models.gguf_quantized import decode_blocks, gguf_source
-from kvtriton.backend.models.int4 import Int4Linear, pack_nibbles, quantize_groupwise, unpack_nibbles
+from kvtriton.backend.models.int4 import Int4Linear, gemv_serves, pack_nibbles, quantize_groupwise, unpack_nibbles
 from kvtriton.backend.models.int8 import Int8Linear
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS
 from kvtriton.backend.models.loader import load_model, resolve_quantization
@@ -117,8 +117,8 @@ def test_dense_copies_auto_are_fp32_without_native_bf16_and_bf16_for_decode_batc
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
     model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
     assert copied(model) and all(m.dense_weight.dtype == torch.bfloat16 for m in copied(model))
-    assert (model.dense_rows.decode, model.dense_rows.prefill) == (loader.AUTO_BF16_DECODE_ROWS,
-                                                                   loader.AUTO_BF16_PREFILL_ROWS)
+    decode = loader.AUTO_BF16_DECODE_ROWS if gemv_serves() else loader.AUTO_BF16_DECODE_ROWS_TORCH_KERNEL
+    assert (model.dense_rows.decode, model.dense_rows.prefill) == (decode, loader.AUTO_BF16_PREFILL_ROWS)
     assert all(m.dense_rows is model.dense_rows for m in copied(model))  # one rule: the runner marks prefill once
     model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)  # asked for: every step
     assert (model.dense_rows.decode, model.dense_rows.prefill) == (24, 24)
@@ -153,9 +153,19 @@ def test_the_runner_takes_the_prefill_threshold_in_steps_that_are_not_decode_onl
     assert not rows.in_prefill
 
 
+def on_torch_kernels(monkeypatch):
+    """Layers built from here on pack for PyTorch's int4 kernel, as where kvtriton's GEMV cannot be built."""
+    import kvtriton.backend.models.int4 as int4
+    import kvtriton.backend.models.loader as loader
+
+    monkeypatch.setattr(int4, "gemv_serves", lambda: False)
+    monkeypatch.setattr(loader, "gemv_serves", lambda: False)
+
+
 def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf16_one(tmp_path, monkeypatch):
     import kvtriton.backend.models.loader as loader
 
+    on_torch_kernels(monkeypatch)  # the table serves heads on PyTorch's kernels, which do not tile rows
     write_tiny_gguf(tmp_path / "tiny.gguf")
     folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)  # fp32 copies: the table is the same numbers
@@ -198,7 +208,8 @@ def test_gguf_blocks_decode_to_ggufs_own_dequantization_exactly(kind):
     packed = gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])
     q = decode_blocks(packed, kind)
     assert (q.bits, q.group_size, q.source) == (8 if kind == "Q8_0" else 4, 32, kind)
-    np.testing.assert_array_equal(q.dequantize().numpy(), gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[kind]))
+    np.testing.assert_array_equal(q.dequantize().numpy(),
+                                  gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[kind]))
 
 
 QUANT_TYPES = {  # a mix, as llama.cpp files have: Q4_1 mostly, one layer Q4_0, the embedding (= tied lm_head) Q8_0
@@ -255,9 +266,10 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
     assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
 
 
-def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf):
-    """The Q8_0 head tied to the embedding: few rows through its kernel, TIED_TABLE_ROWS or more through the
-    embedding's fp32 table, which holds the same numbers (so those logits are the fp32 model's)."""
+def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf, monkeypatch):
+    """The Q8_0 head tied to the embedding, on PyTorch's kernels: few rows through its kernel, TIED_TABLE_ROWS or
+    more through the embedding's fp32 table, which holds the same numbers (so those logits are the fp32 model's)."""
+    on_torch_kernels(monkeypatch)
     path, folder = tiny_gguf
     model = load_model(folder, quantization="int4", gguf=path)
     assert model.config.tie_word_embeddings
@@ -268,6 +280,20 @@ def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf):
         assert torch.equal(few, model.lm_head(hidden[:2]).float())  # the kernel (bf16 activations)
         assert torch.allclose(many, hidden @ model.embed_tokens.weight.T, rtol=1e-5, atol=1e-5)
         assert not torch.equal(many[:2], few)
+
+
+@pytest.mark.skipif(not gemv_serves(), reason="kvtriton's CPU GEMV is not built on this CPU")
+def test_a_head_on_kvtriton_gemv_multiplies_every_batch_itself_row_for_row(tiny_gguf):
+    """kvtriton's GEMV tiles rows, so the head never takes the float table; and a row's logits do not depend on
+    the rows beside it."""
+    path, folder = tiny_gguf
+    model = load_model(folder, quantization="int4", gguf=path)
+    assert model.lm_head.gemv_operands is not None and not model.tied_table_serves_head()
+    hidden = torch.randn(TIED_TABLE_ROWS + 5, model.config.hidden_size)
+    with torch.no_grad():
+        batch = model.compute_logits(hidden)
+        assert torch.equal(batch, model.lm_head(hidden).float())
+        assert all(torch.equal(batch[i:i + 1], model.compute_logits(hidden[i:i + 1])) for i in (0, 7, 20))
 
 
 def test_a_fused_module_with_parts_in_different_families_is_quantized_from_float(tmp_path):

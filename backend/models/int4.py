@@ -185,12 +185,6 @@ class Int4Linear(QuantizedLinear):
     def matmul_on_cpu_kernel(self) -> bool:
         return self._packed is not None
 
-    @property
-    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(packed, scale_zeros) where this layer multiplies through kvtriton's CPU GEMV (its layout is 3-D), for
-        callers that run the GEMV themselves (runners/cpu_native_decode.py); else None."""
-        return (self._packed, self._scale_zeros) if self._packed is not None and self._packed.dim() == 3 else None
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return int4_mm_cpu(x, self._packed, self.group_size, self._scale_zeros, self.out_features)

@@ -28,8 +28,9 @@ SKINNY_ROWS = 8
 # 100 ms, 32 rows 40 against 70, 64 rows 54 against 78, even from 128).
 SKINNY_LOGITS_ROWS = 64
 # compute_logits, a quantized head tied to the embedding, whose table stays float (a GGUF's Q8_0 token_embd
-# dequantized, or an HF checkpoint's own): from this many rows the table streamed in fp32 beats the CPU
-# kernel, which does not tile for many rows (same head: 16 rows 38 against 39 ms, 32 rows 40 against 76).
+# dequantized, or an HF checkpoint's own): from this many rows the table streamed in fp32 beats PyTorch's CPU
+# kernels, which do not tile for many rows (same head: 16 rows 38 against 39 ms, 32 rows 40 against 76).
+# kvtriton's GEMV does (the same head at 32 rows 4.7 ms, 2-core Sapphire Rapids): a head on it never takes the table.
 TIED_TABLE_ROWS = 16
 
 
@@ -222,7 +223,9 @@ class LlamaForCausalLM(nn.Module):
 
     def tied_table_serves_head(self) -> bool:
         """Whether compute_logits takes the embedding's float table for a quantized head of TIED_TABLE_ROWS rows
-        or more on the CPU (_streamed_head_weight; a dense copy of the head would never be read there)."""
+        or more on the CPU (_streamed_head_weight; a dense copy of the head would never be read there): a head on
+        one of PyTorch's weight-only kernels, not on kvtriton's GEMV."""
         head = self.lm_head
         return (self.config.tie_word_embeddings and getattr(head, "matmul_on_cpu_kernel", False)
-                and head.bias is None and self.embed_tokens.weight.dtype == torch.float32)
+                and getattr(head, "gemv_operands", None) is None and head.bias is None
+                and self.embed_tokens.weight.dtype == torch.float32)

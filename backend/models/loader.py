@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvtriton.backend.models.int4 import gemv_serves
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
@@ -34,13 +35,17 @@ log = logging.getLogger("kvtriton")
 # cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
-# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (the default model's
-# int4 matmuls draw level with the bf16 copies' at 12 rows), and prefill or mixed steps of this many tokens (a
-# prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which dequantize for a GEMM from 256).
+# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences, and prefill or mixed
+# steps of this many tokens (a prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which
+# dequantize for a GEMM from 256). Decode: kvtriton's GEMV multiplies the default model's step faster than the
+# bf16 copies up to ~64 rows (all 30 layers' matmuls at 16 / 32 / 48 / 64 rows 5.7 / 11.3 / 15.6 / 20.8 ms against
+# 9.7 / 14.4 / 20.5 / 22.2; 2-core Sapphire Rapids), and batches below the copies' rows run all layers in one C++
+# call (runners/cpu_native_decode.py): 16 streams 22.7 -> 13.2 ms a token, 32 streams 31.3 -> 25.3. PyTorch's int4
+# kernel, where the GEMV cannot be built, draws level with the copies at 12 rows.
 # Lower would cut one request's TTFT (default model, 2-core Sapphire Rapids: ~154 / ~206 prompt tokens 247 / 328 ms
 # with the kernel, 91 / 107 ms with the copies), but at 128 and at 64 a schema-guided greedy answer in
 # tests/test_structured_output_server.py fell into a repetition loop: a near-tie moved with the weights' rounding.
-AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS = 16, 256
+AUTO_BF16_DECODE_ROWS, AUTO_BF16_DECODE_ROWS_TORCH_KERNEL, AUTO_BF16_PREFILL_ROWS = 64, 16, 256
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -110,7 +115,8 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
     `min_rows` rows (prefill chunks, decode batches of that many sequences). min_rows -1 (auto):
     AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; where it is bf16, decode
-    batches of AUTO_BF16_DECODE_ROWS sequences and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
+    batches of AUTO_BF16_DECODE_ROWS sequences (AUTO_BF16_DECODE_ROWS_TORCH_KERNEL on PyTorch's int4 kernel) and
+    prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
     weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a 2-core Sapphire Rapids (AMX)
@@ -129,11 +135,15 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     moves at near-ties, and the default model's answer to "What is the capital of France?" starts at one. So
     auto keeps a short prompt on the kernel (prefill from AUTO_BF16_PREFILL_ROWS tokens): one request alone
     computes what it did without copies, and a batch's numbers differ from it in the last bits, as the
-    logits' do from 16 rows (models/llama.py TIED_TABLE_ROWS) and as vLLM's kernels differ by batch size."""
+    logits' do where the head takes the float table (models/llama.py TIED_TABLE_ROWS) and as vLLM's kernels
+    differ by batch size. On kvtriton's GEMV a row's numbers do not depend on the batch: below the copies' rows
+    a batch computes what each request would alone."""
     native_bf16 = cpu_has_native_bf16()
-    if min_rows < 0:
-        rows = DenseRows(AUTO_BF16_DECODE_ROWS, AUTO_BF16_PREFILL_ROWS) if native_bf16 else \
-            DenseRows(AUTO_DENSE_MIN_ROWS, AUTO_DENSE_MIN_ROWS)
+    if min_rows < 0 and native_bf16:
+        decode = AUTO_BF16_DECODE_ROWS if gemv_serves() else AUTO_BF16_DECODE_ROWS_TORCH_KERNEL
+        rows = DenseRows(decode, AUTO_BF16_PREFILL_ROWS)
+    elif min_rows < 0:
+        rows = DenseRows(AUTO_DENSE_MIN_ROWS, AUTO_DENSE_MIN_ROWS)
     elif min_rows:
         rows = DenseRows(min_rows, min_rows)
     else:

@@ -126,6 +126,14 @@ class QuantizedLinear(nn.Module):
         """Whether matmul runs a weight-only CPU kernel (int4, int8), which a dense copy may beat at many rows."""
         return False
 
+    @property
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(packed, scale_zeros) where this layer multiplies through kvtriton's CPU GEMV (the int4 layers, and the
+        int8 ones as two 4-bit planes, keep them as `_packed` / `_scale_zeros`; the GEMV's layout is 3-D), for
+        callers that run the GEMV themselves (runners/cpu_native_decode.py); else None."""
+        packed = getattr(self, "_packed", None)
+        return (packed, self._scale_zeros) if packed is not None and packed.dim() == 3 else None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> (M, out), in any float dtype."""
         raise NotImplementedError
