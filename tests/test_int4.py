@@ -156,10 +156,8 @@ def test_the_runner_takes_the_prefill_threshold_in_steps_that_are_not_decode_onl
 def on_torch_kernels(monkeypatch):
     """Layers built from here on pack for PyTorch's int4 kernel, as where kvtriton's GEMV cannot be built."""
     import kvtriton.backend.models.int4 as int4
-    import kvtriton.backend.models.loader as loader
 
     monkeypatch.setattr(int4, "gemv_serves", lambda: False)
-    monkeypatch.setattr(loader, "gemv_serves", lambda: False)
 
 
 def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf16_one(tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvtriton.backend.models.int4 import gemv_serves
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
@@ -41,7 +40,7 @@ AUTO_DENSE_MIN_ROWS = 48
 # bf16 copies up to ~64 rows (all 30 layers' matmuls at 16 / 32 / 48 / 64 rows 5.7 / 11.3 / 15.6 / 20.8 ms against
 # 9.7 / 14.4 / 20.5 / 22.2; 2-core Sapphire Rapids), and batches below the copies' rows run all layers in one C++
 # call (runners/cpu_native_decode.py): 16 streams 22.7 -> 13.2 ms a token, 32 streams 31.3 -> 25.3. PyTorch's int4
-# kernel, where the GEMV cannot be built, draws level with the copies at 12 rows.
+# kernel (where the GEMV cannot be built; int8 per channel runs PyTorch's too) draws level with them at 12 rows.
 # Lower would cut one request's TTFT (default model, 2-core Sapphire Rapids: ~154 / ~206 prompt tokens 247 / 328 ms
 # with the kernel, 91 / 107 ms with the copies), but at 128 and at 64 a schema-guided greedy answer in
 # tests/test_structured_output_server.py fell into a repetition loop: a near-tie moved with the weights' rounding.
@@ -115,8 +114,8 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
     `min_rows` rows (prefill chunks, decode batches of that many sequences). min_rows -1 (auto):
     AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; where it is bf16, decode
-    batches of AUTO_BF16_DECODE_ROWS sequences (AUTO_BF16_DECODE_ROWS_TORCH_KERNEL on PyTorch's int4 kernel) and
-    prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
+    batches of AUTO_BF16_DECODE_ROWS sequences (AUTO_BF16_DECODE_ROWS_TORCH_KERNEL where a layer runs one of
+    PyTorch's kernels, not kvtriton's GEMV) and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
     weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a 2-core Sapphire Rapids (AMX)
@@ -140,8 +139,10 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     a batch computes what each request would alone."""
     native_bf16 = cpu_has_native_bf16()
     if min_rows < 0 and native_bf16:
-        decode = AUTO_BF16_DECODE_ROWS if gemv_serves() else AUTO_BF16_DECODE_ROWS_TORCH_KERNEL
-        rows = DenseRows(decode, AUTO_BF16_PREFILL_ROWS)
+        kernels = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel]
+        on_gemv = all(m.gemv_operands is not None for m in kernels)  # else some run PyTorch's, which do not tile
+        rows = DenseRows(AUTO_BF16_DECODE_ROWS if on_gemv else AUTO_BF16_DECODE_ROWS_TORCH_KERNEL,
+                         AUTO_BF16_PREFILL_ROWS)
     elif min_rows < 0:
         rows = DenseRows(AUTO_DENSE_MIN_ROWS, AUTO_DENSE_MIN_ROWS)
     elif min_rows:
