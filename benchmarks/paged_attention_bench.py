@@ -93,7 +93,7 @@ def decode(batch, context, bandwidth, sweep, kv_dtype=DTYPE):
     pools = [(cache.k[0].clone(), cache.v[0].clone()) for _ in range(copies)]
     bound = kv_bytes / bandwidth
     tile = default_tile(batch, KV_HEADS, q.device)
-    default = default_num_splits(batch, KV_HEADS, tables.shape[1] * BS, q.device, tile[0])
+    default = default_num_splits(batch, KV_HEADS, tables.shape[1] * BS, q.device, tile)
 
     def cycle(**launch):
         def run():

@@ -44,10 +44,14 @@ from kvtriton.backend.kernels.tile_config import multiprocessors
 # only (batch 2 and 4: 1.11 and 1.12 ms at 192 tokens); they take SMALL_TILE, like batch 1.
 LARGE_TILE = (128, 2, 2)
 SMALL_TILE = (64, 4, 3)
-# A launch aims for up to this many (sequence, KV head, split) programs per SM, in a power of two of
-# splits. Same sweep: batch 16 x 2048 tokens took 25 us with 4 splits, 31 with 3, 72 with 1; batch 64 x
-# 192 tokens, 11 us unsplit, 15 with 2 splits.
-PROGRAMS_PER_SM = 4
+# A launch aims for up to this many warps of (sequence, KV head, split) programs per SM, in a power of two of
+# splits: 4 programs of LARGE_TILE's 2 warps, 2 of SMALL_TILE's 4. Same sweep: batch 16 x 2048 tokens took 25
+# us with 4 splits, 31 with 3, 72 with 1; batch 64 x 192 tokens, 11 us unsplit, 15 with 2 splits. The 1B-class
+# runner step on an H200 (2026-12-04, graphs recaptured under each, alternated twice in one process), against a
+# flat 4 programs an SM: SMALL_TILE batches at 2,048 tokens 1.021 -> 0.962 ms (batch 2), 1.201 -> 1.153 (4),
+# 1.322 -> 1.273 (8), at 192 tokens within 1%; LARGE_TILE batches with 2 programs an SM lost (16 x 2,048: 1.372
+# -> 1.423; 32 x 2,048: 1.657 -> 1.765); batch 1 unchanged (32 splits either way).
+WARPS_PER_SM = 8
 MAX_SPLITS = 64  # measuring (benchmarks/profile_decode.py --max-splits) may lower it; 1 turns splitting off
 
 
@@ -221,12 +225,13 @@ def default_tile(batch: int, num_kv_heads: int, device: torch.device) -> tuple[i
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
-                       block_t: int) -> int:
+                       tile: tuple[int, int, int]) -> int:
     """Splits per (sequence, KV head) for a launch of `batch` sequences whose contexts reach max_context
-    tokens: the largest power of two that keeps within PROGRAMS_PER_SM programs on every SM, and no more
-    than the longest context has tiles (a CUDA graph captured for a block-table width serves every context
-    up to it)."""
-    want = PROGRAMS_PER_SM * multiprocessors(device) // (batch * num_kv_heads)
+    tokens under `tile` (BLOCK_T, num_warps, num_stages): the largest power of two that keeps within
+    WARPS_PER_SM warps of programs on every SM, and no more than the longest context has tiles (a CUDA graph
+    captured for a block-table width serves every context up to it)."""
+    block_t, num_warps, _ = tile
+    want = WARPS_PER_SM * multiprocessors(device) // (num_warps * batch * num_kv_heads)
     want = 1 << (max(1, want).bit_length() - 1)
     return max(1, min(want, -(-max_context // block_t), MAX_SPLITS))
 
@@ -260,8 +265,9 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads must be contiguous rows of head_dim"
     group = num_heads // num_kv_heads
     block_size = k_pool.shape[1]
-    block_t, num_warps, num_stages = tile or default_tile(b, num_kv_heads, q.device)
-    splits = num_splits or default_num_splits(b, num_kv_heads, tables.shape[1] * block_size, q.device, block_t)
+    tile = tile or default_tile(b, num_kv_heads, q.device)
+    block_t, num_warps, num_stages = tile
+    splits = num_splits or default_num_splits(b, num_kv_heads, tables.shape[1] * block_size, q.device, tile)
     out = torch.empty(b, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if splits > 1:
         part = torch.empty(b, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
