@@ -4,13 +4,15 @@ Closed loop: C clients, each sending requests one after another (prompt ~100
 tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
 (`generate_stream`, a thread and a connection per client) or gRPC streaming
 (--protocol grpc: the kvtriton asyncio client, every client a task on one
-event loop); the CPU cores the server's processes and the clients used while
-generating are printed beside it. Also measures the cost of one
+event loop; or --load-generator perf_analyzer: NVIDIA's C++ perf_analyzer, gRPC
+streaming, which takes a third of the Python client's CPU); the CPU cores the
+server's processes and the clients used while generating are printed beside it. Also measures the cost of one
 streamed response: the same saturated load with stream_interval 1 and 16;
 the time saved divided by the responses saved.
 
   python benchmarks/serving_bench.py --config llama-1b --concurrency 1,16,64     # GPU host
   python benchmarks/serving_bench.py --concurrency 1,4 --output-len 32          # CPU, default model
+  python benchmarks/serving_bench.py --concurrency 1,32 --protocol grpc --load-generator perf_analyzer --hf
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -128,6 +132,40 @@ def grpc_load(url, output_len):
     return load
 
 
+def perf_analyzer_load(url, output_len):
+    """Closed loop through perf_analyzer (tritonclient's C++ load generator, `python -m
+    kvtriton.client.perf_analyzer`) over gRPC streaming: C concurrent requests, C x requests-per-client in
+    all, the same prompts and sampling. Its profile export times every response; the figures span the first
+    request to the last response (span_s), so its own start-up is not counted as serving time."""
+    def load(concurrency: int, requests_per_client: int) -> dict:
+        count = concurrency * requests_per_client
+        sampling = json.dumps({"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0})
+        data = {"data": [{"text_input": [prompt(c * 1000 + r)], "stream": [True], "exclude_input_in_output": [True],
+                          "sampling_parameters": [sampling]}
+                         for c in range(concurrency) for r in range(requests_per_client)]}
+        folder = Path(tempfile.mkdtemp())
+        (folder / "input.json").write_text(json.dumps(data))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kvtriton.client.perf_analyzer", "perf_analyzer", "-m", "llm", "-i",
+                        "grpc", "-u", url, "--streaming", "--concurrency-range", str(concurrency), "--request-count",
+                        str(count), "--input-data", str(folder / "input.json"), "--profile-export-file",
+                        str(folder / "export.json")], check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        requests = json.loads((folder / "export.json").read_text())["experiments"][0]["requests"]
+        shutil.rmtree(folder)
+        tokens = sum(int(r.get("num_output_tokens", 0)) for q in requests for r in q["response_outputs"])
+        span = (max(q["response_timestamps"][-1] for q in requests) - min(q["timestamp"] for q in requests)) / 1e9
+        return dict(tok_s=tokens / span, wall_s=wall, span_s=span, tokens=tokens,
+                    responses=sum(len(q["response_timestamps"]) for q in requests))
+    return load
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) this process's finished children used (perf_analyzer)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def process_tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by `pid` and every process below it (Linux /proc)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -201,6 +239,9 @@ def main():
     ap.add_argument("--tokenizer",
                     help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
     ap.add_argument("--protocol", default="sse", choices=["sse", "grpc"], help="the clients' streaming protocol")
+    ap.add_argument("--load-generator", default="kvtriton", choices=["kvtriton", "perf_analyzer"],
+                    help="the server path's clients: kvtriton's (SSE threads, or gRPC asyncio) or perf_analyzer "
+                         "(gRPC streaming; tritonclient[all] 2.51 bundles it)")
     ap.add_argument("--hf", action="store_true",
                     help="also HF transformers generate on the same prompts, as static batches of each concurrency")
     ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "fp8"],
@@ -212,6 +253,8 @@ def main():
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
+    if args.load_generator == "perf_analyzer" and args.protocol != "grpc":
+        ap.error("--load-generator perf_analyzer streams over gRPC only: add --protocol grpc")
     args.cpu_single_openmp_team = args.cpu_single_openmp_team == "on"
     args.cpu_compile_decode = args.cpu_compile_decode == "on"
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -238,7 +281,8 @@ def main():
     print(f"# serving benchmark: {args.config}, {'dummy' if dummy else 'real'} weights, "
           f"{torch.cuda.get_device_name() if cuda else 'CPU'}; torch {torch.__version__}, python "
           f"{platform.python_version()}; prompt ~100 tokens, {args.output_len} output tokens, EOS ignored, "
-          f"{args.requests_per_client} requests per client; quantization {args.quantization}; cpu_compile_decode "
+          f"{args.requests_per_client} requests per client; clients: {args.load_generator} over {args.protocol}; "
+          f"quantization {args.quantization}; cpu_compile_decode "
           f"{args.cpu_compile_decode}; load average "
           f"{os.getloadavg()[0]:.1f}")
     results = {"in_process": {}, "server": {}}
@@ -264,15 +308,21 @@ def main():
         repo = repository(served, dummy, interval, max_seqs, compile_, cancel_poll_s, engine_process,
                           args.quantization, args.cpu_single_openmp_team, args.cpu_compile_decode)
         with TritonServer(repo, ready_timeout_s=600) as server:
-            load = (grpc_load(server.grpc_url, args.output_len) if args.protocol == "grpc" else
-                    functools.partial(closed_loop, one_request=sse_request(server.http_port, args.output_len)))
+            if args.load_generator == "perf_analyzer":
+                load = perf_analyzer_load(server.grpc_url, args.output_len)
+            elif args.protocol == "grpc":
+                load = grpc_load(server.grpc_url, args.output_len)
+            else:
+                load = functools.partial(closed_loop, one_request=sse_request(server.http_port, args.output_len))
             load(2, 1)
             for c in level_list:
-                cpu0, own0 = process_tree_cpu_s(server.process.pid), _own_cpu_s()
+                cpu0, own0 = process_tree_cpu_s(server.process.pid), _own_cpu_s() + _children_cpu_s()
                 out[c] = load(c, args.requests_per_client)
-                out[c]["server_cores"] = (process_tree_cpu_s(server.process.pid) - cpu0) / out[c]["wall_s"]
+                # The server idles outside the span (perf_analyzer's start-up): its CPU over the span is its cores.
+                out[c]["server_cores"] = ((process_tree_cpu_s(server.process.pid) - cpu0)
+                                          / out[c].get("span_s", out[c]["wall_s"]))
                 # The clients share the machine with the server: on a small CPU what they use is not the server's.
-                out[c]["client_cores"] = (_own_cpu_s() - own0) / out[c]["wall_s"]
+                out[c]["client_cores"] = (_own_cpu_s() + _children_cpu_s() - own0) / out[c]["wall_s"]
         return out
     if args.engine_process == "both":
         results["server_in_stub"] = serve(1, levels, engine_process=False)
@@ -298,7 +348,8 @@ def main():
         print(line)
     s1, base = results["server"][top], results["in_process"][top]
     for k, run in coalesced.items():
-        per_response = (s1["wall_s"] - run["wall_s"]) / max(1, s1["responses"] - run["responses"])
+        serving_s = s1.get("span_s", s1["wall_s"]) - run.get("span_s", run["wall_s"])
+        per_response = serving_s / max(1, s1["responses"] - run["responses"])
         print(f"stream_interval {k} at {top} clients: {run['tok_s']:.1f} tok/s = {run['tok_s'] / base['tok_s']:.2f} of "
               f"in-process ({run['responses']} responses vs {s1['responses']}); one streamed response costs "
               f"~{per_response * 1e6:.0f} us of wall time")
