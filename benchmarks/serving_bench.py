@@ -5,7 +5,7 @@ tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
 (`generate_stream`, a thread and a connection per client) or gRPC streaming
 (--protocol grpc: the kvtriton asyncio client, every client a task on one
 event loop; or --load-generator perf_analyzer: NVIDIA's C++ perf_analyzer, gRPC
-streaming, which takes a third of the Python client's CPU); the CPU cores the
+streaming, which takes about half the Python client's CPU); the CPU cores the
 server's processes and the clients used while generating are printed beside it. Also measures the cost of one
 streamed response: the same saturated load with stream_interval 1 and 16;
 the time saved divided by the responses saved.
