@@ -141,15 +141,19 @@ GEMV_CHOICES = [("gemv", rows, warps, per_sm) for rows in (2, 4, 8, 16) for warp
 
 
 def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]:
-    """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: two and four times the outputs (a quantized
-    tile holds a half or a quarter of the bytes, so a program may need more rows to keep as many loads in
-    flight), the other warp count, and a tile as long as K."""
+    """The heuristic's (BLOCK_N, BLOCK_K, warps) and neighbours: two and four times the outputs on 2, 4 or 8
+    warps (a quantized tile holds a half or a quarter of the bytes, so a program may need more rows to keep
+    as many loads in flight, and more threads to share the per-program work on x), the other warp count,
+    and a tile as long as K."""
     norm, swiglu = op.startswith("rms_norm"), op == "rms_norm_swiglu"
     base = skinny_matmul.tile_of(m, n // 2 if swiglu else n, k, norm, swiglu)
-    out = {(base.block_n, base.block_k, base.warps), (base.block_n * 2, base.block_k, 4),
-           (base.block_n * 4, base.block_k, 4), (base.block_n, base.block_k, 4 if base.warps == 1 else 1)}
+    out = {(base.block_n, base.block_k, base.warps), (base.block_n, base.block_k, 4 if base.warps == 1 else 1)}
+    lengths = {base.block_k}
     if not norm and base.block_k < k:  # one tile along all of K: fp8 then needs no first pass for max|x|
         out.add((max(1, base.block_n // 2), triton.next_power_of_2(k), 4))
+        lengths.add(triton.next_power_of_2(k))
+    # fp8 at one row (2026-12-04): 8-16 rows a program on 8 warps won for qkv, o and down
+    out |= {(base.block_n * f, bk, w) for f in (2, 4) for bk in lengths for w in (2, 4, 8)}
     return sorted(out)
 
 
