@@ -4,11 +4,11 @@ Closed loop: C clients, each sending requests one after another (prompt ~100
 tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
 (`generate_stream`, a thread and a connection per client) or gRPC streaming
 (--protocol grpc: the kvtriton asyncio client, every client a task on one
-event loop; or --load-generator perf_analyzer: NVIDIA's C++ perf_analyzer, gRPC
-streaming, which takes about half the Python client's CPU); the CPU cores the
-server's processes and the clients used while generating are printed beside it. Also measures the cost of one
-streamed response: the same saturated load with stream_interval 1 and 16;
-the time saved divided by the responses saved.
+event loop; or --load-generator perf_analyzer: NVIDIA's C++ perf_analyzer,
+which takes about half the asyncio client's CPU); the CPU cores the server's
+processes and the clients used while generating are printed beside it. Also
+measures the cost of one streamed response: the same saturated load with
+stream_interval 1 and 16; the time saved divided by the responses saved.
 
   python benchmarks/serving_bench.py --config llama-1b --concurrency 1,16,64     # GPU host
   python benchmarks/serving_bench.py --concurrency 1,4 --output-len 32          # CPU, default model
