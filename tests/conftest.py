@@ -1,4 +1,4 @@
-"""Shared fixtures: the default model and one real tritonserver per test session."""
+"""Shared fixtures: the default model, one real tritonserver per test session, and int4 on PyTorch's kernels."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny random Llama (tests/tiny_model.py), one per test module."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def torch_int4_kernels(monkeypatch):
+    """int4 layers built in the test pack for PyTorch's int4 kernel, as where kvtriton's CPU GEMV cannot be built."""
+    import kvtriton.backend.models.int4 as int4
+
+    monkeypatch.setattr(int4, "gemv_serves", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -109,12 +109,9 @@ def test_a_failed_build_is_said_in_one_line(tmp_path, monkeypatch):
     assert "no-such-compiler" in why and "\n" not in why
 
 
-def test_without_the_gemv_pytorchs_kernel_serves_the_same_layers(monkeypatch):
+def test_without_the_gemv_pytorchs_kernel_serves_the_same_layers(torch_int4_kernels):
     """A CPU without AVX-512 BF16 (or a failed build): the layers pack for PyTorch's kernel and multiply the same
     numbers, rounded to bf16 at the end."""
-    from kvtriton.backend.models import int4
-
-    monkeypatch.setattr(int4, "gemv_serves", lambda: False)
     torch.manual_seed(4)
     layer = Int4Linear.from_linear(torch.nn.Linear(128, 40), 32)
     assert layer._packed.dim() == 2  # PyTorch's layout

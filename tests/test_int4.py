@@ -153,17 +153,11 @@ def test_the_runner_takes_the_prefill_threshold_in_steps_that_are_not_decode_onl
     assert not rows.in_prefill
 
 
-def on_torch_kernels(monkeypatch):
-    """Layers built from here on pack for PyTorch's int4 kernel, as where kvtriton's GEMV cannot be built."""
-    import kvtriton.backend.models.int4 as int4
-
-    monkeypatch.setattr(int4, "gemv_serves", lambda: False)
-
-
-def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf16_one(tmp_path, monkeypatch):
+def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf16_one(tmp_path, monkeypatch,
+                                                                                     torch_int4_kernels):
+    # torch_int4_kernels: the table serves heads on PyTorch's kernels, which do not tile rows
     import kvtriton.backend.models.loader as loader
 
-    on_torch_kernels(monkeypatch)  # the table serves heads on PyTorch's kernels, which do not tile rows
     write_tiny_gguf(tmp_path / "tiny.gguf")
     folder = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)  # fp32 copies: the table is the same numbers
@@ -264,10 +258,9 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
     assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
 
 
-def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf, monkeypatch):
+def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf, torch_int4_kernels):
     """The Q8_0 head tied to the embedding, on PyTorch's kernels: few rows through its kernel, TIED_TABLE_ROWS or
     more through the embedding's fp32 table, which holds the same numbers (so those logits are the fp32 model's)."""
-    on_torch_kernels(monkeypatch)
     path, folder = tiny_gguf
     model = load_model(folder, quantization="int4", gguf=path)
     assert model.config.tie_word_embeddings

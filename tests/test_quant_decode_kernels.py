@@ -202,11 +202,9 @@ def test_fp8_matmul_every_tile_form(tile, m, k):
                             "cover fp8 on the CPU)")),
     "int4"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_quantized_decode_step_equals_the_model_forward(quantization, batch, monkeypatch):
+def test_quantized_decode_step_equals_the_model_forward(quantization, batch, request):
     if INTERPRETED and quantization == "int4":  # kvtriton's CPU GEMV takes fp32 or bf16, not the fp16 model here
-        import kvtriton.backend.models.int4 as int4
-
-        monkeypatch.setattr(int4, "gemv_serves", lambda: False)
+        request.getfixturevalue("torch_int4_kernels")
     from kvtriton.backend.attention.kv_cache import KVCache
     from kvtriton.backend.attention.metadata import AttentionMetadata
     from kvtriton.backend.attention.paged import PagedAttention
