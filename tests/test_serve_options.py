@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvtriton.backend.entrypoints import serve as serve_cmd
+from kvtriton.backend.entrypoints import triton_install as ti
 from kvtriton.backend.entrypoints import tritonserver as ts
 from kvtriton.backend.entrypoints.supervisor import RestartPolicy
 
@@ -45,7 +46,7 @@ def test_a_short_admin_key_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_command_binds_the_host_and_restricts_the_admin_apis():
-    install = ts.TritonInstall(binary=Path("/x/bin/tritonserver"), backend_dir=Path("/x/backends"), source="PATH")
+    install = ti.TritonInstall(binary=Path("/x/bin/tritonserver"), backend_dir=Path("/x/backends"), source="PATH")
     command = ts.server_command(install, "/repo", 1, 2, 3, "p_", host="0.0.0.0", http_host="127.0.0.1",
                                 admin_key="k" * 20)
     assert {"--http-address=127.0.0.1", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(command)
@@ -59,7 +60,7 @@ def test_the_command_binds_the_host_and_restricts_the_admin_apis():
 
 
 def test_a_server_reached_on_any_address_is_asked_on_loopback(tmp_path):
-    server = ts.TritonServer("/", install=ts.TritonInstall(Path("/x"), Path("/y"), "PATH"), http_port=1, grpc_port=2,
+    server = ts.TritonServer("/", install=ti.TritonInstall(Path("/x"), Path("/y"), "PATH"), http_port=1, grpc_port=2,
                              metrics_port=3, host="0.0.0.0", admin_key="k" * 20, log_path=tmp_path / "log")
     assert (server.http_url, server.grpc_url) == ("http://127.0.0.1:1", "127.0.0.1:2")
     assert server.admin_headers == {"kvtriton-admin-key": "k" * 20}

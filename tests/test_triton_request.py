@@ -130,7 +130,7 @@ def test_the_table_maps_every_sampling_input_onto_a_sampling_params_field():
 
 def triton_model_config(inputs=(), outputs=()):
     """Triton's own ModelConfig (the auto-complete argument), from the installed Python backend."""
-    from kvtriton.backend.entrypoints.tritonserver import TritonServerError, find_tritonserver
+    from kvtriton.backend.entrypoints.triton_install import TritonServerError, find_tritonserver
 
     try:
         path = find_tritonserver().backend_dir / "python" / "triton_python_backend_utils.py"

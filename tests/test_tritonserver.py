@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from kvtriton.backend.entrypoints import serve as serve_cmd
+from kvtriton.backend.entrypoints import triton_install as ti
 from kvtriton.backend.entrypoints import tritonserver as ts
 
 from tests.triton_fixture import ECHO_REPOSITORY, start_server
@@ -46,20 +47,20 @@ def _fake_prefix(root: Path, with_backends: bool = True) -> Path:
 def test_find_prefers_tritonserver_on_path(tmp_path, monkeypatch):
     binary = _fake_prefix(tmp_path / "opt")
     monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
-    install = ts.find_tritonserver()
-    assert install == ts.TritonInstall(binary=binary.resolve(), backend_dir=(tmp_path / "opt" / "backends").resolve(), source="PATH")
+    install = ti.find_tritonserver()
+    assert install == ti.TritonInstall(binary=binary.resolve(), backend_dir=(tmp_path / "opt" / "backends").resolve(), source="PATH")
 
 
 def test_find_rejects_path_install_without_backends(tmp_path, monkeypatch):
     binary = _fake_prefix(tmp_path / "opt", with_backends=False)
     monkeypatch.setenv("PATH", str(binary.parent))
-    with pytest.raises(ts.TritonServerError, match="no backends folder"):
-        ts.find_tritonserver()
+    with pytest.raises(ti.TritonServerError, match="no backends folder"):
+        ti.find_tritonserver()
 
 
 def test_find_falls_back_to_the_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no tritonserver here
-    install = ts.find_tritonserver()
+    install = ti.find_tritonserver()
     assert install.source == "nvidia-pytriton"
     assert install.binary.is_file() and os.access(install.binary, os.X_OK)
     assert (install.backend_dir / "python" / "libtriton_python.so").is_file()
@@ -69,31 +70,31 @@ def test_find_without_any_install_names_both_ways_to_get_one(tmp_path, monkeypat
     monkeypatch.setenv("PATH", str(tmp_path))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
-    with pytest.raises(ts.TritonServerError) as err:
-        ts.find_tritonserver()
+    with pytest.raises(ti.TritonServerError) as err:
+        ti.find_tritonserver()
     message = str(err.value)
     assert "PATH" in message and "nvidia-pytriton==0.7.0" in message and "\n" not in message
 
 
-def _fake_wheel(root: Path, versions: list[str]) -> ts.TritonInstall:
+def _fake_wheel(root: Path, versions: list[str]) -> ti.TritonInstall:
     for version in versions:
         stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
         stub.parent.mkdir(parents=True)
         stub.write_bytes(f"stub for {version}".encode())
         stub.chmod(0o755)
     (root / "backends" / "python").mkdir(parents=True)
-    return ts.TritonInstall(binary=root / "bin" / "tritonserver", backend_dir=root / "backends", source="nvidia-pytriton")
+    return ti.TritonInstall(binary=root / "bin" / "tritonserver", backend_dir=root / "backends", source="nvidia-pytriton")
 
 
 def test_prepare_python_stub_copies_the_matching_stub_once(tmp_path):
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = _fake_wheel(tmp_path, ["3.8", version])
-    dest = ts.prepare_python_stub(install)
+    dest = ti.prepare_python_stub(install)
     assert dest == tmp_path / "backends" / "python" / "triton_python_backend_stub"
     assert dest.read_bytes() == f"stub for {version}".encode() and os.access(dest, os.X_OK)
     before = dest.stat().st_mtime_ns
     time.sleep(0.01)
-    ts.prepare_python_stub(install)
+    ti.prepare_python_stub(install)
     assert dest.stat().st_mtime_ns == before  # idempotent: not copied again
     assert sorted(p.name for p in dest.parent.iterdir()) == ["triton_python_backend_stub"]  # no temp file left
 
@@ -102,13 +103,13 @@ def test_prepare_python_stub_replaces_a_stub_for_another_python(tmp_path):
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     install = _fake_wheel(tmp_path, [version])
     (tmp_path / "backends" / "python" / "triton_python_backend_stub").write_bytes(b"stale stub")
-    assert ts.prepare_python_stub(install).read_bytes() == f"stub for {version}".encode()
+    assert ti.prepare_python_stub(install).read_bytes() == f"stub for {version}".encode()
 
 
 def test_prepare_python_stub_without_a_stub_for_this_python_says_which_exist(tmp_path):
     install = _fake_wheel(tmp_path, ["3.8", "3.9"])
-    with pytest.raises(ts.TritonServerError, match=r"no Python backend stub for Python 3\.\d+ \(it has: 3\.8, 3\.9\)"):
-        ts.prepare_python_stub(install)
+    with pytest.raises(ti.TritonServerError, match=r"no Python backend stub for Python 3\.\d+ \(it has: 3\.8, 3\.9\)"):
+        ti.prepare_python_stub(install)
 
 
 def test_free_ports_are_distinct_and_bindable():
@@ -120,18 +121,18 @@ def test_free_ports_are_distinct_and_bindable():
 
 
 def test_server_command_and_env(tmp_path, monkeypatch):
-    install = ts.TritonInstall(binary=Path("/x/bin/tritonserver"), backend_dir=Path("/x/backends"), source="PATH")
+    install = ti.TritonInstall(binary=Path("/x/bin/tritonserver"), backend_dir=Path("/x/backends"), source="PATH")
     command = ts.server_command(install, tmp_path, 1, 2, 3, "pfx_", extra_args=("--log-verbose=1",))
     assert command[0] == "/x/bin/tritonserver"
     assert f"--model-repository={tmp_path.resolve()}" in command
     assert {"--backend-directory=/x/backends", "--http-port=1", "--grpc-port=2", "--metrics-port=3"} <= set(command)
     assert "--backend-config=python,shm-region-prefix-name=pfx_" in command
     assert command[-1] == "--log-verbose=1"
-    with pytest.raises(ts.TritonServerError, match="would override --http-port"):
+    with pytest.raises(ti.TritonServerError, match="would override --http-port"):
         ts.server_command(install, tmp_path, 1, 2, 3, "pfx_", extra_args=("--http-port=9",))
 
     monkeypatch.setenv("LD_LIBRARY_PATH", "/already/there")
-    env = ts.server_env()
+    env = ti.server_env()
     assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == ["/already/there", sysconfig.get_config_var("LIBDIR")]
 

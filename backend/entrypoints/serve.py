@@ -34,14 +34,13 @@ from typing import Callable, Sequence
 
 from kvtriton.backend.entrypoints.http_guard import HttpGuard
 from kvtriton.backend.entrypoints.supervisor import Supervisor
+from kvtriton.backend.entrypoints.triton_install import TritonServerError, find_tritonserver
 from kvtriton.backend.entrypoints.tritonserver import (
     ADMIN_APIS,
     ADMIN_KEY_HEADER,
     HOST,
     TritonServer,
-    TritonServerError,
     connect_host,
-    find_tritonserver,
     free_ports,
 )
 

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from kvtriton.backend.entrypoints.tritonserver import TritonServer, TritonServerError, python_stubs
+from kvtriton.backend.entrypoints.triton_install import TritonServerError
+from kvtriton.backend.entrypoints.tritonserver import TritonServer, python_stubs
 
 POLL_INTERVAL_S = 0.25
 # A server being replaced after a failure gets this long to exit on SIGTERM before SIGKILL: its in-flight
