@@ -1,4 +1,4 @@
-"""The checkpoint's tokenizer: text <-> token ids, special ids and the chat template.
+"""The checkpoint's tokenizer: text <-> token ids, special ids, and its chat template (chat_template.py).
 
 Reads an HF-style model folder (`tokenizer.json` plus `tokenizer_config.json`, optionally
 `chat_template.jinja`, `generation_config.json` and `config.json`) without transformers: the
@@ -11,18 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers.decoders import DecodeStream
 
 from kvtriton.backend.engine.byte_level import token_bytes_table
+from kvtriton.backend.engine.chat_template import ChatTemplate, select_template
 
 # tokenizers would spread batch calls over its own thread pool, whose spinning threads then compete with
 # the forward pass for the cores (seen: 0.06 ms became 4 ms on a 2-core CPU). A user's explicit setting wins.
@@ -98,7 +94,7 @@ class Tokenizer:
             raise ValueError(f"{source}: add_bos_token is true but no bos_token is set")
         if self._add_eos and self._eos_token_id is None:
             raise ValueError(f"{source}: add_eos_token is true but no eos_token is set")
-        self._chat_template = _compile_chat_template(chat_template, source) if chat_template else None
+        self._chat_template = ChatTemplate(chat_template, source) if chat_template else None
         self._token_bytes: dict[bool, tuple[bytes, ...] | None] = {}  # see token_bytes
 
     @classmethod
@@ -142,7 +138,7 @@ class Tokenizer:
             add_bos_token=_optional_bool(config, "add_bos_token", config_file),
             add_eos_token=_optional_bool(config, "add_eos_token", config_file),
             extra_eos_token_ids=extra_eos,
-            chat_template=_select_template(template, config_file),
+            chat_template=select_template(template, config_file),
             source=str(root),
         )
 
@@ -215,14 +211,7 @@ class Tokenizer:
                 f"{self._source} has no chat template (chat_template in tokenizer_config.json or "
                 "chat_template.jinja); send a plain prompt instead of messages"
             )
-        _check_messages(messages)
-        try:
-            return self._chat_template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-            )
-        except jinja2.TemplateError as exc:
-            # raise_exception() in templates reports user errors such as non-alternating roles.
-            raise ValueError(f"the chat template rejected the messages: {exc}") from exc
+        return self._chat_template.render(messages, add_generation_prompt, self.special_tokens)
 
     def _token_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -242,76 +231,6 @@ class Tokenizer:
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(f"{self._source}: {what} {bad} is outside the vocabulary [0, {self.vocab_size})")
         return ids
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body; HF uses it only to mark training spans."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
-
-    def _render_body(self, caller: Any) -> str:
-        return caller()
-
-
-def _compile_chat_template(source_text: str, source: str) -> jinja2.Template:
-    """Compile once with the environment HF transformers renders templates in."""
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    def tojson(
-        value: Any,
-        ensure_ascii: bool = False,
-        indent: int | None = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        # Jinja's own tojson HTML-escapes; templates expect plain JSON.
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source_text)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(
-            f"{source}: chat template does not compile (line {exc.lineno}): {exc.message}"
-        ) from exc
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{i}] must be an object with a string 'role'")
-        if "content" not in message and "tool_calls" not in message:
-            raise ValueError(f"messages[{i}] ({message['role']}) has no 'content'")
-
-
-def _select_template(template: Any, config_file: Path) -> str | None:
-    """tokenizer_config.json holds one template string or a list of named ones."""
-    if template is None or isinstance(template, str):
-        return template
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        if isinstance(named.get("default"), str):
-            return named["default"]
-        raise ValueError(
-            f"{config_file}: chat_template lists {sorted(map(str, named))} but no 'default' template"
-        )
-    raise ValueError(f"{config_file}: chat_template must be a string or a list of named templates")
 
 
 def _read_json(path: Path) -> dict:
