@@ -84,9 +84,12 @@ def layer_forward(layer, x):
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("n, k, blocks", [(96, 256, None), (40, 576, None), (64, 512, (4, 256, 1))])
+@pytest.mark.parametrize("n, k, blocks", [(96, 256, None), (40, 576, None), (64, 512, (4, 256, 1)),
+                                         (96, 256, (16, 256, 8)), (40, 576, (8, 1024, 2))])
 def test_skinny_linear_with_residual_reads_quantized_weights(kind, m, n, k, blocks):
-    """(64, 512, BLOCK_K 256): a tile sees half of each row, so fp8 takes its activation scale in a first pass."""
+    """(64, 512, BLOCK_K 256): a tile sees half of each row, so fp8 takes its activation scale in a first pass.
+    (16, 256, 8) and (8, 1024, 2): the forms of skinny_matmul.TILES' one-row fp8 tiles (whole rows, many rows
+    a program on 8 warps, or few on 2)."""
     layer = quantized_layer(kind, n, k, offset=kind == "int4" and n == 40)
     g = torch.Generator().manual_seed(1)
     x = e4m3_exact(m, k, g) if kind == "fp8" and INTERPRETED else torch.randn(m, k, generator=g) * 2
