@@ -102,7 +102,8 @@ def test_skinny_linear_with_residual_reads_quantized_weights(kind, m, n, k, bloc
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
 @pytest.mark.parametrize("kind", ["fp8", "int4"])
 @pytest.mark.parametrize("m", [1, 4])
-def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
+@pytest.mark.parametrize("blocks", [None, (16, 256, 8)], ids=str)  # the heuristic's tile, and a TILES form
+def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m, blocks):
     k, n = 192, 80  # K not a power of two: the int4 tile masks the groups past K
     g = torch.Generator().manual_seed(2)
     eps = 1e-5
@@ -116,11 +117,12 @@ def test_skinny_rms_norm_linear_and_swiglu_read_quantized_weights(kind, m):
     norm, x = norm.to(DEVICE, DTYPE), x.to(DEVICE, DTYPE)
     layer = quantized_layer(kind, 2 * n, k, seed=3)
     xn = norm(x)
-    logits = skinny_matmul.rms_norm_linear(x, norm.weight, eps, decode_weight(layer), out_dtype=torch.float32)
+    logits = skinny_matmul.rms_norm_linear(x, norm.weight, eps, decode_weight(layer), out_dtype=torch.float32,
+                                           blocks=blocks)
     assert logits.dtype == torch.float32 and logits.shape == (m, 2 * n)
     close(logits, layer_forward(layer, xn))
     gate, up = layer_forward(layer, xn).split(n, dim=-1)
-    close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, decode_weight(layer)), F.silu(gate) * up)
+    close(skinny_matmul.rms_norm_swiglu(x, norm.weight, eps, decode_weight(layer), blocks=blocks), F.silu(gate) * up)
 
 
 @pytest.mark.parametrize("gemv", [("gemv", 1, None), ("gemv", 8, 1, 2), ("gemv", 4, 2, 1)], ids=str)
