@@ -155,8 +155,10 @@ def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine.runner.execute = timed("runner.execute (launch)", engine.runner.execute)
-    for name in ("_prepare", "_update", "_sampling_metadata", "_sample", "_emit_tokens"):
-        setattr(engine, name, timed(name, getattr(engine, name)))
+    executor = engine.step_executor
+    for owner, name in ((executor, "_prepare"), (executor, "_update"), (executor.sampling_batch, "metadata"),
+                        (executor, "_sample"), (engine.output_processor, "emit_tokens")):
+        setattr(owner, name, timed(name, getattr(owner, name)))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)

@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import LLAMA_1B, QUESTIONS  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.engine import llm_engine  # noqa: E402
 from kvtriton.backend.engine.engine_process import EngineProcess  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.engine.speculative import verify_step  # noqa: E402
 from kvtriton.backend.engine.speculative.ngram import NgramProposer  # noqa: E402
 from kvtriton.backend.runners import torch_runner  # noqa: E402
 
@@ -93,12 +93,12 @@ def forced_acceptance(accept: bool):
             row += len(props) + 1
         return runs
 
-    real = llm_engine.accepted_runs
-    llm_engine.accepted_runs = forced
+    real = verify_step.accepted_runs
+    verify_step.accepted_runs = forced
     try:
         yield
     finally:
-        llm_engine.accepted_runs = real
+        verify_step.accepted_runs = real
 
 
 @contextlib.contextmanager

@@ -167,7 +167,7 @@ def test_penalty_counts_kept_on_the_device_equal_a_rebuild_every_step(tiny_folde
             for _ in range(12):  # this thread drives the steps: the kept counts are checked midway
                 engine.step()
             if overlap:
-                seqs, meta, _ = engine._last_meta
+                seqs, meta, _ = engine.step_executor.sampling_batch.last
                 rebuilt = SamplingMetadata.build(
                     [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                     [None] * len(seqs), [s.stop_token_ids for s in seqs], meta.vocab_size, "cpu")
@@ -204,8 +204,9 @@ def test_steady_batch_reuses_its_sampling_metadata(tiny_folder):
             seen = []
             for _ in range(steps):
                 engine.step()
-                if engine._last_meta is not None:
-                    seen.append(engine._last_meta[1])
+                last_meta = engine.step_executor.sampling_batch.last
+                if last_meta is not None:
+                    seen.append(last_meta[1])
             return seen
         finally:
             engine.shutdown()

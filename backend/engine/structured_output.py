@@ -10,7 +10,7 @@ EOS is allowed only while the grammar accepts. Once the matcher can take
 nothing but EOS, the request ends with "stop" after that token's text, without
 spending a step on the EOS.
 
-The overlapped loop (llm_engine.py) queues step N+1's forward before the host
+The overlapped loop (step_executor.py) queues step N+1's forward before the host
 has seen step N's tokens, so a guided row's mask for N+1 cannot be known when
 N+1 is scheduled. It is not needed then: the engine updates N (the matchers
 take N's tokens) before it samples N+1, and builds N+1's bitmask in between,

@@ -4,7 +4,8 @@
 - draft.py: a draft model (a checkpoint, or the served model quantized: self-int8 / self-int4) with its own
   runner and paged KV pool;
 - policy.py: which sequences speculate this step, with how many proposals (the back-off rule);
-- verification.py: the target's tokens at every proposal position -> the accepted run.
+- verification.py: the target's tokens at every proposal position -> the accepted run;
+- verify_step.py: a verify step's sampling, its accepted runs into the scheduler, and the proposal counts.
 """
 
 from __future__ import annotations

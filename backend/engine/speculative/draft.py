@@ -9,9 +9,10 @@ Per round (one verify step): each sequence first feeds the draft the tokens it h
 prompt at first; after a verify step the accepted proposals are already there, so only the tokens from the
 first rejected one on), and the logits at its last token give proposal 1; then k - 1 one-token steps give
 the rest, each fed the previous step's argmax on the device: the host reads the k proposals once, at the end
-of the round, rather than waiting for every step (what made a GPU round several times its kernels' time). Each step is one batched forward pass of the draft runner over every proposing sequence (on a
-GPU the one-token steps replay decode CUDA graphs, and the catch-up of 1 or 2 tokens the verify graphs). K/V of proposals that the target
-rejects is dropped the same way as the target's: counts trimmed, never hashed.
+of the round, rather than waiting for every step (what made a GPU round several times its kernels' time).
+Each step is one batched forward pass of the draft runner over every proposing sequence (on a GPU the
+one-token steps replay decode CUDA graphs, and the catch-up of 1 or 2 tokens the verify graphs). K/V of
+proposals that the target rejects is dropped the same way as the target's: counts trimmed, never hashed.
 
 The draft proposes its argmax, so the verification's rejection rule sees a point-mass proposal
 (verification.py); a draft that samples would need its probabilities kept, for no gain in exactness.
