@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -47,6 +48,36 @@ LLAMA_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_si
                 intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0,
                 tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+
+
+def add_workload_options(ap: argparse.ArgumentParser) -> None:
+    """The options of a benchmark on this workload: the model (--config, --tokenizer: model_folder's), where it
+    runs (--device), and the output tokens per request (--max-tokens)."""
+    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
+                                        "model's; a GPU host without network needs it)")
+
+
+def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
+    """(model folder, dummy weights) for --config: the default model's folder, or for llama-1b a fresh folder
+    with LLAMA_1B's config.json (random weights) and the tokenizer of `tokenizer` (a folder) or the default
+    model."""
+    if tokenizer:
+        default = Path(tokenizer)
+    else:
+        from kvtriton.backend.models.default_model import ensure_default_model  # needs the gguf package
+
+        default = ensure_default_model(progress=lambda *_: None)
+    if config == "default":
+        return str(default), False
+    folder = Path(tempfile.mkdtemp()) / config
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_1B))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
+        shutil.copy(default / name, folder / name)
+    return str(folder), True
 
 
 def pct(values, q):
@@ -153,39 +184,18 @@ def decode_step_vs_roofline(engine):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_workload_options(ap)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--cuda-graphs", default="on", choices=["on", "off"])
     ap.add_argument("--rounds", type=int, default=1,
                     help="CPU: alternate kvtriton and HF this many times and report medians (a shared CPU is noisy)")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default model's)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    if args.config == "llama-1b":
-        folder = Path(tempfile.mkdtemp()) / "llama-1b"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(LLAMA_1B))
-        model, dummy = str(folder), True
-    else:
-        from kvtriton.backend.models.default_model import ensure_default_model
-
-        folder, model, dummy = ensure_default_model(progress=lambda *_: None), "default", False
-    cfg = EngineConfig(model=model, device=args.device, dummy_weights=dummy, max_num_seqs=64,
+    folder, dummy = model_folder(args.config, args.tokenizer)
+    cfg = EngineConfig(model=folder, device=args.device, dummy_weights=dummy, max_num_seqs=64,
                        max_num_batched_tokens=2048, enable_cuda_graphs=args.cuda_graphs == "on",
                        max_model_len=2048, kv_cache_memory_gb=1.0)
-    if dummy:  # a 1B config has no tokenizer of its own: borrow the default model's
-        import shutil
-
-        source = Path(args.tokenizer) if args.tokenizer else None
-        if source is None:
-            from kvtriton.backend.models.default_model import ensure_default_model
-
-            source = ensure_default_model(progress=lambda *_: None)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(source / name, folder / name)
     logging.basicConfig(level=logging.INFO, format="# %(message)s")
     started = time.perf_counter()
     engine = LLMEngine(cfg).start()
@@ -227,7 +237,7 @@ def main():
         import transformers
 
         dtype = engine.dtype
-        hf_folder = str(folder)
+        hf_folder = folder
         if dummy:  # HF needs weights: save ours (same dummy init) in HF layout
             hf_folder = _save_dummy_for_hf(folder, dtype)
         hf_batch = run_hf(hf_folder, prompt_ids, args.max_tokens, "cuda" if cuda else "cpu", dtype, 32)
@@ -239,7 +249,7 @@ def main():
         print(f"ratio kvtriton / HF:  batch 32 {batch['tok_s'] / hf_batch['tok_s']:.2f}x   "
               f"single stream {single['tok_s'] / hf_single['tok_s']:.2f}x")
     if args.rounds > 1 and not cuda and not args.no_hf:
-        _more_rounds(args, engine_cfg=cfg, folder=str(folder), prompt_ids=prompt_ids, dtype=engine.dtype,
+        _more_rounds(args, engine_cfg=cfg, folder=folder, prompt_ids=prompt_ids, dtype=engine.dtype,
                      first=(batch["tok_s"], single["tok_s"], hf_batch["tok_s"], hf_single["tok_s"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

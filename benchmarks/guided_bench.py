@@ -23,10 +23,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import LLAMA_1B, QUESTIONS, run_engine  # noqa: E402
+from engine_bench import QUESTIONS, add_workload_options, model_folder, run_engine  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
@@ -110,24 +108,11 @@ def valid_count(texts: list[str]) -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_workload_options(ap)
     ap.add_argument("--rounds", type=int, default=3, help="guided / unguided pairs, alternated (medians reported)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    if args.config == "llama-1b":  # dummy weights (outputs are gibberish, but JSON); the default model's tokenizer
-        from kvtriton.backend.models.default_model import ensure_default_model
-
-        folder = Path(tempfile.mkdtemp()) / "llama-1b"
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(LLAMA_1B))
-        source = ensure_default_model(progress=lambda *_: None)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(source / name, folder / name)
-        model, dummy = str(folder), True
-    else:
-        model, dummy = "default", False
+    model, dummy = model_folder(args.config, args.tokenizer)  # llama-1b: random weights (gibberish, but JSON)
     cfg = EngineConfig(model=model, device=args.device, dummy_weights=dummy, max_num_seqs=64,
                        max_num_batched_tokens=2048, max_model_len=2048, kv_cache_memory_gb=1.0)
     engine = LLMEngine(cfg).start()

@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import random
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,30 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_bench  # noqa: E402
-from engine_bench import LLAMA_1B, pct  # noqa: E402
+from engine_bench import add_workload_options, model_folder, pct  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
-
-
-def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
-    if tokenizer:
-        default = Path(tokenizer)
-    else:
-        from kvtriton.backend.models.default_model import ensure_default_model  # needs the gguf package
-
-        default = ensure_default_model(progress=lambda *_: None)
-    if config == "default":
-        return str(default), False
-    folder = Path(tempfile.mkdtemp()) / config
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(LLAMA_1B))
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
-        shutil.copy(default / name, folder / name)
-    return str(folder), True
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -184,16 +166,12 @@ def profile_host(config: EngineConfig, prompts: list[list[int]], max_tokens: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["default", "llama-1b"], default="default")
-    ap.add_argument("--device", default="cpu")
+    add_workload_options(ap)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--context", type=int, default=192, help="context of the runner-step probe (default 192)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-sync-loop", action="store_true", help="skip the synchronous-loop comparison")
-    ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
-                                        "model's; a GPU host without network needs it)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time the engine's host work per phase over decode steps at batch N")
     ap.add_argument("--cprofile", action="store_true", help="with --profile: also the top functions (cProfile)")

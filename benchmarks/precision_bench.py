@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import QUESTIONS, run_engine  # noqa: E402
+from engine_bench import QUESTIONS, model_folder, run_engine  # noqa: E402
 
 from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
@@ -346,7 +346,7 @@ def gpu(args) -> None:
     """bf16 vs fp8 vs int4 on CUDA, 1B-class random weights: runner step at batch 1, engine tok/s at 1 and 64."""
     import random
 
-    from loop_bench import model_folder, runner_step
+    from loop_bench import runner_step
 
     from kvtriton.backend.engine.llm_engine import LLMEngine
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_bench import model_folder  # noqa: E402
+from engine_bench import model_folder  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_bench import copy_bandwidth, model_folder, run_engine, runner_step  # noqa: E402
+from engine_bench import model_folder  # noqa: E402
+from loop_bench import copy_bandwidth, run_engine, runner_step  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402

@@ -31,7 +31,7 @@ from torch import nn
 
 from kvtriton.backend.models.int4 import pack_nibbles
 from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear
-from kvtriton.build.onnx_int8 import FLOAT_TYPES, raw_tensor
+from kvtriton.build.onnx_int8 import FLOAT_TYPES, check_sole_reader, matmul_weights, raw_tensor
 
 TARGETS = ("onnxruntime", "tensorrt")
 # MatMulNBits accuracy_level: 0 computes in the activations' dtype (exact to the dequantized weights);
@@ -85,24 +85,13 @@ def rewrite_quantized_matmuls(proto, stored: dict[str, GroupQuantized], target: 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
     new_nodes, group_sums, done = [], {}, set()
-    for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type not in FLOAT_TYPES:
+    for node, weight in matmul_weights(graph):
+        key = None if weight is None else weight_key(_initializer_tensor(weight))
+        if key not in stored:  # not a float MatMul weight, or one the model keeps in float
             new_nodes.append(node)
             continue
-        array = _initializer_tensor(weight)
-        key = weight_key(array)
-        if key not in stored:
-            new_nodes.append(node)
-            continue
-        if users[weight.name] != 1:
-            raise ValueError(f"initializer {weight.name} feeds {users[weight.name]} nodes; cannot quantize in place")
+        check_sole_reader(graph, weight)
         q, dtype, base = stored[key], FLOAT_TYPES[weight.data_type], weight.name
         graph.initializer.remove(weight)
         x, y = node.input[0], node.output[0]

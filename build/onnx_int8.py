@@ -10,6 +10,9 @@ as is. The embedding table stays float: its Gather reads only the step's rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -25,20 +28,13 @@ def quantize_matmul_weights(proto) -> int:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
     new_nodes = []
     done = 0
-    for node in graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type not in FLOAT_TYPES:
+    for node, weight in matmul_weights(graph):
+        if weight is None:
             new_nodes.append(node)
             continue
-        if users[weight.name] != 1:
-            raise ValueError(f"initializer {weight.name} feeds {users[weight.name]} nodes; cannot quantize in place")
+        check_sole_reader(graph, weight)
         dtype = FLOAT_TYPES[weight.data_type]
         w = torch.frombuffer(bytearray(weight.raw_data), dtype=dtype).view(*weight.dims)  # (in, out)
         q, scale = quantize_per_channel(w.T)  # (out, in), (out,) fp32
@@ -57,6 +53,24 @@ def quantize_matmul_weights(proto) -> int:
     del graph.node[:]
     graph.node.extend(new_nodes)
     return done
+
+
+def matmul_weights(graph) -> Iterator[tuple[Any, Any]]:
+    """Each node of `graph` (onnx.GraphProto), in order, with the weight a pass may quantize: the 2-D float
+    initializer a MatMul multiplies by on the right (the exporter's layout of an nn.Linear weight, (in, out)),
+    else None."""
+    initializers = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        quantizable = weight is not None and len(weight.dims) == 2 and weight.data_type in FLOAT_TYPES
+        yield node, weight if quantizable else None
+
+
+def check_sole_reader(graph, weight) -> None:
+    """A pass replaces `weight` in place, in its MatMul: no other node of `graph` may read it."""
+    readers = sum(name == weight.name for node in graph.node for name in node.input)
+    if readers != 1:
+        raise ValueError(f"initializer {weight.name} feeds {readers} nodes; cannot quantize in place")
 
 
 def raw_tensor(name: str, tensor: torch.Tensor, data_type: int):

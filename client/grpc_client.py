@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.errors import RequestTimeoutError, ServerError, ServerUnavailableError, server_error
@@ -28,17 +28,34 @@ from kvtriton.client.types import Chunk, GenerateRequest
 _FINAL = "triton_final_response"
 
 
-def infer_inputs(request: GenerateRequest) -> list[grpcclient.InferInput]:
+# The llm model's integer inputs are INT32 but for the seeds, UINT64 (its contract: backend/triton/request.py,
+# which the client does not import).
+_UINT64_INPUTS = ("seed", "random_seed")
+
+
+def input_tensors(**values: Any) -> list[grpcclient.InferInput]:
+    """The llm model's input tensors for input name -> value: a str, bytes, bool, int or float, or a list of them
+    (one tensor of the list's length). Each goes as the model's type for it: strings as UTF-8 BYTES, bools as
+    BOOL, ints as INT32 (seeds UINT64), floats as FP32."""
     inputs = []
-    for name, value in request.inputs().items():
-        if isinstance(value, bool):
-            array, dtype = np.array([value], dtype=np.bool_), "BOOL"
+    for name, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (str, bytes)) for v in items):  # not through numpy's str types: they drop trailing NULs
+            array = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in items], dtype=np.object_)
         else:
-            array, dtype = np.array([value.encode("utf-8")], dtype=np.object_), "BYTES"
-        tensor = grpcclient.InferInput(name, [1], dtype)
+            array = np.array(items)
+            if array.dtype == np.int64:
+                array = array.astype(np.uint64 if name in _UINT64_INPUTS else np.int32)
+            elif array.dtype == np.float64:
+                array = array.astype(np.float32)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def infer_inputs(request: GenerateRequest) -> list[grpcclient.InferInput]:
+    return input_tensors(**request.inputs())
 
 
 def _chunk(result) -> tuple[Chunk | None, bool]:

@@ -8,9 +8,10 @@ import pytest
 
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.engine_process import EngineProcess
-from kvtriton.backend.engine.llm_engine import EngineDeadError, LLMEngine
+from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
+from tests.engine_helpers import assert_engine_dead
 from tests.tiny_model import make_tiny_model
 
 pytest.importorskip("transformers")
@@ -84,11 +85,7 @@ def test_a_dead_engine_process_fails_its_requests_and_reports_unhealthy(config):
     engine = EngineProcess(config)
     stream = engine.add_request("long", "hello", SamplingParams(max_tokens=400, ignore_eos=True))
     os.kill(engine.pid, signal.SIGKILL)
-    last = stream.result()
-    assert last.finish_reason == "error" and "internal error (request long)" in last.error
-    assert not engine.is_healthy()
-    with pytest.raises(EngineDeadError):
-        engine.add_request("after", "hello", GREEDY)
+    assert_engine_dead(engine, [stream.result()], "internal error (request long)")
     engine.shutdown(timeout_s=1)
 
 

@@ -15,6 +15,7 @@ from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.models.fp8 import FP8, Fp8Linear, fp8_supported, per_token_fp8_reference, quantize_fp8_per_channel
 from kvtriton.backend.models.loader import load_model
 
+from tests.cuda_graph_helpers import replayed_on_new_input
 from tests.tiny_model import make_tiny_model
 
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -115,12 +116,7 @@ def test_fp8_on_cuda_triton_quantizer_and_cuda_graph():
     linear = torch.nn.Linear(2048, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
     layer = Fp8Linear.from_linear(linear)
     static_x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
-    layer(static_x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_x)
-    static_x.copy_(torch.randn_like(static_x))
-    graph.replay()
+    static_out = replayed_on_new_input(layer, static_x)
     torch.testing.assert_close(static_out.float(), emulated_w8a8(static_x, linear), atol=5e-2, rtol=2e-2)
 
 

@@ -20,6 +20,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from kvtriton.backend.kernels.int4_matmul import int4_matmul  # noqa: E402
 
+from tests.cuda_graph_helpers import replayed_on_new_input  # noqa: E402
+
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float16  # the interpreter's tl.dot is wrong in bf16
 
@@ -59,12 +61,7 @@ def test_int4_matmul_refuses_prefill_sized_inputs():
 def test_int4_linear_on_cuda_decodes_through_the_kernel_in_a_cuda_graph_and_prefills_dense():
     lin = layer(4096, 2048, 32, True)
     x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
-    static_out = lin(x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = lin(x)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
+    static_out = replayed_on_new_input(lin, x)
     torch.testing.assert_close(static_out.float(), reference(x, lin), atol=3e-2, rtol=2e-2)
     prefill = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(lin(prefill).float(), reference(prefill, lin), atol=5e-2, rtol=2e-2)

@@ -24,7 +24,7 @@ from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_atten
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
-from tests.tiny_model import prefill_each  # noqa: E402
+from tests.tiny_model import decode_step_both_ways, small_decode_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is what the GPU runs; Triton's CPU interpreter gets tl.dot wrong in bf16, so it checks fp16.
@@ -161,34 +161,8 @@ def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads, kv_dtype):
 @pytest.mark.parametrize("batch", [1, 2, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
 def test_decode_logits_match_the_model_forward(batch, bias):
-    from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits
-    from kvtriton.backend.models.loader import load_model
-    from kvtriton.backend.models.model_config import ModelConfig
-
-    cfg = ModelConfig.from_dict(dict(
-        architectures=["Qwen2ForCausalLM" if bias else "LlamaForCausalLM"], model_type="qwen2" if bias else "llama",
-        vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True))
-    torch.manual_seed(3)
-    model = load_model(None, dtype=DTYPE, device=DEVICE, config=cfg, dummy=True)
-    bs, per_seq = 16, 4
-    cache = KVCache.allocate(2, batch * per_seq + 1, bs, 2, 64, DTYPE, DEVICE)
-    lens = [5 + 9 * i for i in range(batch)]  # prompt lengths; each sequence then decodes one token
-    tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
-    prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
-    with torch.inference_mode():
-        prefill_each(model, cache, tables, prompts, lens, bs)  # the PyTorch path
-        ids = torch.stack([p[-1] for p in prompts])
-        pos = torch.tensor(lens, device=DEVICE)
-        slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])
-        ctx_lens = pos + 1
-        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
-        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=ctx_lens, num_decodes=batch,
-                                 query_lens=[1] * batch, context_lens_host=ctx_lens.tolist(),
-                                 decode_context_blocks=per_seq, decode_only=True)
-        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
-        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, ctx_lens, 64**-0.5, model.rotary),
-                            fuse_matmuls=True)
+    model = small_decode_model(DTYPE, DEVICE, qkv_bias=bias)
+    got, expected, cache, reference = decode_step_both_ways(model, [5 + 9 * i for i in range(batch)], blocks_per_seq=4)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=5e-2, rtol=5e-2)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))

@@ -32,7 +32,7 @@ from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa:
 from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
 from kvtriton.backend.models.llama_decode import decode_weight  # noqa: E402
 
-from tests.tiny_model import prefill_each  # noqa: E402
+from tests.tiny_model import decode_step_both_ways, small_decode_model  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # bf16 is what the GPU runs; the interpreter's tl.dot is wrong in bf16, so on the CPU the kernels run in fp16.
@@ -210,37 +210,11 @@ def test_fp8_matmul_every_tile_form(tile, m, k):
 def test_quantized_decode_step_equals_the_model_forward(quantization, batch, request):
     if INTERPRETED and quantization == "int4":  # kvtriton's CPU GEMV takes fp32 or bf16, not the fp16 model here
         request.getfixturevalue("torch_int4_kernels")
-    from kvtriton.backend.attention.kv_cache import KVCache
-    from kvtriton.backend.attention.metadata import AttentionMetadata
-    from kvtriton.backend.attention.paged import PagedAttention
-    from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits, fusable
-    from kvtriton.backend.models.loader import load_model
-    from kvtriton.backend.models.model_config import ModelConfig
+    from kvtriton.backend.models.llama_decode import fusable
 
-    cfg = ModelConfig.from_dict(dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=300, hidden_size=256,
-        intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True))
-    torch.manual_seed(3)
-    model = load_model(None, dtype=DTYPE, device=DEVICE, config=cfg, dummy=True, quantization=quantization)
+    model = small_decode_model(DTYPE, DEVICE, quantization=quantization)
     assert fusable(model) is None
-    bs, per_seq = 16, 2
-    cache = KVCache.allocate(2, batch * per_seq + 1, bs, 2, 64, DTYPE, DEVICE)
-    lens = [7 + 9 * i for i in range(batch)]
-    tables = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
-    prompts = [torch.randint(0, 300, (n + 1,), device=DEVICE) for n in lens]
-    with torch.inference_mode():
-        prefill_each(model, cache, tables, prompts, lens, bs)  # the PyTorch path
-        ids = torch.stack([p[-1] for p in prompts])
-        pos = torch.tensor(lens, device=DEVICE)
-        slots = torch.stack([tables[i, n // bs] * bs + n % bs for i, n in enumerate(lens)])
-        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
-        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=pos + 1, num_decodes=batch,
-                                 query_lens=[1] * batch, context_lens_host=(pos + 1).tolist(),
-                                 decode_context_blocks=per_seq, decode_only=True)
-        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, 64**-0.5)))
-        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, pos + 1, 64**-0.5, model.rotary),
-                            fuse_matmuls=True)
+    got, expected, _, _ = decode_step_both_ways(model, [7 + 9 * i for i in range(batch)], blocks_per_seq=2)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=6e-2, rtol=6e-2)
 

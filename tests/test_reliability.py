@@ -23,13 +23,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
 from kvtriton.build.repository import set_parameters
 from kvtriton.client import health_cmd
+from kvtriton.client.grpc_client import input_tensors
 
 from tests.reliability_figures import figures  # noqa: F401 (a fixture)
 from tests.serve_process import ServeProcess
@@ -57,22 +56,6 @@ def serve(tmp_path_factory, default_model_folder):
 
 
 # ---- clients -------------------------------------------------------------------------------------------
-def tensors(**values) -> list:
-    out = []
-    for name, value in values.items():
-        arr = value if isinstance(value, np.ndarray) else np.array(value if isinstance(value, list) else [value])
-        if arr.dtype.kind in "US":
-            arr = np.array([v.encode() for v in arr.tolist()], dtype=np.object_)
-        elif arr.dtype == np.int64:
-            arr = arr.astype(np.int32)
-        elif arr.dtype == np.float64:
-            arr = arr.astype(np.float32)
-        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        out.append(t)
-    return out
-
-
 def grpc_request(serve, inputs, timeout=120.0, cancel_after=None) -> dict:
     """One streamed gRPC request: {"chunks", "finish_reason", "error", "cancelled", "seconds_to_error"}."""
     got: queue.Queue = queue.Queue()
@@ -169,8 +152,8 @@ def settled(serve, timeout=30.0) -> dict:
 
 
 def good_request(serve) -> None:
-    result = grpc_request(serve, tensors(text_input="What is the capital of France?", max_tokens=4,
-                                         temperature=0.0), timeout=60)
+    result = grpc_request(serve, input_tensors(text_input="What is the capital of France?", max_tokens=4,
+                                               temperature=0.0), timeout=60)
     assert result["error"] is None and result["finish_reason"] in ("stop", "length"), result
 
 
@@ -185,7 +168,7 @@ def test_soak_with_random_cancels_and_disconnects_loses_nothing_and_leaks_no_kv(
     def run(job):
         kind, prompt, max_tokens, k = job
         if kind.startswith("grpc"):
-            request = tensors(text_input=prompt, stream=True, max_tokens=max_tokens, ignore_eos=True)
+            request = input_tensors(text_input=prompt, stream=True, max_tokens=max_tokens, ignore_eos=True)
             return kind, grpc_request(serve, request, cancel_after=k if kind == "grpc_cancel" else None)
         body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind.startswith("sse")}
         disconnect = {"sse_disconnect": k, "http_disconnect": 0}.get(kind)
@@ -242,11 +225,11 @@ def _fuzz_request(rng: random.Random) -> tuple[str, object]:
     elif 0.7 < shape <= 0.85:
         nested = "[" * rng.choice([10, 5000]) + "]" * rng.choice([0, 10])
         sampling_json = '{"stop": ' + nested + "}"
-        return "grpc", tensors(**prompt, sampling_parameters=sampling_json)
+        return "grpc", input_tensors(**prompt, sampling_parameters=sampling_json)
     transport = rng.choice(["grpc", "http"])
     if transport == "http":
         return "http", {**prompt, "parameters": sampling}
-    return "grpc", tensors(**prompt, sampling_parameters=json.dumps(sampling, allow_nan=True))
+    return "grpc", input_tensors(**prompt, sampling_parameters=json.dumps(sampling, allow_nan=True))
 
 
 def test_fuzzed_requests_get_an_answer_or_an_error_naming_no_internals(serve, figures):
@@ -279,7 +262,8 @@ def test_fuzzed_requests_get_an_answer_or_an_error_naming_no_internals(serve, fi
 
 
 def test_a_full_queue_refuses_at_once_with_server_busy(serve, figures):
-    inputs = [tensors(text_input=f"Count to {i}.", max_tokens=12, ignore_eos=True, stream=True) for i in range(40)]
+    inputs = [input_tensors(text_input=f"Count to {i}.", max_tokens=12, ignore_eos=True, stream=True)
+              for i in range(40)]
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(lambda x: grpc_request(serve, x), inputs))
     busy = [r for r in results if r["error"] is not None and "server busy" in r["error"]]
@@ -310,13 +294,13 @@ def test_an_engine_failure_fails_every_request_and_the_model_comes_back(serve, f
     lines = len(serve.lines)
     in_flight = {}
     stream = threading.Thread(target=lambda: in_flight.update(grpc_request(
-        serve, tensors(text_input="Tell me a long story.", stream=True, max_tokens=600, ignore_eos=True))))
+        serve, input_tensors(text_input="Tell me a long story.", stream=True, max_tokens=600, ignore_eos=True))))
     stream.start()
     deadline = time.monotonic() + 60
     while (metric(serve, "kvtriton_num_requests_running") or 0) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     failed_at = time.monotonic()
-    poison = grpc_request(serve, tensors(text_input=FAULT_PROMPT, max_tokens=2), timeout=30)
+    poison = grpc_request(serve, input_tensors(text_input=FAULT_PROMPT, max_tokens=2), timeout=30)
     stream.join(timeout=30)
     error_after = time.monotonic() - failed_at
     assert in_flight["error"] is not None and in_flight["error"].count("internal error (request ") == 1, in_flight
@@ -334,8 +318,8 @@ def test_a_killed_stub_ends_in_flight_requests_and_the_model_comes_back(serve, f
     assert model == "llm"
     results = {}
     clients = {
-        "grpc stream": lambda: grpc_request(serve, tensors(text_input="Tell me a long story.", stream=True,
-                                                           max_tokens=600, ignore_eos=True), timeout=120),
+        "grpc stream": lambda: grpc_request(serve, input_tensors(text_input="Tell me a long story.", stream=True,
+                                                                 max_tokens=600, ignore_eos=True), timeout=120),
         "http sse": lambda: http_request(serve, {"text_input": "Tell me a long story.", "max_tokens": 600,
                                                  "ignore_eos": True, "stream": True}, stream=True),
         "http generate": lambda: http_request(serve, {"text_input": "Tell me a long story.", "max_tokens": 600,

@@ -12,12 +12,13 @@ import torch
 
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.engine_process import EngineProcess
-from kvtriton.backend.engine.llm_engine import EngineDeadError, LLMEngine
+from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharding import check_tensor_parallel, rank_model_config
 from kvtriton.backend.runners.step_input import prepare_step
 
+from tests.engine_helpers import assert_engine_dead
 from tests.process_tree import alive, cmdline, descendants
 from tests.tiny_model import make_tiny_model
 
@@ -170,12 +171,7 @@ def test_a_dead_worker_fails_every_request_and_the_engine(tiny):
     sinks = [engine.add_request(f"r{i}", p, long, Outputs()) for i, p in enumerate(PROMPTS)]
     sinks[0].first()  # generating
     os.kill(workers[0], signal.SIGKILL)
-    for sink in sinks:
-        last = sink.last()
-        assert last.finish_reason == "error" and "engine failed" in last.error
-    assert not engine.is_healthy()
-    with pytest.raises(EngineDeadError):
-        engine.add_request("after", "hello", GREEDY)
+    assert_engine_dead(engine, [sink.last() for sink in sinks], "engine failed")
     engine.shutdown(timeout_s=1)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.utils import np_to_triton_dtype
+
+from kvtriton.client.grpc_client import input_tensors
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -41,28 +42,12 @@ def metric(server, name, model="llm"):
     return float(m.group(1)) if m else None
 
 
-def inputs(**values):
-    out = []
-    for name, value in values.items():
-        arr = np.array(value if isinstance(value, list) else [value])
-        if arr.dtype.kind in "USO":
-            arr = np.array([v.encode() if isinstance(v, str) else v for v in arr.tolist()], dtype=np.object_)
-        elif arr.dtype == np.int64:
-            arr = arr.astype(np.uint64 if name in ("seed", "random_seed") else np.int32)
-        elif arr.dtype == np.float64:
-            arr = arr.astype(np.float32)
-        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        out.append(t)
-    return out
-
-
 def grpc_stream(server, model="llm", timeout=60, raw_inputs=(), **values):
     """Run one request over a gRPC stream; returns (list of result dicts, error or None)."""
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(model, inputs(**values) + list(raw_inputs), enable_empty_final_response=True)
+    client.async_stream_infer(model, input_tensors(**values) + list(raw_inputs), enable_empty_final_response=True)
     chunks, error = [], None
     while True:
         result, error = results.get(timeout=timeout)
@@ -115,8 +100,8 @@ def test_grpc_asyncio_stream(llm_server):
         client = grpcaio.InferenceServerClient(llm_server.grpc_url)
 
         async def requests():
-            yield {"model_name": "llm", "inputs": inputs(text_input=CAPITAL, stream=True, max_tokens=16,
-                                                          temperature=0.0)}
+            yield {"model_name": "llm", "inputs": input_tensors(text_input=CAPITAL, stream=True, max_tokens=16,
+                                                                temperature=0.0)}
         text = ""
         async for result, error in client.stream_infer(requests()):
             assert error is None
@@ -139,8 +124,8 @@ def test_cancel_frees_kv_blocks(llm_server):
     client = grpcclient.InferenceServerClient(llm_server.grpc_url)
     got = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put(1))
-    client.async_stream_infer("llm", inputs(text_input="Tell me a long story.", stream=True, max_tokens=2000,
-                                             ignore_eos=True))
+    client.async_stream_infer("llm", input_tensors(text_input="Tell me a long story.", stream=True, max_tokens=2000,
+                                                   ignore_eos=True))
     for _ in range(5):
         got.get(timeout=60)  # tokens are flowing: the request holds KV blocks
     assert metric(llm_server, "kvtriton_kv_cache_usage_ratio") > 0 or _wait_usage_positive(llm_server)

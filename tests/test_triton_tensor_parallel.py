@@ -12,7 +12,6 @@ import signal
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -21,6 +20,7 @@ from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.build.repository import set_parameters
 from kvtriton.client import health_cmd
+from kvtriton.client.grpc_client import input_tensors
 
 from tests.process_tree import cmdline, descendants
 from tests.tiny_model import make_tiny_model
@@ -75,27 +75,12 @@ def tp_workers(server_pid: int) -> list[int]:
     return [pid for pid in spawned if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) in spawned]
 
 
-def stream_inputs(**values) -> list:
-    out = []
-    for name, value in values.items():
-        if isinstance(value, str):
-            arr, dtype = np.array([value.encode()], dtype=np.object_), "BYTES"
-        elif isinstance(value, bool):
-            arr, dtype = np.array([value]), "BOOL"
-        else:
-            arr, dtype = np.array([value], dtype=np.int32), "INT32"
-        tensor = grpcclient.InferInput(name, [1], dtype)
-        tensor.set_data_from_numpy(arr)
-        out.append(tensor)
-    return out
-
-
 def test_a_killed_worker_ends_the_request_in_flight_with_an_error_and_the_model_turns_unhealthy(tp_server):
     [worker] = tp_workers(tp_server.process.pid)
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(tp_server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("llm", stream_inputs(text_input="the quick", max_tokens=240, ignore_eos=True,
+    client.async_stream_infer("llm", input_tensors(text_input="the quick", max_tokens=240, ignore_eos=True,
                                                    stream=True))
     assert results.get(timeout=60)[1] is None  # generating
     os.kill(worker, signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""Test helper: a tiny random Llama in an HF folder, with a real byte-level BPE tokenizer and chat template."""
+"""Test helpers: a tiny random Llama in an HF folder, with a real byte-level BPE tokenizer and chat template; and a
+small random Llama loaded in memory, with the decode step the kernel tests compare through PyTorch and Triton."""
 
 from __future__ import annotations
 
@@ -62,15 +63,56 @@ def make_tiny_engine(folder: Path, **overrides):
     return LLMEngine(EngineConfig(**{**config, **overrides}))
 
 
-def prefill_each(model, cache, tables, prompts, lens, block_size: int) -> None:
-    """Prefill prompt i's first lens[i] tokens into blocks tables[i] (from slot 0 of its first block), one
-    sequence at a time through the PyTorch paged attention: the reference state the decode kernels start from."""
+def small_decode_model(dtype: torch.dtype, device: str, qkv_bias: bool = False, quantization: str | None = None):
+    """A 2-layer random Llama (vocabulary 300, 4 heads over 2 KV heads of 64), loaded as served: the model the
+    decode-kernel tests step. qkv_bias: Qwen2's form of it; quantization: its layers' ("fp8", "int4")."""
+    from kvtriton.backend.models.loader import load_model
+    from kvtriton.backend.models.model_config import ModelConfig
+
+    cfg = ModelConfig.from_dict(dict(
+        architectures=["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
+        model_type="qwen2" if qkv_bias else "llama", vocab_size=300, hidden_size=256, intermediate_size=384,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(3)
+    return load_model(None, dtype=dtype, device=device, config=cfg, dummy=True, quantization=quantization)
+
+
+def decode_step_both_ways(model, prompt_lens: list[int], blocks_per_seq: int, block_size: int = 16):
+    """One decode step after a random prompt per sequence, through PyTorch and through the Triton kernels.
+
+    Prompt i's first prompt_lens[i] tokens are prefilled one sequence at a time through the PyTorch paged
+    attention, in blocks of their own; then every sequence's next token goes through the model's forward +
+    compute_logits on a copy of the pools (the reference) and through the Triton decode step (decode_logits,
+    fused matmuls) on the pools themselves. Returns (kernel logits, reference logits, the kernel's pools, the
+    reference's pools)."""
+    from kvtriton.backend.attention.kv_cache import KVCache
     from kvtriton.backend.attention.metadata import AttentionMetadata
     from kvtriton.backend.attention.paged import PagedAttention
+    from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits
 
-    device = tables.device
-    for i, n in enumerate(lens):
-        meta = AttentionMetadata(slot_mapping=tables[i, 0] * block_size + torch.arange(n, device=device),
-                                 block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=device),
-                                 num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
-        model(prompts[i][:n], torch.arange(n, device=device), PagedAttention(cache, meta, 64**-0.5))
+    cfg, weight = model.config, model.embed_tokens.weight
+    device, scale, batch = weight.device, cfg.head_dim**-0.5, len(prompt_lens)
+    cache = KVCache.allocate(cfg.num_layers, batch * blocks_per_seq + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
+                             weight.dtype, device)
+    tables = torch.arange(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq)
+    prompts = [torch.randint(0, cfg.vocab_size, (n + 1,), device=device) for n in prompt_lens]
+    with torch.inference_mode():
+        for i, n in enumerate(prompt_lens):
+            meta = AttentionMetadata(slot_mapping=tables[i, 0] * block_size + torch.arange(n, device=device),
+                                     block_tables=tables[i : i + 1], context_lens=torch.tensor([n], device=device),
+                                     num_decodes=0, query_lens=[n], context_lens_host=[n], decode_context_blocks=0)
+            model(prompts[i][:n], torch.arange(n, device=device), PagedAttention(cache, meta, scale))
+        ids = torch.stack([p[-1] for p in prompts])
+        pos = torch.tensor(prompt_lens, device=device)
+        slots = torch.stack([tables[i, n // block_size] * block_size + n % block_size
+                             for i, n in enumerate(prompt_lens)])
+        context_lens = pos + 1
+        reference = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v])
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=batch,
+                                 query_lens=[1] * batch, context_lens_host=context_lens.tolist(),
+                                 decode_context_blocks=blocks_per_seq, decode_only=True)
+        expected = model.compute_logits(model(ids, pos, PagedAttention(reference, meta, scale)))
+        got = decode_logits(model, ids, KernelPagedDecode(cache, pos, slots, tables, context_lens, scale, model.rotary),
+                            fuse_matmuls=True)
+    return got, expected, cache, reference

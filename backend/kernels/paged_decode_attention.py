@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.attention_shapes import unsupported_shape
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 from kvtriton.backend.kernels.tile_config import multiprocessors
 
@@ -237,14 +238,9 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: 
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
-    """None if the kernel serves this shape, else why not (one line, for the log)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"paged decode attention kernel needs bf16/fp16, not {dtype}"
-    if head_dim < 32 or head_dim & (head_dim - 1):
-        return f"paged decode attention kernel needs a power-of-two head_dim >= 32, not {head_dim}"
-    if num_heads % num_kv_heads:
-        return "paged decode attention kernel needs num_heads divisible by num_kv_heads"
-    return None
+    """None if the kernel serves this shape, else why not (one line, for the log). head_dim >= 32: q and k
+    are multiplied as two halves (RoPE pairs dim i with i + HALF), each a tl.dot of at least 16."""
+    return unsupported_shape("paged decode attention kernel", 32, num_heads, num_kv_heads, head_dim, dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,

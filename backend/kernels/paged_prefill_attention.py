@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.attention_shapes import unsupported_shape
+
 LOG2E = 1.4426950408889634
 # The tile, from a sweep on an H200 (benchmarks/paged_attention_bench.py --sweep), 64 prompts of 128
 # tokens, 32/8 heads of 64: 60 us a layer (torch's varlen_attn on contiguous K/V: 74 us); 64 rows and 64
@@ -138,14 +140,9 @@ def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_s
 
 
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
-    """None if the kernel serves this shape, else why not (one line, for the log)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"paged prefill attention kernel needs bf16/fp16, not {dtype}"
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return f"paged prefill attention kernel needs a power-of-two head_dim >= 16, not {head_dim}"
-    if num_heads % num_kv_heads:
-        return "paged prefill attention kernel needs num_heads divisible by num_kv_heads"
-    return None
+    """None if the kernel serves this shape, else why not (one line, for the log). head_dim >= 16: q @ k.T
+    is one tl.dot over the whole head."""
+    return unsupported_shape("paged prefill attention kernel", 16, num_heads, num_kv_heads, head_dim, dtype)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
