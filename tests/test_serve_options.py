@@ -30,9 +30,18 @@ def test_the_admin_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatc
         serve_cmd.parse_args(["--model-repository", str(tmp_path), "--admin-key-file", str(tmp_path / "nowhere")])
 
 
+def test_parse_args_defaults_and_passthrough(tmp_path):
+    options = serve_cmd.parse_args(["--model-repository", str(tmp_path), "--", "--log-verbose=1", "--timeout", "5"])
+    assert (options.http_port, options.grpc_port, options.metrics_port, options.timeout_s) == (8000, 8001, 8002, 300.0)
+    assert options.extra_args == ("--log-verbose=1", "--timeout", "5")  # after --: tritonserver's, untouched
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--host", "localhost"], "--host 'localhost' is not an IP address"),
     (["--http-max-body-mb", "0"], "--http-max-body-mb 0.0 must be a positive"),
+    (["--http-port", "70000"], "--http-port 70000 is not a TCP port"),
+    (["--grpc-port", "8000"], "must differ"),
+    (["--timeout", "0"], "--timeout 0.0 must be a positive"),
 ])
 def test_bad_options_are_named(tmp_path, argv, message):
     with pytest.raises(serve_cmd.ServeError, match=message):

@@ -150,22 +150,6 @@ def test_start_refuses_a_busy_port_before_launching(tmp_path):
 # --- kvtriton serve options -------------------------------------------------------------------
 
 
-def test_parse_args_defaults_and_passthrough(tmp_path):
-    options = serve_cmd.parse_args(["--model-repository", str(tmp_path), "--", "--log-verbose=1", "--timeout", "5"])
-    assert (options.http_port, options.grpc_port, options.metrics_port, options.timeout_s) == (8000, 8001, 8002, 300.0)
-    assert options.extra_args == ("--log-verbose=1", "--timeout", "5")  # after --: tritonserver's, untouched
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--http-port", "70000"], "--http-port 70000 is not a TCP port"),
-    (["--grpc-port", "8000"], "must differ"),
-    (["--timeout", "0"], "--timeout 0.0 must be a positive"),
-])
-def test_parse_args_rejects_bad_options(tmp_path, argv, message):
-    with pytest.raises(serve_cmd.ServeError, match=message):
-        serve_cmd.parse_args(["--model-repository", str(tmp_path), *argv])
-
-
 def test_main_with_missing_repository_exits_nonzero_and_says_why(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert serve_cmd.main(["--model-repository", str(missing)]) == 1
