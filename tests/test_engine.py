@@ -154,7 +154,7 @@ def test_add_from_many_threads(tiny_folder):
 def test_penalty_counts_kept_on_the_device_equal_a_rebuild_every_step(tiny_folder):
     """The overlapped loop adds each step's tokens to the penalty counts in place; the synchronous loop rebuilds
     them from the outputs every step. Same greedy text, and the kept counts equal a rebuild."""
-    from kvtriton.backend.engine.sampler import SamplingMetadata
+    from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
                             frequency_penalty=0.4, presence_penalty=0.3)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata, apply_penalties, apply_top_k_top_p
+from kvtriton.backend.engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
 V = 32

@@ -17,8 +17,9 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.output_processor import OutputProcessor
 from kvtriton.backend.engine.outputs import TokenLogprob
 from kvtriton.backend.engine.pending_step import HostCopy, PendingStep, token_logprob
-from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
+from kvtriton.backend.engine.sampler import Sampler
 from kvtriton.backend.engine.sampling_batch import SamplingBatch
+from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.engine.speculative import Proposer

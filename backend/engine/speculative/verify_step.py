@@ -11,7 +11,8 @@ import torch
 
 from kvtriton.backend.engine.outputs import TokenLogprob
 from kvtriton.backend.engine.pending_step import HostCopy, token_logprob
-from kvtriton.backend.engine.sampler import Sampler, SamplingMetadata
+from kvtriton.backend.engine.sampler import Sampler
+from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.engine.speculative.verification import VerifyRows, accepted_runs
