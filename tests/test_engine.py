@@ -83,6 +83,8 @@ def test_request_that_can_never_fit_fails_at_once(tiny_folder):
         engine.add_request("empty", "")
     with pytest.raises(ValueError, match="stop_token_ids"):  # would otherwise fail the whole batch's step
         engine.add_request("stop", "the dog", SamplingParams(min_tokens=2, stop_token_ids=(10**6,)))
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, \d+\), got \[1000000\]"):
+        engine.add_request("bias", "the dog", SamplingParams(logit_bias={10**6: 1.0}))
 
 
 def test_abort_frees_blocks_and_ends_stream(tiny_folder):

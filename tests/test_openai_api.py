@@ -13,6 +13,7 @@ import urllib.request
 import openai
 import pytest
 
+from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.openai.server import FrontendThread
 
@@ -124,13 +125,14 @@ def test_logprobs_name_the_tokens(client):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(temperature=-1), None),  # the server's own check; its message names the field
+    (dict(temperature=-1), "temperature"),  # the server's own check; its message names the field
     (dict(n=0), "n"),
     (dict(top_logprobs=3), "top_logprobs"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (dict(logit_bias={"1": 5}), "logit_bias"),
+    (dict(logit_bias={"99999999": 5}), "logit_bias"),  # the server's: outside the vocabulary
+    (dict(logit_bias={"1": 500}), "logit_bias"),  # the server's: outside [-100, 100]
     (dict(extra_body={"frobnicate": 1}), "frobnicate"),
-    (dict(stream=True, temperature=-1), None),  # streamed: still a 400, not an error inside a 200 stream
+    (dict(stream=True, temperature=-1), "temperature"),  # streamed: still a 400, not an error inside a 200 stream
 ])
 def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):
     stream = kwargs.pop("stream", False)
@@ -139,10 +141,21 @@ def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):
         list(r) if stream else r
     error = info.value.body
     assert info.value.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
-    if param:
-        assert error["param"] == param
-    else:
-        assert "temperature" in error["message"]
+    assert error["param"] == param or param in error["message"]
+
+
+def test_logit_bias_steers_the_answer(client, default_model_folder):
+    """OpenAI's logit_bias (token id strings -> bias): -100 keeps the greedy answer's first token out, +100
+    makes one token the whole answer."""
+    tokenizer = Tokenizer.from_pretrained(default_model_folder)
+    ask = dict(model="llm", messages=QUESTION, temperature=0, max_tokens=6)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    first = tokenizer.encode(plain, add_special_tokens=False)[0]
+    banned = client.chat.completions.create(**ask, logit_bias={str(first): -100}).choices[0].message.content
+    assert tokenizer.encode(banned, add_special_tokens=False)[0] != first
+    forced = tokenizer.encode(" Paris", add_special_tokens=False)[-1]
+    r = client.chat.completions.create(**ask, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == tokenizer.decode([forced] * 6)
 
 
 def test_unknown_model_is_a_404(client):

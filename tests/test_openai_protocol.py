@@ -35,6 +35,7 @@ def test_chat_fields_become_the_servers_sampling_keys():
     assert chat().sampling(0) == {}  # nothing set: the server's defaults
     assert chat(logprobs=True).sampling(0) == {"logprobs": 0}  # the chosen token's logprob only
     assert chat(max_tokens=4).sampling(0) == {"max_tokens": 4}
+    assert chat(logit_bias={"50256": -100}).sampling(0) == {"logit_bias": {"50256": -100.0}}  # ids: the server's
 
 
 def test_each_choice_of_a_seeded_request_has_its_own_seed():
@@ -74,7 +75,6 @@ def test_messages_reach_the_template_as_role_and_text():
     (dict(n=0), "n"), (dict(n=17), "n"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
-    (dict(logit_bias={"5": 1.0}), "logit_bias"),
     (dict(tools=[{"type": "function"}]), "tools"), (dict(tool_choice="auto"), "tool_choice"),
     (dict(max_tokens=3, max_completion_tokens=4), "max_completion_tokens"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),

@@ -207,7 +207,7 @@ def test_unused_features_are_not_built():
     assert meta.all_random and not meta.all_greedy and meta.greedy_mask is None
     for field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                   "frequency_penalty", "presence_penalty", "prompt_token_mask",
-                  "output_token_counts", "min_tokens_banned"):
+                  "output_token_counts", "min_tokens_banned", "logit_bias"):
         assert getattr(meta, field) is None, field
     assert meta.generators == {} and meta.max_num_logprobs is None
 
@@ -223,6 +223,33 @@ def test_min_tokens_bans_stop_ids_until_reached():
         tokens = sample(params, logits, output=output, stops=stops).sampled_token_ids.tolist()
         assert tokens[0] == (4 if produced < 3 else eos)
         assert tokens[1] == eos  # the row without min_tokens is never masked
+
+
+def test_logit_bias_moves_each_rows_own_tokens():
+    logits = torch.zeros(3, V)
+    logits[:, 4] = 1.0  # every row's argmax before the bias
+    params = [SamplingParams(temperature=0, logit_bias={"9": 2.0}),  # JSON's string keys
+              SamplingParams(temperature=0, logit_bias={4: -100.0}),
+              SamplingParams(temperature=0)]
+    meta = build(params, logits)
+    index, bias = meta.logit_bias
+    assert sorted(index.tolist()) == [0 * V + 9, 1 * V + 4] and bias.dtype == torch.float32
+    tokens = sampler(logits, meta).sampled_token_ids.tolist()
+    assert tokens[0] == 9 and tokens[1] != 4 and tokens[2] == 4
+
+
+def test_logit_bias_of_minus_100_bans_a_token_in_sampling():
+    logits = torch.zeros(1, V)
+    counts = draws(logits[0], SamplingParams(temperature=1.0, logit_bias={3: -100.0, 5: -100.0}))
+    assert counts[3] == 0 and counts[5] == 0 and len(support(counts)) == V - 2
+
+
+def test_logprobs_are_the_raw_ones_under_logit_bias():
+    """As vLLM v1's default: logprobs come before logit processors, so a bias moves the choice, not them."""
+    logits = torch.randn(2, V)
+    out = sample([SamplingParams(temperature=0, logprobs=2, logit_bias={7: 50.0})] * 2, logits)
+    assert out.sampled_token_ids.tolist() == [7, 7]
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1)[:, 7])
 
 
 def test_min_tokens_rejects_stop_ids_outside_the_vocabulary():

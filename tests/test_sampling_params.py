@@ -38,6 +38,11 @@ def test_defaults_follow_openai_semantics():
     ({"max_tokens": True}, "max_tokens", "integer"),
     ({"temperature": "0.7"}, "temperature", "number"),
     ({"ignore_eos": 1}, "ignore_eos", "true or false"),
+    ({"logit_bias": {5: 101}}, "logit_bias", "[-100, 100], got 101.0"),
+    ({"logit_bias": {5: float("nan")}}, "logit_bias", "got nan"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias", ">= 0, got -1"),
+    ({"logit_bias": {"x": 1.0}}, "logit_bias", "got 'x'"),
+    ({"logit_bias": 3}, "logit_bias", "token id -> bias, got 3"),
 ])
 def test_each_violation_names_the_field_and_the_value(kwargs, field, fragment):
     with pytest.raises(ValueError) as err:
@@ -93,6 +98,13 @@ def test_from_dict_coerces_strings_and_integral_floats():
     assert p.ignore_eos is True and p.skip_special_tokens is False
     assert p.stop_token_ids == (5, 6)
     assert p.presence_penalty == 1.0 and p.frequency_penalty == -0.5
+
+
+def test_logit_bias_is_sorted_pairs_from_a_mapping_with_string_keys():
+    p = SamplingParams.from_dict({"logit_bias": {"50256": -100, "9": "2.5"}})
+    assert p.logit_bias == ((9, 2.5), (50256, -100.0))
+    hash(p)
+    assert SamplingParams().logit_bias == ()
 
 
 def test_from_dict_null_keeps_the_default():

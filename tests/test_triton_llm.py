@@ -179,6 +179,7 @@ BAD_INPUTS = [
      "stop_token_ids"),
     ({"messages": json.dumps([{"role": "user"}])}, "messages"),
     ({"text_input": "hi", "logprobs": 50}, "logprobs"),
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"logit_bias": {"7": "strong"}})}, "logit_bias"),
 ]
 
 

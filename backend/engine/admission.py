@@ -54,6 +54,9 @@ class Admission:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
+        outside = [t for t, _ in params.logit_bias if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {outside[:8]}")
         if len(ids) >= lim.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {lim.max_model_len} tokens")
         total = len(ids) + params.max_tokens

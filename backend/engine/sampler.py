@@ -8,9 +8,9 @@ features run is decided on the host from the requests' `SamplingParams`
 no logprobs pays for none of them.
 
 Order of operations (as vLLM v1): grammar bitmask (structured output) ->
-raw logprobs -> min_tokens mask -> repetition / presence / frequency
-penalties -> greedy argmax | temperature -> min_p -> top_k -> top_p ->
-exponential-race sample.
+raw logprobs -> logit_bias -> min_tokens mask -> repetition / presence /
+frequency penalties -> greedy argmax | temperature -> min_p -> top_k ->
+top_p -> exponential-race sample.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class Sampler:
                 f"logits have shape {tuple(logits.shape)} but the sampling metadata was "
                 f"built for vocab_size={meta.vocab_size}; build it with logits.shape[-1]")
         if (meta.all_greedy and meta.allowed_token_bitmask is None and meta.max_num_logprobs is None
-                and meta.min_tokens_banned is None and meta.output_token_counts is None):
+                and meta.min_tokens_banned is None and meta.output_token_counts is None
+                and meta.logit_bias is None):
             # Plain greedy, the common serving batch: nothing changes the logits, so argmax reads them as they
             # are (one kernel a step instead of a copy of the (B, V) logits and then the argmax).
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
@@ -52,6 +53,9 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
 
+        if meta.logit_bias is not None:  # after the raw logprobs, before penalties, as vLLM v1
+            index, bias = meta.logit_bias
+            logits.view(-1).index_add_(0, index, bias)
         if meta.min_tokens_banned is not None:
             # index_fill_ with a Python scalar: advanced-index assignment would copy
             # the value host->device and synchronise.

@@ -41,6 +41,8 @@ class SamplingMetadata:
     output_token_counts: torch.Tensor | None  # (B, V) f32; set with any penalty
     # (M,) i64 flat indices row * V + token of stop ids banned by min_tokens
     min_tokens_banned: torch.Tensor | None
+    # logit_bias: (M,) i64 flat indices row * V + token and (M,) f32 biases; None when no row has one
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None
     generators: dict[int, torch.Generator]  # random rows with a per-request seed
     max_num_logprobs: int | None  # None: no row asked for logprobs
     vocab_size: int  # V that the ids and flat indices above were built for
@@ -128,6 +130,13 @@ class SamplingMetadata:
                             f"vocabulary [0, {vocab_size})")
                     ban.append(row * vocab_size + t)
 
+        biased = [(row * vocab_size + t, b) for row, p in enumerate(params) for t, b in p.logit_bias
+                  if t < vocab_size]  # admission refused ids past the vocabulary; a padded one has no logit
+        logit_bias = None
+        if biased:  # one copy of (2, M): float64 holds the flat indices exactly
+            table = _to_device(np.array(biased, dtype=np.float64).T.copy(), device)
+            logit_bias = table[0].long(), table[1].float()
+
         seeded: dict[int, torch.Generator] = {}
         for row, (gen, g) in enumerate(zip(generators, greedy)):
             if gen is None or g:
@@ -157,6 +166,7 @@ class SamplingMetadata:
             output_token_counts=output_counts,
             min_tokens_banned=(_to_device(np.array(ban, dtype=np.int64), device)
                                if ban else None),
+            logit_bias=logit_bias,
             generators=seeded,
             max_num_logprobs=max(asked) if asked else None,
             vocab_size=vocab_size,

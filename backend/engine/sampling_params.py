@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 MAX_LOGPROBS = 20
+# OpenAI's range for logit_bias values: -100 bans a token in effect, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 # Below this temperature softmax(logits / T) is one-hot in float32 and the
 # division can overflow, so such rows are sampled greedily (the T -> 0 limit),
 # as vLLM v1 does.
@@ -63,6 +65,9 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_grammar: str | None = None  # Lark, or GBNF / EBNF (llama.cpp's)
     guided_json_object: bool = False  # any JSON object
+    # Added to the token's logit before penalties and sampling (OpenAI's and vLLM's logit_bias): token id ->
+    # bias in [-100, 100]. Given as a mapping (JSON's string keys accepted); kept as sorted (id, bias) pairs.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -100,6 +105,7 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_token_ids entries must be integers >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
 
     def _check_ranges(self) -> None:
         if self.max_tokens < 1:
@@ -201,8 +207,8 @@ def _coerce(name: str, value: Any) -> Any:
         return (value,) if isinstance(value, str) else _as_list(name, value)
     if name == "stop_token_ids":
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
-    if name in _GUIDED_TEXT_FIELDS:
-        return value  # checked by __post_init__ (guided_json may be an object)
+    if name in _GUIDED_TEXT_FIELDS or name == "logit_bias":
+        return value  # checked by __post_init__ (guided_json may be an object, logit_bias is one)
     raise AssertionError(f"no coercion for field {name}")
 
 
@@ -246,3 +252,29 @@ def _as_list(name: str, value: Any) -> list:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{name} must be a list, got {value!r}")
     return list(value)
+
+
+def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a mapping (token ids as integers or, as JSON and
+    OpenAI's API send them, strings) or from pairs."""
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, (tuple, list)) and not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be an object of token id -> bias, got {value!r}")
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"logit_bias must be an object of token id -> bias, got {value!r}")
+        token, bias = item
+        try:
+            token_id = _coerce_int("logit_bias token id", token)
+            bias = _coerce_float(f"logit_bias[{token!r}]", bias)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (logit_bias maps token ids to numbers)") from None
+        if token_id < 0:
+            raise ValueError(f"logit_bias token ids must be >= 0, got {token_id}")
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # NaN fails this too
+            raise ValueError(f"logit_bias[{token_id}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {bias}")
+        pairs[token_id] = bias
+    return tuple(sorted(pairs.items()))
+

@@ -1,7 +1,7 @@
 """OpenAI's request and response bodies, and how a request becomes the `llm` model's sampling parameters.
 
-Requests are parsed strictly: a field OpenAI defines but this server cannot honour (logit_bias, tools,
-suffix, token-id prompts) is a 400 naming it, and so is a field nobody defines (extra="forbid"), never a
+Requests are parsed strictly: a field OpenAI defines but this server cannot honour (tools, suffix,
+token-id prompts) is a 400 naming it, and so is a field nobody defines (extra="forbid"), never a
 silent drop. vLLM's extra sampling fields (top_k, min_p, ignore_eos, ...) are accepted, as vLLM's own
 OpenAI server does, so benchmark clients written for vLLM work. Value ranges (temperature >= 0,
 top_p in (0, 1], ...) are the server's to check: one set of rules, one set of messages.
@@ -69,8 +69,9 @@ class _GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
 
-    _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
-                       "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+    _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
+                       "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                       "skip_special_tokens")
 
     def check(self) -> None:
         """What pydantic's types cannot say; OpenAIError (400) naming the field."""
@@ -78,8 +79,6 @@ class _GenerationRequest(_Strict):
             raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
-        if self.logit_bias:
-            raise OpenAIError("logit_bias is not supported by this server", param="logit_bias")
         if self.response_format is not None and self.response_format.type == "json_schema":
             if self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None:
                 raise OpenAIError('response_format {"type": "json_schema"} needs json_schema.schema',
