@@ -28,13 +28,16 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
+from kvtriton.backend.engine.admission import (
+    PROMPT_BYTES_PER_TOKEN,
+    Admission,
+    AdmissionLimits,
+)
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.output_processor import OutputProcessor, fail_request
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
@@ -44,6 +47,7 @@ from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.engine.speculative import create_proposer
 from kvtriton.backend.engine.speculative.policy import proposal_cap
+from kvtriton.backend.engine.stats import EngineStats
 from kvtriton.backend.engine.step_executor import StepExecutor, on_forward_thread
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.tokenizer import Tokenizer
@@ -64,29 +68,6 @@ class EngineDeadError(RuntimeError):
 
 # How often the loop looks for requests past max_queue_time_s / max_request_time_s.
 EXPIRY_CHECK_INTERVAL_S = 0.1
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """EngineStats(): an engine that has done nothing yet."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0  # fraction of KV blocks in use
-    num_kv_blocks: int = 0
-    num_free_kv_blocks: int = 0
-    num_preemptions: int = 0  # since start
-    num_prompt_tokens: int = 0  # computed prompt tokens since start (prefix hits excluded)
-    num_generation_tokens: int = 0  # since start
-    # Speculative decoding, since start: proposals verified, and how many of them were accepted.
-    num_spec_proposed_tokens: int = 0
-    num_spec_accepted_tokens: int = 0
-    num_spec_drafts: int = 0  # sequence-steps that verified at least one proposal (vLLM's num_drafts)
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens a verifying sequence gains per verify step: 1 + accepted / drafts (vLLM's definition)."""
-        return 1 + self.num_spec_accepted_tokens / self.num_spec_drafts if self.num_spec_drafts else 0.0
 
 
 class LLMEngine:

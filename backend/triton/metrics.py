@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 
-from kvtriton.backend.engine.llm_engine import EngineStats
 from kvtriton.backend.engine.outputs import RequestOutput
+from kvtriton.backend.engine.stats import EngineStats
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
