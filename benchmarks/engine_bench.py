@@ -63,21 +63,22 @@ def add_workload_options(ap: argparse.ArgumentParser) -> None:
 def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
     """(model folder, dummy weights) for --config: the default model's folder, or for llama-1b a fresh folder
     with LLAMA_1B's config.json (random weights) and the tokenizer of `tokenizer` (a folder) or the default
-    model."""
-    if tokenizer:
-        default = Path(tokenizer)
-    else:
-        from kvtriton.backend.models.default_model import ensure_default_model  # needs the gguf package
-
-        default = ensure_default_model(progress=lambda *_: None)
+    model (`tokenizer` serves llama-1b only)."""
     if config == "default":
-        return str(default), False
+        return str(_default_model()), False
+    source = Path(tokenizer) if tokenizer else _default_model()
     folder = Path(tempfile.mkdtemp()) / config
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a 1B config has none: borrow the default's
-        shutil.copy(default / name, folder / name)
+        shutil.copy(source / name, folder / name)
     return str(folder), True
+
+
+def _default_model() -> Path:
+    from kvtriton.backend.models.default_model import ensure_default_model  # needs the gguf package
+
+    return ensure_default_model(progress=lambda *_: None)
 
 
 def pct(values, q):

@@ -130,8 +130,9 @@ class SamplingMetadata:
                             f"vocabulary [0, {vocab_size})")
                     ban.append(row * vocab_size + t)
 
-        biased = [(row * vocab_size + t, b) for row, p in enumerate(params) for t, b in p.logit_bias
-                  if t < vocab_size]  # admission refused ids past the vocabulary; a padded one has no logit
+        biased = [(row * vocab_size + t, b) for row, p in enumerate(params) for t, b in p.logit_bias]
+        if any(t >= vocab_size for p in params for t, _ in p.logit_bias):  # its flat index would hit the next row
+            raise ValueError(f"logit_bias holds a token id outside the vocabulary [0, {vocab_size})")
         logit_bias = None
         if biased:  # one copy of (2, M): float64 holds the flat indices exactly
             table = _to_device(np.array(biased, dtype=np.float64).T.copy(), device)

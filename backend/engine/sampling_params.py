@@ -257,8 +257,11 @@ def _as_list(name: str, value: Any) -> list:
 def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
     """logit_bias as sorted (token id, bias) pairs, from a mapping (token ids as integers or, as JSON and
     OpenAI's API send them, strings) or from pairs."""
-    items = value.items() if isinstance(value, Mapping) else value
-    if not isinstance(items, (tuple, list)) and not isinstance(value, Mapping):
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = value
+    else:
         raise ValueError(f"logit_bias must be an object of token id -> bias, got {value!r}")
     pairs: dict[int, float] = {}
     for item in items:
