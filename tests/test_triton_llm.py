@@ -87,7 +87,10 @@ def test_http_sse_stream_matches_grpc_stream(llm_server):
                           {"text_input": CAPITAL, "stream": True,
                            "sampling_parameters": json.dumps({"max_tokens": 24, "temperature": 0})}, stream=True)
     assert status == 200 and len(events) > 2
-    assert sum(e["num_output_tokens"] for e in events) == sum(1 for e in events if e["num_output_tokens"])  # 1/chunk
+    # A token a chunk while the server keeps up; one that arrives while its stream's previous response is still
+    # being sent joins it (adaptive coalescing, README "Layout"), which a busy CI machine saw once: 8 tokens in 7.
+    counts = [e["num_output_tokens"] for e in events if e["num_output_tokens"]]
+    assert len(counts) >= 0.5 * sum(counts)
     sse_text = "".join(e["text_output"] for e in events)
     chunks, error = grpc_stream(llm_server, text_input=CAPITAL, stream=True, max_tokens=24, temperature=0.0)
     assert error is None
