@@ -262,7 +262,9 @@ def test_fuzzed_requests_get_an_answer_or_an_error_naming_no_internals(serve, fi
 
 
 def test_a_full_queue_refuses_at_once_with_server_busy(serve, figures):
-    inputs = [input_tensors(text_input=f"Count to {i}.", max_tokens=12, ignore_eos=True, stream=True)
+    # Long enough that the first 24 are still running or waiting when the last of the 40 arrive (with 12 tokens a
+    # fast CPU finished some before then, and more slipped in than the bound allows).
+    inputs = [input_tensors(text_input=f"Count to {i}.", max_tokens=48, ignore_eos=True, stream=True)
               for i in range(40)]
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(lambda x: grpc_request(serve, x), inputs))
