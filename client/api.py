@@ -41,10 +41,10 @@ def user_turn(text: str, raw: bool = False) -> dict[str, Any]:
     return {"prompt": text} if raw else {"messages": [{"role": "user", "content": text}]}
 
 
-def _request(prompt: str | None, messages: Sequence[Mapping[str, str]] | None, stream: bool,
-             sampling: dict[str, Any]) -> GenerateRequest:
+def _request(prompt: str | None, messages: Sequence[Mapping[str, Any]] | None, stream: bool,
+             sampling: dict[str, Any], tools: Sequence[Mapping[str, Any]] | None = None) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,
-                           stream=stream, sampling=sampling)
+                           stream=stream, sampling=sampling, tools=tuple(tools) if tools is not None else None)
 
 
 def _check_options(timeout_s: float, connect_retries: int) -> None:
@@ -169,16 +169,18 @@ class LLMClient(_Client):
             wait_ready(self.endpoint.url, self._transport.probe, self.connect_retries)
             self._ready = True
 
-    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
+               tools: Sequence[Mapping[str, Any]] | None = None,
                **sampling: Any) -> TokenStream:
-        request = _request(prompt, messages, True, sampling)
+        request = _request(prompt, messages, True, sampling, tools)
         self.wait_ready()
         return TokenStream(self.endpoint, self._transport.responses(request))
 
-    def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+    def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
+                 tools: Sequence[Mapping[str, Any]] | None = None,
                  **sampling: Any) -> Completion:
         """One non-streamed request: its TTFT is the arrival of the single response."""
-        request = _request(prompt, messages, False, sampling)
+        request = _request(prompt, messages, False, sampling, tools)
         self.wait_ready()
         stream = TokenStream(self.endpoint, self._transport.responses(request))
         for _ in stream:
@@ -220,14 +222,16 @@ class AsyncLLMClient(_Client):
         await self.wait_ready()
         return await self._transport.server_metadata()
 
-    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
-               **sampling: Any) -> AsyncTokenStream:
-        request = _request(prompt, messages, True, sampling)
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
+               tools: Sequence[Mapping[str, Any]] | None = None, **sampling: Any) -> AsyncTokenStream:
+        """`tools`: OpenAI's tool definitions, rendered by the model's chat template (with `messages` only)."""
+        request = _request(prompt, messages, True, sampling, tools)
         return AsyncTokenStream(self.endpoint, self._ready_then(request))
 
-    async def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+    async def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
+                       tools: Sequence[Mapping[str, Any]] | None = None,
                        **sampling: Any) -> Completion:
-        request = _request(prompt, messages, False, sampling)
+        request = _request(prompt, messages, False, sampling, tools)
         await self.wait_ready()
         stream = AsyncTokenStream(self.endpoint, self._transport.responses(request))
         async with stream:

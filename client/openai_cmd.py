@@ -17,7 +17,13 @@ from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.cli_args import add_connection_arguments, run_command
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.generate_cmd import fail
-from kvtriton.client.openai.server import DEFAULT_HOST, DEFAULT_PORT, FrontendError, make_server
+from kvtriton.client.openai.server import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    FrontendError,
+    make_server,
+)
+from kvtriton.client.openai.tool_calls import TOOL_CALL_PARSERS
 
 PROG = "kvtriton openai"
 EXAMPLES = """examples:
@@ -35,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients pass as `model` (default: the Triton model's name, --model)")
+    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="how tool_choice \"auto\" (OpenAI's default when a request has tools) finds tool calls in "
+                        "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3). "
+                        "Without it \"auto\" is refused; a named function and \"required\" need none")
 
 
 async def _probe(url: str, model: str) -> str:
@@ -53,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port {args.port} is not a TCP port; use 1-65535")
         server, sock = make_server(endpoint.address, args.host, args.port, model=args.model,
                                    served_model_name=args.served_model_name, timeout_s=args.timeout,
-                                   connect_retries=args.connect_retries)
+                                   connect_retries=args.connect_retries, tool_call_parser=args.tool_call_parser)
     except ValueError as e:
         return fail(PROG, str(e), 2)
     except FrontendError as e:

@@ -19,19 +19,22 @@ from typing import Any, Mapping
 from kvtriton.client.errors import ServerError
 
 FINISH_REASONS = ("stop", "length", "abort")
+MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})  # what the chat template sees
 
 _request_ids = itertools.count()
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One generation: exactly one of `prompt` and `messages`."""
+    """One generation: exactly one of `prompt` and `messages`; `tools` (OpenAI's tool definitions, which the
+    server's chat template renders) only with messages."""
 
     prompt: str | None = None
-    messages: tuple[Mapping[str, str], ...] | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
     stream: bool = True
     sampling: Mapping[str, Any] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: f"kvtriton-{os.getpid()}-{next(_request_ids)}")
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -40,9 +43,15 @@ class GenerateRequest:
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.messages is not None:
             for m in self.messages:
-                if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
-                    raise ValueError(f'messages must be {{"role": ..., "content": ...}} objects, got {m!r}')
+                if not isinstance(m, Mapping) or "role" not in m or not ({"content", "tool_calls"} & set(m)) \
+                        or not set(m) <= MESSAGE_KEYS:
+                    raise ValueError(f'messages must be {{"role": ..., "content": ...}} objects (and OpenAI\'s '
+                                     f'{", ".join(sorted(MESSAGE_KEYS - {"role", "content"}))}), got {m!r}')
             object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        if self.tools is not None:
+            if self.messages is None:
+                raise ValueError("tools needs messages: the chat template renders them")
+            object.__setattr__(self, "tools", tuple(dict(t) for t in self.tools))
         # None means "server default": such keys are not sent at all.
         object.__setattr__(self, "sampling", {k: v for k, v in self.sampling.items() if v is not None})
 
@@ -56,6 +65,8 @@ class GenerateRequest:
             inputs["text_input"] = self.prompt
         else:
             inputs["messages"] = json.dumps(list(self.messages))
+        if self.tools:
+            inputs["tools"] = json.dumps(list(self.tools))
         return inputs
 
 

@@ -128,7 +128,7 @@ def test_logprobs_name_the_tokens(client):
     (dict(temperature=-1), "temperature"),  # the server's own check; its message names the field
     (dict(n=0), "n"),
     (dict(top_logprobs=3), "top_logprobs"),
-    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice"),  # "auto" needs a parser
     (dict(logit_bias={"99999999": 5}), "logit_bias"),  # the server's: outside the vocabulary
     (dict(logit_bias={"1": 500}), "logit_bias"),  # the server's: outside [-100, 100]
     (dict(extra_body={"frobnicate": 1}), "frobnicate"),

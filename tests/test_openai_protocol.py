@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvtriton.backend.entrypoints.serve import ServeError, ServeOptions
+from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.errors import InvalidRequestError, RequestTimeoutError, ServerError, ServerUnavailableError
 from kvtriton.client.openai.app import create_app
@@ -59,7 +60,7 @@ def test_response_format_maps_onto_guided_keys():
     assert chat(response_format={"type": "text"}).sampling(0) == {}
 
 
-def test_messages_reach_the_template_as_role_and_text():
+def test_messages_reach_the_template_as_role_text_and_name():
     request = chat()
     request = ChatCompletionRequest(model="llm", messages=[
         {"role": "developer", "content": "Be brief."},
@@ -67,7 +68,7 @@ def test_messages_reach_the_template_as_role_and_text():
          "name": "ann"},
         {"role": "assistant", "content": None}])
     assert request.template_messages() == [{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": "Hi there"},
+                                           {"role": "user", "content": "Hi there", "name": "ann"},
                                            {"role": "assistant", "content": ""}]
 
 
@@ -75,7 +76,12 @@ def test_messages_reach_the_template_as_role_and_text():
     (dict(n=0), "n"), (dict(n=17), "n"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
-    (dict(tools=[{"type": "function"}]), "tools"), (dict(tool_choice="auto"), "tool_choice"),
+    (dict(tool_choice="auto"), "tool_choice"), (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}] * 2, tool_choice="required"), "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required",
+          response_format={"type": "json_object"}), "response_format"),
     (dict(max_tokens=3, max_completion_tokens=4), "max_completion_tokens"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
 ])
@@ -178,3 +184,15 @@ def test_serve_fails_at_once_when_the_openai_port_is_taken(tmp_path, capsys):
         # before any tritonserver starts: no model repository content is needed to get this far
         assert serve_main(["--model-repository", str(tmp_path), "--openai-port", str(port)], openai=_start_openai) == 1
     assert f"the OpenAI port {port} cannot be bound" in capsys.readouterr().err
+
+
+def test_serve_checks_the_tool_call_parser(tmp_path, capsys):
+    from kvtriton.backend.entrypoints.serve import main as serve_main
+    from kvtriton.client.cli import _start_openai
+
+    with pytest.raises(ServeError, match="--tool-call-parser is the OpenAI frontend's: give --openai-port"):
+        ServeOptions(tmp_path, tool_call_parser="hermes")
+    port = str(free_ports(1)[0])
+    assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "mistral"],
+                      openai=_start_openai) == 1
+    assert "--tool-call-parser 'mistral' is not known; use one of hermes" in capsys.readouterr().err

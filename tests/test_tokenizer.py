@@ -225,6 +225,52 @@ def test_chat_template_renders_like_transformers(tmp_path, template, add_generat
         assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
+# A Hermes-style tool template (the shape Qwen2.5's and Hermes 3's take): the tools in the system turn, an
+# assistant turn's calls as <tool_call> JSON (the arguments written with tojson, so they must be an object),
+# tool results as their own turns.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
+
+
+def test_tools_render_like_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = make_model_folder(tmp_path / "m", chat_template=TOOL_TEMPLATE)
+    ours = Tokenizer.from_pretrained(folder)
+    reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for tools in (TOOLS, None):
+        expected = reference.apply_chat_template(TOOL_CONVERSATION, tools=tools, tokenize=False,
+                                                 add_generation_prompt=True)
+        assert ours.apply_chat_template(TOOL_CONVERSATION, tools=tools) == expected
+    assert '"description": "Weather in a city"' in ours.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS)
+
+
+def test_tool_call_arguments_sent_as_json_text_render_as_the_object(tmp_path):
+    """OpenAI clients send a call's arguments as a JSON string; the template gets the object (as vLLM gives it)."""
+    tok = Tokenizer.from_pretrained(make_model_folder(tmp_path / "m", chat_template=TOOL_TEMPLATE))
+    as_text = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        TOOL_CONVERSATION[2]]
+    assert tok.apply_chat_template(as_text) == tok.apply_chat_template(TOOL_CONVERSATION)
+    assert as_text[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # not changed in place
+    bad = [TOOL_CONVERSATION[0], {**TOOL_CONVERSATION[1], "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": "{city"}}]}]
+    with pytest.raises(ValueError, match=r"messages\[1\].tool_calls\[0\].function.arguments is not valid JSON"):
+        tok.apply_chat_template(bad)
+
+
 def test_chat_template_output(tok):
     prompt = tok.apply_chat_template(CONVERSATIONS[0])
     assert prompt == (

@@ -28,7 +28,12 @@ def parse(parameters: dict | str | None = None, **inputs):
     inputs.setdefault("text_input", text("Hi"))
     if isinstance(parameters, dict):
         parameters = json.dumps(parameters)
-    return parse_generate_request(inputs.get, parameters, lambda messages: json.dumps(messages))
+    return parse_generate_request(inputs.get, parameters, render)
+
+
+def render(messages, tools=None) -> str:
+    """A stand-in chat template that shows what it was given."""
+    return json.dumps(messages if tools is None else {"messages": messages, "tools": tools})
 
 
 # ---- parsing ----------------------------------------------------------------------------------------------
@@ -83,9 +88,30 @@ def test_typed_tensorrt_llm_name_wins_over_vllm_name():
     assert parse(seed=np.array([1], np.uint64), random_seed=np.array([2], np.uint64)).params.seed == 2
 
 
+USER = [{"role": "user", "content": "Hi"}]
+
+
 def test_messages_go_through_the_chat_template():
-    r = parse(messages=text(json.dumps([{"role": "user", "content": "Hi"}])))
-    assert r.prompt == json.dumps([{"role": "user", "content": "Hi"}])
+    r = parse(messages=text(json.dumps(USER)))
+    assert r.prompt == json.dumps(USER)
+
+
+def test_tools_and_tool_turns_reach_the_chat_template():
+    """OpenAI's tool definitions and a conversation that called one: an assistant turn with tool_calls and no
+    content, the tool's answer naming its call."""
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "name": "get_time", "content": "noon"}]
+    r = parse(messages=text(json.dumps(messages)), tools=text(json.dumps(tools)))
+    assert json.loads(r.prompt) == {"messages": messages, "tools": tools}
+
+
+def test_tools_count_towards_max_prompt_bytes():
+    tools = text(json.dumps([{"type": "function", "function": {"name": "f" * 64}}]))
+    with pytest.raises(RequestError, match="max_prompt_bytes"):
+        parse_generate_request({"messages": text(json.dumps(USER)), "tools": tools}.get, None, render,
+                               max_prompt_bytes=100)
 
 
 @pytest.mark.parametrize("inputs, parameters, field", [
@@ -100,7 +126,23 @@ def test_messages_go_through_the_chat_template():
     ({"sampling_parameters": text(json.dumps({"tempreature": 1}))}, None, "unknown sampling parameter 'tempreature'"),
     ({"temperature": np.array([-1.0], np.float32)}, None, "temperature must be >= 0"),
     ({"sampling_parameters": text(json.dumps({"stream": "maybe"}))}, None, "stream must be a boolean"),
-    ({"messages": text(json.dumps([{"role": "user"}]))}, None, "messages must be a JSON list"),
+    ({"messages": text(json.dumps([{"content": "Hi"}]))}, None, "messages must be a JSON list"),
+    ({"messages": text(json.dumps([{"role": "user"}]))}, None, "messages[0].content must be a string, got nothing"),
+    ({"messages": text(json.dumps([{"role": "user", "content": 3}]))}, None, "messages[0].content must be a string"),
+    ({"messages": text(json.dumps([{"role": "tool", "content": "x", "tool_call_id": 1}]))}, None,
+     "messages[0].tool_call_id must be a string"),
+    ({"messages": text(json.dumps([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]))}, None,
+     "messages[0].tool_calls[0] must be"),
+    ({"messages": text(json.dumps([{"role": "assistant", "tool_calls": {}}]))}, None,
+     "messages[0].tool_calls must be a list"),
+    ({"tools": text("[]")}, None, "tools needs messages"),
+    ({"messages": text(json.dumps(USER)), "tools": text("{}")}, None, "tools must be a JSON list"),
+    ({"messages": text(json.dumps(USER)), "tools": text('[{"type": "function"}]')}, None, "tools[0] must be"),
+    ({"messages": text(json.dumps(USER)), "tools": text('[{"type": "retrieval", "function": {"name": "f"}}]')}, None,
+     "tools[0] must be"),
+    ({"messages": text(json.dumps(USER)), "tools": text('[{"function": {"name": "f", "parameters": 1}}]')}, None,
+     "tools[0].function.parameters must be a JSON schema object"),
+    ({"messages": text(json.dumps(USER)), "tools": text("[oops")}, None, "tools is not valid JSON"),
     ({"text_input": None}, None, "text_input is required"),
 ])
 def test_bad_input_is_a_request_error_naming_the_field(inputs, parameters, field):

@@ -25,12 +25,14 @@ class ChatTemplate:
         self._template = _compile(source_text, source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool,
-               special_tokens: Mapping[str, str | None]) -> str:
-        """The prompt; ValueError for messages that are malformed or that the template itself rejects."""
+               special_tokens: Mapping[str, str | None], tools: list[dict] | None = None) -> str:
+        """The prompt; ValueError for messages that are malformed or that the template itself rejects.
+        `tools`: the template's `tools` variable as HF passes it (None when the request has none)."""
         _check_messages(messages)
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+                messages=_with_parsed_arguments(messages), tools=tools,
+                add_generation_prompt=add_generation_prompt, **special_tokens
             )
         except jinja2.TemplateError as exc:
             # raise_exception() in templates reports user errors such as non-alternating roles.
@@ -105,3 +107,27 @@ def _check_messages(messages: Any) -> None:
             raise ValueError(f"messages[{i}] must be an object with a string 'role'")
         if "content" not in message and "tool_calls" not in message:
             raise ValueError(f"messages[{i}] ({message['role']}) has no 'content'")
+
+
+def _with_parsed_arguments(messages: list[dict]) -> list[dict]:
+    """OpenAI sends a tool call's arguments as a JSON string; templates write them with `| tojson` and expect
+    the object (vLLM parses them the same way before rendering). Messages are copied, never changed."""
+    out = []
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_parsed_call(i, j, call) for j, call in enumerate(calls)]}
+        out.append(message)
+    return out
+
+
+def _parsed_call(i: int, j: int, call: dict) -> dict:
+    function = call.get("function", {})
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {exc.msg}") from None
+    return {**call, "function": {**function, "arguments": parsed}}

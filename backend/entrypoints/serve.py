@@ -67,6 +67,7 @@ class ServeOptions:
     http_max_body_mb: float = 64.0
     restart: bool = True
     openai_port: int | None = None  # None: no OpenAI-compatible frontend
+    tool_call_parser: str | None = None  # the OpenAI frontend's, for tool_choice "auto" (the client checks the name)
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -77,6 +78,8 @@ class ServeOptions:
                 raise ServeError(f"{flag} {port} is not a TCP port; use 1-65535")
         if len(set(ports.values())) != len(ports):
             raise ServeError(f"{', '.join(ports)} must differ, got {list(ports.values())}")
+        if self.tool_call_parser is not None and self.openai_port is None:
+            raise ServeError("--tool-call-parser is the OpenAI frontend's: give --openai-port too")
         if not self.timeout_s > 0:
             raise ServeError(f"--timeout {self.timeout_s} must be a positive number of seconds")
         try:
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--openai-port", type=int, default=None, metavar="PORT",
                         help="also serve the OpenAI-compatible API (/v1/chat/completions, ...) on PORT, "
                              "as `kvtriton openai` does")
+    parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                        help="with --openai-port: how tool_choice \"auto\" finds tool calls in the output "
+                             "(hermes), as `kvtriton openai --tool-call-parser`")
     parser.add_argument("--host", default=HOST,
                         help=f"address every port listens on (default {HOST}: this machine only; 0.0.0.0: all)")
     parser.add_argument("--admin-key-file", type=Path, default=None,
@@ -145,6 +151,7 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
         metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
         demo=ns.demo, host=ns.host, admin_key=_admin_key(ns.admin_key_file), http_guard=ns.http_guard,
         http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
+        tool_call_parser=ns.tool_call_parser,
     )
 
 
@@ -253,12 +260,13 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
 
 
 def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | None = None,
-         openai: Callable[[str, str, int], Callable[[], None]] | None = None) -> int:
+         openai: Callable[..., Callable[[], None]] | None = None) -> int:
     """``kvtriton serve``: returns the process exit status.
 
     ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready, and
-    ``openai(grpc_url, host, port)`` starts the OpenAI-compatible frontend for ``--openai-port`` and returns
-    its stop function; the ``kvtriton`` command passes the client's (this layer imports no client code).
+    ``openai(grpc_url, host, port, tool_call_parser=...)`` starts the OpenAI-compatible frontend for
+    ``--openai-port`` and returns its stop function (ValueError: an option it does not take); the ``kvtriton``
+    command passes the client's (this layer imports no client code).
     """
     stops: list[Callable[[], None]] = []
     try:
@@ -272,8 +280,8 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
             # shows it (it answers 503 until the model is ready, and reaches every restarted server alike).
             try:
                 stops.append(openai(f"{connect_host(options.host)}:{options.grpc_port}", options.host,
-                                    options.openai_port))
-            except OSError as exc:  # the port: the frontend's message names it
+                                    options.openai_port, tool_call_parser=options.tool_call_parser))
+            except (OSError, ValueError) as exc:  # the port, a parser name: the frontend's message names it
                 raise ServeError(str(exc)) from None
         on_ready = None
         if options.demo is not None:

@@ -46,6 +46,7 @@ def _sampling(name: str, data_type: str, key: str | None = None, dims: tuple[int
 INPUTS = (
     TensorSpec("text_input", "TYPE_STRING", (1,), "prompt"),
     TensorSpec("messages", "TYPE_STRING", (1,), "chat"),
+    TensorSpec("tools", "TYPE_STRING", (1,), "chat"),  # OpenAI's tool definitions, for the chat template
     TensorSpec("stream", "TYPE_BOOL", (1,), "flag"),
     TensorSpec("sampling_parameters", "TYPE_STRING", (1,), "sampling_json"),
     TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), "flag"),
@@ -100,7 +101,8 @@ class GenerateRequest:
 
 
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
-                           apply_chat_template: Callable[[list], str], max_prompt_bytes: int = 0) -> GenerateRequest:
+                           apply_chat_template: Callable[[list, list | None], str],
+                           max_prompt_bytes: int = 0) -> GenerateRequest:
     """`max_prompt_bytes` (0: no bound) bounds text_input and messages before they are decoded or rendered."""
     sampling: dict[str, Any] = {}
     flags: dict[str, Any] = {"stream": False, "exclude_input_in_output": False}
@@ -152,23 +154,64 @@ def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str,
 
 
 def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str:
-    messages = get_input("messages")
+    messages, tools = get_input("messages"), get_input("tools")
     if messages is not None:
-        _check_size("messages", _nbytes(messages), max_prompt_bytes, "max_prompt_bytes")
+        _check_size("messages", _nbytes(messages) + (_nbytes(tools) if tools is not None else 0), max_prompt_bytes,
+                    "max_prompt_bytes")
         value = _json("messages", _text("messages", messages))
-        if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                  for m in value):
+        if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
             raise RequestError('messages must be a JSON list of {"role": ..., "content": ...} objects')
         for i, m in enumerate(value):
-            for key in ("role", "content"):
-                if not isinstance(m[key], str):
-                    raise RequestError(f"messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
-        return apply_chat_template(value)
+            _check_message(i, m)
+        return apply_chat_template(value, _tools(tools) if tools is not None else None)
+    if tools is not None:
+        raise RequestError("tools needs messages: a text_input prompt is not rendered by the chat template")
     text = get_input("text_input")
     if text is None:
         raise RequestError("text_input is required (or messages)")
     _check_size("text_input", _nbytes(text), max_prompt_bytes, "max_prompt_bytes")
     return _text("text_input", text)
+
+
+def _check_message(i: int, m: dict) -> None:
+    """OpenAI's message shape: string role and content; an assistant turn's tool_calls may stand in for its
+    content, and a tool result names its call (tool_call_id). The template gets the object as sent."""
+    if not isinstance(m["role"], str):
+        raise RequestError(f"messages[{i}].role must be a string, got {type(m['role']).__name__}")
+    if m.get("content") is None and "tool_calls" in m:
+        pass  # an assistant turn that only calls tools
+    elif not isinstance(m.get("content"), str):
+        got = "nothing" if "content" not in m else type(m["content"]).__name__
+        raise RequestError(f"messages[{i}].content must be a string, got {got}")
+    for key in ("tool_call_id", "name"):
+        if key in m and not isinstance(m[key], str):
+            raise RequestError(f"messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise RequestError(f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments"), (str, dict)):
+            raise RequestError(f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name": ..., "arguments": '
+                               '...}}} with a string name and the arguments as a JSON string or object')
+
+
+def _tools(tensor: np.ndarray) -> list[dict]:
+    """OpenAI's `tools`: [{"type": "function", "function": {"name": ..., "parameters": {...}}}]."""
+    value = _json("tools", _text("tools", tensor))
+    if not isinstance(value, list):
+        raise RequestError(f"tools must be a JSON list of tool definitions, got {type(value).__name__}")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str):
+            raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
+        if not isinstance(function.get("parameters", {}), dict):
+            raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return value
 
 
 def _nbytes(tensor: np.ndarray) -> int:

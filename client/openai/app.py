@@ -19,12 +19,18 @@ from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai import serving
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.tool_calls import TOOL_CALL_PARSERS
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 
-def create_app(client: AsyncLLMClient, served_model_name: str) -> FastAPI:
-    """`served_model_name`: the id clients pass as `model` (default: the Triton model's name)."""
+def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser: str | None = None) -> FastAPI:
+    """`served_model_name`: the id clients pass as `model` (default: the Triton model's name);
+    `tool_call_parser`: how tool_choice "auto" finds calls in the output (tool_calls.TOOL_CALL_PARSERS), None:
+    "auto" is refused."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"--tool-call-parser {tool_call_parser!r} is not known; use one of "
+                         f"{', '.join(TOOL_CALL_PARSERS)}")
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -67,12 +73,12 @@ def create_app(client: AsyncLLMClient, served_model_name: str) -> FastAPI:
             raise OpenAIError(probe.reason, status=503)
         return Response(status_code=200)
 
-    async def answer(request: Request, body, whole, events) -> Any:
+    async def answer(request: Request, body, whole, events, **options) -> Any:
         """Check the request, then the whole response or its SSE stream; a disconnect cancels either."""
         body.check()
         check_model(body.model)
-        work = (_event_stream(events(client, body, served_model_name)) if body.stream
-                else whole(client, body, served_model_name))
+        work = (_event_stream(events(client, body, served_model_name, **options)) if body.stream
+                else whole(client, body, served_model_name, **options))
         return await _cancel_on_disconnect(request, work)
 
     @app.post("/v1/completions")
@@ -81,7 +87,7 @@ def create_app(client: AsyncLLMClient, served_model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
-        return await answer(request, body, serving.chat, serving.chat_events)
+        return await answer(request, body, serving.chat, serving.chat_events, tool_call_parser_name=tool_call_parser)
 
     return app
 

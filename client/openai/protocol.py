@@ -1,7 +1,7 @@
 """OpenAI's request and response bodies, and how a request becomes the `llm` model's sampling parameters.
 
-Requests are parsed strictly: a field OpenAI defines but this server cannot honour (tools, suffix,
-token-id prompts) is a 400 naming it, and so is a field nobody defines (extra="forbid"), never a
+Requests are parsed strictly: a field OpenAI defines but this server cannot honour (suffix, token-id
+prompts) is a 400 naming it, and so is a field nobody defines (extra="forbid"), never a
 silent drop. vLLM's extra sampling fields (top_k, min_p, ignore_eos, ...) are accepted, as vLLM's own
 OpenAI server does, so benchmark clients written for vLLM work. Value ranges (temperature >= 0,
 top_p in (0, 1], ...) are the server's to check: one set of rules, one set of messages.
@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.tool_calls import required_calls_schema
 
 MAX_N = 16  # choices per request: each is one Triton request, all in flight together
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions: OpenAI's bound
@@ -153,19 +154,62 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None  # the named and required choices are always held to the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # Extra keys (name, tool_call_id, ...) are allowed here: the chat template sees role and content only.
+    # Other keys OpenAI's clients send (refusal, audio, ...) are allowed and not passed on.
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
-    def as_template_message(self) -> dict[str, str]:
-        """{"role", "content"} as the `llm` model's `messages` input takes them: text parts joined;
-        "developer" (OpenAI's newer name for the system role) is "system", the role chat templates know."""
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as the `llm` model's `messages` input takes it: text parts joined, "" for no content;
+        "developer" (OpenAI's newer name for the system role) is "system", the role chat templates know; the
+        tool fields as sent, for the checkpoint's template to render."""
         content = self.content if isinstance(self.content, str) or self.content is None else \
             "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -173,16 +217,23 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()
-        if self.tools:
-            raise OpenAIError("tools are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise OpenAIError("tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in [t.function.name for t in self.tools]:
+            raise OpenAIError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools",
+                              param="tool_choice")
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            raise OpenAIError("tools: two functions have the same name", param="tools")
+        if self.response_format is not None and self.tool_mode in ("named", "required"):
+            raise OpenAIError("response_format cannot be combined with a tool_choice that forces a call (both "
+                              "constrain the output)", param="response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -193,8 +244,34 @@ class ChatCompletionRequest(_GenerationRequest):
             raise OpenAIError("give max_completion_tokens or max_tokens (deprecated), not both",
                               param="max_completion_tokens")
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message() for m in self.messages]
+
+    @property
+    def tool_mode(self) -> Literal["none", "auto", "required", "named"]:
+        """How this request calls tools; OpenAI's default is "auto" when tools are given, else "none"."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tool definitions for the chat template (given with tool_choice "none" too, as vLLM does:
+        the model may be told of tools it is not to call)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def sampling(self, choice: int) -> dict[str, Any]:
+        """A forced call constrains the output to the call's JSON (structured output, as vLLM does)."""
+        params = super().sampling(choice)
+        mode = self.tool_mode
+        if mode == "named":
+            [tool] = [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+            params["guided_json"] = json.dumps(tool.function.parameters or {"type": "object"})
+        elif mode == "required":
+            schema = required_calls_schema([t.model_dump() for t in self.tools], self.parallel_tool_calls is False)
+            params["guided_json"] = json.dumps(schema)
+        return params
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -262,7 +339,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -281,9 +359,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first delta carries its id, type and name; the rest carry parts of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,158 @@
+"""Tool calls: a chat completion's generated text as content and OpenAI `tool_calls`, as it streams.
+
+Three ways a request can call tools, as vLLM's OpenAI server serves them:
+- a named function (`tool_choice: {"type": "function", "function": {"name": ...}}`): the output is
+  constrained to the function's parameters schema (structured output) and all of it is that call's
+  arguments, streamed as they are generated;
+- `"required"`: the output is constrained to a JSON list of {"name", "parameters"} objects, one per call;
+  each call is sent once its object is complete;
+- `"auto"`: the model decides, and a parser for its family's format finds the calls in free text. Only
+  Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes 2/3, Qwen2.5/3, SmolLM3, ...)
+  is known here; the frontend enables it with `--tool-call-parser hermes`.
+
+Every parser takes the text as it arrives (`feed`) and says what to send (`Piece`s); `finish` flushes
+what it held back. The non-streamed response is the same pieces joined, so both paths parse alike.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+TOOL_CALL_PARSERS = ("hermes",)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Content text (`call` None), or a tool call's start (its `name`) or a part of its arguments."""
+
+    text: str = ""
+    call: int | None = None  # the tool call's index in the choice
+    name: str | None = None  # set on a call's first piece only
+    call_id: str | None = None
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _whole_call(index: int, name: str, arguments: Any) -> list[Piece]:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return [Piece(call=index, name=name, call_id=new_call_id()), Piece(text=text, call=index)]
+
+
+class NamedCall:
+    """tool_choice names the function: every generated character is its arguments."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self._started = name, False
+
+    def feed(self, text: str) -> list[Piece]:
+        pieces = [] if self._started else [Piece(call=0, name=self.name, call_id=new_call_id())]
+        self._started = True
+        return pieces + ([Piece(text=text, call=0)] if text else [])
+
+    def finish(self) -> list[Piece]:
+        return self.feed("")
+
+
+class RequiredCalls:
+    """tool_choice "required": the output is `[{"name": ..., "parameters": {...}}, ...]` (the schema
+    `required_calls_schema` makes the output follow); each object is one call, sent once it is whole."""
+
+    def __init__(self) -> None:
+        self._text, self._at, self._calls = "", 0, 0
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, text: str) -> list[Piece]:
+        self._text += text
+        pieces: list[Piece] = []
+        while True:
+            start = self._at
+            while start < len(self._text) and self._text[start] in " \t\r\n[,":
+                start += 1
+            try:
+                call, end = self._decoder.raw_decode(self._text, start)
+            except json.JSONDecodeError:
+                return pieces  # the next object is not whole yet
+            if not isinstance(call, dict) or "name" not in call:
+                return pieces
+            pieces += _whole_call(self._calls, call["name"], call.get("parameters", {}))
+            self._calls, self._at = self._calls + 1, end
+
+    def finish(self) -> list[Piece]:
+        # What never became a whole call (the output cut by max_tokens) is returned as text, not dropped.
+        rest = self._text[self._at:].strip().strip("]").strip()
+        return [Piece(text=self._text[self._at:])] if rest else []
+
+
+class HermesCalls:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in free text; the text around them is
+    content. A block that is not such JSON stays content, as the model wrote it."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self._pending, self._inside, self._calls = "", False, 0
+        self._max_calls = max_calls  # parallel_tool_calls false: calls after the first are dropped
+
+    def feed(self, text: str) -> list[Piece]:
+        self._pending += text
+        pieces: list[Piece] = []
+        while True:
+            if self._inside:
+                end = self._pending.find(self.CLOSE)
+                if end < 0:
+                    return pieces
+                pieces += self._call(self._pending[:end], self.CLOSE)
+                self._pending, self._inside = self._pending[end + len(self.CLOSE):], False
+                continue
+            start = self._pending.find(self.OPEN)
+            if start < 0:
+                # Hold back a tail that may be the start of "<tool_call>" split across deltas.
+                keep = next((n for n in range(min(len(self.OPEN) - 1, len(self._pending)), 0, -1)
+                             if self.OPEN.startswith(self._pending[-n:])), 0)
+                pieces += self._content(self._pending[:len(self._pending) - keep])
+                self._pending = self._pending[len(self._pending) - keep:]
+                return pieces
+            pieces += self._content(self._pending[:start])
+            self._pending, self._inside = self._pending[start + len(self.OPEN):], True
+
+    def finish(self) -> list[Piece]:
+        if self._inside:  # no closing tag: some models end at EOS right after the JSON
+            pieces = self._call(self._pending, "")
+        else:
+            pieces = self._content(self._pending)
+        self._pending, self._inside = "", False
+        return pieces
+
+    def _content(self, text: str) -> list[Piece]:
+        if not text or (self._calls and not text.strip()):  # whitespace between calls is not content
+            return []
+        return [Piece(text=text)]
+
+    def _call(self, body: str, close: str) -> list[Piece]:
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            call = None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return [Piece(text=self.OPEN + body + close)]
+        if self._max_calls is not None and self._calls >= self._max_calls:
+            return []
+        self._calls += 1
+        return _whole_call(self._calls - 1, call["name"], call.get("arguments", {}))
+
+
+def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
+    """The JSON schema that makes tool_choice "required" produce calls of the given tools only (vLLM's)."""
+    items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+              "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                             "parameters": t["function"].get("parameters") or {"type": "object"}}}
+             for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    if one_call:
+        schema["maxItems"] = 1
+    return schema

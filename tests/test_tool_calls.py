@@ -1,0 +1,148 @@
+"""Tool calls in the OpenAI frontend without a server: the parsers that turn a chat's output into content and
+`tool_calls` (streamed in any split, they give what the whole text gives), the schema a forced call is held
+to, and the request fields that choose them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtriton.client.openai.protocol import ChatCompletionRequest
+from kvtriton.client.openai.serving import _tool_delta, _tool_message, tool_call_parser
+from kvtriton.client.openai.tool_calls import HermesCalls, NamedCall, RequiredCalls, required_calls_schema
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "properties": {"city": {"type": "string"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def request(**fields) -> ChatCompletionRequest:
+    r = ChatCompletionRequest(model="llm", messages=[{"role": "user", "content": "Weather in Paris?"}], **fields)
+    r.check()
+    return r
+
+
+def parse(parser, deltas):
+    pieces = []
+    for delta in deltas:
+        pieces += parser.feed(delta)
+    return _tool_message(pieces + parser.finish())
+
+
+def splits(text):
+    """The text whole, a character at a time, and in 3-character deltas."""
+    return [[text], list(text), [text[i:i + 3] for i in range(0, len(text), 3)]]
+
+
+HERMES = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n' \
+         '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("deltas", splits(HERMES))
+def test_hermes_finds_the_calls_however_the_text_is_split(deltas):
+    message = parse(HermesCalls(), deltas)
+    assert message.content == "Let me look.\n"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert len({c.id for c in message.tool_calls}) == 2 and all(c.id.startswith("call_") for c in message.tool_calls)
+
+
+def test_hermes_text_without_calls_is_content_as_written():
+    text = "Paris is sunny. I use <b>tags</b> and a lone <tool"
+    for deltas in splits(text):
+        message = parse(HermesCalls(), deltas)
+        assert message.content == text and message.tool_calls == []
+
+
+def test_hermes_keeps_a_block_that_is_not_a_call_as_content():
+    text = "<tool_call>not json</tool_call> and <tool_call>{\"name\": \"f\", \"arguments\": {}}"
+    message = parse(HermesCalls(), [text])
+    assert message.content == "<tool_call>not json</tool_call> and "
+    assert [c.function.name for c in message.tool_calls] == ["f"]  # unclosed at the end: still a call
+
+
+def test_hermes_one_call_when_parallel_calls_are_off():
+    message = parse(HermesCalls(max_calls=1), [HERMES])
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+
+
+def test_hermes_streams_content_before_the_call_is_whole():
+    parser = HermesCalls()
+    assert [p.text for p in parser.feed("Sure. <tool")] == ["Sure. "]  # "<tool" is held back
+    assert parser.feed('_call>{"name": "get_time", "argu') == []
+    pieces = parser.feed('ments": {}}</tool_call>')
+    delta = _tool_delta(pieces)
+    assert delta.content is None and [(c.index, c.function.name) for c in delta.tool_calls] == [(0, "get_time"),
+                                                                                                (0, None)]
+    assert delta.tool_calls[0].id.startswith("call_") and delta.tool_calls[1].function.arguments == "{}"
+
+
+@pytest.mark.parametrize("deltas", splits('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
+                                          '{"name":"get_time","parameters":{}}]'))
+def test_required_sends_each_call_once_its_object_is_whole(deltas):
+    message = parse(RequiredCalls(), deltas)
+    assert message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+def test_required_cut_short_returns_the_rest_as_text():
+    message = parse(RequiredCalls(), ['[{"name": "get_time", "parameters": {}}, {"name": "get_wea'])
+    assert [c.function.name for c in message.tool_calls] == ["get_time"]
+    assert message.content == ', {"name": "get_wea'
+
+
+def test_named_call_streams_its_arguments():
+    parser = NamedCall("get_weather")
+    first = _tool_delta(parser.feed('{"city"'))
+    assert first.tool_calls[0].function.name == "get_weather" and first.tool_calls[0].type == "function"
+    assert first.tool_calls[1].function.arguments == '{"city"'
+    assert _tool_delta(parser.feed(': "Paris"}')).tool_calls[0].function.arguments == ': "Paris"}'
+    message = parse(NamedCall("get_weather"), ['{"city": "Paris"}'])
+    assert message.content is None and message.tool_calls[0].function.arguments == '{"city": "Paris"}'
+
+
+def test_tool_choice_picks_the_parser_and_the_constraint():
+    named = request(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert isinstance(tool_call_parser(named, None), NamedCall)
+    assert json.loads(named.sampling(0)["guided_json"]) == WEATHER["function"]["parameters"]
+    required = request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    assert isinstance(tool_call_parser(required, None), RequiredCalls)
+    assert json.loads(required.sampling(0)["guided_json"]) == required_calls_schema([WEATHER, TIME], True)
+    auto = request(tools=[WEATHER])
+    assert auto.tool_mode == "auto" and "guided_json" not in auto.sampling(0)
+    assert isinstance(tool_call_parser(auto, "hermes"), HermesCalls)
+    none = request(tools=[WEATHER], tool_choice="none")
+    assert tool_call_parser(none, "hermes") is None and none.template_tools() == [WEATHER]
+    assert tool_call_parser(request(), "hermes") is None and request().template_tools() is None
+
+
+def test_auto_without_a_parser_is_a_400_that_says_how():
+    from kvtriton.client.openai.errors import OpenAIError
+    with pytest.raises(OpenAIError) as info:
+        tool_call_parser(request(tools=[WEATHER]), None)
+    assert info.value.status == 400 and info.value.param == "tool_choice"
+    assert "--tool-call-parser hermes" in str(info.value)
+
+
+def test_required_schema_names_each_tool_and_its_parameters():
+    schema = required_calls_schema([WEATHER, TIME], one_call=False)
+    assert schema["minItems"] == 1 and "maxItems" not in schema
+    [weather, time] = schema["items"]["anyOf"]
+    assert weather["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
+    assert weather["properties"]["parameters"] == WEATHER["function"]["parameters"]
+    assert time["properties"]["parameters"] == {"type": "object"}
+
+
+def test_tool_turns_reach_the_template_with_their_fields():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    r = ChatCompletionRequest(model="llm", messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    assert r.template_messages() == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
