@@ -44,7 +44,8 @@ class RequestTimeoutError(LLMClientError):
 # comes from the message. These are the phrasings of kvtriton's request validation
 # (SamplingParams, the adapter's request parsing, engine limits) and of Triton's own input checks.
 _INVALID_REQUEST = re.compile(
-    r"must be|must hold|is required|is not valid|not valid JSON|unknown sampling parameter|both set|"
+    r"must be|must hold|is required|is not valid|not valid JSON|guided_\w+ is invalid|unknown sampling parameter|"
+    r"both set|"
     r"exceeds the model's context|lower max_tokens|prompt is empty|prompt token ids|"
     r"unexpected inference input|unexpected datatype|unexpected shape|expected \d+ inputs|"
     r"unknown model|is not found",

@@ -144,7 +144,8 @@ def test_cancelling_an_async_task_cancels_the_request(llm_server, protocol):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("sampling,field", [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
                                             ({"max_tokens": 100000}, "context"),
-                                            ({"tempreature": 1}, "unknown sampling parameter 'tempreature'")])
+                                            ({"tempreature": 1}, "unknown sampling parameter 'tempreature'"),
+                                            ({"guided_json": '{"type": "foo"}'}, "guided_json is invalid")])
 def test_invalid_request_raises_invalid_request_error_with_the_server_message(llm_server, protocol, sampling, field):
     with LLMClient(url(llm_server, protocol)) as client:
         with pytest.raises(InvalidRequestError, match=field) as info:

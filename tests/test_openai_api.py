@@ -132,6 +132,8 @@ def test_logprobs_name_the_tokens(client):
     (dict(logit_bias={"99999999": 5}), "logit_bias"),  # the server's: outside the vocabulary
     (dict(logit_bias={"1": 500}), "logit_bias"),  # the server's: outside [-100, 100]
     (dict(extra_body={"frobnicate": 1}), "frobnicate"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+     "guided_json is invalid"),  # the server's schema check: a 400, not a 500
     (dict(stream=True, temperature=-1), "temperature"),  # streamed: still a 400, not an error inside a 200 stream
 ])
 def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):

@@ -116,6 +116,8 @@ def test_bitmask_shape_is_checked():
     ({"guided_json": '{"properties": 5}'}, "guided_json is invalid: properties must be an object"),
     ({"guided_json": "{not json"}, "guided_json is not valid JSON: Expecting property name"),
     ({"guided_json": "[1, 2]"}, "guided_json must be a JSON schema (an object), got list"),
+    # nested past llguidance's JSON reader's limit (Python's json.loads takes it)
+    ({"guided_json": '{"properties": {"a": ' * 150 + "{}" + "}}" * 150}, "guided_json is invalid: recursion limit"),
     ({"guided_regex": "[0-9"}, "guided_regex is invalid"),
     ({"guided_grammar": "root ::= foo"}, "guided_grammar is invalid"),
     ({"guided_grammar": "start: bar"}, "guided_grammar is invalid"),

@@ -159,7 +159,10 @@ def _llguidance_grammar(kind: str, spec: str) -> str:
             raise ValueError("guided_json is not valid JSON: nested too deeply") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"guided_json must be a JSON schema (an object), got {type(schema).__name__}")
-        return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+        try:  # llguidance's own reader refuses what Python's accepts, e.g. nesting past its recursion limit
+            return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+        except ValueError as exc:
+            raise ValueError(f"guided_json is invalid: {_short(str(exc))}") from None
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
     if kind == "regex":
