@@ -29,7 +29,7 @@ KUBERNETES_VERSIONS = ("1.25", "latest")
 
 EVERYTHING = {"metrics.serviceMonitor.enabled": "true", "autoscaling.enabled": "true",
               "adminKey.existingSecret": "kvtriton-admin", "cache.existingClaim": "kvtriton-cache",
-              "probes.liveness.modelRequest": "true", "gpu.count": "2"}
+              "probes.liveness.modelRequest": "true", "gpu.count": "2", "serve.toolCallParser": "hermes"}
 SCENARIOS = {
     "defaults": {},
     "cpu only": {"gpu.count": "0"},
@@ -37,6 +37,7 @@ SCENARIOS = {
                             "modelRepository.pvc.subPath": "repo"},
     "repository built by an init container": {"modelRepository.source": "build"},
     "every option on": EVERYTHING,
+    "no OpenAI API": {"serve.openaiPort": "null"},
 }
 
 
@@ -120,7 +121,10 @@ def test_the_container_runs_kvtriton_serve_on_the_ports_the_service_exposes(rend
         assert args.host == "0.0.0.0", scenario  # the Service must reach it
         assert str(args.model_repository) == "/models"
         ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-        assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+        openai = {} if args.openai_port is None else {"openai": args.openai_port}
+        assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port, **openai}
+        assert (args.openai_port is None) == (scenario == "no OpenAI API")
+        assert args.tool_call_parser == ("hermes" if scenario == "every option on" else None)
         service = one(objects, "Service")
         assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
             name: (port, name) for name, port in ports.items()}
@@ -132,7 +136,7 @@ def test_the_chart_serves_what_compose_serves(rendered):
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["triton"]
     compose_args = build_parser().parse_args(compose["command"][2:])
     args = serve_args(container(rendered["defaults"]))
-    for option in ("http_port", "grpc_port", "metrics_port", "host", "model_repository"):
+    for option in ("http_port", "grpc_port", "metrics_port", "openai_port", "host", "model_repository"):
         assert getattr(args, option) == getattr(compose_args, option), option
     assert container(rendered["defaults"])["image"] == compose["image"]
 
@@ -267,6 +271,8 @@ def test_metrics_are_scraped_and_the_autoscaler_reads_a_metric_the_server_export
     ({"modelRepository.source": "pvc"}, "set modelRepository.pvc.claimName"),
     ({"gpu.count": "-1"}, "/gpu/count"),
     ({"serve.grpcPort": "70000"}, "/serve/grpcPort"),
+    ({"serve.toolCallParser": "mistral"}, "/serve/toolCallParser"),
+    ({"serve.toolCallParser": "hermes", "serve.openaiPort": "null"}, "set serve.openaiPort too"),
 ])
 def test_bad_values_fail_with_a_message_naming_them(values, message):
     done = helm("template", RELEASE, str(CHART), *_set_args(values), check=False)
