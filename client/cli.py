@@ -22,11 +22,12 @@ import sys
 from typing import Sequence
 
 
-def _start_openai(grpc_url: str, host: str, port: int, tool_call_parser: str | None = None):
-    """`kvtriton serve --openai-port`: the OpenAI frontend beside the server; returns its stop()."""
+def _start_openai(grpc_url: str, host: str, port: int, **options):
+    """`kvtriton serve --openai-port`: the OpenAI frontend beside the server (`options`: make_server's parser
+    names); returns its stop()."""
     from kvtriton.client.openai.server import FrontendThread
 
-    return FrontendThread(grpc_url, host, port, tool_call_parser=tool_call_parser).start().stop
+    return FrontendThread(grpc_url, host, port, **options).start().stop
 
 
 def _serve(argv: list[str]) -> int:

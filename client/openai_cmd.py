@@ -41,10 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients pass as `model` (default: the Triton model's name, --model)")
-    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+    g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                    help="how tool_choice \"auto\" (OpenAI's default when a request has tools) finds tool calls in "
-                        "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3). "
-                        "Without it \"auto\" is refused; a named function and \"required\" need none")
+                        "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3); "
+                        "llama3_json, {\"name\": ..., \"parameters\": ...} (Llama 3.1-3.3). Without it \"auto\" is "
+                        "refused; a named function and \"required\" need none")
+    g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                   help="send a thinking model's <think>...</think> as reasoning_content, apart from the content: "
+                        "deepseek_r1 (DeepSeek-R1 and its distills: the output opens in the reasoning), qwen3 "
+                        "(reasoning only after a leading <think>)")
 
 
 async def _probe(url: str, model: str) -> str:
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port {args.port} is not a TCP port; use 1-65535")
         server, sock = make_server(endpoint.address, args.host, args.port, model=args.model,
                                    served_model_name=args.served_model_name, timeout_s=args.timeout,
-                                   connect_retries=args.connect_retries, tool_call_parser=args.tool_call_parser)
+                                   connect_retries=args.connect_retries, tool_call_parser=args.tool_call_parser,
+                                   reasoning_parser=args.reasoning_parser)
     except ValueError as e:
         return fail(PROG, str(e), 2)
     except FrontendError as e:

@@ -29,7 +29,8 @@ KUBERNETES_VERSIONS = ("1.25", "latest")
 
 EVERYTHING = {"metrics.serviceMonitor.enabled": "true", "autoscaling.enabled": "true",
               "adminKey.existingSecret": "kvtriton-admin", "cache.existingClaim": "kvtriton-cache",
-              "probes.liveness.modelRequest": "true", "gpu.count": "2", "serve.toolCallParser": "hermes"}
+              "probes.liveness.modelRequest": "true", "gpu.count": "2", "serve.toolCallParser": "hermes",
+              "serve.reasoningParser": "deepseek_r1"}
 SCENARIOS = {
     "defaults": {},
     "cpu only": {"gpu.count": "0"},
@@ -125,6 +126,7 @@ def test_the_container_runs_kvtriton_serve_on_the_ports_the_service_exposes(rend
         assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port, **openai}
         assert (args.openai_port is None) == (scenario == "no OpenAI API")
         assert args.tool_call_parser == ("hermes" if scenario == "every option on" else None)
+        assert args.reasoning_parser == ("deepseek_r1" if scenario == "every option on" else None)
         service = one(objects, "Service")
         assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
             name: (port, name) for name, port in ports.items()}
@@ -273,6 +275,8 @@ def test_metrics_are_scraped_and_the_autoscaler_reads_a_metric_the_server_export
     ({"serve.grpcPort": "70000"}, "/serve/grpcPort"),
     ({"serve.toolCallParser": "mistral"}, "/serve/toolCallParser"),
     ({"serve.toolCallParser": "hermes", "serve.openaiPort": "null"}, "set serve.openaiPort too"),
+    ({"serve.reasoningParser": "qwen3", "serve.openaiPort": "null"}, "serve.reasoningParser is the OpenAI API's"),
+    ({"serve.reasoningParser": "r1"}, "/serve/reasoningParser"),
 ])
 def test_bad_values_fail_with_a_message_naming_them(values, message):
     done = helm("template", RELEASE, str(CHART), *_set_args(values), check=False)

@@ -195,4 +195,4 @@ def test_serve_checks_the_tool_call_parser(tmp_path, capsys):
     port = str(free_ports(1)[0])
     assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "mistral"],
                       openai=_start_openai) == 1
-    assert "--tool-call-parser 'mistral' is not known; use one of hermes" in capsys.readouterr().err
+    assert "--tool-call-parser 'mistral' is not known; use one of hermes, llama3_json" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Tool calling through the OpenAI frontend and a real tritonserver, driven by the official `openai` package:
 a named function and "required" (the output held to the calls' JSON by structured output), "auto" with the
-Hermes parser, the 400 without it, and a conversation that carries a call and its result. Default model, CPU."""
+Hermes and Llama 3 JSON parsers, the 400 without one, and a conversation that carries a call and its result.
+Default model, CPU."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "The
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.fixture(scope="module")
-def hermes_client(llm_server):
-    thread = FrontendThread(llm_server.grpc_url, "127.0.0.1", free_ports(1)[0], tool_call_parser="hermes").start()
+@pytest.fixture(scope="module", params=["hermes", "llama3_json"])
+def auto_client(llm_server, request):
+    thread = FrontendThread(llm_server.grpc_url, "127.0.0.1", free_ports(1)[0], tool_call_parser=request.param).start()
     with openai.OpenAI(base_url=thread.url, api_key="unused", max_retries=0, timeout=120) as c:
         yield c
     thread.stop()
@@ -78,12 +79,12 @@ def test_auto_needs_a_tool_call_parser(client):
     assert info.value.body["param"] == "tool_choice" and "--tool-call-parser" in info.value.body["message"]
 
 
-def test_auto_with_the_hermes_parser_answers_in_text_when_the_model_calls_nothing(hermes_client):
+def test_auto_with_a_parser_answers_in_text_when_the_model_calls_nothing(auto_client):
     """The default model's template shows it no tools, so it answers in words: content, no calls, "stop"."""
-    choice = hermes_client.chat.completions.create(**ASK, tools=[WEATHER]).choices[0]
+    choice = auto_client.chat.completions.create(**ASK, tools=[WEATHER]).choices[0]
     assert choice.message.content and not choice.message.tool_calls
     assert choice.finish_reason in ("stop", "length")
-    chunks = list(hermes_client.chat.completions.create(**ASK, tools=[WEATHER], stream=True))
+    chunks = list(auto_client.chat.completions.create(**ASK, tools=[WEATHER], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
 
 

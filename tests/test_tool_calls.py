@@ -8,9 +8,21 @@ import json
 
 import pytest
 
+from kvtriton.client.openai.chat_output import (
+    ChatOptions,
+    ChatOutput,
+    tool_call_parser,
+    whole_message,
+)
 from kvtriton.client.openai.protocol import ChatCompletionRequest
-from kvtriton.client.openai.serving import _tool_delta, _tool_message, tool_call_parser
-from kvtriton.client.openai.tool_calls import HermesCalls, NamedCall, RequiredCalls, required_calls_schema
+from kvtriton.client.openai.tool_calls import (
+    HermesCalls,
+    JsonCalls,
+    Llama3JsonCalls,
+    NamedCall,
+    required_calls,
+    required_calls_schema,
+)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                             "parameters": {"type": "object", "required": ["city"],
@@ -25,10 +37,17 @@ def request(**fields) -> ChatCompletionRequest:
 
 
 def parse(parser, deltas):
-    pieces = []
-    for delta in deltas:
-        pieces += parser.feed(delta)
-    return _tool_message(pieces + parser.finish())
+    """The whole message from a parser fed `deltas`, through ChatOutput as the frontend feeds it."""
+    output = ChatOutput(request(), ChatOptions())
+    output._tools = parser
+    return whole_message([output.feed(d) for d in deltas] + [output.feed("", last=True)])
+
+
+def stream(parser, deltas):
+    """The streamed deltas for `deltas`, without the None of a delta that sent nothing."""
+    output = ChatOutput(request(), ChatOptions())
+    output._tools = parser
+    return [output.feed(d) for d in deltas]
 
 
 def splits(text):
@@ -69,37 +88,62 @@ def test_hermes_one_call_when_parallel_calls_are_off():
 
 
 def test_hermes_streams_content_before_the_call_is_whole():
-    parser = HermesCalls()
-    assert [p.text for p in parser.feed("Sure. <tool")] == ["Sure. "]  # "<tool" is held back
-    assert parser.feed('_call>{"name": "get_time", "argu') == []
-    pieces = parser.feed('ments": {}}</tool_call>')
-    delta = _tool_delta(pieces)
-    assert delta.content is None and [(c.index, c.function.name) for c in delta.tool_calls] == [(0, "get_time"),
-                                                                                                (0, None)]
-    assert delta.tool_calls[0].id.startswith("call_") and delta.tool_calls[1].function.arguments == "{}"
+    deltas = ["Sure. <tool", '_call>{"name": "get_time", "argu', 'ments": {}}</tool_call>']
+    first, held, call = stream(HermesCalls(), deltas)
+    assert first.content == "Sure. " and held is None  # "<tool" was held back, then the call was not whole
+    assert call.content is None and [(c.index, c.function.name) for c in call.tool_calls] == [(0, "get_time"),
+                                                                                              (0, None)]
+    assert call.tool_calls[0].id.startswith("call_") and call.tool_calls[1].function.arguments == "{}"
 
 
 @pytest.mark.parametrize("deltas", splits('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
                                           '{"name":"get_time","parameters":{}}]'))
 def test_required_sends_each_call_once_its_object_is_whole(deltas):
-    message = parse(RequiredCalls(), deltas)
+    message = parse(required_calls(), deltas)
     assert message.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
         [("get_weather", {"city": "Paris"}), ("get_time", {})]
 
 
 def test_required_cut_short_returns_the_rest_as_text():
-    message = parse(RequiredCalls(), ['[{"name": "get_time", "parameters": {}}, {"name": "get_wea'])
+    message = parse(required_calls(), ['[{"name": "get_time", "parameters": {}}, {"name": "get_wea'])
     assert [c.function.name for c in message.tool_calls] == ["get_time"]
     assert message.content == ', {"name": "get_wea'
 
 
+LLAMA3 = '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}'
+
+
+@pytest.mark.parametrize("deltas", splits(LLAMA3) + splits("<|python_tag|>" + LLAMA3))
+def test_llama3_json_finds_the_calls_however_the_text_is_split(deltas):
+    message = parse(Llama3JsonCalls(), deltas)
+    assert message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+@pytest.mark.parametrize("text", ["Paris is sunny today.", "<b>bold</b> claim", '{"answer": 42}', "  "])
+def test_llama3_json_answers_without_calls_are_content(text):
+    for deltas in splits(text):
+        message = parse(Llama3JsonCalls(), deltas)
+        assert message.content == text and message.tool_calls == []
+
+
+def test_llama3_json_streams_plain_answers_at_once_and_calls_when_whole():
+    parser = Llama3JsonCalls()
+    assert parser.feed(" ") == [] and [p.text for p in parser.feed("Sun")] == [" Sun"]
+    assert [p.text for p in parser.feed("ny")] == ["ny"]
+    parser = Llama3JsonCalls(max_calls=1)
+    assert parser.feed('{"name": "get_time", "param') == []
+    assert [p.name for p in parser.feed('eters": {}}; ')] == ["get_time", None]
+    assert parser.feed('{"name": "get_weather", "parameters": {}}') == [] and parser.finish() == []
+
+
 def test_named_call_streams_its_arguments():
-    parser = NamedCall("get_weather")
-    first = _tool_delta(parser.feed('{"city"'))
+    first, second = stream(NamedCall("get_weather"), ['{"city"', ': "Paris"}'])
     assert first.tool_calls[0].function.name == "get_weather" and first.tool_calls[0].type == "function"
     assert first.tool_calls[1].function.arguments == '{"city"'
-    assert _tool_delta(parser.feed(': "Paris"}')).tool_calls[0].function.arguments == ': "Paris"}'
+    assert second.tool_calls[0].function.arguments == ': "Paris"}' and second.tool_calls[0].id is None
     message = parse(NamedCall("get_weather"), ['{"city": "Paris"}'])
     assert message.content is None and message.tool_calls[0].function.arguments == '{"city": "Paris"}'
 
@@ -109,11 +153,12 @@ def test_tool_choice_picks_the_parser_and_the_constraint():
     assert isinstance(tool_call_parser(named, None), NamedCall)
     assert json.loads(named.sampling(0)["guided_json"]) == WEATHER["function"]["parameters"]
     required = request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
-    assert isinstance(tool_call_parser(required, None), RequiredCalls)
+    assert isinstance(tool_call_parser(required, None), JsonCalls)
     assert json.loads(required.sampling(0)["guided_json"]) == required_calls_schema([WEATHER, TIME], True)
     auto = request(tools=[WEATHER])
     assert auto.tool_mode == "auto" and "guided_json" not in auto.sampling(0)
     assert isinstance(tool_call_parser(auto, "hermes"), HermesCalls)
+    assert isinstance(tool_call_parser(auto, "llama3_json"), Llama3JsonCalls)
     none = request(tools=[WEATHER], tool_choice="none")
     assert tool_call_parser(none, "hermes") is None and none.template_tools() == [WEATHER]
     assert tool_call_parser(request(), "hermes") is None and request().template_tools() is None
@@ -124,7 +169,7 @@ def test_auto_without_a_parser_is_a_400_that_says_how():
     with pytest.raises(OpenAIError) as info:
         tool_call_parser(request(tools=[WEATHER]), None)
     assert info.value.status == 400 and info.value.param == "tool_choice"
-    assert "--tool-call-parser hermes" in str(info.value)
+    assert "--tool-call-parser (hermes or llama3_json)" in str(info.value)
 
 
 def test_required_schema_names_each_tool_and_its_parameters():

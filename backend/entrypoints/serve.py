@@ -68,6 +68,7 @@ class ServeOptions:
     restart: bool = True
     openai_port: int | None = None  # None: no OpenAI-compatible frontend
     tool_call_parser: str | None = None  # the OpenAI frontend's, for tool_choice "auto" (the client checks the name)
+    reasoning_parser: str | None = None  # the OpenAI frontend's, for reasoning_content (the client checks the name)
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -78,8 +79,10 @@ class ServeOptions:
                 raise ServeError(f"{flag} {port} is not a TCP port; use 1-65535")
         if len(set(ports.values())) != len(ports):
             raise ServeError(f"{', '.join(ports)} must differ, got {list(ports.values())}")
-        if self.tool_call_parser is not None and self.openai_port is None:
-            raise ServeError("--tool-call-parser is the OpenAI frontend's: give --openai-port too")
+        for flag, value in (("--tool-call-parser", self.tool_call_parser),
+                            ("--reasoning-parser", self.reasoning_parser)):
+            if value is not None and self.openai_port is None:
+                raise ServeError(f"{flag} is the OpenAI frontend's: give --openai-port too")
         if not self.timeout_s > 0:
             raise ServeError(f"--timeout {self.timeout_s} must be a positive number of seconds")
         try:
@@ -125,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "as `kvtriton openai` does")
     parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
                         help="with --openai-port: how tool_choice \"auto\" finds tool calls in the output "
-                             "(hermes), as `kvtriton openai --tool-call-parser`")
+                             "(hermes, llama3_json), as `kvtriton openai --tool-call-parser`")
+    parser.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                        help="with --openai-port: send a thinking model's <think>...</think> as reasoning_content "
+                             "(deepseek_r1, qwen3), as `kvtriton openai --reasoning-parser`")
     parser.add_argument("--host", default=HOST,
                         help=f"address every port listens on (default {HOST}: this machine only; 0.0.0.0: all)")
     parser.add_argument("--admin-key-file", type=Path, default=None,
@@ -151,7 +157,7 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
         metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
         demo=ns.demo, host=ns.host, admin_key=_admin_key(ns.admin_key_file), http_guard=ns.http_guard,
         http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
-        tool_call_parser=ns.tool_call_parser,
+        tool_call_parser=ns.tool_call_parser, reasoning_parser=ns.reasoning_parser,
     )
 
 
@@ -264,9 +270,9 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
     """``kvtriton serve``: returns the process exit status.
 
     ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready, and
-    ``openai(grpc_url, host, port, tool_call_parser=...)`` starts the OpenAI-compatible frontend for
-    ``--openai-port`` and returns its stop function (ValueError: an option it does not take); the ``kvtriton``
-    command passes the client's (this layer imports no client code).
+    ``openai(grpc_url, host, port, tool_call_parser=..., reasoning_parser=...)`` starts the OpenAI-compatible
+    frontend for ``--openai-port`` and returns its stop function (ValueError: an option it does not take); the
+    ``kvtriton`` command passes the client's (this layer imports no client code).
     """
     stops: list[Callable[[], None]] = []
     try:
@@ -280,7 +286,8 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
             # shows it (it answers 503 until the model is ready, and reaches every restarted server alike).
             try:
                 stops.append(openai(f"{connect_host(options.host)}:{options.grpc_port}", options.host,
-                                    options.openai_port, tool_call_parser=options.tool_call_parser))
+                                    options.openai_port, tool_call_parser=options.tool_call_parser,
+                                    reasoning_parser=options.reasoning_parser))
             except (OSError, ValueError) as exc:  # the port, a parser name: the frontend's message names it
                 raise ServeError(str(exc)) from None
         on_ready = None

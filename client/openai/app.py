@@ -18,19 +18,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai import serving
+from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError
-from kvtriton.client.openai.tool_calls import TOOL_CALL_PARSERS
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 
-def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser: str | None = None) -> FastAPI:
+def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """`served_model_name`: the id clients pass as `model` (default: the Triton model's name);
-    `tool_call_parser`: how tool_choice "auto" finds calls in the output (tool_calls.TOOL_CALL_PARSERS), None:
-    "auto" is refused."""
-    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
-        raise ValueError(f"--tool-call-parser {tool_call_parser!r} is not known; use one of "
-                         f"{', '.join(TOOL_CALL_PARSERS)}")
+    `tool_call_parser`: how tool_choice "auto" finds calls in the output (None: "auto" is refused);
+    `reasoning_parser`: how a thinking model's reasoning is told from its answer (None: all is content).
+    ValueError for a parser name that is not known."""
+    chat_options = ChatOptions(tool_call_parser, reasoning_parser)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -87,7 +88,7 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
-        return await answer(request, body, serving.chat, serving.chat_events, tool_call_parser_name=tool_call_parser)
+        return await answer(request, body, serving.chat, serving.chat_events, options=chat_options)
 
     return app
 

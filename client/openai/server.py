@@ -41,10 +41,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(grpc_url: str, host: str, port: int, model: str = DEFAULT_MODEL, served_model_name: str | None = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES,
-                tool_call_parser: str | None = None) -> tuple[uvicorn.Server, socket.socket]:
+                tool_call_parser: str | None = None,
+                reasoning_parser: str | None = None) -> tuple[uvicorn.Server, socket.socket]:
     client = AsyncLLMClient(grpc_url, protocol="grpc", model=model, timeout_s=timeout_s,
                             connect_retries=connect_retries)
-    app = create_app(client, served_model_name or model, tool_call_parser)
+    app = create_app(client, served_model_name or model, tool_call_parser, reasoning_parser)
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     return uvicorn.Server(config), sock

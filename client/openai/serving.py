@@ -7,7 +7,7 @@ another choice) cancels every unfinished request on the server, which frees its 
 
 Chat messages go to the model's `messages` input, tool definitions to its `tools` input: the server renders
 them with the checkpoint's own chat template (its tokenizer lives with the model, not with this frontend,
-which may run anywhere). A chat's output becomes tool calls here (tool_calls.py).
+which may run anywhere). A chat's output becomes reasoning, content and tool calls in chat_output.py.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.errors import LLMClientError
 from kvtriton.client.openai import protocol as p
+from kvtriton.client.openai.chat_output import ChatOptions, ChatOutput, whole_message
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
-from kvtriton.client.openai.tool_calls import HermesCalls, NamedCall, Piece, RequiredCalls
 from kvtriton.client.types import Chunk, CompletionBuilder
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -47,50 +47,6 @@ def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
 def chat_choices(request: p.ChatCompletionRequest) -> list[ChoiceRequest]:
     messages, tools = request.template_messages(), request.template_tools()
     return [ChoiceRequest(request.sampling(j), messages=messages, tools=tools) for j in range(request.n)]
-
-
-def tool_call_parser(request: p.ChatCompletionRequest, auto_parser: str | None):
-    """A new parser of one choice's output into tool calls (tool_calls.py), or None: no tools to call."""
-    mode = request.tool_mode
-    if mode == "none":
-        return None
-    if mode == "named":
-        return NamedCall(request.tool_choice.function.name)
-    if mode == "required":
-        return RequiredCalls()
-    if auto_parser is None:
-        raise OpenAIError('tool_choice "auto" (the default with tools) needs the frontend started with '
-                          '--tool-call-parser hermes; or name the function in tool_choice, or ask "required"',
-                          param="tool_choice")
-    return HermesCalls(max_calls=1 if request.parallel_tool_calls is False else None)
-
-
-def _tool_delta(pieces: list[Piece]) -> p.DeltaMessage | None:
-    """One streamed delta for a chunk's pieces: its content and its tool calls' parts; None: nothing to send."""
-    content = "".join(piece.text for piece in pieces if piece.call is None)
-    calls = [p.DeltaToolCall(index=piece.call, id=piece.call_id, type="function" if piece.name else None,
-                             function=p.DeltaFunctionCall(name=piece.name, arguments=piece.text))
-             for piece in pieces if piece.call is not None]
-    if not content and not calls:
-        return None
-    return p.DeltaMessage(content=content or None, tool_calls=calls or None)
-
-
-def _tool_message(pieces: list[Piece]) -> p.ChatMessageOut:
-    """The whole response's message: the same pieces the stream would send, joined."""
-    content = "".join(piece.text for piece in pieces if piece.call is None)
-    calls: dict[int, p.ToolCall] = {}
-    for piece in pieces:
-        if piece.name is not None:
-            calls[piece.call] = p.ToolCall(id=piece.call_id, function=p.FunctionCall(name=piece.name, arguments=""))
-        elif piece.call is not None:
-            calls[piece.call].function.arguments += piece.text
-    return p.ChatMessageOut(content=content if content.strip() or not calls else None, tool_calls=list(calls.values()))
-
-
-def _tool_finish_reason(request: p.ChatCompletionRequest, reason: str, called: bool) -> str:
-    """OpenAI's "tool_calls" when the model stopped having called tools; a named call's stop stays "stop"."""
-    return "tool_calls" if called and reason == "stop" and request.tool_mode != "named" else reason
 
 
 async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -223,18 +179,15 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
 
 
 async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str,
-               tool_call_parser_name: str | None = None) -> p.ChatCompletionResponse:
-    parsers = {i: tool_call_parser(request, tool_call_parser_name) for i in range(request.n)}
+               options: ChatOptions = ChatOptions()) -> p.ChatCompletionResponse:
+    outputs = {i: ChatOutput(request, options) for i in range(request.n)}
     builders = await _collect(client, chat_choices(request))
     counts, out = _Counts(request.n), []
     for i, b in builders.items():
         counts.prompt[0] = b.num_input_tokens
         counts.completion += b.num_output_tokens
-        message, reason = p.ChatMessageOut(content=b.text), b.finish_reason
-        if parsers[i] is not None:
-            message = _tool_message(parsers[i].feed(b.text) + parsers[i].finish())
-            reason = _tool_finish_reason(request, reason, bool(message.tool_calls))
-        out.append(p.ChatChoice(index=i, message=message, finish_reason=reason,
+        message = whole_message([outputs[i].feed(b.text, last=True)])
+        out.append(p.ChatChoice(index=i, message=message, finish_reason=outputs[i].finish_reason(b.finish_reason),
                                 logprobs=chat_logprobs(b.build().logprobs)))
     return p.ChatCompletionResponse(model=model, choices=out, usage=counts.usage())
 
@@ -269,12 +222,11 @@ async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, 
 
 
 async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str,
-                      tool_call_parser_name: str | None = None) -> AsyncIterator[str]:
-    """Server-sent events of a streamed chat: the role first, then content (or tool call) deltas, an empty
-    delta with the finish_reason, and with stream_options.include_usage a last chunk with no choices and the
-    usage."""
-    parsers = {i: tool_call_parser(request, tool_call_parser_name) for i in range(request.n)}
-    called = set()
+                      options: ChatOptions = ChatOptions()) -> AsyncIterator[str]:
+    """Server-sent events of a streamed chat: the role first, then reasoning, content or tool call deltas, an
+    empty delta with the finish_reason, and with stream_options.include_usage a last chunk with no choices and
+    the usage."""
+    outputs = {i: ChatOutput(request, options) for i in range(request.n)}
     counts = _Counts(request.n)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
@@ -288,19 +240,13 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
             yield event(i, p.DeltaMessage(role="assistant", content=""))
         async for index, chunk in chunks:
             counts.add(index, chunk)
-            parser = parsers[index]
-            if parser is None:
-                delta = p.DeltaMessage(content=chunk.text) if chunk.text or chunk.logprobs else None
-            else:
-                pieces = parser.feed(chunk.text) + (parser.finish() if chunk.finish_reason else [])
-                called.update(index for piece in pieces if piece.call is not None)
-                delta = _tool_delta(pieces) or (p.DeltaMessage() if chunk.logprobs else None)
-            if delta is not None:
-                yield event(index, delta, logprobs=chat_logprobs(chunk.logprobs))
+            output = outputs[index]
+            delta = output.feed(chunk.text, last=bool(chunk.finish_reason))
+            if delta is not None or chunk.logprobs:
+                yield event(index, delta or p.DeltaMessage(content=""), logprobs=chat_logprobs(chunk.logprobs))
             if chunk.finish_reason:
-                reason = chunk.finish_reason if parser is None else \
-                    _tool_finish_reason(request, chunk.finish_reason, index in called)
-                yield event(index, p.DeltaMessage(), reason)
+                yield event(index, p.DeltaMessage(), output.finish_reason(chunk.finish_reason))
     if request.include_usage:
         yield sse(p.ChatCompletionChunk(**head, choices=[], usage=counts.usage()))
     yield SSE_DONE
+

@@ -6,9 +6,9 @@ Three ways a request can call tools, as vLLM's OpenAI server serves them:
   arguments, streamed as they are generated;
 - `"required"`: the output is constrained to a JSON list of {"name", "parameters"} objects, one per call;
   each call is sent once its object is complete;
-- `"auto"`: the model decides, and a parser for its family's format finds the calls in free text. Only
-  Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes 2/3, Qwen2.5/3, SmolLM3, ...)
-  is known here; the frontend enables it with `--tool-call-parser hermes`.
+- `"auto"`: the model decides, and a parser for its family's format finds the calls in free text:
+  `--tool-call-parser hermes`, `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes 2/3,
+  Qwen2.5/3, SmolLM3), or `llama3_json`, `{"name": ..., "parameters": ...}` (Llama 3.1-3.3).
 
 Every parser takes the text as it arrives (`feed`) and says what to send (`Piece`s); `finish` flushes
 what it held back. The non-streamed response is the same pieces joined, so both paths parse alike.
@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-TOOL_CALL_PARSERS = ("hermes",)
+from kvtriton.client.openai.streamed_tags import held_back
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,13 @@ class NamedCall:
         return self.feed("")
 
 
-class RequiredCalls:
-    """tool_choice "required": the output is `[{"name": ..., "parameters": {...}}, ...]` (the schema
-    `required_calls_schema` makes the output follow); each object is one call, sent once it is whole."""
+class JsonCalls:
+    """Calls written as whole JSON objects, `{"name": ..., "parameters" | "arguments": {...}}`, one after another
+    between `separators`; each is sent once its object is whole. What never became a call (the output cut by
+    max_tokens, or JSON that is not a call) is returned as content at the end, not dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, separators: str, max_calls: int | None = None) -> None:
+        self._separators, self._max_calls = separators, max_calls
         self._text, self._at, self._calls = "", 0, 0
         self._decoder = json.JSONDecoder()
 
@@ -71,21 +73,62 @@ class RequiredCalls:
         pieces: list[Piece] = []
         while True:
             start = self._at
-            while start < len(self._text) and self._text[start] in " \t\r\n[,":
+            while start < len(self._text) and self._text[start] in self._separators:
                 start += 1
             try:
                 call, end = self._decoder.raw_decode(self._text, start)
             except json.JSONDecodeError:
                 return pieces  # the next object is not whole yet
-            if not isinstance(call, dict) or "name" not in call:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 return pieces
-            pieces += _whole_call(self._calls, call["name"], call.get("parameters", {}))
+            if self._max_calls is None or self._calls < self._max_calls:
+                pieces += _whole_call(self._calls, call["name"], call.get("parameters", call.get("arguments", {})))
             self._calls, self._at = self._calls + 1, end
 
     def finish(self) -> list[Piece]:
-        # What never became a whole call (the output cut by max_tokens) is returned as text, not dropped.
-        rest = self._text[self._at:].strip().strip("]").strip()
-        return [Piece(text=self._text[self._at:])] if rest else []
+        rest = self._text[self._at:]
+        return [Piece(text=rest)] if rest.strip(self._separators) else []
+
+
+def required_calls() -> JsonCalls:
+    """tool_choice "required": the output is `[{"name": ..., "parameters": {...}}, ...]`, held to that by the
+    schema `required_calls_schema`."""
+    return JsonCalls(" \t\r\n[,]")
+
+
+class Llama3JsonCalls:
+    """Llama 3.1-3.3's JSON tool calls (vLLM's llama3_json): an answer that starts with `{` (or <|python_tag|>,
+    where special tokens are kept) is calls, `{"name": ..., "parameters": {...}}` separated by `;`; any other
+    answer is content, streamed as it comes."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self._head, self._max_calls = "", max_calls
+        self._calls: JsonCalls | None = None
+        self._content = False
+
+    def feed(self, text: str) -> list[Piece]:
+        if self._content:
+            return [Piece(text=text)] if text else []
+        if self._calls is not None:
+            return self._calls.feed(text)
+        self._head += text
+        head = self._head.lstrip()
+        if not head or self.TAG.startswith(head):  # not decided yet
+            return []
+        if head.startswith((self.TAG, "{")):
+            self._calls = JsonCalls(" \t\r\n;", self._max_calls)
+            return self._calls.feed(head.removeprefix(self.TAG))
+        self._content = True
+        return [Piece(text=self._head)]
+
+    def finish(self) -> list[Piece]:
+        if self._calls is not None:
+            return self._calls.finish()
+        pieces = [] if self._content or not self._head else [Piece(text=self._head)]
+        self._content = True
+        return pieces
 
 
 class HermesCalls:
@@ -111,11 +154,9 @@ class HermesCalls:
                 continue
             start = self._pending.find(self.OPEN)
             if start < 0:
-                # Hold back a tail that may be the start of "<tool_call>" split across deltas.
-                keep = next((n for n in range(min(len(self.OPEN) - 1, len(self._pending)), 0, -1)
-                             if self.OPEN.startswith(self._pending[-n:])), 0)
-                pieces += self._content(self._pending[:len(self._pending) - keep])
-                self._pending = self._pending[len(self._pending) - keep:]
+                cut = len(self._pending) - held_back(self._pending, self.OPEN)
+                pieces += self._content(self._pending[:cut])
+                self._pending = self._pending[cut:]
                 return pieces
             pieces += self._content(self._pending[:start])
             self._pending, self._inside = self._pending[start + len(self.OPEN):], True
@@ -156,3 +197,7 @@ def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
     if one_call:
         schema["maxItems"] = 1
     return schema
+
+
+# `--tool-call-parser` names (vLLM's) -> the parser of one choice's output for tool_choice "auto".
+TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}
