@@ -74,7 +74,7 @@ def _chunk(result) -> tuple[Chunk | None, bool]:
         return 0 if array is None else int(array.reshape(-1)[0])
 
     chunk = Chunk.from_outputs(text("text_output"), count("num_input_tokens"), count("num_output_tokens"),
-                               text("finish_reason"), text("logprobs"))
+                               text("finish_reason"), text("logprobs"), text("prompt_logprobs"))
     return chunk, final
 
 

@@ -35,7 +35,8 @@ def _chunk(endpoint: Endpoint, event: Any) -> Chunk:
         raise server_error(str(event["error"]))
     try:
         return Chunk.from_outputs(event.get("text_output", ""), event["num_input_tokens"], event["num_output_tokens"],
-                                  event["finish_reason"], event.get("logprobs", ""))
+                                  event["finish_reason"], event.get("logprobs", ""),
+                                  event.get("prompt_logprobs", ""))
     except KeyError as e:
         raise ServerError(f"{endpoint.url} sent a response without {e.args[0]}: is this kvtriton's llm model?") from None
 

@@ -79,15 +79,18 @@ class Chunk:
     finish_reason: str  # "" until the last response
     num_input_tokens: int = 0
     logprobs: tuple[dict, ...] | None = None  # one entry per token when asked for
+    # prompt_logprobs asked for: on the first chunk, one entry per prompt token (the first's logprob None)
+    prompt_logprobs: tuple[dict, ...] | None = None
 
     @classmethod
     def from_outputs(cls, text: str, num_input_tokens: int, num_output_tokens: int, finish_reason: str,
-                     logprobs: str = "") -> "Chunk":
+                     logprobs: str = "", prompt_logprobs: str = "") -> "Chunk":
         if finish_reason not in ("", *FINISH_REASONS):
-            raise ServerError(f"the server sent finish_reason {finish_reason!r}, not one of {', '.join(FINISH_REASONS)}: "
-                              "is the model kvtriton's llm?")
+            raise ServerError(f"the server sent finish_reason {finish_reason!r}, not one of "
+                              f"{', '.join(FINISH_REASONS)}: is the model kvtriton's llm?")
         return cls(text, int(num_output_tokens), finish_reason, int(num_input_tokens),
-                   tuple(json.loads(logprobs)) if logprobs else None)
+                   tuple(json.loads(logprobs)) if logprobs else None,
+                   tuple(json.loads(prompt_logprobs)) if prompt_logprobs else None)
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,14 @@ class Completion:
     ttft_s: float  # request sent -> first response with a token (non-streamed: the one response)
     latency_s: float  # request sent -> last response
     logprobs: tuple[dict, ...] | None = None
+    prompt_logprobs: tuple[dict, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("text", "num_input_tokens", "num_output_tokens", "finish_reason",
                                            "ttft_s", "latency_s")}
-        if self.logprobs is not None:
-            d["logprobs"] = list(self.logprobs)
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(self, key) is not None:
+                d[key] = list(getattr(self, key))
         return d
 
 
@@ -119,6 +124,7 @@ class CompletionBuilder:
         self.chunk_tokens: list[int] = []
         self._text: list[str] = []
         self._logprobs: list[dict] | None = None
+        self.prompt_logprobs: tuple[dict, ...] | None = None
         self.num_input_tokens = 0
         self.num_output_tokens = 0
         self.finish_reason = ""
@@ -136,6 +142,8 @@ class CompletionBuilder:
                 self.first_token_at = at
         if chunk.logprobs is not None:
             self._logprobs = (self._logprobs or []) + list(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
 
@@ -150,4 +158,5 @@ class CompletionBuilder:
         first = self.first_token_at if self.first_token_at is not None else end
         return Completion(self.text, self.num_input_tokens, self.num_output_tokens, self.finish_reason,
                           ttft_s=first - self.sent_at, latency_s=end - self.sent_at,
-                          logprobs=tuple(self._logprobs) if self._logprobs is not None else None)
+                          logprobs=tuple(self._logprobs) if self._logprobs is not None else None,
+                          prompt_logprobs=self.prompt_logprobs)

@@ -179,3 +179,14 @@ def test_no_server_raises_server_unavailable_naming_the_url_quickly(protocol):
     with pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port}.*gave up after 3 attempt"):
         LLMClient(f"127.0.0.1:{port}", protocol=protocol, connect_retries=2).generate("Hi")
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_prompt_logprobs_score_every_prompt_token(llm_server, protocol):
+    """sampling key prompt_logprobs (vLLM's): one entry per prompt token, each with its text and top N."""
+    with LLMClient(url(llm_server, protocol)) as client:
+        done = client.generate(PROMPT, prompt_logprobs=2, max_tokens=1, temperature=0)
+    entries = done.prompt_logprobs
+    assert len(entries) == done.num_input_tokens and entries[0]["logprob"] is None
+    assert "".join(e["token"] for e in entries) == PROMPT
+    assert all(e["logprob"] < 0 and len(e["top"]) == len(e["top_tokens"]) == 2 for e in entries[1:])

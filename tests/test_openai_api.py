@@ -146,6 +146,38 @@ def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):
     assert error["param"] == param or param in error["message"]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs, max_tokens 1): one logprob per prompt token
+    (none for the first), and a prompt token's logprob is what sampling it there reported."""
+    asked = client.completions.create(model="llm", prompt="The capital of France is", temperature=0, max_tokens=1,
+                                      logprobs=1)
+    [answer_lp] = asked.choices[0].logprobs.token_logprobs
+    prompt = "The capital of France is" + asked.choices[0].text
+    for stream in (False, True):
+        r = client.completions.create(model="llm", prompt=prompt, temperature=0, max_tokens=1, logprobs=2, echo=True,
+                                      stream=stream)
+        lp = r.choices[0].logprobs if not stream else merged_logprobs(r)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(x < 0 for x in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+        assert "".join(lp.tokens[:-1]) == prompt  # the prompt's tokens, then the one generated
+        assert lp.token_logprobs[-2] == pytest.approx(answer_lp, abs=1e-3)
+        assert lp.text_offset[-1] == len(prompt)
+
+
+def merged_logprobs(stream):
+    """A streamed completion's logprobs, joined across its chunks."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                token_logprobs += choice.logprobs.token_logprobs
+                top_logprobs += choice.logprobs.top_logprobs
+                text_offset += choice.logprobs.text_offset
+    return type("Logprobs", (), dict(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
+                                     text_offset=text_offset))
+
+
 def test_logit_bias_steers_the_answer(client, default_model_folder):
     """OpenAI's logit_bias (token id strings -> bias): -100 keeps the greedy answer's first token out, +100
     makes one token the whole answer."""

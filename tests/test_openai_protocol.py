@@ -94,7 +94,6 @@ def test_chat_fields_this_server_cannot_honour_are_400s(fields, param):
 @pytest.mark.parametrize("fields, param", [
     (dict(prompt=[1, 2, 3]), "prompt"), (dict(prompt=[]), "prompt"), (dict(prompt="a", suffix="b"), "suffix"),
     (dict(prompt="a", best_of=3), "best_of"), (dict(prompt="a", logprobs=6), "logprobs"),
-    (dict(prompt="a", echo=True, logprobs=1), "echo"),
 ])
 def test_completion_fields_this_server_cannot_honour_are_400s(fields, param):
     with pytest.raises(OpenAIError) as info:

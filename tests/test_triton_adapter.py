@@ -125,6 +125,21 @@ def test_logprobs_are_sent_only_when_asked():
         assert (json.loads(raw) if raw else None) == expected
 
 
+def test_prompt_logprobs_ride_on_the_first_response_only():
+    from kvtriton.backend.engine.outputs import TokenLogprob
+
+    sender = Sender()
+    target = sink(sender)
+    first = output("a")
+    first.prompt_logprobs = [TokenLogprob(7, None), TokenLogprob(8, -1.5, [(9, -0.5)])]
+    target.put(first)
+    target.put(output("b", finished=True))
+    raw = [r.tensors["prompt_logprobs"][0].decode() for r, _ in sender.sent]
+    assert json.loads(raw[0]) == [{"token_id": 7, "logprob": None, "top": []},
+                                  {"token_id": 8, "logprob": -1.5, "top": [[9, -0.5]]}]
+    assert raw[1:] == [""]
+
+
 def test_logprobs_carry_token_text_when_the_sink_can_decode():
     """The OpenAI frontend has no tokenizer: the server names each token (and each top token) by its text."""
     from kvtriton.backend.engine.outputs import TokenLogprob

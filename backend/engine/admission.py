@@ -26,6 +26,9 @@ class AdmissionLimits:
     block_size: int
     max_prompt_bytes: int  # UTF-8 bytes of prompt text, checked before tokenizing
     num_speculative_tokens: int = 0  # the most a request may ask for (the server's k; 0: speculation off)
+    # Why this engine cannot return prompt logprobs ("": it can): only the torch runner on one device computes
+    # the logits of every prompt token; the exported graphs and the tensor-parallel step give one row a sequence.
+    prompt_logprobs_refusal: str = ""
 
 
 class Admission:
@@ -65,6 +68,8 @@ class Admission:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
                 f"context of {lim.max_model_len} tokens; lower max_tokens"
             )
+        if params.prompt_logprobs is not None and lim.prompt_logprobs_refusal:
+            raise ValueError(f"prompt_logprobs is not available here: {lim.prompt_logprobs_refusal}")
         k = params.num_speculative_tokens
         if k is not None and k > lim.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens {k} is more than this model allows "

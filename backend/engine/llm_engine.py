@@ -23,6 +23,7 @@ client's connection (the Triton adapter) watches for cancellation and calls
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import queue
 import threading
@@ -110,7 +111,8 @@ class LLMEngine:
             max_model_len=self.max_model_len, vocab_size=self._sample_vocab, num_kv_blocks=self.runner.num_blocks,
             block_size=config.block_size,
             max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
-            num_speculative_tokens=config.num_speculative_tokens))
+            num_speculative_tokens=config.num_speculative_tokens,
+            prompt_logprobs_refusal=_prompt_logprobs_refusal(config)))
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
@@ -159,9 +161,11 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        # A guided request does not speculate: its grammar must see each token before the next is proposed.
+        # A guided request does not speculate: its grammar must see each token before the next is proposed;
+        # nor does one that asks for prompt logprobs (a verify step computes one row a prefill).
+        speculates = grammar is None and params.prompt_logprobs is None
         seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
-                       num_speculative_tokens=0 if grammar is not None else self._speculative_tokens(params))
+                       num_speculative_tokens=self._speculative_tokens(params) if speculates else 0)
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()
@@ -287,10 +291,12 @@ class LLMEngine:
         self._drain_inbox()
         running = self.scheduler.running
         # Guided rows take their grammar's mask and advance it one token at a time: a step with one does not
-        # speculate (the verify path samples without masks).
+        # speculate (the verify path samples without masks); nor a step that may prefill a prompt whose logprobs
+        # are asked for (the verify path takes one logits row a prefill).
         if (self.proposer is not None and proposal_cap(self.config, len(running))
                 and any(seq.num_speculative_tokens for seq in running)
-                and not any(seq.grammar is not None for seq in running)):
+                and not any(seq.grammar is not None for seq in running)
+                and not any(seq.needs_prompt_logprobs for seq in itertools.chain(running, self.scheduler.waiting))):
             self.step_executor.speculative_step(self.proposer)
         else:
             self.step_executor.overlapped_step()
@@ -341,3 +347,11 @@ def freeze_startup_heap() -> None:
     gc.collect()
     gc.freeze()
 
+
+def _prompt_logprobs_refusal(config: EngineConfig) -> str:
+    """Admission's reason to refuse prompt_logprobs on this engine ("": none)."""
+    if config.runner != "torch":
+        return f"the {config.runner} runner's graph computes only each sequence's last logits; use the torch runner"
+    if config.tensor_parallel_size > 1:
+        return "a tensor-parallel step sends one logits row a sequence; use tensor_parallel_size 1"
+    return ""

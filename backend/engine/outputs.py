@@ -17,7 +17,7 @@ from typing import Protocol
 @dataclass(slots=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token (prompt_logprobs): nothing comes before it
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
@@ -40,6 +40,9 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     time: float = 0.0  # when this output was produced
+    # The first output of a request that asked for prompt_logprobs: one entry per prompt token (the first's
+    # logprob None).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 # RequestOutput's fields as a plain tuple, in order (RequestOutput(*fields) rebuilds it): what the engine process
@@ -82,4 +85,5 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     merged.text = "".join(o.text for o in outputs)
     if any(o.logprobs for o in outputs):
         merged.logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    merged.prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return merged

@@ -34,7 +34,8 @@ class RequestState:
         """
         seq = self.seq
         now = time.monotonic()
-        if seq.first_token_time is None:
+        first = seq.first_token_time is None
+        if first:
             seq.first_token_time = now
         reason, text = seq.finish_reason, ""
         if self._has_text(token_id):
@@ -46,6 +47,8 @@ class RequestState:
                 text += self.stop_matcher.feed(self.detokenizer.flush())[0] + self.stop_matcher.flush()
         out = self._output([token_id], text, now)
         out.logprobs = [logprob] if logprob else None
+        if first and seq.params.prompt_logprobs is not None:
+            out.prompt_logprobs = [TokenLogprob(seq.prompt_token_ids[0], None), *seq.prompt_logprobs]
         if reason:
             out.finished, out.finish_reason = True, reason
         return out

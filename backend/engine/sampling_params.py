@@ -31,13 +31,13 @@ MAX_LOGIT_BIAS = 100.0
 # as vLLM v1 does.
 GREEDY_TEMPERATURE = 1e-5
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "num_speculative_tokens")
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "num_speculative_tokens")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty",
 )
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "guided_json_object")
-_NULLABLE_FIELDS = ("seed", "logprobs", "num_speculative_tokens")
+_NULLABLE_FIELDS = ("seed", "logprobs", "prompt_logprobs", "num_speculative_tokens")
 _GUIDED_TEXT_FIELDS = ("guided_json", "guided_regex", "guided_grammar")
 
 
@@ -57,6 +57,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: sampled token only; N: also top N
+    # The prompt's tokens' logprobs (vLLM's prompt_logprobs; what OpenAI's echo + logprobs and lm-eval's
+    # loglikelihood read): None: none; 0: each prompt token's own; N: also the top N at each position.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
     # proposals per step (no more than the server's k).
@@ -135,9 +138,10 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0 (0: off), got {self.num_speculative_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(
-                f"logprobs must be null or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be null or in [0, {MAX_LOGPROBS}], got {value}")
 
     def _check_guided(self) -> None:
         if isinstance(self.guided_json, Mapping):

@@ -205,7 +205,9 @@ class Scheduler:
             if seq.num_placeholders:
                 break  # preempted with a token in flight: admitted once the host has it (next step)
             hits, num_cached = ([], 0)
-            if seq.num_computed_tokens == 0:
+            # A prompt whose logprobs are asked for is computed whole (vLLM does the same): cached blocks would
+            # skip positions whose logits are needed.
+            if seq.num_computed_tokens == 0 and not seq.needs_prompt_logprobs:
                 hits, num_cached = bm.get_computed_blocks(seq.token_ids)
             n = self._share(seq.num_tokens - num_cached, budget)
             if n == 0:

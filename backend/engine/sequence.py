@@ -22,6 +22,7 @@ import torch
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from kvtriton.backend.engine.outputs import TokenLogprob
     from kvtriton.backend.engine.structured_output import GrammarMatcher
 
 
@@ -57,6 +58,9 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     num_spec_proposed_tokens: int = 0  # since arrival
     num_spec_accepted_tokens: int = 0
+    # params.prompt_logprobs: the logprob of prompt tokens 1, 2, ... computed so far (token 0 has none). Their
+    # positions are computed in order, so the list is always a prefix (a recompute after preemption skips it).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -77,6 +81,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some are still to be computed."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
+
+    def prompt_logprob_positions(self, start: int, n: int) -> range:
+        """The positions of this step's new tokens [start, start + n) whose logits give a prompt logprob still
+        missing: position p's logits give token p + 1's."""
+        return range(max(start, len(self.prompt_logprobs)), min(start + n, len(self.prompt_token_ids) - 1))
 
     @property
     def output_token_ids(self) -> list[int]:

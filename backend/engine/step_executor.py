@@ -17,6 +17,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.output_processor import OutputProcessor
 from kvtriton.backend.engine.outputs import TokenLogprob
 from kvtriton.backend.engine.pending_step import HostCopy, PendingStep, token_logprob
+from kvtriton.backend.engine.prompt_logprobs import record_prompt_logprobs, split_prompt_logits
 from kvtriton.backend.engine.sampler import Sampler
 from kvtriton.backend.engine.sampling_batch import SamplingBatch
 from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
@@ -70,7 +71,7 @@ class StepExecutor:
             try:
                 step = self._prepare(sched)
                 if self._forward_thread is None:
-                    logits = self.runner.execute(step)  # (B, V), queued on the device
+                    logits = self._execute(step, sched)  # (B, V), queued on the device
             except Exception as exc:  # a runner fault must not take the other requests or the thread down
                 self._fail(sched, exc)
                 step = None
@@ -142,17 +143,29 @@ class StepExecutor:
 
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
         """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
-        step = self._decode_inputs.step(sched.scheduled)
+        prompt_rows = [(i, seq.prompt_logprob_positions(seq.num_computed_tokens - n, n))
+                       for i, (seq, n) in enumerate(sched.scheduled)
+                       if seq.params.prompt_logprobs is not None and seq.needs_prompt_logprobs]
+        prompt_rows = [(i, positions) for i, positions in prompt_rows if positions]
+        step = None if prompt_rows else self._decode_inputs.step(sched.scheduled)
         if step is None:
-            step = prepare_step(sched.scheduled, self.config.block_size, self.device)
+            step = prepare_step(sched.scheduled, self.config.block_size, self.device, prompt_rows)
         if step.placeholders:  # they exist only while the step that samples them is pending
             self.pending.feed(step, sched.scheduled, self.device)
         return step
 
+    def _execute(self, step: StepInput, sched: SchedulerOutput) -> torch.Tensor:
+        """The runner's logits for the sampler; the prompt logprobs the step also computed go to their sequences
+        (prompt_logprobs.py)."""
+        logits, prompt_logits = split_prompt_logits(self.runner.execute(step), step.num_prompt_logit_rows)
+        if prompt_logits is not None:
+            record_prompt_logprobs(step.prompt_logprob_rows, sched.scheduled, prompt_logits, self._sample_vocab)
+        return logits
+
     def _execute_and_sample(self, sched: SchedulerOutput, step: StepInput,
                             meta: SamplingMetadata | None) -> PendingStep | None:
         """The forward thread's job on a CPU: every heavy op of a step on one thread (and one OpenMP team)."""
-        return self._sample(sched, self.runner.execute(step), meta)
+        return self._sample(sched, self._execute(step, sched), meta)
 
     def _sample(self, sched: SchedulerOutput, logits: torch.Tensor,
                 meta: SamplingMetadata | None) -> PendingStep | None:

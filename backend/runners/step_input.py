@@ -7,6 +7,7 @@ decode group first (see attention.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -40,17 +41,26 @@ class StepInput:
     # (packed position, row in `scheduled`) of each token the host does not know yet (sampled by the step
     # in flight, async scheduling): its input_ids entry holds 0 until the engine fills it from the device.
     placeholders: list[tuple[int, int]] | None = None
+    # Prompt logprobs: (row in `scheduled`, positions) of the prompt tokens whose logits this step also
+    # computes; their rows come last in last_token_indices, after every row above, in this order.
+    prompt_logprob_rows: list[tuple[int, range]] | None = None
+
+    @property
+    def num_prompt_logit_rows(self) -> int:
+        return sum(len(positions) for _, positions in self.prompt_logprob_rows or ())
 
     @property
     def num_seqs(self) -> int:
         return len(self.attn.query_lens)
 
 
-def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device) -> StepInput:
+def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size: int, device,
+                 prompt_logprob_rows: list[tuple[int, range]] | None = None) -> StepInput:
     """scheduled: (sequence, new tokens) with one-token sequences first.
 
     A sequence whose newest token is still on the device (a placeholder: at most one, the last of its
-    new tokens) gets input id 0 there, listed in `placeholders`."""
+    new tokens) gets input id 0 there, listed in `placeholders`. `prompt_logprob_rows`: (row in `scheduled`,
+    positions among its new tokens) whose logits are also wanted, as StepInput.prompt_logprob_rows."""
     block_tables = [seq.block_ids for seq, _ in scheduled]
     ids: list[int] = []
     positions: list[int] = []
@@ -86,6 +96,11 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
         query_lens.append(n)
         context_lens.append(start + n)
         last.append(len(ids) - 1)
+    if prompt_logprob_rows:  # after every other row: the rows the sampler and the verifier read stay first
+        starts = list(itertools.accumulate(query_lens, initial=0))
+        for row, wanted in prompt_logprob_rows:
+            first = scheduled[row][0].num_computed_tokens - scheduled[row][1]  # the position of the row's first token
+            last += [starts[row] + p - first for p in wanted]
     width = max(len(t) for t in block_tables)
     padded = np.zeros((len(block_tables), width), dtype=np.int64)  # numpy: rows copy at C speed
     for row, table in enumerate(block_tables):
@@ -97,6 +112,7 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
     step = unpack_step(to_device(packed, device), to_device(torch.from_numpy(padded), device),
                        len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
+    step.prompt_logprob_rows = prompt_logprob_rows or None
     return step
 
 

@@ -75,6 +75,9 @@ OUTPUTS = (
     TensorSpec("num_output_tokens", "TYPE_UINT32", (1,), "output"),
     TensorSpec("finish_reason", "TYPE_STRING", (1,), "output"),
     TensorSpec("logprobs", "TYPE_STRING", (1,), "output"),
+    # JSON, on the first response of a request with prompt_logprobs: one entry per prompt token (the first's
+    # logprob null).
+    TensorSpec("prompt_logprobs", "TYPE_STRING", (1,), "output"),
 )
 FLAG_KEYS = tuple(spec.name for spec in INPUTS if spec.role == "flag")
 # Other names for sampling keys in the JSON objects: the typed inputs' TensorRT-LLM names, and

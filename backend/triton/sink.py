@@ -87,6 +87,7 @@ class _Response:
     finish_reason: str
     logprobs: list[dict]
     final: bool
+    prompt_logprobs: list[dict] | None = None  # the first response of a request that asked for them
 
 
 class TritonResponseSink:
@@ -102,6 +103,7 @@ class TritonResponseSink:
         self._text: list[str] = []
         self._num_tokens = 0
         self._logprobs: list[dict] = []
+        self._prompt_logprobs: list[dict] | None = None
         # The response enqueued but not yet taken by the outbox thread. While there is one, new tokens join
         # it instead of queueing another send: under load each request gets one send per outbox round
         # (the sends, not the tokens, set the cost), and no token waits for more than the sends ahead of it.
@@ -117,21 +119,25 @@ class TritonResponseSink:
         self._text.append(out.text)
         self._num_tokens += len(out.token_ids)
         if out.logprobs:
-            self._logprobs += [{"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top} for lp in out.logprobs]
+            self._logprobs += [_entry(lp) for lp in out.logprobs]
+        if out.prompt_logprobs is not None:
+            self._prompt_logprobs = [_entry(lp) for lp in out.prompt_logprobs]
         if not out.finished and (not self.stream or self._num_tokens < self.stream_interval):
             return
         text, num_tokens, logprobs = self._text, self._num_tokens, self._logprobs
-        self._text, self._num_tokens, self._logprobs = [], 0, []
+        prompt_logprobs = self._prompt_logprobs
+        self._text, self._num_tokens, self._logprobs, self._prompt_logprobs = [], 0, [], None
         with self._lock:
             queued = self._queued
             if queued is not None:  # the previous response is still waiting: this one rides with it
                 queued.text += text
                 queued.num_tokens += num_tokens
                 queued.logprobs += logprobs
+                queued.prompt_logprobs = queued.prompt_logprobs or prompt_logprobs
                 queued.finish_reason, queued.final = out.finish_reason or "", out.finished
                 return
             self._queued = _Response(text, out.num_prompt_tokens, num_tokens, out.finish_reason or "", logprobs,
-                                     out.finished)
+                                     out.finished, prompt_logprobs)
         self.outbox.put(self._send_queued)
 
     def _send_queued(self) -> None:
@@ -141,8 +147,10 @@ class TritonResponseSink:
         text = "".join(r.text)
         if not self.stream:
             text = self.prefix + text
+        prompt_logprobs = "" if r.prompt_logprobs is None else json.dumps(self._with_token_text(r.prompt_logprobs))
         self._send(text, r.num_input, r.num_tokens, r.finish_reason,
-                   json.dumps(self._with_token_text(r.logprobs)) if self.want_logprobs else "", r.final)
+                   json.dumps(self._with_token_text(r.logprobs)) if self.want_logprobs else "", r.final,
+                   prompt_logprobs)
 
     def _with_token_text(self, logprobs: list[dict]) -> list[dict]:
         if self.token_text is None:
@@ -151,7 +159,7 @@ class TritonResponseSink:
                 for e in logprobs]
 
     def _send(self, text: str, num_input: int, num_output: int, finish_reason: str, logprobs: str,
-              final: bool) -> None:
+              final: bool, prompt_logprobs: str = "") -> None:
         """On the outbox thread."""
         pb = self.pb_utils
         tensors = [
@@ -160,6 +168,7 @@ class TritonResponseSink:
             pb.Tensor("num_output_tokens", np.array([num_output], dtype=np.uint32)),
             pb.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
             pb.Tensor("logprobs", np.array([logprobs.encode()], dtype=np.object_)),
+            pb.Tensor("prompt_logprobs", np.array([prompt_logprobs.encode()], dtype=np.object_)),
         ]
         self.sender.send(pb.InferenceResponse(output_tensors=tensors),
                          flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
@@ -168,3 +177,8 @@ class TritonResponseSink:
         pb = self.pb_utils
         self.sender.send(pb.InferenceResponse(error=pb.TritonError(message)),
                          flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _entry(lp) -> dict:
+    """One TokenLogprob as the logprobs outputs' JSON carries it."""
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}

@@ -132,9 +132,6 @@ class CompletionRequest(_GenerationRequest):
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise OpenAIError(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {self.logprobs}",
                               param="logprobs")
-        if self.echo and self.logprobs is not None:
-            raise OpenAIError("echo with logprobs is not supported: the server returns no prompt logprobs",
-                              param="echo")
         self.prompts()
 
     def prompts(self) -> list[str]:
@@ -147,6 +144,14 @@ class CompletionRequest(_GenerationRequest):
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def sampling(self, choice: int) -> dict[str, Any]:
+        """echo with logprobs: the prompt's tokens' logprobs too (the server's prompt_logprobs), as OpenAI's legacy
+        completions give them and lm-evaluation-harness reads them for loglikelihood tasks."""
+        params = super().sampling(choice)
+        if self.echo and self.logprobs is not None:
+            params["prompt_logprobs"] = self.logprobs
+        return params
 
 
 class TextPart(_Strict):
@@ -302,8 +307,8 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -138,7 +138,9 @@ def completion_logprobs(entries: tuple[dict, ...] | list[dict] | None, offset: i
         token = _token_text(e, "token")
         out.tokens.append(token)
         out.token_logprobs.append(e["logprob"])
-        out.top_logprobs.append({t: lp for t, (_, lp) in zip(_token_text(e, "top_tokens"), e["top"])})
+        # An echoed prompt's first token has nothing before it: no logprob, and OpenAI's top_logprobs null.
+        top = None if e["logprob"] is None else {t: lp for t, (_, lp) in zip(_token_text(e, "top_tokens"), e["top"])}
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(token)
     return out
@@ -173,8 +175,11 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
         counts.prompt[i // request.n] = b.num_input_tokens
         counts.completion += b.num_output_tokens
         echo = choices[i].prompt if request.echo else ""
+        logprobs = b.build().logprobs
+        if logprobs is not None and request.echo:
+            logprobs = [*(b.prompt_logprobs or ()), *logprobs]  # one list over the echoed prompt and the answer
         out.append(p.CompletionChoice(index=i, text=echo + b.text, finish_reason=b.finish_reason,
-                                      logprobs=completion_logprobs(b.build().logprobs, 0)))
+                                      logprobs=completion_logprobs(logprobs, 0)))
     return p.CompletionResponse(model=model, choices=out, usage=counts.usage())
 
 
@@ -203,13 +208,16 @@ async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, 
     counts = _Counts(request.n)
     offsets = {i: 0 for i in range(len(choices))}
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+    echoed: set[int] = set()
     async with aclosing(merged_chunks(client, choices)) as merged:
         chunks = await _started(merged)
-        if request.echo:
-            for i, choice in enumerate(choices):
-                offsets[i] = len(choice.prompt)
-                yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(index=i, text=choice.prompt)]))
         async for index, chunk in chunks:
+            if request.echo and index not in echoed:  # the prompt first, with its logprobs (on the first chunk)
+                echoed.add(index)
+                prompt = choices[index].prompt
+                offsets[index] = len(prompt)
+                yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(
+                    index=index, text=prompt, logprobs=completion_logprobs(chunk.prompt_logprobs, 0))]))
             counts.add(index, chunk)
             logprobs = completion_logprobs(chunk.logprobs, offsets[index])
             offsets[index] += len(chunk.text)
