@@ -40,6 +40,8 @@ def check(prompt_logprobs, reference, top_n):
     dict(),  # the whole prompt in one step
     dict(max_num_batched_tokens=8),  # chunked: 5 steps of prompt
     dict(max_num_batched_tokens=8, enable_async_scheduling=False),
+    # beside speculating requests: the steps that prefill it do not verify (the verify step takes one row a prefill)
+    dict(max_num_batched_tokens=8, speculative_method="ngram", num_speculative_tokens=3),
 ])
 def test_prompt_logprobs_match_transformers_and_leave_other_requests_alone(tiny_folder, reference, overrides):
     engine = make_tiny_engine(tiny_folder, **overrides)

@@ -23,7 +23,6 @@ client's connection (the Triton adapter) watches for cancellation and calls
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import queue
 import threading
@@ -296,7 +295,7 @@ class LLMEngine:
         if (self.proposer is not None and proposal_cap(self.config, len(running))
                 and any(seq.num_speculative_tokens for seq in running)
                 and not any(seq.grammar is not None for seq in running)
-                and not any(seq.needs_prompt_logprobs for seq in itertools.chain(running, self.scheduler.waiting))):
+                and not any(seq.needs_prompt_logprobs for seq in self.scheduler.prompt_logprob_seqs)):
             self.step_executor.speculative_step(self.proposer)
         else:
             self.step_executor.overlapped_step()

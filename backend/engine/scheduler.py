@@ -79,10 +79,15 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0  # computed prompt tokens since start (prefix-cache hits excluded)
         self.num_generation_tokens = 0  # sampled tokens since start
+        # Unfinished sequences that asked for prompt logprobs: while there are none (the common case) a step
+        # looks for no prompt rows, so the others pay nothing per sequence for the feature.
+        self.prompt_logprob_seqs: set[Sequence] = set()
 
     def add(self, seq: Sequence) -> None:
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
         self.waiting.append(seq)
+        if seq.params.prompt_logprobs is not None:
+            self.prompt_logprob_seqs.add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,6 +101,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.block_ids = []
         self.block_manager.free(seq.request_id)
+        self.prompt_logprob_seqs.discard(seq)
 
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> tuple[list[Sequence],
                                                                                              list[int]]:
