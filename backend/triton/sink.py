@@ -168,8 +168,9 @@ class TritonResponseSink:
             pb.Tensor("num_output_tokens", np.array([num_output], dtype=np.uint32)),
             pb.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_)),
             pb.Tensor("logprobs", np.array([logprobs.encode()], dtype=np.object_)),
-            pb.Tensor("prompt_logprobs", np.array([prompt_logprobs.encode()], dtype=np.object_)),
         ]
+        if prompt_logprobs:  # the first response only, of the requests that ask: the others carry nothing more
+            tensors.append(pb.Tensor("prompt_logprobs", np.array([prompt_logprobs.encode()], dtype=np.object_)))
         self.sender.send(pb.InferenceResponse(output_tensors=tensors),
                          flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
