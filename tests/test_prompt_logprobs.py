@@ -40,6 +40,7 @@ def check(prompt_logprobs, reference, top_n):
     dict(),  # the whole prompt in one step
     dict(max_num_batched_tokens=8),  # chunked: 5 steps of prompt
     dict(max_num_batched_tokens=8, enable_async_scheduling=False),
+    dict(max_num_seqs=3),  # 3 prompt rows a step (max_num_seqs): 12 steps of prompt, however large the budget
     # beside speculating requests: the steps that prefill it do not verify (the verify step takes one row a prefill)
     dict(max_num_batched_tokens=8, speculative_method="ngram", num_speculative_tokens=3),
 ])
@@ -70,6 +71,8 @@ def test_prompt_logprobs_refused_where_the_runner_cannot(tiny_folder):
     assert _prompt_logprobs_refusal(EngineConfig(model=str(tiny_folder))) == ""
     assert "onnxruntime runner" in _prompt_logprobs_refusal(EngineConfig(model=str(tiny_folder), runner="onnxruntime",
                                                                         engine_path="x.onnx"))
+    assert "enable_chunked_prefill" in _prompt_logprobs_refusal(EngineConfig(model=str(tiny_folder),
+                                                                             enable_chunked_prefill=False))
     with pytest.raises(ValueError, match="prompt_logprobs must be null or in"):
         SamplingParams(prompt_logprobs=21)
 

@@ -353,4 +353,7 @@ def _prompt_logprobs_refusal(config: EngineConfig) -> str:
         return f"the {config.runner} runner's graph computes only each sequence's last logits; use the torch runner"
     if config.tensor_parallel_size > 1:
         return "a tensor-parallel step sends one logits row a sequence; use tensor_parallel_size 1"
+    if not config.enable_chunked_prefill:
+        return ("such a prompt is prefilled max_num_seqs tokens a step, which needs enable_chunked_prefill (the "
+                "logits of every prompt token at once could exhaust the device's memory)")
     return ""

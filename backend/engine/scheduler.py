@@ -164,6 +164,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # Prompt tokens whose logits are computed for prompt_logprobs, at most max_num_seqs a step: the logits
+        # rows a step makes stay within twice what the memory profile sized (one a sequence).
+        logit_budget = self.config.max_num_seqs
         bm = self.block_manager
 
         # 1. Running sequences, oldest first. Preempt from the newest end when blocks run out.
@@ -176,9 +179,16 @@ class Scheduler:
                 continue
             if seq.spec_token_ids:  # proposals to verify: as many as the budget leaves room for
                 del seq.spec_token_ids[max(budget - 1, 0):]
-            n = self._share(num_total_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget)
+            scores_prompt = bool(self.prompt_logprob_seqs) and seq.needs_prompt_logprobs
+            if scores_prompt and logit_budget == 0:  # its prompt goes on next step; the others need not wait
+                i += 1
+                continue
+            n = self._share(num_total_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens,
+                            min(budget, logit_budget) if scores_prompt else budget)
             if n == 0:
                 break
+            if scores_prompt:
+                logit_budget -= n
             if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * bm.block_size:
                 # A decode whose slot is in a block it holds: nothing to allocate (the hot path). Blocks
                 # that filled meanwhile are hashed for prefix reuse at its next allocation.
@@ -215,9 +225,12 @@ class Scheduler:
             # skip positions whose logits are needed.
             if seq.num_computed_tokens == 0 and not seq.needs_prompt_logprobs:
                 hits, num_cached = bm.get_computed_blocks(seq.token_ids)
-            n = self._share(seq.num_tokens - num_cached, budget)
+            scores_prompt = seq.needs_prompt_logprobs
+            n = self._share(seq.num_tokens - num_cached, min(budget, logit_budget) if scores_prompt else budget)
             if n == 0:
                 break
+            if scores_prompt:
+                logit_budget -= n
             new_ids = bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None)
             if new_ids is None:
                 break  # FCFS: wait for blocks rather than let a later, smaller request overtake
