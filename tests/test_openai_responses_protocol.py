@@ -4,7 +4,9 @@ response's items and events, checked against the `openai` package's own models a
 
 from __future__ import annotations
 
+import asyncio
 import json
+from contextlib import asynccontextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,13 +16,15 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.errors import ServerError
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai.app import create_app
 from kvtriton.client.openai.chat_output import ChatOptions, ChatOutput, whole_message
 from kvtriton.client.openai.errors import OpenAIError
-from kvtriton.client.openai.responses import ResponseBuilder, _as_delta
+from kvtriton.client.openai.responses import ResponseBuilder, _as_delta, respond_events
 from kvtriton.client.openai.responses_protocol import Response as OurResponse
 from kvtriton.client.openai.responses_protocol import ResponsesRequest
+from kvtriton.client.types import Chunk
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": CITY}
@@ -215,3 +219,29 @@ def test_the_response_echoes_the_requests_settings():
     fmt = {"type": "json_schema", "name": "city", "schema": CITY}
     assert OurResponse.started(request(text={"format": fmt}), "llm").model_dump(by_alias=True)["text"] == \
         {"format": fmt}  # as given, no nulls beside it
+
+
+class _Fails:
+    """A client whose one stream sends "Hello" and then fails, as a server that goes away mid-answer."""
+
+    @asynccontextmanager
+    async def _stream(self):
+        async def chunks():
+            yield Chunk("Hello", 1, "", num_input_tokens=5)
+            raise ServerError("the server went away")
+        yield chunks()
+
+    def stream(self, prompt, messages=None, tools=None, **sampling):
+        return self._stream()
+
+
+def test_an_error_mid_stream_is_response_failed_the_last_event():
+    async def events():
+        return [e async for e in respond_events(_Fails(), request(stream=True), "llm")]
+    sse = asyncio.run(events())
+    assert all(e.startswith("event: ") and e.endswith("\n\n") for e in sse)
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_json(e.split("data: ", 1)[1]) for e in sse]
+    assert [e.type for e in parsed][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = parsed[-1].response
+    assert failed.status == "failed" and "went away" in failed.error.message
+    assert failed.output[0].content[0].text == "Hello" and failed.output[0].status == "in_progress"
