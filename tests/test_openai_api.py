@@ -229,18 +229,24 @@ def _generated(server) -> float:
     return metric(server, "kvtriton_generation_tokens_total")
 
 
-def test_a_disconnect_mid_stream_frees_the_kv_blocks(client, llm_server):
+def closing_mid_stream_frees_the_kv_blocks(llm_server, open_stream) -> None:
+    """`open_stream()` starts a stream that would generate far more than 1000 tokens; a few events in, closing
+    it cancels the request on the server."""
     assert _settled_usage(llm_server) == 0.0
     before = _generated(llm_server)
-    stream = client.chat.completions.create(model="llm", messages=[{"role": "user", "content": "Tell a story."}],
-                                            stream=True, **LONG)
-    for _, _chunk in zip(range(5), stream):
+    stream = open_stream()
+    for _, _event in zip(range(5), stream):
         pass  # tokens are flowing: the request holds KV blocks
     assert _wait_usage_positive(llm_server)
     stream.close()  # closes the HTTP connection
     assert _settled_usage(llm_server) == 0.0
     assert metric(llm_server, "kvtriton_num_requests_running") == 0
     assert _generated(llm_server) - before < 1000  # cancelled: far from the 2000 tokens asked for
+
+
+def test_a_disconnect_mid_stream_frees_the_kv_blocks(client, llm_server):
+    closing_mid_stream_frees_the_kv_blocks(llm_server, lambda: client.chat.completions.create(
+        model="llm", messages=[{"role": "user", "content": "Tell a story."}], stream=True, **LONG))
 
 
 def test_a_disconnect_before_a_whole_answer_frees_the_kv_blocks(frontend, llm_server):

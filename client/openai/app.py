@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.openai import protocol as p
-from kvtriton.client.openai import serving
+from kvtriton.client.openai import responses, serving
 from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.responses_protocol import ResponsesRequest
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
@@ -89,6 +90,10 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Any:
         return await answer(request, body, serving.chat, serving.chat_events, options=chat_options)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        return await answer(request, body, responses.respond, responses.respond_events, options=chat_options)
 
     return app
 
