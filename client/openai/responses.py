@@ -167,12 +167,12 @@ async def respond_events(client: AsyncLLMClient, request: rp.ResponsesRequest, m
     """response.created and .in_progress, each item's events as its text arrives, then response.completed (or
     .incomplete) with the whole response. An error after the first event is response.failed, the last event."""
     output = ChatOutput(request.chat, options)
-    counts = serving._Counts(1)
+    counts = serving.TokenCounts(1)
     builder = ResponseBuilder(rp.Response.started(request, model))
     finish_reason = ""
     async with aclosing(serving.merged_chunks(client, serving.chat_choices(request.chat))) as merged:
         try:
-            chunks = await serving._started(merged)
+            chunks = await serving.started(merged)
         except OpenAIError as e:
             raise rp.in_responses_terms(e) from None
         for kind in ("response.created", "response.in_progress"):

@@ -90,7 +90,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
 
 
 @dataclass
-class _Counts:
+class TokenCounts:
     """Token counts per choice; a prompt's tokens count once however many choices share it (OpenAI's usage)."""
 
     n: int
@@ -154,7 +154,7 @@ async def _collect(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> dict
     return builders
 
 
-async def _started(merged: AsyncIterator[tuple[int, Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+async def started(merged: AsyncIterator[tuple[int, Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
     """`merged`, once its first chunk has arrived. The events generators await this before their first event,
     so that an error before any output (a bad sampling parameter) raises before the response starts and
     gets its own status code instead of an error event in a 200 stream."""
@@ -170,7 +170,7 @@ async def _started(merged: AsyncIterator[tuple[int, Chunk]]) -> AsyncIterator[tu
 async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> p.CompletionResponse:
     choices = completion_choices(request)
     builders = await _collect(client, choices)
-    counts, out = _Counts(request.n), []
+    counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
         counts.prompt[i // request.n] = b.num_input_tokens
         counts.completion += b.num_output_tokens
@@ -187,7 +187,7 @@ async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: 
                options: ChatOptions = ChatOptions()) -> p.ChatCompletionResponse:
     outputs = {i: ChatOutput(request, options) for i in range(request.n)}
     builders = await _collect(client, chat_choices(request))
-    counts, out = _Counts(request.n), []
+    counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
         counts.prompt[0] = b.num_input_tokens
         counts.completion += b.num_output_tokens
@@ -205,12 +205,12 @@ def sse(body: p.BaseModel | dict) -> str:
 async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> AsyncIterator[str]:
     """Server-sent events of a streamed completion: text deltas per choice, [DONE] last."""
     choices = completion_choices(request)
-    counts = _Counts(request.n)
+    counts = TokenCounts(request.n)
     offsets = {i: 0 for i in range(len(choices))}
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
     echoed: set[int] = set()
     async with aclosing(merged_chunks(client, choices)) as merged:
-        chunks = await _started(merged)
+        chunks = await started(merged)
         async for index, chunk in chunks:
             if request.echo and index not in echoed:  # the prompt first, with its logprobs (on the first chunk)
                 echoed.add(index)
@@ -235,7 +235,7 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
     empty delta with the finish_reason, and with stream_options.include_usage a last chunk with no choices and
     the usage."""
     outputs = {i: ChatOutput(request, options) for i in range(request.n)}
-    counts = _Counts(request.n)
+    counts = TokenCounts(request.n)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
     def event(index: int, delta: p.DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
@@ -243,7 +243,7 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
 
     async with aclosing(merged_chunks(client, chat_choices(request))) as merged:
-        chunks = await _started(merged)
+        chunks = await started(merged)
         for i in range(request.n):
             yield event(i, p.DeltaMessage(role="assistant", content=""))
         async for index, chunk in chunks:
