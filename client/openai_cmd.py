@@ -17,18 +17,15 @@ from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.cli_args import add_connection_arguments, run_command
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.generate_cmd import fail
-from kvtriton.client.openai.server import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    FrontendError,
-    make_server,
-)
+from kvtriton.client.openai.reasoning import REASONING_PARSERS
+from kvtriton.client.openai.server import DEFAULT_HOST, DEFAULT_PORT, FrontendError, make_server
 from kvtriton.client.openai.tool_calls import TOOL_CALL_PARSERS
 
 PROG = "kvtriton openai"
 EXAMPLES = """examples:
   kvtriton openai --url localhost:8001 --port 9000                  # in front of a running tritonserver
   kvtriton openai --url localhost:8001 --host 0.0.0.0 --served-model-name smollm2
+  kvtriton openai --url localhost:8001 --tool-call-parser hermes     # a Hermes / Qwen2.5 model: tool_choice "auto"
   curl localhost:9000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}'"""
 
