@@ -29,7 +29,7 @@ class GenerateRequest:
     """One generation: exactly one of `prompt` and `messages`; `tools` (OpenAI's tool definitions, which the
     server's chat template renders) only with messages."""
 
-    prompt: str | None = None
+    prompt: str | list[int] | None = None  # text, or token ids (sent as input_ids)
     messages: tuple[Mapping[str, Any], ...] | None = None
     stream: bool = True
     sampling: Mapping[str, Any] = field(default_factory=dict)
@@ -39,8 +39,9 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.prompt is not None and not isinstance(self.prompt, str) and not (
+                isinstance(self.prompt, list) and self.prompt and all(type(t) is int for t in self.prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of token ids, got {self.prompt!r:.80}")
         if self.messages is not None:
             for m in self.messages:
                 if not isinstance(m, Mapping) or "role" not in m or not ({"content", "tool_calls"} & set(m)) \
@@ -61,7 +62,9 @@ class GenerateRequest:
         # (non-streamed, the server would otherwise prepend the prompt or the templated chat).
         inputs: dict[str, Any] = {"stream": self.stream, "sampling_parameters": json.dumps(self.sampling),
                                   "exclude_input_in_output": True}
-        if self.prompt is not None:
+        if isinstance(self.prompt, list):
+            inputs["input_ids"] = self.prompt
+        elif self.prompt is not None:
             inputs["text_input"] = self.prompt
         else:
             inputs["messages"] = json.dumps(list(self.messages))

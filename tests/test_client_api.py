@@ -190,3 +190,16 @@ def test_prompt_logprobs_score_every_prompt_token(llm_server, protocol):
     assert len(entries) == done.num_input_tokens and entries[0]["logprob"] is None
     assert "".join(e["token"] for e in entries) == PROMPT
     assert all(e["logprob"] < 0 and len(e["top"]) == len(e["top_tokens"]) == 2 for e in entries[1:])
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_prompt_of_token_ids_is_the_same_prompt(llm_server, protocol, default_model_folder):
+    """input_ids (TensorRT-LLM's name): the prompt as token ids answers as its text does."""
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_pretrained(default_model_folder).encode(PROMPT)
+    with LLMClient(url(llm_server, protocol)) as client:
+        as_text, as_ids = client.generate(PROMPT, **GREEDY), client.generate(ids, **GREEDY)
+        assert (as_ids.text, as_ids.num_input_tokens) == (as_text.text, len(ids))
+        with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, "):
+            client.generate([10**8], **GREEDY)

@@ -74,7 +74,7 @@ def test_sampling_keys_are_the_servers_to_check():
     ("temperature must be >= 0, got -1.0", InvalidRequestError),
     ("unknown sampling parameter 'max_tokenz'; accepted: ...", InvalidRequestError),
     ("prompt (5001 tokens) + max_tokens (4) = 5005 exceeds the model's context of 4096 tokens", InvalidRequestError),
-    ("text_input is required (or messages)", InvalidRequestError),
+    ("text_input is required (or messages, or input_ids)", InvalidRequestError),
     ("sampling_parameters is not valid JSON: Expecting value at line 1 column 2", InvalidRequestError),
     ("Request for unknown model: 'nope' is not found", InvalidRequestError),
     ("CUDA out of memory while running the step", ServerError),

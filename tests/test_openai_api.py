@@ -164,6 +164,23 @@ def test_echo_with_logprobs_scores_the_prompt(client):
         assert lp.text_offset[-1] == len(prompt)
 
 
+def test_token_id_prompts_answer_as_their_text_and_echo_it(client, default_model_folder):
+    """OpenAI's token-id prompts (lm-evaluation-harness sends them by default): the same answer as the text, and
+    an echo made of the tokens' texts, scored when logprobs are asked (its loglikelihood request)."""
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    text = "The capital of France is"
+    ids = Tokenizer.from_pretrained(default_model_folder).encode(text)
+    ask = dict(model="llm", temperature=0, max_tokens=4)
+    plain = client.completions.create(prompt=text, **ask).choices[0].text
+    [one, two] = client.completions.create(prompt=[ids, ids], **ask).choices
+    assert one.text == two.text == plain
+    echoed = client.completions.create(prompt=ids, echo=True, **ask).choices[0]
+    assert echoed.text == text + plain and echoed.logprobs is None
+    scored = client.completions.create(prompt=ids, echo=True, logprobs=1, **dict(ask, max_tokens=1)).choices[0]
+    assert len(scored.logprobs.token_logprobs) == len(ids) + 1 and scored.logprobs.token_logprobs[0] is None
+
+
 def merged_logprobs(stream):
     """A streamed completion's logprobs, joined across its chunks."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []

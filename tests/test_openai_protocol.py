@@ -92,7 +92,7 @@ def test_chat_fields_this_server_cannot_honour_are_400s(fields, param):
 
 
 @pytest.mark.parametrize("fields, param", [
-    (dict(prompt=[1, 2, 3]), "prompt"), (dict(prompt=[]), "prompt"), (dict(prompt="a", suffix="b"), "suffix"),
+    (dict(prompt=[[]]), "prompt"), (dict(prompt=[]), "prompt"), (dict(prompt="a", suffix="b"), "suffix"),
     (dict(prompt="a", best_of=3), "best_of"), (dict(prompt="a", logprobs=6), "logprobs"),
 ])
 def test_completion_fields_this_server_cannot_honour_are_400s(fields, param):
@@ -195,3 +195,12 @@ def test_serve_checks_the_tool_call_parser(tmp_path, capsys):
     assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "mistral"],
                       openai=_start_openai) == 1
     assert "--tool-call-parser 'mistral' is not known; use one of hermes, llama3_json" in capsys.readouterr().err
+
+
+def test_token_id_prompts_go_as_ids_and_an_echo_of_them_asks_for_their_texts():
+    request = CompletionRequest(model="llm", prompt=[[1, 2, 3], [4, 5]], n=2, echo=True)
+    request.check()
+    assert [c.prompt for c in completion_choices(request)] == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]
+    assert request.sampling(0)["prompt_logprobs"] == 0  # the token texts the echo is made of
+    assert CompletionRequest(model="llm", prompt=[7, 8]).prompts() == [[7, 8]]
+    assert "prompt_logprobs" not in CompletionRequest(model="llm", prompt="text", echo=True).sampling(0)

@@ -107,6 +107,12 @@ def test_tools_and_tool_turns_reach_the_chat_template():
     assert json.loads(r.prompt) == {"messages": messages, "tools": tools}
 
 
+def test_input_ids_are_the_prompt_as_token_ids():
+    """TensorRT-LLM's input_ids (and OpenAI's token-id prompts through the frontend): a list the engine admits."""
+    assert parse(text_input=None, input_ids=np.array([5, 6, 7], np.int32)).prompt == [5, 6, 7]
+    assert parse(text_input=None, input_ids=np.array([[5, 6]], np.int32)).prompt == [5, 6]  # a batch of one
+
+
 def test_tools_count_towards_max_prompt_bytes():
     tools = text(json.dumps([{"type": "function", "function": {"name": "f" * 64}}]))
     with pytest.raises(RequestError, match="max_prompt_bytes"):
@@ -144,6 +150,8 @@ def test_tools_count_towards_max_prompt_bytes():
      "tools[0].function.parameters must be a JSON schema object"),
     ({"messages": text(json.dumps(USER)), "tools": text("[oops")}, None, "tools is not valid JSON"),
     ({"text_input": None}, None, "text_input is required"),
+    ({"text_input": None, "input_ids": np.array([1.5], np.float32)}, None, "input_ids must be one list of integer"),
+    ({"input_ids": np.array([1, 2], np.int32)}, None, "text_input or as input_ids, not both"),
 ])
 def test_bad_input_is_a_request_error_naming_the_field(inputs, parameters, field):
     with pytest.raises(RequestError) as err:

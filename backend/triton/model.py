@@ -134,8 +134,11 @@ class TritonPythonModel:
     def _submit(self, request, request_id: str, sender) -> None:
         parsed = parse_generate_request(lambda name: _input(request, name), request.parameters(),
                                         self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
+        prompt = parsed.prompt
+        if isinstance(prompt, list) and not parsed.exclude_input_in_output:  # the echoed prompt is text
+            prompt = self.engine.tokenizer.decode(prompt, skip_special_tokens=False)
         sink = TritonResponseSink(pb_utils, sender, self.outbox, parsed.stream,
-                                  "" if parsed.exclude_input_in_output else parsed.prompt,
+                                  "" if parsed.exclude_input_in_output else prompt,
                                   self.config.stream_interval, parsed.params.logprobs is not None,
                                   on_finished=self.cancellation.forget, token_text=self._token_text)
         self.cancellation.watch(request_id, sender)  # before the engine can finish it: see CancellationWatcher

@@ -45,6 +45,7 @@ def _sampling(name: str, data_type: str, key: str | None = None, dims: tuple[int
 # inputs that set one key, the later row wins (random_seed over seed).
 INPUTS = (
     TensorSpec("text_input", "TYPE_STRING", (1,), "prompt"),
+    TensorSpec("input_ids", "TYPE_INT32", (-1,), "prompt"),  # TensorRT-LLM's: the prompt as token ids
     TensorSpec("messages", "TYPE_STRING", (1,), "chat"),
     TensorSpec("tools", "TYPE_STRING", (1,), "chat"),  # OpenAI's tool definitions, for the chat template
     TensorSpec("stream", "TYPE_BOOL", (1,), "flag"),
@@ -97,7 +98,7 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (input_ids)
     stream: bool
     exclude_input_in_output: bool
     params: SamplingParams
@@ -169,9 +170,16 @@ def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str:
         return apply_chat_template(value, _tools(tools) if tools is not None else None)
     if tools is not None:
         raise RequestError("tools needs messages: a text_input prompt is not rendered by the chat template")
-    text = get_input("text_input")
+    text, ids = get_input("text_input"), get_input("input_ids")
+    if text is not None and ids is not None:
+        raise RequestError("give the prompt as text_input or as input_ids, not both")
+    if ids is not None:
+        if ids.dtype.kind not in "iu" or ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+            raise RequestError(f"input_ids must be one list of integer token ids, got {ids.dtype} of shape "
+                               f"{list(ids.shape)}")
+        return [int(t) for t in ids.reshape(-1)]  # admission checks them against the vocabulary
     if text is None:
-        raise RequestError("text_input is required (or messages)")
+        raise RequestError("text_input is required (or messages, or input_ids)")
     _check_size("text_input", _nbytes(text), max_prompt_bytes, "max_prompt_bytes")
     return _text("text_input", text)
 

@@ -134,13 +134,24 @@ class CompletionRequest(_GenerationRequest):
                               param="logprobs")
         self.prompts()
 
-    def prompts(self) -> list[str]:
-        """The prompt texts: the `llm` model takes text, so token-id prompts are a 400."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise OpenAIError("prompt must be a string or a non-empty list of strings (token-id prompts are not "
-                              "supported: the llm model takes text)", param="prompt")
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or token ids (the `llm` model's input_ids), as OpenAI takes them: a string,
+        a list of strings, a list of ids, or a list of lists of ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompts = [prompt]
+        else:
+            prompts = prompt
+        if not prompts or not all(isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) for p in prompts):
+            raise OpenAIError("prompt must be a string, a list of strings, a list of token ids or a list of such "
+                              "lists, none of them empty", param="prompt")
         return prompts
+
+    @property
+    def echoes_token_ids(self) -> bool:
+        """echo of a token-id prompt: its text comes from the server's prompt_logprobs (the token texts), as the
+        frontend has no tokenizer."""
+        return self.echo and any(not isinstance(p, str) for p in self.prompts())
 
     def _logprobs(self) -> int | None:
         return self.logprobs
@@ -149,8 +160,8 @@ class CompletionRequest(_GenerationRequest):
         """echo with logprobs: the prompt's tokens' logprobs too (the server's prompt_logprobs), as OpenAI's legacy
         completions give them and lm-evaluation-harness reads them for loglikelihood tasks."""
         params = super().sampling(choice)
-        if self.echo and self.logprobs is not None:
-            params["prompt_logprobs"] = self.logprobs
+        if self.echo and (self.logprobs is not None or self.echoes_token_ids):
+            params["prompt_logprobs"] = self.logprobs or 0
         return params
 
 

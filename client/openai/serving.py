@@ -35,7 +35,7 @@ class ChoiceRequest:
     """The AsyncLLMClient.stream arguments of one choice."""
 
     sampling: dict[str, Any]
-    prompt: str | None = None
+    prompt: str | list[int] | None = None  # text or token ids
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
 
@@ -146,6 +146,14 @@ def completion_logprobs(entries: tuple[dict, ...] | list[dict] | None, offset: i
     return out
 
 
+def echoed_prompt(prompt: str | list[int], prompt_logprobs: tuple[dict, ...] | None) -> str:
+    """The text an echo starts with: a text prompt as sent; token ids as the server named each token (the
+    prompt_logprobs asked for with them: CompletionRequest.sampling)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(_token_text(e, "token") for e in prompt_logprobs or ())
+
+
 async def _collect(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> dict[int, CompletionBuilder]:
     builders = {i: CompletionBuilder() for i in range(len(choices))}
     async with aclosing(merged_chunks(client, choices)) as merged:
@@ -174,7 +182,7 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
     for i, b in builders.items():
         counts.prompt[i // request.n] = b.num_input_tokens
         counts.completion += b.num_output_tokens
-        echo = choices[i].prompt if request.echo else ""
+        echo = echoed_prompt(choices[i].prompt, b.prompt_logprobs) if request.echo else ""
         logprobs = b.build().logprobs
         if logprobs is not None and request.echo:
             logprobs = [*(b.prompt_logprobs or ()), *logprobs]  # one list over the echoed prompt and the answer
@@ -214,10 +222,11 @@ async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, 
         async for index, chunk in chunks:
             if request.echo and index not in echoed:  # the prompt first, with its logprobs (on the first chunk)
                 echoed.add(index)
-                prompt = choices[index].prompt
+                prompt = echoed_prompt(choices[index].prompt, chunk.prompt_logprobs)
                 offsets[index] = len(prompt)
+                logprobs = completion_logprobs(chunk.prompt_logprobs, 0) if request.logprobs is not None else None
                 yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(
-                    index=index, text=prompt, logprobs=completion_logprobs(chunk.prompt_logprobs, 0))]))
+                    index=index, text=prompt, logprobs=logprobs)]))
             counts.add(index, chunk)
             logprobs = completion_logprobs(chunk.logprobs, offsets[index])
             offsets[index] += len(chunk.text)
