@@ -8,12 +8,7 @@ import json
 
 import pytest
 
-from kvtriton.client.openai.chat_output import (
-    ChatOptions,
-    ChatOutput,
-    tool_call_parser,
-    whole_message,
-)
+from kvtriton.client.openai.chat_output import ChatOptions, ChatOutput, tool_call_parser, whole_message
 from kvtriton.client.openai.protocol import ChatCompletionRequest
 from kvtriton.client.openai.tool_calls import (
     HermesCalls,

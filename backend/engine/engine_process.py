@@ -29,17 +29,8 @@ import threading
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.parallel_state import spawn_context
 from kvtriton.backend.engine.admission import Admission
-from kvtriton.backend.engine.llm_engine import (
-    EngineBusyError,
-    EngineDeadError,
-    LLMEngine,
-)
-from kvtriton.backend.engine.outputs import (
-    OutputSink,
-    RequestOutput,
-    RequestStream,
-    request_output_fields,
-)
+from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
+from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, request_output_fields
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.stats import EngineStats
 from kvtriton.backend.engine.structured_output import StructuredOutputManager

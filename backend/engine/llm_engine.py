@@ -33,11 +33,7 @@ from functools import partial
 import torch
 
 from kvtriton.backend.config import EngineConfig
-from kvtriton.backend.engine.admission import (
-    PROMPT_BYTES_PER_TOKEN,
-    Admission,
-    AdmissionLimits,
-)
+from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.output_processor import OutputProcessor, fail_request
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream

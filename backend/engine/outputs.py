@@ -20,6 +20,14 @@ class TokenLogprob:
     logprob: float | None  # None only for a prompt's first token (prompt_logprobs): nothing comes before it
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
+    @classmethod
+    def from_rows(cls, token_id: int, row: int, top_n: int, chosen: list[float], top_ids: list[list[int]] | None,
+                  top_lps: list[list[float]] | None) -> "TokenLogprob":
+        """Row `row` of a step's logprobs on the host (the chosen token's, and the top ids and logprobs of
+        every row), with the best `top_n` of that row."""
+        top = list(zip(top_ids[row][:top_n], top_lps[row][:top_n])) if top_n and top_ids else []
+        return cls(token_id=token_id, logprob=chosen[row], top=top)
+
 
 @dataclass(slots=True)  # one per token per request: slots make it cheap to build
 class RequestOutput:

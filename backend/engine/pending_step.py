@@ -52,8 +52,7 @@ def token_logprob(seq: Sequence, token_id: int, row: int, chosen, top_ids, top_l
     n = seq.params.logprobs
     if n is None or chosen is None:
         return None
-    top = list(zip(top_ids[row][:n], top_lps[row][:n])) if n and top_ids else []
-    return TokenLogprob(token_id=token_id, logprob=chosen[row], top=top)
+    return TokenLogprob.from_rows(token_id, row, n, chosen, top_ids, top_lps)
 
 
 @dataclass

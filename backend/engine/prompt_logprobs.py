@@ -26,18 +26,17 @@ def record_prompt_logprobs(rows: list[tuple[int, range]], scheduled: list[tuple[
     """Append each sequence's new prompt logprobs to seq.prompt_logprobs. `rows`: StepInput.prompt_logprob_rows;
     `logits`: their rows, in that order."""
     seqs = [scheduled[row][0] for row, _ in rows]
-    targets = torch.tensor([seq.prompt_token_ids[p + 1] for seq, (_, positions) in zip(seqs, rows) for p in positions],
-                           device=logits.device)
+    targets = [seq.prompt_token_ids[p + 1] for seq, (_, positions) in zip(seqs, rows) for p in positions]
     logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
     top_n = max(seq.params.prompt_logprobs for seq in seqs)
-    top_lps, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
-    top_lps = top_lps.tolist() if top_n else None
-    top_ids = top_ids.tolist() if top_n else None
-    i = 0
+    top_ids = top_lps = None
+    if top_n:
+        top = logprobs.topk(top_n, dim=-1)
+        top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+    row = 0
     for seq, (_, positions) in zip(seqs, rows):
-        n = seq.params.prompt_logprobs
-        for p in positions:
-            top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n else []
-            seq.prompt_logprobs.append(TokenLogprob(token_id=seq.prompt_token_ids[p + 1], logprob=chosen[i], top=top))
-            i += 1
+        for _ in positions:
+            seq.prompt_logprobs.append(TokenLogprob.from_rows(targets[row], row, seq.params.prompt_logprobs, chosen,
+                                                              top_ids, top_lps))
+            row += 1

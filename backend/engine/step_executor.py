@@ -144,10 +144,10 @@ class StepExecutor:
     def _prepare(self, sched: SchedulerOutput) -> StepInput:
         """The step's inputs; tokens the host does not know yet come from the step in flight, on the device."""
         prompt_rows = []
-        if self.scheduler.prompt_logprob_seqs:
-            prompt_rows = [(i, seq.prompt_logprob_positions(seq.num_computed_tokens - n, n))
-                           for i, (seq, n) in enumerate(sched.scheduled) if seq.needs_prompt_logprobs]
-            prompt_rows = [(i, positions) for i, positions in prompt_rows if positions]
+        if self.scheduler.prompt_logprob_seqs:  # empty unless a request asked: no per-sequence work otherwise
+            prompt_rows = [(i, positions) for i, (seq, n) in enumerate(sched.scheduled)
+                           if seq.needs_prompt_logprobs
+                           and (positions := seq.prompt_logprob_positions(seq.num_computed_tokens - n, n))]
         step = None if prompt_rows else self._decode_inputs.step(sched.scheduled)
         if step is None:
             step = prepare_step(sched.scheduled, self.config.block_size, self.device, prompt_rows)

@@ -157,7 +157,7 @@ def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str,
         sampling[canonical] = value
 
 
-def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str:
+def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list[int]:
     messages, tools = get_input("messages"), get_input("tools")
     if messages is not None:
         _check_size("messages", _nbytes(messages) + (_nbytes(tools) if tools is not None else 0), max_prompt_bytes,
