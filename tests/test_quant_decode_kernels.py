@@ -173,7 +173,8 @@ def test_one_row_int4_gemv_keeps_large_activations_finite():
 
 
 TILES = [Tile(1, 4, 128), Tile(4, 8, 64, split_k=2, warps=1), Tile(16, 16, 64, split_k=4, dot=True),
-         Tile(32, 32, 128, dot=True), Tile(64, 64, 256, split_k=2, dot=True, stages=4)]
+         Tile(32, 32, 128, dot=True), Tile(64, 64, 256, split_k=2, dot=True, stages=4),
+         Tile(64, 32, 256, dot=True, stages=4)]  # fp8_matmul.TILES' 64-row qkv and o_proj tile
 
 
 @pytest.mark.parametrize("tile", TILES, ids=str)

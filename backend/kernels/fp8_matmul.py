@@ -30,7 +30,9 @@ CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
 # cuda from an H200 sweep. N is the weight's padded row count (a multiple of 16). Empty: `heuristic_tile`.
 # Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda
 # --rows 1,2,4,16,64; rows 16-64 again (--rows 16,32,64, 2026-12-03) with pipeline depths and split-K among the
-# candidates (7 fields).
+# candidates (7 fields). The 64-row qkv and o_proj tiles (32 outputs by 256 inputs, split-K 1, 4 stages) came from a
+# wider sweep on the H200 (2026-12-05: 5.2 and 4.9 us against 8.4 and 8.2 for the earlier tiles; the fp8 1B-class
+# step at batch 64 1.136 -> 1.029 ms, benchmarks/profile_decode.py --quantization fp8 --batch 64, alternated twice).
 TILES: dict[tuple[str, int, int, int], tuple] = {
     ('fp8', 1, 2048, 2048): (1, 2, 2048, 1, 1, False),
     ('fp8', 1, 2048, 8192): (1, 2, 2048, 1, 1, False),
@@ -57,9 +59,9 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
     ('fp8', 32, 3072, 2048): (0, 0, 0),
     ('fp8', 32, 16384, 2048): (32, 64, 256, 1, 4, True, 3),
     ('fp8', 32, 49152, 2048): (32, 128, 128, 1, 4, True, 4),
-    ('fp8', 64, 2048, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('fp8', 64, 2048, 2048): (64, 32, 256, 1, 4, True, 4),
     ('fp8', 64, 2048, 8192): (64, 32, 256, 4, 4, True, 3),
-    ('fp8', 64, 3072, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('fp8', 64, 3072, 2048): (64, 32, 256, 1, 4, True, 4),
     ('fp8', 64, 16384, 2048): (64, 64, 256, 1, 4, True, 3),
     ('fp8', 64, 49152, 2048): (64, 64, 128, 1, 4, True, 4),
 }
