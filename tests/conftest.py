@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvtriton.build.repository import set_parameters
 
@@ -28,6 +29,16 @@ def torch_int4_kernels(monkeypatch):
     import kvtriton.backend.models.int4 as int4
 
     monkeypatch.setattr(int4, "gemv_serves", lambda: False)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Every engine compiles the same layer functions, and dynamo keeps each code object's graphs until reset, up to
+    its recompile_limit (8; fullgraph: past it a load fails). A server loads one engine; a test process loads many, so
+    tests that build compiled engines start from a reset."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

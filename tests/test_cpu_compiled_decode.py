@@ -19,11 +19,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks", "one two three four five"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each engine compiles the same decoder-layer function, and dynamo keeps every graph of a code object until
-    reset, up to its recompile_limit (8): a process loads one engine, this module several."""
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def t(values):

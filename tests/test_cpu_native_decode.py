@@ -15,7 +15,8 @@ from kvtriton.backend.runners.cpu_native_decode import why_not_native
 from tests.test_cpu_compiled_decode import decode_step_args
 from tests.tiny_model import make_tiny_engine, make_tiny_model
 
-pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with AVX-512 BF16")
+pytestmark = [pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with AVX-512 BF16"),
+              pytest.mark.usefixtures("fresh_dynamo")]  # each engine compiles the same functions
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks", "one two three four five"]
 
@@ -26,9 +27,6 @@ def wide_folder(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("wide"), hidden=256)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()  # each engine compiles the same functions (tests/test_cpu_compiled_decode.py says why)
 
 
 def native_engine(folder, **overrides):

@@ -123,7 +123,7 @@ def test_fp8_on_cuda_triton_quantizer_and_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
 @pytest.mark.parametrize("quantization", ["fp8", "int4"])
-def test_quantized_engine_on_cuda_decodes_like_bf16(tiny, quantization):
+def test_quantized_engine_on_cuda_decodes_like_bf16(tiny, quantization, fresh_dynamo):
     """The whole CUDA path: torch.compile'd layers and CUDA-graph decode with the fp8 / int4 layers inside."""
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     prompts = ["the quick brown fox", "paris is the capital of", "one two three four"]

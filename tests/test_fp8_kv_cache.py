@@ -20,14 +20,7 @@ PROMPTS = ["the quick brown fox", "paris is the capital of france " * 3, "blocks
 CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every engine compiles the same layer functions, and dynamo keeps each code object's graphs until reset, up to
-    its recompile_limit (8; fullgraph: past it a load fails): a server loads one engine, this module several, and the
-    modules after it more."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_pool_stores_saturate_and_read_back_widened():
@@ -61,7 +54,7 @@ def test_fp8_pool_holds_four_times_the_tokens_of_an_fp32_pool_and_decodes_alike(
     far apart) stays the float pool's, alone and batched, and every block comes back."""
     outputs, blocks = {}, {}
     for kv_cache_dtype in ("auto", "fp8"):
-        torch._dynamo.reset()  # the second engine's graphs too (see fresh_dynamo)
+        torch._dynamo.reset()  # the second engine's graphs too (see conftest.fresh_dynamo)
         engine = make_tiny_engine(tiny_folder, kv_cache_dtype=kv_cache_dtype, num_kv_blocks=0,
                                   kv_cache_memory_gb=0.01, cpu_compile_decode=compiled).start()
         try:

@@ -80,7 +80,7 @@ def test_prompt_logprobs_refused_where_the_runner_cannot(tiny_folder):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("overrides", [dict(), dict(max_num_batched_tokens=8)])
-def test_prompt_logprobs_on_cuda(tiny_folder, reference, overrides):
+def test_prompt_logprobs_on_cuda(tiny_folder, reference, overrides, fresh_dynamo):
     """The same on a GPU in fp32: prefill steps with prompt rows replay the prefill CUDA graphs (their logits rows
     are the step's own, as a verify step's) or run eagerly."""
     engine = make_tiny_engine(tiny_folder, device="cuda", dtype="float32", **overrides)
