@@ -5,6 +5,7 @@ and a client that disconnects mid-request frees the KV blocks on the server. Def
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import urllib.error
@@ -135,6 +136,8 @@ def test_logprobs_name_the_tokens(client):
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
      "guided_json is invalid"),  # the server's schema check: a 400, not a 500
     (dict(stream=True, temperature=-1), "temperature"),  # streamed: still a 400, not an error inside a 200 stream
+    (dict(extra_body={"guided_regex": "[0-9"}), "guided_regex is invalid"),  # the server's regex check
+    (dict(extra_body={"guided_choice": ["a", ""]}), "guided_choice must be a list of non-empty strings"),
 ])
 def test_bad_input_is_a_400_in_openai_shape(client, kwargs, param):
     stream = kwargs.pop("stream", False)
@@ -225,6 +228,18 @@ def test_response_format_asks_the_server_for_structured_output(client):
     r = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=48, temperature=0,
                                        response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_vllms_guided_fields_constrain_the_output(client):
+    """vLLM's extensions as its users send them, in extra_body: guided_choice and structured_outputs, chat and
+    completions, streamed too."""
+    choices = ["Paris", "London", "Rome"]
+    r = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=8, temperature=0,
+                                       extra_body={"guided_choice": choices})
+    assert r.choices[0].message.content in choices and r.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=8, stream=True,
+                                       extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", "".join(c.choices[0].text for c in stream))
 
 
 def test_server_not_ready_is_a_503():

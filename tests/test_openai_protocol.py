@@ -39,6 +39,35 @@ def test_chat_fields_become_the_servers_sampling_keys():
     assert chat(logit_bias={"50256": -100}).sampling(0) == {"logit_bias": {"50256": -100.0}}  # ids: the server's
 
 
+def test_vllms_structured_output_fields_become_guided_keys():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert chat(guided_json=schema).sampling(0) == {"guided_json": json.dumps(schema)}
+    assert chat(guided_json=json.dumps(schema)).sampling(0) == {"guided_json": json.dumps(schema)}
+    assert chat(guided_regex="[0-9]+").sampling(0) == {"guided_regex": "[0-9]+"}
+    assert chat(guided_choice=["yes", "no"]).sampling(0) == {"guided_choice": ["yes", "no"]}
+    assert chat(guided_grammar='root ::= "a"').sampling(0) == {"guided_grammar": 'root ::= "a"'}
+    assert chat(structured_outputs={"choice": ["a", "b"]}).sampling(0) == {"guided_choice": ["a", "b"]}
+    assert chat(structured_outputs={"json": schema}).sampling(0) == {"guided_json": json.dumps(schema)}
+    assert chat(structured_outputs={"json_object": True}).sampling(0) == {"guided_json_object": True}
+    completion = CompletionRequest(model="llm", prompt="a", structured_outputs={"regex": "[ab]"})
+    completion.check()
+    assert completion.sampling(0) == {"guided_regex": "[ab]"}
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(guided_regex="a", guided_choice=["b"]), "guided_choice"),
+    (dict(response_format={"type": "json_object"}, guided_json={}), "guided_json"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required", guided_regex="a"),
+     "guided_regex"),
+    (dict(structured_outputs={}), "structured_outputs"),
+    (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+])
+def test_two_structured_output_constraints_are_a_400(fields, param):
+    with pytest.raises(OpenAIError) as info:
+        chat(**fields)
+    assert info.value.status == 400 and info.value.param == param
+
+
 def test_each_choice_of_a_seeded_request_has_its_own_seed():
     request = chat(seed=100, n=3)
     assert [c.sampling["seed"] for c in chat_choices(request)] == [100, 101, 102]
@@ -114,7 +143,7 @@ def test_completion_logprobs_offsets_follow_the_token_texts():
 
 @pytest.mark.parametrize("error, status, param", [
     (InvalidRequestError("temperature must be >= 0, got -1.0"), 400, None),
-    (InvalidRequestError("unknown sampling parameter 'guided_json'; accepted: ..."), 400, "response_format"),
+    (InvalidRequestError("unknown sampling parameter 'guided_json'; accepted: ..."), 400, None),
     (ServerUnavailableError("grpc://x:1", "connection failed"), 503, None),
     (RequestTimeoutError("no response for 300 s"), 504, None),
     (ServerError("INTERNAL: boom"), 500, None),
@@ -145,6 +174,9 @@ def test_models_route(app_client):
     ({**CHAT, "temperature": "hot"}, 400, "temperature"),
     ({**CHAT, "frobnicate": True}, 400, "frobnicate"),
     ({**CHAT, "n": 0}, 400, "n"),
+    ({**CHAT, "structured_outputs": {"choice": ["a"], "whitespace_pattern": " "}}, 400,
+     "structured_outputs.whitespace_pattern"),
+    ({**CHAT, "guided_regex": "a", "guided_choice": ["a"]}, 400, "guided_choice"),
 ])
 def test_bad_requests_get_openai_errors_before_reaching_triton(app_client, body, status, param):
     r = app_client.post("/v1/chat/completions", json=body)

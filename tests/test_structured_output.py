@@ -58,6 +58,10 @@ def test_guided_keys_parse_from_json_and_keep_the_schema_order():
     assert SamplingParams(guided_regex="[0-9]+").guided_decoding == ("regex", "[0-9]+")
     assert SamplingParams(guided_grammar='root ::= "a"').guided_decoding == ("grammar", 'root ::= "a"')
     assert SamplingParams.from_dict({"guided_json_object": "true"}).guided_decoding == ("json_object", "")
+    choice = SamplingParams.from_dict({"guided_choice": ["yes", "no", "é"]})
+    assert choice.guided_choice == ("yes", "no", "é") and choice.guided_decoding == ("choice", '["yes", "no", "é"]')
+    hash(choice)
+    assert SamplingParams(guided_choice=["a"]).guided_choice == ("a",)
     assert SamplingParams().guided_decoding is None
 
 
@@ -68,6 +72,10 @@ def test_guided_keys_parse_from_json_and_keep_the_schema_order():
     ({"guided_grammar": 5}, "guided_grammar must be a non-empty string, got 5"),
     ({"guided_json": ["a"]}, "guided_json must be a JSON schema (a string or an object)"),
     ({"guided_json_object": "yes"}, "guided_json_object must be true or false"),
+    ({"guided_choice": "yes"}, "guided_choice must be a list"),
+    ({"guided_choice": ["yes", ""]}, "guided_choice must be a list of non-empty strings"),
+    ({"guided_choice": ["yes", 1]}, "guided_choice must be a list of non-empty strings"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_regex and guided_choice are both set"),
 ])
 def test_bad_guided_keys_are_named(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -185,6 +193,13 @@ def test_the_request_ends_with_the_grammar_without_an_eos_step(engine):
     tokenizer = engine.tokenizer
     assert tokenizer.decode(out.token_ids) == out.text  # every token is text: no EOS was sampled
     assert not set(out.token_ids) & engine.eos_token_ids
+
+
+def test_choice_outputs_are_one_of_the_choices(engine):
+    choices = ["Paris", "New York", 'a "quoted" \\ one', "Zürich"]  # spaces, JSON escapes, non-ASCII
+    outs = engine.generate(PROMPTS * 2, guided(guided_choice=choices, temperature=1.0, seed=3))
+    assert all(o.text in choices and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    assert engine.stats().kv_usage == 0.0
 
 
 def test_regex_grammar_and_json_object(engine):

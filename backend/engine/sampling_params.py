@@ -9,8 +9,9 @@ keys are the field names; other clients' spellings (TensorRT-LLM's) are
 their adapter's to translate.
 
 Structured output (vLLM's names): at most one of `guided_json` (a JSON schema,
-as a JSON string or an object), `guided_regex`, `guided_grammar` (Lark or
-GBNF/EBNF) and `guided_json_object` (any JSON object). Here they are checked
+as a JSON string or an object), `guided_regex`, `guided_choice` (the output is
+exactly one of a list of strings), `guided_grammar` (Lark or GBNF/EBNF) and
+`guided_json_object` (any JSON object). Here they are checked
 for shape only; whether the schema, regex or grammar compiles is found by the
 grammar engine (structured_output.py) when the request is admitted.
 """
@@ -67,6 +68,7 @@ class SamplingParams:
     guided_json: str | None = None  # a JSON schema (an object is serialised)
     guided_regex: str | None = None
     guided_grammar: str | None = None  # Lark, or GBNF / EBNF (llama.cpp's)
+    guided_choice: tuple[str, ...] = ()  # the output is exactly one of these strings
     guided_json_object: bool = False  # any JSON object
     # Added to the token's logit before penalties and sampling (OpenAI's and vLLM's logit_bias): token id ->
     # bias in [-100, 100]. Given as a mapping (JSON's string keys accepted); kept as sorted (id, bias) pairs.
@@ -153,18 +155,25 @@ class SamplingParams:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 what = "a JSON schema (a string or an object)" if name == "guided_json" else "a non-empty string"
                 raise ValueError(f"{name} must be {what}, got {value!r}")
-        given = [name for name in (*_GUIDED_TEXT_FIELDS, "guided_json_object") if getattr(self, name)]
+        if isinstance(self.guided_choice, (list, str)):  # a str is one choice, not its characters
+            object.__setattr__(self, "guided_choice", (self.guided_choice,) if isinstance(self.guided_choice, str)
+                               else tuple(self.guided_choice))
+        if not all(isinstance(choice, str) and choice for choice in self.guided_choice):
+            raise ValueError(f"guided_choice must be a list of non-empty strings, got {list(self.guided_choice)!r}")
+        given = [name for name in (*_GUIDED_TEXT_FIELDS, "guided_choice", "guided_json_object") if getattr(self, name)]
         if len(given) > 1:
             raise ValueError(f"{given[0]} and {given[1]} are both set; give at most one guided_* constraint")
 
     @property
     def guided_decoding(self) -> tuple[str, str] | None:
-        """The structured-output constraint as (kind, spec), kind one of json, regex, grammar, json_object;
-        None when the request is unconstrained."""
+        """The structured-output constraint as (kind, spec), kind one of json, regex, grammar, choice (spec: the
+        choices as a JSON list), json_object; None when the request is unconstrained."""
         for name in _GUIDED_TEXT_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 return name.removeprefix("guided_"), value
+        if self.guided_choice:
+            return "choice", json.dumps(self.guided_choice, ensure_ascii=False)
         return ("json_object", "") if self.guided_json_object else None
 
     @property
@@ -211,6 +220,8 @@ def _coerce(name: str, value: Any) -> Any:
         return (value,) if isinstance(value, str) else _as_list(name, value)
     if name == "stop_token_ids":
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
+    if name == "guided_choice":
+        return tuple(_as_list(name, value))  # its strings are checked by __post_init__
     if name in _GUIDED_TEXT_FIELDS or name == "logit_bias":
         return value  # checked by __post_init__ (guided_json may be an object, logit_bias is one)
     raise AssertionError(f"no coercion for field {name}")

@@ -1,7 +1,7 @@
 """Structured output: grammar-constrained decoding through llguidance.
 
 A guided request (`SamplingParams.guided_decoding`: a JSON schema, any JSON
-object, a regex or a Lark / GBNF grammar) carries a `GrammarMatcher`, its
+object, a regex, a list of choices or a Lark / GBNF grammar) carries a `GrammarMatcher`, its
 position in the grammar. Each step the rows of the batch that sample a guided
 sequence get the matcher's allowed-token bitmask (one bit per token id,
 filled for the whole batch in one call); the sampler masks the logits of every
@@ -167,6 +167,9 @@ def _llguidance_grammar(kind: str, spec: str) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
+    if kind == "choice":  # one Lark rule of string literals (JSON's escapes are Lark's); vLLM's guided_choice
+        return llguidance.grammar_from("lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                      for c in json.loads(spec)))
     if kind == "grammar":
         try:  # Lark as is; GBNF / EBNF (llama.cpp's "root ::= ...") converted to Lark
             return llguidance.grammar_from("grammar", spec)

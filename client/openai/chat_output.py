@@ -51,8 +51,9 @@ class ChatOutput:
     def __init__(self, request: p.ChatCompletionRequest, options: ChatOptions) -> None:
         self._request = request
         self._tools = tool_call_parser(request, options.tool_call_parser)
-        # An output held to a schema from its first token (response_format, a forced call) has no reasoning.
-        guided = request.response_format is not None or request.tool_mode in ("named", "required")
+        # An output held to a constraint from its first token (response_format, guided_*, a forced call) has no
+        # reasoning.
+        guided = bool(request.output_constraint())
         self._reasoning = None if options.reasoning_parser is None or guided else \
             ThinkSplit(REASONING_PARSERS[options.reasoning_parser])
         self.called = False  # a tool call was sent

@@ -15,8 +15,8 @@ from kvtriton.client.errors import InvalidRequestError, LLMClientError, RequestT
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable_error",
           504: "timeout_error"}
 
-# The sampling keys response_format maps onto; a server without structured output rejects them as unknown.
-STRUCTURED_OUTPUT_KEYS = ("guided_json", "guided_json_object")
+# The sampling keys structured output maps onto; a server without it rejects them as unknown.
+STRUCTURED_OUTPUT_KEYS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class OpenAIError(Exception):
@@ -33,9 +33,8 @@ def from_client_error(error: LLMClientError) -> OpenAIError:
     message = str(error)
     if isinstance(error, InvalidRequestError):
         if "unknown sampling parameter" in message and any(repr(k) in message for k in STRUCTURED_OUTPUT_KEYS):
-            return OpenAIError("response_format needs structured output (sampling keys guided_json / "
-                               f"guided_json_object), which this server's llm model does not have: {message}",
-                               param="response_format")
+            return OpenAIError("this request needs structured output (the guided_* sampling keys), which this "
+                               f"server's llm model does not have: {message}")
         return OpenAIError(message)
     if isinstance(error, ServerUnavailableError):
         return OpenAIError(message, 503)

@@ -17,6 +17,13 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.structured_outputs import (
+    GUIDED_FIELDS,
+    ResponseFormat,
+    StructuredOutputs,
+    guided_keys,
+    one_constraint,
+)
 from kvtriton.client.openai.tool_calls import required_calls_schema
 
 MAX_N = 16  # choices per request: each is one Triton request, all in flight together
@@ -30,18 +37,6 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-
-
-class JsonSchema(_Strict):
-    name: str | None = None
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchema | None = None
 
 
 class _GenerationRequest(_Strict):
@@ -69,6 +64,12 @@ class _GenerationRequest(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's structured-output extensions (structured_outputs.py)
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
                        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
@@ -80,10 +81,7 @@ class _GenerationRequest(_Strict):
             raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
-        if self.response_format is not None and self.response_format.type == "json_schema":
-            if self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None:
-                raise OpenAIError('response_format {"type": "json_schema"} needs json_schema.schema',
-                                  param="response_format")
+        self.output_constraint()
 
     @property
     def include_usage(self) -> bool:
@@ -94,6 +92,17 @@ class _GenerationRequest(_Strict):
 
     def _logprobs(self) -> int | None:
         return None
+
+    def _constraint_sources(self) -> dict[str, dict[str, Any]]:
+        """Each field that may constrain the output -> the guided_* keys it asks for ({}: none)."""
+        sources = {"response_format": self.response_format.sampling_keys() if self.response_format else {},
+                   "structured_outputs": self.structured_outputs.sampling_keys() if self.structured_outputs else {}}
+        sources.update((field, guided_keys({field: getattr(self, field)})) for field in GUIDED_FIELDS)
+        return sources
+
+    def output_constraint(self) -> dict[str, Any]:
+        """The guided_* sampling keys of the request's one structured-output constraint ({}: unconstrained)."""
+        return one_constraint(self._constraint_sources())
 
     def sampling(self, choice: int) -> dict[str, Any]:
         """The `llm` model's sampling parameters for choice `choice` (0 .. n-1).
@@ -108,11 +117,7 @@ class _GenerationRequest(_Strict):
             params["seed"] = self.seed + choice
         if self.stop is not None:
             params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
-            params["guided_json_object"] = True
-        elif fmt is not None and fmt.type == "json_schema":
-            params["guided_json"] = json.dumps(fmt.json_schema.schema_)
+        params.update(self.output_constraint())
         return {k: v for k, v in params.items() if v is not None}
 
 
@@ -247,9 +252,6 @@ class ChatCompletionRequest(_GenerationRequest):
                               param="tool_choice")
         if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
             raise OpenAIError("tools: two functions have the same name", param="tools")
-        if self.response_format is not None and self.tool_mode in ("named", "required"):
-            raise OpenAIError("response_format cannot be combined with a tool_choice that forces a call (both "
-                              "constrain the output)", param="response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -277,17 +279,17 @@ class ChatCompletionRequest(_GenerationRequest):
         the model may be told of tools it is not to call)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
-    def sampling(self, choice: int) -> dict[str, Any]:
+    def _constraint_sources(self) -> dict[str, dict[str, Any]]:
         """A forced call constrains the output to the call's JSON (structured output, as vLLM does)."""
-        params = super().sampling(choice)
+        forced: dict[str, Any] = {}
         mode = self.tool_mode
-        if mode == "named":
-            [tool] = [t for t in self.tools if t.function.name == self.tool_choice.function.name]
-            params["guided_json"] = json.dumps(tool.function.parameters or {"type": "object"})
+        named = [t for t in self.tools or () if mode == "named" and t.function.name == self.tool_choice.function.name]
+        if named:  # (a name not in tools is check()'s 400)
+            forced = {"guided_json": json.dumps(named[0].function.parameters or {"type": "object"})}
         elif mode == "required":
             schema = required_calls_schema([t.model_dump() for t in self.tools], self.parallel_tool_calls is False)
-            params["guided_json"] = json.dumps(schema)
-        return params
+            forced = {"guided_json": json.dumps(schema)}
+        return {"tool_choice": forced, **super()._constraint_sources()}
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

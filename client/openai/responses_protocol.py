@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.structured_outputs import JsonSchema, ResponseFormat
 
 
 class _Strict(BaseModel):
@@ -211,8 +212,8 @@ class ResponsesRequest(_Strict):
     def chat_request(self) -> p.ChatCompletionRequest:
         """The chat completion this request asks for (n 1)."""
         fmt = self.text.format
-        response_format = None if fmt.type == "text" else p.ResponseFormat(
-            type=fmt.type, json_schema=None if fmt.type != "json_schema" else p.JsonSchema(
+        response_format = None if fmt.type == "text" else ResponseFormat(
+            type=fmt.type, json_schema=None if fmt.type != "json_schema" else JsonSchema(
                 name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict))
         tool_choice = self.tool_choice
         if isinstance(tool_choice, FunctionChoice):
