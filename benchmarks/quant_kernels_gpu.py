@@ -112,6 +112,7 @@ def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
     for bn in (32, 64, 128):
         for bk in (64, 128, 256):
             tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
+            tiles.add(Tile(bm, bn, bk, 1, 4, True, 4))  # unsplit, as fp8_tiles (where that won at 64 rows)
     return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
 
 
