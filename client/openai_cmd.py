@@ -1,4 +1,5 @@
-"""Serve the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) in front of a running Triton server.
+"""Serve the OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /v1/responses) in front of
+a running Triton server.
 
     kvtriton openai --url localhost:8001 --port 9000
 
@@ -41,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                    help="how tool_choice \"auto\" (OpenAI's default when a request has tools) finds tool calls in "
                         "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3); "
-                        "llama3_json, {\"name\": ..., \"parameters\": ...} (Llama 3.1-3.3). Without it \"auto\" is "
-                        "refused; a named function and \"required\" need none")
+                        "llama3_json, {\"name\": ..., \"parameters\": ...} (Llama 3.1-3.3); pythonic, [f(a=1), ...] "
+                        "(Llama 3.2 and 4). Without it \"auto\" is refused; a named function and \"required\" "
+                        "need none")
     g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="send a thinking model's <think>...</think> as reasoning_content, apart from the content: "
                         "deepseek_r1 (DeepSeek-R1 and its distills: the output opens in the reasoning), qwen3 "

@@ -226,7 +226,8 @@ def test_serve_checks_the_tool_call_parser(tmp_path, capsys):
     port = str(free_ports(1)[0])
     assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "mistral"],
                       openai=_start_openai) == 1
-    assert "--tool-call-parser 'mistral' is not known; use one of hermes, llama3_json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tool-call-parser 'mistral' is not known; use one of hermes, llama3_json, pythonic" in err
 
 
 def test_token_id_prompts_go_as_ids_and_an_echo_of_them_asks_for_their_texts():

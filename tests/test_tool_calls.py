@@ -15,6 +15,8 @@ from kvtriton.client.openai.tool_calls import (
     JsonCalls,
     Llama3JsonCalls,
     NamedCall,
+    PythonicCalls,
+    python_calls,
     required_calls,
     required_calls_schema,
 )
@@ -134,6 +136,35 @@ def test_llama3_json_streams_plain_answers_at_once_and_calls_when_whole():
     assert parser.feed('{"name": "get_weather", "parameters": {}}') == [] and parser.finish() == []
 
 
+PYTHONIC = '[get_weather(city="Paris", days=3, metric=True, hours=[9, 18], extra=None), get_time()]'
+
+
+@pytest.mark.parametrize("deltas", splits(PYTHONIC) + splits("<|python_start|>" + PYTHONIC + "<|python_end|>")
+                         + splits("\n " + PYTHONIC + "\n"))
+def test_pythonic_finds_the_calls_however_the_text_is_split(deltas):
+    message = parse(PythonicCalls(), deltas)
+    assert message.content is None or message.content == ""
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 3, "metric": True, "hours": [9, 18], "extra": None}),
+        ("get_time", {})]
+
+
+@pytest.mark.parametrize("text", ["Paris is sunny today.", "[1, 2, 3]", "[f(1)]", "[f(**kw)]", "[os.system('x')]",
+                                  "[f(a=g())]", "[f(a=1)", "[" * 5000, "  "])
+def test_pythonic_answers_that_are_not_calls_are_content_as_written(text):
+    for deltas in splits(text):
+        message = parse(PythonicCalls(), deltas)
+        assert message.content == text and message.tool_calls == []
+
+
+def test_pythonic_streams_plain_answers_at_once_and_holds_a_list_to_its_end():
+    assert [d.content for d in stream(PythonicCalls(), ["Sunny", " and warm"]) if d] == ["Sunny", " and warm"]
+    assert [d for d in stream(PythonicCalls(), ["[get_", "time()]"]) if d] == []  # sent by the last feed
+    assert python_calls("[f(a=1), g(b='x')]") == [("f", {"a": 1}), ("g", {"b": "x"})]
+    assert parse(PythonicCalls(max_calls=1), [PYTHONIC]).tool_calls[0].function.name == "get_weather"
+    assert len(parse(PythonicCalls(max_calls=1), [PYTHONIC]).tool_calls) == 1
+
+
 def test_named_call_streams_its_arguments():
     first, second = stream(NamedCall("get_weather"), ['{"city"', ': "Paris"}'])
     assert first.tool_calls[0].function.name == "get_weather" and first.tool_calls[0].type == "function"
@@ -154,6 +185,7 @@ def test_tool_choice_picks_the_parser_and_the_constraint():
     assert auto.tool_mode == "auto" and "guided_json" not in auto.sampling(0)
     assert isinstance(tool_call_parser(auto, "hermes"), HermesCalls)
     assert isinstance(tool_call_parser(auto, "llama3_json"), Llama3JsonCalls)
+    assert isinstance(tool_call_parser(auto, "pythonic"), PythonicCalls)
     none = request(tools=[WEATHER], tool_choice="none")
     assert tool_call_parser(none, "hermes") is None and none.template_tools() == [WEATHER]
     assert tool_call_parser(request(), "hermes") is None and request().template_tools() is None
@@ -164,7 +196,7 @@ def test_auto_without_a_parser_is_a_400_that_says_how():
     with pytest.raises(OpenAIError) as info:
         tool_call_parser(request(tools=[WEATHER]), None)
     assert info.value.status == 400 and info.value.param == "tool_choice"
-    assert "--tool-call-parser (hermes or llama3_json)" in str(info.value)
+    assert "--tool-call-parser (hermes or llama3_json or pythonic)" in str(info.value)
 
 
 def test_required_schema_names_each_tool_and_its_parameters():

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "as `kvtriton openai` does")
     parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
                         help="with --openai-port: how tool_choice \"auto\" finds tool calls in the output "
-                             "(hermes, llama3_json), as `kvtriton openai --tool-call-parser`")
+                             "(hermes, llama3_json, pythonic), as `kvtriton openai --tool-call-parser`")
     parser.add_argument("--reasoning-parser", default=None, metavar="NAME",
                         help="with --openai-port: send a thinking model's <think>...</think> as reasoning_content "
                              "(deepseek_r1, qwen3), as `kvtriton openai --reasoning-parser`")
@@ -252,7 +252,8 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1\n"
               if options.openai_port is not None else "")
     print(
-        f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) ready in {ready_after_s:.1f} s\n"
+        f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) "
+        f"ready in {ready_after_s:.1f} s\n"
         f"  HTTP     {http_url}{guard}\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"

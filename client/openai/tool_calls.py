@@ -8,7 +8,8 @@ Three ways a request can call tools, as vLLM's OpenAI server serves them:
   each call is sent once its object is complete;
 - `"auto"`: the model decides, and a parser for its family's format finds the calls in free text:
   `--tool-call-parser hermes`, `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes 2/3,
-  Qwen2.5/3, SmolLM3), or `llama3_json`, `{"name": ..., "parameters": ...}` (Llama 3.1-3.3).
+  Qwen2.5/3, SmolLM3), `llama3_json`, `{"name": ..., "parameters": ...}` (Llama 3.1-3.3), or `pythonic`,
+  `[get_weather(city="Paris")]` (Llama 3.2 and 4).
 
 Every parser takes the text as it arrives (`feed`) and says what to send (`Piece`s); `finish` flushes
 what it held back. The non-streamed response is the same pieces joined, so both paths parse alike.
@@ -16,6 +17,7 @@ what it held back. The non-streamed response is the same pieces joined, so both 
 
 from __future__ import annotations
 
+import ast
 import json
 import uuid
 from dataclasses import dataclass
@@ -187,6 +189,68 @@ class HermesCalls:
         return _whole_call(self._calls - 1, call["name"], call.get("arguments", {}))
 
 
+class PythonicCalls:
+    """Calls as a Python list of function calls with keyword arguments of Python literals,
+    `[get_weather(city="Paris"), get_time()]` (vLLM's pythonic: Llama 3.2 and 4, ToolACE), optionally between
+    Llama 4's <|python_start|> and <|python_end|> where special tokens are kept. An answer that starts with `[`
+    is held back to its end; if it is such a list its calls are sent, else it is content as written. Any other
+    answer is content, streamed as it comes. The list is read by Python's parser, never evaluated."""
+
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self._text, self._max_calls = "", max_calls
+        self._mode: str | None = None  # None: undecided, "calls" (held back) or "content"
+
+    def feed(self, text: str) -> list[Piece]:
+        if self._mode == "content":
+            return [Piece(text=text)] if text else []
+        self._text += text
+        if self._mode == "calls":
+            return []
+        head = self._text.lstrip()
+        if not head or self.START.startswith(head):  # not decided yet
+            return []
+        if head.removeprefix(self.START).lstrip().startswith("["):
+            self._mode = "calls"
+            return []
+        if head.startswith(self.START) and not head.removeprefix(self.START).strip():
+            return []
+        self._mode = "content"
+        return [Piece(text=self._text)]
+
+    def finish(self) -> list[Piece]:
+        text, mode = self._text, self._mode
+        self._text, self._mode = "", "content"
+        if mode == "content" or not text:
+            return []
+        calls = python_calls(text.strip().removeprefix(self.START).removesuffix(self.END))
+        if calls is None:
+            return [Piece(text=text)]
+        return [piece for i, (name, arguments) in enumerate(calls[:self._max_calls])
+                for piece in _whole_call(i, name, arguments)]
+
+
+def python_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """`[f(a=1), g(b="x")]` -> [("f", {"a": 1}), ("g", {"b": "x"})]; None if the text is not such a list."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(tree.body, ast.List):
+        return None
+    calls = []
+    for node in tree.body.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args or \
+                any(keyword.arg is None for keyword in node.keywords):  # positional or **kwargs: not a call
+            return None
+        try:
+            calls.append((node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}))
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return None
+    return calls
+
+
 def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
     """The JSON schema that makes tool_choice "required" produce calls of the given tools only (vLLM's)."""
     items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
@@ -200,4 +264,4 @@ def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
 
 
 # `--tool-call-parser` names (vLLM's) -> the parser of one choice's output for tool_choice "auto".
-TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}
+TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "pythonic": PythonicCalls}
