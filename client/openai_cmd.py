@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="how tool_choice \"auto\" (OpenAI's default when a request has tools) finds tool calls in "
                         "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3); "
                         "llama3_json, {\"name\": ..., \"parameters\": ...} (Llama 3.1-3.3); pythonic, [f(a=1), ...] "
-                        "(Llama 3.2 and 4). Without it \"auto\" is refused; a named function and \"required\" "
-                        "need none")
+                        "(Llama 3.2 and 4); mistral, [TOOL_CALLS]... (Mistral's models). Without it \"auto\" is "
+                        "refused; a named function and \"required\" need none")
     g.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="send a thinking model's <think>...</think> as reasoning_content, apart from the content: "
                         "deepseek_r1 (DeepSeek-R1 and its distills: the output opens in the reasoning), qwen3 "

@@ -273,7 +273,7 @@ def test_metrics_are_scraped_and_the_autoscaler_reads_a_metric_the_server_export
     ({"modelRepository.source": "pvc"}, "set modelRepository.pvc.claimName"),
     ({"gpu.count": "-1"}, "/gpu/count"),
     ({"serve.grpcPort": "70000"}, "/serve/grpcPort"),
-    ({"serve.toolCallParser": "mistral"}, "/serve/toolCallParser"),
+    ({"serve.toolCallParser": "granite"}, "/serve/toolCallParser"),
     ({"serve.toolCallParser": "hermes", "serve.openaiPort": "null"}, "set serve.openaiPort too"),
     ({"serve.reasoningParser": "qwen3", "serve.openaiPort": "null"}, "serve.reasoningParser is the OpenAI API's"),
     ({"serve.reasoningParser": "r1"}, "/serve/reasoningParser"),

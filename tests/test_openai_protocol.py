@@ -14,6 +14,7 @@ from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.errors import InvalidRequestError, RequestTimeoutError, ServerError, ServerUnavailableError
 from kvtriton.client.openai.app import create_app
+from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
 from kvtriton.client.openai.protocol import ChatCompletionRequest, CompletionRequest
 from kvtriton.client.openai.serving import chat_choices, completion_choices, completion_logprobs
@@ -70,8 +71,8 @@ def test_two_structured_output_constraints_are_a_400(fields, param):
 
 def test_each_choice_of_a_seeded_request_has_its_own_seed():
     request = chat(seed=100, n=3)
-    assert [c.sampling["seed"] for c in chat_choices(request)] == [100, 101, 102]
-    assert all("seed" not in c.sampling for c in chat_choices(chat(n=2)))
+    assert [c.sampling["seed"] for c in chat_choices(request, ChatOptions())] == [100, 101, 102]
+    assert all("seed" not in c.sampling for c in chat_choices(chat(n=2), ChatOptions()))
 
 
 def test_completion_choices_number_prompt_major():
@@ -224,10 +225,10 @@ def test_serve_checks_the_tool_call_parser(tmp_path, capsys):
     with pytest.raises(ServeError, match="--tool-call-parser is the OpenAI frontend's: give --openai-port"):
         ServeOptions(tmp_path, tool_call_parser="hermes")
     port = str(free_ports(1)[0])
-    assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "mistral"],
+    assert serve_main(["--model-repository", str(tmp_path), "--openai-port", port, "--tool-call-parser", "granite"],
                       openai=_start_openai) == 1
     err = capsys.readouterr().err
-    assert "--tool-call-parser 'mistral' is not known; use one of hermes, llama3_json, pythonic" in err
+    assert "--tool-call-parser 'granite' is not known; use one of hermes, llama3_json, pythonic, mistral" in err
 
 
 def test_token_id_prompts_go_as_ids_and_an_echo_of_them_asks_for_their_texts():

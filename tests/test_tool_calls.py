@@ -14,6 +14,7 @@ from kvtriton.client.openai.tool_calls import (
     HermesCalls,
     JsonCalls,
     Llama3JsonCalls,
+    MistralCalls,
     NamedCall,
     PythonicCalls,
     python_calls,
@@ -165,6 +166,35 @@ def test_pythonic_streams_plain_answers_at_once_and_holds_a_list_to_its_end():
     assert len(parse(PythonicCalls(max_calls=1), [PYTHONIC]).tool_calls) == 1
 
 
+MISTRAL_V3 = 'Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, ' \
+             '{"name": "get_time", "arguments": {}}]'
+MISTRAL_V11 = 'Let me check. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}'
+
+
+@pytest.mark.parametrize("deltas", splits(MISTRAL_V3) + splits(MISTRAL_V11))
+def test_mistral_finds_the_calls_in_either_format_however_the_text_is_split(deltas):
+    message = parse(MistralCalls(), deltas)
+    assert message.content == "Let me check. "
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
+        [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+@pytest.mark.parametrize("text", ["Paris is sunny [TOOL", "[TOOL_CALLS] not json", "[TOOL_CALLS][ARGS]{}",
+                                  "[TOOL_CALLS] [1, 2]", "x [TOOL_CALLS]f[ARGS]{oops"])
+def test_mistral_text_that_is_not_calls_is_content_as_written(text):
+    for deltas in splits(text):
+        message = parse(MistralCalls(), deltas)
+        assert message.content == text and message.tool_calls == []
+
+
+def test_mistral_asks_for_special_tokens_in_the_text_for_auto_only():
+    mistral = ChatOptions(tool_call_parser="mistral")
+    assert mistral.sampling(request(tools=[WEATHER]), 0) == {"skip_special_tokens": False}
+    assert mistral.sampling(request(tools=[WEATHER], skip_special_tokens=True), 0) == {"skip_special_tokens": True}
+    assert mistral.sampling(request(), 0) == {} and ChatOptions("hermes").sampling(request(tools=[WEATHER]), 0) == {}
+    assert [d.content for d in stream(MistralCalls(), ["Sure", ".", " [TOOL_", "CALLS]"]) if d] == ["Sure", ".", " "]
+
+
 def test_named_call_streams_its_arguments():
     first, second = stream(NamedCall("get_weather"), ['{"city"', ': "Paris"}'])
     assert first.tool_calls[0].function.name == "get_weather" and first.tool_calls[0].type == "function"
@@ -186,6 +216,7 @@ def test_tool_choice_picks_the_parser_and_the_constraint():
     assert isinstance(tool_call_parser(auto, "hermes"), HermesCalls)
     assert isinstance(tool_call_parser(auto, "llama3_json"), Llama3JsonCalls)
     assert isinstance(tool_call_parser(auto, "pythonic"), PythonicCalls)
+    assert isinstance(tool_call_parser(auto, "mistral"), MistralCalls)
     none = request(tools=[WEATHER], tool_choice="none")
     assert tool_call_parser(none, "hermes") is None and none.template_tools() == [WEATHER]
     assert tool_call_parser(request(), "hermes") is None and request().template_tools() is None
@@ -196,7 +227,7 @@ def test_auto_without_a_parser_is_a_400_that_says_how():
     with pytest.raises(OpenAIError) as info:
         tool_call_parser(request(tools=[WEATHER]), None)
     assert info.value.status == 400 and info.value.param == "tool_choice"
-    assert "--tool-call-parser (hermes or llama3_json or pythonic)" in str(info.value)
+    assert "--tool-call-parser (hermes or llama3_json or pythonic or mistral)" in str(info.value)
 
 
 def test_required_schema_names_each_tool_and_its_parameters():

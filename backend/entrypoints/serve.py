@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "as `kvtriton openai` does")
     parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
                         help="with --openai-port: how tool_choice \"auto\" finds tool calls in the output "
-                             "(hermes, llama3_json, pythonic), as `kvtriton openai --tool-call-parser`")
+                             "(hermes, llama3_json, pythonic, mistral), as `kvtriton openai --tool-call-parser`")
     parser.add_argument("--reasoning-parser", default=None, metavar="NAME",
                         help="with --openai-port: send a thinking model's <think>...</think> as reasoning_content "
                              "(deepseek_r1, qwen3), as `kvtriton openai --reasoning-parser`")

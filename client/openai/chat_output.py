@@ -28,6 +28,15 @@ class ChatOptions:
             if name is not None and name not in known:
                 raise ValueError(f"{flag} {name!r} is not known; use one of {', '.join(known)}")
 
+    def sampling(self, request: p.ChatCompletionRequest, choice: int) -> dict:
+        """The request's sampling keys for choice `choice`. A tool call parser that reads a special token
+        ([TOOL_CALLS]) gets special tokens in the text unless the request says otherwise, as vLLM asks."""
+        params = request.sampling(choice)
+        parser = TOOL_CALL_PARSERS.get(self.tool_call_parser) if request.tool_mode == "auto" else None
+        if getattr(parser, "keeps_special_tokens", False):
+            params.setdefault("skip_special_tokens", False)
+        return params
+
 
 def tool_call_parser(request: p.ChatCompletionRequest, auto_parser: str | None):
     """A new parser of one choice's output into tool calls, or None: no tools to call."""

@@ -170,7 +170,7 @@ async def respond_events(client: AsyncLLMClient, request: rp.ResponsesRequest, m
     counts = serving.TokenCounts(1)
     builder = ResponseBuilder(rp.Response.started(request, model))
     finish_reason = ""
-    async with aclosing(serving.merged_chunks(client, serving.chat_choices(request.chat))) as merged:
+    async with aclosing(serving.merged_chunks(client, serving.chat_choices(request.chat, options))) as merged:
         try:
             chunks = await serving.started(merged)
         except OpenAIError as e:

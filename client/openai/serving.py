@@ -44,9 +44,9 @@ def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
     return [ChoiceRequest(request.sampling(j), prompt=prompt) for prompt in request.prompts() for j in range(request.n)]
 
 
-def chat_choices(request: p.ChatCompletionRequest) -> list[ChoiceRequest]:
+def chat_choices(request: p.ChatCompletionRequest, options: ChatOptions) -> list[ChoiceRequest]:
     messages, tools = request.template_messages(), request.template_tools()
-    return [ChoiceRequest(request.sampling(j), messages=messages, tools=tools) for j in range(request.n)]
+    return [ChoiceRequest(options.sampling(request, j), messages=messages, tools=tools) for j in range(request.n)]
 
 
 async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -194,7 +194,7 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
 async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str,
                options: ChatOptions = ChatOptions()) -> p.ChatCompletionResponse:
     outputs = {i: ChatOutput(request, options) for i in range(request.n)}
-    builders = await _collect(client, chat_choices(request))
+    builders = await _collect(client, chat_choices(request, options))
     counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
         counts.prompt[0] = b.num_input_tokens
@@ -251,7 +251,7 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
         return sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
 
-    async with aclosing(merged_chunks(client, chat_choices(request))) as merged:
+    async with aclosing(merged_chunks(client, chat_choices(request, options))) as merged:
         chunks = await started(merged)
         for i in range(request.n):
             yield event(i, p.DeltaMessage(role="assistant", content=""))

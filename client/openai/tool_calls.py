@@ -8,8 +8,8 @@ Three ways a request can call tools, as vLLM's OpenAI server serves them:
   each call is sent once its object is complete;
 - `"auto"`: the model decides, and a parser for its family's format finds the calls in free text:
   `--tool-call-parser hermes`, `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes 2/3,
-  Qwen2.5/3, SmolLM3), `llama3_json`, `{"name": ..., "parameters": ...}` (Llama 3.1-3.3), or `pythonic`,
-  `[get_weather(city="Paris")]` (Llama 3.2 and 4).
+  Qwen2.5/3, SmolLM3), `llama3_json`, `{"name": ..., "parameters": ...}` (Llama 3.1-3.3), `pythonic`,
+  `[get_weather(city="Paris")]` (Llama 3.2 and 4), or `mistral`, `[TOOL_CALLS]...` (Mistral's models).
 
 Every parser takes the text as it arrives (`feed`) and says what to send (`Piece`s); `finish` flushes
 what it held back. The non-streamed response is the same pieces joined, so both paths parse alike.
@@ -251,6 +251,61 @@ def python_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
     return calls
 
 
+class MistralCalls:
+    """Mistral's tool calls (vLLM's mistral): the [TOOL_CALLS] token, then a JSON list of {"name", "arguments"}
+    (Mistral 7B v0.3, Mixtral, Nemo) or `name[ARGS]{...}` after each call's own [TOOL_CALLS] (tokenizer v11 and
+    later: Mistral Small 3.2, Magistral, Devstral). The text before the first [TOOL_CALLS] is content, streamed;
+    what follows is held back to the end, and sent as calls if it reads as such, else as content as written.
+    [TOOL_CALLS] is a special token: the frontend asks for special tokens in the text (`keeps_special_tokens`),
+    as vLLM does for this parser."""
+
+    TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    keeps_special_tokens = True
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self._pending, self._calls_began, self._max_calls = "", False, max_calls
+
+    def feed(self, text: str) -> list[Piece]:
+        self._pending += text
+        if self._calls_began:
+            return []
+        start = self._pending.find(self.TAG)
+        cut = start if start >= 0 else len(self._pending) - held_back(self._pending, self.TAG)
+        content, self._pending = self._pending[:cut], self._pending[cut:]
+        self._calls_began = start >= 0
+        return [Piece(text=content)] if content else []
+
+    def finish(self) -> list[Piece]:
+        text, calls_began = self._pending, self._calls_began
+        self._pending, self._calls_began = "", False
+        calls = mistral_calls(text) if calls_began else None
+        if calls is None:
+            return [Piece(text=text)] if text else []
+        return [piece for i, (name, arguments) in enumerate(calls[:self._max_calls])
+                for piece in _whole_call(i, name, arguments)]
+
+
+def mistral_calls(text: str) -> list[tuple[str, Any]] | None:
+    """The calls after [TOOL_CALLS] in either of Mistral's formats; None if the text is not calls."""
+    calls: list[tuple[str, Any]] = []
+    for part in text.split(MistralCalls.TAG)[1:]:
+        name, has_args, arguments = part.strip().partition(MistralCalls.ARGS)
+        try:
+            value = json.loads(arguments if has_args else name)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        if has_args:  # v11: name[ARGS]{...}
+            if not name.strip():
+                return None
+            calls.append((name.strip(), value))
+            continue
+        for call in value if isinstance(value, list) else [value]:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                return None
+            calls.append((call["name"], call.get("arguments", {})))
+    return calls or None
+
+
 def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
     """The JSON schema that makes tool_choice "required" produce calls of the given tools only (vLLM's)."""
     items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
@@ -264,4 +319,5 @@ def required_calls_schema(tools: list[dict], one_call: bool) -> dict:
 
 
 # `--tool-call-parser` names (vLLM's) -> the parser of one choice's output for tool_choice "auto".
-TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "pythonic": PythonicCalls}
+TOOL_CALL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "pythonic": PythonicCalls,
+                     "mistral": MistralCalls}
