@@ -202,6 +202,14 @@ def test_choice_outputs_are_one_of_the_choices(engine):
     assert engine.stats().kv_usage == 0.0
 
 
+def test_many_choices_compile(tiny_folder):
+    """A long choice list is one lexer terminal: 100,000 choices compile (as grammar rules they passed
+    llguidance's symbol limit, a 400)."""
+    choices = [f"choice {i} \"q\"" for i in range(100_000)]
+    manager = StructuredOutputManager(Tokenizer.from_pretrained(tiny_folder), [0])
+    assert manager.matcher_for(SamplingParams(guided_choice=choices)) is not None
+
+
 def test_regex_grammar_and_json_object(engine):
     yes_no = engine.generate(PROMPTS, guided(guided_grammar='root ::= "yes" | "no"', temperature=1.0, seed=1))
     assert {o.text for o in yes_no} <= {"yes", "no"} and all(o.finish_reason == "stop" for o in yes_no)

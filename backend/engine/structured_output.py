@@ -167,9 +167,10 @@ def _llguidance_grammar(kind: str, spec: str) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
-    if kind == "choice":  # one Lark rule of string literals (JSON's escapes are Lark's); vLLM's guided_choice
-        return llguidance.grammar_from("lark", "start: " + " | ".join(json.dumps(c, ensure_ascii=False)
-                                                                      for c in json.loads(spec)))
+    if kind == "choice":  # vLLM's guided_choice: one terminal of string literals (JSON's escapes are Lark's), so
+        # one lexer automaton; as a rule of alternatives, 100,000 choices passed llguidance's grammar-symbol limit
+        choices = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(spec))
+        return llguidance.grammar_from("lark", f"start: CHOICE\nCHOICE: {choices}")
     if kind == "grammar":
         try:  # Lark as is; GBNF / EBNF (llama.cpp's "root ::= ...") converted to Lark
             return llguidance.grammar_from("grammar", spec)
@@ -179,5 +180,5 @@ def _llguidance_grammar(kind: str, spec: str) -> str:
 
 
 def _short(message: str) -> str:
-    message = message.strip()
+    message = message.split("<backtrace>")[0].strip()  # a panic inside llguidance carries its Rust backtrace
     return message if len(message) <= _MAX_ERROR_CHARS else message[:_MAX_ERROR_CHARS] + " ..."
