@@ -168,6 +168,32 @@ def test_metrics_exported(llm_server):
     assert metric(llm_server, "kvtriton_generation_tokens_total") >= 4
 
 
+def finished_requests(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(r'^kvtriton_request_success_total{[^}]*model="llm"[^}]*} (\S+)$', text,
+                                            re.M))
+
+
+def test_request_and_prefix_cache_metrics(llm_server):
+    """vLLM's request_success_total (by finish reason), prefix-cache queries and hits (tokens), and the request
+    token histograms: a prompt sent twice is a hit the second time."""
+    before = (finished_requests(llm_server), metric(llm_server, "kvtriton_prefix_cache_queries_total") or 0.0,
+              metric(llm_server, "kvtriton_prefix_cache_hits_total") or 0.0)
+    prompt = "The history of the city of Paris begins " + "with a long story about its bridges, " * 12
+    for _ in range(2):
+        post(llm_server, "/v2/models/llm/generate", {"text_input": prompt, "max_tokens": 2})
+    deadline = time.time() + 10
+    while time.time() < deadline and finished_requests(llm_server) < before[0] + 2:
+        time.sleep(0.1)
+    assert finished_requests(llm_server) >= before[0] + 2
+    queries = metric(llm_server, "kvtriton_prefix_cache_queries_total") - before[1]
+    hits = metric(llm_server, "kvtriton_prefix_cache_hits_total") - before[2]
+    assert queries >= 2 * 100 and queries / 2 > hits >= 64  # the second request found whole blocks of the first
+    text = urllib.request.urlopen(llm_server.metrics_url, timeout=10).read().decode()
+    assert "kvtriton_request_prompt_tokens_count" in text and "kvtriton_request_generation_tokens_count" in text
+    assert 'finished_reason="length"' in text
+
+
 BAD_INPUTS = [
     ({"stream": True, "max_tokens": 4}, "text_input"),
     ({"text_input": "hi", "sampling_parameters": json.dumps({"max_tokenz": 4})}, "max_tokenz"),

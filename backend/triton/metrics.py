@@ -14,6 +14,8 @@ from kvtriton.backend.engine.outputs import RequestOutput
 from kvtriton.backend.engine.stats import EngineStats
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TOKEN_COUNT_BUCKETS = [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+FINISH_REASONS = ("stop", "length", "abort", "error")  # RequestOutput.finish_reason's values
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
 ACCEPTANCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 
@@ -35,6 +37,15 @@ class TritonMetrics:
             "running": mf("kvtriton_num_requests_running", "Requests in the running batch", mf.GAUGE),
             "waiting": mf("kvtriton_num_requests_waiting", "Requests waiting to be scheduled", mf.GAUGE),
             "kv_usage": mf("kvtriton_kv_cache_usage_ratio", "Fraction of KV blocks in use", mf.GAUGE),
+            # vLLM's request_success_total, prefix_cache_queries / _hits (tokens) and request token histograms.
+            "success": mf("kvtriton_request_success_total", "Finished requests, by finish reason", mf.COUNTER),
+            "prefix_queries": mf("kvtriton_prefix_cache_queries_total",
+                                 "Prompt tokens of finished requests, each looked up in the prefix cache", mf.COUNTER),
+            "prefix_hits": mf("kvtriton_prefix_cache_hits_total",
+                              "Prompt tokens of finished requests served from the prefix cache", mf.COUNTER),
+            "prompt_len": mf("kvtriton_request_prompt_tokens", "Prompt tokens per finished request", mf.HISTOGRAM),
+            "output_len": mf("kvtriton_request_generation_tokens", "Output tokens per finished request",
+                             mf.HISTOGRAM),
         }
         f = self._families
         self.ttft = f["ttft"].Metric(labels=labels, buckets=LATENCY_BUCKETS)
@@ -46,6 +57,15 @@ class TritonMetrics:
         self.running = f["running"].Metric(labels=labels)
         self.waiting = f["waiting"].Metric(labels=labels)
         self.kv_usage = f["kv_usage"].Metric(labels=labels)
+        self.success = {reason: f["success"].Metric(labels={**labels, "finished_reason": reason})
+                        for reason in FINISH_REASONS}
+        self.prefix_queries = f["prefix_queries"].Metric(labels=labels)
+        self.prefix_hits = f["prefix_hits"].Metric(labels=labels)
+        self.prompt_len = f["prompt_len"].Metric(labels=labels, buckets=TOKEN_COUNT_BUCKETS)
+        self.output_len = f["output_len"].Metric(labels=labels, buckets=TOKEN_COUNT_BUCKETS)
+        # Finished requests' counts, added to their counters at the next flush (one IPC each, not one a request).
+        self._finished = {reason: 0 for reason in FINISH_REASONS}
+        self._prefix = [0, 0]  # (queries, hits)
         # Speculative decoding, labelled with the method (ngram | draft); absent when speculation is off.
         self.spec_proposed = self.spec_accepted = self.spec_acceptance = None
         if speculative_method != "none":
@@ -69,6 +89,12 @@ class TritonMetrics:
             self.ttft.observe(out.first_token_time - out.arrival_time)
         if out.finished:
             self.e2e.observe(out.time - out.arrival_time)
+            self.prompt_len.observe(out.num_prompt_tokens)
+            self.output_len.observe(out.num_output_tokens)
+            if out.finish_reason in self._finished:
+                self._finished[out.finish_reason] += 1
+            self._prefix[0] += out.num_prompt_tokens
+            self._prefix[1] += out.num_cached_tokens
             if out.first_token_time is not None and out.num_output_tokens > 1:
                 self.tpot.observe((out.time - out.first_token_time) / (out.num_output_tokens - 1))
             if self.spec_acceptance is not None and out.num_spec_proposed_tokens:
@@ -86,6 +112,14 @@ class TritonMetrics:
         if self.spec_proposed is not None:
             self.spec_proposed.increment(stats.num_spec_proposed_tokens - old.num_spec_proposed_tokens)
             self.spec_accepted.increment(stats.num_spec_accepted_tokens - old.num_spec_accepted_tokens)
+        for reason, count in self._finished.items():
+            if count:
+                self.success[reason].increment(count)
+                self._finished[reason] = 0
+        if self._prefix[0]:
+            self.prefix_queries.increment(self._prefix[0])
+            self.prefix_hits.increment(self._prefix[1])
+            self._prefix = [0, 0]
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
