@@ -42,9 +42,11 @@ def user_turn(text: str, raw: bool = False) -> dict[str, Any]:
 
 
 def _request(prompt: str | None, messages: Sequence[Mapping[str, Any]] | None, stream: bool,
-             sampling: dict[str, Any], tools: Sequence[Mapping[str, Any]] | None = None) -> GenerateRequest:
+             sampling: dict[str, Any], tools: Sequence[Mapping[str, Any]] | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,
-                           stream=stream, sampling=sampling, tools=tuple(tools) if tools is not None else None)
+                           stream=stream, sampling=sampling, tools=tuple(tools) if tools is not None else None,
+                           chat_template_kwargs=chat_template_kwargs)
 
 
 def _check_options(timeout_s: float, connect_retries: int) -> None:
@@ -171,16 +173,16 @@ class LLMClient(_Client):
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
                tools: Sequence[Mapping[str, Any]] | None = None,
-               **sampling: Any) -> TokenStream:
-        request = _request(prompt, messages, True, sampling, tools)
+               chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> TokenStream:
+        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs)
         self.wait_ready()
         return TokenStream(self.endpoint, self._transport.responses(request))
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
                  tools: Sequence[Mapping[str, Any]] | None = None,
-                 **sampling: Any) -> Completion:
+                 chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> Completion:
         """One non-streamed request: its TTFT is the arrival of the single response."""
-        request = _request(prompt, messages, False, sampling, tools)
+        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs)
         self.wait_ready()
         stream = TokenStream(self.endpoint, self._transport.responses(request))
         for _ in stream:
@@ -223,15 +225,17 @@ class AsyncLLMClient(_Client):
         return await self._transport.server_metadata()
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
-               tools: Sequence[Mapping[str, Any]] | None = None, **sampling: Any) -> AsyncTokenStream:
-        """`tools`: OpenAI's tool definitions, rendered by the model's chat template (with `messages` only)."""
-        request = _request(prompt, messages, True, sampling, tools)
+               tools: Sequence[Mapping[str, Any]] | None = None,
+               chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> AsyncTokenStream:
+        """`tools`: OpenAI's tool definitions, rendered by the model's chat template (with `messages` only);
+        `chat_template_kwargs`: more template variables, and HF's add_generation_prompt / continue_final_message."""
+        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs)
         return AsyncTokenStream(self.endpoint, self._ready_then(request))
 
     async def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
                        tools: Sequence[Mapping[str, Any]] | None = None,
-                       **sampling: Any) -> Completion:
-        request = _request(prompt, messages, False, sampling, tools)
+                       chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> Completion:
+        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs)
         await self.wait_ready()
         stream = AsyncTokenStream(self.endpoint, self._transport.responses(request))
         async with stream:

@@ -27,7 +27,8 @@ _request_ids = itertools.count()
 @dataclass(frozen=True)
 class GenerateRequest:
     """One generation: exactly one of `prompt` and `messages`; `tools` (OpenAI's tool definitions, which the
-    server's chat template renders) only with messages."""
+    server's chat template renders) and `chat_template_kwargs` (more template variables, and HF's
+    add_generation_prompt / continue_final_message) only with messages."""
 
     prompt: str | list[int] | None = None  # text, or token ids (sent as input_ids)
     messages: tuple[Mapping[str, Any], ...] | None = None
@@ -35,6 +36,7 @@ class GenerateRequest:
     sampling: Mapping[str, Any] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: f"kvtriton-{os.getpid()}-{next(_request_ids)}")
     tools: tuple[Mapping[str, Any], ...] | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -53,6 +55,8 @@ class GenerateRequest:
             if self.messages is None:
                 raise ValueError("tools needs messages: the chat template renders them")
             object.__setattr__(self, "tools", tuple(dict(t) for t in self.tools))
+        if self.chat_template_kwargs is not None and self.messages is None:
+            raise ValueError("chat_template_kwargs needs messages: the chat template renders them")
         # None means "server default": such keys are not sent at all.
         object.__setattr__(self, "sampling", {k: v for k, v in self.sampling.items() if v is not None})
 
@@ -70,6 +74,8 @@ class GenerateRequest:
             inputs["messages"] = json.dumps(list(self.messages))
         if self.tools:
             inputs["tools"] = json.dumps(list(self.tools))
+        if self.chat_template_kwargs:
+            inputs["chat_template_kwargs"] = json.dumps(dict(self.chat_template_kwargs))
         return inputs
 
 

@@ -51,12 +51,17 @@ def test_request_inputs_follow_the_contract():
     assert json.loads(inputs["sampling_parameters"]) == {"max_tokens": 4, "temperature": 0}  # None: not sent
     chat = GenerateRequest(messages=[{"role": "user", "content": "Hi"}]).inputs()
     assert "text_input" not in chat and json.loads(chat["messages"]) == [{"role": "user", "content": "Hi"}]
+    assert "chat_template_kwargs" not in chat
+    kwargs = {"enable_thinking": False}
+    chat = GenerateRequest(messages=[{"role": "user", "content": "Hi"}], chat_template_kwargs=kwargs).inputs()
+    assert json.loads(chat["chat_template_kwargs"]) == kwargs
 
 
 @pytest.mark.parametrize("kwargs,words", [
     ({}, "exactly one of prompt and messages"),
     ({"prompt": "a", "messages": []}, "exactly one"),
     ({"messages": [{"role": "user"}]}, "role.*content"),
+    ({"prompt": "a", "chat_template_kwargs": {}}, "chat_template_kwargs needs messages"),
 ])
 def test_request_rejects_mistakes_before_sending(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -242,6 +242,24 @@ def test_vllms_guided_fields_constrain_the_output(client):
     assert re.fullmatch("[0-9]{3}", "".join(c.choices[0].text for c in stream))
 
 
+def test_continue_final_message_prefills_the_answer(client):
+    """vLLM's continue_final_message: the answer continues the assistant's last message (greedy, so the same as
+    the answer's own continuation past that prefix); chat_template_kwargs reach the template (SmolLM2's ignores
+    an unknown variable, as Jinja does)."""
+    prefill = "The capital of France is"
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."},
+                {"role": "assistant", "content": prefill}]
+    r = client.chat.completions.create(model="llm", messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                                                   "chat_template_kwargs": {"enable_thinking": False}})
+    continued = r.choices[0].message.content
+    assert "Paris" in continued and not continued.startswith(prefill)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="llm", messages=messages, max_tokens=4,
+                                       extra_body={"continue_final_message": True})
+    assert info.value.body["param"] == "continue_final_message"
+
+
 def test_server_not_ready_is_a_503():
     port = free_ports(1)[0]
     dead = FrontendThread(f"127.0.0.1:{free_ports(1)[0]}", "127.0.0.1", port, connect_retries=0).start()

@@ -69,6 +69,19 @@ def test_two_structured_output_constraints_are_a_400(fields, param):
     assert info.value.status == 400 and info.value.param == param
 
 
+def test_chat_template_fields_become_the_models_chat_template_kwargs():
+    assert chat().template_kwargs() is None
+    assert chat(chat_template_kwargs={"enable_thinking": False}).template_kwargs() == {"enable_thinking": False}
+    prefill = dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello,"}])
+    request = ChatCompletionRequest(model="llm", add_generation_prompt=False, continue_final_message=True, **prefill)
+    request.check()
+    assert request.template_kwargs() == {"add_generation_prompt": False, "continue_final_message": True}
+    assert [c.chat_template_kwargs for c in chat_choices(request, ChatOptions())] == [request.template_kwargs()]
+    with pytest.raises(OpenAIError) as info:
+        ChatCompletionRequest(model="llm", continue_final_message=True, **prefill).check()
+    assert info.value.param == "continue_final_message"
+
+
 def test_each_choice_of_a_seeded_request_has_its_own_seed():
     request = chat(seed=100, n=3)
     assert [c.sampling["seed"] for c in chat_choices(request, ChatOptions())] == [100, 101, 102]

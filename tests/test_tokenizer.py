@@ -236,7 +236,8 @@ TOOL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}]
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}]
 TOOL_CONVERSATION = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "", "tool_calls": [
@@ -255,6 +256,41 @@ def test_tools_render_like_transformers(tmp_path):
                                                  add_generation_prompt=True)
         assert ours.apply_chat_template(TOOL_CONVERSATION, tools=tools) == expected
     assert '"description": "Weather in a city"' in ours.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS)
+
+
+# Qwen3's switch: a template variable the request sets (chat_template_kwargs), default on.
+THINKING_TEMPLATE = CHATML_TEMPLATE + "{% if add_generation_prompt and enable_thinking is defined and not " \
+                                      "enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+PREFILLED = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "The capital of France is"}]
+
+
+def test_template_kwargs_and_continue_final_message_render_like_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = make_model_folder(tmp_path / "m", chat_template=THINKING_TEMPLATE)
+    ours = Tokenizer.from_pretrained(folder)
+    reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        expected = reference.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True,
+                                                 **kwargs)
+        assert ours.apply_chat_template(CONVERSATIONS[0], template_kwargs=kwargs) == expected
+    assert ours.apply_chat_template(CONVERSATIONS[0], template_kwargs={"enable_thinking": False}).endswith(
+        "<think>\n\n</think>\n\n")
+    expected = reference.apply_chat_template(PREFILLED, tokenize=False, continue_final_message=True)
+    ours_prompt = ours.apply_chat_template(PREFILLED, add_generation_prompt=False, continue_final_message=True)
+    assert ours_prompt == expected and ours_prompt.endswith("The capital of France is")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(continue_final_message=True), "cannot both be true"),
+    (dict(template_kwargs={"messages": []}), "chat_template_kwargs cannot set messages"),
+    (dict(add_generation_prompt=False, continue_final_message=True,
+          messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]), "not in the rendered"),
+])
+def test_chat_template_options_that_cannot_be_honoured_are_errors(tok, options, message):
+    messages = options.pop("messages", PREFILLED)
+    with pytest.raises(ValueError, match=message):
+        tok.apply_chat_template(messages, **options)
 
 
 def test_tool_call_arguments_sent_as_json_text_render_as_the_object(tmp_path):

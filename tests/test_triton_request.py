@@ -31,9 +31,11 @@ def parse(parameters: dict | str | None = None, **inputs):
     return parse_generate_request(inputs.get, parameters, render)
 
 
-def render(messages, tools=None) -> str:
+def render(messages, tools=None, **options) -> str:
     """A stand-in chat template that shows what it was given."""
-    return json.dumps(messages if tools is None else {"messages": messages, "tools": tools})
+    if tools is None and not options:
+        return json.dumps(messages)
+    return json.dumps({"messages": messages, **({"tools": tools} if tools is not None else {}), **options})
 
 
 # ---- parsing ----------------------------------------------------------------------------------------------
@@ -107,6 +109,15 @@ def test_tools_and_tool_turns_reach_the_chat_template():
     assert json.loads(r.prompt) == {"messages": messages, "tools": tools}
 
 
+def test_chat_template_kwargs_reach_the_chat_template():
+    """HF's two flags by name, the template's own variables as template_kwargs."""
+    kwargs = {"enable_thinking": False, "add_generation_prompt": False, "continue_final_message": True}
+    r = parse(messages=text(json.dumps(USER)), chat_template_kwargs=text(json.dumps(kwargs)))
+    assert json.loads(r.prompt) == {"messages": USER, "add_generation_prompt": False, "continue_final_message": True,
+                                    "template_kwargs": {"enable_thinking": False}}
+    assert json.loads(parse(messages=text(json.dumps(USER)), chat_template_kwargs=text("{}")).prompt) == USER
+
+
 def test_input_ids_are_the_prompt_as_token_ids():
     """TensorRT-LLM's input_ids (and OpenAI's token-id prompts through the frontend): a list the engine admits."""
     assert parse(text_input=None, input_ids=np.array([5, 6, 7], np.int32)).prompt == [5, 6, 7]
@@ -142,6 +153,11 @@ def test_tools_count_towards_max_prompt_bytes():
     ({"messages": text(json.dumps([{"role": "assistant", "tool_calls": {}}]))}, None,
      "messages[0].tool_calls must be a list"),
     ({"tools": text("[]")}, None, "tools needs messages"),
+    ({"chat_template_kwargs": text("{}")}, None, "chat_template_kwargs needs messages"),
+    ({"messages": text(json.dumps(USER)), "chat_template_kwargs": text("[]")}, None,
+     "chat_template_kwargs must be a JSON object"),
+    ({"messages": text(json.dumps(USER)), "chat_template_kwargs": text('{"continue_final_message": "yes"}')}, None,
+     "chat_template_kwargs.continue_final_message must be true or false"),
     ({"messages": text(json.dumps(USER)), "tools": text("{}")}, None, "tools must be a JSON list"),
     ({"messages": text(json.dumps(USER)), "tools": text('[{"type": "function"}]')}, None, "tools[0] must be"),
     ({"messages": text(json.dumps(USER)), "tools": text('[{"type": "retrieval", "function": {"name": "f"}}]')}, None,

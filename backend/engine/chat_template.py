@@ -25,18 +25,28 @@ class ChatTemplate:
         self._template = _compile(source_text, source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool,
-               special_tokens: Mapping[str, str | None], tools: list[dict] | None = None) -> str:
+               special_tokens: Mapping[str, str | None], tools: list[dict] | None = None,
+               continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The prompt; ValueError for messages that are malformed or that the template itself rejects.
-        `tools`: the template's `tools` variable as HF passes it (None when the request has none)."""
+        `tools`: the template's `tools` variable as HF passes it (None when the request has none).
+        `continue_final_message`: the prompt ends inside the last message (HF's: the text after its content, the
+        end of turn, is cut), so the model continues it. `template_kwargs`: more template variables (HF's
+        apply_chat_template **kwargs, e.g. Qwen3's enable_thinking), over the special tokens' names."""
         _check_messages(messages)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        taken = sorted({"messages", "tools", "add_generation_prompt"} & set(template_kwargs or ()))
+        if taken:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}")
         try:
-            return self._template.render(
-                messages=_with_parsed_arguments(messages), tools=tools,
-                add_generation_prompt=add_generation_prompt, **special_tokens
+            prompt = self._template.render(
+                **{**special_tokens, **(template_kwargs or {})}, messages=_with_parsed_arguments(messages),
+                tools=tools, add_generation_prompt=add_generation_prompt,
             )
         except jinja2.TemplateError as exc:
             # raise_exception() in templates reports user errors such as non-alternating roles.
             raise ValueError(f"the chat template rejected the messages: {exc}") from exc
+        return _cut_after_final_message(prompt, messages[-1]) if continue_final_message else prompt
 
 
 def select_template(template: Any, config_file: Path) -> str | None:
@@ -97,6 +107,17 @@ def _compile(source_text: str, source: str) -> jinja2.Template:
         raise ValueError(
             f"{source}: chat template does not compile (line {exc.lineno}): {exc.message}"
         ) from exc
+
+
+def _cut_after_final_message(prompt: str, final: dict) -> str:
+    """The prompt up to the end of the last message's content, as HF's continue_final_message cuts it."""
+    content = final.get("content") or ""
+    for text in (content, content.strip()):
+        at = prompt.rfind(text) if text else -1
+        if at >= 0:
+            return prompt[:at + len(text)]
+    raise ValueError("continue_final_message: the last message's content is not in the rendered prompt (an empty "
+                     "message, or one the template rewrites)")
 
 
 def _check_messages(messages: Any) -> None:

@@ -205,15 +205,17 @@ class Tokenizer:
         return self._chat_template is not None
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt text for `messages` (and the tool definitions `tools`, OpenAI's shape), rendered by the
-        checkpoint's own template as HF does."""
+        checkpoint's own template as HF does (ChatTemplate.render says what the options do)."""
         if self._chat_template is None:
             raise ValueError(
                 f"{self._source} has no chat template (chat_template in tokenizer_config.json or "
                 "chat_template.jinja); send a plain prompt instead of messages"
             )
-        return self._chat_template.render(messages, add_generation_prompt, self.special_tokens, tools)
+        return self._chat_template.render(messages, add_generation_prompt, self.special_tokens, tools,
+                                          continue_final_message, template_kwargs)
 
     def _token_id(self, token: str | None, field: str) -> int | None:
         if token is None:

@@ -48,6 +48,9 @@ INPUTS = (
     TensorSpec("input_ids", "TYPE_INT32", (-1,), "prompt"),  # TensorRT-LLM's: the prompt as token ids
     TensorSpec("messages", "TYPE_STRING", (1,), "chat"),
     TensorSpec("tools", "TYPE_STRING", (1,), "chat"),  # OpenAI's tool definitions, for the chat template
+    # A JSON object: more chat-template variables (HF's apply_chat_template kwargs, vLLM's chat_template_kwargs,
+    # e.g. {"enable_thinking": false}), and add_generation_prompt / continue_final_message as HF takes them.
+    TensorSpec("chat_template_kwargs", "TYPE_STRING", (1,), "chat"),
     TensorSpec("stream", "TYPE_BOOL", (1,), "flag"),
     TensorSpec("sampling_parameters", "TYPE_STRING", (1,), "sampling_json"),
     TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), "flag"),
@@ -105,7 +108,7 @@ class GenerateRequest:
 
 
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
-                           apply_chat_template: Callable[[list, list | None], str],
+                           apply_chat_template: Callable[..., str],
                            max_prompt_bytes: int = 0) -> GenerateRequest:
     """`max_prompt_bytes` (0: no bound) bounds text_input and messages before they are decoded or rendered."""
     sampling: dict[str, Any] = {}
@@ -158,7 +161,7 @@ def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str,
 
 
 def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list[int]:
-    messages, tools = get_input("messages"), get_input("tools")
+    messages, tools, kwargs = get_input("messages"), get_input("tools"), get_input("chat_template_kwargs")
     if messages is not None:
         _check_size("messages", _nbytes(messages) + (_nbytes(tools) if tools is not None else 0), max_prompt_bytes,
                     "max_prompt_bytes")
@@ -167,9 +170,11 @@ def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list
             raise RequestError('messages must be a JSON list of {"role": ..., "content": ...} objects')
         for i, m in enumerate(value):
             _check_message(i, m)
-        return apply_chat_template(value, _tools(tools) if tools is not None else None)
-    if tools is not None:
-        raise RequestError("tools needs messages: a text_input prompt is not rendered by the chat template")
+        options = _template_options(kwargs) if kwargs is not None else {}
+        return apply_chat_template(value, _tools(tools) if tools is not None else None, **options)
+    for name, tensor in (("tools", tools), ("chat_template_kwargs", kwargs)):
+        if tensor is not None:
+            raise RequestError(f"{name} needs messages: a text_input prompt is not rendered by the chat template")
     text, ids = get_input("text_input"), get_input("input_ids")
     if text is not None and ids is not None:
         raise RequestError("give the prompt as text_input or as input_ids, not both")
@@ -208,6 +213,23 @@ def _check_message(i: int, m: dict) -> None:
                 or not isinstance(function.get("arguments"), (str, dict)):
             raise RequestError(f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name": ..., "arguments": '
                                '...}}} with a string name and the arguments as a JSON string or object')
+
+
+def _template_options(tensor: np.ndarray) -> dict[str, Any]:
+    """chat_template_kwargs as Tokenizer.apply_chat_template's keywords: HF's two flags by name, the rest as
+    template variables."""
+    _check_size("chat_template_kwargs", _nbytes(tensor), MAX_JSON_BYTES)
+    kwargs = _json_object("chat_template_kwargs", _text("chat_template_kwargs", tensor))
+    options: dict[str, Any] = {}
+    for flag in ("add_generation_prompt", "continue_final_message"):
+        if flag in kwargs:
+            value = kwargs.pop(flag)
+            if not isinstance(value, bool):
+                raise RequestError(f"chat_template_kwargs.{flag} must be true or false, got {value!r}")
+            options[flag] = value
+    if kwargs:
+        options["template_kwargs"] = kwargs
+    return options
 
 
 def _tools(tensor: np.ndarray) -> list[dict]:

@@ -241,6 +241,11 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat-template extensions: the template's own variables (e.g. Qwen3's enable_thinking), and HF's
+    # two flags (continue_final_message: the answer continues the last, assistant, message).
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def check(self) -> None:
         super().check()
@@ -261,9 +266,22 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise OpenAIError("give max_completion_tokens or max_tokens (deprecated), not both",
                               param="max_completion_tokens")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise OpenAIError("continue_final_message needs add_generation_prompt: false (the answer continues the "
+                              "last message rather than starting a new one)", param="continue_final_message")
+
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message() for m in self.messages]
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The `llm` model's chat_template_kwargs: the request's, with the two flags where not the default."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if not self.add_generation_prompt:
+            kwargs["add_generation_prompt"] = False
+        if self.continue_final_message:
+            kwargs["continue_final_message"] = True
+        return kwargs or None
 
     @property
     def tool_mode(self) -> Literal["none", "auto", "required", "named"]:

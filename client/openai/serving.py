@@ -38,6 +38,7 @@ class ChoiceRequest:
     prompt: str | list[int] | None = None  # text or token ids
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
@@ -45,8 +46,9 @@ def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
 
 
 def chat_choices(request: p.ChatCompletionRequest, options: ChatOptions) -> list[ChoiceRequest]:
-    messages, tools = request.template_messages(), request.template_tools()
-    return [ChoiceRequest(options.sampling(request, j), messages=messages, tools=tools) for j in range(request.n)]
+    messages, tools, kwargs = request.template_messages(), request.template_tools(), request.template_kwargs()
+    return [ChoiceRequest(options.sampling(request, j), messages=messages, tools=tools, chat_template_kwargs=kwargs)
+            for j in range(request.n)]
 
 
 async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -57,7 +59,7 @@ async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) ->
     async def pump(index: int, choice: ChoiceRequest) -> None:
         try:
             async with client.stream(choice.prompt, messages=choice.messages, tools=choice.tools,
-                                     **choice.sampling) as stream:
+                                     chat_template_kwargs=choice.chat_template_kwargs, **choice.sampling) as stream:
                 async for chunk in stream:
                     arrived.put_nowait((index, chunk))
             arrived.put_nowait((index, ENDED))
