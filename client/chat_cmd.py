@@ -10,6 +10,7 @@ leaves. Reads plain lines when stdin is not a terminal (scripts, tests).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any, Sequence, TextIO
 
@@ -28,6 +29,7 @@ PROG = "kvtriton chat"
 EXAMPLES = """examples:
   kvtriton chat --url localhost:8001
   kvtriton chat --url http://localhost:8000 --system "Answer in one sentence." --temperature 0.7
+  kvtriton chat --url localhost:8001 --chat-template-kwargs '{"enable_thinking": false}'
   printf 'Hi!\nWhat did I just say?\n' | kvtriton chat --url localhost:8001 --max-tokens 64"""
 PROMPT = ">>> "
 COMMANDS = {"/reset": "forget the conversation", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
@@ -36,8 +38,9 @@ COMMANDS = {"/reset": "forget the conversation", "/exit": "leave (or Ctrl-D)", "
 class ChatSession:
     """The conversation: a system message (optional) and alternating user/assistant turns."""
 
-    def __init__(self, client: LLMClient, sampling: dict[str, Any], system: str | None = None):
-        self.client, self.sampling = client, sampling
+    def __init__(self, client: LLMClient, sampling: dict[str, Any], system: str | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None):
+        self.client, self.sampling, self.chat_template_kwargs = client, sampling, chat_template_kwargs
         self.system = [{"role": "system", "content": system}] if system else []
         self.history: list[dict[str, str]] = []
 
@@ -47,7 +50,8 @@ class ChatSession:
     def ask(self, text: str, out: TextIO) -> str:
         """Stream the answer to `out`; the turn joins the history only once fully answered."""
         turn = {"role": "user", "content": text}
-        with self.client.stream(messages=[*self.system, *self.history, turn], **self.sampling) as stream:
+        with self.client.stream(messages=[*self.system, *self.history, turn],
+                                chat_template_kwargs=self.chat_template_kwargs, **self.sampling) as stream:
             for chunk in stream:
                 out.write(chunk.text)
                 out.flush()
@@ -58,8 +62,20 @@ class ChatSession:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system message that starts every conversation")
+    parser.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                        help='more chat-template variables, e.g. \'{"enable_thinking": false}\' (Qwen3)')
     add_connection_arguments(parser)
     add_sampling_arguments(parser)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _read_line(interactive: bool) -> str | None:
@@ -82,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(PROG, str(e), 2)
     except ServerUnavailableError as e:
         return fail(PROG, str(e))
-    session = ChatSession(client, sampling_from_args(args), args.system)
+    session = ChatSession(client, sampling_from_args(args), args.system, args.chat_template_kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"kvtriton chat with {args.model} at {client.endpoint.url}; /help lists commands, Ctrl-D exits.")

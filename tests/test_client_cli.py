@@ -145,3 +145,10 @@ def test_chat_without_a_server_exits_nonzero():
     port = free_ports(1)[0]
     done = cli("chat_cmd", "--url", f"127.0.0.1:{port}", "--connect-retries", "0", stdin="Hi\n")
     assert done.returncode == 1 and f"127.0.0.1:{port}" in done.stderr
+
+
+def test_chat_template_kwargs_must_be_a_json_object(capsys):
+    for bad in ("[1]", "{oops"):
+        with pytest.raises(SystemExit) as info:
+            chat_cmd.main(["--url", "127.0.0.1:9", "--chat-template-kwargs", bad])
+        assert info.value.code == 2 and "--chat-template-kwargs" in capsys.readouterr().err
