@@ -72,6 +72,7 @@ def test_two_structured_output_constraints_are_a_400(fields, param):
 def test_chat_template_fields_become_the_models_chat_template_kwargs():
     assert chat().template_kwargs() is None
     assert chat(chat_template_kwargs={"enable_thinking": False}).template_kwargs() == {"enable_thinking": False}
+    assert chat(reasoning_effort="low").template_kwargs() == {"reasoning_effort": "low"}
     prefill = dict(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello,"}])
     request = ChatCompletionRequest(model="llm", add_generation_prompt=False, continue_final_message=True, **prefill)
     request.check()

@@ -31,6 +31,9 @@ MAX_COMPLETION_LOGPROBS = 5  # /v1/completions: OpenAI's bound
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions: OpenAI's bound, and the server's (SamplingParams.MAX_LOGPROBS)
 
 
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")  # OpenAI's reasoning_effort values
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -246,6 +249,9 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # OpenAI's, for reasoning models: the template's `reasoning_effort` variable (gpt-oss's templates read it;
+    # others ignore it), as vLLM passes it.
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = None
 
     def check(self) -> None:
         super().check()
@@ -277,6 +283,8 @@ class ChatCompletionRequest(_GenerationRequest):
     def template_kwargs(self) -> dict[str, Any] | None:
         """The `llm` model's chat_template_kwargs: the request's, with the two flags where not the default."""
         kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
         if not self.add_generation_prompt:
             kwargs["add_generation_prompt"] = False
         if self.continue_final_message:

@@ -186,10 +186,12 @@ class ResponsesRequest(_Strict):
         if self.truncation == "auto":
             raise OpenAIError('truncation "auto" is not supported: an input longer than the model takes is a 400',
                               param="truncation")
-        if self.reasoning is not None and any(v is not None for v in self.reasoning.model_dump().values()):
-            raise OpenAIError("reasoning settings (effort, summary) are not supported: whether and how long a model "
-                              "reasons is its own; with --reasoning-parser its reasoning comes as a reasoning item",
-                              param="reasoning")
+        if self.reasoning is not None and (self.reasoning.summary or self.reasoning.generate_summary):
+            raise OpenAIError("reasoning summaries are not supported: with --reasoning-parser the model's reasoning "
+                              "comes whole as a reasoning item", param="reasoning")
+        if self.reasoning is not None and self.reasoning.effort not in (None, *p.REASONING_EFFORTS):
+            raise OpenAIError(f"reasoning.effort must be one of {', '.join(p.REASONING_EFFORTS)}, got "
+                              f"{self.reasoning.effort!r}", param="reasoning")
         if self.text.format.type == "json_schema" and self.text.format.schema_ is None:
             raise OpenAIError('text.format {"type": "json_schema"} needs a schema', param="text")
         for i, item in enumerate([] if isinstance(self.input, str) else self.input):
@@ -223,6 +225,7 @@ class ResponsesRequest(_Strict):
                 model=self.model, messages=self.messages(), max_completion_tokens=self.max_output_tokens,
                 temperature=self.temperature, top_p=self.top_p, user=self.user, stream=self.stream,
                 response_format=response_format, tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+                reasoning_effort=self.reasoning.effort if self.reasoning is not None else None,
                 tools=[p.Tool(type="function", function=p.FunctionDefinition(
                     **t.model_dump(exclude={"type"}))) for t in self.tools] or None)
         except ValidationError as e:  # what the Responses models let through and the chat ones do not
