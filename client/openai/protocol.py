@@ -29,8 +29,6 @@ from kvtriton.client.openai.tool_calls import required_calls_schema
 MAX_N = 16  # choices per request: each is one Triton request, all in flight together
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions: OpenAI's bound
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions: OpenAI's bound, and the server's (SamplingParams.MAX_LOGPROBS)
-
-
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")  # OpenAI's reasoning_effort values
 
 
@@ -245,7 +243,7 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's chat-template extensions: the template's own variables (e.g. Qwen3's enable_thinking), and HF's
-    # two flags (continue_final_message: the answer continues the last, assistant, message).
+    # two flags (continue_final_message: the answer continues the last message, e.g. a prefilled assistant turn).
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -275,7 +273,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise OpenAIError("continue_final_message needs add_generation_prompt: false (the answer continues the "
                               "last message rather than starting a new one)", param="continue_final_message")
-
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message() for m in self.messages]
