@@ -323,6 +323,7 @@ class LLMEngine:
             kv_usage=bm.usage, num_kv_blocks=bm.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.scheduler.num_prompt_tokens,
             num_generation_tokens=self.scheduler.num_generation_tokens,
+            num_prefix_cache_queries=bm.prefix_queries, num_prefix_cache_hits=bm.prefix_hits,
             num_spec_proposed_tokens=verifier.num_proposed_tokens,
             num_spec_accepted_tokens=verifier.num_accepted_tokens, num_spec_drafts=verifier.num_drafts,
         )

@@ -155,11 +155,11 @@ class SamplingParams:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 what = "a JSON schema (a string or an object)" if name == "guided_json" else "a non-empty string"
                 raise ValueError(f"{name} must be {what}, got {value!r}")
-        if isinstance(self.guided_choice, (list, str)):  # a str is one choice, not its characters
-            object.__setattr__(self, "guided_choice", (self.guided_choice,) if isinstance(self.guided_choice, str)
-                               else tuple(self.guided_choice))
-        if not all(isinstance(choice, str) and choice for choice in self.guided_choice):
-            raise ValueError(f"guided_choice must be a list of non-empty strings, got {list(self.guided_choice)!r}")
+        if isinstance(self.guided_choice, list):
+            object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
+        # (A string is refused, not read as its characters.)
+        if isinstance(self.guided_choice, str) or not all(isinstance(c, str) and c for c in self.guided_choice):
+            raise ValueError(f"guided_choice must be a list of non-empty strings, got {self.guided_choice!r}")
         given = [name for name in (*_GUIDED_TEXT_FIELDS, "guided_choice", "guided_json_object") if getattr(self, name)]
         if len(given) > 1:
             raise ValueError(f"{given[0]} and {given[1]} are both set; give at most one guided_* constraint")
@@ -221,7 +221,7 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "stop_token_ids":
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
     if name == "guided_choice":
-        return tuple(_as_list(name, value))  # its strings are checked by __post_init__
+        return _as_list(name, value)  # its strings are checked by __post_init__
     if name in _GUIDED_TEXT_FIELDS or name == "logit_bias":
         return value  # checked by __post_init__ (guided_json may be an object, logit_bias is one)
     raise AssertionError(f"no coercion for field {name}")

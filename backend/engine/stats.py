@@ -17,6 +17,9 @@ class EngineStats:
     num_preemptions: int = 0  # since start
     num_prompt_tokens: int = 0  # computed prompt tokens since start (prefix hits excluded)
     num_generation_tokens: int = 0  # since start
+    # Prefix cache, since start: prompt tokens looked up when a request was first scheduled, and those found.
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
     # Speculative decoding, since start: proposals verified, and how many of them were accepted.
     num_spec_proposed_tokens: int = 0
     num_spec_accepted_tokens: int = 0

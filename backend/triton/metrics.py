@@ -40,9 +40,9 @@ class TritonMetrics:
             # vLLM's request_success_total, prefix_cache_queries / _hits (tokens) and request token histograms.
             "success": mf("kvtriton_request_success_total", "Finished requests, by finish reason", mf.COUNTER),
             "prefix_queries": mf("kvtriton_prefix_cache_queries_total",
-                                 "Prompt tokens of finished requests, each looked up in the prefix cache", mf.COUNTER),
-            "prefix_hits": mf("kvtriton_prefix_cache_hits_total",
-                              "Prompt tokens of finished requests served from the prefix cache", mf.COUNTER),
+                                 "Prompt tokens looked up in the prefix cache", mf.COUNTER),
+            "prefix_hits": mf("kvtriton_prefix_cache_hits_total", "Prompt tokens found in the prefix cache",
+                              mf.COUNTER),
             "prompt_len": mf("kvtriton_request_prompt_tokens", "Prompt tokens per finished request", mf.HISTOGRAM),
             "output_len": mf("kvtriton_request_generation_tokens", "Output tokens per finished request",
                              mf.HISTOGRAM),
@@ -63,9 +63,8 @@ class TritonMetrics:
         self.prefix_hits = f["prefix_hits"].Metric(labels=labels)
         self.prompt_len = f["prompt_len"].Metric(labels=labels, buckets=TOKEN_COUNT_BUCKETS)
         self.output_len = f["output_len"].Metric(labels=labels, buckets=TOKEN_COUNT_BUCKETS)
-        # Finished requests' counts, added to their counters at the next flush (one IPC each, not one a request).
+        # Finished requests by reason, added to their counters at the next flush (one IPC each, not one a request).
         self._finished = {reason: 0 for reason in FINISH_REASONS}
-        self._prefix = [0, 0]  # (queries, hits)
         # Speculative decoding, labelled with the method (ngram | draft); absent when speculation is off.
         self.spec_proposed = self.spec_accepted = self.spec_acceptance = None
         if speculative_method != "none":
@@ -93,8 +92,6 @@ class TritonMetrics:
             self.output_len.observe(out.num_output_tokens)
             if out.finish_reason in self._finished:
                 self._finished[out.finish_reason] += 1
-            self._prefix[0] += out.num_prompt_tokens
-            self._prefix[1] += out.num_cached_tokens
             if out.first_token_time is not None and out.num_output_tokens > 1:
                 self.tpot.observe((out.time - out.first_token_time) / (out.num_output_tokens - 1))
             if self.spec_acceptance is not None and out.num_spec_proposed_tokens:
@@ -109,6 +106,8 @@ class TritonMetrics:
         self.prompt.increment(stats.num_prompt_tokens - old.num_prompt_tokens)
         self.generation.increment(stats.num_generation_tokens - old.num_generation_tokens)
         self.preemption.increment(stats.num_preemptions - old.num_preemptions)
+        self.prefix_queries.increment(stats.num_prefix_cache_queries - old.num_prefix_cache_queries)
+        self.prefix_hits.increment(stats.num_prefix_cache_hits - old.num_prefix_cache_hits)
         if self.spec_proposed is not None:
             self.spec_proposed.increment(stats.num_spec_proposed_tokens - old.num_spec_proposed_tokens)
             self.spec_accepted.increment(stats.num_spec_accepted_tokens - old.num_spec_accepted_tokens)
@@ -116,10 +115,6 @@ class TritonMetrics:
             if count:
                 self.success[reason].increment(count)
                 self._finished[reason] = 0
-        if self._prefix[0]:
-            self.prefix_queries.increment(self._prefix[0])
-            self.prefix_hits.increment(self._prefix[1])
-            self._prefix = [0, 0]
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)

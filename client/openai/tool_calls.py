@@ -45,6 +45,11 @@ def _whole_call(index: int, name: str, arguments: Any) -> list[Piece]:
     return [Piece(call=index, name=name, call_id=new_call_id()), Piece(text=text, call=index)]
 
 
+def _whole_calls(calls: list[tuple[str, Any]]) -> list[Piece]:
+    """(name, arguments) of calls found at once, numbered from 0."""
+    return [piece for i, (name, arguments) in enumerate(calls) for piece in _whole_call(i, name, arguments)]
+
+
 class NamedCall:
     """tool_choice names the function: every generated character is its arguments."""
 
@@ -227,8 +232,7 @@ class PythonicCalls:
         calls = python_calls(text.strip().removeprefix(self.START).removesuffix(self.END))
         if calls is None:
             return [Piece(text=text)]
-        return [piece for i, (name, arguments) in enumerate(calls[:self._max_calls])
-                for piece in _whole_call(i, name, arguments)]
+        return _whole_calls(calls[:self._max_calls])
 
 
 def python_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
@@ -281,8 +285,7 @@ class MistralCalls:
         calls = mistral_calls(text) if calls_began else None
         if calls is None:
             return [Piece(text=text)] if text else []
-        return [piece for i, (name, arguments) in enumerate(calls[:self._max_calls])
-                for piece in _whole_call(i, name, arguments)]
+        return _whole_calls(calls[:self._max_calls])
 
 
 def mistral_calls(text: str) -> list[tuple[str, Any]] | None:
