@@ -184,6 +184,33 @@ def test_token_id_prompts_answer_as_their_text_and_echo_it(client, default_model
     assert len(scored.logprobs.token_logprobs) == len(ids) + 1 and scored.logprobs.token_logprobs[0] is None
 
 
+def test_vllms_prompt_logprobs_rank_each_prompt_token(client, default_model_folder):
+    """vLLM's prompt_logprobs (extra_body): per prompt token after the first, {token id: logprob, rank, text},
+    the prompt's token first, then the top N ranked 1 .. N; the same numbers as an echo's logprobs, whose top
+    list keeps its own N. Chat answers carry them once, beside the choices."""
+    text = "The capital of France is"
+    ids = Tokenizer.from_pretrained(default_model_folder).encode(text)
+    r = client.completions.create(model="llm", prompt=text, temperature=0, max_tokens=1, logprobs=1, echo=True,
+                                  extra_body={"prompt_logprobs": 2}).choices[0]
+    ranked = r.model_extra["prompt_logprobs"]
+    assert len(ranked) == len(ids) and ranked[0] is None
+    for token_id, entry, logprob, top in zip(ids[1:], ranked[1:], r.logprobs.token_logprobs[1:],
+                                             r.logprobs.top_logprobs[1:]):
+        (own_id, own), *_ = entry.items()
+        assert own_id == str(token_id) and own["logprob"] == pytest.approx(logprob, abs=1e-6)
+        assert {e["rank"] for e in entry.values()} >= {1, 2} and len(entry) == (2 if own["rank"] <= 2 else 3)
+        assert max(entry.values(), key=lambda e: e["logprob"])["rank"] == 1 and len(top) == 1
+        assert all(isinstance(e["decoded_token"], str) for e in entry.values())
+    chat = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=1, n=2,
+                                          extra_body={"prompt_logprobs": 0})
+    ranked = chat.model_extra["prompt_logprobs"]
+    assert ranked[0] is None and len(ranked) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 and next(iter(entry.values()))["rank"] >= 1 for entry in ranked[1:])
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model="llm", prompt=text, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+
+
 def merged_logprobs(stream):
     """A streamed completion's logprobs, joined across its chunks."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []

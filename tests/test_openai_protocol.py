@@ -17,7 +17,7 @@ from kvtriton.client.openai.app import create_app
 from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
 from kvtriton.client.openai.protocol import ChatCompletionRequest, CompletionRequest
-from kvtriton.client.openai.serving import chat_choices, completion_choices, completion_logprobs
+from kvtriton.client.openai.serving import chat_choices, completion_choices, completion_logprobs, vllm_prompt_logprobs
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -128,6 +128,8 @@ def test_messages_reach_the_template_as_role_text_and_name():
           response_format={"type": "json_object"}), "response_format"),
     (dict(max_tokens=3, max_completion_tokens=4), "max_completion_tokens"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(prompt_logprobs=1, stream=True), "prompt_logprobs"),
 ])
 def test_chat_fields_this_server_cannot_honour_are_400s(fields, param):
     with pytest.raises(OpenAIError) as info:
@@ -252,3 +254,26 @@ def test_token_id_prompts_go_as_ids_and_an_echo_of_them_asks_for_their_texts():
     assert request.sampling(0)["prompt_logprobs"] == 0  # the token texts the echo is made of
     assert CompletionRequest(model="llm", prompt=[7, 8]).prompts() == [[7, 8]]
     assert "prompt_logprobs" not in CompletionRequest(model="llm", prompt="text", echo=True).sampling(0)
+
+
+def test_vllms_prompt_logprobs_ask_the_server_for_the_larger_top_n_of_it_and_an_echo():
+    assert chat(prompt_logprobs=2).sampling(0) == {"prompt_logprobs": 2}
+    text = dict(model="llm", prompt="text")
+    assert CompletionRequest(**text, prompt_logprobs=0).sampling(0) == {"prompt_logprobs": 0}
+    assert CompletionRequest(**text, echo=True, logprobs=3, prompt_logprobs=1).sampling(0)["prompt_logprobs"] == 3
+    assert CompletionRequest(**text, echo=True, logprobs=1, prompt_logprobs=4).sampling(0)["prompt_logprobs"] == 4
+
+
+def test_prompt_logprobs_take_vllms_shape_the_token_first_then_the_top_n_ranked():
+    entries = ({"token_id": 5, "token": "A", "logprob": None, "top": [], "top_tokens": []},
+               {"token_id": 7, "token": "b", "logprob": -2.5, "rank": 3, "top": [[9, -0.1], [4, -2.0], [7, -2.5]],
+                "top_tokens": ["x", "y", "b"]})
+    first, second = vllm_prompt_logprobs(entries, 2)
+    assert first is None  # nothing comes before the first token
+    assert {k: v.model_dump() for k, v in second.items()} == {
+        "7": {"logprob": -2.5, "rank": 3, "decoded_token": "b"},  # the prompt's token, outside the top 2
+        "9": {"logprob": -0.1, "rank": 1, "decoded_token": "x"},
+        "4": {"logprob": -2.0, "rank": 2, "decoded_token": "y"}}
+    assert list(second) == ["7", "9", "4"]
+    assert list(vllm_prompt_logprobs(entries, 3)[1]) == ["7", "9", "4"]  # in the top 3: listed once
+    assert vllm_prompt_logprobs(entries, None) is None  # asked for by an echo only: not in the answer

@@ -26,11 +26,14 @@ def reference(tiny_folder):
 
 
 def check(prompt_logprobs, reference, top_n):
-    assert (prompt_logprobs[0].token_id, prompt_logprobs[0].logprob) == (PROMPT[0], None)
+    first = prompt_logprobs[0]
+    assert (first.token_id, first.logprob, first.rank) == (PROMPT[0], None, None)
     assert len(prompt_logprobs) == len(PROMPT)
     for p, entry in enumerate(prompt_logprobs[1:]):  # entry p: token p + 1, from position p's logits
         assert entry.token_id == PROMPT[p + 1]
         assert entry.logprob == pytest.approx(reference[p, PROMPT[p + 1]].item(), abs=2e-4)
+        # its rank: 1 + the tokens likelier than it (a random tiny model has no near-ties at these margins)
+        assert entry.rank == int((reference[p] > reference[p, PROMPT[p + 1]]).sum()) + 1
         top = reference[p].topk(top_n)
         assert [t for t, _ in entry.top] == top.indices.tolist()
         assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=2e-4)

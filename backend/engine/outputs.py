@@ -19,14 +19,17 @@ class TokenLogprob:
     token_id: int
     logprob: float | None  # None only for a prompt's first token (prompt_logprobs): nothing comes before it
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    # The token's place in its row, 1 for the likeliest (vLLM's Logprob.rank): for prompt tokens only, where
+    # vLLM's OpenAI server shows it; a sampled token's would cost every decode step a pass over the vocabulary.
+    rank: int | None = None
 
     @classmethod
     def from_rows(cls, token_id: int, row: int, top_n: int, chosen: list[float], top_ids: list[list[int]] | None,
-                  top_lps: list[list[float]] | None) -> "TokenLogprob":
+                  top_lps: list[list[float]] | None, ranks: list[int] | None = None) -> "TokenLogprob":
         """Row `row` of a step's logprobs on the host (the chosen token's, and the top ids and logprobs of
         every row), with the best `top_n` of that row."""
         top = list(zip(top_ids[row][:top_n], top_lps[row][:top_n])) if top_n and top_ids else []
-        return cls(token_id=token_id, logprob=chosen[row], top=top)
+        return cls(token_id=token_id, logprob=chosen[row], top=top, rank=None if ranks is None else ranks[row])
 
 
 @dataclass(slots=True)  # one per token per request: slots make it cheap to build

@@ -2,8 +2,9 @@
 
 A prefill step whose sequences ask for them computes the logits of those positions too (prepare_step's
 prompt_logprob_rows, after the rows the sampler reads). Position p's logits give token p + 1's logprob: the
-raw log_softmax, before logit_bias, penalties or temperature, as the sampled tokens' logprobs. One host
-copy per such step; only requests that ask pay for it.
+raw log_softmax, before logit_bias, penalties or temperature, as the sampled tokens' logprobs; and the token's
+rank there (1 + the tokens likelier than it, so tied tokens share a rank, as vLLM counts). One host copy per
+such step; only requests that ask pay for it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def record_prompt_logprobs(rows: list[tuple[int, range]], scheduled: list[tuple[
     seqs = [scheduled[row][0] for row, _ in rows]
     targets = [seq.prompt_token_ids[p + 1] for seq, (_, positions) in zip(seqs, rows) for p in positions]
     logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+    chosen_t = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])  # (rows, 1)
+    chosen, ranks = chosen_t[:, 0].tolist(), ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
     top_n = max(seq.params.prompt_logprobs for seq in seqs)
     top_ids = top_lps = None
     if top_n:
@@ -38,5 +40,5 @@ def record_prompt_logprobs(rows: list[tuple[int, range]], scheduled: list[tuple[
     for seq, (_, positions) in zip(seqs, rows):
         for _ in positions:
             seq.prompt_logprobs.append(TokenLogprob.from_rows(targets[row], row, seq.params.prompt_logprobs, chosen,
-                                                              top_ids, top_lps))
+                                                              top_ids, top_lps, ranks))
             row += 1

@@ -181,5 +181,8 @@ class TritonResponseSink:
 
 
 def _entry(lp) -> dict:
-    """One TokenLogprob as the logprobs outputs' JSON carries it."""
-    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+    """One TokenLogprob as the logprobs outputs' JSON carries it ("rank": a prompt token's, after its first)."""
+    entry = {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+    if lp.rank is not None:
+        entry["rank"] = lp.rank
+    return entry

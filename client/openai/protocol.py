@@ -71,6 +71,8 @@ class _GenerationRequest(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: each prompt token's logprob and rank, and the top N there (the answer's PromptLogprob lists)
+    prompt_logprobs: int | None = None
 
     _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
                        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
@@ -82,6 +84,12 @@ class _GenerationRequest(_Strict):
             raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.prompt_logprobs is not None:
+            if not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+                raise OpenAIError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}",
+                                  param="prompt_logprobs")
+            if self.stream:  # vLLM's rule: its streamed chunks have no place for them
+                raise OpenAIError("prompt_logprobs is not available with stream: true", param="prompt_logprobs")
         self.output_constraint()
 
     @property
@@ -93,6 +101,9 @@ class _GenerationRequest(_Strict):
 
     def _logprobs(self) -> int | None:
         return None
+
+    def _prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
     def _constraint_sources(self) -> dict[str, dict[str, Any]]:
         """Each field that may constrain the output -> the guided_* keys it asks for ({}: none)."""
@@ -114,6 +125,7 @@ class _GenerationRequest(_Strict):
         params: dict[str, Any] = {key: getattr(self, key) for key in self._PASSED_THROUGH}
         params["max_tokens"] = self._max_tokens()
         params["logprobs"] = self._logprobs()
+        params["prompt_logprobs"] = self._prompt_logprobs()
         if self.seed is not None:
             params["seed"] = self.seed + choice
         if self.stop is not None:
@@ -162,13 +174,13 @@ class CompletionRequest(_GenerationRequest):
     def _logprobs(self) -> int | None:
         return self.logprobs
 
-    def sampling(self, choice: int) -> dict[str, Any]:
+    def _prompt_logprobs(self) -> int | None:
         """echo with logprobs: the prompt's tokens' logprobs too (the server's prompt_logprobs), as OpenAI's legacy
-        completions give them and lm-evaluation-harness reads them for loglikelihood tasks."""
-        params = super().sampling(choice)
-        if self.echo and (self.logprobs is not None or self.echoes_token_ids):
-            params["prompt_logprobs"] = self.logprobs or 0
-        return params
+        completions give them and lm-evaluation-harness reads them for loglikelihood tasks; with vLLM's
+        prompt_logprobs as well, the larger top N of the two (each answer field cuts its own)."""
+        echoed = (self.logprobs or 0) if self.echo and (self.logprobs is not None or self.echoes_token_ids) else None
+        asked = [n for n in (echoed, self.prompt_logprobs) if n is not None]
+        return max(asked) if asked else None
 
 
 class TextPart(_Strict):
@@ -348,11 +360,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its answers carry prompt_logprobs: {token id: this} per prompt token after the first."""
+
+    logprob: float
+    rank: int | None = None  # 1: the likeliest token there
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # None for the first prompt token (nothing before it)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's (null unless asked, as in vLLM's answers)
 
 
 class CompletionResponse(BaseModel):
@@ -399,6 +423,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, for the one prompt that every choice shares
 
 
 class DeltaFunctionCall(BaseModel):

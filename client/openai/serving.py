@@ -148,6 +148,31 @@ def completion_logprobs(entries: tuple[dict, ...] | list[dict] | None, offset: i
     return out
 
 
+def vllm_prompt_logprobs(entries: tuple[dict, ...] | None, top_n: int | None) -> p.PromptLogprobs | None:
+    """The server's prompt_logprobs as vLLM's answers give them (None unless the request set top_n): per prompt
+    token after the first, the token's own entry (its logprob and rank), then the top N there, ranked 1 .. N."""
+    if entries is None or top_n is None:
+        return None
+    out: p.PromptLogprobs = []
+    for e in entries:
+        if e["logprob"] is None:  # the first token: nothing before it
+            out.append(None)
+            continue
+        ranked = {str(e["token_id"]): p.PromptLogprob(logprob=e["logprob"], rank=e.get("rank"),
+                                                      decoded_token=_token_text(e, "token"))}
+        for rank, ((token_id, logprob), text) in enumerate(zip(e["top"][:top_n], _token_text(e, "top_tokens")), 1):
+            ranked.setdefault(str(token_id), p.PromptLogprob(logprob=logprob, rank=rank, decoded_token=text))
+        out.append(ranked)
+    return out
+
+
+def _top(entries: tuple[dict, ...] | None, n: int) -> tuple[dict, ...] | None:
+    """Entries with their top lists cut to n (the server computed the larger N that another field asked for)."""
+    if entries is None:
+        return None
+    return tuple({**e, "top": e["top"][:n], "top_tokens": e.get("top_tokens", [])[:n]} for e in entries)
+
+
 def echoed_prompt(prompt: str | list[int], prompt_logprobs: tuple[dict, ...] | None) -> str:
     """The text an echo starts with: a text prompt as sent; token ids as the server named each token (the
     prompt_logprobs asked for with them: CompletionRequest.sampling)."""
@@ -186,10 +211,11 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
         counts.completion += b.num_output_tokens
         echo = echoed_prompt(choices[i].prompt, b.prompt_logprobs) if request.echo else ""
         logprobs = b.build().logprobs
-        if logprobs is not None and request.echo:
-            logprobs = [*(b.prompt_logprobs or ()), *logprobs]  # one list over the echoed prompt and the answer
+        if logprobs is not None and request.echo:  # one list over the echoed prompt and the answer
+            logprobs = [*(_top(b.prompt_logprobs, request.logprobs) or ()), *logprobs]
         out.append(p.CompletionChoice(index=i, text=echo + b.text, finish_reason=b.finish_reason,
-                                      logprobs=completion_logprobs(logprobs, 0)))
+                                      logprobs=completion_logprobs(logprobs, 0),
+                                      prompt_logprobs=vllm_prompt_logprobs(b.prompt_logprobs, request.prompt_logprobs)))
     return p.CompletionResponse(model=model, choices=out, usage=counts.usage())
 
 
@@ -204,7 +230,8 @@ async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: 
         message = whole_message([outputs[i].feed(b.text, last=True)])
         out.append(p.ChatChoice(index=i, message=message, finish_reason=outputs[i].finish_reason(b.finish_reason),
                                 logprobs=chat_logprobs(b.build().logprobs)))
-    return p.ChatCompletionResponse(model=model, choices=out, usage=counts.usage())
+    ranked = vllm_prompt_logprobs(builders[0].prompt_logprobs, request.prompt_logprobs)  # the choices' one prompt
+    return p.ChatCompletionResponse(model=model, choices=out, usage=counts.usage(), prompt_logprobs=ranked)
 
 
 def sse(body: p.BaseModel | dict) -> str:
