@@ -9,6 +9,9 @@
         completion = await client.generate("Hi")             # cancelling the task cancels the request
         async for chunk in client.stream("Hi"): ...
 
+    client.tokenize(messages=[...]).count                   # a prompt's tokens as the server counts them
+    client.detokenize([9906, 1917])                         # and back to text
+
 Sampling keyword arguments are the contract's names (max_tokens, temperature,
 top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens,
 repetition_penalty, presence_penalty, frequency_penalty, logprobs,
@@ -28,7 +31,7 @@ from kvtriton.client.errors import ServerError
 from kvtriton.client.grpc_client import AsyncGrpcTransport, GrpcTransport
 from kvtriton.client.http_client import AsyncHttpTransport, HttpTransport
 from kvtriton.client.probe import Probe, async_wait_ready, wait_ready
-from kvtriton.client.types import Chunk, Completion, CompletionBuilder, GenerateRequest
+from kvtriton.client.types import Chunk, Completion, CompletionBuilder, GenerateRequest, Tokens
 
 DEFAULT_MODEL = "llm"
 DEFAULT_TIMEOUT_S = 300.0
@@ -41,12 +44,24 @@ def user_turn(text: str, raw: bool = False) -> dict[str, Any]:
     return {"prompt": text} if raw else {"messages": [{"role": "user", "content": text}]}
 
 
-def _request(prompt: str | None, messages: Sequence[Mapping[str, Any]] | None, stream: bool,
+def _request(prompt: str | list[int] | None, messages: Sequence[Mapping[str, Any]] | None, stream: bool,
              sampling: dict[str, Any], tools: Sequence[Mapping[str, Any]] | None = None,
-             chat_template_kwargs: Mapping[str, Any] | None = None) -> GenerateRequest:
+             chat_template_kwargs: Mapping[str, Any] | None = None, task: str = "generate") -> GenerateRequest:
     return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,
                            stream=stream, sampling=sampling, tools=tuple(tools) if tools is not None else None,
-                           chat_template_kwargs=chat_template_kwargs)
+                           chat_template_kwargs=chat_template_kwargs, task=task)
+
+
+def _task_answer(endpoint: Endpoint, request: GenerateRequest, chunks: list[Chunk]) -> Chunk:
+    """The one response of a tokenize or detokenize request."""
+    if len(chunks) != 1 or (request.task == "tokenize" and chunks[0].token_ids is None):
+        raise ServerError(f"{endpoint.url} did not answer the {request.task} task with one response of token ids: "
+                          "is the model kvtriton's llm, of a version that has tasks?")
+    return chunks[0]
+
+
+def _tokens(chunk: Chunk) -> Tokens:
+    return Tokens(chunk.token_ids, chunk.max_model_len)
 
 
 def _check_options(timeout_s: float, connect_retries: int) -> None:
@@ -189,6 +204,20 @@ class LLMClient(_Client):
             pass
         return stream.completion
 
+    def tokenize(self, prompt: str | list[int] | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 chat_template_kwargs: Mapping[str, Any] | None = None) -> Tokens:
+        """The token ids a generation of this prompt (or chat, rendered by the model's template) starts from."""
+        return _tokens(self._task(_request(prompt, messages, False, {}, tools, chat_template_kwargs, "tokenize")))
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens included."""
+        return self._task(_request(list(token_ids), None, False, {}, task="detokenize")).text
+
+    def _task(self, request: GenerateRequest) -> Chunk:
+        self.wait_ready()
+        return _task_answer(self.endpoint, request, list(self._transport.responses(request)))
+
     def close(self) -> None:
         self._transport.close()
 
@@ -242,6 +271,22 @@ class AsyncLLMClient(_Client):
             async for _ in stream:
                 pass
         return stream.completion
+
+    async def tokenize(self, prompt: str | list[int] | None = None, *,
+                       messages: Sequence[Mapping[str, Any]] | None = None,
+                       tools: Sequence[Mapping[str, Any]] | None = None,
+                       chat_template_kwargs: Mapping[str, Any] | None = None) -> Tokens:
+        """The token ids a generation of this prompt (or chat, rendered by the model's template) starts from."""
+        request = _request(prompt, messages, False, {}, tools, chat_template_kwargs, "tokenize")
+        return _tokens(await self._task(request))
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens included."""
+        return (await self._task(_request(list(token_ids), None, False, {}, task="detokenize"))).text
+
+    async def _task(self, request: GenerateRequest) -> Chunk:
+        await self.wait_ready()
+        return _task_answer(self.endpoint, request, [chunk async for chunk in self._transport.responses(request)])
 
     async def _ready_then(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         await self.wait_ready()

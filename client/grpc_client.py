@@ -73,8 +73,10 @@ def _chunk(result) -> tuple[Chunk | None, bool]:
         array = result.as_numpy(name)
         return 0 if array is None else int(array.reshape(-1)[0])
 
+    ids = result.as_numpy("token_ids")
     chunk = Chunk.from_outputs(text("text_output"), count("num_input_tokens"), count("num_output_tokens"),
-                               text("finish_reason"), text("logprobs"), text("prompt_logprobs"))
+                               text("finish_reason"), text("logprobs"), text("prompt_logprobs"),
+                               None if ids is None else ids.reshape(-1).tolist(), count("max_model_len"))
     return chunk, final
 
 

@@ -33,10 +33,13 @@ def _chunk(endpoint: Endpoint, event: Any) -> Chunk:
         raise ServerError(f"{endpoint.url} sent {event!r}, not a JSON object")
     if "error" in event:
         raise server_error(str(event["error"]))
+    ids = event.get("token_ids")
+    if ids is not None and not isinstance(ids, list):  # the generate extension gives a one-element tensor as a scalar
+        ids = [ids]
     try:
         return Chunk.from_outputs(event.get("text_output", ""), event["num_input_tokens"], event["num_output_tokens"],
                                   event["finish_reason"], event.get("logprobs", ""),
-                                  event.get("prompt_logprobs", ""))
+                                  event.get("prompt_logprobs", ""), ids, event.get("max_model_len", 0))
     except KeyError as e:
         raise ServerError(f"{endpoint.url} sent a response without {e.args[0]}: is this kvtriton's llm model?") from None
 

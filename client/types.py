@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from kvtriton.client.errors import ServerError
 
 FINISH_REASONS = ("stop", "length", "abort")
+TASKS = ("generate", "tokenize", "detokenize")  # the llm model's `task` input
 MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})  # what the chat template sees
 
 _request_ids = itertools.count()
@@ -37,10 +38,16 @@ class GenerateRequest:
     request_id: str = field(default_factory=lambda: f"kvtriton-{os.getpid()}-{next(_request_ids)}")
     tools: tuple[Mapping[str, Any], ...] | None = None
     chat_template_kwargs: Mapping[str, Any] | None = None
+    # "tokenize": the prompt's token ids instead of a generation; "detokenize": the text of `prompt`, token ids
+    task: str = "generate"
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "detokenize" and not isinstance(self.prompt, list):
+            raise ValueError("detokenize takes the token ids as the prompt")
         if self.prompt is not None and not isinstance(self.prompt, str) and not (
                 isinstance(self.prompt, list) and self.prompt and all(type(t) is int for t in self.prompt)):
             raise ValueError(f"prompt must be a string or a non-empty list of token ids, got {self.prompt!r:.80}")
@@ -76,6 +83,8 @@ class GenerateRequest:
             inputs["tools"] = json.dumps(list(self.tools))
         if self.chat_template_kwargs:
             inputs["chat_template_kwargs"] = json.dumps(dict(self.chat_template_kwargs))
+        if self.task != "generate":
+            inputs["task"] = self.task
         return inputs
 
 
@@ -90,16 +99,32 @@ class Chunk:
     logprobs: tuple[dict, ...] | None = None  # one entry per token when asked for
     # prompt_logprobs asked for: on the first chunk, one entry per prompt token (the first's logprob None)
     prompt_logprobs: tuple[dict, ...] | None = None
+    token_ids: tuple[int, ...] | None = None  # a tokenize task's answer
+    max_model_len: int = 0  # with token_ids: the context they must fit in
 
     @classmethod
     def from_outputs(cls, text: str, num_input_tokens: int, num_output_tokens: int, finish_reason: str,
-                     logprobs: str = "", prompt_logprobs: str = "") -> "Chunk":
+                     logprobs: str = "", prompt_logprobs: str = "", token_ids=None, max_model_len: int = 0
+                     ) -> "Chunk":
         if finish_reason not in ("", *FINISH_REASONS):
             raise ServerError(f"the server sent finish_reason {finish_reason!r}, not one of "
                               f"{', '.join(FINISH_REASONS)}: is the model kvtriton's llm?")
         return cls(text, int(num_output_tokens), finish_reason, int(num_input_tokens),
                    tuple(json.loads(logprobs)) if logprobs else None,
-                   tuple(json.loads(prompt_logprobs)) if prompt_logprobs else None)
+                   tuple(json.loads(prompt_logprobs)) if prompt_logprobs else None,
+                   None if token_ids is None else tuple(int(t) for t in token_ids), int(max_model_len))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A prompt's token ids as the server's tokenizer (and chat template) gives them (a tokenize task)."""
+
+    token_ids: tuple[int, ...]
+    max_model_len: int  # the model's context, which the prompt and the answer share
+
+    @property
+    def count(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass(frozen=True)

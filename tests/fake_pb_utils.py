@@ -99,18 +99,39 @@ class Request:
         return self.sender
 
 
-class Engine:
-    """Records add_request's sinks and abort's ids; the test plays the engine thread through the sinks."""
+class Tokenizer:
+    """A character per token (its code point), and BOS (id 1) added as Llama's tokenizers add it."""
 
-    class tokenizer:
-        @staticmethod
-        def apply_chat_template(messages) -> str:
-            return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+    BOS = 1
+
+    @staticmethod
+    def apply_chat_template(messages, tools=None, **options) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.BOS] * add_special_tokens + [ord(c) for c in text]
+
+    def encode_chat_prompt(self, rendered: str) -> list[int]:
+        return self.encode(rendered, add_special_tokens=False)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join("<s>" if i == self.BOS else chr(i) for i in ids if not (skip_special_tokens and i == self.BOS))
+
+
+class Engine:
+    """Records add_request's sinks and abort's ids; the test plays the engine thread through the sinks. Its
+    admission is the real one, over Tokenizer."""
+
+    tokenizer = Tokenizer()
 
     def __init__(self):
+        from kvtriton.backend.engine.admission import Admission, AdmissionLimits
+
         self.added: dict[str, tuple] = {}  # request_id -> (prompt, params, sink)
         self.aborted: list[str] = []
         self.abort_seen = threading.Event()
+        self.admission = Admission(self.tokenizer, AdmissionLimits(
+            max_model_len=64, vocab_size=1000, num_kv_blocks=16, block_size=16, max_prompt_bytes=1000))
 
     healthy = True
 

@@ -203,3 +203,34 @@ def test_a_prompt_of_token_ids_is_the_same_prompt(llm_server, protocol, default_
         assert (as_ids.text, as_ids.num_input_tokens) == (as_text.text, len(ids))
         with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, "):
             client.generate([10**8], **GREEDY)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_tokenize_counts_what_a_generation_reads_and_detokenize_reverses_it(llm_server, protocol,
+                                                                            default_model_folder):
+    """The model's `task` input: a text's or a chat's token ids, as many as the generation's num_input_tokens,
+    without a generation (no request reaches the engine); and their text back."""
+    from kvtriton.backend.engine.tokenizer import Tokenizer
+
+    chat = [{"role": "user", "content": PROMPT}]
+    with LLMClient(url(llm_server, protocol)) as client:
+        text = client.tokenize(PROMPT)
+        assert text.token_ids == tuple(Tokenizer.from_pretrained(default_model_folder).encode(PROMPT))
+        assert text.max_model_len > text.count > 0
+        tokens = client.tokenize(messages=chat)
+        assert tokens.count == client.generate(messages=chat, **GREEDY).num_input_tokens
+        assert client.detokenize(text.token_ids) == PROMPT
+        assert client.tokenize("").count == 0  # an empty tensor of ids
+        assert client.tokenize("a").token_ids == client.tokenize([client.tokenize("a").token_ids[0]]).token_ids
+        with pytest.raises(InvalidRequestError, match=r"token ids must be in \[0, "):
+            client.detokenize([10**8])
+
+
+def test_the_async_client_tokenizes_too(llm_server):
+    async def run():
+        async with AsyncLLMClient(llm_server.grpc_url) as client:
+            tokens = await client.tokenize(PROMPT)
+            return tokens, await client.detokenize(tokens.token_ids)
+
+    tokens, text = asyncio.run(run())
+    assert tokens.count > 0 and text == PROMPT

@@ -211,6 +211,38 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token(client, default_model_fold
                                   extra_body={"prompt_logprobs": 1})
 
 
+def post(frontend, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(frontend.url.removesuffix("/v1") + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_vllms_tokenize_counts_what_the_generation_reads_and_detokenize_reverses_it(client, frontend,
+                                                                                    default_model_folder):
+    """/tokenize of a prompt: the tokenizer's ids; of a chat: as many as a chat completion's prompt_tokens, the
+    template's own special tokens only. /detokenize: the text back."""
+    ids = Tokenizer.from_pretrained(default_model_folder).encode("The capital of France is")
+    status, text = post(frontend, "/tokenize", {"model": "llm", "prompt": "The capital of France is"})
+    assert status == 200 and (text["tokens"], text["count"]) == (ids, len(ids)) and text["max_model_len"] > len(ids)
+    status, chat = post(frontend, "/tokenize", {"messages": QUESTION})
+    usage = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=1).usage
+    assert status == 200 and chat["count"] == usage.prompt_tokens == len(chat["tokens"])
+    assert post(frontend, "/detokenize", {"model": "llm", "tokens": ids}) == (200, {"prompt": "The capital of France is"})
+    assert post(frontend, "/detokenize", {"tokens": []}) == (200, {"prompt": ""})
+    for path, body, status, param in [
+            ("/tokenize", {"prompt": "x", "messages": QUESTION}, 400, "messages"),
+            ("/tokenize", {"prompt": "x", "return_token_strs": True}, 400, "return_token_strs"),
+            ("/tokenize", {"messages": QUESTION, "add_special_tokens": True}, 400, "add_special_tokens"),
+            ("/tokenize", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+            ("/detokenize", {"tokens": [10**8]}, 400, None)]:
+        got, answer = post(frontend, path, body)
+        assert (got, answer["error"]["param"]) == (status, param), answer
+
+
 def merged_logprobs(stream):
     """A streamed completion's logprobs, joined across its chunks."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []

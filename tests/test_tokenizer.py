@@ -106,6 +106,16 @@ def test_bos_follows_add_bos_token(tmp_path, tok):
     assert with_eos.encode("hi")[-1] == with_eos.token_to_id("<|im_end|>")
 
 
+def test_a_rendered_chat_keeps_the_templates_one_bos(tmp_path):
+    """Llama-style: the tokenizer adds BOS and the template writes it too; a chat's ids have it once (HF's
+    apply_chat_template(tokenize=True), vLLM's chat requests)."""
+    tok = Tokenizer.from_pretrained(make_model_folder(tmp_path / "bos", add_bos_token=True,
+                                                      chat_template="{{ bos_token }}{{ messages[0]['content'] }}"))
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert tok.encode(rendered)[:2] == [tok.bos_token_id] * 2  # what a chat's prompt was given before
+    assert tok.encode_chat_prompt(rendered) == [tok.bos_token_id, *tok.encode("hello", add_special_tokens=False)]
+
+
 def test_post_processor_decides_only_when_config_is_silent(tmp_path):
     # A Llama-3-style tokenizer.json that adds BOS itself.
     tk = train_byte_level_bpe()

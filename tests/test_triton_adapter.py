@@ -102,8 +102,10 @@ def test_non_streaming_sends_one_final_response_with_the_prompt_echoed():
 def test_responses_carry_exactly_the_contract_outputs():
     sender = Sender()
     sink(sender).put(output("a", finished=True))
-    # prompt_logprobs only on the first response of a request that asked for them (below)
-    assert set(sender.sent[0][0].tensors) == {spec.name for spec in OUTPUTS} - {"prompt_logprobs"}
+    # prompt_logprobs only on the first response of a request that asked for them (below); token_ids and
+    # max_model_len only on a tokenize task's answer (test_triton_tasks.py)
+    assert set(sender.sent[0][0].tensors) == {spec.name for spec in OUTPUTS} - {"prompt_logprobs", "token_ids",
+                                                                                 "max_model_len"}
     assert sender.sent[0][0].tensors["num_output_tokens"].dtype == np.uint32  # TYPE_UINT32
 
 

@@ -38,14 +38,32 @@ class Admission:
     def admit(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids; ValueError with a user-facing message for a request that can never run."""
         check_stop_strings(params.stop)
+        ids = self.tokenize(prompt)
+        self.check_ids(ids, params)
+        return ids
+
+    def tokenize(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """The prompt's token ids as a generation gets them: text encoded with the tokenizer's special tokens, a
+        rendered chat (`chat`) without them (Tokenizer.encode_chat_prompt), ids as they are. ValueError for text
+        over max_prompt_bytes or an id outside the vocabulary."""
+        if not isinstance(prompt, str):
+            return self._in_vocabulary(list(prompt), "prompt token ids")
         limit = self.limits.max_prompt_bytes
-        if isinstance(prompt, str) and len(prompt) > limit // 4:  # no UTF-8 character is over 4 bytes
+        if len(prompt) > limit // 4:  # no UTF-8 character is over 4 bytes
             size = len(prompt.encode("utf-8", errors="surrogatepass"))
             if size > limit:
                 raise ValueError(f"prompt must be at most {limit} bytes (max_prompt_bytes; the model's context is "
                                  f"{self.limits.max_model_len} tokens), got {size}")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_ids(ids, params)
+        return self.tokenizer.encode_chat_prompt(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ids, special tokens included (vLLM's /detokenize, HF's decode default)."""
+        return self.tokenizer.decode(self._in_vocabulary(ids, "token ids"), skip_special_tokens=False)
+
+    def _in_vocabulary(self, ids: list[int], what: str) -> list[int]:
+        vocab = self.limits.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"{what} must be in [0, {vocab})")
         return ids
 
     def check_ids(self, ids: list[int], params: SamplingParams) -> None:
@@ -53,8 +71,7 @@ class Admission:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = lim.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self._in_vocabulary(ids, "prompt token ids")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
         outside = [t for t, _ in params.logit_bias if t >= vocab]

@@ -159,6 +159,12 @@ class Tokenizer:
                 ids.append(self._eos_token_id)
         return ids
 
+    def encode_chat_prompt(self, rendered: str) -> list[int]:
+        """Token ids of a prompt the chat template rendered (apply_chat_template): no special tokens added, as
+        HF's apply_chat_template(tokenize=True) and vLLM's chat requests encode it, since templates write their
+        own BOS (Llama's, Mistral's, Gemma's do); encode() would add a second one where the tokenizer adds BOS."""
+        return self.encode(rendered, add_special_tokens=False)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; bytes of an incomplete UTF-8 character show as U+FFFD."""
         return self._backend.decode(

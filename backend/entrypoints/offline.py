@@ -40,7 +40,8 @@ def run(args: argparse.Namespace, sampling: dict) -> int:
             print(f"kvtriton generate: error: {args.model_path} has no chat template; --raw sends the prompt as is",
                   file=sys.stderr)
             return 2
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        tokenizer = engine.tokenizer
+        prompt = tokenizer.encode_chat_prompt(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     engine.start()
     try:
         stream = engine.add_request("cli", prompt, params)

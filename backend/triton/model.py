@@ -35,10 +35,18 @@ import triton_python_backend_utils as pb_utils
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.engine_process import EngineProcess
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
+from kvtriton.backend.triton import tasks
 from kvtriton.backend.triton.cancellation import CancellationWatcher
 from kvtriton.backend.triton.config import AdapterConfig
 from kvtriton.backend.triton.metrics import TritonMetrics
-from kvtriton.backend.triton.request import INPUTS, OUTPUTS, RequestError, parse_generate_request
+from kvtriton.backend.triton.request import (
+    INPUTS,
+    OUTPUTS,
+    RequestError,
+    parse_generate_request,
+    parse_prompt,
+    parse_task,
+)
 from kvtriton.backend.triton.sink import ResponseOutbox, TritonResponseSink
 
 log = logging.getLogger("kvtriton")
@@ -132,17 +140,25 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request, request_id: str, sender) -> None:
-        parsed = parse_generate_request(lambda name: _input(request, name), request.parameters(),
+        get_input = lambda name: _input(request, name)  # noqa: E731
+        task = parse_task(get_input)
+        if task != "generate":  # tokenize / detokenize: answered now, without the engine (tasks.py)
+            prompt = parse_prompt(get_input, self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
+            self.outbox.put(_send_final, sender, tasks.answer(pb_utils, self.engine.admission, task, prompt))
+            return
+        parsed = parse_generate_request(get_input, request.parameters(),
                                         self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
         prompt = parsed.prompt
         if isinstance(prompt, list) and not parsed.exclude_input_in_output:  # the echoed prompt is text
             prompt = self.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+        # A rendered chat goes as ids: its template wrote its special tokens (Tokenizer.encode_chat_prompt).
+        engine_prompt = self.engine.admission.tokenize(parsed.prompt, chat=True) if parsed.chat else parsed.prompt
         sink = TritonResponseSink(pb_utils, sender, self.outbox, parsed.stream,
                                   "" if parsed.exclude_input_in_output else prompt,
                                   self.config.stream_interval, parsed.params.logprobs is not None,
                                   on_finished=self.cancellation.forget, token_text=self._token_text)
         self.cancellation.watch(request_id, sender)  # before the engine can finish it: see CancellationWatcher
-        self.engine.add_request(request_id, parsed.prompt, parsed.params, sink)
+        self.engine.add_request(request_id, engine_prompt, parsed.params, sink)
 
     def _refuse(self, request_id: str, sender, error) -> None:
         """Forget, then send the final error on the outbox thread, never here: a cancellation poll running
@@ -184,7 +200,11 @@ class TritonPythonModel:
 
 
 def _fail(sender, error) -> None:
-    sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    _send_final(sender, pb_utils.InferenceResponse(error=error))
+
+
+def _send_final(sender, response) -> None:
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _input(request, name: str):

@@ -7,6 +7,9 @@ stop_words, min_length, return_log_probs). Those aliases live here only: the
 engine's SamplingParams knows vLLM's names alone. Precedence, lowest first:
 sampling_parameters JSON, the request's parameters (Triton's generate endpoint
 puts `"parameters": {...}` there), typed inputs.
+A request's `task` input (default "generate") may instead ask for the prompt's token ids ("tokenize": text,
+a chat or ids, encoded as a generation would encode them) or for the text of `input_ids` ("detokenize"):
+answered at once, without the engine (vLLM's /tokenize and /detokenize).
 Independent of pb_utils so it is unit-testable: inputs arrive through a getter.
 """
 
@@ -28,7 +31,7 @@ class TensorSpec:
     name: str
     data_type: str  # Triton's TYPE_* name
     dims: tuple[int, ...]  # (-1,): a list
-    role: str  # prompt | chat | flag | sampling_json | sampling | return_log_probs | output
+    role: str  # prompt | chat | task | flag | sampling_json | sampling | return_log_probs | output
     sampling_key: str | None = None  # role "sampling": the SamplingParams field the input sets
 
     def as_config(self) -> dict[str, Any]:
@@ -51,6 +54,7 @@ INPUTS = (
     # A JSON object: more chat-template variables (HF's apply_chat_template kwargs, vLLM's chat_template_kwargs,
     # e.g. {"enable_thinking": false}), and add_generation_prompt / continue_final_message as HF takes them.
     TensorSpec("chat_template_kwargs", "TYPE_STRING", (1,), "chat"),
+    TensorSpec("task", "TYPE_STRING", (1,), "task"),  # generate (the default) | tokenize | detokenize
     TensorSpec("stream", "TYPE_BOOL", (1,), "flag"),
     TensorSpec("sampling_parameters", "TYPE_STRING", (1,), "sampling_json"),
     TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), "flag"),
@@ -82,7 +86,11 @@ OUTPUTS = (
     # JSON, on the first response of a request with prompt_logprobs: one entry per prompt token (the first's
     # logprob null).
     TensorSpec("prompt_logprobs", "TYPE_STRING", (1,), "output"),
+    # The answer to task "tokenize": the prompt's ids, and the context they must fit in (vLLM's /tokenize).
+    TensorSpec("token_ids", "TYPE_INT32", (-1,), "output"),
+    TensorSpec("max_model_len", "TYPE_UINT32", (1,), "output"),
 )
+TASKS = ("generate", "tokenize", "detokenize")
 FLAG_KEYS = tuple(spec.name for spec in INPUTS if spec.role == "flag")
 # Other names for sampling keys in the JSON objects: the typed inputs' TensorRT-LLM names, and
 # max_new_tokens (Hugging Face generate()'s name, JSON only).
@@ -100,11 +108,29 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Prompt:
+    value: str | list[int]  # text, or token ids (input_ids)
+    chat: bool = False  # text the chat template rendered (messages): Tokenizer.encode_chat_prompt encodes it
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     prompt: str | list[int]  # text, or token ids (input_ids)
     stream: bool
     exclude_input_in_output: bool
     params: SamplingParams
+    chat: bool = False  # the prompt is a rendered chat (Prompt.chat)
+
+
+def parse_task(get_input: Callable[[str], np.ndarray | None]) -> str:
+    """The request's task: "generate" unless its `task` input says "tokenize" or "detokenize"."""
+    tensor = get_input("task")
+    if tensor is None:
+        return "generate"
+    task = _text("task", tensor)
+    if task not in TASKS:
+        raise RequestError(f"task must be one of {', '.join(TASKS)}, got {task[:40]!r}")
+    return task
 
 
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
@@ -138,8 +164,9 @@ def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parame
         params = SamplingParams.from_dict(sampling)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    return GenerateRequest(_prompt(get_input, apply_chat_template, max_prompt_bytes), _bool("stream", flags["stream"]),
-                           _bool("exclude_input_in_output", flags["exclude_input_in_output"]), params)
+    prompt = parse_prompt(get_input, apply_chat_template, max_prompt_bytes)
+    return GenerateRequest(prompt.value, _bool("stream", flags["stream"]),
+                           _bool("exclude_input_in_output", flags["exclude_input_in_output"]), params, prompt.chat)
 
 
 def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str, Any]) -> None:
@@ -160,7 +187,8 @@ def _merge_json(name: str, text: str, sampling: dict[str, Any], flags: dict[str,
         sampling[canonical] = value
 
 
-def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list[int]:
+def parse_prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> Prompt:
+    """The prompt of text_input, input_ids, or messages (with tools and chat_template_kwargs) rendered."""
     messages, tools, kwargs = get_input("messages"), get_input("tools"), get_input("chat_template_kwargs")
     if messages is not None:
         _check_size("messages", _nbytes(messages) + (_nbytes(tools) if tools is not None else 0), max_prompt_bytes,
@@ -171,7 +199,7 @@ def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list
         for i, m in enumerate(value):
             _check_message(i, m)
         options = _template_options(kwargs) if kwargs is not None else {}
-        return apply_chat_template(value, _tools(tools) if tools is not None else None, **options)
+        return Prompt(apply_chat_template(value, _tools(tools) if tools is not None else None, **options), chat=True)
     for name, tensor in (("tools", tools), ("chat_template_kwargs", kwargs)):
         if tensor is not None:
             raise RequestError(f"{name} needs messages: a text_input prompt is not rendered by the chat template")
@@ -182,11 +210,11 @@ def _prompt(get_input, apply_chat_template, max_prompt_bytes: int) -> str | list
         if ids.dtype.kind not in "iu" or ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
             raise RequestError(f"input_ids must be one list of integer token ids, got {ids.dtype} of shape "
                                f"{list(ids.shape)}")
-        return [int(t) for t in ids.reshape(-1)]  # admission checks them against the vocabulary
+        return Prompt([int(t) for t in ids.reshape(-1)])  # admission checks them against the vocabulary
     if text is None:
         raise RequestError("text_input is required (or messages, or input_ids)")
     _check_size("text_input", _nbytes(text), max_prompt_bytes, "max_prompt_bytes")
-    return _text("text_input", text)
+    return Prompt(_text("text_input", text))
 
 
 def _check_message(i: int, m: dict) -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.openai import protocol as p
-from kvtriton.client.openai import responses, serving
+from kvtriton.client.openai import responses, serving, tokenization
 from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError
 from kvtriton.client.openai.responses_protocol import ResponsesRequest
@@ -94,6 +94,19 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Any:
         return await answer(request, body, responses.respond, responses.respond_events, options=chat_options)
+
+    # vLLM's (not OpenAI's): the model's token ids of a prompt or a chat, and their text (tokenization.py)
+    @app.post("/tokenize")
+    async def tokenize(body: tokenization.TokenizeRequest) -> tokenization.TokenizeResponse:
+        if body.model is not None:
+            check_model(body.model)
+        return await tokenization.tokenize(client, body, served_model_name)
+
+    @app.post("/detokenize")
+    async def detokenize(body: tokenization.DetokenizeRequest) -> tokenization.DetokenizeResponse:
+        if body.model is not None:
+            check_model(body.model)
+        return await tokenization.detokenize(client, body)
 
     return app
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from kvtriton.client.openai.errors import OpenAIError
 from kvtriton.client.openai.structured_outputs import (
@@ -32,15 +32,15 @@ MAX_TOP_LOGPROBS = 20  # /v1/chat/completions: OpenAI's bound, and the server's 
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")  # OpenAI's reasoning_effort values
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Strict):
+class _GenerationRequest(StrictModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model: str
@@ -183,28 +183,28 @@ class CompletionRequest(_GenerationRequest):
         return max(asked) if asked else None
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
     strict: bool | None = None  # the named and required choices are always held to the schema
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Strict):
+class FunctionName(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: FunctionName
 
@@ -371,12 +371,23 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]  # None for the first prompt token (nothing before it)
 
 
-class CompletionChoice(BaseModel):
+class _PromptLogprobsWhenAsked(BaseModel):
+    """Answers carry prompt_logprobs only when asked for: OpenAI's shape has no such key (vLLM's has it null)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unasked(self, handler):
+        data = handler(self)
+        if data.get("prompt_logprobs", 0) is None:
+            del data["prompt_logprobs"]
+        return data
+
+
+class CompletionChoice(_PromptLogprobsWhenAsked):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
-    prompt_logprobs: PromptLogprobs | None = None  # vLLM's (null unless asked, as in vLLM's answers)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -416,7 +427,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_PromptLogprobsWhenAsked):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
