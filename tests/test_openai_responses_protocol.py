@@ -100,7 +100,8 @@ def test_text_format_is_the_chats_response_format():
     (dict(background=True), "background"),
     (dict(include=["message.output_text.logprobs"]), "include"),
     (dict(truncation="auto"), "truncation"),
-    (dict(reasoning={"summary": "auto"}), "reasoning"),
+    (dict(reasoning={"summary": "detailed"}), "reasoning"),
+    (dict(reasoning={"generate_summary": "concise"}), "reasoning"),
     (dict(reasoning={"effort": "extreme"}), "reasoning"),
     (dict(tools=[{"type": "web_search"}]), "tools"),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "name": "other"}), "tool_choice"),
@@ -246,3 +247,9 @@ def test_an_error_mid_stream_is_response_failed_the_last_event():
     failed = parsed[-1].response
     assert failed.status == "failed" and "went away" in failed.error.message
     assert failed.output[0].content[0].text == "Hello" and failed.output[0].status == "in_progress"
+
+
+def test_a_summary_left_to_the_server_is_accepted_and_none_is_made():
+    """Codex CLI and the Agents SDK send reasoning.summary "auto" by default; vLLM accepts it too."""
+    request(reasoning={"effort": "low", "summary": "auto"})
+    request(reasoning={"generate_summary": "auto"})

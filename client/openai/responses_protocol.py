@@ -17,12 +17,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai.errors import OpenAIError
+from kvtriton.client.openai.protocol import StrictModel
 from kvtriton.client.openai.structured_outputs import JsonSchema, ResponseFormat
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
 
 # Input items. Items a client sends back from an earlier response's `output` carry their id and status.
 
@@ -38,7 +34,7 @@ def _one_of(*members: tuple[Any, str], tag=_type) -> Any:
                      Discriminator(lambda v: tag(v) if tag(v) in tags else "other")]
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list[Any] | None = None  # an output_text sent back as it came
@@ -67,7 +63,7 @@ def _refused_parts(where: str, content: str | list[TextPart | _Other]) -> None:
                               "output_text (the llm model takes text)", param="input")
 
 
-class Message(_Strict):
+class Message(StrictModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: _Text
@@ -75,7 +71,7 @@ class Message(_Strict):
     status: str | None = None
 
 
-class _CallItem(_Strict):
+class _CallItem(StrictModel):
     call_id: str
     id: str | None = None
     status: str | None = None
@@ -105,7 +101,7 @@ InputItem = _one_of((Message, "message"), (FunctionCallItem, "function_call"),
                     tag=lambda v: _type(v) or "message")
 
 
-class FunctionTool(_Strict):
+class FunctionTool(StrictModel):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -116,12 +112,12 @@ class FunctionTool(_Strict):
 Tool = _one_of((FunctionTool, "function"), (_Other, "other"))  # other: web_search, file_search, mcp, ...
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(StrictModel):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
@@ -133,17 +129,17 @@ class TextFormat(_Strict):
         return {k: v for k, v in dump(self).items() if v is not None}
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     format: TextFormat = TextFormat(type="text")
 
 
-class ReasoningConfig(_Strict):
+class ReasoningConfig(StrictModel):
     effort: str | None = None
     summary: str | None = None
     generate_summary: str | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictModel):
     model: str
     input: _one_of((str, "str"), (list[InputItem], "list"), tag=lambda v: "str" if isinstance(v, str) else "list")
     instructions: str | None = None
@@ -186,9 +182,15 @@ class ResponsesRequest(_Strict):
         if self.truncation == "auto":
             raise OpenAIError('truncation "auto" is not supported: an input longer than the model takes is a 400',
                               param="truncation")
-        if self.reasoning is not None and (self.reasoning.summary or self.reasoning.generate_summary):
-            raise OpenAIError("reasoning summaries are not supported: with --reasoning-parser the model's reasoning "
-                              "comes whole as a reasoning item", param="reasoning")
+        # "auto" lets the server decide, and this one gives no summary (the item's `summary` is empty, its
+        # `content` the whole reasoning), as vLLM answers it; agent clients (Codex CLI) send it by default.
+        # A summary asked for by its kind cannot be honoured.
+        asked = [v for v in (self.reasoning.summary, self.reasoning.generate_summary) if v not in (None, "auto")] \
+            if self.reasoning is not None else []
+        if asked:
+            raise OpenAIError(f"reasoning summaries ({asked[0]!r}) are not supported: with --reasoning-parser the "
+                              "model's reasoning comes whole as a reasoning item's content (summary \"auto\" is "
+                              "accepted and gives none)", param="reasoning")
         if self.reasoning is not None and self.reasoning.effort not in (None, *p.REASONING_EFFORTS):
             raise OpenAIError(f"reasoning.effort must be one of {', '.join(p.REASONING_EFFORTS)}, got "
                               f"{self.reasoning.effort!r}", param="reasoning")
