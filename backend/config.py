@@ -17,6 +17,7 @@ SELF_DRAFTS = {"self-int8": "int8", "self-int4": "int4"}  # speculative_model: t
 MAX_SPECULATIVE_TOKENS = 16
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "fp8")
+GENERATION_CONFIG_MODES = ("auto", "none")  # engine/generation_defaults.py, which config.py cannot import
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget per step
     max_model_len: int = 0  # 0: the checkpoint's context length
+    # "auto": requests that leave temperature, top_p, top_k, min_p or repetition_penalty unset get the checkpoint's
+    # generation_config.json values, as vLLM serves them (engine/generation_defaults.py); "none": kvtriton's defaults
+    generation_config: str = "auto"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
@@ -105,6 +109,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in ("none", "auto", "int8", "int4", "fp8"):
             raise ValueError(f"quantization must be none, auto, int8, int4 or fp8, got {self.quantization!r}")
+        if self.generation_config not in GENERATION_CONFIG_MODES:
+            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_MODES)}, got "
+                             f"{self.generation_config!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype != "auto" and self.runner != "torch":

@@ -123,6 +123,7 @@ class Engine:
     admission is the real one, over Tokenizer."""
 
     tokenizer = Tokenizer()
+    sampling_defaults: dict = {}
 
     def __init__(self):
         from kvtriton.backend.engine.admission import Admission, AdmissionLimits

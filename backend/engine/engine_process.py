@@ -29,6 +29,7 @@ import threading
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.parallel_state import spawn_context
 from kvtriton.backend.engine.admission import Admission
+from kvtriton.backend.engine.generation_defaults import sampling_defaults
 from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, request_output_fields
 from kvtriton.backend.engine.sampling_params import SamplingParams
@@ -59,6 +60,7 @@ class EngineProcess:
             raise RuntimeError(f"the engine process could not start: {message[1]}")
         _, limits, folder = message
         self.tokenizer = Tokenizer.from_pretrained(folder)
+        self.sampling_defaults = sampling_defaults(folder, config.generation_config)  # the child logs them
         self.admission = Admission(self.tokenizer, limits)
         # Compiles guided_* constraints here too, only to answer an invalid one at once (the child compiles its own).
         self.structured_output = StructuredOutputManager(self.tokenizer, self.tokenizer.eos_token_ids)
@@ -80,7 +82,7 @@ class EngineProcess:
                     sink: OutputSink | None = None) -> OutputSink:
         if not self.is_healthy():
             raise EngineDeadError("the engine has failed and is being restarted; retry shortly")
-        params = params or SamplingParams()
+        params = params or SamplingParams.from_dict({}, self.sampling_defaults)
         limit = self.config.max_num_waiting
         if limit and self._num_waiting >= limit:
             raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "

@@ -35,6 +35,7 @@ import torch
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
 from kvtriton.backend.engine.block_manager import BlockManager
+from kvtriton.backend.engine.generation_defaults import describe, sampling_defaults
 from kvtriton.backend.engine.output_processor import OutputProcessor, fail_request
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
 from kvtriton.backend.engine.sampler import Sampler
@@ -72,6 +73,8 @@ class LLMEngine:
         self.folder = folder = resolve_checkpoint(config.model)
         self.model_config = ModelConfig.from_pretrained(folder)
         self.tokenizer = Tokenizer.from_pretrained(folder)
+        # What a request's unset sampling keys become (the adapter merges them): the checkpoint's, as vLLM.
+        self.sampling_defaults = sampling_defaults(folder, config.generation_config)
         self.device, self.dtype = resolve_device_and_dtype(config)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -127,6 +130,7 @@ class LLMEngine:
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens, max_model_len %d",
                  folder, self.device, str(self.dtype).removeprefix("torch."), threads, self.runner.num_blocks,
                  config.block_size, self.max_model_len)
+        log.info(describe(self.sampling_defaults))
         freeze_startup_heap()
 
     @property
@@ -145,7 +149,7 @@ class LLMEngine:
         EngineBusyError when the waiting queue is full, EngineDeadError once the engine has failed."""
         if self._fatal is not None:
             raise EngineDeadError("the engine has failed and is being restarted; retry shortly")
-        params = params or SamplingParams()
+        params = params or SamplingParams.from_dict({}, self.sampling_defaults)
         limit = self.config.max_num_waiting
         if limit and len(self.scheduler.waiting) + self._inbox.qsize() >= limit:
             raise EngineBusyError(f"server busy: {limit} requests are already waiting (max_num_waiting); "

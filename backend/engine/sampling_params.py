@@ -181,11 +181,14 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
-        """Parse JSON-decoded parameters: string numbers, null = default; an unknown key is an error."""
+    def from_dict(cls, d: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Parse JSON-decoded parameters: string numbers, null = default; an unknown key is an error.
+        `defaults` (the model's, generation_defaults.py) stand in for the keys `d` leaves unset or null."""
         if not isinstance(d, Mapping):
             raise ValueError(
                 f"sampling parameters must be a JSON object, got {type(d).__name__}")
+        if defaults:
+            d = {**defaults, **{k: v for k, v in d.items() if v is not None or k in _NULLABLE_FIELDS}}
         accepted = cls.accepted_keys()
         kwargs: dict[str, Any] = {}
         for key, value in d.items():

@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, sampling: dict) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        params = SamplingParams.from_dict(sampling)
+        SamplingParams.from_dict(sampling)  # a bad option fails before the model loads
         # One request of the user's own: the server's time bound does not apply.
         engine = LLMEngine(EngineConfig(model=args.model_path, device=args.device, dtype=args.dtype,
                                         max_request_time_s=0.0))
+        params = SamplingParams.from_dict(sampling, engine.sampling_defaults)  # the model's where unset, as served
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"kvtriton generate: error: {exc}", file=sys.stderr)
         return 2

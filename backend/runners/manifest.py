@@ -89,7 +89,8 @@ def check_quantization(manifest: Manifest, runner: str, path: str) -> None:
         raise ValueError(f"{path}: manifest says precision {manifest.precision} but quantization format "
                          f"{q.get('format')}; rebuild it with `kvtriton build`")
     if expected != "none" and q.get("runtime") != runner:
-        raise ValueError(f"{path}: its {expected} weights are laid out as {q.get('layout')} for runner={q.get('runtime')}, "
+        raise ValueError(f"{path}: its {expected} weights are laid out as {q.get('layout')} for "
+                         f"runner={q.get('runtime')}, "
                          f"not {runner}; use runner={q.get('runtime')} or rebuild: kvtriton build {manifest.source} "
                          f"--precision {expected} --runtime {runner}")
 

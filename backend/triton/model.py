@@ -146,8 +146,8 @@ class TritonPythonModel:
             prompt = parse_prompt(get_input, self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
             self.outbox.put(_send_final, sender, tasks.answer(pb_utils, self.engine.admission, task, prompt))
             return
-        parsed = parse_generate_request(get_input, request.parameters(),
-                                        self.engine.tokenizer.apply_chat_template, self.engine.max_prompt_bytes())
+        parsed = parse_generate_request(get_input, request.parameters(), self.engine.tokenizer.apply_chat_template,
+                                        self.engine.max_prompt_bytes(), self.engine.sampling_defaults)
         prompt = parsed.prompt
         if isinstance(prompt, list) and not parsed.exclude_input_in_output:  # the echoed prompt is text
             prompt = self.engine.tokenizer.decode(prompt, skip_special_tokens=False)

@@ -134,9 +134,10 @@ def parse_task(get_input: Callable[[str], np.ndarray | None]) -> str:
 
 
 def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parameters_json: str | None,
-                           apply_chat_template: Callable[..., str],
-                           max_prompt_bytes: int = 0) -> GenerateRequest:
-    """`max_prompt_bytes` (0: no bound) bounds text_input and messages before they are decoded or rendered."""
+                           apply_chat_template: Callable[..., str], max_prompt_bytes: int = 0,
+                           sampling_defaults: dict[str, Any] | None = None) -> GenerateRequest:
+    """`max_prompt_bytes` (0: no bound) bounds text_input and messages before they are decoded or rendered;
+    `sampling_defaults` (the model's: engine/generation_defaults.py) stand in for sampling keys left unset."""
     sampling: dict[str, Any] = {}
     flags: dict[str, Any] = {"stream": False, "exclude_input_in_output": False}
 
@@ -161,7 +162,7 @@ def parse_generate_request(get_input: Callable[[str], np.ndarray | None], parame
             sampling.setdefault("logprobs", 0)
 
     try:
-        params = SamplingParams.from_dict(sampling)
+        params = SamplingParams.from_dict(sampling, sampling_defaults)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
     prompt = parse_prompt(get_input, apply_chat_template, max_prompt_bytes)
