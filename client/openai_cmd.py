@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from kvtriton.client.api import AsyncLLMClient
@@ -19,13 +20,20 @@ from kvtriton.client.cli_args import add_connection_arguments, run_command
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.generate_cmd import fail
 from kvtriton.client.openai.reasoning import REASONING_PARSERS
-from kvtriton.client.openai.server import DEFAULT_HOST, DEFAULT_PORT, FrontendError, make_server
+from kvtriton.client.openai.server import (
+    API_KEY_ENV,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    FrontendError,
+    api_key_from,
+    make_server,
+)
 from kvtriton.client.openai.tool_calls import TOOL_CALL_PARSERS
 
 PROG = "kvtriton openai"
 EXAMPLES = """examples:
   kvtriton openai --url localhost:8001 --port 9000                  # in front of a running tritonserver
-  kvtriton openai --url localhost:8001 --host 0.0.0.0 --served-model-name smollm2
+  kvtriton openai --url localhost:8001 --host 0.0.0.0 --api-key-file key.txt   # clients send the key
   kvtriton openai --url localhost:8001 --tool-call-parser hermes     # a Hermes / Qwen2.5 model: tool_choice "auto"
   curl localhost:9000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}'"""
@@ -37,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: all)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    g.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help=f"file holding the key clients must send as Authorization: Bearer <key> (OpenAI's SDKs do) "
+                        f"on every route but /health (default: ${API_KEY_ENV}; without either the API is open)")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients pass as `model` (default: the Triton model's name, --model)")
     g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
@@ -65,17 +76,20 @@ def run(args: argparse.Namespace) -> int:
                              "address (host:port, Triton's default port 8001)")
         if not 1 <= args.port <= 65535:
             raise ValueError(f"--port {args.port} is not a TCP port; use 1-65535")
+        api_key = api_key_from(args.api_key_file)
         server, sock = make_server(endpoint.address, args.host, args.port, model=args.model,
                                    served_model_name=args.served_model_name, timeout_s=args.timeout,
                                    connect_retries=args.connect_retries, tool_call_parser=args.tool_call_parser,
-                                   reasoning_parser=args.reasoning_parser)
+                                   reasoning_parser=args.reasoning_parser, api_key=api_key)
     except ValueError as e:
         return fail(PROG, str(e), 2)
     except FrontendError as e:
         return fail(PROG, str(e))
     name = args.served_model_name or args.model
-    print(f"kvtriton openai: http://{args.host}:{args.port}/v1 (model {name!r}) -> Triton model {args.model!r} at "
-          f"{endpoint.url}: {asyncio.run(_probe(endpoint.address, args.model))}\nCtrl-C stops it.", flush=True)
+    access = "API key required" if api_key else f"open: no API key (${API_KEY_ENV} or --api-key-file)"
+    print(f"kvtriton openai: http://{args.host}:{args.port}/v1 (model {name!r}; {access}) -> Triton model "
+          f"{args.model!r} at {endpoint.url}: {asyncio.run(_probe(endpoint.address, args.model))}\nCtrl-C stops it.",
+          flush=True)
     server.run(sockets=[sock])
     return 0
 

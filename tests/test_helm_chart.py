@@ -28,7 +28,8 @@ RELEASE, NAMESPACE = "kv", "serving"
 KUBERNETES_VERSIONS = ("1.25", "latest")
 
 EVERYTHING = {"metrics.serviceMonitor.enabled": "true", "autoscaling.enabled": "true",
-              "adminKey.existingSecret": "kvtriton-admin", "cache.existingClaim": "kvtriton-cache",
+              "adminKey.existingSecret": "kvtriton-admin", "apiKey.existingSecret": "kvtriton-api",
+              "cache.existingClaim": "kvtriton-cache",
               "probes.liveness.modelRequest": "true", "gpu.count": "2", "serve.toolCallParser": "hermes",
               "serve.reasoningParser": "deepseek_r1"}
 SCENARIOS = {
@@ -212,10 +213,11 @@ def test_model_repository_sources(rendered):
     assert env["KVTRITON_CACHE"] == "/cache"
 
 
-def test_admin_key_comes_from_a_secret(rendered):
+def test_admin_and_api_keys_come_from_secrets(rendered):
     env = {e["name"]: e for e in container(rendered["every option on"])["env"]}
     assert env["KVTRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kvtriton-admin", "key": "admin-key"}
-    assert "KVTRITON_ADMIN_KEY" not in {e["name"] for e in container(rendered["defaults"])["env"]}
+    assert env["KVTRITON_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kvtriton-api", "key": "api-key"}
+    assert not {"KVTRITON_ADMIN_KEY", "KVTRITON_API_KEY"} & {e["name"] for e in container(rendered["defaults"])["env"]}
 
 
 class _MetricFamilies:

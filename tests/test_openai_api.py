@@ -231,7 +231,8 @@ def test_vllms_tokenize_counts_what_the_generation_reads_and_detokenize_reverses
     status, chat = post(frontend, "/tokenize", {"messages": QUESTION})
     usage = client.chat.completions.create(model="llm", messages=QUESTION, max_tokens=1).usage
     assert status == 200 and chat["count"] == usage.prompt_tokens == len(chat["tokens"])
-    assert post(frontend, "/detokenize", {"model": "llm", "tokens": ids}) == (200, {"prompt": "The capital of France is"})
+    assert post(frontend, "/detokenize", {"model": "llm", "tokens": ids}) == (200, {"prompt":
+                                                                                  "The capital of France is"})
     assert post(frontend, "/detokenize", {"tokens": []}) == (200, {"prompt": ""})
     for path, body, status, param in [
             ("/tokenize", {"prompt": "x", "messages": QUESTION}, 400, "messages"),
@@ -317,6 +318,19 @@ def test_continue_final_message_prefills_the_answer(client):
         client.chat.completions.create(model="llm", messages=messages, max_tokens=4,
                                        extra_body={"continue_final_message": True})
     assert info.value.body["param"] == "continue_final_message"
+
+
+def test_with_an_api_key_the_sdk_s_key_is_checked(llm_server):
+    """`--api-key-file` / $KVTRITON_API_KEY: the key the openai package sends as its bearer token."""
+    guarded = FrontendThread(llm_server.grpc_url, "127.0.0.1", free_ports(1)[0], api_key="sk-kvtriton").start()
+    try:
+        with openai.OpenAI(base_url=guarded.url, api_key="sk-kvtriton", max_retries=0, timeout=60) as c:
+            assert c.chat.completions.create(model="llm", messages=QUESTION, max_tokens=2).usage.completion_tokens
+        with openai.OpenAI(base_url=guarded.url, api_key="sk-other", max_retries=0, timeout=60) as c:
+            with pytest.raises(openai.AuthenticationError):
+                c.chat.completions.create(model="llm", messages=QUESTION, max_tokens=2)
+    finally:
+        guarded.stop()
 
 
 def test_server_not_ready_is_a_503():

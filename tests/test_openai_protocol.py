@@ -213,6 +213,17 @@ def test_no_server_is_a_503(app_client):
     assert app_client.get("/health").status_code == 503
 
 
+def test_an_api_key_guards_every_route_but_health():
+    app = create_app(AsyncLLMClient("127.0.0.1:9", connect_retries=0), "llm", api_key="sk-local")
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-local"}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert c.post("/tokenize", json={"prompt": "x"}, headers=headers).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sk-local"}).json()["data"][0]["id"] == "llm"
+        assert c.get("/health").status_code == 503  # open to probes (no server behind it here)
+
+
 def test_serve_checks_the_openai_port(tmp_path):
     with pytest.raises(ServeError, match="--openai-port"):
         ServeOptions(tmp_path, openai_port=8001)  # the gRPC port's default

@@ -30,6 +30,21 @@ def test_the_admin_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatc
         serve_cmd.parse_args(["--model-repository", str(tmp_path), "--admin-key-file", str(tmp_path / "nowhere")])
 
 
+def test_the_openai_api_key_comes_with_the_openai_port(tmp_path, monkeypatch):
+    key_file, repo = tmp_path / "key", ["--model-repository", str(tmp_path)]
+    key_file.write_text("sk-local-1\n")
+    monkeypatch.setenv("KVTRITON_API_KEY", "sk-from-env")
+    assert serve_cmd.parse_args(repo).api_key is None  # no frontend, nothing to protect
+    assert serve_cmd.parse_args([*repo, "--openai-port", "9000"]).api_key == "sk-from-env"
+    from_file = serve_cmd.parse_args([*repo, "--openai-port", "9000", "--api-key-file", str(key_file)])
+    assert from_file.api_key == "sk-local-1"
+    with pytest.raises(serve_cmd.ServeError, match="--api-key-file is the OpenAI frontend's: give --openai-port"):
+        serve_cmd.parse_args([*repo, "--api-key-file", str(key_file)])
+    monkeypatch.setenv("KVTRITON_API_KEY", "two words")
+    with pytest.raises(serve_cmd.ServeError, match="one word"):
+        serve_cmd.parse_args([*repo, "--openai-port", "9000"])
+
+
 def test_parse_args_defaults_and_passthrough(tmp_path):
     options = serve_cmd.parse_args(["--model-repository", str(tmp_path), "--", "--log-verbose=1", "--timeout", "5"])
     assert (options.http_port, options.grpc_port, options.metrics_port, options.timeout_s) == (8000, 8001, 8002, 300.0)

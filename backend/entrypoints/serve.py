@@ -45,6 +45,8 @@ from kvtriton.backend.entrypoints.tritonserver import (
 )
 
 ADMIN_KEY_ENV = "KVTRITON_ADMIN_KEY"
+# The OpenAI frontend's API key, as the client layer reads it too (kvtriton.client.openai.server.API_KEY_ENV).
+API_KEY_ENV = "KVTRITON_API_KEY"
 
 
 class ServeError(ValueError):
@@ -69,6 +71,7 @@ class ServeOptions:
     openai_port: int | None = None  # None: no OpenAI-compatible frontend
     tool_call_parser: str | None = None  # the OpenAI frontend's, for tool_choice "auto" (the client checks the name)
     reasoning_parser: str | None = None  # the OpenAI frontend's, for reasoning_content (the client checks the name)
+    api_key: str | None = field(default=None, repr=False)  # the OpenAI frontend's bearer token (None: open)
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -92,6 +95,8 @@ class ServeOptions:
                              "0.0.0.0 (every interface)") from None
         if not self.http_max_body_mb > 0:
             raise ServeError(f"--http-max-body-mb {self.http_max_body_mb} must be a positive number of megabytes")
+        if self.api_key is not None and any(c.isspace() for c in self.api_key):
+            raise ServeError("the API key must be one word: no spaces or line breaks inside it")
         if self.admin_key is not None and (len(self.admin_key) < 16 or any(c in self.admin_key for c in ",:= \t\n")):
             raise ServeError("the admin key must be at least 16 characters, without spaces, ',', ':' or '='")
         repo = Path(self.model_repository)
@@ -132,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reasoning-parser", default=None, metavar="NAME",
                         help="with --openai-port: send a thinking model's <think>...</think> as reasoning_content "
                              "(deepseek_r1, qwen3), as `kvtriton openai --reasoning-parser`")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                        help="with --openai-port: file holding the key OpenAI clients must send as Authorization: "
+                             f"Bearer <key> (default: ${API_KEY_ENV}; without either that API is open), as "
+                             "`kvtriton openai --api-key-file`")
     parser.add_argument("--host", default=HOST,
                         help=f"address every port listens on (default {HOST}: this machine only; 0.0.0.0: all)")
     parser.add_argument("--admin-key-file", type=Path, default=None,
@@ -155,19 +164,27 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
     return ServeOptions(
         model_repository=ns.model_repository, http_port=ns.http_port, grpc_port=ns.grpc_port,
         metrics_port=ns.metrics_port, timeout_s=ns.timeout, log_file=ns.log_file, extra_args=tuple(argv[cut + 1:]),
-        demo=ns.demo, host=ns.host, admin_key=_admin_key(ns.admin_key_file), http_guard=ns.http_guard,
-        http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
+        demo=ns.demo, host=ns.host, admin_key=_secret(ns.admin_key_file, "--admin-key-file", ADMIN_KEY_ENV),
+        http_guard=ns.http_guard, http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
         tool_call_parser=ns.tool_call_parser, reasoning_parser=ns.reasoning_parser,
+        api_key=_openai_key(ns.api_key_file, ns.openai_port),
     )
 
 
-def _admin_key(path: Path | None) -> str | None:
+def _secret(path: Path | None, flag: str, env: str) -> str | None:
+    """The key in `path` (stripped), else in $env, else None."""
     if path is not None:
         try:
             return path.read_text().strip()
         except OSError as exc:
-            raise ServeError(f"--admin-key-file {path}: {exc.strerror}") from None
-    return os.environ.get(ADMIN_KEY_ENV) or None
+            raise ServeError(f"{flag} {path}: {exc.strerror}") from None
+    return os.environ.get(env) or None
+
+
+def _openai_key(path: Path | None, openai_port: int | None) -> str | None:
+    if path is not None and openai_port is None:
+        raise ServeError("--api-key-file is the OpenAI frontend's: give --openai-port too")
+    return _secret(path, "--api-key-file", API_KEY_ENV) if openai_port is not None else None
 
 
 class _ShutdownRequested(BaseException):
@@ -249,7 +266,8 @@ def _print_endpoints(server: TritonServer, http_url: str, ready_after_s: float, 
     admin = (f"open with header {ADMIN_KEY_HEADER} (the key you gave)" if options.admin_key else
              f"closed (give a key in ${ADMIN_KEY_ENV} or --admin-key-file to open them)")
     guard = f" (bodies up to {options.http_max_body_mb:g} MB)" if options.http_guard else " (unguarded)"
-    openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1\n"
+    access = "API key required" if options.api_key else f"open: no API key (${API_KEY_ENV} or --api-key-file)"
+    openai = (f"  OpenAI   http://{connect_host(options.host)}:{options.openai_port}/v1 ({access})\n"
               if options.openai_port is not None else "")
     print(
         f"kvtriton serve: tritonserver {server.server_version()} ({server.install.source}) "
@@ -271,8 +289,9 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
     """``kvtriton serve``: returns the process exit status.
 
     ``demo(grpc_url, prompt)`` answers ``--demo PROMPT`` once the models are ready, and
-    ``openai(grpc_url, host, port, tool_call_parser=..., reasoning_parser=...)`` starts the OpenAI-compatible
-    frontend for ``--openai-port`` and returns its stop function (ValueError: an option it does not take); the
+    ``openai(grpc_url, host, port, tool_call_parser=..., reasoning_parser=..., api_key=...)`` starts the
+    OpenAI-compatible frontend for ``--openai-port`` and returns its stop function (ValueError: an option it
+    does not take); the
     ``kvtriton`` command passes the client's (this layer imports no client code).
     """
     stops: list[Callable[[], None]] = []
@@ -288,7 +307,7 @@ def main(argv: Sequence[str] | None = None, demo: Callable[[str, str], None] | N
             try:
                 stops.append(openai(f"{connect_host(options.host)}:{options.grpc_port}", options.host,
                                     options.openai_port, tool_call_parser=options.tool_call_parser,
-                                    reasoning_parser=options.reasoning_parser))
+                                    reasoning_parser=options.reasoning_parser, api_key=options.api_key))
             except (OSError, ValueError) as exc:  # the port, a parser name: the frontend's message names it
                 raise ServeError(str(exc)) from None
         on_ready = None

@@ -3,11 +3,15 @@
 A client that disconnects cancels its Triton requests: a streamed response's generator is cancelled by
 Starlette (its merged_chunks then cancels the gRPC calls); a non-streamed one races the work against
 the disconnect (`_cancel_on_disconnect`, as vLLM's `with_cancellation`). Every error is OpenAI's shape.
+With an API key (`kvtriton openai --api-key-file`, $KVTRITON_API_KEY), every route but /health (load
+balancers' probes) wants header `Authorization: Bearer <key>`, which OpenAI's SDKs send, as vLLM's --api-key
+does; else a 401.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable
 
@@ -26,10 +30,11 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went aw
 
 
 def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser: str | None = None,
-               reasoning_parser: str | None = None) -> FastAPI:
+               reasoning_parser: str | None = None, api_key: str | None = None) -> FastAPI:
     """`served_model_name`: the id clients pass as `model` (default: the Triton model's name);
     `tool_call_parser`: how tool_choice "auto" finds calls in the output (None: "auto" is refused);
-    `reasoning_parser`: how a thinking model's reasoning is told from its answer (None: all is content).
+    `reasoning_parser`: how a thinking model's reasoning is told from its answer (None: all is content);
+    `api_key`: the bearer token every route but /health wants (None: open).
     ValueError for a parser name that is not known."""
     chat_options = ChatOptions(tool_call_parser, reasoning_parser)
 
@@ -39,6 +44,18 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
         await client.aclose()
 
     app = FastAPI(title="kvtriton OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):  # constant time
+                error = OpenAIError("Incorrect or missing API key: send header Authorization: Bearer <key>", 401,
+                                    code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:

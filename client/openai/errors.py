@@ -12,8 +12,8 @@ from typing import Any
 
 from kvtriton.client.errors import InvalidRequestError, LLMClientError, RequestTimeoutError, ServerUnavailableError
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable_error",
-          504: "timeout_error"}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          503: "service_unavailable_error", 504: "timeout_error"}
 
 # The sampling keys structured output maps onto; a server without it rejects them as unknown.
 STRUCTURED_OUTPUT_KEYS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice", "guided_grammar")

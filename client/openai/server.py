@@ -8,8 +8,10 @@ a client that connects while uvicorn starts waits in the backlog instead of bein
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from pathlib import Path
 
 import uvicorn
 
@@ -18,10 +20,27 @@ from kvtriton.client.openai.app import create_app
 
 DEFAULT_PORT = 9000
 DEFAULT_HOST = "127.0.0.1"
+# The frontend's API key when no file names one (vLLM's is VLLM_API_KEY); `kvtriton serve` reads the same
+# variable on its side of the layers (backend/entrypoints/serve.py), which imports no client code.
+API_KEY_ENV = "KVTRITON_API_KEY"
 
 
 class FrontendError(OSError):
     """The frontend cannot start (its port); the message names the option."""
+
+
+def api_key_from(path: Path | None) -> str | None:
+    """The API key in `path` (stripped), else $KVTRITON_API_KEY, else None (the API is open)."""
+    if path is None:
+        key = os.environ.get(API_KEY_ENV) or None
+    else:
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise FrontendError(f"--api-key-file {path}: {exc.strerror}") from None
+    if key is not None and (not key or any(c.isspace() for c in key)):
+        raise FrontendError("the API key must be one word: no spaces or line breaks inside it")
+    return key
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -41,11 +60,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(grpc_url: str, host: str, port: int, model: str = DEFAULT_MODEL, served_model_name: str | None = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, connect_retries: int = DEFAULT_CONNECT_RETRIES,
-                tool_call_parser: str | None = None,
-                reasoning_parser: str | None = None) -> tuple[uvicorn.Server, socket.socket]:
+                tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                api_key: str | None = None) -> tuple[uvicorn.Server, socket.socket]:
     client = AsyncLLMClient(grpc_url, protocol="grpc", model=model, timeout_s=timeout_s,
                             connect_retries=connect_retries)
-    app = create_app(client, served_model_name or model, tool_call_parser, reasoning_parser)
+    app = create_app(client, served_model_name or model, tool_call_parser, reasoning_parser, api_key)
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     return uvicorn.Server(config), sock
