@@ -94,10 +94,12 @@ async def measure(grpc_url: str, openai_url: str, args) -> None:
               f"{args.output_len} output tokens; load average {os.getloadavg()}")
         means = {name: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for name, rs in totals.items()}
         for name, m in means.items():
-            print(f"  {name:30} {m['tok_s']:8.1f} tok/s  TTFT {m['ttft_ms']:7.1f} ms  latency {m['latency_ms']:8.1f} ms")
+            print(f"  {name:30} {m['tok_s']:8.1f} tok/s  TTFT {m['ttft_ms']:7.1f} ms  "
+                  f"latency {m['latency_ms']:8.1f} ms")
         base, front = means.values()
         print(f"  frontend / direct: throughput {front['tok_s'] / base['tok_s']:.3f}x, "
-              f"TTFT +{front['ttft_ms'] - base['ttft_ms']:.1f} ms, latency +{front['latency_ms'] - base['latency_ms']:.1f} ms")
+              f"TTFT +{front['ttft_ms'] - base['ttft_ms']:.1f} ms, "
+              f"latency +{front['latency_ms'] - base['latency_ms']:.1f} ms")
     await direct.aclose()
     await via.close()
 

@@ -123,7 +123,8 @@ def build_model(cfg: BuildConfig, say: Callable[[str], None] = print) -> Path:
                            group_size=cfg.group_size, gguf=gguf_source(cfg.checkpoint) if int4 else None)
         spec = export_step_graph(model, graph, cfg.block_size, cfg.precision, runtime=cfg.runtime)
         sources = layer_sources(model) if int4 else {
-            "int8 per channel quantized from float weights": sum(isinstance(m, torch.nn.Linear) for m in model.modules())}
+            "int8 per channel quantized from float weights":
+                sum(isinstance(m, torch.nn.Linear) for m in model.modules())}
         group_sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}  # a GGUF's blocks: 32
         quantization = quantization_record(cfg.precision, cfg.runtime, group_sizes.pop() if len(group_sizes) == 1
                                            else cfg.group_size, sources)

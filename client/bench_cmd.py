@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, setup, results)
     if args.plot:
-        plot(args.plot, results, f"{setup['model']} via {setup['protocol']}, in {args.input_len} / out {args.output_len}")
+        title = f"{setup['model']} via {setup['protocol']}, in {args.input_len} / out {args.output_len}"
+        plot(args.plot, results, title)
     if all(p["completed"] == 0 for p in results):
         first = results[0]["error_messages"][:1]
         return fail(PROG, f"every request failed, e.g. {first}{template_hint(str(first), args.raw)}")

@@ -40,7 +40,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling keyword arguments the user set (the contract's names)."""
-    return {key: getattr(args, dest) for dest, key in _SAMPLING_OPTIONS.items() if getattr(args, dest, None) is not None}
+    return {key: getattr(args, dest) for dest, key in _SAMPLING_OPTIONS.items()
+            if getattr(args, dest, None) is not None}
 
 
 def add_template_arguments(parser, what: str) -> None:

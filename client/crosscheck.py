@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             point = LoadPoint(concurrency=concurrency)
             ours, theirs, pa_own = [], [], []
             for round_ in range(args.rounds):
-                warmup = make_prompts(args.warmup, args.input_len, args.output_len, seed=next(seeds)) if args.warmup else []
+                warmup = (make_prompts(args.warmup, args.input_len, args.output_len, seed=next(seeds))
+                          if args.warmup else [])
                 our_prompts = make_prompts(args.num_prompts, args.input_len, args.output_len, seed=next(seeds))
                 data = tmp / f"input-c{concurrency}-{round_}.json"
                 data.write_text(json.dumps(input_data(
@@ -155,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bad = key in CHECKED and not abs(ratio - 1) <= args.tolerance
                 failed |= bad
                 own = f"{own_rps:.4g}" if key == "request_throughput" and own_rps is not None else "-"
-                print(f"{name:>14} {a[key]:>15.4g} {b[key]:>14.4g} {ratio:>7.3f} {own:>11}{'  <-- differs' if bad else ''}")
+                flag = "  <-- differs" if bad else ""
+                print(f"{name:>14} {a[key]:>15.4g} {b[key]:>14.4g} {ratio:>7.3f} {own:>11}{flag}")
             failed |= a["errors"] + b["errors"] > 0
             results.append({"concurrency": concurrency, "kvtriton_bench": a, "perf_analyzer": b,
                             "perf_analyzer_summary_request_throughput": own_rps})

@@ -41,7 +41,8 @@ def _chunk(endpoint: Endpoint, event: Any) -> Chunk:
                                   event["finish_reason"], event.get("logprobs", ""),
                                   event.get("prompt_logprobs", ""), ids, event.get("max_model_len", 0))
     except KeyError as e:
-        raise ServerError(f"{endpoint.url} sent a response without {e.args[0]}: is this kvtriton's llm model?") from None
+        raise ServerError(f"{endpoint.url} sent a response without {e.args[0]}: is this kvtriton's llm model?"
+                          ) from None
 
 
 def _sse_data(line: bytes) -> Any | None:
@@ -165,7 +166,8 @@ class AsyncHttpTransport:
         return _model_missing(self.model, index)
 
     async def server_metadata(self) -> dict:
-        async with self._get_session().get(f"{self.base}/v2", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as r:
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        async with self._get_session().get(f"{self.base}/v2", timeout=timeout) as r:
             return json.loads(await r.read())
 
     async def responses(self, request: GenerateRequest) -> AsyncIterator[Chunk]:

@@ -81,7 +81,8 @@ def test_greedy_text_is_the_same_over_every_protocol_and_mode(llm_server):
     assert "Paris" in reference.text, reference
     for c in all_of_them:
         assert (c.text, c.num_input_tokens, c.num_output_tokens, c.finish_reason) == (
-            reference.text, reference.num_input_tokens, reference.num_output_tokens, reference.finish_reason), completions
+            reference.text, reference.num_input_tokens, reference.num_output_tokens, reference.finish_reason), \
+            completions
         assert 0 < c.ttft_s <= c.latency_s
     streamed = completions["grpc sync"][1]
     assert streamed.ttft_s < streamed.latency_s  # streamed: the first token comes before the last

@@ -80,7 +80,8 @@ def test_max_tokens_finishes_with_length_after_emitting_the_token(tokenizer):
 
 def test_model_context_finishes_with_length(tokenizer):
     prompt_len = len(ids(tokenizer, "hi"))
-    outputs, _, _ = run(tokenizer, ids(tokenizer, "abcdef"), SamplingParams(max_tokens=100), max_model_len=prompt_len + 3)
+    outputs, _, _ = run(tokenizer, ids(tokenizer, "abcdef"), SamplingParams(max_tokens=100),
+                        max_model_len=prompt_len + 3)
     assert text(outputs) == "abc" and outputs[-1].finish_reason == "length"
 
 

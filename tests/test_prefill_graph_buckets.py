@@ -37,7 +37,8 @@ def test_a_step_takes_the_smallest_bucket_that_holds_its_tokens_and_logits_rows(
     runner = SimpleNamespace(prefill_graph_sizes=shape(), _prefill_graphs={"captured": True})
 
     def bucket(tokens, seqs, rows=None):
-        step = SimpleNamespace(input_ids=torch.zeros(tokens), num_seqs=seqs, last_token_indices=torch.zeros(rows or seqs))
+        step = SimpleNamespace(input_ids=torch.zeros(tokens), num_seqs=seqs,
+                               last_token_indices=torch.zeros(rows or seqs))
         return TorchRunner._prefill_bucket(runner, step)
 
     assert bucket(20, 1) == (32, 1)

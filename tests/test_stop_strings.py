@@ -126,7 +126,8 @@ def test_limits_are_checked_with_messages_naming_them():
     check_stop_strings(["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # at the limits: fine
     with pytest.raises(ValueError, match=rf"stop must hold at most {MAX_STOP_STRINGS} strings, got 17"):
         check_stop_strings(["x"] * (MAX_STOP_STRINGS + 1))
-    with pytest.raises(ValueError, match=rf"stop\[1\] must be at most {MAX_STOP_STRING_CHARS} characters long, got 257"):
+    too_long = rf"stop\[1\] must be at most {MAX_STOP_STRING_CHARS} characters long, got 257"
+    with pytest.raises(ValueError, match=too_long):
         check_stop_strings(["ok", "x" * (MAX_STOP_STRING_CHARS + 1)])
 
 

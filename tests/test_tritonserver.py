@@ -48,7 +48,8 @@ def test_find_prefers_tritonserver_on_path(tmp_path, monkeypatch):
     binary = _fake_prefix(tmp_path / "opt")
     monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
     install = ti.find_tritonserver()
-    assert install == ti.TritonInstall(binary=binary.resolve(), backend_dir=(tmp_path / "opt" / "backends").resolve(), source="PATH")
+    assert install == ti.TritonInstall(binary=binary.resolve(), backend_dir=(tmp_path / "opt" / "backends").resolve(),
+                                       source="PATH")
 
 
 def test_find_rejects_path_install_without_backends(tmp_path, monkeypatch):
@@ -69,7 +70,8 @@ def test_find_falls_back_to_the_wheel(tmp_path, monkeypatch):
 def test_find_without_any_install_names_both_ways_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytriton" else real_find_spec(name, *a))
     with pytest.raises(ti.TritonServerError) as err:
         ti.find_tritonserver()
     message = str(err.value)
@@ -83,7 +85,8 @@ def _fake_wheel(root: Path, versions: list[str]) -> ti.TritonInstall:
         stub.write_bytes(f"stub for {version}".encode())
         stub.chmod(0o755)
     (root / "backends" / "python").mkdir(parents=True)
-    return ti.TritonInstall(binary=root / "bin" / "tritonserver", backend_dir=root / "backends", source="nvidia-pytriton")
+    return ti.TritonInstall(binary=root / "bin" / "tritonserver", backend_dir=root / "backends",
+                            source="nvidia-pytriton")
 
 
 def test_prepare_python_stub_copies_the_matching_stub_once(tmp_path):
@@ -241,17 +244,20 @@ def _repository_with(tmp_path: Path, initialize_body: str) -> Path:
         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
     )
-    (model / "1" / "model.py").write_text(f"class TritonPythonModel:\n    def initialize(self, args):\n        {initialize_body}\n")
+    (model / "1" / "model.py").write_text(
+        f"class TritonPythonModel:\n    def initialize(self, args):\n        {initialize_body}\n")
     return tmp_path / "repo"
 
 
 @pytest.mark.server
 def test_a_model_that_fails_to_initialize_fails_start_fast_with_the_log(tmp_path):
-    server = ts.TritonServer(_repository_with(tmp_path, 'raise RuntimeError("broken on purpose")'), log_path=tmp_path / "log")
+    server = ts.TritonServer(_repository_with(tmp_path, 'raise RuntimeError("broken on purpose")'),
+                             log_path=tmp_path / "log")
     started = time.monotonic()
     server.start()
     try:
-        with pytest.raises(ts.TritonServerError, match=r"(?s)exited with code 1 before it was ready.*broken on purpose"):
+        never_ready = r"(?s)exited with code 1 before it was ready.*broken on purpose"
+        with pytest.raises(ts.TritonServerError, match=never_ready):
             server.wait_ready(timeout_s=60)
         assert time.monotonic() - started < 30
     finally:
