@@ -47,7 +47,7 @@ def llama_cpp_rope_order(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=False, quantize_q8=True,
-                    extra_tensors=(), quant_types=None) -> dict[str, np.ndarray]:
+                    extra_tensors=(), quant_types=None, metadata=None) -> dict[str, np.ndarray]:
     """Write a 2-layer Llama GGUF; return the HF-layout float32 weights it was made from.
 
     quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0"}; default (quantize_q8): two Q8_0 tensors."""
@@ -103,6 +103,8 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     writer.add_pad_token_id(2)
     writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (metadata or {}).items():
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
     for name, weight in gguf_tensors.items():
         if name in quant_types:
             kind = gguf.GGMLQuantizationType[quant_types[name]]
@@ -197,6 +199,18 @@ def test_add_bos_token_prepends_bos(tmp_path):
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert tokenizer.encode("hello").ids == [1, tiny_vocab().index("hello")]
     assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def test_llama_cpp_sampling_metadata_becomes_the_generation_config(tmp_path):
+    """general.sampling.* (llama.cpp's converter writes them from generation_config.json) go back there, where
+    generation_config: auto serves them as request defaults; a GGUF without them gets none (the default model)."""
+    from kvtriton.backend.engine.generation_defaults import sampling_defaults
+
+    write_tiny_gguf(tmp_path / "s.gguf", metadata={"general.sampling.temp": 0.7, "general.sampling.top_k": 20,
+                                                    "general.sampling.top_p": 0.8})
+    folder = convert_gguf(tmp_path / "s.gguf", tmp_path / "hf")
+    assert sampling_defaults(folder, "auto") == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path):

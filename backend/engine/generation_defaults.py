@@ -3,7 +3,8 @@
 Model creators ship their sampling settings in generation_config.json (Llama 3.2 Instruct: temperature 0.6,
 top_p 0.9; Qwen2.5 Instruct: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05). vLLM has served
 them as the default sampling parameters since v0.7 (`--generation-config auto`, its default), so a request that
-sets no temperature gets the model's, and a client moving from vLLM gets the same sampling here. The keys are
+sets no temperature gets the model's, and a client moving from vLLM gets the same sampling here (a GGUF's
+llama.cpp sampling metadata becomes this file at conversion: models/gguf_checkpoint.py). The keys are
 vLLM's: temperature, top_p, top_k, min_p, repetition_penalty. Its max_new_tokens is left out: the `llm`
 model's own default length (max_tokens 128) stays, as generation_config's lengths (often the whole context)
 would make every request that leaves max_tokens unset claim its full KV share. `do_sample` is ignored, as vLLM

@@ -103,6 +103,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config))
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        generation.update(generation_sampling(meta))
         _write_json(staging / "generation_config.json", generation)
         _write_json(staging / "config.json", config)
         # safetensors creates its file 0600; give it the umask-derived mode the JSON files got.
@@ -272,6 +273,19 @@ def _post_processor(meta: dict, tokens: list[str]) -> processors.TemplateProcess
     return processors.TemplateProcessing(
         single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1), special_tokens=list(ends.values())
     )
+
+
+# llama.cpp's sampling metadata (its converter copies them from the checkpoint's generation_config.json) -> the
+# generation_config.json keys they came from, which engine/generation_defaults.py serves as request defaults.
+_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                  "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def generation_sampling(meta: dict) -> dict:
+    """The GGUF's recommended sampling as generation_config.json keys ({} when it records none)."""
+    return {hf: _float32_value(meta[key]) if hf != "top_k" else int(meta[key])
+            for key, hf in _SAMPLING_KEYS.items() if key in meta}
 
 
 def tokenizer_config(meta: dict, config: dict) -> dict:
