@@ -5,6 +5,7 @@
   chat         interactive chat against a running server
   openai       the OpenAI-compatible API in front of a running server
   bench        load generator against a running server
+  tokenize     a prompt's token count by the served model's tokenizer (nothing generated)
   health       is a served model answering? one 1-token request (exit 0 / 1)
   build        checkpoint -> ONNX / TensorRT model in a repository (kvtriton.build)
   fetch-model  download and convert the default model into the cache
@@ -78,6 +79,8 @@ COMMANDS = {
     "openai": (_command("kvtriton.client.openai_cmd", "kvtriton openai"),
                "the OpenAI-compatible API (/v1/chat/completions, ...) in front of a running server"),
     "bench": (_command("kvtriton.client.bench_cmd", "kvtriton bench"), "load generator against a server"),
+    "tokenize": (_command("kvtriton.client.tokenize_cmd", "kvtriton tokenize"),
+                 "how many tokens a prompt is, by the served model's tokenizer (nothing generated)"),
     "health": (_command("kvtriton.client.health_cmd", "kvtriton health"),
                "is a served model answering? one 1-token request (exit 0 healthy, 1 not)"),
     "build": (_command("kvtriton.build.cli", "kvtriton build"), "build an ONNX / TensorRT model into a repository"),

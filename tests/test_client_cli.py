@@ -152,3 +152,15 @@ def test_chat_template_kwargs_must_be_a_json_object(capsys):
         with pytest.raises(SystemExit) as info:
             chat_cmd.main(["--url", "127.0.0.1:9", "--chat-template-kwargs", bad])
         assert info.value.code == 2 and "--chat-template-kwargs" in capsys.readouterr().err
+
+
+def test_tokenize_counts_a_prompt_as_the_server_does(llm_server, capsys):
+    """The chat template's tokens count by default (what `kvtriton generate` sends); --raw counts the text."""
+    from kvtriton.client.tokenize_cmd import main as tokenize_main
+
+    assert tokenize_main(["What is the capital of France?", "--url", llm_server.grpc_url, "--json"]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert tokenize_main(["What is the capital of France?", "--raw", "--ids", "--url", llm_server.http_url]) == 0
+    count_line, ids_line = capsys.readouterr().out.splitlines()
+    assert count_line.startswith(f"{len(ids_line.split())} tokens (the model's context: {chat['max_model_len']})")
+    assert chat["count"] == len(chat["token_ids"]) > len(ids_line.split())  # the template's tokens too

@@ -41,8 +41,10 @@ def client(frontend):
         yield c
 
 
-def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list()] == ["llm"]
+def test_models_lists_the_served_model(client, frontend):
+    [card] = client.models.list()
+    assert card.id == "llm" and card.model_extra["max_model_len"] == 4096  # vLLM's field, config.pbtxt's value
+    assert post(frontend, "/version", None)[1]["version"]
 
 
 def test_chat_applies_the_template_and_reports_usage(client):
@@ -211,9 +213,10 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token(client, default_model_fold
                                   extra_body={"prompt_logprobs": 1})
 
 
-def post(frontend, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(frontend.url.removesuffix("/v1") + path, json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+def post(frontend, path: str, body: dict | None) -> tuple[int, dict]:
+    """A JSON request to the frontend's root (vLLM's routes); body None: a GET."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(frontend.url.removesuffix("/v1") + path, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -389,7 +392,7 @@ def test_kvtriton_serve_starts_the_frontend_beside_the_server(tmp_path):
     serve = ServeProcess(MODEL_REPOSITORY, tmp_path, extra=["--openai-port", str(port)])
     serve.command[:3] = [sys.executable, "-m", "kvtriton.client.cli", "serve"]  # the command, with the client
     with serve:
-        assert f"OpenAI   http://127.0.0.1:{port}/v1\n" in serve.output  # in the banner
+        assert f"OpenAI   http://127.0.0.1:{port}/v1 (open: no API key" in serve.output  # in the banner
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
             r = c.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=8)
         assert "Paris" in r.choices[0].message.content

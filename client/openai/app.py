@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
 from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvtriton.client.api import AsyncLLMClient
+from kvtriton.client.errors import LLMClientError
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai import responses, serving, tokenization
 from kvtriton.client.openai.chat_output import ChatOptions
@@ -75,14 +77,32 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
             raise OpenAIError(f"the model {model!r} does not exist; this server serves {served_model_name!r}",
                               status=404, param="model", code="model_not_found")
 
+    context: list[int] = []  # the model's max_model_len, once a tokenize task has told it
+
+    async def card() -> p.ModelCard:
+        """The served model, with vLLM's max_model_len once the model answers (one look, never a wait: clients
+        poll this route while the server starts)."""
+        if not context:
+            try:
+                if (await client.probe()).ready:
+                    context.append((await client.tokenize("")).max_model_len)
+            except LLMClientError:
+                pass  # not ready after all: the card without it, this time
+        return p.ModelCard(id=served_model_name, max_model_len=context[0] if context else None)
+
     @app.get("/v1/models")
     async def models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=served_model_name)])
+        return p.ModelList(data=[await card()])
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> p.ModelCard:
         check_model(model)
-        return p.ModelCard(id=served_model_name)
+        return await card()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """vLLM's: the server's version (kvtriton's package)."""
+        return {"version": package_version("kvtriton")}
 
     @app.get("/health")
     async def health() -> Response:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -335,17 +335,36 @@ class ChatCompletionRequest(_GenerationRequest):
 
 # Responses. `object` and the id prefix are OpenAI's; ids are random, `created` is Unix seconds.
 
+class OmitsUnset(BaseModel):
+    """vLLM's extra answer fields appear only when they have a value: OpenAI's shape has no such keys, and
+    clients that validate it strictly see none (vLLM sends them as null)."""
+
+    _omitted_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)
+        for key in self._omitted_when_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class ModelCard(BaseModel):
+class ModelCard(OmitsUnset):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "kvtriton"
+    # vLLM's: the context the prompt and the answer share (clients size their prompts by it); the model's
+    # tokenize task reports it. Left out while no model answers.
+    max_model_len: int | None = None
+    _omitted_when_none = ("max_model_len",)
 
 
 class ModelList(BaseModel):
@@ -371,23 +390,13 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]  # None for the first prompt token (nothing before it)
 
 
-class _PromptLogprobsWhenAsked(BaseModel):
-    """Answers carry prompt_logprobs only when asked for: OpenAI's shape has no such key (vLLM's has it null)."""
-
-    @model_serializer(mode="wrap")
-    def _omit_unasked(self, handler):
-        data = handler(self)
-        if data.get("prompt_logprobs", 0) is None:
-            del data["prompt_logprobs"]
-        return data
-
-
-class CompletionChoice(_PromptLogprobsWhenAsked):
+class CompletionChoice(OmitsUnset):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's
+    _omitted_when_none = ("prompt_logprobs",)
 
 
 class CompletionResponse(BaseModel):
@@ -427,7 +436,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(_PromptLogprobsWhenAsked):
+class ChatCompletionResponse(OmitsUnset):
     id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -435,6 +444,7 @@ class ChatCompletionResponse(_PromptLogprobsWhenAsked):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, for the one prompt that every choice shares
+    _omitted_when_none = ("prompt_logprobs",)
 
 
 class DeltaFunctionCall(BaseModel):
