@@ -8,6 +8,7 @@ Options left unset are not sent: the server's defaults apply.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from kvtriton.client.api import DEFAULT_CONNECT_RETRIES, DEFAULT_MODEL, DEFAULT_TIMEOUT_S, AsyncLLMClient, LLMClient
@@ -87,6 +88,12 @@ def run_command(prog: str, description: str, add_arguments, run, argv=None, exam
 def client_from_args(args: argparse.Namespace) -> LLMClient:
     return LLMClient(args.url, protocol=args.protocol, model=args.model, timeout_s=args.timeout,
                      connect_retries=args.connect_retries)
+
+
+def prompt_and_client(args: argparse.Namespace) -> tuple[str, LLMClient]:
+    """The `prompt` argument ("-": stdin) and the client for --url; ValueError for a bad --url / --protocol."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return prompt, client_from_args(args)
 
 
 def async_client_from_args(args: argparse.Namespace) -> AsyncLLMClient:

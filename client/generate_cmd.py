@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
-from kvtriton.client.api import user_turn
+from kvtriton.client.api import LLMClient, user_turn
 from kvtriton.client.cli_args import (
     add_connection_arguments,
     add_sampling_arguments,
     add_template_arguments,
-    client_from_args,
+    prompt_and_client,
     run_command,
     sampling_from_args,
     template_hint,
@@ -48,31 +48,41 @@ def fail(prog: str, message: str, code: int = 1) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+def run_request(prog: str, args: argparse.Namespace, request: Callable[[str, LLMClient], int]) -> int:
+    """`request(prompt, client)` for a command's prompt argument and --url, its exit status; errors as one line:
+    2 for bad options or a malformed prompt (before anything was sent), 1 for the server's or the request's."""
     try:
-        client = client_from_args(args)
+        prompt, client = prompt_and_client(args)
     except ValueError as e:
-        return fail(PROG, str(e), 2)
+        return fail(prog, str(e), 2)
     try:
-        with client, client.stream(**user_turn(prompt, args.raw), **sampling_from_args(args)) as stream:
-            for chunk in stream:
-                if not args.json:
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
-            completion = stream.completion
-    except ValueError as e:  # a malformed prompt, before anything was sent
-        return fail(PROG, str(e), 2)
+        with client:
+            return request(prompt, client)
+    except ValueError as e:
+        return fail(prog, str(e), 2)
     except LLMClientError as e:
-        return fail(PROG, f"{type(e).__name__}: {e}{template_hint(str(e), args.raw)}")
-    except KeyboardInterrupt:  # the stream's close cancelled the request on the server
-        print(file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps({**completion.to_dict(), "url": client.endpoint.url, "model": args.model}))
-    else:
-        sys.stdout.write("\n")
-    return 0
+        return fail(prog, f"{type(e).__name__}: {e}{template_hint(str(e), args.raw)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    def generate(prompt: str, client: LLMClient) -> int:
+        try:
+            with client.stream(**user_turn(prompt, args.raw), **sampling_from_args(args)) as stream:
+                for chunk in stream:
+                    if not args.json:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                completion = stream.completion
+        except KeyboardInterrupt:  # the stream's close cancelled the request on the server
+            print(file=sys.stderr)
+            return 130
+        if args.json:
+            print(json.dumps({**completion.to_dict(), "url": client.endpoint.url, "model": args.model}))
+        else:
+            sys.stdout.write("\n")
+        return 0
+
+    return run_request(PROG, args, generate)
 
 
 def stream_demo(grpc_url: str, prompt: str) -> None:

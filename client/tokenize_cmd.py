@@ -13,16 +13,9 @@ import json
 import sys
 from typing import Sequence
 
-from kvtriton.client.api import user_turn
-from kvtriton.client.cli_args import (
-    add_connection_arguments,
-    add_template_arguments,
-    client_from_args,
-    run_command,
-    template_hint,
-)
-from kvtriton.client.errors import LLMClientError
-from kvtriton.client.generate_cmd import fail
+from kvtriton.client.api import LLMClient, user_turn
+from kvtriton.client.cli_args import add_connection_arguments, add_template_arguments, run_command
+from kvtriton.client.generate_cmd import run_request
 
 PROG = "kvtriton tokenize"
 EXAMPLES = """examples:
@@ -41,24 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    try:
-        client = client_from_args(args)
-    except ValueError as e:
-        return fail(PROG, str(e), 2)
-    try:
-        with client:
-            tokens = client.tokenize(**user_turn(prompt, args.raw))
-    except LLMClientError as e:
-        return fail(PROG, f"{type(e).__name__}: {e}{template_hint(str(e), args.raw)}")
-    if args.json:
-        print(json.dumps({"count": tokens.count, "max_model_len": tokens.max_model_len,
-                          "token_ids": list(tokens.token_ids)}))
+    def count(prompt: str, client: LLMClient) -> int:
+        tokens = client.tokenize(**user_turn(prompt, args.raw))
+        if args.json:
+            print(json.dumps({"count": tokens.count, "max_model_len": tokens.max_model_len,
+                              "token_ids": list(tokens.token_ids)}))
+            return 0
+        print(f"{tokens.count} tokens (the model's context: {tokens.max_model_len})")
+        if args.ids:
+            print(" ".join(map(str, tokens.token_ids)))
         return 0
-    print(f"{tokens.count} tokens (the model's context: {tokens.max_model_len})")
-    if args.ids:
-        print(" ".join(map(str, tokens.token_ids)))
-    return 0
+
+    return run_request(PROG, args, count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
