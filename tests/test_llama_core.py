@@ -25,6 +25,9 @@ VARIANTS = {
                         rope_scaling=dict(type="linear", factor=2.0)),
     "qwen2-bias": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+    # QK-norm, and a head_dim that is not hidden / heads (Qwen3-0.6B: 1024 / 16 heads of 128)
+    "qwen3-qk-norm": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True,
+                          head_dim=32),
 }
 
 
@@ -93,9 +96,10 @@ def test_default_model_answers_paris(default_model_folder):
 
 
 @pytest.mark.slow
-def test_compiled_layers_match_eager(tmp_path):
+@pytest.mark.parametrize("variant", ["qwen2-bias", "qwen3-qk-norm"])
+def test_compiled_layers_match_eager(tmp_path, variant):
     """compile_layers (the CUDA-graph path's regional torch.compile) changes no result."""
-    _save_hf(tmp_path, VARIANTS["qwen2-bias"])
+    _save_hf(tmp_path, VARIANTS[variant])
     model = load_model(tmp_path)
     prompts = [[5, 9, 3, 77, 12, 1, 8], [40, 2], [7]]
     eager = prefill_logits(model, prompts)

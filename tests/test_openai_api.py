@@ -216,7 +216,8 @@ def test_vllms_prompt_logprobs_rank_each_prompt_token(client, default_model_fold
 def post(frontend, path: str, body: dict | None) -> tuple[int, dict]:
     """A JSON request to the frontend's root (vLLM's routes); body None: a GET."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(frontend.url.removesuffix("/v1") + path, data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(frontend.url.removesuffix("/v1") + path, data,
+                                     {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())

@@ -160,6 +160,13 @@ def test_tp2_logits_and_greedy_output_equal_one_process(tiny, reference):
 
 
 @pytest.mark.slow
+def test_qwen3_at_tp2_equals_one_process(tmp_path):
+    """QK-norm's weights (one head's width) are replicated like the other norms."""
+    folder = make_tiny_model(tmp_path / "qwen3", architecture="qwen3")
+    check_tp_engine(tiny_config(folder, 2), single_process_reference(tiny_config(folder, 1)))
+
+
+@pytest.mark.slow
 def test_tp4_with_replicated_kv_heads_equals_one_process(tiny, reference):
     check_tp_engine(tiny_config(tiny, 4), reference)
 

@@ -21,8 +21,9 @@ CORPUS = [
 
 
 def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len: int = 512, seed: int = 0,
-                    padded_vocab: int = 0) -> Path:
-    """padded_vocab: extra embedding rows past the tokenizer's vocabulary, as some checkpoints have."""
+                    padded_vocab: int = 0, architecture: str = "llama") -> Path:
+    """padded_vocab: extra embedding rows past the tokenizer's vocabulary, as some checkpoints have.
+    architecture "qwen3": HF's Qwen3 (QK-norm, heads of 32 where hidden / heads is 16)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -39,13 +40,16 @@ def make_tiny_model(folder: Path, num_layers: int = 2, hidden: int = 64, max_len
     }))
     import transformers
 
-    cfg = transformers.LlamaConfig(
+    shape = dict(
         vocab_size=vocab + padded_vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len, tie_word_embeddings=True,
         eos_token_id=tok.token_to_id("<|im_end|>"), bos_token_id=tok.token_to_id("<|im_start|>"),
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    if architecture == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=32)).eval()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
     # Sharper logits than the default init, so greedy ties between near-equal logits do not occur.
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(25)

@@ -94,6 +94,13 @@ class LlamaAttention(nn.Module):
         # q, k and v fused into one matmul (one weight read per step on decode).
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalised (one weight for all heads) before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return hasattr(self, "q_norm")
 
 
 class LlamaMLP(nn.Module):
@@ -126,8 +133,8 @@ class LlamaDecoderLayer(nn.Module):
 
 def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: torch.Tensor | None):
     """x (N, hidden) plus delta (the previous layer's MLP output, or None) -> that sum, and q (N, H, D),
-    k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, RoPE (rope None: q and k leave unrotated, for an
-    AttentionContext that rotates them itself)."""
+    k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, QK-norm where the model has it, RoPE (rope None: q and
+    k leave unrotated, for an AttentionContext that rotates them itself)."""
     if delta is not None:
         x = x + delta
     attn = layer.self_attn
@@ -135,6 +142,8 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
     q, k, v = linear(attn.qkv_proj, layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
+    if attn.has_qk_norm:  # before RoPE, as HF's Qwen3Attention; a rotating AttentionContext gets them normed
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         q, k = apply_rotary(q, k, rope)
     return x, q, k, v.view(n, attn.num_kv_heads, attn.head_dim)

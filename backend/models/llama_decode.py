@@ -107,7 +107,10 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
 
 def fusable(model: LlamaForCausalLM) -> str | None:
     """None if every projection is one the skinny matmul can read (a plain nn.Linear, fp8 or int4; int8 ones are
-    not), else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it."""
+    not), else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it. A model with QK-norm (Qwen3)
+    takes the model's own layers, whose norm runs between the qkv matmul and the attention kernel."""
+    if model.config.qk_norm:
+        return "its attention normalises q and k (Qwen3's QK-norm), which the fused kernels do not"
     for name, module in model.named_modules():
         if (name.endswith("_proj") or name == "lm_head") and type(module) not in (torch.nn.Linear, Fp8Linear,
                                                                                   Int4Linear):

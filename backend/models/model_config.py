@@ -17,7 +17,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": False,
     "MistralForCausalLM": False,
     "Qwen2ForCausalLM": True,
+    "Qwen3ForCausalLM": False,
 }
+# Those whose attention RMS-normalises each head of q and k before RoPE (Qwen3's QK-norm).
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_ROPE_SCALING = ("llama3", "linear")
 
 
@@ -39,6 +42,7 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # frozen dict of HF's rope_scaling
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    qk_norm: bool = False  # q and k RMS-normalised per head (weights of head_dim) before RoPE
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -56,7 +60,7 @@ class ModelConfig:
         """Parameter count (embedding counted once when tied)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        layer = attn + 3 * h * i + 2 * h
+        layer = attn + 3 * h * i + 2 * h + (2 * d if self.qk_norm else 0)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
 
@@ -110,6 +114,7 @@ class ModelConfig:
             rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
+            qk_norm=arch in QK_NORM_ARCHITECTURES,
         )
 
     @classmethod

@@ -30,6 +30,8 @@ def why_not_native(model, kv) -> str | None:
     if not hasattr(torch.ops.kvtriton, "decode_layers"):
         return "the CPU int4 kernels are not loaded"
     cfg = model.config
+    if cfg.qk_norm:
+        return "its attention normalises q and k (Qwen3's QK-norm), which the C++ layers do not"
     if model.embed_tokens.weight.dtype != torch.float32 or any(pool.dtype != torch.float32 for pool in kv.k):
         return "the activations or the KV cache are not fp32"
     if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
