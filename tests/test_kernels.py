@@ -159,9 +159,9 @@ def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads, kv_dtype):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention
-@pytest.mark.parametrize("bias", [False, True])  # Qwen2's qkv bias
-def test_decode_logits_match_the_model_forward(batch, bias):
-    model = small_decode_model(DTYPE, DEVICE, qkv_bias=bias)
+@pytest.mark.parametrize("form", ["llama", "qkv-bias", "qk-norm"])  # Qwen2's qkv bias, Qwen3's QK-norm
+def test_decode_logits_match_the_model_forward(batch, form):
+    model = small_decode_model(DTYPE, DEVICE, qkv_bias=form == "qkv-bias", qk_norm=form == "qk-norm")
     got, expected, cache, reference = decode_step_both_ways(model, [5 + 9 * i for i in range(batch)], blocks_per_seq=4)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     close(got, expected, atol=5e-2, rtol=5e-2)

@@ -67,19 +67,26 @@ def make_tiny_engine(folder: Path, **overrides):
     return LLMEngine(EngineConfig(**{**config, **overrides}))
 
 
-def small_decode_model(dtype: torch.dtype, device: str, qkv_bias: bool = False, quantization: str | None = None):
+def small_decode_model(dtype: torch.dtype, device: str, qkv_bias: bool = False, quantization: str | None = None,
+                       qk_norm: bool = False):
     """A 2-layer random Llama (vocabulary 300, 4 heads over 2 KV heads of 64), loaded as served: the model the
-    decode-kernel tests step. qkv_bias: Qwen2's form of it; quantization: its layers' ("fp8", "int4")."""
+    decode-kernel tests step. qkv_bias: Qwen2's form of it; qk_norm: Qwen3's (its norms' weights random, not 1);
+    quantization: its layers' ("fp8", "int4")."""
     from kvtriton.backend.models.loader import load_model
     from kvtriton.backend.models.model_config import ModelConfig
 
+    arch = "Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"
     cfg = ModelConfig.from_dict(dict(
-        architectures=["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
-        model_type="qwen2" if qkv_bias else "llama", vocab_size=300, hidden_size=256, intermediate_size=384,
+        architectures=[arch], vocab_size=300, hidden_size=256, intermediate_size=384,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
         rms_norm_eps=1e-5, tie_word_embeddings=True))
     torch.manual_seed(3)
-    return load_model(None, dtype=dtype, device=device, config=cfg, dummy=True, quantization=quantization)
+    model = load_model(None, dtype=dtype, device=device, config=cfg, dummy=True, quantization=quantization)
+    with torch.no_grad():
+        for layer in model.layers if qk_norm else ():
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def decode_step_both_ways(model, prompt_lens: list[int], blocks_per_seq: int, block_size: int = 16):

@@ -3,9 +3,9 @@
 The PyTorch path gathers each sequence's blocks into a dense copy and calls
 SDPA: several kernels and a full extra read and write of the context per
 layer. This kernel reads K/V straight from the pools through the block table,
-in one launch per layer, and also does the two jobs around it: RoPE on the new
-token's q and k (optional: the caller may pass them rotated) and storing its k
-and v at its slot.
+in one launch per layer, and also does the jobs around it: Qwen3's QK-norm and
+RoPE on the new token's q and k (each optional: the caller may pass them
+normalised and rotated) and storing its k and v at its slot.
 
 Programs: (sequence, KV head, split). Each serves the GROUP query heads that
 share its KV head (GQA), so each K/V tile is read once for all of them. The
@@ -64,6 +64,17 @@ def _rotate(x1, x2, cos, sin, act: tl.constexpr):
 
 
 @triton.jit
+def _rms_norm_head(x1, x2, w1, w2, eps, HEAD_DIM: tl.constexpr, act: tl.constexpr):
+    # Qwen3's QK-norm over each head (rows of q, or k's one head), as models.llama.RMSNorm rounds it: normalised
+    # in fp32, rounded to act, then times the weight (an act x act product, rounded).
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    ms = (tl.sum(x1 * x1, axis=-1, keep_dims=True) + tl.sum(x2 * x2, axis=-1, keep_dims=True)) / HEAD_DIM
+    r = 1.0 / tl.sqrt(ms + eps)
+    n1, n2 = (x1 * r).to(act).to(tl.float32), (x2 * r).to(act).to(tl.float32)
+    return (w1 * n1).to(act), (w2 * n2).to(act)
+
+
+@triton.jit
 def _chunk(past, NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
     # Past tokens per split: whole tiles, so that a split never reads a partial tile it could have shared.
     return tl.cdiv(tl.cdiv(past, NUM_SPLITS), BLOCK_T) * BLOCK_T
@@ -104,11 +115,11 @@ def _softmax_update(q1, q2, k1, k2, v, t_ok, scale, m_i, l_i, acc):
 # width 8). The stride only scales one load's address.
 @triton.jit(do_not_specialize=["stride_table"])
 def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_pool, v_pool, slots_ptr,
-                            tables_ptr, context_lens_ptr, out_ptr, part_ptr, stats_ptr, scale, stride_q, stride_k,
-                            stride_v, stride_table,
+                            tables_ptr, context_lens_ptr, out_ptr, part_ptr, stats_ptr, q_norm_ptr, k_norm_ptr,
+                            scale, norm_eps, stride_q, stride_k, stride_v, stride_table,
                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                            NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+                            NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -135,6 +146,9 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
         position = tl.load(positions_ptr + b)
         cos = tl.load(cos_ptr + position * HALF + d)
         sin = tl.load(sin_ptr + position * HALF + d)
+    if QK_NORM:  # the model's weights, not the previous kernel's output
+        qw1, qw2 = tl.load(q_norm_ptr + d).to(tl.float32), tl.load(q_norm_ptr + HALF + d).to(tl.float32)
+        kw1, kw2 = tl.load(k_norm_ptr + d).to(tl.float32), tl.load(k_norm_ptr + HALF + d).to(tl.float32)
     if PDL:  # see kernels/pdl.py: q, k, v are the previous kernel's output
         gdc_wait()
 
@@ -149,6 +163,9 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     k1 = tl.load(k_row + d)  # (HALF,)
     k2 = tl.load(k_row + HALF + d)
     v_new = tl.load(v_ptr + b * stride_v + h * HEAD_DIM + dv)  # (HEAD_DIM,)
+    if QK_NORM:  # before RoPE, as the model's attention_inputs (Qwen3)
+        q1, q2 = _rms_norm_head(q1, q2, qw1[None, :], qw2[None, :], norm_eps, HEAD_DIM, act)
+        k1, k2 = _rms_norm_head(k1, k2, kw1, kw2, norm_eps, HEAD_DIM, act)
     if ROPE:
         q1, q2 = _rotate(q1, q2, cos[None, :], sin[None, :], act)
         k1, k2 = _rotate(k1, k2, cos, sin, act)
@@ -247,11 +264,14 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
                            v_pool: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float,
                            rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                           num_splits: int | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, tile: tuple[int, int, int] | None = None,
+                           qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """q (B, H, D), k/v (B, Hkv, D) of each sequence's one new token (views of the qkv output are fine);
     pools (blocks, block_size, Hkv, D); slots (B,), tables (B, W), context_lens (B,) with the new token
     counted, each at most W * block_size; rotary: (cos table, sin table, positions) with tables (P, D/2)
     fp32 as in RotaryEmbedding and positions (B,), to rotate q and k here; None if they arrive rotated.
+    qk_norm: (q's norm weight (D,), k's, eps) to RMS-normalise each head of q and k first (Qwen3's QK-norm,
+    for callers that did not: the fused decode step); None if they arrive normalised or the model has none.
     num_splits: programs per (sequence, KV head), default_num_splits if None. tile: (BLOCK_T, num_warps,
     num_stages), default_tile if None (benchmarks sweep it).
     Stores k/v at the slots and returns the attention output (B, H, D)."""
@@ -271,14 +291,15 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     else:
         part = stats = out  # unused
     cos, sin, positions = rotary if rotary is not None else (q, q, slots)
+    q_norm, k_norm, norm_eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     pdl = pdl_supported(q.device)
     launch = {"launch_pdl": True} if pdl else {}
     _paged_decode_attention[(b, num_kv_heads, splits)](
-        q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, part, stats, scale,
-        q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
+        q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, part, stats, q_norm, k_norm,
+        scale, norm_eps, q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_T=block_t, NUM_SPLITS=splits, ROPE=rotary is not None,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
+        QK_NORM=qk_norm is not None, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if splits > 1:
         _combine_splits[(b, num_heads)](

@@ -5,7 +5,7 @@ per layer, each streaming one weight matrix once with the elementwise work
 around it fused in:
 
     qkv      = rms_norm_linear(x, input_layernorm, qkv_proj)
-    attended = paged_decode_attention(q, k, v, rope, pools)     RoPE + KV store + attention
+    attended = paged_decode_attention(q, k, v, rope, pools)     [QK-norm +] RoPE + KV store + attention
     x        = linear(attended, o_proj, residual=x)
     h        = rms_norm_swiglu(x, post_attention_layernorm, gate_up_proj)
     x        = linear(h, down_proj, residual=x)
@@ -66,9 +66,11 @@ class KernelPagedDecode:
         self.tables, self.context_lens, self.scale = tables, context_lens, scale
         self.rope_tables = (rotary.cos, rotary.sin, positions)
 
-    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, qk_norm=None) -> torch.Tensor:
+        """qk_norm: (q's weight, k's, eps) when q and k arrive before the model's QK-norm (the fused step)."""
         return paged_decode_attention(q, k, v, self.cache.k[layer_idx], self.cache.v[layer_idx], self.slots,
-                                      self.tables, self.context_lens, self.scale, rotary=self.rope_tables)
+                                      self.tables, self.context_lens, self.scale, rotary=self.rope_tables,
+                                      qk_norm=qk_norm)
 
 
 def decode_weight(module: torch.nn.Module) -> torch.Tensor | QuantizedWeight:
@@ -96,8 +98,11 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
         qkv = rms_norm_linear(x, layer.input_layernorm.weight, layer.input_layernorm.eps, decode_weight(attn.qkv_proj),
                               attn.qkv_proj.bias)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        # Qwen3's QK-norm: in the attention kernel, with RoPE (no launch of its own)
+        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.has_qk_norm else None
         attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
-                              k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim))
+                              k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
+                              qk_norm=qk_norm)
         x = linear(attended.view(b, -1), decode_weight(attn.o_proj), residual=x)
         norm = layer.post_attention_layernorm
         h = rms_norm_swiglu(x, norm.weight, norm.eps, decode_weight(mlp.gate_up_proj))
@@ -107,10 +112,8 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
 
 def fusable(model: LlamaForCausalLM) -> str | None:
     """None if every projection is one the skinny matmul can read (a plain nn.Linear, fp8 or int4; int8 ones are
-    not), else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it. A model with QK-norm (Qwen3)
-    takes the model's own layers, whose norm runs between the qkv matmul and the attention kernel."""
-    if model.config.qk_norm:
-        return "its attention normalises q and k (Qwen3's QK-norm), which the fused kernels do not"
+    not), else why not. Only qkv_proj may carry a bias (Qwen2); the kernels add it. Qwen3's QK-norm runs in the
+    attention kernel."""
     for name, module in model.named_modules():
         if (name.endswith("_proj") or name == "lm_head") and type(module) not in (torch.nn.Linear, Fp8Linear,
                                                                                   Int4Linear):
