@@ -76,7 +76,8 @@ def _chunk(result) -> tuple[Chunk | None, bool]:
     ids = result.as_numpy("token_ids")
     chunk = Chunk.from_outputs(text("text_output"), count("num_input_tokens"), count("num_output_tokens"),
                                text("finish_reason"), text("logprobs"), text("prompt_logprobs"),
-                               None if ids is None else ids.reshape(-1).tolist(), count("max_model_len"))
+                               None if ids is None else ids.reshape(-1).tolist(), count("max_model_len"),
+                               count("num_cached_tokens"))
     return chunk, final
 
 

@@ -39,7 +39,8 @@ def _chunk(endpoint: Endpoint, event: Any) -> Chunk:
     try:
         return Chunk.from_outputs(event.get("text_output", ""), event["num_input_tokens"], event["num_output_tokens"],
                                   event["finish_reason"], event.get("logprobs", ""),
-                                  event.get("prompt_logprobs", ""), ids, event.get("max_model_len", 0))
+                                  event.get("prompt_logprobs", ""), ids, event.get("max_model_len", 0),
+                                  event.get("num_cached_tokens", 0))
     except KeyError as e:
         raise ServerError(f"{endpoint.url} sent a response without {e.args[0]}: is this kvtriton's llm model?"
                           ) from None

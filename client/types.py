@@ -101,18 +101,20 @@ class Chunk:
     prompt_logprobs: tuple[dict, ...] | None = None
     token_ids: tuple[int, ...] | None = None  # a tokenize task's answer
     max_model_len: int = 0  # with token_ids: the context they must fit in
+    num_cached_tokens: int = 0  # on the last chunk: prompt tokens the server's prefix cache served
 
     @classmethod
     def from_outputs(cls, text: str, num_input_tokens: int, num_output_tokens: int, finish_reason: str,
-                     logprobs: str = "", prompt_logprobs: str = "", token_ids=None, max_model_len: int = 0
-                     ) -> "Chunk":
+                     logprobs: str = "", prompt_logprobs: str = "", token_ids=None, max_model_len: int = 0,
+                     num_cached_tokens: int = 0) -> "Chunk":
         if finish_reason not in ("", *FINISH_REASONS):
             raise ServerError(f"the server sent finish_reason {finish_reason!r}, not one of "
                               f"{', '.join(FINISH_REASONS)}: is the model kvtriton's llm?")
         return cls(text, int(num_output_tokens), finish_reason, int(num_input_tokens),
                    tuple(json.loads(logprobs)) if logprobs else None,
                    tuple(json.loads(prompt_logprobs)) if prompt_logprobs else None,
-                   None if token_ids is None else tuple(int(t) for t in token_ids), int(max_model_len))
+                   None if token_ids is None else tuple(int(t) for t in token_ids), int(max_model_len),
+                   int(num_cached_tokens))
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,11 @@ class Completion:
     latency_s: float  # request sent -> last response
     logprobs: tuple[dict, ...] | None = None
     prompt_logprobs: tuple[dict, ...] | None = None
+    num_cached_tokens: int = 0  # prompt tokens the server's prefix cache served
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("text", "num_input_tokens", "num_output_tokens", "finish_reason",
-                                           "ttft_s", "latency_s")}
+        d = {k: getattr(self, k) for k in ("text", "num_input_tokens", "num_output_tokens", "num_cached_tokens",
+                                           "finish_reason", "ttft_s", "latency_s")}
         for key in ("logprobs", "prompt_logprobs"):
             if getattr(self, key) is not None:
                 d[key] = list(getattr(self, key))
@@ -161,6 +164,7 @@ class CompletionBuilder:
         self.prompt_logprobs: tuple[dict, ...] | None = None
         self.num_input_tokens = 0
         self.num_output_tokens = 0
+        self.num_cached_tokens = 0
         self.finish_reason = ""
 
     def add(self, chunk: Chunk, at: float | None = None) -> None:
@@ -168,6 +172,7 @@ class CompletionBuilder:
         self.last_at = at
         self._text.append(chunk.text)
         self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
+        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         if chunk.num_output_tokens:
             self.num_output_tokens += chunk.num_output_tokens
             self.chunk_times.append(at)
@@ -193,4 +198,4 @@ class CompletionBuilder:
         return Completion(self.text, self.num_input_tokens, self.num_output_tokens, self.finish_reason,
                           ttft_s=first - self.sent_at, latency_s=end - self.sent_at,
                           logprobs=tuple(self._logprobs) if self._logprobs is not None else None,
-                          prompt_logprobs=self.prompt_logprobs)
+                          prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens)

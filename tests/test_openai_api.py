@@ -248,6 +248,22 @@ def test_vllms_tokenize_counts_what_the_generation_reads_and_detokenize_reverses
         assert (got, answer["error"]["param"]) == (status, param), answer
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (the Responses API's input_tokens_details): the same long
+    prompt again is served from the prefix cache, whole blocks of it."""
+    question = [{"role": "user", "content": "Summarise this: " + " ".join(f"item {i}" for i in range(40))}]
+    first, again = (client.chat.completions.create(model="llm", messages=question, max_tokens=1).usage
+                    for _ in range(2))
+    cached = again.prompt_tokens_details.cached_tokens
+    assert first.prompt_tokens == again.prompt_tokens and first.prompt_tokens_details.cached_tokens < cached
+    assert again.prompt_tokens - 16 <= cached < again.prompt_tokens  # all its full 16-token blocks, the last token not
+    streamed = client.chat.completions.create(model="llm", messages=question, max_tokens=1, stream=True,
+                                              stream_options={"include_usage": True})
+    assert [c.usage for c in streamed if c.usage][0].prompt_tokens_details.cached_tokens == cached
+    response = client.responses.create(model="llm", input=question[0]["content"], max_output_tokens=1)
+    assert response.usage.input_tokens_details.cached_tokens > 0
+
+
 def merged_logprobs(stream):
     """A streamed completion's logprobs, joined across its chunks."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []

@@ -86,6 +86,8 @@ OUTPUTS = (
     # JSON, on the first response of a request with prompt_logprobs: one entry per prompt token (the first's
     # logprob null).
     TensorSpec("prompt_logprobs", "TYPE_STRING", (1,), "output"),
+    # On a generation's final response: how many prompt tokens the prefix cache served (not computed again).
+    TensorSpec("num_cached_tokens", "TYPE_UINT32", (1,), "output"),
     # The answer to task "tokenize": the prompt's ids, and the context they must fit in (vLLM's /tokenize).
     TensorSpec("token_ids", "TYPE_INT32", (-1,), "output"),
     TensorSpec("max_model_len", "TYPE_UINT32", (1,), "output"),

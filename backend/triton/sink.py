@@ -88,6 +88,7 @@ class _Response:
     logprobs: list[dict]
     final: bool
     prompt_logprobs: list[dict] | None = None  # the first response of a request that asked for them
+    num_cached: int = 0  # prompt tokens the prefix cache served (sent on the final response)
 
 
 class TritonResponseSink:
@@ -135,9 +136,10 @@ class TritonResponseSink:
                 queued.logprobs += logprobs
                 queued.prompt_logprobs = queued.prompt_logprobs or prompt_logprobs
                 queued.finish_reason, queued.final = out.finish_reason or "", out.finished
+                queued.num_cached = out.num_cached_tokens
                 return
             self._queued = _Response(text, out.num_prompt_tokens, num_tokens, out.finish_reason or "", logprobs,
-                                     out.finished, prompt_logprobs)
+                                     out.finished, prompt_logprobs, out.num_cached_tokens)
         self.outbox.put(self._send_queued)
 
     def _send_queued(self) -> None:
@@ -150,7 +152,7 @@ class TritonResponseSink:
         prompt_logprobs = "" if r.prompt_logprobs is None else json.dumps(self._with_token_text(r.prompt_logprobs))
         self._send(text, r.num_input, r.num_tokens, r.finish_reason,
                    json.dumps(self._with_token_text(r.logprobs)) if self.want_logprobs else "", r.final,
-                   prompt_logprobs)
+                   prompt_logprobs, r.num_cached)
 
     def _with_token_text(self, logprobs: list[dict]) -> list[dict]:
         if self.token_text is None:
@@ -159,7 +161,7 @@ class TritonResponseSink:
                 for e in logprobs]
 
     def _send(self, text: str, num_input: int, num_output: int, finish_reason: str, logprobs: str,
-              final: bool, prompt_logprobs: str = "") -> None:
+              final: bool, prompt_logprobs: str = "", num_cached: int = 0) -> None:
         """On the outbox thread."""
         pb = self.pb_utils
         tensors = [
@@ -171,6 +173,8 @@ class TritonResponseSink:
         ]
         if prompt_logprobs:  # the first response only, of the requests that ask: the others carry nothing more
             tensors.append(pb.Tensor("prompt_logprobs", np.array([prompt_logprobs.encode()], dtype=np.object_)))
+        if final:  # with the usage's last figures (OpenAI's prompt_tokens_details.cached_tokens)
+            tensors.append(pb.Tensor("num_cached_tokens", np.array([num_cached], dtype=np.uint32)))
         self.sender.send(pb.InferenceResponse(output_tensors=tensors),
                          flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 

@@ -350,10 +350,15 @@ class OmitsUnset(BaseModel):
         return data
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache served (computed once, earlier)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class ModelCard(OmitsUnset):

@@ -328,7 +328,7 @@ OutputItem = Union[OutputReasoning, OutputMessage, OutputFunctionCall]
 
 
 class InputTokensDetails(BaseModel):
-    cached_tokens: int = 0  # the server's prefix cache does not report hits per request
+    cached_tokens: int = 0  # input tokens the server's prefix cache served
     cache_write_tokens: int = 0
 
 
@@ -346,7 +346,8 @@ class ResponseUsage(BaseModel):
     @classmethod
     def of(cls, usage: p.Usage) -> "ResponseUsage":
         return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens)
+                   total_tokens=usage.total_tokens,
+                   input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens))
 
 
 class IncompleteDetails(BaseModel):

@@ -86,9 +86,10 @@ async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) ->
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> p.Usage:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> p.Usage:
     return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 @dataclass
@@ -97,15 +98,19 @@ class TokenCounts:
 
     n: int
     prompt: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens
+    cached: dict[int, int] = field(default_factory=dict)  # prompt index -> those the prefix cache served
     completion: int = 0
 
-    def add(self, index: int, chunk: Chunk) -> None:
-        if chunk.num_input_tokens:
-            self.prompt[index // self.n] = chunk.num_input_tokens
-        self.completion += chunk.num_output_tokens
+    def add(self, index: int, counted: Chunk | CompletionBuilder) -> None:
+        """A streamed chunk's counts, or a whole choice's (its builder)."""
+        if counted.num_input_tokens:
+            self.prompt[index // self.n] = counted.num_input_tokens
+        if counted.num_cached_tokens:
+            self.cached[index // self.n] = counted.num_cached_tokens
+        self.completion += counted.num_output_tokens
 
     def usage(self) -> p.Usage:
-        return _usage(sum(self.prompt.values()), self.completion)
+        return _usage(sum(self.prompt.values()), self.completion, sum(self.cached.values()))
 
 
 def _token_text(entry: dict, key: str) -> Any:
@@ -207,8 +212,7 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
     builders = await _collect(client, choices)
     counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
-        counts.prompt[i // request.n] = b.num_input_tokens
-        counts.completion += b.num_output_tokens
+        counts.add(i, b)
         echo = echoed_prompt(choices[i].prompt, b.prompt_logprobs) if request.echo else ""
         logprobs = b.build().logprobs
         if logprobs is not None and request.echo:  # one list over the echoed prompt and the answer
@@ -225,8 +229,7 @@ async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: 
     builders = await _collect(client, chat_choices(request, options))
     counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
-        counts.prompt[0] = b.num_input_tokens
-        counts.completion += b.num_output_tokens
+        counts.add(i, b)
         message = whole_message([outputs[i].feed(b.text, last=True)])
         out.append(p.ChatChoice(index=i, message=message, finish_reason=outputs[i].finish_reason(b.finish_reason),
                                 logprobs=chat_logprobs(b.build().logprobs)))
