@@ -48,7 +48,8 @@ def llama_cpp_rope_order(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=False, quantize_q8=True,
                     extra_tensors=(), quant_types=None, metadata=None) -> dict[str, np.ndarray]:
-    """Write a 2-layer Llama GGUF; return the HF-layout float32 weights it was made from.
+    """Write a 2-layer Llama GGUF (arch "qwen2": with q/k/v biases; "qwen3": with QK-norm; neither has its Q/K
+    rows interleaved, as llama.cpp writes them); return the HF-layout float32 weights it was made from.
 
     quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0"}; default (quantize_q8): two Q8_0 tensors."""
     if quant_types is None:
@@ -76,11 +77,17 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
             block = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             weight = rng.standard_normal(shape, dtype=np.float32)
             hf[f"{prefix}.{block}.{proj}.weight"] = weight
-            if proj == "q_proj":
+            if proj == "q_proj" and arch == "llama":
                 weight = llama_cpp_rope_order(weight, HEADS)
-            elif proj == "k_proj":
+            elif proj == "k_proj" and arch == "llama":
                 weight = llama_cpp_rope_order(weight, KV_HEADS)
             gguf_tensors[f"blk.{layer}.{gguf_names[proj]}.weight"] = weight
+            if arch == "qwen2" and proj in ("q_proj", "k_proj", "v_proj"):
+                hf[f"{prefix}.self_attn.{proj}.bias"] = rng.standard_normal(shape[0], dtype=np.float32)
+                gguf_tensors[f"blk.{layer}.{gguf_names[proj]}.bias"] = hf[f"{prefix}.self_attn.{proj}.bias"]
+        for norm in ("q_norm", "k_norm") if arch == "qwen3" else ():
+            hf[f"{prefix}.self_attn.{norm}.weight"] = rng.standard_normal(HEAD_DIM, dtype=np.float32)
+            gguf_tensors[f"blk.{layer}.attn_{norm}.weight"] = hf[f"{prefix}.self_attn.{norm}.weight"]
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
@@ -213,11 +220,40 @@ def test_llama_cpp_sampling_metadata_becomes_the_generation_config(tmp_path):
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_files_convert_without_llama_s_row_order_and_match_transformers(tmp_path, arch):
+    """Qwen2 / 2.5 (q/k/v biases) and Qwen3 (QK-norm) GGUFs: their Q/K rows are HF's (llama.cpp interleaves only
+    llama's), the Qwen2 pre-tokenizer splits every digit, and transformers' own model on the folder gives the
+    logits kvtriton's loader gives."""
+    import torch
+    import transformers
+
+    from kvtriton.backend.models.loader import load_model
+
+    from tests.llama_reference import prefill_logits
+
+    hf = write_tiny_gguf(tmp_path / "q.gguf", arch=arch, pre="qwen2", quantize_q8=False)
+    folder = convert_gguf(tmp_path / "q.gguf", tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]]
+    assert config["attention_bias"] is (arch == "qwen2")
+    converted = load_file(str(folder / "model.safetensors"))
+    assert set(converted) == set(hf)
+    for name, expected in hf.items():
+        np.testing.assert_array_equal(converted[name], expected, err_msg=name)
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode("12").tokens == ["1", "2"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = [5, 9, 3, 77, 12, 1, 8]
+    with torch.no_grad():
+        want = reference(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(prefill_logits(load_model(folder), [prompt])[0], want, atol=1e-4, rtol=1e-4)
+
+
 def test_unsupported_architecture_is_refused_by_name(tmp_path):
-    write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(ValueError, match=r"'qwen2'.*supports llama"):
-        convert_gguf(tmp_path / "qwen.gguf", tmp_path / "hf")
-    assert list(tmp_path.iterdir()) == [tmp_path / "qwen.gguf"]
+    write_tiny_gguf(tmp_path / "gemma.gguf", arch="gemma")
+    with pytest.raises(ValueError, match=r"'gemma'.*supports llama, qwen2, qwen3"):
+        convert_gguf(tmp_path / "gemma.gguf", tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == [tmp_path / "gemma.gguf"]
 
 
 def test_unknown_tensor_is_an_error_not_skipped(tmp_path):

@@ -258,6 +258,17 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
     assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_qwen_gguf_loads_its_blocks_in_hf_row_order(tmp_path, arch):
+    """Qwen's Q/K rows are stored in HF's order (llama.cpp interleaves only llama's): the blocks load as they are."""
+    write_tiny_gguf(tmp_path / "q.gguf", arch=arch, pre="qwen2", quant_types=QUANT_TYPES)
+    folder = convert_gguf(tmp_path / "q.gguf", tmp_path / "hf")
+    reference = load_model(folder)
+    model = load_model(folder, quantization="int4", gguf=tmp_path / "q.gguf")
+    assert_stored_without_loss(model, reference)
+    assert_logits_close(model, reference, top1=False)
+
+
 def test_many_rows_of_logits_multiply_by_the_tied_float_table(tiny_gguf, torch_int4_kernels):
     """The Q8_0 head tied to the embedding, on PyTorch's kernels: few rows through its kernel, TIED_TABLE_ROWS or
     more through the embedding's fp32 table, which holds the same numbers (so those logits are the fp32 model's)."""

@@ -1,4 +1,5 @@
-"""Convert a Llama-family GGUF file into an HF-style checkpoint folder.
+"""Convert a Llama-family GGUF file (llama.cpp's architectures llama, qwen2, qwen3) into an HF-style checkpoint
+folder.
 
 Everything downstream (the runners, the ONNX exporter, transformers as the test oracle) reads HF
 folders, so GGUF is only a distribution format here: it is dequantized to float32 once, and every
@@ -23,7 +24,11 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# llama.cpp's general.architecture -> the transformers class its folder names (the same dense core: Qwen2 adds q/k/v
+# biases, Qwen3 QK-norm; models/model_config.py).
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Those whose Q and K rows llama.cpp's converter interleaves for its rope (Qwen's use the NEOX rope, HF's layout).
+ROPE_PERMUTED_ARCHITECTURES = ("llama",)
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -40,6 +45,11 @@ _BLOCK_TENSORS = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # qwen2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 _BLOCK_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 _ROPE_SCALING_KEYS = ("type", "factor", "original_context_length", "finetuned")
@@ -59,6 +69,13 @@ _PRE_TOKENIZERS = {
     "llama-bpe": lambda: pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    ),
+    # Qwen2 / 2.5 / 3: Llama 3's split, but every digit on its own (its tokenizer.json's pre_tokenizer).
+    "qwen2": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     ),
@@ -83,7 +100,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{gguf_path.name}: general.architecture is {arch!r}; GGUF conversion supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 and Mistral checkpoints: use their HF folder)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (other checkpoints: use their HF folder)"
         )
     tensor_names = [t.name for t in reader.tensors]
     config = llama_config(meta, tensor_names)
@@ -116,12 +133,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
 
 def llama_config(meta: dict, tensor_names: list[str]) -> dict:
-    """The transformers LlamaConfig dict for a GGUF of architecture llama."""
+    """The transformers config dict for a GGUF of a supported architecture (its keys are `<arch>.*`)."""
+    arch = meta["general.architecture"]
 
     def key(name, default=KeyError):
-        value = meta.get(f"llama.{name}", default)
+        value = meta.get(f"{arch}.{name}", default)
         if value is KeyError:
-            raise ValueError(f"GGUF metadata lacks llama.{name}, which the Llama config needs")
+            raise ValueError(f"GGUF metadata lacks {arch}.{name}, which the model's config needs")
         return value
 
     hidden, heads = key("embedding_length"), key("attention.head_count")
@@ -130,12 +148,12 @@ def llama_config(meta: dict, tensor_names: list[str]) -> dict:
     if key("attention.value_length", head_dim) != head_dim:
         raise ValueError("GGUF states a value head size different from the key head size; Llama needs them equal")
     if key("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError("GGUF rotates only part of each head (llama.rope.dimension_count); Llama rotates all")
+        raise ValueError(f"GGUF rotates only part of each head ({arch}.rope.dimension_count); Llama rotates all")
     if "rope_freqs.weight" in tensor_names:
         raise ValueError("GGUF carries rope_freqs.weight (Llama 3.1-style rope scaling), which cannot be converted")
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]],
+        "model_type": arch,
         "hidden_act": "silu",
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length"),
@@ -149,11 +167,11 @@ def llama_config(meta: dict, tensor_names: list[str]) -> dict:
         "vocab_size": key("vocab_size", len(meta["tokenizer.ggml.tokens"])),
         # llama.cpp writes output.weight only when the head is not the embedding matrix.
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,  # Qwen2's q/k/v biases
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
-    if (rope_scaling := _rope_scaling(meta)) is not None:
+    if (rope_scaling := _rope_scaling(meta, arch)) is not None:
         config["rope_scaling"] = rope_scaling
     for name, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         if f"tokenizer.ggml.{gguf_key}" in meta:
@@ -161,8 +179,9 @@ def llama_config(meta: dict, tensor_names: list[str]) -> dict:
     return config
 
 
-def _rope_scaling(meta: dict) -> dict | None:
-    scaling = {k.removeprefix("llama.rope.scaling."): v for k, v in meta.items() if k.startswith("llama.rope.scaling.")}
+def _rope_scaling(meta: dict, arch: str) -> dict | None:
+    prefix = f"{arch}.rope.scaling."
+    scaling = {k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)}
     if unknown := sorted(set(scaling) - set(_ROPE_SCALING_KEYS)):
         raise ValueError(f"GGUF rope scaling keys {unknown} are not supported; supported: {list(_ROPE_SCALING_KEYS)}")
     kind = scaling.get("type", "none" if "factor" not in scaling else None)
@@ -176,20 +195,21 @@ def _rope_scaling(meta: dict) -> dict | None:
             "factor": _float32_value(scaling["factor"]),
             "original_max_position_embeddings": int(scaling["original_context_length"]),
         }
-    raise ValueError(f"GGUF llama.rope.scaling.type {kind!r} is not supported; supported: none, linear, yarn")
+    raise ValueError(f"GGUF {prefix}type {kind!r} is not supported; supported: none, linear, yarn")
 
 
 def llama_state_dict(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray]:
-    """float32 tensors under transformers' Llama names, with Q and K back in HF's rope layout."""
+    """float32 tensors under transformers' names, with Q and K back in HF's rope layout."""
+    permuted = config["model_type"] in ROPE_PERMUTED_ARCHITECTURES
     state = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, config["num_hidden_layers"])
         shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         weight = weight.reshape(shape)
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             weight = unpermute_rope_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
         state[name] = np.ascontiguousarray(weight)
     if "model.embed_tokens.weight" not in state:

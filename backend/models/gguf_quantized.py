@@ -65,13 +65,14 @@ def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:
 def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: int,
                            num_kv_heads: int) -> dict[str, GroupQuantized]:
     """{HF tensor name: GroupQuantized} for every Q4_0 / Q4_1 / Q8_0 tensor in the file, in HF's layout
-    (Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for floats)."""
+    (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for floats)."""
     # Imported here: the gguf package is needed only where a GGUF is read (a host serving an HF folder may lack it).
     import gguf
 
-    from kvtriton.backend.models.gguf_checkpoint import hf_tensor_name, unpermute_rope_rows
+    from kvtriton.backend.models.gguf_checkpoint import ROPE_PERMUTED_ARCHITECTURES, hf_tensor_name, unpermute_rope_rows
 
     reader = gguf.GGUFReader(str(gguf_path))
+    permuted = reader.fields["general.architecture"].contents() in ROPE_PERMUTED_ARCHITECTURES
     out = {}
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
@@ -80,7 +81,7 @@ def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: in
         name = hf_tensor_name(tensor.name, num_layers)
         q = decode_blocks(tensor.data, type_name)
         for proj, heads in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
-            if name.endswith(f"{proj}.weight"):
+            if permuted and name.endswith(f"{proj}.weight"):
                 order = np.arange(q.shape[0])[:, None]  # (rows, 1): where each HF row comes from
                 q = permute_rows(q, unpermute_rope_rows(order, heads)[:, 0])
         out[name] = q
