@@ -45,7 +45,7 @@ class Admission:
     def tokenize(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         """The prompt's token ids as a generation gets them: text encoded with the tokenizer's special tokens, a
         rendered chat (`chat`) without them (Tokenizer.encode_chat_prompt), ids as they are. ValueError for text
-        over max_prompt_bytes or an id outside the vocabulary."""
+        over max_prompt_bytes or an id outside the model's vocabulary (checked here only, for every prompt)."""
         if not isinstance(prompt, str):
             return self._in_vocabulary(list(prompt), "prompt token ids")
         limit = self.limits.max_prompt_bytes
@@ -54,7 +54,8 @@ class Admission:
             if size > limit:
                 raise ValueError(f"prompt must be at most {limit} bytes (max_prompt_bytes; the model's context is "
                                  f"{self.limits.max_model_len} tokens), got {size}")
-        return self.tokenizer.encode_chat_prompt(prompt) if chat else self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode_chat_prompt(prompt) if chat else self.tokenizer.encode(prompt)
+        return self._in_vocabulary(ids, "prompt token ids")  # a tokenizer may know more ids than the model has
 
     def detokenize(self, ids: list[int]) -> str:
         """The text of ids, special tokens included (vLLM's /detokenize, HF's decode default)."""
@@ -62,7 +63,7 @@ class Admission:
 
     def _in_vocabulary(self, ids: list[int], what: str) -> list[int]:
         vocab = self.limits.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
+        if ids and (min(ids) < 0 or max(ids) >= vocab):  # two C-level scans: prompts run to thousands of ids
             raise ValueError(f"{what} must be in [0, {vocab})")
         return ids
 
@@ -71,7 +72,6 @@ class Admission:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = lim.vocab_size
-        self._in_vocabulary(ids, "prompt token ids")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {list(params.stop_token_ids)}")
         outside = [t for t, _ in params.logit_bias if t >= vocab]
