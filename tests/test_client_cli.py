@@ -17,7 +17,7 @@ from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client import chat_cmd, generate_cmd
 from kvtriton.client.api import LLMClient
 
-from tests.test_client_api import assert_nothing_running, metric, wait_idle
+from tests.test_client_api import LONG, assert_nothing_running, metric, wait_idle
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -115,8 +115,9 @@ def test_chat_keeps_history_across_turns(llm_server, monkeypatch, capsys):
 
 def test_chat_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(llm_server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtriton.client.chat_cmd", "--url", llm_server.grpc_url, "--max-tokens", "512",
-         "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "kvtriton.client.chat_cmd", "--url", llm_server.grpc_url,
+         "--max-tokens", str(LONG["max_tokens"]), "--ignore-eos"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # A suite started in the background (`make test &`) runs with SIGINT ignored, which the chat would
         # inherit (Python then installs no KeyboardInterrupt handler): give it the terminal's default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
