@@ -17,6 +17,7 @@ SELF_DRAFTS = {"self-int8": "int8", "self-int4": "int4"}  # speculative_model: t
 MAX_SPECULATIVE_TOKENS = 16
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "fp8")
+SCHEDULING_POLICIES = ("fcfs", "priority")  # engine/request_queue.py
 GENERATION_CONFIG_MODES = ("auto", "none")  # engine/generation_defaults.py, which config.py cannot import
 
 
@@ -52,6 +53,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget per step
     max_model_len: int = 0  # 0: the checkpoint's context length
+    # Which waiting request is admitted next, and which running one is preempted when the KV pool runs dry
+    # (engine/request_queue.py, vLLM's --scheduling-policy). "fcfs": arrival order, the newest preempted.
+    # "priority": each request's `priority` (lower first, 0 by default), then arrival; the lowest-priority
+    # running request is preempted, also to seat a waiting one of strictly higher priority.
+    scheduling_policy: str = "fcfs"
     # "auto": requests that leave temperature, top_p, top_k, min_p or repetition_penalty unset get the checkpoint's
     # generation_config.json values, as vLLM serves them (engine/generation_defaults.py); "none": kvtriton's defaults
     generation_config: str = "auto"
@@ -112,6 +118,9 @@ class EngineConfig:
         if self.generation_config not in GENERATION_CONFIG_MODES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_MODES)}, got "
                              f"{self.generation_config!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
+                             f"{self.scheduling_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype != "auto" and self.runner != "torch":

@@ -15,7 +15,8 @@
 Sampling keyword arguments are the contract's names (max_tokens, temperature,
 top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens,
 repetition_penalty, presence_penalty, frequency_penalty, logprobs,
-skip_special_tokens); None leaves the server default. The first request waits
+skip_special_tokens, and priority, which orders requests on a server whose
+scheduling_policy is priority); None leaves the server default. The first request waits
 for readiness: `connect_retries` more probes with exponential backoff, then
 ServerUnavailableError naming the URL. `timeout_s` is the longest silence
 allowed between two responses of one request (RequestTimeoutError).

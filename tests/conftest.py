@@ -57,11 +57,11 @@ def _variant(src: Path, dst: Path, **parameters: str) -> None:
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory, default_model_folder):
     """tritonserver on the shipped `llm` model, plus `llm_small_kv`: the same model with a KV pool of
-    24 blocks (384 tokens), to show that requests queue when the pool is exhausted."""
+    24 blocks (384 tokens), to show that requests queue when the pool is exhausted, scheduled by priority."""
     repo = tmp_path_factory.mktemp("model_repository")
     _variant(MODEL_REPOSITORY / "llm", repo / "llm")
     _variant(MODEL_REPOSITORY / "llm", repo / "llm_small_kv", num_kv_blocks="24", max_model_len="384",
-             max_num_seqs="8")
+             max_num_seqs="8", scheduling_policy="priority")
     server = start_server(repo, timeout_s=300)
     yield server
     server.stop()

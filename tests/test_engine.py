@@ -30,6 +30,7 @@ def solo_outputs(tiny_folder):
 @pytest.mark.parametrize("overrides", [
     dict(),  # prefix caching + chunked prefill, roomy pool
     dict(num_kv_blocks=24, max_num_batched_tokens=16),  # pool too small for the load: preemption by recompute
+    dict(num_kv_blocks=24, max_num_batched_tokens=16, scheduling_policy="priority"),  # ... every priority 0
     dict(enable_chunked_prefill=False, enable_prefix_caching=False),
     dict(cpu_single_openmp_team=True),  # the model loads on the forward thread
     dict(cpu_single_openmp_team=True, enable_async_scheduling=False),  # ... which then runs the synchronous loop

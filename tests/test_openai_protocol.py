@@ -38,6 +38,8 @@ def test_chat_fields_become_the_servers_sampling_keys():
     assert chat(logprobs=True).sampling(0) == {"logprobs": 0}  # the chosen token's logprob only
     assert chat(max_tokens=4).sampling(0) == {"max_tokens": 4}
     assert chat(logit_bias={"50256": -100}).sampling(0) == {"logit_bias": {"50256": -100.0}}  # ids: the server's
+    assert chat(priority=-2).sampling(0) == {"priority": -2}  # vLLM's; the server's scheduling_policy decides
+    assert CompletionRequest(model="llm", prompt="Hi", priority=3).sampling(0) == {"priority": 3}
 
 
 def test_vllms_structured_output_fields_become_guided_keys():

@@ -43,6 +43,7 @@ def test_a_string_input_is_one_user_message_and_the_settings_are_the_chats():
     assert r.chat.template_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert r.chat.sampling(0) == {"max_tokens": 9, "temperature": 0.5, "top_p": 0.9}
     assert r.chat.n == 1 and request().chat.sampling(0) == {}
+    assert request(priority=1).chat.sampling(0) == {"priority": 1}  # vLLM's, as on the chat route
 
 
 def test_a_conversation_of_items_becomes_the_chats_messages():

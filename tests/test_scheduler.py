@@ -67,7 +67,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first_with_exact_blocks():
     assert [s.request_id for s in out.preempted] == ["b"]
     assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1)]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and sched.num_preemptions == 1
-    assert sched.waiting[0] is b and b.token_ids[-1] == 7  # its generated token is kept (recompute)
+    assert sched.waiting.peek() is b and b.token_ids[-1] == 7  # its generated token is kept (recompute)
     assert bm.block_table("a") == [0, 1, 3]  # b's blocks were freed tail-first: 3 is reused first
 
 
@@ -127,4 +127,4 @@ def test_preempted_with_a_token_in_flight_waits_for_it_then_recomputes():
     second = sched.schedule()  # a's 5th token needs a new block: b (newest) is preempted, its token in flight
     assert [s.request_id for s in second.preempted] == ["b"] and b.num_placeholders == 1
     sched.update_from_output(first, [7, 8])
-    assert b.token_ids[-1] == 8 and b.num_placeholders == 0 and sched.waiting[0] is b
+    assert b.token_ids[-1] == 8 and b.num_placeholders == 0 and sched.waiting.peek() is b

@@ -29,6 +29,7 @@ class AdmissionLimits:
     # Why this engine cannot return prompt logprobs ("": it can): only the torch runner on one device computes
     # the logits of every prompt token; the exported graphs and the tensor-parallel step give one row a sequence.
     prompt_logprobs_refusal: str = ""
+    scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: under fcfs a request's priority must be 0
 
 
 class Admission:
@@ -87,6 +88,9 @@ class Admission:
             )
         if params.prompt_logprobs is not None and lim.prompt_logprobs_refusal:
             raise ValueError(f"prompt_logprobs is not available here: {lim.prompt_logprobs_refusal}")
+        if params.priority and lim.scheduling_policy != "priority":
+            raise ValueError(f"priority {params.priority} needs scheduling_policy priority; this model schedules "
+                             f"{lim.scheduling_policy} (first come, first served), where only priority 0 is accepted")
         k = params.num_speculative_tokens
         if k is not None and k > lim.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens {k} is more than this model allows "

@@ -97,7 +97,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                            self.max_model_len),
+                            self.max_model_len, config.scheduling_policy),
             self.block_manager,
         )
         self.sampler = Sampler()
@@ -110,7 +110,7 @@ class LLMEngine:
             block_size=config.block_size,
             max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
             num_speculative_tokens=config.num_speculative_tokens,
-            prompt_logprobs_refusal=_prompt_logprobs_refusal(config)))
+            prompt_logprobs_refusal=_prompt_logprobs_refusal(config), scheduling_policy=config.scheduling_policy))
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)

@@ -32,7 +32,8 @@ MAX_LOGIT_BIAS = 100.0
 # as vLLM v1 does.
 GREEDY_TEMPERATURE = 1e-5
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "num_speculative_tokens")
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "num_speculative_tokens",
+               "priority")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -65,6 +66,9 @@ class SamplingParams:
     # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
     # proposals per step (no more than the server's k).
     num_speculative_tokens: int | None = None
+    # Scheduling, not sampling, but per request like the rest (vLLM's `priority`): under the engine's
+    # scheduling_policy "priority", lower runs sooner (request_queue.py); under "fcfs" only 0 is accepted.
+    priority: int = 0
     guided_json: str | None = None  # a JSON schema (an object is serialised)
     guided_regex: str | None = None
     guided_grammar: str | None = None  # Lark, or GBNF / EBNF (llama.cpp's)
@@ -138,6 +142,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not -2**31 <= self.priority < 2**31:  # the llm model's priority input is an INT32
+            raise ValueError(f"priority must be a 32-bit integer, got {self.priority}")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0 (0: off), got {self.num_speculative_tokens}")
         for name in ("logprobs", "prompt_logprobs"):

@@ -3,13 +3,20 @@
 vLLM v1's idea: schedule tokens, not phases. Every sequence wants
 `num_tokens - num_computed_tokens` more tokens (a whole prompt, the rest of a
 chunked prompt, or 1 for a decode); one token budget per step is handed out,
-running sequences first, then waiting ones in arrival order (FCFS, never
-skipping ahead). Chunked prefill falls out of capping a sequence's share at
-the budget left, so a long prompt never stalls the running decodes.
+running sequences first, then waiting ones in the queue's order (never
+skipping ahead of its head). Chunked prefill falls out of capping a sequence's
+share at the budget left, so a long prompt never stalls the running decodes.
 
-When the KV pool runs dry, the most recently arrived running sequence is
-preempted by recompute: its blocks are freed and it goes back to the front of
-the waiting queue with its generated tokens kept.
+When the KV pool runs dry, the last running sequence is preempted by
+recompute: its blocks are freed and it goes back to the waiting queue with its
+generated tokens kept. The policy (request_queue.py) sets both orders:
+- fcfs: the queue in arrival order; running in admission order, so the victim
+  is the newest and goes back to the front;
+- priority: both by (priority, arrival), so the victim is the lowest-priority
+  newest one. Before anything else is scheduled, a waiting head of strictly
+  higher priority than the last running sequence preempts it when it could
+  not be seated otherwise (no seat left, or too few free blocks for its
+  prompt), as vLLM's priority policy does.
 
 The scheduler owns the bookkeeping of what it schedules, split as in vLLM's
 async scheduling:
@@ -30,10 +37,11 @@ sequence through `finish()`.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from kvtriton.backend.engine.block_manager import BlockManager
+from kvtriton.backend.engine.request_queue import priority_key, waiting_queue
 from kvtriton.backend.engine.sequence import Sequence, SequenceStatus
 
 
@@ -43,6 +51,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
     max_model_len: int = 1 << 30  # a sequence that reaches it finishes with "length"
+    policy: str = "fcfs"  # config.SCHEDULING_POLICIES
 
 
 @dataclass
@@ -74,8 +83,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting = waiting_queue(config.policy)
+        self.by_priority = config.policy == "priority"
+        self.running: list[Sequence] = []  # in the policy's order: the last is the next victim
         self.num_preemptions = 0
         self.num_prompt_tokens = 0  # computed prompt tokens since start (prefix-cache hits excluded)
         self.num_generation_tokens = 0  # sampled tokens since start
@@ -85,7 +95,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
-        self.waiting.append(seq)
+        self.waiting.add(seq)
         if seq.params.prompt_logprobs is not None:
             self.prompt_logprob_seqs.add(seq)
 
@@ -169,7 +179,12 @@ class Scheduler:
         logit_budget = self.config.max_num_seqs
         bm = self.block_manager
 
-        # 1. Running sequences, oldest first. Preempt from the newest end when blocks run out.
+        # 0. priority: a waiting head of higher priority than the last running sequence takes its place.
+        if self.by_priority:
+            self._preempt_for_priority(out)
+        preempted_for_priority = len(out.preempted)
+
+        # 1. Running sequences in order. Preempt from the end when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -215,9 +230,10 @@ class Scheduler:
         for seq in self.running[i:]:  # not scheduled (the budget ran out): their proposals are stale next step
             seq.spec_token_ids = []
 
-        # 2. Waiting sequences in arrival order, unless this step already had to preempt.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # 2. Waiting sequences in the queue's order, unless step 1 had to preempt (the pool is short).
+        while (self.waiting and budget > 0 and len(out.preempted) == preempted_for_priority
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting.peek()
             if seq.num_placeholders:
                 break  # preempted with a token in flight: admitted once the host has it (next step)
             hits, num_cached = ([], 0)
@@ -233,14 +249,17 @@ class Scheduler:
                 logit_budget -= n
             new_ids = bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None)
             if new_ids is None:
-                break  # FCFS: wait for blocks rather than let a later, smaller request overtake
-            self.waiting.popleft()
+                break  # wait for blocks rather than let a later, smaller request overtake
+            self.waiting.pop()
             seq.block_ids = [b.block_id for b in hits] + new_ids
             out.new_block_ids[seq.request_id] = seq.block_ids
             seq.num_computed_tokens = num_cached
             seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            if self.by_priority:
+                bisect.insort_right(self.running, seq, key=priority_key)
+            else:
+                self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
 
@@ -259,6 +278,25 @@ class Scheduler:
                 seq.num_placeholders += 1
                 out.sample_indices.append(i)
 
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """Preempt running sequences of strictly lower priority than the waiting head, last first, while the
+        head could not be seated: every seat taken, or fewer free blocks than its uncached prompt needs (the
+        whole prompt, not only this step's chunk, so that it is not preempted in turn halfway). The blocks the
+        running sequences take this step are not foreseen: if they leave too few, the head waits one step and
+        is weighed again then."""
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting.peek()
+        if head.num_placeholders:
+            return  # itself preempted with a token in flight: admitted next step
+        bm = self.block_manager
+        hits, num_cached = bm.get_computed_blocks(head.token_ids) if not head.needs_prompt_logprobs else ([], 0)
+        # A cached block nobody holds sits in the free queue: reusing it takes it from there too.
+        needed = bm.num_blocks_needed(head.num_tokens - num_cached) + sum(1 for b in hits if b.ref_cnt == 0)
+        while (self.running and self.running[-1].params.priority > head.params.priority
+               and (len(self.running) >= self.config.max_num_seqs or bm.num_free_blocks < needed)):
+            self._preempt(self.running[-1], out)
+
     def _share(self, wanted: int, budget: int) -> int:
         if wanted <= budget:
             return wanted
@@ -272,5 +310,5 @@ class Scheduler:
         seq.block_ids = []
         seq.spec_token_ids = []
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.requeue(seq)
         out.preempted.append(seq)  # victims come from the unscheduled tail of `running`

@@ -75,6 +75,7 @@ INPUTS = (
     _sampling("frequency_penalty", "TYPE_FP32"),
     _sampling("logprobs", "TYPE_INT32"),
     _sampling("num_speculative_tokens", "TYPE_INT32"),  # 0: no speculative decoding for this request
+    _sampling("priority", "TYPE_INT32"),  # scheduling_policy priority: lower runs sooner (vLLM's)
     TensorSpec("return_log_probs", "TYPE_BOOL", (1,), "return_log_probs"),  # TensorRT-LLM: true = logprobs 0
 )
 OUTPUTS = (

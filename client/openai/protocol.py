@@ -73,10 +73,12 @@ class _GenerationRequest(StrictModel):
     structured_outputs: StructuredOutputs | None = None
     # vLLM's: each prompt token's logprob and rank, and the top N there (the answer's PromptLogprob lists)
     prompt_logprobs: int | None = None
+    # vLLM's: the request's place under the server's scheduling_policy priority (lower first)
+    priority: int | None = None
 
     _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
                        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                       "skip_special_tokens")
+                       "skip_special_tokens", "priority")
 
     def check(self) -> None:
         """What pydantic's types cannot say; OpenAIError (400) naming the field."""

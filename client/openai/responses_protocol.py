@@ -156,6 +156,7 @@ class ResponsesRequest(StrictModel):
     store: bool | None = None  # accepted: this server keeps no responses either way
     truncation: Literal["auto", "disabled"] | None = None
     reasoning: ReasoningConfig | None = None
+    priority: int | None = None  # vLLM's, as in the chat route
     # OpenAI's, refused by check(): they need state or work this server does not keep or do
     previous_response_id: str | None = None
     conversation: Any = None
@@ -226,7 +227,8 @@ class ResponsesRequest(StrictModel):
             return p.ChatCompletionRequest(
                 model=self.model, messages=self.messages(), max_completion_tokens=self.max_output_tokens,
                 temperature=self.temperature, top_p=self.top_p, user=self.user, stream=self.stream,
-                response_format=response_format, tool_choice=tool_choice, parallel_tool_calls=self.parallel_tool_calls,
+                priority=self.priority, response_format=response_format, tool_choice=tool_choice,
+                parallel_tool_calls=self.parallel_tool_calls,
                 reasoning_effort=self.reasoning.effort if self.reasoning is not None else None,
                 tools=[p.Tool(type="function", function=p.FunctionDefinition(
                     **t.model_dump(exclude={"type"}))) for t in self.tools] or None)
