@@ -29,9 +29,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     dummy_weights: bool = False  # random weights from config.json, for benchmarks at real sizes
     # torch runner, weight-only: "int8" (per output channel) or "int4" (groups of quantization_group_size inputs,
-    # asymmetric). A GGUF checkpoint's Q4_0/Q4_1/Q8_0 tensors load as stored under either (groups of 32).
-    # "auto": int4 on the CPU for a GGUF checkpoint (its blocks, no loss), else none. "fp8": W8A8 e4m3 (CUDA
-    # compute capability 8.9+), weights quantized per channel at load, activations per token.
+    # asymmetric). A GGUF checkpoint's Q4_0/Q4_1/Q4_K/Q8_0 tensors load as stored under either (groups of 32).
+    # "auto": int4 on the CPU for a GGUF checkpoint (its blocks; no tensor in fewer bits than the file's), else
+    # none. "fp8": W8A8 e4m3 (CUDA compute capability 8.9+), weights quantized per channel at load, activations
+    # per token.
     quantization: str = "none"
     quantization_group_size: int = 32  # int4: 32, 64 or 128
     # CPU, int4 / int8: inputs of at least this many rows (prefill chunks, larger decode batches) multiply by a

@@ -46,42 +46,67 @@ def llama_cpp_rope_order(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight[perm]
 
 
+# k-quants gguf-py cannot quantize to: (bytes per super-block of 256, where their fp16 scales sit).
+K_QUANTS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_kquant_rows(rows: int, cols: int, kind: str, rng) -> np.ndarray:
+    """Random blocks of a k-quant, (rows, bytes per row) uint8: every byte pattern is a valid block, save the
+    fp16 super-block scales, which are set to small positive numbers (weights of order 0.1 to 1)."""
+    size, scale_offsets = K_QUANTS[kind]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    for offset in scale_offsets:
+        d = rng.uniform(0.002, 0.02, size=(rows, cols // 256)).astype(np.float16)
+        blocks[..., offset:offset + 2] = d[..., None].view(np.uint8).reshape(rows, cols // 256, 2)
+    return blocks.reshape(rows, -1)
+
+
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=False, quantize_q8=True,
-                    extra_tensors=(), quant_types=None, metadata=None) -> dict[str, np.ndarray]:
+                    extra_tensors=(), quant_types=None, metadata=None, ffn=None, hidden=None) -> dict[str, np.ndarray]:
     """Write a 2-layer Llama GGUF (arch "qwen2": with q/k/v biases; "qwen3": with QK-norm; neither has its Q/K
     rows interleaved, as llama.cpp writes them); return the HF-layout float32 weights it was made from.
 
-    quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0"}; default (quantize_q8): two Q8_0 tensors."""
+    quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0" | "Q4_K" | "Q6_K"}; default (quantize_q8): two
+    Q8_0 tensors. A k-quant tensor holds random blocks, and its HF weight is their dequantization; k-quants
+    need inputs of a multiple of 256: `ffn` (default FFN) and `hidden` (default HIDDEN; heads stay HEADS x HEAD_DIM)."""
+    ffn, hidden = ffn or FFN, hidden or HIDDEN
     if quant_types is None:
         quant_types = dict.fromkeys(("blk.1.attn_q.weight", "blk.1.ffn_down.weight"), "Q8_0") if quantize_q8 else {}
     rng = np.random.default_rng(0)
     vocab = tiny_vocab()
-    hf = {"model.embed_tokens.weight": rng.standard_normal((len(vocab), HIDDEN), dtype=np.float32),
-          "model.norm.weight": rng.standard_normal(HIDDEN, dtype=np.float32)}
+    hf = {"model.embed_tokens.weight": rng.standard_normal((len(vocab), hidden), dtype=np.float32),
+          "model.norm.weight": rng.standard_normal(hidden, dtype=np.float32)}
     if untied:
-        hf["lm_head.weight"] = rng.standard_normal((len(vocab), HIDDEN), dtype=np.float32)
+        hf["lm_head.weight"] = rng.standard_normal((len(vocab), hidden), dtype=np.float32)
     gguf_tensors = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
     if untied:
         gguf_tensors["output.weight"] = hf["lm_head.weight"]
-    shapes = {"q_proj": (HEADS * HEAD_DIM, HIDDEN), "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-              "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HEADS * HEAD_DIM),
-              "gate_proj": (FFN, HIDDEN), "up_proj": (FFN, HIDDEN), "down_proj": (HIDDEN, FFN)}
+    shapes = {"q_proj": (HEADS * HEAD_DIM, hidden), "k_proj": (KV_HEADS * HEAD_DIM, hidden),
+              "v_proj": (KV_HEADS * HEAD_DIM, hidden), "o_proj": (hidden, HEADS * HEAD_DIM),
+              "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
+    raw = {}  # GGUF name -> k-quant blocks, in the file's row order
     gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                   "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     for layer in range(LAYERS):
         prefix = f"model.layers.{layer}"
         for norm, gguf_norm in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
-            hf[f"{prefix}.{norm}.weight"] = rng.standard_normal(HIDDEN, dtype=np.float32)
+            hf[f"{prefix}.{norm}.weight"] = rng.standard_normal(hidden, dtype=np.float32)
             gguf_tensors[f"blk.{layer}.{gguf_norm}.weight"] = hf[f"{prefix}.{norm}.weight"]
         for proj, shape in shapes.items():
             block = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             weight = rng.standard_normal(shape, dtype=np.float32)
+            gguf_name = f"blk.{layer}.{gguf_names[proj]}.weight"
+            if quant_types.get(gguf_name) in K_QUANTS:
+                raw[gguf_name] = random_kquant_rows(*shape, quant_types[gguf_name], rng)
+                weight = gguf.quants.dequantize(raw[gguf_name], gguf.GGMLQuantizationType[quant_types[gguf_name]])
             hf[f"{prefix}.{block}.{proj}.weight"] = weight
             if proj == "q_proj" and arch == "llama":
                 weight = llama_cpp_rope_order(weight, HEADS)
+                raw = {k: llama_cpp_rope_order(v, HEADS) if k == gguf_name else v for k, v in raw.items()}
             elif proj == "k_proj" and arch == "llama":
                 weight = llama_cpp_rope_order(weight, KV_HEADS)
-            gguf_tensors[f"blk.{layer}.{gguf_names[proj]}.weight"] = weight
+                raw = {k: llama_cpp_rope_order(v, KV_HEADS) if k == gguf_name else v for k, v in raw.items()}
+            gguf_tensors[gguf_name] = weight
             if arch == "qwen2" and proj in ("q_proj", "k_proj", "v_proj"):
                 hf[f"{prefix}.self_attn.{proj}.bias"] = rng.standard_normal(shape[0], dtype=np.float32)
                 gguf_tensors[f"blk.{layer}.{gguf_names[proj]}.bias"] = hf[f"{prefix}.self_attn.{proj}.bias"]
@@ -92,13 +117,16 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(100000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(HEAD_DIM)
+    if hidden != HEADS * HEAD_DIM:
+        writer.add_key_length(HEAD_DIM)
+        writer.add_value_length(HEAD_DIM)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab)
@@ -113,7 +141,10 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     for key, value in (metadata or {}).items():
         (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
     for name, weight in gguf_tensors.items():
-        if name in quant_types:
+        if name in raw:
+            kind = gguf.GGMLQuantizationType[quant_types[name]]
+            writer.add_tensor(name, raw[name], raw_shape=raw[name].shape, raw_dtype=kind)
+        elif name in quant_types:
             kind = gguf.GGMLQuantizationType[quant_types[name]]
             packed = gguf.quants.quantize(weight, kind)
             writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)

@@ -364,9 +364,10 @@ def test_auto_is_int4_only_for_a_gguf_on_the_cpu(tiny_gguf):
     """auto never loses precision against the checkpoint: the GGUF's own blocks, or the float weights."""
     path, folder = tiny_gguf
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_quantization("auto", str(path), cpu) == ("int4", path)
-    assert resolve_quantization("auto", str(folder), cpu) == (None, None)  # an HF folder: stays float
-    assert resolve_quantization("auto", str(path), cuda) == (None, None)  # int4 on CUDA: not measured vs bf16 yet
-    assert resolve_quantization("int8", str(folder), cpu) == ("int8", None)
-    assert resolve_quantization("none", str(path), cpu) == (None, None)
-    assert resolve_quantization("fp8", str(path), cpu) == ("fp8", None)  # from the dequantized blocks
+    assert resolve_quantization("auto", str(path), cpu) == ("int4", path, True)  # and no fewer bits than the file's
+    assert resolve_quantization("auto", str(folder), cpu) == (None, None, False)  # an HF folder: stays float
+    assert resolve_quantization("auto", str(path), cuda) == (None, None, False)  # int4 on CUDA: not measured yet
+    assert resolve_quantization("int4", str(path), cpu) == ("int4", path, False)  # asked for: 4 bits everywhere
+    assert resolve_quantization("int8", str(folder), cpu) == ("int8", None, False)
+    assert resolve_quantization("none", str(path), cpu) == (None, None, False)
+    assert resolve_quantization("fp8", str(path), cpu) == ("fp8", None, False)  # from the dequantized blocks

@@ -24,8 +24,13 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from kvtriton.backend.models.gguf_rope import llama3_rope_scaling
+
 # llama.cpp's general.architecture -> the transformers class its folder names (the same dense core: Qwen2 adds q/k/v
 # biases, Qwen3 QK-norm; models/model_config.py).
+# llama.cpp's form of Llama 3.1-style rope scaling: one divisor per rotary frequency, which becomes the config's
+# rope_scaling (gguf_rope.py), never a weight.
+ROPE_FREQS = "rope_freqs.weight"
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Those whose Q and K rows llama.cpp's converter interleaves for its rope (Qwen's use the NEOX rope, HF's layout).
 ROPE_PERMUTED_ARCHITECTURES = ("llama",)
@@ -103,7 +108,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (other checkpoints: use their HF folder)"
         )
     tensor_names = [t.name for t in reader.tensors]
-    config = llama_config(meta, tensor_names)
+    rope_freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
+    config = llama_config(meta, tensor_names, rope_freqs)
     tokenizer = build_tokenizer(meta)
     if tokenizer.get_vocab_size() != config["vocab_size"]:
         raise ValueError(
@@ -132,8 +138,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
-def llama_config(meta: dict, tensor_names: list[str]) -> dict:
-    """The transformers config dict for a GGUF of a supported architecture (its keys are `<arch>.*`)."""
+def llama_config(meta: dict, tensor_names: list[str], rope_freqs: np.ndarray | None = None) -> dict:
+    """The transformers config dict for a GGUF of a supported architecture (its keys are `<arch>.*`);
+    `rope_freqs`: the file's rope_freqs.weight, if it has one (Llama 3.1-style scaling, gguf_rope.py)."""
     arch = meta["general.architecture"]
 
     def key(name, default=KeyError):
@@ -149,8 +156,6 @@ def llama_config(meta: dict, tensor_names: list[str]) -> dict:
         raise ValueError("GGUF states a value head size different from the key head size; Llama needs them equal")
     if key("rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"GGUF rotates only part of each head ({arch}.rope.dimension_count); Llama rotates all")
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("GGUF carries rope_freqs.weight (Llama 3.1-style rope scaling), which cannot be converted")
     config = {
         "architectures": [SUPPORTED_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -173,6 +178,12 @@ def llama_config(meta: dict, tensor_names: list[str]) -> dict:
     }
     if (rope_scaling := _rope_scaling(meta, arch)) is not None:
         config["rope_scaling"] = rope_scaling
+    if rope_freqs is not None:
+        if rope_scaling is not None:
+            raise ValueError(f"GGUF has both {ROPE_FREQS} and {arch}.rope.scaling.* metadata; one of them would be "
+                             "ignored")
+        scaling = llama3_rope_scaling(rope_freqs, config["rope_theta"], head_dim)
+        config["rope_scaling"] = {k: _float32_value(v) if isinstance(v, float) else v for k, v in scaling.items()}
     for name, gguf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         if f"tokenizer.ggml.{gguf_key}" in meta:
             config[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{gguf_key}"])
@@ -203,6 +214,8 @@ def llama_state_dict(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndar
     permuted = config["model_type"] in ROPE_PERMUTED_ARCHITECTURES
     state = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # not a weight: it is the config's rope_scaling (llama_config)
         name = hf_tensor_name(tensor.name, config["num_hidden_layers"])
         shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)

@@ -1,4 +1,4 @@
-"""GGUF quantized blocks taken as they are: Q4_0, Q4_1 and Q8_0 tensors as group-wise INT4/INT8 weights.
+"""GGUF quantized blocks taken as they are: Q4_0, Q4_1, Q4_K and Q8_0 tensors as group-wise INT4/INT8 weights.
 
 llama.cpp's blocks hold 32 weights each (ggml's block_q4_0, block_q4_1, block_q8_0):
   Q4_0  fp16 d, 16 bytes of 4-bit q        x = d * (q - 8)   -> int4: scale d, zero point 8
@@ -8,8 +8,16 @@ with the 4-bit q of element j in the low nibble of byte j and element j + 16 in 
 Every number is kept (fp16 scales stay fp16), so the weights equal gguf's own dequantization
 exactly (tests/test_int4.py checks that against the gguf package).
 
-Other tensor types (F32, F16, K-quants, ...) are not returned: the loader quantizes those from their
-float values like any checkpoint's.
+Q4_K (the 4-bit k-quant, most of a Q4_K_M file) holds super-blocks of 256 weights: fp16 d and dmin,
+then 8 sub-blocks of 32, each with a 6-bit scale sc and a 6-bit min m (12 packed bytes), and
+  x = (d * sc) * q - (dmin * m)   -> int4: scale d*sc, zero point 0, offset -dmin*m, groups of 32
+with sub-blocks 2c and 2c + 1 in the low and high nibbles of bytes 32c .. 32c + 31. The products d*sc
+and dmin*m, exact in fp32, are rounded to fp16, the scales' type here: a weight moves by at most half
+an fp16 ulp of each, 2^-11 (15 |d*sc| + |dmin*m|), far below the CPU kernel's own bf16 rounding of them
+(tests/test_gguf_kquants.py bounds it against the gguf package).
+
+Other tensor types (F32, F16, Q5_*, Q6_K, ...) are not returned: the loader quantizes those from their
+float values (quantization auto: in no fewer bits than the file's, TYPE_BITS).
 """
 
 from __future__ import annotations
@@ -25,6 +33,15 @@ from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES, GroupQuantize
 log = logging.getLogger("kvtriton")
 
 BLOCK = 32
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+# The bits of each quantized GGUF type's codes (k- and i-quants' sub-block scales aside): what quantization auto
+# keeps at least. Float types (F32, F16, BF16) are absent; a type missing here counts as 8.
+TYPE_BITS = {
+    "IQ1_S": 1, "IQ1_M": 1, "Q2_K": 2, "IQ2_XXS": 2, "IQ2_XS": 2, "IQ2_S": 2, "TQ1_0": 2, "TQ2_0": 2,
+    "Q3_K": 3, "IQ3_XXS": 3, "IQ3_S": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "MXFP4": 4,
+    "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8,
+}
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def gguf_source(checkpoint: str) -> Path | None:
@@ -40,7 +57,9 @@ def gguf_source(checkpoint: str) -> Path | None:
 def decode_blocks(data: np.ndarray, type_name: str) -> GroupQuantized:
     """One GGUF tensor's raw rows (rows, bytes per row) uint8 -> its numbers, rows in the file's order."""
     rows = data.shape[0]
-    blocks = np.ascontiguousarray(data).reshape(rows, -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[type_name])
+    blocks = np.ascontiguousarray(data).reshape(rows, -1, BLOCK_BYTES[type_name])
+    if type_name == "Q4_K":
+        return _decode_q4_k(blocks)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # (rows, G)
     if type_name == "Q8_0":
         codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)  # (rows, K)
@@ -54,6 +73,24 @@ def decode_blocks(data: np.ndarray, type_name: str) -> GroupQuantized:
                           BLOCK, type_name)
 
 
+def _decode_q4_k(blocks: np.ndarray) -> GroupQuantized:
+    """(rows, super-blocks, 144) uint8 -> int4 groups of 32 (ggml's dequantize_row_q4_K, kept as numbers)."""
+    rows = blocks.shape[0]
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # (rows, S, 1)
+    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    low, mid, high = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]  # the 12 packed scale bytes
+    # ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks
+    # 4-7 in the nibbles of bytes 8-11, with their top 2 bits in the top bits of bytes 0-3 and 4-7.
+    sc = np.concatenate([low & 63, (high & 0x0F) | ((low >> 6) << 4)], axis=-1)  # (rows, S, 8)
+    m = np.concatenate([mid & 63, (high >> 4) | ((mid >> 6) << 4)], axis=-1)
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # byte 32c + l: sub-block 2c (low), 2c + 1 (high)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, -1)  # (rows, K)
+    scale = torch.from_numpy((d * sc).astype(np.float16).reshape(rows, -1))  # (rows, G)
+    offset = torch.from_numpy((-(dmin * m)).astype(np.float16).reshape(rows, -1))
+    zero_point = torch.zeros(scale.shape, dtype=torch.uint8)
+    return GroupQuantized(4, torch.from_numpy(codes), scale, zero_point, offset, BLOCK, "Q4_K")
+
+
 def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:
     """The same weight with its rows (output channels) reordered; groups run along the inputs, so they move whole."""
     index = torch.from_numpy(order)
@@ -64,7 +101,7 @@ def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:
 
 def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: int,
                            num_kv_heads: int) -> dict[str, GroupQuantized]:
-    """{HF tensor name: GroupQuantized} for every Q4_0 / Q4_1 / Q8_0 tensor in the file, in HF's layout
+    """{HF tensor name: GroupQuantized} for every Q4_0 / Q4_1 / Q4_K / Q8_0 tensor in the file, in HF's layout
     (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for floats)."""
     # Imported here: the gguf package is needed only where a GGUF is read (a host serving an HF folder may lack it).
     import gguf
@@ -86,3 +123,13 @@ def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: in
                 q = permute_rows(q, unpermute_rope_rows(order, heads)[:, 0])
         out[name] = q
     return out
+
+
+def read_tensor_types(gguf_path: str | Path, num_layers: int) -> dict[str, str]:
+    """{HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16", ...)} for every tensor in the file."""
+    import gguf
+
+    from kvtriton.backend.models.gguf_checkpoint import ROPE_FREQS, hf_tensor_name
+
+    return {hf_tensor_name(t.name, num_layers): t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors
+            if t.name != ROPE_FREQS}

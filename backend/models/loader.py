@@ -5,8 +5,8 @@ them. `_FUSED` says which HF name lands in which slice of which fused
 parameter, so loading never materialises an unfused copy of the model.
 
 Quantized (models/quantization.py): every Linear becomes an INT8 or INT4
-layer after loading. When the checkpoint is a GGUF, its Q4_0 / Q4_1 / Q8_0
-tensors are taken as stored (fused the same way), never re-quantized.
+layer after loading. When the checkpoint is a GGUF, its Q4_0 / Q4_1 / Q4_K /
+Q8_0 tensors are taken as stored (fused the same way), never re-quantized.
 """
 
 from __future__ import annotations
@@ -73,14 +73,17 @@ def load_model(
     group_size: int = DEFAULT_GROUP_SIZE,
     gguf: str | Path | None = None,
     dense_min_rows: int = 0,
+    keep_gguf_precision: bool = False,
 ) -> LlamaForCausalLM:
     """Load weights from `folder` (*.safetensors), or random weights when dummy=True
     (for benchmarks at real sizes from a bare config.json).
 
     quantization "int8" (per output channel) or "int4" (groups of `group_size` inputs): every Linear
     becomes a quantized layer after loading. `gguf`: the GGUF file `folder` was converted from; its
-    Q4_0 / Q4_1 / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
-    which applies to its float tensors only. `dense_min_rows` on the CPU: add_dense_weights (-1: auto)."""
+    Q4_0 / Q4_1 / Q4_K / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
+    which applies to its other tensors only, or with `keep_gguf_precision` (quantization auto) never in
+    fewer bits than the file holds them (_gguf_linears). `dense_min_rows` on the CPU: add_dense_weights
+    (-1: auto)."""
     if quantization not in (None, *SCHEMES):
         raise ValueError(f"quantization must be None or one of {', '.join(SCHEMES)}, got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
@@ -96,8 +99,9 @@ def load_model(
     else:
         _load_safetensors(model, cfg, Path(folder))
     if quantization:
-        stored = _gguf_linears(cfg, Path(gguf)) if gguf is not None and not dummy else {}
-        replaced = quantize_linears(model, quantization, group_size, prequantized=stored)
+        stored, schemes = _gguf_linears(cfg, Path(gguf), quantization, keep_gguf_precision) \
+            if gguf is not None and not dummy else ({}, {})
+        replaced = quantize_linears(model, quantization, group_size, prequantized=stored, schemes=schemes)
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
         if torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
             add_dense_weights(model, dense_min_rows)
@@ -164,18 +168,20 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
              size / 1e6)
 
 
-def resolve_quantization(quantization: str, checkpoint: str, device: torch.device) -> tuple[str | None, Path | None]:
+def resolve_quantization(quantization: str, checkpoint: str,
+                         device: torch.device) -> tuple[str | None, Path | None, bool]:
     """EngineConfig.quantization for `checkpoint` on `device` -> (load_model's scheme or None, the GGUF to take
-    stored blocks from or None).
+    stored blocks from or None, keep_gguf_precision).
 
     "auto" never loses precision against the checkpoint: it is int4 on the CPU when the checkpoint is a GGUF
-    (its Q4_0/Q4_1/Q8_0 blocks as stored: fewer bytes per step, and measured faster), else none. On CUDA it
-    stays none: the Triton int4 kernel (kernels/int4_matmul.py) has not been measured against bf16 on a
-    GGUF there yet. "fp8" quantizes from the float weights (a GGUF's blocks are dequantized first)."""
+    (its Q4_0/Q4_1/Q4_K/Q8_0 blocks as stored: fewer bytes per step, and measured faster; its other tensors in
+    no fewer bits than the file's), else none. On CUDA it stays none: the Triton int4 kernel
+    (kernels/int4_matmul.py) has not been measured against bf16 on a GGUF there yet. "fp8" quantizes from the
+    float weights (a GGUF's blocks are dequantized first)."""
     from kvtriton.backend.models.gguf_quantized import gguf_source
 
     if quantization == "none":
-        return None, None
+        return None, None, False
     gguf = gguf_source(checkpoint)
     if quantization in ("int4", "fp8") and device.type == "cuda" and importlib.util.find_spec("triton") is None:
         log.warning("triton is not installed: %s", "int4 layers on CUDA dequantize their weights on every call "
@@ -188,42 +194,61 @@ def resolve_quantization(quantization: str, checkpoint: str, device: torch.devic
             raise ValueError(why)
         if gguf is not None:
             log.info("quantization fp8: the GGUF's Q4/Q8 blocks are dequantized and quantized again to fp8")
-        return "fp8", None
+        return "fp8", None, False
     if quantization == "auto":
         chosen = "int4" if device.type == "cpu" and gguf is not None else None
         why_none = "not a GGUF checkpoint" if gguf is None else f"auto picks int4 on the CPU only, not {device.type}"
         log.info("quantization auto: %s", f"{chosen}, the GGUF's blocks as stored" if chosen else f"none ({why_none})")
-        return chosen, gguf if chosen else None
-    return quantization, gguf
+        return chosen, gguf if chosen else None, chosen is not None
+    return quantization, gguf, False
 
 
-def _gguf_linears(cfg: ModelConfig, gguf_path: Path) -> dict[str, GroupQuantized]:
-    """{Linear module name: its GGUF blocks, fused as the model fuses them}. A module whose parts are
-    not all stored in one family (4-bit or 8-bit) is left out, so it is quantized from its float
-    weight like any checkpoint's, and said in a log line."""
-    from kvtriton.backend.models.gguf_quantized import read_quantized_tensors
+def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str,
+                  keep_precision: bool) -> tuple[dict[str, GroupQuantized], dict[str, str | None]]:
+    """({Linear module name: its GGUF blocks, fused as the model fuses them}, {module name: its own scheme}).
+
+    A module whose parts are not all stored in one family (4-bit or 8-bit) is quantized from its float
+    weight, said in a log line: by `scheme`, or with keep_precision (quantization auto) in no fewer bits than
+    its parts hold (gguf_quantized.TYPE_BITS): float if one is float (F16, F32), int8 per channel if one has
+    5 to 8 bits (a Q4_K_M file's Q6_K attn_v, ffn_down and output, fused with Q4_K parts or not)."""
+    from kvtriton.backend.models.gguf_quantized import FLOAT_TYPES, TYPE_BITS, read_quantized_tensors, read_tensor_types
 
     tensors = read_quantized_tensors(gguf_path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+    types: dict[str, dict[int, str]] = {}  # module -> shard -> GGUF type
     parts: dict[str, dict[int, GroupQuantized]] = {}
-    for hf_name, q in tensors.items():
+    for hf_name, type_name in read_tensor_types(gguf_path, cfg.num_layers).items():
         name = hf_name.removeprefix("model.")
         if name == "embed_tokens.weight":
             if not cfg.tie_word_embeddings:
                 continue  # the embedding itself stays float: a Gather reads only the step's rows
             name = "lm_head.weight"
+        if not (name.endswith("_proj.weight") or name == "lm_head.weight"):
+            continue  # norms, biases: not a Linear's weight
         target, rows = _locate(cfg, name)
         shard = 0 if rows is None else _shard_offsets(cfg, target.rpartition(".")[0]).index(rows[0])
-        parts.setdefault(target.removesuffix(".weight"), {})[shard] = q
-    fused = {}
-    for module, shards in parts.items():
+        module = target.removesuffix(".weight")
+        types.setdefault(module, {})[shard] = type_name
+        if hf_name in tensors:
+            parts.setdefault(module, {})[shard] = tensors[hf_name]
+    fused, schemes = {}, {}
+    for module, shard_types in types.items():
         expected = len(_shard_offsets(cfg, module)) - 1 if any(f in module for f, _ in _FUSED.values()) else 1
-        ordered = [shards.get(i) for i in range(expected)]
-        if None in ordered or len({q.bits for q in ordered}) > 1:
-            stored = "+".join(q.source if q else "float" for q in ordered)
-            log.info("%s: its GGUF parts (%s) do not fuse into one format; quantizing it from float", module, stored)
+        ordered = [parts.get(module, {}).get(i) for i in range(expected)]
+        if None not in ordered and len({q.bits for q in ordered}) == 1:
+            fused[module] = GroupQuantized.cat_rows(ordered)
             continue
-        fused[module] = GroupQuantized.cat_rows(ordered)
-    return fused
+        own = scheme
+        if keep_precision:
+            bits = [None if t in FLOAT_TYPES else TYPE_BITS.get(t, 8) for t in shard_types.values()]
+            own = schemes[module] = None if None in bits else "int8" if max(bits) > 4 else scheme
+        partly_stored = any(q is not None for q in ordered)
+        if partly_stored or own != scheme:
+            log.info("%s: GGUF %s%s; %s", module, "+".join(shard_types.get(i, "?") for i in range(expected)),
+                     ", which do not fuse into one stored format" if partly_stored else "",
+                     "kept float, as the file holds it" if own is None else
+                     f"{own} per channel from its float weight, no fewer bits than the file's" if own != scheme else
+                     f"{own} from its float weight")
+    return fused, schemes
 
 
 def _init_dummy(model: LlamaForCausalLM) -> None:

@@ -9,9 +9,10 @@ Schemes (`quantize_linears`):
         group (models/int4.py)
   fp8   W8A8 e4m3: per-channel weight scales, dynamic per-token activation scales (models/fp8.py)
 and one data carrier, `GroupQuantized`, for group-wise weights that arrive already
-quantized (GGUF Q4_0, Q4_1 and Q8_0 blocks, models/gguf_quantized.py): those are
+quantized (GGUF Q4_0, Q4_1, Q4_K and Q8_0 blocks, models/gguf_quantized.py): those are
 taken as they are, never re-quantized. Scales are kept in fp16 (GGUF's own type,
-so its blocks are held exactly); each kernel takes them in the dtype it needs.
+so Q4_0 / Q4_1 / Q8_0 blocks are held exactly, Q4_K's scale products rounded);
+each kernel takes them in the dtype it needs.
 """
 
 from __future__ import annotations
@@ -176,13 +177,15 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, skip: tuple[str, ...] = (),
-                     prequantized: dict[str, GroupQuantized] | None = None) -> dict[str, str]:
+                     prequantized: dict[str, GroupQuantized] | None = None,
+                     schemes: dict[str, str | None] | None = None) -> dict[str, str]:
     """Replace every nn.Linear in `model` by its quantized layer, in place; returns {name: what it became}.
 
     A Linear named in `prequantized` takes those numbers as they are (4-bit codes become an Int4Linear,
     8-bit an Int8Linear with their group scales); every other one is quantized from its float weight by
-    `scheme`. A Linear sharing its weight with an embedding (tied lm_head) is quantized as its own copy:
-    the embedding keeps its float table (a Gather reads only N rows).
+    `scheme`, or by its own entry in `schemes` (None: it stays float). A Linear sharing its weight with an
+    embedding (tied lm_head) is quantized as its own copy: the embedding keeps its float table (a Gather reads
+    only N rows).
     """
     # Imported here: both layers subclass QuantizedLinear above.
     from kvtriton.backend.models.fp8 import Fp8Linear
@@ -191,23 +194,28 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
 
     if scheme not in SCHEMES:
         raise ValueError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    prequantized = dict(prequantized or {})
+    prequantized, schemes = dict(prequantized or {}), schemes or {}
+    if bad := sorted({s for s in schemes.values() if s is not None} - set(SCHEMES)):
+        raise ValueError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {bad[0]!r}")
     replaced = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
         bias = None if module.bias is None else module.bias.detach().clone()
         given = prequantized.pop(name, None)
+        layer_scheme = schemes.get(name, scheme)
+        if given is None and layer_scheme is None:
+            continue
         if given is not None:
             if given.shape != tuple(module.weight.shape):
                 raise ValueError(f"{name}: quantized weight {given.shape} != {tuple(module.weight.shape)}")
             layer_type = Int4Linear if given.bits == 4 else Int8Linear
             new = layer_type.from_group_quantized(given, bias, module.weight.device)
             what = f"{given.source} (int{given.bits} g{given.group_size}, as stored)"
-        elif scheme == "fp8":
+        elif layer_scheme == "fp8":
             new = Fp8Linear.from_linear(module, name=name)
             what = "fp8 e4m3 per channel, per-token activations"
-        elif scheme == "int4":
+        elif layer_scheme == "int4":
             new = Int4Linear.from_linear(module, group_size, name=name)
             what = f"int4 g{group_size}"
         else:
@@ -222,7 +230,8 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     return replaced
 
 
-GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what models/gguf_quantized.py takes as stored
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")  # what models/gguf_quantized.py takes as stored
+GGUF_EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # ... bit for bit (Q4_K's scale products are rounded to fp16)
 
 
 def layer_sources(model: nn.Module) -> dict[str, int]:
@@ -232,8 +241,9 @@ def layer_sources(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             source = getattr(module, "source", "")
-            stored = source and all(part in GGUF_BLOCK_TYPES for part in source.split("+"))
-            what = f"gguf {source} blocks as stored (lossless, g{module.group_size})" if stored \
-                else f"{source} quantized from float weights"
+            parts = source.split("+") if source else []
+            exact = "lossless" if all(p in GGUF_EXACT_TYPES for p in parts) else "scales in fp16"
+            what = f"gguf {source} blocks as stored ({exact}, g{module.group_size})" \
+                if parts and all(p in GGUF_BLOCK_TYPES for p in parts) else f"{source} quantized from float weights"
             sources[what] = sources.get(what, 0) + 1
     return dict(sorted(sources.items()))

@@ -87,11 +87,11 @@ class TorchRunner:
             # The rank's heads and MLP columns: its KV pool and the kernels' shape checks see only those.
             self.model_config = model_config = rank_model_config(model_config, config.tensor_parallel_size)
         else:
-            quantization, gguf = resolve_quantization(config.quantization, config.model, device)
+            quantization, gguf, keep_precision = resolve_quantization(config.quantization, config.model, device)
             self.model = load_model(folder, dtype=dtype, device=device, config=model_config,
                                     dummy=config.dummy_weights, quantization=quantization,
                                     group_size=config.quantization_group_size, gguf=gguf,
-                                    dense_min_rows=config.cpu_dense_min_rows)
+                                    dense_min_rows=config.cpu_dense_min_rows, keep_gguf_precision=keep_precision)
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
