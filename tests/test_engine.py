@@ -129,6 +129,9 @@ def test_stop_string_and_stop_token_and_max_tokens(tiny_folder):
                                                                 stop=(stop,)))[0]
             assert out.finish_reason == "stop" and stop not in out.text
             assert free.text.startswith(out.text)
+            kept = engine.generate(["the quick"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                                 stop=(stop,), include_stop_str_in_output=True))[0]
+            assert kept.finish_reason == "stop" and kept.text == out.text + stop  # vLLM's include_stop_str_in_output
         tok = free.token_ids[3]
         out = engine.generate(["the quick"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                             stop_token_ids=(tok,)))[0]
@@ -220,3 +223,39 @@ def test_steady_batch_reuses_its_sampling_metadata(tiny_folder):
     assert len(penalised) >= 4 and all(m is penalised[-1] for m in penalised[1:])
     banned = metas(SamplingParams(temperature=0.0, max_tokens=10, min_tokens=8))
     assert len({id(m) for m in banned}) == len(banned)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny_folder):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens, as if they were the whole prompt."""
+    engine = make_tiny_engine(tiny_folder).start()
+    try:
+        ids = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+        cut = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                    truncate_prompt_tokens=3))[0]
+        tail = engine.generate([ids[-3:]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+        assert cut.num_prompt_tokens == 3 and cut.token_ids == tail.token_ids
+        longer = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=2, truncate_prompt_tokens=1000))
+        assert longer[0].num_prompt_tokens == len(ids)  # a prompt shorter than k is whole
+        with pytest.raises(ValueError, match="truncate_prompt_tokens must be >= 1, or -1"):
+            SamplingParams(truncate_prompt_tokens=0)
+    finally:
+        engine.shutdown()
+
+
+def test_allowed_token_ids_limit_every_sampled_token(tiny_folder):
+    """vLLM's allowed_token_ids: greedy or sampled, every token is one of them (EOS too only if listed)."""
+    engine = make_tiny_engine(tiny_folder).start()
+    try:
+        allowed = tuple(engine.tokenizer.encode(" the quick brown"))  # words: a lowercase grammar allows them too
+        for params in (SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=allowed),
+                       SamplingParams(temperature=1.0, seed=3, max_tokens=8, allowed_token_ids=list(allowed)),
+                       SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=allowed,
+                                      guided_regex="[a-z ]+")):
+            out = engine.generate(["the quick brown fox"], params)[0]
+            assert out.finish_reason == "length" and set(out.token_ids) <= set(allowed), (params, out)
+        with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, \d+\), got 1000000"):
+            engine.add_request("x", "the dog", SamplingParams(allowed_token_ids=(1, 10**6)))
+        with pytest.raises(ValueError, match="allowed_token_ids must be a list of integers >= 0"):
+            SamplingParams(allowed_token_ids=(-1,))
+    finally:
+        engine.shutdown()

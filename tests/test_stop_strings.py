@@ -33,6 +33,14 @@ def test_stop_split_across_three_deltas():
     assert matcher.flush() == ""
 
 
+def test_include_stop_ends_the_text_with_the_stop_string_and_nothing_after():
+    matcher = StopStringMatcher(["<|end|>", "\n\n"], include_stop=True)
+    assert matcher.feed("Paris.<|") == ("Paris.", False)  # still held back: it may be a stop string
+    assert matcher.feed("end|> ignored") == ("<|end|>", True)
+    matcher = StopStringMatcher(["\n\n"], include_stop=True)
+    assert matcher.feed("a\n\nb") == ("a\n\n", True)
+
+
 def test_false_prefix_is_released_once_disproved():
     matcher = StopStringMatcher(["STOP"])
     assert matcher.feed("a ST") == ("a ", False)

@@ -151,7 +151,7 @@ def test_a_constraint_is_compiled_once_and_each_request_gets_its_own_matcher(man
 def test_eos_is_allowed_only_where_the_grammar_accepts(manager):
     structured, tokenizer = manager
     eos = min(tokenizer.eos_token_ids)
-    seq = type("Seq", (), {"finish_reason": None})()
+    seq = type("Seq", (), {"finish_reason": None, "params": SamplingParams()})()
     seq.grammar = structured.matcher_for(SamplingParams(guided_regex="[0-9]+"))
     vocab = tokenizer.vocab_size
     start = allowed_ids(structured.bitmask([seq], torch.device("cpu"))[0], vocab)
@@ -163,14 +163,23 @@ def test_eos_is_allowed_only_where_the_grammar_accepts(manager):
 
 def test_bitmask_is_none_without_guided_rows_and_all_ones_for_unguided_rows(manager):
     structured, tokenizer = manager
-    plain = type("Seq", (), {"finish_reason": None, "grammar": None})()
-    guided = type("Seq", (), {"finish_reason": None})()
+    plain = type("Seq", (), {"finish_reason": None, "grammar": None, "params": SamplingParams()})()
+    guided = type("Seq", (), {"finish_reason": None, "params": SamplingParams()})()
     guided.grammar = structured.matcher_for(SamplingParams(guided_json_object=True))
     assert structured.bitmask([plain, plain], torch.device("cpu")) is None
     mask = structured.bitmask([plain, guided], torch.device("cpu"))
     assert mask.dtype == torch.int32 and mask.shape == (2, (tokenizer.vocab_size + 31) // 32)
     assert bool((mask[0] == -1).all())
     assert all(tokenizer.decode([t]).startswith("{") for t in allowed_ids(mask[1], tokenizer.vocab_size))
+    # allowed_token_ids (vLLM's) without a grammar: the same mask, no llguidance call; with one, both at once
+    limited = type("Seq", (), {"finish_reason": None, "grammar": None,
+                               "params": SamplingParams(allowed_token_ids=(5, 40, tokenizer.vocab_size - 1))})()
+    mask = structured.bitmask([plain, limited], torch.device("cpu"))
+    assert bool((mask[0] == -1).all())
+    assert allowed_ids(mask[1], tokenizer.vocab_size) == {5, 40, tokenizer.vocab_size - 1}
+    brace = tokenizer.encode("{", add_special_tokens=False)[0]
+    guided.params = SamplingParams(allowed_token_ids=(5, brace))
+    assert allowed_ids(structured.bitmask([guided], torch.device("cpu"))[0], tokenizer.vocab_size) == {brace}
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ class Admission:
         """The prompt's token ids; ValueError with a user-facing message for a request that can never run."""
         check_stop_strings(params.stop)
         ids = self.tokenize(prompt)
+        if (k := params.truncate_prompt_tokens) is not None:  # vLLM's: the last k tokens, cut from the left
+            ids = ids[-(self.limits.max_model_len if k == -1 else k):]
         self.check_ids(ids, params)
         return ids
 
@@ -78,6 +80,8 @@ class Admission:
         outside = [t for t, _ in params.logit_bias if t >= vocab]
         if outside:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {outside[:8]}")
+        if params.allowed_token_ids and params.allowed_token_ids[-1] >= vocab:  # sorted
+            raise ValueError(f"allowed_token_ids must be in [0, {vocab}), got {params.allowed_token_ids[-1]}")
         if len(ids) >= lim.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {lim.max_model_len} tokens")
         total = len(ids) + params.max_tokens

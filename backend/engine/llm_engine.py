@@ -160,9 +160,10 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        # A guided request does not speculate: its grammar must see each token before the next is proposed;
-        # nor does one that asks for prompt logprobs (a verify step computes one row a prefill).
-        speculates = grammar is None and params.prompt_logprobs is None
+        # A guided request does not speculate: its grammar must see each token before the next is proposed
+        # (nor one with allowed_token_ids, whose mask the sampler applies as a grammar's); nor does one that
+        # asks for prompt logprobs (a verify step computes one row a prefill).
+        speculates = grammar is None and not params.allowed_token_ids and params.prompt_logprobs is None
         seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
                        num_speculative_tokens=self._speculative_tokens(params) if speculates else 0)
         sink = sink if sink is not None else RequestStream(request_id)

@@ -6,7 +6,8 @@ arrives here (`seq.finish_reason`): a stop token or EOS ends the request with
 it with "length", and a completed grammar (structured output) with "stop",
 both after the token's text. What needs text happens here: the
 incremental detokenizer, and the stop-string matcher, which ends a request
-even when the stop string spans several tokens, never emitting it.
+even when the stop string spans several tokens, never emitting it (unless
+the request set include_stop_str_in_output).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class RequestState:
     def __init__(self, seq: Sequence, sink: OutputSink, tokenizer: Tokenizer):
         self.seq, self.sink = seq, sink
         self.detokenizer = detokenizer_for(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
-        self.stop_matcher = StopStringMatcher(list(seq.params.stop))
+        self.stop_matcher = StopStringMatcher(list(seq.params.stop), seq.params.include_stop_str_in_output)
 
     def process_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         """The output for the token the scheduler just appended (possibly with empty text).

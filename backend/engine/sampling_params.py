@@ -33,13 +33,13 @@ MAX_LOGIT_BIAS = 100.0
 GREEDY_TEMPERATURE = 1e-5
 
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "num_speculative_tokens",
-               "priority")
+               "priority", "truncate_prompt_tokens")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty",
 )
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "guided_json_object")
-_NULLABLE_FIELDS = ("seed", "logprobs", "prompt_logprobs", "num_speculative_tokens")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "guided_json_object", "include_stop_str_in_output")
+_NULLABLE_FIELDS = ("seed", "logprobs", "prompt_logprobs", "num_speculative_tokens", "truncate_prompt_tokens")
 _GUIDED_TEXT_FIELDS = ("guided_json", "guided_regex", "guided_grammar")
 
 
@@ -63,6 +63,11 @@ class SamplingParams:
     # loglikelihood read): None: none; 0: each prompt token's own; N: also the top N at each position.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string that ended it
+    # vLLM's: keep only the prompt's last k tokens (-1: the model's context), cut at admission
+    truncate_prompt_tokens: int | None = None
+    # vLLM's: only these token ids may be sampled (empty: any), masked with the structured-output bitmask
+    allowed_token_ids: tuple[int, ...] = ()
     # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
     # proposals per step (no more than the server's k).
     num_speculative_tokens: int | None = None
@@ -114,6 +119,10 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_token_ids entries must be integers >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.allowed_token_ids, (tuple, list)) or not all(
+                _is_int(t) and t >= 0 for t in self.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be a list of integers >= 0, got {self.allowed_token_ids!r}")
+        object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(self.allowed_token_ids))))
         object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
 
     def _check_ranges(self) -> None:
@@ -142,6 +151,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        k = self.truncate_prompt_tokens
+        if k is not None and k < 1 and k != -1:
+            raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 for the model's context, got {k}")
         if not -2**31 <= self.priority < 2**31:  # the llm model's priority input is an INT32
             raise ValueError(f"priority must be a 32-bit integer, got {self.priority}")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
@@ -227,7 +239,7 @@ def _coerce(name: str, value: Any) -> Any:
         return _coerce_bool(name, value)
     if name == "stop":
         return (value,) if isinstance(value, str) else _as_list(name, value)
-    if name == "stop_token_ids":
+    if name in ("stop_token_ids", "allowed_token_ids"):
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
     if name == "guided_choice":
         return _as_list(name, value)  # its strings are checked by __post_init__

@@ -1,8 +1,9 @@
 """Stops a sequence at the first stop string in its streamed text, across delta boundaries.
 
 A stop string may arrive split over several deltas ("<|e" "nd" "|>"), so text that could still
-become the start of one is held back until it is disproved; the stop string and everything
-after it are never streamed.
+become the start of one is held back until it is disproved; everything after the stop string is
+never streamed, nor is the stop string itself unless the request asked for it
+(`include_stop_str_in_output`, vLLM's).
 
 Cost: one KMP automaton per stop string (its failure table: O(len) memory), fed each new
 character once, so a feed costs O(len(delta) * number of stop strings), whatever the length of
@@ -73,7 +74,7 @@ class StopStringMatcher:
     end); of two that end at the same character, the longer (it starts earlier).
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         if isinstance(stop, str):
             raise TypeError("stop must be a list of strings, not one string (wrap it in a list)")
         for i, s in enumerate(stop):
@@ -81,6 +82,7 @@ class StopStringMatcher:
                 raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
         self.stop: tuple[str, ...] = tuple(dict.fromkeys(stop))
         self._automata = [_Automaton(s) for s in self.stop]
+        self.include_stop = include_stop  # the text ends with the stop string that ended it, not before it
         self._held = ""
         self.stopped = False
         self.matched: str | None = None
@@ -99,7 +101,7 @@ class StopStringMatcher:
             if done:
                 matched = max(done, key=len)
                 self.stopped, self.matched, self._held = True, matched, ""
-                return text[: base + i + 1 - len(matched)], True
+                return text[: base + i + 1 - (0 if self.include_stop else len(matched))], True
         keep = max(a.state for a in self._automata)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False

@@ -42,9 +42,11 @@ from typing import TYPE_CHECKING, Iterable
 
 import llguidance
 import llguidance.numpy
+import numpy as np
 import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.engine.token_bitmask import token_set_row
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.kernels.device_copy import to_device
 
@@ -112,19 +114,26 @@ class StructuredOutputManager:
         return GrammarMatcher(compiled.deep_copy())
 
     def bitmask(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor | None:
-        """(B, ceil(V / 32)) int32 on `device`: row i allows the tokens seqs[i]'s grammar allows, all tokens
-        for an unguided row. None when no row is guided (the sampler then does no masking work)."""
+        """(B, ceil(V / 32)) int32 on `device`: row i allows the tokens seqs[i]'s grammar allows and, if it
+        names some, its `allowed_token_ids` (vLLM's); all tokens for a row with neither. None when no row has
+        either (the sampler then does no masking work)."""
         rows = [(seq.grammar._matcher, i) for i, seq in enumerate(seqs)
                 if seq.grammar is not None and seq.finish_reason is None]
-        if not rows:
+        limited = [(i, seq.params.allowed_token_ids) for i, seq in enumerate(seqs) if seq.params.allowed_token_ids]
+        if not rows and not limited:
             return None
-        # llguidance.numpy, not llguidance.torch: the latter runs torch.compile at import (it loads inductor,
-        # seconds, and fails inside Triton's Python stub).
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(seqs), self.ll_tokenizer.vocab_size)  # (B, W) all -1
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        if rows:
+            # llguidance.numpy, not llguidance.torch: the latter runs torch.compile at import (it loads inductor,
+            # seconds, and fails inside Triton's Python stub).
+            bitmask = llguidance.numpy.allocate_token_bitmask(len(seqs), self.ll_tokenizer.vocab_size)  # all -1
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        else:  # no grammar: no llguidance tokenizer either (a tokenizer it cannot read still takes allowed ids)
+            bitmask = np.full((len(seqs), -(-self._tokenizer.vocab_size // 32)), -1, dtype=np.int32)
+        for i, token_ids in limited:
+            bitmask[i] &= token_set_row(token_ids, bitmask.shape[1])
         return to_device(torch.from_numpy(bitmask), device)  # pinned: no wait for the step in flight
 
     @property

@@ -7,7 +7,16 @@ xgrammar's layout). An unconstrained row is all ones (-1).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def token_set_row(token_ids, width: int) -> np.ndarray:
+    """(width,) int32: the bitmask row allowing exactly `token_ids` (ids past width * 32 are dropped)."""
+    bits = np.zeros(width * 32, dtype=np.uint8)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    bits[ids[ids < width * 32]] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32)
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

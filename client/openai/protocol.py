@@ -65,6 +65,9 @@ class _GenerationRequest(StrictModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
     # vLLM's structured-output extensions (structured_outputs.py)
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
@@ -78,7 +81,8 @@ class _GenerationRequest(StrictModel):
 
     _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
                        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                       "skip_special_tokens", "priority")
+                       "skip_special_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
+                       "allowed_token_ids", "priority")
 
     def check(self) -> None:
         """What pydantic's types cannot say; OpenAIError (400) naming the field."""
