@@ -224,8 +224,8 @@ def chat_prompt_ids(tokenizer) -> list[list[int]]:
 def shipped_engine_config(args, quantization: str) -> EngineConfig:
     """The engine settings of the shipped model_repository/llm/config.pbtxt (token budget, KV pool, one OpenMP
     team...), with this run's model and quantization: what `make serve` runs."""
+    from kvtriton.backend.entrypoints.pbtxt_parameters import read_parameters
     from kvtriton.backend.triton.config import AdapterConfig
-    from kvtriton.build.repository import read_parameters
 
     shipped = Path(__file__).resolve().parents[1] / "model_repository" / "llm" / "config.pbtxt"
     _, values = AdapterConfig.from_parameters(read_parameters(shipped))
@@ -314,9 +314,9 @@ def through_triton(args, variants: dict[str, str]) -> None:
     """One stream through tritonserver (the shipped repository, HTTP streaming): fp32 vs each quantization."""
     from serving_bench import closed_loop, sse_request
 
+    from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
     from kvtriton.backend.entrypoints.tritonserver import TritonServer
     from kvtriton.backend.models.checkpoint import resolve_checkpoint
-    from kvtriton.build.repository import set_parameters
 
     speeds = {}
     for name, quantization in variants.items():

@@ -42,8 +42,8 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters  # noqa: E402
 from kvtriton.backend.entrypoints.tritonserver import TritonServer  # noqa: E402
-from kvtriton.build.repository import set_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the engine schedules tokens not phases and every step hands out one budget".split()

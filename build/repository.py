@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
+
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 
 # Files of an HF folder the engine reads besides weights (tokenizer, chat template, generation defaults).
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -64,31 +65,3 @@ def write_triton_files(model_dir: Path, parameters: dict[str, str]) -> Path:
     set_parameters(config, parameters)
     shutil.copy2(template / "1" / "model.py", model_dir / "1" / "model.py")
     return config
-
-
-# The one-line form of a string parameter that model_repository/llm/config.pbtxt uses; the only form
-# set_parameters and read_parameters recognise (Triton itself accepts any protobuf text layout).
-_PARAMETER = r'parameters \{{ key: "{key}" value: \{{ string_value: "{value}" \}} \}}'
-
-
-def set_parameters(config_pbtxt: str | Path, parameters: Mapping[str, str]) -> None:
-    """Set string parameters of a config.pbtxt in place: an entry with the key is replaced where it stands,
-    a missing key is appended. The one way to edit a model's engine parameters (build, test fixtures,
-    benchmarks)."""
-    path = Path(config_pbtxt)
-    text = path.read_text()
-    for key, value in parameters.items():
-        if '"' in value or "\\" in value:
-            raise ValueError(f"parameter {key}: {value!r} contains a quote or backslash; choose another value "
-                             f"(config.pbtxt strings are written unescaped)")
-        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-        text, n = re.subn(_PARAMETER.format(key=re.escape(key), value='[^"]*'), lambda _: line, text)
-        if not n:
-            text = text.rstrip("\n") + "\n" + line + "\n"
-    path.write_text(text)
-
-
-def read_parameters(config_pbtxt: str | Path) -> dict[str, str]:
-    """The string parameters of a config.pbtxt (tests and tools: what the engine will be given)."""
-    text = Path(config_pbtxt).read_text()
-    return dict(re.findall(_PARAMETER.format(key='([^"]+)', value='([^"]*)'), text))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtriton.build.repository import set_parameters
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 
 from tests.tiny_model import make_tiny_model
 from tests.triton_fixture import start_server

@@ -9,11 +9,11 @@ import pytest
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.entrypoints.pbtxt_parameters import read_parameters
 from kvtriton.backend.models.checkpoint import checkpoint_sha256
 from kvtriton.backend.runners.manifest import Manifest
 from kvtriton.backend.triton.config import AdapterConfig
 from kvtriton.build import cli
-from kvtriton.build.repository import read_parameters
 
 from tests.tiny_model import make_tiny_model
 

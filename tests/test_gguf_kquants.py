@@ -93,3 +93,19 @@ def test_asked_for_int4_everything_not_stored_is_int4(q4_k_m):
     assert isinstance(model.layers[0].self_attn.o_proj, Int4Linear)
     assert model.layers[1].self_attn.qkv_proj.source == "Q4_K"
     assert isinstance(model.lm_head, Int8Linear)
+
+
+def test_q4_k_blocks_export_to_onnx_as_stored(q4_k_m, tmp_path):
+    """kvtriton build --precision int4 from a Q4_K_M file: the Q4_K blocks become MatMulNBits over their codes
+    with a group term for the offsets (as Q4_1's), and the graph computes what the layers compute."""
+    from tests.test_onnx_int4 import export, max_diff, outputs
+
+    path, folder = q4_k_m
+    model = load_model(folder, quantization="int4", gguf=path)
+    _, ops = export(model, tmp_path / "int4.onnx", "onnxruntime")
+    assert ops["MatMulNBits"] == 2 * 4 + 1  # every projection and the head
+    assert ops["group term"] >= 3  # layer 1's qkv, both gate_up: Q4_K's offsets
+    got, expected = outputs(model, tmp_path / "int4.onnx"), outputs(model, kernels=False)
+    assert (got[0] - expected[0]).abs().max() < 1e-2 * expected[0].abs().max()  # 8-bit head: int8 activations
+    for g, e in zip(got[1:], expected[1:]):  # K and V: fp32 sums of 256 products of weights up to ~8
+        assert max_diff([g], [e])[0] < 1e-5 * e.abs().max()

@@ -31,7 +31,8 @@ EVERYTHING = {"metrics.serviceMonitor.enabled": "true", "autoscaling.enabled": "
               "adminKey.existingSecret": "kvtriton-admin", "apiKey.existingSecret": "kvtriton-api",
               "cache.existingClaim": "kvtriton-cache",
               "probes.liveness.modelRequest": "true", "gpu.count": "2", "serve.toolCallParser": "hermes",
-              "serve.reasoningParser": "deepseek_r1"}
+              "serve.reasoningParser": "deepseek_r1", "serve.model": "/cache/Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+              "serve.engineArgs.scheduling_policy": "priority", "serve.engineArgs.max_num_seqs": "32"}
 SCENARIOS = {
     "defaults": {},
     "cpu only": {"gpu.count": "0"},
@@ -128,6 +129,9 @@ def test_the_container_runs_kvtriton_serve_on_the_ports_the_service_exposes(rend
         assert (args.openai_port is None) == (scenario == "no OpenAI API")
         assert args.tool_call_parser == ("hermes" if scenario == "every option on" else None)
         assert args.reasoning_parser == ("deepseek_r1" if scenario == "every option on" else None)
+        everything = scenario == "every option on"
+        assert args.model == ("/cache/Llama-3.2-1B-Instruct-Q4_K_M.gguf" if everything else None)
+        assert sorted(args.engine_args) == (["max_num_seqs=32", "scheduling_policy=priority"] if everything else [])
         service = one(objects, "Service")
         assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
             name: (port, name) for name, port in ports.items()}
@@ -279,6 +283,7 @@ def test_metrics_are_scraped_and_the_autoscaler_reads_a_metric_the_server_export
     ({"serve.toolCallParser": "hermes", "serve.openaiPort": "null"}, "set serve.openaiPort too"),
     ({"serve.reasoningParser": "qwen3", "serve.openaiPort": "null"}, "serve.reasoningParser is the OpenAI API's"),
     ({"serve.reasoningParser": "r1"}, "/serve/reasoningParser"),
+    ({"serve.engineArgs.max-num-seqs": "8"}, "'max-num-seqs' does not match pattern"),  # keys have no dashes
 ])
 def test_bad_values_fail_with_a_message_naming_them(values, message):
     done = helm("template", RELEASE, str(CHART), *_set_args(values), check=False)

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.entrypoints.pbtxt_parameters import read_parameters
 from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.openai.server import FrontendThread
 
@@ -405,11 +406,16 @@ def test_a_disconnect_before_a_whole_answer_frees_the_kv_blocks(frontend, llm_se
 
 
 def test_kvtriton_serve_starts_the_frontend_beside_the_server(tmp_path):
+    """... with an engine parameter set on the command line (--engine-arg), over the shipped config.pbtxt."""
     port = free_ports(1)[0]
-    serve = ServeProcess(MODEL_REPOSITORY, tmp_path, extra=["--openai-port", str(port)])
+    serve = ServeProcess(MODEL_REPOSITORY, tmp_path,
+                         extra=["--openai-port", str(port), "--engine-arg", "scheduling_policy=priority"])
     serve.command[:3] = [sys.executable, "-m", "kvtriton.client.cli", "serve"]  # the command, with the client
     with serve:
         assert f"OpenAI   http://127.0.0.1:{port}/v1 (open: no API key" in serve.output  # in the banner
+        assert "llm: scheduling_policy=priority (over its config.pbtxt)" in serve.output
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
-            r = c.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=8)
+            r = c.chat.completions.create(model="llm", messages=QUESTION, temperature=0, max_tokens=8,
+                                          extra_body={"priority": 1})  # a 400 under the shipped fcfs
         assert "Paris" in r.choices[0].message.content
+    assert read_parameters(MODEL_REPOSITORY / "llm" / "config.pbtxt")["scheduling_policy"] == "fcfs"  # untouched

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from kvtriton.build.repository import set_parameters
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 from kvtriton.client import health_cmd
 from kvtriton.client.grpc_client import input_tensors
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from kvtriton.backend.entrypoints import serve as serve_cmd
 from kvtriton.backend.entrypoints import triton_install as ti
 from kvtriton.backend.entrypoints import tritonserver as ts
+from kvtriton.backend.entrypoints.pbtxt_parameters import read_parameters
+from kvtriton.backend.entrypoints.repository_overlay import grouped, overlay_repository
 from kvtriton.backend.entrypoints.supervisor import RestartPolicy
 
 
@@ -61,6 +64,52 @@ def test_parse_args_defaults_and_passthrough(tmp_path):
 def test_bad_options_are_named(tmp_path, argv, message):
     with pytest.raises(serve_cmd.ServeError, match=message):
         serve_cmd.parse_args(["--model-repository", str(tmp_path), *argv])
+
+
+def small_repository(root: Path) -> Path:
+    """An llm model (config.pbtxt with one parameter, 1/model.py) and another model beside it."""
+    for model in ("llm", "other"):
+        (root / model / "1").mkdir(parents=True)
+        (root / model / "config.pbtxt").write_text(
+            'backend: "python"\nparameters { key: "max_num_seqs" value: { string_value: "64" } }\n')
+        (root / model / "1" / "model.py").write_text("# the shim\n")
+    return root
+
+
+def test_model_and_engine_args_set_parameters_over_the_repository(tmp_path):
+    repo = small_repository(tmp_path / "repo")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    gguf = str(tmp_path / "m.gguf")
+    options = serve_cmd.parse_args(["--model-repository", str(repo), "--model", gguf, "--engine-arg",
+                                    "scheduling_policy=priority", "--engine-arg", "other/max_num_seqs=8"])
+    assert options.engine_args == (("llm", "model", str((tmp_path / "m.gguf").resolve())),
+                                   ("llm", "scheduling_policy", "priority"), ("other", "max_num_seqs", "8"))
+    overlay = overlay_repository(repo, grouped(options.engine_args))
+    try:
+        assert read_parameters(overlay / "llm" / "config.pbtxt") == {
+            "max_num_seqs": "64", "model": str((tmp_path / "m.gguf").resolve()), "scheduling_policy": "priority"}
+        assert read_parameters(overlay / "other" / "config.pbtxt") == {"max_num_seqs": "8"}
+        assert (overlay / "llm" / "1").is_symlink()
+        assert (overlay / "llm" / "1" / "model.py").read_text() == "# the shim\n"
+        assert read_parameters(repo / "llm" / "config.pbtxt") == {"max_num_seqs": "64"}  # the original untouched
+    finally:
+        shutil.rmtree(overlay)
+    assert (repo / "llm" / "1" / "model.py").is_file()  # removing the overlay removed links only
+    untouched = overlay_repository(repo, {"llm": {"max_num_seqs": "2"}})
+    assert (untouched / "other").is_symlink()  # a model without overrides is linked whole
+    shutil.rmtree(untouched)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("max_num_seqs", "write KEY=VALUE"),
+    ("max num=3", "write KEY=VALUE"),
+    ('model=a"b', "cannot hold a quote"),
+    ("draft/model=x", "names model 'draft', which .* does not hold \\(it holds: llm, other\\)"),
+])
+def test_bad_engine_args_are_named(tmp_path, arg, message):
+    repo = small_repository(tmp_path)
+    with pytest.raises(serve_cmd.ServeError, match=message):
+        serve_cmd.parse_args(["--model-repository", str(repo), "--engine-arg", arg])
 
 
 def test_a_short_admin_key_is_refused(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from kvtriton.build.repository import set_parameters
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 
 from tests.conftest import MODEL_REPOSITORY
 from tests.test_triton_llm import grpc_stream, metric, post

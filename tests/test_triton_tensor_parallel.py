@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
-from kvtriton.build.repository import set_parameters
+from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 from kvtriton.client import health_cmd
 from kvtriton.client.grpc_client import input_tensors
 

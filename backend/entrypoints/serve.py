@@ -23,6 +23,7 @@ import argparse
 import ipaddress
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -33,6 +34,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kvtriton.backend.entrypoints.http_guard import HttpGuard
+from kvtriton.backend.entrypoints.repository_overlay import (
+    DEFAULT_MODEL,
+    check_models,
+    grouped,
+    overlay_repository,
+    parse_engine_arg,
+)
 from kvtriton.backend.entrypoints.supervisor import Supervisor
 from kvtriton.backend.entrypoints.triton_install import TritonServerError, find_tritonserver
 from kvtriton.backend.entrypoints.tritonserver import (
@@ -72,6 +80,8 @@ class ServeOptions:
     tool_call_parser: str | None = None  # the OpenAI frontend's, for tool_choice "auto" (the client checks the name)
     reasoning_parser: str | None = None  # the OpenAI frontend's, for reasoning_content (the client checks the name)
     api_key: str | None = field(default=None, repr=False)  # the OpenAI frontend's bearer token (None: open)
+    # (model, config.pbtxt parameter, value) set over the repository's (--model, --engine-arg)
+    engine_args: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
@@ -106,6 +116,10 @@ class ServeOptions:
                 f"--model-repository {repo.resolve()} {what}; pass the folder that holds <model>/config.pbtxt "
                 "(kvtriton build writes one)"
             )
+        try:
+            check_models(repo, grouped(self.engine_args))
+        except ValueError as exc:
+            raise ServeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n"
                "  kvtriton serve                                   # ./model_repository, this machine only\n"
                "  kvtriton serve --model-repository my_repository --host 0.0.0.0 --admin-key-file key.txt\n"
+               "  kvtriton serve --model Llama-3.2-1B-Instruct-Q4_K_M.gguf --engine-arg max_num_seqs=32\n"
                "  kvtriton serve --demo \"What is the capital of France?\" -- --log-verbose=1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -152,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-http-guard", dest="http_guard", action="store_false",
                         help="let clients reach Triton's HTTP endpoint directly (a 4 MB form-encoded body then "
                              "crashes Triton 2.51)")
+    parser.add_argument("--model", default=None, metavar="CHECKPOINT",
+                        help=f"serve this checkpoint (an HF folder, a .gguf file, or default) as the {DEFAULT_MODEL} "
+                             "model, whatever its config.pbtxt names (the same as --engine-arg model=CHECKPOINT)")
+    parser.add_argument("--engine-arg", dest="engine_args", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"set a config.pbtxt parameter of the {DEFAULT_MODEL} model (MODEL/KEY=VALUE: of "
+                             "another) for this run, the repository untouched; repeatable, e.g. "
+                             "scheduling_policy=priority (README \"Configuration\" lists the keys)")
     parser.add_argument("--no-restart", dest="restart", action="store_false",
                         help="exit when tritonserver or a model's stub dies instead of restarting it")
     return parser
@@ -167,8 +189,20 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
         demo=ns.demo, host=ns.host, admin_key=_secret(ns.admin_key_file, "--admin-key-file", ADMIN_KEY_ENV),
         http_guard=ns.http_guard, http_max_body_mb=ns.http_max_body_mb, restart=ns.restart, openai_port=ns.openai_port,
         tool_call_parser=ns.tool_call_parser, reasoning_parser=ns.reasoning_parser,
-        api_key=_openai_key(ns.api_key_file, ns.openai_port),
+        api_key=_openai_key(ns.api_key_file, ns.openai_port), engine_args=_engine_args(ns.model, ns.engine_args),
     )
+
+
+def _engine_args(model: str | None, args: list[str]) -> tuple[tuple[str, str, str], ...]:
+    """--model and --engine-arg as (model, key, value); a checkpoint path that exists is made absolute (the
+    engine resolves paths against tritonserver's working directory, not the caller's)."""
+    try:
+        parsed = [parse_engine_arg(arg) for arg in args]
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    if model is not None:
+        parsed.insert(0, (DEFAULT_MODEL, "model", str(Path(model).resolve()) if Path(model).exists() else model))
+    return tuple(parsed)
 
 
 def _secret(path: Path | None, flag: str, env: str) -> str | None:
@@ -215,10 +249,15 @@ def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None
         guard = HttpGuard(options.host, options.http_port, triton_http_port,
                           int(options.http_max_body_mb * 1024 * 1024))
     admin_key = options.admin_key or secrets.token_urlsafe(32)
+    overrides = grouped(options.engine_args)
+    repository = overlay_repository(options.model_repository, overrides) if overrides else options.model_repository
+    for model, values in overrides.items():
+        print(f"kvtriton serve: {model}: {', '.join(f'{k}={v}' for k, v in values.items())} (over its config.pbtxt)",
+              file=sys.stderr, flush=True)
 
     def make_server() -> TritonServer:
         return TritonServer(
-            options.model_repository, install=install, http_port=triton_http_port, grpc_port=options.grpc_port,
+            repository, install=install, http_port=triton_http_port, grpc_port=options.grpc_port,
             metrics_port=options.metrics_port, log_path=log_path, extra_args=options.extra_args,
             ready_timeout_s=options.timeout_s, host=options.host, http_host=HOST if guard else None,
             admin_key=admin_key,
@@ -254,6 +293,8 @@ def serve(options: ServeOptions, on_ready: Callable[[TritonServer], None] | None
         supervisor.stop()
         if guard is not None:
             guard.stop()
+        if repository != options.model_repository:
+            shutil.rmtree(repository, ignore_errors=True)  # the overlay's links and copied config.pbtxt files
         for s, handler in previous.items():
             signal.signal(s, handler)
 
