@@ -253,6 +253,9 @@ def test_allowed_token_ids_limit_every_sampled_token(tiny_folder):
                                       guided_regex="[a-z ]+")):
             out = engine.generate(["the quick brown fox"], params)[0]
             assert out.finish_reason == "length" and set(out.token_ids) <= set(allowed), (params, out)
+        disjoint = engine.generate(["the quick"], SamplingParams(
+            temperature=0.0, max_tokens=4, allowed_token_ids=engine.tokenizer.encode(" 123"), guided_regex="[a-z]+"))[0]
+        assert disjoint.finish_reason == "error" and "allow no token in common" in disjoint.error
         with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, \d+\), got 1000000"):
             engine.add_request("x", "the dog", SamplingParams(allowed_token_ids=(1, 10**6)))
         with pytest.raises(ValueError, match="allowed_token_ids must be a list of integers >= 0"):

@@ -95,8 +95,9 @@ class OutputProcessor:
             return seqs, token_ids, logprobs
         for i in rejected:
             seq = seqs[i]
+            both = " with allowed_token_ids (they may allow no token in common)" if seq.params.allowed_token_ids else ""
             self.finish(seq.request_id, "error", f"request {seq.request_id}: token {token_ids[i]} does not fit "
-                        f"the guided_* constraint ({seq.grammar.error})")
+                        f"the guided_* constraint{both} ({seq.grammar.error})")
         dropped = set(rejected)
         keep = [i for i in range(len(seqs)) if i not in dropped]
         return [seqs[i] for i in keep], [token_ids[i] for i in keep], [logprobs[i] for i in keep]
