@@ -70,6 +70,14 @@ def test_chat_stream_matches_the_whole_answer_and_ends_with_usage(client):
     assert finish == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1])
+    # vLLM's continuous_usage_stats: every chunk after the role's carries the usage so far
+    counted = list(client.chat.completions.create(
+        model="llm", messages=QUESTION, temperature=0, max_completion_tokens=16, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert counted[0].usage is None and all(c.usage is not None for c in counted[1:])
+    so_far = [c.usage.completion_tokens for c in counted[1:]]
+    assert so_far == sorted(so_far) and counted[-1].usage == whole.usage
+    assert all(c.usage.prompt_tokens == whole.usage.prompt_tokens for c in counted[1:])
 
 
 def test_completions_streamed_and_not(client):

@@ -39,8 +39,9 @@ def test_chat_fields_become_the_servers_sampling_keys():
     assert chat(max_tokens=4).sampling(0) == {"max_tokens": 4}
     assert chat(logit_bias={"50256": -100}).sampling(0) == {"logit_bias": {"50256": -100.0}}  # ids: the server's
     assert chat(priority=-2).sampling(0) == {"priority": -2}  # vLLM's; the server's scheduling_policy decides
-    assert chat(include_stop_str_in_output=True, truncate_prompt_tokens=5, allowed_token_ids=[3, 4]).sampling(0) == {
-        "include_stop_str_in_output": True, "truncate_prompt_tokens": 5, "allowed_token_ids": [3, 4]}
+    assert chat(include_stop_str_in_output=True, truncate_prompt_tokens=5, allowed_token_ids=[3, 4],
+                bad_words=["darn"]).sampling(0) == {"include_stop_str_in_output": True, "truncate_prompt_tokens": 5,
+                                                    "allowed_token_ids": [3, 4], "bad_words": ["darn"]}
     assert CompletionRequest(model="llm", prompt="Hi", priority=3).sampling(0) == {"priority": 3}
 
 

@@ -151,7 +151,7 @@ def test_a_constraint_is_compiled_once_and_each_request_gets_its_own_matcher(man
 def test_eos_is_allowed_only_where_the_grammar_accepts(manager):
     structured, tokenizer = manager
     eos = min(tokenizer.eos_token_ids)
-    seq = type("Seq", (), {"finish_reason": None, "params": SamplingParams()})()
+    seq = type("Seq", (), {"finish_reason": None, "params": SamplingParams(), "bad_words_token_ids": ()})()
     seq.grammar = structured.matcher_for(SamplingParams(guided_regex="[0-9]+"))
     vocab = tokenizer.vocab_size
     start = allowed_ids(structured.bitmask([seq], torch.device("cpu"))[0], vocab)
@@ -163,8 +163,9 @@ def test_eos_is_allowed_only_where_the_grammar_accepts(manager):
 
 def test_bitmask_is_none_without_guided_rows_and_all_ones_for_unguided_rows(manager):
     structured, tokenizer = manager
-    plain = type("Seq", (), {"finish_reason": None, "grammar": None, "params": SamplingParams()})()
-    guided = type("Seq", (), {"finish_reason": None, "params": SamplingParams()})()
+    plain = type("Seq", (), {"finish_reason": None, "grammar": None, "params": SamplingParams(),
+                             "bad_words_token_ids": ()})()
+    guided = type("Seq", (), {"finish_reason": None, "params": SamplingParams(), "bad_words_token_ids": ()})()
     guided.grammar = structured.matcher_for(SamplingParams(guided_json_object=True))
     assert structured.bitmask([plain, plain], torch.device("cpu")) is None
     mask = structured.bitmask([plain, guided], torch.device("cpu"))
@@ -172,7 +173,7 @@ def test_bitmask_is_none_without_guided_rows_and_all_ones_for_unguided_rows(mana
     assert bool((mask[0] == -1).all())
     assert all(tokenizer.decode([t]).startswith("{") for t in allowed_ids(mask[1], tokenizer.vocab_size))
     # allowed_token_ids (vLLM's) without a grammar: the same mask, no llguidance call; with one, both at once
-    limited = type("Seq", (), {"finish_reason": None, "grammar": None,
+    limited = type("Seq", (), {"finish_reason": None, "grammar": None, "bad_words_token_ids": (),
                                "params": SamplingParams(allowed_token_ids=(5, 40, tokenizer.vocab_size - 1))})()
     mask = structured.bitmask([plain, limited], torch.device("cpu"))
     assert bool((mask[0] == -1).all())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.stop_strings import check_stop_strings
+from kvtriton.backend.engine.token_limits import check_bad_words
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
 # Bytes of prompt text per token of context beyond which a prompt cannot fit (max_prompt_bytes = 0).
@@ -39,6 +40,7 @@ class Admission:
     def admit(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids; ValueError with a user-facing message for a request that can never run."""
         check_stop_strings(params.stop)
+        check_bad_words(params.bad_words)
         ids = self.tokenize(prompt)
         if (k := params.truncate_prompt_tokens) is not None:  # vLLM's: the last k tokens, cut from the left
             ids = ids[-(self.limits.max_model_len if k == -1 else k):]

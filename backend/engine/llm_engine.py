@@ -47,6 +47,7 @@ from kvtriton.backend.engine.speculative.policy import proposal_cap
 from kvtriton.backend.engine.stats import EngineStats
 from kvtriton.backend.engine.step_executor import StepExecutor, on_forward_thread
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
+from kvtriton.backend.engine.token_limits import bad_words_token_ids
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
 from kvtriton.backend.models.model_config import ModelConfig
@@ -161,11 +162,13 @@ class LLMEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         # A guided request does not speculate: its grammar must see each token before the next is proposed
-        # (nor one with allowed_token_ids, whose mask the sampler applies as a grammar's); nor does one that
+        # (nor one with allowed_token_ids or bad_words, whose mask the sampler applies as a grammar's); nor one that
         # asks for prompt logprobs (a verify step computes one row a prefill).
-        speculates = grammar is None and not params.allowed_token_ids and params.prompt_logprobs is None
+        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
+        speculates = grammar is None and not (params.allowed_token_ids or bad_words) and params.prompt_logprobs is None
         seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
-                       num_speculative_tokens=self._speculative_tokens(params) if speculates else 0)
+                       num_speculative_tokens=self._speculative_tokens(params) if speculates else 0,
+                       bad_words_token_ids=bad_words)
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()

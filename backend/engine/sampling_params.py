@@ -66,8 +66,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string that ended it
     # vLLM's: keep only the prompt's last k tokens (-1: the model's context), cut at admission
     truncate_prompt_tokens: int | None = None
-    # vLLM's: only these token ids may be sampled (empty: any), masked with the structured-output bitmask
+    # vLLM's: only these token ids may be sampled (empty: any); never these words (token_limits.py)
     allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()
     # Speculative decoding for this request: None = the server's num_speculative_tokens, 0 = off, k = at most k
     # proposals per step (no more than the server's k).
     num_speculative_tokens: int | None = None
@@ -111,6 +112,10 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop entries must be non-empty strings, got {s!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.bad_words, (tuple, list)) or not all(isinstance(w, str) and w.strip()
+                                                                    for w in self.bad_words):
+            raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
         if not isinstance(self.stop_token_ids, (tuple, list)):
             raise ValueError(
                 f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
@@ -237,7 +242,7 @@ def _coerce(name: str, value: Any) -> Any:
         return _coerce_float(name, value)
     if name in _BOOL_FIELDS:
         return _coerce_bool(name, value)
-    if name == "stop":
+    if name in ("stop", "bad_words"):
         return (value,) if isinstance(value, str) else _as_list(name, value)
     if name in ("stop_token_ids", "allowed_token_ids"):
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))

@@ -56,6 +56,8 @@ class Sequence:
     # scheduled after token_ids and verified by the step (never part of token_ids until accepted).
     num_speculative_tokens: int = 0
     spec_token_ids: list[int] = field(default_factory=list)
+    # params.bad_words as token sequences (token_limits.bad_words_token_ids), tokenized once at admission
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     num_spec_proposed_tokens: int = 0  # since arrival
     num_spec_accepted_tokens: int = 0
     # params.prompt_logprobs: the logprob of prompt tokens 1, 2, ... computed so far (token 0 has none). Their

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
-from kvtriton.backend.engine.token_bitmask import token_set_row
+from kvtriton.backend.engine.token_limits import is_limited, limit_row
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.kernels.device_copy import to_device
 
@@ -114,12 +114,12 @@ class StructuredOutputManager:
         return GrammarMatcher(compiled.deep_copy())
 
     def bitmask(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor | None:
-        """(B, ceil(V / 32)) int32 on `device`: row i allows the tokens seqs[i]'s grammar allows and, if it
-        names some, its `allowed_token_ids` (vLLM's); all tokens for a row with neither. None when no row has
-        either (the sampler then does no masking work)."""
+        """(B, ceil(V / 32)) int32 on `device`, the step's allowed-token mask: row i allows what seqs[i]'s
+        grammar allows, narrowed by its allowed_token_ids and bad_words (token_limits.py); all tokens for a row
+        with none of them. None when no row has any (the sampler then does no masking work)."""
         rows = [(seq.grammar._matcher, i) for i, seq in enumerate(seqs)
                 if seq.grammar is not None and seq.finish_reason is None]
-        limited = [(i, seq.params.allowed_token_ids) for i, seq in enumerate(seqs) if seq.params.allowed_token_ids]
+        limited = [i for i, seq in enumerate(seqs) if is_limited(seq)]
         if not rows and not limited:
             return None
         if rows:
@@ -130,10 +130,10 @@ class StructuredOutputManager:
                 self._executor = llguidance.LLExecutor()
             # One call for the batch; llguidance releases the GIL and spreads the rows over its threads.
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, bitmask)
-        else:  # no grammar: no llguidance tokenizer either (a tokenizer it cannot read still takes allowed ids)
+        else:  # no grammar: no llguidance tokenizer either (a tokenizer it cannot read still takes the limits)
             bitmask = np.full((len(seqs), -(-self._tokenizer.vocab_size // 32)), -1, dtype=np.int32)
-        for i, token_ids in limited:
-            bitmask[i] &= token_set_row(token_ids, bitmask.shape[1])
+        for i in limited:
+            limit_row(bitmask[i], seqs[i])
         return to_device(torch.from_numpy(bitmask), device)  # pinned: no wait for the step in flight
 
     @property

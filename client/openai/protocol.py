@@ -38,6 +38,7 @@ class StrictModel(BaseModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far (with include_usage)
 
 
 class _GenerationRequest(StrictModel):
@@ -68,6 +69,7 @@ class _GenerationRequest(StrictModel):
     include_stop_str_in_output: bool | None = None
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     # vLLM's structured-output extensions (structured_outputs.py)
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
@@ -82,7 +84,7 @@ class _GenerationRequest(StrictModel):
     _PASSED_THROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "top_k",
                        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                        "skip_special_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
-                       "allowed_token_ids", "priority")
+                       "allowed_token_ids", "bad_words", "priority")
 
     def check(self) -> None:
         """What pydantic's types cannot say; OpenAIError (400) naming the field."""
@@ -101,6 +103,11 @@ class _GenerationRequest(StrictModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's stream_options.continuous_usage_stats, which it honours only beside include_usage."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens

@@ -264,7 +264,8 @@ async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, 
             offsets[index] += len(chunk.text)
             if chunk.text or logprobs or chunk.finish_reason:
                 yield sse(p.CompletionResponse(**head, choices=[p.CompletionChoice(
-                    index=index, text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason or None)]))
+                    index=index, text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason or None)],
+                    usage=counts.usage() if request.continuous_usage else None))
     if request.include_usage:
         yield sse(p.CompletionResponse(**head, choices=[], usage=counts.usage()))
     yield SSE_DONE
@@ -274,19 +275,21 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
                       options: ChatOptions = ChatOptions()) -> AsyncIterator[str]:
     """Server-sent events of a streamed chat: the role first, then reasoning, content or tool call deltas, an
     empty delta with the finish_reason, and with stream_options.include_usage a last chunk with no choices and
-    the usage."""
+    the usage (with continuous_usage_stats, vLLM's, every chunk also carries the usage so far)."""
     outputs = {i: ChatOutput(request, options) for i in range(request.n)}
     counts = TokenCounts(request.n)
     head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
-    def event(index: int, delta: p.DeltaMessage, finish_reason: str | None = None, logprobs=None) -> str:
+    def event(index: int, delta: p.DeltaMessage, finish_reason: str | None = None, logprobs=None,
+              counted: bool = True) -> str:
         return sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
-            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)]))
+            index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)],
+            usage=counts.usage() if request.continuous_usage and counted else None))
 
     async with aclosing(merged_chunks(client, chat_choices(request, options))) as merged:
         chunks = await started(merged)
         for i in range(request.n):
-            yield event(i, p.DeltaMessage(role="assistant", content=""))
+            yield event(i, p.DeltaMessage(role="assistant", content=""), counted=False)  # nothing counted yet
         async for index, chunk in chunks:
             counts.add(index, chunk)
             output = outputs[index]
