@@ -1,7 +1,7 @@
 """GGUF k-quants, as a Q4_K_M file holds them: Q4_K blocks load as stored (int4 groups of 32, their scale
-products rounded to fp16), and under quantization auto every other tensor keeps at least the file's bits:
-a Q6_K one (or a fused module with one) becomes int8 per channel, a float one stays float. Asked for int4,
-everything not stored is int4."""
+products rounded to fp16); under quantization auto Q6_K blocks too (int8 groups of 16, on kvtriton's CPU
+GEMV) and every other tensor keeps at least the file's bits: a fused module with a Q6_K part becomes int8
+per channel, a float one stays float. Asked for int4, everything not stored as 4-bit is int4."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 from kvtriton.backend.models.gguf_quantized import decode_blocks
-from kvtriton.backend.models.int4 import Int4Linear
+from kvtriton.backend.models.int4 import Int4Linear, gemv_serves
 from kvtriton.backend.models.int8 import Int8Linear
 from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.models.quantization import layer_sources
@@ -38,6 +38,17 @@ def test_q4_k_blocks_decode_to_ggufs_dequantization_within_the_fp16_scales():
     error = (q.dequantize() - reference).abs()
     assert (error <= fp16_rounding_bound(q)).all()
     assert 0 < error.max() < 1e-3 * reference.abs().max()  # rounded indeed (d * sc is not always an fp16), finely
+
+
+def test_q6_k_blocks_decode_to_ggufs_dequantization_within_the_fp16_scales():
+    raw = random_kquant_rows(8, 512, "Q6_K", np.random.default_rng(1))
+    q = decode_blocks(raw, "Q6_K")
+    assert (q.bits, q.group_size, q.source, q.shape) == (8, 16, "Q6_K", (8, 512))
+    assert q.zero_point is None and q.offset is None and -32 <= q.codes.min() and q.codes.max() <= 31
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K))
+    error = (q.dequantize() - reference).abs()
+    assert (error <= 32 * q.scale.float().abs().repeat_interleave(16, 1) * 2.0**-11).all()  # |q - 32| <= 32
+    assert 0 < error.max() < 1e-3 * reference.abs().max()
 
 
 # A Q4_K_M-like mix: layer 0's v and down in Q6_K (its qkv then mixes Q4_K and Q6_K), its o_proj left in F32;
@@ -73,14 +84,18 @@ def test_auto_keeps_each_tensor_in_no_fewer_bits_than_the_file(q4_k_m):
     assert got["layers.0.mlp.gate_up_proj"] == ("Int4Linear", "Q4_K", 32)
     assert got["layers.0.self_attn.qkv_proj"][:1] == ("Int8Linear",)  # Q4_K + Q4_K + Q6_K: 6 bits kept
     assert model.layers[0].self_attn.qkv_proj.group_size == 0  # per channel, from float
-    assert got["layers.0.mlp.down_proj"][0] == "Int8Linear"  # Q6_K
+    # Q6_K alone: its blocks as int8 groups of 16 where the GEMV serves, else int8 per channel from float
+    assert got["layers.0.mlp.down_proj"] == (("Int8Linear", "Q6_K", 16) if gemv_serves() else
+                                             ("Int8Linear", "int8 per channel", 0))
     assert type(model.layers[0].self_attn.o_proj) is nn.Linear  # F32 in the file: stays float
     assert got["layers.1.self_attn.o_proj"] == ("Int8Linear", "Q8_0", 32) and got["lm_head"][:2] == ("Int8Linear",
                                                                                                        "Q8_0")
     stored = model.layers[1].self_attn.qkv_proj
     error = (stored.dequantized_weight() - reference.layers[1].self_attn.qkv_proj.weight).abs()
     assert (error <= fp16_rounding_bound(stored.group_quantized())).all()
-    assert "gguf Q4_K blocks as stored (scales in fp16, g32)" in layer_sources(model)
+    sources = layer_sources(model)
+    assert "gguf Q4_K blocks as stored (scales in fp16, g32)" in sources
+    assert not gemv_serves() or "gguf Q6_K blocks as stored (scales in fp16, g16)" in sources
     assert_logits_close(model, reference, top1=False)
 
 
@@ -89,7 +104,7 @@ def test_asked_for_int4_everything_not_stored_is_int4(q4_k_m):
     model = load_model(folder, quantization="int4", gguf=path)
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert model.layers[0].self_attn.qkv_proj.source == "int4 g32"  # from float: 4 bits, as asked
-    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
+    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)  # Q6_K: stored only under auto
     assert isinstance(model.layers[0].self_attn.o_proj, Int4Linear)
     assert model.layers[1].self_attn.qkv_proj.source == "Q4_K"
     assert isinstance(model.lm_head, Int8Linear)

@@ -1,4 +1,5 @@
-"""GGUF quantized blocks taken as they are: Q4_0, Q4_1, Q4_K and Q8_0 tensors as group-wise INT4/INT8 weights.
+"""GGUF quantized blocks taken as they are: Q4_0, Q4_1, Q4_K, Q6_K and Q8_0 tensors as group-wise INT4/INT8
+weights.
 
 llama.cpp's blocks hold 32 weights each (ggml's block_q4_0, block_q4_1, block_q8_0):
   Q4_0  fp16 d, 16 bytes of 4-bit q        x = d * (q - 8)   -> int4: scale d, zero point 8
@@ -16,8 +17,13 @@ and dmin*m, exact in fp32, are rounded to fp16, the scales' type here: a weight 
 an fp16 ulp of each, 2^-11 (15 |d*sc| + |dmin*m|), far below the CPU kernel's own bf16 rounding of them
 (tests/test_gguf_kquants.py bounds it against the gguf package).
 
-Other tensor types (F32, F16, Q5_*, Q6_K, ...) are not returned: the loader quantizes those from their
-float values (quantization auto: in no fewer bits than the file's, TYPE_BITS).
+Q6_K (a Q4_K_M file's attn_v, ffn_down and output) holds super-blocks of 256: 6-bit q in two planes, an
+int8 scale sc per 16, fp16 d, and x = (d * sc) * (q - 32) -> int8 groups of 16, scale d*sc (fp16, rounded
+as Q4_K's). Only kvtriton's CPU GEMV takes groups of 16, so the loader keeps Q6_K blocks only under
+quantization auto on a CPU where it serves (loader._gguf_linears).
+
+Other tensor types (F32, F16, Q5_*, ...) are not returned: the loader quantizes those from their float
+values (quantization auto: in no fewer bits than the file's, TYPE_BITS).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES, GroupQuantize
 log = logging.getLogger("kvtriton")
 
 BLOCK = 32
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q6_K": 210}
 # The bits of each quantized GGUF type's codes (k- and i-quants' sub-block scales aside): what quantization auto
 # keeps at least. Float types (F32, F16, BF16) are absent; a type missing here counts as 8.
 TYPE_BITS = {
@@ -60,6 +66,8 @@ def decode_blocks(data: np.ndarray, type_name: str) -> GroupQuantized:
     blocks = np.ascontiguousarray(data).reshape(rows, -1, BLOCK_BYTES[type_name])
     if type_name == "Q4_K":
         return _decode_q4_k(blocks)
+    if type_name == "Q6_K":
+        return _decode_q6_k(blocks)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # (rows, G)
     if type_name == "Q8_0":
         codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)  # (rows, K)
@@ -89,6 +97,21 @@ def _decode_q4_k(blocks: np.ndarray) -> GroupQuantized:
     offset = torch.from_numpy((-(dmin * m)).astype(np.float16).reshape(rows, -1))
     zero_point = torch.zeros(scale.shape, dtype=torch.uint8)
     return GroupQuantized(4, torch.from_numpy(codes), scale, zero_point, offset, BLOCK, "Q4_K")
+
+
+def _decode_q6_k(blocks: np.ndarray) -> GroupQuantized:
+    """(rows, super-blocks, 210) uint8 -> int8 groups of 16 (ggml's dequantize_row_q6_K, kept as numbers)."""
+    rows, supers = blocks.shape[:2]
+    # Each half of a super-block: 64 bytes of low 4 bits (elements 0-63 in the low nibbles, 64-127 in the high)
+    # and 32 bytes of high 2 bits (elements 32j + l in bits 2j, 2j + 1 of byte l).
+    low = blocks[..., :128].reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+    high = blocks[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+    q = (low & 0x0F).reshape(rows, supers, 8, 32) | ((high & 0x03).reshape(rows, supers, 8, 32) << 4)
+    codes = (q.astype(np.int16) - 32).astype(np.int8).reshape(rows, -1)  # (rows, K) in [-32, 31]
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)  # (rows, S, 16)
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)  # (rows, S, 1)
+    scale = torch.from_numpy((d * sc).astype(np.float16).reshape(rows, -1))  # (rows, K / 16)
+    return GroupQuantized(8, torch.from_numpy(codes), scale, None, None, 16, "Q6_K")
 
 
 def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:

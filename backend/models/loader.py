@@ -99,7 +99,8 @@ def load_model(
     else:
         _load_safetensors(model, cfg, Path(folder))
     if quantization:
-        stored, schemes = _gguf_linears(cfg, Path(gguf), quantization, keep_gguf_precision) \
+        on_cpu = torch.device(device).type == "cpu"
+        stored, schemes = _gguf_linears(cfg, Path(gguf), quantization, keep_gguf_precision, on_cpu) \
             if gguf is not None and not dummy else ({}, {})
         replaced = quantize_linears(model, quantization, group_size, prequantized=stored, schemes=schemes)
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
@@ -203,17 +204,25 @@ def resolve_quantization(quantization: str, checkpoint: str,
     return quantization, gguf, False
 
 
-def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str,
-                  keep_precision: bool) -> tuple[dict[str, GroupQuantized], dict[str, str | None]]:
+def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision: bool,
+                  on_cpu: bool) -> tuple[dict[str, GroupQuantized], dict[str, str | None]]:
     """({Linear module name: its GGUF blocks, fused as the model fuses them}, {module name: its own scheme}).
 
     A module whose parts are not all stored in one family (4-bit or 8-bit) is quantized from its float
     weight, said in a log line: by `scheme`, or with keep_precision (quantization auto) in no fewer bits than
     its parts hold (gguf_quantized.TYPE_BITS): float if one is float (F16, F32), int8 per channel if one has
-    5 to 8 bits (a Q4_K_M file's Q6_K attn_v, ffn_down and output, fused with Q4_K parts or not)."""
+    5 to 8 bits (a Q4_K_M file's Q6_K attn_v fused with Q4_K q and k; Q5_K). Q6_K blocks are stored (int8
+    groups of 16) only with keep_precision on a CPU where kvtriton's GEMV serves, the one kernel that takes
+    groups of 16; elsewhere they are quantized from float as above, said once in the log."""
     from kvtriton.backend.models.gguf_quantized import FLOAT_TYPES, TYPE_BITS, read_quantized_tensors, read_tensor_types
+    from kvtriton.backend.models.int4 import gemv_serves
 
     tensors = read_quantized_tensors(gguf_path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
+    if any(q.source == "Q6_K" for q in tensors.values()) and not (keep_precision and on_cpu and gemv_serves()):
+        why = "stored only under quantization auto" if not keep_precision else \
+            "stored only on a CPU where kvtriton's int4 GEMV serves (the kernel that takes groups of 16)"
+        log.info("GGUF Q6_K blocks: %s; quantizing them from their float values", why)
+        tensors = {name: q for name, q in tensors.items() if q.source != "Q6_K"}
     types: dict[str, dict[int, str]] = {}  # module -> shard -> GGUF type
     parts: dict[str, dict[int, GroupQuantized]] = {}
     for hf_name, type_name in read_tensor_types(gguf_path, cfg.num_layers).items():

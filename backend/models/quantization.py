@@ -230,8 +230,8 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     return replaced
 
 
-GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")  # what models/gguf_quantized.py takes as stored
-GGUF_EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # ... bit for bit (Q4_K's scale products are rounded to fp16)
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0")  # what models/gguf_quantized.py takes as stored
+GGUF_EXACT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # ... bit for bit (k-quants' scale products are rounded to fp16)
 
 
 def layer_sources(model: nn.Module) -> dict[str, int]:
