@@ -23,11 +23,16 @@ MAX_STOP_STRING_CHARS = 256
 
 def check_stop_strings(stop: Sequence[str]) -> None:
     """Raise ValueError naming the limit when a stop list is over MAX_STOP_STRINGS or MAX_STOP_STRING_CHARS."""
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    for i, s in enumerate(stop):
-        if len(s) > MAX_STOP_STRING_CHARS:
-            raise ValueError(f"stop[{i}] must be at most {MAX_STOP_STRING_CHARS} characters long, got {len(s)}")
+    check_string_list("stop", stop, MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, "strings")
+
+
+def check_string_list(name: str, strings: Sequence[str], max_count: int, max_chars: int, noun: str) -> None:
+    """A request's list of strings within its limits (stop strings, bad words): ValueError naming the field."""
+    if len(strings) > max_count:
+        raise ValueError(f"{name} must hold at most {max_count} {noun}, got {len(strings)}")
+    for i, s in enumerate(strings):
+        if len(s) > max_chars:
+            raise ValueError(f"{name}[{i}] must be at most {max_chars} characters long, got {len(s)}")
 
 
 class _Automaton:

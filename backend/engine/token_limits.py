@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvtriton.backend.engine.stop_strings import check_string_list
 from kvtriton.backend.engine.token_bitmask import token_set_row
 
 if TYPE_CHECKING:
@@ -33,11 +34,7 @@ MAX_BAD_WORD_CHARS = 256
 
 def check_bad_words(words: Seq[str]) -> None:
     """ValueError naming the limit when a bad_words list is over MAX_BAD_WORDS or MAX_BAD_WORD_CHARS."""
-    if len(words) > MAX_BAD_WORDS:
-        raise ValueError(f"bad_words must hold at most {MAX_BAD_WORDS} words, got {len(words)}")
-    for i, word in enumerate(words):
-        if len(word) > MAX_BAD_WORD_CHARS:
-            raise ValueError(f"bad_words[{i}] must be at most {MAX_BAD_WORD_CHARS} characters long, got {len(word)}")
+    check_string_list("bad_words", words, MAX_BAD_WORDS, MAX_BAD_WORD_CHARS, "words")
 
 
 def bad_words_token_ids(tokenizer: Tokenizer, words: Seq[str]) -> tuple[tuple[int, ...], ...]:
