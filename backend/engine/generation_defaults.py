@@ -20,7 +20,6 @@ from typing import Any
 from kvtriton.backend.engine.sampling_params import SamplingParams
 
 KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-MODES = ("auto", "none")
 
 
 def sampling_defaults(folder: str | Path, mode: str) -> dict[str, Any]:

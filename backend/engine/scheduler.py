@@ -287,9 +287,9 @@ class Scheduler:
         if not self.waiting or not self.running:
             return
         head = self.waiting.peek()
-        if head.num_placeholders:
-            return  # itself preempted with a token in flight: admitted next step
-        bm = self.block_manager
+        if head.num_placeholders or self.running[-1].params.priority <= head.params.priority:
+            return  # preempted with a token in flight (admitted next step), or no one to take the place of
+        bm = self.block_manager  # only now the prompt's cached blocks: a hash a block, not every step's work
         hits, num_cached = bm.get_computed_blocks(head.token_ids) if not head.needs_prompt_logprobs else ([], 0)
         # A cached block nobody holds sits in the free queue: reusing it takes it from there too.
         needed = bm.num_blocks_needed(head.num_tokens - num_cached) + sum(1 for b in hits if b.ref_cnt == 0)

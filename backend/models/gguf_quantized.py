@@ -122,37 +122,37 @@ def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:
                           q.source)
 
 
-def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: int,
-                           num_kv_heads: int) -> dict[str, GroupQuantized]:
-    """{HF tensor name: GroupQuantized} for every Q4_0 / Q4_1 / Q4_K / Q8_0 tensor in the file, in HF's layout
-    (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for floats)."""
+def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: int, num_kv_heads: int,
+                           stored_types: tuple[str, ...] = GGUF_BLOCK_TYPES
+                           ) -> tuple[dict[str, GroupQuantized], dict[str, str]]:
+    """One pass over the file: ({HF tensor name: GroupQuantized} for every tensor of `stored_types`, in HF's
+    layout (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for
+    floats), {HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16", ...)} for every tensor)."""
     # Imported here: the gguf package is needed only where a GGUF is read (a host serving an HF folder may lack it).
     import gguf
 
-    from kvtriton.backend.models.gguf_checkpoint import ROPE_PERMUTED_ARCHITECTURES, hf_tensor_name, unpermute_rope_rows
+    from kvtriton.backend.models.gguf_checkpoint import (
+        ROPE_FREQS,
+        ROPE_PERMUTED_ARCHITECTURES,
+        hf_tensor_name,
+        unpermute_rope_rows,
+    )
 
     reader = gguf.GGUFReader(str(gguf_path))
     permuted = reader.fields["general.architecture"].contents() in ROPE_PERMUTED_ARCHITECTURES
-    out = {}
+    stored, types = {}, {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # not a weight (the config's rope scaling)
         type_name = tensor.tensor_type.name
-        if type_name not in GGUF_BLOCK_TYPES:
-            continue
         name = hf_tensor_name(tensor.name, num_layers)
+        types[name] = type_name
+        if type_name not in stored_types:
+            continue
         q = decode_blocks(tensor.data, type_name)
         for proj, heads in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
             if permuted and name.endswith(f"{proj}.weight"):
                 order = np.arange(q.shape[0])[:, None]  # (rows, 1): where each HF row comes from
                 q = permute_rows(q, unpermute_rope_rows(order, heads)[:, 0])
-        out[name] = q
-    return out
-
-
-def read_tensor_types(gguf_path: str | Path, num_layers: int) -> dict[str, str]:
-    """{HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16", ...)} for every tensor in the file."""
-    import gguf
-
-    from kvtriton.backend.models.gguf_checkpoint import ROPE_FREQS, hf_tensor_name
-
-    return {hf_tensor_name(t.name, num_layers): t.tensor_type.name for t in gguf.GGUFReader(str(gguf_path)).tensors
-            if t.name != ROPE_FREQS}
+        stored[name] = q
+    return stored, types

@@ -23,6 +23,7 @@ from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
     DEFAULT_GROUP_SIZE,
+    GGUF_BLOCK_TYPES,
     SCHEMES,
     DenseRows,
     GroupQuantized,
@@ -214,18 +215,21 @@ def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision
     5 to 8 bits (a Q4_K_M file's Q6_K attn_v fused with Q4_K q and k; Q5_K). Q6_K blocks are stored (int8
     groups of 16) only with keep_precision on a CPU where kvtriton's GEMV serves, the one kernel that takes
     groups of 16; elsewhere they are quantized from float as above, said once in the log."""
-    from kvtriton.backend.models.gguf_quantized import FLOAT_TYPES, TYPE_BITS, read_quantized_tensors, read_tensor_types
+    from kvtriton.backend.models.gguf_quantized import FLOAT_TYPES, TYPE_BITS, read_quantized_tensors
     from kvtriton.backend.models.int4 import gemv_serves
 
-    tensors = read_quantized_tensors(gguf_path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
-    if any(q.source == "Q6_K" for q in tensors.values()) and not (keep_precision and on_cpu and gemv_serves()):
+    stored_types = GGUF_BLOCK_TYPES
+    if not (keep_precision and on_cpu and gemv_serves()):
+        stored_types = tuple(t for t in GGUF_BLOCK_TYPES if t != "Q6_K")
+    tensors, file_types = read_quantized_tensors(gguf_path, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                                                 stored_types)
+    if "Q6_K" in file_types.values() and "Q6_K" not in stored_types:
         why = "stored only under quantization auto" if not keep_precision else \
             "stored only on a CPU where kvtriton's int4 GEMV serves (the kernel that takes groups of 16)"
         log.info("GGUF Q6_K blocks: %s; quantizing them from their float values", why)
-        tensors = {name: q for name, q in tensors.items() if q.source != "Q6_K"}
     types: dict[str, dict[int, str]] = {}  # module -> shard -> GGUF type
     parts: dict[str, dict[int, GroupQuantized]] = {}
-    for hf_name, type_name in read_tensor_types(gguf_path, cfg.num_layers).items():
+    for hf_name, type_name in file_types.items():
         name = hf_name.removeprefix("model.")
         if name == "embed_tokens.weight":
             if not cfg.tie_word_embeddings:
