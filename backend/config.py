@@ -8,6 +8,7 @@ can be measured: prefix caching, chunked prefill, CUDA graphs.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -108,6 +109,10 @@ class EngineConfig:
     # Back-off: a step with at least this many running sequences does not speculate (the batch already keeps
     # the device busy, and verifying k extra tokens per sequence costs more than it saves). 0: never.
     speculative_disable_by_batch_size: int = 8
+    # LoRA adapters served beside the model (vLLM's --lora-modules, Triton vllm_backend's multi-LoRA):
+    # "name=path[,name=path...]", each a PEFT folder (adapter_config.json, adapter_model.safetensors), all read at
+    # load and resident; a request picks one by its lora_name (models/lora.py). The torch runner on one device.
+    lora_modules: str = ""
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -162,6 +167,9 @@ class EngineConfig:
                                  "cuda:r; CUDA_VISIBLE_DEVICES picks the GPUs)")
 
         self._validate_speculative()
+        if self.lora_adapters and (self.runner != "torch" or self.tensor_parallel_size > 1):
+            raise ValueError("lora_modules needs the torch runner on one device (tensor_parallel_size 1): exported "
+                             "graphs and the tensor-parallel ranks hold no adapter weights")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < 2:
             raise ValueError("max_num_batched_tokens too small to prefill without chunking")
 
@@ -197,6 +205,11 @@ class EngineConfig:
                              "split); use tensor_parallel_size 1")
 
     @property
+    def lora_adapters(self) -> dict[str, str]:
+        """lora_modules as name -> path, in the order given (adapter i + 1 is the i-th)."""
+        return parse_lora_modules(self.lora_modules)
+
+    @property
     def speculative_enabled(self) -> bool:
         return self.speculative_method != "none"
 
@@ -210,6 +223,21 @@ class EngineConfig:
                 raise ValueError(f"unknown engine parameter {key!r}; known: {', '.join(sorted(fields))}")
             kwargs[key] = convert_parameter(key, fields[key].type, raw)
         return cls(**kwargs)
+
+
+def parse_lora_modules(text: str) -> dict[str, str]:
+    """lora_modules ("name=path,name=path", blanks around each part ignored) as name -> path; ValueError naming
+    the entry for a malformed one or a repeated name."""
+    adapters: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = (part.strip() for part in entry.partition("="))
+        if not sep or not path or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ValueError(f"lora_modules entry {entry!r}: want name=path, the name of letters, digits, '.', '_' "
+                             "or '-'")
+        if name in adapters:
+            raise ValueError(f"lora_modules names {name!r} twice")
+        adapters[name] = path
+    return adapters
 
 
 def convert_parameter(key: str, type_name: Any, raw: Any) -> Any:

@@ -18,6 +18,7 @@ class Seq:
     def __init__(self, token_ids, num_computed_tokens, block_ids):
         self.token_ids, self.num_computed_tokens, self.block_ids = token_ids, num_computed_tokens, block_ids
         self.spec_token_ids: list[int] = []
+        self.lora_adapter = 0
 
 
 def small_runner(**config) -> TorchRunner:

@@ -28,6 +28,9 @@ def assert_same_step(got: StepInput, want: StepInput) -> None:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert torch.equal(got.attn.slot_mapping, want.attn.slot_mapping)
     assert torch.equal(got.attn.context_lens, want.attn.context_lens)
+    assert (got.token_adapters is None) == (want.token_adapters is None)
+    if want.token_adapters is not None:
+        assert torch.equal(got.token_adapters, want.token_adapters)
 
 
 def drive(num_blocks: int, arrivals: dict[int, list[Sequence]], steps: int, seed: int = 0):
@@ -49,8 +52,8 @@ def drive(num_blocks: int, arrivals: dict[int, list[Sequence]], steps: int, seed
         pending = None if out.is_empty else out
 
 
-def prompt(name: str, n: int, max_tokens: int) -> Sequence:
-    return Sequence(name, list(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens))
+def prompt(name: str, n: int, max_tokens: int, lora_adapter: int = 0) -> Sequence:
+    return Sequence(name, list(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens), lora_adapter=lora_adapter)
 
 
 def test_steady_decode_steps_equal_prepare_step_as_tables_grow_rows_finish_and_arrive():
@@ -65,6 +68,19 @@ def test_steady_decode_steps_equal_prepare_step_as_tables_grow_rows_finish_and_a
         else:  # a prefill in the step: prepare_step builds it
             assert got is None
     assert served > 60
+
+
+def test_rows_of_lora_adapters_carry_them_and_base_only_batches_carry_none():
+    # a and c end early: the batch becomes base-only (b, d), then adapted rows arrive again (e).
+    arrivals = {0: [prompt("a", 5, 20, lora_adapter=2), prompt("b", 3, 60), prompt("c", 9, 20, lora_adapter=1)],
+                10: [prompt("d", 6, 50)], 40: [prompt("e", 2, 30, lora_adapter=1)]}
+    adapted = base_only = 0
+    for scheduled, got, want in drive(64, arrivals, 80):
+        if got is not None:
+            assert_same_step(got, want)
+            adapted += got.token_adapters is not None
+            base_only += got.token_adapters is None
+    assert adapted > 10 and base_only > 10
 
 
 def test_preemption_and_the_rows_after_it_stay_exact():

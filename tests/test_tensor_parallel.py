@@ -38,6 +38,7 @@ class Seq:  # what prepare_step reads of a scheduled sequence
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)  # no speculative proposals
+    lora_adapter: int = 0  # the base model
 
 
 def run_steps(runner, block_size: int, device: str = "cpu") -> list[torch.Tensor]:

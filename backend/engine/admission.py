@@ -31,6 +31,7 @@ class AdmissionLimits:
     # the logits of every prompt token; the exported graphs and the tensor-parallel step give one row a sequence.
     prompt_logprobs_refusal: str = ""
     scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: under fcfs a request's priority must be 0
+    lora_names: tuple[str, ...] = ()  # the LoRA adapters a request may name (EngineConfig.lora_adapters' order)
 
 
 class Admission:
@@ -97,6 +98,10 @@ class Admission:
         if params.priority and lim.scheduling_policy != "priority":
             raise ValueError(f"priority {params.priority} needs scheduling_policy priority; this model schedules "
                              f"{lim.scheduling_policy} (first come, first served), where only priority 0 is accepted")
+        if params.lora_name is not None and params.lora_name not in lim.lora_names:
+            served = f"this model serves {', '.join(lim.lora_names)}" if lim.lora_names else \
+                "this model serves none (its lora_modules setting is empty)"
+            raise ValueError(f"lora_name {params.lora_name!r} is not a LoRA adapter of this model; {served}")
         k = params.num_speculative_tokens
         if k is not None and k > lim.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens {k} is more than this model allows "

@@ -39,6 +39,12 @@ def hash_block_tokens(parent_hash: int | None, block_tokens: Sequence[int]) -> i
     return hash((parent_hash, tuple(block_tokens)))
 
 
+def chain_root(namespace: int) -> int | None:
+    """The parent hash of a sequence's first block. Namespace 0 (the base model) has None; another (a LoRA
+    adapter, whose K/V for the same tokens differ) a root of its own, so its blocks match only its own."""
+    return None if namespace == 0 else hash(("namespace", namespace))
+
+
 class BlockManager:
     """Allocates KV blocks to sequences and reuses full blocks across prompts.
 
@@ -87,6 +93,7 @@ class BlockManager:
         # from block.block_hash because a full block whose hash was already
         # registered by another block stays unhashed, yet the chain must go on.
         self._seq_hashes: dict[str, list[int]] = {}
+        self._seq_roots: dict[str, int] = {}  # the chain root of each sequence outside namespace 0 (chain_root)
         # Metrics, in tokens, counted once per admitted sequence (first
         # allocation), so a prompt that waits and is looked up again is not
         # counted twice.
@@ -114,7 +121,7 @@ class BlockManager:
         """Block ids of the sequence in token order; [] for an unknown sequence."""
         return [b.block_id for b in self._tables.get(request_id, ())]
 
-    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[KVCacheBlock], int]:
+    def get_computed_blocks(self, token_ids: Sequence[int], namespace: int = 0) -> tuple[list[KVCacheBlock], int]:
         """Longest run of full prompt blocks already cached, and the tokens they cover.
 
         At least one token is always left to compute (its logits are needed),
@@ -124,7 +131,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return [], 0
         hits: list[KVCacheBlock] = []
-        parent: int | None = None
+        parent = chain_root(namespace)
         bs = self.block_size
         for i in range(max(len(token_ids) - 1, 0) // bs):
             parent = hash_block_tokens(parent, token_ids[i * bs:(i + 1) * bs])
@@ -138,7 +145,7 @@ class BlockManager:
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                        num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None,
-                       num_placeholders: int = 0) -> list[int] | None:
+                       num_placeholders: int = 0, namespace: int = 0) -> list[int] | None:
         """Grow the sequence's block table to cover num_computed + num_new tokens.
 
         ``new_computed_blocks`` (prefix hits from :meth:`get_computed_blocks`)
@@ -147,6 +154,8 @@ class BlockManager:
         ``num_placeholders``: the last tokens being computed are sampled but not
         yet known on the host (async scheduling); they get slots, and a block
         is hashed only once all its tokens are known (a later call).
+        ``namespace``: the sequence's prefix-cache namespace (chain_root), the
+        one `get_computed_blocks` was given; read on the first allocation.
         Returns the newly allocated block ids, or None when the pool is short;
         then nothing has changed. Every block that becomes full of known tokens
         by this step is registered for prefix reuse at once.
@@ -154,7 +163,7 @@ class BlockManager:
         hits = new_computed_blocks or []
         table = self._tables.get(request_id)
         self._validate_request(request_id, table, token_ids, num_computed_tokens, num_new_tokens, hits,
-                               num_placeholders)
+                               num_placeholders, namespace)
         num_held = (len(table) if table is not None else 0) + len(hits)
         num_total = num_computed_tokens + num_new_tokens
         num_new_blocks = max(self.num_blocks_needed(num_total) - num_held, 0)
@@ -167,6 +176,8 @@ class BlockManager:
         if table is None:
             table = self._tables[request_id] = []
             if self.enable_prefix_caching:
+                if namespace:
+                    self._seq_roots[request_id] = chain_root(namespace)
                 self._seq_hashes[request_id] = [b.block_hash for b in hits]
                 self.prefix_queries += len(token_ids)
                 self.prefix_hits += len(hits) * self.block_size
@@ -193,6 +204,7 @@ class BlockManager:
         """
         table = self._tables.pop(request_id, None)
         self._seq_hashes.pop(request_id, None)
+        self._seq_roots.pop(request_id, None)
         if table is None:
             return
         for block in reversed(table):
@@ -239,7 +251,8 @@ class BlockManager:
 
     def _validate_request(self, request_id: str, table: list[KVCacheBlock] | None,
                           token_ids: Sequence[int], num_computed_tokens: int,
-                          num_new_tokens: int, hits: list[KVCacheBlock], num_placeholders: int = 0) -> None:
+                          num_new_tokens: int, hits: list[KVCacheBlock], num_placeholders: int = 0,
+                          namespace: int = 0) -> None:
         """Reject caller bugs loudly; a silent mistake here corrupts KV of other sequences."""
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(
@@ -267,7 +280,7 @@ class BlockManager:
                 f"{len(table)} blocks hold only {len(table) * self.block_size}")
         # A hit is only valid while the block still holds this prompt's
         # prefix: it may have been evicted and refilled since the lookup.
-        parent: int | None = None
+        parent = chain_root(namespace)
         bs = self.block_size
         for i, block in enumerate(hits):
             parent = hash_block_tokens(parent, token_ids[i * bs:(i + 1) * bs])
@@ -292,7 +305,7 @@ class BlockManager:
         hashes = self._seq_hashes[request_id]
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else self._seq_roots.get(request_id)
             h = hash_block_tokens(parent, token_ids[i * bs:(i + 1) * bs])
             hashes.append(h)
             block = table[i]

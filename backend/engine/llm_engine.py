@@ -111,7 +111,8 @@ class LLMEngine:
             block_size=config.block_size,
             max_prompt_bytes=config.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * self.max_model_len,
             num_speculative_tokens=config.num_speculative_tokens,
-            prompt_logprobs_refusal=_prompt_logprobs_refusal(config), scheduling_policy=config.scheduling_policy))
+            prompt_logprobs_refusal=_prompt_logprobs_refusal(config), scheduling_policy=config.scheduling_policy,
+            lora_names=tuple(config.lora_adapters)))
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
@@ -168,11 +169,16 @@ class LLMEngine:
         speculates = grammar is None and not (params.allowed_token_ids or bad_words) and params.prompt_logprobs is None
         seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
                        num_speculative_tokens=self._speculative_tokens(params) if speculates else 0,
-                       bad_words_token_ids=bad_words)
+                       bad_words_token_ids=bad_words, lora_adapter=self._lora_adapter(params))
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))
         self._wakeup.set()
         return sink
+
+    def _lora_adapter(self, params: SamplingParams) -> int:
+        """The request's adapter, 1-based (0: the base model); admission checked its name."""
+        names = self.admission.limits.lora_names
+        return 0 if params.lora_name is None else names.index(params.lora_name) + 1
 
     def _speculative_tokens(self, params: SamplingParams) -> int:
         """The request's k: the server's unless it asks for fewer (0: none; more was refused by admission)."""

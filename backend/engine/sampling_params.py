@@ -75,6 +75,9 @@ class SamplingParams:
     # Scheduling, not sampling, but per request like the rest (vLLM's `priority`): under the engine's
     # scheduling_policy "priority", lower runs sooner (request_queue.py); under "fcfs" only 0 is accepted.
     priority: int = 0
+    # The LoRA adapter to run through (EngineConfig.lora_modules' name, as Triton vllm_backend's key); None: the
+    # base model. Known names are checked at admission.
+    lora_name: str | None = None
     guided_json: str | None = None  # a JSON schema (an object is serialised)
     guided_regex: str | None = None
     guided_grammar: str | None = None  # Lark, or GBNF / EBNF (llama.cpp's)
@@ -100,6 +103,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
+        if self.lora_name is not None and (not isinstance(self.lora_name, str) or not self.lora_name):
+            raise ValueError(f"lora_name must be an adapter's name (a non-empty string), got {self.lora_name!r}")
         self._normalise_sequences()
         self._check_ranges()
         self._check_guided()
@@ -248,7 +253,7 @@ def _coerce(name: str, value: Any) -> Any:
         return tuple(_coerce_int(name, v) for v in _as_list(name, value))
     if name == "guided_choice":
         return _as_list(name, value)  # its strings are checked by __post_init__
-    if name in _GUIDED_TEXT_FIELDS or name == "logit_bias":
+    if name in _GUIDED_TEXT_FIELDS or name in ("logit_bias", "lora_name"):
         return value  # checked by __post_init__ (guided_json may be an object, logit_bias is one)
     raise AssertionError(f"no coercion for field {name}")
 

@@ -240,14 +240,15 @@ class Scheduler:
             # A prompt whose logprobs are asked for is computed whole (vLLM does the same): cached blocks would
             # skip positions whose logits are needed.
             if seq.num_computed_tokens == 0 and not seq.needs_prompt_logprobs:
-                hits, num_cached = bm.get_computed_blocks(seq.token_ids)
+                hits, num_cached = bm.get_computed_blocks(seq.token_ids, seq.lora_adapter)
             scores_prompt = seq.needs_prompt_logprobs
             n = self._share(seq.num_tokens - num_cached, min(budget, logit_budget) if scores_prompt else budget)
             if n == 0:
                 break
             if scores_prompt:
                 logit_budget -= n
-            new_ids = bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None)
+            new_ids = bm.allocate_slots(seq.request_id, seq.token_ids, num_cached, n, hits or None,
+                                        namespace=seq.lora_adapter)  # an adapter's K/V is its own to share
             if new_ids is None:
                 break  # wait for blocks rather than let a later, smaller request overtake
             self.waiting.pop()
@@ -290,7 +291,8 @@ class Scheduler:
         if head.num_placeholders or self.running[-1].params.priority <= head.params.priority:
             return  # preempted with a token in flight (admitted next step), or no one to take the place of
         bm = self.block_manager  # only now the prompt's cached blocks: a hash a block, not every step's work
-        hits, num_cached = bm.get_computed_blocks(head.token_ids) if not head.needs_prompt_logprobs else ([], 0)
+        hits, num_cached = (bm.get_computed_blocks(head.token_ids, head.lora_adapter)
+                            if not head.needs_prompt_logprobs else ([], 0))
         # A cached block nobody holds sits in the free queue: reusing it takes it from there too.
         needed = bm.num_blocks_needed(head.num_tokens - num_cached) + sum(1 for b in hits if b.ref_cnt == 0)
         while (self.running and self.running[-1].params.priority > head.params.priority

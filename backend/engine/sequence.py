@@ -58,6 +58,8 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     # params.bad_words as token sequences (token_limits.bad_words_token_ids), tokenized once at admission
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # The LoRA adapter its tokens run through, 1-based in EngineConfig.lora_adapters' order (0: the base model).
+    lora_adapter: int = 0
     num_spec_proposed_tokens: int = 0  # since arrival
     num_spec_accepted_tokens: int = 0
     # params.prompt_logprobs: the logprob of prompt tokens 1, 2, ... computed so far (token 0 has none). Their

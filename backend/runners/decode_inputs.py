@@ -38,6 +38,7 @@ class DecodeInputs:
         self._tables = np.zeros((0, 0), dtype=np.int64)
         self._lens = np.zeros(0, dtype=np.int64)
         self._starts = np.zeros(0, dtype=np.int64)  # each row's position in the last step
+        self._adapters = np.zeros(0, dtype=np.int64)  # each row's LoRA adapter (0: the base model)
         # Pinned staging buffers and the event of the copy that last read each (CUDA only).
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list[torch.cuda.Event | None] = [None, None]
@@ -55,6 +56,7 @@ class DecodeInputs:
             self._write_tables(seqs, np.flatnonzero(starts // self.block_size >= self._lens[:b]))
         elif self._decodes_device_tokens(scheduled, starts):
             self._write_tables(seqs, range(b))
+            self._adapters = np.fromiter((seq.lora_adapter for seq in seqs), dtype=np.int64, count=b)
         else:
             self._rows = []
             return None
@@ -67,12 +69,15 @@ class DecodeInputs:
         slots = self._tables[rows, starts // bs] * bs + starts % bs
         context_lens = starts + 1
         width = int(self._lens[:b].max())
+        adapted = bool(self._adapters.any())  # the rows' adapters ride in the same copy, after the tables
         host = np.concatenate([np.zeros(b, dtype=np.int64), starts, slots, context_lens, rows,
-                               self._tables[:b, :width].reshape(-1)])
+                               self._tables[:b, :width].reshape(-1), self._adapters if adapted else rows[:0]])
         device = self._to_device(host)
-        step = unpack_step(device[: 5 * b], device[5 * b :].view(b, width), b, b, [1] * b, context_lens.tolist(),
-                           -(-int(context_lens.max()) // bs))
+        tables_end = 5 * b + b * width
+        step = unpack_step(device[: 5 * b], device[5 * b : tables_end].view(b, width), b, b, [1] * b,
+                           context_lens.tolist(), -(-int(context_lens.max()) // bs))
         step.placeholders = [(i, i) for i in range(b)]
+        step.token_adapters = device[tables_end:] if adapted else None
         return step
 
     @staticmethod

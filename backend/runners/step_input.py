@@ -25,6 +25,7 @@ class ScheduledSequence(Protocol):
     num_computed_tokens: int  # tokens with K/V in the pools once this step ran (this step's included)
     block_ids: list[int]  # the block table, covering num_computed_tokens
     spec_token_ids: list[int]  # speculative proposals scheduled after token_ids (verified by this step)
+    lora_adapter: int  # the LoRA adapter its tokens run through, 1-based (0: the base model; models/lora.py)
 
 
 @dataclass
@@ -44,6 +45,9 @@ class StepInput:
     # Prompt logprobs: (row in `scheduled`, positions) of the prompt tokens whose logits this step also
     # computes; their rows come last in last_token_indices, after every row above, in this order.
     prompt_logprob_rows: list[tuple[int, range]] | None = None
+    # (N,) int64: each packed token's LoRA adapter (0: the base model); None when no sequence of the step has one,
+    # so that base-model steps carry nothing for it.
+    token_adapters: torch.Tensor | None = None
 
     @property
     def num_prompt_logit_rows(self) -> int:
@@ -113,6 +117,9 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
                        len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
     step.prompt_logprob_rows = prompt_logprob_rows or None
+    if any(seq.lora_adapter for seq, _ in scheduled):
+        adapters = np.repeat(np.array([seq.lora_adapter for seq, _ in scheduled], dtype=np.int64), query_lens)
+        step.token_adapters = to_device(torch.from_numpy(adapters), device)
     return step
 
 

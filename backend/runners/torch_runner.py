@@ -51,6 +51,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
 from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.loader import load_model, resolve_quantization
+from kvtriton.backend.models.lora import attach_adapters, load_adapter
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
 from kvtriton.backend.models.parallel.sharding import rank_model_config
@@ -92,6 +93,7 @@ class TorchRunner:
                                     dummy=config.dummy_weights, quantization=quantization,
                                     group_size=config.quantization_group_size, gguf=gguf,
                                     dense_min_rows=config.cpu_dense_min_rows, keep_gguf_precision=keep_precision)
+        self.lora_names = self._load_lora_adapters()  # adapter i + 1 of a step's token_adapters is lora_names[i]
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
@@ -122,6 +124,17 @@ class TorchRunner:
             if config.enable_torch_compile:
                 self.model.compile_layers()
             self._capture_all()
+
+    def _load_lora_adapters(self) -> tuple[str, ...]:
+        """Read lora_modules' adapters and stack them onto the model's projections (models/lora.py)."""
+        adapters = [load_adapter(name, path, self.model_config) for name, path in self.config.lora_adapters.items()]
+        if not adapters:
+            return ()
+        attach_adapters(self.model, adapters, self.dtype, self.device)
+        log.info("LoRA adapters: %s; a step with an adapted token runs eagerly (no CUDA graph, no compiled CPU "
+                 "decode), steps of base-model requests as before",
+                 ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections)" for a in adapters))
+        return tuple(a.name for a in adapters)
 
     def _compiled_decode(self) -> CompiledDecode | None:
         """The CPU's decode step compiled (cpu_compile_decode), or None."""
@@ -266,6 +279,8 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
+        if step.token_adapters is not None and self.lora_names:  # the graphs and compiled steps have no adapters
+            return self.execute_eager(step)
         if self.compiled_decode is not None and step.attn.num_decodes == b:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
             return self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping,
@@ -291,7 +306,8 @@ class TorchRunner:
                               decode_attention_fn=self._eager_decode_attention())
         dense = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
         with dense.prefill_step() if dense is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
-            hidden = self.model(step.input_ids, step.positions, attn)
+            adapters = step.token_adapters if self.lora_names else None  # a draft runner proposes as the base
+            hidden = self.model(step.input_ids, step.positions, attn, adapters)
             return self.model.compute_logits(hidden[step.last_token_indices])  # (M, V)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------

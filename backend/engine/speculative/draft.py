@@ -48,6 +48,7 @@ class _DraftSequence:
     block_ids: list[int] = field(default_factory=list)
     num_verified: int = 0  # leading token_ids known to be the sequence's own (the rest were proposals)
     spec_token_ids: list[int] = field(default_factory=list)  # always empty: the draft verifies nothing
+    lora_adapter: int = 0  # the draft proposes as the base model, whatever adapter the request runs through
 
     @property
     def num_computed_tokens(self) -> int:
@@ -80,7 +81,8 @@ class DraftProposer:
                                  f"model's {target_tokenizer.vocab_size}; a draft must share the tokenizer")
         draft_config = dataclasses.replace(
             config, model=model, quantization=quantization, num_kv_blocks=num_blocks, speculative_method="none",
-            speculative_model="", num_speculative_tokens=0)
+            speculative_model="", num_speculative_tokens=0,
+            lora_modules="")  # the draft proposes as the base model: its proposals are verified with the adapter
         model_config = ModelConfig.from_pretrained(folder)
         # The torch runner (speculation needs it, EngineConfig checks): after a verify step the draft catches up
         # on 1 or 2 tokens per sequence (the correction, or the last proposal and the bonus), which replays its
