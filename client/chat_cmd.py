@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(client, sampling_from_args(args), args.system, args.chat_template_kwargs)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"kvtriton chat with {args.model} at {client.endpoint.url}; /help lists commands, Ctrl-D exits.")
+        adapter = f" (LoRA adapter {args.lora})" if args.lora else ""
+        print(f"kvtriton chat with {args.model}{adapter} at {client.endpoint.url}; /help lists commands, Ctrl-D "
+              "exits.")
     status = 0
     with client:
         while True:

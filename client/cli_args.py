@@ -19,7 +19,7 @@ _SAMPLING_OPTIONS = {
     "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
     "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty", "priority": "priority",
+    "frequency_penalty": "frequency_penalty", "priority": "priority", "lora": "lora_name",
 }
 
 
@@ -39,6 +39,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, help="0 = off, in [-2, 2]")
     g.add_argument("--priority", type=int,
                    help="lower runs sooner, on a server with scheduling_policy priority (others accept only 0)")
+    g.add_argument("--lora", metavar="NAME",
+                   help="generate with this LoRA adapter of the model (a name in its lora_modules); unset: the base "
+                        "model")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:

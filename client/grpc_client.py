@@ -197,6 +197,15 @@ class AsyncGrpcTransport:
     async def server_metadata(self) -> dict:
         return await self._get_client().get_server_metadata(as_json=True, client_timeout=PROBE_TIMEOUT_S)
 
+    async def model_config(self) -> dict:
+        """The model's config as Triton shows it (JSON); ServerUnavailableError or ServerError when it cannot."""
+        try:
+            answer = await self._get_client().get_model_config(self.model, as_json=True,
+                                                               client_timeout=PROBE_TIMEOUT_S)
+        except InferenceServerException as e:
+            raise _error(self.endpoint, e) from None
+        return answer["config"]  # gRPC's ModelConfigResponse wraps it
+
     async def responses(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         async def one_request():
             yield {"model_name": self.model, "inputs": infer_inputs(request), "request_id": request.request_id,

@@ -171,6 +171,18 @@ class AsyncHttpTransport:
         async with self._get_session().get(f"{self.base}/v2", timeout=timeout) as r:
             return json.loads(await r.read())
 
+    async def model_config(self) -> dict:
+        """The model's config as Triton shows it (JSON); ServerUnavailableError or ServerError when it cannot."""
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        try:
+            async with self._get_session().get(f"{self.base}/v2/models/{self.model}/config", timeout=timeout) as r:
+                status, body = r.status, await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise ServerUnavailableError(self.endpoint.url, f"connection failed ({e or type(e).__name__})") from None
+        if status != 200:
+            raise _error_body(self.endpoint, status, body)
+        return json.loads(body)
+
     async def responses(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         session = self._get_session()
         response = None

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"file holding the key clients must send as Authorization: Bearer <key> (OpenAI's SDKs do) "
                         f"on every route but /health (default: ${API_KEY_ENV}; without either the API is open)")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id clients pass as `model` (default: the Triton model's name, --model)")
+                   help="the model id clients pass as `model` (default: the Triton model's name, --model); the "
+                        "model's LoRA adapters (its lora_modules) answer to their own names")
     g.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                    help="how tool_choice \"auto\" (OpenAI's default when a request has tools) finds tool calls in "
                         "the model's output: hermes, <tool_call>{...}</tool_call> (Hermes, Qwen2.5/3, SmolLM3); "

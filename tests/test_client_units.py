@@ -1,23 +1,35 @@
 """kvtriton.client pieces that need no server: URL parsing, request building, error typing,
-completion timing, prompt lengths, benchmark statistics."""
+completion timing, prompt lengths, benchmark statistics, LoRA adapters (lora_modules, lora_name)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import json
 import math
+import sys
 
 import pytest
+from aiohttp import web
 
 from kvtriton.backend.engine.sampling_params import SamplingParams
+from kvtriton.backend.entrypoints.tritonserver import free_ports
+from kvtriton.client import chat_cmd, generate_cmd
+from kvtriton.client.api import AsyncLLMClient, LLMClient
 from kvtriton.client.bench_cmd import _int_list, _rate_list
 from kvtriton.client.bench_report import distribution, summarize
 from kvtriton.client.cli_args import add_sampling_arguments, sampling_from_args
 from kvtriton.client.endpoint import Endpoint
 from kvtriton.client.errors import InvalidRequestError, ServerError, server_error
+from kvtriton.client.grpc_client import AsyncGrpcTransport
+from kvtriton.client.http_client import AsyncHttpTransport
 from kvtriton.client.loadgen import LoadPoint, PointRun, RequestRecord
+from kvtriton.client.lora_modules import lora_modules_in
 from kvtriton.client.prompts import WORDS, make_prompts
 from kvtriton.client.types import Chunk, CompletionBuilder, GenerateRequest
+
+from tests.fake_transport import FakeModel
 
 
 @pytest.mark.parametrize("url,protocol,expected", [
@@ -117,9 +129,9 @@ def test_sampling_options_map_to_contract_names():
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
     args = parser.parse_args(["--max-tokens", "8", "--temperature", "0", "--stop", "a", "--stop", "b",
-                              "--ignore-eos", "--repetition-penalty", "1.1"])
+                              "--ignore-eos", "--repetition-penalty", "1.1", "--lora", "sql"])
     assert sampling_from_args(args) == {"max_tokens": 8, "temperature": 0.0, "stop": ["a", "b"], "ignore_eos": True,
-                                        "repetition_penalty": 1.1}
+                                        "repetition_penalty": 1.1, "lora_name": "sql"}
     assert sampling_from_args(parser.parse_args([])) == {}  # unset options leave the server's defaults
     SamplingParams.from_dict(sampling_from_args(args))  # every option is a key the server accepts
 
@@ -195,3 +207,95 @@ def test_crosscheck_uses_the_admin_key_names_of_kvtriton_serve():
 
     assert crosscheck.ADMIN_KEY_ENV == serve.ADMIN_KEY_ENV
     assert crosscheck.ADMIN_KEY_HEADER == tritonserver.ADMIN_KEY_HEADER
+
+
+@pytest.mark.parametrize("text, adapters", [
+    ("", {}),
+    ("  ", {}),
+    ("sql=/adapters/sql", {"sql": "/adapters/sql"}),
+    (" sql = /adapters/sql , chat-v1.2_x=/a/b=c, ", {"sql": "/adapters/sql", "chat-v1.2_x": "/a/b=c"}),
+])
+def test_lora_modules_read_as_names_and_paths_in_order(text, adapters):
+    config = {"parameters": {"lora_modules": {"string_value": text}}}
+    assert list(lora_modules_in(config).items()) == list(adapters.items())
+    assert lora_modules_in({"parameters": {}}) == {}
+
+
+def test_lora_name_goes_as_a_sampling_parameter_and_only_when_set(monkeypatch):
+    model = FakeModel().installed(monkeypatch)
+    with LLMClient("127.0.0.1:9") as client:
+        assert client.generate("Hi", lora_name="sql", max_tokens=2).text == "ok"
+        client.generate("Hi", max_tokens=2)
+        list(client.stream(messages=[{"role": "user", "content": "Hi"}], lora_name="sql"))
+
+    async def run_async() -> None:
+        async with AsyncLLMClient("http://127.0.0.1:9") as client:
+            await client.generate("Hi", lora_name="chat")
+            async for _ in client.stream("Hi", lora_name="chat", temperature=0):
+                pass
+            await client.tokenize("Hi")  # a task: no adapter, no sampling
+    asyncio.run(run_async())
+    assert [model.sampling(i) for i in range(len(model.requests))] == [
+        {"max_tokens": 2, "lora_name": "sql"}, {"max_tokens": 2}, {"lora_name": "sql"},
+        {"lora_name": "chat"}, {"lora_name": "chat", "temperature": 0}, {}]
+
+
+def test_generate_and_chat_send_the_lora_option(monkeypatch, capsys):
+    model = FakeModel().installed(monkeypatch)
+    assert generate_cmd.main(["Hi", "--url", "127.0.0.1:9", "--lora", "sql", "--max-tokens", "2"]) == 0
+    assert generate_cmd.main(["Hi", "--url", "127.0.0.1:9"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert chat_cmd.main(["--url", "127.0.0.1:9", "--lora", "chat"]) == 0
+    assert capsys.readouterr().out == "ok\nok\nok\n"
+    assert [model.sampling(i) for i in range(3)] == [{"lora_name": "sql", "max_tokens": 2}, {}, {"lora_name": "chat"}]
+
+
+def test_the_async_client_reads_the_lora_adapters_from_the_model_config(monkeypatch):
+    async def adapters(lora_modules: str | None) -> dict[str, str]:
+        FakeModel(lora_modules).installed(monkeypatch)
+        async with AsyncLLMClient("127.0.0.1:9", connect_retries=0) as client:
+            return await client.lora_modules()
+
+    assert asyncio.run(adapters("sql=/a/sql, chat=/a/chat")) == {"sql": "/a/sql", "chat": "/a/chat"}
+    assert asyncio.run(adapters(None)) == {}  # a model without the parameter
+
+
+CONFIG = {"name": "llm", "parameters": {"lora_modules": {"string_value": "sql=/a/sql"}}}
+
+
+def test_both_async_transports_fetch_the_model_config():
+    class GrpcClient:  # tritonclient.grpc.aio's answer: the config inside a ModelConfigResponse
+        async def get_model_config(self, model, as_json=False, client_timeout=None):
+            assert model == "llm" and as_json
+            return {"config": CONFIG}
+
+    grpc = AsyncGrpcTransport(Endpoint.parse("127.0.0.1:9"), "llm", 5.0)
+    grpc._client = GrpcClient()
+    assert asyncio.run(grpc.model_config()) == CONFIG
+
+    async def config_route(_: web.Request) -> web.Response:
+        return web.json_response(CONFIG)
+
+    async def over_http() -> tuple[dict, Exception]:
+        app = web.Application()
+        app.router.add_get("/v2/models/llm/config", config_route)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            http = AsyncHttpTransport(Endpoint.parse(f"http://127.0.0.1:{port}"), "llm", 5.0)
+            missing = AsyncHttpTransport(Endpoint.parse(f"http://127.0.0.1:{port}"), "nope", 5.0)
+            try:
+                config = await http.model_config()
+                with pytest.raises(ServerError) as info:
+                    await missing.model_config()
+                return config, info.value
+            finally:
+                await http.close()
+                await missing.close()
+        finally:
+            await runner.cleanup()
+
+    config, error = asyncio.run(over_http())
+    assert config == CONFIG and "HTTP 404" in str(error)

@@ -1,10 +1,12 @@
 """The OpenAI frontend without a server: request bodies -> the `llm` model's sampling parameters, the checks
-that answer 400 / 404 before anything reaches Triton, and the mapping of client errors to OpenAI's shape."""
+that answer 400 / 404 before anything reaches Triton, the mapping of client errors to OpenAI's shape, and a
+request's `model` as the base model or one of its LoRA adapters (against tests/fake_transport.py)."""
 
 from __future__ import annotations
 
 import json
 import socket
+from unittest.mock import ANY
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +20,8 @@ from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
 from kvtriton.client.openai.protocol import ChatCompletionRequest, CompletionRequest
 from kvtriton.client.openai.serving import chat_choices, completion_choices, completion_logprobs, vllm_prompt_logprobs
+
+from tests.fake_transport import MAX_MODEL_LEN, FakeModel
 
 CHAT = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -293,3 +297,77 @@ def test_prompt_logprobs_take_vllms_shape_the_token_first_then_the_top_n_ranked(
     assert list(second) == ["7", "9", "4"]
     assert list(vllm_prompt_logprobs(entries, 3)[1]) == ["7", "9", "4"]  # in the top 3: listed once
     assert vllm_prompt_logprobs(entries, None) is None  # asked for by an echo only: not in the answer
+
+
+def served_app(monkeypatch, model: FakeModel) -> TestClient:
+    model.installed(monkeypatch)
+    return TestClient(create_app(AsyncLLMClient("127.0.0.1:9", connect_retries=0), "llm"))
+
+
+ADAPTERS = "sql=/adapters/sql, chat=/adapters/chat"
+
+
+def test_models_lists_the_base_then_its_lora_adapters(monkeypatch):
+    with served_app(monkeypatch, FakeModel(ADAPTERS)) as c:
+        cards = c.get("/v1/models").json()["data"]
+        assert cards == [
+            {"id": "llm", "object": "model", "created": cards[0]["created"], "owned_by": "kvtriton",
+             "max_model_len": MAX_MODEL_LEN},  # no root or parent: the base's card is OpenAI's shape
+            {"id": "sql", "object": "model", "created": cards[1]["created"], "owned_by": "kvtriton",
+             "root": "/adapters/sql", "parent": "llm"},
+            {"id": "chat", "object": "model", "created": cards[2]["created"], "owned_by": "kvtriton",
+             "root": "/adapters/chat", "parent": "llm"}]
+        assert c.get("/v1/models/chat").json() == {**cards[2], "created": ANY}
+        assert c.get("/v1/models/llm").json()["max_model_len"] == MAX_MODEL_LEN
+        missing = c.get("/v1/models/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        assert "serves 'llm', 'sql', 'chat'" in missing.json()["error"]["message"]
+
+
+GENERATIONS = [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "llm", "prompt": "Hi", "n": 2}),
+               ("/v1/responses", {"model": "llm", "input": "Hi"})]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route, body", GENERATIONS)
+def test_a_requests_model_picks_the_base_or_a_lora_adapter(monkeypatch, route, body, stream):
+    model = FakeModel(ADAPTERS)
+    with served_app(monkeypatch, model) as c:
+        for name, lora_name in (("llm", None), ("sql", "sql")):
+            model.requests.clear()
+            r = c.post(route, json={**body, "model": name, "stream": stream})
+            assert r.status_code == 200, r.text
+            assert model.generated() and all(json.loads(request.inputs()["sampling_parameters"]).get("lora_name")
+                                             == lora_name for request in model.generated())
+            assert f'"model":"{name}"' in r.text.replace(" ", "")  # the answer names the model as asked
+        r = c.post(route, json={**body, "model": "nope", "stream": stream})
+        error = r.json()["error"]
+        assert r.status_code == 404 and (error["code"], error["param"]) == ("model_not_found", "model")
+        assert "'nope' does not exist; this server serves 'llm', 'sql', 'chat'" in error["message"]
+
+
+def test_tokenize_takes_an_adapters_name_too(monkeypatch):
+    with served_app(monkeypatch, FakeModel(ADAPTERS)) as c:
+        assert c.post("/tokenize", json={"model": "sql", "prompt": "Hi"}).json()["tokens"] == [1, 2]
+        assert c.post("/detokenize", json={"model": "nope", "tokens": [1]}).status_code == 404
+
+
+def test_adapters_are_known_once_the_model_is_ready_and_then_kept(monkeypatch):
+    model = FakeModel("sql=/adapters/sql", ready=False)
+    with served_app(monkeypatch, model) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llm"]  # one look, no wait
+        r = c.post("/v1/chat/completions", json={**CHAT, "model": "sql"})
+        assert r.status_code == 404 and r.json()["error"]["message"].endswith("this server serves 'llm'")
+        model.ready = True
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llm", "sql"]
+        model.config["parameters"] = {}  # asked once: a later change of the config is not seen
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llm", "sql"]
+    with served_app(monkeypatch, FakeModel()) as c:  # a model without lora_modules: the base alone
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llm"]
+
+
+def test_the_choices_carry_the_adapter():
+    assert [c.lora_name for c in chat_choices(chat(n=2), ChatOptions(), "sql")] == ["sql", "sql"]
+    assert [c.lora_name for c in chat_choices(chat(), ChatOptions())] == [None]
+    request = CompletionRequest(model="sql", prompt=["a", "b"])
+    assert [c.lora_name for c in completion_choices(request, "sql")] == ["sql", "sql"]

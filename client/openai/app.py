@@ -21,19 +21,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvtriton.client.api import AsyncLLMClient
-from kvtriton.client.errors import LLMClientError
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai import responses, serving, tokenization
 from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError
 from kvtriton.client.openai.responses_protocol import ResponsesRequest
+from kvtriton.client.openai.served_models import ServedModels
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 
 def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser: str | None = None,
                reasoning_parser: str | None = None, api_key: str | None = None) -> FastAPI:
-    """`served_model_name`: the id clients pass as `model` (default: the Triton model's name);
+    """`served_model_name`: the id clients pass as `model` for the base model (default: the Triton model's name;
+    the names of the model's LoRA adapters select those, served_models.py);
     `tool_call_parser`: how tool_choice "auto" finds calls in the output (None: "auto" is refused);
     `reasoning_parser`: how a thinking model's reasoning is told from its answer (None: all is content);
     `api_key`: the bearer token every route but /health wants (None: open).
@@ -72,32 +73,15 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
 
-    def check_model(model: str) -> None:
-        if model != served_model_name:
-            raise OpenAIError(f"the model {model!r} does not exist; this server serves {served_model_name!r}",
-                              status=404, param="model", code="model_not_found")
-
-    context: list[int] = []  # the model's max_model_len, once a tokenize task has told it
-
-    async def card() -> p.ModelCard:
-        """The served model, with vLLM's max_model_len once the model answers (one look, never a wait: clients
-        poll this route while the server starts)."""
-        if not context:
-            try:
-                if (await client.probe()).ready:
-                    context.append((await client.tokenize("")).max_model_len)
-            except LLMClientError:
-                pass  # not ready after all: the card without it, this time
-        return p.ModelCard(id=served_model_name, max_model_len=context[0] if context else None)
+    served = ServedModels(client, served_model_name)
 
     @app.get("/v1/models")
     async def models() -> p.ModelList:
-        return p.ModelList(data=[await card()])
+        return p.ModelList(data=await served.cards())
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> p.ModelCard:
-        check_model(model)
-        return await card()
+        return await served.card(model)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -113,11 +97,12 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
         return Response(status_code=200)
 
     async def answer(request: Request, body, whole, events, **options) -> Any:
-        """Check the request, then the whole response or its SSE stream; a disconnect cancels either."""
+        """Check the request, then the whole response or its SSE stream; a disconnect cancels either. The answer
+        names the model as the request did (an adapter's name for an adapter, as vLLM's do)."""
         body.check()
-        check_model(body.model)
-        work = (_event_stream(events(client, body, served_model_name, **options)) if body.stream
-                else whole(client, body, served_model_name, **options))
+        lora_name = await served.lora_name(body.model)
+        work = (_event_stream(events(client, body, body.model, lora_name=lora_name, **options)) if body.stream
+                else whole(client, body, body.model, lora_name=lora_name, **options))
         return await _cancel_on_disconnect(request, work)
 
     @app.post("/v1/completions")
@@ -136,13 +121,13 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
     @app.post("/tokenize")
     async def tokenize(body: tokenization.TokenizeRequest) -> tokenization.TokenizeResponse:
         if body.model is not None:
-            check_model(body.model)
+            await served.lora_name(body.model)  # an adapter's tokenizer is the base's
         return await tokenization.tokenize(client, body, served_model_name)
 
     @app.post("/detokenize")
     async def detokenize(body: tokenization.DetokenizeRequest) -> tokenization.DetokenizeResponse:
         if body.model is not None:
-            check_model(body.model)
+            await served.lora_name(body.model)
         return await tokenization.detokenize(client, body)
 
     return app

@@ -382,7 +382,10 @@ class ModelCard(OmitsUnset):
     # vLLM's: the context the prompt and the answer share (clients size their prompts by it); the model's
     # tokenize task reports it. Left out while no model answers.
     max_model_len: int | None = None
-    _omitted_when_none = ("max_model_len",)
+    # vLLM's, on a LoRA adapter's card: the adapter's path (lora_modules'), and the served model it runs on
+    root: str | None = None
+    parent: str | None = None
+    _omitted_when_none = ("max_model_len", "root", "parent")
 
 
 class ModelList(BaseModel):

@@ -145,9 +145,9 @@ def _as_delta(message: p.ChatMessageOut) -> p.DeltaMessage:
 
 
 async def respond(client: AsyncLLMClient, request: rp.ResponsesRequest, model: str,
-                  options: ChatOptions = ChatOptions()) -> rp.Response:
+                  options: ChatOptions = ChatOptions(), lora_name: str | None = None) -> rp.Response:
     try:
-        whole = await serving.chat(client, request.chat, model, options)
+        whole = await serving.chat(client, request.chat, model, options, lora_name)
     except OpenAIError as e:
         raise rp.in_responses_terms(e) from None
     [choice] = whole.choices
@@ -163,14 +163,15 @@ def sse_event(event: dict[str, Any]) -> str:
 
 
 async def respond_events(client: AsyncLLMClient, request: rp.ResponsesRequest, model: str,
-                         options: ChatOptions = ChatOptions()) -> AsyncIterator[str]:
+                         options: ChatOptions = ChatOptions(), lora_name: str | None = None) -> AsyncIterator[str]:
     """response.created and .in_progress, each item's events as its text arrives, then response.completed (or
     .incomplete) with the whole response. An error after the first event is response.failed, the last event."""
     output = ChatOutput(request.chat, options)
     counts = serving.TokenCounts(1)
     builder = ResponseBuilder(rp.Response.started(request, model))
     finish_reason = ""
-    async with aclosing(serving.merged_chunks(client, serving.chat_choices(request.chat, options))) as merged:
+    choices = serving.chat_choices(request.chat, options, lora_name)
+    async with aclosing(serving.merged_chunks(client, choices)) as merged:
         try:
             chunks = await serving.started(merged)
         except OpenAIError as e:

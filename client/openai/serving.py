@@ -39,16 +39,19 @@ class ChoiceRequest:
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    lora_name: str | None = None  # the LoRA adapter the request's `model` names; None: the base model
 
 
-def completion_choices(request: p.CompletionRequest) -> list[ChoiceRequest]:
-    return [ChoiceRequest(request.sampling(j), prompt=prompt) for prompt in request.prompts() for j in range(request.n)]
+def completion_choices(request: p.CompletionRequest, lora_name: str | None = None) -> list[ChoiceRequest]:
+    return [ChoiceRequest(request.sampling(j), prompt=prompt, lora_name=lora_name)
+            for prompt in request.prompts() for j in range(request.n)]
 
 
-def chat_choices(request: p.ChatCompletionRequest, options: ChatOptions) -> list[ChoiceRequest]:
+def chat_choices(request: p.ChatCompletionRequest, options: ChatOptions,
+                 lora_name: str | None = None) -> list[ChoiceRequest]:
     messages, tools, kwargs = request.template_messages(), request.template_tools(), request.template_kwargs()
-    return [ChoiceRequest(options.sampling(request, j), messages=messages, tools=tools, chat_template_kwargs=kwargs)
-            for j in range(request.n)]
+    return [ChoiceRequest(options.sampling(request, j), messages=messages, tools=tools, chat_template_kwargs=kwargs,
+                          lora_name=lora_name) for j in range(request.n)]
 
 
 async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -59,7 +62,8 @@ async def merged_chunks(client: AsyncLLMClient, choices: list[ChoiceRequest]) ->
     async def pump(index: int, choice: ChoiceRequest) -> None:
         try:
             async with client.stream(choice.prompt, messages=choice.messages, tools=choice.tools,
-                                     chat_template_kwargs=choice.chat_template_kwargs, **choice.sampling) as stream:
+                                     chat_template_kwargs=choice.chat_template_kwargs, lora_name=choice.lora_name,
+                                     **choice.sampling) as stream:
                 async for chunk in stream:
                     arrived.put_nowait((index, chunk))
             arrived.put_nowait((index, ENDED))
@@ -207,8 +211,9 @@ async def started(merged: AsyncIterator[tuple[int, Chunk]]) -> AsyncIterator[tup
     return rest()
 
 
-async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> p.CompletionResponse:
-    choices = completion_choices(request)
+async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: str,
+                   lora_name: str | None = None) -> p.CompletionResponse:
+    choices = completion_choices(request, lora_name)
     builders = await _collect(client, choices)
     counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
@@ -224,9 +229,9 @@ async def complete(client: AsyncLLMClient, request: p.CompletionRequest, model: 
 
 
 async def chat(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str,
-               options: ChatOptions = ChatOptions()) -> p.ChatCompletionResponse:
+               options: ChatOptions = ChatOptions(), lora_name: str | None = None) -> p.ChatCompletionResponse:
     outputs = {i: ChatOutput(request, options) for i in range(request.n)}
-    builders = await _collect(client, chat_choices(request, options))
+    builders = await _collect(client, chat_choices(request, options, lora_name))
     counts, out = TokenCounts(request.n), []
     for i, b in builders.items():
         counts.add(i, b)
@@ -242,9 +247,10 @@ def sse(body: p.BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, model: str) -> AsyncIterator[str]:
+async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, model: str,
+                          lora_name: str | None = None) -> AsyncIterator[str]:
     """Server-sent events of a streamed completion: text deltas per choice, [DONE] last."""
-    choices = completion_choices(request)
+    choices = completion_choices(request, lora_name)
     counts = TokenCounts(request.n)
     offsets = {i: 0 for i in range(len(choices))}
     head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
@@ -272,7 +278,7 @@ async def complete_events(client: AsyncLLMClient, request: p.CompletionRequest, 
 
 
 async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, model: str,
-                      options: ChatOptions = ChatOptions()) -> AsyncIterator[str]:
+                      options: ChatOptions = ChatOptions(), lora_name: str | None = None) -> AsyncIterator[str]:
     """Server-sent events of a streamed chat: the role first, then reasoning, content or tool call deltas, an
     empty delta with the finish_reason, and with stream_options.include_usage a last chunk with no choices and
     the usage (with continuous_usage_stats, vLLM's, every chunk also carries the usage so far)."""
@@ -286,7 +292,7 @@ async def chat_events(client: AsyncLLMClient, request: p.ChatCompletionRequest, 
             index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)],
             usage=counts.usage() if request.continuous_usage and counted else None))
 
-    async with aclosing(merged_chunks(client, chat_choices(request, options))) as merged:
+    async with aclosing(merged_chunks(client, chat_choices(request, options, lora_name))) as merged:
         chunks = await started(merged)
         for i in range(request.n):
             yield event(i, p.DeltaMessage(role="assistant", content=""), counted=False)  # nothing counted yet
