@@ -55,11 +55,21 @@ def _variant(src: Path, dst: Path, **parameters: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def llm_server(tmp_path_factory, default_model_folder):
-    """tritonserver on the shipped `llm` model, plus `llm_small_kv`: the same model with a KV pool of
-    24 blocks (384 tokens), to show that requests queue when the pool is exhausted, scheduled by priority."""
+def lora_adapter(tmp_path_factory, default_model_folder) -> Path:
+    """A random LoRA adapter of the default model (every projection, rank 8), saved as PEFT saves one."""
+    from tests.lora_adapters import ALL_TARGETS, make_adapter
+
+    return make_adapter(tmp_path_factory.mktemp("lora") / "test-lora", default_model_folder, targets=ALL_TARGETS,
+                        rank=8, alpha=16, scale=0.5, seed=7)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory, default_model_folder, lora_adapter):
+    """tritonserver on the shipped `llm` model serving one LoRA adapter beside it (`test-lora`; base-model
+    requests run as without it), plus `llm_small_kv`: the same model with a KV pool of 24 blocks (384 tokens),
+    to show that requests queue when the pool is exhausted, scheduled by priority."""
     repo = tmp_path_factory.mktemp("model_repository")
-    _variant(MODEL_REPOSITORY / "llm", repo / "llm")
+    _variant(MODEL_REPOSITORY / "llm", repo / "llm", lora_modules=f"test-lora={lora_adapter}")
     _variant(MODEL_REPOSITORY / "llm", repo / "llm_small_kv", num_kv_blocks="24", max_model_len="384",
              max_num_seqs="8", scheduling_policy="priority")
     server = start_server(repo, timeout_s=300)

@@ -42,10 +42,23 @@ def client(frontend):
         yield c
 
 
-def test_models_lists_the_served_model(client, frontend):
-    [card] = client.models.list()
+def test_models_lists_the_served_model_then_its_lora_adapter(client, frontend, lora_adapter):
+    card, adapter = client.models.list()
     assert card.id == "llm" and card.model_extra["max_model_len"] == 4096  # vLLM's field, config.pbtxt's value
+    assert adapter.id == "test-lora" and adapter.model_extra["parent"] == "llm"  # vLLM's fields for an adapter
+    assert adapter.model_extra["root"] == str(lora_adapter)
     assert post(frontend, "/version", None)[1]["version"]
+
+
+def test_a_lora_adapter_is_served_under_its_name(client):
+    answer = lambda model: client.chat.completions.create(  # noqa: E731
+        model=model, messages=QUESTION, temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+    base, adapted = answer("llm"), answer("test-lora")
+    assert adapted.model == "test-lora" and base.model == "llm"
+    assert adapted.choices[0].message.content != base.choices[0].message.content
+    assert answer("test-lora").choices[0].message.content == adapted.choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="'llm', 'test-lora'"):
+        answer("sql")
 
 
 def test_chat_applies_the_template_and_reports_usage(client):
