@@ -63,6 +63,9 @@ def run_all(engine, requests: list[tuple[list[int], SamplingParams]]):
     dict(),
     dict(cpu_compile_decode=True),  # base-model decode steps compiled, steps with adapted tokens eager
     dict(num_kv_blocks=24, max_num_batched_tokens=16),  # preemption by recompute
+    # CUDA: base-model steps replay CUDA graphs, steps with adapted tokens run eagerly (fp32: HF's numbers)
+    pytest.param(dict(device="cuda", dtype="float32"),
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), id="cuda"),
 ])
 def test_each_adapter_equals_hf_with_it_merged_and_a_mixed_batch_equals_each_alone(tiny_folder, adapters,
                                                                                   references, overrides):
