@@ -70,18 +70,19 @@ def main() -> None:
             cpu_single_openmp_team=args.device == "cpu",
             lora_modules=",".join(f"{n}={p}" for n, p in zip(names, paths)))).start()
         try:
-            prompts = [prompt(i) for i in range(args.requests)]
+            # Each workload its own prompts: the prefix cache would otherwise serve a later workload's prompts.
+            prompts = lambda w: [prompt(1000 * w + i) for i in range(args.requests)]  # noqa: E731
             engine.generate([prompt(-1)], params(args, names[0]))  # warm-up: first-call costs out of the figures
             engine.generate([prompt(-2)], params(args, None))
             mix = [None if i % 3 == 0 else names[i % len(names)] for i in range(args.requests)]
             runs = {
-                "base": run_engine(engine, prompts, 0, [params(args, None)] * len(prompts)),
-                f"all on {names[0]}": run_engine(engine, prompts, 0, [params(args, names[0])] * len(prompts)),
+                "base": run_engine(engine, prompts(1), 0, [params(args, None)] * args.requests),
+                f"all on {names[0]}": run_engine(engine, prompts(2), 0, [params(args, names[0])] * args.requests),
                 f"mixed (a third base, the rest over {args.adapters} adapters)":
-                    run_engine(engine, prompts, 0, [params(args, n) for n in mix]),
+                    run_engine(engine, prompts(3), 0, [params(args, n) for n in mix]),
             }
-            single = {"one stream, base": run_engine(engine, prompts[:1], 0, [params(args, None)]),
-                      f"one stream, {names[0]}": run_engine(engine, prompts[:1], 0, [params(args, names[0])])}
+            single = {"one stream, base": run_engine(engine, prompts(4)[:1], 0, [params(args, None)]),
+                      f"one stream, {names[0]}": run_engine(engine, prompts(5)[:1], 0, [params(args, names[0])])}
         finally:
             engine.shutdown()
         print("| workload | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | / base |")
@@ -94,7 +95,7 @@ def main() -> None:
             import time
 
             hf = merged_hf_model(folder, paths[0])
-            ids = engine.tokenizer.encode(prompts[0])
+            ids = engine.tokenizer.encode(prompts(5)[0])
             t0 = time.perf_counter()
             with torch.inference_mode():
                 hf.generate(torch.tensor([ids]), max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,

@@ -28,9 +28,10 @@ def assert_same_step(got: StepInput, want: StepInput) -> None:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert torch.equal(got.attn.slot_mapping, want.attn.slot_mapping)
     assert torch.equal(got.attn.context_lens, want.attn.context_lens)
-    assert (got.token_adapters is None) == (want.token_adapters is None)
-    if want.token_adapters is not None:
-        assert torch.equal(got.token_adapters, want.token_adapters)
+    assert (got.adapters is None) == (want.adapters is None)
+    if want.adapters is not None:
+        assert torch.equal(got.adapters.token_adapters, want.adapters.token_adapters)
+        assert (got.adapters.first, got.adapters.last) == (want.adapters.first, want.adapters.last)
 
 
 def drive(num_blocks: int, arrivals: dict[int, list[Sequence]], steps: int, seed: int = 0):
@@ -78,8 +79,8 @@ def test_rows_of_lora_adapters_carry_them_and_base_only_batches_carry_none():
     for scheduled, got, want in drive(64, arrivals, 80):
         if got is not None:
             assert_same_step(got, want)
-            adapted += got.token_adapters is not None
-            base_only += got.token_adapters is None
+            adapted += got.adapters is not None
+            base_only += got.adapters is None
     assert adapted > 10 and base_only > 10
 
 

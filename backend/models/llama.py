@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtriton.backend.models.lora import StepAdapters
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
 
@@ -43,16 +44,16 @@ def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
             and not torch.jit.is_tracing() and 1 < x.shape[0] <= max_rows)
 
 
-def linear(layer: nn.Module, x: torch.Tensor, token_adapters: torch.Tensor | None = None) -> torch.Tensor:
+def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
     """layer(x) for x (M, in), through W @ x^T where skinny_product says so; plus each token's LoRA adapter's
-    addition where the step has adapted tokens (token_adapters (M,), 0 for the base model; models/lora.py)."""
+    addition where the step has adapted tokens (models/lora.py)."""
     if not skinny_product(layer, x, SKINNY_ROWS):
         out = layer(x)
     else:
         out = torch.mm(layer.weight, x.T).T.contiguous()
         out = out if layer.bias is None else out + layer.bias
-    lora = getattr(layer, "lora", None) if token_adapters is not None else None
-    return out if lora is None else out + lora.delta(x, token_adapters)
+    lora = getattr(layer, "lora", None) if adapters is not None else None
+    return out if lora is None else out + lora.delta(x, adapters)
 
 
 class AttentionContext(Protocol):
@@ -114,9 +115,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, token_adapters: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x, token_adapters).split(self.intermediate_size, dim=-1)
-        return linear(self.down_proj, F.silu(gate) * up, token_adapters)  # SwiGLU
+    def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
+        gate, up = linear(self.gate_up_proj, x, adapters).split(self.intermediate_size, dim=-1)
+        return linear(self.down_proj, F.silu(gate) * up, adapters)  # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -136,15 +137,15 @@ class LlamaDecoderLayer(nn.Module):
 # the compiled graph fuses it with that layer's RMSNorm: one kernel and one pass over x fewer a layer.
 
 def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: torch.Tensor | None,
-                     token_adapters: torch.Tensor | None = None):
+                     adapters: StepAdapters | None = None):
     """x (N, hidden) plus delta (the previous layer's MLP output, or None) -> that sum, and q (N, H, D),
     k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, QK-norm where the model has it, RoPE (rope None: q and
-    k leave unrotated, for an AttentionContext that rotates them itself). token_adapters: see `linear`."""
+    k leave unrotated, for an AttentionContext that rotates them itself). adapters: see `linear`."""
     if delta is not None:
         x = x + delta
     attn = layer.self_attn
     n = x.shape[0]
-    qkv = linear(attn.qkv_proj, layer.input_layernorm(x), token_adapters)
+    qkv = linear(attn.qkv_proj, layer.input_layernorm(x), adapters)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
@@ -156,16 +157,16 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
 
 
 def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor,
-                     token_adapters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     adapters: StepAdapters | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, hidden), attended (N, H, D) -> x + o_proj(attended), and the SwiGLU MLP's output on it: the
-    layer's output is their sum, which the caller forms (see above). token_adapters: see `linear`."""
-    o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1), token_adapters)
+    layer's output is their sum, which the caller forms (see above). adapters: see `linear`."""
+    o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1), adapters)
     # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
     # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that addmm
     # first copies x into its output (a memcpy kernel a layer), where the add alone fuses into the RMSNorm
     # after it. (Eager, exported or compiled for the CPU: the plain add, as measured there.)
     x = x - (-o) if x.is_cuda and torch.compiler.is_compiling() else x + o
-    return x, layer.mlp(layer.post_attention_layernorm(x), token_adapters)
+    return x, layer.mlp(layer.post_attention_layernorm(x), adapters)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -198,9 +199,9 @@ class LlamaForCausalLM(nn.Module):
         return self.attention_inputs is not attention_inputs
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                token_adapters: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions (N,) -> final hidden states (N, hidden). token_adapters (N,) int64: each token's
-        LoRA adapter (0: the base model; models/lora.py), or None when the step has no adapted token."""
+                adapters: StepAdapters | None = None) -> torch.Tensor:
+        """input_ids, positions (N,) -> final hidden states (N, hidden). adapters: the step's LoRA adapters
+        (models/lora.py), or None when the step has no adapted token."""
         x = self.embed_tokens(input_ids)  # (N, hidden)
         # One cos/sin lookup for all layers, unless the context's kernel rotates q and k as it stores k (one
         # launch and one pass over q and k fewer a layer).
@@ -209,8 +210,8 @@ class LlamaForCausalLM(nn.Module):
         # layer (a None is a guard of its own, and each function's variants count toward dynamo's recompile limit).
         delta = torch.zeros_like(x) if self.layers_compiled else None
         for layer in self.layers:
-            x, q, k, v = self.attention_inputs(layer, rope, x, delta, token_adapters)
-            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), token_adapters)
+            x, q, k, v = self.attention_inputs(layer, rope, x, delta, adapters)
+            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters)
         return self.norm(x + delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,11 @@ of x A^T:
 
     delta = ((x A^T) * [adapter(token) == adapter(column)]) B^T
 
-Two dense matmuls a projection with static shapes, whatever the mix of adapters in the step, so one step
-serves a batch of requests on different adapters (the job punica's SGMV kernels do in vLLM, here for few
-adapters: the cost grows with S). A base token's delta is exactly zero. PEFT's scaling (lora_alpha / r, or
-lora_alpha / sqrt(r) under rsLoRA) is folded into B.
+Two dense matmuls a projection, whatever the mix of adapters in the step, so one step serves a batch of
+requests on different adapters (the job punica's SGMV kernels do in vLLM, here for few adapters). They
+span only the adapters from the step's lowest to its highest (StepAdapters), so a step of one adapter
+multiplies by that adapter's block alone, and a mix pays for the blocks between. A base token's delta is
+exactly zero. PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) under rsLoRA) is folded into B.
 """
 
 from __future__ import annotations
@@ -117,20 +118,38 @@ def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
+@dataclass(frozen=True)
+class StepAdapters:
+    """A step's adapters: each packed token's, 1-based (0: the base model), and the lowest and highest adapter
+    in the step, whose span of blocks the projections multiply by."""
+
+    token_adapters: torch.Tensor  # (N,) int64
+    first: int
+    last: int
+
+    @classmethod
+    def of_rows(cls, token_adapters: torch.Tensor, row_adapters) -> StepAdapters | None:
+        """token_adapters for rows of these adapters (a sequence of ints), or None when every row is the base's."""
+        used = [a for a in row_adapters if a]
+        return cls(token_adapters, min(used), max(used)) if used else None
+
+
 class StackedLoRA(nn.Module):
     """All adapters' A and B for one (fused) projection; see the module docstring for the layout."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, column_adapter: torch.Tensor):
+    def __init__(self, a: torch.Tensor, b_t: torch.Tensor, column_adapter: torch.Tensor, block: int):
         super().__init__()
+        self.block = block  # W: columns per adapter
         self.register_buffer("a", a)  # (S*W, in)
-        self.register_buffer("b", b)  # (out, S*W)
+        self.register_buffer("b_t", b_t)  # (S*W, out): B transposed, so that an adapter span is a row slice
         self.register_buffer("column_adapter", column_adapter)  # (S*W,) int64: each column's adapter, 1..S
 
-    def delta(self, x: torch.Tensor, token_adapters: torch.Tensor) -> torch.Tensor:
-        """x (N, in), token_adapters (N,) int64 (0: the base model) -> the adapters' addition (N, out)."""
-        xa = x @ self.a.T
-        own = token_adapters[:, None] == self.column_adapter  # (N, S*W): the token's own adapter's columns
-        return torch.where(own, xa, 0) @ self.b.T
+    def delta(self, x: torch.Tensor, adapters: StepAdapters) -> torch.Tensor:
+        """x (N, in) -> the adapters' addition (N, out), over the step's span of adapters only."""
+        span = slice((adapters.first - 1) * self.block, adapters.last * self.block)
+        xa = x @ self.a[span].T
+        own = adapters.token_adapters[:, None] == self.column_adapter[span]  # each token's own adapter's columns
+        return torch.where(own, xa, 0) @ self.b_t[span]
 
 
 def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.dtype, device) -> None:
@@ -158,4 +177,5 @@ def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.
                     row += outs[p]
             column_adapter = torch.arange(1, len(adapters) + 1).repeat_interleave(block)
             module = layer.get_submodule(fused)
-            module.lora = StackedLoRA(a.to(device, dtype), b.to(device, dtype), column_adapter.to(device))
+            module.lora = StackedLoRA(a.to(device, dtype), b.T.contiguous().to(device, dtype),
+                                      column_adapter.to(device), block)

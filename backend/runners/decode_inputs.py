@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kvtriton.backend.models.lora import StepAdapters
 from kvtriton.backend.runners.step_input import ScheduledSequence, StepInput, unpack_step
 
 _num_computed_tokens = operator.attrgetter("num_computed_tokens")
@@ -77,7 +78,7 @@ class DecodeInputs:
         step = unpack_step(device[: 5 * b], device[5 * b : tables_end].view(b, width), b, b, [1] * b,
                            context_lens.tolist(), -(-int(context_lens.max()) // bs))
         step.placeholders = [(i, i) for i in range(b)]
-        step.token_adapters = device[tables_end:] if adapted else None
+        step.adapters = StepAdapters.of_rows(device[tables_end:], self._adapters.tolist()) if adapted else None
         return step
 
     @staticmethod

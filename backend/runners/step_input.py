@@ -16,6 +16,7 @@ import torch
 
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.kernels.device_copy import to_device
+from kvtriton.backend.models.lora import StepAdapters
 
 
 class ScheduledSequence(Protocol):
@@ -45,9 +46,9 @@ class StepInput:
     # Prompt logprobs: (row in `scheduled`, positions) of the prompt tokens whose logits this step also
     # computes; their rows come last in last_token_indices, after every row above, in this order.
     prompt_logprob_rows: list[tuple[int, range]] | None = None
-    # (N,) int64: each packed token's LoRA adapter (0: the base model); None when no sequence of the step has one,
-    # so that base-model steps carry nothing for it.
-    token_adapters: torch.Tensor | None = None
+    # The step's LoRA adapters (each packed token's, 0: the base model); None when no sequence of the step has
+    # one, so that base-model steps carry nothing for them.
+    adapters: StepAdapters | None = None
 
     @property
     def num_prompt_logit_rows(self) -> int:
@@ -117,9 +118,10 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
                        len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
     step.prompt_logprob_rows = prompt_logprob_rows or None
-    if any(seq.lora_adapter for seq, _ in scheduled):
-        adapters = np.repeat(np.array([seq.lora_adapter for seq, _ in scheduled], dtype=np.int64), query_lens)
-        step.token_adapters = to_device(torch.from_numpy(adapters), device)
+    row_adapters = [seq.lora_adapter for seq, _ in scheduled]
+    if any(row_adapters):
+        tokens = to_device(torch.from_numpy(np.repeat(np.array(row_adapters, dtype=np.int64), query_lens)), device)
+        step.adapters = StepAdapters.of_rows(tokens, row_adapters)
     return step
 
 

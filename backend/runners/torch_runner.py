@@ -35,6 +35,7 @@ device and stay eager.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
@@ -93,7 +94,7 @@ class TorchRunner:
                                     dummy=config.dummy_weights, quantization=quantization,
                                     group_size=config.quantization_group_size, gguf=gguf,
                                     dense_min_rows=config.cpu_dense_min_rows, keep_gguf_precision=keep_precision)
-        self.lora_names = self._load_lora_adapters()  # adapter i + 1 of a step's token_adapters is lora_names[i]
+        self.lora_names = self._load_lora_adapters()  # adapter i + 1 of a step's StepAdapters is lora_names[i]
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
@@ -279,7 +280,7 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
-        if step.token_adapters is not None and self.lora_names:  # the graphs and compiled steps have no adapters
+        if step.adapters is not None and self.lora_names:  # the graphs and compiled steps have no adapters
             return self.execute_eager(step)
         if self.compiled_decode is not None and step.attn.num_decodes == b:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
@@ -306,7 +307,10 @@ class TorchRunner:
                               decode_attention_fn=self._eager_decode_attention())
         dense = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
         with dense.prefill_step() if dense is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
-            adapters = step.token_adapters if self.lora_names else None  # a draft runner proposes as the base
+            adapters = step.adapters if self.lora_names else None  # a draft runner proposes as the base
+            if adapters is not None and self.model.layers_compiled:
+                # Every span of adapters would be a variant of the compiled layers (a guard on its ints): one.
+                adapters = dataclasses.replace(adapters, first=1, last=len(self.lora_names))
             hidden = self.model(step.input_ids, step.positions, attn, adapters)
             return self.model.compute_logits(hidden[step.last_token_indices])  # (M, V)
 
