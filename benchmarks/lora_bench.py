@@ -29,6 +29,7 @@ from engine_bench import add_workload_options, model_folder, pct, run_engine  # 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+
 from tests.lora_adapters import ALL_TARGETS, make_adapter, merged_hf_model  # noqa: E402
 
 WORDS = "adapters share one base model and every step serves them side by side in one batch".split()
