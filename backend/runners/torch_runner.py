@@ -52,7 +52,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
 from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.loader import load_model, resolve_quantization
-from kvtriton.backend.models.lora import attach_adapters, load_adapter
+from kvtriton.backend.models.lora import StepAdapters, attach_adapters, load_adapter
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
 from kvtriton.backend.models.parallel.sharding import rank_model_config
@@ -111,6 +111,9 @@ class TorchRunner:
         if self.graph_batch_sizes[-1] < config.max_num_seqs:
             self.graph_batch_sizes.append(config.max_num_seqs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        # LoRA: decode graphs of steps with adapted tokens, per (batch, context) bucket as _graphs; their
+        # adapters span every adapter (one graph for any mix), read from a static buffer of each row's adapter.
+        self._lora_graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
         # Verify-step graphs: Q query rows per sequence (0: none) and their batch buckets.
         self.verify_width, self.verify_batch_sizes = self._verify_graph_shape(verify_width)
@@ -132,8 +135,8 @@ class TorchRunner:
         if not adapters:
             return ()
         attach_adapters(self.model, adapters, self.dtype, self.device)
-        log.info("LoRA adapters: %s; a step with an adapted token runs eagerly (no CUDA graph, no compiled CPU "
-                 "decode), steps of base-model requests as before",
+        log.info("LoRA adapters: %s; decode steps with adapted tokens replay CUDA graphs of their own, other such "
+                 "steps run eagerly (no prefill or verify graph, no compiled CPU decode)",
                  ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections)" for a in adapters))
         return tuple(a.name for a in adapters)
 
@@ -211,6 +214,7 @@ class TorchRunner:
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
         self._graphs.clear()
+        self._lora_graphs.clear()
         self._verify_graphs.clear()
         self._prefill_graphs.clear()
         self._graph_pool = None
@@ -280,7 +284,9 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
-        if step.adapters is not None and self.lora_names:  # the graphs and compiled steps have no adapters
+        if step.adapters is not None and self.lora_names:  # decode steps: graphs of their own; others eager
+            if self._lora_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
+                return self._replay(step)
             return self.execute_eager(step)
         if self.compiled_decode is not None and step.attn.num_decodes == b:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
@@ -322,6 +328,7 @@ class TorchRunner:
         # first four rows in a decode-only step, so one copy fills them).
         self._inputs = torch.zeros(4, m, dtype=torch.int64, device=dev)
         self._ids, self._pos, self._slots, self._ctx = self._inputs
+        self._row_adapters = torch.zeros(m, dtype=torch.int64, device=dev)  # LoRA graphs: padding rows are base
         self._tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int64, device=dev)
         # Padded rows of a bucket: token 0 at position 0, written into the scratch block, attending to itself.
         scratch_slot = self.scratch_block * self.block_size
@@ -361,12 +368,14 @@ class TorchRunner:
         for bucket in reversed(self.graph_batch_sizes):
             for ctx_blocks in reversed(self.context_buckets):
                 self._capture(bucket, ctx_blocks)
+            for ctx_blocks in reversed(self.context_buckets if self.lora_names else ()):
+                self._capture(bucket, ctx_blocks, lora=True)
         for bucket in reversed(self.verify_batch_sizes):
             self._capture_verify(bucket)
         for tokens, seqs in reversed(self.prefill_graph_sizes):
             self._capture_prefill(tokens, seqs)
         log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s",
-                 len(self._graphs) + len(self._verify_graphs) + len(self._prefill_graphs),
+                 len(self._graphs) + len(self._lora_graphs) + len(self._verify_graphs) + len(self._prefill_graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
 
     def _replay(self, step: StepInput) -> torch.Tensor:
@@ -379,38 +388,49 @@ class TorchRunner:
         self._inputs[:, :b].copy_(step.packed.view(5, b)[:4])
         width = step.attn.block_tables.shape[1]
         self._tables[:b, :width].copy_(step.attn.block_tables)
-        graph = self._graphs[(bucket, ctx_blocks)]
+        graphs = self._graphs
+        if step.adapters is not None and self.lora_names:
+            self._row_adapters[b:bucket].zero_()
+            self._row_adapters[:b].copy_(step.adapters.token_adapters)
+            graphs = self._lora_graphs
+        graph = graphs[(bucket, ctx_blocks)]
         graph.graph.replay()
         return graph.logits[:b]
 
-    def _decode_logits(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
+    def _decode_logits(self, ids, positions, slots, tables, context_lens, adapters=None) -> torch.Tensor:
         """The decode step (captured or eager): (B,) ids/positions/slots, tables (B, W), context_lens (B,)
-        -> (B, V)."""
+        -> (B, V). adapters: the rows' LoRA adapters (StepAdapters), whose steps take the unfused matmuls."""
         if tables.shape[1] <= self.kernel_context_blocks:
             from kvtriton.backend.models.llama_decode import KernelPagedDecode, decode_logits  # needs triton
 
             ctx = KernelPagedDecode(self.kv, positions, slots, tables, context_lens, self.scale, self.model.rotary)
+            if adapters is not None:
+                return self.model.compute_logits(self.model(ids, positions, ctx, adapters))
             return decode_logits(self.model, ids, ctx, self.fuse_matmuls)
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=context_lens, num_decodes=0, query_lens=[],
             context_lens_host=[], decode_context_blocks=0, decode_only=True,
         )
         attn = PagedAttention(self.kv, meta, self.scale, decode_attention_fn=self._eager_decode_attention())
-        return self.model.compute_logits(self.model(ids, positions, attn))
+        return self.model.compute_logits(self.model(ids, positions, attn, adapters))
 
     def _eager_decode_attention(self):
         """What eager steps attend decode rows with: the compiled decode's own attention where there is one (the
         same bits as its steps), else PagedAttention's default."""
         return self.compiled_decode.eager_attention if self.compiled_decode is not None else None
 
-    def _capture(self, bucket: int, ctx_blocks: int) -> _Graph:
+    def _capture(self, bucket: int, ctx_blocks: int, lora: bool = False) -> _Graph:
+        """lora: the graph of steps with adapted rows (each row's adapter from _row_adapters)."""
+        adapters = StepAdapters(self._row_adapters[:bucket], 1, len(self.lora_names)) if lora else None
+
         def run():
             return self._decode_logits(self._ids[:bucket], self._pos[:bucket], self._slots[:bucket],
-                                       self._tables[:bucket, :ctx_blocks], self._ctx[:bucket])
+                                       self._tables[:bucket, :ctx_blocks], self._ctx[:bucket], adapters)
 
         captured = self._capture_graph(run)
-        self._graphs[(bucket, ctx_blocks)] = captured
-        log.debug("captured CUDA graph for batch %d, %d context blocks", bucket, ctx_blocks)
+        (self._lora_graphs if lora else self._graphs)[(bucket, ctx_blocks)] = captured
+        log.debug("captured CUDA graph for batch %d, %d context blocks%s", bucket, ctx_blocks,
+                  ", LoRA" if lora else "")
         return captured
 
     def _verify_views(self, bucket: int) -> tuple[torch.Tensor, ...]:
