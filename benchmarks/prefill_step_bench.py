@@ -34,7 +34,8 @@ def scheduled(seqs: int, tokens: int, block_size: int) -> list[tuple[SimpleNames
     """`seqs` fresh prompts of `tokens` tokens each, in blocks of their own (what prepare_step reads)."""
     blocks = -(-tokens // block_size)
     return [(SimpleNamespace(token_ids=[(7 * j + i) % 30000 for j in range(tokens)], num_computed_tokens=tokens,
-                             block_ids=list(range(1 + i * blocks, 1 + (i + 1) * blocks)), spec_token_ids=[]), tokens)
+                             block_ids=list(range(1 + i * blocks, 1 + (i + 1) * blocks)), spec_token_ids=[],
+                             lora_adapter=0), tokens)
             for i in range(seqs)]
 
 

@@ -42,6 +42,7 @@ class ProbeSequence:  # what prepare_step reads of a scheduled sequence
     num_computed_tokens: int  # this step's token included, as the scheduler leaves it
     block_ids: list[int]
     spec_token_ids: list[int] = field(default_factory=list)  # no speculative proposals
+    lora_adapter: int = 0  # the base model
 
 
 def decode_step(runner: TorchRunner, batch: int, context: int):
