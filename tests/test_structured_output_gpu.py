@@ -13,7 +13,7 @@ from kvtriton.backend.engine.llm_engine import LLMEngine
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.token_bitmask import apply_token_bitmask_
 
-from tests.test_structured_output_server import CITIES, CITY_SCHEMA
+from tests.city_schema import CITIES, CITY_SCHEMA
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -12,24 +12,10 @@ import pytest
 
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
+from tests.city_schema import CITIES, CITY_SCHEMA
 from tests.test_triton_llm import _settled_usage, grpc_stream, post
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-
-CITY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 40},
-        "country": {"type": "string", "maxLength": 40},
-        "population_millions": {"type": "integer", "minimum": 0, "maximum": 100000},
-        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["name", "country", "population_millions", "landmarks"],
-    "additionalProperties": False,
-}
-CITIES = ["Paris", "London", "Tokyo", "Rome", "Madrid", "Berlin", "Cairo", "Lima", "Sydney", "Toronto",
-          "Mumbai", "Beijing", "Moscow", "Nairobi", "Oslo", "Dublin", "Lisbon", "Vienna", "Athens", "Seoul"]
-
 
 @pytest.fixture(scope="module")
 def chat(default_model_folder):
