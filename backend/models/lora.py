@@ -147,9 +147,13 @@ class StackedLoRA(nn.Module):
     def delta(self, x: torch.Tensor, adapters: StepAdapters) -> torch.Tensor:
         """x (N, in) -> the adapters' addition (N, out), over the step's span of adapters only."""
         span = slice((adapters.first - 1) * self.block, adapters.last * self.block)
-        xa = x @ self.a[span].T
-        own = adapters.token_adapters[:, None] == self.column_adapter[span]  # each token's own adapter's columns
-        return torch.where(own, xa, 0) @ self.b_t[span]
+        n = x.shape[0]
+        # One (1, in) x (in, W) product a token (a batched matmul over the tokens, the weights broadcast): a GEMM
+        # over all rows rounds a row by where it sits in the kernel's blocking, so a request's greedy output
+        # could change with its neighbours in the batch (seen at a near-tie on the CPU); this way it cannot.
+        xa = torch.bmm(x[:, None, :], self.a[span].T.expand(n, -1, -1))
+        own = adapters.token_adapters[:, None, None] == self.column_adapter[span]  # each token's own adapter's
+        return torch.bmm(torch.where(own, xa, 0), self.b_t[span].expand(n, -1, -1))[:, 0]
 
 
 def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.dtype, device) -> None:
