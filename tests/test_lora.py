@@ -151,6 +151,8 @@ def test_lora_modules_parse_and_refusals():
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(bias="lora_only"), "bias"),
     (dict(peft_type="IA3"), "only LoRA"),
+    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(fan_in_fan_out=True), "fan_in_fan_out"),
 ])
 def test_adapters_served_otherwise_than_trained_are_refused(tiny_folder, tmp_path, change, message):
     folder = make_adapter(tmp_path / "a", tiny_folder, **change)

@@ -101,6 +101,11 @@ def _unsupported(config: dict) -> str:
         return f"bias {config['bias']!r}: adapters that train biases are not served"
     if config.get("modules_to_save"):
         return f"modules_to_save {config['modules_to_save']}: adapters with fully trained modules are not served"
+    patterns = [key for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
+    if patterns:
+        return f"{' and '.join(patterns)} (a rank or alpha per module) is not served yet: one r and lora_alpha only"
+    if config.get("fan_in_fan_out"):
+        return "fan_in_fan_out (weights stored transposed, GPT-2's Conv1D) does not apply to Llama-family models"
     if not isinstance(config.get("r"), int) or config["r"] < 1:
         return f"r must be a positive integer, got {config.get('r')!r}"
     return ""
