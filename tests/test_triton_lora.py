@@ -5,7 +5,10 @@ parameters, as Triton's vllm_backend takes it), over HTTP and gRPC."""
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+import urllib.request
 
 import pytest
 
@@ -59,3 +62,30 @@ def test_an_unknown_adapter_is_refused_by_name_and_the_server_keeps_serving(llm_
     _, error = grpc_stream(llm_server, text_input="Hi", sampling_parameters=json.dumps({"lora_name": ""}))
     assert error is not None and "lora_name" in str(error)
     assert http_text(llm_server)
+
+
+def lora_metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.search(rf'^{name}{{[^}}]*lora_name="test-lora"[^}}]*}} ([0-9.e+-]+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def settled(server, name: str) -> float:
+    """The metric once earlier requests' counts are flushed (every 0.25 s from the engine loop): two reads agree."""
+    last, value = -1.0, lora_metric(server, name)
+    while value != last:
+        time.sleep(0.6)
+        last, value = value, lora_metric(server, name)
+    return value
+
+
+def test_finished_requests_and_their_tokens_are_counted_per_adapter(llm_server):
+    requests = settled(llm_server, "kvtriton_lora_request_success_total")
+    tokens = settled(llm_server, "kvtriton_lora_generation_tokens_total")
+    http_text(llm_server, lora_name="test-lora")
+    http_text(llm_server)  # the base model's request: not the adapter's
+    deadline = time.monotonic() + 10  # counters are flushed from the step loop
+    while lora_metric(llm_server, "kvtriton_lora_request_success_total") < requests + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lora_metric(llm_server, "kvtriton_lora_request_success_total") == requests + 1
+    assert lora_metric(llm_server, "kvtriton_lora_generation_tokens_total") == tokens + 16

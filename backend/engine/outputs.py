@@ -54,6 +54,8 @@ class RequestOutput:
     # The first output of a request that asked for prompt_logprobs: one entry per prompt token (the first's
     # logprob None).
     prompt_logprobs: list[TokenLogprob] | None = None
+    # The finished output of a request through a LoRA adapter: its name (the per-adapter metrics count it).
+    lora_name: str | None = None
 
 
 # RequestOutput's fields as a plain tuple, in order (RequestOutput(*fields) rebuilds it): what the engine process

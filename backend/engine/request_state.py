@@ -51,7 +51,7 @@ class RequestState:
         if first and seq.params.prompt_logprobs is not None:
             out.prompt_logprobs = [TokenLogprob(seq.prompt_token_ids[0], None), *seq.prompt_logprobs]
         if reason:
-            out.finished, out.finish_reason = True, reason
+            out.finished, out.finish_reason, out.lora_name = True, reason, seq.params.lora_name
         return out
 
     def _has_text(self, token_id: int) -> bool:
@@ -61,7 +61,7 @@ class RequestState:
     def final(self, reason: str, error: str | None = None) -> RequestOutput:
         """The last output of a request ended from outside the token stream (abort, error)."""
         out = self._output([], "", time.monotonic())
-        out.finished, out.finish_reason, out.error = True, reason, error
+        out.finished, out.finish_reason, out.error, out.lora_name = True, reason, error, self.seq.params.lora_name
         return out
 
     def _output(self, token_ids: list[int], text: str, now: float) -> RequestOutput:

@@ -22,7 +22,7 @@ ACCEPTANCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 
 class TritonMetrics:
     def __init__(self, pb_utils, labels: dict[str, str], flush_interval_s: float = 0.25,
-                 speculative_method: str = "none"):
+                 speculative_method: str = "none", lora_names: tuple[str, ...] = ()):
         mf = pb_utils.MetricFamily
         # Families must outlive their metrics: keep references on self.
         self._families = {
@@ -78,6 +78,18 @@ class TritonMetrics:
             self.spec_proposed = f["spec_proposed"].Metric(labels=spec_labels)
             self.spec_accepted = f["spec_accepted"].Metric(labels=spec_labels)
             self.spec_acceptance = f["spec_acceptance"].Metric(labels=spec_labels, buckets=ACCEPTANCE_BUCKETS)
+        # LoRA adapters (absent without lora_modules): finished requests and their output tokens per adapter,
+        # added at the next flush as the finish reasons are.
+        self.lora_success, self.lora_generation = {}, {}
+        if lora_names:
+            f["lora_success"] = mf("kvtriton_lora_request_success_total", "Finished requests through each LoRA adapter",
+                                   mf.COUNTER)
+            f["lora_generation"] = mf("kvtriton_lora_generation_tokens_total",
+                                      "Output tokens of the finished requests through each LoRA adapter", mf.COUNTER)
+            for name in lora_names:
+                self.lora_success[name] = f["lora_success"].Metric(labels={**labels, "lora_name": name})
+                self.lora_generation[name] = f["lora_generation"].Metric(labels={**labels, "lora_name": name})
+        self._lora_finished = {name: [0, 0] for name in lora_names}  # name -> [requests, output tokens]
         self.flush_interval_s = flush_interval_s
         self._last_flush = 0.0
         self._flushed = EngineStats()
@@ -94,6 +106,10 @@ class TritonMetrics:
                 self._finished[out.finish_reason] += 1
             if out.first_token_time is not None and out.num_output_tokens > 1:
                 self.tpot.observe((out.time - out.first_token_time) / (out.num_output_tokens - 1))
+            if out.lora_name in self._lora_finished:
+                counts = self._lora_finished[out.lora_name]
+                counts[0] += 1
+                counts[1] += out.num_output_tokens
             if self.spec_acceptance is not None and out.num_spec_proposed_tokens:
                 self.spec_acceptance.observe(out.num_spec_accepted_tokens / out.num_spec_proposed_tokens)
 
@@ -115,6 +131,11 @@ class TritonMetrics:
             if count:
                 self.success[reason].increment(count)
                 self._finished[reason] = 0
+        for name, counts in self._lora_finished.items():
+            if counts[0]:
+                self.lora_success[name].increment(counts[0])
+                self.lora_generation[name].increment(counts[1])
+                counts[0] = counts[1] = 0
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)

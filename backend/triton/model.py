@@ -117,7 +117,8 @@ class TritonPythonModel:
         engine_class = EngineProcess if self.config.engine_process else LLMEngine
         engine_config = EngineConfig.from_mapping(engine_values)
         self.engine = engine_class(engine_config, metrics=TritonMetrics(
-            pb_utils, labels, speculative_method=engine_config.speculative_method)).start()
+            pb_utils, labels, speculative_method=engine_config.speculative_method,
+            lora_names=tuple(engine_config.lora_adapters))).start()
         self.cancellation = CancellationWatcher(self.engine.abort, self.config.cancel_poll_interval_s)
         self.outbox = ResponseOutbox(self._between_sends, self.cancellation.interval_s)
         self._ids = itertools.count()
