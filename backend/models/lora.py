@@ -13,8 +13,9 @@ of x A^T:
 Two matmuls a projection (each token's own, batched: StackedLoRA.delta says why), whatever the mix of adapters
 in the step, so one step serves a batch of requests on different adapters (the job punica's SGMV kernels do in
 vLLM, here for few adapters). They span only the adapters from the step's lowest to its highest (StepAdapters),
-so a step of one adapter multiplies by that adapter's block alone, and a mix pays for the blocks between. A base token's delta is
-exactly zero. PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) under rsLoRA) is folded into B.
+so a step of one adapter multiplies by that adapter's block alone, and a mix pays for the blocks between. A base
+token's delta is exactly zero. PEFT's scaling (lora_alpha / r, or lora_alpha / sqrt(r) under rsLoRA) is folded
+into B.
 """
 
 from __future__ import annotations
