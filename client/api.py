@@ -16,10 +16,10 @@
 Sampling keyword arguments are the contract's names (max_tokens, temperature,
 top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, min_tokens,
 repetition_penalty, presence_penalty, frequency_penalty, logprobs,
-skip_special_tokens, and priority, which orders requests on a server whose
-scheduling_policy is priority); None leaves the server default. `lora_name` generates with
-one of the model's LoRA adapters (its config's lora_modules); None: the base model. The first request waits
-for readiness: `connect_retries` more probes with exponential backoff, then
+skip_special_tokens, priority, which orders requests on a server whose scheduling_policy
+is priority, and lora_name, one of the model's LoRA adapters (lora_modules()), as Triton's
+vllm_backend takes it); None leaves the server default (lora_name: the base model). The first
+request waits for readiness: `connect_retries` more probes with exponential backoff, then
 ServerUnavailableError naming the URL. `timeout_s` is the longest silence
 allowed between two responses of one request (RequestTimeoutError).
 """
@@ -50,12 +50,9 @@ def user_turn(text: str, raw: bool = False) -> dict[str, Any]:
 
 def _request(prompt: str | list[int] | None, messages: Sequence[Mapping[str, Any]] | None, stream: bool,
              sampling: dict[str, Any], tools: Sequence[Mapping[str, Any]] | None = None,
-             chat_template_kwargs: Mapping[str, Any] | None = None, task: str = "generate",
-             lora_name: str | None = None) -> GenerateRequest:
-    # The adapter goes as a sampling_parameters key, as Triton's vllm_backend takes it (None: not sent, the base).
+             chat_template_kwargs: Mapping[str, Any] | None = None, task: str = "generate") -> GenerateRequest:
     return GenerateRequest(prompt=prompt, messages=tuple(messages) if messages is not None else None,
-                           stream=stream, sampling={**sampling, "lora_name": lora_name},
-                           tools=tuple(tools) if tools is not None else None,
+                           stream=stream, sampling=sampling, tools=tuple(tools) if tools is not None else None,
                            chat_template_kwargs=chat_template_kwargs, task=task)
 
 
@@ -194,18 +191,17 @@ class LLMClient(_Client):
             self._ready = True
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
-               tools: Sequence[Mapping[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
-               lora_name: str | None = None, **sampling: Any) -> TokenStream:
-        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs, lora_name=lora_name)
+               tools: Sequence[Mapping[str, Any]] | None = None,
+               chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> TokenStream:
+        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs)
         self.wait_ready()
         return TokenStream(self.endpoint, self._transport.responses(request))
 
     def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
                  tools: Sequence[Mapping[str, Any]] | None = None,
-                 chat_template_kwargs: Mapping[str, Any] | None = None, lora_name: str | None = None,
-                 **sampling: Any) -> Completion:
+                 chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> Completion:
         """One non-streamed request: its TTFT is the arrival of the single response."""
-        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs, lora_name=lora_name)
+        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs)
         self.wait_ready()
         stream = TokenStream(self.endpoint, self._transport.responses(request))
         for _ in stream:
@@ -268,19 +264,17 @@ class AsyncLLMClient(_Client):
         return lora_modules_in(await self._transport.model_config())
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
-               tools: Sequence[Mapping[str, Any]] | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
-               lora_name: str | None = None, **sampling: Any) -> AsyncTokenStream:
+               tools: Sequence[Mapping[str, Any]] | None = None,
+               chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> AsyncTokenStream:
         """`tools`: OpenAI's tool definitions, rendered by the model's chat template (with `messages` only);
-        `chat_template_kwargs`: more template variables, and HF's add_generation_prompt / continue_final_message;
-        `lora_name`: one of the model's LoRA adapters (lora_modules()), None for the base model."""
-        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs, lora_name=lora_name)
+        `chat_template_kwargs`: more template variables, and HF's add_generation_prompt / continue_final_message."""
+        request = _request(prompt, messages, True, sampling, tools, chat_template_kwargs)
         return AsyncTokenStream(self.endpoint, self._ready_then(request))
 
     async def generate(self, prompt: str | None = None, *, messages: Sequence[Mapping[str, Any]] | None = None,
                        tools: Sequence[Mapping[str, Any]] | None = None,
-                       chat_template_kwargs: Mapping[str, Any] | None = None, lora_name: str | None = None,
-                       **sampling: Any) -> Completion:
-        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs, lora_name=lora_name)
+                       chat_template_kwargs: Mapping[str, Any] | None = None, **sampling: Any) -> Completion:
+        request = _request(prompt, messages, False, sampling, tools, chat_template_kwargs)
         await self.wait_ready()
         stream = AsyncTokenStream(self.endpoint, self._transport.responses(request))
         async with stream:

@@ -175,17 +175,16 @@ def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.
             in_features, outs = shapes[0][0], [out for _, out in shapes]
             block = width * len(parts)
             a = torch.zeros(len(adapters) * block, in_features)
-            b = torch.zeros(sum(outs), len(adapters) * block)
+            b_t = torch.zeros(len(adapters) * block, sum(outs))
             for s, adapter in enumerate(adapters):
-                row = 0
+                out = 0
                 for p, part in enumerate(parts):
                     if (layer_idx, part) in adapter.weights:
                         pa, pb = adapter.weights[(layer_idx, part)]
                         col = s * block + p * width
                         a[col : col + adapter.rank] = pa
-                        b[row : row + outs[p], col : col + adapter.rank] = pb
-                    row += outs[p]
+                        b_t[col : col + adapter.rank, out : out + outs[p]] = pb.T
+                    out += outs[p]
             column_adapter = torch.arange(1, len(adapters) + 1).repeat_interleave(block)
             module = layer.get_submodule(fused)
-            module.lora = StackedLoRA(a.to(device, dtype), b.T.contiguous().to(device, dtype),
-                                      column_adapter.to(device), block)
+            module.lora = StackedLoRA(a.to(device, dtype), b_t.to(device, dtype), column_adapter.to(device), block)
