@@ -257,8 +257,11 @@ def test_exhausted_kv_pool_queues_requests(llm_server):
 def test_a_request_of_higher_priority_overtakes_a_full_pool(llm_server):
     """llm_small_kv schedules by priority. Two low-priority requests outgrow its 384-token pool, so one runs
     while the other waits, preempted; a request of higher priority sent then runs at once, ahead of the
-    waiting one, and ends first (first come, first served would queue it behind the preempted request)."""
+    waiting one, and ends first (first come, first served would queue it behind the preempted request).
+    The pool fills when each low request has about 190 tokens, so the running one has some 170 to go when
+    the high one (8 tokens) arrives: a margin wide enough for a busy 2-core machine's latencies."""
     finished, lock = [], threading.Lock()
+    start = time.monotonic()
 
     def one(name, priority, max_tokens):
         chunks, error = grpc_stream(llm_server, model="llm_small_kv", timeout=120, text_input=f"Count slowly ({name}):",
@@ -266,19 +269,22 @@ def test_a_request_of_higher_priority_overtakes_a_full_pool(llm_server):
                                     priority=priority)
         with lock:
             finished.append((name, sum(c["num_output_tokens"] for c in chunks), error))
+            timeline.append((name, "finished", round(time.monotonic() - start, 2)))
 
-    threads = [threading.Thread(target=one, args=(f"low{i}", 1, 300)) for i in range(2)]
+    timeline = []
+    threads = [threading.Thread(target=one, args=(f"low{i}", 1, 360)) for i in range(2)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 120
     while not metric(llm_server, "kvtriton_num_requests_waiting", "llm_small_kv"):  # the pool is full
         assert time.monotonic() < deadline, "the low-priority requests never filled the pool"
         time.sleep(0.05)
-    threads.append(threading.Thread(target=one, args=("high", 0, 24)))
+    timeline.append(("pool", "full", round(time.monotonic() - start, 2)))
+    threads.append(threading.Thread(target=one, args=("high", 0, 8)))
     threads[-1].start()
     for t in threads:
         t.join(timeout=300)
-    assert [name for name, _, _ in finished][0] == "high", finished
-    assert sorted(finished) == [("high", 24, None), ("low0", 300, None), ("low1", 300, None)]
+    assert [name for name, _, _ in finished][0] == "high", (finished, timeline)
+    assert sorted(finished) == [("high", 8, None), ("low0", 360, None), ("low1", 360, None)]
     chunks, error = grpc_stream(llm_server, text_input="hi", max_tokens=2, priority=1)  # llm schedules fcfs
     assert error is not None and "priority 1 needs scheduling_policy priority" in str(error)
