@@ -1,7 +1,8 @@
 """Multi-LoRA benchmark: what serving requests through LoRA adapters costs against the base model.
 
-The engine in-process, as shipped (quantization auto, the CPU's compiled decode and one OpenMP team), with
---adapters random PEFT adapters of the model (every projection, rank --rank) in lora_modules. Workloads, each
+The engine in-process, as shipped (the default model from its GGUF, quantization auto: int4 on the CPU, the CPU's
+compiled and one-call decode and one OpenMP team), with --adapters random PEFT adapters of the model (every
+projection, rank --rank) in lora_modules. Workloads, each
 with --requests prompts of ~100 tokens in flight at once, --max-tokens output tokens, greedy, EOS ignored:
 all on the base model (the baseline, same process), all on one adapter, and a mix (a third base, the rest
 spread over the adapters); then one stream alone on the base and on an adapter. Printed: output tok/s, TTFT
@@ -66,7 +67,8 @@ def main() -> None:
         paths = [make_adapter(Path(tmp) / n, folder, targets=ALL_TARGETS, rank=args.rank, alpha=2 * args.rank,
                               seed=i, scale=0.3) for i, n in enumerate(names)]
         engine = LLMEngine(EngineConfig(
-            model=folder, dummy_weights=dummy, device=args.device, max_num_seqs=max(args.requests, 1),
+            model="default" if args.config == "default" else folder, dummy_weights=dummy, device=args.device,
+            max_num_seqs=max(args.requests, 1),
             quantization="auto", cpu_compile_decode=args.device == "cpu",
             cpu_single_openmp_team=args.device == "cpu",
             lora_modules=",".join(f"{n}={p}" for n, p in zip(names, paths)))).start()

@@ -105,7 +105,8 @@ def test_bad_operands_are_refused_in_one_line():
 def test_a_failed_build_is_said_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     why = cpu_int4.load(tmp_path / "kernels")
-    assert why.startswith("building the CPU int4 kernels (cpu_int4_gemv.cpp, cpu_decode_layers.cpp) failed")
+    assert why.startswith("building the CPU int4 kernels (cpu_int4_gemv.cpp, cpu_decode_layers.cpp, cpu_lora.cpp) "
+                          "failed")
     assert "no-such-compiler" in why and "\n" not in why
 
 

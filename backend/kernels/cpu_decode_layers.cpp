@@ -19,6 +19,7 @@
 // slot s being row s of their (blocks * block_size, kv_heads, D) view; tables (B, W) int64; mask (B, W *
 // block_size) bool, true where a sequence attends (attention/paged.py decode_mask).
 #include "cpu_int4_gemv.h"
+#include "cpu_lora.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +27,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -179,11 +181,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
 
 // x (B, hidden) through every layer; writes each layer's new K/V at `slots` of its pools; returns the new x.
 // Per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights) and packed / scale_zeros [4l .. 4l + 3] (qkv,
-// o, gate_up, down), as models/llama.py's decoder layer reads them.
+// o, gate_up, down), as models/llama.py's decoder layer reads them. LoRA (models/lora.py): with token_adapters
+// (B,) not empty, lora_a / lora_b_t / lora_columns / lora_blocks [4l .. 4l + 3] are those projections' stacked
+// adapters (empty tensors where none adapts it), each added to its projection's output as the eager step adds
+// StackedLoRA.delta (cpu_lora.cpp's same function, then one fp32 add).
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
                          at::TensorList packed, at::TensorList scale_zeros, at::TensorList k_pools,
                          at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& tables,
-                         const at::Tensor& mask, int64_t group_size, double eps, double scale, int64_t num_heads) {
+                         const at::Tensor& mask, int64_t group_size, double eps, double scale, int64_t num_heads,
+                         at::TensorList lora_a, at::TensorList lora_b_t, at::TensorList lora_columns,
+                         at::IntArrayRef lora_blocks, const at::Tensor& token_adapters) {
   const int64_t layers = static_cast<int64_t>(k_pools.size());
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kLanes == 0,
               "decode_layers: x must be fp32 (sequences, hidden) with hidden a multiple of ", kLanes);
@@ -216,6 +223,39 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
   float* np = normed.data_ptr<float>();
   float* qp = q.data_ptr<float>();
 
+  const bool adapted = token_adapters.numel() > 0;
+  if (adapted) {
+    TORCH_CHECK(static_cast<int64_t>(lora_a.size()) == 4 * layers && lora_b_t.size() == lora_a.size() &&
+                    lora_columns.size() == lora_a.size() && lora_blocks.size() == lora_a.size(),
+                "decode_layers: with token_adapters, 4 LoRA operands a layer (empty where none adapts it)");
+    const int64_t ins[4] = {hidden, q_size, hidden, packed[3].size(1) * 8};  // qkv, o, gate_up, down
+    int64_t adapters = -1;
+    for (int64_t i = 0; i < 4 * layers; i++) {
+      if (lora_a[i].numel() == 0) continue;
+      check_lora_operands(lora_a[i], lora_b_t[i], lora_columns[i], lora_blocks[i], ins[i % 4]);
+      TORCH_CHECK(adapters < 0 || adapters == lora_a[i].size(0) / lora_blocks[i],
+                  "decode_layers: every projection must stack the same adapters");
+      adapters = lora_a[i].size(0) / lora_blocks[i];
+    }
+    check_token_adapters(token_adapters, B, std::max<int64_t>(adapters, 0));
+  }
+  // y[:, :out] += the LoRA addition of projection i to inputs x (B, in): delta first, then one fp32 add, as the
+  // eager step's `out + lora.delta(x)`.
+  auto add_lora = [&](int64_t i, const float* x_rows, int64_t in, at::Tensor& y) {
+    if (!adapted || lora_a[i].numel() == 0) return;
+    const int64_t out = lora_b_t[i].size(1), ld = y.size(1);
+    TORCH_CHECK(ld >= out, "decode_layers: a LoRA adapter has more outputs than its projection");
+    at::Tensor delta = at::zeros({B, out}, x_in.options());
+    float* dp = delta.data_ptr<float>();
+    lora_delta_rows(x_rows, in, B, in, lora_a[i].data_ptr<float>(), lora_b_t[i].data_ptr<float>(), out,
+                    lora_columns[i].data_ptr<int64_t>(), token_adapters.data_ptr<int64_t>(), lora_blocks[i], dp);
+    float* yp = y.data_ptr<float>();
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t c = 0; c < out; c += kLanes) {
+        const int64_t count = std::min(kLanes, out - c);
+        (Vec::loadu(yp + b * ld + c, count) + Vec::loadu(dp + b * out + c, count)).store(yp + b * ld + c, count);
+      }
+  };
   auto add_rows = [&](const at::Tensor& y) {  // x += y[:, :hidden]
     const float* yp = y.data_ptr<float>();
     const int64_t ld = y.size(1);
@@ -236,7 +276,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     check_attention_operands(q, k_pool, v_pool, tables, mask);
     // Attention: RMSNorm, qkv, RoPE on q and k, the new k and v into the pools, attention, o_proj, residual.
     norm_rows(norms[2 * l]);
-    const at::Tensor qkv = int4_gemv(normed, packed[4 * l], scale_zeros[4 * l], group_size);
+    at::Tensor qkv = int4_gemv(normed, packed[4 * l], scale_zeros[4 * l], group_size);
+    add_lora(4 * l, np, hidden, qkv);
     TORCH_CHECK(qkv.size(1) >= q_size + 2 * kv_size, "decode_layers: the qkv weight has too few rows");
     const float* qkv_p = qkv.data_ptr<float>();
     float* k_base = k_pool.data_ptr<float>();
@@ -251,10 +292,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
       std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, v_row);
     }
     run_attention(q, k_pool, v_pool, tables, mask, scale_f, attended.data_ptr<float>());
-    add_rows(int4_gemv(attended, packed[4 * l + 1], scale_zeros[4 * l + 1], group_size));
+    at::Tensor o = int4_gemv(attended, packed[4 * l + 1], scale_zeros[4 * l + 1], group_size);
+    add_lora(4 * l + 1, attended.data_ptr<float>(), q_size, o);
+    add_rows(o);
     // MLP: RMSNorm, gate_up, silu(gate) * up, down, residual.
     norm_rows(norms[2 * l + 1]);
-    const at::Tensor gate_up = int4_gemv(normed, packed[4 * l + 2], scale_zeros[4 * l + 2], group_size);
+    at::Tensor gate_up = int4_gemv(normed, packed[4 * l + 2], scale_zeros[4 * l + 2], group_size);
+    add_lora(4 * l + 2, np, hidden, gate_up);
     TORCH_CHECK(packed[4 * l + 3].size(1) * 8 == inter && gate_up.size(1) >= 2 * inter,
                 "decode_layers: every layer's gate_up must have twice its down's inputs as rows");
     const float* gu = gate_up.data_ptr<float>();
@@ -265,7 +309,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
         const Vec up = Vec::loadu(gu + b * gate_up.size(1) + inter + i);
         ((gate / (gate.neg().exp() + Vec(1.0f))) * up).store(ap + b * inter + i);
       }
-    add_rows(int4_gemv(activated, packed[4 * l + 3], scale_zeros[4 * l + 3], group_size));
+    at::Tensor down = int4_gemv(activated, packed[4 * l + 3], scale_zeros[4 * l + 3], group_size);
+    add_lora(4 * l + 3, ap, inter, down);
+    add_rows(down);
   }
   return x;
 }
@@ -277,7 +323,8 @@ TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
   m.def(
       "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] packed, Tensor[] scale_zeros, "
       "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, Tensor tables, Tensor mask, int group_size, "
-      "float eps, float scale, int num_heads) -> Tensor");
+      "float eps, float scale, int num_heads, Tensor[] lora_a, Tensor[] lora_b_t, Tensor[] lora_columns, "
+      "int[] lora_blocks, Tensor token_adapters) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvtriton, CPU, m) {

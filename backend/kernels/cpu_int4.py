@@ -1,6 +1,6 @@
 """The CPU int4 kernels: built at first use into one library, loaded as torch.ops.kvtriton.int4_gemv
-(cpu_int4_gemv.cpp), decode_layers and decode_attention (cpu_decode_layers.cpp, which calls the GEMV), and the
-weight layout the GEMV reads.
+(cpu_int4_gemv.cpp), decode_layers and decode_attention (cpu_decode_layers.cpp, which calls the GEMV and the LoRA
+addition), lora_delta (cpu_lora.cpp), and the weight layout the GEMV reads.
 
 The C++ files include only the PyTorch headers they need, so g++ ($CXX) builds them in seconds (the compiler
 torch.compile's CPU code needs anyway), with inductor's floating-point flags: ATen's AVX-512 vector code, and no
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("kvtriton")
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.cpp", "cpu_decode_layers.cpp")]
-HEADER = Path(__file__).with_name("cpu_int4_gemv.h")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.cpp", "cpu_decode_layers.cpp", "cpu_lora.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.h", "cpu_lora.h")]
 TILE_ROWS = 16
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX512",
@@ -39,7 +39,7 @@ _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-
 
 
 def _library_path(folder: Path) -> Path:
-    text = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
+    text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(text + " ".join(_FLAGS).encode() + torch.__version__.encode())
     return folder / f"cpu_int4-{key.hexdigest()[:16]}.so"
 
@@ -81,6 +81,7 @@ def load(folder: Path) -> str | None:
         return f"building the CPU int4 kernels ({', '.join(p.name for p in SOURCES)}) failed ({e})"
     torch.library.register_fake("kvtriton::int4_gemv")(_int4_gemv_fake)
     torch.library.register_fake("kvtriton::decode_attention")(_decode_attention_fake)
+    torch.library.register_fake("kvtriton::lora_delta")(_lora_delta_fake)
     return None
 
 
@@ -90,6 +91,10 @@ def _int4_gemv_fake(x, packed, scale_zeros, group_size):
 
 def _decode_attention_fake(q, k_pool, v_pool, tables, mask, scale):
     return torch.empty_like(q)
+
+
+def _lora_delta_fake(x, a, b_t, columns, token_adapters, block):
+    return x.new_empty(x.shape[0], b_t.shape[1])
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,15 +143,24 @@ class StepAdapters:
 class StackedLoRA(nn.Module):
     """All adapters' A and B for one (fused) projection; see the module docstring for the layout."""
 
-    def __init__(self, a: torch.Tensor, b_t: torch.Tensor, column_adapter: torch.Tensor, block: int):
+    def __init__(self, a: torch.Tensor, b_t: torch.Tensor, column_adapter: torch.Tensor, columns: torch.Tensor,
+                 block: int):
         super().__init__()
         self.block = block  # W: columns per adapter
         self.register_buffer("a", a)  # (S*W, in)
         self.register_buffer("b_t", b_t)  # (S*W, out): B transposed, so that an adapter span is a row slice
         self.register_buffer("column_adapter", column_adapter)  # (S*W,) int64: each column's adapter, 1..S
+        # (S*W, 2) int64: the output columns [first, last) each row of b_t reaches (its part's; empty for padding
+        # and parts an adapter leaves alone), which the CPU kernel skips to.
+        self.register_buffer("columns", columns)
+        # On the CPU in fp32, where the int4 kernels' library is loaded (the quantized models that take the one-call
+        # decode step): kernels/cpu_lora.cpp, the function that step calls too, so both round alike.
+        self.native = a.device.type == "cpu" and a.dtype == torch.float32 and hasattr(torch.ops.kvtriton, "lora_delta")
 
     def delta(self, x: torch.Tensor, adapters: StepAdapters) -> torch.Tensor:
         """x (N, in) -> the adapters' addition (N, out), over the step's span of adapters only."""
+        if self.native and x.dtype == torch.float32:  # each token over its own adapter's rows: no span needed
+            return torch.ops.kvtriton.lora_delta(x, self.a, self.b_t, self.columns, adapters.token_adapters, self.block)
         span = slice((adapters.first - 1) * self.block, adapters.last * self.block)
         n = x.shape[0]
         # One (1, in) x (in, W) product a token (a batched matmul over the tokens, the weights broadcast): a GEMM
@@ -176,6 +185,7 @@ def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.
             block = width * len(parts)
             a = torch.zeros(len(adapters) * block, in_features)
             b_t = torch.zeros(len(adapters) * block, sum(outs))
+            columns = torch.zeros(len(adapters) * block, 2, dtype=torch.int64)
             for s, adapter in enumerate(adapters):
                 out = 0
                 for p, part in enumerate(parts):
@@ -184,7 +194,9 @@ def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.
                         col = s * block + p * width
                         a[col : col + adapter.rank] = pa
                         b_t[col : col + adapter.rank, out : out + outs[p]] = pb.T
+                        columns[col : col + adapter.rank] = torch.tensor([out, out + outs[p]])
                     out += outs[p]
             column_adapter = torch.arange(1, len(adapters) + 1).repeat_interleave(block)
             module = layer.get_submodule(fused)
-            module.lora = StackedLoRA(a.to(device, dtype), b_t.to(device, dtype), column_adapter.to(device), block)
+            module.lora = StackedLoRA(a.to(device, dtype), b_t.to(device, dtype), column_adapter.to(device),
+                                      columns.to(device), block)

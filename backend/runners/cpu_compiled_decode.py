@@ -126,8 +126,14 @@ class CompiledDecode:
             self.eager_attention.warm_up(batch, self.model.config.num_heads, self.model.embed_tokens.weight.dtype,
                                          self.kv.k[0], self.kv.v[0], self.scale)
 
-    def __call__(self, ids, positions, slots, tables, context_lens) -> torch.Tensor:
-        """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32."""
+    def serves_adapted(self, batch: int) -> bool:
+        """Whether a decode step of `batch` rows with LoRA adapters runs here: in the one C++ call only (the
+        graphs were compiled without adapters; such steps of other batches run eagerly)."""
+        return self.native is not None and self.native.serves(batch)
+
+    def __call__(self, ids, positions, slots, tables, context_lens, token_adapters=None) -> torch.Tensor:
+        """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32. token_adapters:
+        each row's LoRA adapter (B,), only where serves_adapted(B)."""
         b, width = tables.shape
         inputs = self._inputs[:, :b]
         inputs[0].copy_(ids)
@@ -137,6 +143,8 @@ class CompiledDecode:
         w = max(width, MIN_DECODE_TABLE_WIDTH)
         table = self._tables[: b * w].view(b, w)
         table.copy_(pad_decode_tables(tables))
+        if token_adapters is not None:  # not a graph's step: the C++ call, which compiles nothing
+            return self._run(*inputs, table, token_adapters)
         logits, why = without_recompile(self._run, *inputs, table)
         if why is None:
             return logits
@@ -148,13 +156,13 @@ class CompiledDecode:
             return self._run(*inputs, table)
 
     @torch.inference_mode()
-    def _run(self, ids, positions, slots, context_lens, tables) -> torch.Tensor:
+    def _run(self, ids, positions, slots, context_lens, tables, token_adapters=None) -> torch.Tensor:
         model, kv = self.model, self.kv
         x = model.embed_tokens(ids)  # (B, hidden)
         rope = model.rotary(positions)
         mask = decode_mask(context_lens, tables.shape[1] * kv.block_size)  # one for all layers
         if self.native is not None and self.native.serves(x.shape[0]):
-            x = self.native(x, rope, slots, tables, mask)
+            x = self.native(x, rope, slots, tables, mask, token_adapters)
         else:
             for layers, k_pools, v_pools in self._groups:
                 x = self._layers(layers, rope, x, k_pools, v_pools, slots, tables, mask, self.scale)

@@ -8,6 +8,10 @@ kernels/cpu_decode_layers.cpp runs all 30 layers in one call: the same GEMV, and
 writes, attention and SwiGLU in C++ between the matmuls, computing what the eager ops compute (that file says
 how). The compiled graphs still serve the batches this does not: from the model's dense-copy rows on
 (models/loader.py add_dense_weights), where the matmuls are the dense copies'.
+
+LoRA adapters (models/lora.py) ride along: a step whose rows carry adapters passes each row's adapter, and the
+C++ layers add each projection's StackedLoRA addition through kernels/cpu_lora.cpp, the function the eager
+steps' StackedLoRA.delta calls on the CPU, so an adapted token's numbers do not depend on the kind of step.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ class NativeDecodeLayers:
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         operands = [linear.gemv_operands for linear in linears]
         self.packed, self.scale_zeros = [p for p, _ in operands], [sz for _, sz in operands]
+        # Each projection's stacked LoRA adapters (empty tensors where none adapts it; all empty without adapters).
+        loras = [getattr(layer.get_submodule(name), "lora", None) for layer in layers for name in PROJECTIONS]
+        assert all(lora is None or lora.native for lora in loras), "the C++ layers add the adapters in fp32 only"
+        empty = torch.empty(0)
+        self.lora = ([empty if lora is None else lora.a for lora in loras],
+                     [empty if lora is None else lora.b_t for lora in loras],
+                     [empty.long() if lora is None else lora.columns for lora in loras],
+                     [1 if lora is None else lora.block for lora in loras]) if any(loras) else ([], [], [], [])
+        self._no_adapters = torch.empty(0, dtype=torch.int64)
         self.group_size = linears[0].group_size
         self.eps = layers[0].input_layernorm.eps
         self.num_heads = model.config.num_heads
@@ -68,8 +81,12 @@ class NativeDecodeLayers:
     def serves(self, batch: int) -> bool:
         return self.max_batch is None or batch <= self.max_batch
 
-    def __call__(self, x, rope, slots, tables, mask) -> torch.Tensor:
+    def __call__(self, x, rope, slots, tables, mask, token_adapters=None) -> torch.Tensor:
+        """token_adapters: each row's LoRA adapter (B,) int64, 1-based (0: the base model), or None for none."""
         cos, sin = rope
+        adapted = token_adapters is not None and self.lora[0]
         return torch.ops.kvtriton.decode_layers(
             x, cos.contiguous(), sin.contiguous(), self.norms, self.packed, self.scale_zeros, self.k_pools,
-            self.v_pools, slots, tables, mask.contiguous(), self.group_size, self.eps, self.scale, self.num_heads)
+            self.v_pools, slots, tables, mask.contiguous(), self.group_size, self.eps, self.scale, self.num_heads,
+            *(self.lora if adapted else ([], [], [], [])),
+            token_adapters.contiguous() if adapted else self._no_adapters)

@@ -135,8 +135,9 @@ class TorchRunner:
         if not adapters:
             return ()
         attach_adapters(self.model, adapters, self.dtype, self.device)
-        log.info("LoRA adapters: %s; decode steps with adapted tokens replay CUDA graphs of their own, other such "
-                 "steps run eagerly (no prefill or verify graph, no compiled CPU decode)",
+        log.info("LoRA adapters: %s; decode steps with adapted tokens replay CUDA graphs of their own on a GPU, take "
+                 "the CPU's one-call decode where it serves, and run eagerly otherwise (no prefill or verify graph, "
+                 "no compiled CPU graph)",
                  ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections)" for a in adapters))
         return tuple(a.name for a in adapters)
 
@@ -284,9 +285,15 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
-        if step.adapters is not None and self.lora_names:  # decode steps: graphs of their own; others eager
+        if step.adapters is not None and self.lora_names:  # decode steps: graphs or the C++ call; others eager
             if self._lora_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
+            decode = self.compiled_decode
+            if decode is not None and step.attn.num_decodes == b and decode.serves_adapted(b):
+                attn = step.attn
+                return decode(step.input_ids, step.positions, attn.slot_mapping,
+                              attn.block_tables[:, : attn.decode_context_blocks], attn.context_lens,
+                              step.adapters.token_adapters)
             return self.execute_eager(step)
         if self.compiled_decode is not None and step.attn.num_decodes == b:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
