@@ -13,6 +13,9 @@ the work the decode step does around it:
   int4 triton        kernels/int4_matmul.py (g32), under each candidate tile
   int4 skinny        the fused kernel reading int4 weights, M <= 4; at M = 1 also kernels/int4_gemv.py's
                      one-row kernel (fp16-pair arithmetic), whichever is faster per shape
+  int4 tinygemm      torch.ops.aten._weight_int4pack_mm (PyTorch's CUDA int4 kernel, gpt-fast's and torchao's),
+                     the same g32 numbers as w = (q - 8) * s + z; not a path of the decode step yet: a
+                     reference for the Triton kernels (its error against the dequantized weight is printed once)
 Each time is a CUDA graph replay over enough distinct copies of the weight that they never fit the L2
 (as in a decode step, where each layer's weight comes from HBM), divided by the calls; GB/s is the
 weight bytes over that time. Printed: the table (best tile per candidate family), a decode step's
@@ -86,7 +89,25 @@ def make_layers(n: int, k: int) -> dict:
               "int4": lambda: Int4Linear(int4.qweight.clone(), int4.scale.clone(), int4.zero_point.clone(), None,
                                          GROUP, None)}
     sizes = {"bf16": n * k * 2, "fp8": n * k, "int4": n * k // 2 + 3 * n * (k // GROUP)}  # + fp16 scale, u8 zero
-    return {name: ([clone() for _ in range(copies(sizes[name]))], sizes[name]) for name, clone in clones.items()}
+    layers = {name: ([clone() for _ in range(copies(sizes[name]))], sizes[name]) for name, clone in clones.items()}
+    try:
+        packed, scale_zeros = tinygemm_operands(quantize_groupwise(w, GROUP))
+        tiny_bytes = packed.numel() * packed.element_size() + scale_zeros.numel() * 2
+        layers["tinygemm"] = ([(packed.clone(), scale_zeros.clone()) for _ in range(copies(tiny_bytes))], tiny_bytes)
+    except Exception as e:  # noqa: BLE001 - a reference only: say why and go on
+        print(f"# int4 tinygemm: unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
+    return layers
+
+
+def tinygemm_operands(gq) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GroupQuantized int4 weight as torch's CUDA int4 kernel takes it: codes packed two a byte by
+    _convert_weight_to_int4pack (8 inner K tiles), and (G, N, 2) bf16 scales and zeros with w = (q - 8) * s + z,
+    z = (8 - zero_point) * s."""
+    q = gq.codes.to(DEVICE).int()
+    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    scale = gq.scale.to(DEVICE).float()
+    zero = (8 - gq.zero_point.to(DEVICE).float()) * scale
+    return packed, torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def fused_call(op: str, x: torch.Tensor, weight, norm: torch.Tensor, residual: torch.Tensor, blocks=None):
@@ -206,6 +227,15 @@ def time_shape(name, n, k, op, rows, results, log):
         best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
             x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
             for tile in int4_tiles(m, n, k)})
+        if "tinygemm" in layers:
+            tiny = layers["tinygemm"][0]
+            if m == rows[0]:  # once a shape: are the operands right? (bf16 scales: ~1e-2 relative is expected)
+                reference = x.float() @ int4[0].dequantized_weight().float().T
+                got = torch.ops.aten._weight_int4pack_mm(x, tiny[0][0], GROUP, tiny[0][1]).float()
+                error = ((got - reference).norm() / reference.norm()).item()
+                log(f"  {name} int4 tinygemm: relative error {error:.2e} against the dequantized weight")
+            best("int4 tinygemm", {"_weight_int4pack_mm": [
+                lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz) for p, sz in tiny]})
         if m <= skinny_matmul.MAX_ROWS:
             for kind, layers_of_kind in (("fp8", fp8), ("int4", int4)):
                 choices = skinny_blocks(m, n, k, op) + (GEMV_CHOICES if kind == "int4" and m == 1 else [])
@@ -273,6 +303,9 @@ def summarize(results: list, rows: list[int], log) -> dict:
         cells = " | ".join(f"{fused * 1e3:9.3f} {unfused * 1e3:11.3f} {min(fused, unfused) / bf16:6.2f}x"
                            for fused, unfused in paths.values())
         log(f"{m:3d} | {total('bf16 skinny') * 1e3:10.3f} {total('bf16 cuBLAS') * 1e3:11.3f} | {cells}")
+        if total("int4 tinygemm") < math.inf:  # the reference, not a path: beside the int4 paths, not in them
+            log(f"    int4 tinygemm (PyTorch's CUDA kernel, a reference): {total('int4 tinygemm') * 1e3:.3f} ms, "
+                f"{total('int4 tinygemm') / bf16:.2f}x bf16")
     tables["llama_decode.FUSED_MAX_BATCH_QUANTIZED"] = fused_max
     log("\n# paste into the kernel modules (measured on this GPU):")
     for name, table in tables.items():
