@@ -1,7 +1,8 @@
 """Speculative decoding benchmark (in-process): output tok/s with speculation against the same engine
 without it, in the same run, with the mean acceptance length (1 + accepted / drafts, vLLM's definition).
 
-CPU, default model (SmolLM2-135M-Instruct, fp32, no quantization), greedy, each engine in a process of its own
+CPU, default model (SmolLM2-135M-Instruct, fp32, no quantization; --as-shipped: from its GGUF in int4 with the
+compiled and one-call decode steps, as model_repository/llm serves it), greedy, each engine in a process of its own
 (EngineProcess, one OpenMP team, as tritonserver runs it) and this process their client:
   1. single stream, a chat question, 128 tokens, EOS ignored: draft self-int8 and self-int4 vs plain;
   2. single stream, a quoting request ("repeat this paragraph with one word changed"): ngram vs plain;
@@ -158,6 +159,8 @@ def main() -> None:
                     "folder sharing the tokenizer, self-int8 or self-int4); without it the draft case is skipped")
     ap.add_argument("--eager-verify", action="store_true", help="GPU: verify steps without their CUDA graphs "
                     "(to measure what the graphs bring)")
+    ap.add_argument("--as-shipped", action="store_true", help="CPU: the default model as the shipped config serves "
+                    "it (quantization auto: int4 from the GGUF; cpu_compile_decode on)")
     ap.add_argument("--only", default="", help="comma-separated subset: draft,ngram,batch")
     ap.add_argument("--rounds", type=int, default=5, help="plain and speculating runs alternated; medians")
     ap.add_argument("--batch-rounds", type=int, default=1, help="the same, 32 in flight")
@@ -172,10 +175,12 @@ def main() -> None:
         base["num_kv_blocks"] = 4096
     else:  # one OpenMP team, as the shipped config.pbtxt serves (README "CPU threads")
         base.update(kv_cache_memory_gb=1.0, cpu_single_openmp_team=True)
+        if args.as_shipped:
+            base.update(quantization="auto", cpu_compile_decode=True)
     only = set(filter(None, args.only.split(","))) or {"draft", "ngram", "batch"}
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"# speculative decoding: {args.model or args.config} ({'random weights' if dummy else 'real weights'}), "
-          f"{base['dtype']}, k={args.k}, greedy; torch {torch.__version__}, python {platform.python_version()}, "
+          f"{base['dtype']}, quantization {base['quantization']}, k={args.k}, greedy; torch {torch.__version__}, python {platform.python_version()}, "
           f"{device_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
     def engine(**spec) -> LLMEngine | EngineProcess:

@@ -74,7 +74,7 @@ def test_one_call_decode_with_adapters_equals_the_eager_step(wide_lora):
     runner = engine.runner
     try:
         decode = runner.compiled_decode
-        assert decode.native is not None and decode.serves_adapted(11) and not decode.serves_adapted(12)
+        assert decode.native is not None and decode.serves_rows(11) and not decode.serves_rows(12)
         torch.manual_seed(0)
         for pool in runner.kv.k + runner.kv.v:
             pool.copy_(torch.randn(pool.shape))

@@ -114,3 +114,38 @@ def test_head_dim_off_the_vector_width_keeps_the_compiled_graphs(tiny_folder):
         assert "multiple of the kernel's vector" in why_not_native(engine.runner.model, engine.runner.kv)
     finally:
         engine.shutdown()
+
+
+def test_verify_steps_take_the_one_call_step_and_speculation_keeps_the_plain_output(wide_folder, monkeypatch):
+    """With speculation each verify step's tokens are decode rows of the C++ call (each attending up to its own
+    position), so a verified token's logits are the bits a decode step gives it: greedy output equals the plain
+    engine's exactly, proposals cut at every length (a noisy proposer) included, and every block comes back."""
+    from kvtriton.backend.runners.torch_runner import TorchRunner
+
+    from tests.test_speculative import NoisyProposer, prompts, run_stepwise
+
+    rows_per_call = []
+    native_rows = TorchRunner._native_rows
+
+    def counting(self, step):
+        rows_per_call.append(step.input_ids.shape[0] - step.num_seqs)  # > 0: a verify step's proposals
+        return native_rows(self, step)
+
+    monkeypatch.setattr(TorchRunner, "_native_rows", counting)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = []
+    for spec in ({}, dict(speculative_method="ngram", num_speculative_tokens=3, speculative_disable_by_batch_size=0)):
+        engine = native_engine(wide_folder, **spec)
+        if spec:
+            engine.proposer = NoisyProposer(engine.proposer, engine._sample_vocab)
+        try:
+            outputs.append(run_stepwise(engine, prompts(6), greedy))
+            stats = engine.stats()
+            assert stats.kv_usage == 0.0
+            if spec:
+                assert stats.num_spec_accepted_tokens > 0
+                assert stats.num_spec_accepted_tokens < stats.num_spec_proposed_tokens  # rejections too
+        finally:
+            engine.shutdown()
+    assert outputs[1] == outputs[0]
+    assert any(extra > 0 for extra in rows_per_call)  # verify steps ran through the C++ call

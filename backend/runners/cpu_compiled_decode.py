@@ -67,17 +67,19 @@ class CompiledDecode:
         torch.fx.experimental._config.use_duck_shape = False
         self.model, self.kv, self.scale, self.scratch_block = model, kv, scale, scratch_block
         self.eager_steps = 0  # steps that fit no graph after the warm-up (logged at the first)
-        # The graphs' inputs live in buffers of their own, as a CUDA graph's do: every call then hands dynamo
-        # tensors of one kind (contiguous, offset 0, not inference tensors), whatever the caller's are, so its
-        # guards hold. Rows: ids, positions, slots, context lengths; the tables are (B, W) views of a flat one.
-        self._inputs = torch.zeros(4, max_batch, dtype=torch.int64)
-        width = max(max_blocks, MIN_DECODE_TABLE_WIDTH)
-        self._tables = torch.full((max_batch * width,), scratch_block, dtype=torch.int64)
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
         # A model whose projections all run the int4 GEMV takes its small batches through one C++ call
         # (runners/cpu_native_decode.py); then every decode row, in any step, attends through its C++ attention.
         why = why_not_native(model, kv)
         self.native = NativeDecodeLayers(model, kv, scale) if why is None else None
+        # The graphs' inputs live in buffers of their own, as a CUDA graph's do: every call then hands dynamo
+        # tensors of one kind (contiguous, offset 0, not inference tensors), whatever the caller's are, so its
+        # guards hold. Rows: ids, positions, slots, context lengths; the tables are (B, W) views of a flat one.
+        # Rows for every sequence, and for as many tokens as the C++ call takes (a verify step's, serves_rows).
+        rows = max(max_batch, self.native.max_batch or 0) if self.native is not None else max_batch
+        self._inputs = torch.zeros(4, rows, dtype=torch.int64)
+        width = max(max_blocks, MIN_DECODE_TABLE_WIDTH)
+        self._tables = torch.full((rows * width,), scratch_block, dtype=torch.int64)
         log.info("CPU decode: %s", "the layers of batches up to %s in one C++ call" % (self.native.max_batch or "any")
                  if self.native is not None else f"compiled graphs only ({why})")
         attend = torch.ops.kvtriton.decode_attention if self.native is not None else decode_attention_in_place
@@ -126,14 +128,15 @@ class CompiledDecode:
             self.eager_attention.warm_up(batch, self.model.config.num_heads, self.model.embed_tokens.weight.dtype,
                                          self.kv.k[0], self.kv.v[0], self.scale)
 
-    def serves_adapted(self, batch: int) -> bool:
-        """Whether a decode step of `batch` rows with LoRA adapters runs here: in the one C++ call only (the
-        graphs were compiled without adapters; such steps of other batches run eagerly)."""
-        return self.native is not None and self.native.serves(batch)
+    def serves_rows(self, rows: int) -> bool:
+        """Whether `rows` decode rows that no compiled graph was made for run here, in the one C++ call: a
+        decode step with LoRA adapters (the graphs were compiled without them), or a verify step's tokens, each a
+        row that attends to its sequence up to its own position. Other such steps run eagerly."""
+        return self.native is not None and self.native.serves(rows) and rows <= self._inputs.shape[1]
 
     def __call__(self, ids, positions, slots, tables, context_lens, token_adapters=None) -> torch.Tensor:
         """ids, positions, slots, context_lens (B,) int64, tables (B, W) -> logits (B, V) fp32. token_adapters:
-        each row's LoRA adapter (B,), only where serves_adapted(B)."""
+        each row's LoRA adapter (B,), only where serves_rows(B)."""
         b, width = tables.shape
         inputs = self._inputs[:, :b]
         inputs[0].copy_(ids)

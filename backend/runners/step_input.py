@@ -49,6 +49,9 @@ class StepInput:
     # The step's LoRA adapters (each packed token's, 0: the base model); None when no sequence of the step has
     # one, so that base-model steps carry nothing for them.
     adapters: StepAdapters | None = None
+    # Every sequence of the step decodes one token or verifies proposals: no prompt chunk, no prompt logprobs.
+    # Each new token is then a decode row of its own (the CPU's one-call decode step takes such steps).
+    verify_only: bool = False
 
     @property
     def num_prompt_logit_rows(self) -> int:
@@ -118,6 +121,7 @@ def prepare_step(scheduled: Sequence[tuple[ScheduledSequence, int]], block_size:
                        len(ids), num_decodes, query_lens, context_lens, decode_blocks)
     step.placeholders = placeholders
     step.prompt_logprob_rows = prompt_logprob_rows or None
+    step.verify_only = not prompt_logprob_rows and all(n == 1 or seq.spec_token_ids for seq, n in scheduled)
     row_adapters = [seq.lora_adapter for seq, _ in scheduled]
     if any(row_adapters):
         tokens = to_device(torch.from_numpy(np.repeat(np.array(row_adapters, dtype=np.int64), query_lens)), device)

@@ -285,15 +285,15 @@ class TorchRunner:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
         b = step.num_seqs
+        if step.verify_only and self.compiled_decode is not None and step.input_ids.shape[0] > b:
+            # A verify step on the CPU: every token a decode row of the one C++ call where it takes them all.
+            if self.compiled_decode.serves_rows(step.input_ids.shape[0]):
+                return self._native_rows(step)
         if step.adapters is not None and self.lora_names:  # decode steps: graphs or the C++ call; others eager
             if self._lora_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
-            decode = self.compiled_decode
-            if decode is not None and step.attn.num_decodes == b and decode.serves_adapted(b):
-                attn = step.attn
-                return decode(step.input_ids, step.positions, attn.slot_mapping,
-                              attn.block_tables[:, : attn.decode_context_blocks], attn.context_lens,
-                              step.adapters.token_adapters)
+            if self.compiled_decode is not None and step.attn.num_decodes == b and self.compiled_decode.serves_rows(b):
+                return self._native_rows(step)
             return self.execute_eager(step)
         if self.compiled_decode is not None and step.attn.num_decodes == b:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
@@ -311,6 +311,23 @@ class TorchRunner:
         if bucket is not None:
             return self._replay_prefill(step, bucket)
         return self.execute_eager(step)
+
+    def _native_rows(self, step: StepInput) -> torch.Tensor:
+        """A decode-only or verify step on the CPU through the one-call decode step (CompiledDecode.serves_rows),
+        each new token a row: its sequence's block table, attending up to its own position (its earlier new
+        tokens' K/V are written before any row attends). So a verified token's logits are the bits a decode step
+        would give it, and speculation keeps the output of the plain engine. -> logits of step.last_token_indices."""
+        attn, n = step.attn, step.input_ids.shape[0]
+        tables, contexts = attn.block_tables, step.positions + 1
+        if n > step.num_seqs:  # a row per token, each with its sequence's table
+            width = -(-max(attn.context_lens_host) // self.block_size)
+            query_lens = torch.tensor(attn.query_lens, device=tables.device)
+            tables = tables[:, :width].repeat_interleave(query_lens, dim=0, output_size=n)
+        else:
+            tables = tables[:, : attn.decode_context_blocks]
+        adapters = step.adapters.token_adapters if step.adapters is not None and self.lora_names else None
+        logits = self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping, tables, contexts, adapters)
+        return logits if n == step.last_token_indices.shape[0] else logits[step.last_token_indices]
 
     @torch.inference_mode()
     def execute_eager(self, step: StepInput) -> torch.Tensor:
