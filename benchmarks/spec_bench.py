@@ -180,8 +180,8 @@ def main() -> None:
     only = set(filter(None, args.only.split(","))) or {"draft", "ngram", "batch"}
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"# speculative decoding: {args.model or args.config} ({'random weights' if dummy else 'real weights'}), "
-          f"{base['dtype']}, quantization {base['quantization']}, k={args.k}, greedy; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{device_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+          f"{base['dtype']}, quantization {base['quantization']}, k={args.k}, greedy; torch {torch.__version__}, "
+          f"python {platform.python_version()}, {device_name}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
 
     def engine(**spec) -> LLMEngine | EngineProcess:
         if not cuda:

@@ -474,3 +474,13 @@ def test_cuda_greedy_agrees_with_plain(default_model_folder, method, model):
         assert replays, "no verify step replayed a CUDA graph"
     finally:
         engine.shutdown()
+
+
+def test_a_self_draft_of_a_model_served_quantized_is_said_not_to_pay(tiny_folder, caplog):
+    """A self-int8 draft of a model served in int4 costs a step as long as the model's own: said at load."""
+    with caplog.at_level("WARNING", logger="kvtriton"):
+        engine = make_tiny_engine(tiny_folder, quantization="int4", speculative_method="draft",
+                                  speculative_model="self-int8", num_speculative_tokens=2)
+    engine.shutdown()
+    assert any("the served model is already int4" in r.getMessage() and "ngram" in r.getMessage()
+               for r in caplog.records)

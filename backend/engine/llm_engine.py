@@ -119,7 +119,8 @@ class LLMEngine:
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = load(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
-                             self.dtype, self.max_model_len, self._sample_vocab)
+                             self.dtype, self.max_model_len, self._sample_vocab,
+                             getattr(self.runner, "quantization", None))
         self.step_executor = StepExecutor(config, self.runner, self.scheduler, self.sampler, self.output_processor,
                                           self.structured_output, self._sample_vocab, self.device,
                                           self._forward_thread)

@@ -83,6 +83,7 @@ class TorchRunner:
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.shard_report = None  # tensor parallelism: what this rank loaded (models/parallel/sharded_loader.py)
+        self.quantization: str | None = None  # the scheme the weights load in (quantization auto resolved)
         if config.tensor_parallel_size > 1:  # this process is one rank of a group (runners/tensor_parallel_runner.py)
             self.model, self.shard_report = load_sharded_model(folder, model_config, dtype, device,
                                                                config.dummy_weights)
@@ -90,6 +91,7 @@ class TorchRunner:
             self.model_config = model_config = rank_model_config(model_config, config.tensor_parallel_size)
         else:
             quantization, gguf, keep_precision = resolve_quantization(config.quantization, config.model, device)
+            self.quantization = quantization
             self.model = load_model(folder, dtype=dtype, device=device, config=model_config,
                                     dummy=config.dummy_weights, quantization=quantization,
                                     group_size=config.quantization_group_size, gguf=gguf,

@@ -28,8 +28,10 @@ class Proposer(Protocol):
 
 
 def create_proposer(config: EngineConfig, tokenizer: Tokenizer, num_blocks: int, device: torch.device,
-                    dtype: torch.dtype, max_model_len: int, vocab_size: int) -> Proposer | None:
-    """The proposer of config.speculative_method; None when speculation is off."""
+                    dtype: torch.dtype, max_model_len: int, vocab_size: int,
+                    served_quantization: str | None = None) -> Proposer | None:
+    """The proposer of config.speculative_method; None when speculation is off. served_quantization: the scheme
+    the served model's weights are in (None: full precision)."""
     if config.speculative_method == "ngram":
         from kvtriton.backend.engine.speculative.ngram import NgramProposer
 
@@ -38,5 +40,5 @@ def create_proposer(config: EngineConfig, tokenizer: Tokenizer, num_blocks: int,
         from kvtriton.backend.engine.speculative.draft import DraftProposer, draft_pool_blocks
 
         return DraftProposer.create(config, tokenizer, draft_pool_blocks(config, num_blocks, max_model_len), device,
-                                    dtype, max_model_len, vocab_size)
+                                    dtype, max_model_len, vocab_size, served_quantization)
     return None

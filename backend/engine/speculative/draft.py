@@ -64,13 +64,21 @@ class DraftProposer:
 
     @classmethod
     def create(cls, config: EngineConfig, target_tokenizer: Tokenizer, num_blocks: int, device: torch.device,
-               dtype: torch.dtype, max_model_len: int, vocab_size: int) -> "DraftProposer":
+               dtype: torch.dtype, max_model_len: int, vocab_size: int,
+               served_quantization: str | None = None) -> "DraftProposer":
         """The draft of config.speculative_model: the served model quantized (self-int8 / self-int4), or a
         checkpoint that must share the served model's tokenizer. Its pool holds `num_blocks`: enough for the
-        sequences that may speculate at once (draft_pool_blocks)."""
+        sequences that may speculate at once (draft_pool_blocks). served_quantization: the served model's
+        scheme (None: full precision), to say when a self-draft cannot pay."""
         name = config.speculative_model
         if name in SELF_DRAFTS:
             model, quantization = config.model, SELF_DRAFTS[name]
+            if served_quantization is not None:
+                # Measured on the default model served in int4 (README "Speculative decoding"): 0.69-0.73x.
+                log.warning("speculative_model %s: the served model is already %s, so its own %s weights draft at "
+                            "about the cost of a step of the model itself, and k draft steps cost more than the "
+                            "tokens they save (expect a slow-down); prompt lookup (speculative_method ngram) or a "
+                            "smaller draft checkpoint pays", name, served_quantization, quantization)
         else:
             model, quantization = name, "none"
         folder = resolve_checkpoint(model)
