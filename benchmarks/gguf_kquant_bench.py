@@ -10,8 +10,13 @@ through the engine (greedy, EOS ignored, the median of --rounds, variants altern
 quantized layers, and the bound: those bytes over this machine's measured copy bandwidth; then the ratio
 to fp32 and to HF transformers' fp32 `generate` on the same converted folder.
 
+--as-shipped serves each variant as model_repository/llm does (compiled decode, one OpenMP team, so one engine
+at a time) and adds `auto-graphs`: auto with the one-call C++ decode layers turned off in this process, so its
+decode steps run the compiled graphs, as they did for such a file before those layers took int8 projections.
+
   python benchmarks/gguf_kquant_bench.py                                  # hidden 1024, 12 layers
   python benchmarks/gguf_kquant_bench.py --hidden 2048 --layers 16 --ffn 8192 --rounds 3
+  python benchmarks/gguf_kquant_bench.py --as-shipped --variants auto,auto-graphs,int4
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from engine_bench import run_hf  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
+from kvtriton.backend.engine.tokenizer import Tokenizer  # noqa: E402
 from kvtriton.backend.models.checkpoint import resolve_checkpoint  # noqa: E402
 from kvtriton.backend.models.default_model import ensure_default_gguf  # noqa: E402
 from kvtriton.backend.models.quantization import QuantizedLinear, layer_sources  # noqa: E402
+from kvtriton.backend.runners import cpu_compiled_decode  # noqa: E402
 
 from tests.test_gguf_checkpoint import llama_cpp_rope_order, random_kquant_rows  # noqa: E402
 
@@ -132,7 +139,10 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default="auto,int4,none")
+    ap.add_argument("--variants", default="auto,int4,none", help="quantization settings, and with --as-shipped "
+                    "auto-graphs (auto without the one-call C++ decode layers)")
+    ap.add_argument("--as-shipped", action="store_true", help="compiled decode and one OpenMP team, as the shipped "
+                    "config.pbtxt serves")
     args = ap.parse_args()
     if args.hidden % 256 or args.ffn % 256:
         ap.error("k-quants need --hidden and --ffn multiples of 256")
@@ -142,29 +152,35 @@ def main() -> None:
     print(f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or 'cpu'}, "
           f"{torch.get_num_threads()} threads; a synthetic Q4_K_M Llama: hidden {args.hidden}, {args.layers} layers, "
           f"ffn {args.ffn}, {args.heads}/{args.kv_heads} heads; one stream, {args.max_tokens} tokens, median of "
-          f"{args.rounds}; EngineConfig's defaults otherwise (no single OpenMP team, no compiled decode)")
+          f"{args.rounds}; " + ("as shipped (compiled decode, one OpenMP team)" if args.as_shipped else
+                               "EngineConfig's defaults otherwise (no single OpenMP team, no compiled decode)"))
     bandwidth = copy_bandwidth()
     variants = args.variants.split(",")
-    engines = {v: LLMEngine(EngineConfig(model=str(path), device="cpu", quantization=v,
-                                         cpu_single_openmp_team=False)).start() for v in variants}
-    prompt = engines[variants[0]].tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    if "auto-graphs" in variants and not args.as_shipped:
+        ap.error("auto-graphs compares the compiled decode steps: with --as-shipped")
+    prompt = Tokenizer.from_pretrained(folder).encode("The quick brown fox jumps over the lazy dog.")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     speeds: dict[str, list[float]] = {v: [] for v in variants}
-    try:
+    rows = {}
+    real_why = cpu_compiled_decode.why_not_native
+    # One engine at a time (as shipped, two would hold two OpenMP teams); variants alternated round by round.
+    for _ in range(args.rounds):
         for v in variants:
-            engines[v].generate([prompt], params)  # warm-up
-        for _ in range(args.rounds):
-            for v in variants:
-                out = engines[v].generate([prompt], params)[0]
+            cpu_compiled_decode.why_not_native = (real_why if v != "auto-graphs" else
+                                                  lambda *_: "turned off by kvtriton's benchmark")
+            torch._dynamo.reset()  # each engine compiles the same functions: a fresh count of recompiles
+            engine = LLMEngine(EngineConfig(model=str(path), device="cpu", quantization=v.removesuffix("-graphs"),
+                                            cpu_single_openmp_team=args.as_shipped,
+                                            cpu_compile_decode=args.as_shipped)).start()
+            try:
+                engine.generate([prompt], params)  # warm-up
+                out = engine.generate([prompt], params)[0]
                 speeds[v].append((len(out.token_ids) - 1) / (out.time - out.first_token_time))  # after the first
-        rows = {}
-        for v in variants:
-            model = engines[v].runner.model
-            size = layer_bytes(model)
-            rows[v] = (statistics.median(speeds[v]), size, layer_sources(model))
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
+                model = engine.runner.model
+                rows[v] = (statistics.median(speeds[v]), layer_bytes(model), layer_sources(model))
+            finally:
+                engine.shutdown()
+    cpu_compiled_decode.why_not_native = real_why
     hf = run_hf(folder, [prompt], args.max_tokens, "cpu", torch.float32, 1)["tok_s"]
     base = rows.get("none", (None,))[0]
     print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s; HF transformers fp32 generate {hf:.1f} tok/s")

@@ -13,6 +13,7 @@ from kvtriton.backend.models.int4 import gemv_serves
 from kvtriton.backend.runners.cpu_native_decode import why_not_native
 
 from tests.test_cpu_compiled_decode import decode_step_args
+from tests.test_gguf_checkpoint import write_tiny_gguf
 from tests.tiny_model import make_tiny_engine, make_tiny_model
 
 pytestmark = [pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with AVX-512 BF16"),
@@ -30,29 +31,63 @@ def wide_folder(tmp_path_factory):
 
 
 def native_engine(folder, **overrides):
-    return make_tiny_engine(folder, quantization="int4", cpu_compile_decode=True, **overrides)
+    return make_tiny_engine(folder, **{"quantization": "int4", "cpu_compile_decode": True, **overrides})
 
 
-def test_logits_equal_eager(wide_folder):
-    engine = native_engine(wide_folder, cpu_dense_min_rows=12)
-    runner = engine.runner
+@pytest.mark.parametrize("quantization", ["int4", "int8"])  # the GEMV; int8 per channel through ATen's kernel
+def test_logits_equal_eager(wide_folder, quantization):
+    engine = native_engine(wide_folder, cpu_dense_min_rows=12, quantization=quantization)
     try:
-        assert runner.compiled_decode.native is not None and runner.compiled_decode.native.max_batch == 11
-        torch.manual_seed(0)
-        for pool in runner.kv.k + runner.kv.v:
-            pool.copy_(torch.randn(pool.shape))
-        bs = runner.block_size
-        # One sequence, a few, and 12 (the dense copies' rows: the compiled graph, with the C++ attention); contexts
-        # of 1 block (padded to 2), 2 and 5, and rows whose contexts end inside a block.
-        for contexts in ([1], [3], [bs + 1], [5 * bs - 2, 2, bs + 1], [bs + 3] * 10, [2 * bs + 1] * 12):
-            args = decode_step_args(bs, contexts)
-            native = runner.compiled_decode(*args)
-            with torch.inference_mode():
-                eager = runner._decode_logits(*args)
-            assert torch.equal(native, eager), contexts
-        assert runner.compiled_decode.eager_steps == 0
+        assert_native_equals_eager(engine.runner)
     finally:
         engine.shutdown()
+
+
+# As a Q4_K_M file mixes them (llama.cpp gives some attn_v and ffn_down Q6_K, the rest Q4_K), with a Q8_0 o_proj.
+K_QUANT_MIX = {
+    **{f"blk.{i}.{t}.weight": "Q4_K" for i in (0, 1) for t in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                               "ffn_gate", "ffn_up", "ffn_down")},
+    "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K", "blk.1.attn_output.weight": "Q8_0",
+    "token_embd.weight": "Q8_0",
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_a_q4_k_m_gguf_takes_the_one_call_step_with_the_eager_steps_logits(tmp_path, arch):
+    """Quantization auto keeps each GGUF tensor in no fewer bits than stored: Q4_K as int4 (the GEMV), Q6_K and Q8_0
+    as int8 groups (two 4-bit planes through the GEMV), a qkv with a Q6_K part as int8 per channel (ATen's kernel).
+    The C++ layers take every one of them, biases too, with the eager step's logits bit for bit."""
+    write_tiny_gguf(tmp_path / "m.gguf", arch=arch, quant_types=K_QUANT_MIX, hidden=256, ffn=256, head_dim=64)
+    engine = native_engine(tmp_path / "m.gguf", quantization="auto", cpu_dense_min_rows=12)
+    try:
+        layers = engine.runner.model.layers
+        modules = (layers[0].self_attn.qkv_proj, layers[0].mlp.down_proj, layers[1].self_attn.o_proj,
+                   layers[1].mlp.gate_up_proj)
+        got = [(type(m).__name__, m.group_size, m.bias is not None) for m in modules]
+        bias = arch == "qwen2"
+        assert got == [("Int8Linear", 0, bias), ("Int8Linear", 16, False), ("Int8Linear", 32, False),
+                       ("Int4Linear", 32, False)]
+        assert_native_equals_eager(engine.runner)
+    finally:
+        engine.shutdown()
+
+
+def assert_native_equals_eager(runner):
+    """The one-call step's logits against the eager step's, at one sequence, a few, and 12 (the dense copies'
+    rows: the compiled graph, with the C++ attention; the runner's cpu_dense_min_rows is 12)."""
+    assert runner.compiled_decode.native is not None and runner.compiled_decode.native.max_batch == 11
+    torch.manual_seed(0)
+    for pool in runner.kv.k + runner.kv.v:
+        pool.copy_(torch.randn(pool.shape))
+    bs = runner.block_size
+    # Contexts of 1 block (padded to 2), 2 and 5, and rows whose contexts end inside a block.
+    for contexts in ([1], [3], [bs + 1], [5 * bs - 2, 2, bs + 1], [bs + 3] * 10, [2 * bs + 1] * 12):
+        args = decode_step_args(bs, contexts)
+        native = runner.compiled_decode(*args)
+        with torch.inference_mode():
+            eager = runner._decode_logits(*args)
+        assert torch.equal(native, eager), contexts
+    assert runner.compiled_decode.eager_steps == 0
 
 
 def test_engine_greedy_unchanged(wide_folder):
@@ -95,7 +130,7 @@ def test_bad_operands_are_refused_in_one_line():
 
 
 @pytest.mark.parametrize("overrides,why", [
-    ({"quantization": "int8"}, "does not run the int4 GEMV"),
+    ({"quantization": "none"}, "runs none of the CPU's int4/int8 kernels"),
     ({"quantization": "int4", "kv_cache_dtype": "fp8"}, "not fp32"),
 ])
 def test_models_it_does_not_serve_keep_the_compiled_graphs(wide_folder, overrides, why):

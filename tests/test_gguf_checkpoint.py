@@ -62,14 +62,16 @@ def random_kquant_rows(rows: int, cols: int, kind: str, rng) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=False, quantize_q8=True,
-                    extra_tensors=(), quant_types=None, metadata=None, ffn=None, hidden=None) -> dict[str, np.ndarray]:
+                    extra_tensors=(), quant_types=None, metadata=None, ffn=None, hidden=None,
+                    head_dim=None) -> dict[str, np.ndarray]:
     """Write a 2-layer Llama GGUF (arch "qwen2": with q/k/v biases; "qwen3": with QK-norm; neither has its Q/K
     rows interleaved, as llama.cpp writes them); return the HF-layout float32 weights it was made from.
 
     quant_types: {GGUF tensor name: "Q4_0" | "Q4_1" | "Q8_0" | "Q4_K" | "Q6_K"}; default (quantize_q8): two
     Q8_0 tensors. A k-quant tensor holds random blocks, and its HF weight is their dequantization; k-quants
-    need inputs of a multiple of 256: `ffn` (default FFN) and `hidden` (default HIDDEN; heads stay HEADS x HEAD_DIM)."""
-    ffn, hidden = ffn or FFN, hidden or HIDDEN
+    need inputs of a multiple of 256: `ffn` (default FFN) and `hidden` (default HIDDEN; heads stay HEADS x head_dim,
+    default HEAD_DIM)."""
+    ffn, hidden, head_dim = ffn or FFN, hidden or HIDDEN, head_dim or HEAD_DIM
     if quant_types is None:
         quant_types = dict.fromkeys(("blk.1.attn_q.weight", "blk.1.ffn_down.weight"), "Q8_0") if quantize_q8 else {}
     rng = np.random.default_rng(0)
@@ -81,8 +83,8 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     gguf_tensors = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
     if untied:
         gguf_tensors["output.weight"] = hf["lm_head.weight"]
-    shapes = {"q_proj": (HEADS * HEAD_DIM, hidden), "k_proj": (KV_HEADS * HEAD_DIM, hidden),
-              "v_proj": (KV_HEADS * HEAD_DIM, hidden), "o_proj": (hidden, HEADS * HEAD_DIM),
+    shapes = {"q_proj": (HEADS * head_dim, hidden), "k_proj": (KV_HEADS * head_dim, hidden),
+              "v_proj": (KV_HEADS * head_dim, hidden), "o_proj": (hidden, HEADS * head_dim),
               "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden), "down_proj": (hidden, ffn)}
     raw = {}  # GGUF name -> k-quant blocks, in the file's row order
     gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -111,7 +113,7 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
                 hf[f"{prefix}.self_attn.{proj}.bias"] = rng.standard_normal(shape[0], dtype=np.float32)
                 gguf_tensors[f"blk.{layer}.{gguf_names[proj]}.bias"] = hf[f"{prefix}.self_attn.{proj}.bias"]
         for norm in ("q_norm", "k_norm") if arch == "qwen3" else ():
-            hf[f"{prefix}.self_attn.{norm}.weight"] = rng.standard_normal(HEAD_DIM, dtype=np.float32)
+            hf[f"{prefix}.self_attn.{norm}.weight"] = rng.standard_normal(head_dim, dtype=np.float32)
             gguf_tensors[f"blk.{layer}.attn_{norm}.weight"] = hf[f"{prefix}.self_attn.{norm}.weight"]
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -123,10 +125,10 @@ def write_tiny_gguf(path, *, arch="llama", pre="smollm", untied=False, add_bos=F
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(100000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(HEAD_DIM)
-    if hidden != HEADS * HEAD_DIM:
-        writer.add_key_length(HEAD_DIM)
-        writer.add_value_length(HEAD_DIM)
+    writer.add_rope_dimension_count(head_dim)
+    if hidden != HEADS * head_dim:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab)

@@ -26,6 +26,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_weight_int8pack_mm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <immintrin.h>
@@ -159,6 +161,25 @@ void check_attention_operands(const at::Tensor& q, const at::Tensor& k_pool, con
               "decode_attention: mask must be contiguous bool with width * block_size entries a sequence");
 }
 
+// How a projection multiplies (runners/cpu_native_decode.py names the same kinds).
+constexpr int64_t kGemv = 0;         // int4: the GEMV over x (weights: its packed codes, scales: scale_zeros)
+constexpr int64_t kTwoPlanes = 1;    // int8 groups as two 4-bit planes: the GEMV over [x, x] (models/int8.py)
+constexpr int64_t kInt8Channel = 2;  // int8 per channel: ATen's _weight_int8pack_mm in bf16 (scales: bf16 (N,))
+
+void check_projection(const at::Tensor& weight, const at::Tensor& scales, int64_t kind, const at::Tensor& bias,
+                      int64_t in) {
+  if (kind == kInt8Channel) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.size(1) == in &&
+                    scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0),
+                "decode_layers: an int8 per-channel projection needs int8 (N, ", in, ") codes and bf16 (N,) scales");
+  } else {
+    TORCH_CHECK(kind == kGemv || kind == kTwoPlanes, "decode_layers: unknown projection kind ", kind);
+    TORCH_CHECK(weight.dim() == 3, "decode_layers: a GEMV projection needs the GEMV's packed (3-D) weight");
+  }
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 1),
+              "decode_layers: a bias must be contiguous fp32 (N,)");
+}
+
 void run_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                    const at::Tensor& tables, const at::Tensor& mask, float scale, float* out) {
   attend(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), tables.data_ptr<int64_t>(),
@@ -180,15 +201,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
 }
 
 // x (B, hidden) through every layer; writes each layer's new K/V at `slots` of its pools; returns the new x.
-// Per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights) and packed / scale_zeros [4l .. 4l + 3] (qkv,
-// o, gate_up, down), as models/llama.py's decoder layer reads them. LoRA (models/lora.py): with token_adapters
+// Per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights) and weights / scales / kinds / group_sizes /
+// biases [4l .. 4l + 3] (qkv, o, gate_up, down), as models/llama.py's decoder layer reads them: each projection
+// as its layer's matmul computes it (Projection below), plus its bias where it has one. LoRA (models/lora.py): with token_adapters
 // (B,) not empty, lora_a / lora_b_t / lora_columns / lora_blocks [4l .. 4l + 3] are those projections' stacked
 // adapters (empty tensors where none adapts it), each added to its projection's output as the eager step adds
 // StackedLoRA.delta (cpu_lora.cpp's same function, then one fp32 add).
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
-                         at::TensorList packed, at::TensorList scale_zeros, at::TensorList k_pools,
+                         at::TensorList weights, at::TensorList scales, at::IntArrayRef kinds,
+                         at::IntArrayRef group_sizes, at::TensorList biases, at::TensorList k_pools,
                          at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& tables,
-                         const at::Tensor& mask, int64_t group_size, double eps, double scale, int64_t num_heads,
+                         const at::Tensor& mask, int64_t inter, double eps, double scale, int64_t num_heads,
                          at::TensorList lora_a, at::TensorList lora_b_t, at::TensorList lora_columns,
                          at::IntArrayRef lora_blocks, const at::Tensor& token_adapters) {
   const int64_t layers = static_cast<int64_t>(k_pools.size());
@@ -196,9 +219,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
               "decode_layers: x must be fp32 (sequences, hidden) with hidden a multiple of ", kLanes);
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_pools.size()) == layers &&
                   static_cast<int64_t>(norms.size()) == 2 * layers &&
-                  static_cast<int64_t>(packed.size()) == 4 * layers &&
-                  static_cast<int64_t>(scale_zeros.size()) == 4 * layers,
-              "decode_layers: per layer 2 norms, 4 packed weights with their scales and a K and V pool");
+                  static_cast<int64_t>(weights.size()) == 4 * layers && scales.size() == weights.size() &&
+                  kinds.size() == weights.size() && group_sizes.size() == weights.size() &&
+                  biases.size() == weights.size(),
+              "decode_layers: per layer 2 norms, 4 projections (weight, scales, kind, group size, bias) and a K and "
+              "V pool");
   const int64_t B = x_in.size(0), hidden = x_in.size(1), D = k_pools[0].size(3), Hkv = k_pools[0].size(2);
   const int64_t half = D / 2, q_size = num_heads * D, kv_size = Hkv * D;
   TORCH_CHECK(half % kLanes == 0, "decode_layers: head_dim must be a multiple of ", 2 * kLanes);
@@ -216,8 +241,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
   at::Tensor normed = at::empty({B, hidden}, x.options());
   at::Tensor q = at::empty({B, num_heads, D}, x.options());
   at::Tensor attended = at::empty({B, q_size}, x.options());
-  const int64_t inter = packed[3].size(1) * 8;  // the MLP's width: down's inputs
   TORCH_CHECK(inter % kLanes == 0, "decode_layers: the MLP width must be a multiple of ", kLanes);
+  const int64_t ins[4] = {hidden, q_size, hidden, inter};  // each projection's inputs: qkv, o, gate_up, down
+  for (int64_t i = 0; i < 4 * layers; i++) check_projection(weights[i], scales[i], kinds[i], biases[i], ins[i % 4]);
   at::Tensor activated = at::empty({B, inter}, x.options());
   float* xp = x.data_ptr<float>();
   float* np = normed.data_ptr<float>();
@@ -228,7 +254,6 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     TORCH_CHECK(static_cast<int64_t>(lora_a.size()) == 4 * layers && lora_b_t.size() == lora_a.size() &&
                     lora_columns.size() == lora_a.size() && lora_blocks.size() == lora_a.size(),
                 "decode_layers: with token_adapters, 4 LoRA operands a layer (empty where none adapts it)");
-    const int64_t ins[4] = {hidden, q_size, hidden, packed[3].size(1) * 8};  // qkv, o, gate_up, down
     int64_t adapters = -1;
     for (int64_t i = 0; i < 4 * layers; i++) {
       if (lora_a[i].numel() == 0) continue;
@@ -256,6 +281,26 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
         (Vec::loadu(yp + b * ld + c, count) + Vec::loadu(dp + b * out + c, count)).store(yp + b * ld + c, count);
       }
   };
+  // Projection i of inputs x (B, in) -> (B, >= its outputs) fp32, as the eager layer computes it, bias added.
+  auto project = [&](int64_t i, const at::Tensor& x_rows) {
+    at::Tensor y;
+    switch (kinds[i]) {
+      case kGemv: y = int4_gemv(x_rows, weights[i], scales[i], group_sizes[i]); break;
+      case kTwoPlanes: y = int4_gemv(at::cat({x_rows, x_rows}, 1), weights[i], scales[i], group_sizes[i]); break;
+      default: y = at::_weight_int8pack_mm(x_rows.to(at::kBFloat16), weights[i], scales[i]).to(at::kFloat); break;
+    }
+    if (biases[i].numel()) {
+      float* yp = y.data_ptr<float>();
+      const float* bp = biases[i].data_ptr<float>();
+      const int64_t n = biases[i].numel(), ld = y.size(1);
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < n; c += kLanes) {
+          const int64_t count = std::min(kLanes, n - c);
+          (Vec::loadu(yp + b * ld + c, count) + Vec::loadu(bp + c, count)).store(yp + b * ld + c, count);
+        }
+    }
+    return y;
+  };
   auto add_rows = [&](const at::Tensor& y) {  // x += y[:, :hidden]
     const float* yp = y.data_ptr<float>();
     const int64_t ld = y.size(1);
@@ -276,7 +321,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     check_attention_operands(q, k_pool, v_pool, tables, mask);
     // Attention: RMSNorm, qkv, RoPE on q and k, the new k and v into the pools, attention, o_proj, residual.
     norm_rows(norms[2 * l]);
-    at::Tensor qkv = int4_gemv(normed, packed[4 * l], scale_zeros[4 * l], group_size);
+    at::Tensor qkv = project(4 * l, normed);
     add_lora(4 * l, np, hidden, qkv);
     TORCH_CHECK(qkv.size(1) >= q_size + 2 * kv_size, "decode_layers: the qkv weight has too few rows");
     const float* qkv_p = qkv.data_ptr<float>();
@@ -292,15 +337,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
       std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, v_row);
     }
     run_attention(q, k_pool, v_pool, tables, mask, scale_f, attended.data_ptr<float>());
-    at::Tensor o = int4_gemv(attended, packed[4 * l + 1], scale_zeros[4 * l + 1], group_size);
+    at::Tensor o = project(4 * l + 1, attended);
     add_lora(4 * l + 1, attended.data_ptr<float>(), q_size, o);
     add_rows(o);
     // MLP: RMSNorm, gate_up, silu(gate) * up, down, residual.
     norm_rows(norms[2 * l + 1]);
-    at::Tensor gate_up = int4_gemv(normed, packed[4 * l + 2], scale_zeros[4 * l + 2], group_size);
+    at::Tensor gate_up = project(4 * l + 2, normed);
     add_lora(4 * l + 2, np, hidden, gate_up);
-    TORCH_CHECK(packed[4 * l + 3].size(1) * 8 == inter && gate_up.size(1) >= 2 * inter,
-                "decode_layers: every layer's gate_up must have twice its down's inputs as rows");
+    TORCH_CHECK(gate_up.size(1) >= 2 * inter, "decode_layers: every layer's gate_up must have 2 x ", inter, " rows");
     const float* gu = gate_up.data_ptr<float>();
     float* ap = activated.data_ptr<float>();
     for (int64_t b = 0; b < B; b++)
@@ -309,7 +353,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
         const Vec up = Vec::loadu(gu + b * gate_up.size(1) + inter + i);
         ((gate / (gate.neg().exp() + Vec(1.0f))) * up).store(ap + b * inter + i);
       }
-    at::Tensor down = int4_gemv(activated, packed[4 * l + 3], scale_zeros[4 * l + 3], group_size);
+    at::Tensor down = project(4 * l + 3, activated);
     add_lora(4 * l + 3, ap, inter, down);
     add_rows(down);
   }
@@ -321,8 +365,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
 TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
   m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor mask, float scale) -> Tensor");
   m.def(
-      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] packed, Tensor[] scale_zeros, "
-      "Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, Tensor tables, Tensor mask, int group_size, "
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, Tensor[] scales, "
+      "int[] kinds, int[] group_sizes, Tensor[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
+      "Tensor tables, Tensor mask, int intermediate_size, "
       "float eps, float scale, int num_heads, Tensor[] lora_a, Tensor[] lora_b_t, Tensor[] lora_columns, "
       "int[] lora_blocks, Tensor token_adapters) -> Tensor");
 }

@@ -1,5 +1,8 @@
 """NativeDecodeLayers: a CPU decode step's decoder layers in one C++ call, for models whose every projection runs
-kvtriton's int4 GEMV (the default model served from its GGUF).
+one of the CPU's weight-only kernels: kvtriton's int4 GEMV (the default model served from its GGUF), int8 groups
+as two 4-bit planes through it (GGUF Q8_0 and Q6_K blocks), or int8 per channel through ATen's
+_weight_int8pack_mm (a fused projection whose parts a GGUF stores in mixed types: a Q4_K_M file's qkv with a Q6_K
+v), each with its bias where it has one (Qwen2's q/k/v).
 
 Inductor's graphs (runners/cpu_compiled_decode.py) leave Python between the kernels they call: at one sequence
 the default model's step was ~10 ms, ~5 of it the GEMV's memory-bound matmuls and ~2 of it Python (dynamo's
@@ -19,14 +22,28 @@ from __future__ import annotations
 import torch
 
 from kvtriton.backend.models.int4 import Int4Linear
+from kvtriton.backend.models.int8 import Int8Linear
 
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# How a projection multiplies, as kernels/cpu_decode_layers.cpp numbers them: (weights, scales) are the GEMV's
+# (packed, scale_zeros) for the first two, (int8 codes, bf16 scales) for the third.
+GEMV, TWO_PLANES, INT8_CHANNEL = 0, 1, 2
 
 
-def _gemv_linears(model) -> list[Int4Linear | None]:
-    """Every layer's projections in PROJECTIONS order; None for one that is not a bias-free int4 GEMV layer."""
-    modules = [layer.get_submodule(name) for layer in model.layers for name in PROJECTIONS]
-    return [m if type(m) is Int4Linear and m.bias is None and m.gemv_operands is not None else None for m in modules]
+def _projection(module) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+    """(kind, weights, scales, group size) of a projection the C++ layers multiply as its own matmul does, or
+    None (another precision or layer type, PyTorch's int4 kernel)."""
+    if type(module) is Int4Linear and module.gemv_operands is not None:
+        return (GEMV, *module.gemv_operands, module.group_size)
+    if type(module) is Int8Linear and module.gemv_operands is not None:
+        return (TWO_PLANES, *module.gemv_operands, module.group_size)
+    if type(module) is Int8Linear and module._scale_bf16 is not None:
+        return (INT8_CHANNEL, module.qweight, module._scale_bf16, 0)
+    return None
+
+
+def _modules(model) -> list:
+    return [layer.get_submodule(name) for layer in model.layers for name in PROJECTIONS]
 
 
 def why_not_native(model, kv) -> str | None:
@@ -40,11 +57,10 @@ def why_not_native(model, kv) -> str | None:
         return "the activations or the KV cache are not fp32"
     if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
         return "the hidden size, head_dim or MLP width is not a multiple of the kernel's vector (or head_dim > 256)"
-    linears = _gemv_linears(model)
-    if any(linear is None for linear in linears):
-        return "a projection does not run the int4 GEMV (another precision, a bias, or PyTorch's kernel)"
-    if len({linear.group_size for linear in linears}) != 1:
-        return "the layers' group sizes differ"
+    if any(_projection(module) is None for module in _modules(model)):
+        return "a projection runs none of the CPU's int4/int8 kernels (another precision, or PyTorch's int4 kernel)"
+    if any(module.bias is not None and module.bias.dtype != torch.float32 for module in _modules(model)):
+        return "a projection's bias is not fp32"
     norms = [norm for layer in model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
     if len({norm.eps for norm in norms}) != 1:
         return "the layers' RMSNorm eps differ"
@@ -56,11 +72,13 @@ class NativeDecodeLayers:
 
     def __init__(self, model, kv, scale: float):
         layers = model.layers
-        linears = _gemv_linears(model)
         self.norms = [norm.weight.detach() for layer in layers
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        operands = [linear.gemv_operands for linear in linears]
-        self.packed, self.scale_zeros = [p for p, _ in operands], [sz for _, sz in operands]
+        modules = _modules(model)
+        kinds, self.weights, self.scales, groups = map(list, zip(*map(_projection, modules)))
+        self.kinds, self.group_sizes = kinds, groups
+        self.biases = [torch.empty(0) if m.bias is None else m.bias.detach() for m in modules]
+        self.intermediate_size = model.config.intermediate_size
         # Each projection's stacked LoRA adapters (empty tensors where none adapts it; all empty without adapters).
         loras = [getattr(layer.get_submodule(name), "lora", None) for layer in layers for name in PROJECTIONS]
         assert all(lora is None or lora.native for lora in loras), "the C++ layers add the adapters in fp32 only"
@@ -70,7 +88,6 @@ class NativeDecodeLayers:
                      [empty.long() if lora is None else lora.columns for lora in loras],
                      [1 if lora is None else lora.block for lora in loras]) if any(loras) else ([], [], [], [])
         self._no_adapters = torch.empty(0, dtype=torch.int64)
-        self.group_size = linears[0].group_size
         self.eps = layers[0].input_layernorm.eps
         self.num_heads = model.config.num_heads
         self.k_pools, self.v_pools = list(kv.k), list(kv.v)
@@ -86,7 +103,8 @@ class NativeDecodeLayers:
         cos, sin = rope
         adapted = token_adapters is not None and self.lora[0]
         return torch.ops.kvtriton.decode_layers(
-            x, cos.contiguous(), sin.contiguous(), self.norms, self.packed, self.scale_zeros, self.k_pools,
-            self.v_pools, slots, tables, mask.contiguous(), self.group_size, self.eps, self.scale, self.num_heads,
+            x, cos.contiguous(), sin.contiguous(), self.norms, self.weights, self.scales, self.kinds, self.group_sizes,
+            self.biases, self.k_pools, self.v_pools, slots, tables, mask.contiguous(), self.intermediate_size, self.eps,
+            self.scale, self.num_heads,
             *(self.lora if adapted else ([], [], [], [])),
             token_adapters.contiguous() if adapted else self._no_adapters)
