@@ -184,3 +184,18 @@ def test_verify_steps_take_the_one_call_step_and_speculation_keeps_the_plain_out
             engine.shutdown()
     assert outputs[1] == outputs[0]
     assert any(extra > 0 for extra in rows_per_call)  # verify steps ran through the C++ call
+
+
+def test_qwen3s_qk_norm_runs_in_the_one_call_step(tmp_path):
+    """Qwen3 normalises each head of q and k before RoPE: the C++ layers do it too, with the eager step's bits."""
+    folder = make_tiny_model(tmp_path / "qwen3", hidden=256, architecture="qwen3")
+    engine = native_engine(folder, cpu_dense_min_rows=12)
+    try:
+        assert engine.runner.model.config.qk_norm
+        with torch.no_grad():  # weights of their own, not HF's ones: the norms' scaling shows
+            for layer in engine.runner.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+        assert_native_equals_eager(engine.runner)
+    finally:
+        engine.shutdown()

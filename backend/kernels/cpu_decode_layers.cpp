@@ -203,13 +203,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
 // x (B, hidden) through every layer; writes each layer's new K/V at `slots` of its pools; returns the new x.
 // Per layer l: norms[2l], norms[2l + 1] (the two RMSNorm weights) and weights / scales / kinds / group_sizes /
 // biases [4l .. 4l + 3] (qkv, o, gate_up, down), as models/llama.py's decoder layer reads them: each projection
-// as its layer's matmul computes it (Projection below), plus its bias where it has one. LoRA (models/lora.py): with token_adapters
+// as its layer's matmul computes it (project below), plus its bias where it has one; qk_norms [2l], [2l + 1]
+// the RMSNorm weights of each head of q and of k before RoPE (Qwen3's QK-norm), or empty without. LoRA (models/lora.py): with token_adapters
 // (B,) not empty, lora_a / lora_b_t / lora_columns / lora_blocks [4l .. 4l + 3] are those projections' stacked
 // adapters (empty tensors where none adapts it), each added to its projection's output as the eager step adds
 // StackedLoRA.delta (cpu_lora.cpp's same function, then one fp32 add).
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms,
-                         at::TensorList weights, at::TensorList scales, at::IntArrayRef kinds,
-                         at::IntArrayRef group_sizes, at::TensorList biases, at::TensorList k_pools,
+                         at::TensorList qk_norms, at::TensorList weights, at::TensorList scales,
+                         at::IntArrayRef kinds, at::IntArrayRef group_sizes, at::TensorList biases,
+                         at::TensorList k_pools,
                          at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& tables,
                          const at::Tensor& mask, int64_t inter, double eps, double scale, int64_t num_heads,
                          at::TensorList lora_a, at::TensorList lora_b_t, at::TensorList lora_columns,
@@ -232,6 +234,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
               "decode_layers: cos and sin must be contiguous fp32 (sequences, 1, head_dim / 2)");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
               "decode_layers: slots must be contiguous int64, one a sequence");
+  TORCH_CHECK(qk_norms.empty() || static_cast<int64_t>(qk_norms.size()) == 2 * layers,
+              "decode_layers: qk_norms must be empty or 2 a layer");
+  for (const at::Tensor& w : qk_norms)
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D,
+                "decode_layers: each QK-norm weight must be contiguous fp32 (head_dim,)");
   const float eps_f = static_cast<float>(eps), scale_f = static_cast<float>(scale);
   const int64_t* slot = slots.data_ptr<int64_t>();
   const float* cos_p = cos.data_ptr<float>();
@@ -327,6 +334,16 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     const float* qkv_p = qkv.data_ptr<float>();
     float* k_base = k_pool.data_ptr<float>();
     float* v_base = v_pool.data_ptr<float>();
+    if (!qk_norms.empty()) {  // each head of q and k normalised in place, before RoPE (models/llama.py)
+      const float* q_norm = qk_norms[2 * l].data_ptr<float>();
+      const float* k_norm = qk_norms[2 * l + 1].data_ptr<float>();
+      float* rows = qkv.data_ptr<float>();
+      for (int64_t b = 0; b < B; b++) {
+        float* row = rows + b * qkv.size(1);
+        for (int64_t h = 0; h < num_heads; h++) rms_norm_row(row + h * D, q_norm, row + h * D, D, eps_f);
+        for (int64_t h = 0; h < Hkv; h++) rms_norm_row(row + q_size + h * D, k_norm, row + q_size + h * D, D, eps_f);
+      }
+    }
     for (int64_t b = 0; b < B; b++) {
       const float* row = qkv_p + b * qkv.size(1);
       const float *c = cos_p + b * half, *s = sin_p + b * half;
@@ -365,7 +382,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
 TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
   m.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor mask, float scale) -> Tensor");
   m.def(
-      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, Tensor[] scales, "
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] qk_norms, Tensor[] weights, "
+      "Tensor[] scales, "
       "int[] kinds, int[] group_sizes, Tensor[] biases, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor slots, "
       "Tensor tables, Tensor mask, int intermediate_size, "
       "float eps, float scale, int num_heads, Tensor[] lora_a, Tensor[] lora_b_t, Tensor[] lora_columns, "

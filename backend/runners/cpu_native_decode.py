@@ -2,7 +2,7 @@
 one of the CPU's weight-only kernels: kvtriton's int4 GEMV (the default model served from its GGUF), int8 groups
 as two 4-bit planes through it (GGUF Q8_0 and Q6_K blocks), or int8 per channel through ATen's
 _weight_int8pack_mm (a fused projection whose parts a GGUF stores in mixed types: a Q4_K_M file's qkv with a Q6_K
-v), each with its bias where it has one (Qwen2's q/k/v).
+v), each with its bias where it has one (Qwen2's q/k/v), and Qwen3's QK-norm.
 
 Inductor's graphs (runners/cpu_compiled_decode.py) leave Python between the kernels they call: at one sequence
 the default model's step was ~10 ms, ~5 of it the GEMV's memory-bound matmuls and ~2 of it Python (dynamo's
@@ -42,6 +42,13 @@ def _projection(module) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     return None
 
 
+def _norms(layer) -> list:
+    """The layer's RMSNorms: the two around its blocks, and QK-norm's two where it has them."""
+    attn = layer.self_attn
+    return [layer.input_layernorm, layer.post_attention_layernorm,
+            *((attn.q_norm, attn.k_norm) if attn.has_qk_norm else ())]
+
+
 def _modules(model) -> list:
     return [layer.get_submodule(name) for layer in model.layers for name in PROJECTIONS]
 
@@ -51,8 +58,6 @@ def why_not_native(model, kv) -> str | None:
     if not hasattr(torch.ops.kvtriton, "decode_layers"):
         return "the CPU int4 kernels are not loaded"
     cfg = model.config
-    if cfg.qk_norm:
-        return "its attention normalises q and k (Qwen3's QK-norm), which the C++ layers do not"
     if model.embed_tokens.weight.dtype != torch.float32 or any(pool.dtype != torch.float32 for pool in kv.k):
         return "the activations or the KV cache are not fp32"
     if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
@@ -61,7 +66,7 @@ def why_not_native(model, kv) -> str | None:
         return "a projection runs none of the CPU's int4/int8 kernels (another precision, or PyTorch's int4 kernel)"
     if any(module.bias is not None and module.bias.dtype != torch.float32 for module in _modules(model)):
         return "a projection's bias is not fp32"
-    norms = [norm for layer in model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [norm for layer in model.layers for norm in _norms(layer)]
     if len({norm.eps for norm in norms}) != 1:
         return "the layers' RMSNorm eps differ"
     return None
@@ -74,6 +79,7 @@ class NativeDecodeLayers:
         layers = model.layers
         self.norms = [norm.weight.detach() for layer in layers
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.qk_norms = [norm.weight.detach() for layer in layers for norm in _norms(layer)[2:]]  # [] without
         modules = _modules(model)
         kinds, self.weights, self.scales, groups = map(list, zip(*map(_projection, modules)))
         self.kinds, self.group_sizes = kinds, groups
@@ -103,7 +109,7 @@ class NativeDecodeLayers:
         cos, sin = rope
         adapted = token_adapters is not None and self.lora[0]
         return torch.ops.kvtriton.decode_layers(
-            x, cos.contiguous(), sin.contiguous(), self.norms, self.weights, self.scales, self.kinds, self.group_sizes,
+            x, cos.contiguous(), sin.contiguous(), self.norms, self.qk_norms, self.weights, self.scales, self.kinds, self.group_sizes,
             self.biases, self.k_pools, self.v_pools, slots, tables, mask.contiguous(), self.intermediate_size, self.eps,
             self.scale, self.num_heads,
             *(self.lora if adapted else ([], [], [], [])),
