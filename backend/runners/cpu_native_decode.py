@@ -109,8 +109,8 @@ class NativeDecodeLayers:
         cos, sin = rope
         adapted = token_adapters is not None and self.lora[0]
         return torch.ops.kvtriton.decode_layers(
-            x, cos.contiguous(), sin.contiguous(), self.norms, self.qk_norms, self.weights, self.scales, self.kinds, self.group_sizes,
-            self.biases, self.k_pools, self.v_pools, slots, tables, mask.contiguous(), self.intermediate_size, self.eps,
-            self.scale, self.num_heads,
+            x, cos.contiguous(), sin.contiguous(), self.norms, self.qk_norms, self.weights, self.scales, self.kinds,
+            self.group_sizes, self.biases, self.k_pools, self.v_pools, slots, tables, mask.contiguous(),
+            self.intermediate_size, self.eps, self.scale, self.num_heads,
             *(self.lora if adapted else ([], [], [], [])),
             token_adapters.contiguous() if adapted else self._no_adapters)
