@@ -21,9 +21,11 @@ def _module(target: str) -> str:
 
 
 def make_adapter(folder: Path, model_folder: Path, targets=("q_proj", "v_proj"), rank: int = 4, alpha: float = 8,
-                 seed: int = 0, use_rslora: bool = False, scale: float = 1.0, **config) -> Path:
+                 seed: int = 0, use_rslora: bool = False, scale: float = 1.0, ranks: dict | None = None,
+                 **config) -> Path:
     """A PEFT LoRA adapter of the model in model_folder (its config.json's shapes) with random A and B (PEFT
-    starts B at zero; a trained one is not), B A large enough to move greedy output. `config`: more
+    starts B at zero; a trained one is not), B A large enough to move greedy output. `ranks`: {(layer, target):
+    rank} for modules of another rank than `rank` (what a rank_pattern in `config` gives them). `config`: more
     adapter_config.json keys."""
     cfg = ModelConfig.from_pretrained(model_folder)
     gen = torch.Generator().manual_seed(seed)
@@ -33,8 +35,9 @@ def make_adapter(folder: Path, model_folder: Path, targets=("q_proj", "v_proj"),
             module = _module(target)
             in_features, out_features = target_shape(cfg, module)
             key = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * scale / in_features**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * scale
+            r = (ranks or {}).get((layer, target), rank)
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_features, generator=gen) * scale / in_features**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, r, generator=gen) * scale
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
@@ -44,8 +47,10 @@ def make_adapter(folder: Path, model_folder: Path, targets=("q_proj", "v_proj"),
     return folder
 
 
-def merged_hf_model(model_folder: Path, adapter_folder: Path | None):
-    """The HF model with the adapter merged in fp32 (None: the base model)."""
+def merged_hf_model(model_folder: Path, adapter_folder: Path | None, alphas: dict | None = None):
+    """The HF model with the adapter merged in fp32 (None: the base model): each module's W + alpha / r B A (r
+    its A's rows, or sqrt(r) under rsLoRA), alpha the config's lora_alpha or `alphas`' {(layer, target): alpha}
+    (what an alpha_pattern gives those modules)."""
     import transformers
     from safetensors.torch import load_file
 
@@ -53,14 +58,15 @@ def merged_hf_model(model_folder: Path, adapter_folder: Path | None):
     if adapter_folder is None:
         return hf
     config = json.loads((Path(adapter_folder) / "adapter_config.json").read_text())
-    r = config["r"]
-    scaling = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
     tensors = load_file(str(Path(adapter_folder) / "adapter_model.safetensors"))
     with torch.no_grad():
         for name, linear in hf.model.named_modules():
             key = f"base_model.model.model.{name}"
             if isinstance(linear, torch.nn.Linear) and f"{key}.lora_A.weight" in tensors:
-                linear.weight += scaling * tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
+                a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+                layer, target = int(name.split(".")[1]), name.rsplit(".", 1)[1]
+                alpha = (alphas or {}).get((layer, target), config["lora_alpha"])
+                linear.weight += alpha / (a.shape[0] ** 0.5 if config.get("use_rslora") else a.shape[0]) * b @ a
     return hf
 
 

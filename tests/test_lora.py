@@ -151,7 +151,8 @@ def test_lora_modules_parse_and_refusals():
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(bias="lora_only"), "bias"),
     (dict(peft_type="IA3"), "only LoRA"),
-    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(lora_bias=True), "lora_bias"),
+    (dict(trainable_token_indices=[5, 7]), "trainable_token_indices"),
     (dict(fan_in_fan_out=True), "fan_in_fan_out"),
 ])
 def test_adapters_served_otherwise_than_trained_are_refused(tiny_folder, tmp_path, change, message):
@@ -186,3 +187,25 @@ def test_the_base_models_chain_is_unchanged_and_namespaces_do_not_meet():
     assert bm.allocate_slots("lora", tokens, 0, 12, namespace=1) is not None
     assert bm.get_computed_blocks(tokens + [1], namespace=1)[1] == 12
     assert bm.get_computed_blocks(tokens + [1], namespace=2)[1] == 0
+
+
+def test_a_rank_and_alpha_per_module_are_served_as_peft_gives_them(tiny_folder, tmp_path):
+    """rank_pattern and alpha_pattern (PEFT's keys: a module's name or a dot-separated tail of it, as regular
+    expressions): each module's scaling is its own alpha over its own rank, as PEFT merges it. (Checked against
+    PEFT 0.21.2's merge_and_unload too, outside CI, where PEFT is not installed.)"""
+    layers = ModelConfig.from_pretrained(tiny_folder).num_layers
+    ranks = {(layer, "q_proj"): 8 for layer in range(layers)} | {(0, "up_proj"): 2}
+    alphas = {(1, "v_proj"): 3.0} | {(layer, "up_proj"): 24.0 for layer in range(layers)}
+    folder = make_adapter(tmp_path / "p", tiny_folder, targets=("q_proj", "v_proj", "up_proj"), rank=4, alpha=8,
+                          scale=2, seed=3, ranks=ranks,
+                          rank_pattern={"q_proj": 8, "layers.0.mlp.up_proj": 2},
+                          alpha_pattern={r"layers\.1\.self_attn\.v_proj": 3.0, "up_proj": 24.0})
+    adapter = load_adapter("p", folder, ModelConfig.from_pretrained(tiny_folder))
+    assert adapter.rank == 8 and adapter.weights[(0, "mlp.up_proj")][0].shape[0] == 2
+    reference = merged_hf_model(tiny_folder, folder, alphas)
+    engine = make_tiny_engine(tiny_folder, lora_modules=f"p={folder}").start()
+    try:
+        outs = engine.generate(PROMPTS, greedy("p"))
+    finally:
+        engine.shutdown()
+    assert [o.token_ids for o in outs] == [hf_greedy(reference, p, MAX_TOKENS) for p in PROMPTS]

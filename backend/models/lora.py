@@ -47,7 +47,7 @@ _KEY = re.compile(r"layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.[\w
 class LoRAAdapter:
     name: str
     path: Path
-    rank: int
+    rank: int  # the largest of its modules' ranks (PEFT's r, or rank_pattern's)
     # (layer, HF target such as "self_attn.q_proj") -> (A (r, in), B (out, r) with the scaling folded in)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,8 +65,6 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoRAAdapter:
     why = _unsupported(config)
     if why:
         raise ValueError(f"LoRA adapter {name!r} ({folder}): {why}")
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha") or config["r"])
-    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     tensors = load_file(str(weights_file))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -82,14 +80,28 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig) -> LoRAAdapter:
             raise ValueError(f"LoRA adapter {name!r}: layer {layer} {target} has lora_{''.join(pair)} only")
         a, b = pair["A"], pair["B"]
         want_in, want_out = target_shape(cfg, target)
+        rank, alpha = module_rank_and_alpha(config, f"model.layers.{layer}.{target}")
         if layer >= cfg.num_layers or a.shape != (rank, want_in) or b.shape != (want_out, rank):
             raise ValueError(f"LoRA adapter {name!r}: layer {layer} {target} has A {tuple(a.shape)} and B "
                              f"{tuple(b.shape)}; this model ({cfg.num_layers} layers) wants A ({rank}, {want_in}) "
                              f"and B ({want_out}, {rank}): an adapter of another base model?")
+        scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
         weights[(layer, target)] = (a.float(), b.float() * scaling)
     if not weights:
         raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
-    return LoRAAdapter(name, folder, rank, weights)
+    return LoRAAdapter(name, folder, max(a.shape[0] for a, _ in weights.values()), weights)
+
+
+def module_rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives `module` (its name in the base model, "model.layers.0.self_attn.q_proj"):
+    rank_pattern's and alpha_pattern's first key that is the name or a dot-separated tail of it (PEFT's
+    get_pattern_key, a key being a regular expression), else r and lora_alpha."""
+    def pick(patterns: dict, default):
+        key = next((k for k in patterns or {} if re.fullmatch(rf"(.*\.)?(?:{k})", module)), None)
+        return default if key is None else patterns[key]
+
+    rank = int(pick(config.get("rank_pattern"), config["r"]))
+    return rank, float(pick(config.get("alpha_pattern"), config.get("lora_alpha") or config["r"]))
 
 
 def _unsupported(config: dict) -> str:
@@ -102,9 +114,10 @@ def _unsupported(config: dict) -> str:
         return f"bias {config['bias']!r}: adapters that train biases are not served"
     if config.get("modules_to_save"):
         return f"modules_to_save {config['modules_to_save']}: adapters with fully trained modules are not served"
-    patterns = [key for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
-    if patterns:
-        return f"{' and '.join(patterns)} (a rank or alpha per module) is not served yet: one r and lora_alpha only"
+    if config.get("lora_bias"):
+        return "lora_bias (a trained bias on B) is not served"
+    if config.get("trainable_token_indices"):
+        return "trainable_token_indices (trained embedding rows) are not served"
     if config.get("fan_in_fan_out"):
         return "fan_in_fan_out (weights stored transposed, GPT-2's Conv1D) does not apply to Llama-family models"
     if not isinstance(config.get("r"), int) or config["r"] < 1:
@@ -191,10 +204,10 @@ def attach_adapters(model: nn.Module, adapters: list[LoRAAdapter], dtype: torch.
                 for p, part in enumerate(parts):
                     if (layer_idx, part) in adapter.weights:
                         pa, pb = adapter.weights[(layer_idx, part)]
-                        col = s * block + p * width
-                        a[col : col + adapter.rank] = pa
-                        b_t[col : col + adapter.rank, out : out + outs[p]] = pb.T
-                        columns[col : col + adapter.rank] = torch.tensor([out, out + outs[p]])
+                        col, rank = s * block + p * width, pa.shape[0]  # a module's rank: up to the width
+                        a[col : col + rank] = pa
+                        b_t[col : col + rank, out : out + outs[p]] = pb.T
+                        columns[col : col + rank] = torch.tensor([out, out + outs[p]])
                     out += outs[p]
             column_adapter = torch.arange(1, len(adapters) + 1).repeat_interleave(block)
             module = layer.get_submodule(fused)

@@ -286,22 +286,22 @@ class TorchRunner:
     def execute(self, step: StepInput) -> torch.Tensor:
         """-> logits (M, V) fp32 of step.last_token_indices (each sequence's last new token; every new token of a
         sequence that verifies proposals)."""
-        b = step.num_seqs
-        if step.verify_only and self.compiled_decode is not None and step.input_ids.shape[0] > b:
-            # A verify step on the CPU: every token a decode row of the one C++ call where it takes them all.
-            if self.compiled_decode.serves_rows(step.input_ids.shape[0]):
-                return self._native_rows(step)
-        if step.adapters is not None and self.lora_names:  # decode steps: graphs or the C++ call; others eager
-            if self._lora_graphs and step.attn.num_decodes == b and b <= self.graph_batch_sizes[-1]:
+        b, n = step.num_seqs, step.input_ids.shape[0]
+        decode_only, adapted = step.attn.num_decodes == b, step.adapters is not None and bool(self.lora_names)
+        # The CPU's one-call decode step takes what its compiled graphs were not made for, where it takes all the
+        # rows: a verify step (every new token a row) and a decode step with LoRA adapters.
+        if (self.compiled_decode is not None and ((step.verify_only and n > b) or (adapted and decode_only))
+                and self.compiled_decode.serves_rows(n)):
+            return self._native_rows(step)
+        if adapted:  # decode steps replay CUDA graphs of their own; other steps with adapted tokens run eagerly
+            if self._lora_graphs and decode_only and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
-            if self.compiled_decode is not None and step.attn.num_decodes == b and self.compiled_decode.serves_rows(b):
-                return self._native_rows(step)
             return self.execute_eager(step)
-        if self.compiled_decode is not None and step.attn.num_decodes == b:
+        if self.compiled_decode is not None and decode_only:
             attn = step.attn  # the eager step's table width (PagedAttention.attend), so the same reduction
             return self.compiled_decode(step.input_ids, step.positions, attn.slot_mapping,
                                         attn.block_tables[:, : attn.decode_context_blocks], attn.context_lens)
-        if self.device.type == "cuda" and step.attn.num_decodes == b:
+        if self.device.type == "cuda" and decode_only:
             if self.use_cuda_graphs and b <= self.graph_batch_sizes[-1]:
                 return self._replay(step)
             attn = step.attn
