@@ -34,9 +34,11 @@ def native_engine(folder, **overrides):
     return make_tiny_engine(folder, **{"quantization": "int4", "cpu_compile_decode": True, **overrides})
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])  # the GEMV; int8 per channel through ATen's kernel
-def test_logits_equal_eager(wide_folder, quantization):
-    engine = native_engine(wide_folder, cpu_dense_min_rows=12, quantization=quantization)
+# The GEMV; int8 per channel through ATen's kernel; an fp8 KV cache (written and read in C++ as torch does).
+@pytest.mark.parametrize("quantization,kv_cache_dtype", [("int4", "auto"), ("int8", "auto"), ("int4", "fp8")])
+def test_logits_equal_eager(wide_folder, quantization, kv_cache_dtype):
+    engine = native_engine(wide_folder, cpu_dense_min_rows=12, quantization=quantization,
+                           kv_cache_dtype=kv_cache_dtype)
     try:
         assert_native_equals_eager(engine.runner)
     finally:
@@ -107,16 +109,24 @@ def test_engine_greedy_unchanged(wide_folder):
     assert outputs[True] == outputs[False]
 
 
-def test_attention_equals_gather_and_sdpa():
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_attention_equals_gather_and_sdpa(pool_dtype):
+    """fp8 pools: read as their fp32 values, every e4m3fn number (subnormals, the largest, both signs) among them."""
     assert gemv_serves()  # loads the kernels' library
     torch.manual_seed(0)
     bs, hkv, heads, d = 4, 2, 6, 64
-    k_pool, v_pool = torch.randn(12, bs, hkv, d), torch.randn(12, bs, hkv, d)
+    k_pool, v_pool = (torch.randn(12, bs, hkv, d) * 4).to(pool_dtype), (torch.randn(12, bs, hkv, d) * 4).to(pool_dtype)
+    if pool_dtype != torch.float32:
+        every = torch.arange(256, dtype=torch.uint8)
+        every = every[(every & 0x7F) != 0x7F].view(pool_dtype)  # all but NaN
+        k_pool.view(-1)[: every.numel()] = every
+        v_pool.view(-1)[-every.numel():] = every
     tables = torch.tensor([[3, 7, 1], [0, 2, 2], [9, 4, 5]])  # row 1's context ends in its 2nd block
     mask = decode_mask(torch.tensor([11, 6, 12]), tables.shape[1] * bs)
-    q = torch.randn(3, heads, d)
+    q = torch.randn(3, heads, d) * (1 if pool_dtype == torch.float32 else 0.01)  # scores of order 1 beside 448s
     out = torch.ops.kvtriton.decode_attention(q, k_pool, v_pool, tables, mask, 0.3)
-    torch.testing.assert_close(out, decode_attention(q, k_pool, v_pool, tables, mask, 0.3), atol=1e-5, rtol=1e-5)
+    reference = decode_attention(q, k_pool.float(), v_pool.float(), tables, mask, 0.3)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_operands_are_refused_in_one_line():
@@ -131,7 +141,6 @@ def test_bad_operands_are_refused_in_one_line():
 
 @pytest.mark.parametrize("overrides,why", [
     ({"quantization": "none"}, "runs none of the CPU's int4/int8 kernels"),
-    ({"quantization": "int4", "kv_cache_dtype": "fp8"}, "not fp32"),
 ])
 def test_models_it_does_not_serve_keep_the_compiled_graphs(wide_folder, overrides, why):
     engine = make_tiny_engine(wide_folder, cpu_compile_decode=True, **overrides)

@@ -58,8 +58,10 @@ def why_not_native(model, kv) -> str | None:
     if not hasattr(torch.ops.kvtriton, "decode_layers"):
         return "the CPU int4 kernels are not loaded"
     cfg = model.config
-    if model.embed_tokens.weight.dtype != torch.float32 or any(pool.dtype != torch.float32 for pool in kv.k):
-        return "the activations or the KV cache are not fp32"
+    if model.embed_tokens.weight.dtype != torch.float32:
+        return "the activations are not fp32"
+    if any(pool.dtype not in (torch.float32, torch.float8_e4m3fn) for pool in kv.k):
+        return "the KV cache is neither fp32 nor fp8"
     if cfg.hidden_size % 16 or cfg.head_dim % 32 or cfg.head_dim > 256 or cfg.intermediate_size % 16:
         return "the hidden size, head_dim or MLP width is not a multiple of the kernel's vector (or head_dim > 256)"
     if any(_projection(module) is None for module in _modules(model)):
