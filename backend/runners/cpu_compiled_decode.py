@@ -19,7 +19,7 @@ before an int4 matmul, can move a greedy token). So greedy output does not depen
 compiled.
 
 Decode-only steps of any batch size take it; prefill and mixed steps stay eager (their cost is their
-matmuls'). A model whose projections all run kvtriton's int4 GEMV takes its batches below the dense copies'
+matmuls'). A model whose projections all run the CPU's int4/int8 kernels takes its batches below the dense copies'
 rows through one C++ call for all layers instead (runners/cpu_native_decode.py), and those batches compile no
 graph; its larger batches' graphs and its eager steps' decode rows then attend through that call's C++
 attention, so the bits still agree.
@@ -68,7 +68,7 @@ class CompiledDecode:
         self.model, self.kv, self.scale, self.scratch_block = model, kv, scale, scratch_block
         self.eager_steps = 0  # steps that fit no graph after the warm-up (logged at the first)
         attention_inputs, attention_output = model.attention_inputs, model.attention_output
-        # A model whose projections all run the int4 GEMV takes its small batches through one C++ call
+        # A model whose projections all run the CPU's int4/int8 kernels takes its small batches through one C++ call
         # (runners/cpu_native_decode.py); then every decode row, in any step, attends through its C++ attention.
         why = why_not_native(model, kv)
         self.native = NativeDecodeLayers(model, kv, scale) if why is None else None
