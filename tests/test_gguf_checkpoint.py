@@ -309,7 +309,7 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(gguf_checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(gguf_checkpoint, "write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out" / "hf")
     assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its staging copy
@@ -382,3 +382,22 @@ def test_greedy_answer_names_paris(default_model):
     output = model.generate(**prompt, max_new_tokens=20, do_sample=False)  # (1, T + new)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_the_streamed_safetensors_file_reads_back_as_the_packages_own(tmp_path):
+    """write_safetensors makes one tensor at a time; the safetensors package reads the file, header, metadata and
+    every tensor, as it would read its own."""
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    arrays = {"b": rng.standard_normal((3, 5), dtype=np.float32), "a.weight": rng.standard_normal(7, dtype=np.float32),
+              "scalar_row": rng.standard_normal((1, 1), dtype=np.float32)}
+    gguf_checkpoint.write_safetensors(tmp_path / "m.safetensors",
+                                      [(name, a.shape, lambda a=a: a) for name, a in arrays.items()], {"format": "pt"})
+    got = load_file(str(tmp_path / "m.safetensors"))
+    assert set(got) == set(arrays) and all(np.array_equal(got[n], a) for n, a in arrays.items())
+    with safe_open(str(tmp_path / "m.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(ValueError, match="the header says float32"):
+        gguf_checkpoint.write_safetensors(tmp_path / "bad.safetensors", [("x", (2,), lambda: np.zeros(3, np.float32))],
+                                          {})

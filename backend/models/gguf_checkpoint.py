@@ -13,15 +13,17 @@ tensor, an unknown rope-scaling key, an unknown pre-tokenizer) is an error, neve
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from kvtriton.backend.models.gguf_rope import llama3_rope_scaling
@@ -122,15 +124,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     staging = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir()
     try:
-        save_file(llama_state_dict(reader, config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(staging / "model.safetensors", llama_tensors(reader, config), metadata={"format": "pt"})
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config))
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         generation.update(generation_sampling(meta))
         _write_json(staging / "generation_config.json", generation)
         _write_json(staging / "config.json", config)
-        # safetensors creates its file 0600; give it the umask-derived mode the JSON files got.
-        os.chmod(staging / "model.safetensors", (staging / "config.json").stat().st_mode)
+        os.chmod(staging / "model.safetensors", (staging / "config.json").stat().st_mode)  # as the JSON files
         os.rename(staging, out_dir)  # the commit point; fails if another writer got there first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -209,25 +210,57 @@ def _rope_scaling(meta: dict, arch: str) -> dict | None:
     raise ValueError(f"GGUF {prefix}type {kind!r} is not supported; supported: none, linear, yarn")
 
 
-def llama_state_dict(reader: gguf.GGUFReader, config: dict) -> dict[str, np.ndarray]:
-    """float32 tensors under transformers' names, with Q and K back in HF's rope layout."""
+def llama_tensors(reader: gguf.GGUFReader, config: dict) -> list[tuple[str, tuple[int, ...], Callable]]:
+    """(transformers' name, shape, a function that makes the float32 tensor, Q and K back in HF's rope layout)
+    per weight of the file: made one at a time by write_safetensors."""
     permuted = config["model_type"] in ROPE_PERMUTED_ARCHITECTURES
-    state = {}
-    for tensor in reader.tensors:
-        if tensor.name == ROPE_FREQS:
-            continue  # not a weight: it is the config's rope_scaling (llama_config)
-        name = hf_tensor_name(tensor.name, config["num_hidden_layers"])
-        shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+
+    def make(tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         weight = weight.reshape(shape)
         if permuted and name.endswith("q_proj.weight"):
             weight = unpermute_rope_rows(weight, config["num_attention_heads"])
         elif permuted and name.endswith("k_proj.weight"):
             weight = unpermute_rope_rows(weight, config["num_key_value_heads"])
-        state[name] = np.ascontiguousarray(weight)
-    if "model.embed_tokens.weight" not in state:
+        return np.ascontiguousarray(weight)
+
+    tensors = []
+    for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue  # not a weight: it is the config's rope_scaling (llama_config)
+        name = hf_tensor_name(tensor.name, config["num_hidden_layers"])
+        shape = tuple(reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+        tensors.append((name, shape, lambda tensor=tensor, name=name, shape=shape: make(tensor, name, shape)))
+    names = [name for name, _, _ in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("GGUF holds a tensor twice; it is not a Llama checkpoint this converter understands")
+    if "model.embed_tokens.weight" not in names:
         raise ValueError("GGUF has no token_embd.weight; it is not a complete Llama checkpoint")
-    return state
+    return tensors
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], Callable]], metadata: dict) -> None:
+    """A float32 safetensors file of `tensors`, made and written one at a time. The safetensors package writes
+    from a dict that holds every tensor at once: a GGUF of an 8B model is 32 GB of float32, more than the host
+    that serves its 4.7 GB of blocks may have. The format is the package's (its loaders read this file): an
+    8-byte little-endian header length, the JSON header (each tensor's dtype, shape and byte range, and
+    __metadata__; spaces pad it to a multiple of 8 bytes), then the tensors' bytes in the header's order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, _ in tensors:
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, shape, make in tensors:
+            weight = make()
+            if weight.shape != shape or weight.dtype != np.float32:
+                raise ValueError(f"{name}: made {weight.dtype} {weight.shape}, the header says float32 {shape}")
+            f.write(weight.tobytes())
 
 
 def hf_tensor_name(gguf_name: str, num_layers: int) -> str:

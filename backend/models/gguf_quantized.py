@@ -126,7 +126,7 @@ def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: in
                            stored_types: tuple[str, ...] = GGUF_BLOCK_TYPES
                            ) -> tuple[dict[str, GroupQuantized], dict[str, str]]:
     """One pass over the file: ({HF tensor name: GroupQuantized} for every tensor of `stored_types`, in HF's
-    layout (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_state_dict does for
+    layout (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_tensors does for
     floats), {HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16", ...)} for every tensor)."""
     # Imported here: the gguf package is needed only where a GGUF is read (a host serving an HF folder may lack it).
     import gguf
