@@ -93,6 +93,17 @@ float dot_k(const float* q, const T* k, int64_t D) {
   return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
 }
 
+// dst[b, :n] += src[b, :n] for B rows, rows `dst_ld` and `src_ld` floats apart (src_ld 0: one row for all), one
+// fp32 add an element, as Tensor.add: a residual, a bias, a LoRA addition.
+void add_to_rows(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t n, int64_t B) {
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t c = 0; c < n; c += kLanes) {
+      const int64_t count = std::min(kLanes, n - c);
+      (Vec::loadu(dst + b * dst_ld + c, count) + Vec::loadu(src + b * src_ld + c, count))
+          .store(dst + b * dst_ld + c, count);
+    }
+}
+
 // A value as an fp8 pool stores it (attention/kv_cache.py to_pool): saturated at +-448, then rounded to nearest even by
 // c10's conversion, the one Tensor.to(float8_e4m3fn) makes.
 inline uint8_t to_fp8(float v) { return c10::Float8_e4m3fn(std::min(std::max(v, -448.0f), 448.0f)).x; }
@@ -311,12 +322,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
     float* dp = delta.data_ptr<float>();
     lora_delta_rows(x_rows, in, B, in, lora_a[i].data_ptr<float>(), lora_b_t[i].data_ptr<float>(), out,
                     lora_columns[i].data_ptr<int64_t>(), token_adapters.data_ptr<int64_t>(), lora_blocks[i], dp);
-    float* yp = y.data_ptr<float>();
-    for (int64_t b = 0; b < B; b++)
-      for (int64_t c = 0; c < out; c += kLanes) {
-        const int64_t count = std::min(kLanes, out - c);
-        (Vec::loadu(yp + b * ld + c, count) + Vec::loadu(dp + b * out + c, count)).store(yp + b * ld + c, count);
-      }
+    add_to_rows(y.data_ptr<float>(), ld, dp, out, out, B);
   };
   // Projection i of inputs x (B, in) -> (B, >= its outputs) fp32, as the eager layer computes it, bias added.
   auto project = [&](int64_t i, const at::Tensor& x_rows) {
@@ -326,24 +332,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos, const at
       case kTwoPlanes: y = int4_gemv(at::cat({x_rows, x_rows}, 1), weights[i], scales[i], group_sizes[i]); break;
       default: y = at::_weight_int8pack_mm(x_rows.to(at::kBFloat16), weights[i], scales[i]).to(at::kFloat); break;
     }
-    if (biases[i].numel()) {
-      float* yp = y.data_ptr<float>();
-      const float* bp = biases[i].data_ptr<float>();
-      const int64_t n = biases[i].numel(), ld = y.size(1);
-      for (int64_t b = 0; b < B; b++)
-        for (int64_t c = 0; c < n; c += kLanes) {
-          const int64_t count = std::min(kLanes, n - c);
-          (Vec::loadu(yp + b * ld + c, count) + Vec::loadu(bp + c, count)).store(yp + b * ld + c, count);
-        }
-    }
+    if (biases[i].numel())  // every row the same bias: a source row stride of 0
+      add_to_rows(y.data_ptr<float>(), y.size(1), biases[i].data_ptr<float>(), 0, biases[i].numel(), B);
     return y;
   };
   auto add_rows = [&](const at::Tensor& y) {  // x += y[:, :hidden]
-    const float* yp = y.data_ptr<float>();
-    const int64_t ld = y.size(1);
-    for (int64_t b = 0; b < B; b++)
-      for (int64_t i = 0; i < hidden; i += kLanes)
-        (Vec::loadu(xp + b * hidden + i) + Vec::loadu(yp + b * ld + i)).store(xp + b * hidden + i);
+    add_to_rows(xp, hidden, y.data_ptr<float>(), y.size(1), hidden, B);
   };
   auto norm_rows = [&](const at::Tensor& weight) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden,

@@ -83,12 +83,11 @@ class NativeDecodeLayers:
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.qk_norms = [norm.weight.detach() for layer in layers for norm in _norms(layer)[2:]]  # [] without
         modules = _modules(model)
-        kinds, self.weights, self.scales, groups = map(list, zip(*map(_projection, modules)))
-        self.kinds, self.group_sizes = kinds, groups
+        self.kinds, self.weights, self.scales, self.group_sizes = map(list, zip(*map(_projection, modules)))
         self.biases = [torch.empty(0) if m.bias is None else m.bias.detach() for m in modules]
         self.intermediate_size = model.config.intermediate_size
         # Each projection's stacked LoRA adapters (empty tensors where none adapts it; all empty without adapters).
-        loras = [getattr(layer.get_submodule(name), "lora", None) for layer in layers for name in PROJECTIONS]
+        loras = [getattr(m, "lora", None) for m in modules]
         assert all(lora is None or lora.native for lora in loras), "the C++ layers add the adapters in fp32 only"
         empty = torch.empty(0)
         self.lora = ([empty if lora is None else lora.a for lora in loras],
