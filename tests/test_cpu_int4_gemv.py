@@ -11,6 +11,7 @@ from kvtriton.backend.models.int4 import (
     gemv_serves,
     int4_mm_cpu,
     pack_for_cpu_kernel,
+    pack_for_tinygemm,
     tinygemm_zero,
     unpack_nibbles,
 )
@@ -120,3 +121,16 @@ def test_without_the_gemv_pytorchs_kernel_serves_the_same_layers(torch_int4_kern
     weight = tinygemm_weight(unpack_nibbles(layer.qweight), layer.scale,
                              tinygemm_zero(layer.scale, layer.zero_point, layer.offset), 32)
     torch.testing.assert_close(layer(x), x.to(torch.bfloat16).float() @ weight.T + layer.bias, rtol=1e-2, atol=1e-2)
+
+
+def test_packing_a_slice_of_rows_at_a_time_gives_the_same_operands(monkeypatch):
+    """cpu_int4.pack and pack_for_tinygemm convert large layers PACK_ROWS rows at a time (bounded memory); the
+    operands equal one pass's, padding of the last slice included."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (150, 64), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(150, 2, generator=g), torch.rand(150, 2, generator=g)
+    whole = cpu_int4.pack(codes, scale, zero), pack_for_tinygemm(codes, scale, zero)
+    monkeypatch.setattr(cpu_int4, "PACK_ROWS", 64)
+    sliced = cpu_int4.pack(codes, scale, zero), pack_for_tinygemm(codes, scale, zero)
+    for (packed, scale_zeros), (packed_s, scale_zeros_s) in zip(whole, sliced):
+        assert torch.equal(packed, packed_s) and torch.equal(scale_zeros, scale_zeros_s)

@@ -125,6 +125,22 @@ def test_dense_copies_auto_are_fp32_without_native_bf16_and_bf16_for_decode_batc
     assert load_model(folder, quantization="int4", group_size=64, dense_min_rows=0).dense_rows is None
 
 
+def test_dense_copies_auto_are_not_made_where_memory_is_short(tmp_path, monkeypatch, caplog):
+    import kvtriton.backend.models.loader as loader
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    monkeypatch.setattr(loader.host_memory, "available_bytes", lambda: 1000)  # bytes: less than any copy
+    with caplog.at_level("INFO", logger="kvtriton"):
+        model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
+    assert model.dense_rows is None
+    assert all(m.dense_weight is None for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert "not made" in caplog.text and "cpu_dense_min_rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kvtriton"):  # asked for: made, with a warning
+        model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=24)
+    assert model.dense_rows.decode == 24 and "as cpu_dense_min_rows asks" in caplog.text
+
+
 def test_dense_rows_give_prefill_steps_their_own_threshold():
     torch.manual_seed(0)
     layer = Int4Linear.from_linear(nn.Linear(128, 48), 32)

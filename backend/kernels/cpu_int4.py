@@ -33,6 +33,9 @@ log = logging.getLogger("kvtriton")
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.cpp", "cpu_decode_layers.cpp", "cpu_lora.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_int4_gemv.h", "cpu_lora.h")]
 TILE_ROWS = 16
+# Rows pack() converts at a time: whole tiles, and a multiple of 64 (PyTorch's CPU int4 pack, which
+# models/int4.py slices the same way, lays rows out in blocks of 64).
+PACK_ROWS = 4096
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
           "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX512",
           "-DCPU_CAPABILITY_AVX512", "-w"]
@@ -99,7 +102,18 @@ def _lora_delta_fake(x, a, b_t, columns, token_adapters, block):
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, K) in [0, 15], scale and tinygemm zero (N, G) -> the kernel's packed (N16/16, K/8, 64) uint8 and
-    scale_zeros (N16/16, G, 2, 16) bf16 (layouts: cpu_int4_gemv.cpp). Padded rows compute 0."""
+    scale_zeros (N16/16, G, 2, 16) bf16 (layouts: cpu_int4_gemv.cpp). Padded rows compute 0. Packed
+    PACK_ROWS rows at a time: tiles are independent, and the int32 working copies of a whole large layer
+    (a 1.2B model's 49152 x 4096-code lm_head: ~3 GB) would set the load's peak memory."""
+    if codes.shape[0] > PACK_ROWS:
+        parts = [pack_rows(codes[i:i + PACK_ROWS], scale[i:i + PACK_ROWS], zero[i:i + PACK_ROWS])
+                 for i in range(0, codes.shape[0], PACK_ROWS)]
+        return torch.cat([p for p, _ in parts]), torch.cat([sz for _, sz in parts])
+    return pack_rows(codes, scale, zero)
+
+
+def pack_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack, for one slice of rows (whole tiles but in the last slice)."""
     n, k = codes.shape
     pad = -n % TILE_ROWS
     codes = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, pad), value=8)

@@ -127,8 +127,9 @@ class Fp8Linear(QuantizedLinear):
                                    out_dtype=out_dtype)  # (M, N16)
         return out[:, :self.out_features] if out.shape[1] != self.out_features else out
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale.reshape(-1, 1))[:self.out_features]
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        n = self.out_features  # the stored weight's rows are padded to a multiple of 16
+        return self.weight[:n][rows].float() * self.weight_scale.reshape(-1, 1)[:n][rows]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per channel"

@@ -29,12 +29,13 @@ values (quantization auto: in no fewer bits than the file's, TYPE_BITS).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES, GroupQuantized
+from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES, DeferredBlocks, GroupQuantized
 
 log = logging.getLogger("kvtriton")
 
@@ -48,6 +49,8 @@ TYPE_BITS = {
     "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8,
 }
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+# The stored types' codes once decoded (GroupQuantized.bits): Q6_K's 6-bit codes are kept as int8 groups of 16.
+STORED_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 8, "Q8_0": 8}
 
 
 def gguf_source(checkpoint: str) -> Path | None:
@@ -124,19 +127,15 @@ def permute_rows(q: GroupQuantized, order: np.ndarray) -> GroupQuantized:
 
 def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: int, num_kv_heads: int,
                            stored_types: tuple[str, ...] = GGUF_BLOCK_TYPES
-                           ) -> tuple[dict[str, GroupQuantized], dict[str, str]]:
-    """One pass over the file: ({HF tensor name: GroupQuantized} for every tensor of `stored_types`, in HF's
-    layout (a llama file's Q and K rows back in HF's rope order, as gguf_checkpoint.llama_tensors does for
-    floats), {HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16", ...)} for every tensor)."""
+                           ) -> tuple[dict[str, DeferredBlocks], dict[str, str]]:
+    """One pass over the file's index: ({HF tensor name: its blocks, decoded when loaded} for every tensor of
+    `stored_types`, in HF's layout once loaded (a llama file's Q and K rows back in HF's rope order, as
+    gguf_checkpoint.llama_tensors does for floats), {HF tensor name: its GGUF type name ("Q4_K", "Q6_K", "F16",
+    ...)} for every tensor). The file stays memory-mapped while any of the blocks is referenced."""
     # Imported here: the gguf package is needed only where a GGUF is read (a host serving an HF folder may lack it).
     import gguf
 
-    from kvtriton.backend.models.gguf_checkpoint import (
-        ROPE_FREQS,
-        ROPE_PERMUTED_ARCHITECTURES,
-        hf_tensor_name,
-        unpermute_rope_rows,
-    )
+    from kvtriton.backend.models.gguf_checkpoint import ROPE_FREQS, ROPE_PERMUTED_ARCHITECTURES, hf_tensor_name
 
     reader = gguf.GGUFReader(str(gguf_path))
     permuted = reader.fields["general.architecture"].contents() in ROPE_PERMUTED_ARCHITECTURES
@@ -149,10 +148,19 @@ def read_quantized_tensors(gguf_path: str | Path, num_layers: int, num_heads: in
         types[name] = type_name
         if type_name not in stored_types:
             continue
-        q = decode_blocks(tensor.data, type_name)
-        for proj, heads in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
-            if permuted and name.endswith(f"{proj}.weight"):
-                order = np.arange(q.shape[0])[:, None]  # (rows, 1): where each HF row comes from
-                q = permute_rows(q, unpermute_rope_rows(order, heads)[:, 0])
-        stored[name] = q
+        heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") \
+            else None
+        load = partial(_load_blocks, tensor.data, type_name, heads if permuted else None)
+        stored[name] = DeferredBlocks(STORED_BITS[type_name], load)
     return stored, types
+
+
+def _load_blocks(data: np.ndarray, type_name: str, rope_heads: int | None) -> GroupQuantized:
+    """decode_blocks, then a permuted llama file's Q or K rows (rope_heads of them) back in HF's order."""
+    from kvtriton.backend.models.gguf_checkpoint import unpermute_rope_rows
+
+    q = decode_blocks(data, type_name)
+    if rope_heads is not None:
+        order = np.arange(q.shape[0])[:, None]  # (rows, 1): where each HF row comes from
+        q = permute_rows(q, unpermute_rope_rows(order, rope_heads)[:, 0])
+    return q

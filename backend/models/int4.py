@@ -92,6 +92,10 @@ def pack_for_tinygemm(codes: torch.Tensor, scale: torch.Tensor,
     """The same numbers for PyTorch's kernel: (N16, K/2) uint8 and (G, N16, 2) bf16, N16 = N rounded up to 16
     (padded rows compute 0)."""
     n, k = codes.shape
+    if n > cpu_int4.PACK_ROWS:  # a slice at a time, as cpu_int4.pack: the int32 copy of a whole lm_head is GBs
+        parts = [pack_for_tinygemm(codes[i:i + cpu_int4.PACK_ROWS], scale[i:i + cpu_int4.PACK_ROWS],
+                                   zero[i:i + cpu_int4.PACK_ROWS]) for i in range(0, n, cpu_int4.PACK_ROWS)]
+        return torch.cat([p for p, _ in parts]), torch.cat([sz for _, sz in parts], dim=1)
     pad = -n % _KERNEL_ROWS
     if pad:
         codes = torch.cat([codes, torch.full((pad, k), 8, dtype=codes.dtype)])
@@ -176,10 +180,10 @@ class Int4Linear(QuantizedLinear):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_group_quantized(quantize_groupwise(linear.weight, group_size), bias, linear.weight.device)
 
-    def group_quantized(self) -> GroupQuantized:
-        """The stored numbers as a GroupQuantized (codes unpacked), for exporters."""
-        return GroupQuantized(4, unpack_nibbles(self.qweight), self.scale, self.zero_point, self.offset,
-                              self.group_size, self.source)
+    def group_quantized(self, rows: slice = slice(None)) -> GroupQuantized:
+        """The stored numbers (of `rows` only, if given) as a GroupQuantized (codes unpacked), for exporters."""
+        return GroupQuantized(4, unpack_nibbles(self.qweight[rows]), self.scale[rows], self.zero_point[rows],
+                              None if self.offset is None else self.offset[rows], self.group_size, self.source)
 
     @property
     def matmul_on_cpu_kernel(self) -> bool:
@@ -195,8 +199,8 @@ class Int4Linear(QuantizedLinear):
                                              x.dtype).T
         return self.dense_matmul(x)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.group_quantized().dequantize()
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.group_quantized(rows).dequantize()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, " \

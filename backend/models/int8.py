@@ -86,12 +86,12 @@ class Int8Linear(QuantizedLinear):
         # int8-weight GEMM kernel is future work.
         return self.dense_matmul(x)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        scale = self.scale.float()
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        scale = self.scale[rows].float()
         if self.group_size:
             scale = scale.repeat_interleave(self.group_size, dim=1)  # (out, in)
-            return self.qweight.float() * scale
-        return self.qweight.float() * scale[:, None]
+            return self.qweight[rows].float() * scale
+        return self.qweight[rows].float() * scale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, source={self.source!r}"
@@ -101,7 +101,7 @@ def two_plane_pack(qweight: torch.Tensor, scale: torch.Tensor,
                    pack=pack_for_cpu_kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes (N, K), group scales (N, G) -> an INT4 CPU kernel's operands for [x, x] (N, 2K), packed by
     `pack` (models/int4.py: the kernel that serves here, or pack_for_tinygemm)."""
-    u = qweight.to(torch.int32) + 128  # (N, K) in [0, 255]
+    u = qweight.view(torch.uint8) ^ 0x80  # (N, K): code + 128 in [0, 255] (flipping the sign bit), a byte each
     codes = torch.cat([u >> 4, u & 0x0F], dim=1)  # (N, 2K): high plane, then low plane
     s = scale.to(torch.bfloat16).float()  # the kernel's scale; 16s and 8s stay exact in bf16
     scales = torch.cat([16 * s, s], dim=1)  # (N, 2G)

@@ -14,17 +14,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from kvtriton.backend.models import host_memory
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
     DEFAULT_GROUP_SIZE,
     GGUF_BLOCK_TYPES,
     SCHEMES,
+    DeferredBlocks,
     DenseRows,
     GroupQuantized,
     QuantizedLinear,
@@ -46,6 +49,10 @@ AUTO_DENSE_MIN_ROWS = 48
 # with the kernel, 91 / 107 ms with the copies), but at 128 and at 64 a schema-guided greedy answer in
 # tests/test_structured_output_server.py fell into a repetition loop: a near-tie moved with the weights' rounding.
 AUTO_BF16_DECODE_ROWS, AUTO_BF16_DECODE_ROWS_TORCH_KERNEL, AUTO_BF16_PREFILL_ROWS = 64, 16, 256
+# cpu_dense_min_rows auto makes the copies only if they take at most this share of the memory still available
+# after the quantized model is loaded: the rest is for the KV pool, activations and the server (an 8B int4 model's
+# bf16 copies are 16 GB, more than its int4 layers' 4.5 GB; llama.cpp keeps no such copies).
+DENSE_SHARE_OF_AVAILABLE = 0.5
 
 # HF suffix -> (fused parameter suffix, shard index)
 _FUSED = {
@@ -111,6 +118,8 @@ def load_model(
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
         if torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
             add_dense_weights(model, dense_min_rows)
+    if torch.device(device).type == "cpu":
+        host_memory.release_freed_heap()
     return model.eval()
 
 
@@ -138,9 +147,11 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     rather than made per call, which costs more time than it saves below a few hundred rows.
 
     It is bf16 where the CPU multiplies bf16 natively (2 bytes a weight), else fp32 (4 bytes a weight, the exact
-    dequantized weight). The bf16 copy rounds each weight where the kernel rounds its activations, scales and
-    zero points to bf16: as close to the fp32 model on average (the default model's teacher-forced text: mean
-    logit error 0.077 against the kernel's 0.068, top-1 agreement 97.5% against 96.7%), but greedy output
+    dequantized weight). Auto makes the copies only where they take at most DENSE_SHARE_OF_AVAILABLE of the
+    memory the host or container has left (host_memory.available_bytes), and says so in a line where not.
+    The bf16 copy rounds each weight where the kernel rounds its activations, scales and zero points to bf16:
+    as close to the fp32 model on average (the default model's teacher-forced text: mean logit error 0.077
+    against the kernel's 0.068, top-1 agreement 97.5% against 96.7%), but greedy output
     moves at near-ties, and the default model's answer to "What is the capital of France?" starts at one. So
     auto keeps a short prompt on the kernel (prefill from AUTO_BF16_PREFILL_ROWS tokens): one request alone
     computes what it did without copies, and a batch's numbers differ from it in the last bits, as the
@@ -167,6 +178,16 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
         and min(rows.decode, rows.prefill) >= TIED_TABLE_ROWS else None
     layers = [m for m in model.modules()
               if isinstance(m, QuantizedLinear) and m.matmul_on_cpu_kernel and m is not unread]
+    planned = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
+    available = host_memory.available_bytes()
+    if available is not None and planned > DENSE_SHARE_OF_AVAILABLE * available:
+        say = log.info if min_rows < 0 else log.warning
+        say("weights: %s copies of the quantized layers would take %.1f GB of the %.1f GB this host or container "
+            "has available: %s", str(dtype).removeprefix("torch."), planned / 1e9, available / 1e9,
+            "not made, every step multiplies through the quantized kernels (prefill and large batches slower; "
+            "set cpu_dense_min_rows to force them)" if min_rows < 0 else "made, as cpu_dense_min_rows asks")
+        if min_rows < 0:
+            return
     size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)
     model.dense_rows = rows
     log.info("weights: a %s copy of %d quantized layers for decode steps of >= %d sequences and other steps of >= "
@@ -210,8 +231,9 @@ def resolve_quantization(quantization: str, checkpoint: str,
 
 
 def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision: bool,
-                  on_cpu: bool) -> tuple[dict[str, GroupQuantized], dict[str, str | None]]:
-    """({Linear module name: its GGUF blocks, fused as the model fuses them}, {module name: its own scheme}).
+                  on_cpu: bool) -> tuple[dict[str, DeferredBlocks], dict[str, str | None]]:
+    """({Linear module name: its GGUF blocks, fused as the model fuses them, decoded when loaded}, {module name:
+    its own scheme}).
 
     A module whose parts are not all stored in one family (4-bit or 8-bit) is quantized from its float
     weight, said in a log line: by `scheme`, or with keep_precision (quantization auto) in no fewer bits than
@@ -252,7 +274,7 @@ def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision
         expected = len(_shard_offsets(cfg, module)) - 1 if any(f in module for f, _ in _FUSED.values()) else 1
         ordered = [parts.get(module, {}).get(i) for i in range(expected)]
         if None not in ordered and len({q.bits for q in ordered}) == 1:
-            fused[module] = GroupQuantized.cat_rows(ordered)
+            fused[module] = DeferredBlocks(ordered[0].bits, partial(_fuse_blocks, ordered))
             continue
         own = scheme
         if keep_precision:
@@ -266,6 +288,11 @@ def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision
                      f"{own} per channel from its float weight, no fewer bits than the file's" if own != scheme else
                      f"{own} from its float weight")
     return fused, schemes
+
+
+def _fuse_blocks(parts: list[DeferredBlocks]) -> GroupQuantized:
+    """A fused module's GGUF blocks (q, k, v or gate, up), decoded and stacked along N."""
+    return GroupQuantized.cat_rows([part.load() for part in parts])
 
 
 def _init_dummy(model: LlamaForCausalLM) -> None:

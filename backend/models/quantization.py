@@ -18,6 +18,7 @@ each kernel takes them in the dtype it needs.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,19 @@ class GroupQuantized:
                               cat("zero_point", 8), cat("offset", 0.0), first.group_size, "+".join(sources))
 
 
+DEQUANTIZE_ROWS = 4096  # rows of a quantized layer add_dense_weight dequantizes at a time
+
+
+@dataclass(frozen=True)
+class DeferredBlocks:
+    """A GroupQuantized not decoded yet: its bits now, its numbers when `load()` is called. A GGUF's blocks are
+    decoded one layer at a time as quantize_linears replaces that layer (the file is memory-mapped), so a
+    model's codes are never all in memory unpacked at once (1 byte a 4-bit code, twice the packed layer)."""
+
+    bits: int
+    load: Callable[[], GroupQuantized]
+
+
 class DenseRows:
     """From how many rows the quantized layers of a model multiply by their dense copies (add_dense_weight):
     `decode` in a decode-only step, whose rows are sequences, and `prefill` in any other, whose rows are
@@ -139,8 +153,9 @@ class QuantizedLinear(nn.Module):
         """x (M, in) -> (M, out), in any float dtype."""
         raise NotImplementedError
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """(out, in) fp32: what the layer multiplies by, for tests, references and error reports."""
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(out, in) fp32, or those `rows` of it: what the layer multiplies by, for tests, references, error
+        reports and the dense copy."""
         raise NotImplementedError
 
     @property
@@ -155,8 +170,14 @@ class QuantizedLinear(nn.Module):
     def add_dense_weight(self, rows: "DenseRows | int", dtype: torch.dtype = torch.bfloat16) -> int:
         """Keep the dequantized weight in `dtype` beside the quantized one, and multiply inputs of as many rows
         as `rows` says by it (an int: that many, in any step), where a dense matmul beats the quantized kernel
-        (see loader.add_dense_weights). Returns the copy's bytes."""
-        self.dense_weight = self.dequantized_weight().to(dtype)
+        (see loader.add_dense_weights). Returns the copy's bytes. Dequantized DEQUANTIZE_ROWS rows at a time:
+        the fp32 working copies of a whole large layer (an lm_head of 100M weights: ~1.2 GB) would set the
+        load's peak memory."""
+        device = next(b for b in self.buffers() if b is not None).device
+        self.dense_weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
+        for start in range(0, self.out_features, DEQUANTIZE_ROWS):
+            self.dense_weight[start:start + DEQUANTIZE_ROWS] = self.dequantized_weight(
+                slice(start, start + DEQUANTIZE_ROWS))
         self.dense_rows = rows if isinstance(rows, DenseRows) else DenseRows(rows, rows)
         return self.dense_weight.numel() * self.dense_weight.element_size()
 
@@ -177,13 +198,14 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, skip: tuple[str, ...] = (),
-                     prequantized: dict[str, GroupQuantized] | None = None,
+                     prequantized: dict[str, GroupQuantized | DeferredBlocks] | None = None,
                      schemes: dict[str, str | None] | None = None) -> dict[str, str]:
     """Replace every nn.Linear in `model` by its quantized layer, in place; returns {name: what it became}.
 
     A Linear named in `prequantized` takes those numbers as they are (4-bit codes become an Int4Linear,
-    8-bit an Int8Linear with their group scales); every other one is quantized from its float weight by
-    `scheme`, or by its own entry in `schemes` (None: it stays float). A Linear sharing its weight with an
+    8-bit an Int8Linear with their group scales; DeferredBlocks are decoded when their layer's turn comes);
+    every other one is quantized from its float weight by `scheme`, or by its own entry in `schemes` (None:
+    it stays float). A Linear sharing its weight with an
     embedding (tied lm_head) is quantized as its own copy: the embedding keeps its float table (a Gather reads
     only N rows).
     """
@@ -203,6 +225,8 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
             continue
         bias = None if module.bias is None else module.bias.detach().clone()
         given = prequantized.pop(name, None)
+        if isinstance(given, DeferredBlocks):
+            given = given.load()
         layer_scheme = schemes.get(name, scheme)
         if given is None and layer_scheme is None:
             continue
