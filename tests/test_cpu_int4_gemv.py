@@ -134,3 +134,20 @@ def test_packing_a_slice_of_rows_at_a_time_gives_the_same_operands(monkeypatch):
     sliced = cpu_int4.pack(codes, scale, zero), pack_for_tinygemm(codes, scale, zero)
     for (packed, scale_zeros), (packed_s, scale_zeros_s) in zip(whole, sliced):
         assert torch.equal(packed, packed_s) and torch.equal(scale_zeros, scale_zeros_s)
+
+
+def test_a_served_layer_reads_its_codes_back_from_the_gemvs_copy():
+    """release_stored_codes (the loader's, on a CPU model) drops qweight; the codes, any rows of them, and the
+    dequantized weight then come back from the GEMV's packed tiles unchanged, for int4 and two-plane int8."""
+    torch.manual_seed(3)
+    int4 = Int4Linear.from_linear(torch.nn.Linear(128, 72), 32)
+    g = torch.Generator().manual_seed(3)
+    int8 = Int8Linear.from_group_quantized(GroupQuantized(
+        8, torch.randint(-128, 128, (40, 64), generator=g, dtype=torch.int8), torch.rand(40, 4, generator=g).half(),
+        None, None, 16, "Q6_K"))
+    for layer in (int4, int8):
+        codes, weight = layer.group_quantized().codes, layer.dequantized_weight()
+        layer.release_stored_codes()
+        assert layer.qweight is None
+        assert torch.equal(layer.group_quantized().codes, codes) and torch.equal(layer.dequantized_weight(), weight)
+        assert torch.equal(layer.dequantized_weight(slice(5, 37)), weight[5:37])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
+from kvtriton.backend.models.int4 import pack_nibbles
 from kvtriton.backend.models.loader import load_model
 from kvtriton.backend.models.quantization import QuantizedLinear
 from kvtriton.backend.runners.graph_spec import read_spec
@@ -53,16 +54,17 @@ def outputs(model, path=None, kernels=True):
         feed = {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)}
         return [torch.from_numpy(o) for o in ort.InferenceSession(str(path), options).run(None, feed)]
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    saved = [m._packed for m in layers]
+    saved = [(m._packed, m.qweight) for m in layers]
     try:
-        if not kernels:
+        if not kernels:  # the stored codes back (a served CPU model reads them from the kernel's copy), no kernel
             for m in layers:
-                m._packed = None
+                q = m.group_quantized()
+                m.qweight, m._packed = pack_nibbles(q.codes) if q.bits == 4 else q.codes, None
         with torch.no_grad():
             return list(StepGraph(model)(*inputs))
     finally:
-        for m, packed in zip(layers, saved):
-            m._packed = packed
+        for m, (packed, qweight) in zip(layers, saved):
+            m._packed, m.qweight = packed, qweight
 
 
 def max_diff(got, expected) -> list[float]:
@@ -80,7 +82,8 @@ def test_onnxruntime_graph_is_matmulnbits_over_the_stored_codes(tiny_folder, tmp
     b = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == nodes[0].input[1]))
     qkv = model.layers[0].self_attn.qkv_proj
     assert b.shape == (qkv.out_features, qkv.in_features // 32, 16)
-    assert (torch.from_numpy(b.copy()).reshape(qkv.out_features, -1) == qkv.qweight).all()  # the codes, as stored
+    stored = pack_nibbles(qkv.group_quantized().codes)  # the codes, as stored (on the CPU: read back from the GEMV's)
+    assert (torch.from_numpy(b.copy()).reshape(qkv.out_features, -1) == stored).all()
     assert read_spec(tmp_path / "int4.onnx").precision == "int4"
     # Integer zero points live in the kernel: no group term. The graph is the dequantized weights' math.
     assert ops["group term"] == 0

@@ -129,6 +129,29 @@ def pack_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return packed, scale_zeros
 
 
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """pack's inverse for the codes: packed (N16/16, K/8, 64) uint8 -> codes (n, K) uint8 in [0, 15]; a slice of
+    PACK_ROWS rows at a time, as pack."""
+    step = PACK_ROWS // TILE_ROWS
+    if packed.shape[0] > step:
+        return torch.cat([unpack(packed[t:t + step], min(n - t * TILE_ROWS, PACK_ROWS))
+                          for t in range(0, packed.shape[0], step)])
+    tiles, octs, _ = packed.shape
+    words = packed.view(torch.int16).reshape(tiles, octs, TILE_ROWS, 2)  # (t, oct, row, s)
+    # An arithmetic shift of a negative word fills in ones above; the mask keeps the nibble.
+    nibbles = torch.stack([(words >> (4 * i)) & 0x0F for i in range(4)], dim=-1)  # (t, oct, row, s, i)
+    codes = nibbles.permute(0, 2, 1, 4, 3).reshape(tiles * TILE_ROWS, octs * 8)  # input 8j + 2i + s
+    return codes[:n].to(torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """The codes of `rows` of a packed weight of n rows: unpack of only the tiles that hold them."""
+    start, stop, stride = rows.indices(n)
+    t0, t1 = start // TILE_ROWS, -(-stop // TILE_ROWS)
+    codes = unpack(packed[t0:t1], min(t1 * TILE_ROWS, n) - t0 * TILE_ROWS)
+    return codes[start - t0 * TILE_ROWS:stop - t0 * TILE_ROWS:stride]
+
+
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
               n: int) -> torch.Tensor:
     """x (M, K) fp32 or bf16 -> (M, n) fp32 (any M; a few rows are what it is fast at)."""

@@ -146,7 +146,7 @@ class Int4Linear(QuantizedLinear):
                  offset: torch.Tensor | None, group_size: int, bias: torch.Tensor | None, source: str = ""):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, bias)
         self.group_size, self.source = group_size, source
-        self.register_buffer("qweight", qweight)  # (N, K/2) uint8
+        self.register_buffer("qweight", qweight)  # (N, K/2) uint8; None once release_stored_codes() has run
         self.register_buffer("scale", scale)  # (N, G) fp16
         self.register_buffer("zero_point", zero_point)  # (N, G) uint8
         self.register_buffer("offset", offset)  # (N, G) fp16 or None
@@ -182,8 +182,18 @@ class Int4Linear(QuantizedLinear):
 
     def group_quantized(self, rows: slice = slice(None)) -> GroupQuantized:
         """The stored numbers (of `rows` only, if given) as a GroupQuantized (codes unpacked), for exporters."""
-        return GroupQuantized(4, unpack_nibbles(self.qweight[rows]), self.scale[rows], self.zero_point[rows],
+        return GroupQuantized(4, self._codes(rows), self.scale[rows], self.zero_point[rows],
                               None if self.offset is None else self.offset[rows], self.group_size, self.source)
+
+    def release_stored_codes(self) -> None:
+        if self._packed is not None and self._packed.dim() == 3:  # the GEMV's tiles hold every code
+            self.qweight = None
+
+    def _codes(self, rows: slice) -> torch.Tensor:
+        """(rows, K) uint8 codes: from qweight, or unpacked from the GEMV's tiles that hold those rows."""
+        if self.qweight is not None:
+            return unpack_nibbles(self.qweight[rows])
+        return cpu_int4.unpack_rows(self._packed, rows, self.out_features)
 
     @property
     def matmul_on_cpu_kernel(self) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvtriton.backend.kernels import cpu_int4
 from kvtriton.backend.models.int4 import _CPU_KERNEL, int4_mm_cpu, pack_for_cpu_kernel
 from kvtriton.backend.models.quantization import GroupQuantized, QuantizedLinear
 
@@ -69,7 +70,20 @@ class Int8Linear(QuantizedLinear):
     def group_quantized(self) -> GroupQuantized:
         """Per-group weights as a GroupQuantized, for exporters (per channel: one group of all inputs)."""
         scale = self.scale if self.group_size else self.scale[:, None]
-        return GroupQuantized(8, self.qweight, scale, None, None, self.group_size or self.in_features, self.source)
+        return GroupQuantized(8, self._codes(slice(None)), scale, None, None, self.group_size or self.in_features,
+                              self.source)
+
+    def release_stored_codes(self) -> None:
+        if self._packed is not None and self._packed.dim() == 3:  # the GEMV's two planes hold every code
+            self.qweight = None
+
+    def _codes(self, rows: slice) -> torch.Tensor:
+        """(rows, in) int8 codes: qweight, or read back from the GEMV's two planes (two_plane_pack's inverse)."""
+        if self.qweight is not None:
+            return self.qweight[rows]
+        planes = cpu_int4.unpack_rows(self._packed, rows, self.out_features)  # (rows, 2 in): high, then low
+        k = self.in_features
+        return ((planes[:, :k] << 4 | planes[:, k:]) ^ 0x80).view(torch.int8)  # code + 128, its sign bit flipped
 
     @property
     def matmul_on_cpu_kernel(self) -> bool:
@@ -87,11 +101,10 @@ class Int8Linear(QuantizedLinear):
         return self.dense_matmul(x)
 
     def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
-        scale = self.scale[rows].float()
+        scale, codes = self.scale[rows].float(), self._codes(rows).float()
         if self.group_size:
-            scale = scale.repeat_interleave(self.group_size, dim=1)  # (out, in)
-            return self.qweight[rows].float() * scale
-        return self.qweight[rows].float() * scale[:, None]
+            return codes * scale.repeat_interleave(self.group_size, dim=1)  # (out, in)
+        return codes * scale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, source={self.source!r}"

@@ -119,6 +119,9 @@ def load_model(
         if torch.device(device).type == "cpu" and quantization in ("int8", "int4"):
             add_dense_weights(model, dense_min_rows)
     if torch.device(device).type == "cpu":
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.release_stored_codes()
         host_memory.release_freed_heap()
     return model.eval()
 

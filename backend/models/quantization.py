@@ -158,6 +158,11 @@ class QuantizedLinear(nn.Module):
         reports and the dense copy."""
         raise NotImplementedError
 
+    def release_stored_codes(self) -> None:
+        """Drop the stored codes where the CPU kernel's packed copy holds them all (they are read back from it
+        when asked for: exporters, dense copies); a no-op elsewhere. The loader calls it on a served CPU model:
+        two copies of every code were 0.68 GB of a 1.2B Q4_K_M model's 5.2 GB."""
+
     @property
     def dense_min_rows(self) -> int:
         """From how many rows a decode step multiplies by the dense copy (0: no copy)."""
