@@ -44,6 +44,7 @@ from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.engine.tokenizer import Tokenizer  # noqa: E402
 from kvtriton.backend.models.checkpoint import resolve_checkpoint  # noqa: E402
 from kvtriton.backend.models.default_model import ensure_default_gguf  # noqa: E402
+from kvtriton.backend.models.gguf_checkpoint import convert_gguf  # noqa: E402
 from kvtriton.backend.models.quantization import QuantizedLinear, layer_sources  # noqa: E402
 from kvtriton.backend.runners import cpu_compiled_decode  # noqa: E402
 
@@ -181,7 +182,8 @@ def main() -> None:
             finally:
                 engine.shutdown()
     cpu_compiled_decode.why_not_native = real_why
-    hf = run_hf(folder, [prompt], args.max_tokens, "cpu", torch.float32, 1)["tok_s"]
+    whole = convert_gguf(path, path.parent / "hf-whole")  # every weight as float32: a folder transformers loads
+    hf = run_hf(whole, [prompt], args.max_tokens, "cpu", torch.float32, 1)["tok_s"]
     base = rows.get("none", (None,))[0]
     print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s; HF transformers fp32 generate {hf:.1f} tok/s")
     print("| quantization | decode tok/s | vs fp32 | vs HF fp32 | linear layers MB | bound tok/s | of bound |")

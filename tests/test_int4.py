@@ -274,6 +274,32 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
     assert load_model(folder, quantization="int8", gguf=path).layers[0].mlp.down_proj.source == "Q4_1"
 
 
+def test_a_gguf_served_by_path_keeps_its_blocks_only_in_the_file(tiny_gguf, tmp_path, monkeypatch):
+    """resolve_checkpoint converts a GGUF with floats="unstored": model.safetensors holds only the tensors not in
+    blocks, and the loader makes the rest from the file: the same float weights as a whole folder's, the same
+    blocks as stored. A moved file is named in one line."""
+    from safetensors import safe_open
+
+    from kvtriton.backend.models.checkpoint import GGUF_SOURCE, resolve_checkpoint
+
+    path, whole = tiny_gguf
+    monkeypatch.setenv("KVTRITON_CACHE", str(tmp_path / "cache"))
+    served = tmp_path / "served.gguf"
+    served.write_bytes(path.read_bytes())
+    folder = resolve_checkpoint(str(served))
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        written = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.weight" not in written and "model.embed_tokens.weight" not in written
+    assert "model.norm.weight" in written and (folder / GGUF_SOURCE).is_file()
+    reference = load_model(whole)
+    assert all(torch.equal(a, b) for a, b in zip(load_model(folder).state_dict().values(),
+                                                 reference.state_dict().values()))
+    assert_stored_without_loss(load_model(folder, quantization="int4", gguf=served), reference)
+    served.rename(tmp_path / "moved.gguf")
+    with pytest.raises(FileNotFoundError, match="served.gguf, which is gone"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_a_qwen_gguf_loads_its_blocks_in_hf_row_order(tmp_path, arch):
     """Qwen's Q/K rows are stored in HF's order (llama.cpp interleaves only llama's): the blocks load as they are."""

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("kvtriton")
+# In a folder converted from a GGUF served by path: the file, and the weights the folder leaves in it
+# (gguf_checkpoint.convert_gguf's floats="unstored").
+GGUF_SOURCE = "gguf_source.json"
 
 
 def resolve_checkpoint(checkpoint: str, say: Callable[[str], None] = log.info) -> Path:
@@ -32,7 +35,7 @@ def resolve_checkpoint(checkpoint: str, say: Callable[[str], None] = log.info) -
         if not (target / "config.json").is_file():
             say(f"      converting {path.name} to an HF folder in {target}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(path, target)
+            convert_gguf(path, target, floats="unstored")  # the blocks stay in the file: loader reads them
         return target
     if path.is_dir() and (path / "config.json").is_file():
         return path

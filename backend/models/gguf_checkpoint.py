@@ -6,6 +6,13 @@ folders, so GGUF is only a distribution format here: it is dequantized to float3
 runner starts from the same numbers. The folder holds config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json and generation_config.json.
 
+A folder converted with floats="unstored" (a GGUF served by path: checkpoint.resolve_checkpoint) leaves
+out of model.safetensors the tensors whose blocks the loader takes as stored (quantization.GGUF_BLOCK_TYPES):
+fp32 copies of them were 4 bytes a weight on disk, 32 GB for an 8B model whose file is 5 GB. Its
+gguf_source.json names the file and those tensors; the loader reads them from the file (gguf_weights),
+dequantized to the same float32 numbers, where it needs them as floats. Such a folder is kvtriton's, not
+transformers'.
+
 Anything in the file that would change the model's math and that we do not translate (an unknown
 tensor, an unknown rope-scaling key, an unknown pre-tokenizer) is an error, never skipped.
 """
@@ -26,7 +33,9 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from kvtriton.backend.models.checkpoint import GGUF_SOURCE
 from kvtriton.backend.models.gguf_rope import llama3_rope_scaling
+from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES
 
 # llama.cpp's general.architecture -> the transformers class its folder names (the same dense core: Qwen2 adds q/k/v
 # biases, Qwen3 QK-norm; models/model_config.py).
@@ -90,8 +99,9 @@ _PRE_TOKENIZERS = {
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp's tokenizer.ggml.token_type values
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the HF folder for `gguf_path` at `out_dir` and return `out_dir`.
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, floats: str = "all") -> Path:
+    """Write the HF folder for `gguf_path` at `out_dir` and return `out_dir`. floats "all": every weight in
+    model.safetensors as float32; "unstored": all but those in GGUF_BLOCK_TYPES blocks (module docstring).
 
     The folder appears whole or not at all: it is written to a sibling temp folder and renamed, so
     an interrupted conversion leaves no half-written checkpoint behind.
@@ -109,6 +119,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             f"{gguf_path.name}: general.architecture is {arch!r}; GGUF conversion supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (other checkpoints: use their HF folder)"
         )
+    if floats not in ("all", "unstored"):
+        raise ValueError(f"floats must be 'all' or 'unstored', got {floats!r}")
     tensor_names = [t.name for t in reader.tensors]
     rope_freqs = next((t.data for t in reader.tensors if t.name == ROPE_FREQS), None)
     config = llama_config(meta, tensor_names, rope_freqs)
@@ -124,7 +136,16 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     staging = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir()
     try:
-        write_safetensors(staging / "model.safetensors", llama_tensors(reader, config), metadata={"format": "pt"})
+        tensors = llama_tensors(reader, config)
+        if floats == "unstored":
+            types = {hf_tensor_name(t.name, config["num_hidden_layers"]): t.tensor_type.name for t in reader.tensors}
+            left = [name for name, _, _ in tensors if types[name] in GGUF_BLOCK_TYPES]
+            tensors = [t for t in tensors if t[0] not in left]
+            if left:
+                stat = gguf_path.stat()
+                _write_json(staging / GGUF_SOURCE, {"gguf": str(gguf_path.resolve()), "size": stat.st_size,
+                                                    "mtime_ns": stat.st_mtime_ns, "tensors": left})
+        write_safetensors(staging / "model.safetensors", tensors, metadata={"format": "pt"})
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config))
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
@@ -208,6 +229,24 @@ def _rope_scaling(meta: dict, arch: str) -> dict | None:
             "original_max_position_embeddings": int(scaling["original_context_length"]),
         }
     raise ValueError(f"GGUF {prefix}type {kind!r} is not supported; supported: none, linear, yarn")
+
+
+def gguf_weights(folder: Path) -> dict[str, Callable[[], np.ndarray]]:
+    """{HF tensor name: a function that makes its float32 tensor} for the weights a floats="unstored" folder
+    left in its GGUF ({} for a whole folder). The file must be the one converted: same path, size and mtime."""
+    source = folder / GGUF_SOURCE
+    if not source.is_file():
+        return {}
+    record = json.loads(source.read_text())
+    path = Path(record["gguf"])
+    stat = path.stat() if path.is_file() else None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != (record["size"], record["mtime_ns"]):
+        raise FileNotFoundError(f"{folder} takes {len(record['tensors'])} of its weights from {path}, which is "
+                                f"{'gone' if stat is None else 'changed'} since the conversion; serve the GGUF "
+                                f"again by its path (a changed file converts anew) or delete {folder}")
+    config = json.loads((folder / "config.json").read_text())
+    wanted = set(record["tensors"])
+    return {name: make for name, _, make in llama_tensors(gguf.GGUFReader(path), config) if name in wanted}
 
 
 def llama_tensors(reader: gguf.GGUFReader, config: dict) -> list[tuple[str, tuple[int, ...], Callable]]:

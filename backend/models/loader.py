@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from kvtriton.backend.models import host_memory
+from kvtriton.backend.models.checkpoint import GGUF_SOURCE
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.quantization import (
@@ -309,33 +310,39 @@ def _init_dummy(model: LlamaForCausalLM) -> None:
 
 
 def _load_safetensors(model: LlamaForCausalLM, cfg: ModelConfig, folder: Path, skip: set[str] = frozenset()) -> None:
-    """The folder's tensors into the model's (fused) parameters; those named in `skip` are left unread."""
+    """The folder's tensors into the model's (fused) parameters; those named in `skip` are left unread. A folder
+    converted from a GGUF with floats="unstored" has the rest of its weights in that file (gguf_weights)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+
+    def load(hf_name: str, get, origin: str) -> None:
+        name = hf_name.removeprefix("model.")
+        if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            return
+        target, rows = _locate(cfg, name)
+        if target not in skip:
+            tensor = get(hf_name)
+            if target not in params:
+                raise ValueError(f"{origin}: unexpected tensor {hf_name!r} for {cfg.architecture}")
+            dst = params[target] if rows is None else params[target][rows[0] : rows[1]]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+            dst.copy_(tensor.to(dst.dtype))
+        loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+
     with torch.no_grad():
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for hf_name in f.keys():
-                    name = hf_name.removeprefix("model.")
-                    if "rotary_emb" in name:
-                        continue
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue
-                    target, rows = _locate(cfg, name)
-                    if target in skip:
-                        loaded.add(target if rows is None else f"{target}[{rows[0]}]")
-                        continue
-                    tensor = f.get_tensor(hf_name)
-                    if target not in params:
-                        raise ValueError(f"{file.name}: unexpected tensor {hf_name!r} for {cfg.architecture}")
-                    dst = params[target] if rows is None else params[target][rows[0] : rows[1]]
-                    if dst.shape != tensor.shape:
-                        raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-                    dst.copy_(tensor.to(dst.dtype))
-                    loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+                    load(hf_name, f.get_tensor, file.name)
+        if (folder / GGUF_SOURCE).is_file():  # imported here: reading GGUF needs the gguf package
+            from kvtriton.backend.models.gguf_checkpoint import gguf_weights
+
+            for hf_name, make in gguf_weights(folder).items():
+                load(hf_name, lambda _, make=make: torch.from_numpy(make()), folder.name + "'s GGUF")
     expected = _expected_names(model, cfg)
     missing = sorted(expected - loaded)
     if missing:
