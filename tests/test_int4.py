@@ -277,7 +277,7 @@ def test_tiny_gguf_loads_its_blocks_as_stored(tiny_gguf):
 def test_a_gguf_served_by_path_keeps_its_blocks_only_in_the_file(tiny_gguf, tmp_path, monkeypatch):
     """resolve_checkpoint converts a GGUF with floats="unstored": model.safetensors holds only the tensors not in
     blocks, and the loader makes the rest from the file: the same float weights as a whole folder's, the same
-    blocks as stored. A moved file is named in one line."""
+    blocks as stored. A moved file is named in one line, and serving it from where it went points the folder there."""
     from safetensors import safe_open
 
     from kvtriton.backend.models.checkpoint import GGUF_SOURCE, resolve_checkpoint
@@ -295,9 +295,13 @@ def test_a_gguf_served_by_path_keeps_its_blocks_only_in_the_file(tiny_gguf, tmp_
     assert all(torch.equal(a, b) for a, b in zip(load_model(folder).state_dict().values(),
                                                  reference.state_dict().values()))
     assert_stored_without_loss(load_model(folder, quantization="int4", gguf=served), reference)
-    served.rename(tmp_path / "moved.gguf")
+    moved = tmp_path / "elsewhere" / "served.gguf"
+    moved.parent.mkdir()
+    served.rename(moved)
     with pytest.raises(FileNotFoundError, match="served.gguf, which is gone"):
         load_model(folder)
+    assert resolve_checkpoint(str(moved)) == folder  # the same name and bytes: the folder now reads the new path
+    assert_stored_without_loss(load_model(folder, quantization="int4", gguf=moved), reference)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

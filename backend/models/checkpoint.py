@@ -9,7 +9,9 @@ so a name means the same checkpoint to both.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -36,11 +38,27 @@ def resolve_checkpoint(checkpoint: str, say: Callable[[str], None] = log.info) -
             say(f"      converting {path.name} to an HF folder in {target}")
             target.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(path, target, floats="unstored")  # the blocks stay in the file: loader reads them
+        else:
+            point_at(target, path)
         return target
     if path.is_dir() and (path / "config.json").is_file():
         return path
     raise FileNotFoundError(f"checkpoint {checkpoint!r}: give an HF folder (with config.json), a .gguf file, "
                             f"or 'default'")
+
+
+def point_at(folder: Path, gguf: Path) -> None:
+    """Record `gguf` as the file a folder converted with floats="unstored" reads its blocks from: the folder is
+    named by the file's sha256, so a copy or a move of the same bytes (or a touched file) serves from it too."""
+    source = folder / GGUF_SOURCE
+    if not source.is_file():
+        return
+    record, stat = json.loads(source.read_text()), gguf.stat()
+    now = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if any(record.get(key) != value for key, value in now.items()):
+        staged = source.with_name(f".{GGUF_SOURCE}.{os.getpid()}")  # a reader never sees half a file
+        staged.write_text(json.dumps({**record, **now}, indent=2) + "\n")
+        os.replace(staged, source)
 
 
 def checkpoint_sha256(path: str | Path) -> str:
