@@ -57,8 +57,11 @@ def point_at(folder: Path, gguf: Path) -> None:
     now = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if any(record.get(key) != value for key, value in now.items()):
         staged = source.with_name(f".{GGUF_SOURCE}.{os.getpid()}")  # a reader never sees half a file
-        staged.write_text(json.dumps({**record, **now}, indent=2) + "\n")
-        os.replace(staged, source)
+        try:
+            staged.write_text(json.dumps({**record, **now}, indent=2) + "\n")
+            os.replace(staged, source)
+        except OSError as e:  # a read-only cache: the load says what the folder still points at, if it must
+            log.warning("could not record %s as the source of %s: %s", gguf, folder, e)
 
 
 def checkpoint_sha256(path: str | Path) -> str:
