@@ -262,3 +262,12 @@ def test_allowed_token_ids_limit_every_sampled_token(tiny_folder):
             SamplingParams(allowed_token_ids=(-1,))
     finally:
         engine.shutdown()
+
+
+def test_a_pool_shorter_than_max_model_len_is_said_at_load_and_longer_requests_are_refused(tiny_folder, caplog):
+    with caplog.at_level("WARNING", logger="kvtriton"):
+        engine = make_tiny_engine(tiny_folder, num_kv_blocks=16)
+    assert "KV pool: 64 tokens (16 blocks of 4), fewer than max_model_len 512" in caplog.text
+    assert "num_kv_blocks sets it" in caplog.text
+    with pytest.raises(ValueError, match="more KV blocks than the whole pool holds"):
+        engine.add_request("long", list(range(1, 40)), SamplingParams(max_tokens=40))

@@ -96,6 +96,7 @@ class LLMEngine:
                 self._forward_thread.shutdown(wait=False)
             raise
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        _say_if_pool_is_short(config, self.runner.num_blocks, self.max_model_len, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
                             self.max_model_len, config.scheduling_policy),
@@ -357,6 +358,20 @@ def freeze_startup_heap() -> None:
     stall of 320 ms. Collecting first, so that no garbage of the start-up is made permanent."""
     gc.collect()
     gc.freeze()
+
+
+def _say_if_pool_is_short(config: EngineConfig, num_blocks: int, max_model_len: int, device: torch.device) -> None:
+    """One line at load where the KV pool holds fewer tokens than max_model_len (vLLM stops there; here the
+    model serves, and Admission refuses each request that needs more, naming the pool): what sizes the pool."""
+    tokens = num_blocks * config.block_size
+    if tokens >= max_model_len:
+        return
+    sized_by = ("num_kv_blocks sets it" if config.num_kv_blocks else
+                f"kv_cache_memory_gb ({config.kv_cache_memory_gb:g} GiB) sizes it" if device.type != "cuda" else
+                f"gpu_memory_utilization ({config.gpu_memory_utilization:g}) leaves it")
+    log.warning("KV pool: %d tokens (%d blocks of %d), fewer than max_model_len %d: a request whose prompt and "
+                "max_tokens need more is refused; %s (raise it, or lower max_model_len)", tokens, num_blocks,
+                config.block_size, max_model_len, sized_by)
 
 
 def _prompt_logprobs_refusal(config: EngineConfig) -> str:
