@@ -185,11 +185,11 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     planned = sum(m.in_features * m.out_features for m in layers) * dtype.itemsize
     available = host_memory.available_bytes()
     if available is not None and planned > DENSE_SHARE_OF_AVAILABLE * available:
-        say = log.info if min_rows < 0 else log.warning
-        say("weights: %s copies of the quantized layers would take %.1f GB of the %.1f GB this host or container "
-            "has available: %s", str(dtype).removeprefix("torch."), planned / 1e9, available / 1e9,
-            "not made, every step multiplies through the quantized kernels (prefill and large batches slower; "
-            "set cpu_dense_min_rows to force them)" if min_rows < 0 else "made, as cpu_dense_min_rows asks")
+        log.warning("weights: %s copies of the quantized layers would take %.1f GB of the %.1f GB this host or "
+                    "container has available: %s", str(dtype).removeprefix("torch."), planned / 1e9, available / 1e9,
+                    "not made, every step multiplies through the quantized kernels (prefill and large batches "
+                    "slower; set cpu_dense_min_rows to force them)" if min_rows < 0 else
+                    "made, as cpu_dense_min_rows asks")
         if min_rows < 0:
             return
     size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)

@@ -210,9 +210,8 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     A Linear named in `prequantized` takes those numbers as they are (4-bit codes become an Int4Linear,
     8-bit an Int8Linear with their group scales; DeferredBlocks are decoded when their layer's turn comes);
     every other one is quantized from its float weight by `scheme`, or by its own entry in `schemes` (None:
-    it stays float). A Linear sharing its weight with an
-    embedding (tied lm_head) is quantized as its own copy: the embedding keeps its float table (a Gather reads
-    only N rows).
+    it stays float). A Linear sharing its weight with an embedding (tied lm_head) is quantized as its own
+    copy: the embedding keeps its float table (a Gather reads only N rows).
     """
     # Imported here: both layers subclass QuantizedLinear above.
     from kvtriton.backend.models.fp8 import Fp8Linear
