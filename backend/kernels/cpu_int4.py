@@ -105,15 +105,21 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[
     scale_zeros (N16/16, G, 2, 16) bf16 (layouts: cpu_int4_gemv.cpp). Padded rows compute 0. Packed
     PACK_ROWS rows at a time: tiles are independent, and the int32 working copies of a whole large layer
     (a 1.2B model's 49152 x 4096-code lm_head: ~3 GB) would set the load's peak memory."""
-    if codes.shape[0] > PACK_ROWS:
-        parts = [pack_rows(codes[i:i + PACK_ROWS], scale[i:i + PACK_ROWS], zero[i:i + PACK_ROWS])
-                 for i in range(0, codes.shape[0], PACK_ROWS)]
-        return torch.cat([p for p, _ in parts]), torch.cat([sz for _, sz in parts])
-    return pack_rows(codes, scale, zero)
+    return in_row_slices(_pack_slice, (codes, scale, zero), PACK_ROWS, cat_dims=(0, 0))
 
 
-def pack_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack, for one slice of rows (whole tiles but in the last slice)."""
+def in_row_slices(fn, tensors: tuple[torch.Tensor, ...], rows: int, cat_dims: tuple[int, ...]) -> tuple:
+    """fn(*tensors) computed on `rows` leading rows of the tensors at a time, each of its outputs concatenated
+    along its cat_dim: (un)packing a large layer in one pass takes GBs of int32 working copies. fn must treat
+    rows independently (it may pad the last slice)."""
+    n = tensors[0].shape[0]
+    if n <= rows:
+        return fn(*tensors)
+    parts = [fn(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)]
+    return tuple(torch.cat(outputs, dim=dim) for outputs, dim in zip(zip(*parts), cat_dims))
+
+
+def _pack_slice(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = codes.shape
     pad = -n % TILE_ROWS
     codes = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, pad), value=8)
@@ -129,27 +135,26 @@ def pack_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return packed, scale_zeros
 
 
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """pack's inverse for the codes: packed (N16/16, K/8, 64) uint8 -> codes (n, K) uint8 in [0, 15]; a slice of
-    PACK_ROWS rows at a time, as pack."""
-    step = PACK_ROWS // TILE_ROWS
-    if packed.shape[0] > step:
-        return torch.cat([unpack(packed[t:t + step], min(n - t * TILE_ROWS, PACK_ROWS))
-                          for t in range(0, packed.shape[0], step)])
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """pack's inverse for the codes: packed (N16/16, K/8, 64) uint8 -> codes (N16, K) uint8 in [0, 15] (padded
+    rows included)."""
+    return in_row_slices(_unpack_slice, (packed,), PACK_ROWS // TILE_ROWS, cat_dims=(0,))[0]
+
+
+def _unpack_slice(packed: torch.Tensor) -> tuple[torch.Tensor]:
     tiles, octs, _ = packed.shape
     words = packed.view(torch.int16).reshape(tiles, octs, TILE_ROWS, 2)  # (t, oct, row, s)
     # An arithmetic shift of a negative word fills in ones above; the mask keeps the nibble.
     nibbles = torch.stack([(words >> (4 * i)) & 0x0F for i in range(4)], dim=-1)  # (t, oct, row, s, i)
     codes = nibbles.permute(0, 2, 1, 4, 3).reshape(tiles * TILE_ROWS, octs * 8)  # input 8j + 2i + s
-    return codes[:n].to(torch.uint8)
+    return (codes.to(torch.uint8),)
 
 
 def unpack_rows(packed: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
     """The codes of `rows` of a packed weight of n rows: unpack of only the tiles that hold them."""
     start, stop, stride = rows.indices(n)
     t0, t1 = start // TILE_ROWS, -(-stop // TILE_ROWS)
-    codes = unpack(packed[t0:t1], min(t1 * TILE_ROWS, n) - t0 * TILE_ROWS)
-    return codes[start - t0 * TILE_ROWS:stop - t0 * TILE_ROWS:stride]
+    return unpack(packed[t0:t1])[start - t0 * TILE_ROWS:stop - t0 * TILE_ROWS:stride]
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,

@@ -91,11 +91,12 @@ def pack_for_tinygemm(codes: torch.Tensor, scale: torch.Tensor,
                       zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same numbers for PyTorch's kernel: (N16, K/2) uint8 and (G, N16, 2) bf16, N16 = N rounded up to 16
     (padded rows compute 0)."""
+    return cpu_int4.in_row_slices(_tinygemm_slice, (codes, scale, zero), cpu_int4.PACK_ROWS, cat_dims=(0, 1))
+
+
+def _tinygemm_slice(codes: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = codes.shape
-    if n > cpu_int4.PACK_ROWS:  # a slice at a time, as cpu_int4.pack: the int32 copy of a whole lm_head is GBs
-        parts = [pack_for_tinygemm(codes[i:i + cpu_int4.PACK_ROWS], scale[i:i + cpu_int4.PACK_ROWS],
-                                   zero[i:i + cpu_int4.PACK_ROWS]) for i in range(0, n, cpu_int4.PACK_ROWS)]
-        return torch.cat([p for p, _ in parts]), torch.cat([sz for _, sz in parts], dim=1)
     pad = -n % _KERNEL_ROWS
     if pad:
         codes = torch.cat([codes, torch.full((pad, k), 8, dtype=codes.dtype)])
@@ -184,10 +185,6 @@ class Int4Linear(QuantizedLinear):
         """The stored numbers (of `rows` only, if given) as a GroupQuantized (codes unpacked), for exporters."""
         return GroupQuantized(4, self._codes(rows), self.scale[rows], self.zero_point[rows],
                               None if self.offset is None else self.offset[rows], self.group_size, self.source)
-
-    def release_stored_codes(self) -> None:
-        if self._packed is not None and self._packed.dim() == 3:  # the GEMV's tiles hold every code
-            self.qweight = None
 
     def _codes(self, rows: slice) -> torch.Tensor:
         """(rows, K) uint8 codes: from qweight, or unpacked from the GEMV's tiles that hold those rows."""

@@ -73,10 +73,6 @@ class Int8Linear(QuantizedLinear):
         return GroupQuantized(8, self._codes(slice(None)), scale, None, None, self.group_size or self.in_features,
                               self.source)
 
-    def release_stored_codes(self) -> None:
-        if self._packed is not None and self._packed.dim() == 3:  # the GEMV's two planes hold every code
-            self.qweight = None
-
     def _codes(self, rows: slice) -> torch.Tensor:
         """(rows, in) int8 codes: qweight, or read back from the GEMV's two planes (two_plane_pack's inverse)."""
         if self.qweight is not None:

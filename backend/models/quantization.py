@@ -161,7 +161,10 @@ class QuantizedLinear(nn.Module):
     def release_stored_codes(self) -> None:
         """Drop the stored codes where the CPU kernel's packed copy holds them all (they are read back from it
         when asked for: exporters, dense copies); a no-op elsewhere. The loader calls it on a served CPU model:
-        two copies of every code were 0.68 GB of a 1.2B Q4_K_M model's 5.2 GB."""
+        two copies of every code were 0.68 GB of a 1.2B Q4_K_M model's 5.2 GB. The layers that have them read
+        their codes through their own _codes."""
+        if self.gemv_operands is not None:  # the GEMV's tiles (or two planes) hold every code
+            self.qweight = None
 
     @property
     def dense_min_rows(self) -> int:
