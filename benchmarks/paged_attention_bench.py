@@ -167,13 +167,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="every split count; prefill tile shapes")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES), help="the pools' element type")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill steps")
+    ap.add_argument("--decode-shapes", default="1x192,1x2048,16x192,16x2048,64x192,64x2048",
+                    help="decode steps to time: BATCHxCONTEXT, comma-separated")
     args = ap.parse_args()
     kv_dtype = KV_DTYPES[args.kv_cache_dtype]
     bandwidth = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
           f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}, KV {str(kv_dtype).removeprefix('torch.')}; "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    for batch, context in [(1, 192), (1, 2048), (16, 192), (16, 2048), (64, 192), (64, 2048)]:
+    for shape in args.decode_shapes.split(","):
+        batch, context = (int(n) for n in shape.split("x"))
         decode(batch, context, bandwidth, args.sweep, kv_dtype)
     if args.decode_only:
         return
