@@ -125,6 +125,28 @@ def test_dense_copies_auto_are_fp32_without_native_bf16_and_bf16_for_decode_batc
     assert load_model(folder, quantization="int4", group_size=64, dense_min_rows=0).dense_rows is None
 
 
+@pytest.mark.skipif(not gemv_serves(), reason="the crossover is timed against kvtriton's int4 GEMV")
+def test_dense_copies_auto_decode_threshold_is_timed_on_this_cpu(tmp_path, monkeypatch, caplog):
+    """A model large enough to time: the copies take decode batches from a candidate row count where they win
+    by the margin on this CPU, else from the fixed one; the choice and its timings are logged."""
+    import kvtriton.backend.models.dense_crossover as crossover
+    import kvtriton.backend.models.loader as loader
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(crossover, "MIN_WEIGHTS", 0)  # time even the tiny model's layers
+    with caplog.at_level("INFO", logger="kvtriton"):
+        model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
+    assert model.dense_rows.decode in (*crossover.CANDIDATE_ROWS, loader.AUTO_BF16_DECODE_ROWS)
+    assert f"from {model.dense_rows.decode} sequences, timed at load: 32 rows: GEMV" in caplog.text
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_weight is not None]
+    for gemv_s, copies_s, rows in [(1.0, 0.5, 32), (1.0, 0.9, 64)]:  # the margin: copies at most 0.8 the time
+        monkeypatch.setattr(crossover, "_timings", lambda layers, r, t=(gemv_s, copies_s): t)
+        assert crossover.decode_rows(layers, 64)[0] == rows
+    monkeypatch.setattr(crossover, "MIN_WEIGHTS", 10**12)  # too small to time: the fixed threshold, no timings
+    assert crossover.decode_rows(layers, 64) == (64, None)
+
+
 def test_dense_copies_auto_are_not_made_where_memory_is_short(tmp_path, monkeypatch, caplog):
     import kvtriton.backend.models.loader as loader
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvtriton.backend.models import host_memory
+from kvtriton.backend.models import dense_crossover, host_memory
 from kvtriton.backend.models.checkpoint import GGUF_SOURCE
 from kvtriton.backend.models.llama import TIED_TABLE_ROWS, LlamaForCausalLM
 from kvtriton.backend.models.model_config import ModelConfig
@@ -39,7 +39,8 @@ log = logging.getLogger("kvtriton")
 # cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
-# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences, and prefill or mixed
+# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (on the GEMV, unless
+# models/dense_crossover.py times the copies clearly faster from fewer on this CPU), and prefill or mixed
 # steps of this many tokens (a prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which
 # dequantize for a GEMM from 256). Decode: kvtriton's GEMV multiplies the default model's step faster than the
 # bf16 copies up to ~64 rows (all 30 layers' matmuls at 16 / 32 / 48 / 64 rows 5.7 / 11.3 / 15.6 / 20.8 ms against
@@ -137,8 +138,9 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     """CPU: each int4 / int8 layer also keeps its dequantized weight as a dense matrix, for inputs of at least
     `min_rows` rows (prefill chunks, decode batches of that many sequences). min_rows -1 (auto):
     AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; where it is bf16, decode
-    batches of AUTO_BF16_DECODE_ROWS sequences (AUTO_BF16_DECODE_ROWS_TORCH_KERNEL where a layer runs one of
-    PyTorch's kernels, not kvtriton's GEMV) and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
+    batches of AUTO_BF16_DECODE_ROWS sequences (fewer where dense_crossover times the copies clearly faster on
+    this CPU; AUTO_BF16_DECODE_ROWS_TORCH_KERNEL where a layer runs one of PyTorch's kernels, not kvtriton's
+    GEMV) and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
     weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a 2-core Sapphire Rapids (AMX)
@@ -194,6 +196,11 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
             return
     size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)
     model.dense_rows = rows
+    if min_rows < 0 and native_bf16 and on_gemv:  # where the GEMV and the copies cross on this CPU
+        rows.decode, timings = dense_crossover.decode_rows(layers, AUTO_BF16_DECODE_ROWS)
+        if timings:
+            log.info("weights: decode batches take the %s copies from %d sequences, timed at load: %s",
+                     str(dtype).removeprefix("torch."), rows.decode, timings)
     log.info("weights: a %s copy of %d quantized layers for decode steps of >= %d sequences and other steps of >= "
              "%d tokens (%.0f MB)", str(dtype).removeprefix("torch."), len(layers), rows.decode, rows.prefill,
              size / 1e6)

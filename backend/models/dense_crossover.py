@@ -1,0 +1,78 @@
+"""From how many decode rows the CPU's bf16 copies beat kvtriton's int4 GEMV: timed on this CPU at load.
+
+The GEMV reads 4-bit codes (few bytes) and multiplies with AVX-512 BF16's vdpbf16ps, so a decode batch
+costs it about one pass of multiply-adds per row; a bf16 copy costs oneDNN's GEMM (AMX where the CPU has
+it) nearly the same at 1 and at 64 rows. Where they cross depends on the CPU more than on the model: at 32
+rows the default model's 30 layers took the GEMV 11.3 ms against the copies' 14.4 on a 2-core Sapphire
+Rapids VM (2026-12-04), and its 30 layers and head 67 ms against 32 on a 2-core "Intel Xeon Processor" VM
+whose vdpbf16ps runs at a quarter of its fp32 FMA's instruction rate (2026-12-05: 1.6 G against 6.7 G a
+second on one core). The engine's 32 streams there: 317 tok/s on the GEMV up to 63 rows, 444 with the copies
+from 32. So the loader times both on the model's own first layers and picks the threshold.
+
+Only a few thresholds are candidates, each well above one request's rows, and a copy must win clearly:
+batches below the threshold compute what each request would alone (the GEMV's numbers do not depend on the
+batch), and a near-tie in timing must not move greedy output from one load to the next.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+# Decode rows to try, lowest first; the first where the copies win by MARGIN sets the threshold.
+CANDIDATE_ROWS = (32,)
+MARGIN = 0.8  # the copies' time must be at most this share of the GEMV's
+# The layers timed: the model's first ones up to this many bytes of copies (more than an L2, so that the
+# GEMV's fewer bytes count), and models with fewer weights than MIN_WEIGHTS are not timed (their matmuls are
+# too small for the choice to matter or to be measured: the tests' tiny models keep the fixed threshold).
+TIMED_BYTES = 64 << 20
+MIN_WEIGHTS = 20_000_000
+ROUNDS = 3
+
+
+def decode_rows(layers: list, fixed: int) -> tuple[int, str | None]:
+    """(the decode threshold, the timings that chose it for the log, None if not timed) for quantized layers
+    that each have a GEMV (`matmul`) and a dense copy (`dense_weight`); `fixed` where the copies never win
+    clearly at a candidate, or the model is too small to time."""
+    if sum(layer.dense_weight.numel() for layer in layers) < MIN_WEIGHTS:
+        return fixed, None
+    timed, size = [], 0
+    for layer in layers:
+        if size >= TIMED_BYTES:
+            break
+        timed.append(layer)
+        size += layer.dense_weight.numel() * layer.dense_weight.element_size()
+    figures = []
+    for rows in CANDIDATE_ROWS:
+        gemv, copies = _timings(timed, rows)
+        figures.append(f"{rows} rows: GEMV {gemv * 1e3:.2f} ms, copies {copies * 1e3:.2f} ms")
+        if copies <= MARGIN * gemv:
+            return rows, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
+    return fixed, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
+
+
+def _timings(layers: list, rows: int) -> tuple[float, float]:
+    """Best of ROUNDS passes over `layers` at `rows` rows: (GEMV seconds, dense-copy seconds), alternated so
+    that a neighbour's burst hits both; the first pass of each warms up."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(rows, n, generator=g) for n in {layer.in_features for layer in layers}}
+
+    def gemv():
+        for layer in layers:
+            layer.matmul(inputs[layer.in_features])
+
+    def copies():
+        for layer in layers:
+            F.linear(inputs[layer.in_features].to(layer.dense_weight.dtype), layer.dense_weight).float()
+
+    best = {gemv: float("inf"), copies: float("inf")}
+    with torch.inference_mode():
+        for round_ in range(ROUNDS + 1):
+            for path in (gemv, copies):
+                start = time.perf_counter()
+                path()
+                if round_:
+                    best[path] = min(best[path], time.perf_counter() - start)
+    return best[gemv], best[copies]
