@@ -13,12 +13,18 @@ stream_interval 1 and 16; the time saved divided by the responses saved.
   python benchmarks/serving_bench.py --config llama-1b --concurrency 1,16,64     # GPU host
   python benchmarks/serving_bench.py --concurrency 1,4 --output-len 32          # CPU, default model
   python benchmarks/serving_bench.py --concurrency 1,32 --protocol grpc --load-generator perf_analyzer --hf
+
+--llama-server BIN (CPU, default model) also serves the default model's own GGUF file with llama.cpp's
+`llama-server` (started for each concurrency with a slot per client, -np, continuous batching), driven by
+the same closed loop over its streaming /completion endpoint (the same prompts, greedy, EOS ignored), with
+its cores measured the same way. The benchmark does not build llama.cpp: pass a binary you built (README: Benchmarks).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import http.client
@@ -160,6 +166,79 @@ def perf_analyzer_load(url, output_len):
     return load
 
 
+def llama_server_request(port, output_len):
+    """One request to llama.cpp's llama-server (/completion, streamed): its tokens and streamed events."""
+    def one(i):
+        body = json.dumps({"prompt": prompt(i), "n_predict": output_len, "ignore_eos": True, "stream": True,
+                           "temperature": 0.0, "cache_prompt": False})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/completion", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"llama-server answered {resp.status}: {resp.read()[:200]!r}")
+        n = k = 0
+        for line in resp:
+            if line.startswith(b"data:"):
+                event = json.loads(line[5:])
+                k += 1
+                if event.get("stop"):
+                    n = event["timings"]["predicted_n"]
+        conn.close()
+        return n, k
+    return one
+
+
+def llama_server_run(binary: str, gguf: Path, levels: list[int], output_len: int, requests_per_client: int) -> dict:
+    """llama.cpp's server on the same GGUF and workload, started for each concurrency with a slot per client
+    (-np), every core, a context per slot for the prompt and the output. {clients: closed_loop's figures +
+    server_cores}."""
+    out = {}
+    for c in levels:
+        with _llama_server(binary, gguf, c, 256 + output_len) as (server, port):
+            one = llama_server_request(port, output_len)
+            closed_loop(min(2, c), 1, one)  # warm-up
+            cpu0 = process_tree_cpu_s(server.pid)
+            out[c] = closed_loop(c, requests_per_client, one)
+            out[c]["server_cores"] = (process_tree_cpu_s(server.pid) - cpu0) / out[c]["wall_s"]
+    return out
+
+
+@contextlib.contextmanager
+def _llama_server(binary: str, gguf: Path, slots: int, slot_context: int):
+    """A running llama-server with `slots` parallel sequences: (its Popen, its port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+           "-c", str(slots * slot_context), "-t", str(os.cpu_count()), "--no-webui"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({server.returncode}): {server.stderr.read()[-500:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server was not ready within 120 s")
+            time.sleep(0.5)
+        yield server, port
+    finally:  # llama-server may finish its slots' work before it honours SIGTERM
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def _children_cpu_s() -> float:
     """CPU seconds (user + system) this process's finished children used (perf_analyzer)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -244,6 +323,8 @@ def main():
                          "(gRPC streaming; tritonclient[all] 2.51 bundles it)")
     ap.add_argument("--hf", action="store_true",
                     help="also HF transformers generate on the same prompts, as static batches of each concurrency")
+    ap.add_argument("--llama-server", metavar="BIN",
+                    help="also llama.cpp's llama-server binary on the default model's GGUF, the same closed loop")
     ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "fp8"],
                     help="the same on both sides (auto, as the shipped config.pbtxt: int4 for a GGUF on the CPU)")
     ap.add_argument("--cpu-single-openmp-team", default="on", choices=["on", "off"],
@@ -253,6 +334,8 @@ def main():
     ap.add_argument("--engine-process", default="on", choices=["on", "off", "both"],
                     help="the engine in a process of its own inside the Triton stub (the shipped default)")
     args = ap.parse_args()
+    if args.llama_server and args.config != "default":
+        ap.error("--llama-server serves the default model's GGUF: use --config default")
     if args.load_generator == "perf_analyzer" and args.protocol != "grpc":
         ap.error("--load-generator perf_analyzer streams over gRPC only: add --protocol grpc")
     args.cpu_single_openmp_team = args.cpu_single_openmp_team == "on"
@@ -360,6 +443,17 @@ def main():
             b = results["server"][c]["tok_s"]
             print(f"HF transformers generate, static batch {c}: {results['hf'][c]:.1f} tok/s; "
                   f"through tritonserver / HF = {b / results['hf'][c]:.2f}x")
+    if args.llama_server:
+        from kvtriton.backend.models.default_model import ensure_default_gguf
+
+        version = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)
+        print(f"llama.cpp: {(version.stdout + version.stderr).strip().splitlines()[-2:]}")
+        results["llama_server"] = llama_server_run(args.llama_server, ensure_default_gguf(progress=lambda *_: None),
+                                                   levels, args.output_len, args.requests_per_client)
+        for c in levels:
+            b, ll = results["server"][c], results["llama_server"][c]
+            print(f"llama.cpp llama-server -np {c}, {c} clients: {ll['tok_s']:.1f} tok/s, "
+                  f"{ll['server_cores']:.2f} cores; through tritonserver / llama.cpp = {b['tok_s'] / ll['tok_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
