@@ -428,6 +428,42 @@ def test_engine_serves_a_gguf_from_its_blocks(tiny_gguf, tmp_path, monkeypatch):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_an_untied_embedding_is_looked_up_in_its_blocks(tmp_path, monkeypatch, kind):
+    """An untied GGUF's quantized token_embd stays in its blocks where the runner asks (quantized_embedding):
+    each looked-up row equals the fp32 conversion's row (gguf's dequantization) exactly, so the logits are the
+    float table's bit for bit, and a GGUF served by path never makes the float table at all. The engine on the
+    CPU asks for it."""
+    from kvtriton.backend.engine.llm_engine import LLMEngine
+    from kvtriton.backend.models.checkpoint import resolve_checkpoint
+    from kvtriton.backend.models.quantized_embedding import QuantizedEmbedding
+
+    path = tmp_path / "untied.gguf"
+    write_tiny_gguf(path, untied=True, quant_types={**QUANT_TYPES, "token_embd.weight": kind,
+                                                    "output.weight": "Q8_0"})
+    monkeypatch.setenv("KVTRITON_CACHE", str(tmp_path / "cache"))
+    folder = resolve_checkpoint(str(path))  # floats="unstored": the embedding only in the file
+    reference = load_model(folder)
+    table = load_model(folder, quantization="int4", gguf=path)
+    assert isinstance(table.embed_tokens, nn.Embedding)  # not asked for: a float table, as exporters gather
+    model = load_model(folder, quantization="int4", gguf=path, quantized_embedding=True)
+    assert isinstance(model.embed_tokens, QuantizedEmbedding) and model.embed_tokens.source == kind
+    ids = torch.arange(reference.config.vocab_size)
+    assert torch.equal(model.embed_tokens(ids), reference.embed_tokens.weight)
+    assert model.embed_tokens(ids[:10].view(2, 5)).shape == (2, 5, reference.config.hidden_size)
+    inputs = example_inputs(reference, batch=2, tokens=5, block_size=4)
+    with torch.no_grad():
+        assert torch.equal(StepGraph(model)(*inputs)[0], StepGraph(table)(*inputs)[0])
+    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", block_size=4, num_kv_blocks=64,
+                                    quantization="int4")).start()
+    try:
+        assert isinstance(engine.runner.model.embed_tokens, QuantizedEmbedding)
+        out = engine.generate(["hello 12"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 6
+    finally:
+        engine.shutdown()
+
+
 def test_auto_is_int4_only_for_a_gguf_on_the_cpu(tiny_gguf):
     """auto never loses precision against the checkpoint: the GGUF's own blocks, or the float weights."""
     path, folder = tiny_gguf

@@ -231,12 +231,12 @@ class LlamaForCausalLM(nn.Module):
         GGUF the same numbers in fp32 (the kernel rounds the activations to bf16), so a batch's logits are, if
         anything, closer to the checkpoint's; at a near-tie greedy output may then differ from the same request
         alone. Never while tracing an export (skinny_product's rule)."""
-        head, table = self.lm_head, self.embed_tokens.weight  # head: an nn.Linear, a QuantizedLinear, or TP's own
+        head = self.lm_head  # an nn.Linear, a QuantizedLinear, or TP's own
         if skinny_product(head, hidden, SKINNY_LOGITS_ROWS) and head.bias is None:
             return head.weight
         if self.tied_table_serves_head() and hidden.device.type == "cpu" and not torch.jit.is_tracing() \
                 and hidden.shape[0] >= TIED_TABLE_ROWS and not head.dense_copy_serves(hidden.shape[0]):
-            return table
+            return self.embed_tokens.weight
         return None
 
     def tied_table_serves_head(self) -> bool:

@@ -34,6 +34,7 @@ from kvtriton.backend.models.quantization import (
     QuantizedLinear,
     quantize_linears,
 )
+from kvtriton.backend.models.quantized_embedding import QuantizedEmbedding
 
 log = logging.getLogger("kvtriton")
 # cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
@@ -84,6 +85,7 @@ def load_model(
     gguf: str | Path | None = None,
     dense_min_rows: int = 0,
     keep_gguf_precision: bool = False,
+    quantized_embedding: bool = False,
 ) -> LlamaForCausalLM:
     """Load weights from `folder` (*.safetensors), or random weights when dummy=True
     (for benchmarks at real sizes from a bare config.json).
@@ -93,7 +95,8 @@ def load_model(
     Q4_0 / Q4_1 / Q4_K / Q8_0 tensors then load as stored (int4 / int8, groups of 32) whatever the scheme,
     which applies to its other tensors only, or with `keep_gguf_precision` (quantization auto) never in
     fewer bits than the file holds them (_gguf_linears). `dense_min_rows` on the CPU: add_dense_weights
-    (-1: auto)."""
+    (-1: auto). `quantized_embedding`: an untied embedding stored in such blocks stays in them
+    (QuantizedEmbedding, a lookup; a runner's choice, not an exporter's: ONNX graphs gather a float table)."""
     if quantization not in (None, *SCHEMES):
         raise ValueError(f"quantization must be None or one of {', '.join(SCHEMES)}, got {quantization!r}")
     cfg = config or ModelConfig.from_pretrained(folder)
@@ -104,17 +107,27 @@ def load_model(
     model.rotary.build_tables(device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    stored, schemes = {}, {}
+    stored, schemes, embedding = {}, {}, None
     if quantization and gguf is not None and not dummy:
-        stored, schemes = _gguf_linears(cfg, Path(gguf), quantization, keep_gguf_precision,
-                                        torch.device(device).type == "cpu")
+        stored, schemes, embedding = _gguf_linears(cfg, Path(gguf), quantization, keep_gguf_precision,
+                                                   torch.device(device).type == "cpu")
+    if not quantized_embedding:
+        embedding = None
     if dummy:
         _init_dummy(model)
     else:
         # The float weights of layers the GGUF's blocks replace are never read: to_empty's memory for them is
         # never touched, so the load peaks at the other tensors' size, not the whole model's in fp32 (a 0.7 GB
         # Q4_K_M file of a 1.2B Llama peaked at 10.8 GB).
-        _load_safetensors(model, cfg, Path(folder), skip={f"{module}.weight" for module in stored})
+        skip = {f"{module}.weight" for module in stored}
+        if embedding is not None:  # never read as floats: a lookup in its blocks (below)
+            skip.add("embed_tokens.weight")
+        _load_safetensors(model, cfg, Path(folder), skip=skip)
+    if embedding is not None:
+        model.embed_tokens = QuantizedEmbedding(embedding.load(), dtype)
+        log.info("weights: the embedding looked up in its GGUF blocks (%s, %.0f MB; %.0f MB as a %s table)",
+                 model.embed_tokens.source, sum(b.numel() * b.element_size() for b in model.embed_tokens.buffers())
+                 / 1e6, cfg.vocab_size * cfg.hidden_size * dtype.itemsize / 1e6, str(dtype).removeprefix("torch."))
     if quantization:
         replaced = quantize_linears(model, quantization, group_size, prequantized=stored, schemes=schemes)
         log.info("weights: %s", ", ".join(f"{n} x {what}" for what, n in Counter(replaced.values()).most_common()))
@@ -242,9 +255,9 @@ def resolve_quantization(quantization: str, checkpoint: str,
 
 
 def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision: bool,
-                  on_cpu: bool) -> tuple[dict[str, DeferredBlocks], dict[str, str | None]]:
+                  on_cpu: bool) -> tuple[dict[str, DeferredBlocks], dict[str, str | None], DeferredBlocks | None]:
     """({Linear module name: its GGUF blocks, fused as the model fuses them, decoded when loaded}, {module name:
-    its own scheme}).
+    its own scheme}, an untied embedding's blocks or None).
 
     A module whose parts are not all stored in one family (4-bit or 8-bit) is quantized from its float
     weight, said in a log line: by `scheme`, or with keep_precision (quantization auto) in no fewer bits than
@@ -265,12 +278,14 @@ def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision
             "stored only on a CPU where kvtriton's int4 GEMV serves (the kernel that takes groups of 16)"
         log.info("GGUF Q6_K blocks: %s; quantizing them from their float values", why)
     types: dict[str, dict[int, str]] = {}  # module -> shard -> GGUF type
+    embedding = None
     parts: dict[str, dict[int, GroupQuantized]] = {}
     for hf_name, type_name in file_types.items():
         name = hf_name.removeprefix("model.")
         if name == "embed_tokens.weight":
             if not cfg.tie_word_embeddings:
-                continue  # the embedding itself stays float: a Gather reads only the step's rows
+                embedding = tensors.get(hf_name)  # only looked up: QuantizedEmbedding, where the caller wants it
+                continue
             name = "lm_head.weight"
         if not (name.endswith("_proj.weight") or name == "lm_head.weight"):
             continue  # norms, biases: not a Linear's weight
@@ -298,7 +313,7 @@ def _gguf_linears(cfg: ModelConfig, gguf_path: Path, scheme: str, keep_precision
                      "kept float, as the file holds it" if own is None else
                      f"{own} per channel from its float weight, no fewer bits than the file's" if own != scheme else
                      f"{own} from its float weight")
-    return fused, schemes
+    return fused, schemes, embedding
 
 
 def _fuse_blocks(parts: list[DeferredBlocks]) -> GroupQuantized:

@@ -125,7 +125,7 @@ class CompiledDecode:
         inputs[3].fill_(1)
         self._run(*inputs, self._tables[: batch * MIN_DECODE_TABLE_WIDTH].view(batch, MIN_DECODE_TABLE_WIDTH))
         if batch <= 2:  # the eager attention's two graphs
-            self.eager_attention.warm_up(batch, self.model.config.num_heads, self.model.embed_tokens.weight.dtype,
+            self.eager_attention.warm_up(batch, self.model.config.num_heads, self.model.norm.weight.dtype,
                                          self.kv.k[0], self.kv.v[0], self.scale)
 
     def serves_rows(self, rows: int) -> bool:

@@ -58,7 +58,7 @@ def why_not_native(model, kv) -> str | None:
     if not hasattr(torch.ops.kvtriton, "decode_layers"):
         return "the CPU int4 kernels are not loaded"
     cfg = model.config
-    if model.embed_tokens.weight.dtype != torch.float32:
+    if model.norm.weight.dtype != torch.float32:  # the activations' dtype (an embedding may be quantized)
         return "the activations are not fp32"
     if any(pool.dtype not in (torch.float32, torch.float8_e4m3fn) for pool in kv.k):
         return "the KV cache is neither fp32 nor fp8"

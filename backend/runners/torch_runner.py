@@ -95,7 +95,8 @@ class TorchRunner:
             self.model = load_model(folder, dtype=dtype, device=device, config=model_config,
                                     dummy=config.dummy_weights, quantization=quantization,
                                     group_size=config.quantization_group_size, gguf=gguf,
-                                    dense_min_rows=config.cpu_dense_min_rows, keep_gguf_precision=keep_precision)
+                                    dense_min_rows=config.cpu_dense_min_rows, keep_gguf_precision=keep_precision,
+                                    quantized_embedding=device.type == "cpu")
         self.lora_names = self._load_lora_adapters()  # adapter i + 1 of a step's StepAdapters is lora_names[i]
         self.scale = model_config.head_dim**-0.5
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
