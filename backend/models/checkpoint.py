@@ -47,14 +47,20 @@ def resolve_checkpoint(checkpoint: str, say: Callable[[str], None] = log.info) -
                             f"or 'default'")
 
 
+def gguf_identity(gguf: Path) -> dict:
+    """What GGUF_SOURCE records of its file: the path, and the size and mtime by which a later load knows it is
+    the file converted."""
+    stat = gguf.stat()
+    return {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def point_at(folder: Path, gguf: Path) -> None:
     """Record `gguf` as the file a folder converted with floats="unstored" reads its blocks from: the folder is
     named by the file's sha256, so a copy or a move of the same bytes (or a touched file) serves from it too."""
     source = folder / GGUF_SOURCE
     if not source.is_file():
         return
-    record, stat = json.loads(source.read_text()), gguf.stat()
-    now = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record, now = json.loads(source.read_text()), gguf_identity(gguf)
     if any(record.get(key) != value for key, value in now.items()):
         staged = source.with_name(f".{GGUF_SOURCE}.{os.getpid()}")  # a reader never sees half a file
         try:

@@ -45,13 +45,14 @@ def decode_rows(layers: list, fixed: int) -> tuple[int, str | None]:
             break
         timed.append(layer)
         size += layer.dense_weight.numel() * layer.dense_weight.element_size()
-    figures = []
+    figures, chosen = [], fixed
     for rows in CANDIDATE_ROWS:
         gemv, copies = _timings(timed, rows)
         figures.append(f"{rows} rows: GEMV {gemv * 1e3:.2f} ms, copies {copies * 1e3:.2f} ms")
         if copies <= MARGIN * gemv:
-            return rows, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
-    return fixed, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
+            chosen = rows
+            break
+    return chosen, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
 
 
 def _timings(layers: list, rows: int) -> tuple[float, float]:

@@ -33,7 +33,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from kvtriton.backend.models.checkpoint import GGUF_SOURCE
+from kvtriton.backend.models.checkpoint import GGUF_SOURCE, gguf_identity
 from kvtriton.backend.models.gguf_rope import llama3_rope_scaling
 from kvtriton.backend.models.quantization import GGUF_BLOCK_TYPES
 
@@ -142,9 +142,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, float
             left = [name for name, _, _ in tensors if types[name] in GGUF_BLOCK_TYPES]
             tensors = [t for t in tensors if t[0] not in left]
             if left:
-                stat = gguf_path.stat()
-                _write_json(staging / GGUF_SOURCE, {"gguf": str(gguf_path.resolve()), "size": stat.st_size,
-                                                    "mtime_ns": stat.st_mtime_ns, "tensors": left})
+                _write_json(staging / GGUF_SOURCE, {**gguf_identity(gguf_path), "tensors": left})
         write_safetensors(staging / "model.safetensors", tensors, metadata={"format": "pt"})
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(staging / "tokenizer_config.json", tokenizer_config(meta, config))
@@ -239,10 +237,10 @@ def gguf_weights(folder: Path) -> dict[str, Callable[[], np.ndarray]]:
         return {}
     record = json.loads(source.read_text())
     path = Path(record["gguf"])
-    stat = path.stat() if path.is_file() else None
-    if stat is None or (stat.st_size, stat.st_mtime_ns) != (record["size"], record["mtime_ns"]):
+    now = gguf_identity(path) if path.is_file() else None
+    if now is None or (now["size"], now["mtime_ns"]) != (record["size"], record["mtime_ns"]):
         raise FileNotFoundError(f"{folder} takes {len(record['tensors'])} of its weights from {path}, which is "
-                                f"{'gone' if stat is None else 'changed'} since the conversion; serve the GGUF "
+                                f"{'gone' if now is None else 'changed'} since the conversion; serve the GGUF "
                                 f"again by its path (a changed file converts anew) or delete {folder}")
     config = json.loads((folder / "config.json").read_text())
     wanted = set(record["tensors"])

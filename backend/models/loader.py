@@ -210,7 +210,7 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)
     model.dense_rows = rows
     if min_rows < 0 and native_bf16 and on_gemv:  # where the GEMV and the copies cross on this CPU
-        rows.decode, timings = dense_crossover.decode_rows(layers, AUTO_BF16_DECODE_ROWS)
+        rows.decode, timings = dense_crossover.decode_rows(layers, rows.decode)
         if timings:
             log.info("weights: decode batches take the %s copies from %d sequences, timed at load: %s",
                      str(dtype).removeprefix("torch."), rows.decode, timings)
