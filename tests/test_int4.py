@@ -126,9 +126,9 @@ def test_dense_copies_auto_are_fp32_without_native_bf16_and_bf16_for_decode_batc
 
 
 @pytest.mark.skipif(not gemv_serves(), reason="the crossover is timed against kvtriton's int4 GEMV")
-def test_dense_copies_auto_decode_threshold_is_timed_on_this_cpu(tmp_path, monkeypatch, caplog):
-    """A model large enough to time: the copies take decode batches from a candidate row count where they win
-    by the margin on this CPU, else from the fixed one; the choice and its timings are logged."""
+def test_dense_copies_auto_thresholds_are_timed_on_this_cpu(tmp_path, monkeypatch, caplog):
+    """A model large enough to time: the copies take decode batches and prompt chunks from a candidate row count
+    where they win by the margin on this CPU, else from the fixed one; the choice and its timings are logged."""
     import kvtriton.backend.models.dense_crossover as crossover
     import kvtriton.backend.models.loader as loader
 
@@ -137,14 +137,23 @@ def test_dense_copies_auto_decode_threshold_is_timed_on_this_cpu(tmp_path, monke
     monkeypatch.setattr(crossover, "MIN_WEIGHTS", 0)  # time even the tiny model's layers
     with caplog.at_level("INFO", logger="kvtriton"):
         model = load_model(folder, quantization="int4", group_size=64, dense_min_rows=-1)
-    assert model.dense_rows.decode in (*crossover.CANDIDATE_ROWS, loader.AUTO_BF16_DECODE_ROWS)
-    assert f"from {model.dense_rows.decode} sequences, timed at load: 32 rows: GEMV" in caplog.text
+    rows = model.dense_rows
+    assert rows.decode in (*crossover.DECODE_CANDIDATES, loader.AUTO_BF16_DECODE_ROWS)
+    assert rows.prompt in (*crossover.PROMPT_CANDIDATES, loader.AUTO_BF16_PREFILL_ROWS)
+    assert rows.prefill == loader.AUTO_BF16_PREFILL_ROWS  # a step of many short prompts: not timed
+    assert (f"decode batches from {rows.decode} sequences and prompt chunks from {rows.prompt} tokens, timed at "
+            "load: 32 rows: GEMV") in caplog.text
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_weight is not None]
-    for gemv_s, copies_s, rows in [(1.0, 0.5, 32), (1.0, 0.9, 64)]:  # the margin: copies at most 0.8 the time
-        monkeypatch.setattr(crossover, "_timings", lambda layers, r, t=(gemv_s, copies_s): t)
-        assert crossover.decode_rows(layers, 64)[0] == rows
-    monkeypatch.setattr(crossover, "MIN_WEIGHTS", 10**12)  # too small to time: the fixed threshold, no timings
-    assert crossover.decode_rows(layers, 64) == (64, None)
+    # The margin: the copies at most 0.8 the GEMV's time; each candidate timed once, lowest first.
+    for timings, decode, prefill in [({32: (1.0, 0.5), 64: (1.0, 0.5)}, 32, 64),
+                                     ({32: (1.0, 0.9), 64: (1.0, 0.9), 128: (1.0, 0.7)}, 64, 128),
+                                     ({32: (1.0, 0.9), 64: (1.0, 0.9), 128: (1.0, 0.9)}, 64, 256)]:
+        asked = []
+        monkeypatch.setattr(crossover, "_timings", lambda layers, r, t=timings: asked.append(r) or t[r])
+        assert crossover.dense_rows(layers, 64, 256)[:2] == (decode, prefill)
+        assert asked == sorted(timings)
+    monkeypatch.setattr(crossover, "MIN_WEIGHTS", 10**12)  # too small to time: the fixed thresholds, no timings
+    assert crossover.dense_rows(layers, 64, 256) == (64, 256, None)
 
 
 def test_dense_copies_auto_are_not_made_where_memory_is_short(tmp_path, monkeypatch, caplog):
@@ -163,31 +172,40 @@ def test_dense_copies_auto_are_not_made_where_memory_is_short(tmp_path, monkeypa
     assert model.dense_rows.decode == 24 and "as cpu_dense_min_rows asks" in caplog.text
 
 
-def test_dense_rows_give_prefill_steps_their_own_threshold():
+def test_dense_rows_give_prefill_steps_and_long_prompt_chunks_their_own_thresholds():
     torch.manual_seed(0)
     layer = Int4Linear.from_linear(nn.Linear(128, 48), 32)
     x = torch.randn(8, 128)
     kernel = layer(x)
-    rows = DenseRows(decode=4, prefill=64)
+    rows = DenseRows(decode=4, prefill=64, prompt=6)
     layer.add_dense_weight(rows, torch.float32)
     copy = nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
     assert torch.equal(layer(x), copy)  # a decode step of 8 sequences: the copy
-    with rows.prefill_step():
-        assert torch.equal(layer(x), kernel)  # 8 prompt tokens: the kernel
+    with rows.prefill_step(longest_chunk=4):
+        assert torch.equal(layer(x), kernel)  # 8 tokens of short prompts: the kernel
+        assert torch.equal(layer(x[:1]), kernel[:1])
+    with rows.prefill_step(longest_chunk=7):
+        assert torch.equal(layer(x), copy)  # a step with a 7-token chunk: the copy from 6 rows...
+        assert torch.equal(layer(x[:1]), kernel[:1])  # ...and the kernel below (a head's logits rows)
     assert torch.equal(layer(x), copy) and not rows.in_prefill
+    assert DenseRows(4, 64).prompt == 64  # a prompt threshold defaults to the prefill one
 
 
 def test_the_runner_takes_the_prefill_threshold_in_steps_that_are_not_decode_only(tiny_folder, monkeypatch):
     engine = make_tiny_engine(tiny_folder, quantization="int4", cpu_dense_min_rows=2)
-    seen = []
+    seen, chunks = [], []
     rows = engine.runner.model.dense_rows
     monkeypatch.setattr(DenseRows, "min_rows", lambda self: seen.append(self.in_prefill) or 2)
+    prefill_step = DenseRows.prefill_step
+    monkeypatch.setattr(DenseRows, "prefill_step", lambda self, longest: chunks.append(longest) or prefill_step(
+        self, longest))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         engine.generate([[5, 6, 7, 8], [9, 10, 11]], params)
     finally:
         engine.shutdown()
     assert rows is not None and True in seen and False in seen  # the prompts' step, then the decode steps
+    assert chunks == [4]  # one step of both prompts, told its longest chunk
     assert not rows.in_prefill
 
 
@@ -210,7 +228,7 @@ def test_a_head_that_reads_the_tied_table_in_batches_gets_no_fp32_copy_but_a_bf1
     copy = nn.functional.linear(hidden.bfloat16(), head.dense_weight).float()
     assert torch.equal(model.compute_logits(hidden), copy)
     model.dense_rows.prefill = TIED_TABLE_ROWS + 1
-    with model.dense_rows.prefill_step():  # as many rows of prompt tokens, below their threshold: the table
+    with model.dense_rows.prefill_step(longest_chunk=1):  # as many rows of short prompts, below it: the table
         assert torch.equal(model.compute_logits(hidden), torch.mm(model.embed_tokens.weight, hidden.T).T)
 
 

@@ -1,4 +1,5 @@
-"""From how many decode rows the CPU's bf16 copies beat kvtriton's int4 GEMV: timed on this CPU at load.
+"""From how many rows the CPU's bf16 copies beat kvtriton's int4 GEMV, in decode batches and in prompt chunks: timed
+on this CPU at load.
 
 The GEMV reads 4-bit codes (few bytes) and multiplies with AVX-512 BF16's vdpbf16ps, so a decode batch
 costs it about one pass of multiply-adds per row; a bf16 copy costs oneDNN's GEMM (AMX where the CPU has
@@ -7,9 +8,16 @@ rows the default model's 30 layers took the GEMV 11.3 ms against the copies' 14.
 Rapids VM (2026-12-04), and its 30 layers and head 67 ms against 32 on a 2-core "Intel Xeon Processor" VM
 whose vdpbf16ps runs at a quarter of its fp32 FMA's instruction rate (2026-12-05: 1.6 G against 6.7 G a
 second on one core). The engine's 32 streams there: 317 tok/s on the GEMV up to 63 rows, 444 with the copies
-from 32. So the loader times both on the model's own first layers and picks the threshold.
+from 32. So the loader times both on the model's own first layers and picks the thresholds.
 
-The candidates are few (32 rows; 16 measured faster still there, 469 tok/s), well above one request's rows,
+A prompt's chunk pays the GEMV's cost for each of its tokens too: there one request's TTFT for a prompt of
+96 / 160 / 240 tokens was 170 / 278 / 371 ms on the GEMV against 71 / 90 / 113 ms with the copies from 64
+tokens (2026-12-05). Steps with a chunk that long take the copies (DenseRows.prompt); the candidates start at
+64 tokens, above a short chat question: the default model's answer to "What is the capital of France?" (~35
+tokens with its template) starts at an exact bf16 tie that the copies break the other way, so such a prompt
+keeps the GEMV's numbers, alone or beside other short prompts (a step under 256 tokens).
+
+The candidates are few (decode 32; 16 measured faster still there, 469 tok/s), well above one request's rows,
 and the copies must win clearly: batches below the threshold compute what each request would alone (the
 GEMV's numbers do not depend on the batch), and a near-tie in timing must not move greedy output from one
 load to the next.
@@ -22,8 +30,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-# Decode rows to try, lowest first; the first where the copies win by MARGIN sets the threshold.
-CANDIDATE_ROWS = (32,)
+# Rows to try, lowest first: decode sequences and a prompt chunk's tokens; the first where the copies win by
+# MARGIN sets that threshold.
+DECODE_CANDIDATES = (32,)
+PROMPT_CANDIDATES = (64, 128)
 MARGIN = 0.8  # the copies' time must be at most this share of the GEMV's
 # The layers timed: the model's first ones up to this many bytes of copies (more than an L2, so that the
 # GEMV's fewer bytes count), and models with fewer weights than MIN_WEIGHTS are not timed (their matmuls are
@@ -33,26 +43,34 @@ MIN_WEIGHTS = 20_000_000
 ROUNDS = 3
 
 
-def decode_rows(layers: list, fixed: int) -> tuple[int, str | None]:
-    """(the decode threshold, the timings that chose it for the log, None if not timed) for quantized layers
-    that each have a GEMV (`matmul`) and a dense copy (`dense_weight`); `fixed` where the copies never win
-    clearly at a candidate, or the model is too small to time."""
+def dense_rows(layers: list, decode: int, prompt: int) -> tuple[int, int, str | None]:
+    """(decode threshold, prompt threshold, the timings that chose them for the log or None if not timed) for
+    quantized layers that each have a GEMV (`matmul`) and a dense copy (`dense_weight`). `decode` and `prompt`
+    are the fixed thresholds, kept where the copies never win clearly at a candidate or the model is too small
+    to time."""
     if sum(layer.dense_weight.numel() for layer in layers) < MIN_WEIGHTS:
-        return fixed, None
+        return decode, prompt, None
     timed, size = [], 0
     for layer in layers:
         if size >= TIMED_BYTES:
             break
         timed.append(layer)
         size += layer.dense_weight.numel() * layer.dense_weight.element_size()
-    figures, chosen = [], fixed
-    for rows in CANDIDATE_ROWS:
-        gemv, copies = _timings(timed, rows)
-        figures.append(f"{rows} rows: GEMV {gemv * 1e3:.2f} ms, copies {copies * 1e3:.2f} ms")
-        if copies <= MARGIN * gemv:
-            chosen = rows
-            break
-    return chosen, f"{'; '.join(figures)} ({len(timed)} layers, {size / 1e6:.0f} MB)"
+    figures: dict[int, tuple[float, float]] = {}
+
+    def first_win(candidates: tuple[int, ...], fixed: int) -> int:
+        for rows in candidates:
+            if rows not in figures:
+                figures[rows] = _timings(timed, rows)
+            gemv, copies = figures[rows]
+            if copies <= MARGIN * gemv:
+                return rows
+        return fixed
+
+    decode, prompt = first_win(DECODE_CANDIDATES, decode), first_win(PROMPT_CANDIDATES, prompt)
+    said = "; ".join(f"{rows} rows: GEMV {gemv * 1e3:.2f} ms, copies {copies * 1e3:.2f} ms"
+                     for rows, (gemv, copies) in sorted(figures.items()))
+    return decode, prompt, f"{said} ({len(timed)} layers, {size / 1e6:.0f} MB)"
 
 
 def _timings(layers: list, rows: int) -> tuple[float, float]:

@@ -40,17 +40,19 @@ log = logging.getLogger("kvtriton")
 # cpu_dense_min_rows auto, on a CPU without native bf16: where the fp32 copy draws level with the int4 kernel in
 # the engine's steps (add_dense_weights' figures).
 AUTO_DENSE_MIN_ROWS = 48
-# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences (on the GEMV, unless
-# models/dense_crossover.py times the copies clearly faster from fewer on this CPU), and prefill or mixed
-# steps of this many tokens (a prompt that short keeps the kernel's numbers, as in vLLM's AWQ layers, which
-# dequantize for a GEMM from 256). Decode: kvtriton's GEMV multiplies the default model's step faster than the
-# bf16 copies up to ~64 rows (all 30 layers' matmuls at 16 / 32 / 48 / 64 rows 5.7 / 11.3 / 15.6 / 20.8 ms against
-# 9.7 / 14.4 / 20.5 / 22.2; 2-core Sapphire Rapids), and batches below the copies' rows run all layers in one C++
-# call (runners/cpu_native_decode.py): 16 streams 22.7 -> 13.2 ms a token, 32 streams 31.3 -> 25.3. PyTorch's int4
-# kernel (where the GEMV cannot be built; int8 per channel runs PyTorch's too) draws level with them at 12 rows.
-# Lower would cut one request's TTFT (default model, 2-core Sapphire Rapids: ~154 / ~206 prompt tokens 247 / 328 ms
-# with the kernel, 91 / 107 ms with the copies), but at 128 and at 64 a schema-guided greedy answer in
-# tests/test_structured_output_server.py fell into a repetition loop: a near-tie moved with the weights' rounding.
+# cpu_dense_min_rows auto, on a CPU with native bf16: decode batches of this many sequences, and prefill or mixed
+# steps of this many tokens or with a prompt chunk of this many (both on the GEMV below that unless
+# models/dense_crossover.py times the copies clearly faster from fewer on this CPU: decode from 32 sequences,
+# a prompt chunk from 64 or 128 tokens; a short prompt keeps the kernel's numbers, alone or beside other short
+# ones, as in vLLM's AWQ layers, which dequantize for a GEMM from 256). Decode: kvtriton's GEMV multiplies the
+# default model's step faster than the bf16 copies up to ~64 rows (all 30 layers' matmuls at 16 / 32 / 48 / 64 rows
+# 5.7 / 11.3 / 15.6 / 20.8 ms against 9.7 / 14.4 / 20.5 / 22.2; 2-core Sapphire Rapids), and batches below the
+# copies' rows run all layers in one C++ call (runners/cpu_native_decode.py): 16 streams 22.7 -> 13.2 ms a token,
+# 32 streams 31.3 -> 25.3. PyTorch's int4 kernel (where the GEMV cannot be built; int8 per channel runs PyTorch's
+# too) draws level with them at 12 rows.
+# A lower step threshold would cut one request's TTFT (default model, 2-core Sapphire Rapids: ~154 / ~206 prompt
+# tokens 247 / 328 ms with the kernel, 91 / 107 ms with the copies), but it moved short prompts sent together
+# (tests/test_triton_lora.py's six ~35-token prompts in one step); the prompt-chunk threshold gets that TTFT.
 AUTO_BF16_DECODE_ROWS, AUTO_BF16_DECODE_ROWS_TORCH_KERNEL, AUTO_BF16_PREFILL_ROWS = 64, 16, 256
 # cpu_dense_min_rows auto makes the copies only if they take at most this share of the memory still available
 # after the quantized model is loaded: the rest is for the KV pool, activations and the server (an 8B int4 model's
@@ -153,7 +155,8 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     AUTO_DENSE_MIN_ROWS where the copy is fp32, exactly the dequantized weight; where it is bf16, decode
     batches of AUTO_BF16_DECODE_ROWS sequences (fewer where dense_crossover times the copies clearly faster on
     this CPU; AUTO_BF16_DECODE_ROWS_TORCH_KERNEL where a layer runs one of PyTorch's kernels, not kvtriton's
-    GEMV) and prefill steps of AUTO_BF16_PREFILL_ROWS tokens.
+    GEMV) and prefill steps of AUTO_BF16_PREFILL_ROWS tokens or with a prompt chunk of as many (fewer where
+    dense_crossover times the copies clearly faster: DenseRows.prompt).
 
     PyTorch's weight-only CPU kernels stream few bytes, which wins while a step is bound by reading the
     weights (one row: int4 2-7x fp32), but they do not tile for many rows. On a 2-core Sapphire Rapids (AMX)
@@ -172,8 +175,9 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     as close to the fp32 model on average (the default model's teacher-forced text: mean logit error 0.077
     against the kernel's 0.068, top-1 agreement 97.5% against 96.7%), but greedy output
     moves at near-ties, and the default model's answer to "What is the capital of France?" starts at one. So
-    auto keeps a short prompt on the kernel (prefill from AUTO_BF16_PREFILL_ROWS tokens): one request alone
-    computes what it did without copies, and a batch's numbers differ from it in the last bits, as the
+    auto keeps a short prompt on the kernel (its chunk under DenseRows.prompt, its step under
+    AUTO_BF16_PREFILL_ROWS tokens): one request alone, or beside other short prompts, computes what it did
+    without copies, and a batch's numbers differ from it in the last bits, as the
     logits' do where the head takes the float table (models/llama.py TIED_TABLE_ROWS) and as vLLM's kernels
     differ by batch size. On kvtriton's GEMV a row's numbers do not depend on the batch: below the copies' rows
     a batch computes what each request would alone."""
@@ -210,13 +214,13 @@ def add_dense_weights(model: LlamaForCausalLM, min_rows: int) -> None:
     size = sum(layer.add_dense_weight(rows, dtype) for layer in layers)
     model.dense_rows = rows
     if min_rows < 0 and native_bf16 and on_gemv:  # where the GEMV and the copies cross on this CPU
-        rows.decode, timings = dense_crossover.decode_rows(layers, rows.decode)
+        rows.decode, rows.prompt, timings = dense_crossover.dense_rows(layers, rows.decode, rows.prompt)
         if timings:
-            log.info("weights: decode batches take the %s copies from %d sequences, timed at load: %s",
-                     str(dtype).removeprefix("torch."), rows.decode, timings)
-    log.info("weights: a %s copy of %d quantized layers for decode steps of >= %d sequences and other steps of >= "
-             "%d tokens (%.0f MB)", str(dtype).removeprefix("torch."), len(layers), rows.decode, rows.prefill,
-             size / 1e6)
+            log.info("weights: the %s copies take decode batches from %d sequences and prompt chunks from %d tokens, "
+                     "timed at load: %s", str(dtype).removeprefix("torch."), rows.decode, rows.prompt, timings)
+    log.info("weights: a %s copy of %d quantized layers for decode steps of >= %d sequences, steps with a prompt "
+             "chunk of >= %d tokens and other steps of >= %d tokens (%.0f MB)", str(dtype).removeprefix("torch."),
+             len(layers), rows.decode, rows.prompt, rows.prefill, size / 1e6)
 
 
 def resolve_quantization(quantization: str, checkpoint: str,

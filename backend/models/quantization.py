@@ -100,21 +100,26 @@ class DeferredBlocks:
 
 class DenseRows:
     """From how many rows the quantized layers of a model multiply by their dense copies (add_dense_weight):
-    `decode` in a decode-only step, whose rows are sequences, and `prefill` in any other, whose rows are
-    tokens. Two numbers because a copy that rounds (bf16) should serve a batch of many requests, where it
-    pays most, without changing what one request's prompt computes (loader.add_dense_weights). All the
-    layers of a model share one; the runner marks the steps that are not decode-only (`prefill_step`)."""
+    `decode` in a decode-only step, whose rows are sequences; in any other, whose rows are tokens, `prompt`
+    where one of its prompt chunks has at least `prompt` tokens, else `prefill`. Three numbers because a copy
+    that rounds (bf16) should serve a long prompt and a batch of many requests, where it pays most, without
+    changing what a short prompt computes, alone or beside other short ones (loader.add_dense_weights). All
+    the layers of a model share one; the runner marks the steps that are not decode-only (`prefill_step`)."""
 
-    def __init__(self, decode: int, prefill: int):
+    def __init__(self, decode: int, prefill: int, prompt: int | None = None):
         self.decode, self.prefill = decode, prefill
+        self.prompt = prefill if prompt is None else prompt
         self.in_prefill = False
+        self._step_rows = prefill  # this prefill step's threshold
 
     def min_rows(self) -> int:
-        return self.prefill if self.in_prefill else self.decode
+        return self._step_rows if self.in_prefill else self.decode
 
     @contextlib.contextmanager
-    def prefill_step(self):
+    def prefill_step(self, longest_chunk: int):
+        """A step that is not decode-only, whose longest prompt chunk (query) has `longest_chunk` tokens."""
         self.in_prefill = True
+        self._step_rows = min(self.prompt, self.prefill) if longest_chunk >= self.prompt else self.prefill
         try:
             yield
         finally:

@@ -339,7 +339,8 @@ class TorchRunner:
         attn = PagedAttention(self.kv, step.attn, self.scale, varlen_kernel=self.prefill_kernel,
                               decode_attention_fn=self._eager_decode_attention())
         dense = self.model.dense_rows  # CPU: a step that is not decode-only takes the dense copies' prefill rule
-        with dense.prefill_step() if dense is not None and step.attn.num_decodes != step.num_seqs else nullcontext():
+        prefill = dense is not None and step.attn.num_decodes != step.num_seqs
+        with dense.prefill_step(max(step.attn.query_lens)) if prefill else nullcontext():
             adapters = step.adapters if self.lora_names else None  # a draft runner proposes as the base
             if adapters is not None and self.model.layers_compiled:
                 # Every span of adapters would be a variant of the compiled layers (a guard on its ints): one.
