@@ -41,7 +41,10 @@ def input_tensors(**values: Any) -> list[grpcclient.InferInput]:
     for name, value in values.items():
         items = value if isinstance(value, list) else [value]
         if any(isinstance(v, (str, bytes)) for v in items):  # not through numpy's str types: they drop trailing NULs
-            array = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in items], dtype=np.object_)
+            # surrogatepass: a lone surrogate (JSON's "\ud800" decodes to one) goes as the bytes it stands for,
+            # and the server refuses them as not UTF-8, naming the input, where a strict encode would raise here.
+            array = np.array([v.encode("utf-8", errors="surrogatepass") if isinstance(v, str) else v for v in items],
+                             dtype=np.object_)
         else:
             array = np.array(items)
             if array.dtype == np.int64:
@@ -207,9 +210,13 @@ class AsyncGrpcTransport:
         return answer["config"]  # gRPC's ModelConfigResponse wraps it
 
     async def responses(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        async def one_request():
-            yield {"model_name": self.model, "inputs": infer_inputs(request), "request_id": request.request_id,
+        # Built here, not in the request iterator: grpc.aio reads that on a task of its own, where an exception
+        # is lost and the stream waits for a request that never comes.
+        message = {"model_name": self.model, "inputs": infer_inputs(request), "request_id": request.request_id,
                    "parameters": {"triton_enable_empty_final_response": True}}
+
+        async def one_request():
+            yield message
 
         call = self._get_client().stream_infer(one_request())
         loop = asyncio.get_running_loop()

@@ -249,6 +249,21 @@ def post(frontend, path: str, body: dict | None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def test_a_lone_surrogate_in_text_is_a_400_naming_it(frontend):
+    """JSON may escape half a surrogate pair ("\\ud800", valid JSON, not Unicode): a 400 that says so from every
+    route that tokenizes text (a prompt goes to the model as the bytes it stands for, which are not UTF-8), no
+    hang, and the server serves on."""
+    for path, body, says in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 2},
+             "a lone surrogate U+D800"),
+            ("/v1/completions", {"prompt": "hi \udfff", "max_tokens": 2}, "text_input is not valid UTF-8"),
+            ("/tokenize", {"prompt": "\ud800"}, "not valid UTF-8")]:
+        status, error = post(frontend, path, {"model": "llm", **body})
+        assert status == 400 and says in error["error"]["message"], (path, error)
+    status, answer = post(frontend, "/v1/completions", {"model": "llm", "prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
 def test_vllms_tokenize_counts_what_the_generation_reads_and_detokenize_reverses_it(client, frontend,
                                                                                     default_model_folder):
     """/tokenize of a prompt: the tokenizer's ids; of a chat: as many as a chat completion's prompt_tokens, the

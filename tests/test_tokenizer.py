@@ -344,6 +344,15 @@ def test_template_exception_is_a_user_error(tmp_path):
         tok.apply_chat_template(CONVERSATIONS[1])
 
 
+def test_text_with_a_lone_surrogate_is_a_value_error_naming_it(tok):
+    """JSON's "\\ud800" decodes to a lone surrogate, which no UTF-8 encoder takes: the request's fault (a 400)."""
+    with pytest.raises(ValueError, match=r"valid Unicode: a lone surrogate U\+D800 at character 3"):
+        tok.encode("abc\ud800def")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode_chat_prompt(tok.apply_chat_template([{"role": "user", "content": "\udfff"}]))
+    assert tok.encode("caf\u00e9 \U0001F600") == tok.encode("café 😀")  # paired and non-ASCII text as before
+
+
 @pytest.mark.parametrize(
     "messages, message",
     [

@@ -149,6 +149,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        _check_unicode(text)
         if not self._config_decides_specials:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self._backend.encode(text, add_special_tokens=False).ids
@@ -277,3 +278,15 @@ def _id_list(value: Any, path: Path) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{path}: eos_token_id must be an integer or a list of integers, got {value!r}")
     return values
+
+
+def _check_unicode(text: str) -> None:
+    """ValueError for text that is not Unicode scalar values: JSON's "\\ud800" escapes decode to a lone surrogate,
+    which no UTF-8 encoder (the tokenizer's included) takes. A request's fault, said as such, not a TypeError."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text must be valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
+                         f"{err.start}") from None
