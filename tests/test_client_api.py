@@ -167,6 +167,10 @@ def test_async_invalid_request(llm_server):
         async with AsyncLLMClient(llm_server.grpc_url) as client:
             with pytest.raises(InvalidRequestError, match="temperature"):
                 await client.generate(PROMPT, temperature=-1)
+            # A lone surrogate (JSON's "\\ud800" decodes to one) goes as its bytes; the server says they are not
+            # UTF-8, at once (it once raised inside grpc.aio's request iterator, and the stream waited to time out).
+            with pytest.raises(InvalidRequestError, match="text_input is not valid UTF-8"):
+                await asyncio.wait_for(client.generate("hi \ud800", max_tokens=2), 30)
     asyncio.run(main())
 
 

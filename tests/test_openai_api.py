@@ -22,6 +22,7 @@ from kvtriton.client.openai.server import FrontendThread
 from tests.conftest import MODEL_REPOSITORY
 from tests.serve_process import ServeProcess
 from tests.test_triton_llm import _settled_usage, _wait_usage_positive, metric
+from tests.test_triton_llm import post as triton_post
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -249,17 +250,24 @@ def post(frontend, path: str, body: dict | None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_a_lone_surrogate_in_text_is_a_400_naming_it(frontend):
-    """JSON may escape half a surrogate pair ("\\ud800", valid JSON, not Unicode): a 400 that says so from every
-    route that tokenizes text (a prompt goes to the model as the bytes it stands for, which are not UTF-8), no
-    hang, and the server serves on."""
-    for path, body, says in [
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 2},
-             "a lone surrogate U+D800"),
-            ("/v1/completions", {"prompt": "hi \udfff", "max_tokens": 2}, "text_input is not valid UTF-8"),
-            ("/tokenize", {"prompt": "\ud800"}, "not valid UTF-8")]:
+def test_a_lone_surrogate_in_text_is_a_400_naming_it(frontend, llm_server):
+    """JSON may escape half a surrogate pair ("\\ud800", valid JSON, not Unicode): a 400 naming the field from
+    every route, where it was a 500 from whatever encoded it later (the gRPC client, a response echoing it), and
+    the server's own check for a chat that reaches it (the model's messages input): the server serves on."""
+    for path, body, field in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+            ("/v1/chat/completions", {"messages": QUESTION, "guided_choice": ["a", "\udfff"]}, "guided_choice.1"),
+            ("/v1/completions", {"prompt": "hi \udfff"}, "prompt"),
+            ("/v1/completions", {"prompt": "hi", "logit_bias": {"\ud800": 1}}, "a key of logit_bias"),
+            ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "\ud800",
+                                                                  "schema": {"type": "object"}}}}, "text.format.name"),
+            ("/tokenize", {"prompt": "\ud800"}, "prompt")]:
         status, error = post(frontend, path, {"model": "llm", **body})
-        assert status == 400 and says in error["error"]["message"], (path, error)
+        assert status == 400, (path, error)
+        assert error["error"]["message"].startswith(f"{field} must be valid Unicode: a lone surrogate"), error
+    status, error = triton_post(llm_server, "/v2/models/llm/generate", {
+        "messages": json.dumps([{"role": "user", "content": "hi \ud800"}]), "parameters": {"max_tokens": 2}})
+    assert status == 400 and "a lone surrogate U+D800" in error["error"], error
     status, answer = post(frontend, "/v1/completions", {"model": "llm", "prompt": "Hi", "max_tokens": 2})
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
 

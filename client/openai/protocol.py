@@ -14,7 +14,8 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from kvtriton.client.openai.errors import OpenAIError
 from kvtriton.client.openai.structured_outputs import (
@@ -36,12 +37,46 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RequestBody(StrictModel):
+    """A route's whole request body: its text must be Unicode. JSON may escape half a surrogate pair ("\\ud800"),
+    which decodes to a string no UTF-8 encoder takes, so it would fail later, as a 500, in whatever encodes it
+    (the gRPC client, a response that echoes it): a 400 naming the field instead."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        if (problem := lone_surrogate(data)) is not None:
+            raise PydanticCustomError("unicode", "{problem}", {"problem": problem})
+        return data
+
+
+def lone_surrogate(value: Any, path: str = "body") -> str | None:
+    """Where `value` (parsed JSON) first holds a lone surrogate, in a string or a key, said for the client."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"{path} must be valid Unicode: a lone surrogate U+{ord(value[err.start]):04X} at character "
+                    f"{err.start}")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path != "body" else str(key)
+        if (problem := lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None) is not None:
+            return problem
+        if (problem := lone_surrogate(item, where)) is not None:
+            return problem
+    return None
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far (with include_usage)
 
 
-class _GenerationRequest(StrictModel):
+class _GenerationRequest(RequestBody):
     """The fields /v1/completions and /v1/chat/completions share."""
 
     model: str

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 
 from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai.errors import OpenAIError
-from kvtriton.client.openai.protocol import StrictModel
+from kvtriton.client.openai.protocol import RequestBody, StrictModel
 from kvtriton.client.openai.structured_outputs import JsonSchema, ResponseFormat
 
 # Input items. Items a client sends back from an earlier response's `output` carry their id and status.
@@ -139,7 +139,7 @@ class ReasoningConfig(StrictModel):
     generate_summary: str | None = None
 
 
-class ResponsesRequest(StrictModel):
+class ResponsesRequest(RequestBody):
     model: str
     input: _one_of((str, "str"), (list[InputItem], "list"), tag=lambda v: "str" if isinstance(v, str) else "list")
     instructions: str | None = None

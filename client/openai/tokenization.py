@@ -20,7 +20,7 @@ from kvtriton.client.openai import protocol as p
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
 
 
-class TokenizeRequest(p.StrictModel):
+class TokenizeRequest(p.RequestBody):
     """vLLM's two /tokenize bodies in one: `prompt` (text), or `messages` with the chat's fields."""
 
     model: str | None = None
@@ -65,7 +65,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None  # return_token_strs (not supported)
 
 
-class DetokenizeRequest(p.StrictModel):
+class DetokenizeRequest(p.RequestBody):
     model: str | None = None
     tokens: list[int]
 
