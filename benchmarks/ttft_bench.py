@@ -38,10 +38,10 @@ TEXT = ("The river bends past the old mill, where the town keeps its records of 
         "every family that crossed the bridge in the years before the railway came. ")
 
 
-def prompt_ids(tokenizer, length: int, variant: int, round_: int) -> list[int]:
-    """`length` ids of ordinary text, led by two ids that no other (length, variant, round) shares."""
-    body = tokenizer.encode(TEXT * (length // 20 + 2), add_special_tokens=False)
-    return [1000 + variant * 97 + round_, 2000 + length] + body[: length - 2]
+def prompt_ids(text_ids: list[int], length: int, variant: int, round_: int) -> list[int]:
+    """`length` ids of ordinary text (`text_ids`, at least as long), led by two ids that no other (length,
+    variant, round) shares."""
+    return [1000 + variant * 97 + round_, 2000 + length] + text_ids[: length - 2]
 
 
 def hf_ttft(model, ids: list[int]) -> float:
@@ -72,14 +72,15 @@ def main() -> None:
           f"copies from {rows.decode} decode sequences, prompt chunks from {timed} tokens (timed at load), other "
           f"steps from {rows.prefill}; median of {args.rounds} rounds, variants alternated")
 
-    engine_bench.run_engine(engine, [prompt_ids(engine.tokenizer, 64, 9, 99)], 2)  # warm-up
+    text_ids = engine.tokenizer.encode(TEXT * (max(lengths) // 20 + 2), add_special_tokens=False)
+    engine_bench.run_engine(engine, [prompt_ids(text_ids, 64, 9, 99)], 2)  # warm-up
     ttft: dict[tuple[str, int], list[float]] = {}
     try:
         for length in lengths:
             for r in range(args.rounds):
                 for v, (name, threshold) in enumerate(variants.items()):
                     rows.prompt = threshold
-                    run = engine_bench.run_engine(engine, [prompt_ids(engine.tokenizer, length, v, r)], 1)
+                    run = engine_bench.run_engine(engine, [prompt_ids(text_ids, length, v, r)], 1)
                     ttft.setdefault((name, length), []).append(run["ttft"][0])
     finally:
         rows.prompt = timed
@@ -89,10 +90,10 @@ def main() -> None:
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(ensure_default_model(), dtype=torch.float32).eval()
-        hf_ttft(hf, prompt_ids(engine.tokenizer, 64, 9, 99))  # warm-up
+        hf_ttft(hf, prompt_ids(text_ids, 64, 9, 99))  # warm-up
         for length in lengths:
             for r in range(args.rounds):
-                ttft.setdefault(("hf", length), []).append(hf_ttft(hf, prompt_ids(engine.tokenizer, length, 0, r)))
+                ttft.setdefault(("hf", length), []).append(hf_ttft(hf, prompt_ids(text_ids, length, 0, r)))
 
     names = [*variants, *(["hf"] if hf is not None else [])]
     print(f"{'prompt tokens':>13}" + "".join(f"{n + ' ms':>16}" for n in names)

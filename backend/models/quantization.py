@@ -108,7 +108,7 @@ class DenseRows:
 
     def __init__(self, decode: int, prefill: int, prompt: int | None = None):
         self.decode, self.prefill = decode, prefill
-        self.prompt = prefill if prompt is None else prompt
+        self.prompt = prefill if prompt is None else prompt  # <= prefill: a long chunk only lowers it
         self.in_prefill = False
         self._step_rows = prefill  # this prefill step's threshold
 
@@ -119,7 +119,7 @@ class DenseRows:
     def prefill_step(self, longest_chunk: int):
         """A step that is not decode-only, whose longest prompt chunk (query) has `longest_chunk` tokens."""
         self.in_prefill = True
-        self._step_rows = min(self.prompt, self.prefill) if longest_chunk >= self.prompt else self.prefill
+        self._step_rows = self.prompt if longest_chunk >= self.prompt else self.prefill
         try:
             yield
         finally:

@@ -50,7 +50,7 @@ class RequestBody(StrictModel):
         return data
 
 
-def lone_surrogate(value: Any, path: str = "body") -> str | None:
+def lone_surrogate(value: Any, path: str = "") -> str | None:
     """Where `value` (parsed JSON) first holds a lone surrogate, in a string or a key, said for the client."""
     if isinstance(value, str):
         if value.isascii():
@@ -58,15 +58,13 @@ def lone_surrogate(value: Any, path: str = "body") -> str | None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as err:
-            return (f"{path} must be valid Unicode: a lone surrogate U+{ord(value[err.start]):04X} at character "
-                    f"{err.start}")
+            return (f"{path or 'body'} must be valid Unicode: a lone surrogate U+{ord(value[err.start]):04X} at "
+                    f"character {err.start}")
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        where = f"{path}.{key}" if path != "body" else str(key)
-        if (problem := lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None) is not None:
-            return problem
-        if (problem := lone_surrogate(item, where)) is not None:
+        problem = lone_surrogate(key, f"a key of {path or 'body'}") if isinstance(key, str) else None
+        if (problem := problem or lone_surrogate(item, f"{path}.{key}" if path else str(key))) is not None:
             return problem
     return None
 
