@@ -46,6 +46,27 @@ def test_gemv_equals_the_dequantized_weight(rows, n, k, group_size):
     assert torch.equal(bf16_in, out)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 31])
+@pytest.mark.parametrize("n,k,group_size", [(48, 64, 32), (1000, 576, 32), (30, 384, 128)])
+def test_gemv_forms_give_the_same_bits(rows, n, k, group_size):
+    """The vdpbf16ps form and the fp32 FMA form (cpu_int4_gemv.cpp) compute the same sums in the same order, inputs
+    below fp32's normal range read as zero by both; so whichever this CPU times faster, a row's numbers are those
+    of the dot form, as one row alone computes them."""
+    torch.manual_seed(rows + n + k)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale = torch.rand(n, k // group_size) * 0.02 + 1e-3
+    zero = torch.randn(n, k // group_size) * 0.02
+    x = torch.randn(rows, k) * torch.logspace(-3, 3, k)
+    x[0, :5] = torch.tensor([1e-39, -1e-39, 0.0, -0.0, 1e-40])  # below bf16's normal range
+    packed, scale_zeros = cpu_int4.pack(codes, scale, zero)
+    dot, fma, timed = (torch.ops.kvtriton.int4_gemv(x, packed, scale_zeros, group_size, form) for form in (1, 2, 0))
+    assert torch.equal(dot, fma) and torch.equal(timed, dot)
+    assert torch.equal(torch.ops.kvtriton.int4_gemv(x[:1], packed, scale_zeros, group_size), dot[:1])
+    assert torch.ops.kvtriton.int4_gemv_rows_form().split(" (")[0] in ("vdpbf16ps", "fp32 FMAs")
+    with pytest.raises(RuntimeError, match="form must be"):
+        torch.ops.kvtriton.int4_gemv(x, packed, scale_zeros, group_size, 3)
+
+
 def test_gemv_is_closer_to_the_weight_than_pytorchs_kernel():
     """Same operands as _weight_int4pack_mm_for_cpu, which rounds its output to bf16; the GEMV does not."""
     torch.manual_seed(0)

@@ -118,6 +118,8 @@ def gemv_serves() -> bool:
     if why:
         log.warning("kvtriton: int4 CPU matmuls use PyTorch's _weight_int4pack_mm_for_cpu, not kvtriton's AVX-512 "
                     "BF16 GEMV: %s", why)
+    else:
+        log.info("kvtriton: the CPU int4 GEMV multiplies 2+ rows with %s", torch.ops.kvtriton.int4_gemv_rows_form())
     return why is None
 
 
