@@ -17,9 +17,10 @@
 // product, then the even one's, each exact, each sum rounded once, inputs below fp32's normal range read as 0),
 // so the FMA form widens each code pair and each input to fp32 and issues those two FMAs itself. Where the CPU
 // runs vdpbf16ps at a fraction of its FMA rate (a 2-core "Intel Xeon Processor" VM: 1.75 G against 7.1 G
-// instructions a second on one core, 2026-12-05), the FMA form multiplies 2+ rows faster; on Sapphire Rapids the
-// dot form does. Which serves 2+ rows is timed once, at the first call (rows_form); one row always takes the dot
-// form (it waits on memory). Because the bits are the same, the choice never changes a result.
+// instructions a second on one core, 2026-12-05), the FMA form multiplies 3+ rows faster; on Sapphire Rapids the
+// dot form does. Which serves 3+ rows is timed once, at the first call (rows_form); one and two rows take the dot
+// form (they wait on memory more than on the multiplies). Because the bits are the same, the choice never changes a
+// result.
 //
 // Layouts (kernels/cpu_int4.py packs them):
 //   packed       uint8 (N16/16, K/8, 64): per tile of 16 output rows and "oct" j of 8 inputs, 32 16-bit words;
@@ -53,6 +54,10 @@ constexpr int kMaxBlockRows = 4;  // input rows a pass multiplies at once (more 
 // form; 4 rows of two tiles 1.0-1.4x, 12 rows spilled).
 constexpr int kFmaBlockTiles = 1;
 constexpr int kMaxFmaRows = 8;
+// Fewer rows take the dot form wherever the FMA form is timed faster. A step's matmuls from memory (the default
+// model's 30 layers' shapes, distinct weights) on that VM, dot against FMA: 2 rows 3.58-3.70 against 3.73-3.80 ms,
+// 3 rows 4.81-5.12 against 4.58-4.74, 8 rows 10.8-11.9 against 8.7-9.5.
+constexpr int kFmaMinRows = 3;
 
 enum class Form { kDot, kFma };
 // Each load of a block's codes, and each group's scales and zeros, first prefetches the same place kPrefetchBlocks
@@ -204,7 +209,7 @@ std::vector<float> widened(const std::vector<uint16_t>& x_bf16) {
   return out;
 }
 
-// Which form multiplies 2+ rows here: both timed once on one thread, kTimedRows rows through a made-up weight
+// Which form multiplies 3+ rows here: both timed once on one thread, kTimedRows rows through a made-up weight
 // that stays in the L2 (their instruction rates, not the memory's, differ), best of kTimedRounds alternated.
 struct RowsForm {
   Form form;
@@ -286,7 +291,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const auto* w = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
   const auto* xp = reinterpret_cast<const uint32_t*>(x_bf16.data());
-  const Form chosen = form == 1 ? Form::kDot : form == 2 ? Form::kFma : M == 1 ? Form::kDot : rows_form().form;
+  const Form chosen = form == 1   ? Form::kDot
+                     : form == 2   ? Form::kFma
+                     : M < kFmaMinRows ? Form::kDot
+                                       : rows_form().form;
   if (chosen == Form::kDot) {
     multiply<Form::kDot>(M, w, sz, xp, nullptr, x_sums.data(), out.data_ptr<float>(), K, G, group_size, tiles);
   } else {

@@ -119,7 +119,7 @@ def gemv_serves() -> bool:
         log.warning("kvtriton: int4 CPU matmuls use PyTorch's _weight_int4pack_mm_for_cpu, not kvtriton's AVX-512 "
                     "BF16 GEMV: %s", why)
     else:
-        log.info("kvtriton: the CPU int4 GEMV multiplies 2+ rows with %s", torch.ops.kvtriton.int4_gemv_rows_form())
+        log.info("kvtriton: the CPU int4 GEMV multiplies 3+ rows with %s", torch.ops.kvtriton.int4_gemv_rows_form())
     return why is None
 
 
