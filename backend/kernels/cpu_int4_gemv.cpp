@@ -167,10 +167,11 @@ void multiply_rows(int64_t M, const uint8_t* packed, const uint16_t* scale_zeros
   }
 }
 
-// M rows of x times the tiles of blocks [begin, end) (kTiles tiles a block; the last may have fewer).
+// Tiles a task of each form.
 template <Form F>
 constexpr int kTiles = F == Form::kDot ? kBlockTiles : kFmaBlockTiles;
 
+// M rows of x times the tiles of blocks [begin, end) (kTiles tiles a block; the last may have fewer).
 template <Form F>
 void multiply_blocks(int64_t M, const uint8_t* packed, const uint16_t* scale_zeros, const uint32_t* x_pairs,
                      const float* x_floats, const float* x_sums, float* out, int64_t K, int64_t G, int64_t group_size,
@@ -291,10 +292,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const auto* w = packed.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
   const auto* xp = reinterpret_cast<const uint32_t*>(x_bf16.data());
-  const Form chosen = form == 1   ? Form::kDot
-                     : form == 2   ? Form::kFma
-                     : M < kFmaMinRows ? Form::kDot
-                                       : rows_form().form;
+  // form 0: few rows the dot form, more the timed one (rows_form times only when first asked)
+  const Form chosen = form == 1 ? Form::kDot
+                      : form == 2 ? Form::kFma
+                      : M < kFmaMinRows ? Form::kDot : rows_form().form;
   if (chosen == Form::kDot) {
     multiply<Form::kDot>(M, w, sz, xp, nullptr, x_sums.data(), out.data_ptr<float>(), K, G, group_size, tiles);
   } else {
@@ -321,4 +322,3 @@ TORCH_LIBRARY_FRAGMENT(kvtriton, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvtriton, CPU, m) { m.impl("int4_gemv", &kvtriton::int4_gemv); }
-
