@@ -36,6 +36,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.admission import PROMPT_BYTES_PER_TOKEN, Admission, AdmissionLimits
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.generation_defaults import describe, sampling_defaults
+from kvtriton.backend.engine.openmp_threads import use_one_openmp_thread
 from kvtriton.backend.engine.output_processor import OutputProcessor, fail_request
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream
 from kvtriton.backend.engine.sampler import Sampler
@@ -239,6 +240,9 @@ class LLMEngine:
         """The loop. A failed step fails its own requests (step()); anything that escapes step() leaves the
         engine's state unknown, so the engine stops serving: `_fail_engine` answers every request."""
         try:
+            if self._forward_thread is not None and not use_one_openmp_thread():
+                log.warning("the engine thread's torch ops may open an OpenMP team of their own beside the forward "
+                            "thread's (no OpenMP runtime found to set): CPU steps may sleep between parallel regions")
             while not self._stopping:
                 if not self.has_work():
                     self._check_runner()
