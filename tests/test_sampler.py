@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from kvtriton.backend.engine import cpu_sampling
 from kvtriton.backend.engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
 from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.sampling_params import SamplingParams
@@ -362,3 +363,33 @@ def test_logits_width_must_match_the_metadata_vocab():
     meta = build([SamplingParams()], torch.zeros(1, V))
     with pytest.raises(ValueError, match=r"shape \(1, 40\).*vocab_size=32"):
         sampler(torch.zeros(1, 40), meta)
+
+
+@pytest.mark.parametrize("vocab", [300, 49152])
+def test_cpu_top_k_top_p_keeps_what_the_sort_keeps(vocab):
+    # Rows that the leading candidates decide, rows that need more of the order and rows that need all of it
+    # (top_p's mass spreads past the first 256, then past 4,096, of 49,152 logits), side by side and alone: the
+    # kept set is the sorting path's, row by row.
+    g = torch.Generator().manual_seed(3)
+    spread = torch.tensor([4.0, 4.0, 4.0, 4.0, 0.05, 0.05, 0.05, 0.05, 3.0, 2.0]).unsqueeze(1)
+    logits = torch.randn(10, vocab, generator=g) * spread  # (10, V)
+    top_k = torch.tensor([vocab, 40, 1, vocab, vocab, 40, vocab, 7, vocab, vocab])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 1.0, 0.95, 0.8, 1.0, 0.3, 0.9, 0.5])
+    expected = torch.isinf(apply_top_k_top_p(logits.clone(), top_k, top_p))
+    kept = torch.isinf(cpu_sampling.top_k_top_p_(logits.clone(), top_k, top_p))
+    assert torch.equal(kept, expected)
+    for row in range(10):  # alone, whatever path its neighbours took
+        alone = cpu_sampling.top_k_top_p_(logits[row:row + 1].clone(), top_k[row:row + 1], top_p[row:row + 1])
+        assert torch.equal(torch.isinf(alone[0]), expected[row])
+    if vocab > cpu_sampling.WIDER[0]:  # each search width decided a row
+        first, wider = cpu_sampling.CANDIDATES, cpu_sampling.WIDER[0]
+        assert (~kept[0]).sum() <= first < (~kept[8]).sum() <= wider < (~kept[4]).sum()
+
+
+def test_cpu_draw_never_takes_a_token_of_probability_zero():
+    probs = torch.zeros(4, V)
+    probs[:, [0, 5, 31]] = torch.tensor([0.2, 0.5, 0.3])
+    drawn = torch.cat([cpu_sampling.inverse_cdf_sample(probs, {}) for _ in range(500)])
+    assert set(drawn.tolist()) == {0, 5, 31}
+    share = torch.bincount(drawn, minlength=V)[[0, 5, 31]].float() / len(drawn)
+    assert torch.allclose(share, torch.tensor([0.2, 0.5, 0.3]), atol=0.04)

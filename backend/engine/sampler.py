@@ -10,7 +10,9 @@ no logprobs pays for none of them.
 Order of operations (as vLLM v1): grammar bitmask (structured output) ->
 raw logprobs -> logit_bias -> min_tokens mask -> repetition / presence /
 frequency penalties -> greedy argmax | temperature -> min_p -> top_k ->
-top_p -> exponential-race sample.
+top_p -> exponential-race sample. On a CPU, top-k / top-p and the draw take
+cpu_sampling.py's forms (same semantics, a fraction of the time; a CPU has no
+device to sync with).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtriton.backend.engine.cpu_sampling import inverse_cdf_sample, top_k_top_p_
 from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.token_bitmask import apply_token_bitmask_
 
@@ -89,10 +92,12 @@ class Sampler:
             logits.div_(meta.temperature.unsqueeze(1))  # (B, V)
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
+        on_cpu = logits.device.type == "cpu"  # there sorting and per-token noise cost most of a step (cpu_sampling)
         if meta.top_k is not None or meta.top_p is not None:
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+            filters = top_k_top_p_ if on_cpu else apply_top_k_top_p
+            logits = filters(logits, meta.top_k, meta.top_p)
         probs = torch.softmax(logits, dim=-1)  # (B, V)
-        return exponential_race(probs, meta.generators)
+        return inverse_cdf_sample(probs, meta.generators) if on_cpu else exponential_race(probs, meta.generators)
 
 
 def apply_penalties(
