@@ -5,7 +5,8 @@
 - ServerError: the server took the request and answered with an error; carries
   the server's message verbatim. InvalidRequestError is the subset caused by the
   request itself (a bad sampling parameter, a missing input): retrying the same
-  request will fail the same way.
+  request will fail the same way. ServerBusyError is the subset that says the
+  server cannot take it now (queue full, engine restarting): the same request may succeed later.
 - RequestTimeoutError: the server went quiet for longer than the client's timeout.
 """
 
@@ -35,6 +36,11 @@ class InvalidRequestError(ServerError):
     """The server rejected the request's content; the message names the field."""
 
 
+class ServerBusyError(ServerError):
+    """The server cannot take the request now (its queue is full, or its engine is restarting); the same request
+    may succeed later."""
+
+
 class RequestTimeoutError(LLMClientError):
     pass
 
@@ -42,18 +48,25 @@ class RequestTimeoutError(LLMClientError):
 # Neither Triton's HTTP frontend (400 for every model error) nor its gRPC stream
 # (message only) carries an error code for a model's error response, so the class
 # comes from the message. These are the phrasings of kvtriton's request validation
-# (SamplingParams, the adapter's request parsing, engine limits) and of Triton's own input checks.
+# (SamplingParams, the adapter's request parsing, engine limits: tests/test_admission_errors.py holds each
+# refusal of admission to them) and of Triton's own input checks.
 _INVALID_REQUEST = re.compile(
     r"must be|must hold|is required|is not valid|not valid JSON|guided_\w+ is invalid|unknown sampling parameter|"
     r"both set|"
-    r"exceeds the model's context|lower max_tokens|prompt is empty|prompt token ids|"
+    r"the model's context|lower max_tokens|prompt is empty|prompt token ids|"
+    r"needs scheduling_policy|is not a LoRA adapter|more than this model allows|is not available here|"
     r"unexpected inference input|unexpected datatype|unexpected shape|expected \d+ inputs|"
     r"unknown model|is not found",
     re.IGNORECASE,
 )
 
 
+# The engine's EngineBusyError (max_num_waiting reached) and EngineDeadError (restarting after a fault).
+_BUSY = re.compile(r"^server busy:|is being restarted; retry", re.IGNORECASE)
+
+
 def server_error(message: str) -> ServerError:
     """The typed error for a server's error message."""
-    cls = InvalidRequestError if _INVALID_REQUEST.search(message) else ServerError
-    return cls(message)
+    if _INVALID_REQUEST.search(message):
+        return InvalidRequestError(message)
+    return (ServerBusyError if _BUSY.search(message) else ServerError)(message)

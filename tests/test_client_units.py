@@ -21,7 +21,7 @@ from kvtriton.client.bench_cmd import _int_list, _rate_list
 from kvtriton.client.bench_report import distribution, summarize
 from kvtriton.client.cli_args import add_sampling_arguments, sampling_from_args
 from kvtriton.client.endpoint import Endpoint
-from kvtriton.client.errors import InvalidRequestError, ServerError, server_error
+from kvtriton.client.errors import InvalidRequestError, ServerBusyError, ServerError, server_error
 from kvtriton.client.grpc_client import AsyncGrpcTransport
 from kvtriton.client.http_client import AsyncHttpTransport
 from kvtriton.client.loadgen import LoadPoint, PointRun, RequestRecord
@@ -95,6 +95,7 @@ def test_sampling_keys_are_the_servers_to_check():
     ("sampling_parameters is not valid JSON: Expecting value at line 1 column 2", InvalidRequestError),
     ("Request for unknown model: 'nope' is not found", InvalidRequestError),
     ("CUDA out of memory while running the step", ServerError),
+    ("server busy: 256 requests are already waiting (max_num_waiting); retry later", ServerBusyError),
 ])
 def test_server_errors_are_typed_by_message(message, cls):
     error = server_error(message)

@@ -14,7 +14,13 @@ from fastapi.testclient import TestClient
 from kvtriton.backend.entrypoints.serve import ServeError, ServeOptions
 from kvtriton.backend.entrypoints.tritonserver import free_ports
 from kvtriton.client.api import AsyncLLMClient
-from kvtriton.client.errors import InvalidRequestError, RequestTimeoutError, ServerError, ServerUnavailableError
+from kvtriton.client.errors import (
+    InvalidRequestError,
+    RequestTimeoutError,
+    ServerError,
+    ServerUnavailableError,
+    server_error,
+)
 from kvtriton.client.openai.app import create_app
 from kvtriton.client.openai.chat_output import ChatOptions
 from kvtriton.client.openai.errors import OpenAIError, from_client_error
@@ -171,6 +177,9 @@ def test_completion_logprobs_offsets_follow_the_token_texts():
     (InvalidRequestError("temperature must be >= 0, got -1.0"), 400, None),
     (InvalidRequestError("unknown sampling parameter 'guided_json'; accepted: ..."), 400, None),
     (ServerUnavailableError("grpc://x:1", "connection failed"), 503, None),
+    (server_error("server busy: 256 requests are already waiting (max_num_waiting); retry later"), 503, None),
+    (server_error("the engine has failed and is being restarted; retry shortly"), 503, None),
+    (server_error("priority 3 needs scheduling_policy priority; this model schedules fcfs"), 400, None),
     (RequestTimeoutError("no response for 300 s"), 504, None),
     (ServerError("INTERNAL: boom"), 500, None),
 ])

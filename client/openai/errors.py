@@ -2,7 +2,7 @@
 
 kvtriton.client already sorts what Triton answers into typed errors (kvtriton.client.errors); this
 maps each onto the status an OpenAI client acts on: 400 the request is wrong (the server's message
-names the field), 404 no such model, 503 nothing ready answers (retry later), 504 the server went
+names the field), 404 no such model, 503 nothing ready answers or it is full (retry later), 504 the server went
 quiet, 500 anything else the server reported.
 """
 
@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtriton.client.errors import InvalidRequestError, LLMClientError, RequestTimeoutError, ServerUnavailableError
+from kvtriton.client.errors import (
+    InvalidRequestError,
+    LLMClientError,
+    RequestTimeoutError,
+    ServerBusyError,
+    ServerUnavailableError,
+)
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           503: "service_unavailable_error", 504: "timeout_error"}
@@ -36,7 +42,7 @@ def from_client_error(error: LLMClientError) -> OpenAIError:
             return OpenAIError("this request needs structured output (the guided_* sampling keys), which this "
                                f"server's llm model does not have: {message}")
         return OpenAIError(message)
-    if isinstance(error, ServerUnavailableError):
+    if isinstance(error, (ServerUnavailableError, ServerBusyError)):
         return OpenAIError(message, 503)
     if isinstance(error, RequestTimeoutError):
         return OpenAIError(message, 504)
