@@ -114,7 +114,9 @@ def run_engine(engine, prompts, max_tokens, params=None):
     return dict(tok_s=tokens / wall, wall_s=wall, tokens=tokens, ttft=ttft, itl=itl, texts=texts, counts=counts)
 
 
-def run_hf(folder, prompts_ids, max_tokens, device, dtype, batch):
+def run_hf(folder, prompts_ids, max_tokens, device, dtype, batch, **sampling):
+    """HF transformers' generate over the prompts in static batches: greedy, or `sampling` (do_sample=True,
+    top_p=...)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -127,7 +129,7 @@ def run_hf(folder, prompts_ids, max_tokens, device, dtype, batch):
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+                                 min_new_tokens=max_tokens, pad_token_id=pad, **(sampling or {"do_sample": False}))
         total += (out.shape[1] - width) * len(chunk)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -36,6 +36,10 @@ class SamplerOutput:
 
 
 class Sampler:
+    # On a CPU, cpu_sampling.py's forms of top-k / top-p and the draw; False: the device path's there too (the
+    # baseline of benchmarks/sampling_bench.py).
+    cpu_forms = True
+
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[1] != meta.vocab_size:
             raise ValueError(
@@ -85,14 +89,14 @@ class Sampler:
                 out.top_logprobs, out.top_token_ids = top.values, top.indices
         return out
 
-    @staticmethod
-    def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Sample every row from its processed distribution; modifies `logits`."""
         if meta.temperature is not None:
             logits.div_(meta.temperature.unsqueeze(1))  # (B, V)
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)
-        on_cpu = logits.device.type == "cpu"  # there sorting and per-token noise cost most of a step (cpu_sampling)
+        # On a CPU sorting and per-token noise cost most of a small model's step (cpu_sampling.py).
+        on_cpu = logits.device.type == "cpu" and self.cpu_forms
         if meta.top_k is not None or meta.top_p is not None:
             filters = top_k_top_p_ if on_cpu else apply_top_k_top_p
             logits = filters(logits, meta.top_k, meta.top_p)
