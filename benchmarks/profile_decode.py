@@ -29,7 +29,7 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.kernels import paged_decode_attention  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention, pdl  # noqa: E402
 from kvtriton.backend.models import llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--kernels", default="on", choices=["on", "off"], help="enable_triton_kernels")
     ap.add_argument("--fused-max-batch", type=int, help="override llama_decode.FUSED_MAX_BATCH (measuring it)")
     ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
+    ap.add_argument("--early-attention", default="on", choices=["on", "off"],
+                    help="kernels/pdl.py EARLY_ATTENTION: the qkv matmul lets the attention kernel launch at its start")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -90,6 +92,7 @@ def main():
         llama_decode.FUSED_MAX_BATCH = args.fused_max_batch
     if args.max_splits is not None:
         paged_decode_attention.MAX_SPLITS = args.max_splits
+    pdl.EARLY_ATTENTION = args.early_attention == "on"
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -110,8 +113,8 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
-          f"{paged_decode_attention.MAX_SPLITS} splits; quantization {args.quantization}, KV cache "
-          f"{str(runner.kv_dtype).removeprefix('torch.')}; "
+          f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}; quantization "
+          f"{args.quantization}, KV cache {str(runner.kv_dtype).removeprefix('torch.')}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
         for batch in batches:

@@ -22,6 +22,12 @@ except ImportError:  # pragma: no cover - old Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
 
+# Whether the decode matmuls before the attention kernel (kernels/pdl_matmul.py's for 16-bit qkv, the fp8 one)
+# let it launch at their start, as the int4 and fused kernels always do; benchmarks/profile_decode.py
+# --early-attention off measures the step without.
+EARLY_ATTENTION = True
+
+
 @functools.lru_cache(maxsize=None)
 def pdl_supported(device: torch.device) -> bool:
     if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
@@ -29,4 +35,4 @@ def pdl_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-__all__ = ["gdc_launch_dependents", "gdc_wait", "pdl_supported"]
+__all__ = ["EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "pdl_supported"]

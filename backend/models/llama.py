@@ -46,8 +46,12 @@ def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
 
 def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
     """layer(x) for x (M, in), through W @ x^T where skinny_product says so; plus each token's LoRA adapter's
-    addition where the step has adapted tokens (models/lora.py)."""
-    if not skinny_product(layer, x, SKINNY_ROWS):
+    addition where the step has adapted tokens (models/lora.py). A layer given a `decode_matmul` (the CUDA runner
+    gives the qkv projection kernels/pdl_matmul.py's) multiplies through it on CUDA."""
+    decode_matmul = getattr(layer, "decode_matmul", None)
+    if decode_matmul is not None and x.is_cuda:
+        out = decode_matmul(x, layer.weight, layer.bias)
+    elif not skinny_product(layer, x, SKINNY_ROWS):
         out = layer(x)
     else:
         out = torch.mm(layer.weight, x.T).T.contiguous()

@@ -181,7 +181,20 @@ class TorchRunner:
         why = fusable(self.model)
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
+        self._qkv_launches_attention_early()
         return self.max_blocks_per_seq, why is None, prefill
+
+    def _qkv_launches_attention_early(self) -> None:
+        """Give each plain 16-bit qkv projection kernels/pdl_matmul.py's matmul, so that at 3-64 decode rows the
+        attention kernel after it launches early and streams its past K/V during the projection (Hopper+)."""
+        from kvtriton.backend.kernels import pdl, pdl_matmul
+
+        if not (pdl.EARLY_ATTENTION and pdl.pdl_supported(self.device)):
+            return
+        for layer in self.model.layers:
+            qkv = layer.self_attn.qkv_proj
+            if type(qkv) is torch.nn.Linear and qkv.weight.dtype in (torch.bfloat16, torch.float16):
+                qkv.decode_matmul = pdl_matmul.pdl_linear
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,

@@ -1,0 +1,95 @@
+"""The qkv projection of a decode batch (3-64 rows) as a Triton matmul that lets the attention kernel launch at
+its start (programmatic dependent launch, kernels/pdl.py).
+
+The paged decode attention kernel loads its first tile of past K/V before it waits for q, k and v
+(kernels/paged_decode_attention.py): at short contexts that is most of what it reads. It can only do so while
+the projection before it runs if that projection lets it launch early, and cuBLAS's kernels do not: in the
+64-row step the attention kernel took 17.6 us a layer after cuBLAS's qkv GEMM ended (H100, 192-token contexts,
+benchmarks/profile_decode.py --profile), against 11.6 us a launch when attention kernels follow each other
+(benchmarks/paged_attention_bench.py), where each one's loads overlap the previous one. So the qkv GEMM of
+decode batches runs here, with the same tensor-core tiles a cuBLAS kernel uses, and triggers its dependents
+first. Its numbers: bf16 products summed in fp32 along K in tl.dot's order, rounded once (cuBLAS sums in
+another order: the last bits differ, as between cuBLAS's own kernels at different batch sizes).
+
+Steps of more rows (prefill) keep cuBLAS. Never autotuned: a decode step's launch is fixed before CUDA-graph
+capture (kernels/tile_config.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, pdl_supported
+from kvtriton.backend.kernels.split_k import output_tile, store_tile
+from kvtriton.backend.kernels.tile_config import Tile, lookup
+
+MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
+# ("bf16", rows bucket, N, K) -> Tile fields, measured; empty: `heuristic_tile`.
+TILES: dict[tuple[str, int, int, int], tuple] = {}
+
+
+@triton.jit
+def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                FP32_DOT: tl.constexpr):
+    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit. Launched without PDL itself (its predecessor is
+    # compiled code that never triggers early), it lets the next kernel launch now; that kernel waits for this
+    # one's completion before it reads what this one writes (kernels/pdl.py's invariant).
+    if PDL:
+        gdc_launch_dependents()
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        if EVEN_K:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_K)
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
+        else:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if FP32_DOT:  # Triton's CPU interpreter multiplies 16-bit tl.dot operands wrongly (triton 3.6)
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, 1)
+
+
+def heuristic_tile(m: int) -> Tile:
+    """Unmeasured shapes: all of a decode batch's rows in one tile (16-64), 32 outputs by 128 inputs, as the
+    bf16 64-row sweep of 2026-12-05 found best for qkv (docs/performance-gpu.md); 4 pipeline stages."""
+    return Tile(max(16, triton.next_power_of_2(m)), 32, 128, 1, 4, True, 4)
+
+
+def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile) -> torch.Tensor:
+    """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), 1)
+    _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k, HAS_BIAS=bias is not None,
+                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                      EVEN_K=k % tile.block_k == 0, PDL=pdl_supported(x.device), FP32_DOT=x.device.type != "cuda",
+                      num_warps=tile.warps,
+                      num_stages=tile.stages)
+    return out
+
+
+# A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
+# call, and the choice between this kernel and cuBLAS by row count happens in here at run time.
+@torch.library.custom_op("kvtriton::pdl_linear", mutates_args=())
+def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ weight^T (+ bias): this kernel for up to MAX_ROWS rows of 3+, cuBLAS otherwise."""
+    m = x.shape[0]
+    if m > MAX_ROWS or m < 3:
+        return torch.nn.functional.linear(x, weight, bias)
+    tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
+    return pdl_matmul_with(x.contiguous(), weight, bias, tile)
+
+
+@pdl_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])

@@ -1,0 +1,31 @@
+"""kernels/pdl_matmul.py: the decode qkv matmul that lets the attention kernel launch early computes x @ W^T (+ bias)
+as cuBLAS does, to fp32 summation order, at every decode row count; other row counts stay with cuBLAS. Runs on a
+GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1 with triton installed), otherwise skips."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
+
+from kvtriton.backend.kernels.pdl_matmul import pdl_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("rows", [3, 16, 33, 64, 65])
+@pytest.mark.parametrize("n,k,bias", [(96, 128, False), (80, 192, True)])
+def test_pdl_linear_is_the_linear_layer(rows, n, k, bias):
+    g = torch.Generator(device=DEVICE).manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=g, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device=DEVICE) * k**-0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g, device=DEVICE).to(torch.bfloat16) if bias else None
+    got = pdl_linear(x, w, b)
+    expected = (x.float() @ w.float().T + (b.float() if bias else 0)).to(torch.bfloat16)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
