@@ -45,7 +45,8 @@ def test_one_thread_here_leaves_other_threads_theirs():
         return {"done": done, "threads": torch.get_num_threads(), "new_os_threads": os_threads() - before}
 
     seen = on_new_thread(engine_like)
-    assert seen == {"done": True, "threads": 1, "new_os_threads": 0}
+    # <= 0: another thread of the test process may end meanwhile; a team of its own would be one more (checked)
+    assert seen["done"] and seen["threads"] == 1 and seen["new_os_threads"] <= 0, seen
     assert torch.get_num_threads() == threads  # the calling thread's count is its own
     assert on_new_thread(lambda: {"threads": torch.get_num_threads()}) == {"threads": threads}  # so is a new one's
 
