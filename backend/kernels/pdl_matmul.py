@@ -59,8 +59,10 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
 
 
 def heuristic_tile(m: int) -> Tile:
-    """Unmeasured shapes: all of a decode batch's rows in one tile (16-64), 32 outputs by 128 inputs, as the
-    bf16 64-row sweep of 2026-12-05 found best for qkv (docs/performance-gpu.md); 4 pipeline stages."""
+    """Shapes TILES lacks (all, so far): all of a decode batch's rows in one tile (16-64), 32 outputs by 128
+    inputs, as the bf16 64-row sweep of 2026-12-05 found best for qkv (6.9 us against cuBLAS's 6.3 alone); 4
+    pipeline stages. In the step it wins by what it lets attention overlap (H100, 2026-12-06: the 64-row step
+    1.444 -> 1.409 ms, profile_decode.py --early-attention off / on; docs/performance-gpu.md)."""
     return Tile(max(16, triton.next_power_of_2(m)), 32, 128, 1, 4, True, 4)
 
 
