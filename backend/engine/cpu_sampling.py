@@ -59,8 +59,7 @@ def _thresholds(values: torch.Tensor, logits: torch.Tensor, k: torch.Tensor,
                 p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """values (B, W): each row's W largest logits, descending. -> (each row's smallest kept logit, -inf where
     nothing is filtered; whether the W values decide the row)."""
-    batch, width = values.shape
-    vocab = logits.shape[1]
+    width, vocab = values.shape[1], logits.shape[1]
     position = torch.arange(width).unsqueeze(0)  # (1, W)
     in_top_k = position < k.unsqueeze(1)  # (B, W)
     # The distribution top-p measures: over the top-k where a row has one, else over the whole row.

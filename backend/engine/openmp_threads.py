@@ -41,7 +41,6 @@ def use_one_openmp_thread() -> bool:
     torch on this thread now sees one thread."""
     torch.get_num_threads()  # torch sets each thread's count from its default on first use: let it happen first
     runtime = _loaded_openmp()
-    if runtime is None:
-        return torch.get_num_threads() == 1
-    runtime.omp_set_num_threads(1)
+    if runtime is not None:
+        runtime.omp_set_num_threads(1)
     return torch.get_num_threads() == 1
