@@ -5,7 +5,8 @@ greedy; N = 1, 16, 64 by default. For each N it prints:
   - output tok/s, TTFT p50 and inter-token latency (ITL) p50 of the engine, with the overlapped loop
     (async scheduling) and, for comparison, the synchronous one (enable_async_scheduling=false);
   - the runner's decode step alone at batch N (a CUDA-graph replay timed by itself), and the engine's
-    ITL over it: what the host costs beyond the device;
+    ITL over it: what the host costs beyond the device (--engine-process: the engine in a process of its own,
+    as tritonserver runs it, so that this process's thread reading the streams does not share the loop's GIL);
   - the bound: (weight bytes + KV bytes read) / copy bandwidth measured in this run;
   - HF transformers `generate` with the static cache (compiled), same config, prompts and N.
 
@@ -32,6 +33,7 @@ import engine_bench  # noqa: E402
 from engine_bench import add_workload_options, model_folder, pct  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
+from kvtriton.backend.engine.engine_process import EngineProcess  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.engine.sequence import Sequence  # noqa: E402
@@ -90,9 +92,10 @@ def runner_step(engine: LLMEngine, batch: int, context: int, rounds: int = 5, it
 
 def bound_s(engine: LLMEngine, batch: int, context: int, bandwidth: float) -> float:
     """(weights + the KV the step reads) / bandwidth."""
-    weights = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    model = engine.runner.model  # quantized layers keep their codes and scales in buffers
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     mc = engine.model_config
-    kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize * batch * context
+    kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.runner.kv_dtype.itemsize * batch * context
     return (weights + kv) / bandwidth
 
 
@@ -175,6 +178,11 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time the engine's host work per phase over decode steps at batch N")
     ap.add_argument("--cprofile", action="store_true", help="with --profile: also the top functions (cProfile)")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    ap.add_argument("--engine-process", action="store_true",
+                    help="the overlapped loop's requests go to the engine in a process of its own (EngineProcess, as "
+                         "tritonserver runs it), so no client thread shares the loop's GIL; the step alone in-process")
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -183,12 +191,14 @@ def main() -> None:
     prompts = [[rng.randrange(3, 40000) for _ in range(args.prompt_len)] for _ in range(max(batches))]
     cuda = args.device.startswith("cuda")
     base = dict(model=folder, device=args.device, dummy_weights=dummy, max_num_seqs=max(batches),
-                max_num_batched_tokens=8192, max_model_len=2048, kv_cache_memory_gb=2.0)
+                max_num_batched_tokens=8192, max_model_len=2048, kv_cache_memory_gb=2.0,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     bandwidth = copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"# loop benchmark: {args.config}, {args.prompt_len}-token random prompts, {args.max_tokens} output "
           f"tokens, EOS ignored, greedy; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"{device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; quantization {args.quantization}, KV cache "
+          f"{args.kv_cache_dtype}; the engine {'in a process of its own' if args.engine_process else 'in-process'}")
     results = {"bandwidth_tb_s": bandwidth / 1e12, "rows": []}
     if args.profile:
         return profile_host(EngineConfig(**base), prompts[: args.profile], args.max_tokens, args.cprofile)
@@ -196,14 +206,22 @@ def main() -> None:
     measured: dict[str, dict[int, dict]] = {}
     engine = None
     for name, overlap in loops:
-        engine = LLMEngine(EngineConfig(**base, enable_async_scheduling=overlap)).start()
-        run_engine(engine, prompts[:4], 8)  # warm-up
-        measured[name] = {n: run_engine(engine, prompts[:n], args.max_tokens) for n in batches}
+        config = EngineConfig(**base, enable_async_scheduling=overlap)
+        engine = LLMEngine(config).start()
+        probes = {n: {} for n in batches}
         if name == "async":
             for n in batches:
-                measured[name][n]["step_ms"] = runner_step(engine, n, args.context) * 1e3
-                measured[name][n]["bound_ms"] = bound_s(engine, n, args.context, bandwidth) * 1e3
+                probes[n]["step_ms"] = runner_step(engine, n, args.context) * 1e3
+                probes[n]["bound_ms"] = bound_s(engine, n, args.context, bandwidth) * 1e3
             dtype = engine.dtype
+            if args.engine_process:  # the requests go to an engine in a process of its own
+                engine.shutdown()
+                del engine
+                if cuda:
+                    torch.cuda.empty_cache()
+                engine = EngineProcess(config)
+        run_engine(engine, prompts[:4], 8)  # warm-up
+        measured[name] = {n: {**run_engine(engine, prompts[:n], args.max_tokens), **probes[n]} for n in batches}
         engine.shutdown()
         del engine
     hf = {}

@@ -30,8 +30,11 @@ one stream through tritonserver (the shipped model repository, streamed over HTT
 gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
 (g32, the Triton decode kernel): the runner's batch-1 decode step alone (CUDA-graph replay) and output
 tok/s through the engine with 1 and 64 requests (128-token prompts, --max-tokens each), each beside bf16
-measured in the same process; --gpu-variants adds the fp8 KV cache (bf16+kv8, fp8+kv8). Targets (issue
-#15): step fp8 <= 0.6x and int4 <= 0.4x bf16; batch 64 fp8 >= 1.4x bf16 tok/s.
+measured in the same process; --gpu-variants adds the fp8 KV cache (bf16+kv8, fp8+kv8). --isolate: the
+requests go to the engine in a process of its own (EngineProcess), as tritonserver runs it: in-process, the
+client thread that reads the streams wakes once a step and takes the GIL from the engine loop (at 64 requests
+that can cost more host time than a faster step saves). Targets (issue #15): step fp8 <= 0.6x and int4 <= 0.4x
+bf16; batch 64 fp8 >= 1.4x bf16 tok/s.
 """
 
 from __future__ import annotations
@@ -335,6 +338,15 @@ def through_triton(args, variants: dict[str, str]) -> None:
         print(f"  {name:5} {statistics.median(values):6.1f} tok/s ({statistics.median(values) / base:.2f}x fp32)")
 
 
+def release_gpu(engine) -> None:
+    """Shut an engine down and give its GPU memory back before the next one loads."""
+    engine.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()  # each variant compiles the same layer functions; their graphs count to one limit (8)
+
+
 def fused_max_batch(precision: str) -> int:
     """The decode batch up to which the runner fuses its matmuls (models/llama_decode.py), for the printout."""
     from kvtriton.backend.models import llama_decode
@@ -348,6 +360,7 @@ def gpu(args) -> None:
 
     from loop_bench import runner_step
 
+    from kvtriton.backend.engine.engine_process import EngineProcess
     from kvtriton.backend.engine.llm_engine import LLMEngine
 
     folder, dummy = model_folder("llama-1b", args.tokenizer)
@@ -356,7 +369,8 @@ def gpu(args) -> None:
     import triton
 
     print(f"# gpu: llama-1b random weights on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-          f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored")
+          f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored; the requests "
+          f"to {'an engine in a process of its own (EngineProcess)' if args.isolate else 'an in-process engine'}")
     rows = {}
     for name in args.gpu_variants.split(","):
         precision, _, kv = name.partition("+")  # "fp8+kv8": fp8 weights over an fp8 KV cache
@@ -367,10 +381,14 @@ def gpu(args) -> None:
         engine = LLMEngine(config).start()
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
                                                             *engine.runner.model.buffers()))
+        step = runner_step(engine, 1, 192)
+        fused = fused_max_batch(precision) if engine.runner.fuse_matmuls else 0
+        if args.isolate:  # the requests go to an engine in a process of its own, as tritonserver runs it
+            release_gpu(engine)
+            engine = EngineProcess(config)
         run_engine(engine, prompts[:4], 8)  # warm-up: batch 4, a 512-token prefill
         run_engine(engine, prompts[:1], 8)  # and the single request's shapes (a first 128-token prefill)
         run_engine(engine, prompts, 8)  # and the 64 requests' (an 8,192-token prefill, eager: its first run is slow)
-        step = runner_step(engine, 1, 192)
         singles = [run_engine(engine, [prompts[i]], args.max_tokens) for i in range(3)]
         one = statistics.median(r["tok_s"] for r in singles)
         ttft = statistics.median(r["ttft"][0] for r in singles)
@@ -384,13 +402,8 @@ def gpu(args) -> None:
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
               f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
               f"{each} tok/s), 64 requests {batch:.0f} tok/s (median of 3: {batch_each}); fused decode kernels "
-              f"{'up to batch ' + str(fused_max_batch(precision)) if engine.runner.fuse_matmuls else 'off'}",
-              flush=True)
-        engine.shutdown()
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch._dynamo.reset()  # each variant compiles the same layer functions; their graphs count to one limit (8)
+              f"{'up to batch ' + str(fused) if fused else 'off'}", flush=True)
+        release_gpu(engine)
     bf16 = rows["bf16"]
     print(f"{'precision':9} | {'weights':>8} | {'step b1':>9} | {'vs bf16':>7} | {'1 req tok/s':>11} | "
           f"{'64 req tok/s':>12} | {'vs bf16':>7}")
@@ -414,7 +427,8 @@ def main() -> None:
     parser.add_argument("--isolate", action="store_true",
                         help="engine: each round and variant in processes of their own, the shipped config's engine "
                              "in an EngineProcess as tritonserver runs it (in one process the variants' teams share "
-                             "the cores)")
+                             "the cores); gpu: the requests go to an EngineProcess (the runner step stays in-process), "
+                             "so no client thread shares the engine loop's GIL")
     parser.add_argument("--cpu-compile-decode", choices=["true", "false"],
                         help="engine --isolate and --triton: the engines' cpu_compile_decode (default: the shipped "
                              "config.pbtxt's, true)")
