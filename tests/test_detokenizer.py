@@ -255,7 +255,10 @@ def test_misuse_is_reported(per_byte):
     detok = Detokenizer(per_byte)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         detok.step([per_byte.token_to_id("a"), per_byte.vocab_size + 5])
-    assert detok.step([per_byte.token_to_id("b")]) == "b"  # the rejected step left no trace
+    for bad in (per_byte.vocab_size, -1):  # one token (the decode step's path) is checked as well
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            detok.step([bad])
+    assert detok.step([per_byte.token_to_id("b")]) == "b"  # the rejected steps left no trace
     detok = Detokenizer(per_byte)
     detok.flush()
     with pytest.raises(RuntimeError, match="after flush"):

@@ -99,3 +99,16 @@ def test_a_stop_token_wins_over_max_tokens_on_the_same_token(tokenizer):
 def test_held_back_stop_prefix_is_released_at_length(tokenizer):
     outputs, _, _ = run(tokenizer, ids(tokenizer, "abEN"), SamplingParams(stop=["END"], max_tokens=4))
     assert text(outputs) == "abEN" and outputs[-1].finish_reason == "length"
+
+
+def test_each_output_carries_its_request_counts_and_times(tokenizer):
+    """RequestState builds outputs positionally (a per-token hot path): every field lands where it belongs."""
+    outputs, seq, _ = run(tokenizer, ids(tokenizer, "abc"), SamplingParams(max_tokens=3))
+    for n, out in enumerate(outputs, start=1):
+        assert (out.request_id, out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens) == (
+            "r", seq.num_prompt_tokens, n, 0)
+        assert (out.logprobs, out.error, out.num_spec_proposed_tokens, out.num_spec_accepted_tokens) == (
+            None, None, 0, 0)
+        assert out.arrival_time == seq.arrival_time and out.first_token_time == seq.first_token_time
+        assert out.first_token_time <= out.time and out.token_ids == [ids(tokenizer, "abc")[n - 1]]
+    assert [o.finished for o in outputs] == [False, False, True] and outputs[-1].finish_reason == "length"

@@ -220,14 +220,15 @@ class ByteTableDetokenizer(_SequenceDecoder):
         super().__init__(skip_special_tokens)
         self._tokenizer = tokenizer
         self._table = tokenizer.token_bytes(skip_special_tokens)
+        self._vocab_size = tokenizer.vocab_size
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text completed by the newly sampled `new_ids` ('' while a character is incomplete)."""
         self._check_open()
-        new_ids = self._tokenizer.checked_ids(new_ids)  # before any byte reaches the decoder: no trace if bad
-        if len(new_ids) == 1:
+        if len(new_ids) == 1 and 0 <= new_ids[0] < self._vocab_size:  # a decode step's token: the per-token hot path
             return self._utf8.decode(self._table[new_ids[0]])
+        new_ids = self._tokenizer.checked_ids(new_ids)  # before any byte reaches the decoder: no trace if bad
         return self._utf8.decode(b"".join(self._table[i] for i in new_ids))
 
     def flush(self) -> str:

@@ -10,6 +10,7 @@ aborts, the steps hand it the tokens the scheduler has taken. Invariant: a reque
 from __future__ import annotations
 
 import logging
+import time
 
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, TokenLogprob, merge_outputs
 from kvtriton.backend.engine.request_state import RequestState
@@ -104,9 +105,10 @@ class OutputProcessor:
 
     def emit_tokens(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Output processing for a step's tokens: text (each request's DecodeStream), stop strings, sinks."""
+        now, states = time.monotonic(), self.states  # the step's tokens all arrived at once
         for seq, token_id, lp in zip(seqs, token_ids, logprobs):
-            state = self.states[seq.request_id]
-            output = self._process_token(state, token_id, lp)
+            state = states[seq.request_id]
+            output = self._process_token(state, token_id, lp, now)
             if output is not None:
                 self._emit(state, output)
 
@@ -120,7 +122,7 @@ class OutputProcessor:
             if seq.status is SequenceStatus.FINISHED:
                 break
             self.scheduler.append_token(seq, token_id)
-            output = self._process_token(state, token_id, lp, outputs)
+            output = self._process_token(state, token_id, lp, unsent=outputs)
             if output is None:
                 return
             outputs.append(output)
@@ -128,12 +130,12 @@ class OutputProcessor:
             self._emit(state, outputs[0] if len(outputs) == 1 else merge_outputs(outputs))
 
     def _process_token(self, state: RequestState, token_id: int, logprob: TokenLogprob | None,
-                       unsent: list[RequestOutput] = ()) -> RequestOutput | None:
+                       now: float | None = None, unsent: list[RequestOutput] = ()) -> RequestOutput | None:
         """The request's output for a token the scheduler has appended; a finished one ends the request here.
         None when processing failed: the request has ended with an error (after its `unsent` outputs)."""
         seq = state.seq
         try:
-            output = state.process_token(token_id, logprob)
+            output = state.process_token(token_id, logprob, now)
         except Exception:  # one request's failure (detokenizing, say) ends that request only
             log.exception("request %s failed", seq.request_id)
             if unsent:

@@ -7,6 +7,7 @@ memory (HostCopy) without blocking: the host waits for them only when it updates
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from kvtriton.backend.runners.step_input import StepInput
 
 def same_rows(before: list[Sequence], now: list[Sequence]) -> bool:
     """The same sequence objects in the same rows: a steady batch, whose per-row step state carries over."""
-    return len(before) == len(now) and all(a is b for a, b in zip(before, now))
+    return len(before) == len(now) and all(map(operator.is_, before, now))
 
 
 @dataclass

@@ -27,14 +27,15 @@ class RequestState:
         self.detokenizer = detokenizer_for(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
         self.stop_matcher = StopStringMatcher(list(seq.params.stop), seq.params.include_stop_str_in_output)
 
-    def process_token(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
-        """The output for the token the scheduler just appended (possibly with empty text).
+    def process_token(self, token_id: int, logprob: TokenLogprob | None, now: float | None = None) -> RequestOutput:
+        """The output for the token the scheduler just appended (possibly with empty text); `now`: the step's
+        time.monotonic(), read once for all its tokens (default: read here).
 
         A finished output whose `seq.finish_reason` is None ended on a stop string: the caller must end
         the sequence in the scheduler.
         """
         seq = self.seq
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         first = seq.first_token_time is None
         if first:
             seq.first_token_time = now
@@ -66,10 +67,12 @@ class RequestState:
 
     def _output(self, token_ids: list[int], text: str, now: float) -> RequestOutput:
         seq = self.seq
+        # Positional, in RequestOutput's field order: built for every token of every request, where keywords
+        # cost twice as much (0.66 against 0.31 us).
         return RequestOutput(
-            request_id=seq.request_id, token_ids=token_ids, text=text,
-            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens, num_spec_proposed_tokens=seq.num_spec_proposed_tokens,
-            num_spec_accepted_tokens=seq.num_spec_accepted_tokens, arrival_time=seq.arrival_time,
-            first_token_time=seq.first_token_time, time=now,
+            seq.request_id, token_ids, text, False, None,  # request_id, token_ids, text, finished, finish_reason
+            seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
+            None, None,  # logprobs, error
+            seq.num_spec_proposed_tokens, seq.num_spec_accepted_tokens,
+            seq.arrival_time, seq.first_token_time, now,
         )

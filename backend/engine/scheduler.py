@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from kvtriton.backend.engine.block_manager import BlockManager
 from kvtriton.backend.engine.request_queue import priority_key, waiting_queue
@@ -65,7 +66,7 @@ class SchedulerOutput:
     # Filled by schedule(), in batch order; update_from_output() takes one sampled token for each.
     sample_indices: list[int] = field(default_factory=list)
 
-    @property
+    @cached_property  # read three times a step (sampling metadata, the next step's inputs), once schedule() is done
     def sampled_seqs(self) -> list[Sequence]:
         """The sequences of sample_indices, in that order: row j of the step's sampled tokens is the j-th."""
         return [self.scheduled[i][0] for i in self.sample_indices]
