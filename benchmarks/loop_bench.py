@@ -64,9 +64,10 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def runner_step(engine: LLMEngine, batch: int, context: int, rounds: int = 5, iterations: int = 50) -> float:
+def runner_step(engine: LLMEngine, batch: int, context: int, rounds: int = 5, iterations: int = 50,
+                prefill: bool = False) -> float:
     """Seconds of the runner's decode step alone, `batch` sequences of `context` tokens (median of rounds x
-    iterations)."""
+    iterations); prefill: of the step that computes all `context` tokens of each (a first prefill)."""
     bm = engine.block_manager
     seqs = []
     for i in range(batch):
@@ -74,7 +75,7 @@ def runner_step(engine: LLMEngine, batch: int, context: int, rounds: int = 5, it
         seq.num_computed_tokens = context
         seq.block_ids = bm.allocate_slots(seq.request_id, seq.token_ids, 0, context)
         seqs.append(seq)
-    step = prepare_step([(s, 1) for s in seqs], engine.config.block_size, engine.device)
+    step = prepare_step([(s, context if prefill else 1) for s in seqs], engine.config.block_size, engine.device)
     for _ in range(min(5, iterations)):
         engine.runner.execute(step)
     sync(engine.device)

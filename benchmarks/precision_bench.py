@@ -29,7 +29,8 @@ one stream through tritonserver (the shipped model repository, streamed over HTT
 
 gpu: a 1B-class Llama (engine_bench's LLAMA_1B, random weights) on CUDA in bf16, fp8 (W8A8) and int4
 (g32, the Triton decode kernel): the runner's batch-1 decode step alone (CUDA-graph replay) and output
-tok/s through the engine with 1 and 64 requests (128-token prompts, --max-tokens each), each beside bf16
+tok/s through the engine with 1 and 64 requests (128-token prompts, --max-tokens each; and the 64 prompts'
+first step alone, their 8,192-token prefill), each beside bf16
 measured in the same process; --gpu-variants adds the fp8 KV cache (bf16+kv8, fp8+kv8). --isolate: the
 requests go to the engine in a process of its own (EngineProcess), as tritonserver runs it: in-process, the
 client thread that reads the streams wakes once a step and takes the GIL from the engine loop (at 64 requests
@@ -382,6 +383,7 @@ def gpu(args) -> None:
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
                                                             *engine.runner.model.buffers()))
         step = runner_step(engine, 1, 192)
+        prefill = runner_step(engine, 64, 128, rounds=3, iterations=5, prefill=True)  # the 64 prompts' first step
         fused = fused_max_batch(precision) if engine.runner.fuse_matmuls else 0
         if args.isolate:  # the requests go to an engine in a process of its own, as tritonserver runs it
             release_gpu(engine)
@@ -398,17 +400,20 @@ def gpu(args) -> None:
         batch = statistics.median(r["tok_s"] for r in batches)
         batch_each = ", ".join(f"{r['tok_s']:.0f} (TTFT p50 {statistics.median(r['ttft']) * 1e3:.0f} ms)"
                                for r in batches)
-        rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9)
-        print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 1 request "
+        rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9,
+                          prefill_ms=prefill * 1e3)
+        print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 64 x 128-token prefill "
+              f"step {prefill * 1e3:.2f} ms, 1 request "
               f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
               f"{each} tok/s), 64 requests {batch:.0f} tok/s (median of 3: {batch_each}); fused decode kernels "
               f"{'up to batch ' + str(fused) if fused else 'off'}", flush=True)
         release_gpu(engine)
     bf16 = rows["bf16"]
-    print(f"{'precision':9} | {'weights':>8} | {'step b1':>9} | {'vs bf16':>7} | {'1 req tok/s':>11} | "
-          f"{'64 req tok/s':>12} | {'vs bf16':>7}")
+    print(f"{'precision':9} | {'weights':>8} | {'step b1':>9} | {'vs bf16':>7} | {'prefill':>9} | {'vs bf16':>7} | "
+          f"{'1 req tok/s':>11} | {'64 req tok/s':>12} | {'vs bf16':>7}")
     for name, r in rows.items():
         print(f"{name:9} | {r['weights_gb']:6.2f}GB | {r['step_ms']:7.3f}ms | {r['step_ms'] / bf16['step_ms']:6.2f}x | "
+              f"{r['prefill_ms']:7.2f}ms | {r['prefill_ms'] / bf16['prefill_ms']:6.2f}x | "
               f"{r['one']:11.0f} | {r['batch64']:12.0f} | {r['batch64'] / bf16['batch64']:6.2f}x")
     print("targets: batch-1 step fp8 <= 0.60x, int4 <= 0.40x bf16; 64 requests fp8 >= 1.40x bf16")
 
