@@ -2,7 +2,7 @@
 
 Workload: N requests of 128 random prompt tokens submitted at once, 128 output tokens each, EOS ignored,
 greedy; N = 1, 16, 64 by default. For each N it prints:
-  - output tok/s, TTFT p50 and inter-token latency (ITL) p50 of the engine, with the overlapped loop
+  - output tok/s, TTFT p50 and inter-token latency (ITL) p50 and mean of the engine, with the overlapped loop
     (async scheduling) and, for comparison, the synchronous one (enable_async_scheduling=false);
   - the runner's decode step alone at batch N (a CUDA-graph replay timed by itself), and the engine's
     ITL over it: what the host costs beyond the device (--engine-process: the engine in a process of its own,
@@ -42,7 +42,8 @@ from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
     run = engine_bench.run_engine(engine, prompts, max_tokens)
-    return dict(tok_s=run["tok_s"], ttft_ms=pct(run["ttft"], 50) * 1e3, itl_ms=pct(run["itl"], 50) * 1e3)
+    return dict(tok_s=run["tok_s"], ttft_ms=pct(run["ttft"], 50) * 1e3, itl_ms=pct(run["itl"], 50) * 1e3,
+                itl_mean_ms=statistics.fmean(run["itl"]) * 1e3 if run["itl"] else float("nan"))
 
 
 def copy_bandwidth(device) -> float:
@@ -238,14 +239,15 @@ def main() -> None:
             hf_folder = str(out)
         hf = {n: run_hf(hf_folder, prompts[:n], args.max_tokens, "cuda" if cuda else "cpu", dtype) for n in batches}
         print(f"# HF transformers {transformers.__version__}, static cache, generate")
-    print(f"{'N':>3} | {'tok/s':>8} | {'TTFT p50':>9} | {'ITL p50':>8} | {'step':>8} | {'ITL/step':>8} | "
-          f"{'bound':>8} | {'step/bound':>10} | {'sync tok/s':>10} | {'HF tok/s':>9} | {'vs HF':>6}")
+    print(f"{'N':>3} | {'tok/s':>8} | {'TTFT p50':>9} | {'ITL p50':>8} | {'ITL mean':>8} | {'step':>8} | "
+          f"{'ITL/step':>8} | {'bound':>8} | {'step/bound':>10} | {'sync tok/s':>10} | {'HF tok/s':>9} | {'vs HF':>6}")
     for n in batches:
         a = measured["async"][n]
         s = measured.get("sync", {}).get(n)
         row = dict(n=n, **a, sync_tok_s=s["tok_s"] if s else None, hf_tok_s=hf.get(n))
         results["rows"].append(row)
-        print(f"{n:>3} | {a['tok_s']:8.1f} | {a['ttft_ms']:7.1f}ms | {a['itl_ms']:6.3f}ms | {a['step_ms']:6.3f}ms | "
+        print(f"{n:>3} | {a['tok_s']:8.1f} | {a['ttft_ms']:7.1f}ms | {a['itl_ms']:6.3f}ms | "
+              f"{a['itl_mean_ms']:6.3f}ms | {a['step_ms']:6.3f}ms | "
               f"{a['itl_ms'] / a['step_ms']:8.2f} | {a['bound_ms']:6.3f}ms | {a['bound_ms'] / a['step_ms']:9.0%} | "
               f"{s['tok_s'] if s else float('nan'):10.1f} | {hf.get(n, float('nan')):9.1f} | "
               f"{a['tok_s'] / hf[n] if n in hf else float('nan'):5.2f}x")
