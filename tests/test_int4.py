@@ -74,6 +74,27 @@ def test_int4_linear_matches_its_dequantized_weight(out_features):
     assert torch.allclose(layer(x), nn.functional.linear(x, layer.dequantized_weight(), lin.bias), atol=1e-5)
 
 
+def test_dense_copies_see_few_row_counts(monkeypatch):
+    """oneDNN compiles and caches a kernel per input shape: 16-bit copies multiply rows padded to a bucket, so
+    prompts of every length make a few shapes; the padding never reaches the result."""
+    from kvtriton.backend.models import quantization
+
+    seen = []
+    linear = nn.functional.linear
+    monkeypatch.setattr(quantization.F, "linear", lambda x, w: seen.append(x.shape[0]) or linear(x, w))
+    torch.manual_seed(0)
+    w = torch.randn(48, 128, dtype=torch.bfloat16)
+    for m in range(17, 33):
+        x = torch.randn(m, 128)
+        out = quantization.dense_linear(x, w)
+        assert out.shape == (m, 48) and torch.allclose(out.float(), linear(x.bfloat16(), w).float(), rtol=1e-2,
+                                                        atol=1e-1)
+    assert set(seen) == {32}
+    seen.clear()
+    quantization.dense_linear(torch.randn(17, 128), w.float())  # fp32 copies go through BLAS: unpadded
+    assert seen == [17]
+
+
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-2)])
 def test_inputs_of_many_rows_multiply_by_the_dense_copy(dtype, atol):
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
+
+from kvtriton.backend.models.quantization import dense_linear
 
 # Rows to try, lowest first: decode sequences and a prompt chunk's tokens; the first where the copies win by
 # MARGIN sets that threshold.
@@ -85,7 +86,7 @@ def _timings(layers: list, rows: int) -> tuple[float, float]:
 
     def copies():
         for layer in layers:
-            F.linear(inputs[layer.in_features].to(layer.dense_weight.dtype), layer.dense_weight).float()
+            dense_linear(inputs[layer.in_features], layer.dense_weight).float()
 
     best = {gemv: float("inf"), copies: float("inf")}
     with torch.inference_mode():
