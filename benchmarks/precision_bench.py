@@ -339,10 +339,9 @@ def through_triton(args, variants: dict[str, str]) -> None:
         print(f"  {name:5} {statistics.median(values):6.1f} tok/s ({statistics.median(values) / base:.2f}x fp32)")
 
 
-def release_gpu(engine) -> None:
-    """Shut an engine down and give its GPU memory back before the next one loads."""
-    engine.shutdown()
-    del engine
+def free_gpu_memory() -> None:
+    """Give a shut-down engine's GPU memory back before the next one loads (the caller drops its reference
+    first: a reference held here would keep it alive)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()  # each variant compiles the same layer functions; their graphs count to one limit (8)
@@ -386,7 +385,9 @@ def gpu(args) -> None:
         prefill = runner_step(engine, 64, 128, rounds=3, iterations=5, prefill=True)  # the 64 prompts' first step
         fused = fused_max_batch(precision) if engine.runner.fuse_matmuls else 0
         if args.isolate:  # the requests go to an engine in a process of its own, as tritonserver runs it
-            release_gpu(engine)
+            engine.shutdown()
+            del engine
+            free_gpu_memory()
             engine = EngineProcess(config)
         run_engine(engine, prompts[:4], 8)  # warm-up: batch 4, a 512-token prefill
         run_engine(engine, prompts[:1], 8)  # and the single request's shapes (a first 128-token prefill)
@@ -407,7 +408,9 @@ def gpu(args) -> None:
               f"{one:.0f} tok/s (median of 3: TTFT {ttft * 1e3:.1f} ms, ITL p50 {itl * 1e3:.3f} ms, each run "
               f"{each} tok/s), 64 requests {batch:.0f} tok/s (median of 3: {batch_each}); fused decode kernels "
               f"{'up to batch ' + str(fused) if fused else 'off'}", flush=True)
-        release_gpu(engine)
+        engine.shutdown()
+        del engine
+        free_gpu_memory()
     bf16 = rows["bf16"]
     print(f"{'precision':9} | {'weights':>8} | {'step b1':>9} | {'vs bf16':>7} | {'prefill':>9} | {'vs bf16':>7} | "
           f"{'1 req tok/s':>11} | {'64 req tok/s':>12} | {'vs bf16':>7}")
