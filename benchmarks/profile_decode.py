@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
     ap.add_argument("--early-attention", default="on", choices=["on", "off"],
                     help="kernels/pdl.py EARLY_ATTENTION: the qkv matmul lets the attention kernel launch at its start")
+    ap.add_argument("--pdl-chain", default="off", choices=["on", "off"],
+                    help="kernels/pdl.py CHAIN: the fp8 matmul and the compiled layer kernels launch with PDL")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -93,6 +95,7 @@ def main():
     if args.max_splits is not None:
         paged_decode_attention.MAX_SPLITS = args.max_splits
     pdl.EARLY_ATTENTION = args.early_attention == "on"
+    pdl.CHAIN = args.pdl_chain == "on"
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -113,9 +116,10 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
-          f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}; quantization "
-          f"{args.quantization}, KV cache {str(runner.kv_dtype).removeprefix('torch.')}; "
-          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}, PDL chain "
+          f"{args.pdl_chain}; quantization {args.quantization}, KV cache "
+          f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
         for batch in batches:
             step = decode_step(runner, batch, context)

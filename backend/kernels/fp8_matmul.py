@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
-from kvtriton.backend.kernels.pdl import gdc_launch_dependents
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
 
@@ -72,11 +72,13 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
         gdc_launch_dependents()
+    if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
+        gdc_wait()
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -136,11 +138,13 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     else:
         out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
+    pdl_ok = pdl.pdl_supported(xq.device)
+    chained = pdl.CHAIN and pdl_ok
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
-                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), num_warps=tile.warps,
-                      num_stages=tile.stages)
+                      PDL=pdl.EARLY_ATTENTION and pdl_ok, WAIT=chained, num_warps=tile.warps,
+                      num_stages=tile.stages, **({"launch_pdl": True} if chained else {}))
     return out if tile.split_k == 1 else add_planes(out, out_dtype)
 
 

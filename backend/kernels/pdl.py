@@ -6,7 +6,10 @@ share of the step. A kernel launched with PDL may start once every program of
 the previous kernel has started; it does its independent work first (streaming
 its weights) and calls gdc_wait() before reading anything the previous kernel
 writes. Invariant: every kernel launched with PDL calls gdc_wait() before its
-first dependent read and before its first global write.
+first dependent read and before its first global write. A kernel may call
+gdc_launch_dependents() before its own gdc_wait() (the early attention below):
+its dependent's gdc_wait() returns only once this kernel has completed, which it
+cannot do before its own wait has returned, so the chain stays ordered.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ except ImportError:  # pragma: no cover - old Triton: PDL stays off
 # --early-attention off measures the step without.
 EARLY_ATTENTION = True
 
+# Whether the rest of a decode layer's chain launches with PDL too: the fp8 matmul (waiting in-kernel for its
+# quantized x) and the kernels torch.compile generates for the layer's norms, SwiGLU and quantizers (inductor's
+# triton.enable_pdl, which waits before each dependent access and triggers its dependents after its loads).
+# Off: measured on an H100 (2026-12-06), the fp8 1B-class step at 64 rows was 2% faster with it (1.059 / 1.066
+# against 1.081 / 1.092 ms; bf16 and int4 unchanged), yet served from an engine in its own process (loop_bench.py
+# --engine-process) fp8's 64-request ITL rose from 1.120 to 1.337 / 1.364 ms, for a cause not found (the host's
+# graph launch was not slower: 0.076 ms). benchmarks/profile_decode.py --pdl-chain on measures the step with it.
+CHAIN = False
+
 
 @functools.lru_cache(maxsize=None)
 def pdl_supported(device: torch.device) -> bool:
@@ -35,4 +47,4 @@ def pdl_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-__all__ = ["EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "pdl_supported"]
+__all__ = ["CHAIN", "EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "pdl_supported"]

@@ -187,16 +187,19 @@ class LlamaForCausalLM(nn.Module):
         self.attention_inputs, self.attention_output = attention_inputs, attention_output
         self.dense_rows = None  # CPU, quantized layers with dense copies: their DenseRows (models/loader.py)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, pdl: bool = False) -> None:
         """torch.compile the per-layer work around attention (regional compilation): one compiled graph
         serves all layers, with symbolic token counts, so it compiles in seconds, not minutes.
 
         Without duck shaping: by default dynamo gives sizes that are equal when it first traces one symbol (the
         first capture's 64 tokens and head_dim 64), and a later token count recompiles (about 0.6 s, the first
-        time a prefill of another size ran: an H200, 1B-class model, 16 prompts' TTFT 25 -> 670 ms)."""
+        time a prefill of another size ran: an H200, 1B-class model, 16 prompts' TTFT 25 -> 670 ms).
+
+        pdl: the generated kernels launch with programmatic dependent launch (Hopper+, kernels/pdl.py CHAIN)."""
         torch.fx.experimental._config.use_duck_shape = False
-        self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True)
-        self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True)
+        options = {"triton.enable_pdl": True} if pdl else None
+        self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True, options=options)
+        self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True, options=options)
 
     @property
     def layers_compiled(self) -> bool:

@@ -129,7 +129,8 @@ class TorchRunner:
         if self.use_cuda_graphs:
             self._init_graph_buffers()
             if config.enable_torch_compile:
-                self.model.compile_layers()
+                from kvtriton.backend.kernels import pdl
+                self.model.compile_layers(pdl=pdl.CHAIN and pdl.pdl_supported(self.device))
             self._capture_all()
 
     def _load_lora_adapters(self) -> tuple[str, ...]:
