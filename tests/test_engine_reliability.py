@@ -143,3 +143,26 @@ def test_is_healthy_sees_a_dead_thread(tiny_folder):
     assert not engine.is_healthy()
     engine._thread = None
     engine.shutdown()
+
+
+def test_an_idle_engine_gives_freed_heap_back_once(tiny_folder, monkeypatch):
+    """HEAP_TRIM_IDLE_S after its last step the loop trims the heap once; not before any work, not while busy,
+    not again until it has worked again."""
+    from kvtriton.backend.engine import llm_engine
+    from kvtriton.backend.models import host_memory
+
+    trims = []
+    monkeypatch.setattr(llm_engine, "HEAP_TRIM_IDLE_S", 0.3)
+    engine = make_engine(tiny_folder).start()  # (its load may trim the heap: the loader frees its working copies)
+    monkeypatch.setattr(host_memory, "release_freed_heap", lambda: trims.append(time.monotonic()))
+    try:
+        time.sleep(0.5)
+        assert trims == []  # idle since the start: nothing was freed by serving
+        for round_ in range(2):
+            out = engine.add_request(f"r{round_}", "hello", SamplingParams(max_tokens=4)).result()
+            done = time.monotonic()
+            assert len(trims) == round_ and out.finish_reason == "length"
+            time.sleep(0.8)
+            assert len(trims) == round_ + 1 and trims[-1] - done >= 0.25
+    finally:
+        engine.shutdown()
