@@ -165,8 +165,8 @@ class BlockManager:
         self._validate_request(request_id, table, token_ids, num_computed_tokens, num_new_tokens, hits,
                                num_placeholders, namespace)
         num_held = (len(table) if table is not None else 0) + len(hits)
-        num_total = num_computed_tokens + num_new_tokens  # >= 0 (validated)
-        num_new_blocks = max(-(-num_total // self.block_size) - num_held, 0)
+        num_total = num_computed_tokens + num_new_tokens
+        num_new_blocks = max(self.num_blocks_needed(num_total) - num_held, 0)
         # Hit blocks that sit in the free queue leave it when taken, so they
         # compete with the new blocks for the same free capacity.
         num_revived = sum(b.ref_cnt == 0 for b in hits) if hits else 0

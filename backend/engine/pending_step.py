@@ -7,7 +7,6 @@ memory (HostCopy) without blocking: the host waits for them only when it updates
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +15,8 @@ from kvtriton.backend.engine.outputs import TokenLogprob
 from kvtriton.backend.engine.scheduler import SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.kernels.device_copy import to_device
+from kvtriton.backend.runners.decode_inputs import same_rows
 from kvtriton.backend.runners.step_input import StepInput
-
-
-def same_rows(before: list[Sequence], now: list[Sequence]) -> bool:
-    """The same sequence objects in the same rows: a steady batch, whose per-row step state carries over."""
-    return len(before) == len(now) and all(map(operator.is_, before, now))
 
 
 @dataclass

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from kvtriton.backend.engine.pending_step import PendingStep, same_rows
+from kvtriton.backend.engine.pending_step import PendingStep
 from kvtriton.backend.engine.sampling_metadata import SamplingMetadata
 from kvtriton.backend.engine.scheduler import SchedulerOutput
 from kvtriton.backend.engine.sequence import Sequence
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
+from kvtriton.backend.runners.decode_inputs import same_rows
 
 
 class SamplingBatch:

@@ -31,6 +31,11 @@ from kvtriton.backend.runners.step_input import ScheduledSequence, StepInput, un
 _num_computed_tokens = operator.attrgetter("num_computed_tokens")
 
 
+def same_rows(before: Sequence, now: Sequence) -> bool:
+    """The same sequence objects in the same rows: a steady batch, whose per-row step state carries over."""
+    return len(before) == len(now) and all(map(operator.is_, before, now))
+
+
 class DecodeInputs:
     def __init__(self, block_size: int, device: torch.device | str):
         self.block_size = block_size
@@ -51,7 +56,7 @@ class DecodeInputs:
         b = len(scheduled)
         seqs = [seq for seq, _ in scheduled]
         starts = np.fromiter(map(_num_computed_tokens, seqs), dtype=np.int64, count=b) - 1
-        if len(self._rows) == b and all(map(operator.is_, seqs, self._rows)) and (starts == self._starts + 1).all():
+        if same_rows(self._rows, seqs) and (starts == self._starts + 1).all():
             # The last step's rows, one token on each: still decodes of device tokens. Tables only grow in
             # a decode, so the rows to update are those whose new slot is past the table kept for them.
             grown = np.flatnonzero(starts // self.block_size >= self._lens[:b])
