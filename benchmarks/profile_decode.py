@@ -79,8 +79,9 @@ def main():
     ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
     ap.add_argument("--early-attention", default="on", choices=["on", "off"],
                     help="kernels/pdl.py EARLY_ATTENTION: the qkv matmul lets the attention kernel launch at its start")
-    ap.add_argument("--pdl-chain", default="off", choices=["on", "off"],
-                    help="kernels/pdl.py CHAIN: the fp8 matmul and the compiled layer kernels launch with PDL")
+    ap.add_argument("--pdl-chain", default="on", choices=["on", "off"],
+                    help="kernels/pdl.py CHAIN: the fp8 matmul, its quantizer, the split-K adds and the compiled "
+                         "layer kernels launch with PDL")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],

@@ -12,13 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
+
 
 @triton.jit
 def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # kernels/pdl.py CHAIN: launched during attention, and the matmul after it may launch now too
+        gdc_launch_dependents()
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     ok = k < K
+    if PDL:  # x is the previous kernel's output
+        gdc_wait()
     x = tl.load(x_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
     q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
@@ -36,8 +43,9 @@ def per_token_fp8(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[to
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block_k = triton.next_power_of_2(k)
-    _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k,
-                         num_warps=4 if block_k <= 4096 else 8)
+    chained = pdl.CHAIN and pdl.pdl_supported(x.device)
+    _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k, PDL=chained,
+                         num_warps=4 if block_k <= 4096 else 8, **({"launch_pdl": True} if chained else {}))
     return q, scale
 
 

@@ -31,13 +31,13 @@ except ImportError:  # pragma: no cover - old Triton: PDL stays off
 EARLY_ATTENTION = True
 
 # Whether the rest of a decode layer's chain launches with PDL too: the fp8 matmul (waiting in-kernel for its
-# quantized x) and the kernels torch.compile generates for the layer's norms, SwiGLU and quantizers (inductor's
-# triton.enable_pdl, which waits before each dependent access and triggers its dependents after its loads).
-# Off: measured on an H100 (2026-12-06), the fp8 1B-class step at 64 rows was 2% faster with it (1.059 / 1.066
-# against 1.081 / 1.092 ms; bf16 and int4 unchanged), yet served from an engine in its own process (loop_bench.py
-# --engine-process) fp8's 64-request ITL rose from 1.120 to 1.337 / 1.364 ms, for a cause not found (the host's
-# graph launch was not slower: 0.076 ms). benchmarks/profile_decode.py --pdl-chain on measures the step with it.
-CHAIN = False
+# quantized x), the per-token quantizer before o_proj, the split-K adds, and the kernels torch.compile generates
+# for the layer's norms, SwiGLU and quantizers (inductor's triton.enable_pdl, which waits before each dependent
+# access and triggers its dependents after its loads). Measured on an H100 (benchmarks/profile_decode.py
+# --pdl-chain on|off, 2026-12-06): the fp8 1B-class step at 64 rows 1.091 -> 1.020 ms; bf16 and int4 unchanged
+# (before the quantizer and the split-K adds joined: bf16 at 64 rows 1.408 on, 1.419 off). Served from an engine in its own process, alternated twice, fp8's
+# 64-request ITL p50 1.199 / 1.071 ms on against 1.254 / 1.129 off.
+CHAIN = True
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
+
 ADD_BLOCK = 1024  # outputs per program of _add_planes
 
 
@@ -37,8 +40,11 @@ def store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K: tl.constexp
 
 
 @triton.jit
-def _add_planes(planes_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _add_planes(planes_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # out[i] = planes[0, i] + planes[1, i] + ... in fp32, in plane order, rounded once to out's dtype.
+    if PDL:  # kernels/pdl.py CHAIN: resident before the matmul that writes the planes has ended
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < MN
     acc = tl.load(planes_ptr + i, mask=ok, other=0.0)
@@ -51,5 +57,7 @@ def add_planes(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """planes (SPLIT_K, M, N) fp32, contiguous -> (M, N) dtype: their sum."""
     split_k, m, n = planes.shape
     out = torch.empty(m, n, dtype=dtype, device=planes.device)
-    _add_planes[(triton.cdiv(m * n, ADD_BLOCK),)](planes, out, m * n, SPLIT_K=split_k, BLOCK=ADD_BLOCK, num_warps=4)
+    chained = pdl.CHAIN and pdl.pdl_supported(planes.device)
+    _add_planes[(triton.cdiv(m * n, ADD_BLOCK),)](planes, out, m * n, SPLIT_K=split_k, BLOCK=ADD_BLOCK, PDL=chained,
+                                                  num_warps=4, **({"launch_pdl": True} if chained else {}))
     return out
