@@ -22,7 +22,7 @@ import triton.language as tl
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
-from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
+from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
@@ -69,7 +69,7 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 }
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
                 PDL: tl.constexpr, WAIT: tl.constexpr):

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
-from kvtriton.backend.kernels.tile_config import Tile, lookup
+from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
 SKINNY_ROWS = 8  # up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows)
@@ -119,7 +119,7 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
     return tl.reshape(low, (BLOCK_N, BLOCK_K // 2)), tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
@@ -144,7 +144,7 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr):

@@ -35,8 +35,8 @@ EARLY_ATTENTION = True
 # for the layer's norms, SwiGLU and quantizers (inductor's triton.enable_pdl, which waits before each dependent
 # access and triggers its dependents after its loads). Measured on an H100 (benchmarks/profile_decode.py
 # --pdl-chain on|off, 2026-12-06): the fp8 1B-class step at 64 rows 1.091 -> 1.020 ms; bf16 and int4 unchanged
-# (before the quantizer and the split-K adds joined: bf16 at 64 rows 1.408 on, 1.419 off). Served from an engine in its own process, alternated twice, fp8's
-# 64-request ITL p50 1.199 / 1.071 ms on against 1.254 / 1.129 off.
+# (before the quantizer and the split-K adds joined: bf16 at 64 rows 1.408 on, 1.419 off). Served from an engine
+# in its own process, alternated twice, fp8's 64-request ITL p50 1.199 / 1.071 ms on, 1.254 / 1.129 off.
 CHAIN = True
 
 

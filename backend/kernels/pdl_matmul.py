@@ -23,14 +23,14 @@ import triton.language as tl
 
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, pdl_supported
 from kvtriton.backend.kernels.split_k import output_tile, store_tile
-from kvtriton.backend.kernels.tile_config import Tile, lookup
+from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
 # ("bf16", rows bucket, N, K) -> Tile fields, measured; empty: `heuristic_tile`.
 TILES: dict[tuple[str, int, int, int], tuple] = {}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
                 FP32_DOT: tl.constexpr):
