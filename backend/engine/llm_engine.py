@@ -145,6 +145,10 @@ class LLMEngine:
                  config.block_size, self.max_model_len)
         log.info(describe(self.sampling_defaults))
         freeze_startup_heap()
+        if self.device.type == "cuda":  # from here on a Triton compile stalls a step: say so (kernels/compile_watch.py)
+            from kvtriton.backend.kernels.compile_watch import watch_compiles
+
+            watch_compiles()
 
     @property
     def metrics(self):
