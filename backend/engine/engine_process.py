@@ -30,7 +30,7 @@ from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.parallel_state import spawn_context
 from kvtriton.backend.engine.admission import Admission
 from kvtriton.backend.engine.generation_defaults import sampling_defaults
-from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine
+from kvtriton.backend.engine.llm_engine import EngineBusyError, EngineDeadError, LLMEngine, freeze_startup_heap
 from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestStream, request_output_fields
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.stats import EngineStats
@@ -73,6 +73,10 @@ class EngineProcess:
         self._closing = False
         self._receiver = threading.Thread(target=self._receive, name="kvtriton-engine-outputs", daemon=True)
         self._receiver.start()
+        # This process reads every step's outputs: a full garbage collection here (57 ms over the heap of a process
+        # that imported torch, on the 2-core VM) stops the reading, the child blocks on the full socket, and the
+        # whole batch waits. Frozen as in the child, collections scan only what came after start-up.
+        freeze_startup_heap()
 
     # ---- the LLMEngine interface the adapter uses ------------------------------------------------
     def start(self) -> "EngineProcess":
