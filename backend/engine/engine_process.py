@@ -64,6 +64,7 @@ class EngineProcess:
         self.admission = Admission(self.tokenizer, limits)
         # Compiles guided_* constraints here too, only to answer an invalid one at once (the child compiles its own).
         self.structured_output = StructuredOutputManager(self.tokenizer, self.tokenizer.eos_token_ids)
+        self.structured_output.warm_up()
         self._sinks: dict[str, OutputSink] = {}
         self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
         self._send_lock = threading.Lock()

@@ -124,6 +124,7 @@ class LLMEngine:
             prompt_logprobs_refusal=_prompt_logprobs_refusal(config), scheduling_policy=config.scheduling_policy,
             lora_names=tuple(config.lora_adapters)))
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
+        self.structured_output.warm_up()
         self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)

@@ -22,8 +22,10 @@ previous batch's tokens reached the grammars). No step is made synchronous.
 
 Grammars are compiled on the caller's thread (the request's admission, never
 the engine thread) and cached per constraint: a cached one is deep-copied
-into each new request's matcher. The llguidance tokenizer (about 1 s for a
-50k vocabulary) is built on the first guided request.
+into each new request's matcher. The llguidance tokenizer is built at start-up
+(`warm_up`): its construction holds the GIL (238 ms for the default model's 49k
+vocabulary on the 2-core VM), and built on the first guided request it stalled
+every stream for that long.
 
 Why llguidance rather than xgrammar: its wheel has no dependencies (xgrammar's
 pull in transformers, triton and a tvm runtime, which the serving image does
@@ -36,6 +38,7 @@ TensorRT-LLM all offer it as a backend.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Iterable
@@ -52,6 +55,8 @@ from kvtriton.backend.kernels.device_copy import to_device
 
 if TYPE_CHECKING:
     from kvtriton.backend.engine.sequence import Sequence
+
+log = logging.getLogger("kvtriton")
 
 # JSON as json.dumps writes it: one line, ", " and ": ". Free whitespace (llguidance's whitespace_flexible)
 # lets small models loop on newlines inside an object until max_tokens; a schema's own "x-guidance" wins.
@@ -94,6 +99,14 @@ class StructuredOutputManager:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._executor: llguidance.LLExecutor | None = None
+
+    def warm_up(self) -> None:
+        """Build the llguidance tokenizer now, before any request (see above); a tokenizer llguidance cannot read
+        is said here in one line, and each guided request is then refused with the same reason."""
+        try:
+            self.ll_tokenizer
+        except ValueError as exc:
+            log.warning("%s; requests with guided_* constraints will be refused", exc)
 
     def matcher_for(self, params: SamplingParams) -> GrammarMatcher | None:
         """A fresh matcher for the request's constraint (None when it has none). Raises ValueError, naming the
