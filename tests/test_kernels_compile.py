@@ -61,9 +61,35 @@ def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, bl
         assert "mma" in int4.asm["ptx"]
     kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
         xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
-        K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True))
+        K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True,
+                       PDL=True, WAIT=True))
     if dot:  # the fp8 product runs on the tensor cores (wgmma on Hopper)
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
+    assert "griddepcontrol.wait" in kernel.asm["ptx"]  # kernels/pdl.py CHAIN: it waits in-kernel for its x
+
+
+def test_the_chained_quantizer_and_split_k_add_compile():
+    """kernels/pdl.py CHAIN's other two kernels of the fp8 layer: each triggers its dependents and waits."""
+    from kvtriton.backend.kernels import fp8_quant, split_k
+
+    quant = compile_for_hopper(fp8_quant._per_token_fp8, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32",
+                                                              K="i32"),
+                               dict(FP8_MAX=448.0, MIN_SCALE=1e-12, BLOCK_K=2048, PDL=True))
+    planes = compile_for_hopper(split_k._add_planes, dict(planes_ptr="*fp32", out_ptr="*bf16", MN="i32"),
+                                dict(SPLIT_K=4, BLOCK=1024, PDL=True))
+    for kernel in (quant, planes):
+        assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
+        assert "griddepcontrol.wait" in kernel.asm["ptx"]
+
+
+def test_the_decode_matmuls_take_their_row_count_unspecialized():
+    """A row count the graphs did not capture (an eager step's) must not compile a new variant mid-serving
+    (tile_config.ROWS_NOT_SPECIALIZED)."""
+    from kvtriton.backend.kernels import pdl_matmul
+
+    for fn in (fp8_matmul._fp8_matmul, pdl_matmul._pdl_matmul, int4_matmul._int4_matmul,
+               int4_matmul._int4_dot_matmul):
+        assert [p.name for p in fn.params if p.do_not_specialize] == ["M"], fn.fn.__name__
 
 
 def test_int4_dequantize_compiles():
