@@ -9,6 +9,7 @@ So one definition serves every runner and the exporter.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -33,6 +34,8 @@ SKINNY_LOGITS_ROWS = 64
 # kernels, which do not tile for many rows (same head: 16 rows 38 against 39 ms, 32 rows 40 against 76).
 # kvtriton's GEMV does (the same head at 32 rows 4.7 ms, 2-core Sapphire Rapids): a head on it never takes the table.
 TIED_TABLE_ROWS = 16
+
+log = logging.getLogger("kvtriton")
 
 
 def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
@@ -197,6 +200,10 @@ class LlamaForCausalLM(nn.Module):
 
         pdl: the generated kernels launch with programmatic dependent launch (Hopper+, kernels/pdl.py CHAIN)."""
         torch.fx.experimental._config.use_duck_shape = False
+        if pdl and not hasattr(torch._inductor.config.triton, "enable_pdl"):  # torch.compile would refuse the option
+            log.info("this torch (%s) has no inductor triton.enable_pdl: the compiled layer kernels launch without "
+                     "programmatic dependent launch", torch.__version__)
+            pdl = False
         options = {"triton.enable_pdl": True} if pdl else None
         self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True, options=options)
         self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True, options=options)
