@@ -196,6 +196,16 @@ def app_client():
         yield c
 
 
+def test_the_apps_start_up_heap_is_frozen():
+    """A full collection in the frontend pauses every stream it relays (31 ms on the 2-core VM): what start-up
+    left alive is frozen once the app starts."""
+    import gc
+
+    gc.unfreeze()  # what earlier tests froze in this process
+    with TestClient(create_app(AsyncLLMClient("127.0.0.1:9", connect_retries=0), "llm")):
+        assert gc.get_freeze_count() > 0
+
+
 def test_models_route(app_client):
     body = app_client.get("/v1/models").json()
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["llm"]

@@ -11,6 +11,7 @@ does; else a 401.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 from contextlib import asynccontextmanager
 from importlib.metadata import version as package_version
@@ -43,6 +44,11 @@ def create_app(client: AsyncLLMClient, served_model_name: str, tool_call_parser:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # What start-up left alive (FastAPI's routes, pydantic's models, tritonclient) stays alive: frozen, as vLLM's
+        # API server freezes it, a full garbage collection scans only what came after. Unfrozen, one took 31 ms
+        # mid-stream on the 2-core VM, a pause of every stream this process relays.
+        gc.collect()
+        gc.freeze()
         yield
         await client.aclose()
 
