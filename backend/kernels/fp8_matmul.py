@@ -138,13 +138,12 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     else:
         out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    pdl_ok = pdl.pdl_supported(xq.device)
-    chained = pdl.CHAIN and pdl_ok
+    chained = pdl.in_chain(xq.device)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
-                      PDL=pdl.EARLY_ATTENTION and pdl_ok, WAIT=chained, num_warps=tile.warps,
-                      num_stages=tile.stages, **({"launch_pdl": True} if chained else {}))
+                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, num_warps=tile.warps,
+                      num_stages=tile.stages, **pdl.launch_options(chained))
     return out if tile.split_k == 1 else add_planes(out, out_dtype)
 
 

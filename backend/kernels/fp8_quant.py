@@ -43,9 +43,9 @@ def per_token_fp8(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[to
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block_k = triton.next_power_of_2(k)
-    chained = pdl.CHAIN and pdl.pdl_supported(x.device)
+    chained = pdl.in_chain(x.device)
     _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k, PDL=chained,
-                         num_warps=4 if block_k <= 4096 else 8, **({"launch_pdl": True} if chained else {}))
+                         num_warps=4 if block_k <= 4096 else 8, **pdl.launch_options(chained))
     return q, scale
 
 

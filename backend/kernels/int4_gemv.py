@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
 from kvtriton.backend.kernels.skinny_epilogue import rms_normalized, store_outputs
 from kvtriton.backend.kernels.tile_config import multiprocessors
 
@@ -388,5 +388,5 @@ def int4_gemv(x, qweight, scale, zero_point, offset, group_size, out_features, *
         act=act, ROWS=rows, E=32 * warps, GROUP=group_size, NORM=norm is not None, SWIGLU=swiglu,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_OFFSET=offset is not None, PDL=pdl,
         HALF2=x.device.type == "cuda", EVEN_K=k % (1024 * warps) == 0, ONE_STEP=k <= 1024 * warps, num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}))
+        **launch_options(pdl))
     return out

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels.attention_shapes import unsupported_shape
-from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
 from kvtriton.backend.kernels.tile_config import multiprocessors
 
 # The tile: (past tokens per tile, which is also the granule of a split's chunk; warps; pipeline stages).
@@ -293,7 +293,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     cos, sin, positions = rotary if rotary is not None else (q, q, slots)
     q_norm, k_norm, norm_eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     pdl = pdl_supported(q.device)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = launch_options(pdl)
     _paged_decode_attention[(b, num_kv_heads, splits)](
         q, k, v, cos, sin, positions, k_pool, v_pool, slots, tables, context_lens, out, part, stats, q_norm, k_norm,
         scale, norm_eps, q.stride(0), k.stride(0), v.stride(0), tables.stride(0),

@@ -47,4 +47,15 @@ def pdl_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-__all__ = ["CHAIN", "EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "pdl_supported"]
+def in_chain(device: torch.device) -> bool:
+    """Whether the decode layer's other kernels (CHAIN's) launch with PDL on `device`."""
+    return CHAIN and pdl_supported(device)
+
+
+def launch_options(enabled: bool) -> dict:
+    """The Triton launch keyword that launches a kernel with PDL where `enabled`; none otherwise."""
+    return {"launch_pdl": True} if enabled else {}
+
+
+__all__ = ["CHAIN", "EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "in_chain", "launch_options",
+           "pdl_supported"]

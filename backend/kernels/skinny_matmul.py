@@ -42,7 +42,7 @@ from kvtriton.backend.kernels.int4_gemv import TILES as GEMV_TILES
 from kvtriton.backend.kernels.int4_gemv import int4_gemv
 from kvtriton.backend.kernels.int4_gemv import serves as int4_gemv_serves
 from kvtriton.backend.kernels.int4_matmul import int4_tile
-from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
 from kvtriton.backend.kernels.skinny_epilogue import rms_normalized, store_outputs
 from kvtriton.backend.kernels.tile_config import Tile, lookup
 
@@ -255,7 +255,7 @@ def _launch(x, weight, out_features, *, norm=None, eps=0.0, bias=None, residual=
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, PDL=pdl, WEIGHT=fmt,
         GROUP=quantized.group_size if kind == "int4" else 1,
         HAS_OFFSET=kind == "int4" and quantized.offset is not None, WHOLE_ROWS=block_k >= k, num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch_options(pdl),
     )
     return out
 

@@ -57,7 +57,7 @@ def add_planes(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """planes (SPLIT_K, M, N) fp32, contiguous -> (M, N) dtype: their sum."""
     split_k, m, n = planes.shape
     out = torch.empty(m, n, dtype=dtype, device=planes.device)
-    chained = pdl.CHAIN and pdl.pdl_supported(planes.device)
+    chained = pdl.in_chain(planes.device)
     _add_planes[(triton.cdiv(m * n, ADD_BLOCK),)](planes, out, m * n, SPLIT_K=split_k, BLOCK=ADD_BLOCK, PDL=chained,
-                                                  num_warps=4, **({"launch_pdl": True} if chained else {}))
+                                                  num_warps=4, **pdl.launch_options(chained))
     return out

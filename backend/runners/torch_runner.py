@@ -130,7 +130,7 @@ class TorchRunner:
             self._init_graph_buffers()
             if config.enable_torch_compile:
                 from kvtriton.backend.kernels import pdl
-                self.model.compile_layers(pdl=pdl.CHAIN and pdl.pdl_supported(self.device))
+                self.model.compile_layers(pdl=pdl.in_chain(self.device))
             self._capture_all()
 
     def _load_lora_adapters(self) -> tuple[str, ...]:
