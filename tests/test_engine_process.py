@@ -1,5 +1,6 @@
 """EngineProcess: the engine in a child process behaves as the engine in-process, and its death is seen."""
 
+import dataclasses
 import os
 import signal
 import time
@@ -53,6 +54,48 @@ def test_greedy_output_equals_the_engine_in_process(config, engine):
     got = [s.result() for s in streams]
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     assert [g.text for g in got] == [e.text for e in expected] and all(g.finish_reason == "length" for g in got)
+
+
+def streamed(stream) -> list[tuple]:
+    """What a client sees of each output (not its times)."""
+    return [(o.token_ids, o.text, o.finished, o.finish_reason, o.num_prompt_tokens, o.num_output_tokens,
+             o.num_cached_tokens, o.error, o.logprobs, o.prompt_logprobs) for o in stream]
+
+
+def test_streamed_outputs_equal_the_engine_in_process(config, engine):
+    """The parent makes the text from the tokens the child sends (text_outputs.py), except for requests with stop
+    strings, which the child detokenizes: every output a client sees is the one the engine in-process streams,
+    per token, whichever way its text was made and however the request ended."""
+    prompt, sampled = "a new prompt for streaming", SamplingParams(temperature=1.0, seed=7, max_tokens=16)
+    local = LLMEngine(config).start()
+    tokens, text = (lambda out: (out.token_ids, out.text))(local.generate([prompt], sampled)[0])
+    cases = [sampled, SamplingParams(temperature=1.0, seed=7, max_tokens=10, logprobs=2),
+             SamplingParams(temperature=1.0, seed=7, max_tokens=16, stop=[text[len(text) // 2:][:2]]),
+             SamplingParams(temperature=1.0, seed=7, max_tokens=9, ignore_eos=True, prompt_logprobs=1),
+             SamplingParams(temperature=1.0, seed=7, max_tokens=16, stop_token_ids=[tokens[5]])]
+    expected = [streamed(local.add_request(f"in{i}", prompt, params)) for i, params in enumerate(cases)]
+    local.shutdown()
+    engine.add_request("warm", prompt, sampled).result()  # the same prefix cache as the engine in-process
+    got = [streamed(engine.add_request(f"out{i}", prompt, params)) for i, params in enumerate(cases)]
+    assert got == expected
+    assert [e[-1][3] for e in expected] == ["length", "length", "stop", "length", "stop"]
+    assert len(expected[2]) < 16 and len(expected[4]) <= 6  # ended by the stop string, by the stop token
+
+
+def test_a_verify_steps_runs_stream_as_in_process(config):
+    """Speculative decoding: a verify step's accepted run reaches the parent as one output of several tokens, whose
+    text the parent makes token by token (a run that ends on max_tokens flushes at its last)."""
+    config = dataclasses.replace(config, speculative_method="ngram", num_speculative_tokens=3)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (12, 17)]
+    local = LLMEngine(config).start()
+    expected = [streamed(local.add_request(f"in{i}", PROMPTS[1], p)) for i, p in enumerate(params)]
+    local.shutdown()
+    engine = EngineProcess(config)
+    try:
+        got = [streamed(engine.add_request(f"out{i}", PROMPTS[1], p)) for i, p in enumerate(params)]
+    finally:
+        engine.shutdown(timeout_s=5)
+    assert got == expected and any(len(o[0]) > 1 for e in expected for o in e)  # runs of several tokens
 
 
 def test_stats_count_a_finished_request_once_its_result_is_in(engine):

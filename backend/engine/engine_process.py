@@ -10,12 +10,13 @@ stub's GIL to themselves.
 Protocol (one duplex multiprocessing Pipe, pickled tuples, never a hand-made
 socket protocol):
   parent -> child: ("add", request_id, prompt_ids, params) | ("abort", request_id) | ("shutdown", timeout_s)
-  child -> parent: ("ready", AdmissionLimits, model folder) | ("failed", message) once at start, then
-                   ("outputs", [RequestOutput's fields as a tuple, ...], EngineStats, healthy) once per engine
-                   step (outputs.request_output_fields), and
+  child -> parent: ("ready", AdmissionLimits, model folder, EOS ids) | ("failed", message) once at start, then
+                   ("outputs", rows, EngineStats, healthy) once per engine step, the step's tokens without
+                   their text (token_output_processor.py has the rows' format), and
                    ("closed",) after shutdown.
 Requests are admitted (tokenized, checked against the limits the child sent)
-here, on the caller's thread, so a bad request fails at once as in-process.
+here, on the caller's thread, so a bad request fails at once as in-process. Their text is made here too
+(text_outputs.py), off the child's loop, as vLLM V1's frontend process detokenizes for its EngineCore.
 If the child dies, every request in flight ends with an error and
 is_healthy() turns false, as for an engine that failed in-process.
 """
@@ -35,6 +36,7 @@ from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestSt
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.stats import EngineStats
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
+from kvtriton.backend.engine.text_outputs import TextOutputs
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("kvtriton")
@@ -58,15 +60,16 @@ class EngineProcess:
         if message[0] == "failed":
             self._process.join(10)
             raise RuntimeError(f"the engine process could not start: {message[1]}")
-        _, limits, folder = message
+        _, limits, folder, eos_token_ids = message
         self.tokenizer = Tokenizer.from_pretrained(folder)
+        self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
         self.sampling_defaults = sampling_defaults(folder, config.generation_config)  # the child logs them
         self.admission = Admission(self.tokenizer, limits)
         # Compiles guided_* constraints here too, only to answer an invalid one at once (the child compiles its own).
         self.structured_output = StructuredOutputManager(self.tokenizer, self.tokenizer.eos_token_ids)
         self.structured_output.warm_up()
-        self._sinks: dict[str, OutputSink] = {}
-        self._lock = threading.Lock()  # guards _sinks and _num_waiting (execute() thread vs receiver)
+        self._outputs = TextOutputs(self.tokenizer, eos_token_ids)  # each request's sink and text
+        self._lock = threading.Lock()  # guards _num_waiting (execute() thread vs receiver)
         self._send_lock = threading.Lock()
         self._num_waiting = 0  # the child's last count plus the requests sent since
         self._stats = EngineStats()  # the child's last, sent with each step's outputs
@@ -95,10 +98,8 @@ class EngineProcess:
         ids = self.admission.admit(prompt, params)
         self.structured_output.matcher_for(params)
         sink = sink if sink is not None else RequestStream(request_id)
+        self._outputs.add(request_id, ids, params, sink)
         with self._lock:
-            if request_id in self._sinks:
-                raise ValueError(f"request id {request_id!r} is already in flight")
-            self._sinks[request_id] = sink
             self._num_waiting += 1
         self._send(("add", request_id, ids, params))
         return sink
@@ -148,7 +149,7 @@ class EngineProcess:
                 if message[0] == "closed":
                     return
                 _, rows, stats, healthy = message
-                self._deliver([RequestOutput(*row) for row in rows], stats)
+                self._deliver(rows, stats)
                 self._healthy = healthy
         except (EOFError, OSError):
             if not self._closing:
@@ -157,37 +158,22 @@ class EngineProcess:
             self._healthy = self._healthy and self._closing
             self._fail_all()
 
-    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _deliver(self, rows: list, stats: EngineStats) -> None:
         with self._lock:
             self._num_waiting = stats.num_waiting
         self._stats = stats  # before the outputs: a caller woken by a finished one reads stats that count it
-        for out in outputs:
-            with self._lock:
-                sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
-            if sink is None:
-                continue
-            try:
-                sink.put(out)
-            except Exception:  # a broken client connection must not stop the others' outputs
-                log.exception("could not deliver output of request %s", out.request_id)
-            if self.metrics is not None:
-                self.metrics.observe_output(out)
+        for request_id in self._outputs.deliver(rows, self.metrics):  # their text failed here: ended with an error
+            self.abort(request_id)
         if self.metrics is not None:
             self.metrics.observe_step(stats)
 
     def _fail_all(self) -> None:
-        with self._lock:
-            sinks, self._sinks = self._sinks, {}
-        for request_id, sink in sinks.items():
-            error = f"internal error (request {request_id}): the engine stopped; retry"
-            try:
-                sink.put(RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=error))
-            except Exception:
-                log.exception("could not deliver the error of request %s", request_id)
+        self._outputs.fail_all("the engine stopped; retry")
 
 
 class _StepOutputs:
-    """The child's one sink and metrics: outputs gathered over a step, sent to the parent in one message."""
+    """The child's one sink and metrics: a step's rows (the engine's TokenOutputProcessor's, then the outputs put
+    here: admission errors, a failed engine's errors), sent to the parent in one message."""
 
     def __init__(self, conn, engine_ref: list):
         self._conn, self._engine_ref = conn, engine_ref
@@ -202,13 +188,14 @@ class _StepOutputs:
         pass  # the parent observes what it delivers
 
     def observe_step(self, stats: EngineStats, force: bool = False) -> None:
+        engine = self._engine_ref[0] if self._engine_ref else None
+        rows = engine.output_processor.take_rows() if engine is not None else []
         with self._lock:
             outputs, self._outputs = self._outputs, []
+        rows += [request_output_fields(out) for out in outputs]
         # Sent even when idle (the engine calls this every 0.1 s then): the parent's gauges flush on a timer
         # and must see the idle values.
-        engine = self._engine_ref[0] if self._engine_ref else None
-        self._conn.send(("outputs", [request_output_fields(out) for out in outputs], stats,
-                         engine is None or engine.is_healthy()))
+        self._conn.send(("outputs", rows, stats, engine is None or engine.is_healthy()))
 
 
 def _serve_engine(config: EngineConfig, conn) -> None:
@@ -217,13 +204,13 @@ def _serve_engine(config: EngineConfig, conn) -> None:
     engine_ref: list[LLMEngine] = []
     step_outputs = _StepOutputs(conn, engine_ref)
     try:
-        engine = LLMEngine(config, metrics=step_outputs)
+        engine = LLMEngine(config, metrics=step_outputs, make_text=False)  # the parent makes the text
     except Exception as exc:
         log.exception("the engine could not start")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     engine_ref.append(engine)
-    conn.send(("ready", engine.admission.limits, str(engine.folder)))
+    conn.send(("ready", engine.admission.limits, str(engine.folder), engine.eos_token_ids))
     engine.start()
     while True:
         try:

@@ -42,13 +42,14 @@ from kvtriton.backend.engine.outputs import OutputSink, RequestOutput, RequestSt
 from kvtriton.backend.engine.sampler import Sampler
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.scheduler import Scheduler, SchedulerConfig
-from kvtriton.backend.engine.sequence import Sequence
+from kvtriton.backend.engine.sequence import Sequence, stop_token_ids
 from kvtriton.backend.engine.speculative import create_proposer
 from kvtriton.backend.engine.speculative.policy import proposal_cap
 from kvtriton.backend.engine.stats import EngineStats
 from kvtriton.backend.engine.step_executor import StepExecutor, on_forward_thread
 from kvtriton.backend.engine.structured_output import StructuredOutputManager
 from kvtriton.backend.engine.token_limits import bad_words_token_ids
+from kvtriton.backend.engine.token_output_processor import TokenOutputProcessor
 from kvtriton.backend.engine.tokenizer import Tokenizer
 from kvtriton.backend.models import host_memory
 from kvtriton.backend.models.checkpoint import resolve_checkpoint
@@ -78,7 +79,9 @@ HEAP_TRIM_IDLE_S = 1.0
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, metrics=None):
+    def __init__(self, config: EngineConfig | None = None, metrics=None, make_text: bool = True):
+        """make_text False: the outputs carry token ids and no text, for a process that makes it (an engine process's
+        parent: token_output_processor.py); a request with stop strings is still detokenized here."""
         self.config = config = config or EngineConfig()
         self.folder = folder = resolve_checkpoint(config.model)
         self.model_config = ModelConfig.from_pretrained(folder)
@@ -126,7 +129,8 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(self.tokenizer, self.eos_token_ids)
         self.structured_output.warm_up()
         self.tokenizer.token_bytes()  # the detokenizers' byte table (~0.1 s) now, not in the first request's TTFT
-        self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
+        self.output_processor = (OutputProcessor(self.scheduler, self.tokenizer) if make_text else
+                                 TokenOutputProcessor(self.scheduler, self.tokenizer))
         self.metrics = metrics  # optional: observe_output(RequestOutput), observe_step(EngineStats)
         # Speculative decoding (None: off): proposes tokens that verify steps check (README "Speculative decoding").
         self.proposer = load(create_proposer, config, self.tokenizer, self.runner.num_blocks, self.device,
@@ -177,14 +181,13 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         # A guided request does not speculate: its grammar must see each token before the next is proposed
         # (nor one with allowed_token_ids or bad_words, whose mask the sampler applies as a grammar's); nor one that
         # asks for prompt logprobs (a verify step computes one row a prefill).
         bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
         speculates = grammar is None and not (params.allowed_token_ids or bad_words) and params.prompt_logprobs is None
-        seq = Sequence(request_id, ids, params, stop_token_ids, generator=generator, grammar=grammar,
-                       num_speculative_tokens=self._speculative_tokens(params) if speculates else 0,
+        seq = Sequence(request_id, ids, params, stop_token_ids(params, self.eos_token_ids), generator=generator,
+                       grammar=grammar, num_speculative_tokens=self._speculative_tokens(params) if speculates else 0,
                        bad_words_token_ids=bad_words, lora_adapter=self._lora_adapter(params))
         sink = sink if sink is not None else RequestStream(request_id)
         self._inbox.put(("add", seq, sink))

@@ -34,8 +34,11 @@ class OutputProcessor:
             sink.put(RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
                                    error=f"request id {seq.request_id!r} is already in flight"))
             return
-        self.states[seq.request_id] = RequestState(seq, sink, self.tokenizer)
+        self.states[seq.request_id] = self._new_state(seq, sink)
         self.scheduler.add(seq)
+
+    def _new_state(self, seq: Sequence, sink: OutputSink) -> RequestState:
+        return RequestState(seq, sink, self.tokenizer)
 
     def abort(self, request_id: str) -> None:
         if request_id in self.states:
