@@ -161,6 +161,20 @@ def test_eos_is_allowed_only_where_the_grammar_accepts(manager):
     assert eos in after_digit and not seq.grammar.is_terminated
 
 
+def test_every_eos_id_of_a_model_with_several_ends_a_grammar(manager):
+    """Llama 3 and Qwen 3 end turns with several ids (generation_config's eos_token_id list): each is allowed
+    where the grammar may end (llguidance >= 1.7 takes the list; 1.6 refused it, and guided decoding was off)."""
+    _, tokenizer = manager
+    eos = sorted(tokenizer.eos_token_ids)[0]
+    other = tokenizer.encode("!", add_special_tokens=False)[0]  # a second EOS id, as a model's config may name
+    structured = StructuredOutputManager(tokenizer, {eos, other})
+    seq = type("Seq", (), {"finish_reason": None, "params": SamplingParams(), "bad_words_token_ids": ()})()
+    seq.grammar = structured.matcher_for(SamplingParams(guided_regex="[0-9]+"))
+    assert seq.grammar.accept(tokenizer.encode("7", add_special_tokens=False)[0])
+    after_digit = allowed_ids(structured.bitmask([seq], torch.device("cpu"))[0], tokenizer.vocab_size)
+    assert {eos, other} <= set(after_digit)
+
+
 def test_bitmask_is_none_without_guided_rows_and_all_ones_for_unguided_rows(manager):
     structured, tokenizer = manager
     plain = type("Seq", (), {"finish_reason": None, "grammar": None, "params": SamplingParams(),
