@@ -23,11 +23,21 @@ def test_a_compile_is_logged_with_its_kernel_and_time(caplog):
     watch = CompileWatch()
     with caplog.at_level(logging.WARNING, logger="kvtriton"):
         assert watch.before(**hook_kwargs("k1", "_fp8_matmul")) is False  # False: Triton goes on and compiles
+        watch._started["k1"] -= 0.276  # as long as the compile that stalled an H200's 64 requests
         watch.after(**hook_kwargs("k1", "_fp8_matmul"))
     assert watch.compiles == 1
     [record] = caplog.records
-    assert "Triton compiled _fp8_matmul while serving in " in record.getMessage()
-    assert " ms" in record.getMessage() and "(M: i32)" in record.getMessage()
+    assert "Triton compiled _fp8_matmul while serving in 276 ms" in record.getMessage()
+    assert "(M: i32)" in record.getMessage()
+
+
+def test_a_variant_loaded_from_tritons_cache_is_logged_at_debug_level_only(caplog):
+    watch = CompileWatch()
+    with caplog.at_level(logging.DEBUG, logger="kvtriton"):
+        watch.before(**hook_kwargs("k2", "_skinny_matmul"))
+        watch.after(**hook_kwargs("k2", "_skinny_matmul"))  # at once: a load from the on-disk cache
+    [record] = caplog.records
+    assert record.levelno == logging.DEBUG and "_skinny_matmul" in record.getMessage() and watch.compiles == 1
 
 
 def test_hooks_go_in_once_and_never_over_another_tools(monkeypatch):
