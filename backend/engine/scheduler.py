@@ -155,22 +155,13 @@ class Scheduler:
         "length": max_tokens or max_model_len) finish and free the sequence."""
         seq.token_ids.append(token_id)
         self.num_generation_tokens += 1
-        reason = self._stop_reason(seq, token_id)
-        if reason is not None:
-            seq.finish_reason = reason
-            self.finish(seq)
-
-    @staticmethod
-    def _will_finish(seq: Sequence, num_total_tokens: int) -> bool:
-        """Its pending token reaches max_tokens or max_model_len: scheduling it again would be wasted."""
-        return seq.num_placeholders > 0 and num_total_tokens >= seq.max_num_tokens
-
-    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         if token_id in seq.stop_token_ids:
-            return "stop"
-        if len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens or max_model_len
-            return "length"
-        return None
+            seq.finish_reason = "stop"
+        elif len(seq.token_ids) >= seq.max_num_tokens:  # max_tokens or max_model_len
+            seq.finish_reason = "length"
+        else:
+            return
+        self.finish(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -186,16 +177,24 @@ class Scheduler:
         preempted_for_priority = len(out.preempted)
 
         # 1. Running sequences in order. Preempt from the end when blocks run out.
-        i = 0
+        i, scoring, block_size = 0, bool(self.prompt_logprob_seqs), bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_total_tokens = len(seq.token_ids) + seq.num_placeholders  # (Sequence.num_total_tokens, inlined)
-            if self._will_finish(seq, num_total_tokens):
-                i += 1
+            if seq.num_placeholders and num_total_tokens >= seq.max_num_tokens:
+                i += 1  # its pending token reaches max_tokens or max_model_len: scheduling it again would be wasted
                 continue
             if seq.spec_token_ids:  # proposals to verify: as many as the budget leaves room for
                 del seq.spec_token_ids[max(budget - 1, 0):]
-            scores_prompt = bool(self.prompt_logprob_seqs) and seq.needs_prompt_logprobs
+            elif (num_total_tokens == seq.num_computed_tokens + 1 and not scoring
+                  and seq.num_computed_tokens < len(seq.block_ids) * block_size):
+                # A decode whose slot is in a block it holds: nothing to allocate (the hot path, inlined). Blocks
+                # that filled meanwhile are hashed for prefix reuse at its next allocation.
+                out.scheduled.append((seq, 1))
+                budget -= 1
+                i += 1
+                continue
+            scores_prompt = scoring and seq.needs_prompt_logprobs
             if scores_prompt and logit_budget == 0:  # its prompt goes on next step; the others need not wait
                 i += 1
                 continue
@@ -205,9 +204,7 @@ class Scheduler:
                 break
             if scores_prompt:
                 logit_budget -= n
-            if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * bm.block_size:
-                # A decode whose slot is in a block it holds: nothing to allocate (the hot path). Blocks
-                # that filled meanwhile are hashed for prefix reuse at its next allocation.
+            if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * block_size:
                 out.scheduled.append((seq, n))
                 budget -= n
                 i += 1
