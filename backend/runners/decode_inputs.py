@@ -19,6 +19,7 @@ is row i's block table as that step saw it.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Sequence
 
@@ -34,6 +35,15 @@ _num_computed_tokens = operator.attrgetter("num_computed_tokens")
 def same_rows(before: Sequence, now: Sequence) -> bool:
     """The same sequence objects in the same rows: a steady batch, whose per-row step state carries over."""
     return len(before) == len(now) and all(map(operator.is_, before, now))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_constants(b: int) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
+    """What every steady step of b rows shares, built once and only read: the row indices, the query lengths (one
+    token a row) and the placeholders (row i's token is the one sampled in row i)."""
+    rows = np.arange(b)
+    rows.flags.writeable = False
+    return rows, [1] * b, [(i, i) for i in range(b)]
 
 
 class DecodeInputs:
@@ -56,10 +66,12 @@ class DecodeInputs:
         b = len(scheduled)
         seqs = [seq for seq, _ in scheduled]
         starts = np.fromiter(map(_num_computed_tokens, seqs), dtype=np.int64, count=b) - 1
+        bs = self.block_size
+        blocks = starts // bs  # each row's slot's index in its table
         if same_rows(self._rows, seqs) and (starts == self._starts + 1).all():
             # The last step's rows, one token on each: still decodes of device tokens. Tables only grow in
             # a decode, so the rows to update are those whose new slot is past the table kept for them.
-            grown = np.flatnonzero(starts // self.block_size >= self._lens[:b])
+            grown = np.flatnonzero(blocks >= self._lens[:b])
             if len(grown):
                 self._append_blocks(seqs, grown)
         elif self._decodes_device_tokens(scheduled, starts):
@@ -68,13 +80,12 @@ class DecodeInputs:
         else:
             self._rows = []
             return None
-        bs = self.block_size
-        if (starts // bs >= self._lens[:b]).any():  # a slot past a row's table: prepare_step names the row
+        if (blocks >= self._lens[:b]).any():  # a slot past a row's table: prepare_step names the row
             self._rows = []
             return None
         self._rows, self._starts = seqs, starts
-        rows = np.arange(b)
-        slots = self._tables[rows, starts // bs] * bs + starts % bs
+        rows, ones, placeholders = _batch_constants(b)
+        slots = self._tables[rows, blocks] * bs + starts % bs
         context_lens = starts + 1
         width = int(self._lens[:b].max())
         adapted = bool(self._adapters.any())  # the rows' adapters ride in the same copy, after the tables
@@ -82,9 +93,9 @@ class DecodeInputs:
                                self._tables[:b, :width].reshape(-1), self._adapters if adapted else rows[:0]])
         device = self._to_device(host)
         tables_end = 5 * b + b * width
-        step = unpack_step(device[: 5 * b], device[5 * b : tables_end].view(b, width), b, b, [1] * b,
+        step = unpack_step(device[: 5 * b], device[5 * b : tables_end].view(b, width), b, b, ones,
                            context_lens.tolist(), -(-int(context_lens.max()) // bs))
-        step.placeholders = [(i, i) for i in range(b)]
+        step.placeholders = placeholders
         step.adapters = StepAdapters.of_rows(device[tables_end:], self._adapters.tolist()) if adapted else None
         return step
 
