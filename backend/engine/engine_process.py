@@ -66,7 +66,7 @@ class EngineProcess:
         self.sampling_defaults = sampling_defaults(folder, config.generation_config)  # the child logs them
         self.admission = Admission(self.tokenizer, limits)
         # Compiles guided_* constraints here too, only to answer an invalid one at once (the child compiles its own).
-        self.structured_output = StructuredOutputManager(self.tokenizer, self.tokenizer.eos_token_ids)
+        self.structured_output = StructuredOutputManager(self.tokenizer, eos_token_ids)  # the child's EOS ids
         self.structured_output.warm_up()
         self._outputs = TextOutputs(self.tokenizer, eos_token_ids)  # each request's sink and text
         self._lock = threading.Lock()  # guards _num_waiting (execute() thread vs receiver)

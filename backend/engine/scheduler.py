@@ -205,6 +205,8 @@ class Scheduler:
             if scores_prompt:
                 logit_budget -= n
             if n == 1 and seq.num_computed_tokens < len(seq.block_ids) * block_size:
+                # The same nothing-to-allocate case as the inlined path above, reached here by a verify step cut to
+                # its one token, or by a row that scores prompt logprobs.
                 out.scheduled.append((seq, n))
                 budget -= n
                 i += 1

@@ -19,6 +19,7 @@ from kvtriton.backend.engine.outputs import OutputSink, RequestOutput
 from kvtriton.backend.engine.request_state import RequestText
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.sequence import stop_token_ids
+from kvtriton.backend.engine.token_output_processor import engine_makes_text
 from kvtriton.backend.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("kvtriton")
@@ -66,8 +67,8 @@ class TextOutputs:
         return len(self._requests)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: OutputSink) -> None:
-        text = None if params.stop else RequestText(self.tokenizer, prompt_ids, params,
-                                                    stop_token_ids(params, self.eos_token_ids))
+        text = None if engine_makes_text(params) else RequestText(self.tokenizer, prompt_ids, params,
+                                                                  stop_token_ids(params, self.eos_token_ids))
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")
