@@ -166,3 +166,38 @@ def test_an_idle_engine_gives_freed_heap_back_once(tiny_folder, monkeypatch):
             assert len(trims) == round_ + 1 and trims[-1] - done >= 0.25
     finally:
         engine.shutdown()
+
+
+def test_a_forward_stuck_in_a_dead_ranks_collective_still_fails_every_request(tiny_folder):
+    """A tensor-parallel rank that dies can leave the forward thread in a collective that never returns (gloo,
+    once in CI); the runner, which saw the rank exit, says so while the engine thread waits, and the engine
+    fails its requests without waiting for the forward pass."""
+    from kvtriton.backend.runners.tensor_parallel_runner import RunnerFailedError
+
+    engine = make_engine(tiny_folder, cpu_single_openmp_team=True).start()  # CPU steps on a forward thread
+    runner, dead, stuck, release = engine.runner, threading.Event(), threading.Event(), threading.Event()
+    execute = runner.execute
+
+    def stuck_execute(step):
+        if dead.is_set():
+            stuck.set()
+            release.wait()  # the collective with the dead rank, until the test ends
+        return execute(step)
+
+    def check_health():
+        if dead.is_set():
+            raise RunnerFailedError("tensor-parallel rank 1 exited (code -9)")
+
+    runner.execute, runner.check_health = stuck_execute, check_health
+    try:
+        stream = engine.add_request("long", "the quick brown fox", LONG)
+        while engine.stats().num_running < 1:
+            time.sleep(0.01)
+        dead.set()
+        assert stuck.wait(10)
+        final = last(stream, timeout=10)
+        assert final.finish_reason == "error" and "engine failed" in final.error
+        assert not engine.is_healthy()
+    finally:
+        release.set()
+        engine.shutdown(timeout_s=5)

@@ -9,7 +9,8 @@ emits, so the scheduler is still touched by one thread at a time.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
@@ -33,13 +34,32 @@ from kvtriton.backend.runners.tensor_parallel_runner import RunnerFailedError
 
 log = logging.getLogger("kvtriton")
 
+# How often the engine thread, waiting for the forward thread, asks the runner whether it can still finish.
+HEALTH_POLL_S = 0.1
 
-def on_forward_thread(forward_thread: ThreadPoolExecutor | None, fn, *args):
+
+def on_forward_thread(forward_thread: ThreadPoolExecutor | None, fn, *args, runner=None):
     """fn(*args) on the forward thread when there is one (a CPU): every forward pass and sampling op on one
     thread keeps one OpenMP team busy, where two threads that take turns make libgomp stop spin-waiting
     (measured: the verify step's sampling on the engine thread made the self-int8 draft a net loss). The
-    engine thread waits meanwhile, so the scheduler is still touched by one thread at a time."""
-    return fn(*args) if forward_thread is None else forward_thread.submit(fn, *args).result()
+    engine thread waits meanwhile, so the scheduler is still touched by one thread at a time. runner: the
+    runner fn drives, whose health is checked while waiting (forward_result)."""
+    return fn(*args) if forward_thread is None else forward_result(forward_thread.submit(fn, *args), runner)
+
+
+def forward_result(job: Future, runner=None):
+    """The forward thread's result, waited for while the runner says it can still finish (check_health, a
+    tensor-parallel runner's). A rank that died can leave the forward thread in a collective that does not return
+    (gloo, once in CI: no error within 60 s after the runner had seen the rank exit), and the engine thread must
+    not wait with it: RunnerFailedError then fails the engine, and every request gets its error."""
+    check_health = getattr(runner, "check_health", None)
+    if check_health is None:
+        return job.result()
+    while True:
+        try:
+            return job.result(timeout=HEALTH_POLL_S)
+        except FutureTimeout:
+            check_health()
 
 
 class StepExecutor:
@@ -95,7 +115,7 @@ class StepExecutor:
             self.output_processor.emit_tokens(*tokens)
         if job is not None:
             try:
-                self.pending = job.result()
+                self.pending = forward_result(job, self.runner)
             except Exception as exc:
                 self._fail(sched, exc)
         if not self.config.enable_async_scheduling and self.pending is not None:
@@ -134,7 +154,8 @@ class StepExecutor:
         try:
             step = self._prepare(sched)
             runs = on_forward_thread(self._forward_thread,
-                                     lambda: self.verifier.verify(sched, self.runner.execute(step)))
+                                     lambda: self.verifier.verify(sched, self.runner.execute(step)),
+                                     runner=self.runner)
         except Exception as exc:
             self._fail(sched, exc)
             return
