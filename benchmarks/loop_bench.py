@@ -1,7 +1,7 @@
 """Engine-loop benchmark: what users see (tok/s, TTFT, ITL) against the runner step alone and the bound.
 
-Workload: N requests of 128 random prompt tokens submitted at once, 128 output tokens each, EOS ignored,
-greedy; N = 1, 16, 64 by default. For each N it prints:
+Workload: N requests of 128 random prompt tokens submitted at once (each run's prompts new to the engine: no
+prefix-cache hit), 128 output tokens each, EOS ignored, greedy; N = 1, 16, 64 by default. For each N it prints:
   - output tok/s, TTFT p50 and inter-token latency (ITL) p50 and mean of the engine, with the overlapped loop
     (async scheduling) and, for comparison, the synchronous one (enable_async_scheduling=false);
   - the runner's decode step alone at batch N (a CUDA-graph replay timed by itself), and the engine's
@@ -44,6 +44,11 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     run = engine_bench.run_engine(engine, prompts, max_tokens)
     return dict(tok_s=run["tok_s"], ttft_ms=pct(run["ttft"], 50) * 1e3, itl_ms=pct(run["itl"], 50) * 1e3,
                 itl_mean_ms=statistics.fmean(run["itl"]) * 1e3 if run["itl"] else float("nan"))
+
+
+def random_prompts(rng: random.Random, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` random token ids (3..39999: within every vocabulary the benchmarks use)."""
+    return [[rng.randrange(3, 40000) for _ in range(length)] for _ in range(n)]
 
 
 def copy_bandwidth(device) -> float:
@@ -189,8 +194,11 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     folder, dummy = model_folder(args.config, args.tokenizer)
+    # Random prompts never repeat: every measured run gets prompts the engine has not seen (the warm-up its own),
+    # so no run's prefill is cut short by a prefix-cache hit on an earlier run's prompts.
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 40000) for _ in range(args.prompt_len)] for _ in range(max(batches))]
+    warm_up = random_prompts(rng, 4, args.prompt_len)
+    prompts = {n: random_prompts(rng, n, args.prompt_len) for n in batches}
     cuda = args.device.startswith("cuda")
     base = dict(model=folder, device=args.device, dummy_weights=dummy, max_num_seqs=max(batches),
                 max_num_batched_tokens=8192, max_model_len=2048, kv_cache_memory_gb=2.0,
@@ -203,7 +211,8 @@ def main() -> None:
           f"{args.kv_cache_dtype}; the engine {'in a process of its own' if args.engine_process else 'in-process'}")
     results = {"bandwidth_tb_s": bandwidth / 1e12, "rows": []}
     if args.profile:
-        return profile_host(EngineConfig(**base), prompts[: args.profile], args.max_tokens, args.cprofile)
+        return profile_host(EngineConfig(**base), random_prompts(rng, args.profile, args.prompt_len), args.max_tokens,
+                            args.cprofile)
     loops = [("async", True)] + ([] if args.no_sync_loop else [("sync", False)])
     measured: dict[str, dict[int, dict]] = {}
     engine = None
@@ -222,8 +231,8 @@ def main() -> None:
                 if cuda:
                     torch.cuda.empty_cache()
                 engine = EngineProcess(config)
-        run_engine(engine, prompts[:4], 8)  # warm-up
-        measured[name] = {n: {**run_engine(engine, prompts[:n], args.max_tokens), **probes[n]} for n in batches}
+        run_engine(engine, warm_up, 8)
+        measured[name] = {n: {**run_engine(engine, prompts[n], args.max_tokens), **probes[n]} for n in batches}
         engine.shutdown()
         del engine
     hf = {}
@@ -237,7 +246,7 @@ def main() -> None:
             torch.manual_seed(0)
             transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(out)
             hf_folder = str(out)
-        hf = {n: run_hf(hf_folder, prompts[:n], args.max_tokens, "cuda" if cuda else "cpu", dtype) for n in batches}
+        hf = {n: run_hf(hf_folder, prompts[n], args.max_tokens, "cuda" if cuda else "cpu", dtype) for n in batches}
         print(f"# HF transformers {transformers.__version__}, static cache, generate")
     print(f"{'N':>3} | {'tok/s':>8} | {'TTFT p50':>9} | {'ITL p50':>8} | {'ITL mean':>8} | {'step':>8} | "
           f"{'ITL/step':>8} | {'bound':>8} | {'step/bound':>10} | {'sync tok/s':>10} | {'HF tok/s':>9} | {'vs HF':>6}")

@@ -358,19 +358,24 @@ def gpu(args) -> None:
     """bf16 vs fp8 vs int4 on CUDA, 1B-class random weights: runner step at batch 1, engine tok/s at 1 and 64."""
     import random
 
-    from loop_bench import runner_step
+    from loop_bench import random_prompts, runner_step
 
     from kvtriton.backend.engine.engine_process import EngineProcess
     from kvtriton.backend.engine.llm_engine import LLMEngine
 
     folder, dummy = model_folder("llama-1b", args.tokenizer)
+    # Each run gets prompts the engine has not seen (random prompts never repeat), so no run's prefill is cut short
+    # by a prefix-cache hit on a warm-up's or an earlier run's prompts; every variant gets the same ones.
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 40000) for _ in range(128)] for _ in range(64)]
+    warm_ups = [random_prompts(rng, n, 128) for n in (4, 1, 64)]
+    single_prompts = random_prompts(rng, 3, 128)
+    batch_prompts = [random_prompts(rng, 64, 128) for _ in range(3)]
     import triton
 
     print(f"# gpu: llama-1b random weights on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-          f"triton {triton.__version__}; 128-token prompts, {args.max_tokens} output tokens, EOS ignored; the requests "
-          f"to {'an engine in a process of its own (EngineProcess)' if args.isolate else 'an in-process engine'}")
+          f"triton {triton.__version__}; 128-token random prompts, each run's new to the engine, "
+          f"{args.max_tokens} output tokens, EOS ignored; the requests to "
+          f"{'an engine in a process of its own (EngineProcess)' if args.isolate else 'an in-process engine'}")
     rows = {}
     for name in args.gpu_variants.split(","):
         precision, _, kv = name.partition("+")  # "fp8+kv8": fp8 weights over an fp8 KV cache
@@ -389,15 +394,16 @@ def gpu(args) -> None:
             del engine
             free_gpu_memory()
             engine = EngineProcess(config)
-        run_engine(engine, prompts[:4], 8)  # warm-up: batch 4, a 512-token prefill
-        run_engine(engine, prompts[:1], 8)  # and the single request's shapes (a first 128-token prefill)
-        run_engine(engine, prompts, 8)  # and the 64 requests' (an 8,192-token prefill, eager: its first run is slow)
-        singles = [run_engine(engine, [prompts[i]], args.max_tokens) for i in range(3)]
+        # Warm-ups: batch 4 (a 512-token prefill), the single request's shapes (a first 128-token prefill), the 64
+        # requests' (an 8,192-token prefill, eager: its first run is slow).
+        for prompts in warm_ups:
+            run_engine(engine, prompts, 8)
+        singles = [run_engine(engine, [prompt], args.max_tokens) for prompt in single_prompts]
         one = statistics.median(r["tok_s"] for r in singles)
         ttft = statistics.median(r["ttft"][0] for r in singles)
         itl = statistics.median(x for r in singles for x in r["itl"])
         each = ", ".join(f"{r['tok_s']:.0f}" for r in singles)
-        batches = [run_engine(engine, prompts, args.max_tokens) for _ in range(3)]
+        batches = [run_engine(engine, prompts, args.max_tokens) for prompts in batch_prompts]
         batch = statistics.median(r["tok_s"] for r in batches)
         batch_each = ", ".join(f"{r['tok_s']:.0f} (TTFT p50 {statistics.median(r['ttft']) * 1e3:.0f} ms)"
                                for r in batches)
