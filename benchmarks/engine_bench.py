@@ -50,6 +50,14 @@ LLAMA_1B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_si
                 tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
 
 
+def chat_prompt_ids(tokenizer, run: str = "") -> list[list[int]]:
+    """QUESTIONS as chat prompts, in token ids. run: a tag before each question, so that one run's prompts are new to
+    an engine that served another's (they share the chat template's own prefix only, as real chats do): no run's
+    prefill is cut short by a prefix-cache hit on an earlier run's, which HF's side would not get."""
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{run} {q}".strip()}]) for q in QUESTIONS]
+    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
 def add_workload_options(ap: argparse.ArgumentParser) -> None:
     """The options of a benchmark on this workload: the model (--config, --tokenizer: model_folder's), where it
     runs (--device), and the output tokens per request (--max-tokens)."""
@@ -203,20 +211,20 @@ def main():
     started = time.perf_counter()
     engine = LLMEngine(cfg).start()
     print(f"# engine start-up (weights, KV pool, CUDA graphs): {time.perf_counter() - started:.1f} s")
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-    prompt_ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    prompt_ids = chat_prompt_ids(engine.tokenizer, "(batch)")
+    single_ids = chat_prompt_ids(engine.tokenizer, "(single)")[:1]
 
     print(f"# kvtriton engine benchmark: {args.config} on {engine.device} ({engine.dtype}), "
-          f"{len(prompts)} prompts x {args.max_tokens} tokens, EOS ignored")
+          f"{len(prompt_ids)} prompts x {args.max_tokens} tokens, EOS ignored, each run's prompts new to the engine")
     print(f"# torch {torch.__version__}, python {platform.python_version()}, "
           f"{torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "
           f"threads {torch.get_num_threads()}, cuda graphs {args.cuda_graphs}")
-    run_engine(engine, prompt_ids[:4], 8)  # warm-up (graph capture, allocator)
+    run_engine(engine, chat_prompt_ids(engine.tokenizer, "(warm-up)")[:4], 8)  # graph capture, allocator
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     batch = run_engine(engine, prompt_ids, args.max_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else _rss_gib()
-    single = run_engine(engine, prompt_ids[:1], args.max_tokens)
+    single = run_engine(engine, single_ids, args.max_tokens)
     single_decode = (len(single["itl"])) / sum(single["itl"])
     results = dict(batch32=_summary(batch), single=_summary(single), single_decode_tok_s=single_decode,
                    peak_memory_gib=peak)
@@ -244,7 +252,7 @@ def main():
         if dummy:  # HF needs weights: save ours (same dummy init) in HF layout
             hf_folder = _save_dummy_for_hf(folder, dtype)
         hf_batch = run_hf(hf_folder, prompt_ids, args.max_tokens, "cuda" if cuda else "cpu", dtype, 32)
-        hf_single = run_hf(hf_folder, prompt_ids[:1], args.max_tokens, "cuda" if cuda else "cpu", dtype, 1)
+        hf_single = run_hf(hf_folder, single_ids, args.max_tokens, "cuda" if cuda else "cpu", dtype, 1)
         results.update(hf_batch32_tok_s=hf_batch["tok_s"], hf_single_tok_s=hf_single["tok_s"],
                        transformers=transformers.__version__)
         print(f"HF transformers {transformers.__version__}  generate batch 32: {hf_batch['tok_s']:8.1f} tok/s   "
@@ -252,20 +260,22 @@ def main():
         print(f"ratio kvtriton / HF:  batch 32 {batch['tok_s'] / hf_batch['tok_s']:.2f}x   "
               f"single stream {single['tok_s'] / hf_single['tok_s']:.2f}x")
     if args.rounds > 1 and not cuda and not args.no_hf:
-        _more_rounds(args, engine_cfg=cfg, folder=folder, prompt_ids=prompt_ids, dtype=engine.dtype,
+        _more_rounds(args, engine_cfg=cfg, folder=folder, tokenizer=engine.tokenizer, dtype=engine.dtype,
                      first=(batch["tok_s"], single["tok_s"], hf_batch["tok_s"], hf_single["tok_s"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
-def _more_rounds(args, engine_cfg, folder, prompt_ids, dtype, first):
-    """Alternate both sides args.rounds times in all; print each round and the medians."""
+def _more_rounds(args, engine_cfg, folder, tokenizer, dtype, first):
+    """Alternate both sides args.rounds times in all (each round's prompts new to the engine); print each round and
+    the medians."""
     rows = [first]
     engine = LLMEngine(engine_cfg).start()
-    for _ in range(args.rounds - 1):
-        b, s1 = run_engine(engine, prompt_ids, args.max_tokens), run_engine(engine, prompt_ids[:1], args.max_tokens)
+    for r in range(2, args.rounds + 1):
+        prompt_ids, single_ids = chat_prompt_ids(tokenizer, f"(round {r})"), chat_prompt_ids(tokenizer, f"(single {r})")
+        b, s1 = run_engine(engine, prompt_ids, args.max_tokens), run_engine(engine, single_ids[:1], args.max_tokens)
         hb = run_hf(folder, prompt_ids, args.max_tokens, "cpu", dtype, 32)
-        hs = run_hf(folder, prompt_ids[:1], args.max_tokens, "cpu", dtype, 1)
+        hs = run_hf(folder, single_ids[:1], args.max_tokens, "cpu", dtype, 1)
         rows.append((b["tok_s"], s1["tok_s"], hb["tok_s"], hs["tok_s"]))
     engine.shutdown()
     for i, (b, s1, hb, hs) in enumerate(rows):

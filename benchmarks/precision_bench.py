@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import QUESTIONS, model_folder, run_engine  # noqa: E402
+from engine_bench import QUESTIONS, chat_prompt_ids, model_folder, run_engine  # noqa: E402
 
 from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
@@ -218,11 +218,6 @@ def measure(engine, prompt_ids: list[list[int]], max_tokens: int) -> tuple[float
     batch = run_engine(engine, prompt_ids, max_tokens)
     single = run_engine(engine, prompt_ids[:1], max_tokens)
     return batch["tok_s"], len(single["itl"]) / sum(single["itl"])
-
-
-def chat_prompt_ids(tokenizer) -> list[list[int]]:
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
 def shipped_engine_config(args, quantization: str) -> EngineConfig:
