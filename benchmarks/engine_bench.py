@@ -272,10 +272,11 @@ def _more_rounds(args, engine_cfg, folder, tokenizer, dtype, first):
     rows = [first]
     engine = LLMEngine(engine_cfg).start()
     for r in range(2, args.rounds + 1):
-        prompt_ids, single_ids = chat_prompt_ids(tokenizer, f"(round {r})"), chat_prompt_ids(tokenizer, f"(single {r})")
-        b, s1 = run_engine(engine, prompt_ids, args.max_tokens), run_engine(engine, single_ids[:1], args.max_tokens)
+        prompt_ids = chat_prompt_ids(tokenizer, f"(round {r})")
+        single_ids = chat_prompt_ids(tokenizer, f"(single {r})")[:1]
+        b, s1 = run_engine(engine, prompt_ids, args.max_tokens), run_engine(engine, single_ids, args.max_tokens)
         hb = run_hf(folder, prompt_ids, args.max_tokens, "cpu", dtype, 32)
-        hs = run_hf(folder, single_ids[:1], args.max_tokens, "cpu", dtype, 1)
+        hs = run_hf(folder, single_ids, args.max_tokens, "cpu", dtype, 1)
         rows.append((b["tok_s"], s1["tok_s"], hb["tok_s"], hs["tok_s"]))
     engine.shutdown()
     for i, (b, s1, hb, hs) in enumerate(rows):

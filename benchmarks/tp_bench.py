@@ -32,13 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import model_folder  # noqa: E402
-from loop_bench import copy_bandwidth, run_engine, runner_step  # noqa: E402
+from loop_bench import copy_bandwidth, random_prompts, run_engine, runner_step  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 
 
-def measure(config: EngineConfig, batch: int, context: int, iterations: int, prompts, max_tokens: int) -> dict:
+def measure(config: EngineConfig, batch: int, context: int, iterations: int, warm_up, prompts,
+            max_tokens: int) -> dict:
     engine = LLMEngine(config).start()
     try:
         step_s = runner_step(engine, batch, context, rounds=3, iterations=iterations)
@@ -48,7 +49,7 @@ def measure(config: EngineConfig, batch: int, context: int, iterations: int, pro
         reports = getattr(engine.runner, "shard_reports", None)
         rank_bytes = (max(r.param_bytes for r in reports) if reports else
                       sum(p.numel() * p.element_size() for p in engine.runner.model.parameters()))
-        run_engine(engine, prompts[:1], 2)  # warm-up
+        run_engine(engine, warm_up, 2)  # its own prompt: no prefix-cache hit for the measured run
         run = run_engine(engine, prompts, max_tokens)
     finally:
         engine.shutdown()
@@ -76,7 +77,7 @@ def main() -> None:
         path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": args.num_layers}))
     layers = json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"]
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 40000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    warm_up, prompts = random_prompts(rng, 1, args.prompt_len), random_prompts(rng, args.requests, args.prompt_len)
     cuda = args.device.startswith("cuda")
     bandwidth = copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
@@ -91,7 +92,7 @@ def main() -> None:
         config = EngineConfig(model=folder, device=args.device, dummy_weights=True, tensor_parallel_size=tp,
                               max_num_seqs=max(args.batch, args.requests), max_num_batched_tokens=1024,
                               max_model_len=1024, kv_cache_memory_gb=0.25, quantization="none")
-        row = measure(config, args.batch, args.context, args.iterations, prompts, args.max_tokens)
+        row = measure(config, args.batch, args.context, args.iterations, warm_up, prompts, args.max_tokens)
         row["bound_ms"] = (row["rank_weight_bytes"] / bandwidth) * 1e3 + row["all_reduce_ms"]
         row["load"] = os.getloadavg()[0]
         rows.append(row)
