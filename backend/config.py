@@ -67,7 +67,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_cuda_graphs: bool = True
     # CUDA graphs for prefill and mixed steps too, per (token, sequence) bucket up to this many tokens (0: such
-    # steps run eagerly): an eager step costs the host about 1 ms a layer of PyTorch dispatch (README Benchmarks)
+    # steps run eagerly): an eager step costs the host about 1 ms a layer of PyTorch dispatch (README Benchmarks).
+    # Past 512 tokens worth raising (up to max_num_batched_tokens) where the model is small enough that a step of
+    # that many tokens takes the device less time than that dispatch (a 1B-class model up to a few thousand).
     max_prefill_graph_tokens: int = 512
     # Overlap the host's work for step N+1 with the device's step N (vLLM async scheduling, SGLang overlap
     # scheduler). On a CPU the forward pass runs on a thread of its own to overlap at all.

@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--engine-process", action="store_true",
                     help="the overlapped loop's requests go to the engine in a process of its own (EngineProcess, as "
                          "tritonserver runs it), so no client thread shares the loop's GIL; the step alone in-process")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=EngineConfig.max_prefill_graph_tokens,
+                    help="the engine's max_prefill_graph_tokens (default: the engine's)")
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -202,13 +204,15 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     base = dict(model=folder, device=args.device, dummy_weights=dummy, max_num_seqs=max(batches),
                 max_num_batched_tokens=8192, max_model_len=2048, kv_cache_memory_gb=2.0,
-                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                max_prefill_graph_tokens=args.prefill_graph_tokens)
     bandwidth = copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"# loop benchmark: {args.config}, {args.prompt_len}-token random prompts, {args.max_tokens} output "
           f"tokens, EOS ignored, greedy; torch {torch.__version__}, python {platform.python_version()}, "
           f"{device_name}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; quantization {args.quantization}, KV cache "
-          f"{args.kv_cache_dtype}; the engine {'in a process of its own' if args.engine_process else 'in-process'}")
+          f"{args.kv_cache_dtype}; token budget 8,192, prefill CUDA graphs up to {args.prefill_graph_tokens} "
+          f"tokens; the engine {'in a process of its own' if args.engine_process else 'in-process'}")
     results = {"bandwidth_tb_s": bandwidth / 1e12, "rows": []}
     if args.profile:
         return profile_host(EngineConfig(**base), random_prompts(rng, args.profile, args.prompt_len), args.max_tokens,

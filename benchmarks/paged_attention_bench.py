@@ -151,9 +151,9 @@ def prefill(name, query_lens, context_lens, sweep, kv_dtype=DTYPE):
         for rows, block_n, warps, stages in [(r, n, w, s) for r in (32, 64, 128) for n in (32, 64)
                                              for w in (4, 8) for s in (2, 3)]:
             try:
-                t = timed(lambda: paged_prefill_attention(q, cache.k[0], cache.v[0], tables, starts, ctx,
-                                                          max(query_lens), DIM**-0.5, rows=rows, block_n=block_n,
-                                                          num_warps=warps, num_stages=stages), graph=False)
+                t = timed(lambda: paged_prefill_attention(q, cache.k[0], cache.v[0], tables, starts, ctx, DIM**-0.5,
+                                                          rows=rows, block_n=block_n, num_warps=warps,
+                                                          num_stages=stages), graph=False)
             except Exception as exc:  # noqa: BLE001 - a tile shape that does not compile or fit
                 print(f"    rows {rows} block_n {block_n} warps {warps} stages {stages}: {type(exc).__name__}")
                 continue

@@ -369,7 +369,8 @@ def gpu(args) -> None:
 
     print(f"# gpu: llama-1b random weights on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
           f"triton {triton.__version__}; 128-token random prompts, each run's new to the engine, "
-          f"{args.max_tokens} output tokens, EOS ignored; the requests to "
+          f"{args.max_tokens} output tokens, EOS ignored; token budget 8,192, prefill CUDA graphs up to "
+          f"{args.prefill_graph_tokens} tokens; the requests to "
           f"{'an engine in a process of its own (EngineProcess)' if args.isolate else 'an in-process engine'}")
     rows = {}
     for name in args.gpu_variants.split(","):
@@ -377,7 +378,8 @@ def gpu(args) -> None:
         config = EngineConfig(model=folder, device="cuda", dummy_weights=dummy, max_num_seqs=64,
                               max_num_batched_tokens=8192, max_model_len=2048,
                               quantization="none" if precision == "bf16" else precision,
-                              kv_cache_dtype="fp8" if kv == "kv8" else "auto")
+                              kv_cache_dtype="fp8" if kv == "kv8" else "auto",
+                              max_prefill_graph_tokens=args.prefill_graph_tokens)
         engine = LLMEngine(config).start()
         weights = sum(t.numel() * t.element_size() for t in (*engine.runner.model.parameters(),
                                                             *engine.runner.model.buffers()))
@@ -445,6 +447,8 @@ def main() -> None:
                         help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
                              "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--prefill-graph-tokens", type=int, default=EngineConfig.max_prefill_graph_tokens,
+                        help="gpu: the engine's max_prefill_graph_tokens (default: the engine's)")
     parser.add_argument("--gpu-variants", default="bf16,fp8,int4",
                         help="gpu: weights bf16|fp8|int4, each optionally +kv8 (an fp8 KV cache); bf16 first")
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "

@@ -153,9 +153,44 @@ def test_varlen_prefill_attention_matches_torch_path(heads, kv_heads, kv_dtype):
     assert same_pools(pools.k[0], reference.k[0]) and same_pools(pools.v[0], reference.v[0])
     # Small tiles: many query tiles per sequence, and unmasked key tiles before the diagonal ones.
     starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], device=DEVICE)
-    small = paged_prefill_attention(q, pools.k[0], pools.v[0], tables, starts, meta.context_lens, max(query_lens),
-                                    dim**-0.5, rows=16, block_n=16)
+    small = paged_prefill_attention(q, pools.k[0], pools.v[0], tables, starts, meta.context_lens, dim**-0.5,
+                                    rows=16, block_n=16)
     close(small, expected)
+
+
+def test_varlen_prefill_tiles_find_their_sequence_among_many_and_empty_ones():
+    """The grid numbers query tiles across the step: with more sequences than a program reads at once
+    (SEQS_PER_PASS), and sequences with no tokens between them (a CUDA graph's padding), every tile still finds
+    its own sequence: the output equals each sequence attended alone."""
+    from kvtriton.backend.kernels.paged_prefill_attention import SEQS_PER_PASS
+
+    dim, bs, heads, kv_heads = 32, 16, 4, 2
+    query_lens = [0 if i % 7 == 3 else 1 + (5 * i) % 23 for i in range(SEQS_PER_PASS + 6)]
+    query_lens[-1] = 0  # trailing padding sequences, as a graph bucket has
+    context_lens = [q + (3 * i) % 11 if q else 0 for i, q in enumerate(query_lens)]
+    g = torch.Generator().manual_seed(5)
+    widths = [-(-c // bs) for c in context_lens]
+    pools = KVCache.allocate(1, sum(widths) + 1, bs, kv_heads, dim, DTYPE, DEVICE)
+    for pool in (pools.k[0], pools.v[0]):
+        pool.copy_(torch.randn(pool.shape, generator=g).to(DTYPE))
+    tables = torch.zeros(len(query_lens), max(widths), dtype=torch.int64)
+    used = 1
+    for i, w in enumerate(widths):
+        tables[i, :w] = torch.arange(used, used + w)
+        used += w
+    n = sum(query_lens)
+    q = torch.randn(n, heads, dim, generator=g).to(DEVICE, DTYPE)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
+    got = paged_prefill_attention(q, pools.k[0], pools.v[0], tables.to(DEVICE), starts.to(DEVICE),
+                                  torch.tensor(context_lens, device=DEVICE), dim**-0.5, rows=16, block_n=16)
+    for i, (qlen, ctx) in enumerate(zip(query_lens, context_lens)):
+        if not qlen:
+            continue
+        rows = slice(starts[i].item(), starts[i + 1].item())
+        alone = paged_prefill_attention(q[rows], pools.k[0], pools.v[0], tables[i : i + 1].to(DEVICE),
+                                        torch.tensor([0, qlen], device=DEVICE), torch.tensor([ctx], device=DEVICE),
+                                        dim**-0.5, rows=16, block_n=16)
+        torch.testing.assert_close(got[rows], alone, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])  # 3 > FUSED_MAX_BATCH: cuBLAS matmuls, kernel attention

@@ -96,3 +96,17 @@ def test_int4_dequantize_compiles():
     compile_for_hopper(int4_matmul._int4_dequantize, dict(
         q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", out_ptr="*bf16", N="i32", K="i32"),
         dict(GROUP=32, BLOCK_N=16, BLOCK_K=256, HAS_OFFSET=True))
+
+
+@pytest.mark.parametrize("query_stride", [0, 4], ids=["varlen", "uniform"])
+def test_the_prefill_attention_kernel_compiles(query_stride):
+    """The varlen form's programs find their sequence in a loop over the query starts with an early return;
+    the fixed-stride (verify) form keeps its grid of (tile, sequence)."""
+    from kvtriton.backend.kernels import paged_prefill_attention as prefill
+
+    types = dict(q_ptr="*bf16", k_pool="*bf16", v_pool="*bf16", out_ptr="*bf16", tables_ptr="*i64",
+                 query_start_ptr="*i64", context_lens_ptr="*i64", qk_scale="fp32", num_seqs="i32", stride_qn="i32",
+                 stride_qh="i32", stride_on="i32", stride_oh="i32", stride_table="i32")
+    compile_for_hopper(prefill._paged_prefill_attention, types, dict(
+        NUM_KV_HEADS=8, GROUP=4, BLOCK_G=4, HEAD_DIM=64, BLOCK_SIZE=16, BLOCK_M=32, BLOCK_N=32,
+        BLOCK_S=prefill.SEQS_PER_PASS, QUERY_STRIDE=query_stride), warps=8)

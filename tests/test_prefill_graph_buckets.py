@@ -22,6 +22,15 @@ def test_token_buckets_double_up_to_the_limit_and_the_step_budget():
     assert tokens(shape(max_num_batched_tokens=100)) == [16, 32, 64, 100]
 
 
+def test_past_512_tokens_buckets_grow_by_an_eighth_at_the_largest_sequence_bucket():
+    sizes = shape(batches=(1, 2, 4, 8, 16, 32, 64), max_prefill_graph_tokens=8192, max_num_batched_tokens=8192)
+    large = [(t, b) for t, b in sizes if t > 512]
+    assert [t for t, _ in large] == ([512 + 64 * i for i in range(1, 9)] + [1024 + 128 * i for i in range(1, 9)]
+                                     + [2048 + 256 * i for i in range(1, 9)] + [4096 + 512 * i for i in range(1, 9)])
+    assert {b for _, b in large} == {64}
+    assert shape(max_prefill_graph_tokens=1000, max_num_batched_tokens=4096)[-2:] == [(960, 8), (1000, 8)]
+
+
 def test_sequence_buckets_are_the_decode_batches_with_a_token_each():
     assert shape(batches=(1, 2, 4, 8, 16, 32), max_prefill_graph_tokens=32) == [
         (16, 1), (16, 2), (16, 4), (16, 8), (16, 16), (32, 1), (32, 2), (32, 4), (32, 8), (32, 16), (32, 32)]
@@ -46,4 +55,7 @@ def test_a_step_takes_the_smallest_bucket_that_holds_its_tokens_and_logits_rows(
     assert bucket(16, 1) == (16, 1)
     assert bucket(17, 2, rows=6) == (32, 8)  # a verify beside a prompt: its proposals' rows count
     assert bucket(513, 1) is None  # past the largest bucket: eager
+    runner.prefill_graph_sizes = shape(max_prefill_graph_tokens=2048, max_num_batched_tokens=2048)
+    assert bucket(513, 1) == (576, 8)  # past 512 tokens, the largest sequence bucket
+    assert bucket(2000, 8) == (2048, 8)
     assert bucket(40, 9) is None  # more sequences than any bucket

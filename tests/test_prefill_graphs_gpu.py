@@ -50,3 +50,21 @@ def test_prefill_graph_equals_the_eager_step(runner):
     finally:
         del runner._replay_prefill
     assert replays == [(32, 1), (64, 4), (32, 2)]
+
+
+def test_a_step_past_512_tokens_replays_a_fine_bucket_as_the_eager_step():
+    """Past 512 tokens the buckets grow by eighths at the largest sequence bucket: two 300-token prompts (600
+    tokens) take the (640, 8) graph, and its logits and K/V are the eager step's."""
+    runner = small_runner(max_num_batched_tokens=1024, max_prefill_graph_tokens=1024)
+    try:
+        assert [s for s in runner.prefill_graph_sizes if s[0] > 512] == [(t, 8) for t in range(576, 1025, 64)]
+        replays = []
+        replay = runner._replay_prefill
+        runner._replay_prefill = lambda step, bucket: replays.append(bucket) or replay(step, bucket)
+        g = torch.Generator().manual_seed(1)
+        a = Seq(torch.randint(3, 300, (300,), generator=g).tolist(), 300, list(range(0, 19)))
+        b = Seq(torch.randint(3, 300, (300,), generator=g).tolist(), 300, list(range(19, 38)))
+        assert_replay_equals_eager(runner, [(a, 300), (b, 300)])
+        assert replays == [(640, 8)]
+    finally:
+        runner.close()

@@ -48,17 +48,16 @@ class PagedAttention:
     """AttentionContext over a KVCache for one step (see models.llama.AttentionContext)."""
 
     def __init__(self, cache: KVCache, meta: AttentionMetadata, scale: float, varlen_kernel: bool = False,
-                 query_start: torch.Tensor | None = None, max_query_len: int = 0, decode_attention_fn=None):
+                 query_start: torch.Tensor | None = None, decode_attention_fn=None):
         """varlen_kernel: prefill steps take the Triton varlen kernel (needs triton and a CUDA cache).
-        query_start (B + 1,) and max_query_len: the varlen kernel's, given rather than made from meta's host lists
-        (a CUDA graph's static buffer, and the bound its grid is captured for). decode_attention_fn: what attends
+        query_start (B + 1,): the varlen kernel's, given rather than made from meta's host lists (a CUDA graph's
+        static buffer). decode_attention_fn: what attends
         the decode rows, with `decode_attention`'s signature (the CPU's compiled decode passes its own,
         attention/cpu_decode.py)."""
         self.cache, self.meta, self.scale, self.varlen_kernel = cache, meta, scale, varlen_kernel
         self._decode_attention = decode_attention_fn or decode_attention
         self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step
         self._query_start = query_start  # (B + 1,) the varlen kernel's: given, or built once per step
-        self._max_query_len = max_query_len
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
@@ -89,7 +88,7 @@ class PagedAttention:
             starts = [0, *accumulate(meta.query_lens)]
             self._query_start = to_device(torch.tensor(starts, dtype=torch.int64), q.device)
         return paged_prefill_attention(q, k_pool, v_pool, meta.block_tables, self._query_start, meta.context_lens,
-                                       self._max_query_len or max(meta.query_lens), self.scale)
+                                       self.scale)
 
     def _decode(self, q, k_pool, v_pool, tables):
         """q (Bd, H, D), one new token per sequence, attends to its whole context; tables (Bd, MBd)."""

@@ -10,9 +10,16 @@ hits, and the one-token decodes of a mixed step. GQA: a program takes
 BLOCK_M tokens x the GROUP query heads of one KV head as the rows of its tile,
 so each K/V tile it reads serves all of them.
 
-Programs: (query tile, sequence, KV head); tiles past a sequence's q_len
-return at once. Key tiles wholly before the tile's first query position need
-no mask, the rest (the diagonal) are masked causally.
+Programs: (query tile, KV head), the query tiles numbered across the step's
+sequences (sequence s owns cdiv(q_len_s, BLOCK_M) of them, after those of the
+sequences before it), so the grid grows with the step's tokens, not with its
+longest query times its sequence count: a mixed step of one 500-token chunk and
+63 decodes launches ~80 tiles a KV head, not 16 x 64, and a CUDA graph captured
+for N tokens and B sequences launches cdiv(N, BLOCK_M) + B, whatever the split
+of its tokens. Each program finds its sequence from the query starts (a prefix
+sum of tile counts over at most a few hundred sequences); slots past the step's
+last tile return at once. Key tiles wholly before the tile's first query
+position need no mask, the rest (the diagonal) are masked causally.
 
 The same kernel serves the fixed-stride layout of a CUDA-graph verify step
 (paged_uniform_attention): sequence s owns rows s * Q .. s * Q + Q, of which
@@ -37,6 +44,9 @@ LOG2E = 1.4426950408889634
 ROWS = 128  # query rows (tokens x group heads) per program
 BLOCK_N = 32  # keys per tile
 NUM_WARPS, NUM_STAGES = 8, 2
+# Sequences a program reads at a time while it finds its own (a constant, so that no step's sequence count compiles
+# a variant of its own mid-serving).
+SEQS_PER_PASS = 64
 
 
 @triton.jit
@@ -65,27 +75,44 @@ def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stri
 # specializes integer arguments (== 1, divisible by 16) and compiled a new variant mid-serving the first time a
 # step's width crossed those classes (H200, the prefill kernel: 0.57 s at width 16, 0.89 s at width 1, after
 # width 8). The stride only scales one load's address.
-@triton.jit(do_not_specialize=["stride_table"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_table"])
 def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_start_ptr, context_lens_ptr,
-                             qk_scale, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
+                             qk_scale, num_seqs, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
                              NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, QUERY_STRIDE: tl.constexpr):
-    # QUERY_STRIDE 0: varlen, query_start_ptr holds the (B + 1,) row offsets. Else: fixed stride, query_start_ptr
-    # holds the (B,) query_lens, and the rows past a sequence's q_len (up to the stride) are padding.
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
+                             BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, QUERY_STRIDE: tl.constexpr):
+    # QUERY_STRIDE 0: varlen, query_start_ptr holds the (B + 1,) row offsets, and program (p, 0, h) takes the
+    # step's p-th query tile. Else: fixed stride, query_start_ptr holds the (B,) query_lens, program (tile, seq, h)
+    # takes that tile of that sequence, and the rows past a sequence's q_len (up to the stride) are padding.
     h = tl.program_id(2)
     if QUERY_STRIDE == 0:
+        tile_id = tl.program_id(0)
+        # The sequence whose tiles come first past those of the sequences before it, the tile tile_id among them.
+        seq = 0
+        before = 0  # the tiles of the sequences before seq
+        for s0 in range(0, num_seqs, BLOCK_S):  # BLOCK_S sequences at a time: one compiled variant for any B
+            seqs = s0 + tl.arange(0, BLOCK_S)
+            seqs_ok = seqs < num_seqs
+            q_lens = (tl.load(query_start_ptr + seqs + 1, mask=seqs_ok, other=0)
+                      - tl.load(query_start_ptr + seqs, mask=seqs_ok, other=0))
+            tiles = tl.cdiv(q_lens, BLOCK_M).to(tl.int32)  # (BLOCK_S,) query tiles of each sequence
+            passed = before + tl.cumsum(tiles, axis=0) <= tile_id  # sequences whose tiles all come before it
+            seq += tl.sum(passed.to(tl.int32), axis=0)
+            before += tl.sum(tl.where(passed, tiles, 0), axis=0)
+        if seq >= num_seqs:  # past the step's last tile
+            return
+        tile = tile_id - before
         q_start = tl.load(query_start_ptr + seq)
         q_len = tl.load(query_start_ptr + seq + 1) - q_start
         stored = q_len  # rows of this sequence the program writes
     else:
+        tile = tl.program_id(0)
+        seq = tl.program_id(1)
         q_start = seq * QUERY_STRIDE
         q_len = tl.load(query_start_ptr + seq)
         stored = QUERY_STRIDE  # padding rows too, as zeros: a graph's output buffer holds stale values
-    if tile * BLOCK_M >= stored:
-        return
+        if tile * BLOCK_M >= stored:
+            return
     ctx = tl.load(context_lens_ptr + seq)
     prefix = ctx - q_len  # cached tokens before the first new one
     row_stride: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
@@ -146,14 +173,14 @@ def supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dty
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                            query_start: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
-                            scale: float, rows: int = ROWS, block_n: int = BLOCK_N,
-                            num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+                            query_start: torch.Tensor, context_lens: torch.Tensor, scale: float, rows: int = ROWS,
+                            block_n: int = BLOCK_N, num_warps: int = NUM_WARPS,
+                            num_stages: int = NUM_STAGES) -> torch.Tensor:
     """q (N, H, D): the step's new tokens, packed; pools (blocks, block_size, Hkv, D) already holding their
     K/V; tables (B, W); query_start (B + 1,) with sequence s's tokens at rows query_start[s] ..
-    query_start[s + 1]; context_lens (B,) with the new tokens counted; max_query_len: the longest
-    query_start gap (sizes the grid). Returns the attention output (N, H, D).
-    rows, block_n, num_warps, num_stages: the tile shape (benchmarks sweep them)."""
+    query_start[s + 1] (a sequence may have none: a CUDA graph's padding); context_lens (B,) with the new
+    tokens counted. Nothing is read back to the host: the grid follows from N and B alone. Returns the attention
+    output (N, H, D). rows, block_n, num_warps, num_stages: the tile shape (benchmarks sweep them)."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     assert q.stride(2) == 1, "q's head_dim must be contiguous"
@@ -161,13 +188,15 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     block_g = triton.next_power_of_2(group)
     block_m = max(1, rows // block_g)  # tokens per program
     out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(max_query_len, block_m), context_lens.shape[0], num_kv_heads)
+    b = context_lens.shape[0]
+    # Every sequence's tiles: at most N / BLOCK_M whole ones, plus one partial a sequence.
+    grid = (triton.cdiv(n, block_m) + b, 1, num_kv_heads)
     _paged_prefill_attention[grid](
-        q, k_pool, v_pool, out, tables, query_start, context_lens, scale * LOG2E,
+        q, k_pool, v_pool, out, tables, query_start, context_lens, scale * LOG2E, b,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, QUERY_STRIDE=0, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=SEQS_PER_PASS,
+        QUERY_STRIDE=0, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -190,10 +219,10 @@ def paged_uniform_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     block_m = max(triton.next_power_of_2(min(stride, 16)), triton.cdiv(16, block_g))  # tl.dot takes >= 16 rows
     out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
     _paged_prefill_attention[(triton.cdiv(stride, block_m), b, num_kv_heads)](
-        q, k_pool, v_pool, out, tables, query_lens, context_lens, scale * LOG2E,
+        q, k_pool, v_pool, out, tables, query_lens, context_lens, scale * LOG2E, b,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N, QUERY_STRIDE=stride, num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_SIZE=k_pool.shape[1], BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_S=1, QUERY_STRIDE=stride,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -25,12 +25,17 @@ Prefill and mixed steps of up to max_prefill_graph_tokens tokens replay
 graphs too, per (token bucket, sequence bucket): the step's tokens packed
 first and padding after them (token 0 at the scratch block), padding
 sequences with no tokens; attention is the varlen kernel over static
-query-start and context-length buffers, its grid captured for a query as
-long as the bucket. Eagerly such a step costs the host about 1 ms a layer
+query-start and context-length buffers, its grid sized by the bucket's tokens
+and sequences. Eagerly such a step costs the host about 1 ms a layer
 in PyTorch dispatch, whatever its size (an H200 host: an 80-token prompt on a
 1B-class model took 8-17 ms, its replay under 2 ms); vLLM captures full
-graphs of mixed batches for the same reason. Longer steps are bound by the
-device and stay eager.
+graphs of mixed batches for the same reason. Past 512 tokens the buckets grow
+by eighths (FINE_PREFILL_GRAPH_TOKENS): a step that long is bound by the
+device on a large model, where eager dispatch hides behind it, and not on a
+small one (a 1B-class model's 4,096-token step: ~10 ms of device time in fp8
+against ~16 ms of eager host time), so how far the graphs reach is the
+max_prefill_graph_tokens setting; their pool's memory is set aside before the
+KV cache is sized.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ log = logging.getLogger("kvtriton")
 MAX_VERIFY_GRAPH_ROWS = 256
 # The smallest token bucket of the prefill graphs; they double from here up to max_prefill_graph_tokens.
 MIN_PREFILL_GRAPH_TOKENS = 16
+# Past this many tokens a step is long enough that a doubling bucket would pad it by up to as much device work
+# again: larger buckets grow by an eighth of the power of two below (1024, 1152, ... 2048, 2304, ...; at most 1/8
+# of a step is padding), each for the largest sequence bucket only (a padding sequence costs its logits row alone:
+# the varlen kernel's grid follows the tokens, not the sequences).
+FINE_PREFILL_GRAPH_TOKENS = 512
 
 
 @dataclass
@@ -102,6 +112,13 @@ class TorchRunner:
         # Widest block table the Triton decode attention kernel takes (0: kernel off), whether small decode
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
         self.kernel_context_blocks, self.fuse_matmuls, self.prefill_kernel = self._triton_kernels()
+        self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
+        self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
+        if self.graph_batch_sizes[-1] < config.max_num_seqs:
+            self.graph_batch_sizes.append(config.max_num_seqs)
+        # Prefill-step graphs: their (tokens, sequences) buckets (before the KV pool: their memory is set aside).
+        self.prefill_graph_sizes = self._prefill_graph_shape()
+        self._prefill_graphs: dict[tuple[int, int], _Graph] = {}
         self.kv_dtype = self._kv_pool_dtype()
         self.num_blocks = self._num_kv_blocks()
         # One extra block at the end: the scratch target of padded CUDA-graph rows.
@@ -109,10 +126,6 @@ class TorchRunner:
                                    model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, device)
         self.scratch_block = self.num_blocks
         self.context_buckets = self._context_buckets()
-        self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
-        self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
-        if self.graph_batch_sizes[-1] < config.max_num_seqs:
-            self.graph_batch_sizes.append(config.max_num_seqs)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         # LoRA: decode graphs of steps with adapted tokens, per (batch, context) bucket as _graphs; their
         # adapters span every adapter (one graph for any mix), read from a static buffer of each row's adapter.
@@ -121,9 +134,6 @@ class TorchRunner:
         # Verify-step graphs: Q query rows per sequence (0: none) and their batch buckets.
         self.verify_width, self.verify_batch_sizes = self._verify_graph_shape(verify_width)
         self._verify_graphs: dict[int, _Graph] = {}
-        # Prefill-step graphs: their (tokens, sequences) buckets.
-        self.prefill_graph_sizes = self._prefill_graph_shape()
-        self._prefill_graphs: dict[tuple[int, int], _Graph] = {}
         # Before any capture: the captured steps' eager attention reads it (_eager_decode_attention).
         self.compiled_decode = self._compiled_decode()
         if self.use_cuda_graphs:
@@ -217,17 +227,20 @@ class TorchRunner:
         return (q, sizes) if sizes and most > 0 else (0, [])
 
     def _prefill_graph_shape(self) -> list[tuple[int, int]]:
-        """The (tokens, sequences) buckets of the prefill-step graphs: tokens doubling from
-        MIN_PREFILL_GRAPH_TOKENS up to max_prefill_graph_tokens (and the step's token budget), sequences the
-        decode graphs' batch buckets, at most one per token. Empty without graphs or the varlen kernel."""
+        """The (tokens, sequences) buckets of the prefill-step graphs, up to max_prefill_graph_tokens (and the
+        step's token budget): tokens doubling from MIN_PREFILL_GRAPH_TOKENS to FINE_PREFILL_GRAPH_TOKENS, by the
+        decode graphs' batch buckets (at most one sequence a token); past it, in steps of an eighth of the power
+        of two below, by the largest batch bucket alone. Empty without graphs or the varlen kernel."""
         cfg = self.config
         limit = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
         if not (self.use_cuda_graphs and self.prefill_kernel and limit):
             return []
         tokens = [MIN_PREFILL_GRAPH_TOKENS]
         while tokens[-1] < limit:
-            tokens.append(min(tokens[-1] * 2, limit))
-        return [(t, b) for t in tokens for b in self.graph_batch_sizes if b <= t]
+            t = tokens[-1]
+            tokens.append(min(t * 2 if t < FINE_PREFILL_GRAPH_TOKENS else t + (1 << (t.bit_length() - 1)) // 8, limit))
+        return ([(t, b) for t in tokens if t <= FINE_PREFILL_GRAPH_TOKENS for b in self.graph_batch_sizes if b <= t]
+                + [(t, self.graph_batch_sizes[-1]) for t in tokens if t > FINE_PREFILL_GRAPH_TOKENS])
 
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
@@ -272,13 +285,16 @@ class TorchRunner:
         return num_blocks_for_budget(per_block, cfg.kv_cache_memory_gb, cfg.num_kv_blocks)
 
     def _profile_peak_memory(self) -> int:
-        """Peak memory of a full-budget forward pass (weights + activations), measured, not guessed."""
+        """Peak memory of a full-budget forward pass (weights + activations), measured, not guessed, plus what
+        the prefill graphs keep: their shared pool holds the largest graph's activations for good (an eager
+        step's go back to the allocator), taken as the measured activations scaled by its tokens."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         n = min(self.config.max_num_batched_tokens, self.max_blocks_per_seq * self.block_size)
         mc = self.model_config
         probe = KVCache.allocate(mc.num_layers, -(-n // self.block_size), self.block_size, mc.num_kv_heads,
                                  mc.head_dim, self.kv_dtype, self.device)
+        before = torch.cuda.memory_allocated(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             block_tables=torch.arange(-(-n // self.block_size), device=self.device)[None, :],
@@ -294,7 +310,8 @@ class TorchRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         del probe, hidden
         torch.cuda.empty_cache()
-        return peak
+        graph_tokens = max((t for t, _ in self.prefill_graph_sizes), default=0)
+        return peak + (peak - before) * graph_tokens // n
 
     # ---- execution -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -532,8 +549,7 @@ class TorchRunner:
         def run():
             meta = AttentionMetadata(slot_mapping=slots, block_tables=self._tables[:seqs], context_lens=context_lens,
                                      num_decodes=0, query_lens=[], context_lens_host=[], decode_context_blocks=0)
-            attn = PagedAttention(self.kv, meta, self.scale, varlen_kernel=True, query_start=query_start,
-                                  max_query_len=tokens)
+            attn = PagedAttention(self.kv, meta, self.scale, varlen_kernel=True, query_start=query_start)
             return self.model.compute_logits(self.model(ids, positions, attn)[rows])  # (seqs, V)
 
         captured = self._prefill_graphs[(tokens, seqs)] = self._capture_graph(run)
