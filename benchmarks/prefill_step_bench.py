@@ -6,6 +6,7 @@ returns) and the wall time (until the device is done), medians of 5 after 3 warm
 step took. A step larger than max_prefill_graph_tokens prints "eager" in both columns' bucket.
 
   python benchmarks/prefill_step_bench.py --config llama-1b      # the GPU host, random weights
+  python benchmarks/prefill_step_bench.py --prefill-graph-tokens 8192 --quantization fp8   # graphs to the budget
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
 
-SHAPES = ((1, 20), (1, 80), (1, 128), (1, 500), (4, 128), (16, 32), (64, 8), (64, 4), (64, 128))
+SHAPES = ((1, 20), (1, 80), (1, 128), (1, 500), (4, 128), (16, 32), (64, 8), (64, 4), (1, 1000), (8, 128),
+          (1, 2000), (16, 128), (32, 128), (40, 128), (64, 128))
 
 
 def scheduled(seqs: int, tokens: int, block_size: int) -> list[tuple[SimpleNamespace, int]]:
@@ -59,14 +61,18 @@ def main() -> None:
     ap.add_argument("--config", choices=["default", "llama-1b"], default="llama-1b")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
                     "model's, which a GPU host without network may not have)")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int4"])
+    ap.add_argument("--prefill-graph-tokens", type=int, default=EngineConfig.max_prefill_graph_tokens,
+                    help="the engine's max_prefill_graph_tokens (default: the engine's)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("prefill_step_bench needs a CUDA GPU (the prefill graphs are CUDA graphs); none found")
     folder, dummy = model_folder(args.config, args.tokenizer)
     engine = LLMEngine(EngineConfig(model=folder, device="cuda", dummy_weights=dummy, max_num_seqs=64,
-                                    max_num_batched_tokens=8192, max_model_len=2048, num_kv_blocks=8192))
+                                    max_num_batched_tokens=8192, max_model_len=2048, num_kv_blocks=8192,
+                                    quantization=args.quantization, max_prefill_graph_tokens=args.prefill_graph_tokens))
     runner = engine.runner
-    print(f"# prefill steps: {args.config} ({'random' if dummy else 'real'} weights), bf16, graphs up to "
+    print(f"# prefill steps: {args.config} ({'random' if dummy else 'real'} weights), {args.quantization}, graphs to "
           f"{engine.config.max_prefill_graph_tokens} tokens; torch {torch.__version__}, python "
           f"{platform.python_version()}, {torch.cuda.get_device_name()}, {platform.processor() or platform.machine()}")
     print(f"{'step':>22} | {'bucket':>10} | {'graph host':>10} | {'graph wall':>10} | {'eager host':>10} | "
