@@ -98,6 +98,17 @@ def test_int4_dequantize_compiles():
         dict(GROUP=32, BLOCK_N=16, BLOCK_K=256, HAS_OFFSET=True))
 
 
+def test_the_prefill_attention_kernel_takes_its_step_metadata_unspecialized():
+    """Block-table widths, sequence counts and the alignment of the step's metadata views change from step to step;
+    none may compile a variant mid-serving."""
+    from kvtriton.backend.kernels import paged_prefill_attention as prefill
+
+    params = prefill._paged_prefill_attention.params
+    assert [p.name for p in params if p.do_not_specialize] == ["num_seqs", "stride_table"]
+    assert [p.name for p in params if p.do_not_specialize_on_alignment] == ["tables_ptr", "query_start_ptr",
+                                                                            "context_lens_ptr"]
+
+
 @pytest.mark.parametrize("query_stride", [0, 4], ids=["varlen", "uniform"])
 def test_the_prefill_attention_kernel_compiles(query_stride):
     """The varlen form's programs find their sequence in a loop over the query starts with an early return;

@@ -74,8 +74,13 @@ def _kv_tile(k_pool, v_pool, tables_ptr, seq, h, t0, end, stride_table, row_stri
 # A step's block-table width is its longest context's, so stride_table takes new values step after step; Triton
 # specializes integer arguments (== 1, divisible by 16) and compiled a new variant mid-serving the first time a
 # step's width crossed those classes (H200, the prefill kernel: 0.57 s at width 16, 0.89 s at width 1, after
-# width 8). The stride only scales one load's address.
-@triton.jit(do_not_specialize=["num_seqs", "stride_table"])
+# width 8). The stride only scales one load's address. Likewise pointers, on 16-byte alignment: an eager step's
+# context lengths are a view into its packed int64 inputs (aligned when its token count is even), a graph's a view
+# into its static buffer, so each alignment would be a variant of its own (on an H100 an eager 20-token step after
+# the graphs' captures compiled one, 0.76 s, in a benchmark that skips the start-up's eager profile pass). These
+# are read a value a sequence, where alignment buys nothing.
+@triton.jit(do_not_specialize=["num_seqs", "stride_table"],
+            do_not_specialize_on_alignment=["tables_ptr", "query_start_ptr", "context_lens_ptr"])
 def _paged_prefill_attention(q_ptr, k_pool, v_pool, out_ptr, tables_ptr, query_start_ptr, context_lens_ptr,
                              qk_scale, num_seqs, stride_qn, stride_qh, stride_on, stride_oh, stride_table,
                              NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
