@@ -447,8 +447,9 @@ def main() -> None:
                         help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
                              "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
-    parser.add_argument("--prefill-graph-tokens", type=int, default=EngineConfig.max_prefill_graph_tokens,
-                        help="gpu: the engine's max_prefill_graph_tokens (default: the engine's)")
+    parser.add_argument("--prefill-graph-tokens", type=int, default=8192,
+                        help="gpu: the engine's max_prefill_graph_tokens (default: the token budget, 8,192: on a "
+                             "1B-class model every prefill step replays a graph; the engine's own default is 512)")
     parser.add_argument("--gpu-variants", default="bf16,fp8,int4",
                         help="gpu: weights bf16|fp8|int4, each optionally +kv8 (an fp8 KV cache); bf16 first")
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "
