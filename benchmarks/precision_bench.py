@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import QUESTIONS, chat_prompt_ids, model_folder, run_engine  # noqa: E402
+from engine_bench import QUESTIONS, chat_prompt_ids, model_folder, pct, run_engine  # noqa: E402
 
 from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
@@ -402,8 +402,11 @@ def gpu(args) -> None:
         each = ", ".join(f"{r['tok_s']:.0f}" for r in singles)
         batches = [run_engine(engine, prompts, args.max_tokens) for prompts in batch_prompts]
         batch = statistics.median(r["tok_s"] for r in batches)
-        batch_each = ", ".join(f"{r['tok_s']:.0f} (TTFT p50 {statistics.median(r['ttft']) * 1e3:.0f} ms)"
-                               for r in batches)
+        # Each run's first tokens (p50 and the last, which starts the run's last stream) and its decode ITL: where
+        # a run's wall time goes, beside the step alone.
+        batch_each = ", ".join(f"{r['tok_s']:.0f} (TTFT p50 {statistics.median(r['ttft']) * 1e3:.0f} / max "
+                               f"{max(r['ttft']) * 1e3:.0f} ms, ITL p50 {pct(r['itl'], 50) * 1e3:.3f} ms, "
+                               f"wall {r['wall_s'] * 1e3:.0f} ms)" for r in batches)
         rows[name] = dict(step_ms=step * 1e3, one=one, batch64=batch, weights_gb=weights / 1e9,
                           prefill_ms=prefill * 1e3)
         print(f"{name:5}: weights {weights / 1e9:.2f} GB, batch-1 step {step * 1e3:.3f} ms, 64 x 128-token prefill "
