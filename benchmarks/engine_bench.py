@@ -68,6 +68,13 @@ def add_workload_options(ap: argparse.ArgumentParser) -> None:
                                         "model's; a GPU host without network needs it)")
 
 
+def add_prefill_graph_option(ap: argparse.ArgumentParser, default: int) -> None:
+    """--prefill-graph-tokens: the benchmark's engines' max_prefill_graph_tokens (CUDA), printed in its setup."""
+    ap.add_argument("--prefill-graph-tokens", type=int, default=default,
+                    help=f"the engine's max_prefill_graph_tokens (default {default}; the engine's own is "
+                         f"{EngineConfig.max_prefill_graph_tokens}: longer prefill steps run eagerly)")
+
+
 def model_folder(config: str, tokenizer: str | None) -> tuple[str, bool]:
     """(model folder, dummy weights) for --config: the default model's folder, or for llama-1b a fresh folder
     with LLAMA_1B's config.json (random weights) and the tokenizer of `tokenizer` (a folder) or the default

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_bench  # noqa: E402
-from engine_bench import add_workload_options, model_folder, pct  # noqa: E402
+from engine_bench import add_prefill_graph_option, add_workload_options, model_folder, pct  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.engine_process import EngineProcess  # noqa: E402
@@ -190,9 +190,7 @@ def main() -> None:
     ap.add_argument("--engine-process", action="store_true",
                     help="the overlapped loop's requests go to the engine in a process of its own (EngineProcess, as "
                          "tritonserver runs it), so no client thread shares the loop's GIL; the step alone in-process")
-    ap.add_argument("--prefill-graph-tokens", type=int, default=8192,
-                    help="the engine's max_prefill_graph_tokens (default: the token budget, 8,192: on a 1B-class "
-                         "model every prefill step replays a graph; the engine's own default is 512)")
+    add_prefill_graph_option(ap, 8192)  # the token budget: on a 1B-class model every prefill step replays a graph
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]

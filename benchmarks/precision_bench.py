@@ -59,7 +59,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import QUESTIONS, chat_prompt_ids, model_folder, pct, run_engine  # noqa: E402
+from engine_bench import (  # noqa: E402
+    QUESTIONS,
+    add_prefill_graph_option,
+    chat_prompt_ids,
+    model_folder,
+    pct,
+    run_engine,
+)
 
 from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.config import EngineConfig  # noqa: E402
@@ -450,9 +457,7 @@ def main() -> None:
                         help="engine --isolate and --triton: the engines' cpu_dense_min_rows (default: the shipped "
                              "config's; 24 gives int4 and int8 bf16 copies for inputs of 24 rows or more)")
     parser.add_argument("--variant", default="none", help=argparse.SUPPRESS)
-    parser.add_argument("--prefill-graph-tokens", type=int, default=8192,
-                        help="gpu: the engine's max_prefill_graph_tokens (default: the token budget, 8,192: on a "
-                             "1B-class model every prefill step replays a graph; the engine's own default is 512)")
+    add_prefill_graph_option(parser, 8192)  # gpu: the token budget, so every prefill step replays a graph
     parser.add_argument("--gpu-variants", default="bf16,fp8,int4",
                         help="gpu: weights bf16|fp8|int4, each optionally +kv8 (an fp8 KV cache); bf16 first")
     parser.add_argument("--tokenizer", help="gpu: folder with tokenizer.json (default: the default model's; a GPU "

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import model_folder  # noqa: E402
+from engine_bench import add_prefill_graph_option, model_folder  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
@@ -62,8 +62,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="folder with tokenizer.json for --config llama-1b (default: the default "
                     "model's, which a GPU host without network may not have)")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int4"])
-    ap.add_argument("--prefill-graph-tokens", type=int, default=EngineConfig.max_prefill_graph_tokens,
-                    help="the engine's max_prefill_graph_tokens (default: the engine's)")
+    add_prefill_graph_option(ap, EngineConfig.max_prefill_graph_tokens)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("prefill_step_bench needs a CUDA GPU (the prefill graphs are CUDA graphs); none found")

@@ -17,6 +17,14 @@ def runner():
     runner.close()
 
 
+def record_replays(runner) -> list:
+    """The buckets of the runner's prefill-graph replays from now on, in order (an instance attribute wraps the
+    method: `del runner._replay_prefill` takes it away)."""
+    replays, replay = [], runner._replay_prefill
+    runner._replay_prefill = lambda step, bucket: replays.append(bucket) or replay(step, bucket)
+    return replays
+
+
 def test_prefill_graphs_are_captured_per_token_and_sequence_bucket(runner):
     assert runner.prefill_graph_sizes == [(16, 1), (16, 2), (16, 4), (16, 8), (32, 1), (32, 2), (32, 4), (32, 8),
                                           (64, 1), (64, 2), (64, 4), (64, 8)]
@@ -28,9 +36,7 @@ def test_prefill_graph_equals_the_eager_step(runner):
     (eager): logits and K/V as the eager step's, each through the bucket it fits."""
     g = torch.Generator().manual_seed(0)
     tokens = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
-    replays = []
-    replay = runner._replay_prefill
-    runner._replay_prefill = lambda step, bucket: replays.append(bucket) or replay(step, bucket)
+    replays = record_replays(runner)
 
     def step(scheduled):
         for seq, n in scheduled:
@@ -58,9 +64,7 @@ def test_a_step_past_512_tokens_replays_a_fine_bucket_as_the_eager_step():
     runner = small_runner(max_num_batched_tokens=1024, max_prefill_graph_tokens=1024)
     try:
         assert [s for s in runner.prefill_graph_sizes if s[0] > 512] == [(t, 8) for t in range(576, 1025, 64)]
-        replays = []
-        replay = runner._replay_prefill
-        runner._replay_prefill = lambda step, bucket: replays.append(bucket) or replay(step, bucket)
+        replays = record_replays(runner)
         g = torch.Generator().manual_seed(1)
         a = Seq(torch.randint(3, 300, (300,), generator=g).tolist(), 300, list(range(0, 19)))
         b = Seq(torch.randint(3, 300, (300,), generator=g).tolist(), 300, list(range(19, 38)))

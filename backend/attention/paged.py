@@ -51,9 +51,8 @@ class PagedAttention:
                  query_start: torch.Tensor | None = None, decode_attention_fn=None):
         """varlen_kernel: prefill steps take the Triton varlen kernel (needs triton and a CUDA cache).
         query_start (B + 1,): the varlen kernel's, given rather than made from meta's host lists (a CUDA graph's
-        static buffer). decode_attention_fn: what attends
-        the decode rows, with `decode_attention`'s signature (the CPU's compiled decode passes its own,
-        attention/cpu_decode.py)."""
+        static buffer). decode_attention_fn: what attends the decode rows, with `decode_attention`'s signature (the
+        CPU's compiled decode passes its own, attention/cpu_decode.py)."""
         self.cache, self.meta, self.scale, self.varlen_kernel = cache, meta, scale, varlen_kernel
         self._decode_attention = decode_attention_fn or decode_attention
         self._decode_mask: torch.Tensor | None = None  # the same for every layer: built once per step

@@ -238,7 +238,8 @@ class TorchRunner:
         tokens = [MIN_PREFILL_GRAPH_TOKENS]
         while tokens[-1] < limit:
             t = tokens[-1]
-            tokens.append(min(t * 2 if t < FINE_PREFILL_GRAPH_TOKENS else t + (1 << (t.bit_length() - 1)) // 8, limit))
+            step = t if t < FINE_PREFILL_GRAPH_TOKENS else (1 << (t.bit_length() - 1)) // 8  # doubling, then eighths
+            tokens.append(min(t + step, limit))
         return ([(t, b) for t in tokens if t <= FINE_PREFILL_GRAPH_TOKENS for b in self.graph_batch_sizes if b <= t]
                 + [(t, self.graph_batch_sizes[-1]) for t in tokens if t > FINE_PREFILL_GRAPH_TOKENS])
 
