@@ -72,12 +72,14 @@ def test_the_chained_quantizer_and_split_k_add_compile():
     """kernels/pdl.py CHAIN's other two kernels of the fp8 layer: each triggers its dependents and waits."""
     from kvtriton.backend.kernels import fp8_quant, split_k
 
-    quant = compile_for_hopper(fp8_quant._per_token_fp8, dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32",
-                                                              K="i32"),
-                               dict(FP8_MAX=448.0, MIN_SCALE=1e-12, BLOCK_K=2048, PDL=True))
+    quantizers = [compile_for_hopper(fp8_quant._per_token_fp8, dict(x_ptr="*bf16", q_ptr="*fp8e4nv",
+                                                                    scale_ptr="*fp32", K="i32"),
+                                     dict(FP8_MAX=448.0, MIN_SCALE=1e-12, BLOCK_K=block_k, PDL=True, SWIGLU=swiglu),
+                                     warps=warps)
+                  for block_k, swiglu, warps in ((2048, False, 4), (8192, True, 8))]  # o_proj's, down_proj's
     planes = compile_for_hopper(split_k._add_planes, dict(planes_ptr="*fp32", out_ptr="*bf16", MN="i32"),
                                 dict(SPLIT_K=4, BLOCK=1024, PDL=True))
-    for kernel in (quant, planes):
+    for kernel in (*quantizers, planes):
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
 

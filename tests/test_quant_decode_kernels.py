@@ -13,6 +13,7 @@ interpreter (TRITON_INTERPRET=1 with triton installed), otherwise skips.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,9 +28,10 @@ from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.tile_config import Tile  # noqa: E402
-from kvtriton.backend.models.fp8 import Fp8Linear, per_token_fp8_reference  # noqa: E402
+from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
+from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, fp8_supported, per_token_fp8_reference  # noqa: E402
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa: E402
-from kvtriton.backend.models.llama import RMSNorm  # noqa: E402
+from kvtriton.backend.models.llama import LlamaMLP, RMSNorm  # noqa: E402
 from kvtriton.backend.models.llama_decode import decode_weight  # noqa: E402
 
 from tests.tiny_model import decode_step_both_ways, small_decode_model  # noqa: E402
@@ -199,6 +201,49 @@ def test_fp8_matmul_every_tile_form(tile, m, k):
     got = fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, DTYPE, tile)[:, :72]
     assert got.dtype == DTYPE
     close(got, layer_forward(layer, x))
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.parametrize("m, i", [(1, 2048), (3, 8192), (5, 96)])  # 96: a row tail masked off
+def test_the_swiglu_quantizer_equals_the_swiglu_then_the_per_token_quantizer(m, i):
+    g = torch.Generator().manual_seed(m)
+    # Gates of 32 (silu(32) is 32 in fp32) times e4m3_exact ups: each h / scale is exact in e4m3, so the codes
+    # must equal the reference's under any rounding (the interpreter's is not round-to-nearest-even).
+    gate_up = torch.cat([torch.full((m, i), 32.0), e4m3_exact(m, i, g)], dim=1).to(DEVICE, DTYPE)
+    hq, scale = silu_mul_per_token_fp8(gate_up, FP8_MAX, MIN_SCALE)
+    assert hq.shape == (m, i) and hq.dtype == torch.float8_e4m3fn
+    hq_ref, scale_ref = per_token_fp8_reference(32.0 * gate_up[:, i:].float())
+    assert torch.equal(hq.float(), hq_ref.float()) and torch.equal(scale, scale_ref)
+    # Random gates: silu's negative side and small values; the scales (each row's largest |silu(gate) * up|)
+    # are the reference's, and on the GPU the codes too, but for a rare last-bit tie of the division.
+    gate_up = (torch.randn(m, 2 * i, generator=g) * 3).to(DEVICE, DTYPE)
+    hq, scale = silu_mul_per_token_fp8(gate_up, FP8_MAX, MIN_SCALE)
+    gate, up = gate_up.float().split(i, dim=1)
+    hq_ref, scale_ref = per_token_fp8_reference(F.silu(gate) * up)  # in fp32, as the kernel (and Inductor)
+    torch.testing.assert_close(scale, scale_ref)
+    if CUDA:
+        assert (hq.float() != hq_ref.float()).float().mean() < 1e-3
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+@pytest.mark.skipif(not CUDA and fp8_supported(torch.device("cpu")) is not None, reason="no CPU fp8 _scaled_mm here")
+def test_an_fp8_mlp_forms_and_quantizes_its_swiglu_in_one_kernel():
+    torch.manual_seed(0)
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=128, intermediate_size=256))  # the two sizes it reads
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(mlp, name, Fp8Linear.from_linear(getattr(mlp, name)).to(DEVICE))
+    down = mlp.down_proj
+    if not CUDA:  # a CPU layer has no Triton kernels of its own; under the interpreter it may take this one
+        down._quantize_swiglu = silu_mul_per_token_fp8
+    routed = []
+    fused = down.swiglu_forward
+    down.swiglu_forward = lambda gate_up: routed.append(gate_up.shape) or fused(gate_up)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
+    got = mlp(x)
+    assert routed == [(3, 512)]
+    hq, h_scale = silu_mul_per_token_fp8(mlp.gate_up_proj(x), FP8_MAX, MIN_SCALE)  # its codes: see the test above
+    w = down.weight.float() * down.weight_scale.reshape(-1, 1)
+    close(got, ((hq.float() * h_scale) @ w.T).to(DTYPE))
 
 
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")

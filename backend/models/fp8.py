@@ -7,7 +7,8 @@ Weights are quantized once at load from the checkpoint's bf16/fp32 values (`quan
 Activation scales are dynamic: max |x| of each row / 448, so no calibration set is needed and one
 outlier token does not cost the others their precision. On CUDA the activation quantization is one
 Triton kernel (kernels/fp8_quant.py) and the whole layer is two launches with no host sync: it is
-captured in the decode CUDA graphs like any other op. Decode batches multiply in a Triton W8A8 kernel
+captured in the decode CUDA graphs like any other op. The down projection's input is quantized in the
+SwiGLU's own pass (`Fp8Linear.swiglu_forward`, one kernel that reads gate_up once). Decode batches multiply in a Triton W8A8 kernel
 (kernels/fp8_matmul.py) where its measured table says it beats cuBLASLt's `_scaled_mm`, which pads a few
 rows to a 64-row tile; and at batch 1-2 the runner's fused decode kernels (kernels/skinny_matmul.py) read
 these weights directly, quantizing x per token inside the matmul. On the CPU the same math runs through PyTorch
@@ -41,14 +42,14 @@ def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _triton_kernels():
-    """(the per-token activation quantizer, the matmul that picks the Triton GEMV or _scaled_mm by rows), or
-    (None, None) without triton (then five PyTorch ops quantize and _scaled_mm multiplies at every size)."""
+    """(the per-token activation quantizer, its SwiGLU form, the matmul that picks the Triton GEMV or _scaled_mm by
+    rows), or Nones without triton (then five PyTorch ops quantize and _scaled_mm multiplies at every size)."""
     try:
         from kvtriton.backend.kernels.fp8_matmul import fp8_matmul
-        from kvtriton.backend.kernels.fp8_quant import per_token_fp8
+        from kvtriton.backend.kernels.fp8_quant import per_token_fp8, silu_mul_per_token_fp8
     except ImportError:
-        return None, None
-    return per_token_fp8, fp8_matmul
+        return None, None, None
+    return per_token_fp8, silu_mul_per_token_fp8, fp8_matmul
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -98,7 +99,8 @@ class Fp8Linear(QuantizedLinear):
         self.register_buffer("weight", weight)  # (N16, K) e4m3, row-major: weight.T is the column-major mat2
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N16)
         # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
-        self._quantize, self._matmul = _triton_kernels() if weight.device.type == "cuda" else (None, None)
+        kernels = _triton_kernels() if weight.device.type == "cuda" else (None, None, None)
+        self._quantize, self._quantize_swiglu, self._matmul = kernels
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "Fp8Linear":
@@ -113,14 +115,31 @@ class Fp8Linear(QuantizedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Eagerly, the Triton quantizer is one launch where PyTorch ops are five. Inside torch.compile (the
         # runner's per-layer functions, captured in the decode graphs) the PyTorch form is the better one where
-        # inductor fuses it into the kernel that makes x (RMSNorm, SwiGLU), as vLLM's fused
+        # inductor fuses it into the kernel that makes x (RMSNorm), as vLLM's fused
         # rms_norm_dynamic_per_token_quant does by hand, where the opaque Triton op would be a launch of its own;
         # not where no compiled kernel makes x (UNFUSED_INPUT).
         fused_by_compile = torch.compiler.is_compiling() and not self.unfused_input
         quantize = self._quantize if x.device.type == "cuda" and not fused_by_compile else None
         xq, x_scale = quantize(x, FP8_MAX, MIN_SCALE) if quantize is not None else per_token_fp8_reference(x)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        if self._matmul is not None and x.device.type == "cuda":  # decode rows: a Triton GEMV (kernels/fp8_matmul.py)
+        return self._scaled_product(xq, x_scale, x.dtype)
+
+    @property
+    def takes_swiglu(self) -> bool:
+        """Whether `swiglu_forward` runs here: on CUDA with triton (the SwiGLU quantizer is a Triton kernel)."""
+        return self._quantize_swiglu is not None
+
+    def swiglu_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for the gate_up projection's output (M, 2 * in_features), [gate | up]: the
+        SwiGLU and this layer's per-token quantizer in one pass over gate_up (kernels/fp8_quant.py), the
+        SwiGLU's product never written out. Only where `takes_swiglu`."""
+        hq, h_scale = self._quantize_swiglu(gate_up, FP8_MAX, MIN_SCALE)
+        out = self._scaled_product(hq, h_scale, gate_up.dtype)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _scaled_product(self, xq: torch.Tensor, x_scale: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+        """(xq * x_scale) @ (weight * weight_scale)^T for xq (M, in) e4m3 -> (M, out) in x_dtype (bf16 for fp32)."""
+        out_dtype = x_dtype if x_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if self._matmul is not None and xq.device.type == "cuda":  # decode rows: a Triton GEMV (kernels/fp8_matmul.py)
             out = self._matmul(xq, x_scale, self.weight, self.weight_scale, out_dtype)  # (M, N16)
         else:
             out = torch._scaled_mm(xq, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale,

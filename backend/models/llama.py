@@ -123,8 +123,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x, adapters).split(self.intermediate_size, dim=-1)
-        return linear(self.down_proj, F.silu(gate) * up, adapters)  # SwiGLU
+        gate_up = linear(self.gate_up_proj, x, adapters)
+        down = self.down_proj
+        # An fp8 down projection quantizes the SwiGLU's product as it forms it (models/fp8.py); not where a LoRA
+        # adapter on it needs that product unquantized.
+        if getattr(down, "takes_swiglu", False) and (adapters is None or getattr(down, "lora", None) is None):
+            return down.swiglu_forward(gate_up)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return linear(down, F.silu(gate) * up, adapters)  # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
