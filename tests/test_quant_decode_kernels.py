@@ -26,9 +26,9 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
+from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.tile_config import Tile  # noqa: E402
-from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
 from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, fp8_supported, per_token_fp8_reference  # noqa: E402
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa: E402
 from kvtriton.backend.models.llama import LlamaMLP, RMSNorm  # noqa: E402

@@ -8,11 +8,12 @@ Activation scales are dynamic: max |x| of each row / 448, so no calibration set 
 outlier token does not cost the others their precision. On CUDA the activation quantization is one
 Triton kernel (kernels/fp8_quant.py) and the whole layer is two launches with no host sync: it is
 captured in the decode CUDA graphs like any other op. The down projection's input is quantized in the
-SwiGLU's own pass (`Fp8Linear.swiglu_forward`, one kernel that reads gate_up once). Decode batches multiply in a Triton W8A8 kernel
-(kernels/fp8_matmul.py) where its measured table says it beats cuBLASLt's `_scaled_mm`, which pads a few
-rows to a 64-row tile; and at batch 1-2 the runner's fused decode kernels (kernels/skinny_matmul.py) read
-these weights directly, quantizing x per token inside the matmul. On the CPU the same math runs through PyTorch
-ops and the CPU `_scaled_mm` (for tests; no speed is claimed there).
+SwiGLU's own pass (`Fp8Linear.swiglu_forward`, one kernel that reads gate_up once). Decode batches
+multiply in a Triton W8A8 kernel (kernels/fp8_matmul.py) where its measured table says it beats
+cuBLASLt's `_scaled_mm`, which pads a few rows to a 64-row tile; and at batch 1-2 the runner's fused
+decode kernels (kernels/skinny_matmul.py) read these weights directly, quantizing x per token inside the
+matmul. On the CPU the same math runs through PyTorch ops and the CPU `_scaled_mm` (for tests; no speed
+is claimed there).
 """
 
 from __future__ import annotations
