@@ -229,9 +229,9 @@ def test_the_swiglu_quantizer_equals_the_swiglu_then_the_per_token_quantizer(m, 
 @pytest.mark.skipif(not CUDA and fp8_supported(torch.device("cpu")) is not None, reason="no CPU fp8 _scaled_mm here")
 def test_an_fp8_mlp_forms_and_quantizes_its_swiglu_in_one_kernel():
     torch.manual_seed(0)
-    mlp = LlamaMLP(SimpleNamespace(hidden_size=128, intermediate_size=256))  # the two sizes it reads
-    for name in ("gate_up_proj", "down_proj"):
-        setattr(mlp, name, Fp8Linear.from_linear(getattr(mlp, name)).to(DEVICE))
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=128, intermediate_size=256)).to(DEVICE)  # the two sizes it reads
+    for name in ("gate_up_proj", "down_proj"):  # quantized where they live: a CUDA layer takes the Triton kernels
+        setattr(mlp, name, Fp8Linear.from_linear(getattr(mlp, name)))
     down = mlp.down_proj
     if not CUDA:  # a CPU layer has no Triton kernels of its own; under the interpreter it may take this one
         down._quantize_swiglu = silu_mul_per_token_fp8
