@@ -157,6 +157,15 @@ def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
             # Unsplit, 4 stages deep: fewer programs than SMs can still win (no partial sums to add). At 64 rows
             # 32 x 256 was the best qkv and o_proj tile (5.2 and 4.9 us against 8.4 and 8.2, H200, 2026-12-05).
             tiles.add(Tile(bm, bn, bk, 1, 4, True, 4))
+    if m >= 32:
+        # Deeper pipelines and two warpgroups: at 64 rows the 1B-class step's fp8 matmuls streamed ~1.95 TB/s on an
+        # H200 whose copies reach 4.2 (550 us a step, profile_decode.py --quantization fp8 --profile, stop 59); a
+        # tile of 64 rows reads as many activation bytes (from L2) as weight bytes at 64 outputs, and more bytes in
+        # flight a program may be what keeps HBM busy.
+        for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128)):
+            for warps, stages in ((4, 5), (8, 3), (8, 4), (8, 5)):
+                tiles.add(Tile(bm, bn, bk, 1, warps, True, stages))
+                tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), warps, True, stages))
     return [t for t in tiles if t is not None and k % (t.block_k * t.split_k) == 0]
 
 
