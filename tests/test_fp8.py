@@ -118,6 +118,8 @@ def test_fp8_on_cuda_triton_quantizer_and_cuda_graph():
     static_x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
     static_out = replayed_on_new_input(layer, static_x)
     torch.testing.assert_close(static_out.float(), emulated_w8a8(static_x, linear), atol=5e-2, rtol=2e-2)
+    moved = Fp8Linear.from_linear(torch.nn.Linear(64, 32)).to("cuda")  # made on the CPU: the kernels follow it
+    assert moved.takes_swiglu and moved._matmul is not None
 
 
 @pytest.mark.gpu

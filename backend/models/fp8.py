@@ -99,9 +99,20 @@ class Fp8Linear(QuantizedLinear):
             weight_scale = torch.cat([weight_scale.reshape(-1), weight_scale.new_ones(pad)])
         self.register_buffer("weight", weight)  # (N16, K) e4m3, row-major: weight.T is the column-major mat2
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float())  # (1, N16)
-        # Chosen here, not per call: torch.compile then traces a plain attribute, not an import.
-        kernels = _triton_kernels() if weight.device.type == "cuda" else (None, None, None)
+        self._choose_kernels()
+
+    def _choose_kernels(self) -> None:
+        # Chosen once for the weight's device, not per call: torch.compile then traces a plain attribute, not an
+        # import.
+        kernels = _triton_kernels() if self.weight.device.type == "cuda" else (None, None, None)
         self._quantize, self._quantize_swiglu, self._matmul = kernels
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda(): a layer made on the CPU and moved takes its new device's kernels, not the CPU's
+        # PyTorch forms in silence.
+        module = super()._apply(fn, recurse)
+        self._choose_kernels()
+        return module
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "Fp8Linear":
