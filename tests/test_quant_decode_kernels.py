@@ -244,11 +244,12 @@ def test_an_fp8_mlp_forms_and_quantizes_its_swiglu_in_one_kernel():
     hq, h_scale = silu_mul_per_token_fp8(mlp.gate_up_proj(x), FP8_MAX, MIN_SCALE)  # its codes: see the test above
     w = down.weight.float() * down.weight_scale.reshape(-1, 1)
     close(got, ((hq.float() * h_scale) @ w.T).to(DTYPE))
+    assert mlp(x.float()).dtype == torch.float32  # the caller's dtype, as the unfused form (the matmul writes bf16)
     # A step with adapters, one on the down projection: its delta needs h itself, so the unfused form serves.
     seen = []
     down.lora = SimpleNamespace(delta=lambda h, adapters: seen.append(h.shape) or torch.zeros_like(got))
     mlp(x, adapters=object())
-    assert routed == [(3, 512)] and seen == [(3, 256)]
+    assert routed == [(3, 512)] * 2 and seen == [(3, 256)]
 
 
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
