@@ -145,8 +145,7 @@ class Fp8Linear(QuantizedLinear):
         SwiGLU and this layer's per-token quantizer in one pass over gate_up (kernels/fp8_quant.py), the
         SwiGLU's product never written out. Only where `takes_swiglu`."""
         hq, h_scale = self._quantize_swiglu(gate_up, FP8_MAX, MIN_SCALE)
-        out = self._scaled_product(hq, h_scale, gate_up.dtype).to(gate_up.dtype)  # as forward: the caller's dtype
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return self.output(self._scaled_product(hq, h_scale, gate_up.dtype), gate_up.dtype)
 
     def _scaled_product(self, xq: torch.Tensor, x_scale: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
         """(xq * x_scale) @ (weight * weight_scale)^T for xq (M, in) e4m3 -> (M, out) in x_dtype (bf16 for fp32)."""

@@ -215,12 +215,15 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         if self.dense_copy_serves(rows.shape[0]):
-            out = dense_linear(rows, self.dense_weight).to(x.dtype)  # (M, out)
+            out = dense_linear(rows, self.dense_weight)  # (M, out)
         else:
-            out = self.matmul(rows).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+            out = self.matmul(rows)
+        return self.output(out, x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def output(self, product: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What the layer returns for its matmul's product: in the caller's dtype, plus the bias."""
+        out = product.to(dtype)
+        return out if self.bias is None else out + self.bias.to(dtype)
 
     def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path (and, for now, the GPU's): the dequantized weight materialised each call."""
