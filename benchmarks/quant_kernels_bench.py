@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="cuda: decode batch sizes M")
     parser.add_argument("--out", help="cuda: write the measurements and the tiles as JSON here")
+    parser.add_argument("--formats", default="bf16,fp8,int4", help="cuda: the weight formats to sweep (bf16's own "
+                        "cuBLAS and fused kernels always run: every ratio is to them)")
     args = parser.parse_args()
     if args.device == "cuda":
         from quant_kernels_gpu import main as gpu_main  # benchmarks/ is on sys.path when run as a script

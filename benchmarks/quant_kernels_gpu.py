@@ -7,6 +7,8 @@ For each projection of benchmarks/engine_bench.py's LLAMA_1B (qkv 3072x2048, o 2
 the work the decode step does around it:
   bf16 cuBLAS        F.linear (what batches above FUSED_MAX_BATCH run in bf16)
   bf16 skinny        kernels/skinny_matmul.py's fused kernel (RMSNorm / SwiGLU / residual fused), M <= 4
+  bf16 triton        kernels/pdl_matmul.py (the 16-bit decode matmul that launches in the PDL chain), M >= 16,
+                     under each candidate tile
   fp8 _scaled_mm     per-token quantization kernel + torch._scaled_mm (cuBLASLt)
   fp8 triton         per-token quantization kernel + kernels/fp8_matmul.py, under each candidate tile
   fp8 skinny         the fused kernel reading e4m3 weights, quantizing x per token inside, M <= 4
@@ -40,6 +42,7 @@ from kvtriton.backend.kernels.fp8_matmul import heuristic_tile as fp8_heuristic
 from kvtriton.backend.kernels.fp8_quant import per_token_fp8
 from kvtriton.backend.kernels.int4_matmul import heuristic_tile as int4_heuristic
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with, split_k_for
+from kvtriton.backend.kernels.pdl_matmul import pdl_matmul_with
 from kvtriton.backend.kernels.tile_config import Tile
 from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, quantize_fp8_per_channel
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise
@@ -169,6 +172,19 @@ def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
     return [t for t in tiles if t is not None and k % (t.block_k * t.split_k) == 0]
 
 
+def bf16_tiles(m: int, n: int, k: int) -> list[Tile]:
+    """Candidates for kernels/pdl_matmul.py at 16+ rows: all rows in one tile, 32-256 outputs by 64-128 inputs a
+    stage (wgmma takes up to 256 outputs at 64 rows), one or two warpgroups, unsplit and split along K until there
+    are 132+ programs."""
+    bm = max(16, triton.next_power_of_2(m))
+    tiles = set()
+    for bn, bk in ((32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (256, 64)):
+        for warps, stages in ((4, 4), (8, 4)):
+            for split in {1, split_k_for(n, k, bn, bk)}:
+                tiles.add(Tile(bm, bn, bk, split, warps, True, stages))
+    return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
+
+
 # One int4 row through kernels/int4_gemv.py instead: ("gemv", ROWS, num_warps, programs per SM or None).
 GEMV_CHOICES = [("gemv", rows, warps, per_sm) for rows in (2, 4, 8, 16) for warps in (1, 2, 4, 8)
                 for per_sm in (None, 8, 16)]
@@ -191,7 +207,7 @@ def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]
     return sorted(out)
 
 
-def time_shape(name, n, k, op, rows, results, log):
+def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4")):
     layers = make_layers(n, k)
     out_n = n // 2 if op == "rms_norm_swiglu" else n
     norm = RMSNorm(k, 1e-5).to(DEVICE, torch.bfloat16).weight
@@ -221,6 +237,9 @@ def time_shape(name, n, k, op, rows, results, log):
         best("bf16 cuBLAS", {"F.linear": [lambda w=w: F.linear(x, w) for w in bf16]})
         if m <= skinny_matmul.MAX_ROWS:
             best("bf16 skinny", {"heuristic": [fused_call(op, x, w, norm, residual) for w in bf16]})
+        if m >= 16 and "bf16" in formats:
+            best("bf16 triton", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile) for w in bf16]
+                                 for tile in bf16_tiles(m, n, k)})
 
         def fp8_call(layer, tile):
             def call():
@@ -231,12 +250,14 @@ def time_shape(name, n, k, op, rows, results, log):
                 return fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, torch.bfloat16, tile)
             return call
 
-        best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
-        best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)})
-        best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
-            x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
-            for tile in int4_tiles(m, n, k)})
-        if "tinygemm" in layers:
+        if "fp8" in formats:
+            best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
+            best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)})
+        if "int4" in formats:
+            best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
+                x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
+                for tile in int4_tiles(m, n, k)})
+        if "tinygemm" in layers and "int4" in formats:
             tiny = layers["tinygemm"][0]
             if m == rows[0]:  # once a shape: are the operands right? (bf16 scales: ~1e-2 relative is expected)
                 reference = x.float() @ int4[0].dequantized_weight().float().T
@@ -247,6 +268,8 @@ def time_shape(name, n, k, op, rows, results, log):
                 lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz) for p, sz in tiny]})
         if m <= skinny_matmul.MAX_ROWS:
             for kind, layers_of_kind in (("fp8", fp8), ("int4", int4)):
+                if kind not in formats:
+                    continue
                 choices = skinny_blocks(m, n, k, op) + (GEMV_CHOICES if kind == "int4" and m == 1 else [])
                 best(f"{kind} skinny", {blocks: [fused_call(op, x, decode_weight(layer), norm, residual, blocks)
                                                  for layer in layers_of_kind]
@@ -269,7 +292,8 @@ def summarize(results: list, rows: list[int], log) -> dict:
     from kvtriton.backend.kernels.tile_config import rows_bucket
 
     layers_of = {name: count for name, _, _, _, count in SHAPES}
-    tables = {"int4_matmul.TILES": {}, "fp8_matmul.TILES": {}, "skinny_matmul.TILES": {}, "int4_gemv.TILES": {}}
+    tables = {"int4_matmul.TILES": {}, "fp8_matmul.TILES": {}, "skinny_matmul.TILES": {}, "int4_gemv.TILES": {},
+              "pdl_matmul.TILES": {}}
     fused_max = {"fp8": 0, "int4": 0}
     log("\n# a decode step's matmuls (16 layers + lm_head), ms: fused = the skinny kernels, unfused = the best "
         "other path; vs bf16 = the format's better path over bf16's")
@@ -281,6 +305,8 @@ def summarize(results: list, rows: list[int], log) -> dict:
             for family, b in r["best"].items():
                 step[family] = step.get(family, 0.0) + b["seconds"] * layers_of[r["shape"]]
             bucket, choice, best = rows_bucket(m), r["choice"], r["best"]
+            if "bf16 triton" in choice:
+                tables["pdl_matmul.TILES"][("bf16", bucket, r["n"], r["k"])] = tuple(choice["bf16 triton"])
             if "int4 triton" in choice:
                 tables["int4_matmul.TILES"][("int4", bucket, r["n"], r["k"])] = tuple(choice["int4 triton"])
             if "fp8 triton" in choice or "fp8 _scaled_mm" in best:
@@ -312,6 +338,9 @@ def summarize(results: list, rows: list[int], log) -> dict:
         cells = " | ".join(f"{fused * 1e3:9.3f} {unfused * 1e3:11.3f} {min(fused, unfused) / bf16:6.2f}x"
                            for fused, unfused in paths.values())
         log(f"{m:3d} | {total('bf16 skinny') * 1e3:10.3f} {total('bf16 cuBLAS') * 1e3:11.3f} | {cells}")
+        if total("bf16 triton") < math.inf:
+            log(f"    bf16 on kernels/pdl_matmul.py: {total('bf16 triton') * 1e3:.3f} ms, "
+                f"{total('bf16 triton') / total('bf16 cuBLAS'):.2f}x cuBLAS")
         if total("int4 tinygemm") < math.inf:  # the reference, not a path: beside the int4 paths, not in them
             log(f"    int4 tinygemm (PyTorch's CUDA kernel, a reference): {total('int4 tinygemm') * 1e3:.3f} ms, "
                 f"{total('int4 tinygemm') / bf16:.2f}x bf16")
@@ -337,8 +366,9 @@ def main(args) -> None:
           f"shapes, bf16 activations, int4 g{GROUP}; CUDA-graph replay over >= {HBM_BYTES / 1e6:.0f} MB of weight "
           f"copies per op (L2 {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB)", flush=True)
     results = []
+    formats = tuple(args.formats.split(","))
     for name, n, k, op, _ in SHAPES:
-        time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True))
+        time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True), formats)
     tables = summarize(results, rows, print)
     print(f"# {time.monotonic() - started:.0f} s")
     if args.out:

@@ -84,6 +84,21 @@ def test_the_chained_quantizer_and_split_k_add_compile():
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
 
 
+def test_the_chained_bf16_matmul_compiles():
+    """kernels/pdl_matmul.py CHAIN: the 16-bit decode matmul lets its dependents launch, waits in-kernel for its x,
+    and runs on the tensor cores, split along K or not."""
+    from kvtriton.backend.kernels import pdl_matmul
+
+    for split_k in (1, 4):
+        kernel = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
+            x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if split_k == 1 else "*fp32", M="i32",
+            N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k,
+                                    EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False))
+        assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
+        assert "griddepcontrol.wait" in kernel.asm["ptx"]
+        assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
+
+
 def test_the_decode_matmuls_take_their_row_count_unspecialized():
     """A row count the graphs did not capture (an eager step's) must not compile a new variant mid-serving
     (tile_config.ROWS_NOT_SPECIALIZED)."""

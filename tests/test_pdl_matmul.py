@@ -29,3 +29,19 @@ def test_pdl_linear_is_the_linear_layer(rows, n, k, bias):
     expected = (x.float() @ w.float().T + (b.float() if bias else 0)).to(torch.bfloat16)
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_tiles_sum_to_the_product_with_the_bias_once(split_k):
+    """A tile split along K (a narrow projection's programs fill the SMs) adds its fp32 partial sums in
+    kernels/split_k.py's add_planes; the bias belongs to split 0's partial only."""
+    from kvtriton.backend.kernels.pdl_matmul import pdl_matmul_with
+    from kvtriton.backend.kernels.tile_config import Tile
+
+    g = torch.Generator(device=DEVICE).manual_seed(split_k)
+    x = torch.randn(20, 256, generator=g, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(96, 256, generator=g, device=DEVICE) / 16).to(torch.bfloat16)
+    b = torch.randn(96, generator=g, device=DEVICE).to(torch.bfloat16)
+    got = pdl_matmul_with(x, w, b, Tile(32, 32, 64, split_k, 4, True, 3))
+    expected = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)

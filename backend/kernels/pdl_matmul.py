@@ -11,6 +11,11 @@ decode batches runs here, with the same tensor-core tiles a cuBLAS kernel uses, 
 first. Its numbers: bf16 products summed in fp32 along K in tl.dot's order, rounded once (cuBLAS sums in
 another order: the last bits differ, as between cuBLAS's own kernels at different batch sizes).
 
+With CHAIN (below) the layer's other 16-bit projections take it too, each launched with PDL itself: cuBLAS's
+kernels neither start before the kernel ahead of them ends nor let the next start early, so at 64 rows a bf16
+step has a launch gap at each of them that the fp8 step, on Triton kernels throughout, does not. A narrow
+projection (o_proj, down_proj: 2,048 outputs) splits K across programs as the fp8 kernel does.
+
 Steps of more rows (prefill) keep cuBLAS. Never autotuned: a decode step's launch is fixed before CUDA-graph
 capture (kernels/tile_config.py).
 """
@@ -21,27 +26,37 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.pdl import gdc_launch_dependents, pdl_supported
-from kvtriton.backend.kernels.split_k import output_tile, store_tile
+from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
+from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
+# Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
+# one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
+# its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early. Off until
+# measured against cuBLAS in the step (benchmarks/profile_decode.py --bf16-chain on|off).
+CHAIN = False
 # ("bf16", rows bucket, N, K) -> Tile fields, measured; empty: `heuristic_tile`.
 TILES: dict[tuple[str, int, int, int], tuple] = {}
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                FP32_DOT: tl.constexpr):
-    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit. Launched without PDL itself (its predecessor is
-    # compiled code that never triggers early), it lets the next kernel launch now; that kernel waits for this
-    # one's completion before it reads what this one writes (kernels/pdl.py's invariant).
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
+    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
+    # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
+    # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
+    # CHAIN), resident before the kernel that writes x has ended.
     if PDL:
         gdc_launch_dependents()
+    if WAIT:
+        gdc_wait()
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         if EVEN_K:
@@ -54,8 +69,8 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, 1)
+        acc += tl.load(bias_ptr + n, mask=n_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 def heuristic_tile(m: int) -> Tile:
@@ -70,14 +85,18 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias)."""
     m, k = x.shape
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), 1)
+    if tile.split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
+    chained = CHAIN and pdl.in_chain(x.device)
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k, HAS_BIAS=bias is not None,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                      EVEN_K=k % tile.block_k == 0, PDL=pdl_supported(x.device), FP32_DOT=x.device.type != "cuda",
-                      num_warps=tile.warps,
-                      num_stages=tile.stages)
-    return out
+                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
+                      EVEN_K=k % (tile.block_k * tile.split_k) == 0, PDL=pdl_supported(x.device), WAIT=chained,
+                      FP32_DOT=x.device.type != "cuda", num_warps=tile.warps, num_stages=tile.stages,
+                      **pdl.launch_options(chained))
+    return out if tile.split_k == 1 else add_planes(out, x.dtype)
 
 
 # A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
