@@ -29,7 +29,7 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul, rms_norm  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul  # noqa: E402
 from kvtriton.backend.models import fp8, llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
@@ -88,9 +88,6 @@ def main():
     ap.add_argument("--fp8-norm", default="off", choices=["on", "off"],
                     help="models/fp8.py FUSED_NORM: qkv_proj's and gate_up_proj's residual add, RMSNorm and quantizer "
                          "in one kernel of kvtriton's, instead of inductor's fused one")
-    ap.add_argument("--bf16-norm", default="off", choices=["on", "off"],
-                    help="kernels/rms_norm.py ENABLED: a 16-bit model's residual add + RMSNorm in one kernel of "
-                         "kvtriton's, instead of inductor's fused one")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -108,7 +105,6 @@ def main():
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
     fp8.FUSED_NORM = args.fp8_norm == "on"
-    rms_norm.ENABLED = args.bf16_norm == "on"
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -130,8 +126,7 @@ def main():
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}, PDL chain "
-          f"{args.pdl_chain}, bf16 chain {args.bf16_chain}, norm kernels fp8 {args.fp8_norm} bf16 "
-          f"{args.bf16_norm}; quantization "
+          f"{args.pdl_chain}, bf16 chain {args.bf16_chain}, fp8 norm kernel {args.fp8_norm}; quantization "
           f"{args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")

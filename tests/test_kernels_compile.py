@@ -103,17 +103,6 @@ def test_the_chained_bf16_matmul_compiles():
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
 
 
-def test_the_one_pass_add_and_norm_compiles():
-    """kernels/rms_norm.py: chained (kernels/pdl.py CHAIN), at a 1B-class hidden size."""
-    from kvtriton.backend.kernels import rms_norm
-
-    kernel = compile_for_hopper(rms_norm._add_rms_norm, dict(x_ptr="*bf16", delta_ptr="*bf16", norm_ptr="*bf16",
-                                                            sum_ptr="*bf16", out_ptr="*bf16", K="i32", eps="fp32"),
-                                dict(BLOCK_K=2048, PDL=True), warps=rms_norm.row_warps(2048))
-    assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
-    assert "griddepcontrol.wait" in kernel.asm["ptx"]
-
-
 def test_the_decode_matmuls_take_their_row_count_unspecialized():
     """A row count the graphs did not capture (an eager step's) must not compile a new variant mid-serving
     (tile_config.ROWS_NOT_SPECIALIZED)."""

@@ -26,7 +26,6 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
-from kvtriton.backend.kernels.rms_norm import add_rms_norm_row, row_warps
 
 
 @triton.jit
@@ -35,7 +34,8 @@ def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE:
                    delta_ptr=None, norm_ptr=None, sum_ptr=None, eps=0.0):
     # x (M, K), or with SWIGLU (M, 2K) holding [gate | up]: the row quantized is then silu(gate) * up, in fp32
     # (as Inductor computes the unfused form: no bf16 rounding between the SwiGLU and the quantizer). With NORM:
-    # the row quantized is kernels/rms_norm.py's h of x + delta (which it stores at sum_ptr).
+    # s = x + delta rounded to x's dtype (stored at sum_ptr), then norm_weight * (s * rsqrt(mean(s^2) + eps)) with
+    # each product rounded to x's dtype, as models/llama.py's RMSNorm computes it, is the row quantized.
     if PDL:  # kernels/pdl.py CHAIN: launched during attention, and the matmul after it may launch now too
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)  # a prefill's row * 2K passes 2^31 from 131k tokens at I = 8,192
@@ -48,7 +48,14 @@ def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE:
         up = tl.load(x_ptr + row * 2 * K + K + k, mask=ok, other=0.0).to(tl.float32)
         x = gate * tl.sigmoid(gate) * up
     elif NORM:
-        x = add_rms_norm_row(x_ptr, delta_ptr, norm_ptr, sum_ptr, row, k, ok, K, eps).to(tl.float32)
+        act = x_ptr.dtype.element_ty
+        s = (tl.load(x_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)
+             + tl.load(delta_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)).to(act)
+        tl.store(sum_ptr + row * K + k, s, mask=ok)
+        sf = s.to(tl.float32)
+        normed = (sf * tl.rsqrt(tl.sum(sf * sf, axis=0) / K + eps)).to(act)
+        weight = tl.load(norm_ptr + k, mask=ok, other=0.0)
+        x = (weight.to(tl.float32) * normed.to(tl.float32)).to(act).to(tl.float32)
     else:
         x = tl.load(x_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
@@ -69,7 +76,7 @@ def _quantize_rows(x: torch.Tensor, k: int, fp8_max: float, min_scale: float, sw
     extra = {} if norm is None else dict(NORM=True, delta_ptr=norm["delta"].contiguous(), norm_ptr=norm["weight"],
                                          sum_ptr=norm["sum"], eps=norm["eps"])
     _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k, PDL=chained,
-                         SWIGLU=swiglu, num_warps=row_warps(block_k), **extra,
+                         SWIGLU=swiglu, num_warps=min(16, max(4, block_k // 1024)), **extra,
                          **pdl.launch_options(chained))
     return q, scale
 

@@ -81,8 +81,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # kernels/rms_norm.py's add_rms_norm where the CUDA runner gives it (`add_forward`), else None
-        self.fused_add = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype (fp16 overflows the sum of squares), round to
@@ -90,19 +88,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(mean_square(xf) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, self(x + delta)): the residual stream's add and this norm, in one kernel where the runner
-        gave one (`fused_add`, CUDA)."""
-        if self.fused_add is not None and x.is_cuda:
-            return self.fused_add(x, delta, self.weight, self.eps)
-        # Compiled for the GPU, x - (-delta): exactly x + delta, written so that inductor leaves it an add. It
-        # rewrites add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that
-        # addmm first copies x into its output (a memcpy kernel a layer), where the add alone fuses into this norm.
-        # (Eager, exported or compiled for the CPU: the plain add, as measured there.)
-        x = x - (-delta) if x.is_cuda and torch.compiler.is_compiling() else x + delta
-        return x, self(x)
 
 
 def mean_square(x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +169,8 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
     if delta is not None and fuses_input(attn.qkv_proj, "takes_rms_norm", adapters):
         x, qkv = attn.qkv_proj.rms_norm_forward(x, delta, layer.input_layernorm)
     else:
-        x, h = (x, layer.input_layernorm(x)) if delta is None else layer.input_layernorm.add_forward(x, delta)
-        qkv = linear(attn.qkv_proj, h, adapters)
+        x = x if delta is None else x + delta
+        qkv = linear(attn.qkv_proj, layer.input_layernorm(x), adapters)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
@@ -205,8 +190,12 @@ def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.
     if fuses_input(mlp.gate_up_proj, "takes_rms_norm", adapters):
         x, gate_up = mlp.gate_up_proj.rms_norm_forward(x, o, layer.post_attention_layernorm)
         return x, mlp.swiglu_down(gate_up, adapters)
-    x, h = layer.post_attention_layernorm.add_forward(x, o)
-    return x, mlp(h, adapters)
+    # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
+    # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that addmm
+    # first copies x into its output (a memcpy kernel a layer), where the add alone fuses into the RMSNorm
+    # after it. (Eager, exported or compiled for the CPU: the plain add, as measured there.)
+    x = x - (-o) if x.is_cuda and torch.compiler.is_compiling() else x + o
+    return x, layer.mlp(layer.post_attention_layernorm(x), adapters)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -192,15 +192,14 @@ class TorchRunner:
         why = fusable(self.model)
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
-        self._give_layers_decode_kernels()
+        self._qkv_launches_attention_early()
         return self.max_blocks_per_seq, why is None, prefill
 
-    def _give_layers_decode_kernels(self) -> None:
+    def _qkv_launches_attention_early(self) -> None:
         """Give each plain 16-bit qkv projection kernels/pdl_matmul.py's matmul, so that at 3-64 decode rows the
         attention kernel after it launches early and streams its past K/V during the projection (Hopper+); with
-        pdl_matmul.CHAIN, the layer's other 16-bit projections too; with rms_norm.ENABLED, the layer's two RMSNorms
-        kernels/rms_norm.py's one-pass add + norm."""
-        from kvtriton.backend.kernels import pdl, pdl_matmul, rms_norm
+        pdl_matmul.CHAIN, the layer's other 16-bit projections too."""
+        from kvtriton.backend.kernels import pdl, pdl_matmul
 
         if not (pdl.EARLY_ATTENTION and pdl.pdl_supported(self.device)):
             return
@@ -210,13 +209,6 @@ class TorchRunner:
             for proj in (attn.qkv_proj, *chain):
                 if type(proj) is torch.nn.Linear and proj.weight.dtype in (torch.bfloat16, torch.float16):
                     proj.decode_matmul = pdl_matmul.pdl_linear
-            # rms_norm.ENABLED: a 16-bit projection's residual add + RMSNorm in one pass (an fp8 one's quantizer
-            # takes them: models/fp8.py FUSED_NORM)
-            for norm, proj in ((layer.input_layernorm, attn.qkv_proj), (layer.post_attention_layernorm,
-                                                                        mlp.gate_up_proj)):
-                if rms_norm.ENABLED and type(proj) is torch.nn.Linear and proj.weight.dtype in (torch.bfloat16,
-                                                                                                 torch.float16):
-                    norm.fused_add = rms_norm.add_rms_norm
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
