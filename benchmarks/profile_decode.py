@@ -30,7 +30,7 @@ from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
 from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul  # noqa: E402
-from kvtriton.backend.models import fp8, llama_decode  # noqa: E402
+from kvtriton.backend.models import llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
 from kvtriton.backend.runners.torch_runner import TorchRunner  # noqa: E402
@@ -85,9 +85,6 @@ def main():
     ap.add_argument("--bf16-chain", default="off", choices=["on", "off"],
                     help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 3-64 decode rows on that kernel, "
                          "launched with PDL, instead of cuBLAS for all but qkv")
-    ap.add_argument("--fp8-norm", default="off", choices=["on", "off"],
-                    help="models/fp8.py FUSED_NORM: qkv_proj's and gate_up_proj's residual add, RMSNorm and quantizer "
-                         "in one kernel of kvtriton's, instead of inductor's fused one")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -104,7 +101,6 @@ def main():
     pdl.EARLY_ATTENTION = args.early_attention == "on"
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
-    fp8.FUSED_NORM = args.fp8_norm == "on"
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -126,8 +122,7 @@ def main():
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}, PDL chain "
-          f"{args.pdl_chain}, bf16 chain {args.bf16_chain}, fp8 norm kernel {args.fp8_norm}; quantization "
-          f"{args.quantization}, KV cache "
+          f"{args.pdl_chain}, bf16 chain {args.bf16_chain}; quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:

@@ -72,15 +72,11 @@ def test_the_chained_quantizer_and_split_k_add_compile():
     """kernels/pdl.py CHAIN's other two kernels of the fp8 layer: each triggers its dependents and waits."""
     from kvtriton.backend.kernels import fp8_quant, split_k
 
-    types = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32", delta_ptr="*bf16", norm_ptr="*bf16",
-                 sum_ptr="*bf16", eps="fp32")
-    unused = dict(delta_ptr=None, norm_ptr=None, sum_ptr=None, eps=0.0)
-    quantizers = [compile_for_hopper(fp8_quant._per_token_fp8, types,
-                                     dict(FP8_MAX=448.0, MIN_SCALE=1e-12, BLOCK_K=block_k, PDL=True, SWIGLU=swiglu,
-                                          NORM=norm, **({} if norm else unused)), warps=warps)
-                  # o_proj's, down_proj's (the SwiGLU form), qkv_proj's and gate_up_proj's (the RMSNorm form)
-                  for block_k, swiglu, norm, warps in ((2048, False, False, 4), (8192, True, False, 8),
-                                                       (2048, False, True, 4))]
+    quantizers = [compile_for_hopper(fp8_quant._per_token_fp8, dict(x_ptr="*bf16", q_ptr="*fp8e4nv",
+                                                                    scale_ptr="*fp32", K="i32"),
+                                     dict(FP8_MAX=448.0, MIN_SCALE=1e-12, BLOCK_K=block_k, PDL=True, SWIGLU=swiglu),
+                                     warps=warps)
+                  for block_k, swiglu, warps in ((2048, False, 4), (8192, True, 8))]  # o_proj's, down_proj's
     planes = compile_for_hopper(split_k._add_planes, dict(planes_ptr="*fp32", out_ptr="*bf16", MN="i32"),
                                 dict(SPLIT_K=4, BLOCK=1024, PDL=True))
     for kernel in (*quantizers, planes):

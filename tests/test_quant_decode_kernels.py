@@ -26,7 +26,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
-from kvtriton.backend.kernels.fp8_quant import add_rms_norm_per_token_fp8, silu_mul_per_token_fp8  # noqa: E402
+from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.tile_config import Tile  # noqa: E402
 from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, fp8_supported, per_token_fp8_reference  # noqa: E402
@@ -250,71 +250,6 @@ def test_an_fp8_mlp_forms_and_quantizes_its_swiglu_in_one_kernel():
     down.lora = SimpleNamespace(delta=lambda h, adapters: seen.append(h.shape) or torch.zeros_like(got))
     mlp(x, adapters=object())
     assert routed == [(3, 512)] * 2 and seen == [(3, 256)]
-
-
-@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
-@pytest.mark.parametrize("m, k", [(1, 2048), (3, 96)])  # 96: a row tail masked off
-def test_the_rms_norm_quantizer_equals_the_add_the_norm_then_the_per_token_quantizer(m, k):
-    g = torch.Generator().manual_seed(m)
-    x, delta = ((torch.randn(m, k, generator=g) * 2).to(DEVICE, DTYPE) for _ in range(2))
-    norm = RMSNorm(k, 1e-5).to(DEVICE, DTYPE)
-    norm.weight.data = (torch.rand(k, generator=g) + 0.5).to(DEVICE, DTYPE)
-    total, hq, scale = add_rms_norm_per_token_fp8(x, delta, norm.weight, norm.eps, FP8_MAX, MIN_SCALE)
-    assert torch.equal(total, x + delta)  # the residual stream, rounded to its dtype as the unfused add
-    assert hq.shape == (m, k) and hq.dtype == torch.float8_e4m3fn
-    h = norm(x + delta)  # models/llama.py's RMSNorm: fp32 statistics, each product rounded to the activation dtype
-    hq_ref, scale_ref = per_token_fp8_reference(h)
-    torch.testing.assert_close(scale, scale_ref, rtol=2e-3, atol=0)  # the mean's summation order may differ
-    # The scales carry the norm (each row's largest |h| / 448); the codes are checked on the GPU only, where e4m3
-    # rounds to nearest even (the interpreter's rounding is not: see the SwiGLU test above).
-    if CUDA:
-        torch.testing.assert_close(hq.float() * scale, h.float(), rtol=0.07, atol=float(scale.max()))
-        assert (hq.float() != hq_ref.float()).float().mean() < 1e-2
-
-
-@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
-@pytest.mark.skipif(not CUDA and fp8_supported(torch.device("cpu")) is not None, reason="no CPU fp8 _scaled_mm here")
-def test_fp8_projections_after_a_norm_take_the_add_and_the_norm_into_their_quantizer(monkeypatch):
-    from kvtriton.backend.models import fp8
-    from kvtriton.backend.models.llama import LlamaDecoderLayer, attention_inputs, attention_output
-    from kvtriton.backend.models.model_config import ModelConfig
-
-    torch.manual_seed(0)
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=1e4,
-                      max_position_embeddings=64, tie_word_embeddings=False)
-    layer = LlamaDecoderLayer(cfg, 0).to(DEVICE, DTYPE)
-    for module, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"),
-                         (layer.mlp, "down_proj")):
-        setattr(module, name, Fp8Linear.from_linear(getattr(module, name)))
-    routed = []
-    for proj in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
-        if not CUDA:  # a CPU layer has no Triton kernels of its own; under the interpreter it may take this one
-            proj._quantize_norm = add_rms_norm_per_token_fp8
-        fused = proj.rms_norm_forward
-        proj.rms_norm_forward = lambda x, d, n, fused=fused: routed.append(n) or fused(x, d, n)
-    g = torch.Generator().manual_seed(3)
-    x, delta = ((torch.randn(5, 128, generator=g)).to(DEVICE, DTYPE) for _ in range(2))
-    attended = torch.randn(5, 4, 32, generator=g).to(DEVICE, DTYPE)
-
-    def run(adapters=None):
-        total, q, k, v = attention_inputs(layer, None, x, delta, adapters)
-        return (total, q, k, v, *attention_output(layer, total, attended, adapters))
-
-    unfused = run()
-    assert routed == []  # FUSED_NORM off: as before
-    monkeypatch.setattr(fp8, "FUSED_NORM", True)
-    fused = run()
-    assert routed == [layer.input_layernorm, layer.post_attention_layernorm]
-    assert torch.equal(fused[0], x + delta) and torch.equal(fused[4], unfused[4])  # the residual sums, exact
-    if CUDA:  # the values: with the interpreter's e4m3 rounding the codes differ (see the tests above)
-        for got, expected in zip(fused, unfused):
-            close(got, expected, atol=6e-2, rtol=6e-2)
-    # A step with adapters, one on qkv_proj: its delta needs the normed x itself, so the unfused form serves it.
-    layer.self_attn.qkv_proj.lora = SimpleNamespace(delta=lambda h, adapters: torch.zeros(
-        h.shape[0], layer.self_attn.qkv_proj.out_features, device=DEVICE, dtype=DTYPE))
-    run(adapters=object())
-    assert routed[2:] == [layer.post_attention_layernorm]
 
 
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")

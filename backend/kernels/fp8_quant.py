@@ -10,12 +10,6 @@ output, the fp8 down projection's input, in the same single pass. Inductor fuses
 too, but for rows over 1,024 elements it generates a looped two-pass reduction that reads gate_up twice:
 at a 8,192-token prefill of a 1B-class model (I = 8,192) 214 us a layer against the bf16 SwiGLU's 160 us
 (an H100), and 4.3 us a layer at 64 decode rows.
-
-The RMSNorm form (`add_rms_norm_per_token_fp8`) is vLLM's rms_norm_dynamic_per_token_quant with the residual
-add before it: a projection's input x + delta (the residual stream, written out for the layer's next add),
-RMSNorm'ed in HF's order and quantized, from one read of each row. Inductor fuses the same ops for the compiled
-decode layers, again as a looped two-pass reduction at a hidden size over 1,024 (2.5-2.9 us a kernel at 64 rows
-on an H200, 32 of them a 1B-class step).
 """
 
 from __future__ import annotations
@@ -30,12 +24,9 @@ from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 @triton.jit
 def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr = False,
-                   delta_ptr=None, norm_ptr=None, sum_ptr=None, eps=0.0):
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr):
     # x (M, K), or with SWIGLU (M, 2K) holding [gate | up]: the row quantized is then silu(gate) * up, in fp32
-    # (as Inductor computes the unfused form: no bf16 rounding between the SwiGLU and the quantizer). With NORM:
-    # s = x + delta rounded to x's dtype (stored at sum_ptr), then norm_weight * (s * rsqrt(mean(s^2) + eps)) with
-    # each product rounded to x's dtype, as models/llama.py's RMSNorm computes it, is the row quantized.
+    # (as Inductor computes the unfused form: no bf16 rounding between the SwiGLU and the quantizer).
     if PDL:  # kernels/pdl.py CHAIN: launched during attention, and the matmul after it may launch now too
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)  # a prefill's row * 2K passes 2^31 from 131k tokens at I = 8,192
@@ -47,15 +38,6 @@ def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE:
         gate = tl.load(x_ptr + row * 2 * K + k, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * 2 * K + K + k, mask=ok, other=0.0).to(tl.float32)
         x = gate * tl.sigmoid(gate) * up
-    elif NORM:
-        act = x_ptr.dtype.element_ty
-        s = (tl.load(x_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)
-             + tl.load(delta_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)).to(act)
-        tl.store(sum_ptr + row * K + k, s, mask=ok)
-        sf = s.to(tl.float32)
-        normed = (sf * tl.rsqrt(tl.sum(sf * sf, axis=0) / K + eps)).to(act)
-        weight = tl.load(norm_ptr + k, mask=ok, other=0.0)
-        x = (weight.to(tl.float32) * normed.to(tl.float32)).to(act).to(tl.float32)
     else:
         x = tl.load(x_ptr + row * K + k, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
@@ -64,20 +46,17 @@ def _per_token_fp8(x_ptr, q_ptr, scale_ptr, K, FP8_MAX: tl.constexpr, MIN_SCALE:
     tl.store(scale_ptr + row, scale)
 
 
-def _quantize_rows(x: torch.Tensor, k: int, fp8_max: float, min_scale: float, swiglu: bool, norm: dict | None = None):
+def _quantize_rows(x: torch.Tensor, k: int, fp8_max: float, min_scale: float, swiglu: bool):
     """One program a row, the whole row in registers (BLOCK_K = K rounded up to a power of two; ~32 values a
-    thread, so wider rows take more warps). norm: the RMSNorm form's delta, weight, eps and sum (out)."""
+    thread, so wider rows take more warps)."""
     m = x.shape[0]
     x = x.contiguous()
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block_k = triton.next_power_of_2(k)
     chained = pdl.in_chain(x.device)
-    extra = {} if norm is None else dict(NORM=True, delta_ptr=norm["delta"].contiguous(), norm_ptr=norm["weight"],
-                                         sum_ptr=norm["sum"], eps=norm["eps"])
     _per_token_fp8[(m,)](x, q, scale, k, FP8_MAX=fp8_max, MIN_SCALE=min_scale, BLOCK_K=block_k, PDL=chained,
-                         SWIGLU=swiglu, num_warps=min(16, max(4, block_k // 1024)), **extra,
-                         **pdl.launch_options(chained))
+                         SWIGLU=swiglu, num_warps=min(16, max(4, block_k // 1024)), **pdl.launch_options(chained))
     return q, scale
 
 
@@ -105,20 +84,3 @@ def silu_mul_per_token_fp8(gate_up: torch.Tensor, fp8_max: float,
 def _(gate_up, fp8_max, min_scale):
     m, i = gate_up.shape[0], gate_up.shape[1] // 2
     return gate_up.new_empty(m, i, dtype=torch.float8_e4m3fn), gate_up.new_empty(m, 1, dtype=torch.float32)
-
-
-@torch.library.custom_op("kvtriton::add_rms_norm_per_token_fp8", mutates_args=())
-def add_rms_norm_per_token_fp8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, fp8_max: float,
-                               min_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, delta (M, K) 16-bit, weight (K,) of their dtype -> (x + delta, then per_token_fp8 of RMSNorm(x + delta)
-    with `weight` and `eps`: (xq (M, K) e4m3, scale (M, 1) fp32))."""
-    total = torch.empty_like(x)
-    q, scale = _quantize_rows(x, x.shape[1], fp8_max, min_scale, swiglu=False,
-                              norm=dict(delta=delta, weight=weight, eps=eps, sum=total))
-    return total, q, scale
-
-
-@add_rms_norm_per_token_fp8.register_fake
-def _(x, delta, weight, eps, fp8_max, min_scale):
-    return (torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-            x.new_empty(x.shape[0], 1, dtype=torch.float32))

@@ -42,25 +42,15 @@ def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-# Whether a projection after an RMSNorm (qkv_proj, gate_up_proj) takes its input from kernels/fp8_quant.py's
-# RMSNorm form: the residual add, the norm and the quantizer in one pass (`Fp8Linear.rms_norm_forward`), where
-# inductor's fused kernel for them makes two passes over each row. Off until measured in the step
-# (benchmarks/profile_decode.py --fp8-norm on|off).
-FUSED_NORM = False
-
-NO_KERNELS = (None, None, None, None)
-
-
 def _triton_kernels():
-    """(the per-token activation quantizer, its SwiGLU form, its residual-add + RMSNorm form, the matmul that picks
-    the Triton GEMV or _scaled_mm by rows), or Nones without triton (then five PyTorch ops quantize and _scaled_mm
-    multiplies at every size)."""
+    """(the per-token activation quantizer, its SwiGLU form, the matmul that picks the Triton GEMV or _scaled_mm by
+    rows), or Nones without triton (then five PyTorch ops quantize and _scaled_mm multiplies at every size)."""
     try:
         from kvtriton.backend.kernels.fp8_matmul import fp8_matmul
-        from kvtriton.backend.kernels.fp8_quant import add_rms_norm_per_token_fp8, per_token_fp8, silu_mul_per_token_fp8
+        from kvtriton.backend.kernels.fp8_quant import per_token_fp8, silu_mul_per_token_fp8
     except ImportError:
-        return NO_KERNELS
-    return per_token_fp8, silu_mul_per_token_fp8, add_rms_norm_per_token_fp8, fp8_matmul
+        return None, None, None
+    return per_token_fp8, silu_mul_per_token_fp8, fp8_matmul
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -114,8 +104,8 @@ class Fp8Linear(QuantizedLinear):
     def _choose_kernels(self) -> None:
         # Chosen once for the weight's device, not per call: torch.compile then traces a plain attribute, not an
         # import.
-        kernels = _triton_kernels() if self.weight.device.type == "cuda" else NO_KERNELS
-        self._quantize, self._quantize_swiglu, self._quantize_norm, self._matmul = kernels
+        kernels = _triton_kernels() if self.weight.device.type == "cuda" else (None, None, None)
+        self._quantize, self._quantize_swiglu, self._matmul = kernels
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda(): a layer made on the CPU and moved takes its new device's kernels, not the CPU's
@@ -156,19 +146,6 @@ class Fp8Linear(QuantizedLinear):
         SwiGLU's product never written out. Only where `takes_swiglu`."""
         hq, h_scale = self._quantize_swiglu(gate_up, FP8_MAX, MIN_SCALE)
         return self.output(self._scaled_product(hq, h_scale, gate_up.dtype), gate_up.dtype)
-
-    @property
-    def takes_rms_norm(self) -> bool:
-        """Whether `rms_norm_forward` runs here: FUSED_NORM, on CUDA with triton."""
-        return FUSED_NORM and self._quantize_norm is not None
-
-    def rms_norm_forward(self, x: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
-        """(x + delta, self(norm(x + delta))) for 16-bit x and delta (M, in_features) and an RMSNorm `norm` (its
-        weight and eps): the add, the norm and this layer's per-token quantizer in one pass (kernels/fp8_quant.py).
-        Only where `takes_rms_norm`."""
-        total, xq, x_scale = self._quantize_norm(x, delta, norm.weight, norm.eps, FP8_MAX, MIN_SCALE)
-        return total, self.output(self._scaled_product(xq, x_scale, x.dtype), x.dtype)
 
     def _scaled_product(self, xq: torch.Tensor, x_scale: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
         """(xq * x_scale) @ (weight * weight_scale)^T for xq (M, in) e4m3 -> (M, out) in x_dtype (bf16 for fp32)."""

@@ -63,13 +63,6 @@ def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = No
     return out if lora is None else out + lora.delta(x, adapters)
 
 
-def fuses_input(proj: nn.Module, form: str, adapters: StepAdapters | None) -> bool:
-    """Whether proj forms its own input in its quantizer's pass: form "takes_swiglu" (proj.swiglu_forward, from the
-    gate_up output) or "takes_rms_norm" (proj.rms_norm_forward, from the residual stream), an fp8 projection's
-    (models/fp8.py); not where a LoRA adapter on proj needs that input itself."""
-    return getattr(proj, form, False) and (adapters is None or getattr(proj, "lora", None) is None)
-
-
 class AttentionContext(Protocol):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (N, H, D), k/v (N, Hkv, D) for the step's new tokens -> (N, H, D).
@@ -130,14 +123,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
-        return self.swiglu_down(linear(self.gate_up_proj, x, adapters), adapters)
-
-    def swiglu_down(self, gate_up: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
-        """The SwiGLU of the gate_up projection's output (M, 2 * intermediate), [gate | up], and down_proj."""
+        gate_up = linear(self.gate_up_proj, x, adapters)
         down = self.down_proj
         # An fp8 down projection quantizes the SwiGLU's product as it forms it (models/fp8.py); not where a LoRA
         # adapter on it needs that product unquantized.
-        if fuses_input(down, "takes_swiglu", adapters):
+        if getattr(down, "takes_swiglu", False) and (adapters is None or getattr(down, "lora", None) is None):
             return down.swiglu_forward(gate_up)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return linear(down, F.silu(gate) * up, adapters)  # SwiGLU
@@ -164,13 +154,11 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
     """x (N, hidden) plus delta (the previous layer's MLP output, or None) -> that sum, and q (N, H, D),
     k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, QK-norm where the model has it, RoPE (rope None: q and
     k leave unrotated, for an AttentionContext that rotates them itself). adapters: see `linear`."""
+    if delta is not None:
+        x = x + delta
     attn = layer.self_attn
     n = x.shape[0]
-    if delta is not None and fuses_input(attn.qkv_proj, "takes_rms_norm", adapters):
-        x, qkv = attn.qkv_proj.rms_norm_forward(x, delta, layer.input_layernorm)
-    else:
-        x = x if delta is None else x + delta
-        qkv = linear(attn.qkv_proj, layer.input_layernorm(x), adapters)
+    qkv = linear(attn.qkv_proj, layer.input_layernorm(x), adapters)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = q.view(n, attn.num_heads, attn.head_dim)  # (N, H, D)
     k = k.view(n, attn.num_kv_heads, attn.head_dim)  # (N, Hkv, D)
@@ -186,10 +174,6 @@ def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.
     """x (N, hidden), attended (N, H, D) -> x + o_proj(attended), and the SwiGLU MLP's output on it: the
     layer's output is their sum, which the caller forms (see above). adapters: see `linear`."""
     o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1), adapters)
-    mlp = layer.mlp
-    if fuses_input(mlp.gate_up_proj, "takes_rms_norm", adapters):
-        x, gate_up = mlp.gate_up_proj.rms_norm_forward(x, o, layer.post_attention_layernorm)
-        return x, mlp.swiglu_down(gate_up, adapters)
     # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
     # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that addmm
     # first copies x into its output (a memcpy kernel a layer), where the add alone fuses into the RMSNorm
