@@ -34,11 +34,19 @@ from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, loo
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
 # Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
 # one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
-# its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early. Off until
-# measured against cuBLAS in the step (benchmarks/profile_decode.py --bf16-chain on|off).
+# its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early. Off: on
+# an H100 (2026-12-07, benchmarks/profile_decode.py --batch 64 --context 192 --bf16-chain off|on, one run each)
+# the 1B-class step was 1.454 ms off and 1.422 on (2%, about the spread between runs), with TILES below.
 CHAIN = False
-# ("bf16", rows bucket, N, K) -> Tile fields, measured; empty: `heuristic_tile`.
-TILES: dict[tuple[str, int, int, int], tuple] = {}
+# ("bf16", rows bucket, N, K) -> Tile fields; otherwise `heuristic_tile`. Measured at 64 rows on an H100 (2026-12-07,
+# a few candidates a shape, timed as benchmarks/quant_kernels_bench.py --device cuda times them), against cuBLAS:
+# gate_up 26.1 us (cuBLAS 26.8), down 17.5 (16.7), qkv 7.7 (7.5), o_proj 7.1 (6.5): this kernel about matches it.
+TILES: dict[tuple[str, int, int, int], tuple] = {
+    ('bf16', 64, 16384, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('bf16', 64, 2048, 8192): (64, 64, 128, 8, 4, True, 3),
+    ('bf16', 64, 3072, 2048): (64, 32, 128, 1, 4, True, 4),
+    ('bf16', 64, 2048, 2048): (64, 32, 128, 1, 4, True, 4),
+}
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
@@ -74,7 +82,7 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
 
 
 def heuristic_tile(m: int) -> Tile:
-    """Shapes TILES lacks (all, so far): all of a decode batch's rows in one tile (16-64), 32 outputs by 128
+    """Shapes TILES lacks: all of a decode batch's rows in one tile (16-64), 32 outputs by 128
     inputs, as the bf16 64-row sweep of 2026-12-05 found best for qkv (6.9 us against cuBLAS's 6.3 alone); 4
     pipeline stages. In the step it wins by what it lets attention overlap (H100, 2026-12-06: the 64-row step
     1.444 -> 1.409 ms, profile_decode.py --early-attention off / on; docs/performance-gpu.md)."""
