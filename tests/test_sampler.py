@@ -386,6 +386,24 @@ def test_cpu_top_k_top_p_keeps_what_the_sort_keeps(vocab):
         assert (~kept[0]).sum() <= first < (~kept[8]).sum() <= wider < (~kept[4]).sum()
 
 
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_cpu_top_k_top_p_leaves_a_row_with_no_allowed_token_as_it_is(top_k):
+    # A guided_* grammar and allowed_token_ids that share no token leave a row of -inf: the row must come back as
+    # it is (its request then ends with the error naming its constraints), the other rows filtered as alone. It
+    # had raised an index error that failed every request of the step.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 300, generator=g) * 3
+    logits[1] = float("-inf")
+    k = None if top_k is None else torch.tensor([top_k, top_k, 300])
+    p = torch.tensor([0.9, 0.9, 0.5])
+    got = cpu_sampling.top_k_top_p_(logits.clone(), k, p)
+    assert torch.isinf(got[1]).all()
+    for row in (0, 2):
+        alone = cpu_sampling.top_k_top_p_(logits[row:row + 1].clone(), None if k is None else k[row:row + 1],
+                                          p[row:row + 1])
+        assert torch.equal(got[row], alone[0])
+
+
 def test_cpu_draw_never_takes_a_token_of_probability_zero():
     probs = torch.zeros(4, V)
     probs[:, [0, 5, 31]] = torch.tensor([0.2, 0.5, 0.3])

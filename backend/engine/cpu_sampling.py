@@ -72,7 +72,10 @@ def _thresholds(values: torch.Tensor, logits: torch.Tensor, k: torch.Tensor,
     has_p = p < 1.0
     # A token is kept while the mass before it is short of p (the first always is).
     keep = in_top_k & (~has_p.unsqueeze(1) | (mass - probs < p.unsqueeze(1)))  # (B, W), a prefix of each row
-    last = keep.sum(dim=-1) - 1  # (B,)
+    # A row with no finite logit (its constraints allow no token in common, as a guided_* grammar with
+    # allowed_token_ids may) keeps none: it takes its first value (-inf) and filters nothing, so that the request
+    # ends with the error that names its constraints, not the whole step with an index error.
+    last = (keep.sum(dim=-1) - 1).clamp_(min=0)  # (B,)
     threshold = values.gather(1, last.unsqueeze(1)).squeeze(1)
     threshold = torch.where(has_k | has_p, threshold, float("-inf"))
     # Decided here: the row's top-k lies within W (then so does its top-p set), or it has no top-k and its W
