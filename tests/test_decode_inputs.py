@@ -125,3 +125,29 @@ def test_on_cuda_the_pinned_buffers_alternate_and_the_inputs_arrive():
         for seq in seqs:
             seq.token_ids.append(5)
             seq.num_computed_tokens += 1
+
+
+def test_a_step_whose_tokens_reached_the_host_first_takes_none_for_device_tokens():
+    """A verify step (StepExecutor.speculative_step) takes the step in flight's tokens before it schedules, so its
+    rows' tokens are the host's. Even with the last overlapped step's rows, each one token further, DecodeInputs must
+    not take them for device tokens (a placeholder with no step in flight to fill it failed the whole step)."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=200),
+                      BlockManager(32, BLOCK))
+    inputs = DecodeInputs(BLOCK, "cpu")
+    for seq in (prompt("a", 3, 50), prompt("b", 5, 50)):
+        sched.add(seq)
+    pending = None
+    for _ in range(6):  # the overlapped order: schedule N + 1, then step N's tokens
+        out = sched.schedule()
+        last = inputs.step(out.scheduled)
+        if pending is not None:
+            sched.update_from_output(pending, [7] * len(pending.sample_indices))
+        pending = out
+    assert len(out.scheduled) == 2 and last is not None and len(last.placeholders) == 2  # steady device tokens
+    sched.update_from_output(pending, [7] * len(pending.sample_indices))  # the verify step's order: tokens first
+    out = sched.schedule()
+    want = prepare_step(out.scheduled, BLOCK, "cpu")
+    assert want.placeholders == []
+    got = inputs.step(out.scheduled)
+    if got is not None:
+        assert_same_step(got, want)

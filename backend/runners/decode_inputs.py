@@ -68,13 +68,19 @@ class DecodeInputs:
         starts = np.fromiter(map(_num_computed_tokens, seqs), dtype=np.int64, count=b) - 1
         bs = self.block_size
         blocks = starts // bs  # each row's slot's index in its table
+        # Each row's token must be one the host does not know yet: a verify step takes the step in flight's tokens
+        # before it schedules, so the last overlapped step's rows, one token further, may come with host tokens.
+        known = np.fromiter((len(seq.token_ids) for seq in seqs), dtype=np.int64, count=b)
+        if not (starts >= known).all():
+            self._rows = []
+            return None
         if same_rows(self._rows, seqs) and (starts == self._starts + 1).all():
             # The last step's rows, one token on each: still decodes of device tokens. Tables only grow in
             # a decode, so the rows to update are those whose new slot is past the table kept for them.
             grown = np.flatnonzero(blocks >= self._lens[:b])
             if len(grown):
                 self._append_blocks(seqs, grown)
-        elif self._decodes_device_tokens(scheduled, starts):
+        elif self._one_token_each(scheduled):
             self._write_tables(seqs, range(b))
             self._adapters = np.fromiter((seq.lora_adapter for seq in seqs), dtype=np.int64, count=b)
         else:
@@ -100,12 +106,9 @@ class DecodeInputs:
         return step
 
     @staticmethod
-    def _decodes_device_tokens(scheduled: Sequence[tuple[ScheduledSequence, int]], starts: np.ndarray) -> bool:
-        """Every row a one-token decode, without proposals, of a token the host does not know yet."""
-        if not scheduled or any(n != 1 or seq.spec_token_ids for seq, n in scheduled):
-            return False
-        known = np.fromiter((len(seq.token_ids) for seq, _ in scheduled), dtype=np.int64, count=len(scheduled))
-        return bool((starts >= known).all())
+    def _one_token_each(scheduled: Sequence[tuple[ScheduledSequence, int]]) -> bool:
+        """Every row a one-token decode, without proposals."""
+        return bool(scheduled) and not any(n != 1 or seq.spec_token_ids for seq, n in scheduled)
 
     def _append_blocks(self, seqs: list[ScheduledSequence], rows: np.ndarray) -> None:
         """The tables of `rows` grew since the last step: in a decode by the one block that the new slot opened,
