@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
-from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -133,10 +133,7 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     n = weight.shape[0]
     if tile.dot and (tile.block_m < 16 or tile.block_k < 32):
         raise ValueError(f"tile {tile}: fp8 tl.dot needs tiles of >= 16 rows and >= 32 inputs")
-    if tile.split_k == 1:
-        out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    else:
-        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=xq.device)
+    out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = pdl.in_chain(xq.device)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -144,7 +141,7 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, num_warps=tile.warps,
                       num_stages=tile.stages, **pdl.launch_options(chained))
-    return out if tile.split_k == 1 else add_planes(out, out_dtype)
+    return finished(out, out_dtype)
 
 
 # A custom op, like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work, with symbolic row

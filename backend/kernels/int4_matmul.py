@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
@@ -237,10 +237,7 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     if tile.dot and tile.block_m < 16:
         raise ValueError(f"tile {tile}: tl.dot needs tiles of >= 16 rows")
     x = x.contiguous()
-    if tile.split_k == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
+    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     args = (x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k)
     shape = dict(GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
@@ -249,7 +246,7 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
         _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
     else:
         _int4_matmul[grid](*args, **shape)
-    return out if tile.split_k == 1 else add_planes(out, x.dtype)
+    return finished(out, x.dtype)
 
 
 # A custom op: torch.compile (the runner compiles each layer's work around attention, fullgraph) sees one

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
-from kvtriton.backend.kernels.split_k import add_planes, output_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
@@ -93,10 +93,7 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias)."""
     m, k = x.shape
     n = weight.shape[0]
-    if tile.split_k == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(tile.split_k, m, n, dtype=torch.float32, device=x.device)
+    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = CHAIN and pdl.in_chain(x.device)
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k, HAS_BIAS=bias is not None,
@@ -104,7 +101,7 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0, PDL=pdl_supported(x.device), WAIT=chained,
                       FP32_DOT=x.device.type != "cuda", num_warps=tile.warps, num_stages=tile.stages,
                       **pdl.launch_options(chained))
-    return out if tile.split_k == 1 else add_planes(out, x.dtype)
+    return finished(out, x.dtype)
 
 
 # A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque

@@ -53,6 +53,19 @@ def _add_planes(planes_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.conste
     tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def output_buffer(m: int, n: int, dtype: torch.dtype, split_k: int, device: torch.device) -> torch.Tensor:
+    """What a matmul's programs store into (store_tile): (M, N) of dtype, or with split_k > 1 the (split_k, M, N)
+    fp32 planes of their partial sums."""
+    if split_k == 1:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    return torch.empty(split_k, m, n, dtype=torch.float32, device=device)
+
+
+def finished(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (M, N) result of an output_buffer the programs have filled: itself, or its planes added."""
+    return out if out.dim() == 2 else add_planes(out, dtype)
+
+
 def add_planes(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """planes (SPLIT_K, M, N) fp32, contiguous -> (M, N) dtype: their sum."""
     split_k, m, n = planes.shape
