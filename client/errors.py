@@ -52,7 +52,7 @@ class RequestTimeoutError(LLMClientError):
 # refusal of admission to them) and of Triton's own input checks.
 _INVALID_REQUEST = re.compile(
     r"must be|must hold|is required|is not valid|not valid JSON|guided_\w+ is invalid|unknown sampling parameter|"
-    r"both set|"
+    r"both set|allow no token in common|"
     r"the model's context|lower max_tokens|prompt is empty|prompt token ids|"
     r"needs scheduling_policy|is not a LoRA adapter|more than this model allows|is not available here|"
     r"unexpected inference input|unexpected datatype|unexpected shape|expected \d+ inputs|"

@@ -94,6 +94,9 @@ def test_sampling_keys_are_the_servers_to_check():
     ("text_input is required (or messages, or input_ids)", InvalidRequestError),
     ("sampling_parameters is not valid JSON: Expecting value at line 1 column 2", InvalidRequestError),
     ("Request for unknown model: 'nope' is not found", InvalidRequestError),
+    # a request's guided_* grammar and allowed_token_ids that share no token: found mid-stream, still the request's
+    ("request r1: token 0 does not fit the guided_* constraint with allowed_token_ids (they may allow no token in "
+     "common) (Parser Error: ...)", InvalidRequestError),
     ("CUDA out of memory while running the step", ServerError),
     ("server busy: 256 requests are already waiting (max_num_waiting); retry later", ServerBusyError),
 ])
