@@ -68,6 +68,9 @@ class AttentionContext(Protocol):
         """q (N, H, D), k/v (N, Hkv, D) for the step's new tokens -> (N, H, D).
         Implementations store k/v in their cache and attend causally over each sequence's context."""
 
+# torch.mm(a, b, out_dtype=torch.float32) of 16-bit CUDA tensors (aten::mm.dtype, torch >= 2.8).
+MM_WRITES_FP32 = "dtype" in torch.ops.aten.mm.overloads()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -182,6 +185,12 @@ def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.
     return x, layer.mlp(layer.post_attention_layernorm(x), adapters)
 
 
+def final_norm(norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The last layer's residual add and the model's final RMSNorm: compiled with the layers, one fused kernel
+    (eager, about ten: the add, fp32 copies, the mean, rsqrt, products, each a launch of a decode step)."""
+    return norm(x + delta)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -193,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.attention_inputs, self.attention_output = attention_inputs, attention_output
+        self.attention_inputs, self.attention_output, self.final_norm = attention_inputs, attention_output, final_norm
         self.dense_rows = None  # CPU, quantized layers with dense copies: their DenseRows (models/loader.py)
 
     def compile_layers(self, pdl: bool = False) -> None:
@@ -213,6 +222,7 @@ class LlamaForCausalLM(nn.Module):
         options = {"triton.enable_pdl": True} if pdl else None
         self.attention_inputs = torch.compile(attention_inputs, dynamic=True, fullgraph=True, options=options)
         self.attention_output = torch.compile(attention_output, dynamic=True, fullgraph=True, options=options)
+        self.final_norm = torch.compile(final_norm, dynamic=True, fullgraph=True, options=options)
 
     @property
     def layers_compiled(self) -> bool:
@@ -232,14 +242,21 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x, q, k, v = self.attention_inputs(layer, rope, x, delta, adapters)
             x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters)
-        return self.norm(x + delta)
+        return self.final_norm(self.norm, x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, hidden) -> logits (M, V) in fp32 (the sampler's and logprobs' precision)."""
         weight = self._streamed_head_weight(hidden)
         if weight is not None:
             return torch.mm(weight, hidden.float().T).T.contiguous()
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        if (hidden.is_cuda and MM_WRITES_FP32 and type(head) is nn.Linear and head.bias is None
+                and hidden.dtype != torch.float32):
+            # cuBLAS writes fp32 from its fp32 accumulator, as the fused decode kernels' head does
+            # (llama_decode.rms_norm_linear's out_dtype): the logits are not rounded to 16 bits first, and no
+            # conversion kernel follows (64 rows: 19 MB of traffic, ~6 us of the step).
+            return torch.mm(hidden, head.weight.T, out_dtype=torch.float32)
+        return head(hidden).float()
 
     def _streamed_head_weight(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The fp32 weight compute_logits streams (W @ x^T) on the CPU instead of the head's own product, or None.
