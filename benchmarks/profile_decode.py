@@ -7,8 +7,8 @@ what each adds to the step's chain of kernels (their durations overlap under PDL
 No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
-      [--kernels on|off] [--fused-max-batch N] [--quantization none|fp8|int8|int4] [--kv-cache-dtype auto|fp8]
-      [--profile]
+      [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
+      [--quantization none|fp8|int8|int4] [--kv-cache-dtype auto|fp8] [--profile]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--kernels", default="on", choices=["on", "off"], help="enable_triton_kernels")
     ap.add_argument("--fused-max-batch", type=int, help="override llama_decode.FUSED_MAX_BATCH (measuring it)")
     ap.add_argument("--max-splits", type=int, help="override paged_decode_attention.MAX_SPLITS (1: no split)")
+    ap.add_argument("--warps-per-sm", type=int, help="override paged_decode_attention.WARPS_PER_SM (more: more splits)")
+    ap.add_argument("--large-tile", help="override paged_decode_attention.LARGE_TILE: BLOCK_T,num_warps,num_stages")
     ap.add_argument("--early-attention", default="on", choices=["on", "off"],
                     help="kernels/pdl.py EARLY_ATTENTION: the qkv matmul lets the attention kernel launch at its start")
     ap.add_argument("--pdl-chain", default="on", choices=["on", "off"],
@@ -98,6 +100,10 @@ def main():
         llama_decode.FUSED_MAX_BATCH = args.fused_max_batch
     if args.max_splits is not None:
         paged_decode_attention.MAX_SPLITS = args.max_splits
+    if args.warps_per_sm is not None:
+        paged_decode_attention.WARPS_PER_SM = args.warps_per_sm
+    if args.large_tile:
+        paged_decode_attention.LARGE_TILE = tuple(int(x) for x in args.large_tile.split(","))
     pdl.EARLY_ATTENTION = args.early_attention == "on"
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
@@ -121,7 +127,8 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; runner start-up {startup:.1f} s "
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
-          f"{paged_decode_attention.MAX_SPLITS} splits, early attention {args.early_attention}, PDL chain "
+          f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
+          f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, PDL chain "
           f"{args.pdl_chain}, bf16 chain {args.bf16_chain}; quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
