@@ -128,8 +128,8 @@ def main():
           f"({len(runner._graphs)} CUDA graphs); compile {args.compile}, triton kernels {args.kernels}, fused "
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
-          f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, PDL chain "
-          f"{args.pdl_chain}, bf16 chain {args.bf16_chain}; quantization {args.quantization}, KV cache "
+          f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
+          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain}; quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
