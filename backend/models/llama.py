@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtriton.backend.models.fp32_logits import fp32_logits, writes_fp32
 from kvtriton.backend.models.lora import StepAdapters
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.rotary import RotaryEmbedding, apply_rotary
@@ -67,9 +68,6 @@ class AttentionContext(Protocol):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (N, H, D), k/v (N, Hkv, D) for the step's new tokens -> (N, H, D).
         Implementations store k/v in their cache and attend causally over each sequence's context."""
-
-# torch.mm(a, b, out_dtype=torch.float32) of 16-bit CUDA tensors (aten::mm.dtype, torch >= 2.8).
-MM_WRITES_FP32 = "dtype" in torch.ops.aten.mm.overloads()
 
 
 class RMSNorm(nn.Module):
@@ -251,12 +249,8 @@ class LlamaForCausalLM(nn.Module):
         if weight is not None:
             return torch.mm(weight, hidden.float().T).T.contiguous()
         head = self.lm_head
-        if (hidden.is_cuda and MM_WRITES_FP32 and type(head) is nn.Linear and head.bias is None
-                and hidden.dtype != torch.float32):
-            # cuBLAS writes fp32 from its fp32 accumulator, as the fused decode kernels' head does
-            # (llama_decode.rms_norm_linear's out_dtype): the logits are not rounded to 16 bits first, and no
-            # conversion kernel follows (64 rows: 19 MB of traffic, ~6 us of the step).
-            return torch.mm(hidden, head.weight.T, out_dtype=torch.float32)
+        if type(head) is nn.Linear and head.bias is None and writes_fp32(hidden):
+            return fp32_logits(hidden, head.weight)
         return head(hidden).float()
 
     def _streamed_head_weight(self, hidden: torch.Tensor) -> torch.Tensor | None:

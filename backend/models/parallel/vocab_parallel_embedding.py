@@ -18,6 +18,7 @@ from kvtriton.backend.distributed.communication_op import (
     tensor_model_parallel_all_reduce,
 )
 from kvtriton.backend.distributed.parallel_state import get_tp_rank, get_tp_world_size
+from kvtriton.backend.models.fp32_logits import fp32_logits, writes_fp32
 from kvtriton.backend.models.parallel.linear import copy_checked
 
 
@@ -46,6 +47,8 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (M, hidden) -> logits (M, V), gathered from every rank."""
-        local = F.linear(hidden, self.weight)  # (M, V / tp)
+        """hidden (M, hidden) -> logits (M, V), gathered from every rank; on CUDA in fp32, as one GPU's head
+        writes them (models/fp32_logits.py)."""
+        # (M, V / tp)
+        local = fp32_logits(hidden, self.weight) if writes_fp32(hidden) else F.linear(hidden, self.weight)
         return tensor_model_parallel_all_gather(local)[:, : self.num_embeddings]
