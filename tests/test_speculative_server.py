@@ -5,13 +5,11 @@ dropped, fail no step. Default model, CPU."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
 
 import pytest
 
@@ -19,6 +17,7 @@ from kvtriton.backend.entrypoints.pbtxt_parameters import set_parameters
 
 from tests.conftest import MODEL_REPOSITORY
 from tests.fuzz_values import valid_combination
+from tests.http_generate import http_request
 from tests.test_triton_llm import grpc_stream, metric, post
 from tests.triton_fixture import start_server
 
@@ -67,33 +66,6 @@ def test_too_many_speculative_tokens_is_a_clear_error(spec_server):
     assert status == 400 and "num_speculative_tokens 9 is more than this model allows" in out["error"]
 
 
-def sse_stream(server, body: dict, disconnect_after: int | None) -> str | None:
-    """One generate_stream request; its error event's message, or None. disconnect_after=k closes the connection
-    after k events."""
-    url = urlparse(server.http_url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
-    try:
-        conn.request("POST", "/v2/models/llm/generate_stream", json.dumps(body), {"Content-Type": "application/json"})
-        if disconnect_after == 0:  # gone before any answer, perhaps while the request waits for a sequence slot
-            time.sleep(0.05)
-            return None
-        response = conn.getresponse()
-        if response.status != 200:  # refused: a JSON error, or an SSE error event
-            return response.read().decode(errors="replace")
-        events = 0
-        for line in response:
-            if line.startswith(b"data:"):
-                event = json.loads(line[5:])
-                if "error" in event:
-                    return event["error"]
-                events += 1
-                if disconnect_after is not None and events >= disconnect_after:
-                    return None
-        return None
-    finally:
-        conn.close()
-
-
 def test_many_streams_with_random_keys_and_drops_fail_no_step(spec_server):
     """Twelve streams at once on eight sequence slots, so that requests queue and steps go between verify steps
     and overlapped plain decodes (a queued request with prompt logprobs holds speculation off until it is
@@ -111,8 +83,9 @@ def test_many_streams_with_random_keys_and_drops_fail_no_step(spec_server):
         body = {"text_input": rng.choice([QUOTE, QUOTE * 2, "Hi"]), "sampling_parameters": json.dumps(sampling)}
         requests.append((body, rng.choice([None, None, 0, 1, 3])))
     with ThreadPoolExecutor(12) as pool:
-        errors = [e for e in pool.map(lambda r: sse_stream(spec_server, *r), requests) if e is not None]
-    assert not [e for e in errors if "internal error" in e], errors
+        results = pool.map(lambda r: http_request(spec_server, r[0], stream=True, disconnect_after=r[1]), requests)
+        errors = [r["error"] for r in results if r["error"] is not None]
+    assert not [e for e in errors if "internal error" in e or e.startswith("LOST")], errors
     deadline = time.monotonic() + 30  # dropped streams end at their next token
     while metric(spec_server, "kvtriton_kv_cache_usage_ratio") != 0.0 and time.monotonic() < deadline:
         time.sleep(0.2)

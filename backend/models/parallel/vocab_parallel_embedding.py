@@ -47,8 +47,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (M, hidden) -> logits (M, V), gathered from every rank; on CUDA in fp32, as one GPU's head
-        writes them (models/fp32_logits.py)."""
-        # (M, V / tp)
+        """hidden (M, hidden) -> logits (M, V), gathered from every rank's (M, V / tp); on CUDA in fp32, as one
+        GPU's head writes them (models/fp32_logits.py)."""
         local = fp32_logits(hidden, self.weight) if writes_fp32(hidden) else F.linear(hidden, self.weight)
         return tensor_model_parallel_all_gather(local)[:, : self.num_embeddings]
