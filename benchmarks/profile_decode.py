@@ -8,8 +8,6 @@ No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
-      [--bf16-chain on|off] [--l2-prefetch on|off] [--l2-prefetch-max-mb MB]
-      [--l2-ahead PLAN] [--l2-ahead-mb MB]
       [--quantization none|fp8|int8|int4] [--kv-cache-dtype auto|fp8] [--profile]
 """
 
@@ -31,8 +29,8 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.kernels import l2_prefetch, paged_decode_attention, pdl, pdl_matmul  # noqa: E402
-from kvtriton.backend.models import llama_decode, weight_prefetch  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul  # noqa: E402
+from kvtriton.backend.models import llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
 from kvtriton.backend.runners.torch_runner import TorchRunner  # noqa: E402
@@ -89,12 +87,6 @@ def main():
     ap.add_argument("--bf16-chain", default="off", choices=["on", "off"],
                     help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 3-64 decode rows on that kernel, "
                          "launched with PDL, instead of cuBLAS for all but qkv")
-    ap.add_argument("--l2-prefetch", default="off", choices=["on", "off"],
-                    help="kernels/l2_prefetch.py ENABLED: the Triton decode matmuls ask their weights into L2 first")
-    ap.add_argument("--l2-ahead", default="",
-                    help="models/weight_prefetch.py PLAN, e.g. start:o_proj,output:qkv_proj+1")
-    ap.add_argument("--l2-ahead-mb", type=float, help="models/weight_prefetch.py LIMIT_BYTES, in MB")
-    ap.add_argument("--l2-prefetch-max-mb", type=float, help="kernels/l2_prefetch.py MAX_WEIGHT_BYTES, in MB")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -115,12 +107,6 @@ def main():
     pdl.EARLY_ATTENTION = args.early_attention == "on"
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
-    l2_prefetch.ENABLED = args.l2_prefetch == "on"
-    weight_prefetch.PLAN = args.l2_ahead
-    if args.l2_ahead_mb is not None:
-        weight_prefetch.LIMIT_BYTES = int(args.l2_ahead_mb * 1e6)
-    if args.l2_prefetch_max_mb is not None:
-        l2_prefetch.MAX_WEIGHT_BYTES = int(args.l2_prefetch_max_mb * 1e6)
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -143,9 +129,7 @@ def main():
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
           f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
-          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain}, L2 prefetch {args.l2_prefetch}, "
-          f"ahead {args.l2_ahead or 'off'}; "
-          f"quantization {args.quantization}, KV cache "
+          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain}; quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:

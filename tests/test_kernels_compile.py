@@ -62,7 +62,7 @@ def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, bl
     kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
         xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
         K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True,
-                       PDL=True, WAIT=True, PREFETCH=0))
+                       PDL=True, WAIT=True))
     if dot:  # the fp8 product runs on the tensor cores (wgmma on Hopper)
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
     assert "griddepcontrol.wait" in kernel.asm["ptx"]  # kernels/pdl.py CHAIN: it waits in-kernel for its x
@@ -93,31 +93,10 @@ def test_the_chained_bf16_matmul_compiles():
         kernel = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
             x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if split_k == 1 else "*fp32", M="i32",
             N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k,
-                                    EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False, PREFETCH=0))
+                                    EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False))
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
-
-
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_the_decode_matmuls_prefetch_their_weights_before_they_wait(split_k):
-    """kernels/l2_prefetch.py: with PREFETCH, a program hands its weight slice to the copy engine before its
-    gdc_wait (so the bytes stream while the kernel ahead ends), and still waits before it reads x."""
-    from kvtriton.backend.kernels import pdl_matmul
-
-    out = "*bf16" if split_k == 1 else "*fp32"
-    bf16 = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
-        x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr=out, M="i32", N="i32", K="i32"),
-        dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k, EVEN_K=True, PDL=True, WAIT=True,
-             FP32_DOT=False, PREFETCH=4))
-    fp8 = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
-        xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
-        K="i32"), dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split_k, USE_DOT=True, EVEN_K=True, PDL=True,
-                       WAIT=True, PREFETCH=4))
-    for kernel in (bf16, fp8):
-        ptx = kernel.asm["ptx"]
-        assert ptx.count("cp.async.bulk.prefetch.L2.global") >= 1
-        assert ptx.index("cp.async.bulk.prefetch.L2.global") < ptx.index("griddepcontrol.wait")
 
 
 def test_the_decode_matmuls_take_their_row_count_unspecialized():
@@ -159,12 +138,3 @@ def test_the_prefill_attention_kernel_compiles(query_stride):
     compile_for_hopper(prefill._paged_prefill_attention, types, dict(
         NUM_KV_HEADS=8, GROUP=4, BLOCK_G=4, HEAD_DIM=64, BLOCK_SIZE=16, BLOCK_M=32, BLOCK_N=32,
         BLOCK_S=prefill.SEQS_PER_PASS, QUERY_STRIDE=query_stride), warps=8)
-
-
-def test_the_side_stream_prefetch_compiles():
-    """models/weight_prefetch.py's kernel: bulk L2 prefetches of a weight's bytes, nothing else."""
-    from kvtriton.backend.kernels import l2_prefetch
-
-    kernel = compile_for_hopper(l2_prefetch._prefetch_bytes, dict(ptr="*u8", nbytes="i64"),
-                                dict(RANGE=1 << 16, BLOCK=128))
-    assert "cp.async.bulk.prefetch.L2.global" in kernel.asm["ptx"]

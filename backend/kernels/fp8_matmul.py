@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels import l2_prefetch, pdl
-from kvtriton.backend.kernels.l2_prefetch import prefetch_rows
+from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
@@ -73,17 +72,15 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr, PREFETCH: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
         gdc_launch_dependents()
-    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    if PREFETCH > 0:  # this program's weights into L2, PREFETCH ranges a row (kernels/l2_prefetch.py)
-        prefetch_rows(w_ptr, n, n_ok, K, split * k_per_split, k_per_split, PREFETCH)
     if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
         gdc_wait()
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -139,12 +136,11 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = pdl.in_chain(xq.device)
-    prefetch = l2_prefetch.ranges_per_row(tile, n, k, 1, grid[1], xq.device)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
-                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, PREFETCH=prefetch,
-                      num_warps=tile.warps, num_stages=tile.stages, **pdl.launch_options(chained))
+                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, num_warps=tile.warps,
+                      num_stages=tile.stages, **pdl.launch_options(chained))
     return finished(out, out_dtype)
 
 

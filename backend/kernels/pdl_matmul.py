@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels import l2_prefetch, pdl
-from kvtriton.backend.kernels.l2_prefetch import prefetch_rows
+from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
@@ -53,20 +52,17 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
     # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
     # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
     # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
-    # CHAIN), resident before the kernel that writes x has ended. PREFETCH > 0: this program's weight slice is
-    # asked into L2 first, in PREFETCH ranges a row (kernels/l2_prefetch.py; only with EVEN_K).
+    # CHAIN), resident before the kernel that writes x has ended.
     if PDL:
         gdc_launch_dependents()
-    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    if PREFETCH > 0:
-        prefetch_rows(w_ptr, n, n_ok, K, split * k_per_split, k_per_split, PREFETCH)
     if WAIT:
         gdc_wait()
+    m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -100,11 +96,10 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = CHAIN and pdl.in_chain(x.device)
-    prefetch = l2_prefetch.ranges_per_row(tile, n, k, x.element_size(), grid[1], x.device)
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k, HAS_BIAS=bias is not None,
                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0, PDL=pdl_supported(x.device), WAIT=chained,
-                      FP32_DOT=x.device.type != "cuda", PREFETCH=prefetch, num_warps=tile.warps, num_stages=tile.stages,
+                      FP32_DOT=x.device.type != "cuda", num_warps=tile.warps, num_stages=tile.stages,
                       **pdl.launch_options(chained))
     return finished(out, x.dtype)
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtriton.backend.models import weight_prefetch
 from kvtriton.backend.models.fp32_logits import fp32_logits, writes_fp32
 from kvtriton.backend.models.lora import StepAdapters
 from kvtriton.backend.models.model_config import ModelConfig
@@ -239,19 +238,9 @@ class LlamaForCausalLM(nn.Module):
         # Compiled layers get zeros rather than None before the first layer: one compiled variant then serves every
         # layer (a None is a guard of its own, and each function's variants count toward dynamo's recompile limit).
         delta = torch.zeros_like(x) if self.layers_compiled else None
-        ahead = weight_prefetch.for_step(self.layers, x)
-        for i, layer in enumerate(self.layers):
-            if ahead:
-                ahead.at("start", i)
+        for layer in self.layers:
             x, q, k, v = self.attention_inputs(layer, rope, x, delta, adapters)
-            if ahead:
-                ahead.at("attention", i)
-            attended = ctx.attend(layer.layer_idx, q, k, v)
-            if ahead:
-                ahead.at("output", i)
-            x, delta = self.attention_output(layer, x, attended, adapters)
-        if ahead:
-            ahead.join()
+            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters)
         return self.final_norm(self.norm, x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

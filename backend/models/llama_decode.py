@@ -38,7 +38,6 @@ import torch
 from kvtriton.backend.attention.kv_cache import KVCache
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention
 from kvtriton.backend.kernels.skinny_matmul import QuantizedWeight, linear, rms_norm_linear, rms_norm_swiglu
-from kvtriton.backend.models import weight_prefetch
 from kvtriton.backend.models.fp8 import Fp8Linear
 from kvtriton.backend.models.int4 import Int4Linear
 from kvtriton.backend.models.llama import LlamaForCausalLM
@@ -94,33 +93,20 @@ def decode_logits(model: LlamaForCausalLM, ids: torch.Tensor, ctx: KernelPagedDe
         return model.compute_logits(model(ids, ctx.positions, ctx))
     x = model.embed_tokens(ids)  # (B, hidden)
     b = ids.shape[0]
-    ahead = weight_prefetch.for_step(model.layers, x)
-    for i, layer in enumerate(model.layers):
+    for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if ahead:
-            ahead.at("start", i)
         qkv = rms_norm_linear(x, layer.input_layernorm.weight, layer.input_layernorm.eps, decode_weight(attn.qkv_proj),
                               attn.qkv_proj.bias)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         # Qwen3's QK-norm: in the attention kernel, with RoPE (no launch of its own)
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.has_qk_norm else None
-        if ahead:
-            ahead.at("attention", i)
         attended = ctx.attend(layer.layer_idx, q.view(b, attn.num_heads, attn.head_dim),
                               k.view(b, attn.num_kv_heads, attn.head_dim), v.view(b, attn.num_kv_heads, attn.head_dim),
                               qk_norm=qk_norm)
-        if ahead:
-            ahead.at("output", i)
         x = linear(attended.view(b, -1), decode_weight(attn.o_proj), residual=x)
         norm = layer.post_attention_layernorm
-        if ahead:
-            ahead.at("mlp", i)
         h = rms_norm_swiglu(x, norm.weight, norm.eps, decode_weight(mlp.gate_up_proj))
-        if ahead:
-            ahead.at("down", i)
         x = linear(h, decode_weight(mlp.down_proj), residual=x)
-    if ahead:
-        ahead.join()
     return rms_norm_linear(x, model.norm.weight, model.norm.eps, head, out_dtype=torch.float32)
 
 
