@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
-from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
@@ -62,17 +62,13 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
     if WAIT:
         gdc_wait()
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    first, end = k_bounds(K, split, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, K), BLOCK_K):
+    for k0 in range(first, end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        if EVEN_K:
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_K)
-            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
-        else:
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = row_tile(w_ptr, n, n_ok, k, k_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
+        x = row_tile(x_ptr, m, m_ok, k, k_ok, K, EVEN_K)  # (BLOCK_M, BLOCK_K)
         if FP32_DOT:  # Triton's CPU interpreter multiplies 16-bit tl.dot operands wrongly (triton 3.6)
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)

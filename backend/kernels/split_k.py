@@ -29,6 +29,22 @@ def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def k_bounds(K, split, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(first, end): the inputs of plane `split`, whole BLOCK_K tiles a plane (the last plane's may end short)."""
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    return split * k_per_split, tl.minimum((split + 1) * k_per_split, K)
+
+
+@triton.jit
+def row_tile(ptr, rows, rows_ok, k, k_ok, K, EVEN_K: tl.constexpr):
+    """The (rows, k) tile of a row-major (R, K) matrix, zeros outside it; EVEN_K: every k is inside."""
+    mask = rows_ok[:, None]
+    if not EVEN_K:
+        mask = mask & k_ok[None, :]
+    return tl.load(ptr + rows[:, None] * K + k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) fp32 for rows m and outputs n: into out (M, N) in its dtype, or with
     SPLIT_K > 1 into plane `split` of out (SPLIT_K, M, N) fp32."""
