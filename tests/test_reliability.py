@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.fuzz_values import valid_combination
 from tests.http_generate import http_request
 from tests.reliability_figures import figures  # noqa: F401 (a fixture)
 from tests.serve_process import ServeProcess
+from tests.test_triton_llm import metric
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.reliability]
 
@@ -91,12 +91,6 @@ def grpc_request(serve, inputs, timeout=120.0, cancel_after=None) -> dict:
         client.stop_stream(cancel_requests=True)
         client.close()
     return result
-
-
-def metric(serve, name: str) -> float | None:
-    text = urllib.request.urlopen(serve.metrics_url, timeout=10).read().decode()
-    m = re.search(rf'^{name}{{[^}}]*model="llm"[^}}]*}} ([0-9.e+-]+)$', text, re.M)
-    return float(m.group(1)) if m else None
 
 
 def settled(serve, timeout=30.0) -> dict:

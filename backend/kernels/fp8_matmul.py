@@ -87,7 +87,7 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
         k_ok = k < K
         w = row_tile(w_ptr, n, n_ok, k, k_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
         if USE_DOT:
-            xq = row_tile(xq_ptr, m, m_ok, k, k_ok, K, False)  # (BLOCK_M, BLOCK_K)
+            xq = row_tile(xq_ptr, m, m_ok, k, k_ok, K, False)  # (BLOCK_M, BLOCK_K); masked along K as measured
             acc = tl.dot(xq, tl.trans(w), acc)  # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), fp8 tensor cores
         else:  # one row at a time against the 2-D tile (a row axis would move the tile through shared memory)
             wf = w.to(tl.float32)
