@@ -14,7 +14,10 @@ another order: the last bits differ, as between cuBLAS's own kernels at differen
 With CHAIN (below) the layer's other 16-bit projections take it too, each launched with PDL itself: cuBLAS's
 kernels neither start before the kernel ahead of them ends nor let the next start early, so at 64 rows a bf16
 step has a launch gap at each of them that the fp8 step, on Triton kernels throughout, does not. A narrow
-projection (o_proj, down_proj: 2,048 outputs) splits K across programs as the fp8 kernel does.
+projection (o_proj, down_proj: 2,048 outputs) splits K across programs as the fp8 kernel does. The gate_up
+projection then ends in the SwiGLU (`pdl_swiglu_linear`): each program multiplies x by a tile of the gate's rows
+and the same tile of the up's, and stores silu(gate) * up, so the product is formed in registers and the MLP's
+elementwise kernel (and half of gate_up's output) is gone, as TensorRT-LLM's gated-activation GEMM epilogue does.
 
 Steps of more rows (prefill) keep cuBLAS. Never autotuned: a decode step's launch is fixed before CUDA-graph
 capture (kernels/tile_config.py).
@@ -28,16 +31,20 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
-from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffers, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
+SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
 # Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
 # one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
 # its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early. Off: on
 # an H100 (2026-12-07, benchmarks/profile_decode.py --batch 64 --context 192 --bf16-chain off|on, one run each)
 # the 1B-class step was 1.454 ms off and 1.422 on (2%, about the spread between runs), with TILES below.
 CHAIN = False
+# Whether, with CHAIN, the gate_up projection ends in the SwiGLU (pdl_swiglu_linear); benchmarks/profile_decode.py
+# --bf16-swiglu on|off.
+SWIGLU_EPILOGUE = True
 # ("bf16", rows bucket, N, K) -> Tile fields; otherwise `heuristic_tile`. Measured at 64 rows on an H100 (2026-12-07,
 # a few candidates a shape, timed as benchmarks/quant_kernels_bench.py --device cuda times them), against cuBLAS:
 # gate_up 26.1 us (cuBLAS 26.8), down 17.5 (16.7), qkv 7.7 (7.5), o_proj 7.1 (6.5): this kernel about matches it.
@@ -46,17 +53,24 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
     ('bf16', 64, 2048, 8192): (64, 64, 128, 8, 4, True, 3),
     ('bf16', 64, 3072, 2048): (64, 32, 128, 1, 4, True, 4),
     ('bf16', 64, 2048, 2048): (64, 32, 128, 1, 4, True, 4),
+    # gate_up ending in the SwiGLU, N its outputs (the intermediate size): gate_up's tile with half the outputs,
+    # so that a program streams as many weight rows (32 of the gate's, 32 of the up's). Not swept.
+    ('bf16-swiglu', 64, 8192, 2048): (64, 32, 128, 1, 4, True, 3),
 }
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
-def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
-    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
-    # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
-    # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
-    # CHAIN), resident before the kernel that writes x has ended.
+def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, planes_ptr, arrivals_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr,
+                SWIGLU: tl.constexpr):
+    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit; with SPLIT_K > 1, planes and arrivals are
+    # kernels/split_k.py store_tile's (the bias in split 0's partial sum). PDL: the next kernel launches now; it
+    # waits for this one's completion before it reads what this one writes (kernels/pdl.py's invariant). WAIT:
+    # launched with PDL itself (kernels/pdl.py CHAIN), resident before the kernel that writes x has ended.
+    # SWIGLU: w is (2N, K), the gate's N rows then the up's, and out = silu(x @ gate^T) * (x @ up^T), each product
+    # rounded to out's dtype first, as an unfused gate_up's output is (then the SwiGLU in fp32, as the compiled
+    # elementwise kernel computes it); SPLIT_K 1.
     if PDL:
         gdc_launch_dependents()
     if WAIT:
@@ -64,6 +78,7 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     first, end = k_bounds(K, split, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # SWIGLU's
     for k0 in range(first, end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -72,9 +87,17 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
         if FP32_DOT:  # Triton's CPU interpreter multiplies 16-bit tl.dot operands wrongly (triton 3.6)
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)
+        if SWIGLU:
+            w_up = row_tile(w_ptr, N + n, n_ok, k, k_ok, K, EVEN_K)
+            if FP32_DOT:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+    if SWIGLU:
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
-    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    store_tile(out_ptr, planes_ptr, arrivals_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 def heuristic_tile(m: int) -> Tile:
@@ -85,19 +108,23 @@ def heuristic_tile(m: int) -> Tile:
     return Tile(max(16, triton.next_power_of_2(m)), 32, 128, 1, 4, True, 4)
 
 
-def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile) -> torch.Tensor:
-    """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias)."""
+def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile,
+                    swiglu: bool = False) -> torch.Tensor:
+    """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias). swiglu: weight
+    (2N, K), the gate's rows then the up's, no bias, no split -> silu(x @ gate^T) * (x @ up^T)."""
     m, k = x.shape
-    n = weight.shape[0]
-    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if swiglu and (bias is not None or tile.split_k > 1):
+        raise ValueError("the SwiGLU epilogue takes no bias and no split along K")
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
+    out, planes, arrivals = output_buffers(m, n, x.dtype, tile.split_k, x.device, grid)
     chained = CHAIN and pdl.in_chain(x.device)
-    _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k, HAS_BIAS=bias is not None,
-                      BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
-                      EVEN_K=k % (tile.block_k * tile.split_k) == 0, PDL=pdl_supported(x.device), WAIT=chained,
-                      FP32_DOT=x.device.type != "cuda", num_warps=tile.warps, num_stages=tile.stages,
-                      **pdl.launch_options(chained))
-    return finished(out, x.dtype)
+    _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, planes, arrivals, m, n, k,
+                      HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                      SPLIT_K=tile.split_k, EVEN_K=k % (tile.block_k * tile.split_k) == 0,
+                      PDL=pdl_supported(x.device), WAIT=chained, FP32_DOT=x.device.type != "cuda", SWIGLU=swiglu,
+                      num_warps=tile.warps, num_stages=tile.stages, **pdl.launch_options(chained))
+    return finished(out, planes, arrivals)
 
 
 # A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
@@ -115,3 +142,35 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @pdl_linear.register_fake
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@triton.jit
+def _swiglu(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
+    # out[row, i] = silu(gate) * up, gate_up (M, 2I) the gate's I columns then the up's; in fp32, rounded once, as
+    # the compiled MLP's elementwise kernel. Grid (M, I / BLOCK).
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < I
+    gate = tl.load(gate_up_ptr + row * 2 * I + i, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * I + I + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * I + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.library.custom_op("kvtriton::pdl_swiglu_linear", mutates_args=())
+def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K), weight (2I, K) the gate's rows then the up's -> silu(x @ gate^T) * (x @ up^T) (M, I): this kernel's
+    SwiGLU epilogue for up to MAX_ROWS rows of 3+; otherwise cuBLAS, then the SwiGLU in one pass (_swiglu, as the
+    compiled MLP's own kernel would: this op hides the product from the compiler)."""
+    m = x.shape[0]
+    if m > MAX_ROWS or m < 3:
+        gate_up = torch.nn.functional.linear(x, weight)
+        out = gate_up.new_empty(m, weight.shape[0] // 2)
+        _swiglu[(m, triton.cdiv(out.shape[1], SWIGLU_BLOCK))](gate_up, out, out.shape[1], BLOCK=SWIGLU_BLOCK)
+        return out
+    tile = lookup(TILES, "bf16-swiglu", m, weight.shape[0] // 2, x.shape[1]) or heuristic_tile(m)
+    return pdl_matmul_with(x.contiguous(), weight, None, tile, swiglu=True)
+
+
+@pdl_swiglu_linear.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2)

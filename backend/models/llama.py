@@ -124,8 +124,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
-        gate_up = linear(self.gate_up_proj, x, adapters)
         down = self.down_proj
+        # A gate_up given a `swiglu_matmul` (the CUDA runner, kernels/pdl_matmul.py CHAIN) ends in the SwiGLU;
+        # not where a LoRA adapter on it adds to the product before the SwiGLU.
+        swiglu_matmul = getattr(self.gate_up_proj, "swiglu_matmul", None)
+        if swiglu_matmul is not None and x.is_cuda and (adapters is None or
+                                                        getattr(self.gate_up_proj, "lora", None) is None):
+            return linear(down, swiglu_matmul(x, self.gate_up_proj.weight), adapters)
+        gate_up = linear(self.gate_up_proj, x, adapters)
         # An fp8 down projection quantizes the SwiGLU's product as it forms it (models/fp8.py); not where a LoRA
         # adapter on it needs that product unquantized.
         if getattr(down, "takes_swiglu", False) and (adapters is None or getattr(down, "lora", None) is None):

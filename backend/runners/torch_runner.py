@@ -198,7 +198,7 @@ class TorchRunner:
     def _qkv_launches_attention_early(self) -> None:
         """Give each plain 16-bit qkv projection kernels/pdl_matmul.py's matmul, so that at 3-64 decode rows the
         attention kernel after it launches early and streams its past K/V during the projection (Hopper+); with
-        pdl_matmul.CHAIN, the layer's other 16-bit projections too."""
+        pdl_matmul.CHAIN, the layer's other 16-bit projections too, gate_up ending in the SwiGLU."""
         from kvtriton.backend.kernels import pdl, pdl_matmul
 
         if not (pdl.EARLY_ATTENTION and pdl.pdl_supported(self.device)):
@@ -209,6 +209,9 @@ class TorchRunner:
             for proj in (attn.qkv_proj, *chain):
                 if type(proj) is torch.nn.Linear and proj.weight.dtype in (torch.bfloat16, torch.float16):
                     proj.decode_matmul = pdl_matmul.pdl_linear
+            if chain and pdl_matmul.SWIGLU_EPILOGUE and hasattr(mlp.gate_up_proj, "decode_matmul") \
+                    and mlp.gate_up_proj.bias is None:
+                mlp.gate_up_proj.swiglu_matmul = pdl_matmul.pdl_swiglu_linear
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
