@@ -8,8 +8,8 @@ No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
-      [--bf16-chain on|off] [--bf16-swiglu on|off] [--split-k-reduce in-kernel|launch]
-      [--quantization none|fp8|int8|int4] [--kv-cache-dtype auto|fp8] [--profile]
+      [--bf16-chain on|off] [--bf16-swiglu on|off] [--quantization none|fp8|int8|int4]
+      [--kv-cache-dtype auto|fp8] [--profile]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul, split_k  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul  # noqa: E402
 from kvtriton.backend.models import llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
@@ -85,14 +85,11 @@ def main():
     ap.add_argument("--pdl-chain", default="on", choices=["on", "off"],
                     help="kernels/pdl.py CHAIN: the fp8 matmul, its quantizer, the split-K adds and the compiled "
                          "layer kernels launch with PDL")
-    ap.add_argument("--bf16-chain", default="off", choices=["on", "off"],
-                    help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 3-64 decode rows on that kernel, "
+    ap.add_argument("--bf16-chain", default="on", choices=["on", "off"],
+                    help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 33-64 decode rows on that kernel, "
                          "launched with PDL, instead of cuBLAS for all but qkv")
     ap.add_argument("--bf16-swiglu", default="on", choices=["on", "off"],
                     help="kernels/pdl_matmul.py SWIGLU_EPILOGUE: with --bf16-chain on, gate_up ends in the SwiGLU")
-    ap.add_argument("--split-k-reduce", default="in-kernel", choices=["in-kernel", "launch"],
-                    help="kernels/split_k.py IN_KERNEL_REDUCE: a split tile's last program adds the fp32 partial "
-                         "sums, or a launch after the matmul does")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -114,7 +111,6 @@ def main():
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
     pdl_matmul.SWIGLU_EPILOGUE = args.bf16_swiglu == "on"
-    split_k.IN_KERNEL_REDUCE = args.split_k_reduce == "in-kernel"
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -137,8 +133,8 @@ def main():
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
           f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
-          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} (SwiGLU epilogue {args.bf16_swiglu}), split-K "
-          f"reduce {args.split_k_reduce}; quantization {args.quantization}, KV cache "
+          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} (SwiGLU epilogue {args.bf16_swiglu}); "
+          f"quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:

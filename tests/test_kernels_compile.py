@@ -52,15 +52,15 @@ def test_skinny_matmul_compiles_for_every_weight_format(weight, op):
 @pytest.mark.parametrize("block_m, block_n, block_k, split_k, dot", [(1, 4, 1024, 1, False), (4, 8, 256, 2, False),
                                                                     (16, 16, 256, 2, True), (64, 64, 128, 1, True)])
 def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, block_k, split_k, dot):
-    out = dict(out_ptr="*bf16", planes_ptr="*fp32", arrivals_ptr="*i32")  # kernels/split_k.py store_tile's
+    out = "*fp32" if split_k > 1 else "*bf16"
     int4 = compile_for_hopper(int4_matmul._int4_dot_matmul if dot else int4_matmul._int4_matmul, dict(
-        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", **out, M="i32",
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp16", zero_ptr="*u8", offset_ptr="*fp16", out_ptr=out, M="i32",
         N="i32", K="i32"), dict(GROUP=32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                                 HAS_OFFSET=True, **(dict(STAGES=4) if dot else {})))
     if dot:
         assert "mma" in int4.asm["ptx"]
     kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
-        xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", **out, M="i32", N="i32",
+        xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
         K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True,
                        PDL=True, WAIT=True))
     if dot:  # the fp8 product runs on the tensor cores (wgmma on Hopper)
@@ -91,8 +91,8 @@ def test_the_chained_bf16_matmul_compiles():
 
     for split_k, swiglu in ((1, False), (4, False), (1, True)):
         kernel = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
-            x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", planes_ptr="*fp32", arrivals_ptr="*i32",
-            M="i32", N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k,
+            x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if split_k == 1 else "*fp32", M="i32",
+            N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k,
                                     EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False, SWIGLU=swiglu))
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
         assert "griddepcontrol.wait" in kernel.asm["ptx"]

@@ -34,7 +34,7 @@ def test_pdl_linear_is_the_linear_layer(rows, n, k, bias):
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_k_tiles_sum_to_the_product_with_the_bias_once(split_k):
     """A tile split along K (a narrow projection's programs fill the SMs) adds its fp32 partial sums in
-    kernels/split_k.py (the last program of a tile); the bias belongs to split 0's partial only."""
+    kernels/split_k.py's add_planes; the bias belongs to split 0's partial only."""
     from kvtriton.backend.kernels.pdl_matmul import pdl_matmul_with
     from kvtriton.backend.kernels.tile_config import Tile
 
@@ -45,35 +45,6 @@ def test_split_k_tiles_sum_to_the_product_with_the_bias_once(split_k):
     got = pdl_matmul_with(x, w, b, Tile(32, 32, 64, split_k, 4, True, 3))
     expected = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
     torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
-
-
-@pytest.mark.parametrize("in_kernel", [True, False], ids=["last program adds", "a launch adds"])
-def test_split_k_sums_come_back_the_same_launch_after_launch(in_kernel, monkeypatch):
-    """kernels/split_k.py: the tile's last program adds the planes in plane order, as add_planes' launch does (the
-    same bits), and leaves every arrival count at zero for the next launch; on a GPU, CUDA-graph replays too."""
-    from kvtriton.backend.kernels import split_k
-    from kvtriton.backend.kernels.pdl_matmul import pdl_matmul_with
-    from kvtriton.backend.kernels.tile_config import Tile
-
-    g = torch.Generator(device=DEVICE).manual_seed(7)
-    x = torch.randn(64, 512, generator=g, device=DEVICE).to(torch.bfloat16)
-    w = (torch.randn(128, 512, generator=g, device=DEVICE) / 16).to(torch.bfloat16)
-    tile = Tile(64, 32, 64, 4, 4, True, 3)
-    monkeypatch.setattr(split_k, "IN_KERNEL_REDUCE", False)
-    reference = pdl_matmul_with(x, w, None, tile)
-    monkeypatch.setattr(split_k, "IN_KERNEL_REDUCE", in_kernel)
-    for _ in range(3):
-        assert torch.equal(pdl_matmul_with(x, w, None, tile), reference)
-    if in_kernel:
-        assert not split_k._arrivals[x.device].any()
-    if DEVICE == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = pdl_matmul_with(x, w, None, tile)
-        for _ in range(3):
-            out.zero_()
-            graph.replay()
-            assert torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("rows", [3, 16, 64, 65])
@@ -91,3 +62,22 @@ def test_the_swiglu_epilogue_is_the_mlp_s_swiglu(rows):
     got = pdl_swiglu_linear(x, w)
     assert got.shape == (rows, 96) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=8e-3, atol=1e-3)  # one rounding to bf16 (2^-8)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the MLP takes a swiglu_matmul on CUDA only")
+@pytest.mark.parametrize("rows", [16, 40, 64])
+def test_a_chained_mlp_computes_the_mlp(rows):
+    """The CUDA runner's CHAIN (torch_runner._qkv_launches_attention_early): gate_up ending in the SwiGLU and down
+    on this kernel from CHAIN_MIN_ROWS rows (cuBLAS and _swiglu below), against the plain MLP."""
+    from types import SimpleNamespace
+
+    from kvtriton.backend.kernels import pdl_matmul
+    from kvtriton.backend.models.llama import LlamaMLP
+
+    torch.manual_seed(rows)
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=256, intermediate_size=512)).to(DEVICE, torch.bfloat16)
+    x = torch.randn(rows, 256, device=DEVICE).to(torch.bfloat16)
+    expected = mlp(x)
+    mlp.gate_up_proj.swiglu_matmul = pdl_matmul.chain_swiglu_linear
+    mlp.down_proj.decode_matmul = pdl_matmul.chain_linear
+    torch.testing.assert_close(mlp(x).float(), expected.float(), rtol=1.6e-2, atol=1e-2)

@@ -7,7 +7,7 @@ the decode form vLLM and TensorRT-LLM switch to at small M: weight-streaming til
 with the same numerics (e4m3 x e4m3 products, exact in fp32; fp32 sums; the scales in the epilogue):
   broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles (1-8 rows)
   dot        tl.dot on fp8 tensor cores (Hopper/Ada), 16-64 rows
-and split-K (SPLIT_K programs share an output tile along K; the last to finish adds their fp32 partial sums) so
+and split-K (SPLIT_K programs share an output tile along K; split_k.add_planes adds their fp32 partial sums) so
 that a narrow N still fills the SMs. x arrives quantized per token by kernels/fp8_quant.py. Which form
 and tile, and from how many rows cuBLASLt wins, is read from TILES (benchmarks/quant_kernels_bench.py
 --device cuda measures it); never autotuned, so the choice is fixed before CUDA-graph capture.
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
-from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffers, output_tile, row_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -70,11 +70,11 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
-def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, planes_ptr, arrivals_ptr, M, N, K, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr):
-    # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N); with SPLIT_K > 1, planes and
-    # arrivals are kernels/split_k.py store_tile's (partial sums already scaled: the scales are every split's).
+def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                PDL: tl.constexpr, WAIT: tl.constexpr):
+    # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
+    # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
         gdc_launch_dependents()
     if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
@@ -98,7 +98,7 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, planes_ptr, arrivals_ptr
     x_scale = tl.load(xs_ptr + m, mask=m_ok, other=0.0)
     w_scale = tl.load(ws_ptr + n, mask=n_ok, other=0.0)
     acc = acc * x_scale[:, None] * w_scale[None, :]
-    store_tile(out_ptr, planes_ptr, arrivals_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
@@ -130,15 +130,15 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     n = weight.shape[0]
     if tile.dot and (tile.block_m < 16 or tile.block_k < 32):
         raise ValueError(f"tile {tile}: fp8 tl.dot needs tiles of >= 16 rows and >= 32 inputs")
+    out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    out, planes, arrivals = output_buffers(m, n, out_dtype, tile.split_k, xq.device, grid)
     chained = pdl.in_chain(xq.device)
-    _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, planes, arrivals, m, n, k, BLOCK_M=tile.block_m,
-                      BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
+    _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                      BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, num_warps=tile.warps,
                       num_stages=tile.stages, **pdl.launch_options(chained))
-    return finished(out, planes, arrivals)
+    return finished(out, out_dtype)
 
 
 # A custom op, like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work, with symbolic row

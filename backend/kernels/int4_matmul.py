@@ -21,7 +21,7 @@ Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kerne
              transposed and rounded to the activation dtype for the tensor cores (GemLite's and Marlin's
              form for 16-64 rows), the K loop software-pipelined (Tile.stages)
 and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
-share one output tile along K and the last to finish adds their fp32 partial sums (kernels/split_k.py).
+share one output tile along K and split_k.add_planes adds their fp32 partial sums (deterministic, unlike atomics).
 Prefill (more than MAX_ROWS rows) does not come here: `int4_dequantize` writes the weight once in the
 activation dtype (the same tile code) and models/int4.py hands it to cuBLAS, compute-bound there anyway.
 """
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels.split_k import finished, output_buffers, output_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
@@ -120,12 +120,11 @@ def int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP: tl.
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
-def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, planes_ptr, arrivals_ptr, M, N,
-                 K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """The broadcast (GEMV) form. x (M, K), q (N, K/2) uint8, scale/zero/offset (N, K/GROUP); out (M, N) in
-    x's dtype; with SPLIT_K > 1, planes and arrivals are kernels/split_k.py store_tile's. BLOCK_K * SPLIT_K
-    divides K."""
+    x's dtype, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums. BLOCK_K * SPLIT_K divides K."""
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     k_per_split = K // SPLIT_K
     half = tl.arange(0, BLOCK_K // 2)
@@ -142,12 +141,12 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, planes_
             x_odd = tl.load(x_ptr + row * K + 2 * pair + 1, mask=row < M, other=0.0).to(tl.float32)
             part = tl.sum(x_even[None, :] * w_even + x_odd[None, :] * w_odd, axis=1)  # (BLOCK_N,)
             acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == r, part[None, :], 0.0)
-    store_tile(out_ptr, planes_ptr, arrivals_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
-def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, planes_ptr, arrivals_ptr, M,
-                     N, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr):
     """The tensor-core form (16-64 rows), same arguments as _int4_matmul. The weight is read already
     transposed, as the (K, N) operand tl.dot wants, one group at a time: a group's codes are a (GROUP/2,
@@ -179,7 +178,7 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, pla
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
             acc = tl.dot(x_even, w_even.to(act), acc)
             acc = tl.dot(x_odd, w_odd.to(act), acc)
-    store_tile(out_ptr, planes_ptr, arrivals_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 @triton.jit
@@ -238,16 +237,16 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     if tile.dot and tile.block_m < 16:
         raise ValueError(f"tile {tile}: tl.dot needs tiles of >= 16 rows")
     x = x.contiguous()
+    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    out, planes, arrivals = output_buffers(m, n, x.dtype, tile.split_k, x.device, grid)
-    args = (x, qweight, scale, zero_point, offset if offset is not None else scale, out, planes, arrivals, m, n, k)
+    args = (x, qweight, scale, zero_point, offset if offset is not None else scale, out, m, n, k)
     shape = dict(GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, num_warps=tile.warps)
     if tile.dot:
         _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
     else:
         _int4_matmul[grid](*args, **shape)
-    return finished(out, planes, arrivals)
+    return finished(out, x.dtype)
 
 
 # A custom op: torch.compile (the runner compiles each layer's work around attention, fullgraph) sees one

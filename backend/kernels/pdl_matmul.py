@@ -31,17 +31,20 @@ import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
-from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffers, output_tile, row_tile, store_tile
+from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
 SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
 # Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
 # one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
-# its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early. Off: on
-# an H100 (2026-12-07, benchmarks/profile_decode.py --batch 64 --context 192 --bf16-chain off|on, one run each)
-# the 1B-class step was 1.454 ms off and 1.422 on (2%, about the spread between runs), with TILES below.
-CHAIN = False
+# its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early; from
+# CHAIN_MIN_ROWS rows, the bucket TILES was measured for. On an H100 (2026-12-07, benchmarks/profile_decode.py
+# --batch 16,64 --context 192 --bf16-chain on|off, alternated twice) the 1B-class step at 64 rows was 1.328-1.329
+# ms on against 1.370 off, with gate_up ending in the SwiGLU (without it, 1.353); at 16 rows, on the heuristic
+# tile, 1.265-1.275 against 1.205: so the smaller buckets keep cuBLAS.
+CHAIN = True
+CHAIN_MIN_ROWS = 33
 # Whether, with CHAIN, the gate_up projection ends in the SwiGLU (pdl_swiglu_linear); benchmarks/profile_decode.py
 # --bf16-swiglu on|off.
 SWIGLU_EPILOGUE = True
@@ -60,12 +63,12 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 
 
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
-def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, planes_ptr, arrivals_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr,
                 SWIGLU: tl.constexpr):
-    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit; with SPLIT_K > 1, planes and arrivals are
-    # kernels/split_k.py store_tile's (the bias in split 0's partial sum). PDL: the next kernel launches now; it
+    # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
+    # (the bias in split 0's). PDL: the next kernel launches now; it
     # waits for this one's completion before it reads what this one writes (kernels/pdl.py's invariant). WAIT:
     # launched with PDL itself (kernels/pdl.py CHAIN), resident before the kernel that writes x has ended.
     # SWIGLU: w is (2N, K), the gate's N rows then the up's, and out = silu(x @ gate^T) * (x @ up^T), each product
@@ -97,7 +100,7 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, planes_ptr, arrivals_ptr, M, N,
         acc = gate * tl.sigmoid(gate) * acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
-    store_tile(out_ptr, planes_ptr, arrivals_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
 def heuristic_tile(m: int) -> Tile:
@@ -117,31 +120,36 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if swiglu and (bias is not None or tile.split_k > 1):
         raise ValueError("the SwiGLU epilogue takes no bias and no split along K")
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    out, planes, arrivals = output_buffers(m, n, x.dtype, tile.split_k, x.device, grid)
+    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     chained = CHAIN and pdl.in_chain(x.device)
-    _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, planes, arrivals, m, n, k,
+    _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k,
                       HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                       SPLIT_K=tile.split_k, EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl_supported(x.device), WAIT=chained, FP32_DOT=x.device.type != "cuda", SWIGLU=swiglu,
                       num_warps=tile.warps, num_stages=tile.stages, **pdl.launch_options(chained))
-    return finished(out, planes, arrivals)
+    return finished(out, x.dtype)
 
 
 # A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
 # call, and the choice between this kernel and cuBLAS by row count happens in here at run time.
 @torch.library.custom_op("kvtriton::pdl_linear", mutates_args=())
-def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ weight^T (+ bias): this kernel for up to MAX_ROWS rows of 3+, cuBLAS otherwise."""
+def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int = 3) -> torch.Tensor:
+    """x (M, K) @ weight^T (+ bias): this kernel for min_rows (3+) to MAX_ROWS rows, cuBLAS otherwise."""
     m = x.shape[0]
-    if m > MAX_ROWS or m < 3:
+    if m > MAX_ROWS or m < max(3, min_rows):
         return torch.nn.functional.linear(x, weight, bias)
     tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
     return pdl_matmul_with(x.contiguous(), weight, bias, tile)
 
 
 @pdl_linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, min_rows=3):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def chain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """CHAIN's projections (a layer's `decode_matmul`): this kernel from CHAIN_MIN_ROWS rows."""
+    return pdl_linear(x, weight, bias, CHAIN_MIN_ROWS)
 
 
 @triton.jit
@@ -157,12 +165,12 @@ def _swiglu(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
 
 
 @torch.library.custom_op("kvtriton::pdl_swiglu_linear", mutates_args=())
-def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 3) -> torch.Tensor:
     """x (M, K), weight (2I, K) the gate's rows then the up's -> silu(x @ gate^T) * (x @ up^T) (M, I): this kernel's
-    SwiGLU epilogue for up to MAX_ROWS rows of 3+; otherwise cuBLAS, then the SwiGLU in one pass (_swiglu, as the
-    compiled MLP's own kernel would: this op hides the product from the compiler)."""
+    SwiGLU epilogue for min_rows (3+) to MAX_ROWS rows; otherwise cuBLAS, then the SwiGLU in one pass (_swiglu, as
+    the compiled MLP's own kernel would: this op hides the product from the compiler)."""
     m = x.shape[0]
-    if m > MAX_ROWS or m < 3:
+    if m > MAX_ROWS or m < max(3, min_rows):
         gate_up = torch.nn.functional.linear(x, weight)
         out = gate_up.new_empty(m, weight.shape[0] // 2)
         _swiglu[(m, triton.cdiv(out.shape[1], SWIGLU_BLOCK))](gate_up, out, out.shape[1], BLOCK=SWIGLU_BLOCK)
@@ -172,5 +180,10 @@ def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @pdl_swiglu_linear.register_fake
-def _(x, weight):
+def _(x, weight, min_rows=3):
     return x.new_empty(x.shape[0], weight.shape[0] // 2)
+
+
+def chain_swiglu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CHAIN's gate_up ending in the SwiGLU (its `swiglu_matmul`): this kernel from CHAIN_MIN_ROWS rows."""
+    return pdl_swiglu_linear(x, weight, CHAIN_MIN_ROWS)

@@ -26,7 +26,7 @@ ROWS_NOT_SPECIALIZED = "M"
 
 class Tile(NamedTuple):
     """One launch configuration. block_m/block_n/block_k: the program's tile; split_k: programs sharing one
-    output tile along K (kernels/split_k.py adds their fp32 partial sums); warps: num_warps; dot: tensor-core
+    output tile along K (split_k.add_planes adds their fp32 partial sums); warps: num_warps; dot: tensor-core
     tl.dot (>= 16 rows) rather than the broadcast-multiply-sum of CUDA cores; stages: the software pipeline's
     depth over K, where the kernel pipelines (int4's dot form)."""
 

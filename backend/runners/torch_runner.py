@@ -208,10 +208,10 @@ class TorchRunner:
             chain = (attn.o_proj, mlp.gate_up_proj, mlp.down_proj) if pdl_matmul.CHAIN else ()
             for proj in (attn.qkv_proj, *chain):
                 if type(proj) is torch.nn.Linear and proj.weight.dtype in (torch.bfloat16, torch.float16):
-                    proj.decode_matmul = pdl_matmul.pdl_linear
+                    proj.decode_matmul = pdl_matmul.pdl_linear if proj is attn.qkv_proj else pdl_matmul.chain_linear
             if chain and pdl_matmul.SWIGLU_EPILOGUE and hasattr(mlp.gate_up_proj, "decode_matmul") \
                     and mlp.gate_up_proj.bias is None:
-                mlp.gate_up_proj.swiglu_matmul = pdl_matmul.pdl_swiglu_linear
+                mlp.gate_up_proj.swiglu_matmul = pdl_matmul.chain_swiglu_linear
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
