@@ -8,7 +8,8 @@ the work the decode step does around it:
   bf16 cuBLAS        F.linear (what batches above FUSED_MAX_BATCH run in bf16)
   bf16 skinny        kernels/skinny_matmul.py's fused kernel (RMSNorm / SwiGLU / residual fused), M <= 4
   bf16 triton        kernels/pdl_matmul.py (the 16-bit decode matmul that launches in the PDL chain), M >= 16,
-                     under each candidate tile
+                     under each candidate tile; for gate_up also "bf16 triton swiglu", the same kernel ending in
+                     the SwiGLU (CHAIN's gate_up, the 'bf16-swiglu' entries)
   fp8 _scaled_mm     per-token quantization kernel + torch._scaled_mm (cuBLASLt)
   fp8 triton         per-token quantization kernel + kernels/fp8_matmul.py, under each candidate tile
   fp8 skinny         the fused kernel reading e4m3 weights, quantizing x per token inside, M <= 4
@@ -240,6 +241,10 @@ def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4
         if m >= 16 and "bf16" in formats:
             best("bf16 triton", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile) for w in bf16]
                                  for tile in bf16_tiles(m, n, k)})
+        if m >= 16 and "bf16" in formats and op == "rms_norm_swiglu":  # gate_up ending in the SwiGLU (CHAIN)
+            best("bf16 triton swiglu", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile, swiglu=True)
+                                               for w in bf16]
+                                        for tile in bf16_tiles(m, n // 2, k) if tile.split_k == 1})
 
         def fp8_call(layer, tile):
             def call():
@@ -307,6 +312,9 @@ def summarize(results: list, rows: list[int], log) -> dict:
             bucket, choice, best = rows_bucket(m), r["choice"], r["best"]
             if "bf16 triton" in choice:
                 tables["pdl_matmul.TILES"][("bf16", bucket, r["n"], r["k"])] = tuple(choice["bf16 triton"])
+            if "bf16 triton swiglu" in choice:
+                tables["pdl_matmul.TILES"][("bf16-swiglu", bucket, r["n"] // 2, r["k"])] = tuple(
+                    choice["bf16 triton swiglu"])
             if "int4 triton" in choice:
                 tables["int4_matmul.TILES"][("int4", bucket, r["n"], r["k"])] = tuple(choice["int4 triton"])
             if "fp8 triton" in choice or "fp8 _scaled_mm" in best:
