@@ -68,9 +68,9 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
                 EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr,
                 SWIGLU: tl.constexpr):
     # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
-    # (the bias in split 0's). PDL: the next kernel launches now; it
-    # waits for this one's completion before it reads what this one writes (kernels/pdl.py's invariant). WAIT:
-    # launched with PDL itself (kernels/pdl.py CHAIN), resident before the kernel that writes x has ended.
+    # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
+    # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
+    # CHAIN), resident before the kernel that writes x has ended.
     # SWIGLU: w is (2N, K), the gate's N rows then the up's, and out = silu(x @ gate^T) * (x @ up^T), each product
     # rounded to out's dtype first, as an unfused gate_up's output is (then the SwiGLU in fp32, as the compiled
     # elementwise kernel computes it); SPLIT_K 1.
