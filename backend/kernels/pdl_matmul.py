@@ -130,13 +130,18 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return finished(out, x.dtype)
 
 
+def serves(m: int, min_rows: int) -> bool:
+    """Whether m rows take this kernel: min_rows (at least 3) to MAX_ROWS; other row counts keep cuBLAS."""
+    return max(3, min_rows) <= m <= MAX_ROWS
+
+
 # A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
 # call, and the choice between this kernel and cuBLAS by row count happens in here at run time.
 @torch.library.custom_op("kvtriton::pdl_linear", mutates_args=())
 def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int = 3) -> torch.Tensor:
     """x (M, K) @ weight^T (+ bias): this kernel for min_rows (3+) to MAX_ROWS rows, cuBLAS otherwise."""
     m = x.shape[0]
-    if m > MAX_ROWS or m < max(3, min_rows):
+    if not serves(m, min_rows):
         return torch.nn.functional.linear(x, weight, bias)
     tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
     return pdl_matmul_with(x.contiguous(), weight, bias, tile)
@@ -170,7 +175,7 @@ def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 3) 
     SwiGLU epilogue for min_rows (3+) to MAX_ROWS rows; otherwise cuBLAS, then the SwiGLU in one pass (_swiglu, as
     the compiled MLP's own kernel would: this op hides the product from the compiler)."""
     m = x.shape[0]
-    if m > MAX_ROWS or m < max(3, min_rows):
+    if not serves(m, min_rows):
         gate_up = torch.nn.functional.linear(x, weight)
         out = gate_up.new_empty(m, weight.shape[0] // 2)
         _swiglu[(m, triton.cdiv(out.shape[1], SWIGLU_BLOCK))](gate_up, out, out.shape[1], BLOCK=SWIGLU_BLOCK)
