@@ -8,7 +8,7 @@ No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
-      [--bf16-chain on|off] [--bf16-swiglu on|off] [--quantization none|fp8|int8|int4]
+      [--bf16-chain on|off] [--bf16-chain-min-rows N] [--bf16-swiglu on|off] [--quantization none|fp8|int8|int4]
       [--kv-cache-dtype auto|fp8] [--profile]
 """
 
@@ -86,8 +86,10 @@ def main():
                     help="kernels/pdl.py CHAIN: the fp8 matmul, its quantizer, the split-K adds and the compiled "
                          "layer kernels launch with PDL")
     ap.add_argument("--bf16-chain", default="on", choices=["on", "off"],
-                    help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 33-64 decode rows on that kernel, "
+                    help="kernels/pdl_matmul.py CHAIN: every 16-bit projection of 9-64 decode rows on that kernel, "
                          "launched with PDL, instead of cuBLAS for all but qkv")
+    ap.add_argument("--bf16-chain-min-rows", type=int,
+                    help="override kernels/pdl_matmul.py CHAIN_MIN_ROWS: the fewest decode rows the bf16 chain serves")
     ap.add_argument("--bf16-swiglu", default="on", choices=["on", "off"],
                     help="kernels/pdl_matmul.py SWIGLU_EPILOGUE: with --bf16-chain on, gate_up ends in the SwiGLU")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -111,6 +113,8 @@ def main():
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
     pdl_matmul.SWIGLU_EPILOGUE = args.bf16_swiglu == "on"
+    if args.bf16_chain_min_rows is not None:
+        pdl_matmul.CHAIN_MIN_ROWS = args.bf16_chain_min_rows
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
@@ -133,7 +137,8 @@ def main():
           f"matmuls up to batch {llama_decode.FUSED_MAX_BATCH if runner.fuse_matmuls else 0}, at most "
           f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
           f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
-          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} (SwiGLU epilogue {args.bf16_swiglu}); "
+          f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} from {pdl_matmul.CHAIN_MIN_ROWS} rows "
+          f"(SwiGLU epilogue {args.bf16_swiglu}); "
           f"quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")

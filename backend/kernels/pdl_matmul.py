@@ -39,26 +39,39 @@ SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
 # Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
 # one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
 # its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early; from
-# CHAIN_MIN_ROWS rows, the bucket TILES was measured for. On an H100 (2026-12-07, benchmarks/profile_decode.py
-# --batch 16,64 --context 192 --bf16-chain on|off, alternated twice) the 1B-class step at 64 rows was 1.328-1.329
-# ms on against 1.370 off, with gate_up ending in the SwiGLU (without it, 1.353); at 16 rows, on the heuristic
-# tile, 1.265-1.275 against 1.205: so the smaller buckets keep cuBLAS.
+# CHAIN_MIN_ROWS rows, the smallest bucket TILES was measured for. On an H100 (2026-12-07, benchmarks/
+# profile_decode.py --batch 4,8,16,32,64 --context 192, alternated twice) the 1B-class step with the chain from 9
+# rows on TILES below, against the chain from 33 rows on stop 63's 64-row tiles: 16 rows 1.127-1.128 ms against
+# 1.195-1.201, 32 rows 1.211-1.216 against 1.270-1.275, 64 rows 1.312 against 1.341-1.347; 4 and 8 rows equal
+# (cuBLAS). From 3 rows on the heuristic tile, 4 and 8 rows lost 8-10% (1.219-1.236 against 1.120-1.150).
 CHAIN = True
-CHAIN_MIN_ROWS = 33
+CHAIN_MIN_ROWS = 9
 # Whether, with CHAIN, the gate_up projection ends in the SwiGLU (pdl_swiglu_linear); benchmarks/profile_decode.py
 # --bf16-swiglu on|off.
 SWIGLU_EPILOGUE = True
-# ("bf16", rows bucket, N, K) -> Tile fields; otherwise `heuristic_tile`. Measured at 64 rows on an H100 (2026-12-07,
-# a few candidates a shape, timed as benchmarks/quant_kernels_bench.py --device cuda times them), against cuBLAS:
-# gate_up 26.1 us (cuBLAS 26.8), down 17.5 (16.7), qkv 7.7 (7.5), o_proj 7.1 (6.5): this kernel about matches it.
+# ("bf16", rows bucket, N, K) -> Tile fields; otherwise `heuristic_tile`. Swept on an H100 (2026-12-07,
+# benchmarks/quant_kernels_bench.py --device cuda --rows 16,32,64 --formats bf16), each the fastest alone; against
+# cuBLAS at 64 rows: gate_up 25.2 us (cuBLAS 25.7), down 15.5 (16.3), o_proj 6.4 (6.4), qkv 7.7 (7.4). At 16 and
+# 32 rows o_proj and down lose alone (down 17.1 against 15.4 at 16 rows) and win in the step, by the launches they
+# overlap. qkv keeps the heuristic tile at 16 and 32 rows: the sweep's fastest there splits K, and the split's
+# _add_planes launch between qkv and attention takes away attention's early start (the step 1.203-1.207 ms at 16
+# rows against 1.195-1.198 on the heuristic tile).
 TILES: dict[tuple[str, int, int, int], tuple] = {
-    ('bf16', 64, 16384, 2048): (64, 64, 128, 1, 4, True, 3),
-    ('bf16', 64, 2048, 8192): (64, 64, 128, 8, 4, True, 3),
-    ('bf16', 64, 3072, 2048): (64, 32, 128, 1, 4, True, 4),
-    ('bf16', 64, 2048, 2048): (64, 32, 128, 1, 4, True, 4),
-    # gate_up ending in the SwiGLU, N its outputs (the intermediate size): gate_up's tile with half the outputs,
-    # so that a program streams as many weight rows (32 of the gate's, 32 of the up's). Not swept.
-    ('bf16-swiglu', 64, 8192, 2048): (64, 32, 128, 1, 4, True, 3),
+    ('bf16', 16, 2048, 2048): (16, 64, 128, 1, 4, True, 4),
+    ('bf16', 16, 16384, 2048): (16, 128, 64, 1, 4, True, 4),
+    ('bf16', 16, 2048, 8192): (16, 32, 128, 4, 4, True, 4),
+    ('bf16', 32, 2048, 2048): (32, 32, 128, 4, 4, True, 4),
+    ('bf16', 32, 16384, 2048): (32, 128, 128, 1, 8, True, 4),
+    ('bf16', 32, 2048, 8192): (32, 32, 128, 4, 4, True, 4),
+    ('bf16', 64, 3072, 2048): (64, 64, 128, 1, 4, True, 4),
+    ('bf16', 64, 2048, 2048): (64, 32, 128, 4, 4, True, 4),
+    ('bf16', 64, 16384, 2048): (64, 128, 128, 1, 4, True, 4),
+    ('bf16', 64, 2048, 8192): (64, 32, 128, 4, 4, True, 4),
+    # gate_up ending in the SwiGLU, N its outputs (the intermediate size); a program streams 2 x block_n weight
+    # rows, block_n of the gate's and the same of the up's.
+    ('bf16-swiglu', 16, 8192, 2048): (16, 64, 64, 1, 4, True, 4),
+    ('bf16-swiglu', 32, 8192, 2048): (32, 64, 128, 1, 4, True, 4),
+    ('bf16-swiglu', 64, 8192, 2048): (64, 64, 128, 1, 4, True, 4),
 }
 
 
