@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
 
-from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
+from kvtriton.backend.kernels import fp8_matmul, skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
@@ -187,6 +187,19 @@ def test_int4_matmul_every_tile_form(tile, m):
     got = int4_matmul_with(x, layer.qweight, layer.scale, layer.zero_point, layer.offset, 32, tile)
     assert got.shape == (m, 72) and got.dtype == DTYPE
     close(got, layer_forward(layer, x))
+
+
+@pytest.mark.skipif(not (CUDA and FP8_OK), reason="the 1B-class shapes need a GPU of compute capability 8.9+")
+@pytest.mark.parametrize("key", sorted(k for k, v in fp8_matmul.TILES.items() if v != fp8_matmul.CUBLAS))
+def test_every_measured_fp8_tile_computes_its_product(key):
+    """Each fp8_matmul.TILES entry (swept at its own shape: split-K, pipeline depth) at that shape."""
+    _, bucket, n, k = key
+    m = max(1, bucket - 3)  # a partial row tile where the bucket has one
+    layer = quantized_layer("fp8", n, k, seed=bucket)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
+    xq, x_scale = per_token_fp8_reference(x)
+    got = fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, DTYPE, Tile(*fp8_matmul.TILES[key]))
+    close(got[:, :n], layer_forward(layer, x))
 
 
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
