@@ -134,7 +134,7 @@ def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
             if bm * bn * bk <= 16384:
                 tiles.add(Tile(bm, bn, bk, split, warps, False))
     bm = max(16, triton.next_power_of_2(m))
-    for bn in (32, 64, 128):
+    for bn in (16, 32, 64, 128):  # 16: as bf16_tiles, a narrow projection unsplit on 128 programs
         for bk in (64, 128, 256):
             tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
             tiles.add(Tile(bm, bn, bk, 1, 4, True, 4))  # unsplit, as fp8_tiles (where that won at 64 rows)
@@ -155,7 +155,7 @@ def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
     bm = max(16, triton.next_power_of_2(m))
     for bn, bk, split, warps in ((32, 128, 2, 4), (64, 128, 1, 4), (32, 256, 4, 4), (64, 256, 2, 8)):
         tiles.add(Tile(bm, bn, bk, split, warps, True))
-    for bn in (32, 64, 128):
+    for bn in (16, 32, 64, 128):  # 16: as bf16_tiles, a narrow projection unsplit on 128 programs
         for bk in (64, 128, 256):
             tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
             # Unsplit, 4 stages deep: fewer programs than SMs can still win (no partial sums to add). At 64 rows
@@ -174,12 +174,13 @@ def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
 
 
 def bf16_tiles(m: int, n: int, k: int) -> list[Tile]:
-    """Candidates for kernels/pdl_matmul.py at 16+ rows: all rows in one tile, 32-256 outputs by 64-128 inputs a
+    """Candidates for kernels/pdl_matmul.py at 16+ rows: all rows in one tile, 16-256 outputs by 64-256 inputs a
     stage (wgmma takes up to 256 outputs at 64 rows), one or two warpgroups, unsplit and split along K until there
-    are 132+ programs."""
+    are 132+ programs. 16 outputs: a 2,048-output projection (o_proj, down) unsplit on 128 programs, with no
+    split-K add after it (a launch on the step's critical path, ~1.4 us at 64 rows on an H100)."""
     bm = max(16, triton.next_power_of_2(m))
     tiles = set()
-    for bn, bk in ((32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (256, 64)):
+    for bn, bk in ((16, 128), (16, 256), (32, 128), (64, 64), (64, 128), (128, 64), (128, 128), (256, 64)):
         for warps, stages in ((4, 4), (8, 4)):
             for split in {1, split_k_for(n, k, bn, bk)}:
                 tiles.add(Tile(bm, bn, bk, split, warps, True, stages))

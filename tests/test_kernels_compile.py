@@ -50,7 +50,8 @@ def test_skinny_matmul_compiles_for_every_weight_format(weight, op):
 
 
 @pytest.mark.parametrize("block_m, block_n, block_k, split_k, dot", [(1, 4, 1024, 1, False), (4, 8, 256, 2, False),
-                                                                    (16, 16, 256, 2, True), (64, 64, 128, 1, True)])
+                                                                    (16, 16, 256, 2, True), (64, 64, 128, 1, True),
+                                                                    (64, 16, 256, 1, True)])  # a narrow sweep tile
 def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, block_k, split_k, dot):
     out = "*fp32" if split_k > 1 else "*bf16"
     int4 = compile_for_hopper(int4_matmul._int4_dot_matmul if dot else int4_matmul._int4_matmul, dict(
@@ -89,10 +90,10 @@ def test_the_chained_bf16_matmul_compiles():
     and runs on the tensor cores, split along K or not, or ending in the SwiGLU."""
     from kvtriton.backend.kernels import pdl_matmul
 
-    for split_k, swiglu in ((1, False), (4, False), (1, True)):
+    for split_k, swiglu, block_n in ((1, False, 128), (4, False, 128), (1, True, 128), (1, False, 16)):
         kernel = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
             x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if split_k == 1 else "*fp32", M="i32",
-            N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k,
+            N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=split_k,
                                     EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False, SWIGLU=swiglu))
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
