@@ -9,7 +9,8 @@ the work the decode step does around it:
   bf16 skinny        kernels/skinny_matmul.py's fused kernel (RMSNorm / SwiGLU / residual fused), M <= 4
   bf16 triton        kernels/pdl_matmul.py (the 16-bit decode matmul that launches in the PDL chain), M >= 16,
                      under each candidate tile; for gate_up also "bf16 triton swiglu", the same kernel ending in
-                     the SwiGLU (CHAIN's gate_up, the 'bf16-swiglu' entries)
+                     the SwiGLU (CHAIN's gate_up, the 'bf16-swiglu' entries); qkv only on unsplit tiles (a split's
+                     add would delay the attention kernel that qkv lets launch early), in fp8 too
   fp8 _scaled_mm     per-token quantization kernel + torch._scaled_mm (cuBLASLt)
   fp8 triton         per-token quantization kernel + kernels/fp8_matmul.py, under each candidate tile
   fp8 skinny         the fused kernel reading e4m3 weights, quantizing x per token inside, M <= 4
@@ -240,8 +241,10 @@ def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4
         if m <= skinny_matmul.MAX_ROWS:
             best("bf16 skinny", {"heuristic": [fused_call(op, x, w, norm, residual) for w in bf16]})
         if m >= 16 and "bf16" in formats:
+            # qkv unsplit: its split-K add would sit between it and the attention kernel it lets launch early (on an
+            # H100 the 16-row step 1.195-1.198 -> 1.203-1.207 ms on the sweep's split qkv tile, stop 64).
             best("bf16 triton", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile) for w in bf16]
-                                 for tile in bf16_tiles(m, n, k)})
+                                 for tile in bf16_tiles(m, n, k) if name != "qkv" or tile.split_k == 1})
         if m >= 16 and "bf16" in formats and op == "rms_norm_swiglu":  # gate_up ending in the SwiGLU (CHAIN)
             best("bf16 triton swiglu", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile, swiglu=True)
                                                for w in bf16]
@@ -258,7 +261,8 @@ def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4
 
         if "fp8" in formats:
             best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
-            best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)})
+            best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)
+                                if name != "qkv" or tile.split_k == 1})  # as bf16's qkv
         if "int4" in formats:
             best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
                 x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]
