@@ -126,8 +126,8 @@ def fused_call(op: str, x: torch.Tensor, weight, norm: torch.Tensor, residual: t
 
 def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
     """Candidates: the heuristic's, broadcast GEMV tiles (<= 8 rows), and tl.dot tiles (Marlin/GemLite-like)
-    of 32-128 outputs by 64-256 inputs per pipeline stage (4 stages deep, 3 for 256), split along K until there are
-    132+ programs (one per H200 SM)."""
+    of 16-128 outputs by 64-256 inputs per pipeline stage (4 stages deep, 3 for 256), split along K until there are
+    132+ programs (one per H200 SM); from 32 rows also 256 outputs on two warpgroups."""
     tiles = {int4_heuristic(m, n, k, GROUP)}
     if m <= 8:
         bm = triton.next_power_of_2(m)
@@ -139,12 +139,19 @@ def int4_tiles(m: int, n: int, k: int) -> list[Tile]:
         for bk in (64, 128, 256):
             tiles.add(Tile(bm, bn, bk, split_k_for(n, k, bn, bk), 4, True, 4 if bk <= 128 else 3))
             tiles.add(Tile(bm, bn, bk, 1, 4, True, 4))  # unsplit, as fp8_tiles (where that won at 64 rows)
+    if m >= 32:
+        # Every program reads all its rows of x (bf16) from L2 for its block_n outputs' codes from HBM: at 64 rows
+        # and 128 outputs, x is twice the codes' bytes (the table's 64-row tiles read ~62 MB of x a layer against
+        # 17 MB of codes), so wider tiles, fewer x reads.
+        for bk in (64, 128):
+            for split in {1, split_k_for(n, k, 256, bk)}:
+                tiles.add(Tile(bm, 256, bk, split, 8, True, 3))
     return [t for t in tiles if k % (t.block_k * t.split_k) == 0]
 
 
 def fp8_tiles(m: int, n: int, k: int) -> list[Tile]:
     """Candidates: the heuristic's and broadcast GEMV tiles (<= 8 rows); tl.dot tiles of fixed splits, and, as
-    int4_tiles, of 32-128 outputs by 64-256 inputs per stage, split along K until there are 132+ programs (a
+    int4_tiles, of 16-128 outputs by 64-256 inputs per stage, split along K until there are 132+ programs (a
     64-row o_proj of 2,048 outputs in 64-wide tiles is 32 programs on 132 SMs otherwise), and unsplit."""
     tiles = set()
     if m <= 8:
