@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
@@ -145,10 +146,11 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     return finished(out, out_dtype)
 
 
-# A custom op, like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work, with symbolic row
-# counts) sees one opaque call, and the choice between this kernel and cuBLASLt by row count happens in here,
-# at run time, instead of as shape guards (one recompilation per rows bucket) in the compiled graph.
-@torch.library.custom_op("kvtriton::fp8_matmul", mutates_args=())
+# An operator (kernels/direct_op.py), like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work,
+# with symbolic row counts) sees one opaque call, and the choice between this kernel and cuBLASLt by row count
+# happens in here, at run time, instead of as shape guards (one recompilation per rows bucket) in the compiled
+# graph.
+@direct_op
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
     """xq (M, K) e4m3, x_scale (M, 1) fp32, weight (N, K) e4m3 (N % 16 == 0), weight_scale (1, N) fp32 -> (M, N):
@@ -159,6 +161,6 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
     return fp8_matmul_with(xq.contiguous(), x_scale, weight, weight_scale, out_dtype, tile)
 
 
-@fp8_matmul.register_fake
+@torch.library.register_fake(fp8_matmul)
 def _(xq, x_scale, weight, weight_scale, out_dtype):
     return xq.new_empty(xq.shape[0], weight.shape[0], dtype=out_dtype)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
@@ -60,27 +61,28 @@ def _quantize_rows(x: torch.Tensor, k: int, fp8_max: float, min_scale: float, sw
     return q, scale
 
 
-# Custom ops: torch.compile (fullgraph, over the layer's work) sees one opaque call, not the launch code.
-@torch.library.custom_op("kvtriton::per_token_fp8", mutates_args=())
+# Operators (kernels/direct_op.py): torch.compile (fullgraph, over the layer's work) sees one opaque call, not the
+# launch code.
+@direct_op
 def per_token_fp8(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float -> (xq (M, K) float8_e4m3fn, scale (M, 1) fp32) with x ~= xq * scale; scale = max|x| /
     fp8_max per row, at least min_scale (models/fp8.py owns both numbers)."""
     return _quantize_rows(x, x.shape[1], fp8_max, min_scale, swiglu=False)
 
 
-@per_token_fp8.register_fake
+@torch.library.register_fake(per_token_fp8)
 def _(x, fp8_max, min_scale):
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(x.shape[0], 1, dtype=torch.float32)
 
 
-@torch.library.custom_op("kvtriton::silu_mul_per_token_fp8", mutates_args=())
+@direct_op
 def silu_mul_per_token_fp8(gate_up: torch.Tensor, fp8_max: float,
                            min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up (M, 2I) float, [gate | up] -> per_token_fp8(silu(gate) * up): (hq (M, I) e4m3, scale (M, 1))."""
     return _quantize_rows(gate_up, gate_up.shape[1] // 2, fp8_max, min_scale, swiglu=True)
 
 
-@silu_mul_per_token_fp8.register_fake
+@torch.library.register_fake(silu_mul_per_token_fp8)
 def _(gate_up, fp8_max, min_scale):
     m, i = gate_up.shape[0], gate_up.shape[1] // 2
     return gate_up.new_empty(m, i, dtype=torch.float8_e4m3fn), gate_up.new_empty(m, 1, dtype=torch.float32)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
@@ -249,9 +250,9 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     return finished(out, x.dtype)
 
 
-# A custom op: torch.compile (the runner compiles each layer's work around attention, fullgraph) sees one
-# opaque call with a known output shape instead of tracing the launch code over symbolic shapes.
-@torch.library.custom_op("kvtriton::int4_matmul", mutates_args=())
+# An operator (kernels/direct_op.py): torch.compile (the runner compiles each layer's work around attention,
+# fullgraph) sees one opaque call with a known output shape instead of tracing the launch code over symbolic shapes.
+@direct_op
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 offset: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """x (M, K), M <= MAX_ROWS -> (M, N) in x's dtype; the weight in models/int4.py's layout."""
@@ -265,12 +266,12 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     return int4_matmul_with(x, qweight, scale, zero_point, offset, group_size, tile)
 
 
-@int4_matmul.register_fake
+@torch.library.register_fake(int4_matmul)
 def _(x, qweight, scale, zero_point, offset, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-@torch.library.custom_op("kvtriton::int4_dequantize", mutates_args=())
+@direct_op
 def int4_dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     offset: torch.Tensor | None, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The weight (N, K) in `dtype`, written once: prefill's operand for cuBLAS (no fp32 temporaries)."""
@@ -283,6 +284,6 @@ def int4_dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torc
     return out
 
 
-@int4_dequantize.register_fake
+@torch.library.register_fake(int4_dequantize)
 def _(qweight, scale, zero_point, offset, group_size, dtype):
     return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2, dtype=dtype)

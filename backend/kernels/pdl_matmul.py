@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
@@ -148,9 +149,10 @@ def serves(m: int, min_rows: int) -> bool:
     return max(3, min_rows) <= m <= MAX_ROWS
 
 
-# A custom op, as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row counts) sees one opaque
-# call, and the choice between this kernel and cuBLAS by row count happens in here at run time.
-@torch.library.custom_op("kvtriton::pdl_linear", mutates_args=())
+# An operator (kernels/direct_op.py), as kernels/fp8_matmul.py's: the compiled per-layer function (symbolic row
+# counts) sees one opaque call, and the choice between this kernel and cuBLAS by row count happens in here at run
+# time.
+@direct_op
 def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int = 3) -> torch.Tensor:
     """x (M, K) @ weight^T (+ bias): this kernel for min_rows (3+) to MAX_ROWS rows, cuBLAS otherwise."""
     m = x.shape[0]
@@ -160,7 +162,7 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return pdl_matmul_with(x.contiguous(), weight, bias, tile)
 
 
-@pdl_linear.register_fake
+@torch.library.register_fake(pdl_linear)
 def _(x, weight, bias, min_rows=3):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -182,7 +184,7 @@ def _swiglu(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@torch.library.custom_op("kvtriton::pdl_swiglu_linear", mutates_args=())
+@direct_op
 def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 3) -> torch.Tensor:
     """x (M, K), weight (2I, K) the gate's rows then the up's -> silu(x @ gate^T) * (x @ up^T) (M, I): this kernel's
     SwiGLU epilogue for min_rows (3+) to MAX_ROWS rows; otherwise cuBLAS, then the SwiGLU in one pass (_swiglu, as
@@ -197,7 +199,7 @@ def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 3) 
     return pdl_matmul_with(x.contiguous(), weight, None, tile, swiglu=True)
 
 
-@pdl_swiglu_linear.register_fake
+@torch.library.register_fake(pdl_swiglu_linear)
 def _(x, weight, min_rows=3):
     return x.new_empty(x.shape[0], weight.shape[0] // 2)
 
