@@ -8,7 +8,8 @@ No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
-      [--bf16-chain on|off] [--bf16-chain-min-rows N] [--bf16-swiglu on|off] [--quantization none|fp8|int8|int4]
+      [--bf16-chain on|off] [--bf16-chain-min-rows N] [--bf16-swiglu on|off]
+      [--planes-into-norm on|off] [--quantization none|fp8|int8|int4]
       [--kv-cache-dtype auto|fp8] [--profile]
 """
 
@@ -90,6 +91,9 @@ def main():
                          "launched with PDL, instead of cuBLAS for all but qkv")
     ap.add_argument("--bf16-chain-min-rows", type=int,
                     help="override kernels/pdl_matmul.py CHAIN_MIN_ROWS: the fewest decode rows the bf16 chain serves")
+    ap.add_argument("--planes-into-norm", choices=["on", "off"],
+                    help="kernels/pdl_matmul.py PLANES_INTO_NORM: with --bf16-chain on, o_proj's and down_proj's "
+                         "split-K partial sums added in the compiled residual add + RMSNorm, not by a launch")
     ap.add_argument("--bf16-swiglu", default="on", choices=["on", "off"],
                     help="kernels/pdl_matmul.py SWIGLU_EPILOGUE: with --bf16-chain on, gate_up ends in the SwiGLU")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -113,6 +117,8 @@ def main():
     pdl.CHAIN = args.pdl_chain == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
     pdl_matmul.SWIGLU_EPILOGUE = args.bf16_swiglu == "on"
+    if args.planes_into_norm is not None:
+        pdl_matmul.PLANES_INTO_NORM = args.planes_into_norm == "on"
     if args.bf16_chain_min_rows is not None:
         pdl_matmul.CHAIN_MIN_ROWS = args.bf16_chain_min_rows
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
@@ -138,7 +144,7 @@ def main():
           f"{paged_decode_attention.MAX_SPLITS} splits (decode attention: {paged_decode_attention.WARPS_PER_SM} "
           f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
           f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} from {pdl_matmul.CHAIN_MIN_ROWS} rows "
-          f"(SwiGLU epilogue {args.bf16_swiglu}); "
+          f"(SwiGLU epilogue {args.bf16_swiglu}, planes into the norm {pdl_matmul.PLANES_INTO_NORM}); "
           f"quantization {args.quantization}, KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")

@@ -87,14 +87,16 @@ def test_the_chained_quantizer_and_split_k_add_compile():
 
 def test_the_chained_bf16_matmul_compiles():
     """kernels/pdl_matmul.py CHAIN: the 16-bit decode matmul lets its dependents launch, waits in-kernel for its x,
-    and runs on the tensor cores, split along K or not, or ending in the SwiGLU."""
+    and runs on the tensor cores, split along K or not, or ending in the SwiGLU, or handing on 4 planes of partial
+    sums whatever its split (PLANES_INTO_NORM)."""
     from kvtriton.backend.kernels import pdl_matmul
 
-    for split_k, swiglu, block_n in ((1, False, 128), (4, False, 128), (1, True, 128), (1, False, 16)):
+    for split_k, swiglu, block_n, planes in ((1, False, 128, 1), (4, False, 128, 4), (1, True, 128, 1),
+                                             (1, False, 16, 1), (1, False, 32, 4), (2, False, 32, 4)):
         kernel = compile_for_hopper(pdl_matmul._pdl_matmul, dict(
-            x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if split_k == 1 else "*fp32", M="i32",
+            x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16" if planes == 1 else "*fp32", M="i32",
             N="i32", K="i32"), dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=split_k,
-                                    EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False, SWIGLU=swiglu))
+                                    EVEN_K=True, PDL=True, WAIT=True, FP32_DOT=False, SWIGLU=swiglu, PLANES=planes))
         assert "griddepcontrol.launch_dependents" in kernel.asm["ptx"]
         assert "griddepcontrol.wait" in kernel.asm["ptx"]
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]

@@ -102,3 +102,61 @@ def test_every_measured_tile_computes_its_product(key):
         got, expected = pdl_linear(x, w, None), product
     assert got.shape == (rows, n), TILES[key]
     torch.testing.assert_close(got.float(), expected, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [2, 16, 40, 65])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_planes_add_up_to_the_product_pdl_linear_returns(rows, split_k, monkeypatch):
+    """pdl_linear_planes (kernels/pdl_matmul.py PLANES_INTO_NORM): 4 planes whatever the tile's split (the rest
+    zeros; cuBLAS's product in plane 0 outside 3-64 rows), and added in plane order, rounded once (models/llama.py
+    planes_sum), the bits pdl_linear's own split-K add gives."""
+    from kvtriton.backend.kernels import pdl_matmul
+    from kvtriton.backend.kernels.tile_config import Tile, rows_bucket
+    from kvtriton.backend.models.llama import planes_sum
+
+    n, k = 48, 256
+    monkeypatch.setitem(pdl_matmul.TILES, ("bf16", rows_bucket(rows), n, k), tuple(Tile(64, 16, 64, split_k)))
+    g = torch.Generator(device=DEVICE).manual_seed(rows + split_k)
+    x = torch.randn(rows, k, generator=g, device=DEVICE).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device=DEVICE) * k**-0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=g, device=DEVICE).to(torch.bfloat16)
+    planes = pdl_matmul.pdl_linear_planes(x, w, b, 3, 4)
+    assert planes.shape == (4, rows, n) and planes.dtype == torch.float32
+    used = split_k if 3 <= rows <= 64 else 1
+    assert not planes[used:].any()
+    got, expected = planes_sum(planes, torch.bfloat16), pdl_linear(x, w, b)
+    if DEVICE == "cuda":
+        assert torch.equal(got, expected)
+    else:  # Triton's interpreter rounds fp32 -> bf16 in a kernel other than torch does: at most a unit apart
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_a_compiled_step_adds_the_planes_as_the_split_k_add_does(monkeypatch):
+    """kernels/pdl_matmul.py PLANES_INTO_NORM as the CUDA runner sets it up (decode_planes on o_proj and down_proj,
+    the model's delta_planes): the compiled layers add the split-K partial sums in the residual add + RMSNorm, and
+    the step's logits are the ones of the same projections with their _add_planes launch."""
+    from kvtriton.backend.kernels import pdl_matmul
+    from kvtriton.backend.kernels.tile_config import Tile
+
+    from tests.llama_reference import prefill_logits
+    from tests.tiny_model import small_decode_model
+
+    model = small_decode_model(torch.bfloat16, DEVICE)
+    for n, k in ((256, 256), (256, 384)):  # o_proj, down_proj: split along K in two
+        monkeypatch.setitem(pdl_matmul.TILES, ("bf16", 16, n, k), tuple(Tile(16, 64, 64, 2)))
+    narrow = [proj for layer in model.layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    for proj in narrow:
+        proj.decode_matmul = pdl_matmul.chain_linear
+    model.compile_layers()
+    prompts = [[5, 9, 3, 77, 12, 1, 8], [40, 2, 6, 6, 19], [7, 8, 9, 10]]  # 16 rows
+    added = prefill_logits(model, prompts)
+    for proj in narrow:
+        proj.decode_planes = pdl_matmul.chain_linear_planes
+    model.delta_planes = (9, 64, pdl_matmul.planes_for(256, 384, 9))
+    assert model.delta_planes[2] == 2
+    launches = []
+    matmul = pdl_matmul.pdl_matmul_with
+    monkeypatch.setattr(pdl_matmul, "pdl_matmul_with", lambda *a, **kw: launches.append(kw) or matmul(*a, **kw))
+    for want, got in zip(added, prefill_logits(model, prompts)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert [kw.get("planes") for kw in launches].count(2) == 2 * len(model.layers)  # o_proj's and down_proj's

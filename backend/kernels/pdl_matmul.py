@@ -32,8 +32,16 @@ import triton.language as tl
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
-from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
-from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
+from kvtriton.backend.kernels.split_k import (
+    finished,
+    k_bounds,
+    output_buffer,
+    output_tile,
+    row_tile,
+    store_tile,
+    zero_planes,
+)
+from kvtriton.backend.kernels.tile_config import ROW_BUCKETS, ROWS_NOT_SPECIALIZED, Tile, lookup, rows_bucket
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
 SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
@@ -47,6 +55,11 @@ SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
 # (cuBLAS). From 3 rows on the heuristic tile, 4 and 8 rows lost 8-10% (1.219-1.236 against 1.120-1.150).
 CHAIN = True
 CHAIN_MIN_ROWS = 9
+# Whether, with CHAIN, o_proj and down_proj (2,048 outputs at the 1B-class shapes, split along K) hand their fp32
+# partial sums to the compiled residual add + RMSNorm after them (`pdl_linear_planes`), which adds them in plane
+# order as split_k._add_planes does: that launch (~1.4 us on the 64-row step's critical path, two a layer: 45 us
+# of an H100's 1.33 ms step, stop 63's profile) is gone. Not yet measured on a GPU: off.
+PLANES_INTO_NORM = False
 # Whether, with CHAIN, the gate_up projection ends in the SwiGLU (pdl_swiglu_linear); benchmarks/profile_decode.py
 # --bf16-swiglu on|off.
 SWIGLU_EPILOGUE = True
@@ -80,7 +93,7 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr,
-                SWIGLU: tl.constexpr):
+                SWIGLU: tl.constexpr, PLANES: tl.constexpr):
     # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
     # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
     # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
@@ -88,6 +101,8 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
     # SWIGLU: w is (2N, K), the gate's N rows then the up's, and out = silu(x @ gate^T) * (x @ up^T), each product
     # rounded to out's dtype first, as an unfused gate_up's output is (then the SwiGLU in fp32, as the compiled
     # elementwise kernel computes it); SPLIT_K 1.
+    # PLANES > SPLIT_K: out is (PLANES, M, N) fp32 partial sums whatever SPLIT_K (pdl_linear_planes), the planes past
+    # SPLIT_K zeros.
     if PDL:
         gdc_launch_dependents()
     if WAIT:
@@ -115,6 +130,8 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    if PLANES > SPLIT_K:
+        zero_planes(out_ptr, m, m_ok, n, n_ok, split, M, N, SPLIT_K, PLANES)
 
 
 def heuristic_tile(m: int) -> Tile:
@@ -126,22 +143,29 @@ def heuristic_tile(m: int) -> Tile:
 
 
 def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile,
-                    swiglu: bool = False) -> torch.Tensor:
+                    swiglu: bool = False, planes: int = 0) -> torch.Tensor:
     """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias). swiglu: weight
-    (2N, K), the gate's rows then the up's, no bias, no split -> silu(x @ gate^T) * (x @ up^T)."""
+    (2N, K), the gate's rows then the up's, no bias, no split -> silu(x @ gate^T) * (x @ up^T). planes (at least
+    the tile's split): -> (planes, M, N) fp32, partial sums whose sum is the product, not added here."""
     m, k = x.shape
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if swiglu and (bias is not None or tile.split_k > 1):
         raise ValueError("the SwiGLU epilogue takes no bias and no split along K")
+    if planes and (swiglu or planes < tile.split_k):
+        raise ValueError(f"{planes} planes cannot hold a split of {tile.split_k} (or the SwiGLU's product)")
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
+    if planes:
+        out = torch.empty(planes, m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     chained = CHAIN and pdl.in_chain(x.device)
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k,
                       HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                       SPLIT_K=tile.split_k, EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl_supported(x.device), WAIT=chained, FP32_DOT=x.device.type != "cuda", SWIGLU=swiglu,
-                      num_warps=tile.warps, num_stages=tile.stages, **pdl.launch_options(chained))
-    return finished(out, x.dtype)
+                      PLANES=planes or tile.split_k, num_warps=tile.warps, num_stages=tile.stages,
+                      **pdl.launch_options(chained))
+    return out if planes else finished(out, x.dtype)
 
 
 def serves(m: int, min_rows: int) -> bool:
@@ -170,6 +194,40 @@ def _(x, weight, bias, min_rows=3):
 def chain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """CHAIN's projections (a layer's `decode_matmul`): this kernel from CHAIN_MIN_ROWS rows."""
     return pdl_linear(x, weight, bias, CHAIN_MIN_ROWS)
+
+
+def planes_for(n: int, k: int, min_rows: int) -> int:
+    """The planes a projection of n outputs and k inputs hands on (pdl_linear_planes) at min_rows to MAX_ROWS rows:
+    the most any of those buckets' tiles split K into, so that every decode step of the compiled graph has one
+    shape."""
+    buckets = [b for b in ROW_BUCKETS if rows_bucket(max(3, min_rows)) <= b <= MAX_ROWS]
+    return max((lookup(TILES, "bf16", b, n, k) or heuristic_tile(b)).split_k for b in buckets)
+
+
+@torch.library.custom_op("kvtriton::pdl_linear_planes", mutates_args=())
+def pdl_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int,
+                      planes: int) -> torch.Tensor:
+    """x (M, K) @ weight^T (+ bias) as (planes, M, N) fp32 partial sums, for the caller to add in plane order
+    (models/llama.py's planes_sum): this kernel for min_rows to MAX_ROWS rows, the planes past its tile's split
+    zeros; otherwise cuBLAS's product in plane 0 and zeros."""
+    m = x.shape[0]
+    if not serves(m, min_rows):
+        out = x.new_zeros(planes, m, weight.shape[0], dtype=torch.float32)
+        out[0] = torch.nn.functional.linear(x, weight, bias)
+        return out
+    tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
+    return pdl_matmul_with(x.contiguous(), weight, bias, tile, planes=planes)
+
+
+@pdl_linear_planes.register_fake
+def _(x, weight, bias, min_rows, planes):
+    return x.new_empty(planes, x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def chain_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PLANES_INTO_NORM's projections (a layer's `decode_planes`): (planes, M, N) fp32 partial sums from
+    CHAIN_MIN_ROWS rows, planes_for the weight's shape."""
+    return pdl_linear_planes(x, weight, bias, CHAIN_MIN_ROWS, planes_for(*weight.shape, CHAIN_MIN_ROWS))
 
 
 @triton.jit

@@ -56,6 +56,16 @@ def store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K: tl.constexp
 
 
 @triton.jit
+def zero_planes(out_ptr, m, m_ok, n, n_ok, split, M, N, FIRST: tl.constexpr, PLANES: tl.constexpr):
+    """Zeros into planes FIRST..PLANES-1 of out (PLANES, M, N) fp32 at this tile, from plane 0's programs: a
+    launch of fewer splits than its caller's planes (kernels/pdl_matmul.py's `pdl_linear_planes`)."""
+    if split == 0:
+        mask = m_ok[:, None] & n_ok[None, :]
+        for s in tl.static_range(FIRST, PLANES):
+            tl.store(out_ptr + (s * M + m[:, None]) * N + n[None, :], tl.zeros_like(mask).to(tl.float32), mask=mask)
+
+
+@triton.jit
 def _add_planes(planes_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # out[i] = planes[0, i] + planes[1, i] + ... in fp32, in plane order, rounded once to out's dtype.
     if PDL:  # kernels/pdl.py CHAIN: resident before the matmul that writes the planes has ended

@@ -48,10 +48,14 @@ def skinny_product(layer: nn.Module, x: torch.Tensor, max_rows: int) -> bool:
             and not torch.jit.is_tracing() and 1 < x.shape[0] <= max_rows)
 
 
-def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
+def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = None,
+           planes: bool = False) -> torch.Tensor:
     """layer(x) for x (M, in), through W @ x^T where skinny_product says so; plus each token's LoRA adapter's
     addition where the step has adapted tokens (models/lora.py). A layer given a `decode_matmul` (the CUDA runner
-    gives the qkv projection kernels/pdl_matmul.py's) multiplies through it on CUDA."""
+    gives the qkv projection kernels/pdl_matmul.py's) multiplies through it on CUDA. planes (a step the model's
+    `delta_planes` covers, no adapters): the layer's `decode_planes`, split-K partial sums for planes_sum."""
+    if planes:
+        return layer.decode_planes(x, layer.weight, layer.bias)
     decode_matmul = getattr(layer, "decode_matmul", None)
     if decode_matmul is not None and x.is_cuda:
         out = decode_matmul(x, layer.weight, layer.bias)
@@ -62,6 +66,19 @@ def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = No
         out = out if layer.bias is None else out + layer.bias
     lora = getattr(layer, "lora", None) if adapters is not None else None
     return out if lora is None else out + lora.delta(x, adapters)
+
+
+def planes_sum(delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A projection's output: as it is (M, N), or its split-K partial sums (P, M, N) fp32 added in plane order and
+    rounded once to dtype, as kernels/split_k.py's _add_planes adds them; compiled, inside the kernel that reads
+    them (the residual add + RMSNorm)."""
+    if delta.dim() == 2:
+        return delta
+    planes = delta.unbind(0)
+    total = planes[0]
+    for plane in planes[1:]:
+        total = total + plane
+    return total.to(dtype)
 
 
 class AttentionContext(Protocol):
@@ -123,21 +140,22 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: StepAdapters | None = None, planes: bool = False) -> torch.Tensor:
+        """planes: the down projection's split-K partial sums (see `linear`)."""
         down = self.down_proj
         # A gate_up given a `swiglu_matmul` (the CUDA runner, kernels/pdl_matmul.py CHAIN) ends in the SwiGLU;
         # not where a LoRA adapter on it adds to the product before the SwiGLU.
         swiglu_matmul = getattr(self.gate_up_proj, "swiglu_matmul", None)
         if swiglu_matmul is not None and x.is_cuda and (adapters is None or
                                                         getattr(self.gate_up_proj, "lora", None) is None):
-            return linear(down, swiglu_matmul(x, self.gate_up_proj.weight), adapters)
+            return linear(down, swiglu_matmul(x, self.gate_up_proj.weight), adapters, planes)
         gate_up = linear(self.gate_up_proj, x, adapters)
         # An fp8 down projection quantizes the SwiGLU's product as it forms it (models/fp8.py); not where a LoRA
         # adapter on it needs that product unquantized.
         if getattr(down, "takes_swiglu", False) and (adapters is None or getattr(down, "lora", None) is None):
             return down.swiglu_forward(gate_up)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return linear(down, F.silu(gate) * up, adapters)  # SwiGLU
+        return linear(down, F.silu(gate) * up, adapters, planes)  # SwiGLU
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -162,7 +180,7 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
     k, v (N, Hkv, D): RMSNorm, the fused qkv matmul, QK-norm where the model has it, RoPE (rope None: q and
     k leave unrotated, for an AttentionContext that rotates them itself). adapters: see `linear`."""
     if delta is not None:
-        x = x + delta
+        x = x + planes_sum(delta, x.dtype)
     attn = layer.self_attn
     n = x.shape[0]
     qkv = linear(attn.qkv_proj, layer.input_layernorm(x), adapters)
@@ -177,10 +195,14 @@ def attention_inputs(layer: LlamaDecoderLayer, rope, x: torch.Tensor, delta: tor
 
 
 def attention_output(layer: LlamaDecoderLayer, x: torch.Tensor, attended: torch.Tensor,
-                     adapters: StepAdapters | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     adapters: StepAdapters | None = None, planes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, hidden), attended (N, H, D) -> x + o_proj(attended), and the SwiGLU MLP's output on it: the
-    layer's output is their sum, which the caller forms (see above). adapters: see `linear`."""
-    o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1), adapters)
+    layer's output is their sum, which the caller forms (see above). adapters, planes: see `linear` (with planes
+    the MLP's output is the down projection's partial sums)."""
+    o = linear(layer.self_attn.o_proj, attended.reshape(x.shape[0], -1), adapters, planes)
+    if planes:
+        x = x + planes_sum(o, x.dtype)
+        return x, layer.mlp(layer.post_attention_layernorm(x), adapters, planes)
     # Compiled for the GPU, x - (-o): exactly x + o, written so that inductor leaves it an add. It rewrites
     # add(mm, x) into cuBLAS's addmm(x, ...) when the sum has a user that is not pointwise, and that addmm
     # first copies x into its output (a memcpy kernel a layer), where the add alone fuses into the RMSNorm
@@ -193,7 +215,7 @@ def final_norm(norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Ten
     """The last layer's residual add and the model's final RMSNorm: compiled with the layers, one fused kernel
     (eager, about ten: the add, fp32 copies, the mean, rsqrt, products, each a launch of a decode step). With
     compute_logits' fp32 head: an H100's 64-row step 1.414 -> 1.381 ms (docs/performance-gpu.md, stop 61)."""
-    return norm(x + delta)
+    return norm(x + planes_sum(delta, x.dtype))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -209,6 +231,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_inputs, self.attention_output, self.final_norm = attention_inputs, attention_output, final_norm
         self.dense_rows = None  # CPU, quantized layers with dense copies: their DenseRows (models/loader.py)
+        # (fewest rows, most rows, planes): the steps whose o_proj and down_proj hand on split-K partial sums
+        # (`linear`'s planes; the CUDA runner's kernels/pdl_matmul.py PLANES_INTO_NORM), or None.
+        self.delta_planes: tuple[int, int, int] | None = None
 
     def compile_layers(self, pdl: bool = False) -> None:
         """torch.compile the per-layer work around attention (regional compilation): one compiled graph
@@ -244,9 +269,15 @@ class LlamaForCausalLM(nn.Module):
         # Compiled layers get zeros rather than None before the first layer: one compiled variant then serves every
         # layer (a None is a guard of its own, and each function's variants count toward dynamo's recompile limit).
         delta = torch.zeros_like(x) if self.layers_compiled else None
+        # Compiled steps of delta_planes' rows hand the split-K partial sums of o_proj and down_proj to the residual
+        # add + RMSNorm after them (planes_sum), a graph of their own (the flag and the delta's rank are guards).
+        planes = self.layers_compiled and adapters is None and self.delta_planes is not None \
+            and self.delta_planes[0] <= x.shape[0] <= self.delta_planes[1]
+        if planes:
+            delta = x.new_zeros(self.delta_planes[2], *x.shape, dtype=torch.float32)
         for layer in self.layers:
             x, q, k, v = self.attention_inputs(layer, rope, x, delta, adapters)
-            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters)
+            x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters, planes)
         return self.final_norm(self.norm, x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

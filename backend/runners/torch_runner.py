@@ -212,6 +212,26 @@ class TorchRunner:
             if chain and pdl_matmul.SWIGLU_EPILOGUE and hasattr(mlp.gate_up_proj, "decode_matmul") \
                     and mlp.gate_up_proj.bias is None:
                 mlp.gate_up_proj.swiglu_matmul = pdl_matmul.chain_swiglu_linear
+        if pdl_matmul.CHAIN and pdl_matmul.PLANES_INTO_NORM:
+            self._narrow_projections_hand_on_planes()
+
+    def _narrow_projections_hand_on_planes(self) -> None:
+        """kernels/pdl_matmul.py PLANES_INTO_NORM: every layer's o_proj and down_proj on the chain give compiled
+        decode steps their split-K partial sums, which the residual add + RMSNorm after them adds; the model's
+        delta_planes says for which rows and how many planes (down_proj's: its output crosses the layers)."""
+        from kvtriton.backend.kernels import pdl_matmul
+
+        layers = self.model.layers
+        narrow = [proj for layer in layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        if not all(hasattr(proj, "decode_matmul") for proj in narrow):
+            return
+        downs = {pdl_matmul.planes_for(*layer.mlp.down_proj.weight.shape, pdl_matmul.CHAIN_MIN_ROWS)
+                 for layer in layers}
+        if len(downs) != 1:
+            return
+        for proj in narrow:
+            proj.decode_planes = pdl_matmul.chain_linear_planes
+        self.model.delta_planes = (max(3, pdl_matmul.CHAIN_MIN_ROWS), pdl_matmul.MAX_ROWS, downs.pop())
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
