@@ -204,7 +204,7 @@ def planes_for(n: int, k: int, min_rows: int) -> int:
     return max((lookup(TILES, "bf16", b, n, k) or heuristic_tile(b)).split_k for b in buckets)
 
 
-@torch.library.custom_op("kvtriton::pdl_linear_planes", mutates_args=())
+@direct_op
 def pdl_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int,
                       planes: int) -> torch.Tensor:
     """x (M, K) @ weight^T (+ bias) as (planes, M, N) fp32 partial sums, for the caller to add in plane order
@@ -219,7 +219,7 @@ def pdl_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return pdl_matmul_with(x.contiguous(), weight, bias, tile, planes=planes)
 
 
-@pdl_linear_planes.register_fake
+@torch.library.register_fake(pdl_linear_planes)
 def _(x, weight, bias, min_rows, planes):
     return x.new_empty(planes, x.shape[0], weight.shape[0], dtype=torch.float32)
 
