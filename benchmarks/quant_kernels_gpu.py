@@ -217,6 +217,13 @@ def skinny_blocks(m: int, n: int, k: int, op: str) -> list[tuple[int, int, int]]
     return sorted(out)
 
 
+def may_split(name: str) -> bool:
+    """Whether a projection's tile may split K: not qkv, whose split's add would sit between it and the attention
+    kernel it lets launch early (on an H100 the bf16 16-row step 1.195-1.198 -> 1.203-1.207 ms on the sweep's split
+    qkv tile, stop 64)."""
+    return name != "qkv"
+
+
 def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4")):
     layers = make_layers(n, k)
     out_n = n // 2 if op == "rms_norm_swiglu" else n
@@ -248,10 +255,8 @@ def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4
         if m <= skinny_matmul.MAX_ROWS:
             best("bf16 skinny", {"heuristic": [fused_call(op, x, w, norm, residual) for w in bf16]})
         if m >= 16 and "bf16" in formats:
-            # qkv unsplit: its split-K add would sit between it and the attention kernel it lets launch early (on an
-            # H100 the 16-row step 1.195-1.198 -> 1.203-1.207 ms on the sweep's split qkv tile, stop 64).
             best("bf16 triton", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile) for w in bf16]
-                                 for tile in bf16_tiles(m, n, k) if name != "qkv" or tile.split_k == 1})
+                                 for tile in bf16_tiles(m, n, k) if may_split(name) or tile.split_k == 1})
         if m >= 16 and "bf16" in formats and op == "rms_norm_swiglu":  # gate_up ending in the SwiGLU (CHAIN)
             best("bf16 triton swiglu", {tile: [lambda w=w, tile=tile: pdl_matmul_with(x, w, None, tile, swiglu=True)
                                                for w in bf16]
@@ -269,7 +274,7 @@ def time_shape(name, n, k, op, rows, results, log, formats=("bf16", "fp8", "int4
         if "fp8" in formats:
             best("fp8 _scaled_mm", {"cuBLASLt": [fp8_call(layer, None) for layer in fp8]})
             best("fp8 triton", {tile: [fp8_call(layer, tile) for layer in fp8] for tile in fp8_tiles(m, n, k)
-                                if name != "qkv" or tile.split_k == 1})  # as bf16's qkv
+                                if may_split(name) or tile.split_k == 1})
         if "int4" in formats:
             best("int4 triton", {tile: [lambda layer=layer, tile=tile: int4_matmul_with(
                 x, layer.qweight, layer.scale, layer.zero_point, layer.offset, GROUP, tile) for layer in int4]

@@ -142,6 +142,12 @@ def heuristic_tile(m: int) -> Tile:
     return Tile(max(16, triton.next_power_of_2(m)), 32, 128, 1, 4, True, 4)
 
 
+def tile_for(form: str, m: int, n: int, k: int) -> Tile:
+    """The tile of an (m, n, k) call of one form ("bf16", or "bf16-swiglu" with n its outputs): TILES' measured one
+    for m's rows bucket, else the heuristic's."""
+    return lookup(TILES, form, m, n, k) or heuristic_tile(m)
+
+
 def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile,
                     swiglu: bool = False, planes: int = 0) -> torch.Tensor:
     """x (M, K) 16-bit, contiguous; weight (N, K) of its dtype -> (M, N): x @ weight^T (+ bias). swiglu: weight
@@ -182,8 +188,7 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     m = x.shape[0]
     if not serves(m, min_rows):
         return torch.nn.functional.linear(x, weight, bias)
-    tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
-    return pdl_matmul_with(x.contiguous(), weight, bias, tile)
+    return pdl_matmul_with(x.contiguous(), weight, bias, tile_for("bf16", m, *weight.shape))
 
 
 @torch.library.register_fake(pdl_linear)
@@ -201,7 +206,7 @@ def planes_for(n: int, k: int, min_rows: int) -> int:
     the most any of those buckets' tiles split K into, so that every decode step of the compiled graph has one
     shape."""
     buckets = [b for b in ROW_BUCKETS if rows_bucket(max(3, min_rows)) <= b <= MAX_ROWS]
-    return max((lookup(TILES, "bf16", b, n, k) or heuristic_tile(b)).split_k for b in buckets)
+    return max(tile_for("bf16", b, n, k).split_k for b in buckets)
 
 
 @direct_op
@@ -215,8 +220,7 @@ def pdl_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         out = x.new_zeros(planes, m, weight.shape[0], dtype=torch.float32)
         out[0] = torch.nn.functional.linear(x, weight, bias)
         return out
-    tile = lookup(TILES, "bf16", m, weight.shape[0], x.shape[1]) or heuristic_tile(m)
-    return pdl_matmul_with(x.contiguous(), weight, bias, tile, planes=planes)
+    return pdl_matmul_with(x.contiguous(), weight, bias, tile_for("bf16", m, *weight.shape), planes=planes)
 
 
 @torch.library.register_fake(pdl_linear_planes)
@@ -253,7 +257,7 @@ def pdl_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, min_rows: int = 3) 
         out = gate_up.new_empty(m, weight.shape[0] // 2)
         _swiglu[(m, triton.cdiv(out.shape[1], SWIGLU_BLOCK))](gate_up, out, out.shape[1], BLOCK=SWIGLU_BLOCK)
         return out
-    tile = lookup(TILES, "bf16-swiglu", m, weight.shape[0] // 2, x.shape[1]) or heuristic_tile(m)
+    tile = tile_for("bf16-swiglu", m, weight.shape[0] // 2, weight.shape[1])
     return pdl_matmul_with(x.contiguous(), weight, None, tile, swiglu=True)
 
 

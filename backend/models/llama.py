@@ -268,13 +268,14 @@ class LlamaForCausalLM(nn.Module):
         rope = None if getattr(ctx, "rotates_qk", False) else self.rotary(positions)
         # Compiled layers get zeros rather than None before the first layer: one compiled variant then serves every
         # layer (a None is a guard of its own, and each function's variants count toward dynamo's recompile limit).
-        delta = torch.zeros_like(x) if self.layers_compiled else None
         # Compiled steps of delta_planes' rows hand the split-K partial sums of o_proj and down_proj to the residual
         # add + RMSNorm after them (planes_sum), a graph of their own (the flag and the delta's rank are guards).
         planes = self.layers_compiled and adapters is None and self.delta_planes is not None \
             and self.delta_planes[0] <= x.shape[0] <= self.delta_planes[1]
         if planes:
             delta = x.new_zeros(self.delta_planes[2], *x.shape, dtype=torch.float32)
+        else:
+            delta = torch.zeros_like(x) if self.layers_compiled else None
         for layer in self.layers:
             x, q, k, v = self.attention_inputs(layer, rope, x, delta, adapters)
             x, delta = self.attention_output(layer, x, ctx.attend(layer.layer_idx, q, k, v), adapters, planes)

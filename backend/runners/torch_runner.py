@@ -225,13 +225,10 @@ class TorchRunner:
         narrow = [proj for layer in layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
         if not all(hasattr(proj, "decode_matmul") for proj in narrow):
             return
-        downs = {pdl_matmul.planes_for(*layer.mlp.down_proj.weight.shape, pdl_matmul.CHAIN_MIN_ROWS)
-                 for layer in layers}
-        if len(downs) != 1:
-            return
+        planes = pdl_matmul.planes_for(*layers[0].mlp.down_proj.weight.shape, pdl_matmul.CHAIN_MIN_ROWS)
         for proj in narrow:
             proj.decode_planes = pdl_matmul.chain_linear_planes
-        self.model.delta_planes = (max(3, pdl_matmul.CHAIN_MIN_ROWS), pdl_matmul.MAX_ROWS, downs.pop())
+        self.model.delta_planes = (max(3, pdl_matmul.CHAIN_MIN_ROWS), pdl_matmul.MAX_ROWS, planes)
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
