@@ -287,6 +287,7 @@ def test_vllms_tokenize_counts_what_the_generation_reads_and_detokenize_reverses
     assert post(frontend, "/detokenize", {"tokens": []}) == (200, {"prompt": ""})
     for path, body, status, param in [
             ("/tokenize", {"prompt": "x", "messages": QUESTION}, 400, "messages"),
+            ("/tokenize", {"messages": []}, 400, "messages"),
             ("/tokenize", {"prompt": "x", "return_token_strs": True}, 400, "return_token_strs"),
             ("/tokenize", {"messages": QUESTION, "add_special_tokens": True}, 400, "add_special_tokens"),
             ("/tokenize", {"model": "gpt-4", "prompt": "x"}, 404, "model"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kvtriton.client.api import AsyncLLMClient
 from kvtriton.client.errors import LLMClientError
@@ -25,7 +25,7 @@ class TokenizeRequest(p.RequestBody):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[p.ChatMessage] | None = None
+    messages: list[p.ChatMessage] | None = Field(None, min_length=1)  # as a chat completion's: checked here
     tools: list[p.Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
