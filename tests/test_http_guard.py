@@ -33,6 +33,20 @@ class Upstream(BaseHTTPRequestHandler):
                 pass
         else:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.startswith("/fault/"):  # Triton's way with an error: 500 and {"error": message}
+            self._answer(500, json.dumps({"error": self.path[len("/fault/"):].replace("_", " ")}).encode())
+            return
+        if self.path == "/events":  # server-sent events as Triton streams them: a chunk each, 0.3 s apart
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in (b"data: one\n\n", b"data: two\n\n"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(0.3)
+            self.wfile.write(b"0\r\n\r\n")
+            return
         if self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Length", "10")
@@ -42,13 +56,15 @@ class Upstream(BaseHTTPRequestHandler):
             time.sleep(0.5)
             self.wfile.write(b"later")
             return
-        answer = json.dumps({"headers": dict(self.headers), "body_length": len(body),
-                             "body_start": body[:20].decode(errors="replace")}).encode()
-        self.send_response(200)
+        self._answer(200, json.dumps({"headers": dict(self.headers), "body_length": len(body),
+                                      "body_start": body[:20].decode(errors="replace")}).encode())
+
+    def _answer(self, status: int, body: bytes):
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(answer)
+        self.wfile.write(body)
 
     def finish(self):
         super().finish()
@@ -173,3 +189,51 @@ def test_with_triton_down_the_guard_answers_503():
             HttpGuard("127.0.0.1", port, nothing_there, max_body_bytes=1000).start()
     finally:
         g.stop()
+
+
+@pytest.mark.parametrize("message, status", [
+    ("failed to parse the request JSON buffer: Missing a name for object member. at 1", 400),  # `{`
+    ("attempt to get members for non-object", 400),  # `[]`
+    ("Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer", 400),  # "max_tokens": "x"
+    ("Expected JSON object for keyword: 'parameters': attempt to access JSON non-object as object", 400),
+    ("failed to reserve 64 bytes in output tensor buffer", 500),  # a fault of the server's: as Triton said it
+])
+def test_a_500_for_json_triton_could_not_convert_reaches_the_client_as_400(guard, message, status):
+    """Triton 2.51 answers a body it cannot convert with 500 (upstream issue #8762); the guard says 400, the body
+    as Triton wrote it; any other 500 passes as it is."""
+    got, body = request(guard, path="/fault/" + message.replace(" ", "_"), body=b"{}")
+    assert (got, body) == (status, {"error": message})
+
+
+def test_each_response_is_framed_on_a_connection_of_many(guard):
+    """A streamed chunked response, a 500 made 400, then a plain one, on one connection: each arrives whole and
+    in order, the events as they come."""
+    conn = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=10)
+    conn.request("POST", "/events", body=b"{}")
+    events = conn.getresponse()
+    started = time.monotonic()
+    assert events.readline() == b"data: one\n" and time.monotonic() - started < 0.25  # before the second exists
+    assert events.read() == b"\ndata: two\n\n"
+    assert request(guard, path="/fault/attempt_to_get_members_for_non-object", body=b"[]", conn=conn)[0] == 400
+    assert request(guard, body=b"abc", conn=conn)[1]["body_length"] == 3
+    conn.close()
+
+
+def test_a_client_expecting_100_continue_gets_it_then_the_answer(guard):
+    """curl sends `Expect: 100-continue` before a body over 1 MB: the interim response passes, then the final one."""
+    with socket.create_connection(("127.0.0.1", guard.port), timeout=10) as s:
+        s.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")
+        s.sendall(b"abc")
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"body_length": 3' in answer
+
+
+def test_head_is_refused_as_triton_refuses_it(guard):
+    """Triton answers HEAD with 405 and a body its head says nothing of; the guard answers it the same way
+    itself, so every response it relays has the body its head announces."""
+    conn = http.client.HTTPConnection("127.0.0.1", guard.port, timeout=10)
+    conn.request("HEAD", "/v2/health/ready")
+    assert conn.getresponse().status == 405

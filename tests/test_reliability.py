@@ -257,6 +257,20 @@ def test_an_oversize_form_encoded_body_is_refused_by_the_model_not_fatal(serve, 
     good_request(serve)
 
 
+def test_a_body_triton_cannot_convert_is_a_400_not_a_server_fault(serve):
+    """Triton 2.51 answers these with 500 (upstream issue #8762); through kvtriton serve's HTTP port, 400 with
+    Triton's own message. A stream's request too; and the server serves on."""
+    for body, message in [(b"{", "failed to parse the request JSON buffer"),
+                          (b"[]", "attempt to get members for non-object"),
+                          (b'{"text_input": "hi", "max_tokens": "x"}', "Unable to parse 'data'"),
+                          (b'{"text_input": "hi", "parameters": null}', "Expected JSON object for keyword"),
+                          (b'{"text_input": "\\ud800"}', "failed to parse the request JSON buffer")]:
+        for endpoint in ("generate", "generate_stream"):
+            status, answer = serve.http(f"/v2/models/llm/{endpoint}", body, {"Content-Type": "application/json"})
+            assert status == 400 and answer["error"].startswith(message), (body, endpoint, status, answer)
+    good_request(serve)
+
+
 def test_an_engine_failure_fails_every_request_and_the_model_comes_back(serve, figures):
     lines = len(serve.lines)
     in_flight = {}

@@ -11,12 +11,15 @@ HTTP bodies (--http-max-input-size came later) and cannot be told not to parse t
   binary tensors, announced by their own header) whatever the content type says, so nothing a client
   can send changes meaning, and evhtp never parses a body as a query;
 - refuses a body over `max_body_bytes` (413) and a request head over MAX_HEAD_BYTES (431) before they
-  reach Triton, and request framing that could be read two ways (400);
-- answers 503 while tritonserver is down (kvtriton serve restarts it).
+  reach Triton, request framing that could be read two ways (400), and HEAD (405, as Triton answers it);
+- answers 503 while tritonserver is down (kvtriton serve restarts it);
+- answers 400, not 500, where Triton could not convert the request's JSON (http_responses.py: Triton
+  reports those as internal errors, upstream issue #8762); every other response passes as Triton wrote it.
 
-Responses are relayed byte for byte, unparsed: each client connection gets its own upstream connection,
-so responses come back in order, server-sent events stay incremental, and a client that disconnects
-closes its upstream connection, which Triton sees as the client going away (cancellation).
+Responses are relayed as they come, a read at a time (http_responses.py reads only their framing): each
+client connection gets its own upstream connection, so responses come back in order, server-sent events
+stay incremental, and a client that disconnects closes its upstream connection, which Triton sees as the
+client going away (cancellation).
 
 One asyncio loop on one thread serves every connection.
 """
@@ -28,6 +31,8 @@ import json
 import logging
 import threading
 
+from kvtriton.backend.entrypoints.http_responses import ResponseFraming
+
 log = logging.getLogger("kvtriton.serve")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; Triton's clients send well under 1 KB
@@ -36,8 +41,8 @@ MAX_HEAD_BYTES = 64 * 1024  # request line + headers; Triton's clients send well
 LINGER_S = 2.0
 _PIECE = 64 * 1024
 _FORM = b"application/x-www-form-urlencoded"
-_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-            501: "Not Implemented", 503: "Service Unavailable"}
+_REASONS = {400: "Bad Request", 405: "Method Not Allowed", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 501: "Not Implemented", 503: "Service Unavailable"}
 
 
 class _Refused(Exception):
@@ -114,7 +119,7 @@ class HttpGuard:
         except OSError:
             await self._refuse(reader, writer, 503, "the inference server is not up (restarting?); retry shortly")
             return
-        responses = asyncio.create_task(self._pipe(up_reader, writer))
+        responses = asyncio.create_task(self._relay_responses(up_reader, writer))
         try:
             await self._forward_requests(reader, up_writer)
             if up_writer.can_write_eof():
@@ -154,6 +159,8 @@ class HttpGuard:
     def _inspect(self, head: bytes) -> tuple[bytes, int, bool]:
         """(the head to send, Content-Length, chunked?): the form content type replaced; framing checked."""
         lines = head[:-4].split(b"\r\n")
+        if lines[0].startswith(b"HEAD "):  # Triton answers HEAD with 405 and a body, which breaks the framing
+            raise _Refused(405, "HEAD is not served; use GET")
         lengths, encodings, out = set(), [], [lines[0]]
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -216,13 +223,16 @@ class HttpGuard:
             upstream.write(b"\r\n")
 
     @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        """Upstream responses to the client, as they come; closes the client once Triton has closed (not
-        when cancelled: the guard then still answers the client itself)."""
+    async def _relay_responses(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        """Upstream responses to the client, a read at a time as they come (ResponseFraming's changes made);
+        closes the client once Triton has closed (not when cancelled: the guard then still answers the client
+        itself)."""
+        framing = ResponseFraming()
         try:
             while data := await src.read(_PIECE):
-                dst.write(data)
-                await dst.drain()
+                if out := framing.feed(data):
+                    dst.write(out)
+                    await dst.drain()
         except ConnectionError:
             pass
         dst.close()
