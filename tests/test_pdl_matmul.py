@@ -65,7 +65,7 @@ def test_the_swiglu_epilogue_is_the_mlp_s_swiglu(rows):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the MLP takes a swiglu_matmul on CUDA only")
-@pytest.mark.parametrize("rows", [9, 16, 24, 40, 64])
+@pytest.mark.parametrize("rows", [4, 8, 9, 16, 24, 40, 64])
 def test_a_chained_mlp_computes_the_mlp(rows):
     """The CUDA runner's CHAIN (torch_runner._qkv_launches_attention_early): gate_up ending in the SwiGLU and down
     on this kernel from CHAIN_MIN_ROWS rows (cuBLAS and _swiglu below), against the plain MLP."""
@@ -86,22 +86,24 @@ def test_a_chained_mlp_computes_the_mlp(rows):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the 1B-class shapes are too slow for Triton's interpreter")
 @pytest.mark.parametrize("key", sorted(__import__("kvtriton.backend.kernels.pdl_matmul", fromlist=["TILES"]).TILES))
 def test_every_measured_tile_computes_its_product(key):
-    """Each TILES entry (the swept tiles, split-K ones included) at its own shape and a row count of its bucket."""
+    """Each TILES entry (the swept tiles, split-K ones included) at its own shape and a row count of its bucket; the
+    16-row ones also at 4 rows, which take them below 16 (tile_for)."""
     from kvtriton.backend.kernels.pdl_matmul import TILES, pdl_swiglu_linear
 
     form, bucket, n, k = key
-    rows = bucket - 3  # a partial row tile
-    g = torch.Generator(device=DEVICE).manual_seed(bucket + n + k)
-    x = torch.randn(rows, k, generator=g, device=DEVICE).to(torch.bfloat16)
-    w = (torch.randn(2 * n if form == "bf16-swiglu" else n, k, generator=g, device=DEVICE) * k**-0.5).to(torch.bfloat16)
-    product = (x.float() @ w.float().T).to(torch.bfloat16).float()
-    if form == "bf16-swiglu":
-        gate, up = product.chunk(2, dim=-1)
-        got, expected = pdl_swiglu_linear(x, w), torch.nn.functional.silu(gate) * up
-    else:
-        got, expected = pdl_linear(x, w, None), product
-    assert got.shape == (rows, n), TILES[key]
-    torch.testing.assert_close(got.float(), expected, rtol=1.6e-2, atol=1e-2)
+    for rows in [bucket - 3] + ([4] if bucket == 16 else []):  # partial row tiles
+        g = torch.Generator(device=DEVICE).manual_seed(bucket + n + k + rows)
+        x = torch.randn(rows, k, generator=g, device=DEVICE).to(torch.bfloat16)
+        w = (torch.randn(2 * n if form == "bf16-swiglu" else n, k, generator=g, device=DEVICE) * k**-0.5).to(
+            torch.bfloat16)
+        product = (x.float() @ w.float().T).to(torch.bfloat16).float()
+        if form == "bf16-swiglu":
+            gate, up = product.chunk(2, dim=-1)
+            got, expected = pdl_swiglu_linear(x, w), torch.nn.functional.silu(gate) * up
+        else:
+            got, expected = pdl_linear(x, w, None), product
+        assert got.shape == (rows, n), TILES[key]
+        torch.testing.assert_close(got.float(), expected, rtol=1.6e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("rows", [2, 16, 40, 65])
@@ -141,6 +143,7 @@ def test_a_compiled_step_adds_the_planes_as_the_split_k_add_does(monkeypatch):
     from tests.llama_reference import prefill_logits
     from tests.tiny_model import small_decode_model
 
+    monkeypatch.setattr(pdl_matmul, "PLANES_MIN_ROWS", 9)  # the 16-row step below hands on planes
     model = small_decode_model(torch.bfloat16, DEVICE)
     for n, k in ((256, 256), (256, 384)):  # o_proj, down_proj: split along K in two
         monkeypatch.setitem(pdl_matmul.TILES, ("bf16", 16, n, k), tuple(Tile(16, 64, 64, 2)))

@@ -48,18 +48,22 @@ SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
 # Whether a decode layer's other 16-bit projections (o_proj, gate_up_proj, down_proj) take this kernel too, every
 # one of them launched in kernels/pdl.py's chain (resident while the kernel before it ends, waiting in-kernel for
 # its x), where a cuBLAS kernel starts only once the kernel before it has ended and lets none start early; from
-# CHAIN_MIN_ROWS rows, the smallest bucket TILES was measured for. On an H100 (2026-12-07, benchmarks/
-# profile_decode.py --batch 4,8,16,32,64 --context 192, alternated twice) the 1B-class step with the chain from 9
-# rows on TILES below, against the chain from 33 rows on stop 63's 64-row tiles: 16 rows 1.127-1.128 ms against
-# 1.195-1.201, 32 rows 1.211-1.216 against 1.270-1.275, 64 rows 1.312 against 1.341-1.347; 4 and 8 rows equal
-# (cuBLAS). From 3 rows on the heuristic tile, 4 and 8 rows lost 8-10% (1.219-1.236 against 1.120-1.150).
+# CHAIN_MIN_ROWS rows, below 16 on the 16-row tiles with their rows masked (tile_for). On an H100 (2026-12-07,
+# benchmarks/profile_decode.py --context 192) the 1B-class step with the chain from 9 rows on TILES below, against
+# the chain from 33 rows on stop 63's 64-row tiles: 16 rows 1.127-1.128 ms against 1.195-1.201, 32 rows
+# 1.211-1.216 against 1.270-1.275, 64 rows 1.312 against 1.341-1.347; then from 3 rows on the 16-row tiles against
+# cuBLAS below 9 (stop 65): 4 rows 1.088 against 1.148 ms, 8 rows 1.107 against 1.170 (the heuristic tile had
+# lost 8-10% there).
 CHAIN = True
-CHAIN_MIN_ROWS = 9
+CHAIN_MIN_ROWS = 3
 # Whether, with CHAIN, o_proj and down_proj (2,048 outputs at the 1B-class shapes, split along K) hand their fp32
 # partial sums to the compiled residual add + RMSNorm after them (`pdl_linear_planes`), which adds them in plane
-# order as split_k._add_planes does: that launch (~1.4 us on the 64-row step's critical path, two a layer: 45 us
-# of an H100's 1.33 ms step, stop 63's profile) is gone. Not yet measured on a GPU: off.
-PLANES_INTO_NORM = False
+# order as split_k._add_planes does: that launch (~1.4 us on the 64-row step's critical path, two a layer) is gone.
+# From PLANES_MIN_ROWS rows: on an H100 (stop 65, profile_decode.py --planes-into-norm off / on, alternated twice)
+# 32 rows 1.228 -> 1.200 ms, 64 rows 1.319 -> 1.287-1.288; at 16 rows 1.154 -> 1.171, slower (its o_proj tile
+# does not split, and fp32 planes are twice the bytes of its bf16 output), so the 16-row bucket keeps the adds.
+PLANES_INTO_NORM = True
+PLANES_MIN_ROWS = 17
 # Whether, with CHAIN, the gate_up projection ends in the SwiGLU (pdl_swiglu_linear); benchmarks/profile_decode.py
 # --bf16-swiglu on|off.
 SWIGLU_EPILOGUE = True
@@ -144,8 +148,8 @@ def heuristic_tile(m: int) -> Tile:
 
 def tile_for(form: str, m: int, n: int, k: int) -> Tile:
     """The tile of an (m, n, k) call of one form ("bf16", or "bf16-swiglu" with n its outputs): TILES' measured one
-    for m's rows bucket, else the heuristic's."""
-    return lookup(TILES, form, m, n, k) or heuristic_tile(m)
+    for m's rows bucket (below 16 rows the 16-row bucket's, its rows masked), else the heuristic's."""
+    return lookup(TILES, form, max(m, 16), n, k) or heuristic_tile(m)
 
 
 def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Tile,
@@ -230,8 +234,8 @@ def _(x, weight, bias, min_rows, planes):
 
 def chain_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """PLANES_INTO_NORM's projections (a layer's `decode_planes`): (planes, M, N) fp32 partial sums from
-    CHAIN_MIN_ROWS rows, planes_for the weight's shape."""
-    return pdl_linear_planes(x, weight, bias, CHAIN_MIN_ROWS, planes_for(*weight.shape, CHAIN_MIN_ROWS))
+    PLANES_MIN_ROWS rows, planes_for the weight's shape."""
+    return pdl_linear_planes(x, weight, bias, PLANES_MIN_ROWS, planes_for(*weight.shape, PLANES_MIN_ROWS))
 
 
 @triton.jit
