@@ -232,10 +232,17 @@ def _(x, weight, bias, min_rows, planes):
     return x.new_empty(planes, x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
+def planes_min_rows() -> int:
+    """The fewest rows whose o_proj and down_proj hand on planes: PLANES_MIN_ROWS, and never below the chain's
+    (the runner's delta_planes and chain_linear_planes both take it, so the planes' count is one)."""
+    return max(3, CHAIN_MIN_ROWS, PLANES_MIN_ROWS)
+
+
 def chain_linear_planes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """PLANES_INTO_NORM's projections (a layer's `decode_planes`): (planes, M, N) fp32 partial sums from
-    PLANES_MIN_ROWS rows, planes_for the weight's shape."""
-    return pdl_linear_planes(x, weight, bias, PLANES_MIN_ROWS, planes_for(*weight.shape, PLANES_MIN_ROWS))
+    planes_min_rows() rows, planes_for the weight's shape."""
+    min_rows = planes_min_rows()
+    return pdl_linear_planes(x, weight, bias, min_rows, planes_for(*weight.shape, min_rows))
 
 
 @triton.jit

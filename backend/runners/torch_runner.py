@@ -225,11 +225,11 @@ class TorchRunner:
         narrow = [proj for layer in layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
         if not all(hasattr(proj, "decode_matmul") for proj in narrow):
             return
-        min_rows = max(pdl_matmul.CHAIN_MIN_ROWS, pdl_matmul.PLANES_MIN_ROWS)
+        min_rows = pdl_matmul.planes_min_rows()
         planes = pdl_matmul.planes_for(*layers[0].mlp.down_proj.weight.shape, min_rows)
         for proj in narrow:
             proj.decode_planes = pdl_matmul.chain_linear_planes
-        self.model.delta_planes = (max(3, min_rows), pdl_matmul.MAX_ROWS, planes)
+        self.model.delta_planes = (min_rows, pdl_matmul.MAX_ROWS, planes)
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
