@@ -77,7 +77,7 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
@@ -93,6 +93,8 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
         w = row_tile(w_ptr, n, n_ok, k, k_ok, K, EVEN_K)  # (BLOCK_N, BLOCK_K)
         if USE_DOT:
             xq = row_tile(xq_ptr, m, m_ok, k, k_ok, K, False)  # (BLOCK_M, BLOCK_K); masked along K as measured
+            if FP32_DOT:  # Triton's CPU interpreter has no fp8 tl.dot; e4m3 values are exact in fp32
+                xq, w = xq.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(xq, tl.trans(w), acc)  # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), fp8 tensor cores
         else:  # one row at a time against the 2-D tile (a row axis would move the tile through shared memory)
             wf = w.to(tl.float32)
@@ -141,7 +143,8 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
-                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained, num_warps=tile.warps,
+                      PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained,
+                      FP32_DOT=xq.device.type != "cuda", num_warps=tile.warps,
                       num_stages=tile.stages, **pdl.launch_options(chained))
     return finished(out, out_dtype)
 
