@@ -49,7 +49,7 @@ from kvtriton.backend.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtriton.backend.engine.sampling_params import SamplingParams  # noqa: E402
 from kvtriton.backend.engine.speculative import verify_step  # noqa: E402
 from kvtriton.backend.engine.speculative.ngram import NgramProposer  # noqa: E402
-from kvtriton.backend.runners import torch_runner  # noqa: E402
+from kvtriton.backend.runners import graph_buckets  # noqa: E402
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 PARAGRAPH = ("The river runs past the old mill, under the stone bridge, and on to the sea, where the fishing "
@@ -167,7 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     if args.eager_verify:
-        torch_runner.MAX_VERIFY_GRAPH_ROWS = 0  # no verify bucket fits: every verify step runs eagerly
+        graph_buckets.MAX_VERIFY_GRAPH_ROWS = 0  # no verify bucket fits: every verify step runs eagerly
     folder, draft_folder, dummy = model_folders(args.config, args.tokenizer, args.model)
     base = dict(model=folder, device=args.device, dummy_weights=dummy, quantization="none",
                 dtype="bfloat16" if cuda else "float32", max_num_seqs=32, max_model_len=2048)

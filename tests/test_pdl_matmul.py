@@ -67,7 +67,7 @@ def test_the_swiglu_epilogue_is_the_mlp_s_swiglu(rows):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the MLP takes a swiglu_matmul on CUDA only")
 @pytest.mark.parametrize("rows", [4, 8, 9, 16, 24, 40, 64])
 def test_a_chained_mlp_computes_the_mlp(rows):
-    """The CUDA runner's CHAIN (torch_runner._qkv_launches_attention_early): gate_up ending in the SwiGLU and down
+    """The CUDA runner's CHAIN (runners/decode_chain.py): gate_up ending in the SwiGLU and down
     on this kernel from CHAIN_MIN_ROWS rows (cuBLAS and _swiglu below), against the plain MLP."""
     from types import SimpleNamespace
 

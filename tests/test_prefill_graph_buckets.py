@@ -1,11 +1,13 @@
-"""Which prefill and mixed steps take a CUDA graph, and which bucket (runners/torch_runner.py): the bucket
-rules without a GPU (tests/test_prefill_graphs_gpu.py replays the graphs against the eager step)."""
+"""Which steps take a CUDA graph, and which bucket (runners/graph_buckets.py, runners/torch_runner.py): the bucket
+rules without a GPU (tests/test_prefill_graphs_gpu.py replays the prefill graphs against the eager step)."""
 
 from types import SimpleNamespace
 
 import torch
 
 from kvtriton.backend.config import EngineConfig
+from kvtriton.backend.runners import graph_buckets
+from kvtriton.backend.runners.graph_buckets import batch_buckets, context_buckets, verify_buckets
 from kvtriton.backend.runners.torch_runner import TorchRunner
 
 
@@ -59,3 +61,25 @@ def test_a_step_takes_the_smallest_bucket_that_holds_its_tokens_and_logits_rows(
     assert bucket(513, 1) == (576, 8)  # past 512 tokens, the largest sequence bucket
     assert bucket(2000, 8) == (2048, 8)
     assert bucket(40, 9) is None  # more sequences than any bucket
+
+
+def test_decode_batch_buckets_double_and_end_at_max_num_seqs():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+
+
+def test_the_attention_kernel_takes_one_context_bucket_the_pytorch_path_doubling_ones():
+    assert context_buckets(128, 128) == [128]  # the kernel's widest table: every context
+    assert context_buckets(8, 128) == [8, 16, 32, 64, 128]
+    assert context_buckets(8, 100) == [8, 16, 32, 64, 100]
+
+
+def test_verify_buckets_reach_the_largest_speculating_batch_within_the_row_limit(monkeypatch):
+    batches = [1, 2, 4, 8, 16, 32, 64]
+    assert verify_buckets(5, 24, batches) == [1, 2, 4, 8, 16, 32]  # 32 x 5 rows <= 256
+    assert verify_buckets(5, 64, batches) == [1, 2, 4, 8, 16, 32]  # 64 x 5 rows is past the limit: eager
+    assert verify_buckets(3, 4, batches) == [1, 2, 4]
+    monkeypatch.setattr(graph_buckets, "MAX_VERIFY_GRAPH_ROWS", 0)  # benchmarks/spec_bench.py --eager-verify
+    assert verify_buckets(3, 4, batches) == []

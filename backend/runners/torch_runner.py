@@ -30,7 +30,7 @@ and sequences. Eagerly such a step costs the host about 1 ms a layer
 in PyTorch dispatch, whatever its size (an H200 host: an 80-token prompt on a
 1B-class model took 8-17 ms, its replay under 2 ms); vLLM captures full
 graphs of mixed batches for the same reason. Past 512 tokens the buckets grow
-by eighths (FINE_PREFILL_GRAPH_TOKENS): a step that long is bound by the
+by eighths (graph_buckets.FINE_PREFILL_GRAPH_TOKENS): a step that long is bound by the
 device on a large model, where eager dispatch hides behind it, and not on a
 small one (a 1B-class model's 4,096-token step in fp8 on an H100: 12.8 ms
 replayed, 23.0 ms eager), so how far the graphs reach is the
@@ -61,22 +61,12 @@ from kvtriton.backend.models.lora import StepAdapters, attach_adapters, load_ada
 from kvtriton.backend.models.model_config import ModelConfig
 from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
 from kvtriton.backend.models.parallel.sharding import rank_model_config
+from kvtriton.backend.runners import graph_buckets
 from kvtriton.backend.runners.cpu_compiled_decode import CompiledDecode
+from kvtriton.backend.runners.decode_chain import chain_decode_projections
 from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
-
-# Verify-step CUDA graphs cover batches up to this many rows (batch x Q): their logits buffers stay allocated,
-# and a larger verify step is compute-bound, where one launch per kernel costs little.
-MAX_VERIFY_GRAPH_ROWS = 256
-# The smallest token bucket of the prefill graphs; they double from here up to max_prefill_graph_tokens.
-MIN_PREFILL_GRAPH_TOKENS = 16
-# Past this many tokens a step is long enough that a doubling bucket would pad it by up to as much device work
-# again: larger buckets grow by an eighth of the power of two below (1024, 1152, ... 2048, 2304, ...; at most 1/8
-# of a step is padding), each for the largest sequence bucket only (a padding sequence costs its logits row alone:
-# the varlen kernel's grid follows the tokens, not the sequences).
-FINE_PREFILL_GRAPH_TOKENS = 512
-
 
 @dataclass
 class _Graph:
@@ -113,9 +103,7 @@ class TorchRunner:
         # batches fuse their matmuls, and whether prefill attention is the varlen kernel.
         self.kernel_context_blocks, self.fuse_matmuls, self.prefill_kernel = self._triton_kernels()
         self.use_cuda_graphs = device.type == "cuda" and config.enable_cuda_graphs
-        self.graph_batch_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= config.max_num_seqs]
-        if self.graph_batch_sizes[-1] < config.max_num_seqs:
-            self.graph_batch_sizes.append(config.max_num_seqs)
+        self.graph_batch_sizes = graph_buckets.batch_buckets(config.max_num_seqs)
         # Prefill-step graphs: their (tokens, sequences) buckets (before the KV pool: their memory is set aside).
         self.prefill_graph_sizes = self._prefill_graph_shape()
         self._prefill_graphs: dict[tuple[int, int], _Graph] = {}
@@ -125,7 +113,8 @@ class TorchRunner:
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
                                    model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, device)
         self.scratch_block = self.num_blocks
-        self.context_buckets = self._context_buckets()
+        # The attention kernel reads only each context's own blocks: one bucket, its widest table.
+        self.context_buckets = graph_buckets.context_buckets(self.kernel_context_blocks or 8, self.max_blocks_per_seq)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         # LoRA: decode graphs of steps with adapted tokens, per (batch, context) bucket as _graphs; their
         # adapters span every adapter (one graph for any mix), read from a static buffer of each row's adapter.
@@ -192,44 +181,8 @@ class TorchRunner:
         why = fusable(self.model)
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
-        self._qkv_launches_attention_early()
+        chain_decode_projections(self.model, self.device)
         return self.max_blocks_per_seq, why is None, prefill
-
-    def _qkv_launches_attention_early(self) -> None:
-        """Give each plain 16-bit qkv projection kernels/pdl_matmul.py's matmul, so that at 3-64 decode rows the
-        attention kernel after it launches early and streams its past K/V during the projection (Hopper+); with
-        pdl_matmul.CHAIN, the layer's other 16-bit projections too, gate_up ending in the SwiGLU."""
-        from kvtriton.backend.kernels import pdl, pdl_matmul
-
-        if not (pdl.EARLY_ATTENTION and pdl.pdl_supported(self.device)):
-            return
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            chain = (attn.o_proj, mlp.gate_up_proj, mlp.down_proj) if pdl_matmul.CHAIN else ()
-            for proj in (attn.qkv_proj, *chain):
-                if type(proj) is torch.nn.Linear and proj.weight.dtype in (torch.bfloat16, torch.float16):
-                    proj.decode_matmul = pdl_matmul.pdl_linear if proj is attn.qkv_proj else pdl_matmul.chain_linear
-            if chain and pdl_matmul.SWIGLU_EPILOGUE and hasattr(mlp.gate_up_proj, "decode_matmul") \
-                    and mlp.gate_up_proj.bias is None:
-                mlp.gate_up_proj.swiglu_matmul = pdl_matmul.chain_swiglu_linear
-        if pdl_matmul.CHAIN and pdl_matmul.PLANES_INTO_NORM:
-            self._narrow_projections_hand_on_planes()
-
-    def _narrow_projections_hand_on_planes(self) -> None:
-        """kernels/pdl_matmul.py PLANES_INTO_NORM: every layer's o_proj and down_proj on the chain give compiled
-        decode steps their split-K partial sums, which the residual add + RMSNorm after them adds; the model's
-        delta_planes says for which rows and how many planes (down_proj's: its output crosses the layers)."""
-        from kvtriton.backend.kernels import pdl_matmul
-
-        layers = self.model.layers
-        narrow = [proj for layer in layers for proj in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-        if not all(hasattr(proj, "decode_matmul") for proj in narrow):
-            return
-        min_rows = pdl_matmul.planes_min_rows()
-        planes = pdl_matmul.planes_for(*layers[0].mlp.down_proj.weight.shape, min_rows)
-        for proj in narrow:
-            proj.decode_planes = pdl_matmul.chain_linear_planes
-        self.model.delta_planes = (min_rows, pdl_matmul.MAX_ROWS, planes)
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
         """(Q, batch buckets) of the verify-step CUDA graphs, or (0, []): Q = width or 1 + num_speculative_tokens,
@@ -243,29 +196,20 @@ class TorchRunner:
             return 0, []
         limit = cfg.speculative_disable_by_batch_size
         most = min(limit - 1 if limit else cfg.max_num_seqs, cfg.max_num_seqs)
-        sizes = [b for b in self.graph_batch_sizes if b < most] + [next(b for b in self.graph_batch_sizes if b >= most)]
-        sizes = [b for b in sizes if b * q <= MAX_VERIFY_GRAPH_ROWS]
+        sizes = graph_buckets.verify_buckets(q, most, self.graph_batch_sizes)
         if most > 0 and (not sizes or sizes[-1] < most):
             log.info("verify steps of more than %d sequences run eagerly (%d query rows each; graphs cover up to "
-                     "%d rows)", sizes[-1] if sizes else 0, q, MAX_VERIFY_GRAPH_ROWS)
+                     "%d rows)", sizes[-1] if sizes else 0, q, graph_buckets.MAX_VERIFY_GRAPH_ROWS)
         return (q, sizes) if sizes and most > 0 else (0, [])
 
     def _prefill_graph_shape(self) -> list[tuple[int, int]]:
-        """The (tokens, sequences) buckets of the prefill-step graphs, up to max_prefill_graph_tokens (and the
-        step's token budget): tokens doubling from MIN_PREFILL_GRAPH_TOKENS to FINE_PREFILL_GRAPH_TOKENS, by the
-        decode graphs' batch buckets (at most one sequence a token); past it, in steps of an eighth of the power
-        of two below, by the largest batch bucket alone. Empty without graphs or the varlen kernel."""
+        """The (tokens, sequences) buckets of the prefill-step graphs (graph_buckets.prefill_buckets) up to
+        max_prefill_graph_tokens and the step's token budget; none without graphs or the varlen kernel."""
         cfg = self.config
-        limit = min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens)
-        if not (self.use_cuda_graphs and self.prefill_kernel and limit):
+        if not (self.use_cuda_graphs and self.prefill_kernel):
             return []
-        tokens = [MIN_PREFILL_GRAPH_TOKENS]
-        while tokens[-1] < limit:
-            t = tokens[-1]
-            step = t if t < FINE_PREFILL_GRAPH_TOKENS else (1 << (t.bit_length() - 1)) // 8  # doubling, then eighths
-            tokens.append(min(t + step, limit))
-        return ([(t, b) for t in tokens if t <= FINE_PREFILL_GRAPH_TOKENS for b in self.graph_batch_sizes if b <= t]
-                + [(t, self.graph_batch_sizes[-1]) for t in tokens if t > FINE_PREFILL_GRAPH_TOKENS])
+        return graph_buckets.prefill_buckets(min(cfg.max_prefill_graph_tokens, cfg.max_num_batched_tokens),
+                                             self.graph_batch_sizes)
 
     def close(self) -> None:
         """Free the weights, KV pools and CUDA graphs now rather than when the engine is collected."""
@@ -432,14 +376,6 @@ class TorchRunner:
             self._prefill_tokens = torch.tensor([[0], [0], [scratch_slot]], device=dev).repeat(1, tokens)
             self._prefill_token_padding = self._prefill_tokens.clone()
             self._prefill_seqs = torch.zeros(3 * m + 1, dtype=torch.int64, device=dev)
-
-    def _context_buckets(self) -> list[int]:
-        """Block-table widths a graph is captured for. The attention kernel reads only each context's own
-        blocks, so one bucket serves every context; the PyTorch path gathers, so its buckets double."""
-        buckets = [self.kernel_context_blocks or 8]
-        while buckets[-1] < self.max_blocks_per_seq:
-            buckets.append(buckets[-1] * 2)
-        return sorted({min(b, self.max_blocks_per_seq) for b in buckets})
 
     def _context_bucket(self, blocks: int) -> int:
         return next(b for b in self.context_buckets if b >= blocks)
