@@ -113,7 +113,7 @@ class TorchRunner:
         self.kv = KVCache.allocate(model_config.num_layers, self.num_blocks + 1, self.block_size,
                                    model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, device)
         self.scratch_block = self.num_blocks
-        # The attention kernel reads only each context's own blocks: one bucket, its widest table.
+        # first bucket: the attention kernel's widest table (one serves every context), else the gathering path's 8
         self.context_buckets = graph_buckets.context_buckets(self.kernel_context_blocks or 8, self.max_blocks_per_seq)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         # LoRA: decode graphs of steps with adapted tokens, per (batch, context) bucket as _graphs; their
