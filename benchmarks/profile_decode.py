@@ -96,9 +96,6 @@ def main():
                          "split-K partial sums added in the compiled residual add + RMSNorm, not by a launch")
     ap.add_argument("--bf16-swiglu", default="on", choices=["on", "off"],
                     help="kernels/pdl_matmul.py SWIGLU_EPILOGUE: with --bf16-chain on, gate_up ends in the SwiGLU")
-    ap.add_argument("--weight-before-wait", default="off", choices=["on", "off"],
-                    help="kernels/pdl.py WEIGHT_BEFORE_WAIT: the chained tl.dot matmuls (bf16, fp8) load their first "
-                         "weight tile before waiting for the kernel ahead")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -118,7 +115,6 @@ def main():
         paged_decode_attention.LARGE_TILE = tuple(int(x) for x in args.large_tile.split(","))
     pdl.EARLY_ATTENTION = args.early_attention == "on"
     pdl.CHAIN = args.pdl_chain == "on"
-    pdl.WEIGHT_BEFORE_WAIT = args.weight_before_wait == "on"
     pdl_matmul.CHAIN = args.bf16_chain == "on"
     pdl_matmul.SWIGLU_EPILOGUE = args.bf16_swiglu == "on"
     if args.planes_into_norm is not None:

@@ -163,20 +163,3 @@ def test_a_compiled_step_adds_the_planes_as_the_split_k_add_does(monkeypatch):
     for want, got in zip(added, prefill_logits(model, prompts)):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert [kw.get("planes") for kw in launches].count(2) == 2 * len(model.layers)  # o_proj's and down_proj's
-
-
-@pytest.mark.parametrize("swiglu,split_k,k", [(False, 1, 256), (False, 2, 256), (False, 2, 200), (True, 1, 256)])
-def test_the_first_weight_tile_loaded_before_the_wait_changes_no_bit(swiglu, split_k, k, monkeypatch):
-    """kernels/pdl.py WEIGHT_BEFORE_WAIT: the first k-step peeled off the loop, its weight tiles loaded before the
-    wait, sums the same products in the same order (a K that no split's tiles divide among them)."""
-    from kvtriton.backend.kernels import pdl
-    from kvtriton.backend.kernels.pdl_matmul import pdl_matmul_with
-    from kvtriton.backend.kernels.tile_config import Tile
-
-    g = torch.Generator(device=DEVICE).manual_seed(k + split_k)
-    x = torch.randn(20, k, generator=g, device=DEVICE).to(torch.bfloat16)
-    w = (torch.randn(2 * 48 if swiglu else 48, k, generator=g, device=DEVICE) / 16).to(torch.bfloat16)
-    tile = Tile(32, 16, 64, split_k, 4, True, 3)
-    expected = pdl_matmul_with(x, w, None, tile, swiglu=swiglu)
-    monkeypatch.setattr(pdl, "WEIGHT_BEFORE_WAIT", True)
-    assert torch.equal(pdl_matmul_with(x, w, None, tile, swiglu=swiglu), expected)

@@ -215,22 +215,6 @@ def test_fp8_matmul_every_tile_form(tile, m, k):
 
 
 @pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
-@pytest.mark.parametrize("split_k, k", [(1, 512), (2, 512), (2, 480)])  # 480: the second plane's tiles end short
-def test_fp8_matmul_first_weight_tile_before_the_wait_changes_no_bit(split_k, k, monkeypatch):
-    """kernels/pdl.py WEIGHT_BEFORE_WAIT: the dot form's first k-step peeled off the loop, its weight tile loaded
-    before the wait, sums the same products in the same order."""
-    from kvtriton.backend.kernels import pdl
-
-    layer = quantized_layer("fp8", 72, k)
-    x = torch.randn(33, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, DTYPE)
-    xq, x_scale = per_token_fp8_reference(x)
-    tile = Tile(16, 32, 64, split_k, 4, True, 3)
-    expected = fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, DTYPE, tile)
-    monkeypatch.setattr(pdl, "WEIGHT_BEFORE_WAIT", True)
-    assert torch.equal(fp8_matmul_with(xq, x_scale, layer.weight, layer.weight_scale, DTYPE, tile), expected)
-
-
-@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
 @pytest.mark.parametrize("m, i", [(1, 2048), (3, 8192), (5, 96)])  # 96: a row tail masked off
 def test_the_swiglu_quantizer_equals_the_swiglu_then_the_per_token_quantizer(m, i):
     g = torch.Generator().manual_seed(m)

@@ -77,27 +77,16 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
-    # WEIGHT_FIRST (USE_DOT): the first weight tile is loaded before the wait (kernels/pdl.py
-    # WEIGHT_BEFORE_WAIT) and its k-step peeled off the loop.
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
         gdc_launch_dependents()
+    if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
+        gdc_wait()
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     first, end = k_bounds(K, split, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if WEIGHT_FIRST:  # weights never depend on the kernel ahead
-        k = first + tl.arange(0, BLOCK_K)
-        w = row_tile(w_ptr, n, n_ok, k, k < end, K, EVEN_K)
-    if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
-        gdc_wait()
-    if WEIGHT_FIRST:
-        xq = row_tile(xq_ptr, m, m_ok, k, k < end, K, False)
-        if FP32_DOT:
-            xq, w = xq.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(xq, tl.trans(w), acc)
-        first += BLOCK_K
     for k0 in range(first, end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -155,8 +144,7 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained,
-                      FP32_DOT=xq.device.type != "cuda", WEIGHT_FIRST=tile.dot and pdl.WEIGHT_BEFORE_WAIT,
-                      num_warps=tile.warps,
+                      FP32_DOT=xq.device.type != "cuda", num_warps=tile.warps,
                       num_stages=tile.stages, **pdl.launch_options(chained))
     return finished(out, out_dtype)
 

@@ -39,13 +39,6 @@ EARLY_ATTENTION = True
 # in its own process, alternated twice, fp8's 64-request ITL p50 1.199 / 1.071 ms on, 1.254 / 1.129 off.
 CHAIN = True
 
-# Whether a chained tl.dot decode matmul (kernels/fp8_matmul.py, kernels/pdl_matmul.py) loads its first weight tile
-# before its gdc_wait, so that one tile's trip from HBM overlaps the end of the kernel ahead instead of following
-# it (the batch-1 kernels load their weights before the wait). Unlike the L2 prefetch of a program's whole weight
-# slice (tried, docs/performance-gpu.md), it asks for no byte the program would not load anyway, and no earlier
-# than one tile ahead. benchmarks/profile_decode.py --weight-before-wait on|off measures it; off until measured.
-WEIGHT_BEFORE_WAIT = False
-
 
 @functools.lru_cache(maxsize=None)
 def pdl_supported(device: torch.device) -> bool:
@@ -64,5 +57,5 @@ def launch_options(enabled: bool) -> dict:
     return {"launch_pdl": True} if enabled else {}
 
 
-__all__ = ["CHAIN", "EARLY_ATTENTION", "WEIGHT_BEFORE_WAIT", "gdc_launch_dependents", "gdc_wait", "in_chain",
-           "launch_options", "pdl_supported"]
+__all__ = ["CHAIN", "EARLY_ATTENTION", "gdc_launch_dependents", "gdc_wait", "in_chain", "launch_options",
+           "pdl_supported"]

@@ -97,7 +97,7 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 EVEN_K: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr,
-                SWIGLU: tl.constexpr, PLANES: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
+                SWIGLU: tl.constexpr, PLANES: tl.constexpr):
     # x (M, K), w (N, K), bias (N,), out (M, N), all 16-bit, or with SPLIT_K > 1 (SPLIT_K, M, N) fp32 partial sums
     # (the bias in split 0's). PDL: the next kernel launches now; it waits for this one's completion before it
     # reads what this one writes (kernels/pdl.py's invariant). WAIT: launched with PDL itself (kernels/pdl.py
@@ -107,28 +107,14 @@ def _pdl_matmul(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr
     # elementwise kernel computes it); SPLIT_K 1.
     # PLANES > SPLIT_K: out is (PLANES, M, N) fp32 partial sums whatever SPLIT_K (pdl_linear_planes), the planes past
     # SPLIT_K zeros.
-    # WEIGHT_FIRST: the first k-step's weight tiles are loaded before the wait (kernels/pdl.py
-    # WEIGHT_BEFORE_WAIT) and that k-step peeled off the loop.
     if PDL:
         gdc_launch_dependents()
+    if WAIT:
+        gdc_wait()
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     first, end = k_bounds(K, split, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # SWIGLU's
-    if WEIGHT_FIRST:  # weights never depend on the kernel ahead
-        k = first + tl.arange(0, BLOCK_K)
-        w = row_tile(w_ptr, n, n_ok, k, k < end, K, EVEN_K)
-        w_up = row_tile(w_ptr, N + n, n_ok, k, k < end, K, EVEN_K) if SWIGLU else w
-    if WAIT:
-        gdc_wait()
-    if WEIGHT_FIRST:
-        x = row_tile(x_ptr, m, m_ok, k, k < end, K, EVEN_K)
-        if FP32_DOT:
-            x, w, w_up = x.to(tl.float32), w.to(tl.float32), w_up.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
-        if SWIGLU:
-            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
-        first += BLOCK_K
     for k0 in range(first, end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -183,27 +169,13 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     else:
         out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
     chained = CHAIN and pdl.in_chain(x.device)
-    first = pdl.WEIGHT_BEFORE_WAIT
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k,
                       HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                       SPLIT_K=tile.split_k, EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl_supported(x.device), WAIT=chained, FP32_DOT=x.device.type != "cuda", SWIGLU=swiglu,
-                      PLANES=planes or tile.split_k, WEIGHT_FIRST=first, num_warps=tile.warps,
-                      num_stages=_stages(tile, x.element_size(), swiglu, first),
+                      PLANES=planes or tile.split_k, num_warps=tile.warps, num_stages=tile.stages,
                       **pdl.launch_options(chained))
     return out if planes else finished(out, x.dtype)
-
-
-SHARED_MEMORY = 220 * 1024  # of an H100/H200 SM's 227 KB a program may take, with room for the epilogue's
-
-
-def _stages(tile: Tile, itemsize: int, swiglu: bool, weight_first: bool) -> int:
-    """The tile's pipeline stages, one fewer where the first k-step's own operand buffers (WEIGHT_FIRST: x's and
-    the weight tiles, staged apart from the loop's) would not fit beside them: a 64 x 64 x 128 SwiGLU tile's 4."""
-    per_stage = (tile.block_m + tile.block_n * (2 if swiglu else 1)) * tile.block_k * itemsize
-    if weight_first and (tile.stages + 1) * per_stage > SHARED_MEMORY:
-        return tile.stages - 1
-    return tile.stages
 
 
 def serves(m: int, min_rows: int) -> bool:
