@@ -155,30 +155,22 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
     elementwise, with no reshape, transpose or gather between the load and the tensor cores. (Swapping the
     operands, out^T = W x^T with the weight as wgmma's register operand, measured 10-35% slower on an H200.)"""
     act = x_ptr.dtype.element_ty
-    HALF: tl.constexpr = GROUP // 2
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
-    groups = K // GROUP
-    row_bytes = tl.multiple_of(K // 2, 16)
-    byte = tl.arange(0, HALF)
+    pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))  # x (M, K) as (M, K/2) pairs: input 2i low, 2i + 1 high
+    pair = tl.arange(0, BLOCK_K // 2)
     k_per_split = K // SPLIT_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K, num_stages=STAGES):
-        for j in tl.static_range(BLOCK_K // GROUP):
-            kg = k0 + j * GROUP
-            g = kg // GROUP
-            codes = tl.load(q_ptr + n[None, :] * row_bytes + (tl.multiple_of(kg // 2, 16) + byte)[:, None],
-                            mask=n_ok[None, :], other=0).to(tl.int32)  # (HALF, BLOCK_N)
-            scale = tl.load(scale_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            zero = (tl.load(zero_ptr + n * groups + g, mask=n_ok, other=0).to(tl.float32) + MAGIC)[None, :]
-            low, high = nibbles(codes)
-            w_even, w_odd = (low - zero) * scale, (high - zero) * scale  # inputs kg + 2i and kg + 2i + 1
-            if HAS_OFFSET:
-                offset = tl.load(offset_ptr + n * groups + g, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                w_even, w_odd = w_even + offset, w_odd + offset
-            x = tl.load(x_ptr + m[:, None] * K + kg + tl.arange(0, GROUP)[None, :], mask=m_ok[:, None], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
-            acc = tl.dot(x_even, w_even.to(act), acc)
-            acc = tl.dot(x_odd, w_odd.to(act), acc)
+        # The tile's codes as they lie (BLOCK_K/2 bytes a row) and x's pairs as they lie (BLOCK_K/2 words a row):
+        # the even inputs are the codes' low nibbles and the pairs' low halves, the odd ones the high.
+        w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
+                                  HAS_OFFSET, False)  # (BLOCK_N, BLOCK_K/2) each
+        pairs = tl.load(pairs_ptr + m[:, None] * (K // 2) + (tl.multiple_of(k0 // 2, 16) + pair)[None, :],
+                        mask=m_ok[:, None], other=0)  # (BLOCK_M, BLOCK_K/2)
+        x_even = (pairs & 0xFFFF).to(tl.int16).to(act, bitcast=True)
+        x_odd = (pairs >> 16).to(tl.int16).to(act, bitcast=True)
+        acc = tl.dot(x_even, tl.trans(w_even.to(act)), acc)
+        acc = tl.dot(x_odd, tl.trans(w_odd.to(act)), acc)
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
 
 
