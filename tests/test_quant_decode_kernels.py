@@ -189,6 +189,16 @@ def test_int4_matmul_every_tile_form(tile, m):
     close(got, layer_forward(layer, x))
 
 
+@pytest.mark.parametrize("tile", [t for t in TILES if t.dot], ids=str)
+def test_int4_dot_form_takes_fp32_activations(tile):
+    """The dot form splits 16-bit activations from 32-bit words of x; fp32 ones it reads with stride 2."""
+    layer = quantized_layer("int4", 72, 512)
+    x = torch.randn(33, 512, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    got = int4_matmul_with(x, layer.qweight, layer.scale, layer.zero_point, layer.offset, 32, tile)
+    assert got.dtype == torch.float32
+    close(got, layer_forward(layer, x))
+
+
 @pytest.mark.skipif(not (CUDA and FP8_OK), reason="the 1B-class shapes need a GPU of compute capability 8.9+")
 @pytest.mark.parametrize("key", sorted(k for k, v in fp8_matmul.TILES.items() if v != fp8_matmul.CUBLAS))
 def test_every_measured_fp8_tile_computes_its_product(key):

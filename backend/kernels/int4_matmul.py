@@ -17,8 +17,8 @@ is the cheap form FasterTransformer and Marlin use, written in Triton:
     inputs of x, read with stride 2 (x is tiny and comes from L2).
 Two ways to multiply, per (rows bucket, N, K) from TILES (benchmarks/quant_kernels_bench.py --device cuda):
   broadcast  fp32 multiply-sum on CUDA cores, long narrow tiles, one row of x at a time: the GEMV form
-  dot        tl.dot on (BLOCK_M, GROUP/2) x (GROUP/2, BLOCK_N) tiles, a group at a time, the weight read
-             transposed and rounded to the activation dtype for the tensor cores (GemLite's and Marlin's
+  dot        tl.dot on (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) tiles, the even inputs' and the odd
+             ones', the weight rounded to the activation dtype for the tensor cores (the GemLite and Marlin
              form for 16-64 rows), the K loop software-pipelined (Tile.stages)
 and, in both, split-K: at N = K = 2048 a 32-wide tile gives 64 programs for 132 SMs, so SPLIT_K programs
 share one output tile along K and split_k.add_planes adds their fp32 partial sums (deterministic, unlike atomics).
@@ -148,12 +148,23 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr):
-    """The tensor-core form (16-64 rows), same arguments as _int4_matmul. The weight is read already
-    transposed, as the (K, N) operand tl.dot wants, one group at a time: a group's codes are a (GROUP/2,
-    BLOCK_N) tile of bytes and its scale and zero point two BLOCK_N vectors, so the dequantization is
-    elementwise, with no reshape, transpose or gather between the load and the tensor cores. (Swapping the
-    operands, out^T = W x^T with the weight as wgmma's register operand, measured 10-35% slower on an H200.)"""
+                     SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr,
+                     PAIRS: tl.constexpr):
+    """The tensor-core form (16-64 rows), same arguments as _int4_matmul. Each k-step multiplies two
+    (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) products, the even inputs' and the odd ones', on int4_tile's
+    (BLOCK_N, BLOCK_K/2) tiles as the broadcast form reads them: the codes as they lie, a byte's low nibble
+    the even input's weight, so nothing is interleaved, gathered or reshaped between the load and the tensor
+    cores. x's even and odd inputs: with PAIRS (16-bit activations) each 32-bit word of x holds one of each,
+    split in registers; otherwise read with stride 2.
+
+    This form replaced one that multiplied a group at a time (a (GROUP/2, BLOCK_N) tile of codes read
+    transposed, 16-deep dots): compiled for sm_90, that one stored each dequantized tile to shared memory
+    with scalar 16-bit stores and waited on every wgmma, this one stores 16-byte vectors and waits twice a
+    k-step. On an H100 (2026-12-07), the kernel alone at 16 / 64 rows: gate_up 29.1 / 38.7 -> 22.7 / 29.2 us,
+    lm_head 68.7 / 92.6 -> 53.9 / 65.4; the 1B-class int4 step (benchmarks/profile_decode.py --quantization
+    int4 --context 192) at 16 / 32 / 64 rows 1.40 / 1.54 / 2.04 -> 1.20 / 1.39 / 1.77 ms, on TILES swept for
+    the old form. (Swapping the operands, out^T = W x^T with the weight as wgmma's register operand, measured
+    10-35% slower on an H200.)"""
     act = x_ptr.dtype.element_ty
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))  # x (M, K) as (M, K/2) pairs: input 2i low, 2i + 1 high
@@ -165,10 +176,15 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
         # the even inputs are the codes' low nibbles and the pairs' low halves, the odd ones the high.
         w_even, w_odd = int4_tile(q_ptr, scale_ptr, zero_ptr, offset_ptr, n, n_ok, k0, K, GROUP, BLOCK_N, BLOCK_K,
                                   HAS_OFFSET, False)  # (BLOCK_N, BLOCK_K/2) each
-        pairs = tl.load(pairs_ptr + m[:, None] * (K // 2) + (tl.multiple_of(k0 // 2, 16) + pair)[None, :],
-                        mask=m_ok[:, None], other=0)  # (BLOCK_M, BLOCK_K/2)
-        x_even = (pairs & 0xFFFF).to(tl.int16).to(act, bitcast=True)
-        x_odd = (pairs >> 16).to(tl.int16).to(act, bitcast=True)
+        if PAIRS:
+            pairs = tl.load(pairs_ptr + m[:, None] * (K // 2) + (tl.multiple_of(k0 // 2, 16) + pair)[None, :],
+                            mask=m_ok[:, None], other=0)  # (BLOCK_M, BLOCK_K/2)
+            x_even = (pairs & 0xFFFF).to(tl.int16).to(act, bitcast=True)
+            x_odd = (pairs >> 16).to(tl.int16).to(act, bitcast=True)
+        else:  # 32-bit activations
+            even = x_ptr + m[:, None] * K + 2 * (k0 // 2 + pair)[None, :]
+            x_even = tl.load(even, mask=m_ok[:, None], other=0.0)
+            x_odd = tl.load(even + 1, mask=m_ok[:, None], other=0.0)
         acc = tl.dot(x_even, tl.trans(w_even.to(act)), acc)
         acc = tl.dot(x_odd, tl.trans(w_odd.to(act)), acc)
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
@@ -236,7 +252,7 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     shape = dict(GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, num_warps=tile.warps)
     if tile.dot:
-        _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
+        _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages, PAIRS=x.element_size() == 2)
     else:
         _int4_matmul[grid](*args, **shape)
     return finished(out, x.dtype)
