@@ -148,14 +148,13 @@ def _int4_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, N, K,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr,
-                     PAIRS: tl.constexpr):
+                     SPLIT_K: tl.constexpr, HAS_OFFSET: tl.constexpr, STAGES: tl.constexpr):
     """The tensor-core form (16-64 rows), same arguments as _int4_matmul. Each k-step multiplies two
     (BLOCK_M, BLOCK_K/2) x (BLOCK_K/2, BLOCK_N) products, the even inputs' and the odd ones', on int4_tile's
     (BLOCK_N, BLOCK_K/2) tiles as the broadcast form reads them: the codes as they lie, a byte's low nibble
     the even input's weight, so nothing is interleaved, gathered or reshaped between the load and the tensor
-    cores. x's even and odd inputs: with PAIRS (16-bit activations) each 32-bit word of x holds one of each,
-    split in registers; otherwise read with stride 2.
+    cores. x's even and odd inputs: for 16-bit activations each 32-bit word of x holds one of each, split in
+    registers; 32-bit ones are read with stride 2.
 
     This form replaced one that multiplied a group at a time (a (GROUP/2, BLOCK_N) tile of codes read
     transposed, 16-deep dots): compiled for sm_90, that one stored each dequantized tile to shared memory
@@ -166,6 +165,7 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
     the old form. (Swapping the operands, out^T = W x^T with the weight as wgmma's register operand, measured
     10-35% slower on an H200.)"""
     act = x_ptr.dtype.element_ty
+    PAIRS: tl.constexpr = act.primitive_bitwidth == 16
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
     pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))  # x (M, K) as (M, K/2) pairs: input 2i low, 2i + 1 high
     pair = tl.arange(0, BLOCK_K // 2)
@@ -252,7 +252,7 @@ def int4_matmul_with(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     shape = dict(GROUP=group_size, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  SPLIT_K=tile.split_k, HAS_OFFSET=offset is not None, num_warps=tile.warps)
     if tile.dot:
-        _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages, PAIRS=x.element_size() == 2)
+        _int4_dot_matmul[grid](*args, **shape, STAGES=tile.stages)
     else:
         _int4_matmul[grid](*args, **shape)
     return finished(out, x.dtype)
