@@ -394,12 +394,18 @@ def main(args) -> None:
     formats = tuple(args.formats.split(","))
     for name, n, k, op, _ in SHAPES:
         time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True), formats)
+        if args.out:  # after every shape, so that a sweep cut short by a time limit still leaves what it measured
+            write_json(args.out, results, summarize(results, rows, lambda line: None))
     tables = summarize(results, rows, print)
     print(f"# {time.monotonic() - started:.0f} s")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           results=results, tables={name: [[list(k), list(v)] for k, v in table.items()]
-                                                    if name != "llama_decode.FUSED_MAX_BATCH_QUANTIZED" else table
-                                                    for name, table in tables.items()}), f, indent=1, default=str)
+        write_json(args.out, results, tables)
         print(f"wrote {args.out}")
+
+
+def write_json(path: str, results: list, tables: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       results=results, tables={name: [[list(k), list(v)] for k, v in table.items()]
+                                                if name != "llama_decode.FUSED_MAX_BATCH_QUANTIZED" else table
+                                                for name, table in tables.items()}), f, indent=1, default=str)
