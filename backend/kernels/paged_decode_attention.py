@@ -53,6 +53,14 @@ SMALL_TILE = (64, 4, 3)
 # 1.322 -> 1.273 (8), at 192 tokens within 1%; LARGE_TILE batches with 2 programs an SM lost (16 x 2,048: 1.372
 # -> 1.423; 32 x 2,048: 1.657 -> 1.765); batch 1 unchanged (32 splits either way).
 WARPS_PER_SM = 8
+# Where an fp8 pool's e4m3 values widen to fp16 for the dots (benchmarks/paged_attention_bench.py
+# --kv-cache-dtype fp8 measures both). True: in registers as they arrive from global memory, loaded as 16-bit
+# pairs, so the fp16 tiles reach the tensor cores as bf16 pools' do (ldmatrix from shared memory). False: as
+# Triton places the conversion by itself, at the dot operands: the e4m3 tiles staged in shared memory and read
+# back a byte or two a load (ldmatrix has no 8-bit transposed form), ~4x the shared-memory loads of a bf16 tile
+# in the sm_90 compile; that form took 63.2 us a layer at batch 64 x 2,048 tokens on an H200 against 68.9 for
+# bf16 pools, with half the bytes to read.
+E4M3_WIDEN_IN_REGISTERS = True
 MAX_SPLITS = 64  # measuring (benchmarks/profile_decode.py --max-splits) may lower it; 1 turns splitting off
 
 
@@ -82,19 +90,41 @@ def _chunk(past, NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, ACT: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, ACT: tl.constexpr,
+               E4M3_PAIRS: tl.constexpr):
     # Tokens t0 .. t0 + BLOCK_T (those below end) read through the block table: k as two halves, v whole, as
-    # the dots' operand type ACT (an fp8 pool's values widen here).
+    # the dots' operand type ACT (an fp8 pool's values widen here; with E4M3_PAIRS from 16-bit pairs).
     HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, HALF)
     t = t0 + tl.arange(0, BLOCK_T)
     t_ok = t < end
     block = tl.load(tables_ptr + b * stride_table + t // BLOCK_SIZE, mask=t_ok, other=0)
     rows = (block * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * row_stride + h * HEAD_DIM  # (BLOCK_T, 1)
+    if E4M3_PAIRS:  # E4M3_WIDEN_IN_REGISTERS: rows and head offsets are even, so no pair straddles them
+        k_pairs, v_pairs = k_pool.to(tl.pointer_type(tl.int16)), v_pool.to(tl.pointer_type(tl.int16))
+        rows = rows // 2
+        w = tl.arange(0, HALF // 2)
+        k1 = _widen_e4m3_pairs(tl.load(k_pairs + rows + w[None, :], mask=t_ok[:, None], other=0), BLOCK_T, HALF)
+        k2 = _widen_e4m3_pairs(tl.load(k_pairs + rows + HALF // 2 + w[None, :], mask=t_ok[:, None], other=0),
+                               BLOCK_T, HALF)
+        v = _widen_e4m3_pairs(tl.load(v_pairs + rows + tl.arange(0, HALF)[None, :], mask=t_ok[:, None], other=0),
+                              BLOCK_T, HEAD_DIM)
+        return k1, k2, v, t_ok
+    d = tl.arange(0, HALF)
     k1 = tl.load(k_pool + rows + d[None, :], mask=t_ok[:, None], other=0.0)  # (BLOCK_T, HALF)
     k2 = tl.load(k_pool + rows + HALF + d[None, :], mask=t_ok[:, None], other=0.0)
     v = tl.load(v_pool + rows + tl.arange(0, HEAD_DIM)[None, :], mask=t_ok[:, None], other=0.0)
     return k1.to(ACT), k2.to(ACT), v.to(ACT), t_ok
+
+
+@triton.jit
+def _widen_e4m3_pairs(pairs, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS, COLS/2) int16, two e4m3 values each (the first in the low byte) -> (ROWS, COLS) fp16, exact: one
+    cvt a pair. Inline PTX (CUDA only), joined and reshaped, so that Triton does not move the widening past
+    shared memory to the dot operands, as it does with a plain .to()."""
+    first, second = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return tl.join(first, second).reshape(ROWS, COLS)
 
 
 @triton.jit
@@ -119,7 +149,8 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
                             scale, norm_eps, stride_q, stride_k, stride_v, stride_table,
                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                            NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr):
+                            NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+                            E4M3_PAIRS: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -139,7 +170,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     if (split > 0) & (start >= past):  # nothing of this context is left for this split
         return
     pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, start, end, stride_table, row_stride,
-                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty)
+                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS)
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
     if ROPE:  # the step's positions and the model's tables: inputs, not the previous kernel's output
@@ -186,7 +217,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
     for t0 in range(start + BLOCK_T, end, BLOCK_T):
         pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride,
-                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty)
+                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS)
         m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
 
     # The new token, from registers (never read back from the pool it was just stored in); split 0's alone.
@@ -299,7 +330,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         scale, norm_eps, q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_T=block_t, NUM_SPLITS=splits, ROPE=rotary is not None,
-        QK_NORM=qk_norm is not None, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
+        QK_NORM=qk_norm is not None, PDL=pdl,
+        E4M3_PAIRS=E4M3_WIDEN_IN_REGISTERS and k_pool.dtype != q.dtype and q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if splits > 1:
         _combine_splits[(b, num_heads)](
