@@ -18,6 +18,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 from kvtriton.backend.attention.kv_cache import KVCache  # noqa: E402
 from kvtriton.backend.attention.metadata import AttentionMetadata  # noqa: E402
 from kvtriton.backend.attention.paged import PagedAttention  # noqa: E402
+from kvtriton.backend.kernels import paged_decode_attention as paged_decode_attention_module  # noqa: E402
 from kvtriton.backend.kernels import skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
 from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_attention  # noqa: E402
@@ -117,6 +118,35 @@ def test_paged_decode_attention_matches_torch_path(rope, num_splits, kv_dtype):
                                  num_splits=num_splits)
     close(got, expected)
     assert same_pools(pools.k[0], reference.k[0]) and same_pools(pools.v[0], reference.v[0])
+
+
+FP8_POOLS_OR_INTERPRETED = pytest.mark.skipif(
+    DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9), reason="fp8 pools: CUDA 8.9+")
+
+
+@FP8_POOLS_OR_INTERPRETED
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_e4m3_widened_in_registers_reads_what_a_plain_widening_reads(num_splits, monkeypatch):
+    """E4M3_WIDEN_IN_REGISTERS loads an fp8 pool as 16-bit pairs and widens them itself (inline PTX on CUDA, a
+    bitcast a byte under the interpreter); the output equals the form that lets Triton widen at the dot operands."""
+    heads, kv_heads, dim, bs, blocks = 8, 2, 64, 16, 80
+    context_lens = [1, 17, 70, 300]
+    g = torch.Generator().manual_seed(3)
+    pools = KVCache.allocate(1, blocks, bs, kv_heads, dim, torch.float8_e4m3fn, DEVICE)
+    for p in (pools.k[0], pools.v[0]):
+        p.copy_(torch.randn(p.shape, generator=g).to(DTYPE))
+    b, width = len(context_lens), max(-(-c // bs) for c in context_lens)
+    tables = torch.randperm(blocks, generator=g)[: b * width].view(b, width).to(DEVICE)
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    slots = torch.stack([tables[i, (c - 1) // bs] * bs + (c - 1) % bs for i, c in enumerate(context_lens)])
+    q, k, v = (torch.randn(b, n, dim, generator=g).to(DEVICE, DTYPE) for n in (heads, kv_heads, kv_heads))
+    outputs = []
+    for in_registers in (True, False):
+        monkeypatch.setattr(paged_decode_attention_module, "E4M3_WIDEN_IN_REGISTERS", in_registers)
+        k_pool, v_pool = pools.k[0].clone(), pools.v[0].clone()
+        outputs.append(paged_decode_attention(q, k, v, k_pool, v_pool, slots, tables, ctx, dim**-0.5,
+                                              num_splits=num_splits))
+    close(outputs[0], outputs[1], atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("kv_dtype", [DTYPE, FP8_POOLS])

@@ -91,7 +91,7 @@ def _chunk(past, NUM_SPLITS: tl.constexpr, BLOCK_T: tl.constexpr):
 @triton.jit
 def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, ACT: tl.constexpr,
-               E4M3_PAIRS: tl.constexpr):
+               E4M3_PAIRS: tl.constexpr, PTX: tl.constexpr):
     # Tokens t0 .. t0 + BLOCK_T (those below end) read through the block table: k as two halves, v whole, as
     # the dots' operand type ACT (an fp8 pool's values widen here; with E4M3_PAIRS from 16-bit pairs).
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -103,11 +103,11 @@ def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stri
         k_pairs, v_pairs = k_pool.to(tl.pointer_type(tl.int16)), v_pool.to(tl.pointer_type(tl.int16))
         rows = rows // 2
         w = tl.arange(0, HALF // 2)
-        k1 = _widen_e4m3_pairs(tl.load(k_pairs + rows + w[None, :], mask=t_ok[:, None], other=0), BLOCK_T, HALF)
-        k2 = _widen_e4m3_pairs(tl.load(k_pairs + rows + HALF // 2 + w[None, :], mask=t_ok[:, None], other=0),
-                               BLOCK_T, HALF)
-        v = _widen_e4m3_pairs(tl.load(v_pairs + rows + tl.arange(0, HALF)[None, :], mask=t_ok[:, None], other=0),
-                              BLOCK_T, HEAD_DIM)
+        k1 = tl.load(k_pairs + rows + w[None, :], mask=t_ok[:, None], other=0)  # (BLOCK_T, HALF / 2)
+        k2 = tl.load(k_pairs + rows + HALF // 2 + w[None, :], mask=t_ok[:, None], other=0)
+        v = tl.load(v_pairs + rows + tl.arange(0, HALF)[None, :], mask=t_ok[:, None], other=0)
+        k1, k2 = _widen_e4m3_pairs(k1, BLOCK_T, HALF, PTX), _widen_e4m3_pairs(k2, BLOCK_T, HALF, PTX)
+        v = _widen_e4m3_pairs(v, BLOCK_T, HEAD_DIM, PTX)
         return k1, k2, v, t_ok
     d = tl.arange(0, HALF)
     k1 = tl.load(k_pool + rows + d[None, :], mask=t_ok[:, None], other=0.0)  # (BLOCK_T, HALF)
@@ -117,13 +117,17 @@ def _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stri
 
 
 @triton.jit
-def _widen_e4m3_pairs(pairs, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS, COLS/2) int16, two e4m3 values each (the first in the low byte) -> (ROWS, COLS) fp16, exact: one
-    cvt a pair. Inline PTX (CUDA only), joined and reshaped, so that Triton does not move the widening past
-    shared memory to the dot operands, as it does with a plain .to()."""
-    first, second = tl.inline_asm_elementwise(
-        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-        "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+def _widen_e4m3_pairs(pairs, ROWS: tl.constexpr, COLS: tl.constexpr, PTX: tl.constexpr):
+    """(ROWS, COLS/2) int16, two e4m3 values each (the first in the low byte) -> (ROWS, COLS) fp16, exact. On
+    CUDA (PTX) one cvt a pair, in inline PTX, which Triton does not move: a plain .to() it would place after
+    shared memory, at the dot operands; Triton's interpreter, which runs no PTX, bitcasts each byte instead."""
+    if PTX:
+        first, second = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        first = (pairs & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        second = ((pairs >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
     return tl.join(first, second).reshape(ROWS, COLS)
 
 
@@ -150,7 +154,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
                             NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
-                            E4M3_PAIRS: tl.constexpr):
+                            E4M3_PAIRS: tl.constexpr, PTX: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
@@ -170,7 +174,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     if (split > 0) & (start >= past):  # nothing of this context is left for this split
         return
     pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, start, end, stride_table, row_stride,
-                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS)
+                                    HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS, PTX)
     HALF: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HALF)  # q and k are handled as two halves: RoPE pairs dim i with i + HALF
     if ROPE:  # the step's positions and the model's tables: inputs, not the previous kernel's output
@@ -217,7 +221,7 @@ def _paged_decode_attention(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr
     m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
     for t0 in range(start + BLOCK_T, end, BLOCK_T):
         pk1, pk2, pv, p_ok = _past_tile(k_pool, v_pool, tables_ptr, b, h, t0, end, stride_table, row_stride,
-                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS)
+                                        HEAD_DIM, BLOCK_SIZE, BLOCK_T, dot_ty, E4M3_PAIRS, PTX)
         m_i, l_i, acc = _softmax_update(q1, q2, pk1, pk2, pv, p_ok, scale, m_i, l_i, acc)
 
     # The new token, from registers (never read back from the pool it was just stored in); split 0's alone.
@@ -330,8 +334,8 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         scale, norm_eps, q.stride(0), k.stride(0), v.stride(0), tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_T=block_t, NUM_SPLITS=splits, ROPE=rotary is not None,
-        QK_NORM=qk_norm is not None, PDL=pdl,
-        E4M3_PAIRS=E4M3_WIDEN_IN_REGISTERS and k_pool.dtype != q.dtype and q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages, **launch,
+        QK_NORM=qk_norm is not None, PDL=pdl, E4M3_PAIRS=E4M3_WIDEN_IN_REGISTERS and k_pool.dtype != q.dtype,
+        PTX=q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if splits > 1:
         _combine_splits[(b, num_heads)](
