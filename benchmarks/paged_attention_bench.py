@@ -8,7 +8,7 @@ Prefill: one layer's varlen kernel over a packed step (N prompts of T tokens, or
 after a cached prefix) against the PyTorch path (one SDPA call per sequence after gathering its
 context) and, where torch has it, torch.nn.attention.varlen.varlen_attn on contiguous K/V (no pages).
 
-  python benchmarks/paged_attention_bench.py [--sweep] [--kv-cache-dtype auto|fp8]
+  python benchmarks/paged_attention_bench.py [--sweep] [--kv-cache-dtype auto|fp8 [--e4m3-widen registers|operands]]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import triton
 from kvtriton.backend.attention.kv_cache import KVCache
 from kvtriton.backend.attention.metadata import AttentionMetadata
 from kvtriton.backend.attention.paged import PagedAttention
+from kvtriton.backend.kernels import paged_decode_attention as paged_decode_attention_module
 from kvtriton.backend.kernels.paged_decode_attention import default_num_splits, default_tile, paged_decode_attention
 from kvtriton.backend.kernels.paged_prefill_attention import paged_prefill_attention
 
@@ -166,14 +167,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="every split count; prefill tile shapes")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES), help="the pools' element type")
+    ap.add_argument("--e4m3-widen", choices=["registers", "operands"], default="registers",
+                    help="fp8 pools: where the decode kernel widens e4m3 (E4M3_WIDEN_IN_REGISTERS)")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill steps")
     ap.add_argument("--decode-shapes", default="1x192,1x2048,16x192,16x2048,64x192,64x2048",
                     help="decode steps to time: BATCHxCONTEXT, comma-separated")
     args = ap.parse_args()
     kv_dtype = KV_DTYPES[args.kv_cache_dtype]
+    paged_decode_attention_module.E4M3_WIDEN_IN_REGISTERS = args.e4m3_widen == "registers"
     bandwidth = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}, KV {str(kv_dtype).removeprefix('torch.')}; "
+          f"{HEADS}/{KV_HEADS} heads of {DIM}, block size {BS}, KV {str(kv_dtype).removeprefix('torch.')} "
+          f"(e4m3 widened at the {args.e4m3_widen}); "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for shape in args.decode_shapes.split(","):
         batch, context = (int(n) for n in shape.split("x"))
