@@ -57,9 +57,9 @@ WARPS_PER_SM = 8
 # --kv-cache-dtype fp8 measures both). True: in registers as they arrive from global memory, loaded as 16-bit
 # pairs, so the fp16 tiles reach the tensor cores as bf16 pools' do (ldmatrix from shared memory). False: as
 # Triton places the conversion by itself, at the dot operands: the e4m3 tiles staged in shared memory and read
-# back a byte or two a load (ldmatrix has no 8-bit transposed form), ~4x the shared-memory loads of a bf16 tile
-# in the sm_90 compile; that form took 63.2 us a layer at batch 64 x 2,048 tokens on an H200 against 68.9 for
-# bf16 pools, with half the bytes to read.
+# back a byte or two a load (ldmatrix has no 8-bit transposed form): in the sm_90 compile of the 128-token tile,
+# 333 shared-memory loads against a bf16 pool's 47 + 88 ldmatrix (the pairs: 77 + 48). That form took 63.2 us a
+# layer at batch 64 x 2,048 tokens on an H200 against 68.9 for bf16 pools, with half the bytes to read.
 E4M3_WIDEN_IN_REGISTERS = True
 MAX_SPLITS = 64  # measuring (benchmarks/profile_decode.py --max-splits) may lower it; 1 turns splitting off
 
