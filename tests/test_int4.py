@@ -11,6 +11,7 @@ from torch import nn
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.engine.sampling_params import SamplingParams
 from kvtriton.backend.engine.tokenizer import Tokenizer
+from kvtriton.backend.models.fp8 import fp8_supported
 from kvtriton.backend.models.gguf_checkpoint import convert_gguf
 from kvtriton.backend.models.gguf_quantized import decode_blocks, gguf_source
 from kvtriton.backend.models.int4 import Int4Linear, gemv_serves, pack_nibbles, quantize_groupwise, unpack_nibbles
@@ -513,8 +514,6 @@ def test_auto_is_int4_only_for_a_gguf_on_the_cpu(tiny_gguf):
     assert resolve_quantization("int4", str(path), cpu) == ("int4", path, False)  # asked for: 4 bits everywhere
     assert resolve_quantization("int8", str(folder), cpu) == ("int8", None, False)
     assert resolve_quantization("none", str(path), cpu) == (None, None, False)
-    from kvtriton.backend.models.fp8 import fp8_supported
-
     if fp8_supported(cpu) is not None:  # a torch whose CPU _scaled_mm takes no per-row scales (2.11, as on GPU hosts)
         with pytest.raises(ValueError, match="fp8"):
             resolve_quantization("fp8", str(path), cpu)
