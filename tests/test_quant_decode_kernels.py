@@ -24,11 +24,11 @@ CUDA = torch.cuda.is_available()
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU)", allow_module_level=True)
 
-from kvtriton.backend.kernels import fp8_matmul, skinny_matmul  # noqa: E402
+from kvtriton.backend.kernels import fp8_matmul, int4_matmul, skinny_matmul  # noqa: E402
 from kvtriton.backend.kernels.fp8_matmul import fp8_matmul_with  # noqa: E402
 from kvtriton.backend.kernels.fp8_quant import silu_mul_per_token_fp8  # noqa: E402
 from kvtriton.backend.kernels.int4_matmul import int4_matmul_with  # noqa: E402
-from kvtriton.backend.kernels.tile_config import Tile  # noqa: E402
+from kvtriton.backend.kernels.tile_config import ROW_BUCKETS, Tile  # noqa: E402
 from kvtriton.backend.models.fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, fp8_supported, per_token_fp8_reference  # noqa: E402
 from kvtriton.backend.models.int4 import Int4Linear, quantize_groupwise  # noqa: E402
 from kvtriton.backend.models.llama import LlamaMLP, RMSNorm  # noqa: E402
@@ -197,6 +197,34 @@ def test_int4_dot_form_takes_fp32_activations(tile):
     got = int4_matmul_with(x, layer.qweight, layer.scale, layer.zero_point, layer.offset, 32, tile)
     assert got.dtype == torch.float32
     close(got, layer_forward(layer, x))
+
+
+@pytest.mark.parametrize("table", [fp8_matmul, int4_matmul], ids=lambda module: module.__name__.rsplit(".", 1)[-1])
+def test_every_captured_batch_size_has_a_measured_tile_for_each_shape_the_table_knows(table):
+    """The runner captures a decode graph per ROW_BUCKETS size; a bucket missing from a table takes the kernel's
+    heuristic, untimed (the 8-row bucket once did: the 1B fp8 step at batch 5-8 ran at 3.4 ms against 0.9 at 16)."""
+    shapes = {(kernel, n, k) for kernel, _, n, k in table.TILES}
+    missing = [(kernel, rows, n, k) for kernel, n, k in sorted(shapes) for rows in ROW_BUCKETS
+               if rows <= table.MAX_ROWS and (kernel, rows, n, k) not in table.TILES]
+    assert not missing
+
+
+@pytest.mark.parametrize("rows", [5, 8])
+def test_unmeasured_shapes_past_four_rows_take_a_tensor_core_tile(rows):
+    """The broadcast tile holds ~8K weights: at 8 rows one output wide, every program re-reading all of x."""
+    assert fp8_matmul.heuristic_tile(rows, 576, 576).dot
+    assert int4_matmul.heuristic_tile(rows, 576, 576, 32).dot
+
+
+@pytest.mark.skipif(not FP8_OK, reason="fp8 needs compute capability 8.9+")
+def test_quantized_matmuls_at_six_rows_of_an_unmeasured_shape_compute_their_products():
+    x = torch.randn(6, 192, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPE)
+    fp8_layer, int4_layer = quantized_layer("fp8", 80, 192), quantized_layer("int4", 80, 192, offset=True)
+    xq, x_scale = per_token_fp8_reference(x)
+    close(fp8_matmul.fp8_matmul(xq, x_scale, fp8_layer.weight, fp8_layer.weight_scale, DTYPE)[:, :80],
+          layer_forward(fp8_layer, x))
+    got = int4_matmul.int4_matmul(x, int4_layer.qweight, int4_layer.scale, int4_layer.zero_point, int4_layer.offset, 32)
+    close(got, layer_forward(int4_layer, x))
 
 
 @pytest.mark.skipif(not (CUDA and FP8_OK), reason="the 1B-class shapes need a GPU of compute capability 8.9+")

@@ -27,6 +27,10 @@ from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, row
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
+# Unmeasured default: up to here the broadcast GEMV. Its tile keeps ~8K elements, so at 5-8 rows it is one output
+# wide and every program re-reads all rows of x: the 1B fp8 step at batch 5-8 took 3.43 ms on an H100 against
+# 0.99 at 4 rows and 0.91 at 16, when the 8-row bucket was missing from TILES (2026-12-07).
+GEMV_ROWS = 4
 CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
 
 # ("fp8", rows bucket, N, K) -> Tile fields, or CUBLAS; printed by benchmarks/quant_kernels_bench.py --device
@@ -36,6 +40,9 @@ CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
 # candidates (7 fields). The 64-row qkv and o_proj tiles (32 outputs by 256 inputs, split-K 1, 4 stages) came from a
 # wider sweep on the H200 (2026-12-05: 5.2 and 4.9 us against 8.4 and 8.2 for the earlier tiles; the fp8 1B-class
 # step at batch 64 1.136 -> 1.029 ms, benchmarks/profile_decode.py --quantization fp8 --batch 64, alternated twice).
+# On an H100 (2026-12-07): the 8-row bucket, missing until then, with --rows 8 (batch 5-8 had taken the GEMV
+# heuristic: the step at batch 8 3.43 -> 0.83 ms), and the 4-row qkv and o_proj with --rows 2,4, cut after those two
+# (batch 4 0.995 -> 0.918 ms; profile_decode.py --quantization fp8 --batch 4,8,16 --context 192, one run each).
 TILES: dict[tuple[str, int, int, int], tuple] = {
     ('fp8', 1, 2048, 2048): (1, 2, 2048, 1, 1, False),
     ('fp8', 1, 2048, 8192): (1, 2, 2048, 1, 1, False),
@@ -47,11 +54,16 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
     ('fp8', 2, 3072, 2048): (2, 2, 2048, 1, 1, False),
     ('fp8', 2, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 2, 49152, 2048): (16, 64, 128, 1, 4, True),
-    ('fp8', 4, 2048, 2048): (4, 2, 2048, 1, 1, False),
+    ('fp8', 4, 2048, 2048): (16, 32, 256, 1, 4, True, 4),
     ('fp8', 4, 2048, 8192): (16, 32, 256, 4, 4, True),
-    ('fp8', 4, 3072, 2048): (4, 4, 1024, 1, 1, False),
+    ('fp8', 4, 3072, 2048): (16, 32, 256, 1, 4, True, 4),
     ('fp8', 4, 16384, 2048): (16, 64, 128, 1, 4, True),
     ('fp8', 4, 49152, 2048): (16, 64, 128, 1, 4, True),
+    ('fp8', 8, 3072, 2048): (16, 32, 256, 1, 4, True, 4),
+    ('fp8', 8, 2048, 2048): (16, 32, 128, 2, 4, True, 3),
+    ('fp8', 8, 16384, 2048): (16, 128, 128, 1, 4, True, 4),
+    ('fp8', 8, 2048, 8192): (16, 64, 256, 8, 4, True, 3),
+    ('fp8', 8, 49152, 2048): (16, 128, 256, 1, 4, True, 3),
     ('fp8', 16, 2048, 2048): (16, 32, 128, 4, 4, True, 4),
     ('fp8', 16, 2048, 8192): (16, 64, 128, 8, 4, True, 4),
     ('fp8', 16, 3072, 2048): (16, 64, 256, 2, 8, True, 3),
@@ -109,10 +121,13 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
-    """Unmeasured shapes: this kernel up to TRITON_ROWS rows, as a GEMV with kernels/skinny_matmul.py's H200
-    shape (long tiles along K, ~512+ programs); above, None: cuBLASLt."""
+    """Unmeasured shapes: this kernel up to TRITON_ROWS rows; above, None: cuBLASLt. Up to GEMV_ROWS rows a GEMV
+    with kernels/skinny_matmul.py's H200 shape (long tiles along K, ~512+ programs); past it a 16-row tensor-core
+    tile, the shape every measured 8-row entry took."""
     if m > TRITON_ROWS:
         return None
+    if m > GEMV_ROWS:
+        return Tile(16, 64, 128, 1, 4, True)
     block_m = triton.next_power_of_2(m)
     block_k = min(1024, triton.next_power_of_2(k))
     block_n = max(1, min(8192 // (block_m * block_k), n // 512))

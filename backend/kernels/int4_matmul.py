@@ -37,14 +37,20 @@ from kvtriton.backend.kernels.split_k import finished, output_buffer, output_til
 from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
-SKINNY_ROWS = 8  # up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows)
+# Up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows). Not 8: the broadcast tile
+# keeps ~8K weights, so at 8 rows it is one output wide and every program re-reads all rows of x (the 1B int4 step
+# at batch 5-8 took 6.4 ms on an H100 against 1.14 at 4 rows, when the 8-row bucket was missing from TILES).
+SKINNY_ROWS = 4
 MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are the OR-ed code
 
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
 # --device cuda (it prints this table). Empty: every shape takes `heuristic_tile`. "int4" is this file's
 # matmul; "skinny-int4" is kernels/skinny_matmul.py's fused decode kernel reading int4 weights.
 # Measured on an NVIDIA H200 (torch 2.11, triton 3.6) by benchmarks/quant_kernels_bench.py --device cuda: rows 1-4
-# --rows 1,2,4,16,64, the dot rows (16-64) again with --rows 16,32,64 after the dot form was rewritten.
+# --rows 1,2,4,16,64. On an H100 (2026-12-07): the dot rows (16-64) again with --rows 16,32,64 after the dot form was
+# rewritten (the 1B int4 step at 16 / 32 / 64 rows 1.206 / 1.395 / 1.759 -> 1.137 / 1.298 / 1.483 ms, alternated
+# twice); the 8-row bucket, missing until then, with --rows 8 (batch 5-8 had taken the broadcast heuristic: 6.43 ->
+# 1.09 ms at batch 8); the 4-row qkv and o_proj with --rows 2,4, cut after those two (batch 4 1.142 -> 1.085 ms).
 TILES: dict[tuple[str, int, int, int], tuple] = {
     ('int4', 1, 3072, 2048): (1, 2, 1024, 1, 1, False),
     ('int4', 1, 2048, 2048): (1, 4, 1024, 1, 4, False),
@@ -56,25 +62,30 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
     ('int4', 2, 16384, 2048): (2, 8, 512, 1, 4, False),
     ('int4', 2, 2048, 8192): (2, 4, 1024, 1, 4, False),
     ('int4', 2, 49152, 2048): (16, 64, 128, 2, 4, True),
-    ('int4', 4, 3072, 2048): (4, 2, 1024, 1, 1, False),
-    ('int4', 4, 2048, 2048): (4, 4, 1024, 1, 4, False),
+    ('int4', 4, 3072, 2048): (16, 64, 128, 4, 4, True, 4),
+    ('int4', 4, 2048, 2048): (16, 32, 256, 4, 4, True, 3),
     ('int4', 4, 16384, 2048): (16, 64, 128, 2, 4, True),
     ('int4', 4, 2048, 8192): (16, 32, 128, 4, 4, True),
     ('int4', 4, 49152, 2048): (16, 64, 128, 2, 4, True),
-    ('int4', 16, 3072, 2048): (16, 64, 64, 4, 4, True, 4),
-    ('int4', 16, 2048, 2048): (16, 64, 64, 8, 4, True, 4),
-    ('int4', 16, 16384, 2048): (16, 64, 64, 1, 4, True, 4),
+    ('int4', 8, 3072, 2048): (16, 64, 128, 4, 4, True, 4),
+    ('int4', 8, 2048, 2048): (16, 32, 256, 4, 4, True, 3),
+    ('int4', 8, 16384, 2048): (16, 64, 256, 1, 4, True, 3),
+    ('int4', 8, 2048, 8192): (16, 64, 256, 8, 4, True, 3),
+    ('int4', 8, 49152, 2048): (16, 64, 128, 1, 4, True, 4),
+    ('int4', 16, 3072, 2048): (16, 64, 128, 4, 4, True, 3),
+    ('int4', 16, 2048, 2048): (16, 32, 256, 4, 4, True, 3),
+    ('int4', 16, 16384, 2048): (16, 64, 256, 1, 4, True, 3),
     ('int4', 16, 2048, 8192): (16, 64, 128, 8, 4, True, 3),
-    ('int4', 16, 49152, 2048): (16, 64, 64, 1, 4, True, 4),
-    ('int4', 32, 3072, 2048): (32, 64, 64, 4, 4, True, 4),
-    ('int4', 32, 2048, 2048): (32, 64, 64, 8, 4, True, 4),
-    ('int4', 32, 16384, 2048): (32, 64, 64, 1, 4, True, 4),
-    ('int4', 32, 2048, 8192): (32, 64, 64, 8, 4, True, 4),
-    ('int4', 32, 49152, 2048): (32, 64, 64, 1, 4, True, 4),
-    ('int4', 64, 3072, 2048): (64, 128, 64, 8, 4, True, 4),
-    ('int4', 64, 2048, 2048): (64, 64, 64, 8, 4, True, 4),
-    ('int4', 64, 16384, 2048): (64, 128, 64, 2, 4, True, 4),
-    ('int4', 64, 2048, 8192): (64, 128, 256, 16, 4, True, 3),
+    ('int4', 16, 49152, 2048): (16, 64, 128, 1, 4, True, 3),
+    ('int4', 32, 3072, 2048): (32, 64, 128, 4, 4, True, 3),
+    ('int4', 32, 2048, 2048): (32, 64, 128, 8, 4, True, 4),
+    ('int4', 32, 16384, 2048): (32, 64, 128, 1, 4, True, 3),
+    ('int4', 32, 2048, 8192): (32, 64, 128, 8, 4, True, 3),
+    ('int4', 32, 49152, 2048): (32, 64, 128, 1, 4, True, 3),
+    ('int4', 64, 3072, 2048): (64, 64, 128, 4, 4, True, 3),
+    ('int4', 64, 2048, 2048): (64, 32, 128, 4, 4, True, 4),
+    ('int4', 64, 16384, 2048): (64, 64, 128, 1, 4, True, 3),
+    ('int4', 64, 2048, 8192): (64, 64, 128, 8, 4, True, 3),
     ('int4', 64, 49152, 2048): (64, 128, 64, 1, 4, True, 4),
 }
 
@@ -161,9 +172,9 @@ def _int4_dot_matmul(x_ptr, q_ptr, scale_ptr, zero_ptr, offset_ptr, out_ptr, M, 
     with scalar 16-bit stores and waited on every wgmma, this one stores 16-byte vectors and waits twice a
     k-step. On an H100 (2026-12-07), the kernel alone at 16 / 64 rows: gate_up 29.1 / 38.7 -> 22.7 / 29.2 us,
     lm_head 68.7 / 92.6 -> 53.9 / 65.4; the 1B-class int4 step (benchmarks/profile_decode.py --quantization
-    int4 --context 192) at 16 / 32 / 64 rows 1.40 / 1.54 / 2.04 -> 1.20 / 1.39 / 1.77 ms, on TILES swept for
-    the old form. (Swapping the operands, out^T = W x^T with the weight as wgmma's register operand, measured
-    10-35% slower on an H200.)"""
+    int4 --context 192) at 16 / 32 / 64 rows 1.40 / 1.54 / 2.04 -> 1.20 / 1.39 / 1.77 ms on TILES swept for
+    the old form, and 1.14 / 1.30 / 1.48 ms on TILES swept for this one. (Swapping the operands, out^T = W x^T
+    with the weight as wgmma's register operand, measured 10-35% slower on an H200.)"""
     act = x_ptr.dtype.element_ty
     PAIRS: tl.constexpr = act.primitive_bitwidth == 16
     m, m_ok, n, n_ok, split = output_tile(M, N, BLOCK_M, BLOCK_N)
