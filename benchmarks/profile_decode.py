@@ -2,11 +2,14 @@
 
 1B-class Llama (benchmarks/engine_bench.py's LLAMA_1B), random bf16 weights. For each batch and context
 it prints the runner's step time and the bound it chases: (weight bytes + the KV bytes the step reads) /
-the device-to-device copy bandwidth measured in this run. --profile adds the top kernels by GPU time and
+the device-to-device copy bandwidth measured in this run. --batch captured times every batch size the runner
+captures a graph for and the one past each (padded into the next graph), and names any batch slower than a
+larger one: a tile table missing a bucket (batches 5-8 in fp8 and int4, until 2026-12-07) shows there first.
+--profile adds the top kernels by GPU time and
 what each adds to the step's chain of kernels (their durations overlap under PDL).
 No engine and no tokenizer: the runner is built and fed directly.
 
-  python benchmarks/profile_decode.py [--batch 1,16,64] [--context 192,2048] [--compile on|off]
+  python benchmarks/profile_decode.py [--batch 1,16,64|captured] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
       [--bf16-chain on|off] [--bf16-chain-min-rows N] [--bf16-swiglu on|off]
       [--planes-into-norm on|off] [--quantization none|fp8|int8|int4]
@@ -73,7 +76,7 @@ def time_steps(runner, step, rounds=7, steps=50) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--batch", default="1,16,64", help="batch sizes, or `captured`: every graph's and the next")
     ap.add_argument("--context", default="192,2048")
     ap.add_argument("--compile", default="on", choices=["on", "off"])
     ap.add_argument("--kernels", default="on", choices=["on", "off"], help="enable_triton_kernels")
@@ -103,7 +106,7 @@ def main():
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                     help="the KV pools' element type (EngineConfig.kv_cache_dtype)")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = None if args.batch == "captured" else [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
     if args.fused_max_batch is not None:
         llama_decode.FUSED_MAX_BATCH = args.fused_max_batch
@@ -125,13 +128,16 @@ def main():
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B))
     max_blocks = -(-args.max_model_len // 16)
-    config = EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=max(batches),
-                          max_model_len=args.max_model_len, num_kv_blocks=max(batches) * max_blocks,
+    most = max(batches or [CAPTURED_MAX])
+    config = EngineConfig(model=str(folder), device="cuda", dummy_weights=True, max_num_seqs=most,
+                          max_model_len=args.max_model_len, num_kv_blocks=most * max_blocks,
                           enable_torch_compile=args.compile == "on", enable_triton_kernels=args.kernels == "on",
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     started = time.perf_counter()
     runner = TorchRunner(config, ModelConfig.from_dict(LLAMA_1B), str(folder), torch.device("cuda"),
                          torch.bfloat16, args.max_model_len)
+    if batches is None:
+        batches = captured_batches(runner.graph_batch_sizes)
     bandwidth = copy_bandwidth("cuda")
     mc = runner.model_config
     # Quantized layers keep their codes and scales in buffers.
@@ -149,9 +155,10 @@ def main():
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:
+        steps = {}
         for batch in batches:
             step = decode_step(runner, batch, context)
-            step_s = time_steps(runner, step)
+            step_s = steps[batch] = time_steps(runner, step)
             kv_bytes = batch * context * kv_per_token
             bound_s = (weight_bytes + kv_bytes) / bandwidth
             print(f"batch {batch:3d} context {context:5d}: runner step {step_s * 1e3:6.3f} ms   bound "
@@ -159,6 +166,28 @@ def main():
                   f"= {bound_s / step_s * 100:3.0f}% of bound   {batch / step_s:8.0f} tok/s")
             if args.profile:
                 profile(runner, step)
+        for line in cliffs(steps):
+            print(f"# context {context:5d}: {line}")
+
+
+CAPTURED_MAX = 64  # --batch captured: the largest batch, as the engine's default max_num_seqs captures
+
+
+def captured_batches(graph_sizes: list[int]) -> list[int]:
+    """Every graph's batch size and the one past it (the smallest batch padded into the next graph)."""
+    return sorted({b for size in graph_sizes for b in (size, size + 1) if b <= graph_sizes[-1]})
+
+
+def cliffs(steps: dict[int, float], margin: float = 1.10) -> list[str]:
+    """Batches whose step takes longer than a larger batch's by more than `margin`: a step reads the same
+    weights at every batch size, so one slower than a larger batch's is a kernel or tile gone wrong there."""
+    found = []
+    for batch, step_s in steps.items():
+        larger = [(b, s) for b, s in steps.items() if b > batch and s * margin < step_s]
+        if larger:
+            b, s = min(larger, key=lambda item: item[1])
+            found.append(f"batch {batch} takes {step_s * 1e3:.3f} ms, batch {b} {s * 1e3:.3f} ms: check its tiles")
+    return found
 
 
 def critical_path(kernels: list[tuple[str, float, float]]) -> tuple[dict[str, float], float]:
