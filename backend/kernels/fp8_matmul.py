@@ -23,7 +23,7 @@ from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
-from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, rows_bucket
+from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
@@ -139,7 +139,7 @@ def fp8_tile(m: int, n: int, k: int) -> Tile | None:
     """This kernel's tile for an (m, n, k) call, or None where _scaled_mm serves it."""
     if m > MAX_ROWS:
         return None
-    found = TILES.get(("fp8", rows_bucket(m), n, k))
+    found = measured(TILES, "fp8", m, n, k)
     if found is not None:
         return None if tuple(found) == CUBLAS else Tile(*found)
     return heuristic_tile(m, n, k)

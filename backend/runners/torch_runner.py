@@ -55,6 +55,7 @@ from kvtriton.backend.attention.paged import PagedAttention
 from kvtriton.backend.attention.uniform import UniformQueryAttention, uniform_rows
 from kvtriton.backend.config import EngineConfig
 from kvtriton.backend.distributed.communication_op import tensor_model_parallel_min
+from kvtriton.backend.kernels import tile_config
 from kvtriton.backend.kernels.device_copy import to_device
 from kvtriton.backend.models.loader import load_model, resolve_quantization
 from kvtriton.backend.models.lora import StepAdapters, attach_adapters, load_adapter
@@ -397,6 +398,10 @@ class TorchRunner:
         log.info("captured %d CUDA graphs (torch.compile %s) in %.1f s",
                  len(self._graphs) + len(self._lora_graphs) + len(self._verify_graphs) + len(self._prefill_graphs),
                  "on" if self.config.enable_torch_compile else "off", time.monotonic() - started)
+        if tile_config.UNMEASURED:  # one missing row bucket has cost several times the step (tile_config.py)
+            log.info("decode matmuls on untimed tiles (no entry in their kernel's TILES; benchmarks/"
+                     "quant_kernels_bench.py --device cuda measures them): %s",
+                     "; ".join(tile_config.unmeasured_shapes()))
 
     def _replay(self, step: StepInput) -> torch.Tensor:
         b = step.num_seqs
