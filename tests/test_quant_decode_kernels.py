@@ -209,8 +209,8 @@ def test_every_captured_batch_size_has_a_measured_tile_for_each_shape_the_table_
     assert not missing
 
 
-@pytest.mark.parametrize("rows", [5, 8])
-def test_unmeasured_shapes_past_four_rows_take_a_tensor_core_tile(rows):
+@pytest.mark.parametrize("rows", [3, 4, 5, 8])
+def test_unmeasured_shapes_past_two_rows_take_a_tensor_core_tile(rows):
     """The broadcast tile holds ~8K weights: at 8 rows one output wide, every program re-reading all of x."""
     assert fp8_matmul.heuristic_tile(rows, 576, 576).dot
     assert int4_matmul.heuristic_tile(rows, 576, 576, 32).dot

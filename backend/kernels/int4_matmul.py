@@ -39,8 +39,9 @@ from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, loo
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
 # Up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows). Not 8: the broadcast tile
 # keeps ~8K weights, so at 8 rows it is one output wide and every program re-reads all rows of x (the 1B int4 step
-# at batch 5-8 took 6.4 ms on an H100 against 1.14 at 4 rows, when the 8-row bucket was missing from TILES).
-SKINNY_ROWS = 4
+# at batch 5-8 took 6.4 ms on an H100 against 1.14 at 4 rows, when the 8-row bucket was missing from TILES). 2, as
+# TILES has it: at 4 rows every measured shape took tl.dot, at 2 rows four of five the broadcast form.
+SKINNY_ROWS = 2
 MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are the OR-ed code
 
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
