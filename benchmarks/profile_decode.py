@@ -5,8 +5,8 @@ it prints the runner's step time and the bound it chases: (weight bytes + the KV
 the device-to-device copy bandwidth measured in this run. --batch captured times every batch size the runner
 captures a graph for and the one past each (padded into the next graph), and names any batch slower than a
 larger one: a tile table missing a bucket (batches 5-8 in fp8 and int4, until 2026-12-07) shows there first.
---profile adds the top kernels by GPU time and
-what each adds to the step's chain of kernels (their durations overlap under PDL).
+--profile adds the top kernels by GPU time and what each adds to the step's chain of kernels (their durations
+overlap under PDL).
 No engine and no tokenizer: the runner is built and fed directly.
 
   python benchmarks/profile_decode.py [--batch 1,16,64|captured] [--context 192,2048] [--compile on|off]
@@ -72,6 +72,26 @@ def time_steps(runner, step, rounds=7, steps=50) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times)
+
+
+CAPTURED_MAX = 64  # --batch captured: the largest batch, as the engine's default max_num_seqs captures
+
+
+def captured_batches(graph_sizes: list[int]) -> list[int]:
+    """Every graph's batch size and the one past it (the smallest batch padded into the next graph)."""
+    return sorted({b for size in graph_sizes for b in (size, size + 1) if b <= graph_sizes[-1]})
+
+
+def cliffs(steps: dict[int, float], margin: float = 1.10) -> list[str]:
+    """Batches whose step takes longer than a larger batch's by more than `margin`: a step reads the same
+    weights at every batch size, so one slower than a larger batch's is a kernel or tile gone wrong there."""
+    found = []
+    for batch, step_s in steps.items():
+        larger = [(b, s) for b, s in steps.items() if b > batch and s * margin < step_s]
+        if larger:
+            b, s = min(larger, key=lambda item: item[1])
+            found.append(f"batch {batch} takes {step_s * 1e3:.3f} ms, batch {b} {s * 1e3:.3f} ms: check its tiles")
+    return found
 
 
 def main():
@@ -168,26 +188,6 @@ def main():
                 profile(runner, step)
         for line in cliffs(steps):
             print(f"# context {context:5d}: {line}")
-
-
-CAPTURED_MAX = 64  # --batch captured: the largest batch, as the engine's default max_num_seqs captures
-
-
-def captured_batches(graph_sizes: list[int]) -> list[int]:
-    """Every graph's batch size and the one past it (the smallest batch padded into the next graph)."""
-    return sorted({b for size in graph_sizes for b in (size, size + 1) if b <= graph_sizes[-1]})
-
-
-def cliffs(steps: dict[int, float], margin: float = 1.10) -> list[str]:
-    """Batches whose step takes longer than a larger batch's by more than `margin`: a step reads the same
-    weights at every batch size, so one slower than a larger batch's is a kernel or tile gone wrong there."""
-    found = []
-    for batch, step_s in steps.items():
-        larger = [(b, s) for b, s in steps.items() if b > batch and s * margin < step_s]
-        if larger:
-            b, s = min(larger, key=lambda item: item[1])
-            found.append(f"batch {batch} takes {step_s * 1e3:.3f} ms, batch {b} {s * 1e3:.3f} ms: check its tiles")
-    return found
 
 
 def critical_path(kernels: list[tuple[str, float, float]]) -> tuple[dict[str, float], float]:

@@ -23,15 +23,10 @@ from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
-from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, measured
+from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
-# Unmeasured default: up to here the broadcast GEMV. Its tile keeps ~8K elements, so at 5-8 rows it is one output
-# wide and every program re-reads all rows of x: the 1B fp8 step at batch 5-8 took 3.43 ms on an H100 against
-# 0.99 at 4 rows and 0.91 at 16, when the 8-row bucket was missing from TILES (2026-12-07). 2, as TILES has it: at
-# 4 rows every measured shape took a tensor-core tile, at 2 rows three of five the GEMV.
-GEMV_ROWS = 2
 CUBLAS = (0, 0, 0)  # a TILES value meaning "torch._scaled_mm is faster here"
 
 # ("fp8", rows bucket, N, K) -> Tile fields, or CUBLAS; printed by benchmarks/quant_kernels_bench.py --device
@@ -122,12 +117,12 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
-    """Unmeasured shapes: this kernel up to TRITON_ROWS rows; above, None: cuBLASLt. Up to GEMV_ROWS rows a GEMV
-    with kernels/skinny_matmul.py's H200 shape (long tiles along K, ~512+ programs); past it a 16-row tensor-core
-    tile, the shape every measured 4- and 8-row entry took."""
+    """Unmeasured shapes: this kernel up to TRITON_ROWS rows; above, None: cuBLASLt. Up to BROADCAST_ROWS rows a
+    GEMV with kernels/skinny_matmul.py's H200 shape (long tiles along K, ~512+ programs); past it a 16-row
+    tensor-core tile, the shape every measured 4- and 8-row entry took."""
     if m > TRITON_ROWS:
         return None
-    if m > GEMV_ROWS:
+    if m > BROADCAST_ROWS:
         return Tile(16, 64, 128, 1, 4, True)
     block_m = triton.next_power_of_2(m)
     block_k = min(1024, triton.next_power_of_2(k))

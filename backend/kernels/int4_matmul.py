@@ -34,14 +34,9 @@ import triton.language as tl
 
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.split_k import finished, output_buffer, output_tile, store_tile
-from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, lookup
+from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, lookup
 
 MAX_ROWS = 64  # the decode batch sizes this kernel serves
-# Up to here the broadcast-sum form by default; above, tl.dot (tiles of >= 16 rows). Not 8: the broadcast tile
-# keeps ~8K weights, so at 8 rows it is one output wide and every program re-reads all rows of x (the 1B int4 step
-# at batch 5-8 took 6.4 ms on an H100 against 1.14 at 4 rows, when the 8-row bucket was missing from TILES). 2, as
-# TILES has it: at 4 rows every measured shape took tl.dot, at 2 rows four of five the broadcast form.
-SKINNY_ROWS = 2
 MAGIC = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa's low bits are the OR-ed code
 
 # (kernel, rows bucket, N, K) -> Tile fields, measured on an H200 by benchmarks/quant_kernels_bench.py
@@ -225,11 +220,11 @@ def _widest_block_k(k: int, group: int, limit: int) -> int:
 
 
 def heuristic_tile(m: int, n: int, k: int, group: int) -> Tile:
-    """The tile for a shape the sweep has not measured. Broadcast (<= SKINNY_ROWS rows): as
+    """The tile for a shape the sweep has not measured. Broadcast (<= BROADCAST_ROWS rows): as
     kernels/skinny_matmul.py's H200 sweep found, long tiles along K and ~512+ programs to keep every SM
     streaming. Dot: 16-64 rows x 64 outputs x 128 inputs a stage (the usual W4A16 decode tile), split along
     K until there is a program per SM of an H200 (132 SMs)."""
-    if m <= SKINNY_ROWS:
+    if m <= BROADCAST_ROWS:
         block_m = triton.next_power_of_2(m)
         block_k = _widest_block_k(k, group, 1024)
         block_n = max(1, min(8192 // (block_m * block_k), n // 512))

@@ -23,6 +23,13 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the decode batch sizes the runner capt
 # bounds masks and addresses.
 ROWS_NOT_SPECIALIZED = "M"
 
+# Unmeasured shapes (the heuristics of kernels/fp8_matmul.py and int4_matmul.py): up to here rows a broadcast GEMV,
+# past it a 16-row tensor-core tile. The GEMV's tile keeps ~8K weights, so at 8 rows it is one output wide and every
+# program re-reads all rows of x (the 1B step at batch 5-8, the 8-row bucket missing from the tables until
+# 2026-12-07: fp8 3.43 ms, int4 6.4 ms, against 0.91 and 1.20 at 16 rows on an H100). 2, as the tables have it: at
+# 4 rows every measured shape took a tensor-core tile, at 2 rows most the GEMV.
+BROADCAST_ROWS = 2
+
 
 class Tile(NamedTuple):
     """One launch configuration. block_m/block_n/block_k: the program's tile; split_k: programs sharing one
