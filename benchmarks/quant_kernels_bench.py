@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--out", help="cuda: write the measurements and the tiles as JSON here")
     parser.add_argument("--formats", default="bf16,fp8,int4", help="cuda: the weight formats to sweep (bf16's own "
                         "cuBLAS and fused kernels always run: every ratio is to them)")
+    parser.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head", help="cuda: the projections to sweep (a "
+                        "sweep cut by a call's time limit goes on from where it stopped)")
     args = parser.parse_args()
     if args.device == "cuda":
         from quant_kernels_gpu import main as gpu_main  # benchmarks/ is on sys.path when run as a script

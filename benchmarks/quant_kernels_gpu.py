@@ -1,6 +1,7 @@
 """Decode matmul kernels on CUDA at the 1B-class Llama's shapes: bf16 vs fp8 vs int4, and the tile tables.
 
-  python benchmarks/quant_kernels_bench.py --device cuda [--rows 1,2,4,8,16,32,64] [--out tiles.json]
+  python benchmarks/quant_kernels_bench.py --device cuda [--rows 1,2,4,8,16,32,64] [--formats bf16,fp8,int4]
+                                           [--shapes qkv,o,gate_up,down,lm_head] [--out tiles.json]
 
 For each projection of benchmarks/engine_bench.py's LLAMA_1B (qkv 3072x2048, o 2048x2048, gate_up
 16384x2048, down 2048x8192, lm_head 49152x2048) and each decode batch M, it times every candidate with
@@ -392,7 +393,13 @@ def main(args) -> None:
           f"copies per op (L2 {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB)", flush=True)
     results = []
     formats = tuple(args.formats.split(","))
+    swept = [name for name, *_ in SHAPES if name in args.shapes.split(",")]
+    if len(swept) < len(SHAPES):  # the tiles stand alone; a step's sum and FUSED_MAX_BATCH_QUANTIZED need them all
+        print(f"# only {', '.join(swept)}: the step totals below cover these projections alone, and its "
+              f"FUSED_MAX_BATCH_QUANTIZED is not the step's", flush=True)
     for name, n, k, op, _ in SHAPES:
+        if name not in args.shapes.split(","):
+            continue
         time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True), formats)
         if args.out:  # after every shape, so that a sweep cut short by a time limit still leaves what it measured
             write_json(args.out, results, summarize(results, rows, lambda line: None))
