@@ -34,7 +34,7 @@ from engine_bench import LLAMA_1B  # noqa: E402
 from loop_bench import copy_bandwidth  # noqa: E402
 
 from kvtriton.backend.config import EngineConfig  # noqa: E402
-from kvtriton.backend.kernels import paged_decode_attention, pdl, pdl_matmul  # noqa: E402
+from kvtriton.backend.kernels import fp8_matmul, paged_decode_attention, pdl, pdl_matmul  # noqa: E402
 from kvtriton.backend.models import llama_decode  # noqa: E402
 from kvtriton.backend.models.model_config import ModelConfig  # noqa: E402
 from kvtriton.backend.runners.step_input import prepare_step  # noqa: E402
@@ -119,6 +119,9 @@ def main():
                          "split-K partial sums added in the compiled residual add + RMSNorm, not by a launch")
     ap.add_argument("--bf16-swiglu", default="on", choices=["on", "off"],
                     help="kernels/pdl_matmul.py SWIGLU_EPILOGUE: with --bf16-chain on, gate_up ends in the SwiGLU")
+    ap.add_argument("--fp8-planes-into-norm", choices=["on", "off"],
+                    help="kernels/fp8_matmul.py PLANES_INTO_NORM: fp8 down_proj's split-K partial sums added in the "
+                         "compiled residual add + RMSNorm at 33-64 rows, not by a launch")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of each step")
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4"],
@@ -142,6 +145,8 @@ def main():
     pdl_matmul.SWIGLU_EPILOGUE = args.bf16_swiglu == "on"
     if args.planes_into_norm is not None:
         pdl_matmul.PLANES_INTO_NORM = args.planes_into_norm == "on"
+    if args.fp8_planes_into_norm is not None:
+        fp8_matmul.PLANES_INTO_NORM = args.fp8_planes_into_norm == "on"
     if args.bf16_chain_min_rows is not None:
         pdl_matmul.CHAIN_MIN_ROWS = args.bf16_chain_min_rows
     folder = Path(tempfile.mkdtemp()) / "llama-1b"
@@ -171,7 +176,7 @@ def main():
           f"warps an SM, large tile {paged_decode_attention.LARGE_TILE}), early attention {args.early_attention}, "
           f"PDL chain {args.pdl_chain}, bf16 chain {args.bf16_chain} from {pdl_matmul.CHAIN_MIN_ROWS} rows "
           f"(SwiGLU epilogue {args.bf16_swiglu}, planes into the norm {pdl_matmul.PLANES_INTO_NORM}); "
-          f"quantization {args.quantization}, KV cache "
+          f"quantization {args.quantization} (fp8 planes into the norm {fp8_matmul.PLANES_INTO_NORM}), KV cache "
           f"{str(runner.kv_dtype).removeprefix('torch.')}; weights {weight_bytes / 1e9:.2f} GB; copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s")
     for context in contexts:

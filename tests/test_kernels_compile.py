@@ -63,7 +63,7 @@ def test_int4_and_fp8_matmuls_compile_under_every_tile_form(block_m, block_n, bl
     kernel = compile_for_hopper(fp8_matmul._fp8_matmul, dict(
         xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out, M="i32", N="i32",
         K="i32"), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=dot, EVEN_K=True,
-                       PDL=True, WAIT=True))
+                       PDL=True, WAIT=True, FP32_DOT=False, PLANES=max(split_k, 2 if dot else 1)))
     if dot:  # the fp8 product runs on the tensor cores (wgmma on Hopper)
         assert "wgmma" in kernel.asm["ptx"] or "mma" in kernel.asm["ptx"]
     assert "griddepcontrol.wait" in kernel.asm["ptx"]  # kernels/pdl.py CHAIN: it waits in-kernel for its x

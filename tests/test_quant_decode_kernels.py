@@ -286,7 +286,7 @@ def test_an_fp8_mlp_forms_and_quantizes_its_swiglu_in_one_kernel():
         down._quantize_swiglu = silu_mul_per_token_fp8
     routed = []
     fused = down.swiglu_forward
-    down.swiglu_forward = lambda gate_up: routed.append(gate_up.shape) or fused(gate_up)
+    down.swiglu_forward = lambda gate_up, planes=False: routed.append(gate_up.shape) or fused(gate_up, planes)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     got = mlp(x)
     assert routed == [(3, 512)]

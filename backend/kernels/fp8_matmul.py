@@ -22,7 +22,15 @@ import triton.language as tl
 from kvtriton.backend.kernels import pdl
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
-from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
+from kvtriton.backend.kernels.split_k import (
+    finished,
+    k_bounds,
+    output_buffer,
+    output_tile,
+    row_tile,
+    store_tile,
+    zero_planes,
+)
 from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
@@ -85,9 +93,11 @@ TILES: dict[tuple[str, int, int, int], tuple] = {
 @triton.jit(do_not_specialize=[ROWS_NOT_SPECIALIZED])
 def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr):
+                PDL: tl.constexpr, WAIT: tl.constexpr, FP32_DOT: tl.constexpr, PLANES: tl.constexpr):
     # xq (M, K) e4m3, xs (M, 1) fp32, w (N, K) e4m3, ws (1, N) fp32; out (M, N), or with SPLIT_K > 1
     # (SPLIT_K, M, N) fp32 partial sums (already scaled: the scales are the same for every split).
+    # PLANES > SPLIT_K: out is (PLANES, M, N) fp32 partial sums whatever SPLIT_K (fp8_matmul_planes), the planes past
+    # SPLIT_K zeros.
     if PDL:  # the attention kernel after a qkv projection launches now and streams its K/V (kernels/pdl_matmul.py)
         gdc_launch_dependents()
     if WAIT:  # launched with PDL itself (kernels/pdl.py CHAIN): resident before the kernel that makes xq has ended
@@ -114,6 +124,8 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
     w_scale = tl.load(ws_ptr + n, mask=n_ok, other=0.0)
     acc = acc * x_scale[:, None] * w_scale[None, :]
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
+    if PLANES > SPLIT_K:
+        zero_planes(out_ptr, m, m_ok, n, n_ok, split, M, N, SPLIT_K, PLANES)
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
@@ -142,22 +154,29 @@ def fp8_tile(m: int, n: int, k: int) -> Tile | None:
 
 
 def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    out_dtype: torch.dtype, tile: Tile) -> torch.Tensor:
-    """xq (M, K) e4m3, x_scale (M, 1) fp32, weight (N, K) e4m3, weight_scale (1, N) fp32 -> (M, N) out_dtype."""
+                    out_dtype: torch.dtype, tile: Tile, planes: int = 0) -> torch.Tensor:
+    """xq (M, K) e4m3, x_scale (M, 1) fp32, weight (N, K) e4m3, weight_scale (1, N) fp32 -> (M, N) out_dtype.
+    planes (at least the tile's split): -> (planes, M, N) fp32, partial sums whose sum is the product, not added
+    here."""
     m, k = xq.shape
     n = weight.shape[0]
     if tile.dot and (tile.block_m < 16 or tile.block_k < 32):
         raise ValueError(f"tile {tile}: fp8 tl.dot needs tiles of >= 16 rows and >= 32 inputs")
-    out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
+    if planes and planes < tile.split_k:
+        raise ValueError(f"{planes} planes cannot hold a split of {tile.split_k}")
+    if planes:
+        out = torch.empty(planes, m, n, dtype=torch.float32, device=xq.device)
+    else:
+        out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = pdl.in_chain(xq.device)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       BLOCK_K=tile.block_k, SPLIT_K=tile.split_k, USE_DOT=tile.dot,
                       EVEN_K=k % (tile.block_k * tile.split_k) == 0,
                       PDL=pdl.EARLY_ATTENTION and pdl.pdl_supported(xq.device), WAIT=chained,
-                      FP32_DOT=xq.device.type != "cuda", num_warps=tile.warps,
+                      FP32_DOT=xq.device.type != "cuda", PLANES=planes or tile.split_k, num_warps=tile.warps,
                       num_stages=tile.stages, **pdl.launch_options(chained))
-    return finished(out, out_dtype)
+    return out if planes else finished(out, out_dtype)
 
 
 # An operator (kernels/direct_op.py), like kernels/fp8_quant.py's: torch.compile (fullgraph, over a layer's work,
@@ -178,3 +197,39 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
 @torch.library.register_fake(fp8_matmul)
 def _(xq, x_scale, weight, weight_scale, out_dtype):
     return xq.new_empty(xq.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+# Whether fp8 down projections hand their split-K partial sums to the compiled residual add + RMSNorm after them
+# (`fp8_matmul_planes`, models/llama.py planes_sum) at PLANES_MIN_ROWS to MAX_ROWS rows, as kernels/pdl_matmul.py's
+# PLANES_INTO_NORM does for bf16, so that split_k's add launch (one a layer: o_proj's 64-row tile does not split)
+# is gone. Only the 64-row bucket, whose down_proj tile splits K in four (16 and 32 rows split in eight): one
+# count of planes for every step the compiled graph serves. Not yet measured on a GPU:
+# benchmarks/profile_decode.py --fp8-planes-into-norm on|off.
+PLANES_INTO_NORM = False
+PLANES_MIN_ROWS = 33
+
+
+def planes_for(n: int, k: int) -> int:
+    """The planes an (n, k) projection hands on at PLANES_MIN_ROWS to MAX_ROWS rows: its tile's split there, or 1
+    (nothing to hand on) where cuBLASLt serves it."""
+    tiles = {fp8_tile(rows, n, k) for rows in range(PLANES_MIN_ROWS, MAX_ROWS + 1)}
+    return max(1 if tile is None else tile.split_k for tile in tiles)
+
+
+@direct_op
+def fp8_matmul_planes(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      planes: int) -> torch.Tensor:
+    """fp8_matmul as (planes, M, N) fp32 partial sums, for the caller to add in plane order (models/llama.py
+    planes_sum): this kernel where its tile splits K into at most `planes`, the planes past its split zeros;
+    otherwise the whole product in plane 0 and zeros."""
+    tile = fp8_tile(xq.shape[0], weight.shape[0], xq.shape[1])
+    if tile is None or tile.split_k > planes:
+        out = xq.new_zeros(planes, xq.shape[0], weight.shape[0], dtype=torch.float32)
+        out[0] = fp8_matmul(xq, x_scale, weight, weight_scale, torch.float32)
+        return out
+    return fp8_matmul_with(xq.contiguous(), x_scale, weight, weight_scale, torch.float32, tile, planes=planes)
+
+
+@torch.library.register_fake(fp8_matmul_planes)
+def _(xq, x_scale, weight, weight_scale, planes):
+    return xq.new_empty(planes, xq.shape[0], weight.shape[0], dtype=torch.float32)

@@ -44,13 +44,14 @@ def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _triton_kernels():
     """(the per-token activation quantizer, its SwiGLU form, the matmul that picks the Triton GEMV or _scaled_mm by
-    rows), or Nones without triton (then five PyTorch ops quantize and _scaled_mm multiplies at every size)."""
+    rows, its form as split-K partial sums), or Nones without triton (then five PyTorch ops quantize and _scaled_mm
+    multiplies at every size)."""
     try:
-        from kvtriton.backend.kernels.fp8_matmul import fp8_matmul
+        from kvtriton.backend.kernels.fp8_matmul import fp8_matmul, fp8_matmul_planes
         from kvtriton.backend.kernels.fp8_quant import per_token_fp8, silu_mul_per_token_fp8
     except ImportError:
-        return None, None, None
-    return per_token_fp8, silu_mul_per_token_fp8, fp8_matmul
+        return None, None, None, None
+    return per_token_fp8, silu_mul_per_token_fp8, fp8_matmul, fp8_matmul_planes
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -93,6 +94,9 @@ class Fp8Linear(QuantizedLinear):
         super().__init__(weight.shape[0], weight.shape[1], bias)
         self.source = "fp8 e4m3 per channel"
         self.unfused_input = unfused_input  # UNFUSED_INPUT: quantize with the Triton op even when compiled
+        # Planes this layer hands on as split-K partial sums where its caller asks (`swiglu_forward`'s planes; the CUDA
+        # runner sets it: kernels/fp8_matmul.py PLANES_INTO_NORM); 0: its product whole.
+        self.planes = 0
         pad = -weight.shape[0] % 16  # _scaled_mm wants N % 16 == 0: padded rows are zeros, sliced off
         if pad:
             weight = torch.cat([weight, torch.zeros(pad, weight.shape[1], dtype=weight.dtype, device=weight.device)])
@@ -104,8 +108,8 @@ class Fp8Linear(QuantizedLinear):
     def _choose_kernels(self) -> None:
         # Chosen once for the weight's device, not per call: torch.compile then traces a plain attribute, not an
         # import.
-        kernels = _triton_kernels() if self.weight.device.type == "cuda" else (None, None, None)
-        self._quantize, self._quantize_swiglu, self._matmul = kernels
+        kernels = _triton_kernels() if self.weight.device.type == "cuda" else (None, None, None, None)
+        self._quantize, self._quantize_swiglu, self._matmul, self._matmul_planes = kernels
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda(): a layer made on the CPU and moved takes its new device's kernels, not the CPU's
@@ -140,11 +144,14 @@ class Fp8Linear(QuantizedLinear):
         """Whether `swiglu_forward` runs here: on CUDA with triton (the SwiGLU quantizer is a Triton kernel)."""
         return self._quantize_swiglu is not None
 
-    def swiglu_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def swiglu_forward(self, gate_up: torch.Tensor, planes: bool = False) -> torch.Tensor:
         """self(silu(gate) * up) for the gate_up projection's output (M, 2 * in_features), [gate | up]: the
         SwiGLU and this layer's per-token quantizer in one pass over gate_up (kernels/fp8_quant.py), the
-        SwiGLU's product never written out. Only where `takes_swiglu`."""
+        SwiGLU's product never written out. Only where `takes_swiglu`. planes (a step the model's delta_planes
+        covers): with self.planes, the product as that many split-K partial sums (models/llama.py planes_sum)."""
         hq, h_scale = self._quantize_swiglu(gate_up, FP8_MAX, MIN_SCALE)
+        if planes and self.planes and self.bias is None and self.weight.shape[0] == self.out_features:
+            return self._matmul_planes(hq, h_scale, self.weight, self.weight_scale, self.planes)
         return self.output(self._scaled_product(hq, h_scale, gate_up.dtype), gate_up.dtype)
 
     def _scaled_product(self, xq: torch.Tensor, x_scale: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:

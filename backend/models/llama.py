@@ -53,9 +53,11 @@ def linear(layer: nn.Module, x: torch.Tensor, adapters: StepAdapters | None = No
     """layer(x) for x (M, in), through W @ x^T where skinny_product says so; plus each token's LoRA adapter's
     addition where the step has adapted tokens (models/lora.py). A layer given a `decode_matmul` (the CUDA runner
     gives the qkv projection kernels/pdl_matmul.py's) multiplies through it on CUDA. planes (a step the model's
-    `delta_planes` covers, no adapters): the layer's `decode_planes`, split-K partial sums for planes_sum."""
-    if planes:
-        return layer.decode_planes(x, layer.weight, layer.bias)
+    `delta_planes` covers, no adapters): the layer's `decode_planes`, split-K partial sums for planes_sum, where it
+    has one; a layer without hands on its product whole (an fp8 o_proj, whose 64-row tile does not split)."""
+    decode_planes = getattr(layer, "decode_planes", None) if planes else None
+    if decode_planes is not None:
+        return decode_planes(x, layer.weight, layer.bias)
     decode_matmul = getattr(layer, "decode_matmul", None)
     if decode_matmul is not None and x.is_cuda:
         out = decode_matmul(x, layer.weight, layer.bias)
@@ -153,7 +155,7 @@ class LlamaMLP(nn.Module):
         # An fp8 down projection quantizes the SwiGLU's product as it forms it (models/fp8.py); not where a LoRA
         # adapter on it needs that product unquantized.
         if getattr(down, "takes_swiglu", False) and (adapters is None or getattr(down, "lora", None) is None):
-            return down.swiglu_forward(gate_up)
+            return down.swiglu_forward(gate_up, planes)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return linear(down, F.silu(gate) * up, adapters, planes)  # SwiGLU
 

@@ -4,8 +4,9 @@ cuBLAS's kernels neither start before the kernel ahead of them ends nor let the 
 step's launches on them leave gaps the Triton matmul does not (kernels/pdl.py, kernels/pdl_matmul.py): the qkv
 projection lets the attention kernel after it launch early, and with pdl_matmul.CHAIN the layer's other 16-bit
 projections join the chain, gate_up ending in the SwiGLU and, with PLANES_INTO_NORM, o_proj and down_proj handing
-their split-K partial sums to the compiled residual add + RMSNorm. A projection takes part through attributes the
-model's forward reads (models/llama.py `linear`): `decode_matmul`, `swiglu_matmul`, `decode_planes`.
+their split-K partial sums to the compiled residual add + RMSNorm; fp8 down projections may hand on theirs too
+(kernels/fp8_matmul.py PLANES_INTO_NORM). A projection takes part through attributes the model's forward reads
+(models/llama.py `linear`): `decode_matmul`, `swiglu_matmul`, `decode_planes` (an fp8 layer's `planes`).
 """
 
 from __future__ import annotations
@@ -49,3 +50,22 @@ def _narrow_projections_hand_on_planes(model: nn.Module) -> None:
     for proj in narrow:
         proj.decode_planes = pdl_matmul.chain_linear_planes
     model.delta_planes = (min_rows, pdl_matmul.MAX_ROWS, planes)
+
+
+def fp8_down_projections_hand_on_planes(model: nn.Module) -> None:
+    """kernels/fp8_matmul.py PLANES_INTO_NORM: every layer's fp8 down_proj gives compiled decode steps of its
+    PLANES_MIN_ROWS-64 rows its split-K partial sums, which the next layer's residual add + RMSNorm adds (o_proj,
+    unsplit there, hands on its product whole). Only where every down_proj is fp8 on the Triton kernels and splits."""
+    from kvtriton.backend.kernels import fp8_matmul
+    from kvtriton.backend.models.fp8 import Fp8Linear
+
+    downs = [layer.mlp.down_proj for layer in model.layers]
+    if not (fp8_matmul.PLANES_INTO_NORM and model.delta_planes is None and all(
+            isinstance(down, Fp8Linear) and down.takes_swiglu and down.bias is None for down in downs)):
+        return
+    planes = fp8_matmul.planes_for(*downs[0].weight.shape)
+    if planes < 2 or any(down.weight.shape != downs[0].weight.shape for down in downs):
+        return
+    for down in downs:
+        down.planes = planes
+    model.delta_planes = (fp8_matmul.PLANES_MIN_ROWS, fp8_matmul.MAX_ROWS, planes)

@@ -64,7 +64,7 @@ from kvtriton.backend.models.parallel.sharded_loader import load_sharded_model
 from kvtriton.backend.models.parallel.sharding import rank_model_config
 from kvtriton.backend.runners import graph_buckets
 from kvtriton.backend.runners.cpu_compiled_decode import CompiledDecode
-from kvtriton.backend.runners.decode_chain import chain_decode_projections
+from kvtriton.backend.runners.decode_chain import chain_decode_projections, fp8_down_projections_hand_on_planes
 from kvtriton.backend.runners.step_input import StepInput
 
 log = logging.getLogger("kvtriton")
@@ -183,6 +183,7 @@ class TorchRunner:
         if why:
             log.warning("%s: CUDA decode matmuls use cuBLAS instead of the fused Triton kernels", why)
         chain_decode_projections(self.model, self.device)
+        fp8_down_projections_hand_on_planes(self.model)
         return self.max_blocks_per_seq, why is None, prefill
 
     def _verify_graph_shape(self, width: int) -> tuple[int, list[int]]:
