@@ -19,19 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtriton.backend.kernels import pdl
+from kvtriton.backend.kernels import pdl, split_k
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
-from kvtriton.backend.kernels.split_k import (
-    finished,
-    k_bounds,
-    output_buffer,
-    output_tile,
-    row_tile,
-    store_tile,
-    zero_planes,
+from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
+from kvtriton.backend.kernels.tile_config import (
+    BROADCAST_ROWS,
+    ROWS_NOT_SPECIALIZED,
+    Tile,
+    measured,
 )
-from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
@@ -125,7 +122,7 @@ def _fp8_matmul(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, BLOCK_M: tl.con
     acc = acc * x_scale[:, None] * w_scale[None, :]
     store_tile(out_ptr, acc, m, m_ok, n, n_ok, split, M, N, SPLIT_K)
     if PLANES > SPLIT_K:
-        zero_planes(out_ptr, m, m_ok, n, n_ok, split, M, N, SPLIT_K, PLANES)
+        split_k.zero_planes(out_ptr, m, m_ok, n, n_ok, split, M, N, SPLIT_K, PLANES)
 
 
 def heuristic_tile(m: int, n: int, k: int) -> Tile | None:
