@@ -23,12 +23,7 @@ from kvtriton.backend.kernels import pdl, split_k
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
-from kvtriton.backend.kernels.tile_config import (
-    BROADCAST_ROWS,
-    ROWS_NOT_SPECIALIZED,
-    Tile,
-    measured,
-)
+from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm

@@ -94,8 +94,8 @@ class Fp8Linear(QuantizedLinear):
         super().__init__(weight.shape[0], weight.shape[1], bias)
         self.source = "fp8 e4m3 per channel"
         self.unfused_input = unfused_input  # UNFUSED_INPUT: quantize with the Triton op even when compiled
-        # Planes this layer hands on as split-K partial sums where its caller asks (`swiglu_forward`'s planes; the CUDA
-        # runner sets it: kernels/fp8_matmul.py PLANES_INTO_NORM); 0: its product whole.
+        # Planes this layer hands on as split-K partial sums where its caller asks (`swiglu_forward`'s planes), set by
+        # the CUDA runner for unpadded layers without a bias (kernels/fp8_matmul.py PLANES_INTO_NORM); 0: the product.
         self.planes = 0
         pad = -weight.shape[0] % 16  # _scaled_mm wants N % 16 == 0: padded rows are zeros, sliced off
         if pad:
@@ -150,7 +150,7 @@ class Fp8Linear(QuantizedLinear):
         SwiGLU's product never written out. Only where `takes_swiglu`. planes (a step the model's delta_planes
         covers): with self.planes, the product as that many split-K partial sums (models/llama.py planes_sum)."""
         hq, h_scale = self._quantize_swiglu(gate_up, FP8_MAX, MIN_SCALE)
-        if planes and self.planes and self.bias is None and self.weight.shape[0] == self.out_features:
+        if planes and self.planes:
             return self._matmul_planes(hq, h_scale, self.weight, self.weight_scale, self.planes)
         return self.output(self._scaled_product(hq, h_scale, gate_up.dtype), gate_up.dtype)
 

@@ -61,7 +61,8 @@ def fp8_down_projections_hand_on_planes(model: nn.Module) -> None:
 
     downs = [layer.mlp.down_proj for layer in model.layers]
     if not (fp8_matmul.PLANES_INTO_NORM and model.delta_planes is None and all(
-            isinstance(down, Fp8Linear) and down.takes_swiglu and down.bias is None for down in downs)):
+            isinstance(down, Fp8Linear) and down.takes_swiglu and down.bias is None
+            and down.weight.shape[0] == down.out_features for down in downs)):  # no bias to add, no padded rows
         return
     planes = fp8_matmul.planes_for(*downs[0].weight.shape)
     if planes < 2 or any(down.weight.shape != downs[0].weight.shape for down in downs):
