@@ -12,7 +12,7 @@ No engine and no tokenizer: the runner is built and fed directly.
   python benchmarks/profile_decode.py [--batch 1,16,64|captured] [--context 192,2048] [--compile on|off]
       [--kernels on|off] [--fused-max-batch N] [--max-splits N] [--warps-per-sm N] [--large-tile T,W,S]
       [--bf16-chain on|off] [--bf16-chain-min-rows N] [--bf16-swiglu on|off]
-      [--planes-into-norm on|off] [--quantization none|fp8|int8|int4]
+      [--planes-into-norm on|off] [--fp8-planes-into-norm on|off] [--quantization none|fp8|int8|int4]
       [--kv-cache-dtype auto|fp8] [--profile]
 """
 

@@ -23,7 +23,7 @@ from kvtriton.backend.kernels import pdl, split_k
 from kvtriton.backend.kernels.direct_op import direct_op
 from kvtriton.backend.kernels.pdl import gdc_launch_dependents, gdc_wait
 from kvtriton.backend.kernels.split_k import finished, k_bounds, output_buffer, output_tile, row_tile, store_tile
-from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, measured
+from kvtriton.backend.kernels.tile_config import BROADCAST_ROWS, ROWS_NOT_SPECIALIZED, Tile, buckets_between, measured
 
 MAX_ROWS = 64  # the decode batch sizes this kernel may serve
 TRITON_ROWS = 8  # unmeasured default: up to here this kernel, above it _scaled_mm
@@ -154,12 +154,7 @@ def fp8_matmul_with(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     n = weight.shape[0]
     if tile.dot and (tile.block_m < 16 or tile.block_k < 32):
         raise ValueError(f"tile {tile}: fp8 tl.dot needs tiles of >= 16 rows and >= 32 inputs")
-    if planes and planes < tile.split_k:
-        raise ValueError(f"{planes} planes cannot hold a split of {tile.split_k}")
-    if planes:
-        out = torch.empty(planes, m, n, dtype=torch.float32, device=xq.device)
-    else:
-        out = output_buffer(m, n, out_dtype, tile.split_k, xq.device)
+    out = output_buffer(m, n, out_dtype, tile.split_k, xq.device, planes)
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
     chained = pdl.in_chain(xq.device)
     _fp8_matmul[grid](xq, x_scale, weight, weight_scale, out, m, n, k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -204,7 +199,7 @@ PLANES_MIN_ROWS = 33
 def planes_for(n: int, k: int) -> int:
     """The planes an (n, k) projection hands on at PLANES_MIN_ROWS to MAX_ROWS rows: its tile's split there, or 1
     (nothing to hand on) where cuBLASLt serves it."""
-    tiles = {fp8_tile(rows, n, k) for rows in range(PLANES_MIN_ROWS, MAX_ROWS + 1)}
+    tiles = [fp8_tile(rows, n, k) for rows in buckets_between(PLANES_MIN_ROWS, MAX_ROWS)]
     return max(1 if tile is None else tile.split_k for tile in tiles)
 
 

@@ -41,7 +41,7 @@ from kvtriton.backend.kernels.split_k import (
     store_tile,
     zero_planes,
 )
-from kvtriton.backend.kernels.tile_config import ROW_BUCKETS, ROWS_NOT_SPECIALIZED, Tile, lookup, rows_bucket
+from kvtriton.backend.kernels.tile_config import ROWS_NOT_SPECIALIZED, Tile, buckets_between, lookup
 
 MAX_ROWS = 64  # decode batches; more rows are a prefill's, where cuBLAS's large tiles win
 SWIGLU_BLOCK = 1024  # outputs per program of _swiglu
@@ -161,13 +161,10 @@ def pdl_matmul_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if swiglu and (bias is not None or tile.split_k > 1):
         raise ValueError("the SwiGLU epilogue takes no bias and no split along K")
-    if planes and (swiglu or planes < tile.split_k):
-        raise ValueError(f"{planes} planes cannot hold a split of {tile.split_k} (or the SwiGLU's product)")
+    if planes and swiglu:
+        raise ValueError("the SwiGLU epilogue's product cannot be handed on as planes")
     grid = (triton.cdiv(n, tile.block_n), triton.cdiv(m, tile.block_m), tile.split_k)
-    if planes:
-        out = torch.empty(planes, m, n, dtype=torch.float32, device=x.device)
-    else:
-        out = output_buffer(m, n, x.dtype, tile.split_k, x.device)
+    out = output_buffer(m, n, x.dtype, tile.split_k, x.device, planes)
     chained = CHAIN and pdl.in_chain(x.device)
     _pdl_matmul[grid](x, weight, bias if bias is not None else x, out, m, n, k,
                       HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
@@ -209,8 +206,7 @@ def planes_for(n: int, k: int, min_rows: int) -> int:
     """The planes a projection of n outputs and k inputs hands on (pdl_linear_planes) at min_rows to MAX_ROWS rows:
     the most any of those buckets' tiles split K into, so that every decode step of the compiled graph has one
     shape."""
-    buckets = [b for b in ROW_BUCKETS if rows_bucket(max(3, min_rows)) <= b <= MAX_ROWS]
-    return max(tile_for("bf16", b, n, k).split_k for b in buckets)
+    return max(tile_for("bf16", b, n, k).split_k for b in buckets_between(max(3, min_rows), MAX_ROWS))
 
 
 @direct_op

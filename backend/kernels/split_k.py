@@ -79,12 +79,16 @@ def _add_planes(planes_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.conste
     tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def output_buffer(m: int, n: int, dtype: torch.dtype, split_k: int, device: torch.device) -> torch.Tensor:
+def output_buffer(m: int, n: int, dtype: torch.dtype, split_k: int, device: torch.device,
+                  planes: int = 0) -> torch.Tensor:
     """What a matmul's programs store into (store_tile): (M, N) of dtype, or with split_k > 1 the (split_k, M, N)
-    fp32 planes of their partial sums."""
-    if split_k == 1:
+    fp32 planes of their partial sums; planes (at least split_k): (planes, M, N) fp32 whatever the split, the
+    planes past it for zero_planes to fill (a caller that adds them itself)."""
+    if planes and planes < split_k:
+        raise ValueError(f"{planes} planes cannot hold a split of {split_k}")
+    if split_k == 1 and not planes:
         return torch.empty(m, n, dtype=dtype, device=device)
-    return torch.empty(split_k, m, n, dtype=torch.float32, device=device)
+    return torch.empty(planes or split_k, m, n, dtype=torch.float32, device=device)
 
 
 def finished(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

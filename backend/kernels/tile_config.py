@@ -51,6 +51,11 @@ def rows_bucket(m: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= m), ROW_BUCKETS[-1])
 
 
+def buckets_between(min_rows: int, max_rows: int) -> list[int]:
+    """The captured batch sizes that serve min_rows to max_rows rows."""
+    return [b for b in ROW_BUCKETS if rows_bucket(min_rows) <= b <= max_rows]
+
+
 # Every (kernel, rows bucket, N, K) looked up and missing from its table since start-up: those calls ran on the
 # kernel's untimed heuristic. The runner names them after capturing its graphs, since one missing bucket can cost
 # several times the step (the 8-row bucket, absent from the fp8 and int4 tables until 2026-12-07: 3.4 and 6.4 ms
