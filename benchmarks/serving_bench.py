@@ -6,7 +6,9 @@ tokens, 128 output tokens, EOS ignored). The server path is HTTP SSE
 (--protocol grpc: the kvtriton asyncio client, every client a task on one
 event loop; or --load-generator perf_analyzer: NVIDIA's C++ perf_analyzer,
 which takes about half the asyncio client's CPU); the CPU cores the server's
-processes and the clients used while generating are printed beside it. Also
+processes and the clients used while generating are printed beside it, and
+the server's CPU per output token by process (the engine process, Triton's
+Python stub, tritonserver). Also
 measures the cost of one streamed response: the same saturated load with
 stream_interval 1 and 16; the time saved divided by the responses saved.
 
@@ -245,24 +247,41 @@ def _children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by `pid` and every process below it (Linux /proc)."""
+# What each process of a served model is, by its name in /proc (a name is cut at 15 characters there).
+_ROLES = {"tritonserver": "tritonserver", "triton_python_b": "Python stub"}
+
+
+def process_tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by `pid` and every process below it (Linux /proc), by role: the
+    server binary, the Python backend's stub, and the rest ("engine": the stub's engine process, which runs the
+    model, and any helper it started)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    parents, cpu = {}, {}
+    parents, cpu, names = {}, {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        parents[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        p = int(entry.name)
+        parents[p], names[p] = int(fields[1]), name
+        cpu[p] = (int(fields[11]) + int(fields[12])) / ticks
     tree, frontier = {pid}, [pid]
     while frontier:
         frontier = [p for p, parent in parents.items() if parent in frontier and p not in tree]
         tree.update(frontier)
-    return sum(cpu.get(p, 0.0) for p in tree)
+    by_role: dict[str, float] = {}
+    for p in tree:
+        role = _ROLES.get(names.get(p, ""), "engine")
+        by_role[role] = by_role.get(role, 0.0) + cpu.get(p, 0.0)
+    return by_role
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and every process below it."""
+    return sum(process_tree_cpu(pid).values())
 
 
 def _own_cpu_s() -> float:
@@ -399,11 +418,14 @@ def main():
                 load = functools.partial(closed_loop, one_request=sse_request(server.http_port, args.output_len))
             load(2, 1)
             for c in level_list:
-                cpu0, own0 = process_tree_cpu_s(server.process.pid), _own_cpu_s() + _children_cpu_s()
+                cpu0, own0 = process_tree_cpu(server.process.pid), _own_cpu_s() + _children_cpu_s()
                 out[c] = load(c, args.requests_per_client)
+                cpu = process_tree_cpu(server.process.pid)
+                used = {role: s - cpu0.get(role, 0.0) for role, s in cpu.items()}
                 # The server idles outside the span (perf_analyzer's start-up): its CPU over the span is its cores.
-                out[c]["server_cores"] = ((process_tree_cpu_s(server.process.pid) - cpu0)
-                                          / out[c].get("span_s", out[c]["wall_s"]))
+                out[c]["server_cores"] = sum(used.values()) / out[c].get("span_s", out[c]["wall_s"])
+                out[c]["server_cpu_ms_per_token"] = {role: 1e3 * s / max(1, out[c]["tokens"])
+                                                     for role, s in sorted(used.items(), key=lambda kv: -kv[1])}
                 # The clients share the machine with the server: on a small CPU what they use is not the server's.
                 out[c]["client_cores"] = (_own_cpu_s() + _children_cpu_s() - own0) / out[c]["wall_s"]
         return out
@@ -429,6 +451,10 @@ def main():
             s = results["server_in_stub"][c]
             line += f"   {s['tok_s']:.1f}, {s['tok_s'] / a['tok_s']:.2f}"
         print(line)
+    for c in levels:  # where the server's cores go: on a small CPU, what is not the engine's slows it down
+        split = results["server"][c]["server_cpu_ms_per_token"]
+        print(f"server CPU at {c} clients, ms per output token: "
+              + ", ".join(f"{role} {ms:.3f}" for role, ms in split.items()))
     s1, base = results["server"][top], results["in_process"][top]
     for k, run in coalesced.items():
         serving_s = s1.get("span_s", s1["wall_s"]) - run.get("span_s", run["wall_s"])
