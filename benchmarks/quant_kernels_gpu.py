@@ -393,13 +393,12 @@ def main(args) -> None:
           f"copies per op (L2 {torch.cuda.get_device_properties(0).L2_cache_size / 1e6:.0f} MB)", flush=True)
     results = []
     formats = tuple(args.formats.split(","))
-    swept = [name for name, *_ in SHAPES if name in args.shapes.split(",")]
+    asked = args.shapes.split(",")
+    swept = [shape for shape in SHAPES if shape[0] in asked]
     if len(swept) < len(SHAPES):  # the tiles stand alone; a step's sum and FUSED_MAX_BATCH_QUANTIZED need them all
-        print(f"# only {', '.join(swept)}: the step totals below cover these projections alone, and its "
-              f"FUSED_MAX_BATCH_QUANTIZED is not the step's", flush=True)
-    for name, n, k, op, _ in SHAPES:
-        if name not in args.shapes.split(","):
-            continue
+        print(f"# only {', '.join(name for name, *_ in swept)}: the step totals below cover these projections "
+              f"alone, and its FUSED_MAX_BATCH_QUANTIZED is not the step's", flush=True)
+    for name, n, k, op, _ in swept:
         time_shape(name, n, k, op, rows, results, lambda line: print(line, flush=True), formats)
         if args.out:  # after every shape, so that a sweep cut short by a time limit still leaves what it measured
             write_json(args.out, results, summarize(results, rows, lambda line: None))
